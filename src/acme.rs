@@ -1,0 +1,757 @@
+//! The ACME side: one HTTP stack, the account, and what a CA's errors mean.
+//!
+//! `AcmeHttp` is the only HTTP client in certd (reqwest on rustls with the
+//! ring provider). instant-acme drives the protocol through it, and it adds
+//! what instant-acme leaves to its caller:
+//!
+//! - a **nonce pool**: every `Replay-Nonce` the CA sends is kept until a
+//!   request spends it, and instant-acme's `HEAD newNonce` is answered from
+//!   the pool when it can be, so a running daemon's next order costs no
+//!   extra round trip;
+//! - **observations** per URL of what instant-acme does not surface:
+//!   `Retry-After`, `Link: rel="up"`, and an object's `expires`;
+//! - request **counts** per endpoint, for the benchmarks and metrics.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine;
+use base64::prelude::BASE64_URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use instant_acme::{
+    Account, AccountCredentials, BodyWrapper, BytesResponse, HttpClient, NewAccount,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AcmeConfig;
+use crate::store::Store;
+
+const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
+
+/// Pooled nonces older than this are dropped: CAs expire them, and a
+/// rejected nonce costs a round trip, the very thing the pool saves.
+const NONCE_MAX_AGE: Duration = Duration::from_secs(300);
+const NONCE_POOL_MAX: usize = 32;
+const OBSERVATIONS_MAX: usize = 4096;
+
+/// Errors that stop certd from talking to the CA at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot read the CA bundle {path}: {detail}")]
+    CaBundle { path: PathBuf, detail: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("account credentials {path}: {detail}")]
+    Credentials { path: PathBuf, detail: String },
+    #[error("ACME account: {0}")]
+    Acme(#[from] AcmeError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The one HTTP client; cheap to clone.
+#[derive(Clone)]
+pub struct AcmeHttp {
+    inner: Arc<HttpInner>,
+}
+
+struct HttpInner {
+    client: reqwest::Client,
+    nonces: Mutex<VecDeque<(String, Instant)>>,
+    observations: Mutex<HashMap<String, Observation>>,
+    stats: Mutex<Stats>,
+}
+
+/// What the last response from one URL said beyond its body.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub status: u16,
+    pub retry_after: Option<SystemTime>,
+    /// `Link: <…>;rel="up"`: a challenge's parent authorization at some CAs.
+    pub link_up: Option<String>,
+    /// The object's `expires` field, Unix seconds.
+    pub expires: Option<i64>,
+}
+
+#[derive(Default)]
+struct Stats {
+    /// URL → endpoint name, learned from the directory and from objects.
+    roles: HashMap<String, &'static str>,
+    /// (endpoint, outcome) → count
+    counts: BTreeMap<(&'static str, String), u64>,
+}
+
+impl AcmeHttp {
+    /// Builds the client: system roots plus the optional extra bundle.
+    pub fn new(ca_bundle: Option<&Path>) -> Result<Self, SetupError> {
+        // reqwest and rustls share the process-wide provider; installing it
+        // twice is harmless, so the error is ignored.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        // Unreadable system certificates are not fatal: a private CA may be
+        // trusted through `ca_bundle` alone.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(path) = ca_bundle {
+            let bundle_err = |detail: String| SetupError::CaBundle {
+                path: path.to_owned(),
+                detail,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bundle_err(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bundle_err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bundle_err("no certificates in the file".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| bundle_err(e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SetupError::CaBundle {
+            path: PathBuf::new(),
+            detail: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            inner: Arc::new(HttpInner {
+                client,
+                nonces: Mutex::new(VecDeque::new()),
+                observations: Mutex::new(HashMap::new()),
+                stats: Mutex::new(Stats::default()),
+            }),
+        })
+    }
+
+    /// The plain reqwest client, for non-ACME requests (pre-flight checks).
+    pub fn plain(&self) -> &reqwest::Client {
+        &self.inner.client
+    }
+
+    /// What the last response from `url` said in its headers.
+    pub fn observed(&self, url: &str) -> Option<Observation> {
+        lock(&self.inner.observations).get(url).cloned()
+    }
+
+    /// Requests sent so far, per (endpoint, outcome).
+    pub fn request_counts(&self) -> BTreeMap<(&'static str, String), u64> {
+        lock(&self.inner.stats).counts.clone()
+    }
+}
+
+impl HttpClient for AcmeHttp {
+    fn request(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.send(req).await })
+    }
+}
+
+impl HttpInner {
+    async fn send(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Result<BytesResponse, instant_acme::Error> {
+        let (parts, body) = req.into_parts();
+        // The body type's error is `Infallible`.
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        };
+        let url = parts.uri.to_string();
+
+        // instant-acme only sends HEAD to fetch a fresh nonce.
+        if parts.method == Method::HEAD
+            && let Some(nonce) = self.take_nonce()
+        {
+            self.count("newNonce", "pooled");
+            return Ok(synthetic_nonce_response(&nonce));
+        }
+        if parts.method == Method::POST
+            && let Some(nonce) = jws_nonce(&body)
+        {
+            self.forget_nonce(&nonce);
+        }
+
+        let result = self
+            .client
+            .request(parts.method.clone(), &url)
+            .headers(parts.headers)
+            .body(body)
+            .send()
+            .await;
+        let endpoint = self.endpoint(&parts.method, &url);
+        let rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                self.count(endpoint, "transport-error");
+                return Err(instant_acme::Error::Other(Box::new(e)));
+            }
+        };
+        let status = rsp.status();
+        let version = rsp.version();
+        let headers = rsp.headers().clone();
+        let bytes = match rsp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.count(endpoint, "transport-error");
+                return Err(instant_acme::Error::Other(Box::new(e)));
+            }
+        };
+        self.count(endpoint, status.as_str());
+        if let Some(nonce) = headers.get("replay-nonce").and_then(|v| v.to_str().ok()) {
+            self.put_nonce(nonce);
+        }
+        self.observe(&url, status, &headers, &bytes);
+
+        let mut builder = http::Response::builder().status(status).version(version);
+        if let Some(h) = builder.headers_mut() {
+            *h = headers;
+        }
+        let (parts, ()) = builder.body(()).map_err(instant_acme::Error::Http)?.into_parts();
+        Ok(BytesResponse {
+            parts,
+            body: Box::new(bytes),
+        })
+    }
+
+    fn take_nonce(&self) -> Option<String> {
+        let mut pool = lock(&self.nonces);
+        while let Some((nonce, at)) = pool.pop_front() {
+            if at.elapsed() < NONCE_MAX_AGE {
+                return Some(nonce);
+            }
+        }
+        None
+    }
+
+    fn put_nonce(&self, nonce: &str) {
+        let mut pool = lock(&self.nonces);
+        if pool.len() >= NONCE_POOL_MAX {
+            pool.pop_front();
+        }
+        pool.push_back((nonce.to_owned(), Instant::now()));
+    }
+
+    fn forget_nonce(&self, nonce: &str) {
+        lock(&self.nonces).retain(|(n, _)| n != nonce);
+    }
+
+    fn observe(&self, url: &str, status: StatusCode, headers: &HeaderMap, body: &Bytes) {
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let link_up = headers
+            .get_all(LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| link_with_rel(v, "up"));
+        let is_json = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.contains("json"));
+        let mut expires = None;
+        if is_json {
+            if let Ok(shape) = serde_json::from_slice::<ObjectShape>(body) {
+                expires = shape.expires.as_deref().and_then(crate::clock::parse_rfc3339);
+                self.learn_roles(&shape);
+            }
+        }
+        let mut map = lock(&self.observations);
+        if map.len() >= OBSERVATIONS_MAX {
+            map.clear();
+        }
+        map.insert(
+            url.to_owned(),
+            Observation {
+                status: status.as_u16(),
+                retry_after,
+                link_up,
+                expires,
+            },
+        );
+    }
+
+    fn learn_roles(&self, shape: &ObjectShape) {
+        let mut stats = lock(&self.stats);
+        let roles = &mut stats.roles;
+        if roles.len() >= OBSERVATIONS_MAX {
+            roles.clear();
+        }
+        for (url, role) in [
+            (&shape.new_nonce, "newNonce"),
+            (&shape.new_account, "newAccount"),
+            (&shape.new_order, "newOrder"),
+            (&shape.revoke_cert, "revokeCert"),
+            (&shape.key_change, "keyChange"),
+            (&shape.finalize, "finalize"),
+            (&shape.certificate, "certificate"),
+        ] {
+            if let Some(url) = url {
+                roles.insert(url.clone(), role);
+            }
+        }
+        for url in &shape.authorizations {
+            roles.insert(url.clone(), "authz");
+        }
+        for c in &shape.challenges {
+            roles.insert(c.url.clone(), "challenge");
+        }
+    }
+
+    fn endpoint(&self, method: &Method, url: &str) -> &'static str {
+        if *method == Method::GET {
+            return if url.contains("renewal") { "renewalInfo" } else { "directory" };
+        }
+        if *method == Method::HEAD {
+            return "newNonce";
+        }
+        lock(&self.stats).roles.get(url).copied().unwrap_or("order")
+    }
+
+    fn count(&self, endpoint: &'static str, outcome: &str) {
+        *lock(&self.stats)
+            .counts
+            .entry((endpoint, outcome.to_owned()))
+            .or_insert(0) += 1;
+    }
+}
+
+/// The fields of directory, order, authorization and challenge objects that
+/// the HTTP layer learns from; serde ignores the rest.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct ObjectShape {
+    expires: Option<String>,
+    new_nonce: Option<String>,
+    new_account: Option<String>,
+    new_order: Option<String>,
+    revoke_cert: Option<String>,
+    key_change: Option<String>,
+    finalize: Option<String>,
+    certificate: Option<String>,
+    authorizations: Vec<String>,
+    challenges: Vec<ChallengeShape>,
+}
+
+#[derive(Deserialize)]
+struct ChallengeShape {
+    url: String,
+}
+
+/// Poisoning only means another thread panicked mid-update of a cache; the
+/// data is still usable, so recover it rather than cascade the panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn synthetic_nonce_response(nonce: &str) -> BytesResponse {
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = StatusCode::OK;
+    if let Ok(v) = http::HeaderValue::from_str(nonce) {
+        parts.headers.insert("replay-nonce", v);
+    }
+    BytesResponse {
+        parts,
+        body: Box::new(Bytes::new()),
+    }
+}
+
+/// The nonce in a flattened JWS's protected header.
+fn jws_nonce(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Jws {
+        protected: String,
+    }
+    #[derive(Deserialize)]
+    struct Protected {
+        nonce: Option<String>,
+    }
+    let jws: Jws = serde_json::from_slice(body).ok()?;
+    let header = BASE64_URL_SAFE_NO_PAD.decode(jws.protected).ok()?;
+    serde_json::from_slice::<Protected>(&header).ok()?.nonce
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<SystemTime> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(SystemTime::now() + Duration::from_secs(secs));
+    }
+    time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// Extracts the target of a `Link` header entry with the given relation.
+fn link_with_rel(header: &str, rel: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim();
+                p == format!("rel=\"{rel}\"") || p == format!("rel={rel}")
+            })
+            .then(|| target.to_owned())
+    })
+}
+
+// ---- account -------------------------------------------------------------
+
+/// A loaded ACME account and its ledger id.
+#[derive(Clone)]
+pub struct AcmeAccount {
+    pub account: Account,
+    pub http: AcmeHttp,
+    pub ledger_id: i64,
+    pub directory_url: String,
+}
+
+impl fmt::Debug for AcmeAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcmeAccount")
+            .field("id", &self.account.id())
+            .field("directory_url", &self.directory_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the account's credentials (its private key) live: one 0600 file
+/// per directory URL in the state directory.
+pub fn credentials_path(state_dir: &Path, directory_url: &str) -> PathBuf {
+    let digest = ring::digest::digest(&ring::digest::SHA256, directory_url.as_bytes());
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    state_dir.join(format!("account-{hex}.json"))
+}
+
+impl AcmeAccount {
+    /// Loads the account for the configured directory, creating and
+    /// persisting it on first use.
+    pub async fn load_or_create(
+        cfg: &AcmeConfig,
+        state_dir: &Path,
+        store: &Store,
+        http: AcmeHttp,
+    ) -> Result<Self, SetupError> {
+        let directory_url = cfg.directory.to_string();
+        let path = credentials_path(state_dir, &directory_url);
+        let builder = || Account::builder_with_http(Box::new(http.clone()));
+        let account = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let creds: AccountCredentials =
+                    serde_json::from_slice(&bytes).map_err(|e| SetupError::Credentials {
+                        path: path.clone(),
+                        detail: format!("not valid account credentials: {e}"),
+                    })?;
+                builder()
+                    .from_credentials(creds)
+                    .await
+                    .map_err(AcmeError::from)?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
+                let (account, creds) = builder()
+                    .create(
+                        &NewAccount {
+                            contact: &contact,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        directory_url.clone(),
+                        None,
+                    )
+                    .await
+                    .map_err(AcmeError::from)?;
+                let json = serde_json::to_vec(&creds).map_err(|e| SetupError::Credentials {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
+                crate::install::write_secret_file(&path, &json).map_err(|e| {
+                    SetupError::Credentials {
+                        path: path.clone(),
+                        detail: format!("cannot write: {e}"),
+                    }
+                })?;
+                tracing::info!(account = account.id(), "created ACME account");
+                account
+            }
+            Err(e) => {
+                return Err(SetupError::Credentials {
+                    path,
+                    detail: format!("cannot read: {e}"),
+                });
+            }
+        };
+        let ledger_id = store.upsert_account(&directory_url, account.id()).await?;
+        Ok(Self {
+            account,
+            http,
+            ledger_id,
+            directory_url,
+        })
+    }
+}
+
+// ---- errors --------------------------------------------------------------
+
+/// An RFC 7807 problem document, as the ledger stores it and `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProblemRecord {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subproblems: Vec<SubproblemRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubproblemRecord {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identifier: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl ProblemRecord {
+    pub fn from_problem(p: &instant_acme::Problem) -> Self {
+        Self {
+            kind: p.r#type.clone(),
+            detail: p.detail.clone(),
+            status: p.status,
+            subproblems: p
+                .subproblems
+                .iter()
+                .map(|s| SubproblemRecord {
+                    identifier: s.identifier.as_ref().map(identifier_string),
+                    kind: s.r#type.clone(),
+                    detail: s.detail.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The problem type without the `urn:ietf:params:acme:error:` prefix.
+    pub fn short_type(&self) -> &str {
+        let t = self.kind.as_deref().unwrap_or("unknown");
+        t.strip_prefix("urn:ietf:params:acme:error:").unwrap_or(t)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ProblemRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.short_type())?;
+        if let Some(d) = &self.detail {
+            write!(f, ": {d}")?;
+        }
+        for s in &self.subproblems {
+            write!(
+                f,
+                "; {}: {} {}",
+                s.identifier.as_deref().unwrap_or("?"),
+                s.kind
+                    .as_deref()
+                    .map(|t| t.strip_prefix("urn:ietf:params:acme:error:").unwrap_or(t))
+                    .unwrap_or(""),
+                s.detail.as_deref().unwrap_or("")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn identifier_string(id: &instant_acme::Identifier) -> String {
+    match id {
+        instant_acme::Identifier::Dns(d) => d.clone(),
+        instant_acme::Identifier::Ip(ip) => ip.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// How a caller should react to a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Transient (network, 5xx, bad nonce): try again after a backoff.
+    Retryable,
+    /// The CA asked us to wait; no new requests to it before `until`.
+    RateLimited { until: Option<SystemTime> },
+    /// Retrying the same request will not help (unauthorized, malformed,
+    /// rejected identifier, failed validation).
+    Final,
+}
+
+/// An error from talking to the CA, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("the CA answered: {problem}")]
+    Problem {
+        problem: ProblemRecord,
+        disposition: Disposition,
+    },
+    #[error("cannot reach the CA: {0}")]
+    Transport(String),
+    #[error("unexpected answer from the CA: {0}")]
+    Protocol(String),
+    #[error("timed out waiting for the CA: {0}")]
+    Timeout(String),
+}
+
+impl AcmeError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Self::Problem { disposition, .. } => *disposition,
+            Self::Transport(_) | Self::Timeout(_) => Disposition::Retryable,
+            // A CA that answers garbage may be mid-deploy; try again later.
+            Self::Protocol(_) => Disposition::Retryable,
+        }
+    }
+
+    pub fn problem(&self) -> Option<&ProblemRecord> {
+        match self {
+            Self::Problem { problem, .. } => Some(problem),
+            _ => None,
+        }
+    }
+
+    /// Classifies a problem document; `retry_after` comes from the response.
+    pub fn from_problem(p: &instant_acme::Problem, retry_after: Option<SystemTime>) -> Self {
+        let problem = ProblemRecord::from_problem(p);
+        let disposition = match problem.short_type() {
+            "rateLimited" => Disposition::RateLimited { until: retry_after },
+            "badNonce" | "serverInternal" => Disposition::Retryable,
+            _ if p.status.is_some_and(|s| s == 429) => Disposition::RateLimited { until: retry_after },
+            _ if p.status.is_some_and(|s| s >= 500) => match retry_after {
+                Some(_) => Disposition::RateLimited { until: retry_after },
+                None => Disposition::Retryable,
+            },
+            _ => Disposition::Final,
+        };
+        Self::Problem {
+            problem,
+            disposition,
+        }
+    }
+}
+
+impl From<instant_acme::Error> for AcmeError {
+    fn from(e: instant_acme::Error) -> Self {
+        match e {
+            instant_acme::Error::Api(p) => Self::from_problem(&p, None),
+            instant_acme::Error::Other(inner) => Self::Transport(error_chain(inner.as_ref())),
+            instant_acme::Error::Timeout(_) => Self::Timeout(e.to_string()),
+            instant_acme::Error::Json(j) => Self::Protocol(format!("malformed JSON: {j}")),
+            other => Self::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// An error with its sources, `a: b: c`, since reqwest's top-level message
+/// alone ("error sending request") does not say what went wrong.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_up_is_found() {
+        let h = r#"<https://ca/dir>;rel="index", <https://ca/authz/7>;rel="up""#;
+        assert_eq!(link_with_rel(h, "up").as_deref(), Some("https://ca/authz/7"));
+        assert_eq!(link_with_rel(h, "next"), None);
+    }
+
+    #[test]
+    fn jws_nonce_is_read_from_protected_header() {
+        let protected = BASE64_URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","nonce":"abc","url":"u"}"#);
+        let body = format!(r#"{{"protected":"{protected}","payload":"","signature":"x"}}"#);
+        assert_eq!(jws_nonce(body.as_bytes()).as_deref(), Some("abc"));
+        assert_eq!(jws_nonce(b"not json"), None);
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let t = parse_retry_after("120").expect("seconds");
+        assert!(t > SystemTime::now() + Duration::from_secs(100));
+        assert!(parse_retry_after("Fri, 31 Dec 1999 23:59:59 GMT").is_some());
+        assert!(parse_retry_after("soon").is_none());
+    }
+
+    #[test]
+    fn problems_are_classified() {
+        let p: instant_acme::Problem = serde_json::from_str(
+            r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"slow down","status":429}"#,
+        )
+        .expect("problem");
+        assert!(matches!(
+            AcmeError::from_problem(&p, None).disposition(),
+            Disposition::RateLimited { .. }
+        ));
+        let p: instant_acme::Problem = serde_json::from_str(
+            r#"{"type":"urn:ietf:params:acme:error:unauthorized","detail":"no","status":403}"#,
+        )
+        .expect("problem");
+        let e = AcmeError::from_problem(&p, None);
+        assert_eq!(e.disposition(), Disposition::Final);
+        assert_eq!(e.to_string(), "the CA answered: unauthorized: no");
+    }
+
+    #[test]
+    fn nonce_pool_is_fifo_and_forgets_spent_nonces() {
+        let http = AcmeHttp::new(None).expect("client");
+        let inner = &http.inner;
+        inner.put_nonce("a");
+        inner.put_nonce("b");
+        inner.forget_nonce("a");
+        assert_eq!(inner.take_nonce().as_deref(), Some("b"));
+        assert_eq!(inner.take_nonce(), None);
+    }
+}

@@ -1,0 +1,474 @@
+//! The command line: argument parsing, the one-shot commands, and exit
+//! codes. This is the edge of the program, so `anyhow` is used here and
+//! nowhere below.
+//!
+//! Exit codes: 0 success, 1 a certificate (or authorization) operation
+//! failed, 2 the configuration or the command line is wrong.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::acme::{AcmeAccount, AcmeHttp};
+use crate::clock::{UnixTime, rfc3339};
+use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
+use crate::driver::{self, Context};
+use crate::install;
+use crate::scheduler::{self, Due, Reason};
+use crate::solver::Solvers;
+use crate::store::Store;
+
+/// How many orders a one-shot `renew` runs at once.
+const RENEW_CONCURRENCY: usize = 4;
+
+#[derive(Debug, Parser)]
+#[command(name = "certd", version, about = "Certificate renewal daemon for ACME CAs")]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', env = "CERTD_CONFIG", default_value = DEFAULT_CONFIG_PATH, global = true)]
+    pub config: PathBuf,
+
+    /// Log line format (logs go to standard error).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Obtain or renew the certificates that are due, then exit.
+    Renew {
+        /// Only these certificates (default: all configured).
+        names: Vec<String>,
+        /// Renew even if not due.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show every configured certificate and its ledger state.
+    Status {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect the authorization ledger.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
+    /// Validate the configuration file and summarize it.
+    CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthzCommand {
+    /// List the authorizations certd has created.
+    List {
+        /// Only those still pending.
+        #[arg(long)]
+        pending: bool,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point for `main`: parses arguments, runs the command, and maps the
+/// outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("certd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("certd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("certd=info,warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // journald stamps every line itself.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Text, false) => builder.init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = match Config::load(&cli.config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("certd: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => Ok(check_config(&cfg)),
+        Command::Renew { names, force } => renew(cfg, &names, force).await,
+        Command::Status { json } => status(&cfg, json).await,
+        Command::Authz {
+            command: AuthzCommand::List { pending, json },
+        } => authz_list(&cfg, pending, json).await,
+    }
+}
+
+fn check_config(cfg: &Config) -> ExitCode {
+    println!(
+        "{}: OK, {} certificate(s)",
+        cfg.path.display(),
+        cfg.certificates.len()
+    );
+    for c in &cfg.certificates {
+        println!("{}", describe(c));
+    }
+    ExitCode::SUCCESS
+}
+
+fn describe(c: &CertificateConfig) -> String {
+    let challenges: Vec<&str> = c.challenges.iter().map(|k| k.as_str()).collect();
+    format!(
+        "{}: {} ({}, {})",
+        c.name,
+        c.domain_strings().join(", "),
+        c.key_type.as_str(),
+        challenges.join(" > ")
+    )
+}
+
+/// Creates the state and certificate directories with safe modes.
+fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (dir, mode) in [(&cfg.storage.state_dir, 0o700), (&cfg.storage.cert_dir, 0o755)] {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<ExitCode> {
+    if let Some(unknown) = names.iter().find(|n| cfg.certificate(n).is_none()) {
+        eprintln!(
+            "certd: no certificate named {unknown:?} in {}",
+            cfg.path.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let now = UnixTime::now();
+    let mut due = Vec::new();
+    for c in cfg
+        .certificates
+        .iter()
+        .filter(|c| names.is_empty() || names.iter().any(|n| n == c.name.as_str()))
+    {
+        let installed = install::installed(&cfg.storage.cert_dir, c.name.as_str());
+        match scheduler::due(c, installed.as_ref(), now) {
+            Due::Now(reason) => due.push((c.clone(), reason)),
+            Due::At(_) if force => due.push((c.clone(), Reason::Forced)),
+            Due::At(at) => println!("{}: valid, not due until {}", c.name, at.rfc3339()),
+        }
+    }
+    if due.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    ensure_dirs(&cfg)?;
+    let store = Store::open(&cfg.db_path()).await?;
+    let result = renew_due(&cfg, &store, due).await;
+    store.close().await;
+    result
+}
+
+async fn renew_due(
+    cfg: &Config,
+    store: &Store,
+    due: Vec<(CertificateConfig, Reason)>,
+) -> anyhow::Result<ExitCode> {
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let setup = async {
+        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+        let account = AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
+        let needs_http = due
+            .iter()
+            .any(|(c, _)| c.challenges.contains(&ChallengeKind::Http01));
+        let solvers = Solvers::from_config(cfg, needs_http, &tracker, &cancel).await?;
+        anyhow::Ok(Context {
+            store: store.clone(),
+            account,
+            solvers,
+            cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
+        })
+    };
+    let ctx = match setup.await {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            // Nothing was ordered; record why for `status` and fail.
+            let msg = format!("{e:#}");
+            for (c, _) in &due {
+                store.record_failure(c.name.as_str(), &c.domain_strings(), &msg, None).await?;
+                println!("{}: failed: {msg}", c.name);
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+
+    let limit = Arc::new(Semaphore::new(RENEW_CONCURRENCY));
+    let mut jobs = JoinSet::new();
+    for (c, reason) in due {
+        let ctx = ctx.clone();
+        let cancel = cancel.clone();
+        let limit = limit.clone();
+        jobs.spawn(async move {
+            // The semaphore is never closed, so acquire cannot fail.
+            let _permit = limit.acquire_owned().await;
+            tracing::info!(cert = %c.name, reason = %reason, "renewing");
+            let result = driver::obtain(&ctx, &c, &cancel).await;
+            (c, result)
+        });
+    }
+
+    let mut failed = 0;
+    loop {
+        let joined = tokio::select! {
+            joined = jobs.join_next() => joined,
+            // Ctrl-C: let the drivers abandon their orders cleanly.
+            _ = tokio::signal::ctrl_c(), if !cancel.is_cancelled() => {
+                cancel.cancel();
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
+        let (c, result) = joined.context("a renewal task panicked")?;
+        match result {
+            Ok(issued) => {
+                let reload_failed = issued.reloads.iter().filter(|r| !r.ok).count();
+                println!(
+                    "{}: issued serial {} valid until {}{}",
+                    c.name,
+                    issued.info.serial,
+                    rfc3339(issued.info.not_after),
+                    if reload_failed > 0 {
+                        format!(", but {reload_failed} reload command(s) failed")
+                    } else {
+                        String::new()
+                    }
+                );
+                if reload_failed > 0 {
+                    failed += 1;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                let msg = e.to_string();
+                store
+                    .record_failure(c.name.as_str(), &c.domain_strings(), &msg, None)
+                    .await?;
+                println!("{}: failed: {msg}", c.name);
+            }
+        }
+    }
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Opens the ledger for reading commands; `None` if certd never ran.
+async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Store>> {
+    let path = cfg.db_path();
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Store::open(&path).await?))
+}
+
+/// One row of `certd status --json`; the keys are a public interface.
+#[derive(Debug, Serialize)]
+struct StatusRow {
+    name: String,
+    domains: Vec<String>,
+    not_after: Option<String>,
+    serial: Option<String>,
+    last_attempt_at: Option<String>,
+    last_result: Option<String>,
+    last_error: Option<String>,
+    next_renewal_at: Option<String>,
+    pending_authz: i64,
+}
+
+async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let store = open_existing(cfg).await?;
+    let (rows, pending) = match &store {
+        Some(s) => (s.certificates().await?, s.pending_authz_by_cert().await?),
+        None => (Vec::new(), Vec::new()),
+    };
+    let now = UnixTime::now();
+    let mut out = Vec::with_capacity(cfg.certificates.len());
+    for c in &cfg.certificates {
+        let row = rows.iter().find(|r| r.name == c.name.as_str());
+        let pending_authz = pending
+            .iter()
+            .find(|(n, _)| n == c.name.as_str())
+            .map_or(0, |(_, n)| *n);
+        let installed = row.and_then(|r| r.not_after).is_some();
+        let mut configured = c.domain_strings();
+        configured.sort();
+        let domains_changed = row.is_some_and(|r| installed && {
+            let mut d = r.domain_list();
+            d.sort();
+            d != configured
+        });
+        let next = match row.and_then(|r| r.next_renewal_at) {
+            Some(t) if installed && !domains_changed => Some(t),
+            _ => Some(now.secs()),
+        };
+        out.push(StatusRow {
+            name: c.name.to_string(),
+            domains: c.domain_strings(),
+            not_after: row.and_then(|r| r.not_after).map(rfc3339),
+            serial: row.and_then(|r| r.serial.clone()),
+            last_attempt_at: row.and_then(|r| r.last_attempt_at).map(rfc3339),
+            last_result: row.and_then(|r| r.last_result.clone()),
+            last_error: row.and_then(|r| r.last_error.clone()),
+            next_renewal_at: next.map(rfc3339),
+            pending_authz,
+        });
+    }
+    if let Some(s) = store {
+        s.close().await;
+    }
+
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = vec![[
+        "NAME", "DOMAINS", "EXPIRES", "LAST ATTEMPT", "NEXT RENEWAL", "PENDING",
+    ]
+    .map(String::from)];
+    for (r, c) in out.iter().zip(&cfg.certificates) {
+        let row = rows.iter().find(|x| x.name == c.name.as_str());
+        let expires = match row.and_then(|x| x.not_after) {
+            Some(t) => format!("{} ({}d)", rfc3339(t), (t - now.secs()).div_euclid(86_400)),
+            None => "not installed".into(),
+        };
+        let last = match (&r.last_attempt_at, r.last_result.as_deref()) {
+            (Some(at), Some("ok")) => format!("{at} ok"),
+            (Some(at), _) => format!(
+                "{at} error: {}",
+                r.last_error.as_deref().unwrap_or("unknown")
+            ),
+            (None, _) => "never".into(),
+        };
+        let next = match (&r.next_renewal_at, row.and_then(|x| x.next_renewal_at)) {
+            (Some(_), Some(t)) if t > now.secs() => rfc3339(t),
+            _ => "due now".into(),
+        };
+        table.push([
+            r.name.clone(),
+            r.domains.join(","),
+            expires,
+            last,
+            next,
+            r.pending_authz.to_string(),
+        ]);
+    }
+    print_table(&table);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = match open_existing(cfg).await? {
+        Some(s) => {
+            let rows = s.authz_list(pending_only).await?;
+            s.close().await;
+            rows
+        }
+        None => Vec::new(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = vec![[
+        "URL", "IDENTIFIER", "STATUS", "CHALLENGE", "CREATED", "UPDATED", "ORDER",
+    ]
+    .map(String::from)];
+    for r in rows {
+        let t = |v: Option<i64>| v.map(rfc3339).unwrap_or_default();
+        table.push([
+            r.url,
+            r.identifier,
+            r.status,
+            r.challenge_type.unwrap_or_else(|| "-".into()),
+            t(r.created_at),
+            t(r.updated_at),
+            r.order_url.unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print_table(&table);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints rows as left-aligned columns; the last column is not padded.
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}

@@ -1,0 +1,964 @@
+//! The configuration file: TOML in, typed and validated structs out.
+//!
+//! Parsing happens in two steps. Serde reads the file into `raw` structs that
+//! keep the byte span of every value the second step may reject; the second
+//! step turns them into the public types (`Config`, `CertificateConfig`, …),
+//! whose fields are already known good: a `DnsName` is a valid name, a
+//! `CertName` is safe as a directory name, a duration is a `Duration`. Every
+//! error names the file, the line and column, and the key (for example
+//! `certificate[2].domains[0]`), so an operator can fix it without guessing.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use reqwest::Url;
+use toml::Spanned;
+
+/// Where `certd` looks for its configuration when neither `--config` nor
+/// `$CERTD_CONFIG` names a file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/certd/config.toml";
+
+/// A fully validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from; relative paths inside it were resolved
+    /// against this file's directory.
+    pub path: PathBuf,
+    pub acme: AcmeConfig,
+    pub storage: StorageConfig,
+    pub http01: Option<Http01Config>,
+    pub dns01: Option<Dns01Config>,
+    pub reaper: ReaperConfig,
+    pub certificates: Vec<CertificateConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    pub directory: Url,
+    pub contact: Vec<String>,
+    /// Extra roots trusted for the CA's own TLS endpoint (private or test CAs).
+    pub ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Holds `certd.db` and the account credentials.
+    pub state_dir: PathBuf,
+    /// Holds one directory per certificate.
+    pub cert_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Http01Config {
+    /// Address of certd's own responder (standalone mode).
+    pub listen: Option<SocketAddr>,
+    /// Directory served by an existing web server at `/.well-known/acme-challenge/`.
+    pub webroot: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dns01Config {
+    /// Program run as `hook present` and `hook cleanup`.
+    pub hook: PathBuf,
+    pub hook_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReaperConfig {
+    pub pending_max_age: Duration,
+    pub interval: Duration,
+    pub max_pending: u32,
+    pub failed_authz_per_identifier_per_hour: u32,
+    pub deactivate_valid_after_issue: bool,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        Self {
+            pending_max_age: Duration::from_secs(3600),
+            interval: Duration::from_secs(300),
+            max_pending: 100,
+            failed_authz_per_identifier_per_hour: 5,
+            deactivate_valid_after_issue: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+    pub name: CertName,
+    pub domains: Vec<DnsName>,
+    pub key_type: KeyType,
+    /// Challenge types in order of preference.
+    pub challenges: Vec<ChallengeKind>,
+    /// Shell commands run after a new certificate is installed.
+    pub reload: Vec<String>,
+    pub reload_timeout: Duration,
+}
+
+impl CertificateConfig {
+    /// The domains as plain strings, in configuration order.
+    pub fn domain_strings(&self) -> Vec<String> {
+        self.domains.iter().map(|d| d.to_string()).collect()
+    }
+}
+
+/// A certificate's name: also the name of its directory under `cert_dir`, so
+/// it is restricted to characters that are safe there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CertName(String);
+
+impl CertName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for CertName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if s.is_empty() || s.len() > 64 {
+            return Err("must be 1 to 64 characters".into());
+        }
+        if s.starts_with('.') || !s.chars().all(ok_char) {
+            return Err(format!(
+                "{s:?} may only contain letters, digits, '-', '_' and '.', and may not start with '.'"
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for CertName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A DNS name as ACME accepts it: lower case, at least two labels, optionally
+/// a wildcard (`*.`) as the whole first label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsName(String);
+
+impl DnsName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+}
+
+impl FromStr for DnsName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.trim_end_matches('.').to_ascii_lowercase();
+        if name.is_empty() {
+            return Err("empty domain name".into());
+        }
+        if name.len() > 253 {
+            return Err(format!("{s:?} is longer than 253 characters"));
+        }
+        let labels: Vec<&str> = name.split('.').collect();
+        if labels.len() < 2 {
+            return Err(format!(
+                "{s:?} is not a fully qualified domain name (needs at least one dot)"
+            ));
+        }
+        for (i, label) in labels.iter().enumerate() {
+            if i == 0 && *label == "*" {
+                continue;
+            }
+            let valid = !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !valid {
+                return Err(format!(
+                    "{s:?} is not a valid domain name (label {label:?}: letters, digits and inner '-' only, 1 to 63 characters)"
+                ));
+            }
+        }
+        if labels.len() == 2 && labels[0] == "*" {
+            return Err(format!("{s:?}: a wildcard needs a parent domain below the TLD"));
+        }
+        Ok(Self(name))
+    }
+}
+
+impl fmt::Display for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The private key algorithm of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyType {
+    #[default]
+    EcdsaP256,
+    EcdsaP384,
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+}
+
+impl KeyType {
+    const ALL: [(&'static str, KeyType); 5] = [
+        ("ecdsa-p256", KeyType::EcdsaP256),
+        ("ecdsa-p384", KeyType::EcdsaP384),
+        ("rsa-2048", KeyType::Rsa2048),
+        ("rsa-3072", KeyType::Rsa3072),
+        ("rsa-4096", KeyType::Rsa4096),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(s, _)| *s)
+            .unwrap_or("ecdsa-p256")
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+                format!("unknown key type {s:?}; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// An ACME challenge type certd can solve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChallengeKind {
+    Http01,
+    Dns01,
+}
+
+impl ChallengeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http01 => "http-01",
+            Self::Dns01 => "dns-01",
+        }
+    }
+}
+
+impl FromStr for ChallengeKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http-01" => Ok(Self::Http01),
+            "dns-01" => Ok(Self::Dns01),
+            _ => Err(format!(
+                "unknown challenge type {s:?}; expected \"http-01\" or \"dns-01\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ChallengeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses the durations the config file uses: a whole number followed by
+/// `s`, `m`, `h` or `d` ("90s", "15m", "1h", "7d").
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}; expected a number and a unit, like \"90s\", \"15m\", \"1h\" or \"7d\"");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(err()),
+    };
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(err)
+}
+
+/// A configuration error, located in the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if it had been read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: raw::Config = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim_end().to_owned();
+            Located::new(path, text).error(span, None, message)
+        })?;
+        Validator {
+            at: Located::new(path, text),
+        }
+        .config(raw)
+    }
+
+    pub fn certificate(&self, name: &str) -> Option<&CertificateConfig> {
+        self.certificates.iter().find(|c| c.name.as_str() == name)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.storage.state_dir.join("certd.db")
+    }
+}
+
+/// Resolves byte offsets in the source text to lines, columns and key paths.
+struct Located<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl<'a> Located<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        Self { path, text }
+    }
+
+    /// Builds an error at `span`; `key` overrides the key path guessed from
+    /// the text (the guess is the table header above the line plus the key
+    /// on the line, e.g. `certificate[1].key_type`).
+    fn error(&self, span: Range<usize>, key: Option<String>, message: String) -> ConfigError {
+        let offset = span.start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            column,
+            key: key.unwrap_or_else(|| self.guess_key(line_start)),
+            message,
+        }
+    }
+
+    fn guess_key(&self, line_start: usize) -> String {
+        let line = self.text[line_start..].lines().next().unwrap_or("");
+        let table = self.table_above(line_start);
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            return table.unwrap_or_else(|| trimmed.to_owned());
+        }
+        let key = line.split('=').next().unwrap_or("").trim().to_owned();
+        match (table, key.is_empty()) {
+            (Some(t), false) => format!("{t}.{key}"),
+            (Some(t), true) => t,
+            (None, false) => key,
+            (None, true) => "(top level)".into(),
+        }
+    }
+
+    /// The table header in force at `offset`, with an index for arrays of
+    /// tables (`[[certificate]]` → `certificate[N]`).
+    fn table_above(&self, offset: usize) -> Option<String> {
+        let mut current = None;
+        let mut counts: std::collections::HashMap<String, usize> = Default::default();
+        let mut pos = 0;
+        for line in self.text.split_inclusive('\n') {
+            if pos > offset {
+                break;
+            }
+            let t = line.trim();
+            if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+                let name = name.trim().to_owned();
+                let n = counts.entry(name.clone()).or_insert(0);
+                current = Some(format!("{name}[{n}]"));
+                *n += 1;
+            } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+                current = Some(name.trim().to_owned());
+            }
+            pos += line.len();
+        }
+        current
+    }
+}
+
+struct Validator<'a> {
+    at: Located<'a>,
+}
+
+impl Validator<'_> {
+    fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
+        let base = self.at.path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let acme = self.acme(raw.acme, &resolve)?;
+        let storage = StorageConfig {
+            state_dir: resolve(&raw.storage.state_dir),
+            cert_dir: resolve(&raw.storage.cert_dir),
+        };
+        let http01 = match raw.http01 {
+            None => None,
+            Some(h) => {
+                let listen = h
+                    .listen
+                    .map(|l| self.parse_spanned(&l, "http01.listen", |s| {
+                        SocketAddr::from_str(s).map_err(|_| {
+                            format!("{s:?} is not a socket address like \"0.0.0.0:80\" or \"[::]:80\"")
+                        })
+                    }))
+                    .transpose()?;
+                if listen.is_none() && h.webroot.is_none() {
+                    return Err(self.at.error(
+                        h.span,
+                        Some("http01".into()),
+                        "set `listen` (standalone responder) or `webroot` (or both)".into(),
+                    ));
+                }
+                Some(Http01Config {
+                    listen,
+                    webroot: h.webroot.as_deref().map(&resolve),
+                })
+            }
+        };
+        let dns01 = match raw.dns01 {
+            None => None,
+            Some(d) => Some(Dns01Config {
+                hook: resolve(&d.hook),
+                hook_timeout: match d.hook_timeout {
+                    Some(t) => self.duration(&t, "dns01.hook_timeout")?,
+                    None => Duration::from_secs(120),
+                },
+            }),
+        };
+        let reaper = self.reaper(raw.reaper)?;
+
+        let mut certificates = Vec::with_capacity(raw.certificate.len());
+        let mut names = HashSet::new();
+        for (i, c) in raw.certificate.into_iter().enumerate() {
+            let cert = self.certificate(i, c, http01.as_ref(), dns01.as_ref(), &mut names)?;
+            certificates.push(cert);
+        }
+
+        Ok(Config {
+            path: self.at.path.to_owned(),
+            acme,
+            storage,
+            http01,
+            dns01,
+            reaper,
+            certificates,
+        })
+    }
+
+    fn acme(
+        &self,
+        raw: raw::Acme,
+        resolve: &impl Fn(&str) -> PathBuf,
+    ) -> Result<AcmeConfig, ConfigError> {
+        let directory = self.parse_spanned(&raw.directory, "acme.directory", |s| {
+            let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+            if url.scheme() != "https" {
+                return Err(format!("{s:?}: the ACME directory must be an https:// URL"));
+            }
+            Ok(url)
+        })?;
+        let mut contact = Vec::new();
+        for (i, c) in raw.contact.iter().enumerate() {
+            let key = format!("acme.contact[{i}]");
+            let value = self.parse_spanned(c, &key, |s| {
+                let addr = s.strip_prefix("mailto:").ok_or_else(|| {
+                    format!("{s:?} must be a mailto: URL, like \"mailto:ops@example.com\"")
+                })?;
+                if !addr.contains('@') || addr.contains(char::is_whitespace) {
+                    return Err(format!("{s:?} is not a valid e-mail address"));
+                }
+                Ok(s.to_owned())
+            })?;
+            contact.push(value);
+        }
+        let ca_bundle = match raw.ca_bundle {
+            None => None,
+            Some(p) => {
+                let path = resolve(p.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.at.error(
+                        p.span(),
+                        Some("acme.ca_bundle".into()),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                if !text.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(self.at.error(
+                        p.span(),
+                        Some("acme.ca_bundle".into()),
+                        format!("{} contains no PEM certificate", path.display()),
+                    ));
+                }
+                Some(path)
+            }
+        };
+        Ok(AcmeConfig {
+            directory,
+            contact,
+            ca_bundle,
+        })
+    }
+
+    fn reaper(&self, raw: Option<raw::Reaper>) -> Result<ReaperConfig, ConfigError> {
+        let mut cfg = ReaperConfig::default();
+        let Some(raw) = raw else { return Ok(cfg) };
+        if let Some(d) = raw.pending_max_age {
+            cfg.pending_max_age = self.duration(&d, "reaper.pending_max_age")?;
+        }
+        if let Some(d) = raw.interval {
+            cfg.interval = self.duration(&d, "reaper.interval")?;
+            if cfg.interval.is_zero() {
+                return Err(self.at.error(
+                    d.span(),
+                    Some("reaper.interval".into()),
+                    "must be greater than zero".into(),
+                ));
+            }
+        }
+        if let Some(n) = raw.max_pending {
+            cfg.max_pending = self.positive(&n, "reaper.max_pending")?;
+        }
+        if let Some(n) = raw.failed_authz_per_identifier_per_hour {
+            cfg.failed_authz_per_identifier_per_hour =
+                self.positive(&n, "reaper.failed_authz_per_identifier_per_hour")?;
+        }
+        if let Some(b) = raw.deactivate_valid_after_issue {
+            cfg.deactivate_valid_after_issue = b;
+        }
+        Ok(cfg)
+    }
+
+    fn certificate(
+        &self,
+        index: usize,
+        raw: raw::Certificate,
+        http01: Option<&Http01Config>,
+        dns01: Option<&Dns01Config>,
+        names: &mut HashSet<String>,
+    ) -> Result<CertificateConfig, ConfigError> {
+        let key = |k: &str| format!("certificate[{index}].{k}");
+        let name: CertName = self.parse_spanned(&raw.name, &key("name"), |s| s.parse())?;
+        if !names.insert(name.as_str().to_owned()) {
+            return Err(self.at.error(
+                raw.name.span(),
+                Some(key("name")),
+                format!("duplicate certificate name {:?}", name.as_str()),
+            ));
+        }
+
+        if raw.domains.get_ref().is_empty() {
+            return Err(self.at.error(
+                raw.domains.span(),
+                Some(key("domains")),
+                "needs at least one domain".into(),
+            ));
+        }
+        let mut domains = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, d) in raw.domains.get_ref().iter().enumerate() {
+            let k = key(&format!("domains[{i}]"));
+            let domain: DnsName = self.parse_spanned(d, &k, |s| s.parse())?;
+            if !seen.insert(domain.clone()) {
+                return Err(self.at.error(
+                    d.span(),
+                    Some(k),
+                    format!("duplicate domain {:?}", domain.as_str()),
+                ));
+            }
+            domains.push(domain);
+        }
+
+        let key_type = match &raw.key_type {
+            Some(k) => self.parse_spanned(k, &key("key_type"), |s| s.parse())?,
+            None => KeyType::default(),
+        };
+
+        let challenges = match &raw.challenges {
+            None => vec![ChallengeKind::Http01],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(self.at.error(
+                        list.span(),
+                        Some(key("challenges")),
+                        "needs at least one challenge type".into(),
+                    ));
+                }
+                let mut out = Vec::new();
+                for (i, c) in list.get_ref().iter().enumerate() {
+                    let k = key(&format!("challenges[{i}]"));
+                    let kind: ChallengeKind = self.parse_spanned(c, &k, |s| s.parse())?;
+                    if out.contains(&kind) {
+                        return Err(self.at.error(
+                            c.span(),
+                            Some(k),
+                            format!("{kind} is listed twice"),
+                        ));
+                    }
+                    out.push(kind);
+                }
+                out
+            }
+        };
+        let challenges_span = raw
+            .challenges
+            .as_ref()
+            .map_or(raw.name.span(), |c| c.span());
+        for kind in &challenges {
+            let missing = match kind {
+                ChallengeKind::Http01 if http01.is_none() => Some("[http01]"),
+                ChallengeKind::Dns01 if dns01.is_none() => Some("[dns01]"),
+                _ => None,
+            };
+            if let Some(section) = missing {
+                return Err(self.at.error(
+                    challenges_span.clone(),
+                    Some(key("challenges")),
+                    format!(
+                        "certificate {:?} uses {kind} but the config has no {section} section",
+                        name.as_str()
+                    ),
+                ));
+            }
+        }
+        if let Some(w) = domains.iter().find(|d| d.is_wildcard())
+            && !challenges.contains(&ChallengeKind::Dns01)
+        {
+            return Err(self.at.error(
+                challenges_span,
+                Some(key("challenges")),
+                format!(
+                    "certificate {:?} has the wildcard {:?}, which only dns-01 can validate; add \"dns-01\" to challenges",
+                    name.as_str(),
+                    w.as_str()
+                ),
+            ));
+        }
+
+        let reload_timeout = match &raw.reload_timeout {
+            Some(t) => self.duration(t, &key("reload_timeout"))?,
+            None => Duration::from_secs(60),
+        };
+
+        Ok(CertificateConfig {
+            name,
+            domains,
+            key_type,
+            challenges,
+            reload: raw.reload,
+            reload_timeout,
+        })
+    }
+
+    fn parse_spanned<T>(
+        &self,
+        value: &Spanned<String>,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        parse(value.get_ref()).map_err(|m| self.at.error(value.span(), Some(key.to_owned()), m))
+    }
+
+    fn duration(&self, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+        self.parse_spanned(value, key, parse_duration)
+    }
+
+    fn positive(&self, value: &Spanned<i64>, key: &str) -> Result<u32, ConfigError> {
+        u32::try_from(*value.get_ref())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                self.at.error(
+                    value.span(),
+                    Some(key.to_owned()),
+                    format!("must be a whole number from 1 to {}", u32::MAX),
+                )
+            })
+    }
+}
+
+/// The file's shape as serde sees it. Spanned fields are checked further by
+/// the `Validator`; `deny_unknown_fields` turns typos into errors.
+mod raw {
+    use std::ops::Range;
+
+    use serde::Deserialize;
+    use toml::Spanned;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Config {
+        pub acme: Acme,
+        pub storage: Storage,
+        pub http01: Option<Http01>,
+        pub dns01: Option<Dns01>,
+        pub reaper: Option<Reaper>,
+        #[serde(default)]
+        pub certificate: Vec<Certificate>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Acme {
+        pub directory: Spanned<String>,
+        #[serde(default)]
+        pub contact: Vec<Spanned<String>>,
+        pub ca_bundle: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Storage {
+        pub state_dir: String,
+        pub cert_dir: String,
+    }
+
+    pub(super) struct Http01 {
+        pub listen: Option<Spanned<String>>,
+        pub webroot: Option<String>,
+        pub span: Range<usize>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Http01Fields {
+        listen: Option<Spanned<String>>,
+        webroot: Option<String>,
+    }
+
+    // The section's own span lets "set listen or webroot" point at it.
+    impl<'de> Deserialize<'de> for Http01 {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let spanned = Spanned::<Http01Fields>::deserialize(d)?;
+            let span = spanned.span();
+            let fields = spanned.into_inner();
+            Ok(Self {
+                listen: fields.listen,
+                webroot: fields.webroot,
+                span,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Dns01 {
+        pub hook: String,
+        pub hook_timeout: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Reaper {
+        pub pending_max_age: Option<Spanned<String>>,
+        pub interval: Option<Spanned<String>>,
+        pub max_pending: Option<Spanned<i64>>,
+        pub failed_authz_per_identifier_per_hour: Option<Spanned<i64>>,
+        pub deactivate_valid_after_issue: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Certificate {
+        pub name: Spanned<String>,
+        pub domains: Spanned<Vec<Spanned<String>>>,
+        pub key_type: Option<Spanned<String>>,
+        pub challenges: Option<Spanned<Vec<Spanned<String>>>>,
+        #[serde(default)]
+        pub reload: Vec<String>,
+        pub reload_timeout: Option<Spanned<String>>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/certd/config.toml"), text)
+    }
+
+    const BASE: &str = r#"
+[acme]
+directory = "https://acme.example/dir"
+contact = ["mailto:ops@example.com"]
+
+[storage]
+state_dir = "state"
+cert_dir = "/srv/certs"
+
+[http01]
+listen = "127.0.0.1:5002"
+"#;
+
+    fn with_cert(cert: &str) -> String {
+        format!("{BASE}\n[[certificate]]\n{cert}\n")
+    }
+
+    fn expect_error(text: &str, line: usize, key: &str, needle: &str) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                line: l,
+                key: k,
+                message,
+                ..
+            }) => {
+                assert_eq!((l, k.as_str()), (line, key), "message: {message}");
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_config_resolves_relative_paths_and_defaults() {
+        let cfg = parse(&with_cert(r#"name = "www"
+domains = ["Example.COM", "www.example.com."]"#))
+        .expect("valid");
+        assert_eq!(cfg.storage.state_dir, Path::new("/etc/certd/state"));
+        assert_eq!(cfg.storage.cert_dir, Path::new("/srv/certs"));
+        let c = &cfg.certificates[0];
+        assert_eq!(c.domain_strings(), ["example.com", "www.example.com"]);
+        assert_eq!(c.key_type, KeyType::EcdsaP256);
+        assert_eq!(c.challenges, [ChallengeKind::Http01]);
+        assert_eq!(cfg.reaper.max_pending, 100);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = with_cert("name = \"www\"\ndomains = [\"a.example\"]\nkeytype = \"rsa-2048\"");
+        expect_error(&text, 16, "certificate[0].keytype", "unknown field `keytype`");
+    }
+
+    #[test]
+    fn malformed_domain_names_index() {
+        let text = with_cert("name = \"www\"\ndomains = [\"a.example\", \"bad domain.example\"]");
+        expect_error(&text, 15, "certificate[0].domains[1]", "not a valid domain name");
+    }
+
+    #[test]
+    fn duplicate_names_point_at_second() {
+        let text = format!(
+            "{}\n[[certificate]]\nname = \"www\"\ndomains = [\"b.example\"]\n",
+            with_cert("name = \"www\"\ndomains = [\"a.example\"]")
+        );
+        expect_error(&text, 18, "certificate[1].name", "duplicate certificate name");
+    }
+
+    #[test]
+    fn empty_domains_and_bad_key_type() {
+        expect_error(
+            &with_cert("name = \"www\"\ndomains = []"),
+            15,
+            "certificate[0].domains",
+            "at least one domain",
+        );
+        expect_error(
+            &with_cert("name = \"www\"\ndomains = [\"a.example\"]\nkey_type = \"dsa\""),
+            16,
+            "certificate[0].key_type",
+            "unknown key type",
+        );
+    }
+
+    #[test]
+    fn wrong_type_guesses_key_from_line() {
+        let text = with_cert("name = \"www\"\ndomains = [\"a.example\"]\nkey_type = 5");
+        expect_error(&text, 16, "certificate[0].key_type", "invalid type");
+    }
+
+    #[test]
+    fn bad_url_and_contact() {
+        let text = BASE.replace("https://acme.example/dir", "ftp://x");
+        expect_error(&text, 3, "acme.directory", "https://");
+        let text = BASE.replace("mailto:ops@example.com", "ops@example.com");
+        expect_error(&text, 4, "acme.contact[0]", "mailto:");
+    }
+
+    #[test]
+    fn challenge_needs_its_section_and_wildcards_need_dns() {
+        let text = with_cert("name = \"w\"\ndomains = [\"a.example\"]\nchallenges = [\"dns-01\"]");
+        expect_error(&text, 16, "certificate[0].challenges", "no [dns01] section");
+        let text = with_cert("name = \"w\"\ndomains = [\"*.a.example\"]");
+        expect_error(&text, 14, "certificate[0].challenges", "only dns-01");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        let text = format!("{BASE}\n[reaper]\ninterval = \"5 minutes\"\n");
+        expect_error(&text, 14, "reaper.interval", "invalid duration");
+    }
+
+    #[test]
+    fn domain_names() {
+        assert!("a.example".parse::<DnsName>().is_ok());
+        assert!("*.a.example".parse::<DnsName>().is_ok());
+        assert!("a.*.example".parse::<DnsName>().is_err());
+        assert!("localhost".parse::<DnsName>().is_err());
+        assert!("-a.example".parse::<DnsName>().is_err());
+        assert!("a..example".parse::<DnsName>().is_err());
+        assert!("*.com".parse::<DnsName>().is_err());
+        assert!(format!("{}.example", "a".repeat(64)).parse::<DnsName>().is_err());
+    }
+}

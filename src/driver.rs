@@ -1,0 +1,686 @@
+//! The order driver: one ACME order from `newOrder` to an installed
+//! certificate.
+//!
+//! The steps, each persisted in the ledger before the next begins:
+//!
+//! 1. `newOrder`; the order URL is recorded at once.
+//! 2. Every authorization is fetched and recorded with its challenge URLs
+//!    (write-ahead: all of it is committed before any challenge is answered).
+//! 3. Already-`valid` authorizations are skipped (CAs reuse them); for each
+//!    `pending` one a challenge type is picked by preference, its response
+//!    presented, the choice recorded, and the challenge answered.
+//! 4. The **authorizations** (not the challenges) are polled until final,
+//!    honouring `Retry-After`, else starting short and backing off.
+//! 5. Finalize with a CSR for a fresh key, only once every authorization is
+//!    valid; poll a `processing` order the same way; download the chain.
+//! 6. Check the chain against the order, install it atomically, reload.
+//!
+//! Every path that gives up deactivates the authorizations it leaves
+//! pending, so none is left to count against the CA's limits.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use instant_acme::{
+    AuthorizationStatus, ChallengeStatus, ChallengeType, Identifier, NewOrder, Order, OrderStatus,
+};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
+use tokio_util::sync::CancellationToken;
+
+use crate::acme::{AcmeAccount, AcmeError, Disposition, ProblemRecord};
+use crate::config::{CertificateConfig, ChallengeKind, KeyType};
+use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};
+use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers};
+use crate::store::{NewAuthz, Store, StoreError};
+
+/// How long certd waits for the CA to validate all challenges of an order.
+const VALIDATION_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long certd waits for a `processing` order to become `valid`.
+const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long to wait for the CA's validation request to reach the
+/// standalone responder before polling anyway.
+const FETCH_WAIT: Duration = Duration::from_secs(2);
+
+/// What the driver needs; shared by concurrent orders.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Store,
+    pub account: AcmeAccount,
+    pub solvers: Solvers,
+    pub cert_dir: Arc<Path>,
+}
+
+/// A certificate the driver installed.
+#[derive(Debug)]
+pub struct Issued {
+    pub order_url: String,
+    pub info: CertInfo,
+    pub version: String,
+    pub reloads: Vec<ReloadOutcome>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error(transparent)]
+    Acme(#[from] AcmeError),
+    #[error("{identifier}: {kind} validation failed: {problem}")]
+    Validation {
+        identifier: String,
+        kind: ChallengeKind,
+        problem: ProblemRecord,
+    },
+    #[error("{identifier}: the authorization is {status}, so the order cannot complete")]
+    AuthzUnusable { identifier: String, status: String },
+    #[error("{identifier}: the CA offers {offered}; none of the configured challenge types ({wanted})")]
+    NoChallenge {
+        identifier: String,
+        offered: String,
+        wanted: String,
+    },
+    #[error(transparent)]
+    Solver(#[from] SolverError),
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create the private key or CSR: {0}")]
+    Key(String),
+    #[error("the order is {0} after finalization")]
+    OrderState(String),
+    #[error("shutting down")]
+    Cancelled,
+}
+
+impl DriveError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Self::Acme(e) => e.disposition(),
+            // The CA validates once (seed 001): a new order is needed, and
+            // the scheduler decides when.
+            Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
+            Self::NoChallenge { .. } | Self::Key(_) => Disposition::Final,
+            Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
+            Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
+        }
+    }
+
+    /// The CA's problem document, if the failure carries one.
+    pub fn problem(&self) -> Option<&ProblemRecord> {
+        match self {
+            Self::Acme(e) => e.problem(),
+            Self::Validation { problem, .. } => Some(problem),
+            _ => None,
+        }
+    }
+}
+
+/// One challenge certd decided to answer.
+struct Planned {
+    authz_url: String,
+    challenge_url: String,
+    kind: ChallengeKind,
+    solver: Arc<dyn Solver>,
+    spec: ChallengeSpec,
+}
+
+/// Obtains and installs the certificate `cert`.
+pub async fn obtain(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    cancel: &CancellationToken,
+) -> Result<Issued, DriveError> {
+    let name = cert.name.as_str();
+    let domains = cert.domain_strings();
+    let identifiers: Vec<Identifier> = domains.iter().cloned().map(Identifier::Dns).collect();
+    let mut order = ctx
+        .account
+        .account
+        .new_order(&NewOrder::new(&identifiers))
+        .await
+        .map_err(AcmeError::from)?;
+    let order_url = order.url().to_owned();
+    let mut sorted = domains.clone();
+    sorted.sort();
+    let status = order_status(order.state().status);
+    ctx.store
+        .record_order(ctx.account.ledger_id, name, &order_url, &sorted, status, &[])
+        .await?;
+    tracing::info!(cert = name, order = %order_url, "order created");
+
+    match run_order(ctx, cert, &mut order, &sorted, cancel).await {
+        Ok(issued) => Ok(issued),
+        Err(e) => {
+            let detail = e
+                .problem()
+                .map(ProblemRecord::to_json)
+                .unwrap_or_else(|| e.to_string());
+            let status = order_status(order.state().status);
+            ctx.store
+                .set_order_state(&order_url, status, "failed", Some(&detail))
+                .await?;
+            abandon(ctx, name, &mut order).await;
+            Err(e)
+        }
+    }
+}
+
+async fn run_order(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    order: &mut Order,
+    domains: &[String],
+    cancel: &CancellationToken,
+) -> Result<Issued, DriveError> {
+    let name = cert.name.as_str();
+    let order_url = order.url().to_owned();
+    record_authorizations(ctx, name, order, domains).await?;
+
+    let plan = plan_challenges(ctx, cert, order).await?;
+    if !plan.is_empty() {
+        let mut presented = Vec::with_capacity(plan.len());
+        let result = validate(ctx, order, &plan, &mut presented, cancel).await;
+        for p in presented {
+            if let Err(e) = p.solver.cleanup(&p.spec).await {
+                tracing::warn!(cert = name, error = %e, "challenge cleanup failed");
+                let _ = ctx
+                    .store
+                    .event("cleanup-failed", Some(name), Some(&order_url), Some(&p.authz_url), Some(&e.to_string()))
+                    .await;
+            }
+        }
+        result?;
+    }
+
+    let (key, key_pem) = generate_key(cert.key_type).await?;
+    let mut params = CertificateParams::new(domains.to_vec()).map_err(|e| DriveError::Key(e.to_string()))?;
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| DriveError::Key(e.to_string()))?;
+    ctx.store
+        .set_order_state(&order_url, "ready", "finalizing", None)
+        .await?;
+    order
+        .finalize_csr(csr.der())
+        .await
+        .map_err(|e| acme_error(ctx, &order_url, e))?;
+    let chain = download(ctx, order, cancel).await?;
+
+    let issuance = Issuance::new(&chain, key_pem, &key.subject_public_key_info(), domains)?;
+    let info = issuance.info.clone();
+    let cert_dir = ctx.cert_dir.clone();
+    let name_owned = name.to_owned();
+    let version = tokio::task::spawn_blocking(move || install::install(&cert_dir, &name_owned, &issuance))
+        .await
+        .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
+    let installed = crate::store::Installed {
+        domains: domains.to_vec(),
+        serial: info.serial.clone(),
+        not_before: info.not_before,
+        not_after: info.not_after,
+        version: version.clone(),
+    };
+    let next = install::renewal_time(info.not_before, info.not_after);
+    ctx.store.record_installed(name, &installed, next.secs()).await?;
+    ctx.store
+        .set_order_state(&order_url, "valid", "done", None)
+        .await?;
+    ctx.store
+        .event("installed", Some(name), Some(&order_url), None, Some(&format!("serial {} version {version}", info.serial)))
+        .await?;
+    tracing::info!(cert = name, order = %order_url, serial = %info.serial, "certificate installed");
+
+    let reloads = install::run_reloads(&cert.reload, cert.reload_timeout, name, &ctx.cert_dir).await;
+    for r in &reloads {
+        let kind = if r.ok { "reload-ok" } else { "reload-failed" };
+        let detail = format!("{}: {}", r.command, r.detail);
+        ctx.store.event(kind, Some(name), Some(&order_url), None, Some(&detail)).await?;
+        if !r.ok {
+            tracing::warn!(cert = name, command = %r.command, detail = %r.detail, "reload failed");
+            ctx.store
+                .record_reload_failure(name, &format!("installed, but reload `{}` failed: {}", r.command, r.detail))
+                .await?;
+        }
+    }
+    Ok(Issued {
+        order_url,
+        info,
+        version,
+        reloads,
+    })
+}
+
+/// Fetches every authorization of the order and records them with their
+/// challenges in one transaction.
+async fn record_authorizations(
+    ctx: &Context,
+    name: &str,
+    order: &mut Order,
+    domains: &[String],
+) -> Result<(), DriveError> {
+    let order_url = order.url().to_owned();
+    let mut records = Vec::new();
+    let mut auths = order.authorizations();
+    while let Some(a) = auths.next().await {
+        let a = a.map_err(AcmeError::from)?;
+        records.push(NewAuthz {
+            url: a.url().to_owned(),
+            identifier: a.identifier().to_string(),
+            status: authz_status(a.status).to_owned(),
+            expires_at: ctx.account.http.observed(a.url()).and_then(|o| o.expires),
+            challenges: a
+                .challenges
+                .iter()
+                .map(|c| (c.url.clone(), challenge_type(&c.r#type), challenge_status(c.status).to_owned()))
+                .collect(),
+        });
+    }
+    drop(auths);
+    let status = order_status(order.state().status);
+    ctx.store
+        .record_order(ctx.account.ledger_id, name, &order_url, domains, status, &records)
+        .await?;
+    Ok(())
+}
+
+/// Picks a challenge for every pending authorization.
+async fn plan_challenges(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    order: &mut Order,
+) -> Result<Vec<Planned>, DriveError> {
+    let mut plan = Vec::new();
+    let mut auths = order.authorizations();
+    while let Some(a) = auths.next().await {
+        let mut a = a.map_err(AcmeError::from)?;
+        let identifier = a.identifier().to_string();
+        match a.status {
+            AuthorizationStatus::Valid => continue,
+            AuthorizationStatus::Pending => {}
+            other => {
+                return Err(DriveError::AuthzUnusable {
+                    identifier,
+                    status: authz_status(other).to_owned(),
+                });
+            }
+        }
+        let offered: Vec<ChallengeType> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
+        let Some(kind) = cert
+            .challenges
+            .iter()
+            .copied()
+            .find(|k| offered.contains(&acme_type(*k)))
+        else {
+            return Err(DriveError::NoChallenge {
+                identifier,
+                offered: offered.iter().map(challenge_type).collect::<Vec<_>>().join(", "),
+                wanted: cert.challenges.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        };
+        let solver = ctx.solvers.get(kind)?;
+        let authz_url = a.url().to_owned();
+        // `find` above proved the CA offers this type.
+        let Some(challenge) = a.challenge(acme_type(kind)) else {
+            continue;
+        };
+        let key_auth = challenge.key_authorization();
+        plan.push(Planned {
+            authz_url,
+            challenge_url: challenge.url.clone(),
+            kind,
+            solver,
+            spec: ChallengeSpec {
+                identifier,
+                token: challenge.token.clone(),
+                key_authorization: key_auth.as_str().to_owned(),
+                dns_value: key_auth.dns_value(),
+            },
+        });
+    }
+    Ok(plan)
+}
+
+/// Presents every planned challenge, answers them, and polls the
+/// authorizations until all are valid. Whatever was presented is pushed to
+/// `presented` so the caller cleans it up on every path.
+async fn validate<'p>(
+    ctx: &Context,
+    order: &mut Order,
+    plan: &'p [Planned],
+    presented: &mut Vec<&'p Planned>,
+    cancel: &CancellationToken,
+) -> Result<(), DriveError> {
+    for p in plan {
+        presented.push(p);
+        p.solver.present(&p.spec).await?;
+    }
+    for p in plan {
+        ctx.store
+            .set_authz_challenge(&p.authz_url, p.kind.as_str(), &p.challenge_url)
+            .await?;
+    }
+    // Answer each challenge (instant-acme hands out handles in order).
+    let mut auths = order.authorizations();
+    while let Some(a) = auths.next().await {
+        let mut a = a.map_err(AcmeError::from)?;
+        let Some(p) = plan.iter().find(|p| p.authz_url == a.url()) else {
+            continue;
+        };
+        let Some(mut challenge) = a.challenge(acme_type(p.kind)) else {
+            continue;
+        };
+        challenge.set_ready().await.map_err(AcmeError::from)?;
+        tracing::debug!(authz = %p.authz_url, kind = %p.kind, "challenge answered");
+    }
+    drop(auths);
+
+    // Seed 004: do not poll before the CA has looked, when we can tell.
+    for p in plan {
+        p.solver.wait_fetched(&p.spec, FETCH_WAIT).await;
+    }
+
+    let mut waiting: HashSet<&str> = plan.iter().map(|p| p.authz_url.as_str()).collect();
+    let mut poll = Poll::new(Duration::from_millis(20), Duration::from_secs(5), VALIDATION_TIMEOUT);
+    let mut retry_after = None;
+    while !waiting.is_empty() {
+        let Some(delay) = poll.next_delay(retry_after) else {
+            return Err(AcmeError::Timeout(format!(
+                "{} authorization(s) still pending after {}s",
+                waiting.len(),
+                VALIDATION_TIMEOUT.as_secs()
+            ))
+            .into());
+        };
+        sleep_or_cancel(delay, cancel).await?;
+        retry_after = None;
+        let mut auths = order.authorizations();
+        while let Some(a) = auths.next().await {
+            let mut a = a.map_err(AcmeError::from)?;
+            let url = a.url().to_owned();
+            if !waiting.contains(url.as_str()) {
+                continue;
+            }
+            let state = a.refresh().await.map_err(AcmeError::from)?;
+            let status = state.status;
+            let identifier = state.identifier().to_string();
+            match status {
+                AuthorizationStatus::Pending => {
+                    retry_after = later(retry_after, ctx.account.http.observed(&url).and_then(|o| o.retry_after));
+                }
+                AuthorizationStatus::Valid => {
+                    ctx.store.set_authz_status(&url, "valid", None).await?;
+                    waiting.remove(url.as_str());
+                }
+                AuthorizationStatus::Invalid => {
+                    // Record the answered challenge's problem document.
+                    let p = plan.iter().find(|p| p.authz_url == url);
+                    let problem = state
+                        .challenges
+                        .iter()
+                        .find(|c| p.is_some_and(|p| p.challenge_url == c.url))
+                        .or_else(|| state.challenges.iter().find(|c| c.error.is_some()))
+                        .and_then(|c| c.error.as_ref())
+                        .map(ProblemRecord::from_problem)
+                        .unwrap_or(ProblemRecord {
+                            kind: None,
+                            detail: Some("the CA gave no reason".into()),
+                            status: None,
+                            subproblems: Vec::new(),
+                        });
+                    ctx.store
+                        .set_authz_status(&url, "invalid", Some(&problem.to_json()))
+                        .await?;
+                    return Err(DriveError::Validation {
+                        identifier,
+                        kind: p.map_or(ChallengeKind::Http01, |p| p.kind),
+                        problem,
+                    });
+                }
+                other => {
+                    let status = authz_status(other);
+                    ctx.store.set_authz_status(&url, status, None).await?;
+                    return Err(DriveError::AuthzUnusable {
+                        identifier,
+                        status: status.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls a finalized order until it is valid, then downloads the chain.
+async fn download(ctx: &Context, order: &mut Order, cancel: &CancellationToken) -> Result<String, DriveError> {
+    let url = order.url().to_owned();
+    let mut poll = Poll::new(Duration::from_millis(20), Duration::from_secs(10), ISSUANCE_TIMEOUT);
+    loop {
+        match order.state().status {
+            OrderStatus::Valid => {}
+            OrderStatus::Processing => {
+                let retry_after = ctx.account.http.observed(&url).and_then(|o| o.retry_after);
+                let Some(delay) = poll.next_delay(retry_after) else {
+                    return Err(AcmeError::Timeout(format!(
+                        "the order is still processing after {}s",
+                        ISSUANCE_TIMEOUT.as_secs()
+                    ))
+                    .into());
+                };
+                sleep_or_cancel(delay, cancel).await?;
+            }
+            other => return Err(DriveError::OrderState(order_status(other).to_owned())),
+        }
+        // Refreshes a processing order, downloads once valid.
+        if let Some(chain) = order.certificate().await.map_err(|e| acme_error(ctx, &url, e))? {
+            return Ok(chain);
+        }
+    }
+}
+
+/// Deactivates the order's authorizations that are still pending at the CA.
+/// Failures are recorded and left to the reaper.
+async fn abandon(ctx: &Context, name: &str, order: &mut Order) {
+    let order_url = order.url().to_owned();
+    let mut auths = order.authorizations();
+    while let Some(a) = auths.next().await {
+        let Ok(mut a) = a else { break };
+        if a.status != AuthorizationStatus::Pending {
+            continue;
+        }
+        let url = a.url().to_owned();
+        // The cached state may be stale (validation may have finished):
+        // refresh so a valid authorization is not thrown away.
+        let fresh = match a.refresh().await {
+            Ok(s) => s.status,
+            Err(e) => {
+                let e = AcmeError::from(e);
+                tracing::warn!(cert = name, authz = %url, error = %e, "cannot fetch authorization to deactivate it");
+                let _ = ctx.store.event("deactivate-failed", Some(name), Some(&order_url), Some(&url), Some(&e.to_string())).await;
+                continue;
+            }
+        };
+        if fresh != AuthorizationStatus::Pending {
+            let _ = ctx.store.set_authz_status(&url, authz_status(fresh), None).await;
+            continue;
+        }
+        match a.deactivate().await {
+            Ok(_) => {
+                tracing::info!(cert = name, authz = %url, "deactivated pending authorization");
+                let _ = ctx.store.set_authz_deactivated(&url, "driver", "pending").await;
+                let _ = ctx.store.event("deactivated", Some(name), Some(&order_url), Some(&url), Some("driver gave up on the order")).await;
+            }
+            Err(e) => {
+                let e = AcmeError::from(e);
+                tracing::warn!(cert = name, authz = %url, error = %e, "deactivation failed");
+                let _ = ctx.store.event("deactivate-failed", Some(name), Some(&order_url), Some(&url), Some(&e.to_string())).await;
+            }
+        }
+    }
+}
+
+/// An instant-acme error, with the `Retry-After` the CA sent for `url`.
+fn acme_error(ctx: &Context, url: &str, e: instant_acme::Error) -> DriveError {
+    let retry_after = ctx.account.http.observed(url).and_then(|o| o.retry_after);
+    match e {
+        instant_acme::Error::Api(p) => AcmeError::from_problem(&p, retry_after).into(),
+        other => AcmeError::from(other).into(),
+    }
+}
+
+/// Generates a private key of `key_type`; returns it and its PKCS#8 PEM.
+async fn generate_key(key_type: KeyType) -> Result<(KeyPair, String), DriveError> {
+    let key_err = |e: String| DriveError::Key(e);
+    // RSA generation takes long enough to block a runtime thread.
+    let key = tokio::task::spawn_blocking(move || -> Result<KeyPair, String> {
+        match key_type {
+            KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string()),
+            KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| e.to_string()),
+            KeyType::Rsa2048 => rsa_key(2048),
+            KeyType::Rsa3072 => rsa_key(3072),
+            KeyType::Rsa4096 => rsa_key(4096),
+        }
+    })
+    .await
+    .map_err(|e| key_err(e.to_string()))?
+    .map_err(key_err)?;
+    let pem = key.serialize_pem();
+    Ok((key, pem))
+}
+
+/// ring cannot generate RSA keys, only use them; the `rsa` crate generates
+/// and ring signs.
+fn rsa_key(bits: usize) -> Result<KeyPair, String> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let mut rng = rsa::rand_core::OsRng;
+    let key = rsa::RsaPrivateKey::new(&mut rng, bits).map_err(|e| e.to_string())?;
+    let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
+    let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+    KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), DriveError> {
+    tokio::select! {
+        () = tokio::time::sleep(d) => Ok(()),
+        () = cancel.cancelled() => Err(DriveError::Cancelled),
+    }
+}
+
+fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Polling delays: the CA's `Retry-After` when it sends one, else start
+/// short and double up to a cap, until a deadline.
+struct Poll {
+    next: Duration,
+    cap: Duration,
+    deadline: Instant,
+}
+
+impl Poll {
+    fn new(initial: Duration, cap: Duration, timeout: Duration) -> Self {
+        Self {
+            next: initial,
+            cap,
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    /// The delay before the next poll, or `None` once past the deadline.
+    fn next_delay(&mut self, retry_after: Option<SystemTime>) -> Option<Duration> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return None;
+        }
+        let delay = match retry_after.and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+            Some(d) => d,
+            None => {
+                let d = self.next;
+                self.next = (self.next * 2).min(self.cap);
+                d
+            }
+        };
+        Some(delay.min(self.deadline - now))
+    }
+}
+
+fn acme_type(k: ChallengeKind) -> ChallengeType {
+    match k {
+        ChallengeKind::Http01 => ChallengeType::Http01,
+        ChallengeKind::Dns01 => ChallengeType::Dns01,
+    }
+}
+
+fn challenge_type(t: &ChallengeType) -> String {
+    match t {
+        ChallengeType::Http01 => "http-01".into(),
+        ChallengeType::Dns01 => "dns-01".into(),
+        ChallengeType::TlsAlpn01 => "tls-alpn-01".into(),
+        ChallengeType::DeviceAttest01 => "device-attest-01".into(),
+        ChallengeType::Unknown(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+pub fn authz_status(s: AuthorizationStatus) -> &'static str {
+    match s {
+        AuthorizationStatus::Pending => "pending",
+        AuthorizationStatus::Valid => "valid",
+        AuthorizationStatus::Invalid => "invalid",
+        AuthorizationStatus::Revoked => "revoked",
+        AuthorizationStatus::Expired => "expired",
+        AuthorizationStatus::Deactivated => "deactivated",
+    }
+}
+
+fn challenge_status(s: ChallengeStatus) -> &'static str {
+    match s {
+        ChallengeStatus::Pending => "pending",
+        ChallengeStatus::Processing => "processing",
+        ChallengeStatus::Valid => "valid",
+        ChallengeStatus::Invalid => "invalid",
+    }
+}
+
+fn order_status(s: OrderStatus) -> &'static str {
+    match s {
+        OrderStatus::Pending => "pending",
+        OrderStatus::Ready => "ready",
+        OrderStatus::Processing => "processing",
+        OrderStatus::Valid => "valid",
+        OrderStatus::Invalid => "invalid",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_backs_off_and_honours_retry_after() {
+        let mut p = Poll::new(Duration::from_millis(20), Duration::from_millis(70), Duration::from_secs(60));
+        assert_eq!(p.next_delay(None), Some(Duration::from_millis(20)));
+        assert_eq!(p.next_delay(None), Some(Duration::from_millis(40)));
+        assert_eq!(p.next_delay(None), Some(Duration::from_millis(70)));
+        let ra = SystemTime::now() + Duration::from_secs(3);
+        let d = p.next_delay(Some(ra)).expect("before deadline");
+        assert!(d > Duration::from_secs(2) && d <= Duration::from_secs(3));
+        let mut expired = Poll::new(Duration::from_millis(1), Duration::from_millis(1), Duration::ZERO);
+        assert_eq!(expired.next_delay(None), None);
+    }
+
+    #[tokio::test]
+    async fn keys_of_every_type_sign_csrs() {
+        for kt in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Rsa2048] {
+            let (key, pem) = generate_key(kt).await.expect("key");
+            assert!(pem.contains("PRIVATE KEY"));
+            let params = CertificateParams::new(vec!["a.example".to_owned()]).expect("params");
+            params.serialize_request(&key).expect("csr");
+        }
+    }
+}

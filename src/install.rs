@@ -1,0 +1,435 @@
+//! Installing certificates where web servers read them, atomically.
+//!
+//! Layout of `cert_dir/<name>/`:
+//!
+//! ```text
+//! versions/<version>/{cert,chain,fullchain,privkey}.pem   one directory per issuance
+//! current -> versions/<version>                           swapped with one rename(2)
+//! cert.pem -> current/cert.pem                            stable paths for web servers
+//! chain.pem, fullchain.pem, privkey.pem -> current/…
+//! ```
+//!
+//! A new issuance is written and fsynced in full in its own directory before
+//! `current` moves, so any path resolution sees one issuance's key and
+//! certificate together, never a mix, and a failure (full disk, read-only
+//! file system) before the swap leaves the installed set untouched.
+//! `privkey.pem` is 0600. The two newest versions are kept so a broken
+//! certificate can be rolled back by hand.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::clock::UnixTime;
+
+pub const FILES: [&str; 4] = ["cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"];
+const KEEP_VERSIONS: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cannot install into {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the CA's certificate chain is unusable: {0}")]
+    BadChain(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Facts about a certificate, parsed from its DER.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// DNS names from the subjectAltName extension, sorted.
+    pub dns_names: Vec<String>,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    /// DER of the SubjectPublicKeyInfo.
+    pub spki: Vec<u8>,
+}
+
+impl CertInfo {
+    pub fn parse(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("cannot parse certificate: {e}"))?;
+        let mut dns_names: Vec<String> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::DNSName(d) => {
+                            Some(d.to_ascii_lowercase())
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        dns_names.sort();
+        Ok(Self {
+            dns_names,
+            serial: cert.raw_serial_as_string().replace(':', ""),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            spki: cert.public_key().raw.to_vec(),
+        })
+    }
+}
+
+/// The issuance the CA returned, checked and split into its parts.
+#[derive(Debug)]
+pub struct Issuance {
+    pub info: CertInfo,
+    cert_pem: String,
+    chain_pem: String,
+    fullchain_pem: String,
+    key_pem: String,
+}
+
+impl Issuance {
+    /// Parses the CA's PEM chain and checks it against the order: the leaf
+    /// must carry exactly `domains` and the public half of `key_pem`.
+    pub fn new(
+        fullchain_pem: &str,
+        key_pem: String,
+        key_spki: &[u8],
+        domains: &[String],
+    ) -> Result<Self, InstallError> {
+        let bad = |m: String| InstallError::BadChain(m);
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(format!("not PEM: {e}")))?;
+        let leaf = certs.first().ok_or_else(|| bad("no certificate in the response".into()))?;
+        let info = CertInfo::parse(leaf).map_err(bad)?;
+        let mut want: Vec<String> = domains.to_vec();
+        want.sort();
+        if info.dns_names != want {
+            return Err(bad(format!(
+                "the certificate names {:?}, the order asked for {:?}",
+                info.dns_names, want
+            )));
+        }
+        if info.spki != key_spki {
+            return Err(bad("the certificate does not match the private key".into()));
+        }
+        let pem = |der: &CertificateDer<'_>| pem_encode("CERTIFICATE", der);
+        let cert_pem = pem(leaf);
+        let chain_pem: String = certs[1..].iter().map(pem).collect();
+        Ok(Self {
+            info,
+            fullchain_pem: format!("{cert_pem}{chain_pem}"),
+            cert_pem,
+            chain_pem,
+            key_pem,
+        })
+    }
+}
+
+/// Base64 PEM armour, 64 columns.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::prelude::BASE64_STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        // base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Installs `issuance` as the current version of `name`; returns the version
+/// directory's name. Blocking: call from `spawn_blocking`.
+pub fn install(cert_dir: &Path, name: &str, issuance: &Issuance) -> Result<String, InstallError> {
+    let stamp = time::OffsetDateTime::now_utc();
+    let version = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z-{}",
+        stamp.year(),
+        u8::from(stamp.month()),
+        stamp.day(),
+        stamp.hour(),
+        stamp.minute(),
+        stamp.second(),
+        &issuance.info.serial[..issuance.info.serial.len().min(16)]
+    );
+    install_version(cert_dir, name, &version, issuance)?;
+    Ok(version)
+}
+
+fn install_version(
+    cert_dir: &Path,
+    name: &str,
+    version: &str,
+    issuance: &Issuance,
+) -> Result<(), InstallError> {
+    let base = cert_dir.join(name);
+    let versions = base.join("versions");
+    fs::create_dir_all(&versions).map_err(io_err(&versions))?;
+    let final_dir = versions.join(version);
+    let tmp_dir = versions.join(format!(".{version}.tmp"));
+    let result = write_version(&tmp_dir, issuance)
+        .and_then(|()| fs::rename(&tmp_dir, &final_dir).map_err(io_err(&final_dir)))
+        .and_then(|()| sync_dir(&versions));
+    if let Err(e) = result {
+        // Best effort: the half-written version is garbage either way.
+        let _ = fs::remove_dir_all(&tmp_dir);
+        return Err(e);
+    }
+
+    // The atomic step: `current` now names the new version.
+    let current = base.join("current");
+    let tmp_link = base.join(".current.tmp");
+    let _ = fs::remove_file(&tmp_link);
+    let swap = symlink(Path::new("versions").join(version), &tmp_link)
+        .and_then(|()| fs::rename(&tmp_link, &current));
+    if let Err(e) = swap {
+        let _ = fs::remove_file(&tmp_link);
+        let _ = fs::remove_dir_all(&final_dir);
+        return Err(io_err(&current)(e));
+    }
+    sync_dir(&base)?;
+
+    for file in FILES {
+        ensure_link(&base, file)?;
+    }
+    prune(&versions, version);
+    Ok(())
+}
+
+fn write_version(dir: &Path, issuance: &Issuance) -> Result<(), InstallError> {
+    fs::create_dir(dir).map_err(io_err(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+    for (file, contents, mode) in [
+        ("cert.pem", &issuance.cert_pem, 0o644),
+        ("chain.pem", &issuance.chain_pem, 0o644),
+        ("fullchain.pem", &issuance.fullchain_pem, 0o644),
+        ("privkey.pem", &issuance.key_pem, 0o600),
+    ] {
+        let path = dir.join(file);
+        write_new_file(&path, contents.as_bytes(), mode).map_err(io_err(&path))?;
+    }
+    sync_dir(dir)
+}
+
+fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), InstallError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Makes `base/file` a symlink to `current/file`, replacing whatever is there
+/// atomically (a regular file left by another tool, say).
+fn ensure_link(base: &Path, file: &str) -> Result<(), InstallError> {
+    let path = base.join(file);
+    let target = Path::new("current").join(file);
+    if fs::read_link(&path).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    let tmp = base.join(format!(".{file}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    symlink(&target, &tmp)
+        .and_then(|()| fs::rename(&tmp, &path))
+        .map_err(io_err(&path))
+}
+
+/// Removes all but the newest `KEEP_VERSIONS` versions; never `keep`.
+fn prune(versions: &Path, keep: &str) {
+    let Ok(entries) = fs::read_dir(versions) else {
+        return;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    // Version names start with a UTC timestamp, so they sort by age.
+    names.sort();
+    let excess = names.len().saturating_sub(KEEP_VERSIONS);
+    for old in names.iter().take(excess).filter(|n| n.as_str() != keep) {
+        if let Err(e) = fs::remove_dir_all(versions.join(old)) {
+            tracing::warn!(version = %old, error = %e, "cannot remove an old certificate version");
+        }
+    }
+}
+
+/// The installed certificate of `name`, if a complete one is there.
+pub fn installed(cert_dir: &Path, name: &str) -> Option<CertInfo> {
+    let base = cert_dir.join(name);
+    // Resolve `current` once so the certificate and key come from one version.
+    let current = fs::canonicalize(base.join("current")).ok()?;
+    if !current.join("privkey.pem").is_file() {
+        return None;
+    }
+    let der = CertificateDer::pem_file_iter(current.join("cert.pem"))
+        .ok()?
+        .next()?
+        .ok()?;
+    CertInfo::parse(&der).ok()
+}
+
+/// Writes a secret (an account key, say) to `path` with mode 0600, atomically.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    write_new_file(&tmp, contents, 0o600)?;
+    fs::rename(&tmp, path)
+}
+
+/// The outcome of one reload command.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    pub command: String,
+    pub ok: bool,
+    /// Exit status and the tail of the output, for the ledger.
+    pub detail: String,
+}
+
+/// Runs the reload commands in order, each with `timeout`. A failure is
+/// reported, never fatal: the certificate is already installed.
+pub async fn run_reloads(
+    commands: &[String],
+    timeout: Duration,
+    name: &str,
+    cert_dir: &Path,
+) -> Vec<ReloadOutcome> {
+    let mut out = Vec::with_capacity(commands.len());
+    for command in commands {
+        let child = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .env("CERTD_NAME", name)
+            .env("CERTD_CERT_DIR", cert_dir.join(name))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let (ok, detail) = match tokio::time::timeout(timeout, child).await {
+            Err(_) => (false, format!("timed out after {}s", timeout.as_secs())),
+            Ok(Err(e)) => (false, format!("cannot run: {e}")),
+            Ok(Ok(o)) => {
+                let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&o.stderr));
+                let text = text.trim();
+                let tail = &text[text.len().saturating_sub(1000)..];
+                let tail = tail.trim_start_matches(|c: char| !c.is_ascii());
+                (o.status.success(), format!("{}: {tail}", o.status))
+            }
+        };
+        out.push(ReloadOutcome {
+            command: command.clone(),
+            ok,
+            detail,
+        });
+    }
+    out
+}
+
+/// When a certificate with this validity should be renewed: when a third of
+/// its lifetime remains.
+pub fn renewal_time(not_before: i64, not_after: i64) -> UnixTime {
+    let lifetime = (not_after - not_before).max(0);
+    UnixTime::from_secs(not_after - lifetime / 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::PublicKeyData;
+
+    use super::*;
+
+    fn issuance(names: &[&str]) -> Issuance {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        let domains: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        Issuance::new(&cert.pem(), key.serialize_pem(), &key.subject_public_key_info(), &domains)
+            .expect("issuance")
+    }
+
+    #[test]
+    fn install_swaps_versions_and_keeps_two() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut serials = Vec::new();
+        for _ in 0..3 {
+            let i = issuance(&["a.example"]);
+            serials.push(i.info.serial.clone());
+            install(dir.path(), "www", &i).expect("install");
+            // Version names have one-second resolution.
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        let now = installed(dir.path(), "www").expect("installed");
+        assert_eq!(&now.serial, serials.last().expect("three serials"));
+        let base = dir.path().join("www");
+        let mode = fs::metadata(base.join("privkey.pem")).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let versions = fs::read_dir(base.join("versions")).expect("versions").count();
+        assert_eq!(versions, KEEP_VERSIONS);
+    }
+
+    #[test]
+    fn wrong_names_or_key_are_refused() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let other = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let names = ["b.example".to_owned()];
+        assert!(Issuance::new(&cert.pem(), String::new(), &key.subject_public_key_info(), &names).is_err());
+        let names = ["a.example".to_owned()];
+        assert!(Issuance::new(&cert.pem(), String::new(), &other.subject_public_key_info(), &names).is_err());
+    }
+
+    #[test]
+    fn failed_install_leaves_installed_set_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = issuance(&["a.example"]);
+        install_version(dir.path(), "www", "v1", &first).expect("install");
+        // Occupy the second version's final name so the rename after all
+        // files are written fails, as a full disk would mid-way.
+        let blocker = dir.path().join("www/versions/v2/occupied");
+        fs::create_dir_all(&blocker).expect("blocker");
+        let second = issuance(&["a.example"]);
+        assert!(install_version(dir.path(), "www", "v2", &second).is_err());
+        let now = installed(dir.path(), "www").expect("still installed");
+        assert_eq!(now.serial, first.info.serial);
+        assert!(!dir.path().join("www/versions/.v2.tmp").exists());
+    }
+
+    #[test]
+    fn renewal_at_two_thirds() {
+        assert_eq!(renewal_time(0, 90).secs(), 60);
+    }
+}

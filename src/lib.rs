@@ -1,0 +1,21 @@
+//! certd: a certificate renewal daemon for ACME CAs.
+//!
+//! It reads certificate jobs from a TOML file, drives ACME orders through
+//! instant-acme, installs certificates atomically and reloads the servers
+//! that use them, and keeps a ledger (SQLite) of every ACME object it
+//! creates so that no authorization is ever left pending at the CA.
+//!
+//! Modules by responsibility: `config` (the file), `store` (the ledger, the
+//! only SQL), `acme` (HTTP, account, CA errors), `driver` (one order),
+//! `solver` (challenge responses), `scheduler` (when things are due),
+//! `install` (files and reloads), `cli` (commands and exit codes).
+
+pub mod acme;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod driver;
+pub mod install;
+pub mod scheduler;
+pub mod solver;
+pub mod store;

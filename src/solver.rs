@@ -1,0 +1,476 @@
+//! Challenge solvers: make a challenge's response visible to the CA, then
+//! take it away again.
+//!
+//! One trait, one implementation per way of answering. `present` and
+//! `cleanup` are symmetric and the driver calls `cleanup` on every path,
+//! including errors, so nothing is left behind in a webroot or a DNS zone.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ChallengeKind, Config, Dns01Config, Http01Config};
+
+/// What a solver needs to know about one challenge.
+#[derive(Debug, Clone)]
+pub struct ChallengeSpec {
+    /// The identifier as the authorization names it (`example.com`; a
+    /// wildcard's authorization names the base domain).
+    pub identifier: String,
+    pub token: String,
+    /// `token.thumbprint`: served as-is for http-01.
+    pub key_authorization: String,
+    /// base64url(SHA-256(key authorization)): the TXT value for dns-01.
+    pub dns_value: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SolverError {
+    #[error("http-01 responder cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http-01 webroot {path}: {source}")]
+    Webroot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dns-01 hook {hook} {action} for {record}: {detail}")]
+    Hook {
+        hook: PathBuf,
+        action: &'static str,
+        record: String,
+        detail: String,
+    },
+    #[error("no solver is configured for {0}")]
+    NotConfigured(ChallengeKind),
+}
+
+#[async_trait]
+pub trait Solver: Send + Sync {
+    fn kind(&self) -> ChallengeKind;
+
+    /// Makes the response visible to the CA.
+    async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError>;
+
+    /// Removes what `present` added. Safe to call after a failed `present`.
+    async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError>;
+
+    /// Waits (at most `max`) until the CA has probably fetched the response,
+    /// so the first poll of the authorization is not wasted. Solvers that
+    /// cannot tell return at once.
+    async fn wait_fetched(&self, _c: &ChallengeSpec, _max: Duration) -> bool {
+        false
+    }
+}
+
+/// The solvers a configuration asks for, keyed by challenge type.
+#[derive(Clone, Default)]
+pub struct Solvers {
+    by_kind: HashMap<ChallengeKind, Arc<dyn Solver>>,
+}
+
+impl Solvers {
+    /// Builds the solvers for `cfg`. The standalone http-01 responder is
+    /// started only when `start_responder` is set (a one-shot run that has
+    /// nothing due should not bind port 80).
+    pub async fn from_config(
+        cfg: &Config,
+        start_responder: bool,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<Self, SolverError> {
+        let mut by_kind: HashMap<ChallengeKind, Arc<dyn Solver>> = HashMap::new();
+        if let Some(h) = &cfg.http01 {
+            let responder = match (h.listen, start_responder) {
+                (Some(addr), true) => Some(Http01Responder::start(addr, tracker, cancel).await?),
+                _ => None,
+            };
+            by_kind.insert(
+                ChallengeKind::Http01,
+                Arc::new(Http01Solver::new(h, responder)),
+            );
+        }
+        if let Some(d) = &cfg.dns01 {
+            by_kind.insert(ChallengeKind::Dns01, Arc::new(Dns01Hook::new(d)));
+        }
+        Ok(Self { by_kind })
+    }
+
+    pub fn get(&self, kind: ChallengeKind) -> Result<Arc<dyn Solver>, SolverError> {
+        self.by_kind
+            .get(&kind)
+            .cloned()
+            .ok_or(SolverError::NotConfigured(kind))
+    }
+}
+
+// ---- http-01 -------------------------------------------------------------
+
+const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
+
+/// http-01 through the standalone responder, a webroot, or both.
+pub struct Http01Solver {
+    responder: Option<Http01Responder>,
+    webroot: Option<PathBuf>,
+}
+
+impl Http01Solver {
+    fn new(cfg: &Http01Config, responder: Option<Http01Responder>) -> Self {
+        Self {
+            responder,
+            webroot: cfg.webroot.clone(),
+        }
+    }
+
+    fn webroot_file(root: &Path, token: &str) -> PathBuf {
+        root.join(".well-known/acme-challenge").join(token)
+    }
+}
+
+#[async_trait]
+impl Solver for Http01Solver {
+    fn kind(&self) -> ChallengeKind {
+        ChallengeKind::Http01
+    }
+
+    async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        if let Some(r) = &self.responder {
+            r.add(&c.token, &c.key_authorization);
+        }
+        if let Some(root) = &self.webroot {
+            let path = Self::webroot_file(root, &c.token);
+            let err = |source| SolverError::Webroot {
+                path: path.clone(),
+                source,
+            };
+            if let Some(dir) = path.parent() {
+                tokio::fs::create_dir_all(dir).await.map_err(err)?;
+            }
+            tokio::fs::write(&path, c.key_authorization.as_bytes())
+                .await
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        if let Some(r) = &self.responder {
+            r.remove(&c.token);
+        }
+        if let Some(root) = &self.webroot {
+            let path = Self::webroot_file(root, &c.token);
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(SolverError::Webroot { path, source }),
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_fetched(&self, c: &ChallengeSpec, max: Duration) -> bool {
+        let Some(r) = &self.responder else {
+            return false;
+        };
+        let Some(seen) = r.seen_signal(&c.token) else {
+            return false;
+        };
+        tokio::time::timeout(max, seen.notified()).await.is_ok()
+    }
+}
+
+/// One small HTTP server shared by all orders, answering
+/// `GET /.well-known/acme-challenge/<token>` from an in-memory map.
+#[derive(Clone)]
+pub struct Http01Responder {
+    tokens: Arc<Mutex<HashMap<String, TokenEntry>>>,
+    addr: SocketAddr,
+}
+
+#[derive(Clone)]
+struct TokenEntry {
+    key_authorization: String,
+    /// Notified each time the token is served.
+    seen: Arc<Notify>,
+}
+
+/// Requests larger than this are not ACME validation requests.
+const MAX_REQUEST: usize = 8192;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Http01Responder {
+    /// Binds `addr` and serves until `cancel` fires; the task and every
+    /// connection task belong to `tracker`.
+    pub async fn start(
+        addr: SocketAddr,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<Self, SolverError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| SolverError::Listen { addr, source })?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        let responder = Self {
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            addr,
+        };
+        let tokens = responder.tokens.clone();
+        let cancel = cancel.clone();
+        let conn_tracker = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let tokens = tokens.clone();
+                            let cancel = cancel.clone();
+                            conn_tracker.spawn(async move {
+                                tokio::select! {
+                                    () = cancel.cancelled() => {}
+                                    _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(stream, &tokens)) => {}
+                                }
+                            });
+                        }
+                        // Accept errors (e.g. out of file descriptors) are
+                        // transient; back off briefly instead of spinning.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "http-01 responder accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                }
+            }
+        });
+        tracing::debug!(%addr, "http-01 responder listening");
+        Ok(responder)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn add(&self, token: &str, key_authorization: &str) {
+        lock(&self.tokens).insert(
+            token.to_owned(),
+            TokenEntry {
+                key_authorization: key_authorization.to_owned(),
+                seen: Arc::new(Notify::new()),
+            },
+        );
+    }
+
+    fn remove(&self, token: &str) {
+        lock(&self.tokens).remove(token);
+    }
+
+    fn seen_signal(&self, token: &str) -> Option<Arc<Notify>> {
+        lock(&self.tokens).get(token).map(|e| e.seen.clone())
+    }
+}
+
+/// A poisoned token map is still a consistent map (inserts and removes are
+/// single operations), so recover it instead of failing every validation.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn serve(mut stream: TcpStream, tokens: &Mutex<HashMap<String, TokenEntry>>) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > MAX_REQUEST {
+            let _ = stream.write_all(&response(431, "", false)).await;
+            return;
+        }
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let head = method == "HEAD";
+    let reply = match (method, target.strip_prefix(WELL_KNOWN)) {
+        ("GET" | "HEAD", Some(token)) => {
+            let entry = lock(tokens).get(token).cloned();
+            match entry {
+                Some(e) => {
+                    e.seen.notify_waiters();
+                    // notify_waiters only wakes current waiters; also leave a
+                    // permit for a waiter that arrives just after.
+                    e.seen.notify_one();
+                    response(200, &e.key_authorization, head)
+                }
+                None => response(404, "", head),
+            }
+        }
+        ("GET" | "HEAD", None) => response(404, "", head),
+        _ => response(405, "", head),
+    };
+    let _ = stream.write_all(&reply).await;
+    let _ = stream.shutdown().await;
+}
+
+fn response(code: u16, body: &str, head: bool) -> Vec<u8> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+// ---- dns-01 --------------------------------------------------------------
+
+/// dns-01 through an operator's program: `hook present` and `hook cleanup`,
+/// with the record in `CERTD_DNS_RECORD`, the TXT value in `CERTD_DNS_VALUE`
+/// and the domain in `CERTD_DOMAIN`. The hook must add (not replace) the
+/// value on present and remove only that value on cleanup: a name and its
+/// wildcard share one record name.
+pub struct Dns01Hook {
+    hook: PathBuf,
+    timeout: Duration,
+}
+
+impl Dns01Hook {
+    fn new(cfg: &Dns01Config) -> Self {
+        Self {
+            hook: cfg.hook.clone(),
+            timeout: cfg.hook_timeout,
+        }
+    }
+
+    async fn run(&self, action: &'static str, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let record = format!("_acme-challenge.{}", c.identifier.trim_start_matches("*."));
+        let err = |detail: String| SolverError::Hook {
+            hook: self.hook.clone(),
+            action,
+            record: record.clone(),
+            detail,
+        };
+        let child = tokio::process::Command::new(&self.hook)
+            .arg(action)
+            .env("CERTD_DNS_RECORD", &record)
+            .env("CERTD_DNS_VALUE", &c.dns_value)
+            .env("CERTD_DOMAIN", &c.identifier)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(self.timeout, child)
+            .await
+            .map_err(|_| err(format!("timed out after {}s", self.timeout.as_secs())))?
+            .map_err(|e| err(format!("cannot run: {e}")))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr.trim().chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+        Err(err(format!("exited with {}: {tail}", out.status)))
+    }
+}
+
+#[async_trait]
+impl Solver for Dns01Hook {
+    fn kind(&self) -> ChallengeKind {
+        ChallengeKind::Dns01
+    }
+
+    async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.run("present", c).await
+    }
+
+    async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.run("cleanup", c).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(token: &str) -> ChallengeSpec {
+        ChallengeSpec {
+            identifier: "a.example".into(),
+            token: token.into(),
+            key_authorization: format!("{token}.thumb"),
+            dns_value: "v".into(),
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.example\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn responder_serves_present_tokens_only() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let r = Http01Responder::start("127.0.0.1:0".parse().expect("addr"), &tracker, &cancel)
+            .await
+            .expect("bind");
+        let solver = Http01Solver {
+            responder: Some(r.clone()),
+            webroot: None,
+        };
+        let c = spec("tok1");
+        solver.present(&c).await.expect("present");
+        let rsp = get(r.local_addr(), "/.well-known/acme-challenge/tok1").await;
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        assert!(rsp.ends_with("tok1.thumb"), "{rsp}");
+        assert!(solver.wait_fetched(&c, Duration::from_millis(10)).await);
+
+        solver.cleanup(&c).await.expect("cleanup");
+        let rsp = get(r.local_addr(), "/.well-known/acme-challenge/tok1").await;
+        assert!(rsp.starts_with("HTTP/1.1 404"), "{rsp}");
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn webroot_file_is_written_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let solver = Http01Solver {
+            responder: None,
+            webroot: Some(dir.path().to_owned()),
+        };
+        let c = spec("tok2");
+        solver.present(&c).await.expect("present");
+        let file = dir.path().join(".well-known/acme-challenge/tok2");
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), "tok2.thumb");
+        solver.cleanup(&c).await.expect("cleanup");
+        assert!(!file.exists());
+        solver.cleanup(&c).await.expect("cleanup is idempotent");
+    }
+}

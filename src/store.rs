@@ -1,0 +1,545 @@
+//! The ledger: the only module that speaks SQL.
+//!
+//! One SQLite file in WAL mode, opened once per process, migrations from
+//! `migrations/` applied at open. WAL lets `certd status` read while the
+//! daemon writes. Each public method is one short transaction at most, so no
+//! caller ever holds the write lock across network I/O.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqlitePool};
+
+use crate::clock::UnixTime;
+
+/// Errors from the ledger. They are never retried blindly: a full disk or a
+/// corrupt file needs an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ledger {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("ledger migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("ledger query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A row of `certificates`.
+#[derive(Debug, Clone, FromRow)]
+pub struct CertificateRow {
+    pub name: String,
+    pub domains: String,
+    pub serial: Option<String>,
+    pub not_before: Option<i64>,
+    pub not_after: Option<i64>,
+    pub installed_at: Option<i64>,
+    pub version: Option<String>,
+    pub last_attempt_at: Option<i64>,
+    pub last_result: Option<String>,
+    pub last_error: Option<String>,
+    pub next_renewal_at: Option<i64>,
+    pub consecutive_failures: i64,
+}
+
+impl CertificateRow {
+    pub fn domain_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.domains).unwrap_or_default()
+    }
+}
+
+/// An authorization as `certd authz list` shows it.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct AuthzRow {
+    pub url: String,
+    pub identifier: String,
+    pub status: String,
+    pub order_url: Option<String>,
+    pub challenge_type: Option<String>,
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    pub created_at: Option<i64>,
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    pub updated_at: Option<i64>,
+}
+
+/// One authorization of an order, as recorded before any challenge is answered.
+#[derive(Debug, Clone)]
+pub struct NewAuthz {
+    pub url: String,
+    pub identifier: String,
+    pub status: String,
+    pub expires_at: Option<i64>,
+    /// (challenge URL, type, status)
+    pub challenges: Vec<(String, String, String)>,
+}
+
+/// What an installed certificate looks like to the ledger.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub domains: Vec<String>,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub version: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) the ledger at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL is durable across process crashes in WAL mode; only a
+            // power loss can drop the last transactions, which the next run
+            // re-learns from the CA.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            // A daemon does a handful of short writes per ACME request; a
+            // few connections let status reads proceed beside them.
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// `PRAGMA integrity_check`, for tests and `certd status --check`.
+    pub async fn integrity_check(&self) -> Result<String> {
+        let (r,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r)
+    }
+
+    // ---- accounts -------------------------------------------------------
+
+    pub async fn account_id(&self, directory_url: &str) -> Result<Option<i64>> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM accounts WHERE directory_url = ?")
+            .bind(directory_url)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    pub async fn upsert_account(&self, directory_url: &str, account_url: &str) -> Result<i64> {
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO accounts (directory_url, account_url, created_at) VALUES (?, ?, ?)
+             ON CONFLICT(directory_url) DO UPDATE SET account_url = excluded.account_url
+             RETURNING id",
+        )
+        .bind(directory_url)
+        .bind(account_url)
+        .bind(UnixTime::now().secs())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    // ---- orders and authorizations ---------------------------------------
+
+    /// Records a new (or CA-reused) order with all its authorizations and
+    /// their challenges in one transaction: the write-ahead step that must
+    /// complete before any challenge is answered.
+    pub async fn record_order(
+        &self,
+        account_id: i64,
+        cert_name: &str,
+        order_url: &str,
+        identifiers: &[String],
+        status: &str,
+        authzs: &[NewAuthz],
+    ) -> Result<i64> {
+        let now = UnixTime::now().secs();
+        let mut tx = self.pool.begin().await?;
+        let (order_id,): (i64,) = sqlx::query_as(
+            "INSERT INTO orders (url, account_id, cert_name, identifiers, status, step, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, 'authorizing', ?, ?)
+             ON CONFLICT(url) DO UPDATE SET status = excluded.status, step = 'authorizing',
+                 error = NULL, updated_at = excluded.updated_at
+             RETURNING id",
+        )
+        .bind(order_url)
+        .bind(account_id)
+        .bind(cert_name)
+        .bind(serde_json::to_string(identifiers).unwrap_or_default())
+        .bind(status)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        for a in authzs {
+            let (authz_id,): (i64,) = sqlx::query_as(
+                "INSERT INTO authorizations (url, account_id, identifier, status, expires_at, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT(url) DO UPDATE SET status = excluded.status,
+                     expires_at = COALESCE(excluded.expires_at, expires_at),
+                     updated_at = excluded.updated_at
+                 RETURNING id",
+            )
+            .bind(&a.url)
+            .bind(account_id)
+            .bind(&a.identifier)
+            .bind(&a.status)
+            .bind(a.expires_at)
+            .bind(now)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("INSERT OR IGNORE INTO order_authorizations (order_id, authz_id) VALUES (?, ?)")
+                .bind(order_id)
+                .bind(authz_id)
+                .execute(&mut *tx)
+                .await?;
+            for (url, kind, status) in &a.challenges {
+                sqlx::query(
+                    "INSERT INTO challenges (url, authz_id, type, status) VALUES (?, ?, ?, ?)
+                     ON CONFLICT(url) DO UPDATE SET status = excluded.status",
+                )
+                .bind(url)
+                .bind(authz_id)
+                .bind(kind)
+                .bind(status)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(order_id)
+    }
+
+    /// Notes which challenge certd is about to answer for an authorization.
+    pub async fn set_authz_challenge(&self, authz_url: &str, kind: &str, challenge_url: &str) -> Result<()> {
+        sqlx::query("UPDATE authorizations SET challenge_type = ?, challenge_url = ?, updated_at = ? WHERE url = ?")
+            .bind(kind)
+            .bind(challenge_url)
+            .bind(UnixTime::now().secs())
+            .bind(authz_url)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the CA's latest word on an authorization.
+    pub async fn set_authz_status(&self, authz_url: &str, status: &str, error: Option<&str>) -> Result<()> {
+        let now = UnixTime::now().secs();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE authorizations SET status = ?, error = COALESCE(?, error), updated_at = ? WHERE url = ?",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(now)
+        .bind(authz_url)
+        .execute(&mut *tx)
+        .await?;
+        // The answered challenge follows its authorization to a final state.
+        sqlx::query(
+            "UPDATE challenges SET status = ? WHERE url = (SELECT challenge_url FROM authorizations WHERE url = ?)",
+        )
+        .bind(status)
+        .bind(authz_url)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a deactivation: `from` is the status the CA reported just
+    /// before (a pending one costs failure budget at some CAs).
+    pub async fn set_authz_deactivated(&self, authz_url: &str, by: &str, from: &str) -> Result<()> {
+        let now = UnixTime::now().secs();
+        sqlx::query(
+            "UPDATE authorizations SET status = 'deactivated', deactivated_at = ?, deactivated_by = ?,
+                 deactivated_from = ?, updated_at = ?, check_error = NULL WHERE url = ?",
+        )
+        .bind(now)
+        .bind(by)
+        .bind(from)
+        .bind(now)
+        .bind(authz_url)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_order_state(
+        &self,
+        order_url: &str,
+        status: &str,
+        step: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE orders SET status = ?, step = ?, error = COALESCE(?, error), updated_at = ? WHERE url = ?")
+            .bind(status)
+            .bind(step)
+            .bind(error)
+            .bind(UnixTime::now().secs())
+            .bind(order_url)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The authorizations of `order_url` the ledger still believes pending.
+    pub async fn pending_authz_of_order(&self, order_url: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT a.url FROM authorizations a
+             JOIN order_authorizations oa ON oa.authz_id = a.id
+             JOIN orders o ON o.id = oa.order_id
+             WHERE o.url = ? AND a.status = 'pending' ORDER BY a.id",
+        )
+        .bind(order_url)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// The ledger's authorizations, newest first, each with the latest order
+    /// that referenced it.
+    pub async fn authz_list(&self, pending_only: bool) -> Result<Vec<AuthzRow>> {
+        let sql = format!(
+            "SELECT a.url, a.identifier, a.status,
+                    (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
+                      WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
+                    a.challenge_type, a.created_at, a.updated_at
+             FROM authorizations a {} ORDER BY a.id DESC",
+            if pending_only { "WHERE a.status = 'pending'" } else { "" }
+        );
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
+    /// Pending authorizations per certificate name, counted once each.
+    pub async fn pending_authz_by_cert(&self) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT o.cert_name, COUNT(DISTINCT a.id) FROM authorizations a
+             JOIN order_authorizations oa ON oa.authz_id = a.id
+             JOIN orders o ON o.id = oa.order_id
+             WHERE a.status = 'pending' GROUP BY o.cert_name",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---- certificates ----------------------------------------------------
+
+    pub async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
+        Ok(sqlx::query_as(CERT_SELECT_ONE)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn certificates(&self) -> Result<Vec<CertificateRow>> {
+        Ok(sqlx::query_as(CERT_SELECT_ALL).fetch_all(&self.pool).await?)
+    }
+
+    /// Records a successful install and resets the failure count.
+    pub async fn record_installed(&self, name: &str, cert: &Installed, next_renewal_at: i64) -> Result<()> {
+        let now = UnixTime::now().secs();
+        sqlx::query(
+            "INSERT INTO certificates (name, domains, serial, not_before, not_after, installed_at, version,
+                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, ?, 0, ?)
+             ON CONFLICT(name) DO UPDATE SET domains = excluded.domains, serial = excluded.serial,
+                 not_before = excluded.not_before, not_after = excluded.not_after,
+                 installed_at = excluded.installed_at, version = excluded.version,
+                 last_attempt_at = excluded.last_attempt_at, last_result = 'ok', last_error = NULL,
+                 next_renewal_at = excluded.next_renewal_at, consecutive_failures = 0,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(&cert.domains).unwrap_or_default())
+        .bind(&cert.serial)
+        .bind(cert.not_before)
+        .bind(cert.not_after)
+        .bind(now)
+        .bind(&cert.version)
+        .bind(now)
+        .bind(next_renewal_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt; the installed certificate's columns are untouched.
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        domains: &[String],
+        error: &str,
+        next_attempt_at: Option<i64>,
+    ) -> Result<()> {
+        let now = UnixTime::now().secs();
+        sqlx::query(
+            "INSERT INTO certificates (name, domains, last_attempt_at, last_result, last_error,
+                 next_renewal_at, consecutive_failures, updated_at)
+             VALUES (?, ?, ?, 'error', ?, ?, 1, ?)
+             ON CONFLICT(name) DO UPDATE SET last_attempt_at = excluded.last_attempt_at,
+                 last_result = 'error', last_error = excluded.last_error,
+                 next_renewal_at = COALESCE(excluded.next_renewal_at, next_renewal_at),
+                 consecutive_failures = consecutive_failures + 1, updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(domains).unwrap_or_default())
+        .bind(now)
+        .bind(error)
+        .bind(next_attempt_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that a reload command failed after an otherwise good install.
+    pub async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE certificates SET last_result = 'error', last_error = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(error)
+        .bind(UnixTime::now().secs())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- events ----------------------------------------------------------
+
+    pub async fn event(
+        &self,
+        kind: &str,
+        cert_name: Option<&str>,
+        order_url: Option<&str>,
+        authz_url: Option<&str>,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO events (at, kind, cert_name, order_url, authz_url, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(UnixTime::now().secs())
+        .bind(kind)
+        .bind(cert_name)
+        .bind(order_url)
+        .bind(authz_url)
+        .bind(detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// How many events of `kind` exist (tests and status).
+    pub async fn count_events(&self, kind: &str) -> Result<i64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events WHERE kind = ?")
+            .bind(kind)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+// Keeps the column list of `CertificateRow` in one place for both selects.
+macro_rules! cert_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT name, domains, serial, not_before, not_after, installed_at, version,
+                last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures
+             FROM certificates ",
+            $tail
+        )
+    };
+}
+const CERT_SELECT_ONE: &str = cert_select!("WHERE name = ?");
+const CERT_SELECT_ALL: &str = cert_select!("ORDER BY name");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("certd.db")).await.expect("open");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn order_with_reused_authz_is_recorded_once() {
+        let (_dir, s) = store().await;
+        let acct = s.upsert_account("https://ca/dir", "https://ca/acct/1").await.unwrap();
+        let authz = NewAuthz {
+            url: "https://ca/authz/1".into(),
+            identifier: "a.example".into(),
+            status: "pending".into(),
+            expires_at: None,
+            challenges: vec![("https://ca/chal/1".into(), "http-01".into(), "pending".into())],
+        };
+        let names = vec!["a.example".to_owned()];
+        s.record_order(acct, "www", "https://ca/order/1", &names, "pending", &[authz.clone()])
+            .await
+            .unwrap();
+        // A CA that hands back the same order and authz must not duplicate rows.
+        s.record_order(acct, "www", "https://ca/order/1", &names, "pending", &[authz.clone()])
+            .await
+            .unwrap();
+        s.record_order(acct, "www", "https://ca/order/2", &names, "pending", &[authz])
+            .await
+            .unwrap();
+        let list = s.authz_list(true).await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].order_url.as_deref(), Some("https://ca/order/2"));
+        assert_eq!(s.pending_authz_by_cert().await.unwrap(), vec![("www".to_owned(), 1)]);
+
+        s.set_authz_deactivated("https://ca/authz/1", "driver", "pending").await.unwrap();
+        assert!(s.authz_list(true).await.unwrap().is_empty());
+        assert_eq!(s.integrity_check().await.unwrap(), "ok");
+    }
+
+    #[tokio::test]
+    async fn failures_count_up_and_success_resets() {
+        let (_dir, s) = store().await;
+        let d = vec!["a.example".to_owned()];
+        s.record_failure("www", &d, "boom", None).await.unwrap();
+        s.record_failure("www", &d, "boom again", None).await.unwrap();
+        let row = s.certificate("www").await.unwrap().unwrap();
+        assert_eq!(row.consecutive_failures, 2);
+        assert_eq!(row.last_error.as_deref(), Some("boom again"));
+        let installed = Installed {
+            domains: d.clone(),
+            serial: "01".into(),
+            not_before: 1,
+            not_after: 2,
+            version: "v1".into(),
+        };
+        s.record_installed("www", &installed, 3).await.unwrap();
+        let row = s.certificate("www").await.unwrap().unwrap();
+        assert_eq!((row.consecutive_failures, row.last_result.as_deref()), (0, Some("ok")));
+        assert_eq!(row.domain_list(), d);
+    }
+}
