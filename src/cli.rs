@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::acme::{AcmeAccount, AcmeHttp};
+use crate::acme::{AcmeAccount, AcmeHttp, error_chain};
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
 use crate::driver::{self, Context};
@@ -27,11 +27,33 @@ use crate::scheduler::{self, Due, Reason};
 use crate::solver::Solvers;
 use crate::store::Store;
 
+/// `println!` that ends the process quietly when standard output is a
+/// closed pipe (`certd status | head -1`), as Unix tools do.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_stdout(&format!($($arg)*))
+    };
+}
+
+fn write_stdout(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}")
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
 /// How many orders a one-shot `renew` runs at once.
 const RENEW_CONCURRENCY: usize = 4;
 
 #[derive(Debug, Parser)]
-#[command(name = "certd", version, about = "Certificate renewal daemon for ACME CAs")]
+#[command(
+    name = "certd",
+    version,
+    about = "Certificate renewal daemon for ACME CAs"
+)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, short = 'c', env = "CERTD_CONFIG", default_value = DEFAULT_CONFIG_PATH, global = true)]
@@ -107,7 +129,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("certd: {e:#}");
+            eprintln!("certd: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -115,7 +137,8 @@ pub fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("certd=info,warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("certd=info,warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -148,13 +171,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn check_config(cfg: &Config) -> ExitCode {
-    println!(
+    outln!(
         "{}: OK, {} certificate(s)",
         cfg.path.display(),
         cfg.certificates.len()
     );
     for c in &cfg.certificates {
-        println!("{}", describe(c));
+        outln!("{}", describe(c));
     }
     ExitCode::SUCCESS
 }
@@ -173,9 +196,13 @@ fn describe(c: &CertificateConfig) -> String {
 /// Creates the state and certificate directories with safe modes.
 fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for (dir, mode) in [(&cfg.storage.state_dir, 0o700), (&cfg.storage.cert_dir, 0o755)] {
+    for (dir, mode) in [
+        (&cfg.storage.state_dir, 0o700),
+        (&cfg.storage.cert_dir, 0o755),
+    ] {
         if !dir.exists() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
         }
@@ -202,7 +229,7 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
         match scheduler::due(c, installed.as_ref(), now) {
             Due::Now(reason) => due.push((c.clone(), reason)),
             Due::At(_) if force => due.push((c.clone(), Reason::Forced)),
-            Due::At(at) => println!("{}: valid, not due until {}", c.name, at.rfc3339()),
+            Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
         }
     }
     if due.is_empty() {
@@ -225,7 +252,8 @@ async fn renew_due(
     let cancel = CancellationToken::new();
     let setup = async {
         let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
-        let account = AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
+        let account =
+            AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
         let needs_http = due
             .iter()
             .any(|(c, _)| c.challenges.contains(&ChallengeKind::Http01));
@@ -241,10 +269,12 @@ async fn renew_due(
         Ok(ctx) => ctx,
         Err(e) => {
             // Nothing was ordered; record why for `status` and fail.
-            let msg = format!("{e:#}");
+            let msg = error_chain(e.as_ref());
             for (c, _) in &due {
-                store.record_failure(c.name.as_str(), &c.domain_strings(), &msg, None).await?;
-                println!("{}: failed: {msg}", c.name);
+                store
+                    .record_failure(c.name.as_str(), &c.domain_strings(), &msg, None)
+                    .await?;
+                outln!("{}: failed: {msg}", c.name);
             }
             return Ok(ExitCode::FAILURE);
         }
@@ -280,7 +310,7 @@ async fn renew_due(
         match result {
             Ok(issued) => {
                 let reload_failed = issued.reloads.iter().filter(|r| !r.ok).count();
-                println!(
+                outln!(
                     "{}: issued serial {} valid until {}{}",
                     c.name,
                     issued.info.serial,
@@ -297,11 +327,11 @@ async fn renew_due(
             }
             Err(e) => {
                 failed += 1;
-                let msg = e.to_string();
+                let msg = error_chain(&e);
                 store
                     .record_failure(c.name.as_str(), &c.domain_strings(), &msg, None)
                     .await?;
-                println!("{}: failed: {msg}", c.name);
+                outln!("{}: failed: {msg}", c.name);
             }
         }
     }
@@ -355,10 +385,12 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         let installed = row.and_then(|r| r.not_after).is_some();
         let mut configured = c.domain_strings();
         configured.sort();
-        let domains_changed = row.is_some_and(|r| installed && {
-            let mut d = r.domain_list();
-            d.sort();
-            d != configured
+        let domains_changed = row.is_some_and(|r| {
+            installed && {
+                let mut d = r.domain_list();
+                d.sort();
+                d != configured
+            }
         });
         let next = match row.and_then(|r| r.next_renewal_at) {
             Some(t) if installed && !domains_changed => Some(t),
@@ -381,13 +413,20 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     }
 
     if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = vec![[
-        "NAME", "DOMAINS", "EXPIRES", "LAST ATTEMPT", "NEXT RENEWAL", "PENDING",
-    ]
-    .map(String::from)];
+    let mut table = vec![
+        [
+            "NAME",
+            "DOMAINS",
+            "EXPIRES",
+            "LAST ATTEMPT",
+            "NEXT RENEWAL",
+            "PENDING",
+        ]
+        .map(String::from),
+    ];
     for (r, c) in out.iter().zip(&cfg.certificates) {
         let row = rows.iter().find(|x| x.name == c.name.as_str());
         let expires = match row.and_then(|x| x.not_after) {
@@ -429,13 +468,21 @@ async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Res
         None => Vec::new(),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = vec![[
-        "URL", "IDENTIFIER", "STATUS", "CHALLENGE", "CREATED", "UPDATED", "ORDER",
-    ]
-    .map(String::from)];
+    let mut table = vec![
+        [
+            "URL",
+            "IDENTIFIER",
+            "STATUS",
+            "CHALLENGE",
+            "CREATED",
+            "UPDATED",
+            "ORDER",
+        ]
+        .map(String::from),
+    ];
     for r in rows {
         let t = |v: Option<i64>| v.map(rfc3339).unwrap_or_default();
         table.push([
@@ -469,6 +516,6 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
                 line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
 }

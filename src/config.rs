@@ -182,9 +182,7 @@ impl FromStr for DnsName {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-');
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
             if !valid {
                 return Err(format!(
                     "{s:?} is not a valid domain name (label {label:?}: letters, digits and inner '-' only, 1 to 63 characters)"
@@ -192,7 +190,9 @@ impl FromStr for DnsName {
             }
         }
         if labels.len() == 2 && labels[0] == "*" {
-            return Err(format!("{s:?}: a wildcard needs a parent domain below the TLD"));
+            return Err(format!(
+                "{s:?}: a wildcard needs a parent domain below the TLD"
+            ));
         }
         Ok(Self(name))
     }
@@ -243,7 +243,10 @@ impl FromStr for KeyType {
             .map(|(_, k)| *k)
             .ok_or_else(|| {
                 let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
-                format!("unknown key type {s:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown key type {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -287,7 +290,11 @@ impl fmt::Display for ChallengeKind {
 /// Parses the durations the config file uses: a whole number followed by
 /// `s`, `m`, `h` or `d` ("90s", "15m", "1h", "7d").
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration {s:?}; expected a number and a unit, like \"90s\", \"15m\", \"1h\" or \"7d\"");
+    let err = || {
+        format!(
+            "invalid duration {s:?}; expected a number and a unit, like \"90s\", \"15m\", \"1h\" or \"7d\""
+        )
+    };
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
     let (digits, unit) = s.split_at(split);
@@ -866,8 +873,10 @@ listen = "127.0.0.1:5002"
 
     #[test]
     fn valid_config_resolves_relative_paths_and_defaults() {
-        let cfg = parse(&with_cert(r#"name = "www"
-domains = ["Example.COM", "www.example.com."]"#))
+        let cfg = parse(&with_cert(
+            r#"name = "www"
+domains = ["Example.COM", "www.example.com."]"#,
+        ))
         .expect("valid");
         assert_eq!(cfg.storage.state_dir, Path::new("/etc/certd/state"));
         assert_eq!(cfg.storage.cert_dir, Path::new("/srv/certs"));
@@ -881,13 +890,23 @@ domains = ["Example.COM", "www.example.com."]"#))
     #[test]
     fn unknown_key_names_line_and_key() {
         let text = with_cert("name = \"www\"\ndomains = [\"a.example\"]\nkeytype = \"rsa-2048\"");
-        expect_error(&text, 16, "certificate[0].keytype", "unknown field `keytype`");
+        expect_error(
+            &text,
+            16,
+            "certificate[0].keytype",
+            "unknown field `keytype`",
+        );
     }
 
     #[test]
     fn malformed_domain_names_index() {
         let text = with_cert("name = \"www\"\ndomains = [\"a.example\", \"bad domain.example\"]");
-        expect_error(&text, 15, "certificate[0].domains[1]", "not a valid domain name");
+        expect_error(
+            &text,
+            15,
+            "certificate[0].domains[1]",
+            "not a valid domain name",
+        );
     }
 
     #[test]
@@ -896,7 +915,12 @@ domains = ["Example.COM", "www.example.com."]"#))
             "{}\n[[certificate]]\nname = \"www\"\ndomains = [\"b.example\"]\n",
             with_cert("name = \"www\"\ndomains = [\"a.example\"]")
         );
-        expect_error(&text, 18, "certificate[1].name", "duplicate certificate name");
+        expect_error(
+            &text,
+            18,
+            "certificate[1].name",
+            "duplicate certificate name",
+        );
     }
 
     #[test]
@@ -959,6 +983,10 @@ domains = ["Example.COM", "www.example.com."]"#))
         assert!("-a.example".parse::<DnsName>().is_err());
         assert!("a..example".parse::<DnsName>().is_err());
         assert!("*.com".parse::<DnsName>().is_err());
-        assert!(format!("{}.example", "a".repeat(64)).parse::<DnsName>().is_err());
+        assert!(
+            format!("{}.example", "a".repeat(64))
+                .parse::<DnsName>()
+                .is_err()
+        );
     }
 }

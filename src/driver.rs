@@ -73,7 +73,9 @@ pub enum DriveError {
     },
     #[error("{identifier}: the authorization is {status}, so the order cannot complete")]
     AuthzUnusable { identifier: String, status: String },
-    #[error("{identifier}: the CA offers {offered}; none of the configured challenge types ({wanted})")]
+    #[error(
+        "{identifier}: the CA offers {offered}; none of the configured challenge types ({wanted})"
+    )]
     NoChallenge {
         identifier: String,
         offered: String,
@@ -145,7 +147,14 @@ pub async fn obtain(
     sorted.sort();
     let status = order_status(order.state().status);
     ctx.store
-        .record_order(ctx.account.ledger_id, name, &order_url, &sorted, status, &[])
+        .record_order(
+            ctx.account.ledger_id,
+            name,
+            &order_url,
+            &sorted,
+            status,
+            &[],
+        )
         .await?;
     tracing::info!(cert = name, order = %order_url, "order created");
 
@@ -186,7 +195,13 @@ async fn run_order(
                 tracing::warn!(cert = name, error = %e, "challenge cleanup failed");
                 let _ = ctx
                     .store
-                    .event("cleanup-failed", Some(name), Some(&order_url), Some(&p.authz_url), Some(&e.to_string()))
+                    .event(
+                        "cleanup-failed",
+                        Some(name),
+                        Some(&order_url),
+                        Some(&p.authz_url),
+                        Some(&e.to_string()),
+                    )
                     .await;
             }
         }
@@ -194,7 +209,8 @@ async fn run_order(
     }
 
     let (key, key_pem) = generate_key(cert.key_type).await?;
-    let mut params = CertificateParams::new(domains.to_vec()).map_err(|e| DriveError::Key(e.to_string()))?;
+    let mut params =
+        CertificateParams::new(domains.to_vec()).map_err(|e| DriveError::Key(e.to_string()))?;
     params.distinguished_name = DistinguishedName::new();
     let csr = params
         .serialize_request(&key)
@@ -212,9 +228,10 @@ async fn run_order(
     let info = issuance.info.clone();
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
-    let version = tokio::task::spawn_blocking(move || install::install(&cert_dir, &name_owned, &issuance))
-        .await
-        .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
+    let version =
+        tokio::task::spawn_blocking(move || install::install(&cert_dir, &name_owned, &issuance))
+            .await
+            .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
     let installed = crate::store::Installed {
         domains: domains.to_vec(),
         serial: info.serial.clone(),
@@ -223,24 +240,38 @@ async fn run_order(
         version: version.clone(),
     };
     let next = install::renewal_time(info.not_before, info.not_after);
-    ctx.store.record_installed(name, &installed, next.secs()).await?;
+    ctx.store
+        .record_installed(name, &installed, next.secs())
+        .await?;
     ctx.store
         .set_order_state(&order_url, "valid", "done", None)
         .await?;
     ctx.store
-        .event("installed", Some(name), Some(&order_url), None, Some(&format!("serial {} version {version}", info.serial)))
+        .event(
+            "installed",
+            Some(name),
+            Some(&order_url),
+            None,
+            Some(&format!("serial {} version {version}", info.serial)),
+        )
         .await?;
     tracing::info!(cert = name, order = %order_url, serial = %info.serial, "certificate installed");
 
-    let reloads = install::run_reloads(&cert.reload, cert.reload_timeout, name, &ctx.cert_dir).await;
+    let reloads =
+        install::run_reloads(&cert.reload, cert.reload_timeout, name, &ctx.cert_dir).await;
     for r in &reloads {
         let kind = if r.ok { "reload-ok" } else { "reload-failed" };
         let detail = format!("{}: {}", r.command, r.detail);
-        ctx.store.event(kind, Some(name), Some(&order_url), None, Some(&detail)).await?;
+        ctx.store
+            .event(kind, Some(name), Some(&order_url), None, Some(&detail))
+            .await?;
         if !r.ok {
             tracing::warn!(cert = name, command = %r.command, detail = %r.detail, "reload failed");
             ctx.store
-                .record_reload_failure(name, &format!("installed, but reload `{}` failed: {}", r.command, r.detail))
+                .record_reload_failure(
+                    name,
+                    &format!("installed, but reload `{}` failed: {}", r.command, r.detail),
+                )
                 .await?;
         }
     }
@@ -273,14 +304,26 @@ async fn record_authorizations(
             challenges: a
                 .challenges
                 .iter()
-                .map(|c| (c.url.clone(), challenge_type(&c.r#type), challenge_status(c.status).to_owned()))
+                .map(|c| {
+                    (
+                        c.url.clone(),
+                        challenge_type(&c.r#type),
+                        challenge_status(c.status).to_owned(),
+                    )
+                })
                 .collect(),
         });
     }
-    drop(auths);
     let status = order_status(order.state().status);
     ctx.store
-        .record_order(ctx.account.ledger_id, name, &order_url, domains, status, &records)
+        .record_order(
+            ctx.account.ledger_id,
+            name,
+            &order_url,
+            domains,
+            status,
+            &records,
+        )
         .await?;
     Ok(())
 }
@@ -315,8 +358,17 @@ async fn plan_challenges(
         else {
             return Err(DriveError::NoChallenge {
                 identifier,
-                offered: offered.iter().map(challenge_type).collect::<Vec<_>>().join(", "),
-                wanted: cert.challenges.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+                offered: offered
+                    .iter()
+                    .map(challenge_type)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                wanted: cert
+                    .challenges
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         };
         let solver = ctx.solvers.get(kind)?;
@@ -374,7 +426,6 @@ async fn validate<'p>(
         challenge.set_ready().await.map_err(AcmeError::from)?;
         tracing::debug!(authz = %p.authz_url, kind = %p.kind, "challenge answered");
     }
-    drop(auths);
 
     // Seed 004: do not poll before the CA has looked, when we can tell.
     for p in plan {
@@ -382,7 +433,11 @@ async fn validate<'p>(
     }
 
     let mut waiting: HashSet<&str> = plan.iter().map(|p| p.authz_url.as_str()).collect();
-    let mut poll = Poll::new(Duration::from_millis(20), Duration::from_secs(5), VALIDATION_TIMEOUT);
+    let mut poll = Poll::new(
+        Duration::from_millis(20),
+        Duration::from_secs(5),
+        VALIDATION_TIMEOUT,
+    );
     let mut retry_after = None;
     while !waiting.is_empty() {
         let Some(delay) = poll.next_delay(retry_after) else {
@@ -407,7 +462,10 @@ async fn validate<'p>(
             let identifier = state.identifier().to_string();
             match status {
                 AuthorizationStatus::Pending => {
-                    retry_after = later(retry_after, ctx.account.http.observed(&url).and_then(|o| o.retry_after));
+                    retry_after = later(
+                        retry_after,
+                        ctx.account.http.observed(&url).and_then(|o| o.retry_after),
+                    );
                 }
                 AuthorizationStatus::Valid => {
                     ctx.store.set_authz_status(&url, "valid", None).await?;
@@ -453,9 +511,17 @@ async fn validate<'p>(
 }
 
 /// Polls a finalized order until it is valid, then downloads the chain.
-async fn download(ctx: &Context, order: &mut Order, cancel: &CancellationToken) -> Result<String, DriveError> {
+async fn download(
+    ctx: &Context,
+    order: &mut Order,
+    cancel: &CancellationToken,
+) -> Result<String, DriveError> {
     let url = order.url().to_owned();
-    let mut poll = Poll::new(Duration::from_millis(20), Duration::from_secs(10), ISSUANCE_TIMEOUT);
+    let mut poll = Poll::new(
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+        ISSUANCE_TIMEOUT,
+    );
     loop {
         match order.state().status {
             OrderStatus::Valid => {}
@@ -473,7 +539,11 @@ async fn download(ctx: &Context, order: &mut Order, cancel: &CancellationToken) 
             other => return Err(DriveError::OrderState(order_status(other).to_owned())),
         }
         // Refreshes a processing order, downloads once valid.
-        if let Some(chain) = order.certificate().await.map_err(|e| acme_error(ctx, &url, e))? {
+        if let Some(chain) = order
+            .certificate()
+            .await
+            .map_err(|e| acme_error(ctx, &url, e))?
+        {
             return Ok(chain);
         }
     }
@@ -497,24 +567,57 @@ async fn abandon(ctx: &Context, name: &str, order: &mut Order) {
             Err(e) => {
                 let e = AcmeError::from(e);
                 tracing::warn!(cert = name, authz = %url, error = %e, "cannot fetch authorization to deactivate it");
-                let _ = ctx.store.event("deactivate-failed", Some(name), Some(&order_url), Some(&url), Some(&e.to_string())).await;
+                let _ = ctx
+                    .store
+                    .event(
+                        "deactivate-failed",
+                        Some(name),
+                        Some(&order_url),
+                        Some(&url),
+                        Some(&e.to_string()),
+                    )
+                    .await;
                 continue;
             }
         };
         if fresh != AuthorizationStatus::Pending {
-            let _ = ctx.store.set_authz_status(&url, authz_status(fresh), None).await;
+            let _ = ctx
+                .store
+                .set_authz_status(&url, authz_status(fresh), None)
+                .await;
             continue;
         }
         match a.deactivate().await {
             Ok(_) => {
                 tracing::info!(cert = name, authz = %url, "deactivated pending authorization");
-                let _ = ctx.store.set_authz_deactivated(&url, "driver", "pending").await;
-                let _ = ctx.store.event("deactivated", Some(name), Some(&order_url), Some(&url), Some("driver gave up on the order")).await;
+                let _ = ctx
+                    .store
+                    .set_authz_deactivated(&url, "driver", "pending")
+                    .await;
+                let _ = ctx
+                    .store
+                    .event(
+                        "deactivated",
+                        Some(name),
+                        Some(&order_url),
+                        Some(&url),
+                        Some("driver gave up on the order"),
+                    )
+                    .await;
             }
             Err(e) => {
                 let e = AcmeError::from(e);
                 tracing::warn!(cert = name, authz = %url, error = %e, "deactivation failed");
-                let _ = ctx.store.event("deactivate-failed", Some(name), Some(&order_url), Some(&url), Some(&e.to_string())).await;
+                let _ = ctx
+                    .store
+                    .event(
+                        "deactivate-failed",
+                        Some(name),
+                        Some(&order_url),
+                        Some(&url),
+                        Some(&e.to_string()),
+                    )
+                    .await;
             }
         }
     }
@@ -535,8 +638,12 @@ async fn generate_key(key_type: KeyType) -> Result<(KeyPair, String), DriveError
     // RSA generation takes long enough to block a runtime thread.
     let key = tokio::task::spawn_blocking(move || -> Result<KeyPair, String> {
         match key_type {
-            KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string()),
-            KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| e.to_string()),
+            KeyType::EcdsaP256 => {
+                KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())
+            }
+            KeyType::EcdsaP384 => {
+                KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| e.to_string())
+            }
             KeyType::Rsa2048 => rsa_key(2048),
             KeyType::Rsa3072 => rsa_key(3072),
             KeyType::Rsa4096 => rsa_key(4096),
@@ -557,7 +664,8 @@ fn rsa_key(bits: usize) -> Result<KeyPair, String> {
     let key = rsa::RsaPrivateKey::new(&mut rng, bits).map_err(|e| e.to_string())?;
     let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
     let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
-    KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())
+    KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| e.to_string())
 }
 
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), DriveError> {
@@ -663,14 +771,22 @@ mod tests {
 
     #[test]
     fn poll_backs_off_and_honours_retry_after() {
-        let mut p = Poll::new(Duration::from_millis(20), Duration::from_millis(70), Duration::from_secs(60));
+        let mut p = Poll::new(
+            Duration::from_millis(20),
+            Duration::from_millis(70),
+            Duration::from_secs(60),
+        );
         assert_eq!(p.next_delay(None), Some(Duration::from_millis(20)));
         assert_eq!(p.next_delay(None), Some(Duration::from_millis(40)));
         assert_eq!(p.next_delay(None), Some(Duration::from_millis(70)));
         let ra = SystemTime::now() + Duration::from_secs(3);
         let d = p.next_delay(Some(ra)).expect("before deadline");
         assert!(d > Duration::from_secs(2) && d <= Duration::from_secs(3));
-        let mut expired = Poll::new(Duration::from_millis(1), Duration::from_millis(1), Duration::ZERO);
+        let mut expired = Poll::new(
+            Duration::from_millis(1),
+            Duration::from_millis(1),
+            Duration::ZERO,
+        );
         assert_eq!(expired.next_delay(None), None);
     }
 

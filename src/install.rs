@@ -87,7 +87,14 @@ impl CertInfo {
         dns_names.sort();
         Ok(Self {
             dns_names,
-            serial: cert.raw_serial_as_string().replace(':', ""),
+            // Lower-case hex without leading zero bytes, as CAs and
+            // `openssl x509 -serial` print it.
+            serial: cert
+                .raw_serial()
+                .iter()
+                .skip_while(|b| **b == 0)
+                .map(|b| format!("{b:02x}"))
+                .collect(),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             spki: cert.public_key().raw.to_vec(),
@@ -115,10 +122,13 @@ impl Issuance {
         domains: &[String],
     ) -> Result<Self, InstallError> {
         let bad = |m: String| InstallError::BadChain(m);
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(format!("not PEM: {e}")))?;
-        let leaf = certs.first().ok_or_else(|| bad("no certificate in the response".into()))?;
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(format!("not PEM: {e}")))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| bad("no certificate in the response".into()))?;
         let info = CertInfo::parse(leaf).map_err(bad)?;
         let mut want: Vec<String> = domains.to_vec();
         want.sort();
@@ -370,12 +380,18 @@ mod tests {
 
     fn issuance(names: &[&str]) -> Issuance {
         let key = rcgen::KeyPair::generate().expect("key");
-        let params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("params");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
         let cert = params.self_signed(&key).expect("cert");
         let domains: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        Issuance::new(&cert.pem(), key.serialize_pem(), &key.subject_public_key_info(), &domains)
-            .expect("issuance")
+        Issuance::new(
+            &cert.pem(),
+            key.serialize_pem(),
+            &key.subject_public_key_info(),
+            &domains,
+        )
+        .expect("issuance")
     }
 
     #[test]
@@ -392,9 +408,14 @@ mod tests {
         let now = installed(dir.path(), "www").expect("installed");
         assert_eq!(&now.serial, serials.last().expect("three serials"));
         let base = dir.path().join("www");
-        let mode = fs::metadata(base.join("privkey.pem")).expect("key").permissions().mode();
+        let mode = fs::metadata(base.join("privkey.pem"))
+            .expect("key")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let versions = fs::read_dir(base.join("versions")).expect("versions").count();
+        let versions = fs::read_dir(base.join("versions"))
+            .expect("versions")
+            .count();
         assert_eq!(versions, KEEP_VERSIONS);
     }
 
@@ -407,9 +428,25 @@ mod tests {
             .self_signed(&key)
             .expect("cert");
         let names = ["b.example".to_owned()];
-        assert!(Issuance::new(&cert.pem(), String::new(), &key.subject_public_key_info(), &names).is_err());
+        assert!(
+            Issuance::new(
+                &cert.pem(),
+                String::new(),
+                &key.subject_public_key_info(),
+                &names
+            )
+            .is_err()
+        );
         let names = ["a.example".to_owned()];
-        assert!(Issuance::new(&cert.pem(), String::new(), &other.subject_public_key_info(), &names).is_err());
+        assert!(
+            Issuance::new(
+                &cert.pem(),
+                String::new(),
+                &other.subject_public_key_info(),
+                &names
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -95,7 +95,13 @@ mod tests {
         assert_eq!(due(&c, Some(&i), now), Due::Now(Reason::DomainsChanged));
         let i = info(&["a.example", "b.example"], 0, 900);
         assert_eq!(due(&c, Some(&i), now), Due::At(UnixTime::from_secs(600)));
-        assert_eq!(due(&c, Some(&i), UnixTime::from_secs(600)), Due::Now(Reason::RenewalWindow));
-        assert_eq!(due(&c, Some(&i), UnixTime::from_secs(901)), Due::Now(Reason::Expired));
+        assert_eq!(
+            due(&c, Some(&i), UnixTime::from_secs(600)),
+            Due::Now(Reason::RenewalWindow)
+        );
+        assert_eq!(
+            due(&c, Some(&i), UnixTime::from_secs(901)),
+            Due::Now(Reason::Expired)
+        );
     }
 }

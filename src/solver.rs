@@ -389,7 +389,15 @@ impl Dns01Hook {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr.trim().chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = stderr
+            .trim()
+            .chars()
+            .rev()
+            .take(500)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         Err(err(format!("exited with {}: {tail}", out.status)))
     }
 }

@@ -208,11 +208,13 @@ impl Store {
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query("INSERT OR IGNORE INTO order_authorizations (order_id, authz_id) VALUES (?, ?)")
-                .bind(order_id)
-                .bind(authz_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT OR IGNORE INTO order_authorizations (order_id, authz_id) VALUES (?, ?)",
+            )
+            .bind(order_id)
+            .bind(authz_id)
+            .execute(&mut *tx)
+            .await?;
             for (url, kind, status) in &a.challenges {
                 sqlx::query(
                     "INSERT INTO challenges (url, authz_id, type, status) VALUES (?, ?, ?, ?)
@@ -231,7 +233,12 @@ impl Store {
     }
 
     /// Notes which challenge certd is about to answer for an authorization.
-    pub async fn set_authz_challenge(&self, authz_url: &str, kind: &str, challenge_url: &str) -> Result<()> {
+    pub async fn set_authz_challenge(
+        &self,
+        authz_url: &str,
+        kind: &str,
+        challenge_url: &str,
+    ) -> Result<()> {
         sqlx::query("UPDATE authorizations SET challenge_type = ?, challenge_url = ?, updated_at = ? WHERE url = ?")
             .bind(kind)
             .bind(challenge_url)
@@ -243,7 +250,12 @@ impl Store {
     }
 
     /// Records the CA's latest word on an authorization.
-    pub async fn set_authz_status(&self, authz_url: &str, status: &str, error: Option<&str>) -> Result<()> {
+    pub async fn set_authz_status(
+        &self,
+        authz_url: &str,
+        status: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
         let now = UnixTime::now().secs();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -326,7 +338,11 @@ impl Store {
                       WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
                     a.challenge_type, a.created_at, a.updated_at
              FROM authorizations a {} ORDER BY a.id DESC",
-            if pending_only { "WHERE a.status = 'pending'" } else { "" }
+            if pending_only {
+                "WHERE a.status = 'pending'"
+            } else {
+                ""
+            }
         );
         Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
     }
@@ -353,11 +369,18 @@ impl Store {
     }
 
     pub async fn certificates(&self) -> Result<Vec<CertificateRow>> {
-        Ok(sqlx::query_as(CERT_SELECT_ALL).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_as(CERT_SELECT_ALL)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Records a successful install and resets the failure count.
-    pub async fn record_installed(&self, name: &str, cert: &Installed, next_renewal_at: i64) -> Result<()> {
+    pub async fn record_installed(
+        &self,
+        name: &str,
+        cert: &Installed,
+        next_renewal_at: i64,
+    ) -> Result<()> {
         let now = UnixTime::now().secs();
         sqlx::query(
             "INSERT INTO certificates (name, domains, serial, not_before, not_after, installed_at, version,
@@ -485,38 +508,73 @@ mod tests {
 
     async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("certd.db")).await.expect("open");
+        let store = Store::open(&dir.path().join("certd.db"))
+            .await
+            .expect("open");
         (dir, store)
     }
 
     #[tokio::test]
     async fn order_with_reused_authz_is_recorded_once() {
         let (_dir, s) = store().await;
-        let acct = s.upsert_account("https://ca/dir", "https://ca/acct/1").await.unwrap();
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .unwrap();
         let authz = NewAuthz {
             url: "https://ca/authz/1".into(),
             identifier: "a.example".into(),
             status: "pending".into(),
             expires_at: None,
-            challenges: vec![("https://ca/chal/1".into(), "http-01".into(), "pending".into())],
+            challenges: vec![(
+                "https://ca/chal/1".into(),
+                "http-01".into(),
+                "pending".into(),
+            )],
         };
         let names = vec!["a.example".to_owned()];
-        s.record_order(acct, "www", "https://ca/order/1", &names, "pending", &[authz.clone()])
-            .await
-            .unwrap();
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &names,
+            "pending",
+            std::slice::from_ref(&authz),
+        )
+        .await
+        .unwrap();
         // A CA that hands back the same order and authz must not duplicate rows.
-        s.record_order(acct, "www", "https://ca/order/1", &names, "pending", &[authz.clone()])
-            .await
-            .unwrap();
-        s.record_order(acct, "www", "https://ca/order/2", &names, "pending", &[authz])
-            .await
-            .unwrap();
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &names,
+            "pending",
+            std::slice::from_ref(&authz),
+        )
+        .await
+        .unwrap();
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/2",
+            &names,
+            "pending",
+            &[authz],
+        )
+        .await
+        .unwrap();
         let list = s.authz_list(true).await.unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].order_url.as_deref(), Some("https://ca/order/2"));
-        assert_eq!(s.pending_authz_by_cert().await.unwrap(), vec![("www".to_owned(), 1)]);
+        assert_eq!(
+            s.pending_authz_by_cert().await.unwrap(),
+            vec![("www".to_owned(), 1)]
+        );
 
-        s.set_authz_deactivated("https://ca/authz/1", "driver", "pending").await.unwrap();
+        s.set_authz_deactivated("https://ca/authz/1", "driver", "pending")
+            .await
+            .unwrap();
         assert!(s.authz_list(true).await.unwrap().is_empty());
         assert_eq!(s.integrity_check().await.unwrap(), "ok");
     }
@@ -526,7 +584,9 @@ mod tests {
         let (_dir, s) = store().await;
         let d = vec!["a.example".to_owned()];
         s.record_failure("www", &d, "boom", None).await.unwrap();
-        s.record_failure("www", &d, "boom again", None).await.unwrap();
+        s.record_failure("www", &d, "boom again", None)
+            .await
+            .unwrap();
         let row = s.certificate("www").await.unwrap().unwrap();
         assert_eq!(row.consecutive_failures, 2);
         assert_eq!(row.last_error.as_deref(), Some("boom again"));
@@ -539,7 +599,10 @@ mod tests {
         };
         s.record_installed("www", &installed, 3).await.unwrap();
         let row = s.certificate("www").await.unwrap().unwrap();
-        assert_eq!((row.consecutive_failures, row.last_result.as_deref()), (0, Some("ok")));
+        assert_eq!(
+            (row.consecutive_failures, row.last_result.as_deref()),
+            (0, Some("ok"))
+        );
         assert_eq!(row.domain_list(), d);
     }
 }

@@ -36,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::AcmeConfig;
 use crate::store::Store;
 
+pub mod raw;
+
 const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
 
 /// Pooled nonces older than this are dropped: CAs expire them, and a
@@ -53,7 +55,7 @@ pub enum SetupError {
     Client(#[from] reqwest::Error),
     #[error("account credentials {path}: {detail}")]
     Credentials { path: PathBuf, detail: String },
-    #[error("ACME account: {0}")]
+    #[error("ACME account")]
     Acme(#[from] AcmeError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -70,6 +72,8 @@ struct HttpInner {
     nonces: Mutex<VecDeque<(String, Instant)>>,
     observations: Mutex<HashMap<String, Observation>>,
     stats: Mutex<Stats>,
+    /// The directory's newNonce URL, once a directory has been seen.
+    new_nonce: Mutex<Option<String>>,
 }
 
 /// What the last response from one URL said beyond its body.
@@ -140,6 +144,7 @@ impl AcmeHttp {
                 nonces: Mutex::new(VecDeque::new()),
                 observations: Mutex::new(HashMap::new()),
                 stats: Mutex::new(Stats::default()),
+                new_nonce: Mutex::new(None),
             }),
         })
     }
@@ -152,6 +157,11 @@ impl AcmeHttp {
     /// What the last response from `url` said in its headers.
     pub fn observed(&self, url: &str) -> Option<Observation> {
         lock(&self.inner.observations).get(url).cloned()
+    }
+
+    /// The CA's newNonce URL, known once instant-acme fetched the directory.
+    pub fn new_nonce_url(&self) -> Option<String> {
+        lock(&self.inner.new_nonce).clone()
     }
 
     /// Requests sent so far, per (endpoint, outcome).
@@ -231,7 +241,10 @@ impl HttpInner {
         if let Some(h) = builder.headers_mut() {
             *h = headers;
         }
-        let (parts, ()) = builder.body(()).map_err(instant_acme::Error::Http)?.into_parts();
+        let (parts, ()) = builder
+            .body(())
+            .map_err(instant_acme::Error::Http)?
+            .into_parts();
         Ok(BytesResponse {
             parts,
             body: Box::new(bytes),
@@ -277,26 +290,38 @@ impl HttpInner {
         let mut expires = None;
         if is_json {
             if let Ok(shape) = serde_json::from_slice::<ObjectShape>(body) {
-                expires = shape.expires.as_deref().and_then(crate::clock::parse_rfc3339);
+                expires = shape
+                    .expires
+                    .as_deref()
+                    .and_then(crate::clock::parse_rfc3339);
                 self.learn_roles(&shape);
             }
         }
+        let observation = Observation {
+            status: status.as_u16(),
+            retry_after,
+            link_up,
+            expires,
+        };
         let mut map = lock(&self.observations);
         if map.len() >= OBSERVATIONS_MAX {
             map.clear();
         }
-        map.insert(
-            url.to_owned(),
-            Observation {
-                status: status.as_u16(),
-                retry_after,
-                link_up,
-                expires,
-            },
-        );
+        // A created object (newOrder's answer) is filed under its own URL
+        // too, so its `expires` can be looked up by the order URL.
+        if let Some(location) = headers
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            map.insert(location.to_owned(), observation.clone());
+        }
+        map.insert(url.to_owned(), observation);
     }
 
     fn learn_roles(&self, shape: &ObjectShape) {
+        if let Some(url) = &shape.new_nonce {
+            *lock(&self.new_nonce) = Some(url.clone());
+        }
         let mut stats = lock(&self.stats);
         let roles = &mut stats.roles;
         if roles.len() >= OBSERVATIONS_MAX {
@@ -325,7 +350,11 @@ impl HttpInner {
 
     fn endpoint(&self, method: &Method, url: &str) -> &'static str {
         if *method == Method::GET {
-            return if url.contains("renewal") { "renewalInfo" } else { "directory" };
+            return if url.contains("renewal") {
+                "renewalInfo"
+            } else {
+                "directory"
+            };
         }
         if *method == Method::HEAD {
             return "newNonce";
@@ -656,7 +685,9 @@ impl AcmeError {
         let disposition = match problem.short_type() {
             "rateLimited" => Disposition::RateLimited { until: retry_after },
             "badNonce" | "serverInternal" => Disposition::Retryable,
-            _ if p.status.is_some_and(|s| s == 429) => Disposition::RateLimited { until: retry_after },
+            _ if p.status.is_some_and(|s| s == 429) => {
+                Disposition::RateLimited { until: retry_after }
+            }
             _ if p.status.is_some_and(|s| s >= 500) => match retry_after {
                 Some(_) => Disposition::RateLimited { until: retry_after },
                 None => Disposition::Retryable,
@@ -705,13 +736,17 @@ mod tests {
     #[test]
     fn link_up_is_found() {
         let h = r#"<https://ca/dir>;rel="index", <https://ca/authz/7>;rel="up""#;
-        assert_eq!(link_with_rel(h, "up").as_deref(), Some("https://ca/authz/7"));
+        assert_eq!(
+            link_with_rel(h, "up").as_deref(),
+            Some("https://ca/authz/7")
+        );
         assert_eq!(link_with_rel(h, "next"), None);
     }
 
     #[test]
     fn jws_nonce_is_read_from_protected_header() {
-        let protected = BASE64_URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","nonce":"abc","url":"u"}"#);
+        let protected =
+            BASE64_URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","nonce":"abc","url":"u"}"#);
         let body = format!(r#"{{"protected":"{protected}","payload":"","signature":"x"}}"#);
         assert_eq!(jws_nonce(body.as_bytes()).as_deref(), Some("abc"));
         assert_eq!(jws_nonce(b"not json"), None);

@@ -1,0 +1,258 @@
+//! Signed requests certd makes itself, for what instant-acme only offers
+//! through an order it holds in memory: fetching an authorization or a
+//! challenge by URL (POST-as-GET) and deactivating an authorization by URL.
+//! The reaper and `certd authz deactivate` start from URLs in the ledger,
+//! often long after the order object is gone.
+//!
+//! The JWS is the RFC 8555 §6.2 flattened form with the account URL as
+//! `kid`, ES256 over the account's P-256 key (the key type instant-acme
+//! creates), signed with ring like everything else in certd.
+
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::prelude::BASE64_URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, Method, Request, StatusCode};
+use instant_acme::{BodyWrapper, HttpClient};
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+use serde::Deserialize;
+
+use super::{AcmeError, AcmeHttp, Disposition, ProblemRecord, USER_AGENT};
+
+/// The account key, able to sign requests by itself.
+pub struct RawSigner {
+    key: EcdsaKeyPair,
+    kid: String,
+    rng: SystemRandom,
+}
+
+impl RawSigner {
+    pub fn new(pkcs8: &[u8], account_url: &str) -> Result<Self, String> {
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
+            .map_err(|e| format!("the account key is not a P-256 PKCS#8 key: {e}"))?;
+        Ok(Self {
+            key,
+            kid: account_url.to_owned(),
+            rng,
+        })
+    }
+
+    fn jws(
+        &self,
+        url: &str,
+        nonce: &str,
+        payload: Option<&serde_json::Value>,
+    ) -> Result<Vec<u8>, AcmeError> {
+        let protected = serde_json::json!({
+            "alg": "ES256",
+            "kid": self.kid,
+            "nonce": nonce,
+            "url": url,
+        });
+        let protected = BASE64_URL_SAFE_NO_PAD.encode(protected.to_string());
+        let payload = match payload {
+            Some(p) => BASE64_URL_SAFE_NO_PAD.encode(p.to_string()),
+            None => String::new(),
+        };
+        let signature = self
+            .key
+            .sign(&self.rng, format!("{protected}.{payload}").as_bytes())
+            .map_err(|_| AcmeError::Protocol("signing failed".into()))?;
+        let body = serde_json::json!({
+            "protected": protected,
+            "payload": payload,
+            "signature": BASE64_URL_SAFE_NO_PAD.encode(signature.as_ref()),
+        });
+        Ok(body.to_string().into_bytes())
+    }
+}
+
+/// A response to a request certd signed itself.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An authorization object, as much of it as certd reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthzObject {
+    pub status: String,
+    pub identifier: IdentifierObject,
+    #[serde(default)]
+    pub wildcard: bool,
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub challenges: Vec<ChallengeObject>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdentifierObject {
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChallengeObject {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: String,
+    pub status: String,
+}
+
+impl AuthzObject {
+    /// The identifier as certd records it (`*.` for a wildcard).
+    pub fn identifier(&self) -> String {
+        if self.wildcard {
+            format!("*.{}", self.identifier.value)
+        } else {
+            self.identifier.value.clone()
+        }
+    }
+}
+
+/// Tries a request again with a fresh nonce when the CA rejects the nonce
+/// (RFC 8555 §6.5: it sends a new one with the error).
+const BAD_NONCE_RETRIES: usize = 3;
+
+impl AcmeHttp {
+    /// POSTs a JWS signed by `signer` to `url`; `None` payload is a
+    /// POST-as-GET. Non-2xx answers become classified `AcmeError`s.
+    pub async fn signed_post(
+        &self,
+        signer: &RawSigner,
+        url: &str,
+        payload: Option<&serde_json::Value>,
+    ) -> Result<RawResponse, AcmeError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let nonce = self.fresh_nonce().await?;
+            let body = signer.jws(url, &nonce, payload)?;
+            let rsp = self.raw(Method::POST, url, Some(body)).await?;
+            if rsp.status.is_success() {
+                return Ok(rsp);
+            }
+            let problem: ProblemRecord =
+                serde_json::from_slice(&rsp.body).unwrap_or(ProblemRecord {
+                    kind: None,
+                    detail: Some(format!(
+                        "HTTP {} with a body that is not a problem document",
+                        rsp.status
+                    )),
+                    status: Some(rsp.status.as_u16()),
+                    subproblems: Vec::new(),
+                });
+            if problem.short_type() == "badNonce" && attempt < BAD_NONCE_RETRIES {
+                continue;
+            }
+            let retry_after = self.observed(url).and_then(|o| o.retry_after);
+            return Err(problem_error(problem, rsp.status, retry_after));
+        }
+    }
+
+    /// A nonce from the pool, else from `newNonce`.
+    async fn fresh_nonce(&self) -> Result<String, AcmeError> {
+        if let Some(n) = self.inner.take_nonce() {
+            return Ok(n);
+        }
+        let url = self
+            .new_nonce_url()
+            .ok_or_else(|| AcmeError::Protocol("the directory has no newNonce URL".into()))?;
+        let rsp = self.raw(Method::HEAD, &url, None).await?;
+        rsp.headers
+            .get("replay-nonce")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| AcmeError::Protocol("newNonce answered without a Replay-Nonce".into()))
+            // The nonce was also pooled on the way in; spend it here.
+            .inspect(|n| self.inner.forget_nonce(n))
+    }
+
+    /// One request through the shared client (nonce harvesting, counting).
+    async fn raw(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<RawResponse, AcmeError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(http::header::USER_AGENT, USER_AGENT);
+        if body.is_some() {
+            req = req.header(CONTENT_TYPE, "application/jose+json");
+        }
+        let req = req
+            .body(BodyWrapper::from(body.unwrap_or_default()))
+            .map_err(|e| AcmeError::Protocol(format!("bad URL {url}: {e}")))?;
+        let rsp = self.request(req).await.map_err(AcmeError::from)?;
+        let status = rsp.parts.status;
+        let headers = rsp.parts.headers.clone();
+        let mut body = rsp.body;
+        let body = body
+            .into_bytes()
+            .await
+            .map_err(|e| AcmeError::Transport(e.to_string()))?;
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn problem_error(
+    problem: ProblemRecord,
+    status: StatusCode,
+    retry_after: Option<SystemTime>,
+) -> AcmeError {
+    let disposition = match (problem.short_type(), status.as_u16()) {
+        ("rateLimited", _) | (_, 429) => Disposition::RateLimited { until: retry_after },
+        ("badNonce" | "serverInternal", _) => Disposition::Retryable,
+        (_, s) if s >= 500 => Disposition::Retryable,
+        _ => Disposition::Final,
+    };
+    AcmeError::Problem {
+        problem,
+        disposition,
+    }
+}
+
+/// Fetches an authorization by URL.
+pub async fn fetch_authz(
+    http: &AcmeHttp,
+    signer: &RawSigner,
+    url: &str,
+) -> Result<AuthzObject, AcmeError> {
+    let rsp = http.signed_post(signer, url, None).await?;
+    serde_json::from_slice(&rsp.body)
+        .map_err(|e| AcmeError::Protocol(format!("{url} is not an authorization: {e}")))
+}
+
+/// Deactivates an authorization by URL; returns the CA's new view of it.
+pub async fn deactivate_authz(
+    http: &AcmeHttp,
+    signer: &RawSigner,
+    url: &str,
+) -> Result<AuthzObject, AcmeError> {
+    let payload = serde_json::json!({ "status": "deactivated" });
+    let rsp = http.signed_post(signer, url, Some(&payload)).await?;
+    serde_json::from_slice(&rsp.body)
+        .map_err(|e| AcmeError::Protocol(format!("{url}: unexpected answer: {e}")))
+}
+
+/// Resolves a challenge URL to its authorization URL through the CA's
+/// `Link: rel="up"` header, where the CA sends one (seed 000).
+pub async fn challenge_parent(
+    http: &AcmeHttp,
+    signer: &RawSigner,
+    url: &str,
+) -> Result<Option<String>, AcmeError> {
+    http.signed_post(signer, url, None).await?;
+    Ok(http.observed(url).and_then(|o| o.link_up))
+}

@@ -1,0 +1,156 @@
+//! Configuration errors: every one names the file, the line and the key,
+//! and exits with status 2 before anything is touched.
+
+use std::fs;
+
+use crate::util::TestCommand;
+
+const BASE: &str = r#"[acme]
+directory = "https://127.0.0.1:14000/dir"
+
+[storage]
+state_dir = "state"
+cert_dir = "certs"
+
+[http01]
+listen = "127.0.0.1:5002"
+
+[[certificate]]
+name = "www"
+domains = ["example.test"]
+"#;
+
+/// Runs `certd check-config` on `text`; returns (exit code, stderr, path).
+fn check(text: &str) -> (Option<i32>, String, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("certd.toml");
+    fs::write(&path, text).expect("write config");
+    let out = TestCommand::new(&path).arg("check-config").output();
+    (out.code(), out.stderr, path.display().to_string(), dir)
+}
+
+fn assert_error(text: &str, line: usize, key: &str, needle: &str) {
+    let (code, stderr, path, dir) = check(text);
+    assert_eq!(code, Some(2), "{stderr}");
+    let located = format!("{path}:{line}:");
+    assert!(stderr.contains(&located), "expected {located} in {stderr}");
+    assert!(
+        stderr.contains(&format!(" {key}: ")),
+        "expected key {key} in {stderr}"
+    );
+    assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+    // A rejected config creates nothing.
+    assert!(!dir.path().join("state").exists());
+}
+
+#[test]
+fn valid_config_is_summarized() {
+    let (code, stderr, _, _dir) = check(BASE);
+    assert_eq!(code, Some(0), "{stderr}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    fs::write(&path, BASE).expect("write");
+    let out = TestCommand::new(&path).arg("check-config").output();
+    out.assert_success();
+    assert!(
+        out.stdout.contains("OK, 1 certificate(s)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("www: example.test (ecdsa-p256, http-01)"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    assert_error(
+        &format!("{BASE}keytype = \"rsa-2048\"\n"),
+        14,
+        "certificate[0].keytype",
+        "unknown field `keytype`",
+    );
+    assert_error(
+        &BASE.replace("\"example.test\"", "\"exa mple.test\""),
+        13,
+        "certificate[0].domains[0]",
+        "not a valid domain name",
+    );
+    assert_error(
+        &BASE.replace("\"example.test\"", ""),
+        13,
+        "certificate[0].domains",
+        "at least one domain",
+    );
+    assert_error(
+        &format!("{BASE}\n[[certificate]]\nname = \"www\"\ndomains = [\"b.test\"]\n"),
+        16,
+        "certificate[1].name",
+        "duplicate certificate name",
+    );
+    assert_error(
+        &BASE.replace("https://127.0.0.1:14000/dir", "not a url"),
+        2,
+        "acme.directory",
+        "not a URL",
+    );
+    assert_error(
+        &BASE.replace("[acme]\n", "[acme]\nca_bundle = \"/nonexistent/ca.pem\"\n"),
+        2,
+        "acme.ca_bundle",
+        "cannot read",
+    );
+    assert_error(
+        &format!("{BASE}key_type = 5\n"),
+        14,
+        "certificate[0].key_type",
+        "invalid type",
+    );
+    assert_error(
+        &BASE.replace("listen = \"127.0.0.1:5002\"", "listen = \"localhost\""),
+        9,
+        "http01.listen",
+        "socket address",
+    );
+}
+
+#[test]
+fn unreadable_file_and_unknown_names_are_usage_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.toml");
+    let out = TestCommand::new(&missing).arg("check-config").output();
+    assert_eq!(out.code(), Some(2));
+    assert!(
+        out.stderr.contains("missing.toml") && out.stderr.contains("cannot read"),
+        "{}",
+        out.stderr
+    );
+
+    let path = dir.path().join("c.toml");
+    fs::write(&path, BASE).expect("write");
+    let out = TestCommand::new(&path).args(["renew", "nope"]).output();
+    assert_eq!(out.code(), Some(2));
+    assert!(
+        out.stderr.contains("no certificate named \"nope\""),
+        "{}",
+        out.stderr
+    );
+    let out = TestCommand::new(&path).args(["renew", "--bogus"]).output();
+    assert_eq!(out.code(), Some(2), "clap usage errors exit 2");
+}
+
+#[test]
+fn example_config_is_valid() {
+    // config.example.toml documents every key; parsing it keeps it honest.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let out = TestCommand::new(&path).arg("check-config").output();
+    out.assert_success();
+    assert!(
+        out.stdout.contains("www: example.com, www.example.com"),
+        "{}",
+        out.stdout
+    );
+}

@@ -1,0 +1,294 @@
+//! End-to-end issuance against a real Pebble: certificates are parsed, the
+//! ledger is read, and the CA is asked what became of every authorization.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use serde_json::Value;
+
+use crate::util::{
+    TestEnv, ca_authz_statuses, free_port, ledger_authz, ledger_authz_urls, parse_leaf,
+    private_key_spki, read_pem_certs,
+};
+
+/// Checks what `certd` installed for `name`: the names, the key/certificate
+/// pair, the chain, the modes. Returns the serial.
+fn assert_installed(env: &TestEnv, name: &str, domains: &[&str]) -> String {
+    let dir = env.cert_dir().join(name);
+    let leaf = read_pem_certs(dir.join("cert.pem"));
+    assert_eq!(leaf.len(), 1, "cert.pem holds exactly the leaf");
+    let (names, serial, _not_after, spki) = parse_leaf(&leaf[0]);
+    let mut want: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+    want.sort();
+    assert_eq!(names, want, "{name}: certificate names");
+    assert_eq!(
+        spki,
+        private_key_spki(dir.join("privkey.pem")),
+        "{name}: key matches certificate"
+    );
+
+    let chain = read_pem_certs(dir.join("chain.pem"));
+    assert!(!chain.is_empty(), "{name}: chain.pem has the intermediate");
+    let (_, leaf_cert) = x509_parser::parse_x509_certificate(&leaf[0]).expect("leaf");
+    let (_, issuer) = x509_parser::parse_x509_certificate(&chain[0]).expect("issuer");
+    assert_eq!(
+        leaf_cert.issuer(),
+        issuer.subject(),
+        "{name}: chain starts with the issuer"
+    );
+    let full = read_pem_certs(dir.join("fullchain.pem"));
+    assert_eq!(
+        full,
+        [leaf.clone(), chain].concat(),
+        "{name}: fullchain = cert + chain"
+    );
+
+    let mode = fs::metadata(dir.join("privkey.pem"))
+        .expect("privkey")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{name}: privkey.pem is 0600");
+    serial
+}
+
+fn status_json(env: &TestEnv) -> Vec<Value> {
+    let out = env.certd(&["status", "--json"]);
+    out.assert_success();
+    serde_json::from_str(&out.stdout).expect("status JSON")
+}
+
+/// Counts Pebble's request log lines: one per ACME request it handled.
+fn ca_requests(env: &TestEnv) -> usize {
+    env.pebble.pebble_log().matches("calling handler").count()
+}
+
+#[test]
+fn one_and_three_names_are_issued_installed_and_not_renewed_twice() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[[certificate]]
+name = "single"
+domains = ["single.example.test"]
+reload = ["touch \"$CERTD_CERT_DIR/reloaded\""]
+
+[[certificate]]
+name = "multi"
+domains = ["a.example.test", "b.example.test", "c.example.test"]
+key_type = "ecdsa-p384"
+"#,
+    );
+    let out = env.certd(&["renew"]);
+    out.assert_success();
+
+    let single = assert_installed(&env, "single", &["single.example.test"]);
+    let multi = assert_installed(
+        &env,
+        "multi",
+        &["a.example.test", "b.example.test", "c.example.test"],
+    );
+    assert!(
+        env.cert_dir().join("single/reloaded").exists(),
+        "reload command ran"
+    );
+
+    // status --json: exactly the documented keys, with the installed facts.
+    let status = status_json(&env);
+    assert_eq!(status.len(), 2);
+    let keys = [
+        "domains",
+        "last_attempt_at",
+        "last_error",
+        "last_result",
+        "name",
+        "next_renewal_at",
+        "not_after",
+        "pending_authz",
+        "serial",
+    ];
+    for row in &status {
+        let mut got: Vec<&str> = row
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        got.sort();
+        assert_eq!(got, keys);
+        assert_eq!(row["last_result"], "ok");
+        assert_eq!(row["last_error"], Value::Null);
+        assert_eq!(row["pending_authz"], 0);
+        assert!(row["not_after"].is_string() && row["next_renewal_at"].is_string());
+    }
+    let by_name = |n: &str| status.iter().find(|r| r["name"] == n).expect("row");
+    assert_eq!(by_name("single")["serial"], single.as_str());
+    assert_eq!(by_name("multi")["serial"], multi.as_str());
+    assert_eq!(
+        by_name("multi")["domains"],
+        serde_json::json!(["a.example.test", "b.example.test", "c.example.test"])
+    );
+
+    // Every authorization in the ledger is final, and the CA agrees.
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 4, "one authorization per name: {authz:#?}");
+    for a in &authz {
+        assert_eq!(a["status"], "valid", "{a}");
+        assert_eq!(a["challenge_type"], "http-01");
+    }
+    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
+    assert_eq!(at_ca.len(), 4);
+    assert!(at_ca.values().all(|s| s == "valid"), "{at_ca:?}");
+
+    // Nothing is due: a second run makes no ACME request at all.
+    let before = ca_requests(&env);
+    let again = env.certd(&["renew"]);
+    again.assert_success();
+    assert!(again.stdout.contains("not due until"), "{}", again.stdout);
+    assert_eq!(ca_requests(&env), before, "second renew talked to the CA");
+
+    // --force renews one named certificate, and only that one.
+    env.certd(&["renew", "--force", "single"]).assert_success();
+    let renewed = assert_installed(&env, "single", &["single.example.test"]);
+    assert_ne!(renewed, single, "a new serial after --force");
+    assert_eq!(
+        assert_installed(
+            &env,
+            "multi",
+            &["a.example.test", "b.example.test", "c.example.test"]
+        ),
+        multi
+    );
+}
+
+#[test]
+fn dns01_through_a_hook_script() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[[certificate]]
+name = "dns"
+domains = ["dns.example.test", "www.dns.example.test"]
+challenges = ["dns-01"]
+key_type = "rsa-2048"
+"#,
+    );
+    env.certd(&["renew"]).assert_success();
+    assert_installed(&env, "dns", &["dns.example.test", "www.dns.example.test"]);
+
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 2);
+    assert!(
+        authz
+            .iter()
+            .all(|a| a["challenge_type"] == "dns-01" && a["status"] == "valid"),
+        "{authz:#?}"
+    );
+    let log = env.dns_hook_log();
+    for record in [
+        "_acme-challenge.dns.example.test",
+        "_acme-challenge.www.dns.example.test",
+    ] {
+        assert!(log.contains(&format!("present {record} ")), "{log}");
+        assert!(log.contains(&format!("cleanup {record} ")), "{log}");
+    }
+}
+
+#[test]
+fn failed_http01_validation_leaves_nothing_pending() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[[certificate]]
+name = "broken"
+domains = ["x.example.test", "y.example.test"]
+"#,
+    );
+    // certd's responder listens elsewhere, so the CA's validation request to
+    // its http-01 port finds nothing listening.
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    let port = env.pebble.http01_port();
+    let config = config.replace(
+        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    env.write_raw_config(&config);
+
+    let out = env.certd(&["renew"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stdout.contains("broken: failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("validation failed"), "{}", out.stdout);
+    assert!(!env.cert_dir().join("broken/cert.pem").exists());
+
+    let status = status_json(&env);
+    assert_eq!(status[0]["last_result"], "error");
+    assert!(
+        status[0]["last_error"]
+            .as_str()
+            .expect("error text")
+            .contains("connection"),
+        "{status:?}"
+    );
+    assert_eq!(status[0]["pending_authz"], 0);
+
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 2);
+    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
+    assert_eq!(at_ca.len(), 2);
+    assert!(
+        at_ca.values().all(|s| s != "pending"),
+        "left pending at the CA: {at_ca:?}"
+    );
+    for a in &authz {
+        assert_eq!(
+            Some(a["status"].as_str().expect("status")),
+            at_ca
+                .get(a["url"].as_str().expect("url"))
+                .map(String::as_str)
+        );
+    }
+}
+
+#[test]
+fn failed_presentation_deactivates_the_pending_authorizations() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[[certificate]]
+name = "nodns"
+domains = ["p.example.test", "q.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    // A hook that cannot reach its DNS provider: no challenge is ever
+    // answered, so both authorizations would stay pending at the CA.
+    fs::write(
+        env.dns_hook_path(),
+        "#!/bin/sh\necho 'provider API unreachable' >&2\nexit 1\n",
+    )
+    .expect("hook");
+
+    let out = env.certd(&["renew"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stdout.contains("provider API unreachable"),
+        "{}",
+        out.stdout
+    );
+
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 2, "{authz:#?}");
+    assert!(
+        authz.iter().all(|a| a["status"] == "deactivated"),
+        "{authz:#?}"
+    );
+    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
+    assert_eq!(at_ca.len(), 2);
+    assert!(at_ca.values().all(|s| s == "deactivated"), "{at_ca:?}");
+    assert!(
+        env.certd(&["authz", "list", "--pending"])
+            .stdout
+            .lines()
+            .count()
+            <= 1
+    );
+}

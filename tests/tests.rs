@@ -1,0 +1,12 @@
+//! The crate's single integration-test binary.
+//!
+//! Following ripgrep's layout, every integration test lives in a module of
+//! this one binary: the crate is linked once, and the shared harness in
+//! `util` is compiled once. Add a new area of tests as another `mod` line
+//! (e.g. `mod config;`, `mod issuance;`) next to a file of the same name.
+
+mod util;
+
+mod config;
+mod harness;
+mod issuance;

@@ -1,0 +1,68 @@
+//! Asking the CA itself what became of the authorizations certd created.
+//!
+//! Pebble answers authorizations only to signed POST-as-GET requests from
+//! the owning account, so this loads certd's account credentials and signs
+//! one request per authorization URL. The oracle is the CA's JSON answer;
+//! the signing is certd's small JWS helper (a wrong signature would make
+//! Pebble refuse, not lie). Orders are not fetched: Pebble reports an order
+//! whose authorizations were deactivated as "deactivated", a status RFC 8555
+//! does not define and instant-acme refuses to parse.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::prelude::BASE64_URL_SAFE_NO_PAD;
+use certd::acme::AcmeHttp;
+use certd::acme::raw::{RawSigner, fetch_authz};
+use instant_acme::{Account, AccountCredentials};
+
+use super::TestEnv;
+
+/// Authorization URL → status at the CA ("pending", "valid", …).
+pub fn ca_authz_statuses(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let http = AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("HTTP client");
+        let path = certd::acme::credentials_path(&env.state_dir(), &env.pebble.directory_url());
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()));
+        let creds: AccountCredentials = serde_json::from_slice(&bytes).expect("credentials JSON");
+        // Loading the account fetches the directory, which teaches the
+        // client the CA's newNonce URL.
+        let account = Account::builder_with_http(Box::new(http.clone()))
+            .from_credentials(creds)
+            .await
+            .expect("load account");
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("credentials JSON");
+        let key = BASE64_URL_SAFE_NO_PAD
+            .decode(json["key_pkcs8"].as_str().expect("key_pkcs8"))
+            .expect("base64 key");
+        let signer = RawSigner::new(&key, account.id()).expect("account key");
+        let mut out = BTreeMap::new();
+        for url in authz_urls {
+            let authz = fetch_authz(&http, &signer, url)
+                .await
+                .unwrap_or_else(|e| panic!("fetch authorization {url}: {e}"));
+            out.insert(url.clone(), authz.status);
+        }
+        out
+    })
+}
+
+/// The ledger's authorizations (`certd authz list --json`).
+pub fn ledger_authz(env: &TestEnv) -> Vec<serde_json::Value> {
+    let out = env.certd(&["authz", "list", "--json"]);
+    out.assert_success();
+    serde_json::from_str(&out.stdout).expect("authz list JSON")
+}
+
+/// The URLs of the ledger's authorizations.
+pub fn ledger_authz_urls(authz: &[serde_json::Value]) -> Vec<String> {
+    authz
+        .iter()
+        .filter_map(|a| a["url"].as_str().map(str::to_owned))
+        .collect()
+}

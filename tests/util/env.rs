@@ -1,0 +1,172 @@
+//! A scratch environment for one certd test: a Pebble of its own, a temporary
+//! directory for certd's config, state and certificates, and the dns-01 hook
+//! script that publishes TXT records through Pebble's DNS server.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+
+use super::{CmdOutput, Pebble, PebbleOpts, TestCommand};
+
+/// A Pebble plus a temporary directory laid out for certd.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub pebble: Pebble,
+    dir: TempDir,
+}
+
+impl TestEnv {
+    /// A fresh environment with a default Pebble. No config is written yet:
+    /// call `write_config` (or `write_raw_config`).
+    pub fn new() -> TestEnv {
+        TestEnv::with_pebble_opts(PebbleOpts::default())
+    }
+
+    pub fn with_pebble_opts(opts: PebbleOpts) -> TestEnv {
+        let pebble = Pebble::with_opts(opts);
+        let dir = tempfile::Builder::new()
+            .prefix("certd-test-")
+            .tempdir()
+            .expect("create certd temp dir");
+        TestEnv { pebble, dir }
+    }
+
+    /// The temporary directory everything below lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("certd.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn cert_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    pub fn dns_hook_path(&self) -> PathBuf {
+        self.dir.path().join("dns-hook.sh")
+    }
+
+    /// One line per hook run: `present <record> <value>` or
+    /// `cleanup <record> <value>`, so tests can check that every published
+    /// record was cleaned up.
+    pub fn dns_hook_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("dns-hook.log")).unwrap_or_default()
+    }
+
+    /// Writes a complete certd config pointing at this environment's Pebble,
+    /// with `certificates_toml` (typically `[[certificate]]` tables) appended
+    /// verbatim, and writes the dns-01 hook script it names.
+    pub fn write_config(&self, certificates_toml: &str) {
+        let config = format!(
+            r#"[acme]
+directory = {directory}
+contact = ["mailto:test@example.com"]
+ca_bundle = {ca_bundle}
+
+[storage]
+state_dir = {state_dir}
+cert_dir = {cert_dir}
+
+[http01]
+listen = "127.0.0.1:{http01_port}"
+
+[dns01]
+hook = {hook}
+
+{certificates_toml}"#,
+            directory = toml_str(&self.pebble.directory_url()),
+            ca_bundle = toml_path(&self.pebble.ca_bundle()),
+            state_dir = toml_path(&self.state_dir()),
+            cert_dir = toml_path(&self.cert_dir()),
+            http01_port = self.pebble.http01_port(),
+            hook = toml_path(&self.dns_hook_path()),
+        );
+        self.write_raw_config(&config);
+        self.write_dns_hook();
+    }
+
+    /// Writes `text` as the config file as is, for tests of config errors.
+    pub fn write_raw_config(&self, text: &str) {
+        let path = self.config_path();
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// A `certd --config <config_path()>` command to add arguments to.
+    pub fn command(&self) -> TestCommand {
+        TestCommand::new(&self.config_path())
+    }
+
+    /// Runs `certd --config <config_path()> ARGS...` to completion.
+    pub fn certd(&self, args: &[&str]) -> CmdOutput {
+        self.command().args(args).output()
+    }
+
+    /// The hook certd runs as `hook present` / `hook cleanup` with
+    /// `CERTD_DNS_RECORD` (no trailing dot), `CERTD_DNS_VALUE` and
+    /// `CERTD_DOMAIN` set. It fails if challtestsrv does not take the change,
+    /// so a broken DNS setup shows up as a hook failure, not a mysterious
+    /// validation error.
+    fn write_dns_hook(&self) {
+        let script = format!(
+            r#"#!/bin/sh
+# dns-01 hook for certd's tests: publishes TXT records in pebble-challtestsrv.
+set -eu
+mgmt='{mgmt}'
+log='{log}'
+action="${{1:?usage: $0 present|cleanup}}"
+record="${{CERTD_DNS_RECORD:?CERTD_DNS_RECORD not set}}"
+value="${{CERTD_DNS_VALUE:-}}"
+: "${{CERTD_DOMAIN:?CERTD_DOMAIN not set}}"
+# challtestsrv wants fully qualified names.
+host="${{record%.}}."
+case "$action" in
+present)
+    curl -fsS --max-time 10 -X POST \
+        -d "{{\"host\":\"$host\",\"value\":\"$value\"}}" "$mgmt/set-txt"
+    ;;
+cleanup)
+    curl -fsS --max-time 10 -X POST -d "{{\"host\":\"$host\"}}" "$mgmt/clear-txt"
+    ;;
+*)
+    echo "dns-hook: unknown action: $action" >&2
+    exit 2
+    ;;
+esac
+echo "$action $record $value" >> "$log"
+"#,
+            mgmt = self.pebble.challtestsrv_url(),
+            log = self.dir.path().join("dns-hook.log").display(),
+        );
+        let path = self.dns_hook_path();
+        fs::write(&path, script).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> TestEnv {
+        TestEnv::new()
+    }
+}
+
+/// A TOML basic string. JSON string escaping is valid TOML for everything a
+/// path or URL here can contain.
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes to JSON")
+}
+
+fn toml_path(path: &Path) -> String {
+    let s = path
+        .to_str()
+        .unwrap_or_else(|| panic!("temp path is not UTF-8: {}", path.display()));
+    toml_str(s)
+}

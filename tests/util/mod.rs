@@ -1,0 +1,29 @@
+//! Shared harness for the integration tests: a private ACME CA (Pebble plus
+//! its DNS server), a scratch environment with a certd config pointing at
+//! it, a runner for the `certd` binary, and certificate helpers.
+//!
+//! Everything is re-exported here so tests write `use crate::util::...`
+//! without caring which file an item lives in.
+
+// Each test module uses a different subset of the harness; without this,
+// every helper some module does not call would warn as dead code.
+#![allow(dead_code)]
+
+mod ca;
+mod cert;
+mod cmd;
+mod env;
+mod pebble;
+mod ports;
+
+// Re-exported so tests need not know the file layout; which of these a
+// given set of test modules names varies, hence the allow.
+#[allow(unused_imports)]
+pub use self::{
+    ca::{ca_authz_statuses, ledger_authz, ledger_authz_urls},
+    cert::{parse_leaf, private_key_spki, read_pem_certs},
+    cmd::{CmdOutput, Daemon, TestCommand},
+    env::TestEnv,
+    pebble::{Pebble, PebbleOpts},
+    ports::free_port,
+};

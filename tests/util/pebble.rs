@@ -1,0 +1,401 @@
+//! A private ACME CA for one test: Pebble and pebble-challtestsrv (its DNS
+//! server) as child processes, each in its own temporary directory and on
+//! ports of its own.
+//!
+//! Pebble serves its ACME API over TLS with a certificate from a throwaway CA
+//! generated here; that CA's PEM (`ca_bundle()`) is what certd must trust.
+//! Names resolve through challtestsrv, which answers every A query with
+//! 127.0.0.1, so Pebble validates http-01 against 127.0.0.1:`http01_port()`
+//! and tls-alpn-01 against 127.0.0.1:`tls_port()`.
+
+use std::fs::{self, File, OpenOptions};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use tempfile::TempDir;
+
+use super::free_port;
+
+/// Pebble generates its root and intermediate keys at start-up (about 1 s);
+/// a loaded CI machine may take much longer, but not this long.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What Pebble logs as it starts serving the ACME API.
+const READY_LINE: &[u8] = b"Listening on";
+
+/// Knobs for Pebble's deliberate misbehaviour.
+#[derive(Debug, Clone, Default)]
+pub struct PebbleOpts {
+    /// Percentage of valid nonces Pebble rejects as `badNonce`
+    /// (`PEBBLE_WFE_NONCEREJECT`). `None` keeps Pebble's default of 5%, which
+    /// tests want: certd must retry bad nonces.
+    pub nonce_reject: Option<u32>,
+    /// Percentage of authorizations Pebble reuses across orders
+    /// (`PEBBLE_AUTHZREUSE`). `None` keeps Pebble's default.
+    pub authz_reuse: Option<u32>,
+    /// Further environment variables for the Pebble process.
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    listen: u16,
+    management: u16,
+    http01: u16,
+    tls: u16,
+    dns: u16,
+    challtestsrv: u16,
+}
+
+/// A running Pebble with its DNS server. Both processes are killed when this
+/// is dropped.
+#[derive(Debug)]
+pub struct Pebble {
+    dir: TempDir,
+    ports: Ports,
+    opts: PebbleOpts,
+    pebble: Option<Child>,
+    challtestsrv: Option<Child>,
+}
+
+impl Pebble {
+    /// Starts Pebble with its default behaviour (5% nonce rejection on).
+    pub fn start() -> Pebble {
+        Pebble::with_opts(PebbleOpts::default())
+    }
+
+    /// Starts challtestsrv and Pebble and returns once both accept
+    /// connections. Panics (with the logs) if they do not within 15 s.
+    pub fn with_opts(opts: PebbleOpts) -> Pebble {
+        let dir = tempfile::Builder::new()
+            .prefix("certd-pebble-")
+            .tempdir()
+            .expect("create Pebble temp dir");
+        let ports = Ports {
+            listen: free_port(),
+            management: free_port(),
+            http01: free_port(),
+            tls: free_port(),
+            dns: free_port(),
+            challtestsrv: free_port(),
+        };
+        let mut pebble = Pebble {
+            dir,
+            ports,
+            opts,
+            pebble: None,
+            challtestsrv: None,
+        };
+        pebble.write_tls_files();
+        pebble.write_config();
+        pebble.start_challtestsrv();
+        pebble.start_pebble();
+        pebble
+    }
+
+    /// The ACME directory URL, e.g. `https://127.0.0.1:14000/dir`.
+    pub fn directory_url(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.ports.listen)
+    }
+
+    /// PEM of the CA that issued Pebble's TLS certificate (not Pebble's ACME
+    /// root, which signs the certificates certd obtains).
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The port Pebble connects to for http-01: certd's http-01 listener
+    /// must bind 127.0.0.1 on it.
+    pub fn http01_port(&self) -> u16 {
+        self.ports.http01
+    }
+
+    /// The port Pebble connects to for tls-alpn-01.
+    pub fn tls_port(&self) -> u16 {
+        self.ports.tls
+    }
+
+    /// Address of the DNS server Pebble resolves names with.
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.dns))
+    }
+
+    /// challtestsrv's management API (`/set-txt`, `/clear-txt`, ...).
+    pub fn challtestsrv_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.challtestsrv)
+    }
+
+    /// Pebble's management API over TLS (`/roots/0`, `/intermediates/0`,
+    /// ...), trusted through `ca_bundle()` like the ACME API.
+    pub fn management_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.management)
+    }
+
+    /// The temporary directory holding config, TLS files and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything Pebble has logged so far, across restarts. Each ACME
+    /// request is one line, so tests can count requests in it.
+    pub fn pebble_log(&self) -> String {
+        read_log(&self.pebble_log_path())
+    }
+
+    /// Everything challtestsrv has logged so far.
+    pub fn challtestsrv_log(&self) -> String {
+        read_log(&self.dir.path().join("challtestsrv.log"))
+    }
+
+    /// Whether the Pebble process (not challtestsrv) is running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.pebble {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills Pebble, leaving challtestsrv up, to simulate a CA outage. The
+    /// ACME port refuses connections until `restart()`.
+    pub fn stop(&mut self) {
+        kill_and_wait(&mut self.pebble);
+    }
+
+    /// Starts Pebble again on the same ports, with the same config and TLS
+    /// certificate. Pebble keeps all state in memory, so accounts, orders
+    /// and its ACME root are new after a restart.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_pebble();
+    }
+
+    fn pebble_log_path(&self) -> PathBuf {
+        self.dir.path().join("pebble.log")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pebble.json")
+    }
+
+    fn tls_cert_path(&self) -> PathBuf {
+        self.dir.path().join("pebble-tls-cert.pem")
+    }
+
+    fn tls_key_path(&self) -> PathBuf {
+        self.dir.path().join("pebble-tls-key.pem")
+    }
+
+    /// Generates a CA and a leaf for `localhost` and 127.0.0.1 signed by it.
+    /// A separate CA (rather than a self-signed leaf) keeps the setup close
+    /// to production, where certd trusts a root and not a server's own cert.
+    fn write_tls_files(&self) {
+        let ca_key = KeyPair::generate().expect("generate test CA key");
+        let mut ca_params =
+            CertificateParams::new(Vec::<String>::new()).expect("empty SAN list is valid");
+        ca_params.distinguished_name = distinguished_name("certd test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign test CA");
+        let issuer = Issuer::new(ca_params, &ca_key);
+
+        let leaf_key = KeyPair::generate().expect("generate Pebble TLS key");
+        let mut leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("localhost and 127.0.0.1 are valid SANs");
+        leaf_params.distinguished_name = distinguished_name("localhost");
+        leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        leaf_params.use_authority_key_identifier_extension = true;
+        let leaf_cert = leaf_params
+            .signed_by(&leaf_key, &issuer)
+            .expect("sign Pebble TLS certificate");
+
+        write(&self.ca_bundle(), &ca_cert.pem());
+        write(&self.tls_cert_path(), &leaf_cert.pem());
+        write(&self.tls_key_path(), &leaf_key.serialize_pem());
+    }
+
+    fn write_config(&self) {
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("127.0.0.1:{}", self.ports.listen),
+                "managementListenAddress": format!("127.0.0.1:{}", self.ports.management),
+                "certificate": self.tls_cert_path(),
+                "privateKey": self.tls_key_path(),
+                "httpPort": self.ports.http01,
+                "tlsPort": self.ports.tls,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }
+        });
+        let text = serde_json::to_string_pretty(&config).expect("JSON value serializes");
+        write(&self.config_path(), &text);
+    }
+
+    fn start_challtestsrv(&mut self) {
+        let log_path = self.dir.path().join("challtestsrv.log");
+        let (stdout, stderr) = log_files(&log_path);
+        let child = Command::new("pebble-challtestsrv")
+            .args(["-dns01", &format!("127.0.0.1:{}", self.ports.dns)])
+            .args([
+                "-management",
+                &format!("127.0.0.1:{}", self.ports.challtestsrv),
+            ])
+            // Only the DNS server: certd itself answers http-01 and
+            // tls-alpn-01 on the ports Pebble validates against.
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn pebble-challtestsrv (apt-get install pebble; scripts/test does it)");
+        self.challtestsrv = Some(child);
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = exited(&mut self.challtestsrv) {
+                panic!(
+                    "pebble-challtestsrv exited during start-up ({status}); log:\n{}",
+                    read_log(&log_path)
+                );
+            }
+            if can_connect(self.ports.challtestsrv) && can_connect(self.ports.dns) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pebble-challtestsrv not ready after {START_TIMEOUT:?}; log:\n{}",
+                    read_log(&log_path)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn start_pebble(&mut self) {
+        let log_path = self.pebble_log_path();
+        // The log is appended to across restarts; readiness is judged only
+        // on what this start wrote.
+        let log_start = fs::read(&log_path).map_or(0, |log| log.len());
+        let (stdout, stderr) = log_files(&log_path);
+        let mut command = Command::new("pebble");
+        command
+            .arg("-config")
+            .arg(self.config_path())
+            .args(["-dnsserver", &format!("127.0.0.1:{}", self.ports.dns)])
+            // Validate at once instead of after Pebble's random 0-15 s sleep.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        if let Some(percent) = self.opts.nonce_reject {
+            command.env("PEBBLE_WFE_NONCEREJECT", percent.to_string());
+        }
+        if let Some(percent) = self.opts.authz_reuse {
+            command.env("PEBBLE_AUTHZREUSE", percent.to_string());
+        }
+        for (key, value) in &self.opts.env {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .expect("spawn pebble (apt-get install pebble; scripts/test does it)");
+        self.pebble = Some(child);
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = exited(&mut self.pebble) {
+                panic!(
+                    "pebble exited during start-up ({status}); log:\n{}",
+                    self.pebble_log()
+                );
+            }
+            // Pebble logs "Listening on" just before it binds, so the port
+            // check is what proves readiness; the log check keeps a stray
+            // process that happens to hold the port from passing for Pebble.
+            let logged = fs::read(&log_path).is_ok_and(|log| {
+                log.get(log_start..)
+                    .is_some_and(|new| new.windows(READY_LINE.len()).any(|w| w == READY_LINE))
+            });
+            if logged && can_connect(self.ports.listen) && can_connect(self.ports.management) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pebble not ready after {START_TIMEOUT:?}; log:\n{}",
+                    self.pebble_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        kill_and_wait(&mut self.pebble);
+        kill_and_wait(&mut self.challtestsrv);
+    }
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+fn write(path: &Path, contents: &str) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Opens `path` for appending twice, for a child's stdout and stderr.
+fn log_files(path: &Path) -> (File, File) {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let clone = file
+        .try_clone()
+        .unwrap_or_else(|e| panic!("dup {}: {e}", path.display()));
+    (file, clone)
+}
+
+/// Reads a log that may not exist yet (or contain partial UTF-8 mid-write).
+fn read_log(path: &Path) -> String {
+    fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
+}
+
+fn can_connect(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// The exit status if the child has exited.
+fn exited(child: &mut Option<Child>) -> Option<std::process::ExitStatus> {
+    child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+}
+
+/// Kills and reaps the child, if any, so that its ports are free when this
+/// returns. Errors are ignored: the child may already have exited.
+fn kill_and_wait(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
