@@ -9,6 +9,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -18,14 +19,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::acme::{AcmeAccount, AcmeHttp, error_chain};
+use crate::acme::raw::{challenge_parent, fetch_authz};
+use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
 use crate::driver::{self, Context};
 use crate::install;
 use crate::scheduler::{self, Due, Reason};
 use crate::solver::Solvers;
-use crate::store::Store;
+use crate::reaper::{Policy, Reaper, Settled};
+use crate::store::{OrderRow, Store};
 
 /// `println!` that ends the process quietly when standard output is a
 /// closed pipe (`certd status | head -1`), as Unix tools do.
@@ -96,6 +99,20 @@ pub enum Command {
     },
     /// Validate the configuration file and summarize it.
     CheckConfig,
+    /// Run one reaper pass now: settle stale pending authorizations.
+    Reap {
+        /// Treat pending authorizations older than this as stale
+        /// (default: reaper.pending_max_age), e.g. "0s", "30m".
+        #[arg(long, value_parser = parse_duration_arg)]
+        older_than: Option<Duration>,
+        /// Ask the CA and print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +125,22 @@ pub enum AuthzCommand {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Deactivate authorizations, named by authorization or challenge URL.
+    Deactivate {
+        /// Authorization URLs, or challenge URLs (resolved to their authorization).
+        #[arg(required_unless_present = "all_pending")]
+        urls: Vec<String>,
+        /// Every authorization the ledger holds as pending.
+        #[arg(long, conflicts_with = "urls")]
+        all_pending: bool,
+        /// Also deactivate valid authorizations (free at the CA).
+        #[arg(long)]
+        include_valid: bool,
+        /// Deactivate even beyond the per-name failure budget (Let's Encrypt
+        /// counts a pending deactivation as a failed validation).
+        #[arg(long)]
+        ignore_budget: bool,
     },
 }
 
@@ -167,6 +200,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Authz {
             command: AuthzCommand::List { pending, json },
         } => authz_list(&cfg, pending, json).await,
+        Command::Authz {
+            command:
+                AuthzCommand::Deactivate {
+                    urls,
+                    all_pending,
+                    include_valid,
+                    ignore_budget,
+                },
+        } => authz_deactivate(&cfg, urls, all_pending, include_valid, ignore_budget).await,
+        Command::Reap {
+            older_than,
+            dry_run,
+        } => reap(&cfg, older_than, dry_run).await,
     }
 }
 
@@ -258,10 +304,15 @@ async fn renew_due(
             .iter()
             .any(|(c, _)| c.challenges.contains(&ChallengeKind::Http01));
         let solvers = Solvers::from_config(cfg, needs_http, &tracker, &cancel).await?;
+        let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
+        // Orders a crashed run left behind: resume those whose certificate
+        // still wants the same names, abandon the rest.
+        reaper.recover(|o| wants_same_names(cfg, o)).await?;
         anyhow::Ok(Context {
             store: store.clone(),
             account,
             solvers,
+            reaper,
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
         })
     };
@@ -335,6 +386,18 @@ async fn renew_due(
             }
         }
     }
+    // A one-shot run from cron is the only hygiene some hosts get.
+    let counts = ctx
+        .reaper
+        .pass(cfg.reaper.pending_max_age, false, |_, _| {})
+        .await?;
+    if counts.deactivated + counts.held_back > 0 {
+        outln!(
+            "reaper: deactivated {} stale pending authorization(s), held back {}",
+            counts.deactivated,
+            counts.held_back
+        );
+    }
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
@@ -343,6 +406,184 @@ async fn renew_due(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Whether an unfinished order is still wanted: its certificate is
+/// configured with exactly the order's names.
+fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
+    cfg.certificate(&order.cert_name).is_some_and(|c| {
+        let mut names = c.domain_strings();
+        names.sort();
+        names == order.identifier_list()
+    })
+}
+
+/// Loads the account and its reaper for commands that act on the ledger's
+/// authorizations; `None` when certd has no account yet (nothing to act on).
+async fn existing_account(cfg: &Config, store: &Store) -> anyhow::Result<Option<Reaper>> {
+    let directory = cfg.acme.directory.to_string();
+    if !credentials_path(&cfg.storage.state_dir, &directory).exists() {
+        return Ok(None);
+    }
+    let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+    let account = AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
+    Ok(Some(Reaper::new(store.clone(), account, cfg.reaper.clone())))
+}
+
+async fn reap(cfg: &Config, older_than: Option<Duration>, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let Some(store) = open_existing(cfg).await? else {
+        outln!("no ledger yet: nothing to reap");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let Some(reaper) = existing_account(cfg, &store).await? else {
+        outln!("no ACME account yet: nothing to reap");
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !dry_run {
+        let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        if resumable + abandoned > 0 {
+            outln!("recovered {resumable} unfinished order(s) to resume, abandoned {abandoned}");
+        }
+    }
+    let older_than = older_than.unwrap_or(cfg.reaper.pending_max_age);
+    let counts = reaper
+        .pass(older_than, dry_run, |row, outcome| {
+            outln!("{}  {}  {}", describe_settled(outcome), row.url, row.identifier);
+        })
+        .await?;
+    outln!(
+        "{}examined {}, {} {}, held back {}, no longer pending {}, failed {}",
+        if dry_run { "dry run: " } else { "" },
+        counts.examined,
+        if dry_run { "would deactivate" } else { "deactivated" },
+        counts.deactivated,
+        counts.held_back,
+        counts.resolved,
+        counts.failed
+    );
+    store.close().await;
+    Ok(if counts.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn describe_settled(s: &Settled) -> String {
+    match s {
+        Settled::Deactivated { from } => format!("deactivated (was {from})"),
+        Settled::WouldDeactivate { from } => format!("would deactivate (is {from})"),
+        Settled::HeldBack { failures, limit } => format!(
+            "held back ({failures} failed authorizations for this name in the last hour, limit {limit})"
+        ),
+        Settled::NotPending(status) => format!("already {status}"),
+        Settled::SkippedValid => "valid, not deactivated (use --include-valid)".into(),
+        Settled::Expired => "expired".into(),
+        Settled::Gone => "gone (the CA no longer knows it)".into(),
+        Settled::Failed(e) => format!("error: {e}"),
+    }
+}
+
+async fn authz_deactivate(
+    cfg: &Config,
+    urls: Vec<String>,
+    all_pending: bool,
+    include_valid: bool,
+    ignore_budget: bool,
+) -> anyhow::Result<ExitCode> {
+    if urls.is_empty() && !all_pending {
+        eprintln!("certd: name authorization or challenge URLs, or use --all-pending");
+        return Ok(ExitCode::from(2));
+    }
+    ensure_dirs(cfg)?;
+    let store = Store::open(&cfg.db_path()).await?;
+    let Some(reaper) = existing_account(cfg, &store).await? else {
+        eprintln!(
+            "certd: no ACME account for {} in {}: certd created no authorizations there",
+            cfg.acme.directory,
+            cfg.storage.state_dir.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let account = reaper.account();
+    let targets = if all_pending {
+        store.pending_urls(account.ledger_id).await?
+    } else {
+        urls
+    };
+    let policy = Policy {
+        include_valid,
+        ignore_budget,
+        ..Policy::by("cli")
+    };
+    let mut failed = 0;
+    for url in targets {
+        let (authz_url, identifier) = match resolve_authz(&store, account, &url).await {
+            Ok(found) => found,
+            Err(why) => {
+                failed += 1;
+                outln!("{url}: cannot resolve: {why}");
+                continue;
+            }
+        };
+        let outcome = reaper.settle(&authz_url, &identifier, policy).await?;
+        let via = if authz_url == url {
+            String::new()
+        } else {
+            format!(" (authorization {authz_url})")
+        };
+        if !outcome.is_done() {
+            failed += 1;
+        }
+        outln!("{url}{via}: {identifier}: {}", describe_settled(&outcome));
+    }
+    store.close().await;
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Finds the authorization a URL names: an authorization in the ledger, a
+/// challenge in the ledger (seed 000: logs often hold only those), or else
+/// whatever the CA says the URL is, following a challenge's
+/// `Link: rel="up"` to its authorization.
+async fn resolve_authz(store: &Store, account: &AcmeAccount, url: &str) -> Result<(String, String), String> {
+    let ledger = |e: crate::store::StoreError| e.to_string();
+    if let Some(a) = store.authz(url).await.map_err(ledger)? {
+        return Ok((a.url, a.identifier));
+    }
+    if let Some(parent) = store.authz_of_challenge(url).await.map_err(ledger)? {
+        let a = store
+            .authz(&parent)
+            .await
+            .map_err(ledger)?
+            .ok_or("the ledger names a parent authorization it does not hold")?;
+        return Ok((a.url, a.identifier));
+    }
+    let authz_url = match fetch_authz(&account.http, &account.signer, url).await {
+        Ok(_) => url.to_owned(),
+        Err(AcmeError::Protocol(_)) => match challenge_parent(&account.http, &account.signer, url).await {
+            Ok(Some(up)) => up,
+            Ok(None) => {
+                return Err(
+                    "not in the ledger, and the CA answers with something that is neither an authorization nor a challenge with a Link rel=\"up\" to one".into(),
+                );
+            }
+            Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
+        },
+        Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
+    };
+    let a = fetch_authz(&account.http, &account.signer, &authz_url)
+        .await
+        .map_err(|e| format!("{authz_url}: {e}"))?;
+    let identifier = a.identifier();
+    store
+        .record_foreign_authz(account.ledger_id, &authz_url, &identifier, &a.status)
+        .await
+        .map_err(ledger)?;
+    Ok((authz_url, identifier))
 }
 
 /// Opens the ledger for reading commands; `None` if certd never ran.
@@ -408,12 +649,11 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             pending_authz,
         });
     }
-    if let Some(s) = store {
-        s.close().await;
-    }
-
     if json {
         outln!("{}", serde_json::to_string_pretty(&out)?);
+        if let Some(s) = store {
+            s.close().await;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let mut table = vec![
@@ -455,7 +695,39 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         ]);
     }
     print_table(&table);
+    if let Some(s) = store {
+        print_accounts(&s, now).await?;
+        s.close().await;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The per-account part of `certd status`: pending authorizations and what
+/// the reaper and the guard did.
+async fn print_accounts(store: &Store, now: UnixTime) -> anyhow::Result<()> {
+    for (id, directory, url) in store.accounts().await? {
+        let r = store.reaper_summary(id, now.secs()).await?;
+        outln!("\naccount {url} ({directory})");
+        outln!("  pending authorizations: {}", r.pending);
+        outln!(
+            "  reaper: deactivated {} (last 24 h: {}), held back for failure budget: {}",
+            r.deactivated_total,
+            r.deactivated_24h,
+            r.held_back
+        );
+        match (r.last_pass_at, r.last_pass) {
+            (Some(at), detail) => outln!(
+                "  last reaper pass: {} ({})",
+                rfc3339(at),
+                detail.unwrap_or_default()
+            ),
+            (None, _) => outln!("  last reaper pass: never"),
+        }
+        if let Some(at) = r.last_guard_at {
+            outln!("  pending-authz guard last deferred an order at {}", rfc3339(at));
+        }
+    }
+    Ok(())
 }
 
 async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Result<ExitCode> {

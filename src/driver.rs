@@ -30,8 +30,10 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use tokio_util::sync::CancellationToken;
 
 use crate::acme::{AcmeAccount, AcmeError, Disposition, ProblemRecord};
+use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, ChallengeKind, KeyType};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};
+use crate::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers};
 use crate::store::{NewAuthz, Store, StoreError};
 
@@ -49,6 +51,7 @@ pub struct Context {
     pub store: Store,
     pub account: AcmeAccount,
     pub solvers: Solvers,
+    pub reaper: Reaper,
     pub cert_dir: Arc<Path>,
 }
 
@@ -82,6 +85,8 @@ pub enum DriveError {
         wanted: String,
     },
     #[error(transparent)]
+    Guard(#[from] GuardError),
+    #[error(transparent)]
     Solver(#[from] SolverError),
     #[error(transparent)]
     Install(#[from] InstallError),
@@ -104,6 +109,7 @@ impl DriveError {
             Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
             Self::NoChallenge { .. } | Self::Key(_) => Disposition::Final,
             Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
+            Self::Guard(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
         }
     }
@@ -133,32 +139,48 @@ pub async fn obtain(
     cert: &CertificateConfig,
     cancel: &CancellationToken,
 ) -> Result<Issued, DriveError> {
+    let result = obtain_inner(ctx, cert, cancel).await;
+    // Whatever happened, pending authorizations may have cleared.
+    ctx.reaper.order_finished();
+    result
+}
+
+async fn obtain_inner(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    cancel: &CancellationToken,
+) -> Result<Issued, DriveError> {
     let name = cert.name.as_str();
-    let domains = cert.domain_strings();
-    let identifiers: Vec<Identifier> = domains.iter().cloned().map(Identifier::Dns).collect();
-    let mut order = ctx
-        .account
-        .account
-        .new_order(&NewOrder::new(&identifiers))
-        .await
-        .map_err(AcmeError::from)?;
-    let order_url = order.url().to_owned();
-    let mut sorted = domains.clone();
+    let mut sorted = cert.domain_strings();
     sorted.sort();
+    let (mut order, admission) = match resume(ctx, name, &sorted).await? {
+        Some(order) => (order, None),
+        None => {
+            // The guard counts this order before it exists, so concurrent
+            // orders cannot all slip under max_pending.
+            let admission = ctx.reaper.admit(name, sorted.len(), cancel).await?;
+            let identifiers: Vec<Identifier> = sorted.iter().cloned().map(Identifier::Dns).collect();
+            let order = ctx
+                .account
+                .account
+                .new_order(&NewOrder::new(&identifiers))
+                .await
+                .map_err(AcmeError::from)?;
+            tracing::info!(cert = name, order = %order.url(), "order created");
+            (order, Some(admission))
+        }
+    };
+    let order_url = order.url().to_owned();
+    let _claim = ctx.reaper.active().claim(&order_url);
     let status = order_status(order.state().status);
     ctx.store
-        .record_order(
-            ctx.account.ledger_id,
-            name,
-            &order_url,
-            &sorted,
-            status,
-            &[],
-        )
+        .record_order(ctx.account.ledger_id, name, &order_url, &sorted, status, &[])
         .await?;
-    tracing::info!(cert = name, order = %order_url, "order created");
+    if let Some(expires) = ctx.account.http.observed(&order_url).and_then(|o| o.expires) {
+        ctx.store.set_order_expires(&order_url, expires).await?;
+    }
 
-    match run_order(ctx, cert, &mut order, &sorted, cancel).await {
+    match run_order(ctx, cert, &mut order, &sorted, admission, cancel).await {
         Ok(issued) => Ok(issued),
         Err(e) => {
             let detail = e
@@ -169,10 +191,43 @@ pub async fn obtain(
             ctx.store
                 .set_order_state(&order_url, status, "failed", Some(&detail))
                 .await?;
-            abandon(ctx, name, &mut order).await;
+            for (url, identifier) in ctx.store.pending_authz_of_order(&order_url).await? {
+                ctx.reaper.settle(&url, &identifier, Policy::by("driver")).await?;
+            }
             Err(e)
         }
     }
+}
+
+/// Reuse before abandoning (seed 003): the newest unfinished order for the
+/// same names, if the CA still has it pending or ready.
+async fn resume(ctx: &Context, name: &str, identifiers: &[String]) -> Result<Option<Order>, DriveError> {
+    let now = UnixTime::now().secs();
+    let Some(row) = ctx
+        .store
+        .resumable_order(ctx.account.ledger_id, identifiers, now)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if ctx.reaper.active().contains(&row.url) {
+        return Ok(None);
+    }
+    let why = match ctx.account.account.order(row.url.clone()).await {
+        Ok(mut order) => match order.state().status {
+            OrderStatus::Pending | OrderStatus::Ready => {
+                tracing::info!(cert = name, order = %row.url, "resuming order");
+                ctx.store
+                    .event("order-resumed", Some(name), Some(&row.url), None, None)
+                    .await?;
+                return Ok(Some(order));
+            }
+            other => format!("not resumable: the CA says {}", order_status(other)),
+        },
+        Err(e) => format!("not resumable: {}", AcmeError::from(e)),
+    };
+    ctx.reaper.abandon_order(&row.url, name, &why).await?;
+    Ok(None)
 }
 
 async fn run_order(
@@ -180,11 +235,14 @@ async fn run_order(
     cert: &CertificateConfig,
     order: &mut Order,
     domains: &[String],
+    admission: Option<Admission>,
     cancel: &CancellationToken,
 ) -> Result<Issued, DriveError> {
     let name = cert.name.as_str();
     let order_url = order.url().to_owned();
     record_authorizations(ctx, name, order, domains).await?;
+    // The new authorizations are in the ledger now; the guard counts them there.
+    drop(admission);
 
     let plan = plan_challenges(ctx, cert, order).await?;
     if !plan.is_empty() {
@@ -256,6 +314,17 @@ async fn run_order(
         )
         .await?;
     tracing::info!(cert = name, order = %order_url, serial = %info.serial, "certificate installed");
+    if ctx.reaper.config().deactivate_valid_after_issue {
+        // A lost account key then cannot issue for these names without a
+        // new validation. Deactivating a valid authorization is free.
+        let policy = Policy {
+            include_valid: true,
+            ..Policy::by("driver")
+        };
+        for (url, identifier) in ctx.store.authz_of_order(&order_url, "valid").await? {
+            ctx.reaper.settle(&url, &identifier, policy).await?;
+        }
+    }
 
     let reloads =
         install::run_reloads(&cert.reload, cert.reload_timeout, name, &ctx.cert_dir).await;
@@ -545,80 +614,6 @@ async fn download(
             .map_err(|e| acme_error(ctx, &url, e))?
         {
             return Ok(chain);
-        }
-    }
-}
-
-/// Deactivates the order's authorizations that are still pending at the CA.
-/// Failures are recorded and left to the reaper.
-async fn abandon(ctx: &Context, name: &str, order: &mut Order) {
-    let order_url = order.url().to_owned();
-    let mut auths = order.authorizations();
-    while let Some(a) = auths.next().await {
-        let Ok(mut a) = a else { break };
-        if a.status != AuthorizationStatus::Pending {
-            continue;
-        }
-        let url = a.url().to_owned();
-        // The cached state may be stale (validation may have finished):
-        // refresh so a valid authorization is not thrown away.
-        let fresh = match a.refresh().await {
-            Ok(s) => s.status,
-            Err(e) => {
-                let e = AcmeError::from(e);
-                tracing::warn!(cert = name, authz = %url, error = %e, "cannot fetch authorization to deactivate it");
-                let _ = ctx
-                    .store
-                    .event(
-                        "deactivate-failed",
-                        Some(name),
-                        Some(&order_url),
-                        Some(&url),
-                        Some(&e.to_string()),
-                    )
-                    .await;
-                continue;
-            }
-        };
-        if fresh != AuthorizationStatus::Pending {
-            let _ = ctx
-                .store
-                .set_authz_status(&url, authz_status(fresh), None)
-                .await;
-            continue;
-        }
-        match a.deactivate().await {
-            Ok(_) => {
-                tracing::info!(cert = name, authz = %url, "deactivated pending authorization");
-                let _ = ctx
-                    .store
-                    .set_authz_deactivated(&url, "driver", "pending")
-                    .await;
-                let _ = ctx
-                    .store
-                    .event(
-                        "deactivated",
-                        Some(name),
-                        Some(&order_url),
-                        Some(&url),
-                        Some("driver gave up on the order"),
-                    )
-                    .await;
-            }
-            Err(e) => {
-                let e = AcmeError::from(e);
-                tracing::warn!(cert = name, authz = %url, error = %e, "deactivation failed");
-                let _ = ctx
-                    .store
-                    .event(
-                        "deactivate-failed",
-                        Some(name),
-                        Some(&order_url),
-                        Some(&url),
-                        Some(&e.to_string()),
-                    )
-                    .await;
-            }
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod driver;
 pub mod install;
+pub mod reaper;
 pub mod scheduler;
 pub mod solver;
 pub mod store;

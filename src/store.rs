@@ -87,6 +87,46 @@ pub struct NewAuthz {
     pub challenges: Vec<(String, String, String)>,
 }
 
+/// A stale pending authorization, as the reaper pages through them.
+#[derive(Debug, Clone, FromRow)]
+pub struct PendingAuthz {
+    pub id: i64,
+    pub url: String,
+    pub identifier: String,
+    pub expires_at: Option<i64>,
+    pub check_attempts: i64,
+    pub order_url: Option<String>,
+}
+
+/// An order as recovery and reuse see it.
+#[derive(Debug, Clone, FromRow)]
+pub struct OrderRow {
+    pub url: String,
+    pub cert_name: String,
+    pub identifiers: String,
+    pub status: String,
+    pub step: String,
+    pub expires_at: Option<i64>,
+}
+
+impl OrderRow {
+    pub fn identifier_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.identifiers).unwrap_or_default()
+    }
+}
+
+/// Per-account figures of the reaper for `certd status`.
+#[derive(Debug, Clone, Default)]
+pub struct ReaperSummary {
+    pub pending: i64,
+    pub deactivated_total: i64,
+    pub deactivated_24h: i64,
+    pub held_back: i64,
+    pub last_pass_at: Option<i64>,
+    pub last_pass: Option<String>,
+    pub last_guard_at: Option<i64>,
+}
+
 /// What an installed certificate looks like to the ledger.
 #[derive(Debug, Clone)]
 pub struct Installed {
@@ -315,18 +355,24 @@ impl Store {
         Ok(())
     }
 
-    /// The authorizations of `order_url` the ledger still believes pending.
-    pub async fn pending_authz_of_order(&self, order_url: &str) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT a.url FROM authorizations a
+    /// The authorizations of `order_url` the ledger still believes pending:
+    /// (URL, identifier).
+    pub async fn pending_authz_of_order(&self, order_url: &str) -> Result<Vec<(String, String)>> {
+        self.authz_of_order(order_url, "pending").await
+    }
+
+    /// The authorizations of `order_url` with `status`: (URL, identifier).
+    pub async fn authz_of_order(&self, order_url: &str, status: &str) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT a.url, a.identifier FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
              JOIN orders o ON o.id = oa.order_id
-             WHERE o.url = ? AND a.status = 'pending' ORDER BY a.id",
+             WHERE o.url = ? AND a.status = ? ORDER BY a.id",
         )
         .bind(order_url)
+        .bind(status)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|r| r.0).collect())
+        .await?)
     }
 
     /// The ledger's authorizations, newest first, each with the latest order
@@ -357,6 +403,242 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    // ---- reaper, guard, recovery -----------------------------------------
+
+    /// Pending authorizations created at or before `cutoff` whose backoff has
+    /// passed, in id order after `after_id`: the reaper walks the ledger in
+    /// pages so a pass over 10,000 stale rows holds neither all of them in
+    /// memory nor a lock between pages.
+    pub async fn stale_pending_authz(
+        &self,
+        account_id: i64,
+        cutoff: i64,
+        now: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<PendingAuthz>> {
+        Ok(sqlx::query_as(
+            "SELECT a.id, a.url, a.identifier, a.expires_at, a.check_attempts,
+                    (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
+                      WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url
+             FROM authorizations a
+             WHERE a.account_id = ? AND a.status = 'pending' AND a.created_at <= ?
+               AND (a.check_after IS NULL OR a.check_after <= ?) AND a.id > ?
+             ORDER BY a.id LIMIT ?",
+        )
+        .bind(account_id)
+        .bind(cutoff)
+        .bind(now)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Failed validations plus deactivations of pending authorizations for
+    /// `identifier` (and its wildcard) since `since`: what Let's Encrypt
+    /// counts against "failed authorizations per identifier per hour".
+    pub async fn failures_since(&self, account_id: i64, identifier: &str, since: i64) -> Result<i64> {
+        let base = identifier.trim_start_matches("*.");
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM authorizations
+             WHERE account_id = ? AND identifier IN (?, '*.' || ?)
+               AND ((status = 'invalid' AND updated_at >= ?)
+                 OR (deactivated_from = 'pending' AND deactivated_at >= ?))",
+        )
+        .bind(account_id)
+        .bind(base)
+        .bind(base)
+        .bind(since)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+
+    /// Records a failed attempt to ask the CA about an authorization. The
+    /// next try waits a minute, doubling per failure up to an hour.
+    pub async fn authz_check_failed(&self, url: &str, now: i64, error: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE authorizations SET check_after = ? + MIN(3600, 60 << MIN(check_attempts, 6)),
+                 check_attempts = check_attempts + 1, check_error = ? WHERE url = ?",
+        )
+        .bind(now)
+        .bind(error)
+        .bind(url)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Clears the reaper's backoff once the CA answered.
+    pub async fn authz_check_ok(&self, url: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE authorizations SET check_attempts = 0, check_after = NULL, check_error = NULL
+             WHERE url = ?",
+        )
+        .bind(url)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The ledger's record of an authorization.
+    pub async fn authz(&self, url: &str) -> Result<Option<AuthzRow>> {
+        Ok(sqlx::query_as(
+            "SELECT a.url, a.identifier, a.status,
+                    (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
+                      WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
+                    a.challenge_type, a.created_at, a.updated_at
+             FROM authorizations a WHERE a.url = ?",
+        )
+        .bind(url)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The authorization a challenge URL belongs to (seed 000).
+    pub async fn authz_of_challenge(&self, challenge_url: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT a.url FROM challenges c JOIN authorizations a ON a.id = c.authz_id WHERE c.url = ?",
+        )
+        .bind(challenge_url)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Records an authorization certd learned of outside an order (an
+    /// operator handed its URL to `certd authz deactivate`).
+    pub async fn record_foreign_authz(
+        &self,
+        account_id: i64,
+        url: &str,
+        identifier: &str,
+        status: &str,
+    ) -> Result<()> {
+        let now = UnixTime::now().secs();
+        sqlx::query(
+            "INSERT INTO authorizations (url, account_id, identifier, status, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(url) DO NOTHING",
+        )
+        .bind(url)
+        .bind(account_id)
+        .bind(identifier)
+        .bind(status)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Pending authorizations of the account, per the ledger: the guard's count.
+    pub async fn pending_count(&self, account_id: i64) -> Result<i64> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM authorizations WHERE account_id = ? AND status = 'pending'",
+        )
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+
+    /// Every pending authorization URL of the account (`authz deactivate --all-pending`).
+    pub async fn pending_urls(&self, account_id: i64) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT url FROM authorizations WHERE account_id = ? AND status = 'pending' ORDER BY id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Orders the driver had not finished when the process last stopped.
+    pub async fn in_flight_orders(&self, account_id: i64) -> Result<Vec<OrderRow>> {
+        Ok(sqlx::query_as(
+            "SELECT url, cert_name, identifiers, status, step, expires_at FROM orders
+             WHERE account_id = ? AND step NOT IN ('done', 'failed', 'abandoned') ORDER BY id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The newest unfinished order for exactly these identifiers that has not
+    /// expired: reused before a new order leaves its authorizations to rot.
+    pub async fn resumable_order(
+        &self,
+        account_id: i64,
+        identifiers: &[String],
+        now: i64,
+    ) -> Result<Option<OrderRow>> {
+        Ok(sqlx::query_as(
+            "SELECT url, cert_name, identifiers, status, step, expires_at FROM orders
+             WHERE account_id = ? AND identifiers = ? AND step IN ('created', 'authorizing', 'resumable')
+               AND status IN ('pending', 'ready') AND (expires_at IS NULL OR expires_at > ?)
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(account_id)
+        .bind(serde_json::to_string(identifiers).unwrap_or_default())
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_order_expires(&self, order_url: &str, expires_at: i64) -> Result<()> {
+        sqlx::query("UPDATE orders SET expires_at = ? WHERE url = ?")
+            .bind(expires_at)
+            .bind(order_url)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The reaper's figures for `certd status`.
+    pub async fn reaper_summary(&self, account_id: i64, now: i64) -> Result<ReaperSummary> {
+        let (pending, deactivated_total, deactivated_24h, held_back): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT
+                (SELECT COUNT(*) FROM authorizations WHERE account_id = ?1 AND status = 'pending'),
+                (SELECT COUNT(*) FROM authorizations WHERE account_id = ?1 AND deactivated_by = 'reaper'),
+                (SELECT COUNT(*) FROM authorizations WHERE account_id = ?1 AND deactivated_by = 'reaper'
+                    AND deactivated_at >= ?2),
+                (SELECT COUNT(DISTINCT a.id) FROM authorizations a JOIN events e ON e.authz_url = a.url
+                    WHERE a.account_id = ?1 AND a.status = 'pending' AND e.kind = 'held-back')",
+        )
+        .bind(account_id)
+        .bind(now - 86_400)
+        .fetch_one(&self.pool)
+        .await?;
+        let last: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT at, detail FROM events WHERE kind = 'reaper-pass' ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        let guard: Option<(i64,)> = sqlx::query_as(
+            "SELECT at FROM events WHERE kind = 'pending-authz-guard' ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(ReaperSummary {
+            pending,
+            deactivated_total,
+            deactivated_24h,
+            held_back,
+            last_pass_at: last.as_ref().map(|l| l.0),
+            last_pass: last.and_then(|l| l.1),
+            last_guard_at: guard.map(|g| g.0),
+        })
+    }
+
+    /// The accounts in the ledger: (id, directory URL, account URL).
+    pub async fn accounts(&self) -> Result<Vec<(i64, String, String)>> {
+        Ok(sqlx::query_as("SELECT id, directory_url, account_url FROM accounts ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     // ---- certificates ----------------------------------------------------

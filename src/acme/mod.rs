@@ -458,6 +458,8 @@ fn link_with_rel(header: &str, rel: &str) -> Option<String> {
 pub struct AcmeAccount {
     pub account: Account,
     pub http: AcmeHttp,
+    /// The same key, for the requests certd signs itself (`raw`).
+    pub signer: Arc<raw::RawSigner>,
     pub ledger_id: i64,
     pub directory_url: String,
 }
@@ -494,17 +496,19 @@ impl AcmeAccount {
         let directory_url = cfg.directory.to_string();
         let path = credentials_path(state_dir, &directory_url);
         let builder = || Account::builder_with_http(Box::new(http.clone()));
-        let account = match std::fs::read(&path) {
+        let (account, key) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let creds: AccountCredentials =
                     serde_json::from_slice(&bytes).map_err(|e| SetupError::Credentials {
                         path: path.clone(),
                         detail: format!("not valid account credentials: {e}"),
                     })?;
-                builder()
+                let key = creds.private_key().secret_pkcs8_der().to_vec();
+                let account = builder()
                     .from_credentials(creds)
                     .await
-                    .map_err(AcmeError::from)?
+                    .map_err(AcmeError::from)?;
+                (account, key)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
@@ -531,7 +535,7 @@ impl AcmeAccount {
                     }
                 })?;
                 tracing::info!(account = account.id(), "created ACME account");
-                account
+                (account, creds.private_key().secret_pkcs8_der().to_vec())
             }
             Err(e) => {
                 return Err(SetupError::Credentials {
@@ -540,10 +544,17 @@ impl AcmeAccount {
                 });
             }
         };
+        let signer = raw::RawSigner::new(&key, account.id()).map_err(|detail| {
+            SetupError::Credentials {
+                path: path.clone(),
+                detail,
+            }
+        })?;
         let ledger_id = store.upsert_account(&directory_url, account.id()).await?;
         Ok(Self {
             account,
             http,
+            signer: Arc::new(signer),
             ledger_id,
             directory_url,
         })

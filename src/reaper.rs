@@ -1,0 +1,452 @@
+//! The reaper and the guard: certd never leaves a pending authorization
+//! behind and never trips a CA limit.
+//!
+//! Since late 2024 Let's Encrypt counts the deactivation of a *pending*
+//! authorization as a failed validation ("5 failed authorizations per
+//! identifier per account per hour", and a long run of failures pauses the
+//! account for that name), while other CAs still limit pending
+//! authorizations. So every way certd gets rid of an authorization goes
+//! through [`Reaper::settle`], which
+//!
+//! 1. asks the CA first (the authorization may have become valid, or gone),
+//! 2. deactivates a still-pending one only while the identifier's failure
+//!    budget for the last hour, counted from the ledger, allows it, and
+//!    otherwise holds it back for a later pass,
+//! 3. records the CA's answer, or on failure a backoff for the next try.
+//!
+//! [`Reaper::pass`] walks the ledger's stale pending authorizations in
+//! pages; [`Reaper::recover`] deals with the orders a crash interrupted;
+//! [`Reaper::admit`] is the guard in front of every `newOrder`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::acme::raw::{deactivate_authz, fetch_authz};
+use crate::acme::{AcmeAccount, AcmeError};
+use crate::clock::UnixTime;
+use crate::config::ReaperConfig;
+use crate::store::{OrderRow, PendingAuthz, Store, StoreError};
+
+/// Rows fetched from the ledger per page of a pass.
+const PAGE: i64 = 100;
+/// How long a guarded order waits for pending authorizations to clear
+/// before it gives up (and the scheduler tries again later).
+const GUARD_WAIT: Duration = Duration::from_secs(120);
+
+/// The order URLs being driven right now; the reaper leaves their
+/// authorizations alone.
+#[derive(Clone, Default)]
+pub struct ActiveOrders(Arc<Mutex<HashSet<String>>>);
+
+impl ActiveOrders {
+    /// Marks `url` active until the returned guard is dropped.
+    pub fn claim(&self, url: &str) -> ActiveClaim {
+        lock(&self.0).insert(url.to_owned());
+        ActiveClaim {
+            set: self.clone(),
+            url: url.to_owned(),
+        }
+    }
+
+    pub fn contains(&self, url: &str) -> bool {
+        lock(&self.0).contains(url)
+    }
+}
+
+pub struct ActiveClaim {
+    set: ActiveOrders,
+    url: String,
+}
+
+impl Drop for ActiveClaim {
+    fn drop(&mut self) {
+        lock(&self.set.0).remove(&self.url);
+    }
+}
+
+/// A set of strings stays consistent whatever panicked while holding it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What became of one authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    Deactivated { from: String },
+    WouldDeactivate { from: String },
+    /// Deactivating now would exceed the identifier's failure budget.
+    HeldBack { failures: i64, limit: u32 },
+    /// The CA says it is no longer pending (valid, invalid, deactivated…).
+    NotPending(String),
+    /// Valid, and the caller did not ask to deactivate valid ones.
+    SkippedValid,
+    /// Past its `expires`: marked without asking the CA.
+    Expired,
+    /// The CA no longer knows it.
+    Gone,
+    /// The CA could not be asked; retried on a later pass.
+    Failed(String),
+}
+
+impl Settled {
+    /// Whether the authorization is no longer pending (or would not be).
+    pub fn is_done(&self) -> bool {
+        !matches!(self, Self::HeldBack { .. } | Self::Failed(_) | Self::SkippedValid)
+    }
+}
+
+/// How `settle` may act.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Who asks, for the ledger: "driver", "reaper", "cli".
+    pub by: &'static str,
+    pub dry_run: bool,
+    /// Deactivate valid authorizations too (free at the CA).
+    pub include_valid: bool,
+    /// Deactivate even past the failure budget (an operator's explicit wish).
+    pub ignore_budget: bool,
+}
+
+impl Policy {
+    pub fn by(by: &'static str) -> Self {
+        Self {
+            by,
+            dry_run: false,
+            include_valid: false,
+            ignore_budget: false,
+        }
+    }
+}
+
+/// Totals of one pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassCounts {
+    pub examined: u64,
+    pub deactivated: u64,
+    pub held_back: u64,
+    pub resolved: u64,
+    pub failed: u64,
+    pub skipped_active: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(
+        "pending-authorization guard: {pending} pending authorizations for the account, max_pending is {max}; not creating another order"
+    )]
+    Full { pending: i64, max: u32 },
+    #[error("shutting down")]
+    Cancelled,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The reaper of one account; cheap to clone.
+#[derive(Clone)]
+pub struct Reaper {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    account: AcmeAccount,
+    cfg: ReaperConfig,
+    active: ActiveOrders,
+    /// Identifiers of admitted orders whose authorizations are not in the
+    /// ledger yet: counted by the guard so concurrent orders cannot all
+    /// slip under `max_pending` at once.
+    reserved: tokio::sync::Mutex<i64>,
+    /// Signalled whenever pending authorizations may have decreased.
+    released: Notify,
+}
+
+/// An admitted order's reservation; released when dropped.
+pub struct Admission {
+    reaper: Reaper,
+    count: i64,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let count = self.count;
+        // `try_lock` succeeds unless another task holds the guard this very
+        // moment; then release from a task instead of blocking a drop.
+        if let Ok(mut reserved) = self.reaper.inner.reserved.try_lock() {
+            *reserved -= count;
+            drop(reserved);
+            self.reaper.inner.released.notify_waiters();
+            return;
+        }
+        let reaper = self.reaper.clone();
+        tokio::spawn(async move {
+            *reaper.inner.reserved.lock().await -= count;
+            reaper.inner.released.notify_waiters();
+        });
+    }
+}
+
+impl Reaper {
+    pub fn new(store: Store, account: AcmeAccount, cfg: ReaperConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                account,
+                cfg,
+                active: ActiveOrders::default(),
+                reserved: tokio::sync::Mutex::new(0),
+                released: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn active(&self) -> &ActiveOrders {
+        &self.inner.active
+    }
+
+    pub fn account(&self) -> &AcmeAccount {
+        &self.inner.account
+    }
+
+    pub fn config(&self) -> &ReaperConfig {
+        &self.inner.cfg
+    }
+
+    /// Tells waiting guards that pending authorizations may have cleared.
+    pub fn order_finished(&self) {
+        self.inner.released.notify_waiters();
+    }
+
+    /// Asks the CA about `url` and deactivates it if it is still pending
+    /// (or valid, with `include_valid`) and the failure budget allows.
+    pub async fn settle(&self, url: &str, identifier: &str, policy: Policy) -> Result<Settled, StoreError> {
+        let s = &self.inner.store;
+        let account = &self.inner.account;
+        let now = UnixTime::now().secs();
+        let authz = match fetch_authz(&account.http, &account.signer, url).await {
+            Ok(a) => a,
+            Err(e) => return self.failed(url, identifier, e, policy).await,
+        };
+        if !policy.dry_run {
+            s.authz_check_ok(url).await?;
+        }
+        let deactivatable = match authz.status.as_str() {
+            "pending" => true,
+            "valid" if policy.include_valid => true,
+            "valid" => return Ok(Settled::SkippedValid),
+            other => {
+                if !policy.dry_run {
+                    s.set_authz_status(url, other, None).await?;
+                }
+                return Ok(Settled::NotPending(other.to_owned()));
+            }
+        };
+        debug_assert!(deactivatable);
+        let from = authz.status.clone();
+        if from == "pending" && !policy.ignore_budget {
+            let limit = self.inner.cfg.failed_authz_per_identifier_per_hour;
+            let failures = s.failures_since(account.ledger_id, identifier, now - 3600).await?;
+            if failures >= i64::from(limit) {
+                if !policy.dry_run {
+                    let detail = format!(
+                        "{failures} failed authorizations for {identifier} in the last hour (limit {limit}); deactivation deferred"
+                    );
+                    s.event("held-back", None, None, Some(url), Some(&detail)).await?;
+                }
+                return Ok(Settled::HeldBack { failures, limit });
+            }
+        }
+        if policy.dry_run {
+            return Ok(Settled::WouldDeactivate { from });
+        }
+        match deactivate_authz(&account.http, &account.signer, url).await {
+            Ok(_) => {
+                s.set_authz_deactivated(url, policy.by, &from).await?;
+                let detail = format!("{identifier} was {from}; deactivated by {}", policy.by);
+                s.event("deactivated", None, None, Some(url), Some(&detail)).await?;
+                tracing::info!(authz = %url, identifier, from = %from, by = policy.by, "deactivated authorization");
+                self.inner.released.notify_waiters();
+                Ok(Settled::Deactivated { from })
+            }
+            Err(e) => self.failed(url, identifier, e, policy).await,
+        }
+    }
+
+    async fn failed(&self, url: &str, identifier: &str, e: AcmeError, policy: Policy) -> Result<Settled, StoreError> {
+        let s = &self.inner.store;
+        if e.problem().is_some_and(|p| p.status == Some(404)) {
+            if !policy.dry_run {
+                s.set_authz_status(url, "gone", None).await?;
+            }
+            return Ok(Settled::Gone);
+        }
+        let msg = e.to_string();
+        if !policy.dry_run {
+            s.authz_check_failed(url, UnixTime::now().secs(), &msg).await?;
+            s.event("reaper-error", None, None, Some(url), Some(&msg)).await?;
+        }
+        tracing::warn!(authz = %url, identifier, error = %msg, "cannot settle authorization; will retry");
+        Ok(Settled::Failed(msg))
+    }
+
+    /// One pass over the ledger: every authorization still pending and
+    /// created at least `older_than` ago, not part of an order being driven,
+    /// is settled (or, past its `expires`, marked expired without asking).
+    /// `report` sees each row and its outcome as it happens.
+    pub async fn pass(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+        mut report: impl FnMut(&PendingAuthz, &Settled),
+    ) -> Result<PassCounts, StoreError> {
+        let s = &self.inner.store;
+        let now = UnixTime::now().secs();
+        let cutoff = now - i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX / 2);
+        let policy = Policy {
+            dry_run,
+            ..Policy::by("reaper")
+        };
+        let mut counts = PassCounts::default();
+        let mut after = 0;
+        loop {
+            let page = s
+                .stale_pending_authz(self.inner.account.ledger_id, cutoff, now, after, PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for row in &page {
+                if row.order_url.as_deref().is_some_and(|o| self.inner.active.contains(o)) {
+                    counts.skipped_active += 1;
+                    continue;
+                }
+                counts.examined += 1;
+                let outcome = if row.expires_at.is_some_and(|e| e <= now) {
+                    if !dry_run {
+                        s.set_authz_status(&row.url, "expired", None).await?;
+                    }
+                    Settled::Expired
+                } else {
+                    self.settle(&row.url, &row.identifier, policy).await?
+                };
+                match &outcome {
+                    Settled::Deactivated { .. } | Settled::WouldDeactivate { .. } => counts.deactivated += 1,
+                    Settled::HeldBack { .. } => counts.held_back += 1,
+                    Settled::Failed(_) => counts.failed += 1,
+                    _ => counts.resolved += 1,
+                }
+                report(row, &outcome);
+            }
+        }
+        if !dry_run {
+            let detail = format!(
+                "examined {}, deactivated {}, held back {}, resolved {}, failed {}",
+                counts.examined, counts.deactivated, counts.held_back, counts.resolved, counts.failed
+            );
+            s.event("reaper-pass", None, None, None, Some(&detail)).await?;
+        }
+        Ok(counts)
+    }
+
+    /// Crash recovery: orders the ledger shows in flight but that no task is
+    /// driving. Those `keep` accepts (their certificate is still configured
+    /// with the same names, and the driver will resume them) are marked
+    /// resumable; the rest are abandoned and their pending authorizations
+    /// settled within the budget. An order interrupted after finalization
+    /// is abandoned too: its authorizations are already valid (nothing is
+    /// pending) and its key died with the process, so a new order, which
+    /// the CA satisfies from those valid authorizations, costs less than
+    /// persisting keys.
+    pub async fn recover(&self, keep: impl Fn(&OrderRow) -> bool) -> Result<(usize, usize), StoreError> {
+        let s = &self.inner.store;
+        let (mut resumable, mut abandoned) = (0, 0);
+        for order in s.in_flight_orders(self.inner.account.ledger_id).await? {
+            if self.inner.active.contains(&order.url) {
+                continue;
+            }
+            if order.step != "finalizing" && keep(&order) {
+                s.set_order_state(&order.url, &order.status, "resumable", None).await?;
+                s.event("order-recovered", Some(&order.cert_name), Some(&order.url), None, Some("left to resume"))
+                    .await?;
+                resumable += 1;
+                continue;
+            }
+            self.abandon_order(&order.url, &order.cert_name, "recovery").await?;
+            abandoned += 1;
+        }
+        Ok((resumable, abandoned))
+    }
+
+    /// Gives up on an order: settles its pending authorizations and marks it
+    /// abandoned.
+    pub async fn abandon_order(&self, order_url: &str, cert_name: &str, why: &str) -> Result<(), StoreError> {
+        let s = &self.inner.store;
+        for (url, identifier) in s.pending_authz_of_order(order_url).await? {
+            self.settle(&url, &identifier, Policy::by("driver")).await?;
+        }
+        s.set_order_state(order_url, "abandoned", "abandoned", Some(why)).await?;
+        s.event("order-abandoned", Some(cert_name), Some(order_url), None, Some(why)).await?;
+        Ok(())
+    }
+
+    /// The guard before `newOrder`: admits an order for `identifiers` names
+    /// while the account's pending authorizations (ledger plus admitted
+    /// orders not yet recorded) stay under `max_pending`. At the limit it
+    /// runs a reaper pass at once; if still full it records a
+    /// `pending-authz-guard` event and waits, bounded, for orders in flight
+    /// to finish.
+    pub async fn admit(
+        &self,
+        cert_name: &str,
+        identifiers: usize,
+        cancel: &CancellationToken,
+    ) -> Result<Admission, GuardError> {
+        let max = self.inner.cfg.max_pending;
+        let deadline = tokio::time::Instant::now() + GUARD_WAIT;
+        let mut reaped = false;
+        let mut recorded = false;
+        loop {
+            let released = self.inner.released.notified();
+            tokio::pin!(released);
+            // Register before checking, so a release between the check and
+            // the wait is not missed.
+            released.as_mut().enable();
+            let pending = {
+                let mut reserved = self.inner.reserved.lock().await;
+                let pending = self.inner.store.pending_count(self.inner.account.ledger_id).await? + *reserved;
+                if pending < i64::from(max) {
+                    let count = i64::try_from(identifiers).unwrap_or(i64::MAX);
+                    *reserved += count;
+                    return Ok(Admission {
+                        reaper: self.clone(),
+                        count,
+                    });
+                }
+                pending
+            };
+            if !reaped {
+                reaped = true;
+                self.pass(self.inner.cfg.pending_max_age, false, |_, _| {}).await?;
+                continue;
+            }
+            if !recorded {
+                recorded = true;
+                let detail = format!("{pending} pending authorizations, max_pending {max}: order deferred");
+                self.inner
+                    .store
+                    .event("pending-authz-guard", Some(cert_name), None, None, Some(&detail))
+                    .await?;
+                tracing::warn!(cert = cert_name, pending, max, "pending-authorization guard: order deferred");
+            }
+            tokio::select! {
+                () = &mut released => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(GuardError::Full { pending, max });
+                }
+                () = cancel.cancelled() => return Err(GuardError::Cancelled),
+            }
+        }
+    }
+}
