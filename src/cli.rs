@@ -25,9 +25,9 @@ use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
 use crate::driver::{self, Context};
 use crate::install;
+use crate::reaper::{Policy, Reaper, Settled};
 use crate::scheduler::{self, Due, Reason};
 use crate::solver::Solvers;
-use crate::reaper::{Policy, Reaper, Settled};
 use crate::store::{OrderRow, Store};
 
 /// `println!` that ends the process quietly when standard output is a
@@ -389,7 +389,7 @@ async fn renew_due(
     // A one-shot run from cron is the only hygiene some hosts get.
     let counts = ctx
         .reaper
-        .pass(cfg.reaper.pending_max_age, false, |_, _| {})
+        .pass(cfg.reaper.pending_max_age, false, false, |_, _| {})
         .await?;
     if counts.deactivated + counts.held_back > 0 {
         outln!(
@@ -426,18 +426,52 @@ async fn existing_account(cfg: &Config, store: &Store) -> anyhow::Result<Option<
         return Ok(None);
     }
     let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
-    let account = AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
-    Ok(Some(Reaper::new(store.clone(), account, cfg.reaper.clone())))
+    let account =
+        AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
+    Ok(Some(Reaper::new(
+        store.clone(),
+        account,
+        cfg.reaper.clone(),
+    )))
 }
 
-async fn reap(cfg: &Config, older_than: Option<Duration>, dry_run: bool) -> anyhow::Result<ExitCode> {
+async fn reap(
+    cfg: &Config,
+    older_than: Option<Duration>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
     let Some(store) = open_existing(cfg).await? else {
         outln!("no ledger yet: nothing to reap");
         return Ok(ExitCode::SUCCESS);
     };
-    let Some(reaper) = existing_account(cfg, &store).await? else {
-        outln!("no ACME account yet: nothing to reap");
-        return Ok(ExitCode::SUCCESS);
+    let reaper = match existing_account(cfg, &store).await {
+        Ok(Some(reaper)) => reaper,
+        Ok(None) => {
+            outln!("no ACME account yet: nothing to reap");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            // The CA is unreachable (or the account unusable): record the
+            // failed pass for `status`; nothing in the ledger changed.
+            let msg = error_chain(e.as_ref());
+            if !dry_run {
+                store
+                    .event("reaper-error", None, None, None, Some(&msg))
+                    .await?;
+                store
+                    .event(
+                        "reaper-pass",
+                        None,
+                        None,
+                        None,
+                        Some(&format!("failed: {msg}")),
+                    )
+                    .await?;
+            }
+            eprintln!("certd: reaper pass failed: {msg}");
+            store.close().await;
+            return Ok(ExitCode::FAILURE);
+        }
     };
     if !dry_run {
         let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
@@ -447,15 +481,24 @@ async fn reap(cfg: &Config, older_than: Option<Duration>, dry_run: bool) -> anyh
     }
     let older_than = older_than.unwrap_or(cfg.reaper.pending_max_age);
     let counts = reaper
-        .pass(older_than, dry_run, |row, outcome| {
-            outln!("{}  {}  {}", describe_settled(outcome), row.url, row.identifier);
+        .pass(older_than, dry_run, true, |row, outcome| {
+            outln!(
+                "{}  {}  {}",
+                describe_settled(outcome),
+                row.url,
+                row.identifier
+            );
         })
         .await?;
     outln!(
         "{}examined {}, {} {}, held back {}, no longer pending {}, failed {}",
         if dry_run { "dry run: " } else { "" },
         counts.examined,
-        if dry_run { "would deactivate" } else { "deactivated" },
+        if dry_run {
+            "would deactivate"
+        } else {
+            "deactivated"
+        },
         counts.deactivated,
         counts.held_back,
         counts.resolved,
@@ -549,7 +592,11 @@ async fn authz_deactivate(
 /// challenge in the ledger (seed 000: logs often hold only those), or else
 /// whatever the CA says the URL is, following a challenge's
 /// `Link: rel="up"` to its authorization.
-async fn resolve_authz(store: &Store, account: &AcmeAccount, url: &str) -> Result<(String, String), String> {
+async fn resolve_authz(
+    store: &Store,
+    account: &AcmeAccount,
+    url: &str,
+) -> Result<(String, String), String> {
     let ledger = |e: crate::store::StoreError| e.to_string();
     if let Some(a) = store.authz(url).await.map_err(ledger)? {
         return Ok((a.url, a.identifier));
@@ -564,15 +611,17 @@ async fn resolve_authz(store: &Store, account: &AcmeAccount, url: &str) -> Resul
     }
     let authz_url = match fetch_authz(&account.http, &account.signer, url).await {
         Ok(_) => url.to_owned(),
-        Err(AcmeError::Protocol(_)) => match challenge_parent(&account.http, &account.signer, url).await {
-            Ok(Some(up)) => up,
-            Ok(None) => {
-                return Err(
+        Err(AcmeError::Protocol(_)) => {
+            match challenge_parent(&account.http, &account.signer, url).await {
+                Ok(Some(up)) => up,
+                Ok(None) => {
+                    return Err(
                     "not in the ledger, and the CA answers with something that is neither an authorization nor a challenge with a Link rel=\"up\" to one".into(),
                 );
+                }
+                Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
             }
-            Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
-        },
+        }
         Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
     };
     let a = fetch_authz(&account.http, &account.signer, &authz_url)
@@ -724,7 +773,10 @@ async fn print_accounts(store: &Store, now: UnixTime) -> anyhow::Result<()> {
             (None, _) => outln!("  last reaper pass: never"),
         }
         if let Some(at) = r.last_guard_at {
-            outln!("  pending-authz guard last deferred an order at {}", rfc3339(at));
+            outln!(
+                "  pending-authz guard last deferred an order at {}",
+                rfc3339(at)
+            );
         }
     }
     Ok(())

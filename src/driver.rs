@@ -159,7 +159,8 @@ async fn obtain_inner(
             // The guard counts this order before it exists, so concurrent
             // orders cannot all slip under max_pending.
             let admission = ctx.reaper.admit(name, sorted.len(), cancel).await?;
-            let identifiers: Vec<Identifier> = sorted.iter().cloned().map(Identifier::Dns).collect();
+            let identifiers: Vec<Identifier> =
+                sorted.iter().cloned().map(Identifier::Dns).collect();
             let order = ctx
                 .account
                 .account
@@ -174,9 +175,21 @@ async fn obtain_inner(
     let _claim = ctx.reaper.active().claim(&order_url);
     let status = order_status(order.state().status);
     ctx.store
-        .record_order(ctx.account.ledger_id, name, &order_url, &sorted, status, &[])
+        .record_order(
+            ctx.account.ledger_id,
+            name,
+            &order_url,
+            &sorted,
+            status,
+            &[],
+        )
         .await?;
-    if let Some(expires) = ctx.account.http.observed(&order_url).and_then(|o| o.expires) {
+    if let Some(expires) = ctx
+        .account
+        .http
+        .observed(&order_url)
+        .and_then(|o| o.expires)
+    {
         ctx.store.set_order_expires(&order_url, expires).await?;
     }
 
@@ -192,7 +205,9 @@ async fn obtain_inner(
                 .set_order_state(&order_url, status, "failed", Some(&detail))
                 .await?;
             for (url, identifier) in ctx.store.pending_authz_of_order(&order_url).await? {
-                ctx.reaper.settle(&url, &identifier, Policy::by("driver")).await?;
+                ctx.reaper
+                    .settle(&url, &identifier, Policy::by("driver"))
+                    .await?;
             }
             Err(e)
         }
@@ -201,7 +216,11 @@ async fn obtain_inner(
 
 /// Reuse before abandoning (seed 003): the newest unfinished order for the
 /// same names, if the CA still has it pending or ready.
-async fn resume(ctx: &Context, name: &str, identifiers: &[String]) -> Result<Option<Order>, DriveError> {
+async fn resume(
+    ctx: &Context,
+    name: &str,
+    identifiers: &[String],
+) -> Result<Option<Order>, DriveError> {
     let now = UnixTime::now().secs();
     let Some(row) = ctx
         .store

@@ -76,10 +76,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What became of one authorization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
-    Deactivated { from: String },
-    WouldDeactivate { from: String },
+    Deactivated {
+        from: String,
+    },
+    WouldDeactivate {
+        from: String,
+    },
     /// Deactivating now would exceed the identifier's failure budget.
-    HeldBack { failures: i64, limit: u32 },
+    HeldBack {
+        failures: i64,
+        limit: u32,
+    },
     /// The CA says it is no longer pending (valid, invalid, deactivated…).
     NotPending(String),
     /// Valid, and the caller did not ask to deactivate valid ones.
@@ -95,7 +102,10 @@ pub enum Settled {
 impl Settled {
     /// Whether the authorization is no longer pending (or would not be).
     pub fn is_done(&self) -> bool {
-        !matches!(self, Self::HeldBack { .. } | Self::Failed(_) | Self::SkippedValid)
+        !matches!(
+            self,
+            Self::HeldBack { .. } | Self::Failed(_) | Self::SkippedValid
+        )
     }
 }
 
@@ -222,7 +232,12 @@ impl Reaper {
 
     /// Asks the CA about `url` and deactivates it if it is still pending
     /// (or valid, with `include_valid`) and the failure budget allows.
-    pub async fn settle(&self, url: &str, identifier: &str, policy: Policy) -> Result<Settled, StoreError> {
+    pub async fn settle(
+        &self,
+        url: &str,
+        identifier: &str,
+        policy: Policy,
+    ) -> Result<Settled, StoreError> {
         let s = &self.inner.store;
         let account = &self.inner.account;
         let now = UnixTime::now().secs();
@@ -248,13 +263,16 @@ impl Reaper {
         let from = authz.status.clone();
         if from == "pending" && !policy.ignore_budget {
             let limit = self.inner.cfg.failed_authz_per_identifier_per_hour;
-            let failures = s.failures_since(account.ledger_id, identifier, now - 3600).await?;
+            let failures = s
+                .failures_since(account.ledger_id, identifier, now - 3600)
+                .await?;
             if failures >= i64::from(limit) {
                 if !policy.dry_run {
                     let detail = format!(
                         "{failures} failed authorizations for {identifier} in the last hour (limit {limit}); deactivation deferred"
                     );
-                    s.event("held-back", None, None, Some(url), Some(&detail)).await?;
+                    s.event("held-back", None, None, Some(url), Some(&detail))
+                        .await?;
                 }
                 return Ok(Settled::HeldBack { failures, limit });
             }
@@ -266,7 +284,8 @@ impl Reaper {
             Ok(_) => {
                 s.set_authz_deactivated(url, policy.by, &from).await?;
                 let detail = format!("{identifier} was {from}; deactivated by {}", policy.by);
-                s.event("deactivated", None, None, Some(url), Some(&detail)).await?;
+                s.event("deactivated", None, None, Some(url), Some(&detail))
+                    .await?;
                 tracing::info!(authz = %url, identifier, from = %from, by = policy.by, "deactivated authorization");
                 self.inner.released.notify_waiters();
                 Ok(Settled::Deactivated { from })
@@ -275,7 +294,13 @@ impl Reaper {
         }
     }
 
-    async fn failed(&self, url: &str, identifier: &str, e: AcmeError, policy: Policy) -> Result<Settled, StoreError> {
+    async fn failed(
+        &self,
+        url: &str,
+        identifier: &str,
+        e: AcmeError,
+        policy: Policy,
+    ) -> Result<Settled, StoreError> {
         let s = &self.inner.store;
         if e.problem().is_some_and(|p| p.status == Some(404)) {
             if !policy.dry_run {
@@ -285,8 +310,10 @@ impl Reaper {
         }
         let msg = e.to_string();
         if !policy.dry_run {
-            s.authz_check_failed(url, UnixTime::now().secs(), &msg).await?;
-            s.event("reaper-error", None, None, Some(url), Some(&msg)).await?;
+            s.authz_check_failed(url, UnixTime::now().secs(), &msg)
+                .await?;
+            s.event("reaper-error", None, None, Some(url), Some(&msg))
+                .await?;
         }
         tracing::warn!(authz = %url, identifier, error = %msg, "cannot settle authorization; will retry");
         Ok(Settled::Failed(msg))
@@ -295,11 +322,13 @@ impl Reaper {
     /// One pass over the ledger: every authorization still pending and
     /// created at least `older_than` ago, not part of an order being driven,
     /// is settled (or, past its `expires`, marked expired without asking).
-    /// `report` sees each row and its outcome as it happens.
+    /// `report` sees each row and its outcome as it happens. `explicit`
+    /// (an operator's `certd reap`) also retries rows still in backoff.
     pub async fn pass(
         &self,
         older_than: Duration,
         dry_run: bool,
+        explicit: bool,
         mut report: impl FnMut(&PendingAuthz, &Settled),
     ) -> Result<PassCounts, StoreError> {
         let s = &self.inner.store;
@@ -313,12 +342,23 @@ impl Reaper {
         let mut after = 0;
         loop {
             let page = s
-                .stale_pending_authz(self.inner.account.ledger_id, cutoff, now, after, PAGE)
+                .stale_pending_authz(
+                    self.inner.account.ledger_id,
+                    cutoff,
+                    now,
+                    explicit,
+                    after,
+                    PAGE,
+                )
                 .await?;
             let Some(last) = page.last() else { break };
             after = last.id;
             for row in &page {
-                if row.order_url.as_deref().is_some_and(|o| self.inner.active.contains(o)) {
+                if row
+                    .order_url
+                    .as_deref()
+                    .is_some_and(|o| self.inner.active.contains(o))
+                {
                     counts.skipped_active += 1;
                     continue;
                 }
@@ -332,7 +372,9 @@ impl Reaper {
                     self.settle(&row.url, &row.identifier, policy).await?
                 };
                 match &outcome {
-                    Settled::Deactivated { .. } | Settled::WouldDeactivate { .. } => counts.deactivated += 1,
+                    Settled::Deactivated { .. } | Settled::WouldDeactivate { .. } => {
+                        counts.deactivated += 1
+                    }
                     Settled::HeldBack { .. } => counts.held_back += 1,
                     Settled::Failed(_) => counts.failed += 1,
                     _ => counts.resolved += 1,
@@ -343,9 +385,14 @@ impl Reaper {
         if !dry_run {
             let detail = format!(
                 "examined {}, deactivated {}, held back {}, resolved {}, failed {}",
-                counts.examined, counts.deactivated, counts.held_back, counts.resolved, counts.failed
+                counts.examined,
+                counts.deactivated,
+                counts.held_back,
+                counts.resolved,
+                counts.failed
             );
-            s.event("reaper-pass", None, None, None, Some(&detail)).await?;
+            s.event("reaper-pass", None, None, None, Some(&detail))
+                .await?;
         }
         Ok(counts)
     }
@@ -359,7 +406,10 @@ impl Reaper {
     /// pending) and its key died with the process, so a new order, which
     /// the CA satisfies from those valid authorizations, costs less than
     /// persisting keys.
-    pub async fn recover(&self, keep: impl Fn(&OrderRow) -> bool) -> Result<(usize, usize), StoreError> {
+    pub async fn recover(
+        &self,
+        keep: impl Fn(&OrderRow) -> bool,
+    ) -> Result<(usize, usize), StoreError> {
         let s = &self.inner.store;
         let (mut resumable, mut abandoned) = (0, 0);
         for order in s.in_flight_orders(self.inner.account.ledger_id).await? {
@@ -367,13 +417,21 @@ impl Reaper {
                 continue;
             }
             if order.step != "finalizing" && keep(&order) {
-                s.set_order_state(&order.url, &order.status, "resumable", None).await?;
-                s.event("order-recovered", Some(&order.cert_name), Some(&order.url), None, Some("left to resume"))
+                s.set_order_state(&order.url, &order.status, "resumable", None)
                     .await?;
+                s.event(
+                    "order-recovered",
+                    Some(&order.cert_name),
+                    Some(&order.url),
+                    None,
+                    Some("left to resume"),
+                )
+                .await?;
                 resumable += 1;
                 continue;
             }
-            self.abandon_order(&order.url, &order.cert_name, "recovery").await?;
+            self.abandon_order(&order.url, &order.cert_name, "recovery")
+                .await?;
             abandoned += 1;
         }
         Ok((resumable, abandoned))
@@ -381,13 +439,26 @@ impl Reaper {
 
     /// Gives up on an order: settles its pending authorizations and marks it
     /// abandoned.
-    pub async fn abandon_order(&self, order_url: &str, cert_name: &str, why: &str) -> Result<(), StoreError> {
+    pub async fn abandon_order(
+        &self,
+        order_url: &str,
+        cert_name: &str,
+        why: &str,
+    ) -> Result<(), StoreError> {
         let s = &self.inner.store;
         for (url, identifier) in s.pending_authz_of_order(order_url).await? {
             self.settle(&url, &identifier, Policy::by("driver")).await?;
         }
-        s.set_order_state(order_url, "abandoned", "abandoned", Some(why)).await?;
-        s.event("order-abandoned", Some(cert_name), Some(order_url), None, Some(why)).await?;
+        s.set_order_state(order_url, "abandoned", "abandoned", Some(why))
+            .await?;
+        s.event(
+            "order-abandoned",
+            Some(cert_name),
+            Some(order_url),
+            None,
+            Some(why),
+        )
+        .await?;
         Ok(())
     }
 
@@ -415,7 +486,12 @@ impl Reaper {
             released.as_mut().enable();
             let pending = {
                 let mut reserved = self.inner.reserved.lock().await;
-                let pending = self.inner.store.pending_count(self.inner.account.ledger_id).await? + *reserved;
+                let pending = self
+                    .inner
+                    .store
+                    .pending_count(self.inner.account.ledger_id)
+                    .await?
+                    + *reserved;
                 if pending < i64::from(max) {
                     let count = i64::try_from(identifiers).unwrap_or(i64::MAX);
                     *reserved += count;
@@ -428,17 +504,30 @@ impl Reaper {
             };
             if !reaped {
                 reaped = true;
-                self.pass(self.inner.cfg.pending_max_age, false, |_, _| {}).await?;
+                self.pass(self.inner.cfg.pending_max_age, false, false, |_, _| {})
+                    .await?;
                 continue;
             }
             if !recorded {
                 recorded = true;
-                let detail = format!("{pending} pending authorizations, max_pending {max}: order deferred");
+                let detail =
+                    format!("{pending} pending authorizations, max_pending {max}: order deferred");
                 self.inner
                     .store
-                    .event("pending-authz-guard", Some(cert_name), None, None, Some(&detail))
+                    .event(
+                        "pending-authz-guard",
+                        Some(cert_name),
+                        None,
+                        None,
+                        Some(&detail),
+                    )
                     .await?;
-                tracing::warn!(cert = cert_name, pending, max, "pending-authorization guard: order deferred");
+                tracing::warn!(
+                    cert = cert_name,
+                    pending,
+                    max,
+                    "pending-authorization guard: order deferred"
+                );
             }
             tokio::select! {
                 () = &mut released => {}

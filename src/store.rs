@@ -362,7 +362,11 @@ impl Store {
     }
 
     /// The authorizations of `order_url` with `status`: (URL, identifier).
-    pub async fn authz_of_order(&self, order_url: &str, status: &str) -> Result<Vec<(String, String)>> {
+    pub async fn authz_of_order(
+        &self,
+        order_url: &str,
+        status: &str,
+    ) -> Result<Vec<(String, String)>> {
         Ok(sqlx::query_as(
             "SELECT a.url, a.identifier FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -411,11 +415,15 @@ impl Store {
     /// passed, in id order after `after_id`: the reaper walks the ledger in
     /// pages so a pass over 10,000 stale rows holds neither all of them in
     /// memory nor a lock between pages.
+    ///
+    /// Rows in backoff (a failed CA call) are skipped until `check_after`
+    /// unless `ignore_backoff` (an operator's explicit `certd reap`).
     pub async fn stale_pending_authz(
         &self,
         account_id: i64,
         cutoff: i64,
         now: i64,
+        ignore_backoff: bool,
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<PendingAuthz>> {
@@ -430,7 +438,7 @@ impl Store {
         )
         .bind(account_id)
         .bind(cutoff)
-        .bind(now)
+        .bind(if ignore_backoff { i64::MAX } else { now })
         .bind(after_id)
         .bind(limit)
         .fetch_all(&self.pool)
@@ -440,7 +448,12 @@ impl Store {
     /// Failed validations plus deactivations of pending authorizations for
     /// `identifier` (and its wildcard) since `since`: what Let's Encrypt
     /// counts against "failed authorizations per identifier per hour".
-    pub async fn failures_since(&self, account_id: i64, identifier: &str, since: i64) -> Result<i64> {
+    pub async fn failures_since(
+        &self,
+        account_id: i64,
+        identifier: &str,
+        since: i64,
+    ) -> Result<i64> {
         let base = identifier.trim_start_matches("*.");
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM authorizations
@@ -636,9 +649,11 @@ impl Store {
 
     /// The accounts in the ledger: (id, directory URL, account URL).
     pub async fn accounts(&self) -> Result<Vec<(i64, String, String)>> {
-        Ok(sqlx::query_as("SELECT id, directory_url, account_url FROM accounts ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT id, directory_url, account_url FROM accounts ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     // ---- certificates ----------------------------------------------------
@@ -886,5 +901,105 @@ mod tests {
             (0, Some("ok"))
         );
         assert_eq!(row.domain_list(), d);
+    }
+
+    #[tokio::test]
+    async fn stale_pending_authz_pages_through_ten_thousand_rows() {
+        let (_dir, s) = store().await;
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .unwrap();
+        let authzs: Vec<NewAuthz> = (0..10_050)
+            .map(|i| NewAuthz {
+                url: format!("https://ca/authz/{i}"),
+                identifier: format!("n{i}.example"),
+                status: "pending".into(),
+                expires_at: None,
+                challenges: Vec::new(),
+            })
+            .collect();
+        s.record_order(acct, "big", "https://ca/order/1", &[], "pending", &authzs)
+            .await
+            .unwrap();
+        let now = UnixTime::now().secs();
+        let (mut after, mut seen, mut pages) = (0, 0, 0);
+        loop {
+            let page = s
+                .stale_pending_authz(acct, now, now, false, after, 100)
+                .await
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            assert!(page.len() <= 100);
+            after = last.id;
+            seen += page.len();
+            pages += 1;
+        }
+        assert_eq!((seen, pages), (10_050, 101));
+        // Rows in backoff are skipped until their time, unless asked.
+        s.authz_check_failed("https://ca/authz/0", now, "CA down")
+            .await
+            .unwrap();
+        let first = s
+            .stale_pending_authz(acct, now, now, false, 0, 1)
+            .await
+            .unwrap();
+        assert_eq!(first[0].url, "https://ca/authz/1");
+        let first = s
+            .stale_pending_authz(acct, now, now, true, 0, 1)
+            .await
+            .unwrap();
+        assert_eq!(first[0].url, "https://ca/authz/0");
+    }
+
+    #[tokio::test]
+    async fn failure_budget_counts_invalid_and_pending_deactivations_only() {
+        let (_dir, s) = store().await;
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .unwrap();
+        let mk = |i: u32, identifier: &str| NewAuthz {
+            url: format!("https://ca/authz/{i}"),
+            identifier: identifier.into(),
+            status: "pending".into(),
+            expires_at: None,
+            challenges: Vec::new(),
+        };
+        let list = [
+            mk(1, "a.example"),
+            mk(2, "*.a.example"),
+            mk(3, "a.example"),
+            mk(4, "b.example"),
+        ];
+        s.record_order(acct, "x", "https://ca/order/1", &[], "pending", &list)
+            .await
+            .unwrap();
+        s.set_authz_status("https://ca/authz/1", "invalid", None)
+            .await
+            .unwrap();
+        s.set_authz_deactivated("https://ca/authz/2", "reaper", "pending")
+            .await
+            .unwrap();
+        // Deactivating a valid authorization is free.
+        s.set_authz_deactivated("https://ca/authz/3", "driver", "valid")
+            .await
+            .unwrap();
+        s.set_authz_status("https://ca/authz/4", "invalid", None)
+            .await
+            .unwrap();
+        let since = UnixTime::now().secs() - 3600;
+        assert_eq!(s.failures_since(acct, "a.example", since).await.unwrap(), 2);
+        assert_eq!(
+            s.failures_since(acct, "*.a.example", since).await.unwrap(),
+            2
+        );
+        assert_eq!(s.failures_since(acct, "b.example", since).await.unwrap(), 1);
+        assert_eq!(
+            s.failures_since(acct, "a.example", since + 7200)
+                .await
+                .unwrap(),
+            0
+        );
     }
 }

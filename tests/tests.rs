@@ -10,3 +10,4 @@ mod util;
 mod config;
 mod harness;
 mod issuance;
+mod reaper;

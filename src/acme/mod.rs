@@ -544,12 +544,11 @@ impl AcmeAccount {
                 });
             }
         };
-        let signer = raw::RawSigner::new(&key, account.id()).map_err(|detail| {
-            SetupError::Credentials {
+        let signer =
+            raw::RawSigner::new(&key, account.id()).map_err(|detail| SetupError::Credentials {
                 path: path.clone(),
                 detail,
-            }
-        })?;
+            })?;
         let ledger_id = store.upsert_account(&directory_url, account.id()).await?;
         Ok(Self {
             account,

@@ -13,20 +13,28 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::prelude::BASE64_URL_SAFE_NO_PAD;
 use certd::acme::AcmeHttp;
-use certd::acme::raw::{RawSigner, fetch_authz};
+use certd::acme::raw::{AuthzObject, RawSigner, fetch_authz};
 use instant_acme::{Account, AccountCredentials};
 
 use super::TestEnv;
 
 /// Authorization URL → status at the CA ("pending", "valid", …).
 pub fn ca_authz_statuses(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, String> {
+    ca_authz_objects(env, authz_urls)
+        .into_iter()
+        .map(|(url, a)| (url, a.status))
+        .collect()
+}
+
+/// Authorization URL → the CA's authorization object.
+pub fn ca_authz_objects(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, AuthzObject> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
         let http = AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("HTTP client");
-        let path = certd::acme::credentials_path(&env.state_dir(), &env.pebble.directory_url());
+        let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
         let bytes = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()));
         let creds: AccountCredentials = serde_json::from_slice(&bytes).expect("credentials JSON");
@@ -46,7 +54,7 @@ pub fn ca_authz_statuses(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<Strin
             let authz = fetch_authz(&http, &signer, url)
                 .await
                 .unwrap_or_else(|e| panic!("fetch authorization {url}: {e}"));
-            out.insert(url.clone(), authz.status);
+            out.insert(url.clone(), authz);
         }
         out
     })
@@ -65,4 +73,20 @@ pub fn ledger_authz_urls(authz: &[serde_json::Value]) -> Vec<String> {
         .iter()
         .filter_map(|a| a["url"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// How many events of `kind` the ledger holds, read from the SQLite file.
+pub fn ledger_events(env: &TestEnv, kind: &str) -> i64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
+            .await
+            .expect("open ledger");
+        let n = store.count_events(kind).await.expect("count events");
+        store.close().await;
+        n
+    })
 }

@@ -38,6 +38,16 @@ impl TestEnv {
         self.dir.path()
     }
 
+    /// The ACME directory URL the current config names (Pebble's, or a
+    /// proxy's in front of it).
+    pub fn directory_url(&self) -> String {
+        let text = fs::read_to_string(self.config_path()).unwrap_or_default();
+        text.parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("acme")?.get("directory")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| self.pebble.directory_url())
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("certd.toml")
     }

@@ -15,15 +15,17 @@ mod cmd;
 mod env;
 mod pebble;
 mod ports;
+mod proxy;
 
 // Re-exported so tests need not know the file layout; which of these a
 // given set of test modules names varies, hence the allow.
 #[allow(unused_imports)]
 pub use self::{
-    ca::{ca_authz_statuses, ledger_authz, ledger_authz_urls},
+    ca::{ca_authz_objects, ca_authz_statuses, ledger_authz, ledger_authz_urls, ledger_events},
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     env::TestEnv,
     pebble::{Pebble, PebbleOpts},
     ports::free_port,
+    proxy::TcpProxy,
 };

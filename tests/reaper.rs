@@ -1,0 +1,400 @@
+//! The reaper, the guard and `certd authz deactivate`: no authorization is
+//! left pending at the CA, whatever happens, and no CA limit is tripped.
+//! Every outcome is checked at the CA itself.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::{
+    PebbleOpts, TcpProxy, TestEnv, ca_authz_objects, ca_authz_statuses, ledger_authz,
+    ledger_authz_urls, ledger_events,
+};
+
+/// Wraps the dns-01 hook: while `<dir>/block` exists, `present` announces
+/// itself in `<dir>/presenting` and hangs, so a test can kill certd after
+/// `newOrder` and before any challenge is answered; `<dir>/fail` makes the
+/// hook fail; otherwise it publishes the record as usual.
+fn install_hook_wrapper(env: &TestEnv) {
+    let hook = env.dns_hook_path();
+    let real = env.dir().join("real-hook.sh");
+    fs::rename(&hook, &real).expect("move hook");
+    let dir = env.dir().display();
+    let script = format!(
+        "#!/bin/sh\n\
+         if [ -e '{dir}/fail' ]; then echo 'DNS provider API unreachable' >&2; exit 1; fi\n\
+         if [ \"$1\" = present ] && [ -e '{dir}/block' ]; then touch '{dir}/presenting'; sleep 60; fi\n\
+         if [ \"$1\" = present ] && [ -e '{dir}/slow' ]; then sleep 1; fi\n\
+         exec '{real}' \"$@\"\n",
+        real = real.display()
+    );
+    fs::write(&hook, script).expect("write hook");
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).expect("chmod hook");
+}
+
+fn flag(env: &TestEnv, name: &str, on: bool) {
+    let path = env.dir().join(name);
+    if on {
+        fs::write(path, "").expect("set flag");
+    } else {
+        let _ = fs::remove_file(path);
+    }
+}
+
+fn wait_for(path: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `certd renew`, waits until it is presenting a challenge (its order
+/// and authorizations are in the ledger, nothing is answered), then kills
+/// it with SIGKILL. Returns the authorization URLs it left pending.
+fn kill_mid_order(env: &TestEnv) -> Vec<String> {
+    flag(env, "block", true);
+    let _ = fs::remove_file(env.dir().join("presenting"));
+    let run = env.command().arg("renew").spawn();
+    wait_for(&env.dir().join("presenting"), Duration::from_secs(30));
+    run.signal("KILL");
+    let _ = run.wait();
+    flag(env, "block", false);
+    let pending: Vec<String> = ledger_authz(env)
+        .iter()
+        .filter(|a| a["status"] == "pending")
+        .filter_map(|a| a["url"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !pending.is_empty(),
+        "write-ahead: the ledger holds the authorizations before any answer"
+    );
+    let at_ca = ca_authz_statuses(env, &pending);
+    assert!(at_ca.values().all(|s| s == "pending"), "{at_ca:?}");
+    pending
+}
+
+const ONE_DNS_CERT: &str = r#"
+[[certificate]]
+name = "k"
+domains = ["k.example.test", "www.k.example.test"]
+challenges = ["dns-01"]
+"#;
+
+#[test]
+fn killed_run_is_resumed_by_the_next_start() {
+    let env = TestEnv::new();
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+    assert_eq!(pending.len(), 2);
+
+    // A dry run asks the CA and changes nothing, here or there.
+    let dry = env.certd(&["reap", "--older-than", "0s", "--dry-run"]);
+    dry.assert_success();
+    assert_eq!(
+        dry.stdout.matches("would deactivate (is pending)").count(),
+        2,
+        "{}",
+        dry.stdout
+    );
+    assert!(ledger_authz(&env).iter().all(|a| a["status"] == "pending"));
+    assert!(
+        ca_authz_statuses(&env, &pending)
+            .values()
+            .all(|s| s == "pending")
+    );
+
+    // The next start resumes the same order instead of abandoning it.
+    let out = env.certd(&["renew"]);
+    out.assert_success();
+    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 2, "no second order was needed: {authz:#?}");
+    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
+    assert!(at_ca.values().all(|s| s == "valid"), "{at_ca:?}");
+    assert!(env.cert_dir().join("k/cert.pem").exists());
+}
+
+#[test]
+fn reaper_deactivates_what_a_killed_run_left() {
+    let env = TestEnv::new();
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    out.assert_success();
+    assert_eq!(
+        out.stdout.matches("deactivated (was pending)").count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    let at_ca = ca_authz_statuses(&env, &pending);
+    assert!(at_ca.values().all(|s| s == "deactivated"), "{at_ca:?}");
+    assert!(
+        ledger_authz(&env)
+            .iter()
+            .all(|a| a["status"] == "deactivated")
+    );
+
+    let status = env.certd(&["status"]);
+    assert!(
+        status.stdout.contains("pending authorizations: 0"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        status
+            .stdout
+            .contains("reaper: deactivated 2 (last 24 h: 2)"),
+        "{}",
+        status.stdout
+    );
+}
+
+#[test]
+fn guard_defers_the_third_order_and_issues_it_later() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[reaper]
+max_pending = 2
+
+[[certificate]]
+name = "g1"
+domains = ["g1.example.test"]
+challenges = ["dns-01"]
+
+[[certificate]]
+name = "g2"
+domains = ["g2.example.test"]
+challenges = ["dns-01"]
+
+[[certificate]]
+name = "g3"
+domains = ["g3.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    install_hook_wrapper(&env);
+    // Slow presentations keep two orders' authorizations pending while
+    // the third asks to start.
+    flag(&env, "slow", true);
+    let out = env.certd(&["renew"]);
+    out.assert_success();
+    for name in ["g1", "g2", "g3"] {
+        assert!(
+            env.cert_dir().join(name).join("cert.pem").exists(),
+            "{name} issued"
+        );
+    }
+    assert!(
+        ledger_events(&env, "pending-authz-guard") >= 1,
+        "the guard deferred an order"
+    );
+    let status = env.certd(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("pending-authz guard last deferred an order"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        status.stdout.contains("pending authorizations: 0"),
+        "{}",
+        status.stdout
+    );
+}
+
+#[test]
+fn failure_budget_holds_back_the_sixth_deactivation() {
+    // No authorization reuse: each attempt gets a fresh pending one.
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        authz_reuse: Some(0),
+        ..PebbleOpts::default()
+    });
+    env.write_config(
+        r#"
+[[certificate]]
+name = "b"
+domains = ["b.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    install_hook_wrapper(&env);
+    flag(&env, "fail", true);
+    for _ in 0..6 {
+        let out = env.certd(&["renew"]);
+        assert_eq!(out.code(), Some(1), "{out}");
+    }
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 6, "{authz:#?}");
+    let deactivated = authz
+        .iter()
+        .filter(|a| a["status"] == "deactivated")
+        .count();
+    let pending: Vec<String> = authz
+        .iter()
+        .filter(|a| a["status"] == "pending")
+        .filter_map(|a| a["url"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!((deactivated, pending.len()), (5, 1), "{authz:#?}");
+    assert_eq!(
+        ca_authz_statuses(&env, &pending)
+            .values()
+            .next()
+            .map(String::as_str),
+        Some("pending")
+    );
+    assert!(ledger_events(&env, "held-back") >= 1);
+
+    // The reaper respects the same budget.
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("held back (5 failed authorizations"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        ca_authz_statuses(&env, &pending)
+            .values()
+            .next()
+            .map(String::as_str),
+        Some("pending")
+    );
+    let status = env.certd(&["status"]);
+    assert!(
+        status.stdout.contains("held back for failure budget: 1"),
+        "{}",
+        status.stdout
+    );
+}
+
+#[test]
+fn authz_deactivate_takes_a_challenge_url() {
+    let env = TestEnv::new();
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+    let objects = ca_authz_objects(&env, &pending[..1]);
+    let authz_url = &pending[0];
+    let challenge_url = &objects[authz_url].challenges[0].url;
+    assert_ne!(challenge_url, authz_url);
+
+    let out = env.certd(&["authz", "deactivate", challenge_url]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains(&format!("(authorization {authz_url})")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("deactivated (was pending)"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        ca_authz_statuses(&env, &pending[..1])[authz_url],
+        "deactivated"
+    );
+
+    // A URL nobody knows is a clear error, and the exit status says so.
+    let bogus = format!(
+        "{}/authZ/no-such-thing",
+        env.directory_url().trim_end_matches("/dir")
+    );
+    let out = env.certd(&["authz", "deactivate", &bogus]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout.contains(&format!("{bogus}: cannot resolve")),
+        "{}",
+        out.stdout
+    );
+
+    // --all-pending takes care of the rest.
+    let out = env.certd(&["authz", "deactivate", "--all-pending"]);
+    out.assert_success();
+    assert!(
+        ca_authz_statuses(&env, &pending)
+            .values()
+            .all(|s| s == "deactivated")
+    );
+}
+
+#[test]
+fn reaper_pass_during_a_ca_outage_fails_and_later_succeeds() {
+    let env = TestEnv::new();
+    env.write_config(ONE_DNS_CERT);
+    let proxy = TcpProxy::start(
+        env.pebble
+            .directory_url()
+            .trim_start_matches("https://")
+            .trim_end_matches("/dir")
+            .parse()
+            .expect("Pebble address"),
+    );
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    let direct = env.pebble.directory_url();
+    env.write_raw_config(
+        &config.replace(&direct, &format!("https://127.0.0.1:{}/dir", proxy.port())),
+    );
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+
+    proxy.set_up(false);
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("reaper pass failed"), "{}", out.stderr);
+    assert!(ledger_events(&env, "reaper-error") >= 1);
+    let status = env.certd(&["status"]);
+    assert!(status.stdout.contains("failed: "), "{}", status.stdout);
+
+    proxy.set_up(true);
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    out.assert_success();
+    assert!(
+        ca_authz_statuses(&env, &pending)
+            .values()
+            .all(|s| s == "deactivated")
+    );
+}
+
+#[test]
+fn valid_authorizations_can_be_deactivated_after_issue() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[reaper]
+deactivate_valid_after_issue = true
+
+[[certificate]]
+name = "v"
+domains = ["v.example.test"]
+"#,
+    );
+    env.certd(&["renew"]).assert_success();
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 1);
+    assert_eq!(authz[0]["status"], "deactivated");
+    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
+    assert!(at_ca.values().all(|s| s == "deactivated"), "{at_ca:?}");
+    // Free at the CA, so it spends no failure budget: nothing is held back
+    // and the reaper did not do it.
+    let status = env.certd(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("reaper: deactivated 0 (last 24 h: 0), held back for failure budget: 0"),
+        "{}",
+        status.stdout
+    );
+}
