@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    PebbleOpts, TcpProxy, TestEnv, ca_authz_objects, ca_authz_statuses, ledger_authz,
-    ledger_authz_urls, ledger_events,
+    PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses,
+    ledger_authz, ledger_authz_urls, ledger_events,
 };
 
 /// Wraps the dns-01 hook: while `<dir>/block` exists, `present` announces
@@ -104,11 +104,7 @@ fn killed_run_is_resumed_by_the_next_start() {
         dry.stdout
     );
     assert!(ledger_authz(&env).iter().all(|a| a["status"] == "pending"));
-    assert!(
-        ca_authz_statuses(&env, &pending)
-            .values()
-            .all(|s| s == "pending")
-    );
+    assert_ca_status(&env, &pending, "pending");
 
     // The next start resumes the same order instead of abandoning it.
     let out = env.certd(&["renew"]);
@@ -116,8 +112,7 @@ fn killed_run_is_resumed_by_the_next_start() {
     assert_eq!(ledger_events(&env, "order-resumed"), 1);
     let authz = ledger_authz(&env);
     assert_eq!(authz.len(), 2, "no second order was needed: {authz:#?}");
-    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
-    assert!(at_ca.values().all(|s| s == "valid"), "{at_ca:?}");
+    assert_ca_status(&env, &ledger_authz_urls(&authz), "valid");
     assert!(env.cert_dir().join("k/cert.pem").exists());
 }
 
@@ -136,8 +131,7 @@ fn reaper_deactivates_what_a_killed_run_left() {
         "{}",
         out.stdout
     );
-    let at_ca = ca_authz_statuses(&env, &pending);
-    assert!(at_ca.values().all(|s| s == "deactivated"), "{at_ca:?}");
+    assert_ca_status(&env, &pending, "deactivated");
     assert!(
         ledger_authz(&env)
             .iter()
@@ -323,11 +317,7 @@ fn authz_deactivate_takes_a_challenge_url() {
     // --all-pending takes care of the rest.
     let out = env.certd(&["authz", "deactivate", "--all-pending"]);
     out.assert_success();
-    assert!(
-        ca_authz_statuses(&env, &pending)
-            .values()
-            .all(|s| s == "deactivated")
-    );
+    assert_ca_status(&env, &pending, "deactivated");
 }
 
 #[test]
@@ -361,11 +351,7 @@ fn reaper_pass_during_a_ca_outage_fails_and_later_succeeds() {
     proxy.set_up(true);
     let out = env.certd(&["reap", "--older-than", "0s"]);
     out.assert_success();
-    assert!(
-        ca_authz_statuses(&env, &pending)
-            .values()
-            .all(|s| s == "deactivated")
-    );
+    assert_ca_status(&env, &pending, "deactivated");
 }
 
 #[test]
@@ -385,8 +371,7 @@ domains = ["v.example.test"]
     let authz = ledger_authz(&env);
     assert_eq!(authz.len(), 1);
     assert_eq!(authz[0]["status"], "deactivated");
-    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
-    assert!(at_ca.values().all(|s| s == "deactivated"), "{at_ca:?}");
+    assert_ca_status(&env, &ledger_authz_urls(&authz), "deactivated");
     // Free at the CA, so it spends no failure budget: nothing is held back
     // and the reaper did not do it.
     let status = env.certd(&["status"]);

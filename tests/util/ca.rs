@@ -26,6 +26,16 @@ pub fn ca_authz_statuses(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<Strin
         .collect()
 }
 
+/// Panics unless the CA reports every authorization in `urls` as `status`.
+pub fn assert_ca_status(env: &TestEnv, urls: &[String], status: &str) {
+    let at_ca = ca_authz_statuses(env, urls);
+    assert_eq!(at_ca.len(), urls.len());
+    assert!(
+        at_ca.values().all(|s| s == status),
+        "expected all {status} at the CA: {at_ca:?}"
+    );
+}
+
 /// Authorization URL → the CA's authorization object.
 pub fn ca_authz_objects(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, AuthzObject> {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -21,7 +21,10 @@ mod proxy;
 // given set of test modules names varies, hence the allow.
 #[allow(unused_imports)]
 pub use self::{
-    ca::{ca_authz_objects, ca_authz_statuses, ledger_authz, ledger_authz_urls, ledger_events},
+    ca::{
+        assert_ca_status, ca_authz_objects, ca_authz_statuses, ledger_authz, ledger_authz_urls,
+        ledger_events,
+    },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     env::TestEnv,
