@@ -78,6 +78,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run as a daemon: renew on schedule, reap, reload on change (systemd).
+    Run,
     /// Obtain or renew the certificates that are due, then exit.
     Renew {
         /// Only these certificates (default: all configured).
@@ -148,7 +150,6 @@ pub enum AuthzCommand {
 /// outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,10 +169,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to standard error, one line per event; `RUST_LOG` overrides the
+/// configured level.
+fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("certd=info,warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("certd={level},warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -193,7 +196,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    init_logging(cli.log_format, &cfg.daemon.log_level);
     match cli.command {
+        Command::Run => run_daemon(cfg).await,
         Command::CheckConfig => Ok(check_config(&cfg)),
         Command::Renew { names, force } => renew(cfg, &names, force).await,
         Command::Status { json } => status(&cfg, json).await,
@@ -214,6 +219,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
         } => reap(&cfg, older_than, dry_run).await,
     }
+}
+
+async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let shutdown = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        trigger.cancel();
+    });
+    crate::daemon::run(cfg, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_config(cfg: &Config) -> ExitCode {
@@ -240,7 +262,7 @@ fn describe(c: &CertificateConfig) -> String {
 }
 
 /// Creates the state and certificate directories with safe modes.
-fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
+pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for (dir, mode) in [
         (&cfg.storage.state_dir, 0o700),
@@ -272,7 +294,7 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
         .filter(|c| names.is_empty() || names.iter().any(|n| n == c.name.as_str()))
     {
         let installed = install::installed(&cfg.storage.cert_dir, c.name.as_str());
-        match scheduler::due(c, installed.as_ref(), now) {
+        match scheduler::due(c, installed.as_ref(), now, cfg.daemon.renew_remaining) {
             Due::Now(reason) => due.push((c.clone(), reason)),
             Due::At(_) if force => due.push((c.clone(), Reason::Forced)),
             Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
@@ -314,6 +336,7 @@ async fn renew_due(
             solvers,
             reaper,
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
+            renew_remaining: cfg.daemon.renew_remaining,
         })
     };
     let ctx = match setup.await {
@@ -410,7 +433,7 @@ async fn renew_due(
 
 /// Whether an unfinished order is still wanted: its certificate is
 /// configured with exactly the order's names.
-fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
+pub(crate) fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
     cfg.certificate(&order.cert_name).is_some_and(|c| {
         let mut names = c.domain_strings();
         names.sort();

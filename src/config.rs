@@ -34,7 +34,37 @@ pub struct Config {
     pub http01: Option<Http01Config>,
     pub dns01: Option<Dns01Config>,
     pub reaper: ReaperConfig,
+    pub daemon: DaemonConfig,
     pub certificates: Vec<CertificateConfig>,
+}
+
+/// How `certd run` schedules work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// Orders in flight at once.
+    pub max_concurrent: usize,
+    /// Renew when this fraction of the lifetime remains (without ARI).
+    pub renew_remaining: f64,
+    /// First retry delay after a failure; doubles per failure.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long SIGTERM waits for in-flight orders.
+    pub shutdown_grace: Duration,
+    /// Log filter when `RUST_LOG` is unset.
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 4,
+            renew_remaining: 1.0 / 3.0,
+            backoff_min: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(6 * 3600),
+            shutdown_grace: Duration::from_secs(30),
+            log_level: "info".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +89,8 @@ pub struct Http01Config {
     pub listen: Option<SocketAddr>,
     /// Directory served by an existing web server at `/.well-known/acme-challenge/`.
     pub webroot: Option<PathBuf>,
+    /// Fetch the token over HTTP before asking the CA to validate.
+    pub preflight: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -89,7 +121,7 @@ impl Default for ReaperConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CertificateConfig {
     pub name: CertName,
     pub domains: Vec<DnsName>,
@@ -472,6 +504,10 @@ impl Validator<'_> {
                     ));
                 }
                 Some(Http01Config {
+                    // On by default where certd serves the token itself: a
+                    // failed self-check costs nothing, a doomed validation
+                    // costs failure budget.
+                    preflight: h.preflight.unwrap_or(listen.is_some()),
                     listen,
                     webroot: h.webroot.as_deref().map(&resolve),
                 })
@@ -488,6 +524,7 @@ impl Validator<'_> {
             }),
         };
         let reaper = self.reaper(raw.reaper)?;
+        let daemon = self.daemon(raw.daemon)?;
 
         let mut certificates = Vec::with_capacity(raw.certificate.len());
         let mut names = HashSet::new();
@@ -503,8 +540,52 @@ impl Validator<'_> {
             http01,
             dns01,
             reaper,
+            daemon,
             certificates,
         })
+    }
+
+    fn daemon(&self, raw: Option<raw::Daemon>) -> Result<DaemonConfig, ConfigError> {
+        let mut cfg = DaemonConfig::default();
+        let Some(raw) = raw else { return Ok(cfg) };
+        if let Some(n) = raw.max_concurrent {
+            cfg.max_concurrent = self.positive(&n, "daemon.max_concurrent")? as usize;
+        }
+        if let Some(f) = raw.renew_remaining {
+            let v = *f.get_ref();
+            if !(v > 0.0 && v < 1.0) {
+                return Err(self.at.error(
+                    f.span(),
+                    Some("daemon.renew_remaining".into()),
+                    format!("must be a fraction between 0 and 1 (exclusive), not {v}"),
+                ));
+            }
+            cfg.renew_remaining = v;
+        }
+        if let Some(d) = raw.backoff_min {
+            cfg.backoff_min = self.duration(&d, "daemon.backoff_min")?;
+        }
+        if let Some(d) = raw.backoff_max {
+            cfg.backoff_max = self.duration(&d, "daemon.backoff_max")?;
+            if cfg.backoff_max < cfg.backoff_min {
+                return Err(self.at.error(
+                    d.span(),
+                    Some("daemon.backoff_max".into()),
+                    "must not be shorter than backoff_min".into(),
+                ));
+            }
+        }
+        if let Some(d) = raw.shutdown_grace {
+            cfg.shutdown_grace = self.duration(&d, "daemon.shutdown_grace")?;
+        }
+        if let Some(l) = raw.log_level {
+            let level = self.parse_spanned(&l, "daemon.log_level", |s| match s {
+                "error" | "warn" | "info" | "debug" | "trace" => Ok(s.to_owned()),
+                _ => Err(format!("{s:?}: expected error, warn, info, debug or trace")),
+            })?;
+            cfg.log_level = level;
+        }
+        Ok(cfg)
     }
 
     fn acme(
@@ -754,8 +835,20 @@ mod raw {
         pub http01: Option<Http01>,
         pub dns01: Option<Dns01>,
         pub reaper: Option<Reaper>,
+        pub daemon: Option<Daemon>,
         #[serde(default)]
         pub certificate: Vec<Certificate>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Daemon {
+        pub max_concurrent: Option<Spanned<i64>>,
+        pub renew_remaining: Option<Spanned<f64>>,
+        pub backoff_min: Option<Spanned<String>>,
+        pub backoff_max: Option<Spanned<String>>,
+        pub shutdown_grace: Option<Spanned<String>>,
+        pub log_level: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -777,6 +870,7 @@ mod raw {
     pub(super) struct Http01 {
         pub listen: Option<Spanned<String>>,
         pub webroot: Option<String>,
+        pub preflight: Option<bool>,
         pub span: Range<usize>,
     }
 
@@ -785,6 +879,7 @@ mod raw {
     struct Http01Fields {
         listen: Option<Spanned<String>>,
         webroot: Option<String>,
+        preflight: Option<bool>,
     }
 
     // The section's own span lets "set listen or webroot" point at it.
@@ -796,6 +891,7 @@ mod raw {
             Ok(Self {
                 listen: fields.listen,
                 webroot: fields.webroot,
+                preflight: fields.preflight,
                 span,
             })
         }

@@ -53,6 +53,8 @@ pub struct Context {
     pub solvers: Solvers,
     pub reaper: Reaper,
     pub cert_dir: Arc<Path>,
+    /// Renew when this fraction of the lifetime remains.
+    pub renew_remaining: f64,
 }
 
 /// A certificate the driver installed.
@@ -159,14 +161,7 @@ async fn obtain_inner(
             // The guard counts this order before it exists, so concurrent
             // orders cannot all slip under max_pending.
             let admission = ctx.reaper.admit(name, sorted.len(), cancel).await?;
-            let identifiers: Vec<Identifier> =
-                sorted.iter().cloned().map(Identifier::Dns).collect();
-            let order = ctx
-                .account
-                .account
-                .new_order(&NewOrder::new(&identifiers))
-                .await
-                .map_err(AcmeError::from)?;
+            let order = new_order(ctx, name, &sorted).await?;
             tracing::info!(cert = name, order = %order.url(), "order created");
             (order, Some(admission))
         }
@@ -212,6 +207,52 @@ async fn obtain_inner(
             Err(e)
         }
     }
+}
+
+/// `newOrder`, with `replaces` (RFC 9773) naming the installed certificate
+/// where there is one and the CA offers ARI.
+async fn new_order(ctx: &Context, name: &str, sorted: &[String]) -> Result<Order, DriveError> {
+    let account = &ctx.account.account;
+    let identifiers: Vec<Identifier> = sorted.iter().cloned().map(Identifier::Dns).collect();
+    let installed = install::installed(&ctx.cert_dir, name).and_then(|i| i.ari_id);
+    if let Some((aki, serial)) = installed.as_deref().and_then(|id| id.split_once('.')) {
+        let replaces = instant_acme::CertificateIdentifier {
+            authority_key_identifier: aki.into(),
+            serial: serial.into(),
+        };
+        match account
+            .new_order(&NewOrder::new(&identifiers).replaces(replaces))
+            .await
+        {
+            Ok(order) => return Ok(order),
+            // No ARI at this CA: nothing was sent.
+            Err(instant_acme::Error::Unsupported(_)) => {}
+            // The CA created the order but did not echo `replaces`, and
+            // instant-acme refused it. The order is real and its
+            // authorizations pending: take it as an order without ARI.
+            Err(instant_acme::Error::Other(e)) if e.to_string().contains("replaces") => {
+                let url = ctx.account.http.take_created_order(sorted).ok_or_else(|| {
+                    AcmeError::Protocol(format!(
+                        "the CA ignored `replaces` and its order cannot be found: {e}"
+                    ))
+                })?;
+                tracing::info!(cert = name, order = %url, "the CA ignored `replaces`; using the order as is");
+                return account
+                    .order(url)
+                    .await
+                    .map_err(|e| AcmeError::from(e).into());
+            }
+            // E.g. `alreadyReplaced`: order without `replaces`.
+            Err(instant_acme::Error::Api(p)) if p.status.is_some_and(|s| s < 500 && s != 429) => {
+                tracing::info!(cert = name, problem = %ProblemRecord::from_problem(&p), "order with `replaces` refused; ordering without");
+            }
+            Err(e) => return Err(AcmeError::from(e).into()),
+        }
+    }
+    account
+        .new_order(&NewOrder::new(&identifiers))
+        .await
+        .map_err(|e| AcmeError::from(e).into())
 }
 
 /// Reuse before abandoning (seed 003): the newest unfinished order for the
@@ -316,7 +357,7 @@ async fn run_order(
         not_after: info.not_after,
         version: version.clone(),
     };
-    let next = install::renewal_time(info.not_before, info.not_after);
+    let next = install::renewal_time(info.not_before, info.not_after, ctx.renew_remaining);
     ctx.store
         .record_installed(name, &installed, next.secs())
         .await?;
@@ -438,10 +479,9 @@ async fn plan_challenges(
             }
         }
         let offered: Vec<ChallengeType> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
-        let Some(kind) = cert
-            .challenges
-            .iter()
-            .copied()
+        let history = ctx.store.challenge_history(&identifier).await?;
+        let Some(kind) = preference(&cert.challenges, &history)
+            .into_iter()
             .find(|k| offered.contains(&acme_type(*k)))
         else {
             return Err(DriveError::NoChallenge {
@@ -494,7 +534,12 @@ async fn validate<'p>(
 ) -> Result<(), DriveError> {
     for p in plan {
         presented.push(p);
-        p.solver.present(&p.spec).await?;
+        // A hook may hang; shutdown must not wait for it (kill_on_drop
+        // ends the process when this future is dropped).
+        tokio::select! {
+            result = p.solver.present(&p.spec) => result?,
+            () = cancel.cancelled() => return Err(DriveError::Cancelled),
+        }
     }
     for p in plan {
         ctx.store
@@ -637,6 +682,34 @@ async fn download(
     }
 }
 
+/// The CA's ARI renewal window for an installed certificate (RFC 9773):
+/// a uniformly random instant in the suggested window, and when to ask
+/// again (the response's `Retry-After`, at least an hour apart). `None`
+/// where the CA offers no `renewalInfo` or the request fails (the caller
+/// then falls back to the lifetime fraction).
+pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Option<(UnixTime, UnixTime)> {
+    let id = info.ari_id.as_deref()?;
+    let (aki, serial) = id.split_once('.')?;
+    let cert_id = instant_acme::CertificateIdentifier {
+        authority_key_identifier: aki.into(),
+        serial: serial.into(),
+    };
+    match ctx.account.account.renewal_info(&cert_id).await {
+        Ok((ri, retry)) => {
+            let start = ri.suggested_window.start.unix_timestamp();
+            let end = ri.suggested_window.end.unix_timestamp().max(start);
+            let at = start + ((end - start) as f64 * crate::scheduler::random_fraction()) as i64;
+            let recheck = UnixTime::now().plus(retry.max(Duration::from_secs(3600)));
+            Some((UnixTime::from_secs(at), recheck))
+        }
+        Err(instant_acme::Error::Unsupported(_)) => None,
+        Err(e) => {
+            tracing::warn!(serial = %info.serial, error = %AcmeError::from(e), "ARI request failed");
+            None
+        }
+    }
+}
+
 /// An instant-acme error, with the `Retry-After` the CA sent for `url`.
 fn acme_error(ctx: &Context, url: &str, e: instant_acme::Error) -> DriveError {
     let retry_after = ctx.account.http.observed(url).and_then(|o| o.retry_after);
@@ -731,6 +804,26 @@ impl Poll {
     }
 }
 
+/// Challenge fallback (seed 002): the configured types in order, except
+/// that a type whose last validation for this identifier failed goes behind
+/// those whose last one did not. So after an http-01 failure the next order
+/// leads with dns-01, and keeps doing so while dns-01 keeps working.
+/// `history` is (type, final status), newest first.
+pub fn preference(
+    configured: &[ChallengeKind],
+    history: &[(String, String)],
+) -> Vec<ChallengeKind> {
+    let last_failed = |k: &ChallengeKind| {
+        history
+            .iter()
+            .find(|(t, _)| t == k.as_str())
+            .is_some_and(|(_, status)| status == "invalid")
+    };
+    let mut order = configured.to_vec();
+    order.sort_by_key(last_failed);
+    order
+}
+
 fn acme_type(k: ChallengeKind) -> ChallengeType {
     match k {
         ChallengeKind::Http01 => ChallengeType::Http01,
@@ -802,6 +895,31 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(expired.next_delay(None), None);
+    }
+
+    #[test]
+    fn failed_types_move_behind() {
+        use ChallengeKind::{Dns01, Http01};
+        let h = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(preference(&[Http01, Dns01], &[]), [Http01, Dns01]);
+        assert_eq!(
+            preference(&[Http01, Dns01], &h(&[("http-01", "invalid")])),
+            [Dns01, Http01]
+        );
+        let after = h(&[("dns-01", "valid"), ("http-01", "invalid")]);
+        assert_eq!(preference(&[Http01, Dns01], &after), [Dns01, Http01]);
+        let both = h(&[("dns-01", "invalid"), ("http-01", "invalid")]);
+        assert_eq!(preference(&[Http01, Dns01], &both), [Http01, Dns01]);
+        let recovered = h(&[
+            ("http-01", "valid"),
+            ("dns-01", "invalid"),
+            ("http-01", "invalid"),
+        ]);
+        assert_eq!(preference(&[Http01, Dns01], &recovered), [Http01, Dns01]);
     }
 
     #[tokio::test]

@@ -61,6 +61,9 @@ pub struct CertInfo {
     pub not_after: i64,
     /// DER of the SubjectPublicKeyInfo.
     pub spki: Vec<u8>,
+    /// The RFC 9773 certificate identifier (base64url AKI keyIdentifier "."
+    /// base64url serial), when the certificate has an AKI.
+    pub ari_id: Option<String>,
 }
 
 impl CertInfo {
@@ -85,7 +88,22 @@ impl CertInfo {
             })
             .unwrap_or_default();
         dns_names.sort();
+        let aki = cert
+            .extensions()
+            .iter()
+            .find_map(|ext| match ext.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            });
+        let b64 = |b: &[u8]| {
+            use base64::Engine;
+            base64::prelude::BASE64_URL_SAFE_NO_PAD.encode(b)
+        };
+        let ari_id = aki.map(|k| format!("{}.{}", b64(&k), b64(cert.tbs_certificate.raw_serial())));
         Ok(Self {
+            ari_id,
             dns_names,
             // Lower-case hex without leading zero bytes, as CAs and
             // `openssl x509 -serial` print it.
@@ -365,11 +383,11 @@ pub async fn run_reloads(
     out
 }
 
-/// When a certificate with this validity should be renewed: when a third of
-/// its lifetime remains.
-pub fn renewal_time(not_before: i64, not_after: i64) -> UnixTime {
-    let lifetime = (not_after - not_before).max(0);
-    UnixTime::from_secs(not_after - lifetime / 3)
+/// When a certificate with this validity should be renewed: when the
+/// `remaining` fraction of its lifetime is left.
+pub fn renewal_time(not_before: i64, not_after: i64, remaining: f64) -> UnixTime {
+    let lifetime = (not_after - not_before).max(0) as f64;
+    UnixTime::from_secs(not_after - (lifetime * remaining) as i64)
 }
 
 #[cfg(test)]
@@ -467,6 +485,6 @@ mod tests {
 
     #[test]
     fn renewal_at_two_thirds() {
-        assert_eq!(renewal_time(0, 90).secs(), 60);
+        assert_eq!(renewal_time(0, 90, 1.0 / 3.0).secs(), 60);
     }
 }

@@ -14,6 +14,7 @@ pub mod acme;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod driver;
 pub mod install;
 pub mod reaper;

@@ -1,14 +1,30 @@
-//! When each certificate is due.
+//! When each certificate is due, and the daemon's loop that acts on it.
 //!
 //! A certificate is due now when no complete copy is installed, when its
-//! configured domains differ from the installed certificate's, or when a
-//! third of its lifetime remains; otherwise it is due at that point.
-
+//! configured domains differ from the installed certificate's, or when it
+//! expired; otherwise at its renewal time: a uniformly random instant in
+//! the CA's ARI window (RFC 9773) where the CA offers one, else when the
+//! configured fraction of its lifetime remains, less a little jitter so
+//! certificates issued together do not renew together.
+//!
+//! [`Scheduler::run`] has the shape of mini-redis's purge task: one
+//! `sleep_until` for the earliest deadline, woken early by finished orders,
+//! configuration changes and shutdown. An idle daemon sleeps.
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
+use ring::rand::SecureRandom;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::acme::Disposition;
 use crate::clock::UnixTime;
-use crate::config::CertificateConfig;
-use crate::install::{CertInfo, renewal_time};
+use crate::config::{CertificateConfig, Config};
+use crate::driver::{self, Context, DriveError, Issued};
+use crate::install::{self, CertInfo, renewal_time};
 
 /// Why a certificate needs a new issuance, or when it will.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +55,12 @@ impl fmt::Display for Reason {
 }
 
 /// Decides whether `cert` needs an order, given what is installed.
-pub fn due(cert: &CertificateConfig, installed: Option<&CertInfo>, now: UnixTime) -> Due {
+pub fn due(
+    cert: &CertificateConfig,
+    installed: Option<&CertInfo>,
+    now: UnixTime,
+    remaining: f64,
+) -> Due {
     let Some(info) = installed else {
         return Due::Now(Reason::NotInstalled);
     };
@@ -51,11 +72,366 @@ pub fn due(cert: &CertificateConfig, installed: Option<&CertInfo>, now: UnixTime
     if now.secs() >= info.not_after {
         return Due::Now(Reason::Expired);
     }
-    let at = renewal_time(info.not_before, info.not_after);
+    let at = renewal_time(info.not_before, info.not_after, remaining);
     if now >= at {
         Due::Now(Reason::RenewalWindow)
     } else {
         Due::At(at)
+    }
+}
+
+/// A uniform random number in [0, 1), from ring's system RNG.
+pub fn random_fraction() -> f64 {
+    let mut b = [0u8; 8];
+    // The system RNG failing is not recoverable in any useful way here;
+    // zero jitter is a safe fallback.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The delay before retry number `failures` (1-based): `min` doubling up to
+/// `max`, drawn uniformly from the upper half so retries of many
+/// certificates spread out.
+pub fn failure_backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    let d = min.saturating_mul(1 << doublings).min(max);
+    d.mul_f64(0.5 + 0.5 * random_fraction())
+}
+
+/// The renewal time of `info` without ARI: `remaining` of the lifetime left,
+/// minus up to 2 % of the lifetime of jitter.
+pub fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
+    let lifetime = (info.not_after - info.not_before).max(0) as f64;
+    let at = renewal_time(info.not_before, info.not_after, remaining);
+    UnixTime::from_secs(at.secs() - (lifetime * 0.02 * random_fraction()) as i64)
+}
+
+/// The longest the loop sleeps before looking again (clock changes).
+const MAX_SLEEP: Duration = Duration::from_secs(6 * 3600);
+/// How long a CA `rateLimited` without `Retry-After` pauses new orders.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(15 * 60);
+
+struct Entry {
+    cert: CertificateConfig,
+    next: UnixTime,
+    why: String,
+    failures: u32,
+    /// Cancels the running order, if one is running.
+    running: Option<CancellationToken>,
+    /// When to ask the CA for a new ARI window.
+    ari_recheck: Option<UnixTime>,
+    /// Bumped on every configuration change, so a result from before a
+    /// change is not applied to the changed certificate.
+    generation: u64,
+}
+
+type JobResult = (String, u64, Result<Issued, DriveError>);
+
+/// The daemon's scheduler: owns when every certificate is due and runs
+/// at most `max_concurrent` orders.
+pub struct Scheduler {
+    ctx: Context,
+    cfg: Arc<Config>,
+    entries: BTreeMap<String, Entry>,
+    jobs: JoinSet<JobResult>,
+    /// A CA rate limit: no new orders before this.
+    paused_until: Option<UnixTime>,
+    cancel: CancellationToken,
+    generation: u64,
+}
+
+impl Scheduler {
+    pub fn new(ctx: Context, cfg: Arc<Config>, cancel: CancellationToken) -> Self {
+        Self {
+            ctx,
+            cfg,
+            entries: BTreeMap::new(),
+            jobs: JoinSet::new(),
+            paused_until: None,
+            cancel,
+            generation: 0,
+        }
+    }
+
+    /// Runs until `cancel` fires, then gives in-flight orders
+    /// `shutdown_grace` to finish or abandon (with deactivation) cleanly.
+    pub async fn run(mut self, mut reloads: mpsc::Receiver<Arc<Config>>) {
+        let certs = self.cfg.certificates.clone();
+        for cert in certs {
+            self.add(cert).await;
+        }
+        loop {
+            self.refresh_ari().await;
+            self.start_due();
+            let wake = self.next_wake();
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                Some(cfg) = reloads.recv() => self.apply(cfg).await,
+                Some(joined) = self.jobs.join_next(), if !self.jobs.is_empty() => match joined {
+                    Ok(result) => self.finished(result).await,
+                    Err(e) => tracing::error!(error = %e, "an order task panicked"),
+                },
+                () = tokio::time::sleep(wake) => {}
+            }
+        }
+        let grace = self.cfg.daemon.shutdown_grace;
+        let drain = async { while self.jobs.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "orders still running after the shutdown grace; stopping them"
+            );
+            self.jobs.abort_all();
+        }
+    }
+
+    async fn add(&mut self, cert: CertificateConfig) {
+        self.generation += 1;
+        let name = cert.name.to_string();
+        let mut entry = Entry {
+            cert,
+            next: UnixTime::now(),
+            why: String::new(),
+            failures: 0,
+            running: None,
+            ari_recheck: None,
+            generation: self.generation,
+        };
+        self.plan(&mut entry).await;
+        self.entries.insert(name, entry);
+    }
+
+    /// Sets `entry.next` from what is installed (and the CA's ARI window).
+    async fn plan(&self, entry: &mut Entry) {
+        let now = UnixTime::now();
+        let installed = install::installed(&self.ctx.cert_dir, entry.cert.name.as_str());
+        match due(
+            &entry.cert,
+            installed.as_ref(),
+            now,
+            self.cfg.daemon.renew_remaining,
+        ) {
+            Due::Now(reason) => {
+                entry.next = now;
+                entry.why = reason.to_string();
+                entry.ari_recheck = None;
+            }
+            Due::At(_) => {
+                // `due` returned At, so a certificate is installed.
+                let Some(info) = installed else { return };
+                self.plan_installed(entry, &info).await;
+            }
+        }
+        tracing::info!(cert = %entry.cert.name, next = %entry.next.rfc3339(), why = %entry.why, "scheduled");
+        let _ = self
+            .ctx
+            .store
+            .set_next_renewal(entry.cert.name.as_str(), entry.next.secs())
+            .await;
+    }
+
+    async fn plan_installed(&self, entry: &mut Entry, info: &CertInfo) {
+        if let Some((at, recheck)) = driver::ari_window(&self.ctx, info).await {
+            entry.next = at;
+            entry.why = "in the CA's ARI renewal window".into();
+            entry.ari_recheck = Some(recheck);
+        } else {
+            entry.next = planned_renewal(info, self.cfg.daemon.renew_remaining);
+            entry.why = "renewal time".into();
+            entry.ari_recheck = None;
+        }
+    }
+
+    /// Re-asks the CA for ARI windows whose `Retry-After` has passed.
+    async fn refresh_ari(&mut self) {
+        let now = UnixTime::now();
+        let names: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.running.is_none() && e.ari_recheck.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let Some(mut entry) = self.entries.remove(&name) else {
+                continue;
+            };
+            self.plan(&mut entry).await;
+            self.entries.insert(name, entry);
+        }
+    }
+
+    fn start_due(&mut self) {
+        let now = UnixTime::now();
+        if self.paused_until.is_some_and(|t| t > now) {
+            return;
+        }
+        self.paused_until = None;
+        let mut running = self
+            .entries
+            .values()
+            .filter(|e| e.running.is_some())
+            .count();
+        let mut due: Vec<(&String, &mut Entry)> = self
+            .entries
+            .iter_mut()
+            .filter(|(_, e)| e.running.is_none() && e.next <= now)
+            .collect();
+        due.sort_by_key(|(_, e)| e.next);
+        for (name, entry) in due {
+            if running >= self.cfg.daemon.max_concurrent {
+                break;
+            }
+            running += 1;
+            let token = self.cancel.child_token();
+            entry.running = Some(token.clone());
+            let ctx = self.ctx.clone();
+            let cert = entry.cert.clone();
+            let (name, generation) = (name.clone(), entry.generation);
+            tracing::info!(cert = %name, why = %entry.why, "renewing");
+            self.jobs.spawn(async move {
+                let result = driver::obtain(&ctx, &cert, &token).await;
+                (name, generation, result)
+            });
+        }
+    }
+
+    fn next_wake(&self) -> Duration {
+        let now = UnixTime::now();
+        let mut earliest = self
+            .entries
+            .values()
+            .filter(|e| e.running.is_none())
+            .flat_map(|e| [Some(e.next), e.ari_recheck])
+            .flatten()
+            .min();
+        if let Some(p) = self.paused_until {
+            earliest = earliest.map(|t| t.max(p));
+        }
+        match earliest {
+            Some(t) if t <= now => Duration::from_millis(0),
+            Some(t) => t.until().min(MAX_SLEEP),
+            None => MAX_SLEEP,
+        }
+    }
+
+    async fn finished(&mut self, (name, generation, result): JobResult) {
+        let Some(mut entry) = self.entries.remove(&name) else {
+            return; // removed from the configuration meanwhile
+        };
+        entry.running = None;
+        if entry.generation != generation {
+            // Changed meanwhile: plan the new configuration afresh.
+            self.plan(&mut entry).await;
+            self.entries.insert(name, entry);
+            return;
+        }
+        match result {
+            Ok(issued) => {
+                entry.failures = 0;
+                tracing::info!(cert = %name, serial = %issued.info.serial, "renewed");
+                self.plan_installed(&mut entry, &issued.info).await;
+                let _ = self
+                    .ctx
+                    .store
+                    .set_next_renewal(&name, entry.next.secs())
+                    .await;
+            }
+            Err(DriveError::Cancelled) if self.cancel.is_cancelled() => {}
+            Err(e) => {
+                entry.failures += 1;
+                let now = UnixTime::now();
+                let (next, why) = match e.disposition() {
+                    Disposition::RateLimited { until } => {
+                        let until = until
+                            .map(UnixTime::from_system)
+                            .unwrap_or_else(|| now.plus(DEFAULT_PAUSE));
+                        self.paused_until = Some(until);
+                        let detail = format!("no new orders before {}", until.rfc3339());
+                        let _ = self
+                            .ctx
+                            .store
+                            .event("rate-limited", Some(&name), None, None, Some(&detail))
+                            .await;
+                        tracing::warn!(cert = %name, until = %until.rfc3339(), "CA rate limit: pausing new orders");
+                        (until, "the CA asked to wait (rate limit)".to_owned())
+                    }
+                    _ => {
+                        let d = &self.cfg.daemon;
+                        let delay = failure_backoff(entry.failures, d.backoff_min, d.backoff_max);
+                        (
+                            now.plus(delay),
+                            format!("retry {} after failure", entry.failures),
+                        )
+                    }
+                };
+                entry.next = next;
+                entry.why = why;
+                let msg = crate::acme::error_chain(&e);
+                tracing::warn!(cert = %name, error = %msg, next = %next.rfc3339(), "renewal failed");
+                let domains = entry.cert.domain_strings();
+                let _ = self
+                    .ctx
+                    .store
+                    .record_failure(&name, &domains, &msg, Some(next.secs()))
+                    .await;
+            }
+        }
+        self.entries.insert(name, entry);
+    }
+
+    /// Applies a new, already validated configuration: new certificates
+    /// are scheduled, removed ones stop (their order abandoned, installed
+    /// files kept), changed ones are planned afresh (due now if their
+    /// names changed).
+    async fn apply(&mut self, cfg: Arc<Config>) {
+        let wanted: BTreeMap<String, CertificateConfig> = cfg
+            .certificates
+            .iter()
+            .map(|c| (c.name.to_string(), c.clone()))
+            .collect();
+        let removed: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(entry) = self.entries.remove(&name)
+                && let Some(token) = entry.running
+            {
+                token.cancel();
+            }
+            tracing::info!(cert = %name, "certificate removed from the configuration; installed files kept");
+        }
+        for (name, cert) in wanted {
+            match self.entries.get_mut(&name) {
+                Some(entry) if entry.cert == cert => {}
+                Some(entry) => {
+                    self.generation += 1;
+                    entry.generation = self.generation;
+                    let names_changed = entry.cert.domains != cert.domains;
+                    entry.cert = cert;
+                    if names_changed && let Some(token) = &entry.running {
+                        // Its result carries the old generation and is
+                        // replanned when it arrives.
+                        token.cancel();
+                    }
+                    if entry.running.is_none() {
+                        // get_mut just found it, and nothing ran in between.
+                        let mut e = self.entries.remove(&name).expect("entry was just found");
+                        e.failures = 0;
+                        self.plan(&mut e).await;
+                        self.entries.insert(name.clone(), e);
+                    }
+                    tracing::info!(cert = %name, "certificate changed");
+                }
+                None => {
+                    tracing::info!(cert = %name, "certificate added");
+                    self.add(cert).await;
+                }
+            }
+        }
+        self.cfg = cfg;
     }
 }
 
@@ -83,24 +459,35 @@ mod tests {
             not_before,
             not_after,
             spki: Vec::new(),
+            ari_id: None,
         }
+    }
+
+    fn due_third(c: &CertificateConfig, i: Option<&CertInfo>, now: UnixTime) -> Due {
+        due(c, i, now, 1.0 / 3.0)
     }
 
     #[test]
     fn due_reasons() {
         let c = cert("[\"b.example\", \"a.example\"]");
         let now = UnixTime::from_secs(100);
-        assert_eq!(due(&c, None, now), Due::Now(Reason::NotInstalled));
+        assert_eq!(due_third(&c, None, now), Due::Now(Reason::NotInstalled));
         let i = info(&["a.example"], 0, 900);
-        assert_eq!(due(&c, Some(&i), now), Due::Now(Reason::DomainsChanged));
-        let i = info(&["a.example", "b.example"], 0, 900);
-        assert_eq!(due(&c, Some(&i), now), Due::At(UnixTime::from_secs(600)));
         assert_eq!(
-            due(&c, Some(&i), UnixTime::from_secs(600)),
+            due_third(&c, Some(&i), now),
+            Due::Now(Reason::DomainsChanged)
+        );
+        let i = info(&["a.example", "b.example"], 0, 900);
+        assert_eq!(
+            due_third(&c, Some(&i), now),
+            Due::At(UnixTime::from_secs(600))
+        );
+        assert_eq!(
+            due_third(&c, Some(&i), UnixTime::from_secs(600)),
             Due::Now(Reason::RenewalWindow)
         );
         assert_eq!(
-            due(&c, Some(&i), UnixTime::from_secs(901)),
+            due_third(&c, Some(&i), UnixTime::from_secs(901)),
             Due::Now(Reason::Expired)
         );
     }

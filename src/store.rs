@@ -397,6 +397,19 @@ impl Store {
         Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
     }
 
+    /// Final outcomes of the challenges certd answered for `identifier`:
+    /// (type, status), newest first; the input of challenge fallback.
+    pub async fn challenge_history(&self, identifier: &str) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT challenge_type, status FROM authorizations
+             WHERE identifier = ? AND challenge_type IS NOT NULL AND status IN ('valid', 'invalid')
+             ORDER BY updated_at DESC, id DESC LIMIT 20",
+        )
+        .bind(identifier)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Pending authorizations per certificate name, counted once each.
     pub async fn pending_authz_by_cert(&self) -> Result<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
@@ -731,6 +744,17 @@ impl Store {
         .bind(now)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Records when the scheduler will next act on a certificate.
+    pub async fn set_next_renewal(&self, name: &str, at: i64) -> Result<()> {
+        sqlx::query("UPDATE certificates SET next_renewal_at = ?, updated_at = ? WHERE name = ?")
+            .bind(at)
+            .bind(UnixTime::now().secs())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

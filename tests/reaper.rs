@@ -3,56 +3,12 @@
 //! Every outcome is checked at the CA itself.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::util::{
-    PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses,
-    ledger_authz, ledger_authz_urls, ledger_events,
+    PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses, flag,
+    install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events, wait_for,
 };
-
-/// Wraps the dns-01 hook: while `<dir>/block` exists, `present` announces
-/// itself in `<dir>/presenting` and hangs, so a test can kill certd after
-/// `newOrder` and before any challenge is answered; `<dir>/fail` makes the
-/// hook fail; otherwise it publishes the record as usual.
-fn install_hook_wrapper(env: &TestEnv) {
-    let hook = env.dns_hook_path();
-    let real = env.dir().join("real-hook.sh");
-    fs::rename(&hook, &real).expect("move hook");
-    let dir = env.dir().display();
-    let script = format!(
-        "#!/bin/sh\n\
-         if [ -e '{dir}/fail' ]; then echo 'DNS provider API unreachable' >&2; exit 1; fi\n\
-         if [ \"$1\" = present ] && [ -e '{dir}/block' ]; then touch '{dir}/presenting'; sleep 60; fi\n\
-         if [ \"$1\" = present ] && [ -e '{dir}/slow' ]; then sleep 1; fi\n\
-         exec '{real}' \"$@\"\n",
-        real = real.display()
-    );
-    fs::write(&hook, script).expect("write hook");
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).expect("chmod hook");
-}
-
-fn flag(env: &TestEnv, name: &str, on: bool) {
-    let path = env.dir().join(name);
-    if on {
-        fs::write(path, "").expect("set flag");
-    } else {
-        let _ = fs::remove_file(path);
-    }
-}
-
-fn wait_for(path: &Path, timeout: Duration) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(
-            start.elapsed() < timeout,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Starts `certd renew`, waits until it is presenting a challenge (its order
 /// and authorizations are in the ledger, nothing is answered), then kills

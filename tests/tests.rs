@@ -8,6 +8,7 @@
 mod util;
 
 mod config;
+mod daemon;
 mod harness;
 mod issuance;
 mod reaper;

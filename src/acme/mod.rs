@@ -74,6 +74,10 @@ struct HttpInner {
     stats: Mutex<Stats>,
     /// The directory's newNonce URL, once a directory has been seen.
     new_nonce: Mutex<Option<String>>,
+    /// Recently created orders: (sorted identifiers, order URL). Lets the
+    /// driver find an order instant-acme refused to hand over (a CA that
+    /// ignored `replaces`).
+    created_orders: Mutex<VecDeque<(String, String)>>,
 }
 
 /// What the last response from one URL said beyond its body.
@@ -145,6 +149,7 @@ impl AcmeHttp {
                 observations: Mutex::new(HashMap::new()),
                 stats: Mutex::new(Stats::default()),
                 new_nonce: Mutex::new(None),
+                created_orders: Mutex::new(VecDeque::new()),
             }),
         })
     }
@@ -162,6 +167,15 @@ impl AcmeHttp {
     /// The CA's newNonce URL, known once instant-acme fetched the directory.
     pub fn new_nonce_url(&self) -> Option<String> {
         lock(&self.inner.new_nonce).clone()
+    }
+
+    /// The URL of the order the CA last created for exactly `identifiers`
+    /// (sorted), taken out of the record.
+    pub fn take_created_order(&self, identifiers: &[String]) -> Option<String> {
+        let key = identifiers.join(",");
+        let mut created = lock(&self.inner.created_orders);
+        let i = created.iter().rposition(|(k, _)| *k == key)?;
+        created.remove(i).map(|(_, url)| url)
     }
 
     /// Requests sent so far, per (endpoint, outcome).
@@ -232,6 +246,9 @@ impl HttpInner {
             }
         };
         self.count(endpoint, status.as_str());
+        if endpoint == "newOrder" && status == StatusCode::CREATED {
+            self.remember_created_order(&headers, &bytes);
+        }
         if let Some(nonce) = headers.get("replay-nonce").and_then(|v| v.to_str().ok()) {
             self.put_nonce(nonce);
         }
@@ -249,6 +266,33 @@ impl HttpInner {
             parts,
             body: Box::new(bytes),
         })
+    }
+
+    fn remember_created_order(&self, headers: &HeaderMap, body: &Bytes) {
+        #[derive(Deserialize)]
+        struct Created {
+            identifiers: Vec<CreatedIdentifier>,
+        }
+        #[derive(Deserialize)]
+        struct CreatedIdentifier {
+            value: String,
+        }
+        let Some(location) = headers
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        let Ok(created) = serde_json::from_slice::<Created>(body) else {
+            return;
+        };
+        let mut names: Vec<String> = created.identifiers.into_iter().map(|i| i.value).collect();
+        names.sort();
+        let mut list = lock(&self.created_orders);
+        if list.len() >= 64 {
+            list.pop_front();
+        }
+        list.push_back((names.join(","), location.to_owned()));
     }
 
     fn take_nonce(&self) -> Option<String> {

@@ -13,6 +13,7 @@ mod ca;
 mod cert;
 mod cmd;
 mod env;
+mod hooks;
 mod pebble;
 mod ports;
 mod proxy;
@@ -28,6 +29,7 @@ pub use self::{
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     env::TestEnv,
+    hooks::{flag, install_hook_wrapper, wait_for},
     pebble::{Pebble, PebbleOpts},
     ports::free_port,
     proxy::TcpProxy,
