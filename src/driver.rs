@@ -90,6 +90,10 @@ pub enum DriveError {
     Guard(#[from] GuardError),
     #[error(transparent)]
     Solver(#[from] SolverError),
+    /// The self-check failed before the CA was asked: the authorizations
+    /// stay pending for the next attempt to resume.
+    #[error(transparent)]
+    Preflight(SolverError),
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
@@ -111,7 +115,7 @@ impl DriveError {
             Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
             Self::NoChallenge { .. } | Self::Key(_) => Disposition::Final,
             Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
-            Self::Guard(_) => Disposition::Retryable,
+            Self::Guard(_) | Self::Preflight(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
         }
     }
@@ -196,6 +200,15 @@ async fn obtain_inner(
                 .map(ProblemRecord::to_json)
                 .unwrap_or_else(|| e.to_string());
             let status = order_status(order.state().status);
+            if matches!(e, DriveError::Preflight(_)) {
+                // Nothing was answered: keep the pending authorizations
+                // for the next attempt; the reaper settles them if they go
+                // stale first.
+                ctx.store
+                    .set_order_state(&order_url, status, "resumable", Some(&detail))
+                    .await?;
+                return Err(e);
+            }
             ctx.store
                 .set_order_state(&order_url, status, "failed", Some(&detail))
                 .await?;
@@ -539,6 +552,11 @@ async fn validate<'p>(
         tokio::select! {
             result = p.solver.present(&p.spec) => result?,
             () = cancel.cancelled() => return Err(DriveError::Cancelled),
+        }
+    }
+    for p in plan {
+        if let Err(e) = p.solver.preflight(&p.spec).await {
+            return Err(DriveError::Preflight(e));
         }
     }
     for p in plan {

@@ -266,22 +266,20 @@ impl Scheduler {
             return;
         }
         self.paused_until = None;
-        let mut running = self
+        let running = self
             .entries
             .values()
             .filter(|e| e.running.is_some())
             .count();
+        let free = self.cfg.daemon.max_concurrent.saturating_sub(running);
         let mut due: Vec<(&String, &mut Entry)> = self
             .entries
             .iter_mut()
             .filter(|(_, e)| e.running.is_none() && e.next <= now)
             .collect();
+        // Most overdue first.
         due.sort_by_key(|(_, e)| e.next);
-        for (name, entry) in due {
-            if running >= self.cfg.daemon.max_concurrent {
-                break;
-            }
-            running += 1;
+        for (name, entry) in due.into_iter().take(free) {
             let token = self.cancel.child_token();
             entry.running = Some(token.clone());
             let ctx = self.ctx.clone();

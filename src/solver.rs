@@ -56,6 +56,12 @@ pub enum SolverError {
     },
     #[error("no solver is configured for {0}")]
     NotConfigured(ChallengeKind),
+    #[error("http-01 pre-flight for {identifier} at {target}: {detail}")]
+    Preflight {
+        identifier: String,
+        target: String,
+        detail: String,
+    },
 }
 
 #[async_trait]
@@ -67,6 +73,14 @@ pub trait Solver: Send + Sync {
 
     /// Removes what `present` added. Safe to call after a failed `present`.
     async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError>;
+
+    /// Checks, before the CA is asked to validate, that the response is
+    /// reachable the way the CA will fetch it, where the solver can tell
+    /// (seed 003: a doomed validation costs failure budget, a failed
+    /// self-check costs nothing).
+    async fn preflight(&self, _c: &ChallengeSpec) -> Result<(), SolverError> {
+        Ok(())
+    }
 
     /// Waits (at most `max`) until the CA has probably fetched the response,
     /// so the first poll of the authorization is not wasted. Solvers that
@@ -125,6 +139,7 @@ const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
 pub struct Http01Solver {
     responder: Option<Http01Responder>,
     webroot: Option<PathBuf>,
+    preflight: bool,
 }
 
 impl Http01Solver {
@@ -132,6 +147,7 @@ impl Http01Solver {
         Self {
             responder,
             webroot: cfg.webroot.clone(),
+            preflight: cfg.preflight,
         }
     }
 
@@ -179,6 +195,67 @@ impl Solver for Http01Solver {
             }
         }
         Ok(())
+    }
+
+    async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        if !self.preflight {
+            return Ok(());
+        }
+        // The standalone responder is asked on its own address (the Host
+        // header says which name); a webroot through the name itself, as
+        // the CA will.
+        let target = match &self.responder {
+            Some(r) => {
+                let mut addr = r.local_addr();
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                addr.to_string()
+            }
+            None => format!("{}:80", c.identifier),
+        };
+        let err = |detail: String| SolverError::Preflight {
+            identifier: c.identifier.clone(),
+            target: target.clone(),
+            detail,
+        };
+        let fetch = async {
+            let mut stream = TcpStream::connect(&target)
+                .await
+                .map_err(|e| err(format!("cannot connect: {e}")))?;
+            let request = format!(
+                "GET {WELL_KNOWN}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: certd-preflight\r\n\r\n",
+                c.token, c.identifier
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let mut response = Vec::new();
+            stream
+                .take(64 * 1024)
+                .read_to_end(&mut response)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            Ok::<_, SolverError>(String::from_utf8_lossy(&response).into_owned())
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), fetch)
+            .await
+            .map_err(|_| err("timed out".into()))??;
+        let status_ok =
+            response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200");
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        if status_ok && body.trim() == c.key_authorization {
+            Ok(())
+        } else {
+            let first = response.lines().next().unwrap_or("no response").to_owned();
+            Err(err(format!(
+                "expected the key authorization, got {first:?}"
+            )))
+        }
     }
 
     async fn wait_fetched(&self, c: &ChallengeSpec, max: Duration) -> bool {
@@ -450,9 +527,15 @@ mod tests {
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,
+            preflight: true,
         };
         let c = spec("tok1");
+        assert!(solver.preflight(&c).await.is_err(), "not presented yet");
         solver.present(&c).await.expect("present");
+        solver
+            .preflight(&c)
+            .await
+            .expect("pre-flight sees the token");
         let rsp = get(r.local_addr(), "/.well-known/acme-challenge/tok1").await;
         assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
         assert!(rsp.ends_with("tok1.thumb"), "{rsp}");
@@ -472,6 +555,7 @@ mod tests {
         let solver = Http01Solver {
             responder: None,
             webroot: Some(dir.path().to_owned()),
+            preflight: false,
         };
         let c = spec("tok2");
         solver.present(&c).await.expect("present");

@@ -5,8 +5,8 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    TestEnv, assert_ca_status, flag, free_port, install_hook_wrapper, ledger_authz,
-    ledger_authz_urls, wait_for,
+    AriServer, PebbleOpts, TestEnv, Window, assert_ca_status, flag, free_port,
+    install_hook_wrapper, ledger_authz, ledger_authz_urls, wait_for,
 };
 
 /// Fast retries so failure paths finish within a test.
@@ -22,7 +22,10 @@ fn ca_requests(env: &TestEnv) -> usize {
 }
 
 fn wait_installed(env: &TestEnv, name: &str) {
-    wait_for(&env.cert_dir().join(name).join("cert.pem"), Duration::from_secs(60));
+    wait_for(
+        &env.cert_dir().join(name).join("cert.pem"),
+        Duration::from_secs(60),
+    );
 }
 
 fn cert(name: &str, domain: &str) -> String {
@@ -55,7 +58,11 @@ fn daemon_issues_idles_and_follows_config_edits() {
     let good = fs::read_to_string(env.config_path()).expect("config");
     env.write_raw_config(&good.replace("name = \"two\"", "name = \"two\"\nkeytype = 1"));
     daemon.wait_for_output("keeping the running one", Duration::from_secs(10));
-    assert!(daemon.stderr().contains("certificate[1].keytype"), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("certificate[1].keytype"),
+        "{}",
+        daemon.stderr()
+    );
     assert!(daemon.is_running());
 
     // Fixed again, with a third certificate: issued.
@@ -125,7 +132,11 @@ fn sigkill_during_an_order_then_restart_recovers() {
 
 #[test]
 fn http01_failure_falls_back_to_dns01_and_stays_there() {
-    let env = TestEnv::new();
+    // No authorization reuse, so every order validates afresh.
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        authz_reuse: Some(0),
+        ..PebbleOpts::default()
+    });
     env.write_config(&format!(
         "{DAEMON}\n[[certificate]]\nname = \"f\"\ndomains = [\"f.example.test\"]\nchallenges = [\"http-01\", \"dns-01\"]\n"
     ));
@@ -147,9 +158,144 @@ fn http01_failure_falls_back_to_dns01_and_stays_there() {
     authz.reverse(); // oldest first
     let tried: Vec<(&str, &str)> = authz
         .iter()
-        .map(|a| (a["challenge_type"].as_str().unwrap_or("-"), a["status"].as_str().unwrap_or("-")))
+        .map(|a| {
+            (
+                a["challenge_type"].as_str().unwrap_or("-"),
+                a["status"].as_str().unwrap_or("-"),
+            )
+        })
         .collect();
     assert_eq!(tried[0], ("http-01", "invalid"), "{tried:?}");
-    assert!(tried[1..].iter().all(|t| *t == ("dns-01", "valid")), "{tried:?}");
+    assert!(
+        tried[1..].iter().all(|t| *t == ("dns-01", "valid")),
+        "{tried:?}"
+    );
     assert!(tried.len() >= 3, "{tried:?}");
+}
+
+#[test]
+fn failed_preflight_does_not_ask_the_ca_and_keeps_the_authorization() {
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("p", "p.example.test")));
+    // A webroot no web server serves: the self-check over HTTP fails.
+    let webroot = env.dir().join("webroot");
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    let port = env.pebble.http01_port();
+    env.write_raw_config(&config.replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("webroot = \"{}\"\npreflight = true", webroot.display()),
+    ));
+
+    for attempt in 0..2 {
+        let out = env.certd(&["renew"]);
+        assert_eq!(out.code(), Some(1), "{out}");
+        assert!(
+            out.stdout.contains("http-01 pre-flight for p.example.test"),
+            "{}",
+            out.stdout
+        );
+        // Never answered: pending at the CA, not invalid, no budget spent;
+        // the second attempt resumed the same order and authorization.
+        let authz = ledger_authz(&env);
+        assert_eq!(authz.len(), 1, "attempt {attempt}: {authz:#?}");
+        assert_eq!(authz[0]["status"], "pending");
+        assert_ca_status(&env, &ledger_authz_urls(&authz), "pending");
+    }
+    assert_eq!(crate::util::ledger_events(&env, "order-resumed"), 1);
+    // The token file was cleaned up.
+    assert_eq!(
+        fs::read_dir(webroot.join(".well-known/acme-challenge"))
+            .expect("dir")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn ari_window_decides_when_to_renew() {
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("ari", "ari.example.test")));
+    install_first_certificate(&env);
+    let first = crate::util::parse_leaf(
+        &crate::util::read_pem_certs(env.cert_dir().join("ari/cert.pem"))[0],
+    )
+    .1;
+
+    // The CA suggests renewing within seconds (for a five-year certificate
+    // the lifetime rule would wait years), then, for the new certificate,
+    // a window a month out.
+    let ari = AriServer::start(
+        &env.pebble,
+        vec![
+            Window {
+                start: 1,
+                end: 2,
+                retry_after: 3600,
+            },
+            Window {
+                start: 30 * 86_400,
+                end: 31 * 86_400,
+                retry_after: 21_600,
+            },
+        ],
+    );
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(&env.pebble.directory_url(), &ari.directory_url()));
+    // A new directory URL is a new account for certd; that is fine here.
+    let daemon = env.command().arg("run").spawn();
+    let start = Instant::now();
+    loop {
+        let serial = crate::util::parse_leaf(
+            &crate::util::read_pem_certs(env.cert_dir().join("ari/cert.pem"))[0],
+        )
+        .1;
+        if serial != first {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not renewed in the ARI window"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The new certificate's window is a month out: that is the next renewal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ari.asked().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "new certificate's window not asked for"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = daemon.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("ARI renewal window"), "{}", out.stderr);
+    // The order named the certificate it replaces; Pebble 2.4 ignores the
+    // field, and certd took the order it created anyway.
+    assert!(
+        out.stderr.contains("the CA ignored `replaces`"),
+        "{}",
+        out.stderr
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&env.certd(&["status", "--json"]).stdout).expect("status");
+    let next = status[0]["next_renewal_at"].as_str().expect("next renewal");
+    let next = time::OffsetDateTime::parse(next, &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339")
+        .unix_timestamp();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        (now + 29 * 86_400..now + 32 * 86_400).contains(&next),
+        "next renewal {next}, now {now}"
+    );
+    let asked = ari.asked();
+    assert_ne!(
+        asked[0], asked[1],
+        "each certificate is asked about by its own identifier"
+    );
+}
+
+/// Issues the configured certificates with a one-shot run.
+fn install_first_certificate(env: &TestEnv) {
+    env.certd(&["renew"]).assert_success();
 }

@@ -9,6 +9,7 @@
 // every helper some module does not call would warn as dead code.
 #![allow(dead_code)]
 
+mod ari;
 mod ca;
 mod cert;
 mod cmd;
@@ -22,6 +23,7 @@ mod proxy;
 // given set of test modules names varies, hence the allow.
 #[allow(unused_imports)]
 pub use self::{
+    ari::{AriServer, Window},
     ca::{
         assert_ca_status, ca_authz_objects, ca_authz_statuses, ledger_authz, ledger_authz_urls,
         ledger_events,

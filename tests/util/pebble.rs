@@ -183,11 +183,11 @@ impl Pebble {
         self.dir.path().join("pebble.json")
     }
 
-    fn tls_cert_path(&self) -> PathBuf {
+    pub fn tls_cert_path(&self) -> PathBuf {
         self.dir.path().join("pebble-tls-cert.pem")
     }
 
-    fn tls_key_path(&self) -> PathBuf {
+    pub fn tls_key_path(&self) -> PathBuf {
         self.dir.path().join("pebble-tls-key.pem")
     }
 
