@@ -795,6 +795,9 @@ async fn print_accounts(store: &Store, now: UnixTime) -> anyhow::Result<()> {
             ),
             (None, _) => outln!("  last reaper pass: never"),
         }
+        if let Some((at, detail)) = &r.last_rate_limit {
+            outln!("  CA rate limit at {}: {detail}", rfc3339(*at));
+        }
         if let Some(at) = r.last_guard_at {
             outln!(
                 "  pending-authz guard last deferred an order at {}",

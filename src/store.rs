@@ -125,6 +125,8 @@ pub struct ReaperSummary {
     pub last_pass_at: Option<i64>,
     pub last_pass: Option<String>,
     pub last_guard_at: Option<i64>,
+    /// When the CA last said `rateLimited`, and until when it asked to wait.
+    pub last_rate_limit: Option<(i64, String)>,
 }
 
 /// What an installed certificate looks like to the ledger.
@@ -649,6 +651,11 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?;
+        let rate_limited: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT at, detail FROM events WHERE kind = 'rate-limited' ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(ReaperSummary {
             pending,
             deactivated_total,
@@ -657,6 +664,7 @@ impl Store {
             last_pass_at: last.as_ref().map(|l| l.0),
             last_pass: last.and_then(|l| l.1),
             last_guard_at: guard.map(|g| g.0),
+            last_rate_limit: rate_limited.map(|(at, detail)| (at, detail.unwrap_or_default())),
         })
     }
 

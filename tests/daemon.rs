@@ -299,3 +299,32 @@ fn ari_window_decides_when_to_renew() {
 fn install_first_certificate(env: &TestEnv) {
     env.certd(&["renew"]).assert_success();
 }
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("n", "n.example.test")));
+    let socket_path = env.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let daemon = env
+        .command()
+        .arg("run")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .spawn();
+    assert_eq!(next(), "READY=1");
+    daemon.signal("HUP");
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    let out = daemon.terminate();
+    assert_eq!(next(), "STOPPING=1");
+    assert_eq!(out.code(), Some(0), "{out}");
+}
