@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -101,6 +102,22 @@ pub enum Command {
     },
     /// Validate the configuration file and summarize it.
     CheckConfig,
+    /// The ACME account: show it, or roll its key over.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Revoke a certificate's installed copy, then obtain a new one.
+    Revoke {
+        /// The certificate's name.
+        name: String,
+        /// The reason given to the CA (RFC 5280).
+        #[arg(long, value_enum, default_value_t = RevokeReason::Unspecified)]
+        reason: RevokeReason,
+        /// Do not obtain a replacement now (the daemon does at its next look).
+        #[arg(long)]
+        no_renew: bool,
+    },
     /// Run one reaper pass now: settle stale pending authorizations.
     Reap {
         /// Treat pending authorizations older than this as stale
@@ -115,6 +132,38 @@ pub enum Command {
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Print the account: directory, URL, key thumbprint, credentials file.
+    Show,
+    /// Replace the account key (RFC 8555 §7.3.5); the old key stays in use
+    /// until the CA confirms the change.
+    Rollover,
+}
+
+/// Revocation reasons (RFC 5280 §5.3.1) an ACME CA accepts.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RevokeReason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+}
+
+impl RevokeReason {
+    fn acme(self) -> instant_acme::RevocationReason {
+        use instant_acme::RevocationReason as R;
+        match self {
+            Self::Unspecified => R::Unspecified,
+            Self::KeyCompromise => R::KeyCompromise,
+            Self::AffiliationChanged => R::AffiliationChanged,
+            Self::Superseded => R::Superseded,
+            Self::CessationOfOperation => R::CessationOfOperation,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +267,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             older_than,
             dry_run,
         } => reap(&cfg, older_than, dry_run).await,
+        Command::Account {
+            command: AccountCommand::Show,
+        } => account_show(&cfg).await,
+        Command::Account {
+            command: AccountCommand::Rollover,
+        } => account_rollover(&cfg).await,
+        Command::Revoke {
+            name,
+            reason,
+            no_renew,
+        } => revoke(cfg, &name, reason, no_renew).await,
     }
 }
 
@@ -287,6 +347,7 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
         return Ok(ExitCode::from(2));
     }
     let now = UnixTime::now();
+    let existing = open_existing(&cfg).await?;
     let mut due = Vec::new();
     for c in cfg
         .certificates
@@ -294,18 +355,34 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
         .filter(|c| names.is_empty() || names.iter().any(|n| n == c.name.as_str()))
     {
         let installed = install::installed(&cfg.storage.cert_dir, c.name.as_str());
-        match scheduler::due(c, installed.as_ref(), now, cfg.daemon.renew_remaining) {
+        let revoked = match &existing {
+            Some(s) => s.revoked_serial(c.name.as_str()).await?,
+            None => None,
+        };
+        match scheduler::due(
+            c,
+            installed.as_ref(),
+            revoked.as_deref(),
+            now,
+            cfg.daemon.renew_remaining,
+        ) {
             Due::Now(reason) => due.push((c.clone(), reason)),
             Due::At(_) if force => due.push((c.clone(), Reason::Forced)),
             Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
         }
     }
     if due.is_empty() {
+        if let Some(s) = existing {
+            s.close().await;
+        }
         return Ok(ExitCode::SUCCESS);
     }
 
     ensure_dirs(&cfg)?;
-    let store = Store::open(&cfg.db_path()).await?;
+    let store = match existing {
+        Some(s) => s,
+        None => Store::open(&cfg.db_path()).await?,
+    };
     let result = renew_due(&cfg, &store, due).await;
     store.close().await;
     result
@@ -322,10 +399,9 @@ async fn renew_due(
         let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
         let account =
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
-        let needs_http = due
-            .iter()
-            .any(|(c, _)| c.challenges.contains(&ChallengeKind::Http01));
-        let solvers = Solvers::from_config(cfg, needs_http, &tracker, &cancel).await?;
+        let needed: Vec<ChallengeKind> =
+            due.iter().flat_map(|(c, _)| c.challenges.clone()).collect();
+        let solvers = Solvers::from_config(cfg, &needed, &tracker, &cancel).await?;
         let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
         // Orders a crashed run left behind: resume those whose certificate
         // still wants the same names, abandon the rest.
@@ -656,6 +732,138 @@ async fn resolve_authz(
         .await
         .map_err(ledger)?;
     Ok((authz_url, identifier))
+}
+
+/// Opens the ledger and loads the existing account, or explains why not.
+async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Store, AcmeAccount)>> {
+    ensure_dirs(cfg)?;
+    let store = Store::open(&cfg.db_path()).await?;
+    match existing_account(cfg, &store).await? {
+        Some(reaper) => Ok(Some((store, reaper.account().clone()))),
+        None => {
+            eprintln!(
+                "certd: no ACME account for {} in {} yet (`certd renew` creates it)",
+                cfg.acme.directory,
+                cfg.storage.state_dir.display()
+            );
+            store.close().await;
+            Ok(None)
+        }
+    }
+}
+
+async fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let Some((store, account)) = account_session(cfg).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let path = credentials_path(&cfg.storage.state_dir, &account.directory_url);
+    outln!("directory:   {}", account.directory_url);
+    outln!("account:     {}", account.account.id());
+    outln!("thumbprint:  {}", account.signer.thumbprint());
+    outln!(
+        "credentials: {} (0600; holds the private key)",
+        path.display()
+    );
+    outln!(
+        "contact:     {}",
+        if cfg.acme.contact.is_empty() {
+            "(none)".to_owned()
+        } else {
+            cfg.acme.contact.join(", ")
+        }
+    );
+    if let Some(eab) = &cfg.acme.eab {
+        outln!("eab kid:     {}", eab.kid);
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn account_rollover(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let Some((store, account)) = account_session(cfg).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let result = crate::acme::roll_over_account(&account, &cfg.storage.state_dir).await;
+    store.close().await;
+    match result {
+        Ok(thumbprint) => {
+            outln!("account key replaced; new thumbprint {thumbprint}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!(
+                "certd: key rollover failed, the old key stays in use: {}",
+                error_chain(&e)
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn revoke(
+    cfg: Config,
+    name: &str,
+    reason: RevokeReason,
+    no_renew: bool,
+) -> anyhow::Result<ExitCode> {
+    if cfg.certificate(name).is_none() {
+        eprintln!(
+            "certd: no certificate named {name:?} in {}",
+            cfg.path.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let pem_path = cfg.storage.cert_dir.join(name).join("cert.pem");
+    let der = match rustls_pki_types::CertificateDer::pem_file_iter(&pem_path)
+        .ok()
+        .and_then(|mut certs| certs.next())
+    {
+        Some(Ok(der)) => der,
+        _ => {
+            eprintln!(
+                "certd: {}: no installed certificate to revoke",
+                pem_path.display()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let info = install::CertInfo::parse(&der).map_err(anyhow::Error::msg)?;
+    let Some((store, account)) = account_session(&cfg).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let request = instant_acme::RevocationRequest {
+        certificate: &der,
+        reason: Some(reason.acme()),
+    };
+    if let Err(e) = account.account.revoke(&request).await {
+        let e = AcmeError::from(e);
+        eprintln!(
+            "certd: {name}: the CA refused the revocation of serial {}: {e}",
+            info.serial
+        );
+        store.close().await;
+        return Ok(ExitCode::FAILURE);
+    }
+    let reason_name = format!("{reason:?}");
+    store
+        .record_revoked(name, &info.serial, &reason_name)
+        .await?;
+    store
+        .event(
+            "revoked",
+            Some(name),
+            None,
+            None,
+            Some(&format!("serial {} ({reason_name})", info.serial)),
+        )
+        .await?;
+    outln!("{name}: revoked serial {}", info.serial);
+    store.close().await;
+    if no_renew {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // A revoked certificate must not stay in service: replace it now.
+    renew(cfg, &[name.to_owned()], false).await
 }
 
 /// Opens the ledger for reading commands; `None` if certd never ran.

@@ -33,6 +33,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub http01: Option<Http01Config>,
     pub dns01: Option<Dns01Config>,
+    pub tls_alpn01: Option<TlsAlpn01Config>,
     pub reaper: ReaperConfig,
     pub daemon: DaemonConfig,
     pub certificates: Vec<CertificateConfig>,
@@ -73,6 +74,60 @@ pub struct AcmeConfig {
     pub contact: Vec<String>,
     /// Extra roots trusted for the CA's own TLS endpoint (private or test CAs).
     pub ca_bundle: Option<PathBuf>,
+    /// External Account Binding, for CAs that require it.
+    pub eab: Option<Eab>,
+}
+
+/// An External Account Binding (RFC 8555 §7.3.4): the CA's key id and
+/// the HMAC key, read from a file that only its owner may read.
+#[derive(Clone)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: Secret,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key", &self.hmac_key)
+            .finish()
+    }
+}
+
+/// Secret bytes that never appear in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Reads a secret file, refusing one that others can read (as ssh does):
+/// a secret that leaked is no secret.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by others (mode {:o}); make it 0600",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +146,13 @@ pub struct Http01Config {
     pub webroot: Option<PathBuf>,
     /// Fetch the token over HTTP before asking the CA to validate.
     pub preflight: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsAlpn01Config {
+    /// Address of certd's own tls-alpn-01 responder (usually port 443,
+    /// when no web server holds it).
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +193,10 @@ pub struct CertificateConfig {
     /// Shell commands run after a new certificate is installed.
     pub reload: Vec<String>,
     pub reload_timeout: Duration,
+    /// An ACME profile the CA advertises (`meta.profiles`).
+    pub profile: Option<String>,
+    /// Keep the private key across renewals (key pinning setups).
+    pub reuse_key: bool,
 }
 
 impl CertificateConfig {
@@ -288,6 +354,7 @@ impl FromStr for KeyType {
 pub enum ChallengeKind {
     Http01,
     Dns01,
+    TlsAlpn01,
 }
 
 impl ChallengeKind {
@@ -295,6 +362,7 @@ impl ChallengeKind {
         match self {
             Self::Http01 => "http-01",
             Self::Dns01 => "dns-01",
+            Self::TlsAlpn01 => "tls-alpn-01",
         }
     }
 }
@@ -306,8 +374,9 @@ impl FromStr for ChallengeKind {
         match s {
             "http-01" => Ok(Self::Http01),
             "dns-01" => Ok(Self::Dns01),
+            "tls-alpn-01" => Ok(Self::TlsAlpn01),
             _ => Err(format!(
-                "unknown challenge type {s:?}; expected \"http-01\" or \"dns-01\""
+                "unknown challenge type {s:?}; expected \"http-01\", \"dns-01\" or \"tls-alpn-01\""
             )),
         }
     }
@@ -317,6 +386,11 @@ impl fmt::Display for ChallengeKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    SocketAddr::from_str(s)
+        .map_err(|_| format!("{s:?} is not a socket address like \"0.0.0.0:80\" or \"[::]:80\""))
 }
 
 /// Parses the durations the config file uses: a whole number followed by
@@ -490,11 +564,7 @@ impl Validator<'_> {
             Some(h) => {
                 let listen = h
                     .listen
-                    .map(|l| self.parse_spanned(&l, "http01.listen", |s| {
-                        SocketAddr::from_str(s).map_err(|_| {
-                            format!("{s:?} is not a socket address like \"0.0.0.0:80\" or \"[::]:80\"")
-                        })
-                    }))
+                    .map(|l| self.parse_spanned(&l, "http01.listen", parse_socket_addr))
                     .transpose()?;
                 if listen.is_none() && h.webroot.is_none() {
                     return Err(self.at.error(
@@ -523,13 +593,20 @@ impl Validator<'_> {
                 },
             }),
         };
+        let tls_alpn01 = match raw.tls_alpn01 {
+            None => None,
+            Some(t) => Some(TlsAlpn01Config {
+                listen: self.parse_spanned(&t.listen, "tls_alpn01.listen", parse_socket_addr)?,
+            }),
+        };
         let reaper = self.reaper(raw.reaper)?;
         let daemon = self.daemon(raw.daemon)?;
 
         let mut certificates = Vec::with_capacity(raw.certificate.len());
         let mut names = HashSet::new();
         for (i, c) in raw.certificate.into_iter().enumerate() {
-            let cert = self.certificate(i, c, http01.as_ref(), dns01.as_ref(), &mut names)?;
+            let solvers = (http01.is_some(), dns01.is_some(), tls_alpn01.is_some());
+            let cert = self.certificate(i, c, solvers, &mut names)?;
             certificates.push(cert);
         }
 
@@ -539,6 +616,7 @@ impl Validator<'_> {
             storage,
             http01,
             dns01,
+            tls_alpn01,
             reaper,
             daemon,
             certificates,
@@ -635,10 +713,45 @@ impl Validator<'_> {
                 Some(path)
             }
         };
+        let eab = match (&raw.eab_kid, &raw.eab_hmac_key_file) {
+            (None, None) => None,
+            (Some(kid), Some(file)) => {
+                let path = resolve(file.get_ref());
+                let key = read_secret_file(&path).and_then(|text| {
+                    use base64::Engine;
+                    base64::prelude::BASE64_URL_SAFE_NO_PAD
+                        .decode(text.trim_end_matches('='))
+                        .map_err(|e| format!("{}: not a base64url HMAC key: {e}", path.display()))
+                });
+                let key = key.map_err(|m| {
+                    self.at
+                        .error(file.span(), Some("acme.eab_hmac_key_file".into()), m)
+                })?;
+                Some(Eab {
+                    kid: kid.get_ref().clone(),
+                    hmac_key: Secret(key),
+                })
+            }
+            (Some(kid), None) => {
+                return Err(self.at.error(
+                    kid.span(),
+                    Some("acme.eab_kid".into()),
+                    "needs eab_hmac_key_file as well".into(),
+                ));
+            }
+            (None, Some(file)) => {
+                return Err(self.at.error(
+                    file.span(),
+                    Some("acme.eab_hmac_key_file".into()),
+                    "needs eab_kid as well".into(),
+                ));
+            }
+        };
         Ok(AcmeConfig {
             directory,
             contact,
             ca_bundle,
+            eab,
         })
     }
 
@@ -671,12 +784,12 @@ impl Validator<'_> {
         Ok(cfg)
     }
 
+    /// `solvers`: whether [http01], [dns01] and [tls_alpn01] are configured.
     fn certificate(
         &self,
         index: usize,
         raw: raw::Certificate,
-        http01: Option<&Http01Config>,
-        dns01: Option<&Dns01Config>,
+        solvers: (bool, bool, bool),
         names: &mut HashSet<String>,
     ) -> Result<CertificateConfig, ConfigError> {
         let key = |k: &str| format!("certificate[{index}].{k}");
@@ -748,8 +861,9 @@ impl Validator<'_> {
             .map_or(raw.name.span(), |c| c.span());
         for kind in &challenges {
             let missing = match kind {
-                ChallengeKind::Http01 if http01.is_none() => Some("[http01]"),
-                ChallengeKind::Dns01 if dns01.is_none() => Some("[dns01]"),
+                ChallengeKind::Http01 if !solvers.0 => Some("[http01]"),
+                ChallengeKind::Dns01 if !solvers.1 => Some("[dns01]"),
+                ChallengeKind::TlsAlpn01 if !solvers.2 => Some("[tls_alpn01]"),
                 _ => None,
             };
             if let Some(section) = missing {
@@ -782,6 +896,17 @@ impl Validator<'_> {
             None => Duration::from_secs(60),
         };
 
+        let profile = match &raw.profile {
+            Some(p) => Some(self.parse_spanned(p, &key("profile"), |s| {
+                if s.is_empty() || s.contains(char::is_whitespace) {
+                    Err(format!("{s:?} is not a profile name"))
+                } else {
+                    Ok(s.to_owned())
+                }
+            })?),
+            None => None,
+        };
+
         Ok(CertificateConfig {
             name,
             domains,
@@ -789,6 +914,8 @@ impl Validator<'_> {
             challenges,
             reload: raw.reload,
             reload_timeout,
+            profile,
+            reuse_key: raw.reuse_key,
         })
     }
 
@@ -834,6 +961,7 @@ mod raw {
         pub storage: Storage,
         pub http01: Option<Http01>,
         pub dns01: Option<Dns01>,
+        pub tls_alpn01: Option<TlsAlpn01>,
         pub reaper: Option<Reaper>,
         pub daemon: Option<Daemon>,
         #[serde(default)]
@@ -858,6 +986,14 @@ mod raw {
         #[serde(default)]
         pub contact: Vec<Spanned<String>>,
         pub ca_bundle: Option<Spanned<String>>,
+        pub eab_kid: Option<Spanned<String>>,
+        pub eab_hmac_key_file: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct TlsAlpn01 {
+        pub listen: Spanned<String>,
     }
 
     #[derive(Deserialize)]
@@ -924,6 +1060,9 @@ mod raw {
         #[serde(default)]
         pub reload: Vec<String>,
         pub reload_timeout: Option<Spanned<String>>,
+        pub profile: Option<Spanned<String>>,
+        #[serde(default)]
+        pub reuse_key: bool,
     }
 }
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acme::{AcmeAccount, AcmeHttp, error_chain};
-use crate::config::Config;
+use crate::config::{ChallengeKind, Config};
 use crate::driver::Context;
 use crate::reaper::Reaper;
 use crate::scheduler::{Scheduler, failure_backoff};
@@ -40,8 +40,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         store.close().await;
         return Ok(());
     };
-    let needs_http = cfg.http01.as_ref().is_some_and(|h| h.listen.is_some());
-    let solvers = Solvers::from_config(&cfg, needs_http, &tracker, &shutdown)
+    // Certificates may be added by a reload: serve every configured kind.
+    let needed = [
+        ChallengeKind::Http01,
+        ChallengeKind::Dns01,
+        ChallengeKind::TlsAlpn01,
+    ];
+    let solvers = Solvers::from_config(&cfg, &needed, &tracker, &shutdown)
         .await
         .context("cannot start the challenge solvers")?;
     let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());

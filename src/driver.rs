@@ -100,6 +100,8 @@ pub enum DriveError {
     Store(#[from] StoreError),
     #[error("cannot create the private key or CSR: {0}")]
     Key(String),
+    #[error("{0}")]
+    Profile(String),
     #[error("the order is {0} after finalization")]
     OrderState(String),
     #[error("shutting down")]
@@ -113,7 +115,7 @@ impl DriveError {
             // The CA validates once (seed 001): a new order is needed, and
             // the scheduler decides when.
             Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
-            Self::NoChallenge { .. } | Self::Key(_) => Disposition::Final,
+            Self::NoChallenge { .. } | Self::Key(_) | Self::Profile(_) => Disposition::Final,
             Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
             Self::Guard(_) | Self::Preflight(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
@@ -165,7 +167,7 @@ async fn obtain_inner(
             // The guard counts this order before it exists, so concurrent
             // orders cannot all slip under max_pending.
             let admission = ctx.reaper.admit(name, sorted.len(), cancel).await?;
-            let order = new_order(ctx, name, &sorted).await?;
+            let order = new_order(ctx, cert, &sorted).await?;
             tracing::info!(cert = name, order = %order.url(), "order created");
             (order, Some(admission))
         }
@@ -224,19 +226,32 @@ async fn obtain_inner(
 
 /// `newOrder`, with `replaces` (RFC 9773) naming the installed certificate
 /// where there is one and the CA offers ARI.
-async fn new_order(ctx: &Context, name: &str, sorted: &[String]) -> Result<Order, DriveError> {
+async fn new_order(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    sorted: &[String],
+) -> Result<Order, DriveError> {
+    let name = cert.name.as_str();
     let account = &ctx.account.account;
     let identifiers: Vec<Identifier> = sorted.iter().cloned().map(Identifier::Dns).collect();
+    if let Some(profile) = &cert.profile {
+        let offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
+        choose_profile(profile, &offered).map_err(DriveError::Profile)?;
+    }
+    let base = || {
+        let order = NewOrder::new(&identifiers);
+        match &cert.profile {
+            Some(p) => order.profile(p),
+            None => order,
+        }
+    };
     let installed = install::installed(&ctx.cert_dir, name).and_then(|i| i.ari_id);
     if let Some((aki, serial)) = installed.as_deref().and_then(|id| id.split_once('.')) {
         let replaces = instant_acme::CertificateIdentifier {
             authority_key_identifier: aki.into(),
             serial: serial.into(),
         };
-        match account
-            .new_order(&NewOrder::new(&identifiers).replaces(replaces))
-            .await
-        {
+        match account.new_order(&base().replaces(replaces)).await {
             Ok(order) => return Ok(order),
             // No ARI at this CA: nothing was sent.
             Err(instant_acme::Error::Unsupported(_)) => {}
@@ -263,7 +278,7 @@ async fn new_order(ctx: &Context, name: &str, sorted: &[String]) -> Result<Order
         }
     }
     account
-        .new_order(&NewOrder::new(&identifiers))
+        .new_order(&base())
         .await
         .map_err(|e| AcmeError::from(e).into())
 }
@@ -339,7 +354,7 @@ async fn run_order(
         result?;
     }
 
-    let (key, key_pem) = generate_key(cert.key_type).await?;
+    let (key, key_pem) = certificate_key(ctx, cert).await?;
     let mut params =
         CertificateParams::new(domains.to_vec()).map_err(|e| DriveError::Key(e.to_string()))?;
     params.distinguished_name = DistinguishedName::new();
@@ -737,6 +752,65 @@ fn acme_error(ctx: &Context, url: &str, e: instant_acme::Error) -> DriveError {
     }
 }
 
+/// Checks a configured profile against those the CA's directory offers.
+pub fn choose_profile(requested: &str, offered: &[&str]) -> Result<(), String> {
+    if offered.contains(&requested) {
+        return Ok(());
+    }
+    if offered.is_empty() {
+        return Err(format!(
+            "profile {requested:?}: the CA advertises no profiles"
+        ));
+    }
+    Err(format!(
+        "profile {requested:?} is not offered by the CA; it offers: {}",
+        offered.join(", ")
+    ))
+}
+
+/// The key for a new issuance: the installed one with `reuse_key` (if it
+/// is still of the configured type), else a fresh one.
+async fn certificate_key(
+    ctx: &Context,
+    cert: &CertificateConfig,
+) -> Result<(KeyPair, String), DriveError> {
+    if cert.reuse_key {
+        let path = ctx.cert_dir.join(cert.name.as_str()).join("privkey.pem");
+        if let Ok(pem) = tokio::fs::read_to_string(&path).await {
+            match KeyPair::from_pem(&pem) {
+                Ok(key) if key_type_of(&key) == Some(cert.key_type) => return Ok((key, pem)),
+                Ok(_) => {
+                    tracing::info!(cert = %cert.name, "key_type changed: a new key despite reuse_key")
+                }
+                Err(e) => {
+                    tracing::warn!(cert = %cert.name, error = %e, "cannot read the installed key; a new key")
+                }
+            }
+        }
+    }
+    generate_key(cert.key_type).await
+}
+
+/// The configured type a key is, if any.
+fn key_type_of(key: &KeyPair) -> Option<KeyType> {
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    let alg = key.algorithm();
+    if alg == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Some(KeyType::EcdsaP256);
+    }
+    if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+        return Some(KeyType::EcdsaP384);
+    }
+    let public = rsa::RsaPublicKey::from_public_key_der(&key.subject_public_key_info()).ok()?;
+    match public.size() * 8 {
+        2048 => Some(KeyType::Rsa2048),
+        3072 => Some(KeyType::Rsa3072),
+        4096 => Some(KeyType::Rsa4096),
+        _ => None,
+    }
+}
+
 /// Generates a private key of `key_type`; returns it and its PKCS#8 PEM.
 async fn generate_key(key_type: KeyType) -> Result<(KeyPair, String), DriveError> {
     let key_err = |e: String| DriveError::Key(e);
@@ -846,6 +920,7 @@ fn acme_type(k: ChallengeKind) -> ChallengeType {
     match k {
         ChallengeKind::Http01 => ChallengeType::Http01,
         ChallengeKind::Dns01 => ChallengeType::Dns01,
+        ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
     }
 }
 
@@ -940,11 +1015,32 @@ mod tests {
         assert_eq!(preference(&[Http01, Dns01], &recovered), [Http01, Dns01]);
     }
 
+    /// Pebble 2.4 has no profiles, so the selection is tested here.
+    #[test]
+    fn profiles_are_checked_against_the_directory() {
+        assert!(choose_profile("shortlived", &["classic", "shortlived"]).is_ok());
+        let e = choose_profile("tlsserver", &["classic", "shortlived"]).expect_err("not offered");
+        assert!(e.contains("offers: classic, shortlived"), "{e}");
+        let e = choose_profile("classic", &[]).expect_err("none offered");
+        assert!(e.contains("advertises no profiles"), "{e}");
+    }
+
     #[tokio::test]
     async fn keys_of_every_type_sign_csrs() {
-        for kt in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Rsa2048] {
+        for kt in [
+            KeyType::EcdsaP256,
+            KeyType::EcdsaP384,
+            KeyType::Rsa2048,
+            KeyType::Rsa3072,
+            KeyType::Rsa4096,
+        ] {
             let (key, pem) = generate_key(kt).await.expect("key");
             assert!(pem.contains("PRIVATE KEY"));
+            // reuse_key reads it back as the same type.
+            assert_eq!(
+                key_type_of(&KeyPair::from_pem(&pem).expect("reload")),
+                Some(kt)
+            );
             let params = CertificateParams::new(vec!["a.example".to_owned()]).expect("params");
             params.serialize_request(&key).expect("csr");
         }

@@ -39,6 +39,7 @@ pub enum Reason {
     DomainsChanged,
     RenewalWindow,
     Expired,
+    Revoked,
     Forced,
 }
 
@@ -49,21 +50,27 @@ impl fmt::Display for Reason {
             Self::DomainsChanged => "domains changed",
             Self::RenewalWindow => "in its renewal window",
             Self::Expired => "expired",
+            Self::Revoked => "revoked",
             Self::Forced => "forced",
         })
     }
 }
 
-/// Decides whether `cert` needs an order, given what is installed.
+/// Decides whether `cert` needs an order, given what is installed and the
+/// serial certd revoked (if any).
 pub fn due(
     cert: &CertificateConfig,
     installed: Option<&CertInfo>,
+    revoked: Option<&str>,
     now: UnixTime,
     remaining: f64,
 ) -> Due {
     let Some(info) = installed else {
         return Due::Now(Reason::NotInstalled);
     };
+    if revoked == Some(info.serial.as_str()) {
+        return Due::Now(Reason::Revoked);
+    }
     let mut want = cert.domain_strings();
     want.sort();
     if want != info.dns_names {
@@ -204,10 +211,13 @@ impl Scheduler {
     /// Sets `entry.next` from what is installed (and the CA's ARI window).
     async fn plan(&self, entry: &mut Entry) {
         let now = UnixTime::now();
-        let installed = install::installed(&self.ctx.cert_dir, entry.cert.name.as_str());
+        let name = entry.cert.name.as_str();
+        let installed = install::installed(&self.ctx.cert_dir, name);
+        let revoked = self.ctx.store.revoked_serial(name).await.ok().flatten();
         match due(
             &entry.cert,
             installed.as_ref(),
+            revoked.as_deref(),
             now,
             self.cfg.daemon.renew_remaining,
         ) {
@@ -462,7 +472,7 @@ mod tests {
     }
 
     fn due_third(c: &CertificateConfig, i: Option<&CertInfo>, now: UnixTime) -> Due {
-        due(c, i, now, 1.0 / 3.0)
+        due(c, i, None, now, 1.0 / 3.0)
     }
 
     #[test]
@@ -487,6 +497,14 @@ mod tests {
         assert_eq!(
             due_third(&c, Some(&i), UnixTime::from_secs(901)),
             Due::Now(Reason::Expired)
+        );
+        assert_eq!(
+            due(&c, Some(&i), Some("01"), now, 1.0 / 3.0),
+            Due::Now(Reason::Revoked)
+        );
+        assert_eq!(
+            due(&c, Some(&i), Some("02"), now, 1.0 / 3.0),
+            Due::At(UnixTime::from_secs(600))
         );
     }
 }

@@ -20,6 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ChallengeKind, Config, Dns01Config, Http01Config};
 
+mod tls_alpn;
+pub use tls_alpn::TlsAlpnSolver;
+
 /// What a solver needs to know about one challenge.
 #[derive(Debug, Clone)]
 pub struct ChallengeSpec {
@@ -56,6 +59,8 @@ pub enum SolverError {
     },
     #[error("no solver is configured for {0}")]
     NotConfigured(ChallengeKind),
+    #[error("tls-alpn-01: {0}")]
+    TlsAlpn(String),
     #[error("http-01 pre-flight for {identifier} at {target}: {detail}")]
     Preflight {
         identifier: String,
@@ -97,18 +102,18 @@ pub struct Solvers {
 }
 
 impl Solvers {
-    /// Builds the solvers for `cfg`. The standalone http-01 responder is
-    /// started only when `start_responder` is set (a one-shot run that has
-    /// nothing due should not bind port 80).
+    /// Builds the solvers for `cfg`. Listeners (the standalone http-01
+    /// responder, the tls-alpn-01 responder) start only for the kinds in
+    /// `needed`: a one-shot run with nothing due should not bind port 80.
     pub async fn from_config(
         cfg: &Config,
-        start_responder: bool,
+        needed: &[ChallengeKind],
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<Self, SolverError> {
         let mut by_kind: HashMap<ChallengeKind, Arc<dyn Solver>> = HashMap::new();
         if let Some(h) = &cfg.http01 {
-            let responder = match (h.listen, start_responder) {
+            let responder = match (h.listen, needed.contains(&ChallengeKind::Http01)) {
                 (Some(addr), true) => Some(Http01Responder::start(addr, tracker, cancel).await?),
                 _ => None,
             };
@@ -119,6 +124,12 @@ impl Solvers {
         }
         if let Some(d) = &cfg.dns01 {
             by_kind.insert(ChallengeKind::Dns01, Arc::new(Dns01Hook::new(d)));
+        }
+        if let Some(t) = &cfg.tls_alpn01
+            && needed.contains(&ChallengeKind::TlsAlpn01)
+        {
+            let solver = TlsAlpnSolver::start(t.listen, tracker, cancel).await?;
+            by_kind.insert(ChallengeKind::TlsAlpn01, Arc::new(solver));
         }
         Ok(Self { by_kind })
     }

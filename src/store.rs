@@ -766,6 +766,34 @@ impl Store {
         Ok(())
     }
 
+    /// Records that certd revoked the certificate `serial` of `name`.
+    pub async fn record_revoked(&self, name: &str, serial: &str, reason: &str) -> Result<()> {
+        let now = UnixTime::now().secs();
+        sqlx::query(
+            "UPDATE certificates SET revoked_serial = ?, revoked_at = ?, revoked_reason = ?,
+                 next_renewal_at = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(serial)
+        .bind(now)
+        .bind(reason)
+        .bind(now)
+        .bind(now)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The serial certd revoked for `name`, if any.
+    pub async fn revoked_serial(&self, name: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT revoked_serial FROM certificates WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
     /// Records that a reload command failed after an otherwise good install.
     pub async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
         sqlx::query(

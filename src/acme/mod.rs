@@ -27,7 +27,8 @@ use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use instant_acme::{
-    Account, AccountCredentials, BodyWrapper, BytesResponse, HttpClient, NewAccount,
+    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
+    NewAccount,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -74,6 +75,8 @@ struct HttpInner {
     stats: Mutex<Stats>,
     /// The directory's newNonce URL, once a directory has been seen.
     new_nonce: Mutex<Option<String>>,
+    /// The directory's keyChange URL, likewise.
+    key_change: Mutex<Option<String>>,
     /// Recently created orders: (sorted identifiers, order URL). Lets the
     /// driver find an order instant-acme refused to hand over (a CA that
     /// ignored `replaces`).
@@ -149,6 +152,7 @@ impl AcmeHttp {
                 observations: Mutex::new(HashMap::new()),
                 stats: Mutex::new(Stats::default()),
                 new_nonce: Mutex::new(None),
+                key_change: Mutex::new(None),
                 created_orders: Mutex::new(VecDeque::new()),
             }),
         })
@@ -167,6 +171,11 @@ impl AcmeHttp {
     /// The CA's newNonce URL, known once instant-acme fetched the directory.
     pub fn new_nonce_url(&self) -> Option<String> {
         lock(&self.inner.new_nonce).clone()
+    }
+
+    /// The CA's keyChange URL, known once the directory was fetched.
+    pub fn key_change_url(&self) -> Option<String> {
+        lock(&self.inner.key_change).clone()
     }
 
     /// The URL of the order the CA last created for exactly `identifiers`
@@ -366,6 +375,9 @@ impl HttpInner {
         if let Some(url) = &shape.new_nonce {
             *lock(&self.new_nonce) = Some(url.clone());
         }
+        if let Some(url) = &shape.key_change {
+            *lock(&self.key_change) = Some(url.clone());
+        }
         let mut stats = lock(&self.stats);
         let roles = &mut stats.roles;
         if roles.len() >= OBSERVATIONS_MAX {
@@ -540,6 +552,13 @@ impl AcmeAccount {
         let directory_url = cfg.directory.to_string();
         let path = credentials_path(state_dir, &directory_url);
         let builder = || Account::builder_with_http(Box::new(http.clone()));
+        let next = path.with_extension("json.next");
+        if next.exists() {
+            tracing::warn!(
+                pending = %next.display(),
+                "a key rollover was interrupted; if the CA now rejects the account key, the new key is in this file (move it over the credentials file)"
+            );
+        }
         let (account, key) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let creds: AccountCredentials =
@@ -556,6 +575,10 @@ impl AcmeAccount {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
+                let eab = cfg
+                    .eab
+                    .as_ref()
+                    .map(|e| ExternalAccountKey::new(e.kid.clone(), e.hmac_key.expose()));
                 let (account, creds) = builder()
                     .create(
                         &NewAccount {
@@ -564,7 +587,7 @@ impl AcmeAccount {
                             only_return_existing: false,
                         },
                         directory_url.clone(),
-                        None,
+                        eab.as_ref(),
                     )
                     .await
                     .map_err(AcmeError::from)?;
@@ -602,6 +625,47 @@ impl AcmeAccount {
             directory_url,
         })
     }
+}
+
+/// Rolls the account key over (RFC 8555 §7.3.5) and returns the new key's
+/// thumbprint. The new credentials are written to `<file>.next` (0600)
+/// before the CA is asked, so a crash after the CA's confirmation cannot
+/// lose the key the account now has; they replace the old file only after
+/// the CA confirmed. Until then the old key is the account's key.
+pub async fn roll_over_account(
+    account: &AcmeAccount,
+    state_dir: &Path,
+) -> Result<String, SetupError> {
+    let path = credentials_path(state_dir, &account.directory_url);
+    let next = path.with_extension("json.next");
+    let cred_err = |detail: String| SetupError::Credentials {
+        path: path.clone(),
+        detail,
+    };
+    let key_change = account
+        .http
+        .key_change_url()
+        .ok_or_else(|| cred_err("the CA's directory has no keyChange URL".into()))?;
+    let (pkcs8, new_signer) = raw::generate_account_key(account.account.id())?;
+    let creds = serde_json::json!({
+        "id": account.account.id(),
+        "key_pkcs8": BASE64_URL_SAFE_NO_PAD.encode(&pkcs8),
+        "directory": account.directory_url,
+    });
+    crate::install::write_secret_file(&next, creds.to_string().as_bytes())
+        .map_err(|e| cred_err(format!("cannot write {}: {e}", next.display())))?;
+    if let Err(e) = raw::roll_over(&account.http, &account.signer, &new_signer, &key_change).await {
+        let _ = std::fs::remove_file(&next);
+        return Err(e.into());
+    }
+    std::fs::rename(&next, &path).map_err(|e| {
+        cred_err(format!(
+            "the CA took the new key, but it is still in {}: {e}",
+            next.display()
+        ))
+    })?;
+    tracing::info!(account = account.account.id(), "account key rolled over");
+    Ok(new_signer.thumbprint())
 }
 
 // ---- errors --------------------------------------------------------------

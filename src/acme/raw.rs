@@ -41,6 +41,55 @@ impl RawSigner {
         })
     }
 
+    /// The public key as a JWK (RFC 7517), for key rollover.
+    pub fn jwk(&self) -> serde_json::Value {
+        use ring::signature::KeyPair;
+        // An uncompressed P-256 point: 0x04, then 32 bytes of x and of y.
+        let point = self.key.public_key().as_ref();
+        serde_json::json!({
+            "crv": "P-256",
+            "kty": "EC",
+            "x": BASE64_URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": BASE64_URL_SAFE_NO_PAD.encode(&point[33..65]),
+        })
+    }
+
+    /// The RFC 7638 thumbprint of the public key.
+    pub fn thumbprint(&self) -> String {
+        let jwk = self.jwk();
+        // RFC 7638: the required members in lexicographic order, no spaces.
+        let canonical = format!(
+            r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+            jwk["x"].as_str().unwrap_or_default(),
+            jwk["y"].as_str().unwrap_or_default()
+        );
+        BASE64_URL_SAFE_NO_PAD.encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            canonical.as_bytes(),
+        ))
+    }
+
+    /// A JWS with the public key itself in the header (not a `kid`) and no
+    /// nonce: the inner object of a key change (RFC 8555 §7.3.5).
+    fn inner_jws(
+        &self,
+        url: &str,
+        payload: &serde_json::Value,
+    ) -> Result<serde_json::Value, AcmeError> {
+        let protected = serde_json::json!({ "alg": "ES256", "jwk": self.jwk(), "url": url });
+        let protected = BASE64_URL_SAFE_NO_PAD.encode(protected.to_string());
+        let payload = BASE64_URL_SAFE_NO_PAD.encode(payload.to_string());
+        let signature = self
+            .key
+            .sign(&self.rng, format!("{protected}.{payload}").as_bytes())
+            .map_err(|_| AcmeError::Protocol("signing failed".into()))?;
+        Ok(serde_json::json!({
+            "protected": protected,
+            "payload": payload,
+            "signature": BASE64_URL_SAFE_NO_PAD.encode(signature.as_ref()),
+        }))
+    }
+
     fn jws(
         &self,
         url: &str,
@@ -255,4 +304,31 @@ pub async fn challenge_parent(
 ) -> Result<Option<String>, AcmeError> {
     http.signed_post(signer, url, None).await?;
     Ok(http.observed(url).and_then(|o| o.link_up))
+}
+
+/// A fresh account key: (PKCS#8 DER, signer for `account_url`).
+pub fn generate_account_key(account_url: &str) -> Result<(Vec<u8>, RawSigner), AcmeError> {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| AcmeError::Protocol("cannot generate a P-256 key".into()))?;
+    let signer = RawSigner::new(pkcs8.as_ref(), account_url).map_err(AcmeError::Protocol)?;
+    Ok((pkcs8.as_ref().to_vec(), signer))
+}
+
+/// Account key rollover (RFC 8555 §7.3.5): the CA's `keyChange` resource
+/// receives, signed by the old key, an object signed by the new key that
+/// names the account and the old key. Until this returns `Ok` the old key
+/// is the account's key.
+pub async fn roll_over(
+    http: &AcmeHttp,
+    old: &RawSigner,
+    new: &RawSigner,
+    key_change_url: &str,
+) -> Result<(), AcmeError> {
+    let inner = new.inner_jws(
+        key_change_url,
+        &serde_json::json!({ "account": old.kid, "oldKey": old.jwk() }),
+    )?;
+    http.signed_post(old, key_change_url, Some(&inner)).await?;
+    Ok(())
 }

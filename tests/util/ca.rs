@@ -38,35 +38,43 @@ pub fn assert_ca_status(env: &TestEnv, urls: &[String], status: &str) {
 
 /// Authorization URL → the CA's authorization object.
 pub fn ca_authz_objects(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, AuthzObject> {
+    let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
+    let creds = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()));
+    authz_urls
+        .iter()
+        .map(|url| {
+            let authz = fetch_authz_as(env, &creds, url)
+                .unwrap_or_else(|e| panic!("fetch authorization {url}: {e}"));
+            (url.clone(), authz)
+        })
+        .collect()
+}
+
+/// Fetches an authorization signed with the account key in `creds` (the
+/// JSON of a credentials file); the CA's error text if it refuses.
+pub fn fetch_authz_as(env: &TestEnv, creds: &[u8], url: &str) -> Result<AuthzObject, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
         let http = AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("HTTP client");
-        let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
-        let bytes = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()));
-        let creds: AccountCredentials = serde_json::from_slice(&bytes).expect("credentials JSON");
+        let parsed: AccountCredentials = serde_json::from_slice(creds).expect("credentials JSON");
         // Loading the account fetches the directory, which teaches the
         // client the CA's newNonce URL.
         let account = Account::builder_with_http(Box::new(http.clone()))
-            .from_credentials(creds)
+            .from_credentials(parsed)
             .await
             .expect("load account");
-        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("credentials JSON");
+        let json: serde_json::Value = serde_json::from_slice(creds).expect("credentials JSON");
         let key = BASE64_URL_SAFE_NO_PAD
             .decode(json["key_pkcs8"].as_str().expect("key_pkcs8"))
             .expect("base64 key");
         let signer = RawSigner::new(&key, account.id()).expect("account key");
-        let mut out = BTreeMap::new();
-        for url in authz_urls {
-            let authz = fetch_authz(&http, &signer, url)
-                .await
-                .unwrap_or_else(|e| panic!("fetch authorization {url}: {e}"));
-            out.insert(url.clone(), authz);
-        }
-        out
+        fetch_authz(&http, &signer, url)
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 

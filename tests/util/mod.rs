@@ -25,8 +25,8 @@ mod proxy;
 pub use self::{
     ari::{AriServer, Window},
     ca::{
-        assert_ca_status, ca_authz_objects, ca_authz_statuses, ledger_authz, ledger_authz_urls,
-        ledger_events,
+        assert_ca_status, ca_authz_objects, ca_authz_statuses, fetch_authz_as, ledger_authz,
+        ledger_authz_urls, ledger_events,
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},

@@ -41,6 +41,9 @@ pub struct PebbleOpts {
     pub authz_reuse: Option<u32>,
     /// Further environment variables for the Pebble process.
     pub env: Vec<(String, String)>,
+    /// External Account Binding keys (kid, base64url HMAC key); when any
+    /// are given Pebble requires EAB for new accounts.
+    pub eab_keys: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -235,7 +238,13 @@ impl Pebble {
                 "httpPort": self.ports.http01,
                 "tlsPort": self.ports.tls,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
+                "externalAccountBindingRequired": !self.opts.eab_keys.is_empty(),
+                "externalAccountMACKeys": self
+                    .opts
+                    .eab_keys
+                    .iter()
+                    .map(|(kid, key)| (kid.clone(), serde_json::Value::from(key.as_str())))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
             }
         });
         let text = serde_json::to_string_pretty(&config).expect("JSON value serializes");

@@ -1,0 +1,207 @@
+//! tls-alpn-01 (RFC 8737): a TLS listener that answers only the CA's
+//! validation handshakes.
+//!
+//! One listener is shared by all orders. A handshake that offers ALPN
+//! `acme-tls/1` for a name with a challenge in flight gets a self-signed
+//! certificate for that name carrying the critical `acmeIdentifier`
+//! extension (the SHA-256 of the key authorization); any other handshake
+//! (a browser, a name without a challenge) fails at once with a TLS alert
+//! rather than hanging.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{ChallengeSpec, Solver, SolverError};
+use crate::config::ChallengeKind;
+
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The certificates for names with a challenge in flight.
+#[derive(Default)]
+struct Certs(Mutex<HashMap<String, Arc<CertifiedKey>>>);
+
+impl Certs {
+    /// Inserts and removes are single operations: a poisoned map is intact.
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<CertifiedKey>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl fmt::Debug for Certs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certs")
+            .field("names", &self.lock().len())
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if !acme {
+            return None;
+        }
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.lock().get(&name).cloned()
+    }
+}
+
+pub struct TlsAlpnSolver {
+    certs: Arc<Certs>,
+}
+
+impl TlsAlpnSolver {
+    /// Binds `addr` and serves until `cancel` fires.
+    pub async fn start(
+        addr: SocketAddr,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<Self, SolverError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| SolverError::Listen { addr, source })?;
+        let certs = Arc::new(Certs::default());
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SolverError::TlsAlpn(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let cancel = cancel.clone();
+        let conns = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "tls-alpn-01 responder accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                conns.spawn(async move {
+                    // The CA only needs the handshake; close right after.
+                    if let Ok(Ok(mut tls)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        let _ = tls.shutdown().await;
+                    }
+                });
+            }
+        });
+        tracing::debug!(%addr, "tls-alpn-01 responder listening");
+        Ok(Self { certs })
+    }
+
+    /// The validation certificate for `name`: self-signed, the name as its
+    /// only SAN, and the critical acmeIdentifier extension.
+    fn validation_cert(c: &ChallengeSpec) -> Result<Arc<CertifiedKey>, SolverError> {
+        let err = |e: String| SolverError::TlsAlpn(format!("{}: {e}", c.identifier));
+        let digest = ring::digest::digest(&ring::digest::SHA256, c.key_authorization.as_bytes());
+        let mut params = rcgen::CertificateParams::new(vec![c.identifier.clone()])
+            .map_err(|e| err(e.to_string()))?;
+        params.custom_extensions =
+            vec![rcgen::CustomExtension::new_acme_identifier(digest.as_ref())];
+        let key = rcgen::KeyPair::generate().map_err(|e| err(e.to_string()))?;
+        let cert = params.self_signed(&key).map_err(|e| err(e.to_string()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signer =
+            rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| err(e.to_string()))?;
+        Ok(Arc::new(CertifiedKey::new(
+            vec![cert.der().clone()],
+            signer,
+        )))
+    }
+}
+
+#[async_trait]
+impl Solver for TlsAlpnSolver {
+    fn kind(&self) -> ChallengeKind {
+        ChallengeKind::TlsAlpn01
+    }
+
+    async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let cert = Self::validation_cert(c)?;
+        self.certs
+            .lock()
+            .insert(c.identifier.to_ascii_lowercase(), cert);
+        Ok(())
+    }
+
+    async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.certs.lock().remove(&c.identifier.to_ascii_lowercase());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_tls_is_refused_at_once() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        let solver = TlsAlpnSolver::start(addr, &tracker, &cancel)
+            .await
+            .expect("start");
+        let spec = ChallengeSpec {
+            identifier: "a.example".into(),
+            token: "t".into(),
+            key_authorization: "t.thumb".into(),
+            dns_value: String::new(),
+        };
+        solver.present(&spec).await.expect("present");
+        // A client without acme-tls/1 gets an alert, not a hang.
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rcgen::CertificateParams::new(vec!["x.example".to_owned()])
+            .expect("params")
+            .self_signed(&rcgen::KeyPair::generate().expect("key"))
+            .expect("cert");
+        roots.add(ca.der().clone()).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("a.example").expect("name");
+        let result =
+            tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await;
+        assert!(
+            matches!(result, Ok(Err(_))),
+            "expected a prompt handshake failure"
+        );
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
