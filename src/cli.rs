@@ -94,6 +94,10 @@ pub enum Command {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+        /// Monitoring check: one summary line; exit 0 all valid, 1 a
+        /// renewal failing in its window, 2 expired or failing within 7 days.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
     },
     /// Inspect the authorization ledger.
     Authz {
@@ -250,7 +254,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => run_daemon(cfg).await,
         Command::CheckConfig => Ok(check_config(&cfg)),
         Command::Renew { names, force } => renew(cfg, &names, force).await,
-        Command::Status { json } => status(&cfg, json).await,
+        Command::Status { check: true, .. } => status_check(&cfg).await,
+        Command::Status { json, .. } => status(&cfg, json).await,
         Command::Authz {
             command: AuthzCommand::List { pending, json },
         } => authz_list(&cfg, pending, json).await,
@@ -393,6 +398,14 @@ async fn renew_due(
     store: &Store,
     due: Vec<(CertificateConfig, Reason)>,
 ) -> anyhow::Result<ExitCode> {
+    // Consecutive failures before this run, for notifications.
+    let mut failures_before = std::collections::HashMap::new();
+    for (c, _) in &due {
+        let n = store.certificate(c.name.as_str()).await?.map_or(0, |r| {
+            u32::try_from(r.consecutive_failures).unwrap_or(u32::MAX)
+        });
+        failures_before.insert(c.name.to_string(), n);
+    }
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let setup = async {
@@ -421,10 +434,7 @@ async fn renew_due(
             // Nothing was ordered; record why for `status` and fail.
             let msg = error_chain(e.as_ref());
             for (c, _) in &due {
-                store
-                    .record_failure(c.name.as_str(), &c.domain_strings(), &msg, None)
-                    .await?;
-                outln!("{}: failed: {msg}", c.name);
+                record_failed(cfg, store, c, &msg, &failures_before).await?;
             }
             return Ok(ExitCode::FAILURE);
         }
@@ -459,6 +469,18 @@ async fn renew_due(
         let (c, result) = joined.context("a renewal task panicked")?;
         match result {
             Ok(issued) => {
+                let outcome = crate::alerts::Outcome::Succeeded {
+                    previous_failures: failures_before.get(c.name.as_str()).copied().unwrap_or(0),
+                    not_after: issued.info.not_after,
+                };
+                crate::alerts::after_renewal(
+                    cfg.notify.as_ref(),
+                    store,
+                    c.name.as_str(),
+                    &c.domain_strings(),
+                    outcome,
+                )
+                .await;
                 let reload_failed = issued.reloads.iter().filter(|r| !r.ok).count();
                 outln!(
                     "{}: issued serial {} valid until {}{}",
@@ -477,11 +499,7 @@ async fn renew_due(
             }
             Err(e) => {
                 failed += 1;
-                let msg = error_chain(&e);
-                store
-                    .record_failure(c.name.as_str(), &c.domain_strings(), &msg, None)
-                    .await?;
-                outln!("{}: failed: {msg}", c.name);
+                record_failed(cfg, store, &c, &error_chain(&e), &failures_before).await?;
             }
         }
     }
@@ -505,6 +523,34 @@ async fn renew_due(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Records a failed renewal of a one-shot run: ledger, notification, output.
+async fn record_failed(
+    cfg: &Config,
+    store: &Store,
+    c: &CertificateConfig,
+    msg: &str,
+    failures_before: &std::collections::HashMap<String, u32>,
+) -> anyhow::Result<()> {
+    let name = c.name.as_str();
+    store
+        .record_failure(name, &c.domain_strings(), msg, None)
+        .await?;
+    let outcome = crate::alerts::Outcome::Failed {
+        failures: failures_before.get(name).copied().unwrap_or(0) + 1,
+        error: msg,
+    };
+    crate::alerts::after_renewal(
+        cfg.notify.as_ref(),
+        store,
+        name,
+        &c.domain_strings(),
+        outcome,
+    )
+    .await;
+    outln!("{name}: failed: {msg}");
+    Ok(())
 }
 
 /// Whether an unfinished order is still wanted: its certificate is
@@ -887,6 +933,39 @@ struct StatusRow {
     last_error: Option<String>,
     next_renewal_at: Option<String>,
     pending_authz: i64,
+}
+
+async fn status_check(cfg: &Config) -> anyhow::Result<ExitCode> {
+    use crate::health::{Level, assess};
+    let rows = match open_existing(cfg).await? {
+        Some(s) => {
+            let rows = s.certificates().await?;
+            s.close().await;
+            rows
+        }
+        None => Vec::new(),
+    };
+    let now = UnixTime::now();
+    let mut worst = Level::Ok;
+    let mut problems = Vec::new();
+    for c in &cfg.certificates {
+        let (level, why) = assess(c, rows.iter().find(|r| r.name == c.name.as_str()), now);
+        worst = worst.max(level);
+        problems.extend(why.map(|w| (level, w)));
+    }
+    // Worst first: the line a pager shows must lead with what matters.
+    problems.sort_by(|a, b| b.0.cmp(&a.0));
+    let summary = if problems.is_empty() {
+        format!("{} certificate(s) valid", cfg.certificates.len())
+    } else {
+        problems
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    outln!("CERTD {worst}: {summary}");
+    Ok(ExitCode::from(worst as u8))
 }
 
 async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {

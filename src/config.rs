@@ -36,7 +36,19 @@ pub struct Config {
     pub tls_alpn01: Option<TlsAlpn01Config>,
     pub reaper: ReaperConfig,
     pub daemon: DaemonConfig,
+    /// Prometheus text endpoint of the daemon.
+    pub metrics_listen: Option<SocketAddr>,
+    pub notify: Option<NotifyConfig>,
     pub certificates: Vec<CertificateConfig>,
+}
+
+/// A program told about renewals that keep failing, and recoveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifyConfig {
+    pub command: String,
+    /// Consecutive failures before the first notification.
+    pub after_failures: u32,
+    pub timeout: Duration,
 }
 
 /// How `certd run` schedules work.
@@ -601,6 +613,24 @@ impl Validator<'_> {
         };
         let reaper = self.reaper(raw.reaper)?;
         let daemon = self.daemon(raw.daemon)?;
+        let metrics_listen = match raw.metrics {
+            Some(m) => Some(self.parse_spanned(&m.listen, "metrics.listen", parse_socket_addr)?),
+            None => None,
+        };
+        let notify = match raw.notify {
+            None => None,
+            Some(n) => Some(NotifyConfig {
+                command: n.command,
+                after_failures: match n.after_failures {
+                    Some(v) => self.positive(&v, "notify.after_failures")?,
+                    None => 3,
+                },
+                timeout: match n.timeout {
+                    Some(t) => self.duration(&t, "notify.timeout")?,
+                    None => Duration::from_secs(30),
+                },
+            }),
+        };
 
         let mut certificates = Vec::with_capacity(raw.certificate.len());
         let mut names = HashSet::new();
@@ -619,6 +649,8 @@ impl Validator<'_> {
             tls_alpn01,
             reaper,
             daemon,
+            metrics_listen,
+            notify,
             certificates,
         })
     }
@@ -964,8 +996,24 @@ mod raw {
         pub tls_alpn01: Option<TlsAlpn01>,
         pub reaper: Option<Reaper>,
         pub daemon: Option<Daemon>,
+        pub metrics: Option<Metrics>,
+        pub notify: Option<Notify>,
         #[serde(default)]
         pub certificate: Vec<Certificate>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Metrics {
+        pub listen: Spanned<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Notify {
+        pub command: String,
+        pub after_failures: Option<Spanned<i64>>,
+        pub timeout: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]

@@ -65,6 +65,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         renew_remaining: cfg.daemon.renew_remaining,
     };
 
+    if let Some(addr) = cfg.metrics_listen {
+        crate::metrics::start(
+            addr,
+            store.clone(),
+            ctx.account.http.clone(),
+            &tracker,
+            &shutdown,
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let scheduler = Scheduler::new(ctx, cfg.clone(), shutdown.clone());
     tracker.spawn(scheduler.run(reload_rx));

@@ -352,35 +352,56 @@ pub async fn run_reloads(
     name: &str,
     cert_dir: &Path,
 ) -> Vec<ReloadOutcome> {
+    let dir = cert_dir.join(name);
+    let env = [
+        ("CERTD_NAME", name.as_ref()),
+        ("CERTD_CERT_DIR", dir.as_os_str()),
+    ];
     let mut out = Vec::with_capacity(commands.len());
     for command in commands {
-        let child = tokio::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(command)
-            .env("CERTD_NAME", name)
-            .env("CERTD_CERT_DIR", cert_dir.join(name))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let (ok, detail) = match tokio::time::timeout(timeout, child).await {
-            Err(_) => (false, format!("timed out after {}s", timeout.as_secs())),
-            Ok(Err(e)) => (false, format!("cannot run: {e}")),
-            Ok(Ok(o)) => {
-                let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
-                text.push_str(&String::from_utf8_lossy(&o.stderr));
-                let text = text.trim();
-                let tail = &text[text.len().saturating_sub(1000)..];
-                let tail = tail.trim_start_matches(|c: char| !c.is_ascii());
-                (o.status.success(), format!("{}: {tail}", o.status))
-            }
-        };
-        out.push(ReloadOutcome {
-            command: command.clone(),
-            ok,
-            detail,
-        });
+        out.push(run_command(command, &env, timeout).await);
     }
     out
+}
+
+/// Runs `command` with `/bin/sh -c` and `env`, bounded by `timeout`;
+/// returns the exit status and the tail of its output.
+pub async fn run_command(
+    command: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+) -> ReloadOutcome {
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (ok, detail) = match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => (false, format!("timed out after {}s", timeout.as_secs())),
+        Ok(Err(e)) => (false, format!("cannot run: {e}")),
+        Ok(Ok(o)) => {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            let text = text.trim();
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(1000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            (o.status.success(), format!("{}: {tail}", o.status))
+        }
+    };
+    ReloadOutcome {
+        command: command.to_owned(),
+        ok,
+        detail,
+    }
 }
 
 /// When a certificate with this validity should be renewed: when the

@@ -11,13 +11,17 @@
 //! `install` (files and reloads), `cli` (commands and exit codes).
 
 pub mod acme;
+pub mod alerts;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod driver;
+pub mod health;
 pub mod install;
+pub mod metrics;
 pub mod reaper;
 pub mod scheduler;
 pub mod solver;
 pub mod store;
+pub mod tinyhttp;

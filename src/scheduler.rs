@@ -335,7 +335,19 @@ impl Scheduler {
         }
         match result {
             Ok(issued) => {
-                entry.failures = 0;
+                let previous_failures = std::mem::take(&mut entry.failures);
+                let outcome = crate::alerts::Outcome::Succeeded {
+                    previous_failures,
+                    not_after: issued.info.not_after,
+                };
+                crate::alerts::after_renewal(
+                    self.cfg.notify.as_ref(),
+                    &self.ctx.store,
+                    &name,
+                    &entry.cert.domain_strings(),
+                    outcome,
+                )
+                .await;
                 tracing::info!(cert = %name, serial = %issued.info.serial, "renewed");
                 self.plan_installed(&mut entry, &issued.info).await;
                 let _ = self
@@ -382,6 +394,18 @@ impl Scheduler {
                     .store
                     .record_failure(&name, &domains, &msg, Some(next.secs()))
                     .await;
+                let outcome = crate::alerts::Outcome::Failed {
+                    failures: entry.failures,
+                    error: &msg,
+                };
+                crate::alerts::after_renewal(
+                    self.cfg.notify.as_ref(),
+                    &self.ctx.store,
+                    &name,
+                    &domains,
+                    outcome,
+                )
+                .await;
             }
         }
         self.entries.insert(name, entry);

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ChallengeKind, Config, Dns01Config, Http01Config};
+use crate::tinyhttp::{self, Response};
 
 mod tls_alpn;
 pub use tls_alpn::TlsAlpnSolver;
@@ -295,10 +296,6 @@ struct TokenEntry {
     seen: Arc<Notify>,
 }
 
-/// Requests larger than this are not ACME validation requests.
-const MAX_REQUEST: usize = 8192;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl Http01Responder {
     /// Binds `addr` and serves until `cancel` fires; the task and every
     /// connection task belong to `tracker`.
@@ -307,41 +304,17 @@ impl Http01Responder {
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<Self, SolverError> {
-        let listener = TcpListener::bind(addr)
+        let (listener, addr) = tinyhttp::bind(addr)
             .await
             .map_err(|source| SolverError::Listen { addr, source })?;
-        let addr = listener.local_addr().unwrap_or(addr);
         let responder = Self {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             addr,
         };
         let tokens = responder.tokens.clone();
-        let cancel = cancel.clone();
-        let conn_tracker = tracker.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            let tokens = tokens.clone();
-                            let cancel = cancel.clone();
-                            conn_tracker.spawn(async move {
-                                tokio::select! {
-                                    () = cancel.cancelled() => {}
-                                    _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(stream, &tokens)) => {}
-                                }
-                            });
-                        }
-                        // Accept errors (e.g. out of file descriptors) are
-                        // transient; back off briefly instead of spinning.
-                        Err(e) => {
-                            tracing::warn!(error = %e, "http-01 responder accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    },
-                }
-            }
+        tinyhttp::serve(listener, tracker, cancel, move |req| {
+            let reply = answer(&tokens, &req.target);
+            async move { reply }
         });
         tracing::debug!(%addr, "http-01 responder listening");
         Ok(responder)
@@ -376,61 +349,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn serve(mut stream: TcpStream, tokens: &Mutex<HashMap<String, TokenEntry>>) {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+/// The answer to a request for `target`: the key authorization of a
+/// token in flight, else 404.
+fn answer(tokens: &Mutex<HashMap<String, TokenEntry>>, target: &str) -> Response {
+    let entry = target
+        .strip_prefix(WELL_KNOWN)
+        .and_then(|token| lock(tokens).get(token).cloned());
+    match entry {
+        Some(e) => {
+            e.seen.notify_waiters();
+            // notify_waiters only wakes current waiters; also leave a
+            // permit for a waiter that arrives just after.
+            e.seen.notify_one();
+            Response::text(200, e.key_authorization)
         }
-        if buf.len() > MAX_REQUEST {
-            let _ = stream.write_all(&response(431, "", false)).await;
-            return;
-        }
+        None => Response::text(404, ""),
     }
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let head = method == "HEAD";
-    let reply = match (method, target.strip_prefix(WELL_KNOWN)) {
-        ("GET" | "HEAD", Some(token)) => {
-            let entry = lock(tokens).get(token).cloned();
-            match entry {
-                Some(e) => {
-                    e.seen.notify_waiters();
-                    // notify_waiters only wakes current waiters; also leave a
-                    // permit for a waiter that arrives just after.
-                    e.seen.notify_one();
-                    response(200, &e.key_authorization, head)
-                }
-                None => response(404, "", head),
-            }
-        }
-        ("GET" | "HEAD", None) => response(404, "", head),
-        _ => response(405, "", head),
-    };
-    let _ = stream.write_all(&reply).await;
-    let _ = stream.shutdown().await;
-}
-
-fn response(code: u16, body: &str, head: bool) -> Vec<u8> {
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Request Header Fields Too Large",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
 }
 
 // ---- dns-01 --------------------------------------------------------------

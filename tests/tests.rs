@@ -12,4 +12,5 @@ mod config;
 mod daemon;
 mod harness;
 mod issuance;
+mod ops;
 mod reaper;

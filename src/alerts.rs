@@ -1,0 +1,80 @@
+//! Telling an operator when renewals keep failing, and when they recover:
+//! the `[notify] command`, run with the details in environment variables.
+
+use std::ffi::OsStr;
+
+use crate::config::NotifyConfig;
+use crate::install::run_command;
+use crate::store::Store;
+
+/// What happened to one certificate's renewal.
+pub enum Outcome<'a> {
+    /// The renewal failed; `failures` counts consecutive failures, this one
+    /// included.
+    Failed { failures: u32, error: &'a str },
+    /// The renewal succeeded after `previous_failures` failures.
+    Succeeded {
+        previous_failures: u32,
+        not_after: i64,
+    },
+}
+
+/// Runs the notify command if `outcome` deserves it: from the
+/// `after_failures`-th consecutive failure on, and on the first success
+/// after such a run. Its result goes to the ledger and the log; it never
+/// fails the renewal.
+pub async fn after_renewal(
+    cfg: Option<&NotifyConfig>,
+    store: &Store,
+    name: &str,
+    domains: &[String],
+    outcome: Outcome<'_>,
+) {
+    let Some(cfg) = cfg else { return };
+    let domains = domains.join(",");
+    let (event, failures, detail) = match outcome {
+        Outcome::Failed { failures, error } if failures >= cfg.after_failures => {
+            ("renewal-failed", failures, error.to_owned())
+        }
+        Outcome::Succeeded {
+            previous_failures,
+            not_after,
+        } if previous_failures >= cfg.after_failures => (
+            "renewal-recovered",
+            previous_failures,
+            crate::clock::rfc3339(not_after),
+        ),
+        _ => return,
+    };
+    let failures = failures.to_string();
+    let detail_key = if event == "renewal-failed" {
+        "CERTD_ERROR"
+    } else {
+        "CERTD_NOT_AFTER"
+    };
+    let env: [(&str, &OsStr); 5] = [
+        ("CERTD_EVENT", event.as_ref()),
+        ("CERTD_NAME", name.as_ref()),
+        ("CERTD_DOMAINS", domains.as_ref()),
+        ("CERTD_FAILURES", failures.as_ref()),
+        (detail_key, detail.as_ref()),
+    ];
+    let result = run_command(&cfg.command, &env, cfg.timeout).await;
+    let kind = if result.ok {
+        "notified"
+    } else {
+        "notify-failed"
+    };
+    if !result.ok {
+        tracing::warn!(cert = name, detail = %result.detail, "notify command failed");
+    }
+    let _ = store
+        .event(
+            kind,
+            Some(name),
+            None,
+            None,
+            Some(&format!("{event}: {}", result.detail)),
+        )
+        .await;
+}
