@@ -954,7 +954,7 @@ async fn status_check(cfg: &Config) -> anyhow::Result<ExitCode> {
         problems.extend(why.map(|w| (level, w)));
     }
     // Worst first: the line a pager shows must lead with what matters.
-    problems.sort_by(|a, b| b.0.cmp(&a.0));
+    problems.sort_by_key(|p| std::cmp::Reverse(p.0));
     let summary = if problems.is_empty() {
         format!("{} certificate(s) valid", cfg.certificates.len())
     } else {
