@@ -122,6 +122,12 @@ pub enum Command {
         #[arg(long)]
         no_renew: bool,
     },
+    /// Write the man pages and shell completions into DIR (packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory; `man/` and `completions/` are created in it.
+        dir: PathBuf,
+    },
     /// Run one reaper pass now: settle stale pending authorizations.
     Reap {
         /// Treat pending authorizations older than this as stale
@@ -242,6 +248,10 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::GenerateAssets { dir } = &cli.command {
+        generate_assets(dir)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let cfg = match Config::load(&cli.config) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -252,6 +262,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(cli.log_format, &cfg.daemon.log_level);
     match cli.command {
         Command::Run => run_daemon(cfg).await,
+        // Handled above, before a configuration is needed.
+        Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
         Command::CheckConfig => Ok(check_config(&cfg)),
         Command::Renew { names, force } => renew(cfg, &names, force).await,
         Command::Status { check: true, .. } => status_check(&cfg).await,
@@ -284,6 +296,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_renew,
         } => revoke(cfg, &name, reason, no_renew).await,
     }
+}
+
+/// Man pages (one per command) and bash, zsh and fish completions, all
+/// generated from the clap definitions so they cannot drift from the code.
+fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man).context("writing man pages")?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "certd", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
 }
 
 async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
@@ -534,8 +567,10 @@ async fn record_failed(
     failures_before: &std::collections::HashMap<String, u32>,
 ) -> anyhow::Result<()> {
     let name = c.name.as_str();
+    // A one-shot run schedules no retry: the certificate is due again now.
+    let now = UnixTime::now().secs();
     store
-        .record_failure(name, &c.domain_strings(), msg, None)
+        .record_failure(name, &c.domain_strings(), msg, Some(now))
         .await?;
     let outcome = crate::alerts::Outcome::Failed {
         failures: failures_before.get(name).copied().unwrap_or(0) + 1,
@@ -976,6 +1011,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     };
     let now = UnixTime::now();
     let mut out = Vec::with_capacity(cfg.certificates.len());
+    let mut next_secs = Vec::with_capacity(cfg.certificates.len());
     for c in &cfg.certificates {
         let row = rows.iter().find(|r| r.name == c.name.as_str());
         let pending_authz = pending
@@ -992,10 +1028,16 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
                 d != configured
             }
         });
+        // The ledger's next time holds while the installed certificate
+        // fits the configuration, or while a failed attempt waits for its
+        // retry; otherwise the certificate is due now.
+        let failing = row.is_some_and(|r| r.last_result.as_deref() == Some("error"));
         let next = match row.and_then(|r| r.next_renewal_at) {
-            Some(t) if installed && !domains_changed => Some(t),
-            _ => Some(now.secs()),
+            Some(t) if installed && !domains_changed => t,
+            Some(t) if failing && t > now.secs() => t,
+            _ => now.secs(),
         };
+        next_secs.push(next);
         out.push(StatusRow {
             name: c.name.to_string(),
             domains: c.domain_strings(),
@@ -1004,7 +1046,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             last_attempt_at: row.and_then(|r| r.last_attempt_at).map(rfc3339),
             last_result: row.and_then(|r| r.last_result.clone()),
             last_error: row.and_then(|r| r.last_error.clone()),
-            next_renewal_at: next.map(rfc3339),
+            next_renewal_at: Some(rfc3339(next)),
             pending_authz,
         });
     }
@@ -1026,7 +1068,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         ]
         .map(String::from),
     ];
-    for (r, c) in out.iter().zip(&cfg.certificates) {
+    for (i, (r, c)) in out.iter().zip(&cfg.certificates).enumerate() {
         let row = rows.iter().find(|x| x.name == c.name.as_str());
         let expires = match row.and_then(|x| x.not_after) {
             Some(t) => format!("{} ({}d)", rfc3339(t), (t - now.secs()).div_euclid(86_400)),
@@ -1034,14 +1076,16 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         };
         let last = match (&r.last_attempt_at, r.last_result.as_deref()) {
             (Some(at), Some("ok")) => format!("{at} ok"),
+            // The table keeps errors to one screen line; --json and
+            // `status --check` carry them whole.
             (Some(at), _) => format!(
                 "{at} error: {}",
-                r.last_error.as_deref().unwrap_or("unknown")
+                shorten(r.last_error.as_deref().unwrap_or("unknown"), 100)
             ),
             (None, _) => "never".into(),
         };
-        let next = match (&r.next_renewal_at, row.and_then(|x| x.next_renewal_at)) {
-            (Some(_), Some(t)) if t > now.secs() => rfc3339(t),
+        let next = match next_secs[i] {
+            t if t > now.secs() => rfc3339(t),
             _ => "due now".into(),
         };
         table.push([
@@ -1134,6 +1178,16 @@ async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Res
     }
     print_table(&table);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `s` cut to `max` characters, with an ellipsis when cut.
+fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut cut: String = s.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// Prints rows as left-aligned columns; the last column is not padded.

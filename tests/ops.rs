@@ -38,7 +38,11 @@ challenges = ["dns-01"]
         "{}",
         out.stdout
     );
-    assert!(!out.stdout.contains("ok has no certificate"), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains("ok has no certificate"),
+        "{}",
+        out.stdout
+    );
 
     // Both valid: OK.
     flag(&env, "fail", false);
