@@ -536,6 +536,15 @@ async fn renew_due(
             }
         }
     }
+    // Per endpoint and outcome, for benchmarks and curious operators.
+    let requests: Vec<String> = ctx
+        .account
+        .http
+        .request_counts()
+        .into_iter()
+        .map(|((endpoint, outcome), n)| format!("{endpoint}:{outcome}={n}"))
+        .collect();
+    tracing::debug!(requests = %requests.join(" "), "ACME requests of this run");
     // A one-shot run from cron is the only hygiene some hosts get.
     let counts = ctx
         .reaper
