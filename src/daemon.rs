@@ -236,7 +236,7 @@ fn restart_needed(a: &Config, b: &Config) -> bool {
         || a.storage.cert_dir != b.storage.cert_dir
         || a.http01.as_ref().map(|h| (h.listen, &h.webroot))
             != b.http01.as_ref().map(|h| (h.listen, &h.webroot))
-        || a.dns01.as_ref().map(|d| &d.hook) != b.dns01.as_ref().map(|d| &d.hook)
+        || a.dns01 != b.dns01
 }
 
 /// Sends a state line to systemd's notification socket, if there is one

@@ -90,6 +90,8 @@ listen = "127.0.0.1:{http01_port}"
 
 [dns01]
 hook = {hook}
+# The hook publishes in challtestsrv, so the propagation check asks it.
+nameservers = ["{dns}"]
 
 {certificates_toml}"#,
             directory = toml_str(&self.pebble.directory_url()),
@@ -98,6 +100,7 @@ hook = {hook}
             cert_dir = toml_path(&self.cert_dir()),
             http01_port = self.pebble.http01_port(),
             hook = toml_path(&self.dns_hook_path()),
+            dns = self.pebble.dns_addr(),
         );
         self.write_raw_config(&config);
         self.write_dns_hook();
