@@ -9,6 +9,7 @@ mod util;
 
 mod config;
 mod daemon;
+mod dns01;
 mod harness;
 mod issuance;
 mod reaper;
