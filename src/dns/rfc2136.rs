@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
-use hickory_proto::op::update_message;
+use hickory_proto::op::{Message, update_message};
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::rdata::tsig::TsigAlgorithm as HickoryAlgorithm;
 use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
@@ -118,18 +118,27 @@ impl Rfc2136Solver {
         let name = fqdn(&record).map_err(|e| err(&zone_text, e))?;
         let (server, zone) = self.locate(&name).await.map_err(|e| err(&zone_text, e))?;
         zone_text = display_name(&zone);
-        let mut rrset = RecordSet::with_ttl(name, RecordType::TXT, RECORD_TTL);
-        rrset.add_rdata(RData::TXT(TXT::new(vec![c.dns_value.clone()])));
-        let msg = match action {
-            // must_exist = false: add to the RRset, creating it if needed.
-            "add" => update_message::append(rrset, zone, false, false),
-            _ => update_message::delete_by_rdata(rrset, zone, false),
-        };
+        let msg = build_update(action == "add", name, zone, &c.dns_value);
         send_signed(server, msg, &self.signer, QUERY_TIMEOUT)
             .await
             .map_err(|e| err(&zone_text, e))?;
         tracing::debug!(%record, zone = %zone_text, %server, action, "dns-01 record updated");
         Ok(())
+    }
+}
+
+/// The update that adds (`add`) or deletes one TXT value at `name`.
+/// `locate` has checked that `zone` contains `name`, which the hickory
+/// builders assert.
+fn build_update(add: bool, name: Name, zone: Name, value: &str) -> Message {
+    let mut rrset = RecordSet::with_ttl(name, RecordType::TXT, RECORD_TTL);
+    rrset.add_rdata(RData::TXT(TXT::new(vec![value.to_owned()])));
+    if add {
+        // must_exist = false: add to the RRset, creating it if needed.
+        update_message::append(rrset, zone, false, false)
+    } else {
+        // Class NONE with the data: this one RR, not the RRset.
+        update_message::delete_by_rdata(rrset, zone, false)
     }
 }
 
@@ -172,5 +181,43 @@ impl Solver for Rfc2136Solver {
                 record,
                 source: Box::new(source),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::OpCode;
+    use hickory_proto::rr::DNSClass;
+
+    #[test]
+    fn add_and_delete_touch_one_value_only() {
+        let zone = fqdn("example.test").expect("zone");
+        let name = fqdn("_acme-challenge.w.example.test").expect("name");
+        for add in [true, false] {
+            let msg = build_update(add, name.clone(), zone.clone(), "value-1");
+            assert_eq!(msg.metadata.op_code, OpCode::Update);
+            // The zone section (a query in wire terms) names the zone.
+            assert_eq!(msg.queries.len(), 1);
+            assert_eq!(msg.queries[0].name(), &zone);
+            assert_eq!(msg.queries[0].query_type(), RecordType::SOA);
+            // No prerequisites (a second value may already be there).
+            assert!(msg.answers.is_empty(), "{:?}", msg.answers);
+            // One update RR: the name, TXT, this value; IN with a TTL to
+            // add, NONE with TTL 0 to delete just this RR (RFC 2136 2.5.4;
+            // ANY would delete the whole RRset).
+            assert_eq!(msg.authorities.len(), 1);
+            let rr = &msg.authorities[0];
+            assert_eq!(rr.name, name);
+            assert_eq!(
+                (rr.dns_class, rr.ttl),
+                if add {
+                    (DNSClass::IN, RECORD_TTL)
+                } else {
+                    (DNSClass::NONE, 0)
+                }
+            );
+            assert_eq!(rr.data, RData::TXT(TXT::new(vec!["value-1".into()])));
+        }
     }
 }
