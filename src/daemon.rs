@@ -69,10 +69,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.reaper.pending_max_age,
         shutdown.clone(),
     ));
+    // Registered before READY=1: until a handler exists SIGHUP kills the
+    // process, and systemd (or a test) may send it the moment it hears READY.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    };
     tracker.spawn(watch_config(
         cfg.path.clone(),
         cfg.clone(),
         reload_tx,
+        hup,
         shutdown.clone(),
     ));
 
@@ -149,6 +159,7 @@ async fn watch_config(
     path: PathBuf,
     mut current: Arc<Config>,
     reloads: mpsc::Sender<Arc<Config>>,
+    mut hup: Option<tokio::signal::unix::Signal>,
     shutdown: CancellationToken,
 ) {
     let (tx, mut changed) = mpsc::channel::<()>(16);
@@ -156,13 +167,6 @@ async fn watch_config(
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the configuration file; reload with SIGHUP");
-            None
-        }
-    };
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP");
             None
         }
     };
