@@ -132,9 +132,10 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(format!(
-            "{} is readable by others (mode {:o}); make it 0600",
+            "{} is readable by others (mode {:04o}); a secret must be private: chmod 600 {}",
             path.display(),
-            mode & 0o777
+            mode & 0o777,
+            path.display()
         ));
     }
     std::fs::read_to_string(path)
@@ -167,11 +168,139 @@ pub struct TlsAlpn01Config {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Dns01Config {
-    /// Program run as `hook present` and `hook cleanup`.
-    pub hook: PathBuf,
+    /// How records are published: exactly one way per configuration.
+    pub mode: Dns01Mode,
+    /// How long a hook may run (hook mode only).
     pub hook_timeout: Duration,
+    /// The check, before the CA is asked, that the record is visible.
+    pub propagation: PropagationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dns01Mode {
+    /// Program run as `hook present` and `hook cleanup`.
+    Hook(PathBuf),
+    /// Dynamic update (RFC 2136) signed with TSIG.
+    Rfc2136(Rfc2136Config),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PropagationConfig {
+    pub enabled: bool,
+    /// Upper bound on the wait for the record to show everywhere.
+    pub timeout: Duration,
+    /// Servers to ask instead of the zone's NS records (split horizon).
+    pub nameservers: Vec<ServerAddr>,
+}
+
+impl Default for PropagationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout: Duration::from_secs(120),
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rfc2136Config {
+    /// The primary server that takes updates.
+    pub server: ServerAddr,
+    /// The zone to update; discovered through the server's SOA if unset.
+    pub zone: Option<String>,
+    pub key_name: String,
+    pub algorithm: TsigAlgorithm,
+    pub secret: Secret,
+}
+
+/// The HMACs TSIG keys can use (RFC 8945); the MD5 and SHA-1 ones are
+/// deliberately absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TsigAlgorithm {
+    #[default]
+    HmacSha256,
+    HmacSha384,
+    HmacSha512,
+}
+
+impl FromStr for TsigAlgorithm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "hmac-sha256" => Ok(Self::HmacSha256),
+            "hmac-sha384" => Ok(Self::HmacSha384),
+            "hmac-sha512" => Ok(Self::HmacSha512),
+            _ => Err(format!(
+                "unknown TSIG algorithm {s:?}; expected hmac-sha256, hmac-sha384 or hmac-sha512"
+            )),
+        }
+    }
+}
+
+/// A DNS server as `host:port`, `ip:port` or `[v6]:port`; the port
+/// defaults to 53. Host names are resolved when used, so a server that
+/// moves is found again without a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for ServerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || {
+            format!(
+                "{s:?} is not a server address like \"192.0.2.53:53\", \"[2001:db8::53]:53\" or \"ns1.example.com:53\""
+            )
+        };
+        if let Ok(a) = SocketAddr::from_str(s) {
+            return Ok(Self {
+                host: a.ip().to_string(),
+                port: a.port(),
+            });
+        }
+        if let Ok(ip) = std::net::IpAddr::from_str(s) {
+            return Ok(Self {
+                host: ip.to_string(),
+                port: 53,
+            });
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| err())?),
+            None => (s, 53),
+        };
+        let host = host.trim_end_matches('.');
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        };
+        if port == 0 || host.is_empty() || !host.split('.').all(label_ok) {
+            return Err(err());
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -429,6 +558,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(err)
 }
 
+/// A zone or key name: like `DnsName` but a single label is fine (a lab's
+/// zone `test`, a key `certd-key`), and key names may hold underscores.
+fn domain_like(s: &str, underscore: bool) -> Result<String, String> {
+    let name = s.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || (underscore && c == '_'))
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{s:?} is not a valid DNS name (letters, digits and inner '-'{}, 1 to 63 characters a label)",
+            if underscore { " or '_'" } else { "" }
+        ));
+    }
+    Ok(name)
+}
+
+/// Reads a base64 TSIG secret from a private file.
+fn read_tsig_secret(path: &Path) -> Result<Secret, String> {
+    use base64::Engine;
+    let text = read_secret_file(path)?;
+    // Whitespace (a secret wrapped over lines) is not part of base64.
+    let compact: String = text.split_whitespace().collect();
+    // The decode error is not shown: it could quote part of the secret.
+    let secret = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|_| format!("{} does not hold a base64 TSIG secret", path.display()))?;
+    if secret.is_empty() {
+        return Err(format!("{} holds an empty TSIG secret", path.display()));
+    }
+    Ok(Secret(secret))
+}
+
 /// A configuration error, located in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -595,16 +760,7 @@ impl Validator<'_> {
                 })
             }
         };
-        let dns01 = match raw.dns01 {
-            None => None,
-            Some(d) => Some(Dns01Config {
-                hook: resolve(&d.hook),
-                hook_timeout: match d.hook_timeout {
-                    Some(t) => self.duration(&t, "dns01.hook_timeout")?,
-                    None => Duration::from_secs(120),
-                },
-            }),
-        };
+        let dns01 = raw.dns01.map(|d| self.dns01(d, &resolve)).transpose()?;
         let tls_alpn01 = match raw.tls_alpn01 {
             None => None,
             Some(t) => Some(TlsAlpn01Config {
@@ -652,6 +808,90 @@ impl Validator<'_> {
             metrics_listen,
             notify,
             certificates,
+        })
+    }
+
+    fn dns01(
+        &self,
+        d: raw::Dns01,
+        resolve: &impl Fn(&str) -> PathBuf,
+    ) -> Result<Dns01Config, ConfigError> {
+        let mode = match (d.hook, d.rfc2136) {
+            (Some(hook), None) => Dns01Mode::Hook(resolve(hook.get_ref())),
+            (None, Some(r)) => Dns01Mode::Rfc2136(self.rfc2136(r, resolve)?),
+            (Some(hook), Some(_)) => {
+                return Err(self.at.error(
+                    hook.span(),
+                    Some("dns01.hook".into()),
+                    "set either `hook` or a [dns01.rfc2136] section, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(self.at.error(
+                    d.span,
+                    Some("dns01".into()),
+                    "set `hook` (a program of yours) or a [dns01.rfc2136] section (dynamic update)"
+                        .into(),
+                ));
+            }
+        };
+        let hook_timeout = match d.hook_timeout {
+            Some(t) => self.duration(&t, "dns01.hook_timeout")?,
+            None => Duration::from_secs(120),
+        };
+        let mut propagation = PropagationConfig::default();
+        if let Some(b) = d.propagation_check {
+            propagation.enabled = b;
+        }
+        if let Some(t) = d.propagation_timeout {
+            propagation.timeout = self.duration(&t, "dns01.propagation_timeout")?;
+            if propagation.timeout.is_zero() {
+                return Err(self.at.error(
+                    t.span(),
+                    Some("dns01.propagation_timeout".into()),
+                    "must be greater than zero (set propagation_check = false to skip the check)"
+                        .into(),
+                ));
+            }
+        }
+        for (i, ns) in d.nameservers.iter().enumerate() {
+            let key = format!("dns01.nameservers[{i}]");
+            propagation
+                .nameservers
+                .push(self.parse_spanned(ns, &key, |s| s.parse())?);
+        }
+        Ok(Dns01Config {
+            mode,
+            hook_timeout,
+            propagation,
+        })
+    }
+
+    fn rfc2136(
+        &self,
+        r: raw::Rfc2136,
+        resolve: &impl Fn(&str) -> PathBuf,
+    ) -> Result<Rfc2136Config, ConfigError> {
+        let server = self.parse_spanned(&r.server, "dns01.rfc2136.server", |s| s.parse())?;
+        let zone = r
+            .zone
+            .map(|z| self.parse_spanned(&z, "dns01.rfc2136.zone", |s| domain_like(s, false)))
+            .transpose()?;
+        let key_name = self.parse_spanned(&r.key_name, "dns01.rfc2136.key_name", |s| {
+            domain_like(s, true)
+        })?;
+        let algorithm = match &r.algorithm {
+            Some(a) => self.parse_spanned(a, "dns01.rfc2136.algorithm", |s| s.parse())?,
+            None => TsigAlgorithm::default(),
+        };
+        let key = "dns01.rfc2136.secret_file";
+        let secret = self.parse_spanned(&r.secret_file, key, |s| read_tsig_secret(&resolve(s)))?;
+        Ok(Rfc2136Config {
+            server,
+            zone,
+            key_name,
+            algorithm,
+            secret,
         })
     }
 
@@ -1081,11 +1321,54 @@ mod raw {
         }
     }
 
+    pub(super) struct Dns01 {
+        pub hook: Option<Spanned<String>>,
+        pub hook_timeout: Option<Spanned<String>>,
+        pub propagation_check: Option<bool>,
+        pub propagation_timeout: Option<Spanned<String>>,
+        pub nameservers: Vec<Spanned<String>>,
+        pub rfc2136: Option<Rfc2136>,
+        pub span: Range<usize>,
+    }
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
-    pub(super) struct Dns01 {
-        pub hook: String,
-        pub hook_timeout: Option<Spanned<String>>,
+    struct Dns01Fields {
+        hook: Option<Spanned<String>>,
+        hook_timeout: Option<Spanned<String>>,
+        propagation_check: Option<bool>,
+        propagation_timeout: Option<Spanned<String>>,
+        #[serde(default)]
+        nameservers: Vec<Spanned<String>>,
+        rfc2136: Option<Rfc2136>,
+    }
+
+    // The section's own span lets "set hook or [dns01.rfc2136]" point at it.
+    impl<'de> Deserialize<'de> for Dns01 {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let spanned = Spanned::<Dns01Fields>::deserialize(d)?;
+            let span = spanned.span();
+            let f = spanned.into_inner();
+            Ok(Self {
+                hook: f.hook,
+                hook_timeout: f.hook_timeout,
+                propagation_check: f.propagation_check,
+                propagation_timeout: f.propagation_timeout,
+                nameservers: f.nameservers,
+                rfc2136: f.rfc2136,
+                span,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Rfc2136 {
+        pub server: Spanned<String>,
+        pub zone: Option<Spanned<String>>,
+        pub key_name: Spanned<String>,
+        pub algorithm: Option<Spanned<String>>,
+        pub secret_file: Spanned<String>,
     }
 
     #[derive(Deserialize)]
@@ -1242,6 +1525,147 @@ domains = ["Example.COM", "www.example.com."]"#,
         expect_error(&text, 16, "certificate[0].challenges", "no [dns01] section");
         let text = with_cert("name = \"w\"\ndomains = [\"*.a.example\"]");
         expect_error(&text, 14, "certificate[0].challenges", "only dns-01");
+    }
+
+    /// A 0600 file holding a base64 secret; the directory must outlive the test.
+    fn secret_file(mode: u32) -> (tempfile::TempDir, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tsig.key");
+        std::fs::write(&path, "c2VjcmV0LWJ5dGVz\n").expect("write secret");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let path = path.display().to_string();
+        (dir, path)
+    }
+
+    #[test]
+    fn dns01_hook_with_propagation_defaults_and_overrides() {
+        let cfg = parse(&format!("{BASE}\n[dns01]\nhook = \"hooks/dns\"\n")).expect("valid");
+        let d = cfg.dns01.expect("dns01");
+        assert_eq!(
+            d.mode,
+            Dns01Mode::Hook(PathBuf::from("/etc/certd/hooks/dns"))
+        );
+        assert_eq!(d.propagation, PropagationConfig::default());
+        assert!(d.propagation.enabled);
+        assert_eq!(d.propagation.timeout, Duration::from_secs(120));
+
+        let text = format!(
+            "{BASE}\n[dns01]\nhook = \"/h\"\npropagation_check = false\npropagation_timeout = \"30s\"\nnameservers = [\"127.0.0.1:8053\", \"ns1.example.com\", \"[::1]:53\"]\n"
+        );
+        let p = parse(&text)
+            .expect("valid")
+            .dns01
+            .expect("dns01")
+            .propagation;
+        assert!(!p.enabled);
+        assert_eq!(p.timeout, Duration::from_secs(30));
+        let ns: Vec<String> = p.nameservers.iter().map(|n| n.to_string()).collect();
+        assert_eq!(ns, ["127.0.0.1:8053", "ns1.example.com:53", "[::1]:53"]);
+
+        let text =
+            format!("{BASE}\n[dns01]\nhook = \"/h\"\nnameservers = [\"ns1.example.com:99999\"]\n");
+        expect_error(&text, 15, "dns01.nameservers[0]", "not a server address");
+        let text = format!("{BASE}\n[dns01]\nhook = \"/h\"\npropagation_timeout = \"0s\"\n");
+        expect_error(&text, 15, "dns01.propagation_timeout", "greater than zero");
+    }
+
+    #[test]
+    fn dns01_needs_exactly_one_of_hook_and_rfc2136() {
+        let text = format!("{BASE}\n[dns01]\nhook_timeout = \"10s\"\n");
+        expect_error(&text, 13, "dns01", "set `hook`");
+        let (_dir, secret) = secret_file(0o600);
+        let text = format!(
+            "{BASE}\n[dns01]\nhook = \"/h\"\n\n[dns01.rfc2136]\nserver = \"127.0.0.1:53\"\nkey_name = \"k\"\nsecret_file = {secret:?}\n"
+        );
+        expect_error(&text, 14, "dns01.hook", "not both");
+    }
+
+    #[test]
+    fn rfc2136_is_parsed_and_its_secret_kept_out_of_debug() {
+        let (_dir, secret) = secret_file(0o600);
+        let text = format!(
+            "{BASE}\n[dns01.rfc2136]\nserver = \"127.0.0.1:5353\"\nzone = \"Example.COM.\"\nkey_name = \"certd-key\"\nalgorithm = \"hmac-sha512\"\nsecret_file = {secret:?}\n"
+        );
+        let d = parse(&text).expect("valid").dns01.expect("dns01");
+        let Dns01Mode::Rfc2136(r) = &d.mode else {
+            panic!("expected rfc2136: {d:?}");
+        };
+        assert_eq!(r.server.to_string(), "127.0.0.1:5353");
+        assert_eq!(r.zone.as_deref(), Some("example.com"));
+        assert_eq!(r.key_name, "certd-key");
+        assert_eq!(r.algorithm, TsigAlgorithm::HmacSha512);
+        assert_eq!(r.secret.expose(), b"secret-bytes");
+        let debug = format!("{d:?}");
+        assert!(debug.contains("***"), "{debug}");
+        assert!(!debug.contains("115, 101, 99"), "secret bytes in {debug}");
+
+        // Defaults: no zone (discovered), hmac-sha256.
+        let text = format!(
+            "{BASE}\n[dns01.rfc2136]\nserver = \"ns1.example.com\"\nkey_name = \"k\"\nsecret_file = {secret:?}\n"
+        );
+        let d = parse(&text).expect("valid").dns01.expect("dns01");
+        let Dns01Mode::Rfc2136(r) = &d.mode else {
+            panic!("expected rfc2136");
+        };
+        assert_eq!(
+            (r.zone.as_ref(), r.algorithm),
+            (None, TsigAlgorithm::HmacSha256)
+        );
+        assert_eq!(r.server.to_string(), "ns1.example.com:53");
+    }
+
+    #[test]
+    fn rfc2136_refuses_bad_secrets_and_values() {
+        let rfc = |secret: &str, extra: &str| {
+            format!(
+                "{BASE}\n[dns01.rfc2136]\nserver = \"127.0.0.1:53\"\nkey_name = \"k\"\nsecret_file = {secret:?}\n{extra}"
+            )
+        };
+        let (_dir, open) = secret_file(0o644);
+        expect_error(
+            &rfc(&open, ""),
+            16,
+            "dns01.rfc2136.secret_file",
+            "chmod 600",
+        );
+        let (_dir2, group) = secret_file(0o640);
+        expect_error(
+            &rfc(&group, ""),
+            16,
+            "dns01.rfc2136.secret_file",
+            "mode 0640",
+        );
+        expect_error(
+            &rfc("/nonexistent/tsig.key", ""),
+            16,
+            "dns01.rfc2136.secret_file",
+            "cannot read",
+        );
+        let (dir, good) = secret_file(0o600);
+        std::fs::write(dir.path().join("tsig.key"), "not base64!").expect("write");
+        expect_error(&rfc(&good, ""), 16, "dns01.rfc2136.secret_file", "base64");
+        std::fs::write(dir.path().join("tsig.key"), "c2VjcmV0").expect("write");
+        expect_error(
+            &rfc(&good, "algorithm = \"hmac-md5\"\n"),
+            17,
+            "dns01.rfc2136.algorithm",
+            "unknown TSIG algorithm",
+        );
+        expect_error(
+            &rfc(&good, "zone = \"bad zone\"\n"),
+            17,
+            "dns01.rfc2136.zone",
+            "not a valid DNS name",
+        );
+        expect_error(
+            &rfc(&good, "key = \"x\"\n"),
+            17,
+            "dns01.rfc2136.key",
+            "unknown field `key`",
+        );
+        let text = rfc(&good, "").replace("127.0.0.1:53", "bad host:53");
+        expect_error(&text, 14, "dns01.rfc2136.server", "not a server address");
     }
 
     #[test]

@@ -85,10 +85,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.reaper.pending_max_age,
         shutdown.clone(),
     ));
+    // Registered before READY=1: until a handler exists SIGHUP kills the
+    // process, and systemd (or a test) may send it the moment it hears READY.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    };
     tracker.spawn(watch_config(
         cfg.path.clone(),
         cfg.clone(),
         reload_tx,
+        hup,
         shutdown.clone(),
     ));
 
@@ -165,6 +175,7 @@ async fn watch_config(
     path: PathBuf,
     mut current: Arc<Config>,
     reloads: mpsc::Sender<Arc<Config>>,
+    mut hup: Option<tokio::signal::unix::Signal>,
     shutdown: CancellationToken,
 ) {
     let (tx, mut changed) = mpsc::channel::<()>(16);
@@ -172,13 +183,6 @@ async fn watch_config(
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the configuration file; reload with SIGHUP");
-            None
-        }
-    };
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP");
             None
         }
     };
@@ -252,7 +256,7 @@ fn restart_needed(a: &Config, b: &Config) -> bool {
         || a.storage.cert_dir != b.storage.cert_dir
         || a.http01.as_ref().map(|h| (h.listen, &h.webroot))
             != b.http01.as_ref().map(|h| (h.listen, &h.webroot))
-        || a.dns01.as_ref().map(|d| &d.hook) != b.dns01.as_ref().map(|d| &d.hook)
+        || a.dns01 != b.dns01
 }
 
 /// Sends a state line to systemd's notification socket, if there is one

@@ -570,8 +570,11 @@ async fn validate<'p>(
         }
     }
     for p in plan {
-        if let Err(e) = p.solver.preflight(&p.spec).await {
-            return Err(DriveError::Preflight(e));
+        // A dns-01 propagation check may poll for minutes; shutdown must
+        // not wait for it.
+        tokio::select! {
+            result = p.solver.preflight(&p.spec) => result.map_err(DriveError::Preflight)?,
+            () = cancel.cancelled() => return Err(DriveError::Cancelled),
         }
     }
     for p in plan {

@@ -7,7 +7,7 @@
 //!
 //! Modules by responsibility: `config` (the file), `store` (the ledger, the
 //! only SQL), `acme` (HTTP, account, CA errors), `driver` (one order),
-//! `solver` (challenge responses), `scheduler` (when things are due),
+//! `solver` (challenge responses), `dns` (dns-01 over RFC 2136, propagation), `scheduler` (when things are due),
 //! `install` (files and reloads), `cli` (commands and exit codes).
 
 pub mod acme;
@@ -16,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod driver;
 pub mod health;
 pub mod install;

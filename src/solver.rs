@@ -18,7 +18,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChallengeKind, Config, Dns01Config, Http01Config};
+use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config};
+use crate::dns::propagation::PropagationCheck;
+use crate::dns::rfc2136::Rfc2136Solver;
 use crate::tinyhttp::{self, Response};
 
 mod tls_alpn;
@@ -57,6 +59,23 @@ pub enum SolverError {
         action: &'static str,
         record: String,
         detail: String,
+    },
+    #[error("dns-01 RFC 2136 {action} of {record} in zone {zone} at {server}: {source}")]
+    Rfc2136 {
+        action: &'static str,
+        server: String,
+        zone: String,
+        record: String,
+        #[source]
+        source: Box<crate::dns::DnsError>,
+    },
+    #[error("dns-01 RFC 2136 key {key_name}: {detail}")]
+    Rfc2136Key { key_name: String, detail: String },
+    #[error("dns-01 propagation check for {record}: {source}")]
+    Propagation {
+        record: String,
+        #[source]
+        source: Box<crate::dns::propagation::PropagationError>,
     },
     #[error("no solver is configured for {0}")]
     NotConfigured(ChallengeKind),
@@ -124,7 +143,11 @@ impl Solvers {
             );
         }
         if let Some(d) = &cfg.dns01 {
-            by_kind.insert(ChallengeKind::Dns01, Arc::new(Dns01Hook::new(d)));
+            let solver: Arc<dyn Solver> = match &d.mode {
+                Dns01Mode::Hook(hook) => Arc::new(Dns01Hook::new(hook, d)),
+                Dns01Mode::Rfc2136(r) => Arc::new(Rfc2136Solver::new(r, d)?),
+            };
+            by_kind.insert(ChallengeKind::Dns01, solver);
         }
         if let Some(t) = &cfg.tls_alpn01
             && needed.contains(&ChallengeKind::TlsAlpn01)
@@ -377,18 +400,20 @@ fn answer(tokens: &Mutex<HashMap<String, TokenEntry>>, target: &str) -> Response
 pub struct Dns01Hook {
     hook: PathBuf,
     timeout: Duration,
+    propagation: PropagationCheck,
 }
 
 impl Dns01Hook {
-    fn new(cfg: &Dns01Config) -> Self {
+    fn new(hook: &Path, cfg: &Dns01Config) -> Self {
         Self {
-            hook: cfg.hook.clone(),
+            hook: hook.to_owned(),
             timeout: cfg.hook_timeout,
+            propagation: PropagationCheck::new(&cfg.propagation),
         }
     }
 
     async fn run(&self, action: &'static str, c: &ChallengeSpec) -> Result<(), SolverError> {
-        let record = format!("_acme-challenge.{}", c.identifier.trim_start_matches("*."));
+        let record = crate::dns::challenge_record(&c.identifier);
         let err = |detail: String| SolverError::Hook {
             hook: self.hook.clone(),
             action,
@@ -436,6 +461,17 @@ impl Solver for Dns01Hook {
 
     async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         self.run("cleanup", c).await
+    }
+
+    async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let record = crate::dns::challenge_record(&c.identifier);
+        self.propagation
+            .wait(&record, &c.dns_value, None)
+            .await
+            .map_err(|source| SolverError::Propagation {
+                record,
+                source: Box::new(source),
+            })
     }
 }
 

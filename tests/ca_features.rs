@@ -87,7 +87,7 @@ fn external_account_binding() {
     let out = env.certd(&["check-config"]);
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(
-        out.stderr.contains("acme.eab_hmac_key_file") && out.stderr.contains("0600"),
+        out.stderr.contains("acme.eab_hmac_key_file") && out.stderr.contains("chmod 600"),
         "{}",
         out.stderr
     );

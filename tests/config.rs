@@ -2,6 +2,7 @@
 //! and exits with status 2 before anything is touched.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 
 use crate::util::TestCommand;
 
@@ -153,4 +154,56 @@ fn example_config_is_valid() {
         "{}",
         out.stdout
     );
+}
+
+#[test]
+fn example_config_dns01_keys_are_valid_in_both_modes() {
+    // The example leaves [dns01] commented out (a real hook or secret file
+    // is needed); uncommented, each mode must parse, so its keys stay honest.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let text = fs::read_to_string(&path).expect("read example");
+    let start = text.find("# [dns01]\n").expect("dns01 block");
+    let end = start + text[start..].find("\n[").expect("a table after dns01");
+    let live = |line: &str| {
+        line.strip_prefix("# ")
+            .filter(|rest| {
+                rest.starts_with("[dns01")
+                    || rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .unwrap_or(line)
+            .to_owned()
+    };
+    let block: Vec<String> = text[start..end].lines().map(live).collect();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("tsig.key");
+    fs::write(&secret, "c2VjcmV0\n").expect("secret");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let rfc_at = block
+        .iter()
+        .position(|l| l == "[dns01.rfc2136]")
+        .expect("rfc2136 table");
+    let hook_mode = block[..rfc_at].join("\n");
+    let rfc_mode = block
+        .iter()
+        .filter(|l| !l.starts_with("hook = "))
+        .map(|l| {
+            if l.starts_with("secret_file = ") {
+                format!("secret_file = {:?}", secret.display().to_string())
+            } else {
+                l.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (mode, dns01) in [("hook", hook_mode), ("rfc2136", rfc_mode)] {
+        assert!(dns01.contains("\npropagation_timeout = "), "{dns01}");
+        let config = format!("{}{dns01}\n{}", &text[..start], &text[end..]);
+        let file = dir.path().join(format!("{mode}.toml"));
+        fs::write(&file, config).expect("write");
+        let out = TestCommand::new(&file).arg("check-config").output();
+        assert_eq!(out.code(), Some(0), "{mode}: {out:?}\n{dns01}");
+    }
 }

@@ -3,11 +3,15 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::util::{TestEnv, flag, free_port, install_hook_wrapper, wait_for};
+use crate::util::{PebbleOpts, TestEnv, flag, free_port, install_hook_wrapper, wait_for};
 
 #[test]
 fn status_check_exit_codes_follow_certificate_health() {
-    let env = TestEnv::new();
+    // No authorization reuse: a forced renewal must validate again.
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        authz_reuse: Some(0),
+        ..PebbleOpts::default()
+    });
     env.write_config(
         r#"
 [[certificate]]

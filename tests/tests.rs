@@ -10,6 +10,7 @@ mod util;
 mod ca_features;
 mod config;
 mod daemon;
+mod dns01;
 mod harness;
 mod issuance;
 mod ops;

@@ -75,6 +75,21 @@ impl TestEnv {
     /// with `certificates_toml` (typically `[[certificate]]` tables) appended
     /// verbatim, and writes the dns-01 hook script it names.
     pub fn write_config(&self, certificates_toml: &str) {
+        let dns01 = format!(
+            r#"[dns01]
+hook = {hook}
+# The hook publishes in challtestsrv, so the propagation check asks it.
+nameservers = ["{dns}"]
+"#,
+            hook = toml_path(&self.dns_hook_path()),
+            dns = self.pebble.dns_addr(),
+        );
+        self.write_config_with_dns01(&dns01, certificates_toml);
+    }
+
+    /// Like `write_config`, with `dns01_toml` (the `[dns01]` tables) in
+    /// place of the hook section. The hook script is written all the same.
+    pub fn write_config_with_dns01(&self, dns01_toml: &str, certificates_toml: &str) {
         let config = format!(
             r#"[acme]
 directory = {directory}
@@ -88,16 +103,13 @@ cert_dir = {cert_dir}
 [http01]
 listen = "127.0.0.1:{http01_port}"
 
-[dns01]
-hook = {hook}
-
+{dns01_toml}
 {certificates_toml}"#,
             directory = toml_str(&self.pebble.directory_url()),
             ca_bundle = toml_path(&self.pebble.ca_bundle()),
             state_dir = toml_path(&self.state_dir()),
             cert_dir = toml_path(&self.cert_dir()),
             http01_port = self.pebble.http01_port(),
-            hook = toml_path(&self.dns_hook_path()),
         );
         self.write_raw_config(&config);
         self.write_dns_hook();

@@ -1,5 +1,5 @@
 //! Shared harness for the integration tests: a private ACME CA (Pebble plus
-//! its DNS server), a scratch environment with a certd config pointing at
+//! its DNS server), a BIND 9 taking dynamic updates, a scratch environment with a certd config pointing at
 //! it, a runner for the `certd` binary, and certificate helpers.
 //!
 //! Everything is re-exported here so tests write `use crate::util::...`
@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 mod ari;
+mod bind;
 mod ca;
 mod cert;
 mod cmd;
@@ -24,6 +25,7 @@ mod proxy;
 #[allow(unused_imports)]
 pub use self::{
     ari::{AriServer, Window},
+    bind::Bind,
     ca::{
         assert_ca_status, ca_authz_objects, ca_authz_statuses, fetch_authz_as, ledger_authz,
         ledger_authz_urls, ledger_events,

@@ -44,6 +44,9 @@ pub struct PebbleOpts {
     /// External Account Binding keys (kid, base64url HMAC key); when any
     /// are given Pebble requires EAB for new accounts.
     pub eab_keys: Vec<(String, String)>,
+    /// The DNS server Pebble resolves through instead of challtestsrv
+    /// (which still runs), e.g. a `Bind` for dns-01 by dynamic update.
+    pub dns_server: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -303,7 +306,10 @@ impl Pebble {
         command
             .arg("-config")
             .arg(self.config_path())
-            .args(["-dnsserver", &format!("127.0.0.1:{}", self.ports.dns)])
+            .args([
+                "-dnsserver",
+                &self.opts.dns_server.unwrap_or(self.dns_addr()).to_string(),
+            ])
             // Validate at once instead of after Pebble's random 0-15 s sleep.
             .env("PEBBLE_VA_NOSLEEP", "1")
             .current_dir(self.dir.path())

@@ -1,0 +1,223 @@
+//! dns-01 through dynamic update (RFC 2136) signed with TSIG (RFC 8945):
+//! certd adds the TXT record at the zone's primary itself, no hook needed.
+//!
+//! Present adds one record (class IN); cleanup deletes exactly that record
+//! by name, type and value (class NONE, RFC 2136 section 2.5.4), never the
+//! whole RRset: a name and its wildcard are validated through the same
+//! record name, with two values present at once.
+
+use std::net::SocketAddr;
+
+use async_trait::async_trait;
+use hickory_proto::op::{Message, update_message};
+use hickory_proto::rr::rdata::TXT;
+use hickory_proto::rr::rdata::tsig::TsigAlgorithm as HickoryAlgorithm;
+use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
+
+use super::propagation::{PropagationCheck, ZoneHint};
+use super::{
+    DnsError, QUERY_TIMEOUT, challenge_record, display_name, fqdn, query, resolve, send_signed,
+    soa_owner,
+};
+use crate::config::{ChallengeKind, Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
+use crate::solver::{ChallengeSpec, Solver, SolverError};
+
+/// TTL of the challenge record: short, so that a resolver that cached an
+/// earlier value (or its absence, which the SOA minimum bounds) lets go of
+/// it soon.
+const RECORD_TTL: u32 = 60;
+
+/// Allowed clock difference to the server, in seconds (RFC 8945 suggests 300).
+const TSIG_FUDGE: u16 = 300;
+
+/// The solver for `[dns01.rfc2136]`.
+pub struct Rfc2136Solver {
+    server: ServerAddr,
+    zone: Option<Name>,
+    signer: TSigner,
+    propagation: PropagationCheck,
+}
+
+impl Rfc2136Solver {
+    pub fn new(cfg: &Rfc2136Config, dns01: &Dns01Config) -> Result<Self, SolverError> {
+        let key_err = |detail: String| SolverError::Rfc2136Key {
+            key_name: cfg.key_name.clone(),
+            detail,
+        };
+        let algorithm = match cfg.algorithm {
+            TsigAlgorithm::HmacSha256 => HickoryAlgorithm::HmacSha256,
+            TsigAlgorithm::HmacSha384 => HickoryAlgorithm::HmacSha384,
+            TsigAlgorithm::HmacSha512 => HickoryAlgorithm::HmacSha512,
+        };
+        let key_name = fqdn(&cfg.key_name).map_err(|e| key_err(e.to_string()))?;
+        let signer = TSigner::new(
+            cfg.secret.expose().to_vec(),
+            algorithm,
+            key_name,
+            TSIG_FUDGE,
+        )
+        .map_err(|e| key_err(e.to_string()))?;
+        let zone = cfg
+            .zone
+            .as_deref()
+            .map(fqdn)
+            .transpose()
+            .map_err(|e| key_err(e.to_string()))?;
+        Ok(Self {
+            server: cfg.server.clone(),
+            zone,
+            signer,
+            propagation: PropagationCheck::new(&dns01.propagation),
+        })
+    }
+
+    /// The server's address and the zone `record` is in: configured, or
+    /// the owner of the SOA the server returns for the record.
+    async fn locate(&self, record: &Name) -> Result<(SocketAddr, Name), DnsError> {
+        let server = resolve(&self.server)
+            .await?
+            .first()
+            .copied()
+            .ok_or_else(|| DnsError::Resolve {
+                host: self.server.host.clone(),
+                detail: "no addresses".into(),
+            })?;
+        let zone = match &self.zone {
+            Some(z) => z.clone(),
+            None => {
+                let msg = query(server, record, RecordType::SOA, false, QUERY_TIMEOUT).await?;
+                soa_owner(&msg).ok_or(DnsError::Rcode {
+                    rcode: msg.metadata.response_code,
+                    tsig: None,
+                })?
+            }
+        };
+        if !zone.zone_of(record) {
+            return Err(DnsError::Name(format!(
+                "{} is not inside zone {}",
+                display_name(record),
+                display_name(&zone)
+            )));
+        }
+        Ok((server, zone))
+    }
+
+    async fn update(&self, action: &'static str, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let record = challenge_record(&c.identifier);
+        let mut zone_text = self
+            .zone
+            .as_ref()
+            .map_or_else(|| "(not found)".to_owned(), display_name);
+        let err = |zone: &str, source: DnsError| SolverError::Rfc2136 {
+            action,
+            server: self.server.to_string(),
+            zone: zone.to_owned(),
+            record: record.clone(),
+            source: Box::new(source),
+        };
+        let name = fqdn(&record).map_err(|e| err(&zone_text, e))?;
+        let (server, zone) = self.locate(&name).await.map_err(|e| err(&zone_text, e))?;
+        zone_text = display_name(&zone);
+        let msg = build_update(action == "add", name, zone, &c.dns_value);
+        send_signed(server, msg, &self.signer, QUERY_TIMEOUT)
+            .await
+            .map_err(|e| err(&zone_text, e))?;
+        tracing::debug!(%record, zone = %zone_text, %server, action, "dns-01 record updated");
+        Ok(())
+    }
+}
+
+/// The update that adds (`add`) or deletes one TXT value at `name`.
+/// `locate` has checked that `zone` contains `name`, which the hickory
+/// builders assert.
+fn build_update(add: bool, name: Name, zone: Name, value: &str) -> Message {
+    let mut rrset = RecordSet::with_ttl(name, RecordType::TXT, RECORD_TTL);
+    rrset.add_rdata(RData::TXT(TXT::new(vec![value.to_owned()])));
+    if add {
+        // must_exist = false: add to the RRset, creating it if needed.
+        update_message::append(rrset, zone, false, false)
+    } else {
+        // Class NONE with the data: this one RR, not the RRset.
+        update_message::delete_by_rdata(rrset, zone, false)
+    }
+}
+
+#[async_trait]
+impl Solver for Rfc2136Solver {
+    fn kind(&self) -> ChallengeKind {
+        ChallengeKind::Dns01
+    }
+
+    async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.update("add", c).await
+    }
+
+    async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        // Deleting a record that is not there is a no-op for the server, so
+        // this is safe after a failed present.
+        self.update("delete", c).await
+    }
+
+    async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let record = challenge_record(&c.identifier);
+        let located = match fqdn(&record) {
+            Ok(name) => self.locate(&name).await,
+            Err(e) => Err(e),
+        };
+        let (primary, zone) = located.map_err(|source| SolverError::Rfc2136 {
+            action: "check",
+            server: self.server.to_string(),
+            zone: self
+                .zone
+                .as_ref()
+                .map_or_else(|| "(not found)".to_owned(), display_name),
+            record: record.clone(),
+            source: Box::new(source),
+        })?;
+        self.propagation
+            .wait(&record, &c.dns_value, Some(&ZoneHint { zone, primary }))
+            .await
+            .map_err(|source| SolverError::Propagation {
+                record,
+                source: Box::new(source),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::OpCode;
+    use hickory_proto::rr::DNSClass;
+
+    #[test]
+    fn add_and_delete_touch_one_value_only() {
+        let zone = fqdn("example.test").expect("zone");
+        let name = fqdn("_acme-challenge.w.example.test").expect("name");
+        for add in [true, false] {
+            let msg = build_update(add, name.clone(), zone.clone(), "value-1");
+            assert_eq!(msg.metadata.op_code, OpCode::Update);
+            // The zone section (a query in wire terms) names the zone.
+            assert_eq!(msg.queries.len(), 1);
+            assert_eq!(msg.queries[0].name(), &zone);
+            assert_eq!(msg.queries[0].query_type(), RecordType::SOA);
+            // No prerequisites (a second value may already be there).
+            assert!(msg.answers.is_empty(), "{:?}", msg.answers);
+            // One update RR: the name, TXT, this value; IN with a TTL to
+            // add, NONE with TTL 0 to delete just this RR (RFC 2136 2.5.4;
+            // ANY would delete the whole RRset).
+            assert_eq!(msg.authorities.len(), 1);
+            let rr = &msg.authorities[0];
+            assert_eq!(rr.name, name);
+            assert_eq!(
+                (rr.dns_class, rr.ttl),
+                if add {
+                    (DNSClass::IN, RECORD_TTL)
+                } else {
+                    (DNSClass::NONE, 0)
+                }
+            );
+            assert_eq!(rr.data, RData::TXT(TXT::new(vec!["value-1".into()])));
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! dns-01 end to end: dynamic update (RFC 2136, TSIG) into a real BIND 9
+//! that Pebble resolves through, and the propagation check that runs
+//! before the CA is asked, in hook mode against challtestsrv.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use base64::Engine;
+use base64::prelude::BASE64_STANDARD;
+
+use crate::util::{
+    Bind, PebbleOpts, TestEnv, assert_ca_status, ledger_authz, ledger_authz_urls, ledger_events,
+    parse_leaf, private_key_spki, read_pem_certs,
+};
+
+/// A BIND, a Pebble resolving through it, and a 0600 secret file holding
+/// `secret` (BIND's own unless a test wants a wrong one).
+fn rfc2136_env(secret: Option<&str>) -> (Bind, TestEnv) {
+    let bind = Bind::start();
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        dns_server: Some(bind.addr()),
+        ..PebbleOpts::default()
+    });
+    let path = env.dir().join("tsig.key");
+    fs::write(&path, format!("{}\n", secret.unwrap_or(bind.secret()))).expect("write secret");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod secret");
+    (bind, env)
+}
+
+/// The `[dns01]` tables for `bind`; `zone` is extra `[dns01.rfc2136]` TOML.
+fn rfc2136_toml(bind: &Bind, env: &TestEnv, zone: &str) -> String {
+    format!(
+        r#"[dns01]
+# BIND is the zone's only server; its NS record names port 53.
+nameservers = ["{addr}"]
+propagation_timeout = "20s"
+
+[dns01.rfc2136]
+server = "{addr}"
+{zone}
+key_name = "{key}"
+algorithm = "hmac-sha256"
+secret_file = "{secret}"
+"#,
+        addr = bind.addr(),
+        key = Bind::KEY_NAME,
+        secret = env.dir().join("tsig.key").display(),
+    )
+}
+
+/// The installed certificate for `name` carries exactly `domains` and the
+/// installed key.
+fn assert_installed(env: &TestEnv, name: &str, domains: &[&str]) {
+    let dir = env.cert_dir().join(name);
+    let leaf = read_pem_certs(dir.join("cert.pem"));
+    assert_eq!(leaf.len(), 1, "cert.pem holds exactly the leaf");
+    let (names, _serial, _not_after, spki) = parse_leaf(&leaf[0]);
+    let mut want: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+    want.sort();
+    assert_eq!(names, want, "{name}: certificate names");
+    assert_eq!(
+        spki,
+        private_key_spki(dir.join("privkey.pem")),
+        "{name}: key"
+    );
+}
+
+fn assert_all_valid_dns01(env: &TestEnv, count: usize) {
+    let authz = ledger_authz(env);
+    assert_eq!(authz.len(), count, "{authz:#?}");
+    assert!(
+        authz
+            .iter()
+            .all(|a| a["challenge_type"] == "dns-01" && a["status"] == "valid"),
+        "{authz:#?}"
+    );
+    assert_ca_status(env, &ledger_authz_urls(&authz), "valid");
+}
+
+#[test]
+fn rfc2136_issues_a_certificate_and_removes_its_record() {
+    let (bind, env) = rfc2136_env(None);
+    // No zone configured: certd finds it through the server's SOA.
+    env.write_config_with_dns01(
+        &rfc2136_toml(&bind, &env, ""),
+        r#"
+[[certificate]]
+name = "rfc"
+domains = ["rfc.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    env.certd(&["renew"]).assert_success();
+    assert_installed(&env, "rfc", &["rfc.example.test"]);
+    assert_all_valid_dns01(&env, 1);
+
+    let log = bind.log();
+    assert!(
+        log.contains("adding an RR at '_acme-challenge.rfc.example.test' TXT"),
+        "{log}"
+    );
+    assert!(
+        bind.txt("_acme-challenge.rfc.example.test").is_empty(),
+        "record left behind"
+    );
+    // The check-config and status paths never print the secret.
+    let check = env.certd(&["check-config"]);
+    check.assert_success();
+    assert!(!format!("{check:?}").contains(bind.secret()));
+}
+
+#[test]
+fn rfc2136_wildcard_and_base_share_one_record_name() {
+    let (bind, env) = rfc2136_env(None);
+    env.write_config_with_dns01(
+        &rfc2136_toml(&bind, &env, "zone = \"example.test\""),
+        r#"
+[[certificate]]
+name = "wild"
+domains = ["*.w.example.test", "w.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    env.certd(&["renew"]).assert_success();
+    assert_installed(&env, "wild", &["*.w.example.test", "w.example.test"]);
+    assert_all_valid_dns01(&env, 2);
+
+    // Two values were added under the one name (so both were there when
+    // the CA looked), and each was deleted by its value, never the RRset.
+    let log = bind.log();
+    let added = "adding an RR at '_acme-challenge.w.example.test' TXT";
+    assert_eq!(log.matches(added).count(), 2, "{log}");
+    let deleted = "deleting an RR at _acme-challenge.w.example.test TXT";
+    assert_eq!(log.matches(deleted).count(), 2, "{log}");
+    assert!(!log.contains("deleting rrset"), "{log}");
+    assert!(bind.txt("_acme-challenge.w.example.test").is_empty());
+}
+
+#[test]
+fn rfc2136_wrong_secret_fails_clearly_and_leaves_nothing_pending() {
+    let wrong = BASE64_STANDARD.encode([7u8; 32]);
+    let (bind, env) = rfc2136_env(Some(&wrong));
+    env.write_config_with_dns01(
+        &rfc2136_toml(&bind, &env, "zone = \"example.test\""),
+        r#"
+[[certificate]]
+name = "bad"
+domains = ["bad.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    let out = env.certd(&["renew"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    for needle in [
+        "BADSIG",
+        "secret does not match",
+        "_acme-challenge.bad.example.test",
+        "zone example.test",
+        &bind.addr().to_string(),
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "{needle:?} not in {}",
+            out.stdout
+        );
+    }
+    assert!(!format!("{out:?}").contains(&wrong), "secret printed");
+    assert!(!env.cert_dir().join("bad/cert.pem").exists());
+
+    // Nothing was answered; the authorization was deactivated, not left
+    // pending.
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 1, "{authz:#?}");
+    assert_eq!(authz[0]["status"], "deactivated", "{authz:#?}");
+    assert_ca_status(&env, &ledger_authz_urls(&authz), "deactivated");
+}
+
+#[test]
+fn propagation_check_waits_for_the_hook_record_and_keeps_the_authorization() {
+    let env = TestEnv::new();
+    let dns01 = format!(
+        "[dns01]\nhook = \"{hook}\"\nnameservers = [\"{dns}\"]\npropagation_timeout = \"2s\"\n",
+        hook = env.dns_hook_path().display(),
+        dns = env.pebble.dns_addr(),
+    );
+    env.write_config_with_dns01(
+        &dns01,
+        r#"
+[[certificate]]
+name = "slow"
+domains = ["slow.example.test"]
+challenges = ["dns-01"]
+"#,
+    );
+    // A provider that accepts the change but does not publish it (yet):
+    // while `unpublished` exists, present succeeds without touching DNS.
+    let real = env.dir().join("real-hook.sh");
+    fs::rename(env.dns_hook_path(), &real).expect("move hook");
+    let flag = env.dir().join("unpublished");
+    fs::write(
+        env.dns_hook_path(),
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = present ] && [ -e '{}' ]; then exit 0; fi\nexec '{}' \"$@\"\n",
+            flag.display(),
+            real.display()
+        ),
+    )
+    .expect("write hook");
+    fs::set_permissions(env.dns_hook_path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(&flag, "").expect("flag");
+
+    let out = env.certd(&["renew"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("dns-01 propagation check for _acme-challenge.slow.example.test")
+            && out.stdout.contains("not visible after 2s")
+            && out.stdout.contains(&env.pebble.dns_addr().to_string()),
+        "{}",
+        out.stdout
+    );
+    // The CA was never asked: the authorization is pending there, kept
+    // for the next attempt.
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 1, "{authz:#?}");
+    assert_eq!(authz[0]["status"], "pending");
+    assert_ca_status(&env, &ledger_authz_urls(&authz), "pending");
+
+    // Published now: the next attempt resumes the same authorization.
+    fs::remove_file(&flag).expect("clear flag");
+    env.certd(&["renew"]).assert_success();
+    assert_installed(&env, "slow", &["slow.example.test"]);
+    assert_all_valid_dns01(&env, 1);
+    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+}
