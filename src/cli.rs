@@ -466,8 +466,8 @@ async fn renew_due(
         Err(e) => {
             // Nothing was ordered; record why for `status` and fail.
             let msg = error_chain(e.as_ref());
-            for (c, _) in &due {
-                record_failed(cfg, store, c, &msg, &failures_before).await?;
+            for (c, reason) in &due {
+                record_failed(cfg, store, c, *reason, &msg, &failures_before).await?;
             }
             return Ok(ExitCode::FAILURE);
         }
@@ -484,7 +484,7 @@ async fn renew_due(
             let _permit = limit.acquire_owned().await;
             tracing::info!(cert = %c.name, reason = %reason, "renewing");
             let result = driver::obtain(&ctx, &c, &cancel).await;
-            (c, result)
+            (c, reason, result)
         });
     }
 
@@ -499,7 +499,7 @@ async fn renew_due(
             }
         };
         let Some(joined) = joined else { break };
-        let (c, result) = joined.context("a renewal task panicked")?;
+        let (c, reason, result) = joined.context("a renewal task panicked")?;
         match result {
             Ok(issued) => {
                 let outcome = crate::alerts::Outcome::Succeeded {
@@ -532,7 +532,7 @@ async fn renew_due(
             }
             Err(e) => {
                 failed += 1;
-                record_failed(cfg, store, &c, &error_chain(&e), &failures_before).await?;
+                record_failed(cfg, store, &c, reason, &error_chain(&e), &failures_before).await?;
             }
         }
     }
@@ -572,14 +572,16 @@ async fn record_failed(
     cfg: &Config,
     store: &Store,
     c: &CertificateConfig,
+    reason: Reason,
     msg: &str,
     failures_before: &std::collections::HashMap<String, u32>,
 ) -> anyhow::Result<()> {
     let name = c.name.as_str();
-    // A one-shot run schedules no retry: the certificate is due again now.
-    let now = UnixTime::now().secs();
+    // A one-shot run schedules no retry: a certificate that was due is due
+    // again now; a forced one keeps its renewal time.
+    let next = (reason != Reason::Forced).then(|| UnixTime::now().secs());
     store
-        .record_failure(name, &c.domain_strings(), msg, Some(now))
+        .record_failure(name, &c.domain_strings(), msg, next)
         .await?;
     let outcome = crate::alerts::Outcome::Failed {
         failures: failures_before.get(name).copied().unwrap_or(0) + 1,
