@@ -45,6 +45,30 @@ const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(180);
 /// standalone responder before polling anyway.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
 
+/// instant-acme retries a request whose nonce the CA rejected three times;
+/// CAs under load reject more (Pebble's `PEBBLE_WFE_NONCEREJECT=50` rejects
+/// half). A request rejected for its nonce was not processed, so repeating
+/// it is safe: each instant-acme call is repeated up to this many times.
+const NONCE_ATTEMPTS: usize = 6;
+
+fn is_bad_nonce(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p)
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
+}
+
+/// Evaluates an instant-acme call, again while it fails on a bad nonce.
+macro_rules! nonce_retry {
+    ($call:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $call {
+                Err(e) if attempt < NONCE_ATTEMPTS && is_bad_nonce(&e) => attempt += 1,
+                other => break other,
+            }
+        }
+    }};
+}
+
 /// What the driver needs; shared by concurrent orders.
 #[derive(Clone)]
 pub struct Context {
@@ -147,7 +171,11 @@ pub async fn obtain(
     cert: &CertificateConfig,
     cancel: &CancellationToken,
 ) -> Result<Issued, DriveError> {
-    let result = obtain_inner(ctx, cert, cancel).await;
+    let result = ctx
+        .account
+        .http
+        .nonce_scope(obtain_inner(ctx, cert, cancel))
+        .await;
     // Whatever happened, pending authorizations may have cleared.
     ctx.reaper.order_finished();
     result
@@ -251,7 +279,7 @@ async fn new_order(
             authority_key_identifier: aki.into(),
             serial: serial.into(),
         };
-        match account.new_order(&base().replaces(replaces)).await {
+        match nonce_retry!(account.new_order(&base().replaces(replaces.clone())).await) {
             Ok(order) => return Ok(order),
             // No ARI at this CA: nothing was sent.
             Err(instant_acme::Error::Unsupported(_)) => {}
@@ -277,10 +305,7 @@ async fn new_order(
             Err(e) => return Err(AcmeError::from(e).into()),
         }
     }
-    account
-        .new_order(&base())
-        .await
-        .map_err(|e| AcmeError::from(e).into())
+    nonce_retry!(account.new_order(&base()).await).map_err(|e| AcmeError::from(e).into())
 }
 
 /// Reuse before abandoning (seed 003): the newest unfinished order for the
@@ -301,7 +326,7 @@ async fn resume(
     if ctx.reaper.active().contains(&row.url) {
         return Ok(None);
     }
-    let why = match ctx.account.account.order(row.url.clone()).await {
+    let why = match nonce_retry!(ctx.account.account.order(row.url.clone()).await) {
         Ok(mut order) => match order.state().status {
             OrderStatus::Pending | OrderStatus::Ready => {
                 tracing::info!(cert = name, order = %row.url, "resuming order");
@@ -364,9 +389,7 @@ async fn run_order(
     ctx.store
         .set_order_state(&order_url, "ready", "finalizing", None)
         .await?;
-    order
-        .finalize_csr(csr.der())
-        .await
+    nonce_retry!(order.finalize_csr(csr.der()).await)
         .map_err(|e| acme_error(ctx, &order_url, e))?;
     let chain = download(ctx, order, cancel).await?;
 
@@ -449,10 +472,33 @@ async fn record_authorizations(
     domains: &[String],
 ) -> Result<(), DriveError> {
     let order_url = order.url().to_owned();
+    // instant-acme fetches each authorization once and caches it, so a
+    // pass that failed on a rejected nonce is repeated for the rest only.
+    let records =
+        nonce_retry!(collect_authorizations(ctx, order).await).map_err(AcmeError::from)?;
+    let status = order_status(order.state().status);
+    ctx.store
+        .record_order(
+            ctx.account.ledger_id,
+            name,
+            &order_url,
+            domains,
+            status,
+            &records,
+        )
+        .await?;
+    Ok(())
+}
+
+/// The order's authorizations as the ledger records them.
+async fn collect_authorizations(
+    ctx: &Context,
+    order: &mut Order,
+) -> Result<Vec<NewAuthz>, instant_acme::Error> {
     let mut records = Vec::new();
     let mut auths = order.authorizations();
     while let Some(a) = auths.next().await {
-        let a = a.map_err(AcmeError::from)?;
+        let a = a?;
         records.push(NewAuthz {
             url: a.url().to_owned(),
             identifier: a.identifier().to_string(),
@@ -471,18 +517,7 @@ async fn record_authorizations(
                 .collect(),
         });
     }
-    let status = order_status(order.state().status);
-    ctx.store
-        .record_order(
-            ctx.account.ledger_id,
-            name,
-            &order_url,
-            domains,
-            status,
-            &records,
-        )
-        .await?;
-    Ok(())
+    Ok(records)
 }
 
 /// Picks a challenge for every pending authorization.
@@ -592,7 +627,7 @@ async fn validate<'p>(
         let Some(mut challenge) = a.challenge(acme_type(p.kind)) else {
             continue;
         };
-        challenge.set_ready().await.map_err(AcmeError::from)?;
+        nonce_retry!(challenge.set_ready().await).map_err(AcmeError::from)?;
         tracing::debug!(authz = %p.authz_url, kind = %p.kind, "challenge answered");
     }
 
@@ -626,7 +661,7 @@ async fn validate<'p>(
             if !waiting.contains(url.as_str()) {
                 continue;
             }
-            let state = a.refresh().await.map_err(AcmeError::from)?;
+            let state = nonce_retry!(a.refresh().await).map_err(AcmeError::from)?;
             let status = state.status;
             let identifier = state.identifier().to_string();
             match status {
@@ -708,10 +743,8 @@ async fn download(
             other => return Err(DriveError::OrderState(order_status(other).to_owned())),
         }
         // Refreshes a processing order, downloads once valid.
-        if let Some(chain) = order
-            .certificate()
-            .await
-            .map_err(|e| acme_error(ctx, &url, e))?
+        if let Some(chain) =
+            nonce_retry!(order.certificate().await).map_err(|e| acme_error(ctx, &url, e))?
         {
             return Ok(chain);
         }

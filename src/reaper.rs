@@ -329,6 +329,18 @@ impl Reaper {
         older_than: Duration,
         dry_run: bool,
         explicit: bool,
+        report: impl FnMut(&PendingAuthz, &Settled),
+    ) -> Result<PassCounts, StoreError> {
+        let http = self.inner.account.http.clone();
+        http.nonce_scope(self.pass_inner(older_than, dry_run, explicit, report))
+            .await
+    }
+
+    async fn pass_inner(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+        explicit: bool,
         mut report: impl FnMut(&PendingAuthz, &Settled),
     ) -> Result<PassCounts, StoreError> {
         let s = &self.inner.store;

@@ -292,3 +292,32 @@ challenges = ["dns-01"]
             <= 1
     );
 }
+
+#[test]
+fn nonce_storm_still_issues_everything_and_leaves_nothing_pending() {
+    // Pebble rejects half of all good nonces as badNonce.
+    let env = TestEnv::with_pebble_opts(crate::util::PebbleOpts {
+        nonce_reject: Some(50),
+        ..crate::util::PebbleOpts::default()
+    });
+    let certs: String = (0..5)
+        .map(|i| format!("\n[[certificate]]\nname = \"s{i}\"\ndomains = [\"s{i}.example.test\", \"www.s{i}.example.test\"]\n"))
+        .collect();
+    env.write_config(&certs);
+    let out = env.certd(&["renew"]);
+    out.assert_success();
+    for i in 0..5 {
+        assert_installed(
+            &env,
+            &format!("s{i}"),
+            &[
+                &format!("s{i}.example.test"),
+                &format!("www.s{i}.example.test"),
+            ],
+        );
+    }
+    let authz = ledger_authz(&env);
+    assert!(authz.iter().all(|a| a["status"] == "valid"), "{authz:#?}");
+    let at_ca = ca_authz_statuses(&env, &ledger_authz_urls(&authz));
+    assert!(at_ca.values().all(|s| s == "valid"), "{at_ca:?}");
+}

@@ -193,6 +193,33 @@ impl AcmeHttp {
     }
 }
 
+tokio::task_local! {
+    /// The latest nonce a CA sent to the current order's task.
+    static LAST_NONCE: std::cell::RefCell<Option<String>>;
+}
+
+impl AcmeHttp {
+    /// Runs one order (or any sequence of requests) so that its last unspent
+    /// nonce goes to the pool when it ends. Every response's nonce is spent
+    /// by the next request of the same task (instant-acme keeps it in the
+    /// order), so only the last one is ever free; pooling nonces any earlier
+    /// would let a concurrent order spend the same nonce and both would
+    /// need a retry. The next order's `newNonce` is then answered from the
+    /// pool without a round trip.
+    pub async fn nonce_scope<F: Future>(&self, fut: F) -> F::Output {
+        let slot = std::cell::RefCell::new(None);
+        LAST_NONCE
+            .scope(slot, async {
+                let out = fut.await;
+                if let Some(nonce) = LAST_NONCE.with(|slot| slot.take()) {
+                    self.inner.put_nonce(&nonce);
+                }
+                out
+            })
+            .await
+    }
+}
+
 impl HttpClient for AcmeHttp {
     fn request(
         &self,
@@ -223,12 +250,6 @@ impl HttpInner {
             self.count("newNonce", "pooled");
             return Ok(synthetic_nonce_response(&nonce));
         }
-        if parts.method == Method::POST
-            && let Some(nonce) = jws_nonce(&body)
-        {
-            self.forget_nonce(&nonce);
-        }
-
         let result = self
             .client
             .request(parts.method.clone(), &url)
@@ -259,7 +280,9 @@ impl HttpInner {
             self.remember_created_order(&headers, &bytes);
         }
         if let Some(nonce) = headers.get("replay-nonce").and_then(|v| v.to_str().ok()) {
-            self.put_nonce(nonce);
+            // Only the task's latest nonce is kept (see `nonce_scope`): the
+            // caller spends this one in its next request.
+            let _ = LAST_NONCE.try_with(|slot| slot.replace(Some(nonce.to_owned())));
         }
         self.observe(&url, status, &headers, &bytes);
 
@@ -320,10 +343,6 @@ impl HttpInner {
             pool.pop_front();
         }
         pool.push_back((nonce.to_owned(), Instant::now()));
-    }
-
-    fn forget_nonce(&self, nonce: &str) {
-        lock(&self.nonces).retain(|(n, _)| n != nonce);
     }
 
     fn observe(&self, url: &str, status: StatusCode, headers: &HeaderMap, body: &Bytes) {
@@ -466,21 +485,6 @@ fn synthetic_nonce_response(nonce: &str) -> BytesResponse {
     }
 }
 
-/// The nonce in a flattened JWS's protected header.
-fn jws_nonce(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Jws {
-        protected: String,
-    }
-    #[derive(Deserialize)]
-    struct Protected {
-        nonce: Option<String>,
-    }
-    let jws: Jws = serde_json::from_slice(body).ok()?;
-    let header = BASE64_URL_SAFE_NO_PAD.decode(jws.protected).ok()?;
-    serde_json::from_slice::<Protected>(&header).ok()?.nonce
-}
-
 /// `Retry-After`: delay-seconds or an HTTP date.
 pub fn parse_retry_after(v: &str) -> Option<SystemTime> {
     let v = v.trim();
@@ -567,8 +571,8 @@ impl AcmeAccount {
                         detail: format!("not valid account credentials: {e}"),
                     })?;
                 let key = creds.private_key().secret_pkcs8_der().to_vec();
-                let account = builder()
-                    .from_credentials(creds)
+                let account = http
+                    .nonce_scope(builder().from_credentials(creds))
                     .await
                     .map_err(AcmeError::from)?;
                 (account, key)
@@ -579,8 +583,8 @@ impl AcmeAccount {
                     .eab
                     .as_ref()
                     .map(|e| ExternalAccountKey::new(e.kid.clone(), e.hmac_key.expose()));
-                let (account, creds) = builder()
-                    .create(
+                let (account, creds) = http
+                    .nonce_scope(builder().create(
                         &NewAccount {
                             contact: &contact,
                             terms_of_service_agreed: true,
@@ -588,7 +592,7 @@ impl AcmeAccount {
                         },
                         directory_url.clone(),
                         eab.as_ref(),
-                    )
+                    ))
                     .await
                     .map_err(AcmeError::from)?;
                 let json = serde_json::to_vec(&creds).map_err(|e| SetupError::Credentials {
@@ -862,15 +866,6 @@ mod tests {
     }
 
     #[test]
-    fn jws_nonce_is_read_from_protected_header() {
-        let protected =
-            BASE64_URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","nonce":"abc","url":"u"}"#);
-        let body = format!(r#"{{"protected":"{protected}","payload":"","signature":"x"}}"#);
-        assert_eq!(jws_nonce(body.as_bytes()).as_deref(), Some("abc"));
-        assert_eq!(jws_nonce(b"not json"), None);
-    }
-
-    #[test]
     fn retry_after_forms() {
         let t = parse_retry_after("120").expect("seconds");
         assert!(t > SystemTime::now() + Duration::from_secs(100));
@@ -897,14 +892,18 @@ mod tests {
         assert_eq!(e.to_string(), "the CA answered: unauthorized: no");
     }
 
-    #[test]
-    fn nonce_pool_is_fifo_and_forgets_spent_nonces() {
+    #[tokio::test]
+    async fn only_a_scope_s_last_nonce_is_pooled() {
         let http = AcmeHttp::new(None).expect("client");
-        let inner = &http.inner;
-        inner.put_nonce("a");
-        inner.put_nonce("b");
-        inner.forget_nonce("a");
-        assert_eq!(inner.take_nonce().as_deref(), Some("b"));
-        assert_eq!(inner.take_nonce(), None);
+        http.nonce_scope(async {
+            for n in ["a", "b"] {
+                LAST_NONCE.with(|slot| slot.replace(Some(n.to_owned())));
+            }
+        })
+        .await;
+        // Outside any scope a response's nonce is not kept.
+        let _ = LAST_NONCE.try_with(|slot| slot.replace(Some("c".to_owned())));
+        assert_eq!(http.inner.take_nonce().as_deref(), Some("b"));
+        assert_eq!(http.inner.take_nonce(), None);
     }
 }

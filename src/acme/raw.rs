@@ -166,7 +166,7 @@ impl AuthzObject {
 
 /// Tries a request again with a fresh nonce when the CA rejects the nonce
 /// (RFC 8555 §6.5: it sends a new one with the error).
-const BAD_NONCE_RETRIES: usize = 3;
+const BAD_NONCE_RETRIES: usize = 10;
 
 impl AcmeHttp {
     /// POSTs a JWS signed by `signer` to `url`; `None` payload is a
@@ -178,9 +178,9 @@ impl AcmeHttp {
         payload: Option<&serde_json::Value>,
     ) -> Result<RawResponse, AcmeError> {
         let mut attempt = 0;
+        let mut nonce = self.fresh_nonce().await?;
         loop {
             attempt += 1;
-            let nonce = self.fresh_nonce().await?;
             let body = signer.jws(url, &nonce, payload)?;
             let rsp = self.raw(Method::POST, url, Some(body)).await?;
             if rsp.status.is_success() {
@@ -197,6 +197,15 @@ impl AcmeHttp {
                     subproblems: Vec::new(),
                 });
             if problem.short_type() == "badNonce" && attempt < BAD_NONCE_RETRIES {
+                // RFC 8555 §6.5: the rejection carries a fresh nonce.
+                nonce = match rsp
+                    .headers
+                    .get("replay-nonce")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(n) => n.to_owned(),
+                    None => self.fresh_nonce().await?,
+                };
                 continue;
             }
             let retry_after = self.observed(url).and_then(|o| o.retry_after);
@@ -218,8 +227,6 @@ impl AcmeHttp {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .ok_or_else(|| AcmeError::Protocol("newNonce answered without a Replay-Nonce".into()))
-            // The nonce was also pooled on the way in; spend it here.
-            .inspect(|n| self.inner.forget_nonce(n))
     }
 
     /// One request through the shared client (nonce harvesting, counting).
