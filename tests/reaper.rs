@@ -280,19 +280,8 @@ fn authz_deactivate_takes_a_challenge_url() {
 fn reaper_pass_during_a_ca_outage_fails_and_later_succeeds() {
     let env = TestEnv::new();
     env.write_config(ONE_DNS_CERT);
-    let proxy = TcpProxy::start(
-        env.pebble
-            .directory_url()
-            .trim_start_matches("https://")
-            .trim_end_matches("/dir")
-            .parse()
-            .expect("Pebble address"),
-    );
-    let config = fs::read_to_string(env.config_path()).expect("config");
-    let direct = env.pebble.directory_url();
-    env.write_raw_config(
-        &config.replace(&direct, &format!("https://127.0.0.1:{}/dir", proxy.port())),
-    );
+    let proxy = TcpProxy::for_pebble(&env);
+    proxy.route(&env);
     install_hook_wrapper(&env);
     let pending = kill_mid_order(&env);
 
