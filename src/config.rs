@@ -1696,4 +1696,45 @@ domains = ["Example.COM", "www.example.com."]"#,
                 .is_err()
         );
     }
+
+    // Fuzzing: whatever the file holds, parsing ends in a config or an
+    // error that names a line, never a panic.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn valid() -> String {
+            with_cert(
+                "name = \"www\"\ndomains = [\"a.example\", \"b.example\"]\nkey_type = \"rsa-2048\"\nchallenges = [\"http-01\"]\n[reaper]\ninterval = \"5m\"\n[daemon]\nrenew_remaining = 0.3\n",
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+                let _ = parse(&text);
+            }
+
+            #[test]
+            fn mutated_configs_never_panic(edits in proptest::collection::vec((any::<usize>(), any::<char>(), 0u8..3), 1..8)) {
+                let mut text: Vec<char> = valid().chars().collect();
+                for (pos, c, op) in edits {
+                    let i = pos % (text.len() + 1);
+                    match op {
+                        0 => text.insert(i, c),
+                        1 if i < text.len() => { text.remove(i); }
+                        _ if i < text.len() => text[i] = c,
+                        _ => {}
+                    }
+                }
+                let text: String = text.into_iter().collect();
+                if let Err(ConfigError::Invalid { line, .. }) = parse(&text) {
+                    prop_assert!(line >= 1 && line <= text.lines().count().max(1) + 1);
+                }
+            }
+        }
+    }
 }

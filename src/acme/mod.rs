@@ -906,4 +906,49 @@ mod tests {
         assert_eq!(http.inner.take_nonce().as_deref(), Some("b"));
         assert_eq!(http.inner.take_nonce(), None);
     }
+
+    // Fuzzing what certd parses of a CA's answers itself (instant-acme
+    // parses the rest): never a panic, whatever the bytes.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn ca_bodies_and_headers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512), header in "\\PC{0,120}") {
+                let http = AcmeHttp::new(None).expect("client");
+                let mut headers = HeaderMap::new();
+                if let Ok(v) = http::HeaderValue::from_str(&header) {
+                    headers.insert(LINK, v.clone());
+                    headers.insert(RETRY_AFTER, v);
+                }
+                headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                http.inner.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::from(body.clone()));
+                http.inner.remember_created_order(&headers, &Bytes::from(body.clone()));
+                let _ = serde_json::from_slice::<raw::AuthzObject>(&body);
+                let _ = serde_json::from_slice::<ProblemRecord>(&body);
+                let _ = parse_retry_after(&header);
+                let _ = link_with_rel(&header, "up");
+                let _ = crate::install::CertInfo::parse(&body);
+            }
+
+            #[test]
+            fn json_shaped_answers_never_panic(status in "\\PC{0,12}", url in "\\PC{0,40}", expires in "\\PC{0,30}") {
+                let body = serde_json::json!({
+                    "status": status, "expires": expires, "identifier": {"type": "dns", "value": url},
+                    "challenges": [{"type": status, "url": url, "status": status}],
+                    "authorizations": [url], "finalize": url, "newNonce": url,
+                });
+                let http = AcmeHttp::new(None).expect("client");
+                let mut headers = HeaderMap::new();
+                headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                let bytes = Bytes::from(body.to_string());
+                http.inner.observe("https://ca/x", StatusCode::OK, &headers, &bytes);
+                let _ = serde_json::from_slice::<raw::AuthzObject>(&bytes).map(|a| a.identifier());
+            }
+        }
+    }
 }
