@@ -231,3 +231,52 @@ fn full_or_read_only_certificate_directory_keeps_the_installed_certificate() {
     assert_ne!(installed_serial(&env, "d"), first);
     assert_eq!(integrity(&env), "ok");
 }
+
+#[test]
+fn bad_ca_answers_are_clear_errors_and_lose_nothing() {
+    use crate::util::{Fault, FaultyFront};
+    let env = TestEnv::new();
+    env.write_config("\n[[certificate]]\nname = \"f\"\ndomains = [\"f.example.test\"]\n");
+    let front = FaultyFront::start(&env.pebble);
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(&env.pebble.directory_url(), &front.directory_url()));
+    env.certd(&["renew"]).assert_success();
+    let first = installed_serial(&env, "f");
+
+    let cases = [
+        (
+            "/dir",
+            Fault::HtmlBadGateway,
+            "HTTP 502 Bad Gateway with a text/html body",
+        ),
+        (
+            "/order-plz",
+            Fault::ServerError,
+            "HTTP 500 Internal Server Error",
+        ),
+        ("/finalize", Fault::TruncatedJson, "malformed JSON"),
+        ("/dir", Fault::WrongContentType, "malformed JSON"),
+    ];
+    for (path, fault, expected) in cases {
+        front.inject(path, fault, 1);
+        let out = env.certd(&["renew", "--force"]);
+        assert_eq!(out.code(), Some(1), "{path} {fault:?}: {out}");
+        assert!(!out.stderr.contains("panicked"), "{out}");
+        assert!(
+            out.stdout.contains(expected),
+            "{path} {fault:?}: expected {expected:?} in {}",
+            out.stdout
+        );
+        assert_eq!(
+            installed_serial(&env, "f"),
+            first,
+            "{path} {fault:?}: installed certificate intact"
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(&env.certd(&["status", "--json"]).stdout).expect("status");
+        assert_eq!(status[0]["last_result"], "error");
+    }
+    // The CA answers well again: the next attempt succeeds.
+    env.certd(&["renew", "--force"]).assert_success();
+    assert_ne!(installed_serial(&env, "f"), first);
+}

@@ -285,6 +285,18 @@ impl HttpInner {
             let _ = LAST_NONCE.try_with(|slot| slot.replace(Some(nonce.to_owned())));
         }
         self.observe(&url, status, &headers, &bytes);
+        // instant-acme reads the directory without looking at the status.
+        if endpoint == "directory" && !status.is_success() {
+            let problem = problem_for_error_page(status, &headers, bytes);
+            let detail = serde_json::from_slice::<ProblemRecord>(&problem)
+                .ok()
+                .and_then(|p| p.detail)
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(instant_acme::Error::Other(
+                format!("the directory {url} answered {detail}").into(),
+            ));
+        }
+        let bytes = problem_for_error_page(status, &headers, bytes);
 
         let mut builder = http::Response::builder().status(status).version(version);
         if let Some(h) = builder.headers_mut() {
@@ -471,6 +483,40 @@ struct ChallengeShape {
 /// data is still usable, so recover it rather than cascade the panic.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A CA (or a proxy in front of it) that fails with an HTML page or an
+/// empty body would surface as "malformed JSON" and hide the HTTP status.
+/// Such an answer is replaced by a problem document that says what came
+/// back, so the error names it and is classified by its status (5xx:
+/// retry later).
+fn problem_for_error_page(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Bytes {
+    let is_problem = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"))
+        && serde_json::from_slice::<serde_json::Value>(&body).is_ok();
+    if status.is_success() || status.is_redirection() || is_problem {
+        return body;
+    }
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("no content type");
+    let text = String::from_utf8_lossy(&body);
+    let excerpt: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(120)
+        .collect();
+    let problem = serde_json::json!({
+        "type": "urn:certd:error:httpError",
+        "detail": format!("HTTP {status} with a {content_type} body instead of a problem document: {excerpt:?}"),
+        "status": status.as_u16(),
+    });
+    Bytes::from(problem.to_string())
 }
 
 fn synthetic_nonce_response(nonce: &str) -> BytesResponse {
@@ -863,6 +909,35 @@ mod tests {
             Some("https://ca/authz/7")
         );
         assert_eq!(link_with_rel(h, "next"), None);
+    }
+
+    #[test]
+    fn error_pages_become_problem_documents() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("text/html"));
+        let body = problem_for_error_page(
+            StatusCode::BAD_GATEWAY,
+            &headers,
+            Bytes::from_static(b"<html><body>502 Bad Gateway</body></html>"),
+        );
+        let p: instant_acme::Problem = serde_json::from_slice(&body).expect("a problem document");
+        let e = AcmeError::from_problem(&p, None);
+        assert_eq!(e.disposition(), Disposition::Retryable);
+        assert!(
+            e.to_string()
+                .contains("HTTP 502 Bad Gateway with a text/html body"),
+            "{e}"
+        );
+        // A real problem document passes through untouched.
+        headers.insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/problem+json"),
+        );
+        let real = Bytes::from_static(br#"{"type":"urn:ietf:params:acme:error:malformed"}"#);
+        assert_eq!(
+            problem_for_error_page(StatusCode::BAD_REQUEST, &headers, real.clone()),
+            real
+        );
     }
 
     #[test]

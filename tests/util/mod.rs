@@ -15,6 +15,7 @@ mod ca;
 mod cert;
 mod cmd;
 mod env;
+mod front;
 mod hooks;
 mod pebble;
 mod ports;
@@ -33,6 +34,7 @@ pub use self::{
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     env::TestEnv,
+    front::{Fault, FaultyFront},
     hooks::{flag, install_hook_wrapper, wait_for},
     pebble::{Pebble, PebbleOpts},
     ports::free_port,
