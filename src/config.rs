@@ -310,6 +310,11 @@ pub struct ReaperConfig {
     pub max_pending: u32,
     pub failed_authz_per_identifier_per_hour: u32,
     pub deactivate_valid_after_issue: bool,
+    /// New orders per account in any three hours (Let's Encrypt: 300).
+    pub new_orders_per_3h: u32,
+    /// Certificates for exactly the same names in any seven days (Let's
+    /// Encrypt: 5).
+    pub duplicate_certificates_per_week: u32,
 }
 
 impl Default for ReaperConfig {
@@ -320,6 +325,8 @@ impl Default for ReaperConfig {
             max_pending: 100,
             failed_authz_per_identifier_per_hour: 5,
             deactivate_valid_after_issue: false,
+            new_orders_per_3h: 300,
+            duplicate_certificates_per_week: 5,
         }
     }
 }
@@ -1053,6 +1060,13 @@ impl Validator<'_> {
         if let Some(b) = raw.deactivate_valid_after_issue {
             cfg.deactivate_valid_after_issue = b;
         }
+        if let Some(n) = raw.new_orders_per_3h {
+            cfg.new_orders_per_3h = self.positive(&n, "reaper.new_orders_per_3h")?;
+        }
+        if let Some(n) = raw.duplicate_certificates_per_week {
+            cfg.duplicate_certificates_per_week =
+                self.positive(&n, "reaper.duplicate_certificates_per_week")?;
+        }
         Ok(cfg)
     }
 
@@ -1379,6 +1393,8 @@ mod raw {
         pub max_pending: Option<Spanned<i64>>,
         pub failed_authz_per_identifier_per_hour: Option<Spanned<i64>>,
         pub deactivate_valid_after_issue: Option<bool>,
+        pub new_orders_per_3h: Option<Spanned<i64>>,
+        pub duplicate_certificates_per_week: Option<Spanned<i64>>,
     }
 
     #[derive(Deserialize)]

@@ -194,7 +194,7 @@ async fn obtain_inner(
         None => {
             // The guard counts this order before it exists, so concurrent
             // orders cannot all slip under max_pending.
-            let admission = ctx.reaper.admit(name, sorted.len(), cancel).await?;
+            let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
             let order = new_order(ctx, cert, &sorted).await?;
             tracing::info!(cert = name, order = %order.url(), "order created");
             (order, Some(admission))

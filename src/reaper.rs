@@ -145,6 +145,15 @@ pub struct PassCounts {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
+    /// The ledger shows that a new order would exceed one of the CA's
+    /// limits: no request is made until the window moves on.
+    #[error("{what}: {count} in the window (limit {limit}); next possible at {until}")]
+    Limit {
+        what: &'static str,
+        count: i64,
+        limit: u32,
+        until: String,
+    },
     #[error(
         "pending-authorization guard: {pending} pending authorizations for the account, max_pending is {max}; not creating another order"
     )]
@@ -474,6 +483,56 @@ impl Reaper {
         Ok(())
     }
 
+    /// The CA limits the ledger can count: new orders per account in three
+    /// hours, certificates for the same names in a week.
+    async fn within_limits(
+        &self,
+        cert_name: &str,
+        identifiers: &[String],
+    ) -> Result<(), GuardError> {
+        let s = &self.inner.store;
+        let cfg = &self.inner.cfg;
+        let account = self.inner.account.ledger_id;
+        let now = UnixTime::now().secs();
+        let checks = [
+            (
+                "new orders in three hours",
+                3 * 3600,
+                cfg.new_orders_per_3h,
+                s.orders_since(account, now - 3 * 3600).await?,
+            ),
+            (
+                "certificates for these names in a week",
+                7 * 86_400,
+                cfg.duplicate_certificates_per_week,
+                s.issued_since(account, identifiers, now - 7 * 86_400)
+                    .await?,
+            ),
+        ];
+        for (what, window, limit, (count, oldest)) in checks {
+            if count >= i64::from(limit) {
+                let until = UnixTime::from_secs(oldest.unwrap_or(now) + window).rfc3339();
+                let e = GuardError::Limit {
+                    what,
+                    count,
+                    limit,
+                    until,
+                };
+                s.event(
+                    "ca-limit-guard",
+                    Some(cert_name),
+                    None,
+                    None,
+                    Some(&e.to_string()),
+                )
+                .await?;
+                tracing::warn!(cert = cert_name, error = %e, "order deferred: it would exceed a CA limit");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The guard before `newOrder`: admits an order for `identifiers` names
     /// while the account's pending authorizations (ledger plus admitted
     /// orders not yet recorded) stay under `max_pending`. At the limit it
@@ -483,9 +542,11 @@ impl Reaper {
     pub async fn admit(
         &self,
         cert_name: &str,
-        identifiers: usize,
+        identifiers: &[String],
         cancel: &CancellationToken,
     ) -> Result<Admission, GuardError> {
+        self.within_limits(cert_name, identifiers).await?;
+        let identifiers = identifiers.len();
         let max = self.inner.cfg.max_pending;
         let deadline = tokio::time::Instant::now() + GUARD_WAIT;
         let mut reaped = false;

@@ -563,6 +563,37 @@ impl Store {
         Ok(())
     }
 
+    /// Orders the account created since `since`, and the oldest of them:
+    /// the guard's view of the CA's new-orders limit.
+    pub async fn orders_since(&self, account_id: i64, since: i64) -> Result<(i64, Option<i64>)> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*), MIN(created_at) FROM orders WHERE account_id = ? AND created_at >= ?",
+        )
+        .bind(account_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Certificates issued for exactly `identifiers` since `since`, and the
+    /// oldest: the guard's view of the CA's duplicate-certificate limit.
+    pub async fn issued_since(
+        &self,
+        account_id: i64,
+        identifiers: &[String],
+        since: i64,
+    ) -> Result<(i64, Option<i64>)> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*), MIN(updated_at) FROM orders
+             WHERE account_id = ? AND identifiers = ? AND step = 'done' AND updated_at >= ?",
+        )
+        .bind(account_id)
+        .bind(serde_json::to_string(identifiers).unwrap_or_default())
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Pending authorizations of the account, per the ledger: the guard's count.
     pub async fn pending_count(&self, account_id: i64) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as(

@@ -328,3 +328,32 @@ domains = ["v.example.test"]
         status.stdout
     );
 }
+
+#[test]
+fn ledger_keeps_certd_under_the_duplicate_certificate_limit() {
+    let env = TestEnv::new();
+    env.write_config(
+        r#"
+[reaper]
+duplicate_certificates_per_week = 2
+
+[[certificate]]
+name = "dup"
+domains = ["dup.example.test"]
+"#,
+    );
+    env.certd(&["renew"]).assert_success();
+    env.certd(&["renew", "--force"]).assert_success();
+    let new_orders = |env: &TestEnv| env.pebble.pebble_log().matches("/order-plz").count();
+    let before = new_orders(&env);
+    let out = env.certd(&["renew", "--force"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains("certificates for these names in a week: 2 in the window (limit 2)"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(new_orders(&env), before, "no newOrder was sent");
+    assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
+}
