@@ -29,7 +29,7 @@ use crate::install;
 use crate::reaper::{Policy, Reaper, Settled};
 use crate::scheduler::{self, Due, Reason};
 use crate::solver::Solvers;
-use crate::store::{OrderRow, Store};
+use crate::store::{CertificateRow, OrderRow, Store};
 
 /// `println!` that ends the process quietly when standard output is a
 /// closed pipe (`certd status | head -1`), as Unix tools do.
@@ -992,10 +992,12 @@ async fn status_check(cfg: &Config) -> anyhow::Result<ExitCode> {
         None => Vec::new(),
     };
     let now = UnixTime::now();
+    let rows: std::collections::HashMap<&str, &CertificateRow> =
+        rows.iter().map(|r| (r.name.as_str(), r)).collect();
     let mut worst = Level::Ok;
     let mut problems = Vec::new();
     for c in &cfg.certificates {
-        let (level, why) = assess(c, rows.iter().find(|r| r.name == c.name.as_str()), now);
+        let (level, why) = assess(c, rows.get(c.name.as_str()).copied(), now);
         worst = worst.max(level);
         problems.extend(why.map(|w| (level, w)));
     }
@@ -1021,14 +1023,16 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         None => (Vec::new(), Vec::new()),
     };
     let now = UnixTime::now();
+    // Indexed by name: status must stay fast with 10,000 certificates.
+    let by_name: std::collections::HashMap<&str, &CertificateRow> =
+        rows.iter().map(|r| (r.name.as_str(), r)).collect();
+    let pending: std::collections::HashMap<&str, i64> =
+        pending.iter().map(|(n, c)| (n.as_str(), *c)).collect();
     let mut out = Vec::with_capacity(cfg.certificates.len());
     let mut next_secs = Vec::with_capacity(cfg.certificates.len());
     for c in &cfg.certificates {
-        let row = rows.iter().find(|r| r.name == c.name.as_str());
-        let pending_authz = pending
-            .iter()
-            .find(|(n, _)| n == c.name.as_str())
-            .map_or(0, |(_, n)| *n);
+        let row = by_name.get(c.name.as_str()).copied();
+        let pending_authz = pending.get(c.name.as_str()).copied().unwrap_or(0);
         let installed = row.and_then(|r| r.not_after).is_some();
         let mut configured = c.domain_strings();
         configured.sort();
@@ -1080,7 +1084,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .map(String::from),
     ];
     for (i, (r, c)) in out.iter().zip(&cfg.certificates).enumerate() {
-        let row = rows.iter().find(|x| x.name == c.name.as_str());
+        let row = by_name.get(c.name.as_str()).copied();
         let expires = match row.and_then(|x| x.not_after) {
             Some(t) => format!("{} ({}d)", rfc3339(t), (t - now.secs()).div_euclid(86_400)),
             None => "not installed".into(),
