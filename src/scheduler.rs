@@ -232,7 +232,7 @@ impl Scheduler {
                 self.plan_installed(entry, &info).await;
             }
         }
-        tracing::info!(cert = %entry.cert.name, next = %entry.next.rfc3339(), why = %entry.why, "scheduled");
+        tracing::debug!(cert = %entry.cert.name, next = %entry.next.rfc3339(), why = %entry.why, "scheduled");
         let _ = self
             .ctx
             .store
