@@ -927,7 +927,7 @@ async fn revoke(
         certificate: &der,
         reason: Some(reason.acme()),
     };
-    if let Err(e) = account.account.revoke(&request).await {
+    if let Err(e) = crate::acme::with_nonce_retry(|| account.account.revoke(&request)).await {
         let e = AcmeError::from(e);
         eprintln!(
             "certd: {name}: the CA refused the revocation of serial {}: {e}",

@@ -29,7 +29,7 @@ use instant_acme::{
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use tokio_util::sync::CancellationToken;
 
-use crate::acme::{AcmeAccount, AcmeError, Disposition, ProblemRecord};
+use crate::acme::{AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, is_bad_nonce};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, ChallengeKind, KeyType};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};
@@ -45,18 +45,8 @@ const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(180);
 /// standalone responder before polling anyway.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
 
-/// instant-acme retries a request whose nonce the CA rejected three times;
-/// CAs under load reject more (Pebble's `PEBBLE_WFE_NONCEREJECT=50` rejects
-/// half). A request rejected for its nonce was not processed, so repeating
-/// it is safe: each instant-acme call is repeated up to this many times.
-const NONCE_ATTEMPTS: usize = 6;
-
-fn is_bad_nonce(e: &instant_acme::Error) -> bool {
-    matches!(e, instant_acme::Error::Api(p)
-        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
-}
-
-/// Evaluates an instant-acme call, again while it fails on a bad nonce.
+/// Evaluates an instant-acme call, again while it fails on a bad nonce
+/// (see `acme::NONCE_ATTEMPTS`).
 macro_rules! nonce_retry {
     ($call:expr) => {{
         let mut attempt = 1;

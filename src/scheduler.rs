@@ -282,6 +282,9 @@ impl Scheduler {
             .filter(|e| e.running.is_some())
             .count();
         let free = self.cfg.daemon.max_concurrent.saturating_sub(running);
+        if free == 0 {
+            return;
+        }
         let mut due: Vec<(&String, &mut Entry)> = self
             .entries
             .iter_mut()

@@ -41,6 +41,35 @@ pub mod raw;
 
 const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
 
+/// instant-acme retries a request whose nonce the CA rejected three times;
+/// CAs under load reject more (Pebble's `PEBBLE_WFE_NONCEREJECT=50` rejects
+/// half). A request rejected for its nonce was not processed, so repeating
+/// it is safe: callers repeat each instant-acme call up to this many times.
+pub const NONCE_ATTEMPTS: usize = 6;
+
+/// Whether the CA rejected a request for its nonce (after instant-acme's
+/// own retries).
+pub fn is_bad_nonce(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p)
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
+}
+
+/// Calls `f` again while it fails on a rejected nonce, up to
+/// `NONCE_ATTEMPTS` times.
+pub async fn with_nonce_retry<T, F, Fut>(mut f: F) -> Result<T, instant_acme::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, instant_acme::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if attempt < NONCE_ATTEMPTS && is_bad_nonce(&e) => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
 /// Pooled nonces older than this are dropped: CAs expire them, and a
 /// rejected nonce costs a round trip, the very thing the pool saves.
 const NONCE_MAX_AGE: Duration = Duration::from_secs(300);
@@ -629,18 +658,16 @@ impl AcmeAccount {
                     .eab
                     .as_ref()
                     .map(|e| ExternalAccountKey::new(e.kid.clone(), e.hmac_key.expose()));
-                let (account, creds) = http
-                    .nonce_scope(builder().create(
-                        &NewAccount {
-                            contact: &contact,
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        },
-                        directory_url.clone(),
-                        eab.as_ref(),
-                    ))
-                    .await
-                    .map_err(AcmeError::from)?;
+                let new_account = NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                let (account, creds) = with_nonce_retry(|| {
+                    http.nonce_scope(builder().create(&new_account, directory_url.clone(), eab.as_ref()))
+                })
+                .await
+                .map_err(AcmeError::from)?;
                 let json = serde_json::to_vec(&creds).map_err(|e| SetupError::Credentials {
                     path: path.clone(),
                     detail: e.to_string(),
