@@ -29,7 +29,9 @@ use instant_acme::{
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use tokio_util::sync::CancellationToken;
 
-use crate::acme::{AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, is_bad_nonce};
+use crate::acme::{
+    AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, is_bad_nonce,
+};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, ChallengeKind, KeyType};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};

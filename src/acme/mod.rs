@@ -664,7 +664,11 @@ impl AcmeAccount {
                     only_return_existing: false,
                 };
                 let (account, creds) = with_nonce_retry(|| {
-                    http.nonce_scope(builder().create(&new_account, directory_url.clone(), eab.as_ref()))
+                    http.nonce_scope(builder().create(
+                        &new_account,
+                        directory_url.clone(),
+                        eab.as_ref(),
+                    ))
                 })
                 .await
                 .map_err(AcmeError::from)?;
