@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::{
     AriServer, PebbleOpts, TestEnv, Window, assert_ca_status, flag, free_port,
-    install_hook_wrapper, ledger_authz, ledger_authz_urls, wait_for,
+    install_hook_wrapper, ledger_authz, ledger_authz_urls,
 };
 
 /// Fast retries so failure paths finish within a test.
@@ -21,13 +21,6 @@ fn ca_requests(env: &TestEnv) -> usize {
     env.pebble.pebble_log().matches("calling handler").count()
 }
 
-fn wait_installed(env: &TestEnv, name: &str) {
-    wait_for(
-        &env.cert_dir().join(name).join("cert.pem"),
-        Duration::from_secs(60),
-    );
-}
-
 fn cert(name: &str, domain: &str) -> String {
     format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n")
 }
@@ -37,7 +30,10 @@ fn daemon_issues_idles_and_follows_config_edits() {
     let env = TestEnv::new();
     env.write_config(&format!("{DAEMON}{}", cert("one", "one.example.test")));
     let mut daemon = env.command().arg("run").spawn();
-    wait_installed(&env, "one");
+    daemon.wait_for_file(
+        &env.cert_dir().join("one/cert.pem"),
+        Duration::from_secs(60),
+    );
 
     // Idle: no ACME request while nothing is due.
     daemon.wait_for_output("scheduled", Duration::from_secs(10));
@@ -52,7 +48,10 @@ fn daemon_issues_idles_and_follows_config_edits() {
         cert("one", "one.example.test"),
         cert("two", "two.example.test")
     ));
-    wait_installed(&env, "two");
+    daemon.wait_for_file(
+        &env.cert_dir().join("two/cert.pem"),
+        Duration::from_secs(60),
+    );
 
     // A broken edit is logged with its line and the old config keeps running.
     let good = fs::read_to_string(env.config_path()).expect("config");
@@ -72,7 +71,10 @@ fn daemon_issues_idles_and_follows_config_edits() {
         cert("two", "two.example.test"),
         cert("three", "three.example.test")
     ));
-    wait_installed(&env, "three");
+    daemon.wait_for_file(
+        &env.cert_dir().join("three/cert.pem"),
+        Duration::from_secs(60),
+    );
     // SIGHUP re-reads too (nothing changed: nothing happens).
     daemon.signal("HUP");
     daemon.wait_for_output("SIGHUP", Duration::from_secs(10));
@@ -92,8 +94,8 @@ fn sigterm_during_an_order_exits_in_time_with_nothing_pending() {
     ));
     install_hook_wrapper(&env);
     flag(&env, "block", true);
-    let daemon = env.command().arg("run").spawn();
-    wait_for(&env.dir().join("presenting"), Duration::from_secs(30));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.dir().join("presenting"), Duration::from_secs(30));
 
     let start = Instant::now();
     let out = daemon.terminate();
@@ -113,14 +115,14 @@ fn sigkill_during_an_order_then_restart_recovers() {
     ));
     install_hook_wrapper(&env);
     flag(&env, "block", true);
-    let daemon = env.command().arg("run").spawn();
-    wait_for(&env.dir().join("presenting"), Duration::from_secs(30));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.dir().join("presenting"), Duration::from_secs(30));
     daemon.signal("KILL");
     let _ = daemon.wait();
     flag(&env, "block", false);
 
-    let daemon = env.command().arg("run").spawn();
-    wait_installed(&env, "r");
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.cert_dir().join("r/cert.pem"), Duration::from_secs(60));
     let out = daemon.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
     let authz = ledger_authz(&env);
@@ -147,8 +149,8 @@ fn http01_failure_falls_back_to_dns01_and_stays_there() {
         &format!("listen = \"127.0.0.1:{port}\""),
         &format!("listen = \"127.0.0.1:{}\"\npreflight = false", free_port()),
     ));
-    let daemon = env.command().arg("run").spawn();
-    wait_installed(&env, "f");
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.cert_dir().join("f/cert.pem"), Duration::from_secs(60));
     let out = daemon.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
 

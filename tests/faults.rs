@@ -109,7 +109,7 @@ fn ca_outage_backs_off_and_recovers() {
     let proxy = TcpProxy::for_pebble(&env);
     proxy.route(&env);
     let mut daemon = env.command().arg("run").spawn();
-    wait_for(&env.cert_dir().join("a/cert.pem"), Duration::from_secs(30));
+    daemon.wait_for_file(&env.cert_dir().join("a/cert.pem"), Duration::from_secs(30));
     let first = installed_serial(&env, "a");
 
     // The CA goes away; a new certificate is added meanwhile.
@@ -131,7 +131,7 @@ fn ca_outage_backs_off_and_recovers() {
     );
 
     proxy.set_up(true);
-    wait_for(&env.cert_dir().join("b/cert.pem"), Duration::from_secs(30));
+    daemon.wait_for_file(&env.cert_dir().join("b/cert.pem"), Duration::from_secs(30));
     let out = daemon.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(

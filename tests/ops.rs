@@ -3,7 +3,7 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::util::{PebbleOpts, TestEnv, flag, free_port, install_hook_wrapper, wait_for};
+use crate::util::{PebbleOpts, TestEnv, flag, free_port, install_hook_wrapper};
 
 #[test]
 fn status_check_exit_codes_follow_certificate_health() {
@@ -109,8 +109,8 @@ fn metrics_endpoint_serves_prometheus_text() {
     env.write_config(&format!(
         "\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[[certificate]]\nname = \"m\"\ndomains = [\"m.example.test\"]\n"
     ));
-    let daemon = env.command().arg("run").spawn();
-    wait_for(&env.cert_dir().join("m/cert.pem"), Duration::from_secs(60));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.cert_dir().join("m/cert.pem"), Duration::from_secs(60));
     let fetch = || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

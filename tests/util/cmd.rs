@@ -202,6 +202,28 @@ impl Daemon {
         }
     }
 
+    /// Waits until `path` exists; panics with certd's output if it does not
+    /// appear within `timeout`.
+    pub fn wait_for_file(&mut self, path: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not appear within {timeout:?} (certd {})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    path.display(),
+                    if self.is_running() {
+                        "still running"
+                    } else {
+                        "exited"
+                    },
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal by name (e.g. "TERM", "HUP") with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
