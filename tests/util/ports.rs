@@ -3,14 +3,17 @@
 //! Tests run in parallel threads, and several test binaries (or several
 //! checkouts) may run at once on one machine, so ports come from a
 //! process-wide counter whose starting point depends on the process id.
-//! A port that cannot be bound right now is skipped.
+//! A port that cannot be bound right now is skipped. All of them lie below
+//! the kernel's ephemeral range (32768 and up on Linux): a port there can
+//! be taken between our check and the server's bind by any outgoing
+//! connection on the machine, which made servers fail to start at random.
 
 use std::net::{TcpListener, UdpSocket};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-/// Ports above this are left to the kernel's ephemeral range.
-const LAST_PORT: u16 = 60_000;
+/// Ports from here on are the kernel's (ephemeral range).
+const LAST_PORT: u16 = 32_700;
 
 static NEXT_PORT: OnceLock<AtomicU16> = OnceLock::new();
 
@@ -18,10 +21,11 @@ static NEXT_PORT: OnceLock<AtomicU16> = OnceLock::new();
 /// server needs both) and that no other test in this process has been given.
 pub fn free_port() -> u16 {
     let next = NEXT_PORT.get_or_init(|| {
-        // 300 blocks of 100 ports between 20000 and 50000: two processes
-        // collide only if their pids are equal modulo 300.
-        let block = u16::try_from(std::process::id() % 300).expect("pid % 300 fits in u16");
-        AtomicU16::new(20_000 + block * 100)
+        // 22 blocks of 1000 ports between 10000 and 32000: two processes
+        // collide only if their pids are equal modulo 22, and then the
+        // bind check below still skips ports in use.
+        let block = u16::try_from(std::process::id() % 22).expect("pid % 22 fits in u16");
+        AtomicU16::new(10_000 + block * 1000)
     });
     loop {
         let port = next.fetch_add(1, Ordering::Relaxed);
