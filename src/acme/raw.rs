@@ -166,7 +166,7 @@ impl AuthzObject {
 
 /// Tries a request again with a fresh nonce when the CA rejects the nonce
 /// (RFC 8555 §6.5: it sends a new one with the error).
-const BAD_NONCE_RETRIES: usize = 10;
+const BAD_NONCE_RETRIES: usize = 20;
 
 impl AcmeHttp {
     /// POSTs a JWS signed by `signer` to `url`; `None` payload is a
