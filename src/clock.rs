@@ -31,6 +31,10 @@ impl UnixTime {
         self.0
     }
 
+    pub fn system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(self.0).unwrap_or(0))
+    }
+
     pub fn plus(self, d: Duration) -> Self {
         Self(
             self.0

@@ -133,6 +133,15 @@ impl DriveError {
             Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
             Self::NoChallenge { .. } | Self::Key(_) | Self::Profile(_) => Disposition::Final,
             Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
+            // An account-wide limit pauses all new orders until the window
+            // moves on, as a CA's own rate limit would.
+            Self::Guard(GuardError::Limit {
+                until,
+                account_wide: true,
+                ..
+            }) => Disposition::RateLimited {
+                until: Some(until.system_time()),
+            },
             Self::Guard(_) | Self::Preflight(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
         }

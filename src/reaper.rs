@@ -147,12 +147,14 @@ pub struct PassCounts {
 pub enum GuardError {
     /// The ledger shows that a new order would exceed one of the CA's
     /// limits: no request is made until the window moves on.
-    #[error("{what}: {count} in the window (limit {limit}); next possible at {until}")]
+    #[error("{what}: {count} in the window (limit {limit}); next possible at {}", until.rfc3339())]
     Limit {
         what: &'static str,
         count: i64,
         limit: u32,
-        until: String,
+        until: UnixTime,
+        /// The limit counts the whole account, not one certificate.
+        account_wide: bool,
     },
     #[error(
         "pending-authorization guard: {pending} pending authorizations for the account, max_pending is {max}; not creating another order"
@@ -499,24 +501,26 @@ impl Reaper {
                 "new orders in three hours",
                 3 * 3600,
                 cfg.new_orders_per_3h,
+                true,
                 s.orders_since(account, now - 3 * 3600).await?,
             ),
             (
                 "certificates for these names in a week",
                 7 * 86_400,
                 cfg.duplicate_certificates_per_week,
+                false,
                 s.issued_since(account, identifiers, now - 7 * 86_400)
                     .await?,
             ),
         ];
-        for (what, window, limit, (count, oldest)) in checks {
+        for (what, window, limit, account_wide, (count, oldest)) in checks {
             if count >= i64::from(limit) {
-                let until = UnixTime::from_secs(oldest.unwrap_or(now) + window).rfc3339();
                 let e = GuardError::Limit {
                     what,
                     count,
                     limit,
-                    until,
+                    until: UnixTime::from_secs(oldest.unwrap_or(now) + window),
+                    account_wide,
                 };
                 s.event(
                     "ca-limit-guard",
