@@ -5,20 +5,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
 use crate::util::{
-    PebbleOpts, TestEnv, fetch_authz_as, ledger_authz, ledger_authz_urls, parse_leaf,
-    private_key_spki, read_pem_certs,
+    PebbleOpts, TestEnv, fetch_authz_as, installed, ledger_authz, ledger_authz_urls,
 };
-
-fn installed(env: &TestEnv, name: &str) -> (Vec<String>, String, Vec<u8>) {
-    let dir = env.cert_dir().join(name);
-    let (names, serial, _, spki) = parse_leaf(&read_pem_certs(dir.join("cert.pem"))[0]);
-    assert_eq!(
-        spki,
-        private_key_spki(dir.join("privkey.pem")),
-        "key matches certificate"
-    );
-    (names, serial, spki)
-}
 
 /// Adds lines to the `[acme]` table of the written config.
 fn add_to_acme(env: &TestEnv, lines: &str) {

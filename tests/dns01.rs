@@ -9,8 +9,8 @@ use base64::Engine;
 use base64::prelude::BASE64_STANDARD;
 
 use crate::util::{
-    Bind, PebbleOpts, TestEnv, assert_ca_status, ledger_authz, ledger_authz_urls, ledger_events,
-    parse_leaf, private_key_spki, read_pem_certs,
+    Bind, PebbleOpts, TestEnv, assert_ca_status, assert_installed, ledger_authz, ledger_authz_urls,
+    ledger_events,
 };
 
 /// A BIND, a Pebble resolving through it, and a 0600 secret file holding
@@ -46,23 +46,6 @@ secret_file = "{secret}"
         key = Bind::KEY_NAME,
         secret = env.dir().join("tsig.key").display(),
     )
-}
-
-/// The installed certificate for `name` carries exactly `domains` and the
-/// installed key.
-fn assert_installed(env: &TestEnv, name: &str, domains: &[&str]) {
-    let dir = env.cert_dir().join(name);
-    let leaf = read_pem_certs(dir.join("cert.pem"));
-    assert_eq!(leaf.len(), 1, "cert.pem holds exactly the leaf");
-    let (names, _serial, _not_after, spki) = parse_leaf(&leaf[0]);
-    let mut want: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
-    want.sort();
-    assert_eq!(names, want, "{name}: certificate names");
-    assert_eq!(
-        spki,
-        private_key_spki(dir.join("privkey.pem")),
-        "{name}: key"
-    );
 }
 
 fn assert_all_valid_dns01(env: &TestEnv, count: usize) {

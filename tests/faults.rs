@@ -7,8 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::{
-    TcpProxy, TestEnv, ca_authz_statuses, ledger_authz, ledger_authz_urls, parse_leaf,
-    private_key_spki, read_pem_certs, wait_for,
+    TcpProxy, TestEnv, ca_authz_statuses, installed, ledger_authz, ledger_authz_urls, wait_for,
 };
 
 const DAEMON: &str = r#"
@@ -35,14 +34,7 @@ fn jitter_ms(max: u64) -> u64 {
 
 /// The installed serial of `name`, after checking the key matches.
 fn installed_serial(env: &TestEnv, name: &str) -> String {
-    let dir = env.cert_dir().join(name);
-    let (_, serial, _, spki) = parse_leaf(&read_pem_certs(dir.join("cert.pem"))[0]);
-    assert_eq!(
-        spki,
-        private_key_spki(dir.join("privkey.pem")),
-        "{name}: key matches certificate"
-    );
-    serial
+    installed(env, name).1
 }
 
 fn assert_nothing_pending_at_ca(env: &TestEnv) {

@@ -2,54 +2,12 @@
 //! ledger is read, and the CA is asked what became of every authorization.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 
 use serde_json::Value;
 
 use crate::util::{
-    TestEnv, ca_authz_statuses, free_port, ledger_authz, ledger_authz_urls, parse_leaf,
-    private_key_spki, read_pem_certs,
+    TestEnv, assert_installed, ca_authz_statuses, free_port, ledger_authz, ledger_authz_urls,
 };
-
-/// Checks what `certd` installed for `name`: the names, the key/certificate
-/// pair, the chain, the modes. Returns the serial.
-fn assert_installed(env: &TestEnv, name: &str, domains: &[&str]) -> String {
-    let dir = env.cert_dir().join(name);
-    let leaf = read_pem_certs(dir.join("cert.pem"));
-    assert_eq!(leaf.len(), 1, "cert.pem holds exactly the leaf");
-    let (names, serial, _not_after, spki) = parse_leaf(&leaf[0]);
-    let mut want: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
-    want.sort();
-    assert_eq!(names, want, "{name}: certificate names");
-    assert_eq!(
-        spki,
-        private_key_spki(dir.join("privkey.pem")),
-        "{name}: key matches certificate"
-    );
-
-    let chain = read_pem_certs(dir.join("chain.pem"));
-    assert!(!chain.is_empty(), "{name}: chain.pem has the intermediate");
-    let (_, leaf_cert) = x509_parser::parse_x509_certificate(&leaf[0]).expect("leaf");
-    let (_, issuer) = x509_parser::parse_x509_certificate(&chain[0]).expect("issuer");
-    assert_eq!(
-        leaf_cert.issuer(),
-        issuer.subject(),
-        "{name}: chain starts with the issuer"
-    );
-    let full = read_pem_certs(dir.join("fullchain.pem"));
-    assert_eq!(
-        full,
-        [leaf.clone(), chain].concat(),
-        "{name}: fullchain = cert + chain"
-    );
-
-    let mode = fs::metadata(dir.join("privkey.pem"))
-        .expect("privkey")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600, "{name}: privkey.pem is 0600");
-    serial
-}
 
 fn status_json(env: &TestEnv) -> Vec<Value> {
     let out = env.certd(&["status", "--json"]);

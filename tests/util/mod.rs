@@ -17,6 +17,7 @@ mod cmd;
 mod env;
 mod front;
 mod hooks;
+mod installed;
 mod pebble;
 mod ports;
 mod proxy;
@@ -36,6 +37,7 @@ pub use self::{
     env::TestEnv,
     front::{Fault, FaultyFront},
     hooks::{flag, install_hook_wrapper, wait_for},
+    installed::{assert_installed, installed},
     pebble::{Pebble, PebbleOpts},
     ports::free_port,
     proxy::TcpProxy,
