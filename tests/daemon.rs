@@ -5,8 +5,8 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    AriServer, PebbleOpts, TestEnv, Window, assert_ca_status, flag, free_port,
-    install_hook_wrapper, ledger_authz, ledger_authz_urls,
+    AriServer, TestEnv, Window, assert_ca_status, flag, free_port, install_hook_wrapper,
+    ledger_authz, ledger_authz_urls,
 };
 
 /// Fast retries so failure paths finish within a test.
@@ -135,10 +135,7 @@ fn sigkill_during_an_order_then_restart_recovers() {
 #[test]
 fn http01_failure_falls_back_to_dns01_and_stays_there() {
     // No authorization reuse, so every order validates afresh.
-    let env = TestEnv::with_pebble_opts(PebbleOpts {
-        authz_reuse: Some(0),
-        ..PebbleOpts::default()
-    });
+    let env = TestEnv::without_authz_reuse();
     env.write_config(&format!(
         "{DAEMON}\n[[certificate]]\nname = \"f\"\ndomains = [\"f.example.test\"]\nchallenges = [\"http-01\", \"dns-01\"]\n"
     ));

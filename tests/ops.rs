@@ -3,15 +3,12 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::util::{PebbleOpts, TestEnv, flag, free_port, install_hook_wrapper};
+use crate::util::{TestEnv, flag, free_port, install_hook_wrapper};
 
 #[test]
 fn status_check_exit_codes_follow_certificate_health() {
     // No authorization reuse: a forced renewal must validate again.
-    let env = TestEnv::with_pebble_opts(PebbleOpts {
-        authz_reuse: Some(0),
-        ..PebbleOpts::default()
-    });
+    let env = TestEnv::without_authz_reuse();
     env.write_config(
         r#"
 [[certificate]]

@@ -6,7 +6,7 @@ use std::fs;
 use std::time::Duration;
 
 use crate::util::{
-    PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses, flag,
+    TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses, flag,
     install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events, wait_for,
 };
 
@@ -167,10 +167,7 @@ challenges = ["dns-01"]
 #[test]
 fn failure_budget_holds_back_the_sixth_deactivation() {
     // No authorization reuse: each attempt gets a fresh pending one.
-    let env = TestEnv::with_pebble_opts(PebbleOpts {
-        authz_reuse: Some(0),
-        ..PebbleOpts::default()
-    });
+    let env = TestEnv::without_authz_reuse();
     env.write_config(
         r#"
 [[certificate]]

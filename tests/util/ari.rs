@@ -13,9 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
 use super::{Pebble, free_port};
 
 /// The window the server suggests: (start, end) as offsets from now in
@@ -45,21 +42,7 @@ impl AriServer {
         dir["renewalInfo"] = format!("https://127.0.0.1:{port}/renewal-info").into();
         let dir = dir.to_string();
 
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(pebble.tls_cert_path())
-                .expect("TLS cert")
-                .collect::<Result<_, _>>()
-                .expect("TLS cert PEM");
-        let key = PrivateKeyDer::from_pem_file(pebble.tls_key_path()).expect("TLS key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("TLS config");
-        let config = Arc::new(config);
+        let config = pebble.tls_server_config();
 
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind ARI server");
         listener.set_nonblocking(true).expect("nonblocking");

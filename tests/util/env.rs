@@ -24,6 +24,15 @@ impl TestEnv {
         TestEnv::with_pebble_opts(PebbleOpts::default())
     }
 
+    /// A Pebble that never reuses an authorization, so every order must
+    /// validate afresh (tests of failure paths need that).
+    pub fn without_authz_reuse() -> TestEnv {
+        TestEnv::with_pebble_opts(PebbleOpts {
+            authz_reuse: Some(0),
+            ..PebbleOpts::default()
+        })
+    }
+
     pub fn with_pebble_opts(opts: PebbleOpts) -> TestEnv {
         let pebble = Pebble::with_opts(opts);
         let dir = tempfile::Builder::new()

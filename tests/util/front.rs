@@ -15,9 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
 use super::{Pebble, free_port};
 
 /// A bad answer.
@@ -45,22 +42,7 @@ impl FaultyFront {
     pub fn start(pebble: &Pebble) -> FaultyFront {
         let upstream = pebble.directory_url().trim_end_matches("/dir").to_owned();
         let port = free_port();
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(pebble.tls_cert_path())
-                .expect("TLS cert")
-                .collect::<Result<_, _>>()
-                .expect("TLS cert PEM");
-        let key = PrivateKeyDer::from_pem_file(pebble.tls_key_path()).expect("TLS key");
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("TLS config"),
-        );
+        let config = pebble.tls_server_config();
         let client =
             Arc::new(certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle())).expect("client"));
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");

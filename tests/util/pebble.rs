@@ -189,6 +189,29 @@ impl Pebble {
         self.dir.path().join("pebble.json")
     }
 
+    /// A rustls server config presenting Pebble's own TLS certificate, for
+    /// test servers that stand in front of it (the client trusts it through
+    /// the same `ca_bundle`).
+    pub fn tls_server_config(&self) -> std::sync::Arc<rustls::ServerConfig> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(self.tls_cert_path())
+                .expect("TLS cert")
+                .collect::<Result<_, _>>()
+                .expect("TLS cert PEM");
+        let key = PrivateKeyDer::from_pem_file(self.tls_key_path()).expect("TLS key");
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("TLS config");
+        std::sync::Arc::new(config)
+    }
+
     pub fn tls_cert_path(&self) -> PathBuf {
         self.dir.path().join("pebble-tls-cert.pem")
     }
