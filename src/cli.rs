@@ -14,11 +14,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use rustls_pki_types::pem::PemObject;
-use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod status;
 
 use crate::acme::raw::{challenge_parent, fetch_authz};
 use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
@@ -29,7 +30,7 @@ use crate::install;
 use crate::reaper::{Policy, Reaper, Settled};
 use crate::scheduler::{self, Due, Reason};
 use crate::solver::Solvers;
-use crate::store::{CertificateRow, OrderRow, Store};
+use crate::store::{OrderRow, Store};
 
 /// `println!` that ends the process quietly when standard output is a
 /// closed pipe (`certd status | head -1`), as Unix tools do.
@@ -40,9 +41,15 @@ macro_rules! outln {
 }
 
 fn write_stdout(line: &str) {
+    write_stdout_all(&format!("{line}\n"));
+}
+
+/// Writes `text` to stdout in one go. A closed pipe (`certd status | head`)
+/// ends the process quietly, as it does for other Unix tools.
+fn write_stdout_all(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    if let Err(e) = writeln!(out, "{line}")
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
         && e.kind() == std::io::ErrorKind::BrokenPipe
     {
         std::process::exit(0);
@@ -230,20 +237,43 @@ pub fn main() -> ExitCode {
 
 /// Logs go to standard error, one line per event; `RUST_LOG` overrides the
 /// configured level.
+///
+/// `RUST_LOG` takes `target=level` directives (`certd=debug,warn`), read by
+/// `Targets`: the same syntax as `EnvFilter` without span and field
+/// filters, and without the regex engine those need, a quarter of a MiB
+/// of code in every running daemon. A `RUST_LOG` that does not parse is
+/// reported and the configured level used.
 fn init_logging(format: LogFormat, level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("certd={level},warn")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let configured = || {
+        format!("certd={level},warn")
+            .parse::<Targets>()
+            // The configuration only admits the five level names.
+            .unwrap_or_default()
+    };
+    let mut unparsable = None;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
+            unparsable = Some((spec.clone(), e));
+            configured()
+        }),
+        _ => configured(),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     // journald stamps every line itself.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let registry = tracing_subscriber::registry().with(filter);
     match (format, journald) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.without_time().init(),
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Json, _) => registry.with(fmt.json()).init(),
+        (LogFormat::Text, true) => registry.with(fmt.without_time()).init(),
+        (LogFormat::Text, false) => registry.with(fmt).init(),
+    }
+    if let Some((spec, e)) = unparsable {
+        tracing::warn!(rust_log = %spec, error = %e, "RUST_LOG ignored: not a list of target=level directives");
     }
 }
 
@@ -252,7 +282,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         generate_assets(dir)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = match Config::load(&cli.config) {
+    let (cfg, prefetched) = match cli.command {
+        Command::Status { .. } => status::load(&cli.config).await,
+        _ => (Config::load(&cli.config), None),
+    };
+    let cfg = match cfg {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("certd: {e}");
@@ -266,8 +300,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
         Command::CheckConfig => Ok(check_config(&cfg)),
         Command::Renew { names, force } => renew(cfg, &names, force).await,
-        Command::Status { check: true, .. } => status_check(&cfg).await,
-        Command::Status { json, .. } => status(&cfg, json).await,
+        Command::Status { json, check } => {
+            let mode = match (json, check) {
+                (_, true) => status::Mode::Check,
+                (true, false) => status::Mode::Json,
+                (false, false) => status::Mode::Table,
+            };
+            status::run(cfg, mode, prefetched).await
+        }
         Command::Authz {
             command: AuthzCommand::List { pending, json },
         } => authz_list(&cfg, pending, json).await,
@@ -967,193 +1007,6 @@ async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Store>> {
     Ok(Some(Store::open(&path).await?))
 }
 
-/// One row of `certd status --json`; the keys are a public interface.
-#[derive(Debug, Serialize)]
-struct StatusRow {
-    name: String,
-    domains: Vec<String>,
-    not_after: Option<String>,
-    serial: Option<String>,
-    last_attempt_at: Option<String>,
-    last_result: Option<String>,
-    last_error: Option<String>,
-    next_renewal_at: Option<String>,
-    pending_authz: i64,
-}
-
-async fn status_check(cfg: &Config) -> anyhow::Result<ExitCode> {
-    use crate::health::{Level, assess};
-    let rows = match open_existing(cfg).await? {
-        Some(s) => {
-            let rows = s.certificates().await?;
-            s.close().await;
-            rows
-        }
-        None => Vec::new(),
-    };
-    let now = UnixTime::now();
-    let rows: std::collections::HashMap<&str, &CertificateRow> =
-        rows.iter().map(|r| (r.name.as_str(), r)).collect();
-    let mut worst = Level::Ok;
-    let mut problems = Vec::new();
-    for c in &cfg.certificates {
-        let (level, why) = assess(c, rows.get(c.name.as_str()).copied(), now);
-        worst = worst.max(level);
-        problems.extend(why.map(|w| (level, w)));
-    }
-    // Worst first: the line a pager shows must lead with what matters.
-    problems.sort_by_key(|p| std::cmp::Reverse(p.0));
-    let summary = if problems.is_empty() {
-        format!("{} certificate(s) valid", cfg.certificates.len())
-    } else {
-        problems
-            .into_iter()
-            .map(|(_, w)| w)
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    outln!("CERTD {worst}: {summary}");
-    Ok(ExitCode::from(worst as u8))
-}
-
-async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let store = open_existing(cfg).await?;
-    let (rows, pending) = match &store {
-        Some(s) => (s.certificates().await?, s.pending_authz_by_cert().await?),
-        None => (Vec::new(), Vec::new()),
-    };
-    let now = UnixTime::now();
-    // Indexed by name: status must stay fast with 10,000 certificates.
-    let by_name: std::collections::HashMap<&str, &CertificateRow> =
-        rows.iter().map(|r| (r.name.as_str(), r)).collect();
-    let pending: std::collections::HashMap<&str, i64> =
-        pending.iter().map(|(n, c)| (n.as_str(), *c)).collect();
-    let mut out = Vec::with_capacity(cfg.certificates.len());
-    let mut next_secs = Vec::with_capacity(cfg.certificates.len());
-    for c in &cfg.certificates {
-        let row = by_name.get(c.name.as_str()).copied();
-        let pending_authz = pending.get(c.name.as_str()).copied().unwrap_or(0);
-        let installed = row.and_then(|r| r.not_after).is_some();
-        let mut configured = c.domain_strings();
-        configured.sort();
-        let domains_changed = row.is_some_and(|r| {
-            installed && {
-                let mut d = r.domain_list();
-                d.sort();
-                d != configured
-            }
-        });
-        // The ledger's next time holds while the installed certificate
-        // fits the configuration, or while a failed attempt waits for its
-        // retry; otherwise the certificate is due now.
-        let failing = row.is_some_and(|r| r.last_result.as_deref() == Some("error"));
-        let next = match row.and_then(|r| r.next_renewal_at) {
-            Some(t) if installed && !domains_changed => t,
-            Some(t) if failing && t > now.secs() => t,
-            _ => now.secs(),
-        };
-        next_secs.push(next);
-        out.push(StatusRow {
-            name: c.name.to_string(),
-            domains: c.domain_strings(),
-            not_after: row.and_then(|r| r.not_after).map(rfc3339),
-            serial: row.and_then(|r| r.serial.clone()),
-            last_attempt_at: row.and_then(|r| r.last_attempt_at).map(rfc3339),
-            last_result: row.and_then(|r| r.last_result.clone()),
-            last_error: row.and_then(|r| r.last_error.clone()),
-            next_renewal_at: Some(rfc3339(next)),
-            pending_authz,
-        });
-    }
-    if json {
-        outln!("{}", serde_json::to_string_pretty(&out)?);
-        if let Some(s) = store {
-            s.close().await;
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut table = vec![
-        [
-            "NAME",
-            "DOMAINS",
-            "EXPIRES",
-            "LAST ATTEMPT",
-            "NEXT RENEWAL",
-            "PENDING",
-        ]
-        .map(String::from),
-    ];
-    for (i, (r, c)) in out.iter().zip(&cfg.certificates).enumerate() {
-        let row = by_name.get(c.name.as_str()).copied();
-        let expires = match row.and_then(|x| x.not_after) {
-            Some(t) => format!("{} ({}d)", rfc3339(t), (t - now.secs()).div_euclid(86_400)),
-            None => "not installed".into(),
-        };
-        let last = match (&r.last_attempt_at, r.last_result.as_deref()) {
-            (Some(at), Some("ok")) => format!("{at} ok"),
-            // The table keeps errors to one screen line; --json and
-            // `status --check` carry them whole.
-            (Some(at), _) => format!(
-                "{at} error: {}",
-                shorten(r.last_error.as_deref().unwrap_or("unknown"), 100)
-            ),
-            (None, _) => "never".into(),
-        };
-        let next = match next_secs[i] {
-            t if t > now.secs() => rfc3339(t),
-            _ => "due now".into(),
-        };
-        table.push([
-            r.name.clone(),
-            r.domains.join(","),
-            expires,
-            last,
-            next,
-            r.pending_authz.to_string(),
-        ]);
-    }
-    print_table(&table);
-    if let Some(s) = store {
-        print_accounts(&s, now).await?;
-        s.close().await;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The per-account part of `certd status`: pending authorizations and what
-/// the reaper and the guard did.
-async fn print_accounts(store: &Store, now: UnixTime) -> anyhow::Result<()> {
-    for (id, directory, url) in store.accounts().await? {
-        let r = store.reaper_summary(id, now.secs()).await?;
-        outln!("\naccount {url} ({directory})");
-        outln!("  pending authorizations: {}", r.pending);
-        outln!(
-            "  reaper: deactivated {} (last 24 h: {}), held back for failure budget: {}",
-            r.deactivated_total,
-            r.deactivated_24h,
-            r.held_back
-        );
-        match (r.last_pass_at, r.last_pass) {
-            (Some(at), detail) => outln!(
-                "  last reaper pass: {} ({})",
-                rfc3339(at),
-                detail.unwrap_or_default()
-            ),
-            (None, _) => outln!("  last reaper pass: never"),
-        }
-        if let Some((at, detail)) = &r.last_rate_limit {
-            outln!("  CA rate limit at {}: {detail}", rfc3339(*at));
-        }
-        if let Some(at) = r.last_guard_at {
-            outln!(
-                "  pending-authz guard last deferred an order at {}",
-                rfc3339(at)
-            );
-        }
-    }
-    Ok(())
-}
-
 async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Result<ExitCode> {
     let rows = match open_existing(cfg).await? {
         Some(s) => {
@@ -1207,21 +1060,33 @@ fn shorten(s: &str, max: usize) -> String {
 
 /// Prints rows as left-aligned columns; the last column is not padded.
 fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut out = String::new();
+    push_table(&mut out, rows);
+    write_stdout_all(&out);
+}
+
+/// Appends rows as left-aligned columns to `out`, one line each.
+fn push_table<const N: usize>(out: &mut String, rows: &[[impl AsRef<str>; N]]) {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(cell.as_ref().chars().count());
         }
     }
+    out.reserve(rows.len() * (widths.iter().sum::<usize>() + 2 * N + 1));
     for row in rows {
-        let mut line = String::new();
+        let line_start = out.len();
         for (i, cell) in row.iter().enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            let cell = cell.as_ref();
+            out.push_str(cell);
+            if i + 1 < N {
+                let pad = widths[i] - cell.chars().count() + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
             }
         }
-        outln!("{}", line.trim_end());
+        // The last column may be empty: no trailing blanks.
+        let kept = out[line_start..].trim_end().len();
+        out.truncate(line_start + kept);
+        out.push('\n');
     }
 }

@@ -17,11 +17,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use reqwest::Url;
+use serde::Deserialize;
 use toml::Spanned;
 
 /// Where `certd` looks for its configuration when neither `--config` nor
 /// `$CERTD_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/certd/config.toml";
+
+/// The ledger's file name inside `[storage] state_dir`.
+pub const DB_FILE: &str = "certd.db";
 
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
@@ -623,11 +627,15 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        Self::parse(path, &Self::read(path)?)
+    }
+
+    /// The file's text, for `parse`.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::parse(path, &text)
+        })
     }
 
     /// Validates `text` as if it had been read from `path`.
@@ -648,8 +656,47 @@ impl Config {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.storage.state_dir.join("certd.db")
+        self.storage.state_dir.join(DB_FILE)
     }
+}
+
+/// A path from the file: relative paths are taken from the file's directory.
+fn resolve_path(config_path: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        config_path.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// The `[storage] state_dir` that the text before the first
+/// `[[certificate]]` names, resolved as `parse` would, without validating
+/// anything.
+///
+/// A guess that lets `certd status` open the ledger while the whole file
+/// (on a large host, 10,000 certificate tables) is still being parsed; the
+/// caller compares it with the parsed configuration before trusting it.
+/// `None` when there is no certificate table to skip or the head does not
+/// parse on its own.
+pub fn peek_state_dir(path: &Path, text: &str) -> Option<PathBuf> {
+    #[derive(Deserialize)]
+    struct Head {
+        storage: Option<HeadStorage>,
+    }
+    #[derive(Deserialize)]
+    struct HeadStorage {
+        state_dir: Option<String>,
+    }
+    let mut offset = 0;
+    let cut = text.split_inclusive('\n').find_map(|line| {
+        let at = offset;
+        offset += line.len();
+        line.trim_start().starts_with("[[").then_some(at)
+    })?;
+    let head: Head = toml::from_str(&text[..cut]).ok()?;
+    let dir = head.storage?.state_dir?;
+    Some(resolve_path(path, &dir))
 }
 
 /// Resolves byte offsets in the source text to lines, columns and key paths.
@@ -722,21 +769,31 @@ impl<'a> Located<'a> {
     }
 }
 
+/// The key path of a certificate's value in errors, as
+/// `certificate[3].domains[1]`; formatted only when an error is reported.
+struct CertKey {
+    index: usize,
+    field: &'static str,
+    item: Option<usize>,
+}
+
+impl fmt::Display for CertKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "certificate[{}].{}", self.index, self.field)?;
+        match self.item {
+            Some(i) => write!(f, "[{i}]"),
+            None => Ok(()),
+        }
+    }
+}
+
 struct Validator<'a> {
     at: Located<'a>,
 }
 
 impl Validator<'_> {
     fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
-        let base = self.at.path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: &str| -> PathBuf {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_owned()
-            } else {
-                base.join(p)
-            }
-        };
+        let resolve = |p: &str| resolve_path(self.at.path, p);
 
         let acme = self.acme(raw.acme, &resolve)?;
         let storage = StorageConfig {
@@ -1078,12 +1135,21 @@ impl Validator<'_> {
         solvers: (bool, bool, bool),
         names: &mut HashSet<String>,
     ) -> Result<CertificateConfig, ConfigError> {
-        let key = |k: &str| format!("certificate[{index}].{k}");
-        let name: CertName = self.parse_spanned(&raw.name, &key("name"), |s| s.parse())?;
+        let key = |field| CertKey {
+            index,
+            field,
+            item: None,
+        };
+        let item = |field, i| CertKey {
+            index,
+            field,
+            item: Some(i),
+        };
+        let name: CertName = self.parse_spanned(&raw.name, key("name"), |s| s.parse())?;
         if !names.insert(name.as_str().to_owned()) {
             return Err(self.at.error(
                 raw.name.span(),
-                Some(key("name")),
+                Some(key("name").to_string()),
                 format!("duplicate certificate name {:?}", name.as_str()),
             ));
         }
@@ -1091,19 +1157,19 @@ impl Validator<'_> {
         if raw.domains.get_ref().is_empty() {
             return Err(self.at.error(
                 raw.domains.span(),
-                Some(key("domains")),
+                Some(key("domains").to_string()),
                 "needs at least one domain".into(),
             ));
         }
-        let mut domains = Vec::new();
-        let mut seen = HashSet::new();
+        let mut domains: Vec<DnsName> = Vec::with_capacity(raw.domains.get_ref().len());
         for (i, d) in raw.domains.get_ref().iter().enumerate() {
-            let k = key(&format!("domains[{i}]"));
-            let domain: DnsName = self.parse_spanned(d, &k, |s| s.parse())?;
-            if !seen.insert(domain.clone()) {
+            let domain: DnsName = self.parse_spanned(d, item("domains", i), |s| s.parse())?;
+            // A linear scan: certificates list a handful of names, and a
+            // set per certificate would cost more than it saves.
+            if domains.contains(&domain) {
                 return Err(self.at.error(
                     d.span(),
-                    Some(k),
+                    Some(item("domains", i).to_string()),
                     format!("duplicate domain {:?}", domain.as_str()),
                 ));
             }
@@ -1111,7 +1177,7 @@ impl Validator<'_> {
         }
 
         let key_type = match &raw.key_type {
-            Some(k) => self.parse_spanned(k, &key("key_type"), |s| s.parse())?,
+            Some(k) => self.parse_spanned(k, key("key_type"), |s| s.parse())?,
             None => KeyType::default(),
         };
 
@@ -1121,18 +1187,18 @@ impl Validator<'_> {
                 if list.get_ref().is_empty() {
                     return Err(self.at.error(
                         list.span(),
-                        Some(key("challenges")),
+                        Some(key("challenges").to_string()),
                         "needs at least one challenge type".into(),
                     ));
                 }
                 let mut out = Vec::new();
                 for (i, c) in list.get_ref().iter().enumerate() {
-                    let k = key(&format!("challenges[{i}]"));
-                    let kind: ChallengeKind = self.parse_spanned(c, &k, |s| s.parse())?;
+                    let kind: ChallengeKind =
+                        self.parse_spanned(c, item("challenges", i), |s| s.parse())?;
                     if out.contains(&kind) {
                         return Err(self.at.error(
                             c.span(),
-                            Some(k),
+                            Some(item("challenges", i).to_string()),
                             format!("{kind} is listed twice"),
                         ));
                     }
@@ -1155,7 +1221,7 @@ impl Validator<'_> {
             if let Some(section) = missing {
                 return Err(self.at.error(
                     challenges_span.clone(),
-                    Some(key("challenges")),
+                    Some(key("challenges").to_string()),
                     format!(
                         "certificate {:?} uses {kind} but the config has no {section} section",
                         name.as_str()
@@ -1168,7 +1234,7 @@ impl Validator<'_> {
         {
             return Err(self.at.error(
                 challenges_span,
-                Some(key("challenges")),
+                Some(key("challenges").to_string()),
                 format!(
                     "certificate {:?} has the wildcard {:?}, which only dns-01 can validate; add \"dns-01\" to challenges",
                     name.as_str(),
@@ -1178,12 +1244,12 @@ impl Validator<'_> {
         }
 
         let reload_timeout = match &raw.reload_timeout {
-            Some(t) => self.duration(t, &key("reload_timeout"))?,
+            Some(t) => self.duration(t, key("reload_timeout"))?,
             None => Duration::from_secs(60),
         };
 
         let profile = match &raw.profile {
-            Some(p) => Some(self.parse_spanned(p, &key("profile"), |s| {
+            Some(p) => Some(self.parse_spanned(p, key("profile"), |s| {
                 if s.is_empty() || s.contains(char::is_whitespace) {
                     Err(format!("{s:?} is not a profile name"))
                 } else {
@@ -1205,16 +1271,23 @@ impl Validator<'_> {
         })
     }
 
+    /// `key` is only formatted for an error: a configuration of 10,000
+    /// certificates has 30,000 values that parse fine.
     fn parse_spanned<T>(
         &self,
-        value: &Spanned<String>,
-        key: &str,
+        value: &Spanned<impl AsRef<str>>,
+        key: impl fmt::Display,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Result<T, ConfigError> {
-        parse(value.get_ref()).map_err(|m| self.at.error(value.span(), Some(key.to_owned()), m))
+        parse(value.get_ref().as_ref())
+            .map_err(|m| self.at.error(value.span(), Some(key.to_string()), m))
     }
 
-    fn duration(&self, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        value: &Spanned<String>,
+        key: impl fmt::Display,
+    ) -> Result<Duration, ConfigError> {
         self.parse_spanned(value, key, parse_duration)
     }
 
@@ -1451,6 +1524,32 @@ listen = "127.0.0.1:5002"
             }
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    /// The head's state directory is the one `parse` resolves, and there
+    /// is no guess where the head alone cannot tell.
+    #[test]
+    fn peek_state_dir_agrees_with_parse_or_declines() {
+        let path = Path::new("/etc/certd/config.toml");
+        let text = with_cert("name = \"www\"\ndomains = [\"www.example.com\"]");
+        let peeked = peek_state_dir(path, &text).expect("a head with [storage]");
+        assert_eq!(peeked, parse(&text).expect("valid").storage.state_dir);
+        assert_eq!(peeked, Path::new("/etc/certd/state"));
+        // Nothing to skip: no guess.
+        assert_eq!(peek_state_dir(path, BASE), None);
+        // [storage] after the certificates: the head does not name it.
+        let late = format!(
+            "[acme]\ndirectory = \"https://ca/dir\"\n[[certificate]]\nname = \"a\"\n\
+             domains = [\"a.example\"]\n[storage]\nstate_dir = \"/s\"\ncert_dir = \"/c\"\n"
+        );
+        assert_eq!(peek_state_dir(path, &late), None);
+        // A line starting with [[ inside a multi-line string cuts the head
+        // in the string: the head does not parse, so no guess.
+        let quoted = format!(
+            "[acme]\ndirectory = \"https://ca/dir\"\n[storage]\nstate_dir = \"/s\"\n\
+             cert_dir = \"\"\"\n[[certificate]]\n\"\"\"\n"
+        );
+        assert_eq!(peek_state_dir(path, &quoted), None);
     }
 
     #[test]

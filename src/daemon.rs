@@ -155,13 +155,16 @@ async fn reaper_loop(
             () = shutdown.cancelled() => return,
         }
         match reaper.pass(max_age, false, false, |_, _| {}).await {
-            Ok(c) if c.examined > 0 => tracing::info!(
-                examined = c.examined,
-                deactivated = c.deactivated,
-                held_back = c.held_back,
-                failed = c.failed,
-                "reaper pass"
-            ),
+            Ok(c) if c.examined > 0 => {
+                tracing::info!(
+                    examined = c.examined,
+                    deactivated = c.deactivated,
+                    held_back = c.held_back,
+                    failed = c.failed,
+                    "reaper pass"
+                );
+                crate::memory::release();
+            }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "reaper pass failed"),
         }

@@ -8,7 +8,8 @@
 //! Modules by responsibility: `config` (the file), `store` (the ledger, the
 //! only SQL), `acme` (HTTP, account, CA errors), `driver` (one order),
 //! `solver` (challenge responses), `dns` (dns-01 over RFC 2136, propagation), `scheduler` (when things are due),
-//! `install` (files and reloads), `cli` (commands and exit codes).
+//! `install` (files and reloads), `memory` (free heap back to the system
+//! when idle), `cli` (commands and exit codes).
 
 pub mod acme;
 pub mod alerts;
@@ -20,6 +21,7 @@ pub mod dns;
 pub mod driver;
 pub mod health;
 pub mod install;
+pub mod memory;
 pub mod metrics;
 pub mod reaper;
 pub mod scheduler;

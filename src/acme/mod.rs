@@ -38,6 +38,7 @@ use crate::config::AcmeConfig;
 use crate::store::Store;
 
 pub mod raw;
+mod trust;
 
 const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
 
@@ -75,6 +76,18 @@ where
 const NONCE_MAX_AGE: Duration = Duration::from_secs(300);
 const NONCE_POOL_MAX: usize = 32;
 const OBSERVATIONS_MAX: usize = 4096;
+/// How long what a response said about an object is kept once the daemon
+/// idles (`forget_old`): the driver and the reaper read it within
+/// milliseconds of their own request.
+const OBSERVATION_TTL: Duration = Duration::from_secs(5);
+/// Endpoints learned from the directory, which outlive any order.
+const DIRECTORY_ROLES: [&str; 5] = [
+    "newNonce",
+    "newAccount",
+    "newOrder",
+    "revokeCert",
+    "keyChange",
+];
 
 /// Errors that stop certd from talking to the CA at all.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +113,8 @@ pub struct AcmeHttp {
 struct HttpInner {
     client: reqwest::Client,
     nonces: Mutex<VecDeque<(String, Instant)>>,
-    observations: Mutex<HashMap<String, Observation>>,
+    /// With when it was recorded, for `forget_old`.
+    observations: Mutex<HashMap<String, (Observation, Instant)>>,
     stats: Mutex<Stats>,
     /// The directory's newNonce URL, once a directory has been seen.
     new_nonce: Mutex<Option<String>>,
@@ -125,10 +139,31 @@ pub struct Observation {
 
 #[derive(Default)]
 struct Stats {
-    /// URL → endpoint name, learned from the directory and from objects.
-    roles: HashMap<String, &'static str>,
+    /// URL → endpoint name, learned from the directory and from objects,
+    /// and when it was learned.
+    roles: HashMap<String, (&'static str, Instant)>,
     /// (endpoint, outcome) → count
     counts: BTreeMap<(&'static str, String), u64>,
+}
+
+/// The certificates of `[acme] ca_bundle`, as trust anchors.
+fn read_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, SetupError> {
+    let bundle_err = |detail: String| SetupError::CaBundle {
+        path: path.to_owned(),
+        detail,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bundle_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bundle_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bundle_err("no certificates in the file".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| bundle_err(e.to_string()))?;
+    }
+    Ok(roots)
 }
 
 impl AcmeHttp {
@@ -137,37 +172,24 @@ impl AcmeHttp {
         // reqwest and rustls share the process-wide provider; installing it
         // twice is harmless, so the error is ignored.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        // Unreadable system certificates are not fatal: a private CA may be
-        // trusted through `ca_bundle` alone.
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-        if let Some(path) = ca_bundle {
-            let bundle_err = |detail: String| SetupError::CaBundle {
-                path: path.to_owned(),
-                detail,
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bundle_err(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bundle_err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(bundle_err("no certificates in the file".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| bundle_err(e.to_string()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError::CaBundle {
-            path: PathBuf::new(),
-            detail: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let bundle = match ca_bundle {
+            Some(path) => Some(read_ca_bundle(path)?),
+            None => None,
+        };
+        let setup_err = |detail: String| SetupError::CaBundle {
+            path: ca_bundle.map(Path::to_owned).unwrap_or_default(),
+            detail,
+        };
+        let roots = trust::Roots::new(provider.clone(), bundle).map_err(setup_err)?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| setup_err(e.to_string()))?
+            // Not a lesser check: rustls's WebPKI verification against the
+            // bundle, then the system's roots (see `trust`).
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(roots))
+            .with_no_client_auth();
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .user_agent(USER_AGENT)
@@ -187,6 +209,26 @@ impl AcmeHttp {
         })
     }
 
+    /// Drops what responses said about orders, authorizations and
+    /// challenges more than a few seconds ago, for a daemon about to idle:
+    /// 1,000 orders leave some 7,000 URLs behind, and none is read again.
+    pub fn forget_old(&self) {
+        self.forget_before(Instant::now());
+    }
+
+    fn forget_before(&self, now: Instant) {
+        let fresh = |at: &Instant| now.duration_since(*at) < OBSERVATION_TTL;
+        let mut map = lock(&self.inner.observations);
+        map.retain(|_, (_, at)| fresh(at));
+        map.shrink_to_fit();
+        drop(map);
+        let mut stats = lock(&self.inner.stats);
+        stats
+            .roles
+            .retain(|_, (role, at)| DIRECTORY_ROLES.contains(role) || fresh(at));
+        stats.roles.shrink_to_fit();
+    }
+
     /// The plain reqwest client, for non-ACME requests (pre-flight checks).
     pub fn plain(&self) -> &reqwest::Client {
         &self.inner.client
@@ -194,7 +236,9 @@ impl AcmeHttp {
 
     /// What the last response from `url` said in its headers.
     pub fn observed(&self, url: &str) -> Option<Observation> {
-        lock(&self.inner.observations).get(url).cloned()
+        lock(&self.inner.observations)
+            .get(url)
+            .map(|(o, _)| o.clone())
     }
 
     /// The CA's newNonce URL, known once instant-acme fetched the directory.
@@ -416,6 +460,7 @@ impl HttpInner {
             link_up,
             expires,
         };
+        let now = Instant::now();
         let mut map = lock(&self.observations);
         if map.len() >= OBSERVATIONS_MAX {
             map.clear();
@@ -426,9 +471,9 @@ impl HttpInner {
             .get(http::header::LOCATION)
             .and_then(|v| v.to_str().ok())
         {
-            map.insert(location.to_owned(), observation.clone());
+            map.insert(location.to_owned(), (observation.clone(), now));
         }
-        map.insert(url.to_owned(), observation);
+        map.insert(url.to_owned(), (observation, now));
     }
 
     fn learn_roles(&self, shape: &ObjectShape) {
@@ -438,10 +483,11 @@ impl HttpInner {
         if let Some(url) = &shape.key_change {
             *lock(&self.key_change) = Some(url.clone());
         }
+        let now = Instant::now();
         let mut stats = lock(&self.stats);
         let roles = &mut stats.roles;
         if roles.len() >= OBSERVATIONS_MAX {
-            roles.clear();
+            roles.retain(|_, (role, _)| DIRECTORY_ROLES.contains(role));
         }
         for (url, role) in [
             (&shape.new_nonce, "newNonce"),
@@ -453,14 +499,14 @@ impl HttpInner {
             (&shape.certificate, "certificate"),
         ] {
             if let Some(url) = url {
-                roles.insert(url.clone(), role);
+                roles.insert(url.clone(), (role, now));
             }
         }
         for url in &shape.authorizations {
-            roles.insert(url.clone(), "authz");
+            roles.insert(url.clone(), ("authz", now));
         }
         for c in &shape.challenges {
-            roles.insert(c.url.clone(), "challenge");
+            roles.insert(c.url.clone(), ("challenge", now));
         }
     }
 
@@ -475,7 +521,10 @@ impl HttpInner {
         if *method == Method::HEAD {
             return "newNonce";
         }
-        lock(&self.stats).roles.get(url).copied().unwrap_or("order")
+        lock(&self.stats)
+            .roles
+            .get(url)
+            .map_or("order", |(role, _)| role)
     }
 
     fn count(&self, endpoint: &'static str, outcome: &str) {
@@ -931,6 +980,47 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idle daemon keeps the directory's endpoints and forgets the
+    /// objects of finished orders.
+    #[test]
+    fn forget_old_keeps_only_the_directory() {
+        let http = AcmeHttp::new(None).expect("client");
+        let json = |body: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            (headers, Bytes::from_static(body.as_bytes()))
+        };
+        let (h, b) = json(r#"{"newNonce": "https://ca/nonce", "newOrder": "https://ca/order"}"#);
+        http.inner.observe("https://ca/dir", StatusCode::OK, &h, &b);
+        let (h, b) = json(r#"{"status": "pending", "authorizations": ["https://ca/authz/1"]}"#);
+        http.inner
+            .observe("https://ca/order/1", StatusCode::OK, &h, &b);
+        assert_eq!(
+            http.inner.endpoint(&Method::POST, "https://ca/authz/1"),
+            "authz"
+        );
+        assert!(http.observed("https://ca/order/1").is_some());
+
+        // Just now: everything is still in use.
+        http.forget_before(Instant::now());
+        assert!(http.observed("https://ca/order/1").is_some());
+
+        http.forget_before(Instant::now() + OBSERVATION_TTL * 2);
+        assert!(http.observed("https://ca/order/1").is_none());
+        assert!(http.observed("https://ca/dir").is_none());
+        let endpoint = |url| http.inner.endpoint(&Method::POST, url);
+        assert_eq!(
+            endpoint("https://ca/authz/1"),
+            "order",
+            "an object's role outlived idling"
+        );
+        assert_eq!(endpoint("https://ca/order"), "newOrder");
+        assert_eq!(endpoint("https://ca/nonce"), "newNonce");
+    }
 
     #[test]
     fn link_up_is_found() {
