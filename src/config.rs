@@ -1538,18 +1538,14 @@ listen = "127.0.0.1:5002"
         // Nothing to skip: no guess.
         assert_eq!(peek_state_dir(path, BASE), None);
         // [storage] after the certificates: the head does not name it.
-        let late = format!(
-            "[acme]\ndirectory = \"https://ca/dir\"\n[[certificate]]\nname = \"a\"\n\
-             domains = [\"a.example\"]\n[storage]\nstate_dir = \"/s\"\ncert_dir = \"/c\"\n"
-        );
-        assert_eq!(peek_state_dir(path, &late), None);
+        let late = "[acme]\ndirectory = \"https://ca/dir\"\n[[certificate]]\nname = \"a\"\n\
+                    domains = [\"a.example\"]\n[storage]\nstate_dir = \"/s\"\ncert_dir = \"/c\"\n";
+        assert_eq!(peek_state_dir(path, late), None);
         // A line starting with [[ inside a multi-line string cuts the head
         // in the string: the head does not parse, so no guess.
-        let quoted = format!(
-            "[acme]\ndirectory = \"https://ca/dir\"\n[storage]\nstate_dir = \"/s\"\n\
-             cert_dir = \"\"\"\n[[certificate]]\n\"\"\"\n"
-        );
-        assert_eq!(peek_state_dir(path, &quoted), None);
+        let quoted = "[acme]\ndirectory = \"https://ca/dir\"\n[storage]\nstate_dir = \"/s\"\n\
+                      cert_dir = \"\"\"\n[[certificate]]\n\"\"\"\n";
+        assert_eq!(peek_state_dir(path, quoted), None);
     }
 
     #[test]
