@@ -124,30 +124,25 @@ struct AccountStatus {
 impl Ledger {
     async fn read(state_dir: &Path, now: UnixTime) -> anyhow::Result<Self> {
         let path = state_dir.join(config::DB_FILE);
-        let mut ledger = Self {
-            certificates: HashMap::new(),
-            pending: HashMap::new(),
-            accounts: Vec::new(),
-        };
         if !path.exists() {
-            return Ok(ledger);
+            return Ok(Self {
+                certificates: HashMap::new(),
+                pending: HashMap::new(),
+                accounts: Vec::new(),
+            });
         }
         let store = Store::open(&path).await?;
         // The store has two connections: the big read and the small ones
         // run side by side.
-        let read = async {
-            let (rows, pending, accounts) = tokio::try_join!(
-                store.certificates(),
-                store.pending_authz_by_cert(),
-                accounts(&store, now)
-            )?;
-            anyhow::Ok((rows, pending, accounts))
-        };
-        let result = read.await;
+        let read = tokio::try_join!(
+            store.certificates(),
+            store.pending_authz_by_cert(),
+            accounts(&store, now)
+        );
         store.close().await;
         let (rows, pending, accounts) =
-            result.with_context(|| format!("cannot read the ledger {}", path.display()))?;
-        ledger.certificates = rows
+            read.with_context(|| format!("cannot read the ledger {}", path.display()))?;
+        let certificates = rows
             .into_iter()
             .map(|row| {
                 let mut domains = row.domain_list();
@@ -155,9 +150,11 @@ impl Ledger {
                 (row.name.clone(), LedgerCert { row, domains })
             })
             .collect();
-        ledger.pending = pending.into_iter().collect();
-        ledger.accounts = accounts;
-        Ok(ledger)
+        Ok(Self {
+            certificates,
+            pending: pending.into_iter().collect(),
+            accounts,
+        })
     }
 
     fn row(&self, name: &str) -> Option<&CertificateRow> {
