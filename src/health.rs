@@ -7,10 +7,19 @@ use crate::clock::UnixTime;
 use crate::config::CertificateConfig;
 use crate::store::CertificateRow;
 
-/// Days before expiry at which a failing renewal becomes critical.
-const CRITICAL_DAYS: i64 = 7;
+/// The part of a certificate's lifetime left at which a failing renewal
+/// becomes critical: a sixth, half of the usual renewal window (renewal
+/// starts with a third left). A fraction, not a number of days, because
+/// lifetimes run from 6 days (Let's Encrypt's `shortlived`) to years: a
+/// fixed 7 days made the first failed renewal of a 6-day certificate
+/// critical, 80 hours before it expires.
+const CRITICAL_FRACTION: i64 = 6;
+/// Where the ledger does not know the lifetime: critical with this little
+/// left.
+const CRITICAL_FALLBACK_SECS: i64 = 7 * 86_400;
 /// How long past its renewal time a certificate may wait before it is
-/// overdue even without a recorded failure (a stopped daemon).
+/// overdue even without a recorded failure (a stopped daemon), at most;
+/// short-lived certificates get a tenth of their lifetime.
 const OVERDUE_GRACE: i64 = 86_400;
 
 /// Monitoring levels, ordered; their numbers are the exit codes.
@@ -63,11 +72,17 @@ pub fn assess(
         );
     }
     let days_left = (not_after - now) / 86_400;
-    if failing && not_after - now < CRITICAL_DAYS * 86_400 {
+    let lifetime = row
+        .and_then(|r| r.not_before)
+        .map(|not_before| not_after - not_before)
+        .filter(|l| *l > 0);
+    let critical_below = lifetime.map_or(CRITICAL_FALLBACK_SECS, |l| l / CRITICAL_FRACTION);
+    if failing && not_after - now < critical_below {
         return (
             Level::Critical,
             Some(format!(
-                "{name} expires in {days_left} days and renewal fails: {}",
+                "{name} expires in {} and renewal fails: {}",
+                remaining(not_after - now),
                 error()
             )),
         );
@@ -90,7 +105,8 @@ pub fn assess(
             Some(format!("{name}: last attempt failed: {}", error())),
         );
     }
-    if now > renew_at + OVERDUE_GRACE {
+    let grace = lifetime.map_or(OVERDUE_GRACE, |l| (l / 10).min(OVERDUE_GRACE));
+    if now > renew_at + grace {
         return (
             Level::Warning,
             Some(format!(
@@ -99,6 +115,15 @@ pub fn assess(
         );
     }
     (Level::Ok, None)
+}
+
+/// A remaining time as an operator reads it: days, or hours under two days.
+fn remaining(secs: i64) -> String {
+    if secs >= 2 * 86_400 {
+        format!("{} days", secs / 86_400)
+    } else {
+        format!("{} hours", secs / 3600)
+    }
 }
 
 #[cfg(test)]
@@ -161,5 +186,27 @@ mod tests {
             Level::Warning,
             "overdue"
         );
+    }
+
+    /// A 6-day (160 h) certificate renewed at half its lifetime: one failed
+    /// renewal is a warning; critical only with a sixth (a day) left.
+    #[test]
+    fn short_lifetimes_scale_the_thresholds() {
+        let c = cert();
+        let issued = 1_000_000;
+        let not_after = issued + 518_400;
+        let short = |now: i64, error: Option<&str>| {
+            let mut r = row(Some(not_after), issued + 259_200, error);
+            r.not_before = Some(issued);
+            assess(&c, Some(&r), UnixTime::from_secs(now))
+        };
+        let (level, why) = short(issued + 260_000, Some("boom"));
+        assert_eq!(level, Level::Warning, "{why:?}");
+        let (level, why) = short(not_after - 80_000, Some("boom"));
+        assert_eq!(level, Level::Critical, "{why:?}");
+        assert!(why.is_some_and(|w| w.contains("expires in 22 hours")));
+        // Overdue sooner than a day for a 6-day certificate.
+        let (level, _) = short(issued + 259_200 + 60_000, None);
+        assert_eq!(level, Level::Warning, "overdue");
     }
 }
