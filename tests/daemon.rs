@@ -5,8 +5,8 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    AriServer, TestEnv, Window, assert_ca_status, flag, free_port, install_hook_wrapper,
-    ledger_authz, ledger_authz_urls,
+    AriServer, PebbleOpts, Release, TestEnv, Window, assert_ca_status, flag, free_port,
+    install_hook_wrapper, ledger_authz, ledger_authz_urls,
 };
 
 /// Fast retries so failure paths finish within a test.
@@ -210,9 +210,16 @@ fn failed_preflight_does_not_ask_the_ca_and_keeps_the_authorization() {
     );
 }
 
+/// Against Pebble 2.4, which has no ARI, through a renewalInfo front (a
+/// test double): certd still works with a CA from before ARI, and ignores
+/// nothing the front suggests. It also shows that certd takes an order
+/// whose CA ignored `replaces`, which only an older CA does.
 #[test]
 fn ari_window_decides_when_to_renew() {
-    let env = TestEnv::new();
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        release: Release::Bookworm,
+        ..PebbleOpts::default()
+    });
     env.write_config(&format!("{DAEMON}{}", cert("ari", "ari.example.test")));
     install_first_certificate(&env);
     let first = crate::util::parse_leaf(

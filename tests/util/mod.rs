@@ -38,7 +38,7 @@ pub use self::{
     front::{Fault, FaultyFront},
     hooks::{flag, install_hook_wrapper, wait_for},
     installed::{assert_installed, installed},
-    pebble::{Pebble, PebbleOpts},
+    pebble::{Pebble, PebbleOpts, Release},
     ports::free_port,
     proxy::TcpProxy,
 };

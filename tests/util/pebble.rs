@@ -47,6 +47,46 @@ pub struct PebbleOpts {
     /// The DNS server Pebble resolves through instead of challtestsrv
     /// (which still runs), e.g. a `Bind` for dns-01 by dynamic update.
     pub dns_server: Option<SocketAddr>,
+    /// Which Pebble release runs.
+    pub release: Release,
+}
+
+/// A Pebble release. Every test runs against the current one unless it
+/// says otherwise; one test shows that certd still works with the older
+/// CA that Debian's stable suite ships.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Release {
+    /// Pebble 2.10 or later (ARI, profiles, IP identifiers,
+    /// dns-persist-01), from Debian's sid suite: `scripts/pebble-sid` puts
+    /// it under `target/pebble-sid/`, and `scripts/test` names that
+    /// directory in `CERTD_TEST_PEBBLE_BIN`.
+    #[default]
+    Current,
+    /// Pebble 2.4, Debian bookworm's package (`/usr/bin/pebble`): no ARI,
+    /// no profiles, five-year certificates.
+    Bookworm,
+}
+
+impl Release {
+    /// The directory holding `pebble` and `pebble-challtestsrv`.
+    fn bin_dir(self) -> PathBuf {
+        match self {
+            Release::Bookworm => PathBuf::from("/usr/bin"),
+            Release::Current => {
+                let dir = std::env::var_os("CERTD_TEST_PEBBLE_BIN")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pebble-sid/usr/bin")
+                    });
+                assert!(
+                    dir.join("pebble").is_file(),
+                    "no current Pebble in {}: run scripts/pebble-sid (scripts/test does)",
+                    dir.display()
+                );
+                dir
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +313,21 @@ impl Pebble {
                     .collect::<serde_json::Map<String, serde_json::Value>>(),
             }
         });
+        let mut config = config;
+        if self.opts.release == Release::Current {
+            // Let's Encrypt's two lifetimes that matter to renewal: the
+            // classic 90 days, and the 6-day `shortlived` profile.
+            config["pebble"]["profiles"] = serde_json::json!({
+                "default": {
+                    "description": "90-day certificates",
+                    "validityPeriod": 7_776_000
+                },
+                "shortlived": {
+                    "description": "6-day certificates",
+                    "validityPeriod": 518_400
+                }
+            });
+        }
         let text = serde_json::to_string_pretty(&config).expect("JSON value serializes");
         write(&self.config_path(), &text);
     }
@@ -280,8 +335,14 @@ impl Pebble {
     fn start_challtestsrv(&mut self) {
         let log_path = self.dir.path().join("challtestsrv.log");
         let (stdout, stderr) = log_files(&log_path);
-        let child = Command::new("pebble-challtestsrv")
-            .args(["-dns01", &format!("127.0.0.1:{}", self.ports.dns)])
+        let dns = format!("127.0.0.1:{}", self.ports.dns);
+        let mut command = Command::new(self.opts.release.bin_dir().join("pebble-challtestsrv"));
+        match self.opts.release {
+            // 2.10 renamed the DNS listener's flag and added DNS over HTTPS.
+            Release::Current => command.args(["-dnsserver", &dns, "-doh", ""]),
+            Release::Bookworm => command.args(["-dns01", &dns]),
+        };
+        let child = command
             .args([
                 "-management",
                 &format!("127.0.0.1:{}", self.ports.challtestsrv),
@@ -325,7 +386,7 @@ impl Pebble {
         // on what this start wrote.
         let log_start = fs::read(&log_path).map_or(0, |log| log.len());
         let (stdout, stderr) = log_files(&log_path);
-        let mut command = Command::new("pebble");
+        let mut command = Command::new(self.opts.release.bin_dir().join("pebble"));
         command
             .arg("-config")
             .arg(self.config_path())
