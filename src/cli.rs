@@ -751,6 +751,7 @@ fn describe_settled(s: &Settled) -> String {
             "held back ({failures} failed authorizations for this name in the last hour, limit {limit})"
         ),
         Settled::NotPending(status) => format!("already {status}"),
+        Settled::Refused { status } => format!("not deactivated: the CA's answer says {status}"),
         Settled::SkippedValid => "valid, not deactivated (use --include-valid)".into(),
         Settled::Expired => "expired".into(),
         Settled::Gone => "gone (the CA no longer knows it)".into(),

@@ -6,8 +6,8 @@ use std::fs;
 use std::time::Duration;
 
 use crate::util::{
-    TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses, flag,
-    install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events, wait_for,
+    Fault, FaultyFront, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses,
+    flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events, wait_for,
 };
 
 /// Starts `certd renew`, waits until it is presenting a challenge (its order
@@ -33,6 +33,15 @@ fn kill_mid_order(env: &TestEnv) -> Vec<String> {
     let at_ca = ca_authz_statuses(env, &pending);
     assert!(at_ca.values().all(|s| s == "pending"), "{at_ca:?}");
     pending
+}
+
+/// The ledger's status for authorization `url`.
+fn ledger_status(env: &TestEnv, url: &str) -> String {
+    ledger_authz(env)
+        .iter()
+        .find(|a| a["url"] == url)
+        .and_then(|a| a["status"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("{url} is not in the ledger"))
 }
 
 const ONE_DNS_CERT: &str = r#"
@@ -353,4 +362,53 @@ domains = ["dup.example.test"]
     );
     assert_eq!(new_orders(&env), before, "no newOrder was sent");
     assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
+}
+
+#[test]
+fn deactivation_the_ca_ignored_is_not_recorded() {
+    let env = TestEnv::new();
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    // Test double, and why: Pebble always deactivates what it is asked to.
+    // The front forwards everything to Pebble except the one deactivation
+    // it answers with 200 and the authorization as it was, as a server
+    // that accepts the request and ignores it does. Pebble never sees that
+    // request, so its status is the truth the ledger must match.
+    let front = FaultyFront::start(&env.pebble);
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(&env.pebble.directory_url(), &front.directory_url()));
+    let pending = kill_mid_order(&env);
+    let url = &pending[0];
+
+    front.inject("/authZ/", Fault::IgnoreUpdate, 1);
+    let out = env.certd(&["authz", "deactivate", url]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains("not deactivated: the CA's answer says pending"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("deactivated (was"), "{}", out.stdout);
+    assert_ca_status(&env, std::slice::from_ref(url), "pending");
+    assert_eq!(ledger_status(&env, url), "pending");
+    assert_eq!(ledger_events(&env, "deactivate-refused"), 1);
+    // The ledger spent no failure budget on it: nothing was deactivated.
+    let status = env.certd(&["status"]);
+    assert!(
+        status.stdout.contains("pending authorizations: 2"),
+        "{}",
+        status.stdout
+    );
+
+    // The CA answers honestly again: the same authorization is deactivated.
+    let out = env.certd(&["authz", "deactivate", url]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("deactivated (was pending)"),
+        "{}",
+        out.stdout
+    );
+    assert_ca_status(&env, std::slice::from_ref(url), "deactivated");
+    assert_eq!(ledger_status(&env, url), "deactivated");
 }
