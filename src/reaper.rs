@@ -12,9 +12,9 @@
 //! 2. deactivates a still-pending one only while the identifier's failure
 //!    budget for the last hour, counted from the ledger, allows it, and
 //!    otherwise holds it back for a later pass,
-//! 3. records the CA's answer, or on failure a backoff for the next try.
-//!    A deactivation counts as done only when the CA's answer says
-//!    `deactivated` (RFC 8555 §7.5.2); a 200 alone does not.
+//! 3. records the CA's answer, whatever it is, or on failure a backoff for
+//!    the next try. A deactivation counts as done only when the CA's
+//!    answer says `deactivated` (RFC 8555 §7.5.2); a 200 alone does not.
 //!
 //! [`Reaper::pass`] walks the ledger's stale pending authorizations in
 //! pages; [`Reaper::recover`] deals with the orders a crash interrupted;
@@ -250,6 +250,9 @@ impl Reaper {
 
     /// Asks the CA about `url` and deactivates it if it is still pending
     /// (or valid, with `include_valid`) and the failure budget allows.
+    /// Whatever status the CA reports is written to the ledger (except on a
+    /// dry run), so no row stays `pending` for an authorization the CA has
+    /// long validated: the guard counts those rows.
     pub async fn settle(
         &self,
         url: &str,
@@ -263,22 +266,20 @@ impl Reaper {
             Ok(a) => a,
             Err(e) => return self.failed(url, identifier, e, policy).await,
         };
+        let from = authz.status;
         if !policy.dry_run {
             s.authz_check_ok(url).await?;
-        }
-        let deactivatable = match authz.status.as_str() {
-            "pending" => true,
-            "valid" if policy.include_valid => true,
-            "valid" => return Ok(Settled::SkippedValid),
-            other => {
-                if !policy.dry_run {
-                    s.set_authz_status(url, other, None).await?;
-                }
-                return Ok(Settled::NotPending(other.to_owned()));
+            if from != "pending" {
+                s.set_authz_status(url, &from, None).await?;
+                self.inner.released.notify_waiters();
             }
-        };
-        debug_assert!(deactivatable);
-        let from = authz.status.clone();
+        }
+        match from.as_str() {
+            "pending" => {}
+            "valid" if policy.include_valid => {}
+            "valid" => return Ok(Settled::SkippedValid),
+            _ => return Ok(Settled::NotPending(from)),
+        }
         if from == "pending" && !policy.ignore_budget {
             let limit = self.inner.cfg.failed_authz_per_identifier_per_hour;
             let failures = s

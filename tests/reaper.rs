@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::util::{
     Fault, FaultyFront, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses,
-    flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events, wait_for,
+    flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events,
+    validate_outside_certd, wait_for,
 };
 
 /// Starts `certd renew`, waits until it is presenting a challenge (its order
@@ -411,4 +412,38 @@ fn deactivation_the_ca_ignored_is_not_recorded() {
     );
     assert_ca_status(&env, std::slice::from_ref(url), "deactivated");
     assert_eq!(ledger_status(&env, url), "deactivated");
+}
+
+#[test]
+fn authorization_valid_at_the_ca_is_recorded_and_does_not_hold_the_guard() {
+    let env = TestEnv::new();
+    env.write_config(&format!("[reaper]\nmax_pending = 1\n{ONE_DNS_CERT}"));
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+    // Deterministically what unequal validation times produce: the CA has
+    // validated one name while the ledger, never told, still says pending.
+    let (valid, other) = (&pending[0], &pending[1]);
+    validate_outside_certd(&env, valid);
+    assert_eq!(ledger_status(&env, valid), "pending");
+
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    out.assert_success();
+    assert_ca_status(&env, std::slice::from_ref(valid), "valid");
+    assert_ca_status(&env, std::slice::from_ref(other), "deactivated");
+    assert_eq!(ledger_status(&env, valid), "valid");
+    assert_eq!(ledger_status(&env, other), "deactivated");
+    let listed = env.certd(&["authz", "list", "--pending", "--json"]);
+    listed.assert_success();
+    assert_eq!(listed.stdout.trim(), "[]", "{}", listed.stdout);
+
+    // With max_pending = 1 an unrelated certificate is admitted at once:
+    // no row counts an authorization the CA has validated as pending.
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&format!(
+        "{config}\n[[certificate]]\nname = \"u\"\ndomains = [\"u.example.test\"]\nchallenges = [\"dns-01\"]\n"
+    ));
+    let out = env.certd(&["renew", "u"]);
+    out.assert_success();
+    assert!(env.cert_dir().join("u/cert.pem").exists());
+    assert_eq!(ledger_events(&env, "pending-authz-guard"), 0, "{out}");
 }
