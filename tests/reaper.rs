@@ -6,8 +6,8 @@ use std::fs;
 use std::time::Duration;
 
 use crate::util::{
-    Fault, FaultyFront, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses,
-    flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events,
+    Fault, FaultyFront, PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects,
+    ca_authz_statuses, flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events,
     validate_outside_certd, wait_for,
 };
 
@@ -446,4 +446,46 @@ fn authorization_valid_at_the_ca_is_recorded_and_does_not_hold_the_guard() {
     out.assert_success();
     assert!(env.cert_dir().join("u/cert.pem").exists());
     assert_eq!(ledger_events(&env, "pending-authz-guard"), 0, "{out}");
+}
+
+#[test]
+fn unknown_challenge_url_is_fetched_once() {
+    // Pebble logs each request's path; with no nonce rejected, a request
+    // certd makes shows up exactly once (a `badNonce` retry would not).
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        nonce_reject: Some(0),
+        ..PebbleOpts::default()
+    });
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+    let authz_url = &pending[0];
+    let challenge_url = ca_authz_objects(&env, &pending[..1])[authz_url].challenges[0]
+        .url
+        .clone();
+    // The ledger is lost (the account credentials are not): certd knows
+    // neither the authorization nor its challenge any more.
+    for file in ["certd.db", "certd.db-wal", "certd.db-shm"] {
+        let _ = fs::remove_file(env.state_dir().join(file));
+    }
+    // Pebble logs the path without the id; certd fetches no other
+    // challenge, so every `/chalZ/` line is this one.
+    let fetched = |env: &TestEnv| env.pebble.pebble_log().matches("POST /chalZ/").count();
+    let before = fetched(&env);
+
+    let out = env.certd(&["authz", "deactivate", &challenge_url]);
+    // Pebble answers a challenge's POST-as-GET without the `Link: rel="up"`
+    // that would name its authorization, so certd cannot resolve it and
+    // says so; a CA that sends one gets it deactivated.
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("{challenge_url}: cannot resolve")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("rel=\"up\""), "{}", out.stdout);
+    // Some servers start a validation when a challenge is fetched: once.
+    assert_eq!(fetched(&env) - before, 1, "{}", env.pebble.pebble_log());
+    assert_ca_status(&env, std::slice::from_ref(authz_url), "pending");
 }
