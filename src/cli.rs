@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 mod status;
 
-use crate::acme::raw::{challenge_parent, fetch_authz};
+use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
 use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
@@ -751,6 +751,7 @@ fn describe_settled(s: &Settled) -> String {
             "held back ({failures} failed authorizations for this name in the last hour, limit {limit})"
         ),
         Settled::NotPending(status) => format!("already {status}"),
+        Settled::Refused { status } => format!("not deactivated: the CA's answer says {status}"),
         Settled::SkippedValid => "valid, not deactivated (use --include-valid)".into(),
         Settled::Expired => "expired".into(),
         Settled::Gone => "gone (the CA no longer knows it)".into(),
@@ -840,24 +841,21 @@ async fn resolve_authz(
             .ok_or("the ledger names a parent authorization it does not hold")?;
         return Ok((a.url, a.identifier));
     }
-    let authz_url = match fetch_authz(&account.http, &account.signer, url).await {
-        Ok(_) => url.to_owned(),
-        Err(AcmeError::Protocol(_)) => {
-            match challenge_parent(&account.http, &account.signer, url).await {
-                Ok(Some(up)) => up,
-                Ok(None) => {
-                    return Err(
-                    "not in the ledger, and the CA answers with something that is neither an authorization nor a challenge with a Link rel=\"up\" to one".into(),
-                );
-                }
-                Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
-            }
+    let (authz_url, a) = match fetch_unknown(&account.http, &account.signer, url).await {
+        Ok(Fetched::Authz(a)) => (url.to_owned(), a),
+        Ok(Fetched::Other { up: Some(up) }) => {
+            let a = fetch_authz(&account.http, &account.signer, &up)
+                .await
+                .map_err(|e| format!("{up}: {e}"))?;
+            (up, a)
+        }
+        Ok(Fetched::Other { up: None }) => {
+            return Err(
+                "not in the ledger, and the CA answers with something that is neither an authorization nor a challenge with a Link rel=\"up\" to one".into(),
+            );
         }
         Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
     };
-    let a = fetch_authz(&account.http, &account.signer, &authz_url)
-        .await
-        .map_err(|e| format!("{authz_url}: {e}"))?;
     let identifier = a.identifier();
     store
         .record_foreign_authz(account.ledger_id, &authz_url, &identifier, &a.status)

@@ -12,7 +12,9 @@
 //! 2. deactivates a still-pending one only while the identifier's failure
 //!    budget for the last hour, counted from the ledger, allows it, and
 //!    otherwise holds it back for a later pass,
-//! 3. records the CA's answer, or on failure a backoff for the next try.
+//! 3. records the CA's answer, whatever it is, or on failure a backoff for
+//!    the next try. A deactivation counts as done only when the CA's
+//!    answer says `deactivated` (RFC 8555 §7.5.2); a 200 alone does not.
 //!
 //! [`Reaper::pass`] walks the ledger's stale pending authorizations in
 //! pages; [`Reaper::recover`] deals with the orders a crash interrupted;
@@ -89,6 +91,11 @@ pub enum Settled {
     },
     /// The CA says it is no longer pending (valid, invalid, deactivated…).
     NotPending(String),
+    /// The CA accepted the deactivation request, but its answer shows the
+    /// authorization in another status (pending, valid…): not deactivated.
+    Refused {
+        status: String,
+    },
     /// Valid, and the caller did not ask to deactivate valid ones.
     SkippedValid,
     /// Past its `expires`: marked without asking the CA.
@@ -104,7 +111,7 @@ impl Settled {
     pub fn is_done(&self) -> bool {
         !matches!(
             self,
-            Self::HeldBack { .. } | Self::Failed(_) | Self::SkippedValid
+            Self::HeldBack { .. } | Self::Failed(_) | Self::Refused { .. } | Self::SkippedValid
         )
     }
 }
@@ -243,6 +250,9 @@ impl Reaper {
 
     /// Asks the CA about `url` and deactivates it if it is still pending
     /// (or valid, with `include_valid`) and the failure budget allows.
+    /// Whatever status the CA reports is written to the ledger (except on a
+    /// dry run), so no row stays `pending` for an authorization the CA has
+    /// long validated: the guard counts those rows.
     pub async fn settle(
         &self,
         url: &str,
@@ -256,22 +266,20 @@ impl Reaper {
             Ok(a) => a,
             Err(e) => return self.failed(url, identifier, e, policy).await,
         };
+        let from = authz.status;
         if !policy.dry_run {
             s.authz_check_ok(url).await?;
-        }
-        let deactivatable = match authz.status.as_str() {
-            "pending" => true,
-            "valid" if policy.include_valid => true,
-            "valid" => return Ok(Settled::SkippedValid),
-            other => {
-                if !policy.dry_run {
-                    s.set_authz_status(url, other, None).await?;
-                }
-                return Ok(Settled::NotPending(other.to_owned()));
+            if from != "pending" {
+                s.set_authz_status(url, &from, None).await?;
+                self.inner.released.notify_waiters();
             }
-        };
-        debug_assert!(deactivatable);
-        let from = authz.status.clone();
+        }
+        match from.as_str() {
+            "pending" => {}
+            "valid" if policy.include_valid => {}
+            "valid" => return Ok(Settled::SkippedValid),
+            _ => return Ok(Settled::NotPending(from)),
+        }
         if from == "pending" && !policy.ignore_budget {
             let limit = self.inner.cfg.failed_authz_per_identifier_per_hour;
             let failures = s
@@ -292,6 +300,9 @@ impl Reaper {
             return Ok(Settled::WouldDeactivate { from });
         }
         match deactivate_authz(&account.http, &account.signer, url).await {
+            Ok(answer) if answer.status != "deactivated" => {
+                self.refused(url, identifier, &from, answer.status).await
+            }
             Ok(_) => {
                 s.set_authz_deactivated(url, policy.by, &from).await?;
                 let detail = format!("{identifier} was {from}; deactivated by {}", policy.by);
@@ -303,6 +314,33 @@ impl Reaper {
             }
             Err(e) => self.failed(url, identifier, e, policy).await,
         }
+    }
+
+    /// The CA answered a deactivation with the authorization in another
+    /// status: the ledger keeps that status, and the row backs off like a
+    /// failed call so a server that ignores deactivations is not asked at
+    /// every pass.
+    async fn refused(
+        &self,
+        url: &str,
+        identifier: &str,
+        from: &str,
+        status: String,
+    ) -> Result<Settled, StoreError> {
+        let s = &self.inner.store;
+        let detail = format!(
+            "{identifier} was {from}; the CA answered the deactivation with status {status}"
+        );
+        if status != from {
+            s.set_authz_status(url, &status, None).await?;
+            self.inner.released.notify_waiters();
+        }
+        s.authz_check_failed(url, UnixTime::now().secs(), &detail)
+            .await?;
+        s.event("deactivate-refused", None, None, Some(url), Some(&detail))
+            .await?;
+        tracing::warn!(authz = %url, identifier, status = %status, "the CA did not deactivate the authorization");
+        Ok(Settled::Refused { status })
     }
 
     async fn failed(
@@ -399,7 +437,7 @@ impl Reaper {
                         counts.deactivated += 1
                     }
                     Settled::HeldBack { .. } => counts.held_back += 1,
-                    Settled::Failed(_) => counts.failed += 1,
+                    Settled::Failed(_) | Settled::Refused { .. } => counts.failed += 1,
                     _ => counts.resolved += 1,
                 }
                 report(row, &outcome);

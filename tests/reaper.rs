@@ -6,8 +6,9 @@ use std::fs;
 use std::time::Duration;
 
 use crate::util::{
-    TcpProxy, TestEnv, assert_ca_status, ca_authz_objects, ca_authz_statuses, flag,
-    install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events, wait_for,
+    Fault, FaultyFront, PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects,
+    ca_authz_statuses, flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events,
+    validate_outside_certd, wait_for,
 };
 
 /// Starts `certd renew`, waits until it is presenting a challenge (its order
@@ -33,6 +34,15 @@ fn kill_mid_order(env: &TestEnv) -> Vec<String> {
     let at_ca = ca_authz_statuses(env, &pending);
     assert!(at_ca.values().all(|s| s == "pending"), "{at_ca:?}");
     pending
+}
+
+/// The ledger's status for authorization `url`.
+fn ledger_status(env: &TestEnv, url: &str) -> String {
+    ledger_authz(env)
+        .iter()
+        .find(|a| a["url"] == url)
+        .and_then(|a| a["status"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("{url} is not in the ledger"))
 }
 
 const ONE_DNS_CERT: &str = r#"
@@ -353,4 +363,129 @@ domains = ["dup.example.test"]
     );
     assert_eq!(new_orders(&env), before, "no newOrder was sent");
     assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
+}
+
+#[test]
+fn deactivation_the_ca_ignored_is_not_recorded() {
+    let env = TestEnv::new();
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    // Test double, and why: Pebble always deactivates what it is asked to.
+    // The front forwards everything to Pebble except the one deactivation
+    // it answers with 200 and the authorization as it was, as a server
+    // that accepts the request and ignores it does. Pebble never sees that
+    // request, so its status is the truth the ledger must match.
+    let front = FaultyFront::start(&env.pebble);
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(&env.pebble.directory_url(), &front.directory_url()));
+    let pending = kill_mid_order(&env);
+    let url = &pending[0];
+
+    front.inject("/authZ/", Fault::IgnoreUpdate, 1);
+    let out = env.certd(&["authz", "deactivate", url]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains("not deactivated: the CA's answer says pending"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("deactivated (was"), "{}", out.stdout);
+    assert_ca_status(&env, std::slice::from_ref(url), "pending");
+    assert_eq!(ledger_status(&env, url), "pending");
+    assert_eq!(ledger_events(&env, "deactivate-refused"), 1);
+    // The ledger spent no failure budget on it: nothing was deactivated.
+    let status = env.certd(&["status"]);
+    assert!(
+        status.stdout.contains("pending authorizations: 2"),
+        "{}",
+        status.stdout
+    );
+
+    // The CA answers honestly again: the same authorization is deactivated.
+    let out = env.certd(&["authz", "deactivate", url]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("deactivated (was pending)"),
+        "{}",
+        out.stdout
+    );
+    assert_ca_status(&env, std::slice::from_ref(url), "deactivated");
+    assert_eq!(ledger_status(&env, url), "deactivated");
+}
+
+#[test]
+fn authorization_valid_at_the_ca_is_recorded_and_does_not_hold_the_guard() {
+    let env = TestEnv::new();
+    env.write_config(&format!("[reaper]\nmax_pending = 1\n{ONE_DNS_CERT}"));
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+    // Deterministically what unequal validation times produce: the CA has
+    // validated one name while the ledger, never told, still says pending.
+    let (valid, other) = (&pending[0], &pending[1]);
+    validate_outside_certd(&env, valid);
+    assert_eq!(ledger_status(&env, valid), "pending");
+
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    out.assert_success();
+    assert_ca_status(&env, std::slice::from_ref(valid), "valid");
+    assert_ca_status(&env, std::slice::from_ref(other), "deactivated");
+    assert_eq!(ledger_status(&env, valid), "valid");
+    assert_eq!(ledger_status(&env, other), "deactivated");
+    let listed = env.certd(&["authz", "list", "--pending", "--json"]);
+    listed.assert_success();
+    assert_eq!(listed.stdout.trim(), "[]", "{}", listed.stdout);
+
+    // With max_pending = 1 an unrelated certificate is admitted at once:
+    // no row counts an authorization the CA has validated as pending.
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&format!(
+        "{config}\n[[certificate]]\nname = \"u\"\ndomains = [\"u.example.test\"]\nchallenges = [\"dns-01\"]\n"
+    ));
+    let out = env.certd(&["renew", "u"]);
+    out.assert_success();
+    assert!(env.cert_dir().join("u/cert.pem").exists());
+    assert_eq!(ledger_events(&env, "pending-authz-guard"), 0, "{out}");
+}
+
+#[test]
+fn unknown_challenge_url_is_fetched_once() {
+    // Pebble logs each request's path; with no nonce rejected, a request
+    // certd makes shows up exactly once (a `badNonce` retry would not).
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        nonce_reject: Some(0),
+        ..PebbleOpts::default()
+    });
+    env.write_config(ONE_DNS_CERT);
+    install_hook_wrapper(&env);
+    let pending = kill_mid_order(&env);
+    let authz_url = &pending[0];
+    let challenge_url = ca_authz_objects(&env, &pending[..1])[authz_url].challenges[0]
+        .url
+        .clone();
+    // The ledger is lost (the account credentials are not): certd knows
+    // neither the authorization nor its challenge any more.
+    for file in ["certd.db", "certd.db-wal", "certd.db-shm"] {
+        let _ = fs::remove_file(env.state_dir().join(file));
+    }
+    // Pebble logs the path without the id; certd fetches no other
+    // challenge, so every `/chalZ/` line is this one.
+    let fetched = |env: &TestEnv| env.pebble.pebble_log().matches("POST /chalZ/").count();
+    let before = fetched(&env);
+
+    let out = env.certd(&["authz", "deactivate", &challenge_url]);
+    // Pebble answers a challenge's POST-as-GET without the `Link: rel="up"`
+    // that would name its authorization, so certd cannot resolve it and
+    // says so; a CA that sends one gets it deactivated.
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("{challenge_url}: cannot resolve")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("rel=\"up\""), "{}", out.stdout);
+    // Some servers start a validation when a challenge is fetched: once.
+    assert_eq!(fetched(&env) - before, 1, "{}", env.pebble.pebble_log());
+    assert_ca_status(&env, std::slice::from_ref(authz_url), "pending");
 }

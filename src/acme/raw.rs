@@ -302,15 +302,32 @@ pub async fn deactivate_authz(
         .map_err(|e| AcmeError::Protocol(format!("{url}: unexpected answer: {e}")))
 }
 
-/// Resolves a challenge URL to its authorization URL through the CA's
-/// `Link: rel="up"` header, where the CA sends one (seed 000).
-pub async fn challenge_parent(
+/// What a URL of the CA's turned out to be.
+#[derive(Debug)]
+pub enum Fetched {
+    Authz(AuthzObject),
+    /// Anything else (a challenge, typically), with the authorization its
+    /// `Link: rel="up"` header names, where the CA sends one (seed 000).
+    Other {
+        up: Option<String>,
+    },
+}
+
+/// Fetches a URL the ledger does not know with one POST-as-GET and tells
+/// what it is. One request only: some servers start validating a
+/// challenge when its URL is fetched.
+pub async fn fetch_unknown(
     http: &AcmeHttp,
     signer: &RawSigner,
     url: &str,
-) -> Result<Option<String>, AcmeError> {
-    http.signed_post(signer, url, None).await?;
-    Ok(http.observed(url).and_then(|o| o.link_up))
+) -> Result<Fetched, AcmeError> {
+    let rsp = http.signed_post(signer, url, None).await?;
+    Ok(match serde_json::from_slice(&rsp.body) {
+        Ok(authz) => Fetched::Authz(authz),
+        Err(_) => Fetched::Other {
+            up: http.observed(url).and_then(|o| o.link_up),
+        },
+    })
 }
 
 /// A fresh account key: (PKCS#8 DER, signer for `account_url`).

@@ -3,11 +3,13 @@
 //!
 //! Test double, and why: Pebble always answers well-formed JSON. To see
 //! what certd does with truncated JSON, an HTML error page from a proxy, a
-//! 500, or a wrong content type, this front answers selected requests
-//! itself (without forwarding them, so the CA never saw them) and passes
-//! everything else through. Pebble builds its URLs from the Host header,
+//! 500, a wrong content type, or a server that answers a deactivation with
+//! 200 and leaves the authorization as it was, this front answers selected
+//! requests itself (without forwarding them, so the CA never saw them) and
+//! passes everything else through. Pebble builds its URLs from the Host header,
 //! so every URL it hands out points back at the front.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +30,27 @@ pub enum Fault {
     ServerError,
     /// 200 with a body of the wrong kind (text/plain, not JSON).
     WrongContentType,
+    /// Only for an update (a POST whose JWS payload is not empty, such as a
+    /// deactivation): 200 with the object as Pebble last sent it for that
+    /// path, as a server does that accepts the request and ignores it.
+    IgnoreUpdate,
 }
+
+impl Fault {
+    /// Whether this fault answers a request with JSON body `body`.
+    fn applies(self, body: &[u8]) -> bool {
+        match self {
+            Fault::IgnoreUpdate => serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|jws| jws["payload"].as_str().map(|p| !p.is_empty()))
+                .unwrap_or(false),
+            _ => true,
+        }
+    }
+}
+
+/// Path → the body of Pebble's last successful answer for it.
+type Seen = Mutex<HashMap<String, Vec<u8>>>;
 
 pub struct FaultyFront {
     port: u16,
@@ -48,15 +70,23 @@ impl FaultyFront {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");
         listener.set_nonblocking(true).expect("nonblocking");
         let faults = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Seen::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (f, s) = (faults.clone(), stop.clone());
         let thread = thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((tcp, _)) => {
-                        let (config, f, client, upstream) =
-                            (config.clone(), f.clone(), client.clone(), upstream.clone());
-                        thread::spawn(move || serve(tcp, config, &f, &client, &upstream, port));
+                        let (config, f, seen, client, upstream) = (
+                            config.clone(),
+                            f.clone(),
+                            seen.clone(),
+                            client.clone(),
+                            upstream.clone(),
+                        );
+                        thread::spawn(move || {
+                            serve(tcp, config, &f, &seen, &client, &upstream, port)
+                        });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -96,6 +126,7 @@ fn serve(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     faults: &Mutex<Vec<(String, Fault, usize)>>,
+    seen: &Seen,
     client: &certd::acme::AcmeHttp,
     upstream: &str,
     port: u16,
@@ -138,7 +169,7 @@ fn serve(
     let fault = {
         let mut list = faults.lock().expect("faults");
         list.iter_mut()
-            .find(|(p, _, left)| *left > 0 && path.contains(p.as_str()))
+            .find(|(p, fault, left)| *left > 0 && path.contains(p.as_str()) && fault.applies(&body))
             .map(|(_, fault, left)| {
                 *left -= 1;
                 *fault
@@ -153,7 +184,17 @@ fn serve(
         ),
         Some(Fault::ServerError) => (500, Vec::new(), Vec::new()),
         Some(Fault::WrongContentType) => (200, vec![("Content-Type".to_owned(), "text/plain".to_owned())], b"maintenance window".to_vec()),
-        None => forward(client, upstream, port, &method, &path, &content_type, body),
+        Some(Fault::IgnoreUpdate) => {
+            let last = seen.lock().expect("seen").get(&path).cloned();
+            (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], last.unwrap_or_default())
+        }
+        None => {
+            let answer = forward(client, upstream, port, &method, &path, &content_type, body);
+            if answer.0 == 200 {
+                seen.lock().expect("seen").insert(path.clone(), answer.2.clone());
+            }
+            answer
+        }
     };
     let mut out = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",

@@ -30,7 +30,7 @@ pub use self::{
     bind::Bind,
     ca::{
         assert_ca_status, ca_authz_objects, ca_authz_statuses, fetch_authz_as, ledger_authz,
-        ledger_authz_urls, ledger_events,
+        ledger_authz_urls, ledger_events, validate_outside_certd,
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
