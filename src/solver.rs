@@ -288,6 +288,9 @@ mod webroot {
     /// (which may itself be a link: the operator chose it), creating the
     /// two directories if `create`; neither may be a link.
     fn challenge_dir(root: &Path, create: bool) -> std::io::Result<OwnedFd> {
+        if create {
+            std::fs::create_dir_all(root)?;
+        }
         let mut dir = OwnedFd::from(std::fs::File::open(root)?);
         for part in CHALLENGE_DIR {
             let name = c_name(part)?;
