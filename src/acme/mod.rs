@@ -228,8 +228,9 @@ impl AcmeHttp {
             .timeout(Duration::from_secs(60))
             // ACME needs no redirects; following one would re-send a
             // signed request wherever the CA points, plain http included.
+            // (`send` refuses plain http URLs for ACME requests; `plain`
+            // stays usable for a local http endpoint.)
             .redirect(reqwest::redirect::Policy::none())
-            .https_only(true)
             .build()?;
         Ok(Self {
             inner: Arc::new(HttpInner {
