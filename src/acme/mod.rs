@@ -511,14 +511,12 @@ impl HttpInner {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.contains("json"));
         let mut expires = None;
-        if is_json {
-            if let Ok(shape) = serde_json::from_slice::<ObjectShape>(body) {
-                expires = shape
-                    .expires
-                    .as_deref()
-                    .and_then(crate::clock::parse_rfc3339);
-                self.learn_roles(&shape);
-            }
+        if is_json && let Ok(shape) = serde_json::from_slice::<ObjectShape>(body) {
+            expires = shape
+                .expires
+                .as_deref()
+                .and_then(crate::clock::parse_rfc3339);
+            self.learn_roles(&shape);
         }
         let observation = Observation {
             status: status.as_u16(),
