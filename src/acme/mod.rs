@@ -395,10 +395,12 @@ impl HttpInner {
                     |v| format!("{:?}", bounded(v, MAX_URL_LEN)),
                 );
             Err(format!(
-                "{url} answered {status}, a redirect to {to}; ACME needs no redirects and certd follows none"
+                "{} answered {status}, a redirect to {to}; ACME needs no redirects and certd follows none",
+                bounded(&url, MAX_URL_LEN)
             ))
         } else {
-            sanitize_headers(&mut headers).map_err(|e| format!("{url}: {e}"))
+            sanitize_headers(&mut headers)
+                .map_err(|e| format!("{}: {e}", bounded(&url, MAX_URL_LEN)))
         };
         if let Err(e) = checked {
             self.count(endpoint, status.as_str());
@@ -409,7 +411,11 @@ impl HttpInner {
             Err(e) => {
                 self.count(endpoint, "transport-error");
                 return Err(instant_acme::Error::Other(
-                    format!("reading the answer from {url}: {e}").into(),
+                    format!(
+                        "reading the answer from {}: {e}",
+                        bounded(&url, MAX_URL_LEN)
+                    )
+                    .into(),
                 ));
             }
         };
