@@ -234,108 +234,6 @@ const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
 /// Where http-01 files go below a webroot.
 const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 
-/// Runs blocking file-system calls off the runtime's worker threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(std::io::Error::other)?
-}
-
-/// Webroot files, created and removed relative to directories opened
-/// without following symbolic links, so neither the token nor a link
-/// planted in the webroot can point a write or an unlink elsewhere.
-mod webroot {
-    use super::*;
-
-    /// Writes `content` to `<root>/.well-known/acme-challenge/<token>`,
-    /// a new file (O_EXCL) that is never a link (O_NOFOLLOW).
-    pub(super) fn write(root: &Path, token: &Token, content: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        let dir = challenge_dir(root, true)?;
-        let name = c_name(token.as_str())?;
-        let flags =
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        let fd = match openat(&dir, &name, flags, 0o644) {
-            // Left by a run that died before its cleanup: the same token
-            // is being presented again. unlinkat removes the entry itself,
-            // never what a link there points to.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                unlinkat(&dir, &name)?;
-                openat(&dir, &name, flags, 0o644)?
-            }
-            other => other?,
-        };
-        let mut file = std::fs::File::from(fd);
-        file.write_all(content)?;
-        file.sync_all()
-    }
-
-    /// Removes the token's file; a missing file or directory is fine.
-    pub(super) fn remove(root: &Path, token: &Token) -> std::io::Result<()> {
-        let dir = match challenge_dir(root, false) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            other => other?,
-        };
-        match unlinkat(&dir, &c_name(token.as_str())?) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
-    }
-
-    /// Opens `.well-known/acme-challenge` below the operator's webroot
-    /// (which may itself be a link: the operator chose it), creating the
-    /// two directories if `create`; neither may be a link.
-    fn challenge_dir(root: &Path, create: bool) -> std::io::Result<OwnedFd> {
-        if create {
-            std::fs::create_dir_all(root)?;
-        }
-        let mut dir = OwnedFd::from(std::fs::File::open(root)?);
-        for part in CHALLENGE_DIR {
-            let name = c_name(part)?;
-            if create {
-                // SAFETY: `dir` is an open descriptor and `name` a
-                // NUL-terminated string that outlives the call.
-                let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
-                if rc != 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::AlreadyExists {
-                        return Err(e);
-                    }
-                }
-            }
-            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-            dir = openat(&dir, &name, flags, 0)?;
-        }
-        Ok(dir)
-    }
-
-    fn c_name(name: &str) -> std::io::Result<CString> {
-        CString::new(name).map_err(std::io::Error::other)
-    }
-
-    fn openat(dir: &OwnedFd, name: &CString, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
-        // SAFETY: `dir` is an open descriptor and `name` a NUL-terminated
-        // string that outlives the call; the mode is passed as the
-        // variadic argument openat reads when O_CREAT is set.
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: openat returned a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-
-    fn unlinkat(dir: &OwnedFd, name: &CString) -> std::io::Result<()> {
-        // SAFETY: as in `openat`; flag 0 unlinks a non-directory entry.
-        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
-
 /// http-01 through the standalone responder, a webroot, or both.
 pub struct Http01Solver {
     responder: Option<Http01Responder>,
@@ -469,6 +367,107 @@ impl Solver for Http01Solver {
             return false;
         };
         tokio::time::timeout(max, seen.notified()).await.is_ok()
+    }
+}
+
+/// Runs blocking file-system calls off the runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Webroot files, created and removed relative to directories opened
+/// without following symbolic links, so neither the token nor a link
+/// planted in the webroot can point a write or an unlink elsewhere.
+mod webroot {
+    use super::*;
+
+    /// Writes `content` to `<root>/.well-known/acme-challenge/<token>`,
+    /// a new file (O_EXCL) that is never a link (O_NOFOLLOW).
+    pub(super) fn write(root: &Path, token: &Token, content: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = challenge_dir(root, true)?;
+        let name = c_name(token.as_str())?;
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let fd = match openat(&dir, &name, flags, 0o644) {
+            // Left by a run that died before its cleanup: the same token
+            // is being presented again. unlinkat removes the entry itself,
+            // never what a link there points to.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                unlinkat(&dir, &name)?;
+                openat(&dir, &name, flags, 0o644)?
+            }
+            other => other?,
+        };
+        // No fsync: the file lives for one validation.
+        std::fs::File::from(fd).write_all(content)
+    }
+
+    /// Removes the token's file; a missing file or directory is fine.
+    pub(super) fn remove(root: &Path, token: &Token) -> std::io::Result<()> {
+        let dir = match challenge_dir(root, false) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        match unlinkat(&dir, &c_name(token.as_str())?) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Opens `.well-known/acme-challenge` below the operator's webroot
+    /// (which may itself be a link: the operator chose it), creating the
+    /// two directories if `create`; neither may be a link.
+    fn challenge_dir(root: &Path, create: bool) -> std::io::Result<OwnedFd> {
+        if create {
+            std::fs::create_dir_all(root)?;
+        }
+        let mut dir = OwnedFd::from(std::fs::File::open(root)?);
+        for part in CHALLENGE_DIR {
+            let name = c_name(part)?;
+            if create {
+                // SAFETY: `dir` is an open descriptor and `name` a
+                // NUL-terminated string that outlives the call.
+                let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
+                if rc != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::AlreadyExists {
+                        return Err(e);
+                    }
+                }
+            }
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            dir = openat(&dir, &name, flags, 0)?;
+        }
+        Ok(dir)
+    }
+
+    fn c_name(name: &str) -> std::io::Result<CString> {
+        CString::new(name).map_err(std::io::Error::other)
+    }
+
+    fn openat(dir: &OwnedFd, name: &CString, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
+        // SAFETY: `dir` is an open descriptor and `name` a NUL-terminated
+        // string that outlives the call; the mode is passed as the
+        // variadic argument openat reads when O_CREAT is set.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn unlinkat(dir: &OwnedFd, name: &CString) -> std::io::Result<()> {
+        // SAFETY: as in `openat`; flag 0 unlinks a non-directory entry.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
