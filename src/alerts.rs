@@ -7,6 +7,10 @@ use crate::config::NotifyConfig;
 use crate::install::run_command;
 use crate::store::Store;
 
+/// The most bytes of one value passed in the notify command's
+/// environment; longer values are cut with a marker.
+const MAX_ENV_VALUE: usize = 16 * 1024;
+
 /// What happened to one certificate's renewal.
 pub enum Outcome<'a> {
     /// The renewal failed; `failures` counts consecutive failures, this one
@@ -47,6 +51,10 @@ pub async fn after_renewal(
         _ => return,
     };
     let failures = failures.to_string();
+    // The error may quote the CA; one environment string over 128 KiB
+    // (MAX_ARG_STRLEN) makes exec fail with E2BIG and the alert is lost.
+    let detail = crate::acme::bounded(&detail, MAX_ENV_VALUE);
+    let domains = crate::acme::bounded(&domains, MAX_ENV_VALUE);
     let detail_key = if event == "renewal-failed" {
         "CERTD_ERROR"
     } else {
@@ -55,9 +63,9 @@ pub async fn after_renewal(
     let env: [(&str, &OsStr); 5] = [
         ("CERTD_EVENT", event.as_ref()),
         ("CERTD_NAME", name.as_ref()),
-        ("CERTD_DOMAINS", domains.as_ref()),
+        ("CERTD_DOMAINS", domains.as_ref().as_ref()),
         ("CERTD_FAILURES", failures.as_ref()),
-        (detail_key, detail.as_ref()),
+        (detail_key, detail.as_ref().as_ref()),
     ];
     let result = run_command(&cfg.command, &env, cfg.timeout).await;
     let kind = if result.ok {

@@ -577,7 +577,7 @@ async fn plan_challenges(
             solver,
             spec: ChallengeSpec {
                 identifier,
-                token: challenge.token.clone(),
+                token: crate::solver::Token::parse(&challenge.token)?,
                 key_authorization: key_auth.as_str().to_owned(),
                 dns_value: key_auth.dns_value(),
             },

@@ -5,8 +5,12 @@
 //! `cleanup` are symmetric and the driver calls `cleanup` on every path,
 //! including errors, so nothing is left behind in a webroot or a DNS zone.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::ffi::CString;
+use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,13 +30,69 @@ use crate::tinyhttp::{self, Response};
 mod tls_alpn;
 pub use tls_alpn::TlsAlpnSolver;
 
+/// A challenge token from the CA, checked once where it enters certd.
+///
+/// The token names a file in a webroot and a key in the responder's map, so
+/// it must be a plain name: RFC 8555 §8.1 makes it base64url (`[A-Za-z0-9_-]`)
+/// with at least 128 bits of entropy (22 characters). Anything else (`..`,
+/// `/`, an absolute path, a NUL) is a CA attacking the file system.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// 128 bits of entropy in base64url, rounded up.
+    const MIN_LEN: usize = 22;
+    /// Well under a file name's 255 bytes; CAs send 43.
+    const MAX_LEN: usize = 128;
+
+    pub fn parse(token: &str) -> Result<Self, SolverError> {
+        let reason = if token.len() < Self::MIN_LEN {
+            Some("shorter than 22 characters (128 bits)")
+        } else if token.len() > Self::MAX_LEN {
+            Some("longer than 128 characters")
+        } else if !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            Some("not base64url")
+        } else {
+            None
+        };
+        match reason {
+            None => Ok(Self(token.to_owned())),
+            Some(reason) => Err(SolverError::BadToken {
+                // Quoted and cut short: the value is the CA's, not ours.
+                token: format!("{:?}", token.chars().take(64).collect::<String>()),
+                reason,
+            }),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lets the responder look a request's path segment up without parsing it.
+impl Borrow<str> for Token {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// What a solver needs to know about one challenge.
 #[derive(Debug, Clone)]
 pub struct ChallengeSpec {
     /// The identifier as the authorization names it (`example.com`; a
     /// wildcard's authorization names the base domain).
     pub identifier: String,
-    pub token: String,
+    pub token: Token,
     /// `token.thumbprint`: served as-is for http-01.
     pub key_authorization: String,
     /// base64url(SHA-256(key authorization)): the TXT value for dns-01.
@@ -77,6 +137,8 @@ pub enum SolverError {
         #[source]
         source: Box<crate::dns::propagation::PropagationError>,
     },
+    #[error("the CA sent the challenge token {token}, which is {reason}; refusing to use it")]
+    BadToken { token: String, reason: &'static str },
     #[error("no solver is configured for {0}")]
     NotConfigured(ChallengeKind),
     #[error("tls-alpn-01: {0}")]
@@ -169,6 +231,8 @@ impl Solvers {
 // ---- http-01 -------------------------------------------------------------
 
 const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
+/// Where http-01 files go below a webroot.
+const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 
 /// http-01 through the standalone responder, a webroot, or both.
 pub struct Http01Solver {
@@ -186,8 +250,12 @@ impl Http01Solver {
         }
     }
 
-    fn webroot_file(root: &Path, token: &str) -> PathBuf {
-        root.join(".well-known/acme-challenge").join(token)
+    /// The file's path, for messages; files are reached through `webroot`.
+    fn webroot_file(root: &Path, token: &Token) -> PathBuf {
+        let mut path = root.to_path_buf();
+        path.extend(CHALLENGE_DIR);
+        path.push(token.as_str());
+        path
     }
 }
 
@@ -202,17 +270,14 @@ impl Solver for Http01Solver {
             r.add(&c.token, &c.key_authorization);
         }
         if let Some(root) = &self.webroot {
-            let path = Self::webroot_file(root, &c.token);
-            let err = |source| SolverError::Webroot {
-                path: path.clone(),
-                source,
-            };
-            if let Some(dir) = path.parent() {
-                tokio::fs::create_dir_all(dir).await.map_err(err)?;
-            }
-            tokio::fs::write(&path, c.key_authorization.as_bytes())
+            let (dir_root, token) = (root.clone(), c.token.clone());
+            let content = c.key_authorization.clone().into_bytes();
+            blocking(move || webroot::write(&dir_root, &token, &content))
                 .await
-                .map_err(err)?;
+                .map_err(|source| SolverError::Webroot {
+                    path: Self::webroot_file(root, &c.token),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -222,12 +287,13 @@ impl Solver for Http01Solver {
             r.remove(&c.token);
         }
         if let Some(root) = &self.webroot {
-            let path = Self::webroot_file(root, &c.token);
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(SolverError::Webroot { path, source }),
-            }
+            let (dir_root, token) = (root.clone(), c.token.clone());
+            blocking(move || webroot::remove(&dir_root, &token))
+                .await
+                .map_err(|source| SolverError::Webroot {
+                    path: Self::webroot_file(root, &c.token),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -304,11 +370,112 @@ impl Solver for Http01Solver {
     }
 }
 
+/// Runs blocking file-system calls off the runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Webroot files, created and removed relative to directories opened
+/// without following symbolic links, so neither the token nor a link
+/// planted in the webroot can point a write or an unlink elsewhere.
+mod webroot {
+    use super::*;
+
+    /// Writes `content` to `<root>/.well-known/acme-challenge/<token>`,
+    /// a new file (O_EXCL) that is never a link (O_NOFOLLOW).
+    pub(super) fn write(root: &Path, token: &Token, content: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = challenge_dir(root, true)?;
+        let name = c_name(token.as_str())?;
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let fd = match openat(&dir, &name, flags, 0o644) {
+            // Left by a run that died before its cleanup: the same token
+            // is being presented again. unlinkat removes the entry itself,
+            // never what a link there points to.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                unlinkat(&dir, &name)?;
+                openat(&dir, &name, flags, 0o644)?
+            }
+            other => other?,
+        };
+        // No fsync: the file lives for one validation.
+        std::fs::File::from(fd).write_all(content)
+    }
+
+    /// Removes the token's file; a missing file or directory is fine.
+    pub(super) fn remove(root: &Path, token: &Token) -> std::io::Result<()> {
+        let dir = match challenge_dir(root, false) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        match unlinkat(&dir, &c_name(token.as_str())?) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Opens `.well-known/acme-challenge` below the operator's webroot
+    /// (which may itself be a link: the operator chose it), creating the
+    /// two directories if `create`; neither may be a link.
+    fn challenge_dir(root: &Path, create: bool) -> std::io::Result<OwnedFd> {
+        if create {
+            std::fs::create_dir_all(root)?;
+        }
+        let mut dir = OwnedFd::from(std::fs::File::open(root)?);
+        for part in CHALLENGE_DIR {
+            let name = c_name(part)?;
+            if create {
+                // SAFETY: `dir` is an open descriptor and `name` a
+                // NUL-terminated string that outlives the call.
+                let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
+                if rc != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::AlreadyExists {
+                        return Err(e);
+                    }
+                }
+            }
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            dir = openat(&dir, &name, flags, 0)?;
+        }
+        Ok(dir)
+    }
+
+    fn c_name(name: &str) -> std::io::Result<CString> {
+        CString::new(name).map_err(std::io::Error::other)
+    }
+
+    fn openat(dir: &OwnedFd, name: &CString, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
+        // SAFETY: `dir` is an open descriptor and `name` a NUL-terminated
+        // string that outlives the call; the mode is passed as the
+        // variadic argument openat reads when O_CREAT is set.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn unlinkat(dir: &OwnedFd, name: &CString) -> std::io::Result<()> {
+        // SAFETY: as in `openat`; flag 0 unlinks a non-directory entry.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// One small HTTP server shared by all orders, answering
 /// `GET /.well-known/acme-challenge/<token>` from an in-memory map.
 #[derive(Clone)]
 pub struct Http01Responder {
-    tokens: Arc<Mutex<HashMap<String, TokenEntry>>>,
+    tokens: Arc<Mutex<HashMap<Token, TokenEntry>>>,
     addr: SocketAddr,
 }
 
@@ -347,9 +514,9 @@ impl Http01Responder {
         self.addr
     }
 
-    fn add(&self, token: &str, key_authorization: &str) {
+    fn add(&self, token: &Token, key_authorization: &str) {
         lock(&self.tokens).insert(
-            token.to_owned(),
+            token.clone(),
             TokenEntry {
                 key_authorization: key_authorization.to_owned(),
                 seen: Arc::new(Notify::new()),
@@ -357,11 +524,11 @@ impl Http01Responder {
         );
     }
 
-    fn remove(&self, token: &str) {
+    fn remove(&self, token: &Token) {
         lock(&self.tokens).remove(token);
     }
 
-    fn seen_signal(&self, token: &str) -> Option<Arc<Notify>> {
+    fn seen_signal(&self, token: &Token) -> Option<Arc<Notify>> {
         lock(&self.tokens).get(token).map(|e| e.seen.clone())
     }
 }
@@ -374,7 +541,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The answer to a request for `target`: the key authorization of a
 /// token in flight, else 404.
-fn answer(tokens: &Mutex<HashMap<String, TokenEntry>>, target: &str) -> Response {
+fn answer(tokens: &Mutex<HashMap<Token, TokenEntry>>, target: &str) -> Response {
     let entry = target
         .strip_prefix(WELL_KNOWN)
         .and_then(|token| lock(tokens).get(token).cloned());
@@ -482,7 +649,7 @@ mod tests {
     fn spec(token: &str) -> ChallengeSpec {
         ChallengeSpec {
             identifier: "a.example".into(),
-            token: token.into(),
+            token: Token::parse(token).expect("a valid token"),
             key_authorization: format!("{token}.thumb"),
             dns_value: "v".into(),
         }
@@ -510,20 +677,28 @@ mod tests {
             webroot: None,
             preflight: true,
         };
-        let c = spec("tok1");
+        let c = spec("tok1_aaaaaaaaaaaaaaaaaaaa");
         assert!(solver.preflight(&c).await.is_err(), "not presented yet");
         solver.present(&c).await.expect("present");
         solver
             .preflight(&c)
             .await
             .expect("pre-flight sees the token");
-        let rsp = get(r.local_addr(), "/.well-known/acme-challenge/tok1").await;
+        let rsp = get(
+            r.local_addr(),
+            "/.well-known/acme-challenge/tok1_aaaaaaaaaaaaaaaaaaaa",
+        )
+        .await;
         assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
-        assert!(rsp.ends_with("tok1.thumb"), "{rsp}");
+        assert!(rsp.ends_with("tok1_aaaaaaaaaaaaaaaaaaaa.thumb"), "{rsp}");
         assert!(solver.wait_fetched(&c, Duration::from_millis(10)).await);
 
         solver.cleanup(&c).await.expect("cleanup");
-        let rsp = get(r.local_addr(), "/.well-known/acme-challenge/tok1").await;
+        let rsp = get(
+            r.local_addr(),
+            "/.well-known/acme-challenge/tok1_aaaaaaaaaaaaaaaaaaaa",
+        )
+        .await;
         assert!(rsp.starts_with("HTTP/1.1 404"), "{rsp}");
         cancel.cancel();
         tracker.close();
@@ -538,12 +713,80 @@ mod tests {
             webroot: Some(dir.path().to_owned()),
             preflight: false,
         };
-        let c = spec("tok2");
+        let c = spec("tok2_aaaaaaaaaaaaaaaaaaaa");
         solver.present(&c).await.expect("present");
-        let file = dir.path().join(".well-known/acme-challenge/tok2");
-        assert_eq!(std::fs::read_to_string(&file).expect("read"), "tok2.thumb");
+        let file = dir
+            .path()
+            .join(".well-known/acme-challenge/tok2_aaaaaaaaaaaaaaaaaaaa");
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("read"),
+            "tok2_aaaaaaaaaaaaaaaaaaaa.thumb"
+        );
         solver.cleanup(&c).await.expect("cleanup");
         assert!(!file.exists());
         solver.cleanup(&c).await.expect("cleanup is idempotent");
+    }
+
+    #[test]
+    fn tokens_that_are_not_plain_base64url_are_refused() {
+        let ok = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+        assert_eq!(Token::parse(ok).expect("Pebble-style token").as_str(), ok);
+        for bad in [
+            "../../victim",
+            "/etc/passwd",
+            "aaaaaaaaaaaaaaaaaaaaaaaa/../../../victim",
+            "aaaaaaaaaaaaaaaaaaaaaaaa/b",
+            "aaaaaaaaaaaaaaaaaaaaaaaa\0",
+            "aaaaaaaaaaaaaaaaaaaaaaa.",
+            "short",
+            "",
+            &"a".repeat(129),
+        ] {
+            let e = Token::parse(bad).expect_err(bad);
+            assert!(e.to_string().contains("refusing"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn webroot_writes_never_follow_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").expect("victim");
+        let root = dir.path().join("www");
+        let challenges = root.join(".well-known/acme-challenge");
+        std::fs::create_dir_all(&challenges).expect("mkdir");
+        let solver = Http01Solver {
+            responder: None,
+            webroot: Some(root.clone()),
+            preflight: false,
+        };
+        // A link where the token's file goes is replaced, not written through.
+        let c = spec("linked_aaaaaaaaaaaaaaaaaaaa");
+        let file = challenges.join(c.token.as_str());
+        std::os::unix::fs::symlink(&victim, &file).expect("symlink");
+        solver.present(&c).await.expect("present");
+        assert!(!file.is_symlink());
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "precious"
+        );
+        solver.cleanup(&c).await.expect("cleanup");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "precious"
+        );
+
+        // A link in place of the challenge directory is refused.
+        std::fs::remove_dir(&challenges).expect("rmdir");
+        std::os::unix::fs::symlink(dir.path(), &challenges).expect("symlink");
+        let c = spec("victim_aaaaaaaaaaaaaaaaaaaa");
+        let target = dir.path().join(c.token.as_str());
+        std::fs::write(&target, "precious").expect("second victim");
+        assert!(solver.present(&c).await.is_err());
+        assert!(solver.cleanup(&c).await.is_err());
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("victim"),
+            "precious"
+        );
     }
 }

@@ -250,7 +250,7 @@ fn bad_ca_answers_are_clear_errors_and_lose_nothing() {
         ("/dir", Fault::WrongContentType, "malformed JSON"),
     ];
     for (path, fault, expected) in cases {
-        front.inject(path, fault, 1);
+        front.inject(path, fault.clone(), 1);
         let out = env.certd(&["renew", "--force"]);
         assert_eq!(out.code(), Some(1), "{path} {fault:?}: {out}");
         assert!(!out.stderr.contains("panicked"), "{out}");

@@ -10,7 +10,12 @@
 //!   extra round trip;
 //! - **observations** per URL of what instant-acme does not surface:
 //!   `Retry-After`, `Link: rel="up"`, and an object's `expires`;
-//! - request **counts** per endpoint, for the benchmarks and metrics.
+//! - request **counts** per endpoint, for the benchmarks and metrics;
+//! - **limits** on what the CA can make it read. The CA is untrusted input
+//!   (RFC 8555 lets a client check everything it uses): requests go to
+//!   https URLs only and redirects are not followed; bodies are read up to
+//!   a cap while they stream; the headers certd and instant-acme read are
+//!   bounded, and `Retry-After` is clamped before anyone sees it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -41,6 +46,32 @@ pub mod raw;
 mod trust;
 
 const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
+
+/// The largest JSON or problem body read from the CA. ACME objects are a
+/// few kB; an order for 100 names (the usual CA limit) with its
+/// authorization URLs is some 10 kB. 1 MiB leaves a hundredfold margin.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// The largest certificate chain read from the CA: a PEM chain with
+/// alternates is a few kB per certificate; 4 MiB bounds memory while
+/// no real chain comes near it.
+pub const MAX_CHAIN_BODY: usize = 4 << 20;
+/// Longer `Retry-After` values are ignored: an HTTP date is 29 characters,
+/// delay-seconds for a week 6.
+const MAX_RETRY_AFTER_LEN: usize = 64;
+/// `Retry-After` is clamped to this range (a CA asking for 0 s would get
+/// a request storm, one asking for years would silence renewals).
+pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longer URLs (Location, Link targets) are refused: CA URLs are short.
+const MAX_URL_LEN: usize = 2048;
+/// Other headers certd or instant-acme read (Content-Type, Link lists,
+/// Replay-Nonce) longer than this are dropped.
+const MAX_HEADER_LEN: usize = 4096;
+/// A problem's `detail` (and any text from the CA kept in the ledger, the
+/// log or the notify command's environment) is cut to this many bytes.
+pub const MAX_DETAIL: usize = 1024;
+/// At most this many subproblems are kept.
+const MAX_SUBPROBLEMS: usize = 32;
 
 /// instant-acme retries a request whose nonce the CA rejected three times;
 /// CAs under load reject more (Pebble's `PEBBLE_WFE_NONCEREJECT=50` rejects
@@ -195,6 +226,11 @@ impl AcmeHttp {
             .user_agent(USER_AGENT)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
+            // ACME needs no redirects; following one would re-send a
+            // signed request wherever the CA points, plain http included.
+            // (`send` refuses plain http URLs for ACME requests; `plain`
+            // stays usable for a local http endpoint.)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             inner: Arc::new(HttpInner {
@@ -315,6 +351,15 @@ impl HttpInner {
             Err(never) => match never {},
         };
         let url = parts.uri.to_string();
+        if parts.uri.scheme_str() != Some("https") {
+            return Err(instant_acme::Error::Other(
+                format!(
+                    "refusing to send a request to {}: certd talks to a CA over https only",
+                    bounded(&url, MAX_URL_LEN)
+                )
+                .into(),
+            ));
+        }
 
         // instant-acme only sends HEAD to fetch a fresh nonce.
         if parts.method == Method::HEAD
@@ -340,12 +385,38 @@ impl HttpInner {
         };
         let status = rsp.status();
         let version = rsp.version();
-        let headers = rsp.headers().clone();
-        let bytes = match rsp.bytes().await {
+        let mut headers = rsp.headers().clone();
+        let checked = if status.is_redirection() {
+            let to = headers
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(
+                    || "nowhere".to_owned(),
+                    |v| format!("{:?}", bounded(v, MAX_URL_LEN)),
+                );
+            Err(format!(
+                "{} answered {status}, a redirect to {to}; ACME needs no redirects and certd follows none",
+                bounded(&url, MAX_URL_LEN)
+            ))
+        } else {
+            sanitize_headers(&mut headers)
+                .map_err(|e| format!("{}: {e}", bounded(&url, MAX_URL_LEN)))
+        };
+        if let Err(e) = checked {
+            self.count(endpoint, status.as_str());
+            return Err(instant_acme::Error::Other(e.into()));
+        }
+        let bytes = match read_capped(rsp, body_limit(&headers)).await {
             Ok(b) => b,
             Err(e) => {
                 self.count(endpoint, "transport-error");
-                return Err(instant_acme::Error::Other(Box::new(e)));
+                return Err(instant_acme::Error::Other(
+                    format!(
+                        "reading the answer from {}: {e}",
+                        bounded(&url, MAX_URL_LEN)
+                    )
+                    .into(),
+                ));
             }
         };
         self.count(endpoint, status.as_str());
@@ -439,20 +510,19 @@ impl HttpInner {
             .get_all(LINK)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .find_map(|v| link_with_rel(v, "up"));
+            .find_map(|v| link_with_rel(v, "up"))
+            .filter(|u| https_url(u).is_ok());
         let is_json = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.contains("json"));
         let mut expires = None;
-        if is_json {
-            if let Ok(shape) = serde_json::from_slice::<ObjectShape>(body) {
-                expires = shape
-                    .expires
-                    .as_deref()
-                    .and_then(crate::clock::parse_rfc3339);
-                self.learn_roles(&shape);
-            }
+        if is_json && let Ok(shape) = serde_json::from_slice::<ObjectShape>(body) {
+            expires = shape
+                .expires
+                .as_deref()
+                .and_then(crate::clock::parse_rfc3339);
+            self.learn_roles(&shape);
         }
         let observation = Observation {
             status: status.as_u16(),
@@ -597,6 +667,118 @@ fn problem_for_error_page(status: StatusCode, headers: &HeaderMap, body: Bytes) 
     Bytes::from(problem.to_string())
 }
 
+/// Why a body was not read to its end.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the body is larger than {limit} bytes, the most certd reads from a CA")]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+}
+
+/// How much of a body certd reads: a certificate chain may be larger
+/// than any JSON object.
+fn body_limit(headers: &HeaderMap) -> usize {
+    let is_chain = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/pem-certificate-chain"));
+    if is_chain {
+        MAX_CHAIN_BODY
+    } else {
+        MAX_JSON_BODY
+    }
+}
+
+/// Reads a body as it streams, stopping as soon as it passes `limit`
+/// (a Content-Length above it is refused before any byte is read), so a
+/// CA cannot make certd hold more than `limit` bytes of one answer.
+async fn read_capped(mut rsp: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+    let too_large = BodyError::TooLarge { limit };
+    if rsp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = rsp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// Bounds the headers certd and instant-acme read before either looks at
+/// them: `Retry-After` is rewritten as clamped delay-seconds (instant-acme
+/// adds an unparsed value to the clock, which panics on overflow) or
+/// dropped; an overlong `Content-Type`, `Link` or a `Replay-Nonce` that is
+/// not base64url is dropped; a `Location` must be an https URL.
+fn sanitize_headers(headers: &mut HeaderMap) -> Result<(), String> {
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .map(|v| v.to_str().ok().and_then(parse_retry_after));
+    if let Some(parsed) = retry_after {
+        headers.remove(RETRY_AFTER);
+        if let Some(at) = parsed {
+            let secs = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(RETRY_AFTER_MIN)
+                .as_secs()
+                .max(RETRY_AFTER_MIN.as_secs());
+            headers.insert(RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+    }
+    let nonce_ok = |v: &http::HeaderValue| {
+        (1..=256).contains(&v.len())
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    };
+    if headers.get_all("replay-nonce").iter().any(|v| !nonce_ok(v)) {
+        headers.remove("replay-nonce");
+    }
+    for name in [CONTENT_TYPE, LINK] {
+        if headers
+            .get_all(&name)
+            .iter()
+            .any(|v| v.len() > MAX_HEADER_LEN)
+        {
+            headers.remove(&name);
+        }
+    }
+    for v in headers.get_all(http::header::LOCATION) {
+        let text = v.to_str().unwrap_or_default();
+        https_url(text).map_err(|e| format!("Location {:?}: {e}", bounded(text, 200)))?;
+    }
+    Ok(())
+}
+
+/// Checks that a URL from the CA is an absolute https URL of sane length.
+fn https_url(url: &str) -> Result<(), &'static str> {
+    if url.len() > MAX_URL_LEN {
+        return Err("longer than 2048 bytes");
+    }
+    match url.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err("not an https URL; certd talks to a CA over https only"),
+        Err(_) => Err("not a URL"),
+    }
+}
+
+/// `text`, cut at a character boundary to at most `max` bytes plus a
+/// marker saying how long it was: whatever the CA sent, what certd logs,
+/// stores or passes to a command stays bounded, and says it was cut.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [truncated, {} bytes in all]", &text[..end], text.len()).into()
+}
+
 fn synthetic_nonce_response(nonce: &str) -> BytesResponse {
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = StatusCode::OK;
@@ -609,15 +791,34 @@ fn synthetic_nonce_response(nonce: &str) -> BytesResponse {
     }
 }
 
-/// `Retry-After`: delay-seconds or an HTTP date.
+/// `Retry-After`: delay-seconds or an HTTP date, as an instant between
+/// `RETRY_AFTER_MIN` and `RETRY_AFTER_MAX` from now (clamping is logged).
+/// Values longer than any legitimate one are ignored unparsed.
 pub fn parse_retry_after(v: &str) -> Option<SystemTime> {
     let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(SystemTime::now() + Duration::from_secs(secs));
+    if v.is_empty() || v.len() > MAX_RETRY_AFTER_LEN {
+        return None;
     }
-    time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822)
-        .ok()
-        .map(SystemTime::from)
+    let now = SystemTime::now();
+    let delay = if v.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is "a very long time", not garbage.
+        Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        let at =
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+        SystemTime::from(at)
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    };
+    let clamped = delay.clamp(RETRY_AFTER_MIN, RETRY_AFTER_MAX);
+    if clamped != delay {
+        tracing::warn!(
+            retry_after = v,
+            used_secs = clamped.as_secs(),
+            "the CA's Retry-After is outside 1 s to 7 days; clamped"
+        );
+    }
+    now.checked_add(clamped)
 }
 
 /// Extracts the target of a `Link` header entry with the given relation.
@@ -803,9 +1004,18 @@ pub async fn roll_over_account(
 /// An RFC 7807 problem document, as the ledger stores it and `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProblemRecord {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "type",
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_bounded"
+    )]
     pub kind: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_bounded"
+    )]
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
@@ -817,25 +1027,52 @@ pub struct ProblemRecord {
 pub struct SubproblemRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identifier: Option<String>,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "type",
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_bounded"
+    )]
     pub kind: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_bounded"
+    )]
     pub detail: Option<String>,
 }
 
+/// A text field of a problem, cut to `MAX_DETAIL`.
+fn bounded_field(text: &Option<String>) -> Option<String> {
+    text.as_deref().map(|t| bounded(t, MAX_DETAIL).into_owned())
+}
+
+/// Deserializes a text field of a problem cut to `MAX_DETAIL`, for problem
+/// documents read straight from a body.
+fn deserialize_bounded<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(bounded_field(&Option::<String>::deserialize(d)?))
+}
+
 impl ProblemRecord {
+    /// The CA's problem, with its text bounded (`MAX_DETAIL` per field,
+    /// `MAX_SUBPROBLEMS` subproblems) before it reaches the ledger, the
+    /// log or the notify command.
     pub fn from_problem(p: &instant_acme::Problem) -> Self {
         Self {
-            kind: p.r#type.clone(),
-            detail: p.detail.clone(),
+            kind: bounded_field(&p.r#type),
+            detail: bounded_field(&p.detail),
             status: p.status,
             subproblems: p
                 .subproblems
                 .iter()
+                .take(MAX_SUBPROBLEMS)
                 .map(|s| SubproblemRecord {
-                    identifier: s.identifier.as_ref().map(identifier_string),
-                    kind: s.r#type.clone(),
-                    detail: s.detail.clone(),
+                    identifier: s
+                        .identifier
+                        .as_ref()
+                        .map(|i| bounded(&identifier_string(i), MAX_DETAIL).into_owned()),
+                    kind: bounded_field(&s.r#type),
+                    detail: bounded_field(&s.detail),
                 })
                 .collect(),
         }
@@ -894,6 +1131,21 @@ pub enum Disposition {
     Final,
 }
 
+/// The shortest pause a rate limit imposes on new orders, whatever the
+/// CA's `Retry-After` says: `Retry-After: 0` on a rate limit would
+/// otherwise be a loop of orders as fast as the CA answers.
+pub const RATE_LIMIT_MIN_PAUSE: Duration = Duration::from_secs(60);
+
+impl Disposition {
+    /// A rate limit until `until`, at least `RATE_LIMIT_MIN_PAUSE` from now.
+    pub fn rate_limited(until: Option<SystemTime>) -> Self {
+        let floor = SystemTime::now().checked_add(RATE_LIMIT_MIN_PAUSE);
+        Self::RateLimited {
+            until: until.map(|t| floor.map_or(t, |f| t.max(f))),
+        }
+    }
+}
+
 /// An error from talking to the CA, classified.
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -931,13 +1183,11 @@ impl AcmeError {
     pub fn from_problem(p: &instant_acme::Problem, retry_after: Option<SystemTime>) -> Self {
         let problem = ProblemRecord::from_problem(p);
         let disposition = match problem.short_type() {
-            "rateLimited" => Disposition::RateLimited { until: retry_after },
+            "rateLimited" => Disposition::rate_limited(retry_after),
             "badNonce" | "serverInternal" => Disposition::Retryable,
-            _ if p.status.is_some_and(|s| s == 429) => {
-                Disposition::RateLimited { until: retry_after }
-            }
+            _ if p.status.is_some_and(|s| s == 429) => Disposition::rate_limited(retry_after),
             _ if p.status.is_some_and(|s| s >= 500) => match retry_after {
-                Some(_) => Disposition::RateLimited { until: retry_after },
+                Some(_) => Disposition::rate_limited(retry_after),
                 None => Disposition::Retryable,
             },
             _ => Disposition::Final,
@@ -1069,6 +1319,116 @@ mod tests {
         assert!(parse_retry_after("soon").is_none());
     }
 
+    /// What a hostile CA sent: each is bounded, none panics or recurses.
+    #[test]
+    fn hostile_retry_after_is_clamped_or_ignored() {
+        let within = |v: &str, lo: Duration, hi: Duration| {
+            let now = SystemTime::now();
+            let t = parse_retry_after(v).unwrap_or_else(|| panic!("{v:?} ignored"));
+            let d = t.duration_since(now).unwrap_or_default();
+            let slack = Duration::from_secs(2);
+            assert!(d + slack >= lo && d <= hi + slack, "{v:?}: {d:?}");
+        };
+        within("18446744073709551615", RETRY_AFTER_MAX, RETRY_AFTER_MAX);
+        within(
+            "99999999999999999999999999",
+            RETRY_AFTER_MAX,
+            RETRY_AFTER_MAX,
+        );
+        within("0", RETRY_AFTER_MIN, RETRY_AFTER_MIN);
+        within(
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            RETRY_AFTER_MAX,
+            RETRY_AFTER_MAX,
+        );
+        assert!(parse_retry_after(&"(".repeat(300_000)).is_none());
+        assert!(parse_retry_after(&"9".repeat(300_000)).is_none());
+
+        // The header itself is rewritten for instant-acme, which adds it to
+        // the clock unchecked.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RETRY_AFTER,
+            http::HeaderValue::from_static("18446744073709551615"),
+        );
+        sanitize_headers(&mut headers).expect("sane");
+        let secs: u64 = headers[RETRY_AFTER]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("delay-seconds");
+        assert!((RETRY_AFTER_MAX.as_secs() - 5..=RETRY_AFTER_MAX.as_secs()).contains(&secs));
+        let garbage = "(".repeat(300_000);
+        headers.insert(
+            RETRY_AFTER,
+            http::HeaderValue::from_str(&garbage).expect("ascii"),
+        );
+        sanitize_headers(&mut headers).expect("sane");
+        assert!(headers.get(RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn a_rate_limit_of_zero_still_pauses() {
+        let Disposition::RateLimited { until: Some(until) } =
+            Disposition::rate_limited(parse_retry_after("0"))
+        else {
+            panic!("a rate limit with a time");
+        };
+        assert!(until >= SystemTime::now() + RATE_LIMIT_MIN_PAUSE - Duration::from_secs(5));
+    }
+
+    #[test]
+    fn only_https_locations_and_sane_nonces_pass() {
+        let check = |name: &'static str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, http::HeaderValue::from_str(value).expect("value"));
+            sanitize_headers(&mut headers).map(|()| headers.get(name).cloned())
+        };
+        assert!(check("location", "https://ca/order/1").is_ok());
+        let e = check("location", "http://ca:8080/order/1").expect_err("plain http");
+        assert!(e.contains("https only"), "{e}");
+        assert!(check("location", "/relative").is_err());
+        assert!(check("location", &format!("https://ca/{}", "a".repeat(3000))).is_err());
+        assert!(check("replay-nonce", "abc-_DEF").expect("ok").is_some());
+        assert!(check("replay-nonce", "a/b").expect("dropped").is_none());
+        assert!(
+            check("replay-nonce", &"a".repeat(300))
+                .expect("dropped")
+                .is_none()
+        );
+        assert!(
+            check("content-type", &"j".repeat(5000))
+                .expect("dropped")
+                .is_none()
+        );
+        assert_eq!(
+            link_with_rel(r#"<http://ca/authz/7>;rel="up""#, "up").filter(|u| https_url(u).is_ok()),
+            None
+        );
+    }
+
+    #[test]
+    fn problem_text_is_bounded() {
+        let huge = "x".repeat(5 << 20);
+        let body = serde_json::json!({
+            "type": "urn:ietf:params:acme:error:malformed",
+            "detail": huge,
+            "subproblems": (0..100).map(|_| serde_json::json!({"detail": huge})).collect::<Vec<_>>(),
+        });
+        let p: instant_acme::Problem = serde_json::from_value(body.clone()).expect("problem");
+        let record = ProblemRecord::from_problem(&p);
+        let detail = record.detail.as_deref().expect("detail");
+        assert!(detail.len() < MAX_DETAIL + 64, "{}", detail.len());
+        assert!(detail.ends_with(&format!("[truncated, {} bytes in all]", 5 << 20)));
+        assert_eq!(record.subproblems.len(), MAX_SUBPROBLEMS);
+        assert!(record.to_string().len() < (MAX_SUBPROBLEMS + 1) * (MAX_DETAIL + 200));
+        // Read straight from a body (as `raw` does), the same bound holds.
+        let direct: ProblemRecord = serde_json::from_value(body).expect("record");
+        assert_eq!(direct.detail, record.detail);
+        // Cut at a character boundary.
+        assert!(bounded(&"é".repeat(600), 5).starts_with("éé…"));
+    }
+
     #[test]
     fn problems_are_classified() {
         let p: instant_acme::Problem = serde_json::from_str(
@@ -1129,6 +1489,46 @@ mod tests {
                 let _ = parse_retry_after(&header);
                 let _ = link_with_rel(&header, "up");
                 let _ = crate::install::CertInfo::parse(&body);
+            }
+
+            /// Every header certd or instant-acme reads, with any value
+            /// (long runs of one character included): sanitizing and
+            /// observing never panic, and what survives is bounded.
+            #[test]
+            fn every_header_certd_reads_never_panics(
+                values in proptest::collection::vec(
+                    prop_oneof![
+                        "\\PC{0,80}",
+                        "[0-9]{1,40}",
+                        "[(<;,\"a-z0-9 ]{0,200}",
+                        (any::<char>(), 0..20_000usize).prop_map(|(c, n)| c.to_string().repeat(n)),
+                    ],
+                    6,
+                ),
+            ) {
+                let http = AcmeHttp::new(None).expect("client");
+                let mut headers = HeaderMap::new();
+                let names = [RETRY_AFTER, LINK, http::header::LOCATION, CONTENT_TYPE];
+                for (name, v) in names.iter().zip(&values) {
+                    if let Ok(v) = http::HeaderValue::from_str(v) {
+                        headers.insert(name.clone(), v);
+                    }
+                }
+                if let Ok(v) = http::HeaderValue::from_str(&values[4]) {
+                    headers.insert("replay-nonce", v);
+                }
+                let _ = parse_retry_after(&values[5]);
+                if sanitize_headers(&mut headers).is_ok() {
+                    if let Some(v) = headers.get(RETRY_AFTER) {
+                        let secs: u64 = v.to_str().expect("ascii").parse().expect("delay-seconds");
+                        prop_assert!((1..=RETRY_AFTER_MAX.as_secs()).contains(&secs));
+                    }
+                    for v in headers.values() {
+                        prop_assert!(v.len() <= MAX_HEADER_LEN);
+                    }
+                    http.inner.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::new());
+                    let _ = problem_for_error_page(StatusCode::BAD_GATEWAY, &headers, Bytes::new());
+                }
             }
 
             #[test]

@@ -268,7 +268,7 @@ fn problem_error(
     retry_after: Option<SystemTime>,
 ) -> AcmeError {
     let disposition = match (problem.short_type(), status.as_u16()) {
-        ("rateLimited", _) | (_, 429) => Disposition::RateLimited { until: retry_after },
+        ("rateLimited", _) | (_, 429) => Disposition::rate_limited(retry_after),
         ("badNonce" | "serverInternal", _) => Disposition::Retryable,
         (_, s) if s >= 500 => Disposition::Retryable,
         _ => Disposition::Final,

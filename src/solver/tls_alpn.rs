@@ -172,7 +172,7 @@ mod tests {
             .expect("start");
         let spec = ChallengeSpec {
             identifier: "a.example".into(),
-            token: "t".into(),
+            token: super::super::Token::parse("tttttttttttttttttttttt").expect("a valid token"),
             key_authorization: "t.thumb".into(),
             dns_value: String::new(),
         };

@@ -8,6 +8,11 @@
 //! requests itself (without forwarding them, so the CA never saw them) and
 //! passes everything else through. Pebble builds its URLs from the Host header,
 //! so every URL it hands out points back at the front.
+//!
+//! It also plays a malicious CA (no real server here is malicious, so this
+//! too is a test double): path-traversal challenge tokens, absurd
+//! `Retry-After` values, endless bodies, megabyte problem details and
+//! redirects to plain http, each what a security review sent certd.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,7 +25,7 @@ use std::time::Duration;
 use super::{Pebble, free_port};
 
 /// A bad answer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Fault {
     /// 200 with JSON cut off in the middle.
     TruncatedJson,
@@ -34,11 +39,22 @@ pub enum Fault {
     /// deactivation): 200 with the object as Pebble last sent it for that
     /// path, as a server does that accepts the request and ignores it.
     IgnoreUpdate,
+    /// Forwarded, with every challenge token in the answer replaced.
+    Token(String),
+    /// 429 `rateLimited` with this `Retry-After`.
+    RetryAfter(String),
+    /// 200 with a JSON content type and this many bytes of body, streamed
+    /// without a Content-Length until the reader hangs up.
+    EndlessBody(u64),
+    /// 400 `malformed` with a `detail` this many bytes long.
+    LongDetail(usize),
+    /// 307 to the same path over plain http on this port.
+    RedirectToHttp(u16),
 }
 
 impl Fault {
     /// Whether this fault answers a request with JSON body `body`.
-    fn applies(self, body: &[u8]) -> bool {
+    fn applies(&self, body: &[u8]) -> bool {
         match self {
             Fault::IgnoreUpdate => serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
@@ -111,6 +127,21 @@ impl FaultyFront {
             .expect("faults")
             .push((path.to_owned(), fault, times));
     }
+
+    /// How many of the injected faults have not been served yet.
+    pub fn left(&self) -> usize {
+        self.faults
+            .lock()
+            .expect("faults")
+            .iter()
+            .map(|(_, _, left)| left)
+            .sum()
+    }
+
+    /// Forgets the faults not served yet: the CA answers well again.
+    pub fn clear(&self) {
+        self.faults.lock().expect("faults").clear();
+    }
 }
 
 impl Drop for FaultyFront {
@@ -172,8 +203,21 @@ fn serve(
             .find(|(p, fault, left)| *left > 0 && path.contains(p.as_str()) && fault.applies(&body))
             .map(|(_, fault, left)| {
                 *left -= 1;
-                *fault
+                fault.clone()
             })
+    };
+    let problem = |status: u16, kind: &str, detail: &str, extra: Vec<(String, String)>| {
+        let body = serde_json::json!({
+            "type": format!("urn:ietf:params:acme:error:{kind}"),
+            "detail": detail,
+            "status": status,
+        });
+        let mut headers = vec![(
+            "Content-Type".to_owned(),
+            "application/problem+json".to_owned(),
+        )];
+        headers.extend(extra);
+        (status, headers, body.to_string().into_bytes())
     };
     let (status, headers, reply) = match fault {
         Some(Fault::TruncatedJson) => (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], b"{\"status\": \"val".to_vec()),
@@ -187,6 +231,27 @@ fn serve(
         Some(Fault::IgnoreUpdate) => {
             let last = seen.lock().expect("seen").get(&path).cloned();
             (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], last.unwrap_or_default())
+        }
+        Some(Fault::Token(token)) => {
+            let (status, headers, reply) =
+                forward(client, upstream, port, &method, &path, &content_type, body);
+            (status, headers, with_token(&reply, &token))
+        }
+        Some(Fault::RetryAfter(value)) => problem(
+            429,
+            "rateLimited",
+            "slow down",
+            vec![("Retry-After".to_owned(), value)],
+        ),
+        Some(Fault::LongDetail(len)) => problem(400, "malformed", &"d".repeat(len), Vec::new()),
+        Some(Fault::RedirectToHttp(to)) => (
+            307,
+            vec![("Location".to_owned(), format!("http://127.0.0.1:{to}{path}"))],
+            Vec::new(),
+        ),
+        Some(Fault::EndlessBody(len)) => {
+            endless(tls.get_mut(), len);
+            return;
         }
         None => {
             let answer = forward(client, upstream, port, &method, &path, &content_type, body);
@@ -208,6 +273,43 @@ fn serve(
     let _ = stream.write_all(out.as_bytes());
     let _ = stream.write_all(&reply);
     let _ = stream.flush();
+    stream.conn.send_close_notify();
+    let _ = stream.flush();
+}
+
+/// `json` with the `token` of every challenge in it (an authorization's
+/// or a challenge's own) replaced by `token`.
+fn with_token(json: &[u8], token: &str) -> Vec<u8> {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return json.to_vec();
+    };
+    if let Some(challenges) = value["challenges"].as_array_mut() {
+        for c in challenges {
+            c["token"] = token.into();
+        }
+    }
+    if value.get("token").is_some() {
+        value["token"] = token.into();
+    }
+    value.to_string().into_bytes()
+}
+
+/// Streams `len` bytes of JSON-ish whitespace, 64 KiB at a time, without
+/// holding them: stops when the reader hangs up.
+fn endless(stream: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, len: u64) {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{";
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let chunk = vec![b' '; 64 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        if stream.write_all(&chunk).is_err() {
+            return;
+        }
+        sent += chunk.len() as u64;
+    }
+    let _ = stream.write_all(b"}");
     stream.conn.send_close_notify();
     let _ = stream.flush();
 }
