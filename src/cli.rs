@@ -230,6 +230,14 @@ pub fn main() -> ExitCode {
     // Before anything opens a file: the listeners size their connection
     // limits from what is in force.
     crate::tinyhttp::raise_fd_limit();
+    // Whatever umask certd was started with (`umask 000`), nothing it or
+    // SQLite creates is writable by group or others; certd's own files get
+    // their exact modes on their descriptors besides.
+    // SAFETY: umask takes no pointers and cannot fail.
+    unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old | 0o022);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -304,7 +312,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::PolkitRule { units, user } = &cli.command
         && !units.is_empty()
     {
-        return Ok(polkit_rule(user, units.iter().map(|u| polkit::UnitName::parse(u))));
+        return Ok(polkit_rule(
+            user,
+            units.iter().map(|u| polkit::UnitName::parse(u)),
+        ));
     }
     let (cfg, prefetched) = match cli.command {
         Command::Status { .. } => status::load(&cli.config).await,

@@ -813,11 +813,10 @@ async fn certificate_key(
 ) -> Result<(KeyPair, String), DriveError> {
     if cert.reuse_key {
         let (dir, name) = (ctx.cert_dir.clone(), cert.name.as_str().to_owned());
-        let read = tokio::task::spawn_blocking(move || {
-            crate::install::read_reusable_key(&dir, &name)
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let read =
+            tokio::task::spawn_blocking(move || crate::install::read_reusable_key(&dir, &name))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let pem = read.unwrap_or_else(|e| {
             tracing::warn!(cert = %cert.name, error = %e, "installed key not reused; a new key");
             None

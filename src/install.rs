@@ -553,7 +553,9 @@ pub async fn run_command(
 pub fn tail(text: &str, max: usize) -> &str {
     let text = text.trim();
     let skip = text.chars().count().saturating_sub(max);
-    text.char_indices().nth(skip).map_or("", |(i, _)| &text[i..])
+    text.char_indices()
+        .nth(skip)
+        .map_or("", |(i, _)| &text[i..])
 }
 
 /// `PATH` of every program certd runs: the system's directories, not

@@ -444,10 +444,9 @@ impl Dns01Hook {
                     crate::install::tail(&stderr, 500)
                 )))
             }
-            ProgramEnd::TimedOut => Err(err(format!(
-                "timed out after {}s",
-                self.timeout.as_secs()
-            ))),
+            ProgramEnd::TimedOut => {
+                Err(err(format!("timed out after {}s", self.timeout.as_secs())))
+            }
             ProgramEnd::CannotRun(e) => Err(err(format!("cannot run: {e}"))),
         }
     }

@@ -94,7 +94,9 @@ impl Limits {
     /// three: http-01, tls-alpn-01, metrics), so well over half is always
     /// left for certd's own work; a quarter of that per source.
     pub fn for_fd_limit(nofile: u64) -> Self {
-        let total = usize::try_from(nofile / 8).unwrap_or(usize::MAX).clamp(16, 1024);
+        let total = usize::try_from(nofile / 8)
+            .unwrap_or(usize::MAX)
+            .clamp(16, 1024);
         Self {
             total,
             per_source: (total / 4).max(4),

@@ -33,8 +33,17 @@ impl UnitName {
             return Err(format!("{name:?} is not a systemd unit name"));
         }
         const TYPES: [&str; 11] = [
-            ".service", ".socket", ".target", ".device", ".mount", ".automount", ".swap",
-            ".timer", ".path", ".slice", ".scope",
+            ".service",
+            ".socket",
+            ".target",
+            ".device",
+            ".mount",
+            ".automount",
+            ".swap",
+            ".timer",
+            ".path",
+            ".slice",
+            ".scope",
         ];
         if TYPES.iter().any(|t| name.ends_with(t)) {
             Ok(Self(name.to_owned()))

@@ -88,18 +88,24 @@ impl TlsAlpnSolver {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         // Connection limits, idle eviction and accept back-off as for the
         // HTTP listeners. The ticket is held until the handshake is over.
-        tinyhttp::accept_loop(listener, "tls-alpn-01", tracker, cancel, move |stream, ticket| {
-            let acceptor = acceptor.clone();
-            async move {
-                // The CA only needs the handshake; close right after.
-                if let Ok(Ok(mut tls)) =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                {
-                    ticket.busy();
-                    let _ = tls.shutdown().await;
+        tinyhttp::accept_loop(
+            listener,
+            "tls-alpn-01",
+            tracker,
+            cancel,
+            move |stream, ticket| {
+                let acceptor = acceptor.clone();
+                async move {
+                    // The CA only needs the handshake; close right after.
+                    if let Ok(Ok(mut tls)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        ticket.busy();
+                        let _ = tls.shutdown().await;
+                    }
                 }
-            }
-        });
+            },
+        );
         tracing::debug!(%addr, "tls-alpn-01 responder listening");
         Ok(Self { certs })
     }
