@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -144,7 +145,7 @@ fn fd_limit() -> u64 {
 struct Admission {
     limits: Limits,
     conns: Mutex<BTreeMap<u64, Conn>>,
-    next: Mutex<u64>,
+    next: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -181,7 +182,7 @@ impl Admission {
         Self {
             limits,
             conns: Mutex::new(BTreeMap::new()),
-            next: Mutex::new(0),
+            next: AtomicU64::new(0),
         }
     }
 
@@ -202,11 +203,7 @@ impl Admission {
         } else if conns.len() >= self.limits.total {
             evict_oldest(&mut conns, |_| true)?;
         }
-        let id = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            *next += 1;
-            *next
-        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let evict = CancellationToken::new();
         conns.insert(
             id,
@@ -408,4 +405,65 @@ fn encode(r: &Response, head: bool) -> Vec<u8> {
         out.extend_from_slice(r.body.as_bytes());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_source_evicts_its_own_oldest_idle_connection() {
+        let admission = Arc::new(Admission::new(Limits {
+            total: 4,
+            per_source: 2,
+        }));
+        let flood: IpAddr = "192.0.2.1".parse().expect("ip");
+        let other: IpAddr = "2001:db8::1".parse().expect("ip");
+        let (first, first_evicted) = admission.admit(flood).expect("room");
+        let (second, second_evicted) = admission.admit(flood).expect("room");
+        second.busy();
+        // The source is full: its oldest idle connection makes room.
+        let (_third, _) = admission.admit(flood).expect("room");
+        assert!(first_evicted.is_cancelled());
+        assert!(!second_evicted.is_cancelled(), "busy: never evicted");
+        drop(first);
+        // The same /64 is one source.
+        let (_a, _) = admission.admit(other).expect("room");
+        let (_b, b_evicted) = admission
+            .admit("2001:db8::2".parse().expect("ip"))
+            .expect("room");
+        // Total full (4): the oldest idle anywhere goes.
+        let (_c, _) = admission
+            .admit("198.51.100.7".parse().expect("ip"))
+            .expect("room");
+        assert!(!b_evicted.is_cancelled());
+        assert_eq!(admission.lock().len(), 4);
+    }
+
+    #[test]
+    fn busy_connections_are_never_evicted() {
+        let admission = Arc::new(Admission::new(Limits {
+            total: 16,
+            per_source: 1,
+        }));
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let (answering, _) = admission.admit(ip).expect("room");
+        answering.busy();
+        assert!(admission.admit(ip).is_none(), "no idle one to evict");
+        drop(answering);
+        assert!(admission.admit(ip).is_some());
+    }
+
+    #[test]
+    fn limits_leave_most_descriptors_to_certd() {
+        assert_eq!(
+            Limits::for_fd_limit(1024),
+            Limits {
+                total: 128,
+                per_source: 32
+            }
+        );
+        assert_eq!(Limits::for_fd_limit(64).total, 16);
+        assert_eq!(Limits::for_fd_limit(1 << 20).total, 1024);
+    }
 }
