@@ -332,10 +332,9 @@ fn open_own_dir(dir: &Path) -> io::Result<File> {
 /// `mode` through its descriptor; refuses a directory certd does not own
 /// or a symlink in its place.
 pub fn ensure_own_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(mode & 0o700)
-        .create(dir)?;
+    // Parents get `mode` less the umask (a cert_dir's parents must stay
+    // traversable for web servers); the directory itself exactly `mode`.
+    DirBuilder::new().recursive(true).mode(mode).create(dir)?;
     let handle = open_own_dir(dir)?;
     if handle.metadata()?.mode() & 0o7777 != mode {
         handle.set_permissions(fs::Permissions::from_mode(mode))?;
