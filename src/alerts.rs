@@ -1,5 +1,8 @@
 //! Telling an operator when renewals keep failing, and when they recover:
-//! the `[notify] command`, run with the details in environment variables.
+//! the `[notify] command`, run with the details in environment variables:
+//! `CERTD_EVENT`, `CERTD_NAME`, `CERTD_DOMAINS`, `CERTD_FAILURES`, and
+//! `CERTD_ERROR` or `CERTD_NOT_AFTER`. Besides these it sees only `PATH` and
+//! `LANG`, and runs in its own process group (`install::run_program`).
 
 use std::ffi::OsStr;
 

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod polkit;
 mod status;
 
 use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
@@ -129,6 +130,16 @@ pub enum Command {
         #[arg(long)]
         no_renew: bool,
     },
+    /// Print the polkit rule that lets the certd user reload UNITs (default:
+    /// the units of the reload commands' `systemctl reload` and
+    /// `systemctl reload-or-try-restart`), and nothing else.
+    PolkitRule {
+        /// Units to allow (`nginx` means `nginx.service`).
+        units: Vec<String>,
+        /// The user certd runs as.
+        #[arg(long, default_value = "certd")]
+        user: String,
+    },
     /// Write the man pages and shell completions into DIR (packaging).
     #[command(hide = true)]
     GenerateAssets {
@@ -216,6 +227,17 @@ pub enum AuthzCommand {
 /// outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before anything opens a file: the listeners size their connection
+    // limits from what is in force.
+    crate::tinyhttp::raise_fd_limit();
+    // Whatever umask certd was started with (`umask 000`), nothing it or
+    // SQLite creates is writable by group or others; certd's own files get
+    // their exact modes on their descriptors besides.
+    // SAFETY: umask takes no pointers and cannot fail.
+    unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old | 0o022);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -230,7 +252,12 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("certd: {}", error_chain(e.as_ref()));
-            ExitCode::FAILURE
+            // Like a configuration error: nothing will work until fixed.
+            if e.downcast_ref::<UnsafeDir>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -282,6 +309,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         generate_assets(dir)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::PolkitRule { units, user } = &cli.command
+        && !units.is_empty()
+    {
+        return Ok(polkit_rule(
+            user,
+            units.iter().map(|u| polkit::UnitName::parse(u)),
+        ));
+    }
     let (cfg, prefetched) = match cli.command {
         Command::Status { .. } => status::load(&cli.config).await,
         _ => (Config::load(&cli.config), None),
@@ -298,6 +333,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => run_daemon(cfg).await,
         // Handled above, before a configuration is needed.
         Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
+        Command::PolkitRule { user, .. } => Ok(polkit_rule(
+            &user,
+            polkit::units_from_config(&cfg).into_iter().map(Ok),
+        )),
         Command::CheckConfig => Ok(check_config(&cfg)),
         Command::Renew { names, force } => renew(cfg, &names, force).await,
         Command::Status { json, check } => {
@@ -399,18 +438,73 @@ fn describe(c: &CertificateConfig) -> String {
     )
 }
 
-/// Creates the state and certificate directories with safe modes.
+fn polkit_rule(
+    user: &str,
+    units: impl Iterator<Item = Result<polkit::UnitName, String>>,
+) -> ExitCode {
+    match units.collect::<Result<Vec<_>, _>>() {
+        Ok(units) => {
+            if units.is_empty() {
+                eprintln!(
+                    "certd: no `systemctl reload UNIT` in the reload commands: the rule allows nothing"
+                );
+            }
+            write_stdout_all(&polkit::rule(user, &units));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("certd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A state or certificate directory certd must not use: another user owns
+/// it, or others can write to it and so plant or swap files in it (a key
+/// for `reuse_key`, a symlink where a certificate goes).
+#[derive(Debug, thiserror::Error)]
+#[error("{key} {path} {problem}; certd refuses to run until this is fixed")]
+pub struct UnsafeDir {
+    key: &'static str,
+    path: PathBuf,
+    problem: String,
+}
+
+/// Creates the state and certificate directories (0700 and 0755, whatever
+/// the umask) and checks that certd's user owns them and that neither
+/// group nor others can write to them.
 pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for (dir, mode) in [
-        (&cfg.storage.state_dir, 0o700),
-        (&cfg.storage.cert_dir, 0o755),
+    use std::os::unix::fs::MetadataExt;
+    for (key, dir, mode) in [
+        ("state_dir", &cfg.storage.state_dir, 0o700),
+        ("cert_dir", &cfg.storage.cert_dir, 0o755),
     ] {
         if !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+            install::ensure_own_dir(dir, mode)
+                .with_context(|| format!("cannot create {key} {}", dir.display()))?;
+        }
+        let meta = std::fs::metadata(dir).with_context(|| format!("{key} {}", dir.display()))?;
+        let unsafe_dir = |problem: String| UnsafeDir {
+            key,
+            path: dir.clone(),
+            problem,
+        };
+        let me = install::euid();
+        if meta.uid() != me {
+            return Err(unsafe_dir(format!(
+                "is owned by uid {}, not by certd's user (uid {me}): fix with `chown {me} {}`",
+                meta.uid(),
+                dir.display()
+            ))
+            .into());
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(unsafe_dir(format!(
+                "is writable by group or others (mode {:04o}): fix with `chmod go-w {}`",
+                meta.mode() & 0o7777,
+                dir.display()
+            ))
+            .into());
         }
     }
     Ok(())

@@ -812,8 +812,16 @@ async fn certificate_key(
     cert: &CertificateConfig,
 ) -> Result<(KeyPair, String), DriveError> {
     if cert.reuse_key {
-        let path = ctx.cert_dir.join(cert.name.as_str()).join("privkey.pem");
-        if let Ok(pem) = tokio::fs::read_to_string(&path).await {
+        let (dir, name) = (ctx.cert_dir.clone(), cert.name.as_str().to_owned());
+        let read =
+            tokio::task::spawn_blocking(move || crate::install::read_reusable_key(&dir, &name))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let pem = read.unwrap_or_else(|e| {
+            tracing::warn!(cert = %cert.name, error = %e, "installed key not reused; a new key");
+            None
+        });
+        if let Some(pem) = pem {
             match KeyPair::from_pem(&pem) {
                 Ok(key) if key_type_of(&key) == Some(cert.key_type) => return Ok((key, pem)),
                 Ok(_) => {

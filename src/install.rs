@@ -15,13 +15,29 @@
 //! file system) before the swap leaves the installed set untouched.
 //! `privkey.pem` is 0600. The two newest versions are kept so a broken
 //! certificate can be rolled back by hand.
+//!
+//! Every file and directory gets its final mode on an open descriptor
+//! (`fchmod`), never by path afterwards and never from the umask, and every
+//! directory certd writes into must be its own and writable by nobody else:
+//! a path-based `chmod` after creation races with whoever else can rename
+//! entries in the parent. The same checks guard reading a key back for
+//! `reuse_key`.
+//!
+//! Programs certd runs (reload and notify commands, dns-01 hooks) go through
+//! [`run_program`]: a process group of their own, a minimal environment, and
+//! a timeout that kills the whole group.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{ChildStderr, ChildStdout};
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -212,7 +228,9 @@ fn install_version(
 ) -> Result<(), InstallError> {
     let base = cert_dir.join(name);
     let versions = base.join("versions");
-    fs::create_dir_all(&versions).map_err(io_err(&versions))?;
+    for dir in [&base, &versions] {
+        ensure_own_dir(dir, 0o755).map_err(io_err(dir))?;
+    }
     let final_dir = versions.join(version);
     let tmp_dir = versions.join(format!(".{version}.tmp"));
     let result = write_version(&tmp_dir, issuance)
@@ -245,8 +263,12 @@ fn install_version(
 }
 
 fn write_version(dir: &Path, issuance: &Issuance) -> Result<(), InstallError> {
-    fs::create_dir(dir).map_err(io_err(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+    // Private while it is filled; 0755 (on the descriptor) once complete.
+    DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let handle = open_own_dir(dir).map_err(io_err(dir))?;
     for (file, contents, mode) in [
         ("cert.pem", &issuance.cert_pem, 0o644),
         ("chain.pem", &issuance.chain_pem, 0o644),
@@ -256,17 +278,146 @@ fn write_version(dir: &Path, issuance: &Issuance) -> Result<(), InstallError> {
         let path = dir.join(file);
         write_new_file(&path, contents.as_bytes(), mode).map_err(io_err(&path))?;
     }
-    sync_dir(dir)
+    handle
+        .set_permissions(fs::Permissions::from_mode(0o755))
+        .and_then(|()| handle.sync_all())
+        .map_err(io_err(dir))
 }
 
+/// Creates `path` (never following or replacing anything there) with
+/// exactly `mode`, whatever the umask: the mode is set on the descriptor.
 fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(mode)
+        .mode(mode & 0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
     f.write_all(contents)?;
     f.sync_all()
+}
+
+/// The effective user id certd runs as.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Opens `dir` without following a symlink and checks that certd owns it
+/// and nobody else can write to it, so entries certd creates there cannot
+/// be renamed or replaced behind its back.
+fn open_own_dir(dir: &Path) -> io::Result<File> {
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)?;
+    let meta = handle.metadata()?;
+    if meta.uid() != euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "owned by uid {}, not by certd's user (uid {}): fix with `chown {} {}`",
+                meta.uid(),
+                euid(),
+                euid(),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(handle)
+}
+
+/// Creates `dir` (and missing parents) if needed and gives it exactly
+/// `mode` through its descriptor; refuses a directory certd does not own
+/// or a symlink in its place.
+pub fn ensure_own_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    // Parents get `mode` less the umask (a cert_dir's parents must stay
+    // traversable for web servers); the directory itself exactly `mode`.
+    DirBuilder::new().recursive(true).mode(mode).create(dir)?;
+    let handle = open_own_dir(dir)?;
+    if handle.metadata()?.mode() & 0o7777 != mode {
+        handle.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Like [`open_own_dir`], and also refuses a directory others can write to.
+fn open_private_dir(dir: &Path) -> io::Result<File> {
+    let handle = open_own_dir(dir)?;
+    let mode = handle.metadata()?.mode();
+    if mode & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "writable by group or others (mode {:04o}): fix with `chmod go-w {}`",
+                mode & 0o7777,
+                dir.display()
+            ),
+        ));
+    }
+    Ok(handle)
+}
+
+/// The installed private key of `name`, for `reuse_key`; `None` if there
+/// is none. Read only through directories certd owns and nobody else can
+/// write, without following a symlink at the file, and only if the key
+/// file is certd's own and private: a key someone else could plant must
+/// never be certified. Blocking.
+pub fn read_reusable_key(cert_dir: &Path, name: &str) -> io::Result<Option<String>> {
+    let base = cert_dir.join(name);
+    let current = match fs::read_link(base.join("current")) {
+        Ok(target) => target,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // certd writes `current` as `versions/<version>`; anything else is not
+    // its own doing.
+    let parts: Vec<Component<'_>> = current.components().collect();
+    let version = match parts.as_slice() {
+        [Component::Normal(v), Component::Normal(ver)] if *v == "versions" => *ver,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} points to {}, not into versions/",
+                    base.join("current").display(),
+                    current.display()
+                ),
+            ));
+        }
+    };
+    for dir in [
+        cert_dir.to_owned(),
+        base.clone(),
+        base.join("versions"),
+        base.join("versions").join(version),
+    ] {
+        open_private_dir(&dir).map_err(|e| annotate(&dir, e))?;
+    }
+    let path = base.join("versions").join(version).join("privkey.pem");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| annotate(&path, e))?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.uid() != euid() || meta.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private (0600) file of certd's user",
+                path.display()
+            ),
+        ));
+    }
+    let mut pem = String::new();
+    file.read_to_string(&mut pem)?;
+    Ok(Some(pem))
+}
+
+fn annotate(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), InstallError> {
@@ -326,8 +477,11 @@ pub fn installed(cert_dir: &Path, name: &str) -> Option<CertInfo> {
 
 /// Writes a secret (an account key, say) to `path` with mode 0600, atomically.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.is_dir()
+    {
+        ensure_own_dir(dir, 0o700)?;
     }
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
@@ -368,39 +522,207 @@ pub async fn run_reloads(
 /// returns the exit status and the tail of its output.
 pub async fn run_command(
     command: &str,
-    env: &[(&str, &std::ffi::OsStr)],
+    env: &[(&str, &OsStr)],
     timeout: Duration,
 ) -> ReloadOutcome {
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let (ok, detail) = match tokio::time::timeout(timeout, cmd.output()).await {
-        Err(_) => (false, format!("timed out after {}s", timeout.as_secs())),
-        Ok(Err(e)) => (false, format!("cannot run: {e}")),
-        Ok(Ok(o)) => {
-            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&o.stderr));
-            let text = text.trim();
-            let tail: String = text
-                .chars()
-                .rev()
-                .take(1000)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            (o.status.success(), format!("{}: {tail}", o.status))
+    let run = run_program(
+        Path::new("/bin/sh"),
+        &[OsStr::new("-c"), OsStr::new(command)],
+        env,
+        timeout,
+    )
+    .await;
+    let (ok, detail) = match run.end {
+        ProgramEnd::TimedOut => (false, format!("timed out after {}s", timeout.as_secs())),
+        ProgramEnd::CannotRun(e) => (false, format!("cannot run: {e}")),
+        ProgramEnd::Exited(status) => {
+            let mut text = String::from_utf8_lossy(&run.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&run.stderr));
+            (status.success(), format!("{status}: {}", tail(&text, 1000)))
         }
     };
     ReloadOutcome {
         command: command.to_owned(),
         ok,
         detail,
+    }
+}
+
+/// The last `max` characters of `text`, trimmed.
+pub fn tail(text: &str, max: usize) -> &str {
+    let text = text.trim();
+    let skip = text.chars().count().saturating_sub(max);
+    text.char_indices()
+        .nth(skip)
+        .map_or("", |(i, _)| &text[i..])
+}
+
+/// `PATH` of every program certd runs: the system's directories, not
+/// whatever certd itself was started with.
+pub const PROGRAM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How much of each output stream is kept (the end of it).
+const OUTPUT_KEEP: usize = 64 * 1024;
+
+/// How a program certd ran ended.
+#[derive(Debug)]
+pub enum ProgramEnd {
+    Exited(ExitStatus),
+    /// It ran past its timeout; its whole process group was killed.
+    TimedOut,
+    CannotRun(io::Error),
+}
+
+/// A program's end and the tail of what it wrote.
+#[derive(Debug)]
+pub struct ProgramRun {
+    pub end: ProgramEnd,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `program` with `args` in a process group of its own and a minimal
+/// environment: `PATH` ([`PROGRAM_PATH`]), `LANG=C.UTF-8` and `env` (the
+/// `CERTD_*` variables), nothing of certd's own. Past `timeout`, or if
+/// this future is dropped (certd stops), the whole group is killed, so a
+/// program's children do not outlive it. Once the program itself exits,
+/// what its pipes hold is read and it is done: a child it left running in
+/// the background may keep them open for as long as it likes.
+pub async fn run_program(
+    program: &Path,
+    args: &[&OsStr],
+    env: &[(&str, &OsStr)],
+    timeout: Duration,
+) -> ProgramRun {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", PROGRAM_PATH)
+        .env("LANG", "C.UTF-8")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return ProgramRun {
+                end: ProgramEnd::CannotRun(e),
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            };
+        }
+    };
+    let mut group = GroupKiller(child.id());
+    let mut out = Output::new(child.stdout.take().map(Pipe::Out));
+    let mut err = Output::new(child.stderr.take().map(Pipe::Err));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let end = loop {
+        tokio::select! {
+            status = child.wait() => break match status {
+                Ok(status) => ProgramEnd::Exited(status),
+                Err(e) => ProgramEnd::CannotRun(e),
+            },
+            () = out.read_some() => {}
+            () = err.read_some() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                group.kill();
+                // SIGKILL cannot be ignored: the leader is gone at once.
+                let _ = child.wait().await;
+                break ProgramEnd::TimedOut;
+            }
+        }
+    };
+    // The leader is reaped; what is left of the group (a command's own
+    // background job) is the operator's business, unless we timed out.
+    group.0 = None;
+    ProgramRun {
+        end,
+        stdout: out.finish(),
+        stderr: err.finish(),
+    }
+}
+
+/// Kills a program's process group when dropped, unless disarmed (`None`).
+struct GroupKiller(Option<u32>);
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(pid) = self.0.take().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill takes no pointers. The leader is not reaped yet,
+            // so its pid still names this group and no other.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+enum Pipe {
+    Out(ChildStdout),
+    Err(ChildStderr),
+}
+
+/// One output stream of a program, read while it runs.
+struct Output {
+    pipe: Option<Pipe>,
+    data: Vec<u8>,
+}
+
+impl Output {
+    fn new(pipe: Option<Pipe>) -> Self {
+        Self {
+            pipe,
+            data: Vec::new(),
+        }
+    }
+
+    /// Reads what is there; never completes once the pipe is at its end.
+    async fn read_some(&mut self) {
+        let mut chunk = [0u8; 4096];
+        let n = match &mut self.pipe {
+            Some(Pipe::Out(p)) => p.read(&mut chunk).await,
+            Some(Pipe::Err(p)) => p.read(&mut chunk).await,
+            None => std::future::pending().await,
+        };
+        match n {
+            Ok(n) if n > 0 => self.keep(&chunk[..n]),
+            _ => self.pipe = None,
+        }
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        self.data.extend_from_slice(bytes);
+        let excess = self.data.len().saturating_sub(OUTPUT_KEEP);
+        self.data.drain(..excess);
+    }
+
+    /// Takes what the pipe holds right now without waiting for its end.
+    /// A duplicate descriptor shares the pipe's non-blocking mode (tokio's
+    /// own conversion to a `File` would make it blocking), so `WouldBlock`
+    /// means nothing more yet.
+    fn finish(mut self) -> Vec<u8> {
+        let fd: Option<io::Result<OwnedFd>> = match &self.pipe {
+            Some(Pipe::Out(p)) => Some(p.as_fd().try_clone_to_owned()),
+            Some(Pipe::Err(p)) => Some(p.as_fd().try_clone_to_owned()),
+            None => None,
+        };
+        if let Some(Ok(fd)) = fd {
+            let mut file = File::from(fd);
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = file.read(&mut chunk) {
+                self.keep(&chunk[..n]);
+            }
+        }
+        self.data
     }
 }
 

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config};
 use crate::dns::propagation::PropagationCheck;
 use crate::dns::rfc2136::Rfc2136Solver;
+use crate::install::ProgramEnd;
 use crate::tinyhttp::{self, Response};
 
 mod tls_alpn;
@@ -561,7 +562,8 @@ fn answer(tokens: &Mutex<HashMap<Token, TokenEntry>>, target: &str) -> Response 
 
 /// dns-01 through an operator's program: `hook present` and `hook cleanup`,
 /// with the record in `CERTD_DNS_RECORD`, the TXT value in `CERTD_DNS_VALUE`
-/// and the domain in `CERTD_DOMAIN`. The hook must add (not replace) the
+/// and the domain in `CERTD_DOMAIN` (and only `PATH` and `LANG` besides:
+/// `install::run_program`). The hook must add (not replace) the
 /// value on present and remove only that value on cleanup: a name and its
 /// wildcard share one record name.
 pub struct Dns01Hook {
@@ -587,32 +589,33 @@ impl Dns01Hook {
             record: record.clone(),
             detail,
         };
-        let child = tokio::process::Command::new(&self.hook)
-            .arg(action)
-            .env("CERTD_DNS_RECORD", &record)
-            .env("CERTD_DNS_VALUE", &c.dns_value)
-            .env("CERTD_DOMAIN", &c.identifier)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(self.timeout, child)
-            .await
-            .map_err(|_| err(format!("timed out after {}s", self.timeout.as_secs())))?
-            .map_err(|e| err(format!("cannot run: {e}")))?;
-        if out.status.success() {
-            return Ok(());
+        // Its own process group and a minimal environment, like every
+        // program certd runs (`install::run_program`).
+        let run = crate::install::run_program(
+            &self.hook,
+            &[action.as_ref()],
+            &[
+                ("CERTD_DNS_RECORD", record.as_ref()),
+                ("CERTD_DNS_VALUE", c.dns_value.as_ref()),
+                ("CERTD_DOMAIN", c.identifier.as_ref()),
+            ],
+            self.timeout,
+        )
+        .await;
+        match run.end {
+            ProgramEnd::Exited(status) if status.success() => Ok(()),
+            ProgramEnd::Exited(status) => {
+                let stderr = String::from_utf8_lossy(&run.stderr);
+                Err(err(format!(
+                    "exited with {status}: {}",
+                    crate::install::tail(&stderr, 500)
+                )))
+            }
+            ProgramEnd::TimedOut => {
+                Err(err(format!("timed out after {}s", self.timeout.as_secs())))
+            }
+            ProgramEnd::CannotRun(e) => Err(err(format!("cannot run: {e}"))),
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr
-            .trim()
-            .chars()
-            .rev()
-            .take(500)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        Err(err(format!("exited with {}: {tail}", out.status)))
     }
 }
 

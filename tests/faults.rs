@@ -143,7 +143,14 @@ impl TinyDisk {
     fn mount(path: &std::path::Path, size: &str) -> TinyDisk {
         fs::create_dir_all(path).expect("mount point");
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            // tmpfs is 1777 by default, which certd refuses as a cert_dir.
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(path)
             .status()
             .expect("run mount");

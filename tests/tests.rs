@@ -14,6 +14,7 @@ mod dns01;
 mod faults;
 mod harness;
 mod hostile_ca;
+mod hostile_local;
 mod issuance;
 mod ops;
 mod reaper;

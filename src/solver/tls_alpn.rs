@@ -25,9 +25,10 @@ use tokio_util::task::TaskTracker;
 
 use super::{ChallengeSpec, Solver, SolverError};
 use crate::config::ChallengeKind;
+use crate::tinyhttp;
 
 const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The certificates for names with a challenge in flight.
 #[derive(Default)]
@@ -85,32 +86,26 @@ impl TlsAlpnSolver {
         .with_cert_resolver(certs.clone());
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let cancel = cancel.clone();
-        let conns = tracker.clone();
-        tracker.spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    () = cancel.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "tls-alpn-01 responder accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
+        // Connection limits, idle eviction and accept back-off as for the
+        // HTTP listeners. The ticket is held until the handshake is over.
+        tinyhttp::accept_loop(
+            listener,
+            "tls-alpn-01",
+            tracker,
+            cancel,
+            move |stream, ticket| {
                 let acceptor = acceptor.clone();
-                conns.spawn(async move {
+                async move {
                     // The CA only needs the handshake; close right after.
                     if let Ok(Ok(mut tls)) =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
+                        ticket.busy();
                         let _ = tls.shutdown().await;
                     }
-                });
-            }
-        });
+                }
+            },
+        );
         tracing::debug!(%addr, "tls-alpn-01 responder listening");
         Ok(Self { certs })
     }

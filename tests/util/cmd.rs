@@ -82,6 +82,41 @@ impl TestCommand {
         self
     }
 
+    /// Starts certd with `RLIMIT_NOFILE` at `n`, soft and hard, as
+    /// `ulimit -n n` before `exec` would.
+    pub fn fd_limit(&mut self, n: u64) -> &mut TestCommand {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs between fork and exec and only calls
+        // setrlimit, which is async-signal-safe, on a stack value.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
+    /// Starts certd with `mask` as its umask.
+    pub fn umask(&mut self, mask: u32) -> &mut TestCommand {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs between fork and exec and only calls
+        // umask, which is async-signal-safe and cannot fail.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                libc::umask(mask);
+                Ok(())
+            });
+        }
+        self
+    }
+
     /// Overrides the 120 s limit after which certd is killed and the test
     /// fails (for `output()`, `Daemon::wait` and `Daemon::terminate`).
     pub fn timeout(&mut self, timeout: Duration) -> &mut TestCommand {
