@@ -605,6 +605,26 @@ fn read_tsig_secret(path: &Path) -> Result<Secret, String> {
     Ok(Secret(secret))
 }
 
+/// Decodes a base64url EAB HMAC key. The error names what is wrong, never
+/// the offending character or its offset: either would leak the secret.
+fn decode_eab_key(path: &Path, text: &str) -> Result<Secret, String> {
+    use base64::{DecodeError, Engine};
+    let why = match base64::prelude::BASE64_URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')) {
+        Ok(key) if key.is_empty() => "is empty",
+        Ok(key) => return Ok(Secret(key)),
+        Err(DecodeError::InvalidByte(..)) => {
+            "holds a character outside the base64url alphabet (A-Z a-z 0-9 - _)"
+        }
+        Err(DecodeError::InvalidLength(_)) => "has a length no base64url text has",
+        Err(DecodeError::InvalidLastSymbol(..)) => "does not end as base64url text does",
+        Err(DecodeError::InvalidPadding) => "has misplaced '=' padding",
+    };
+    Err(format!(
+        "{}: not a base64url HMAC key: the file {why} (its content is not shown: it is a secret)",
+        path.display()
+    ))
+}
+
 /// A configuration error, located in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -1053,19 +1073,14 @@ impl Validator<'_> {
             (None, None) => None,
             (Some(kid), Some(file)) => {
                 let path = resolve(file.get_ref());
-                let key = read_secret_file(&path).and_then(|text| {
-                    use base64::Engine;
-                    base64::prelude::BASE64_URL_SAFE_NO_PAD
-                        .decode(text.trim_end_matches('='))
-                        .map_err(|e| format!("{}: not a base64url HMAC key: {e}", path.display()))
-                });
+                let key = read_secret_file(&path).and_then(|text| decode_eab_key(&path, &text));
                 let key = key.map_err(|m| {
                     self.at
                         .error(file.span(), Some("acme.eab_hmac_key_file".into()), m)
                 })?;
                 Some(Eab {
                     kid: kid.get_ref().clone(),
-                    hmac_key: Secret(key),
+                    hmac_key: key,
                 })
             }
             (Some(kid), None) => {
@@ -1810,6 +1825,49 @@ domains = ["Example.COM", "www.example.com."]"#,
 
     // Fuzzing: whatever the file holds, parsing ends in a config or an
     // error that names a line, never a panic.
+    /// A malformed EAB key is reported without any of its characters or
+    /// their offsets (the base64 decoder's own message quotes both).
+    #[test]
+    fn malformed_eab_key_is_not_echoed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("eab.key");
+        // Each bad key breaks base64url differently: a foreign character,
+        // an impossible length, stray bits in the last symbol, padding.
+        for secret in ["s3cr!tQZ", "s3crQ", "s3v", "s3=crtQZ"] {
+            std::fs::write(&path, secret).expect("write key");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            let text = BASE.replace(
+                "contact = [",
+                &format!(
+                    "eab_kid = \"kid-1\"\neab_hmac_key_file = \"{}\"\ncontact = [",
+                    path.display()
+                ),
+            );
+            let message = match parse(&text) {
+                Err(ConfigError::Invalid { key, message, .. }) => {
+                    assert_eq!(key, "acme.eab_hmac_key_file", "{message}");
+                    message
+                }
+                other => panic!("{secret}: expected an error, got {other:?}"),
+            };
+            assert!(message.contains("not a base64url HMAC key"), "{message}");
+            let shown = message.replace(&path.display().to_string(), "");
+            for c in secret
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '!')
+            {
+                assert!(
+                    !shown.contains(&format!("{}", c as u32)),
+                    "{secret}: {message}"
+                );
+            }
+            assert!(!shown.contains("s3"), "{secret}: {message}");
+            assert!(!shown.contains('!'), "{secret}: {message}");
+            assert!(!shown.contains("offset"), "{secret}: {message}");
+        }
+    }
+
     mod fuzz {
         use proptest::prelude::*;
 
