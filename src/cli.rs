@@ -499,6 +499,7 @@ async fn renew_due(
             reaper,
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
             renew_remaining: cfg.daemon.renew_remaining,
+            trusted_roots: cfg.acme.trusted_roots.clone(),
         })
     };
     let ctx = match setup.await {

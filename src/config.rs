@@ -20,6 +20,8 @@ use reqwest::Url;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::install::TrustedRoots;
+
 /// Where `certd` looks for its configuration when neither `--config` nor
 /// `$CERTD_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/certd/config.toml";
@@ -92,6 +94,8 @@ pub struct AcmeConfig {
     pub ca_bundle: Option<PathBuf>,
     /// External Account Binding, for CAs that require it.
     pub eab: Option<Eab>,
+    /// The roots issued chains must lead to (`trusted_roots`), if named.
+    pub trusted_roots: Option<TrustedRoots>,
 }
 
 /// An External Account Binding (RFC 8555 §7.3.4): the CA's key id and
@@ -1098,11 +1102,19 @@ impl Validator<'_> {
                 ));
             }
         };
+        let trusted_roots = match raw.trusted_roots {
+            None => None,
+            Some(p) => Some(TrustedRoots::load(&resolve(p.get_ref())).map_err(|m| {
+                self.at
+                    .error(p.span(), Some("acme.trusted_roots".into()), m)
+            })?),
+        };
         Ok(AcmeConfig {
             directory,
             contact,
             ca_bundle,
             eab,
+            trusted_roots,
         })
     }
 
@@ -1378,6 +1390,7 @@ mod raw {
         pub ca_bundle: Option<Spanned<String>>,
         pub eab_kid: Option<Spanned<String>>,
         pub eab_hmac_key_file: Option<Spanned<String>>,
+        pub trusted_roots: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]

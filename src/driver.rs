@@ -35,7 +35,7 @@ use crate::acme::{
 };
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, ChallengeKind, KeyType};
-use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};
+use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
 use crate::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers};
 use crate::store::{NewAuthz, Store, StoreError};
@@ -72,6 +72,8 @@ pub struct Context {
     pub cert_dir: Arc<Path>,
     /// Renew when this fraction of the lifetime remains.
     pub renew_remaining: f64,
+    /// `[acme] trusted_roots`: issued chains must lead to one of them.
+    pub trusted_roots: Option<TrustedRoots>,
 }
 
 /// A certificate the driver installed.
@@ -409,7 +411,13 @@ async fn run_order(
         .map_err(|e| acme_error(ctx, &order_url, e))?;
     let chain = download(ctx, order, cancel).await?;
 
-    let issuance = Issuance::new(&chain, key_pem, &key.subject_public_key_info(), domains)?;
+    let issuance = Issuance::new(
+        &chain,
+        key_pem,
+        &key.subject_public_key_info(),
+        domains,
+        ctx.trusted_roots.as_ref(),
+    )?;
     let info = issuance.info.clone();
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
