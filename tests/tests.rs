@@ -13,6 +13,7 @@ mod daemon;
 mod dns01;
 mod faults;
 mod harness;
+mod hostile_verify;
 mod issuance;
 mod ops;
 mod reaper;
