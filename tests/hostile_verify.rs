@@ -401,6 +401,13 @@ fn ca_text_is_escaped_for_terminals_and_logs() {
     env.write_config(&format!(
         "{DAEMON}\n[[certificate]]\nname = \"e\"\ndomains = [\"e.example.test\"]\n"
     ));
+    // The notify command records the error it is given.
+    let notified = env.dir().join("notified");
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&format!(
+        "{config}\n[notify]\ncommand = \"printf '%s' \\\"$CERTD_ERROR\\\" > '{}'\"\nafter_failures = 1\n",
+        notified.display()
+    ));
     let front = FaultyFront::start(&env.pebble);
     route_through(&env, &front);
     let detail = "\x1b[31mred\nCERTD OK: 1 certificate(s) valid";
@@ -416,6 +423,9 @@ fn ca_text_is_escaped_for_terminals_and_logs() {
         );
     }
     assert!(out.stdout.contains(escaped), "{out}");
+    let error = fs::read_to_string(&notified).expect("the notify command ran");
+    assert!(error.contains(escaped), "{error:?}");
+    assert!(!error.contains(['\x1b', '\n']), "{error:?}");
 
     let table = env.certd(&["status"]);
     assert!(!table.stdout.contains('\x1b'), "{table}");
