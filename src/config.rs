@@ -1838,6 +1838,24 @@ domains = ["Example.COM", "www.example.com."]"#,
 
     // Fuzzing: whatever the file holds, parsing ends in a config or an
     // error that names a line, never a panic.
+    #[test]
+    fn trusted_roots_must_be_a_readable_pem_file() {
+        let text = BASE.replace(
+            "contact = [",
+            "trusted_roots = \"/nonexistent/roots.pem\"\ncontact = [",
+        );
+        expect_error(&text, 4, "acme.trusted_roots", "cannot read");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("roots.pem");
+        std::fs::write(&path, "not PEM").expect("write");
+        let text = BASE.replace(
+            "contact = [",
+            &format!("trusted_roots = \"{}\"\ncontact = [", path.display()),
+        );
+        expect_error(&text, 4, "acme.trusted_roots", "no PEM certificate");
+        assert!(parse(BASE).expect("valid").acme.trusted_roots.is_none());
+    }
+
     /// A malformed EAB key is reported without any of its characters or
     /// their offsets (the base64 decoder's own message quotes both).
     #[test]
