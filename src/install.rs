@@ -39,6 +39,10 @@ use crate::clock::{UnixTime, rfc3339};
 
 pub const FILES: [&str; 4] = ["cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"];
 const KEEP_VERSIONS: usize = 2;
+/// How far the CA's clock may run ahead of ours: a certificate valid from
+/// a moment from now is taken (CAs rarely backdate). It also refuses one
+/// that expires within this margin, which would be useless anyway.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -235,8 +239,8 @@ impl TrustedRoots {
 /// Checks the chain the CA issued (`certs`, leaf first) as a TLS client
 /// would, before it may replace a working certificate:
 ///
-/// - the leaf is valid at `now`, is not a CA, and carries the serverAuth
-///   extended key usage;
+/// - the leaf is valid at `now` (give or take `CLOCK_SKEW`), is not a CA,
+///   and carries the serverAuth extended key usage;
 /// - every certificate is issued by the one after it (RFC 8555 section 9.1),
 ///   each of those is a CA, and each signature verifies (rustls-webpki's
 ///   RFC 5280 path validation: validity, basic constraints, EKU and name
@@ -260,6 +264,7 @@ pub fn verify_chain(
     let ([leaf, issuers @ ..], [leaf_der, issuer_ders @ ..]) = (parsed.as_slice(), certs) else {
         return Err("no certificate in the response".into());
     };
+    let now = now.plus(CLOCK_SKEW);
     check_leaf(leaf, now)?;
     if issuer_ders.is_empty() && roots.is_none() {
         return Err(

@@ -29,8 +29,8 @@ pub use tls_alpn::TlsAlpnSolver;
 /// What a solver needs to know about one challenge.
 #[derive(Debug, Clone)]
 pub struct ChallengeSpec {
-    /// The identifier as the authorization names it (`example.com`; a
-    /// wildcard's authorization names the base domain).
+    /// The configured name the authorization is for (`example.com`, or
+    /// `*.example.com` for a wildcard's), never the CA's text.
     pub identifier: String,
     pub token: String,
     /// `token.thumbprint`: served as-is for http-01.
