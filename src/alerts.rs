@@ -40,9 +40,13 @@ pub async fn after_renewal(
     let Some(cfg) = cfg else { return };
     let domains = domains.join(",");
     let (event, failures, detail) = match outcome {
-        Outcome::Failed { failures, error } if failures >= cfg.after_failures => {
-            ("renewal-failed", failures, error.to_owned())
-        }
+        // The error often quotes the CA: no control character of it
+        // reaches the command (a mail header, a shell script's line).
+        Outcome::Failed { failures, error } if failures >= cfg.after_failures => (
+            "renewal-failed",
+            failures,
+            crate::cli::escape_control(error).into_owned(),
+        ),
         Outcome::Succeeded {
             previous_failures,
             not_after,

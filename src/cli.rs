@@ -4,7 +4,15 @@
 //!
 //! Exit codes: 0 success, 1 a certificate (or authorization) operation
 //! failed, 2 the configuration or the command line is wrong.
+//!
+//! Every human-readable output (tables, messages, log lines) passes text
+//! through `escape_control`: much of it comes from the CA (problem details,
+//! identifiers, URLs), and a CA must not be able to forge a line of
+//! `status --check` or of the log, or drive the terminal with escape
+//! sequences. JSON outputs are exact; serde escapes them.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,15 +42,122 @@ use crate::solver::Solvers;
 use crate::store::{OrderRow, Store};
 
 /// `println!` that ends the process quietly when standard output is a
-/// closed pipe (`certd status | head -1`), as Unix tools do.
+/// closed pipe (`certd status | head -1`), as Unix tools do, and escapes
+/// control characters: one call, one line.
 macro_rules! outln {
     ($($arg:tt)*) => {
         write_stdout(&format!($($arg)*))
     };
 }
 
+/// `eprintln!` with control characters escaped: one call, one line.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        eprintln!("{}", escape_control(&format!($($arg)*)))
+    };
+}
+
 fn write_stdout(line: &str) {
-    write_stdout_all(&format!("{line}\n"));
+    write_stdout_all(&format!("{}\n", escape_control(line)));
+}
+
+/// `s` with its control characters escaped (`\n`, `\x1b`, `\u{202e}`),
+/// for terminals and line-based logs; borrowed when there are none.
+pub(crate) fn escape_control(s: &str) -> Cow<'_, str> {
+    // Printable ASCII, nearly always: a byte scan (`status` runs this on
+    // every cell of 10,000 rows).
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    // Writing to a String cannot fail.
+    let _ = fmt::Write::write_str(&mut EscapeControl(&mut out), s);
+    Cow::Owned(out)
+}
+
+/// C0 and C1 controls and DEL (a terminal acts on them; a newline forges a
+/// line), and the bidirectional overrides that make text read other than
+/// it is.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A `fmt::Write` that escapes control characters on their way to `W`.
+struct EscapeControl<W>(W);
+
+impl<W: fmt::Write> fmt::Write for EscapeControl<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
+            self.0.write_str(&rest[..i])?;
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c if u32::from(c) < 0x100 => write!(self.0, "\\x{:02x}", u32::from(c))?,
+                c => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            rest = &rest[i + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+/// The text log's field formatter: the default's layout (`message`, then
+/// `name=value`), with control characters escaped. Values logged with `%`
+/// are written with their `Display`, raw, by the default formatter; a CA's
+/// problem detail with a newline would forge a second log line.
+struct EscapedFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = EscapedVisitor {
+            out: EscapeControl(writer),
+            separate: false,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapedVisitor<W> {
+    out: EscapeControl<W>,
+    separate: bool,
+    result: fmt::Result,
+}
+
+impl<W: fmt::Write> tracing::field::Visit for EscapedVisitor<W> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        // As the default: a message as written, other strings quoted.
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        use fmt::Write as _;
+        if self.result.is_err() {
+            return;
+        }
+        let sep = if self.separate { " " } else { "" };
+        self.separate = true;
+        self.result = match field.name() {
+            "message" => write!(self.out, "{sep}{value:?}"),
+            name => write!(
+                self.out,
+                "{sep}{}={value:?}",
+                name.strip_prefix("r#").unwrap_or(name)
+            ),
+        };
+    }
 }
 
 /// Writes `text` to stdout in one go. A closed pipe (`certd status | head`)
@@ -251,7 +366,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("certd: {}", error_chain(e.as_ref()));
+            errln!("certd: {}", error_chain(e.as_ref()));
             // Like a configuration error: nothing will work until fixed.
             if e.downcast_ref::<UnsafeDir>().is_some() {
                 ExitCode::from(2)
@@ -296,8 +411,10 @@ fn init_logging(format: LogFormat, level: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     match (format, journald) {
         (LogFormat::Json, _) => registry.with(fmt.json()).init(),
-        (LogFormat::Text, true) => registry.with(fmt.without_time()).init(),
-        (LogFormat::Text, false) => registry.with(fmt).init(),
+        (LogFormat::Text, true) => registry
+            .with(fmt.fmt_fields(EscapedFields).without_time())
+            .init(),
+        (LogFormat::Text, false) => registry.with(fmt.fmt_fields(EscapedFields)).init(),
     }
     if let Some((spec, e)) = unparsable {
         tracing::warn!(rust_log = %spec, error = %e, "RUST_LOG ignored: not a list of target=level directives");
@@ -324,6 +441,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = match cfg {
         Ok(cfg) => cfg,
         Err(e) => {
+            // The operator's own file: its messages (with a TOML
+            // excerpt) keep their lines.
             eprintln!("certd: {e}");
             return Ok(ExitCode::from(2));
         }
@@ -512,7 +631,7 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
 
 async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<ExitCode> {
     if let Some(unknown) = names.iter().find(|n| cfg.certificate(n).is_none()) {
-        eprintln!(
+        errln!(
             "certd: no certificate named {unknown:?} in {}",
             cfg.path.display()
         );
@@ -593,6 +712,7 @@ async fn renew_due(
             reaper,
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
             renew_remaining: cfg.daemon.renew_remaining,
+            trusted_roots: cfg.acme.trusted_roots.clone(),
         })
     };
     let ctx = match setup.await {
@@ -793,7 +913,7 @@ async fn reap(
                     )
                     .await?;
             }
-            eprintln!("certd: reaper pass failed: {msg}");
+            errln!("certd: reaper pass failed: {msg}");
             store.close().await;
             return Ok(ExitCode::FAILURE);
         }
@@ -861,13 +981,13 @@ async fn authz_deactivate(
     ignore_budget: bool,
 ) -> anyhow::Result<ExitCode> {
     if urls.is_empty() && !all_pending {
-        eprintln!("certd: name authorization or challenge URLs, or use --all-pending");
+        errln!("certd: name authorization or challenge URLs, or use --all-pending");
         return Ok(ExitCode::from(2));
     }
     ensure_dirs(cfg)?;
     let store = Store::open(&cfg.db_path()).await?;
     let Some(reaper) = existing_account(cfg, &store).await? else {
-        eprintln!(
+        errln!(
             "certd: no ACME account for {} in {}: certd created no authorizations there",
             cfg.acme.directory,
             cfg.storage.state_dir.display()
@@ -965,7 +1085,7 @@ async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Store, AcmeAcco
     match existing_account(cfg, &store).await? {
         Some(reaper) => Ok(Some((store, reaper.account().clone()))),
         None => {
-            eprintln!(
+            errln!(
                 "certd: no ACME account for {} in {} yet (`certd renew` creates it)",
                 cfg.acme.directory,
                 cfg.storage.state_dir.display()
@@ -1015,7 +1135,7 @@ async fn account_rollover(cfg: &Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!(
+            errln!(
                 "certd: key rollover failed, the old key stays in use: {}",
                 error_chain(&e)
             );
@@ -1031,7 +1151,7 @@ async fn revoke(
     no_renew: bool,
 ) -> anyhow::Result<ExitCode> {
     if cfg.certificate(name).is_none() {
-        eprintln!(
+        errln!(
             "certd: no certificate named {name:?} in {}",
             cfg.path.display()
         );
@@ -1044,7 +1164,7 @@ async fn revoke(
     {
         Some(Ok(der)) => der,
         _ => {
-            eprintln!(
+            errln!(
                 "certd: {}: no installed certificate to revoke",
                 pem_path.display()
             );
@@ -1061,7 +1181,7 @@ async fn revoke(
     };
     if let Err(e) = crate::acme::with_nonce_retry(|| account.account.revoke(&request)).await {
         let e = AcmeError::from(e);
-        eprintln!(
+        errln!(
             "certd: {name}: the CA refused the revocation of serial {}: {e}",
             info.serial
         );
@@ -1109,7 +1229,8 @@ async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Res
         None => Vec::new(),
     };
     if json {
-        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        // Exact: serde escapes what needs it, and the lines are JSON's own.
+        write_stdout_all(&format!("{}\n", serde_json::to_string_pretty(&rows)?));
         return Ok(ExitCode::SUCCESS);
     }
     let mut table = vec![
@@ -1157,20 +1278,21 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
     write_stdout_all(&out);
 }
 
-/// Appends rows as left-aligned columns to `out`, one line each.
+/// Appends rows as left-aligned columns to `out`, one line each, every cell
+/// with its control characters escaped.
 fn push_table<const N: usize>(out: &mut String, rows: &[[impl AsRef<str>; N]]) {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.as_ref().chars().count());
+            *w = (*w).max(escape_control(cell.as_ref()).chars().count());
         }
     }
     out.reserve(rows.len() * (widths.iter().sum::<usize>() + 2 * N + 1));
     for row in rows {
         let line_start = out.len();
         for (i, cell) in row.iter().enumerate() {
-            let cell = cell.as_ref();
-            out.push_str(cell);
+            let cell = escape_control(cell.as_ref());
+            out.push_str(&cell);
             if i + 1 < N {
                 let pad = widths[i] - cell.chars().count() + 2;
                 out.extend(std::iter::repeat_n(' ', pad));
@@ -1180,5 +1302,78 @@ fn push_table<const N: usize>(out: &mut String, rows: &[[impl AsRef<str>; N]]) {
         let kept = out[line_start..].trim_end().len();
         out.truncate(line_start + kept);
         out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert!(matches!(escape_control("a.example ok"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_control("\x1b[31mred\nCERTD OK: forged\r\t\0\x7f\u{9b}\u{202e}é"),
+            "\\x1b[31mred\\nCERTD OK: forged\\r\\t\\x00\\x7f\\x9b\\u{202e}é"
+        );
+    }
+
+    #[test]
+    fn tables_escape_every_cell() {
+        let mut out = String::new();
+        push_table(&mut out, &[["a\nb", "\x1b[2J"], ["c", "d"]]);
+        assert_eq!(out, "a\\nb  \\x1b[2J\nc     d\n");
+    }
+
+    /// A log writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_cannot_be_forged() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(EscapedFields)
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .without_time(),
+        );
+        let detail = "\x1b[31mbad\nWARN certd: forged";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(detail = %detail, quoted = detail, n = 3, "renewal failed: {detail}");
+        });
+        let text = String::from_utf8(captured.0.lock().expect("log").clone()).expect("UTF-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            text.contains("renewal failed: \\x1b[31mbad\\nWARN certd: forged"),
+            "{text}"
+        );
+        assert!(
+            text.contains("detail=\\x1b[31mbad\\nWARN certd: forged"),
+            "{text}"
+        );
+        assert!(text.contains("quoted=\"\\u{1b}[31mbad\\nWARN"), "{text}");
+        assert!(text.contains(" n=3"), "{text}");
     }
 }

@@ -20,6 +20,8 @@ use reqwest::Url;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::install::TrustedRoots;
+
 /// Where `certd` looks for its configuration when neither `--config` nor
 /// `$CERTD_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/certd/config.toml";
@@ -92,6 +94,8 @@ pub struct AcmeConfig {
     pub ca_bundle: Option<PathBuf>,
     /// External Account Binding, for CAs that require it.
     pub eab: Option<Eab>,
+    /// The roots issued chains must lead to (`trusted_roots`), if named.
+    pub trusted_roots: Option<TrustedRoots>,
 }
 
 /// An External Account Binding (RFC 8555 §7.3.4): the CA's key id and
@@ -605,6 +609,26 @@ fn read_tsig_secret(path: &Path) -> Result<Secret, String> {
     Ok(Secret(secret))
 }
 
+/// Decodes a base64url EAB HMAC key. The error names what is wrong, never
+/// the offending character or its offset: either would leak the secret.
+fn decode_eab_key(path: &Path, text: &str) -> Result<Secret, String> {
+    use base64::{DecodeError, Engine};
+    let why = match base64::prelude::BASE64_URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')) {
+        Ok(key) if key.is_empty() => "is empty",
+        Ok(key) => return Ok(Secret(key)),
+        Err(DecodeError::InvalidByte(..)) => {
+            "holds a character outside the base64url alphabet (A-Z a-z 0-9 - _)"
+        }
+        Err(DecodeError::InvalidLength(_)) => "has a length no base64url text has",
+        Err(DecodeError::InvalidLastSymbol(..)) => "does not end as base64url text does",
+        Err(DecodeError::InvalidPadding) => "has misplaced '=' padding",
+    };
+    Err(format!(
+        "{}: not a base64url HMAC key: the file {why} (its content is not shown: it is a secret)",
+        path.display()
+    ))
+}
+
 /// A configuration error, located in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -1053,19 +1077,14 @@ impl Validator<'_> {
             (None, None) => None,
             (Some(kid), Some(file)) => {
                 let path = resolve(file.get_ref());
-                let key = read_secret_file(&path).and_then(|text| {
-                    use base64::Engine;
-                    base64::prelude::BASE64_URL_SAFE_NO_PAD
-                        .decode(text.trim_end_matches('='))
-                        .map_err(|e| format!("{}: not a base64url HMAC key: {e}", path.display()))
-                });
+                let key = read_secret_file(&path).and_then(|text| decode_eab_key(&path, &text));
                 let key = key.map_err(|m| {
                     self.at
                         .error(file.span(), Some("acme.eab_hmac_key_file".into()), m)
                 })?;
                 Some(Eab {
                     kid: kid.get_ref().clone(),
-                    hmac_key: Secret(key),
+                    hmac_key: key,
                 })
             }
             (Some(kid), None) => {
@@ -1083,11 +1102,19 @@ impl Validator<'_> {
                 ));
             }
         };
+        let trusted_roots = match raw.trusted_roots {
+            None => None,
+            Some(p) => Some(TrustedRoots::load(&resolve(p.get_ref())).map_err(|m| {
+                self.at
+                    .error(p.span(), Some("acme.trusted_roots".into()), m)
+            })?),
+        };
         Ok(AcmeConfig {
             directory,
             contact,
             ca_bundle,
             eab,
+            trusted_roots,
         })
     }
 
@@ -1363,6 +1390,7 @@ mod raw {
         pub ca_bundle: Option<Spanned<String>>,
         pub eab_kid: Option<Spanned<String>>,
         pub eab_hmac_key_file: Option<Spanned<String>>,
+        pub trusted_roots: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -1810,6 +1838,67 @@ domains = ["Example.COM", "www.example.com."]"#,
 
     // Fuzzing: whatever the file holds, parsing ends in a config or an
     // error that names a line, never a panic.
+    #[test]
+    fn trusted_roots_must_be_a_readable_pem_file() {
+        let text = BASE.replace(
+            "contact = [",
+            "trusted_roots = \"/nonexistent/roots.pem\"\ncontact = [",
+        );
+        expect_error(&text, 4, "acme.trusted_roots", "cannot read");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("roots.pem");
+        std::fs::write(&path, "not PEM").expect("write");
+        let text = BASE.replace(
+            "contact = [",
+            &format!("trusted_roots = \"{}\"\ncontact = [", path.display()),
+        );
+        expect_error(&text, 4, "acme.trusted_roots", "no PEM certificate");
+        assert!(parse(BASE).expect("valid").acme.trusted_roots.is_none());
+    }
+
+    /// A malformed EAB key is reported without any of its characters or
+    /// their offsets (the base64 decoder's own message quotes both).
+    #[test]
+    fn malformed_eab_key_is_not_echoed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("eab.key");
+        // Each bad key breaks base64url differently: a foreign character,
+        // an impossible length, stray bits in the last symbol, padding.
+        for secret in ["s3cr!tQZ", "s3crQ", "s3v", "s3=crtQZ"] {
+            std::fs::write(&path, secret).expect("write key");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            let text = BASE.replace(
+                "contact = [",
+                &format!(
+                    "eab_kid = \"kid-1\"\neab_hmac_key_file = \"{}\"\ncontact = [",
+                    path.display()
+                ),
+            );
+            let message = match parse(&text) {
+                Err(ConfigError::Invalid { key, message, .. }) => {
+                    assert_eq!(key, "acme.eab_hmac_key_file", "{message}");
+                    message
+                }
+                other => panic!("{secret}: expected an error, got {other:?}"),
+            };
+            assert!(message.contains("not a base64url HMAC key"), "{message}");
+            let shown = message.replace(&path.display().to_string(), "");
+            for c in secret
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '!')
+            {
+                assert!(
+                    !shown.contains(&format!("{}", c as u32)),
+                    "{secret}: {message}"
+                );
+            }
+            assert!(!shown.contains("s3"), "{secret}: {message}");
+            assert!(!shown.contains('!'), "{secret}: {message}");
+            assert!(!shown.contains("offset"), "{secret}: {message}");
+        }
+    }
+
     mod fuzz {
         use proptest::prelude::*;
 

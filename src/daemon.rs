@@ -63,6 +63,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         reaper: reaper.clone(),
         cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
         renew_remaining: cfg.daemon.renew_remaining,
+        trusted_roots: cfg.acme.trusted_roots.clone(),
     };
 
     if let Some(addr) = cfg.metrics_listen {

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use instant_acme::{
-    AuthorizationStatus, ChallengeStatus, ChallengeType, Identifier, NewOrder, Order, OrderStatus,
+    AuthorizationStatus, AuthorizedIdentifier, ChallengeStatus, ChallengeType, Identifier,
+    NewOrder, Order, OrderStatus,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +35,7 @@ use crate::acme::{
 };
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, ChallengeKind, KeyType};
-use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};
+use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
 use crate::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers};
 use crate::store::{NewAuthz, Store, StoreError};
@@ -71,6 +72,8 @@ pub struct Context {
     pub cert_dir: Arc<Path>,
     /// Renew when this fraction of the lifetime remains.
     pub renew_remaining: f64,
+    /// `[acme] trusted_roots`: issued chains must lead to one of them.
+    pub trusted_roots: Option<TrustedRoots>,
 }
 
 /// A certificate the driver installed.
@@ -94,6 +97,17 @@ pub enum DriveError {
     },
     #[error("{identifier}: the authorization is {status}, so the order cannot complete")]
     AuthzUnusable { identifier: String, status: String },
+    /// The CA's authorization names something the order did not ask for:
+    /// certd validates only the names it asked for, so the order is refused.
+    #[error(
+        "the CA's authorization {url} is for {identifier:?}, a name this order did not ask for ({asked}); the order is refused"
+    )]
+    ForeignAuthz {
+        url: String,
+        /// The CA's text, quoted with its control characters escaped.
+        identifier: String,
+        asked: String,
+    },
     #[error(
         "{identifier}: the CA offers {offered}; none of the configured challenge types ({wanted})"
     )]
@@ -131,6 +145,9 @@ impl DriveError {
             // The CA validates once (seed 001): a new order is needed, and
             // the scheduler decides when.
             Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
+            // A CA that answers so will likely do it again: the next order
+            // waits for the backoff like any failed one.
+            Self::ForeignAuthz { .. } => Disposition::Final,
             Self::NoChallenge { .. } | Self::Key(_) | Self::Profile(_) => Disposition::Final,
             Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
             // An account-wide limit pauses all new orders until the window
@@ -358,7 +375,7 @@ async fn run_order(
     // The new authorizations are in the ledger now; the guard counts them there.
     drop(admission);
 
-    let plan = plan_challenges(ctx, cert, order).await?;
+    let plan = plan_challenges(ctx, cert, order, domains).await?;
     if !plan.is_empty() {
         let mut presented = Vec::with_capacity(plan.len());
         let result = validate(ctx, order, &plan, &mut presented, cancel).await;
@@ -394,7 +411,13 @@ async fn run_order(
         .map_err(|e| acme_error(ctx, &order_url, e))?;
     let chain = download(ctx, order, cancel).await?;
 
-    let issuance = Issuance::new(&chain, key_pem, &key.subject_public_key_info(), domains)?;
+    let issuance = Issuance::new(
+        &chain,
+        key_pem,
+        &key.subject_public_key_info(),
+        domains,
+        ctx.trusted_roots.as_ref(),
+    )?;
     let info = issuance.info.clone();
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
@@ -475,8 +498,8 @@ async fn record_authorizations(
     let order_url = order.url().to_owned();
     // instant-acme fetches each authorization once and caches it, so a
     // pass that failed on a rejected nonce is repeated for the rest only.
-    let records =
-        nonce_retry!(collect_authorizations(ctx, order).await).map_err(AcmeError::from)?;
+    let (records, foreign) =
+        nonce_retry!(collect_authorizations(ctx, order, domains).await).map_err(AcmeError::from)?;
     let status = order_status(order.state().status);
     ctx.store
         .record_order(
@@ -488,21 +511,38 @@ async fn record_authorizations(
             &records,
         )
         .await?;
-    Ok(())
+    // Refused only now that every authorization is in the ledger, so the
+    // failure path settles them all, the foreign one included.
+    match foreign {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-/// The order's authorizations as the ledger records them.
+/// The order's authorizations as the ledger records them, and the refusal
+/// of the first whose identifier the order did not ask for.
 async fn collect_authorizations(
     ctx: &Context,
     order: &mut Order,
-) -> Result<Vec<NewAuthz>, instant_acme::Error> {
+    domains: &[String],
+) -> Result<(Vec<NewAuthz>, Option<DriveError>), instant_acme::Error> {
     let mut records = Vec::new();
+    let mut foreign = None;
     let mut auths = order.authorizations();
     while let Some(a) = auths.next().await {
         let a = a?;
+        let identifier = match requested_name(domains, &a.identifier()) {
+            Some(name) => name.to_owned(),
+            None => {
+                // The ledger keeps what the CA said; outputs escape it.
+                let said = a.identifier().to_string();
+                foreign.get_or_insert_with(|| foreign_authz(a.url(), &said, domains));
+                said
+            }
+        };
         records.push(NewAuthz {
             url: a.url().to_owned(),
-            identifier: a.identifier().to_string(),
+            identifier,
             status: authz_status(a.status).to_owned(),
             expires_at: ctx.account.http.observed(a.url()).and_then(|o| o.expires),
             challenges: a
@@ -518,7 +558,37 @@ async fn collect_authorizations(
                 .collect(),
         });
     }
-    Ok(records)
+    Ok((records, foreign))
+}
+
+/// The name in `requested` an authorization's identifier stands for, or
+/// `None` if the order did not ask for it. A wildcard's authorization names
+/// the base domain with `wildcard: true` (RFC 8555 section 7.1.3), which
+/// stands for `*.` and the base; a `*` in the value itself is never valid.
+/// The name returned is certd's own string, so nothing downstream (a hook's
+/// environment, a pre-flight connection, the ledger) ever carries the CA's.
+fn requested_name<'r>(requested: &'r [String], id: &AuthorizedIdentifier<'_>) -> Option<&'r str> {
+    let Identifier::Dns(value) = id.identifier else {
+        return None;
+    };
+    if value.contains('*') {
+        return None;
+    }
+    requested
+        .iter()
+        .map(String::as_str)
+        .find(|name| match name.strip_prefix("*.") {
+            Some(base) => id.wildcard && base.eq_ignore_ascii_case(value),
+            None => !id.wildcard && name.eq_ignore_ascii_case(value),
+        })
+}
+
+fn foreign_authz(url: &str, identifier: &str, domains: &[String]) -> DriveError {
+    DriveError::ForeignAuthz {
+        url: url.to_owned(),
+        identifier: identifier.to_owned(),
+        asked: domains.join(", "),
+    }
 }
 
 /// Picks a challenge for every pending authorization.
@@ -526,12 +596,18 @@ async fn plan_challenges(
     ctx: &Context,
     cert: &CertificateConfig,
     order: &mut Order,
+    domains: &[String],
 ) -> Result<Vec<Planned>, DriveError> {
     let mut plan = Vec::new();
     let mut auths = order.authorizations();
     while let Some(a) = auths.next().await {
         let mut a = a.map_err(AcmeError::from)?;
-        let identifier = a.identifier().to_string();
+        // Checked when recorded; checked again because this is where the
+        // name starts to be used.
+        let identifier = match requested_name(domains, &a.identifier()) {
+            Some(name) => name.to_owned(),
+            None => return Err(foreign_authz(a.url(), &a.identifier().to_string(), domains)),
+        };
         match a.status {
             AuthorizationStatus::Valid => continue,
             AuthorizationStatus::Pending => {}
@@ -664,7 +740,10 @@ async fn validate<'p>(
             }
             let state = nonce_retry!(a.refresh().await).map_err(AcmeError::from)?;
             let status = state.status;
-            let identifier = state.identifier().to_string();
+            // Every authorization waited on is planned; certd's own name
+            // for it, not what the refreshed object says.
+            let p = plan.iter().find(|p| p.authz_url == url);
+            let identifier = p.map(|p| p.spec.identifier.clone()).unwrap_or_default();
             match status {
                 AuthorizationStatus::Pending => {
                     retry_after = later(
@@ -678,7 +757,6 @@ async fn validate<'p>(
                 }
                 AuthorizationStatus::Invalid => {
                     // Record the answered challenge's problem document.
-                    let p = plan.iter().find(|p| p.authz_url == url);
                     let problem = state
                         .challenges
                         .iter()
@@ -1058,6 +1136,30 @@ mod tests {
             ("http-01", "invalid"),
         ]);
         assert_eq!(preference(&[Http01, Dns01], &recovered), [Http01, Dns01]);
+    }
+
+    /// Only the names the order asked for pass, as certd spells them; a
+    /// wildcard only as the base name with `wildcard: true`.
+    #[test]
+    fn authorizations_must_name_what_was_asked() {
+        let asked = ["a.example".to_owned(), "*.w.example".to_owned()];
+        let check = |value: &str, wildcard: bool| {
+            requested_name(&asked, &Identifier::Dns(value.into()).authorized(wildcard))
+        };
+        assert_eq!(check("a.example", false), Some("a.example"));
+        assert_eq!(check("A.Example", false), Some("a.example"));
+        assert_eq!(check("w.example", true), Some("*.w.example"));
+        // The wildcard's base was not asked for, nor a wildcard of a.example.
+        assert_eq!(check("w.example", false), None);
+        assert_eq!(check("a.example", true), None);
+        // RFC 8555: the value never holds the `*.` itself.
+        assert_eq!(check("*.w.example", false), None);
+        assert_eq!(check("*.w.example", true), None);
+        assert_eq!(check("evil.example", false), None);
+        assert_eq!(check("a.example\nupdate add evil.example", false), None);
+        assert_eq!(check("", false), None);
+        let ip = Identifier::Ip("127.0.0.1".parse().expect("address"));
+        assert_eq!(requested_name(&asked, &ip.authorized(false)), None);
     }
 
     /// Pebble 2.4 has no profiles, so the selection is tested here.

@@ -26,6 +26,11 @@
 //! Programs certd runs (reload and notify commands, dns-01 hooks) go through
 //! [`run_program`]: a process group of their own, a minimal environment, and
 //! a timeout that kills the whole group.
+//!
+//! The CA's answer is untrusted input: before anything is written, the chain
+//! is checked as a TLS client would check it (`verify_chain`), so a CA that
+//! sends an expired, misissued or unchained certificate cannot replace a
+//! working one.
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -34,18 +39,26 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::{ChildStderr, ChildStdout};
 
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::TrustAnchor;
 use rustls_pki_types::pem::PemObject;
+use webpki::{EndEntityCert, KeyUsage, VerifiedPath, anchor_from_trusted_cert};
+use x509_parser::certificate::X509Certificate;
 
-use crate::clock::UnixTime;
+use crate::clock::{UnixTime, rfc3339};
 
 pub const FILES: [&str; 4] = ["cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"];
 const KEEP_VERSIONS: usize = 2;
+/// How far the CA's clock may run ahead of ours: a certificate valid from
+/// a moment from now is taken (CAs rarely backdate). It also refuses one
+/// that expires within this margin, which would be useless anyway.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -148,12 +161,15 @@ pub struct Issuance {
 
 impl Issuance {
     /// Parses the CA's PEM chain and checks it against the order: the leaf
-    /// must carry exactly `domains` and the public half of `key_pem`.
+    /// must carry exactly `domains` and the public half of `key_pem`, and
+    /// the chain must pass `verify_chain` (against `roots` where the
+    /// operator names them).
     pub fn new(
         fullchain_pem: &str,
         key_pem: String,
         key_spki: &[u8],
         domains: &[String],
+        roots: Option<&TrustedRoots>,
     ) -> Result<Self, InstallError> {
         let bad = |m: String| InstallError::BadChain(m);
         let certs: Vec<CertificateDer<'static>> =
@@ -175,6 +191,7 @@ impl Issuance {
         if info.spki != key_spki {
             return Err(bad("the certificate does not match the private key".into()));
         }
+        verify_chain(&certs, roots, UnixTime::now()).map_err(bad)?;
         let pem = |der: &CertificateDer<'_>| pem_encode("CERTIFICATE", der);
         let cert_pem = pem(leaf);
         let chain_pem: String = certs[1..].iter().map(pem).collect();
@@ -186,6 +203,189 @@ impl Issuance {
             key_pem,
         })
     }
+}
+
+/// Roots the operator trusts to issue certificates (`[acme] trusted_roots`):
+/// a chain from the CA must end at one of them.
+#[derive(Debug, Clone)]
+pub struct TrustedRoots {
+    path: PathBuf,
+    certs: Arc<[CertificateDer<'static>]>,
+}
+
+impl TrustedRoots {
+    /// Reads the PEM file at `path`; every certificate in it must be usable
+    /// as a trust anchor.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: not a PEM file: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{} contains no PEM certificate", path.display()));
+        }
+        for (i, cert) in certs.iter().enumerate() {
+            anchor_from_trusted_cert(cert).map_err(|e| {
+                format!(
+                    "{}: certificate {} cannot serve as a root: {e}",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            certs: certs.into(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn anchors(&self) -> Vec<TrustAnchor<'_>> {
+        // `load` proved every certificate converts.
+        self.certs
+            .iter()
+            .filter_map(|c| anchor_from_trusted_cert(c).ok())
+            .collect()
+    }
+}
+
+/// Checks the chain the CA issued (`certs`, leaf first) as a TLS client
+/// would, before it may replace a working certificate:
+///
+/// - the leaf is valid at `now` (give or take `CLOCK_SKEW`), is not a CA,
+///   and carries the serverAuth extended key usage;
+/// - every certificate is issued by the one after it (RFC 8555 section 9.1),
+///   each of those is a CA, and each signature verifies (rustls-webpki's
+///   RFC 5280 path validation: validity, basic constraints, EKU and name
+///   constraints along the path);
+/// - with `roots`, the chain ends at one of them; without, at the last
+///   certificate the CA sent, so a leaf without a chain is refused.
+pub fn verify_chain(
+    certs: &[CertificateDer<'_>],
+    roots: Option<&TrustedRoots>,
+    now: UnixTime,
+) -> Result<(), String> {
+    let parsed = certs
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, cert)| cert)
+                .map_err(|e| format!("certificate {} of the chain cannot be parsed: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ([leaf, issuers @ ..], [leaf_der, issuer_ders @ ..]) = (parsed.as_slice(), certs) else {
+        return Err("no certificate in the response".into());
+    };
+    let now = now.plus(CLOCK_SKEW);
+    check_leaf(leaf, now)?;
+    if issuer_ders.is_empty() && roots.is_none() {
+        return Err(
+            "the CA sent the certificate without its chain, so nothing shows who issued it".into(),
+        );
+    }
+    for (i, pair) in parsed.windows(2).enumerate() {
+        if pair[0].issuer().as_raw() != pair[1].subject().as_raw() {
+            return Err(format!(
+                "certificate {} of the chain ({}) is not issued by the next one ({})",
+                i + 1,
+                pair[0].subject(),
+                pair[1].subject()
+            ));
+        }
+    }
+    for (i, cert) in issuers.iter().enumerate() {
+        if !is_ca(cert)? {
+            return Err(format!(
+                "certificate {} of the chain ({}) issues the one before it but is not a CA",
+                i + 2,
+                cert.subject()
+            ));
+        }
+    }
+
+    let leaf = EndEntityCert::try_from(leaf_der)
+        .map_err(|e| format!("the certificate is not usable for TLS: {e}"))?;
+    let time = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(now.secs()).unwrap_or(0),
+    ));
+    let algs = webpki::ALL_VERIFICATION_ALGS;
+    // serverAuth where an intermediate has EKUs at all; the leaf's own was
+    // required above.
+    let usage = KeyUsage::server_auth();
+    match (roots, issuer_ders.split_last()) {
+        (Some(roots), _) => {
+            let anchors = roots.anchors();
+            leaf.verify_for_usage(algs, &anchors, issuer_ders, time, usage, None, None)
+                .map_err(|e| {
+                    format!(
+                        "the chain does not lead to a root in trusted_roots ({}): {e}",
+                        roots.path().display()
+                    )
+                })?;
+        }
+        (None, Some((top, between))) => {
+            let anchor = anchor_from_trusted_cert(top)
+                .map_err(|e| format!("the chain's last certificate is unusable: {e}"))?;
+            // Every certificate the CA sent must be on the path, not just
+            // some that happen to link up.
+            let uses_all = |path: &VerifiedPath<'_>| {
+                if path.intermediate_certificates().count() == between.len() {
+                    Ok(())
+                } else {
+                    Err(webpki::Error::UnknownIssuer)
+                }
+            };
+            leaf.verify_for_usage(algs, &[anchor], between, time, usage, None, Some(&uses_all))
+                .map_err(|e| format!("the chain does not verify: {e}"))?;
+        }
+        // Refused above: no roots and no chain.
+        (None, None) => return Err("the CA sent no chain".into()),
+    }
+    Ok(())
+}
+
+/// The leaf's own properties, checked first for a clear message.
+fn check_leaf(leaf: &X509Certificate<'_>, now: UnixTime) -> Result<(), String> {
+    let validity = leaf.validity();
+    let (from, until) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    if now.secs() < from {
+        return Err(format!(
+            "the certificate is not valid before {}",
+            rfc3339(from)
+        ));
+    }
+    if now.secs() > until {
+        return Err(format!("the certificate expired at {}", rfc3339(until)));
+    }
+    if is_ca(leaf)? {
+        return Err(
+            "the certificate is a CA certificate (basicConstraints cA), not a server's".into(),
+        );
+    }
+    let server_auth = leaf
+        .extended_key_usage()
+        .map_err(|e| format!("the certificate's extended key usage is malformed: {e}"))?
+        .is_some_and(|eku| eku.value.server_auth);
+    if !server_auth {
+        return Err(
+            "the certificate lacks the serverAuth extended key usage of a TLS server certificate"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn is_ca(cert: &X509Certificate<'_>) -> Result<bool, String> {
+    cert.basic_constraints()
+        .map(|bc| bc.is_some_and(|bc| bc.value.ca))
+        .map_err(|e| format!("{}: malformed basic constraints: {e}", cert.subject()))
 }
 
 /// Base64 PEM armour, 64 columns.
@@ -735,24 +935,217 @@ pub fn renewal_time(not_before: i64, not_after: i64, remaining: f64) -> UnixTime
 
 #[cfg(test)]
 mod tests {
-    use rcgen::PublicKeyData;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, PublicKeyData,
+    };
+    use time::OffsetDateTime;
 
     use super::*;
 
-    fn issuance(names: &[&str]) -> Issuance {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    /// A CA for tests: its certificate and the means to sign with it.
+    struct TestCa {
+        cert: rcgen::Certificate,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        fn root(name: &str) -> TestCa {
+            let key = KeyPair::generate().expect("key");
+            let params = ca_params(name);
+            let cert = params.self_signed(&key).expect("root");
+            TestCa {
+                cert,
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn intermediate(&self, name: &str) -> TestCa {
+            let key = KeyPair::generate().expect("key");
+            let params = ca_params(name);
+            let cert = params.signed_by(&key, &self.issuer).expect("intermediate");
+            TestCa {
+                cert,
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn der(&self) -> CertificateDer<'static> {
+            self.cert.der().clone()
+        }
+    }
+
+    fn ca_params(name: &str) -> CertificateParams {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+    }
+
+    /// A server certificate as a CA issues it: serverAuth, valid now.
+    fn leaf_params(names: &[&str]) -> CertificateParams {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .expect("params");
-        let cert = params.self_signed(&key).expect("cert");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = OffsetDateTime::now_utc() + time::Duration::days(30);
+        params
+    }
+
+    /// Leaf (for a fresh key) and intermediate PEM, issued under `ca`.
+    fn chain_pem(names: &[&str], key: &KeyPair, ca: &TestCa) -> String {
+        let leaf = leaf_params(names).signed_by(key, &ca.issuer).expect("leaf");
+        format!("{}{}", leaf.pem(), ca.cert.pem())
+    }
+
+    fn issuance(names: &[&str]) -> Issuance {
+        let ca = TestCa::root("Test Root").intermediate("Test Intermediate");
+        let key = KeyPair::generate().expect("key");
         let domains: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         Issuance::new(
-            &cert.pem(),
+            &chain_pem(names, &key, &ca),
             key.serialize_pem(),
             &key.subject_public_key_info(),
             &domains,
+            None,
         )
         .expect("issuance")
+    }
+
+    fn verify(certs: &[CertificateDer<'_>], roots: Option<&TrustedRoots>) -> Result<(), String> {
+        verify_chain(certs, roots, UnixTime::now())
+    }
+
+    fn roots_file(dir: &Path, cas: &[&TestCa]) -> TrustedRoots {
+        let path = dir.join("roots.pem");
+        let pem: String = cas.iter().map(|ca| ca.cert.pem()).collect();
+        fs::write(&path, pem).expect("write roots");
+        TrustedRoots::load(&path).expect("roots")
+    }
+
+    #[test]
+    fn a_proper_chain_verifies() {
+        let root = TestCa::root("Test Root");
+        let inter = root.intermediate("Test Intermediate");
+        let key = KeyPair::generate().expect("key");
+        let leaf = leaf_params(&["a.example"])
+            .signed_by(&key, &inter.issuer)
+            .expect("leaf");
+        let leaf = leaf.der().clone();
+        verify(&[leaf.clone(), inter.der()], None).expect("leaf and intermediate");
+        verify(&[leaf.clone(), inter.der(), root.der()], None).expect("with the root");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roots = roots_file(dir.path(), &[&root]);
+        verify(&[leaf.clone(), inter.der()], Some(&roots)).expect("to a trusted root");
+        verify(&[leaf, inter.der(), root.der()], Some(&roots)).expect("root included");
+    }
+
+    #[test]
+    fn leaf_properties_are_checked() {
+        let ca = TestCa::root("Test Root").intermediate("Test Intermediate");
+        let key = KeyPair::generate().expect("key");
+        let issue = |params: CertificateParams| {
+            let leaf = params.signed_by(&key, &ca.issuer).expect("leaf");
+            verify(&[leaf.der().clone(), ca.der()], None).expect_err("refused")
+        };
+        let mut expired = leaf_params(&["a.example"]);
+        expired.not_before = OffsetDateTime::now_utc() - time::Duration::days(90);
+        expired.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let e = issue(expired);
+        assert!(e.contains("expired at"), "{e}");
+
+        let mut future = leaf_params(&["a.example"]);
+        future.not_before = OffsetDateTime::now_utc() + time::Duration::days(1);
+        let e = issue(future);
+        assert!(e.contains("not valid before"), "{e}");
+
+        let mut ca_leaf = leaf_params(&["a.example"]);
+        ca_leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let e = issue(ca_leaf);
+        assert!(e.contains("is a CA certificate"), "{e}");
+
+        let mut client = leaf_params(&["a.example"]);
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let e = issue(client);
+        assert!(e.contains("serverAuth"), "{e}");
+
+        let mut no_eku = leaf_params(&["a.example"]);
+        no_eku.extended_key_usages.clear();
+        let e = issue(no_eku);
+        assert!(e.contains("serverAuth"), "{e}");
+    }
+
+    #[test]
+    fn the_chain_must_link_and_verify() {
+        let root = TestCa::root("Test Root");
+        let inter = root.intermediate("Test Intermediate");
+        let key = KeyPair::generate().expect("key");
+        let leaf = leaf_params(&["a.example"])
+            .signed_by(&key, &inter.issuer)
+            .expect("leaf")
+            .der()
+            .clone();
+
+        let e = verify(std::slice::from_ref(&leaf), None).expect_err("no chain");
+        assert!(e.contains("without its chain"), "{e}");
+        let e = verify(&[], None).expect_err("nothing");
+        assert!(e.contains("no certificate"), "{e}");
+
+        // Out of order: the root before the intermediate.
+        let e = verify(&[leaf.clone(), root.der(), inter.der()], None).expect_err("order");
+        assert!(e.contains("not issued by the next one"), "{e}");
+
+        // An impostor with the intermediate's name but another key.
+        let impostor = root.intermediate("Test Intermediate");
+        let e = verify(&[leaf.clone(), impostor.der()], None).expect_err("signature");
+        assert!(e.contains("does not verify"), "{e}");
+
+        // A self-signed leaf (the key's own) is no chain either.
+        let own = leaf_params(&["a.example"])
+            .self_signed(&key)
+            .expect("self-signed");
+        let e = verify(&[own.der().clone()], None).expect_err("self-signed");
+        assert!(e.contains("without its chain"), "{e}");
+
+        // A non-CA certificate as an issuer.
+        let other_key = KeyPair::generate().expect("key");
+        let server = leaf_params(&["b.example"])
+            .self_signed(&other_key)
+            .expect("server");
+        let server_issuer = Issuer::new(leaf_params(&["b.example"]), other_key);
+        let below = leaf_params(&["a.example"])
+            .signed_by(&key, &server_issuer)
+            .expect("leaf");
+        let e = verify(&[below.der().clone(), server.der().clone()], None).expect_err("non-CA");
+        assert!(e.contains("is not a CA"), "{e}");
+    }
+
+    #[test]
+    fn trusted_roots_decide() {
+        let root = TestCa::root("Test Root");
+        let rogue = TestCa::root("Rogue Root").intermediate("Rogue Intermediate");
+        let key = KeyPair::generate().expect("key");
+        let rogue_leaf = leaf_params(&["a.example"])
+            .signed_by(&key, &rogue.issuer)
+            .expect("leaf");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roots = roots_file(dir.path(), &[&root]);
+        let e =
+            verify(&[rogue_leaf.der().clone(), rogue.der()], Some(&roots)).expect_err("another CA");
+        assert!(e.contains("trusted_roots"), "{e}");
+        // Directly under a trusted root, no intermediate needed.
+        let direct = leaf_params(&["a.example"])
+            .signed_by(&key, &root.issuer)
+            .expect("leaf");
+        verify(&[direct.der().clone()], Some(&roots)).expect("issued by the root");
+        verify(&[direct.der().clone()], None).expect_err("but not without roots");
+
+        fs::write(dir.path().join("empty.pem"), "nothing").expect("write");
+        let e = TrustedRoots::load(&dir.path().join("empty.pem")).expect_err("empty");
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = TrustedRoots::load(&dir.path().join("absent.pem")).expect_err("absent");
+        assert!(e.contains("cannot read"), "{e}");
     }
 
     #[test]
@@ -782,32 +1175,40 @@ mod tests {
 
     #[test]
     fn wrong_names_or_key_are_refused() {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let other = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("cert");
+        let ca = TestCa::root("Test Root").intermediate("Test Intermediate");
+        let key = KeyPair::generate().expect("key");
+        let other = KeyPair::generate().expect("key");
+        let pem = chain_pem(&["a.example"], &key, &ca);
         let names = ["b.example".to_owned()];
         assert!(
             Issuance::new(
-                &cert.pem(),
+                &pem,
                 String::new(),
                 &key.subject_public_key_info(),
-                &names
+                &names,
+                None
             )
             .is_err()
         );
         let names = ["a.example".to_owned()];
         assert!(
             Issuance::new(
-                &cert.pem(),
+                &pem,
                 String::new(),
                 &other.subject_public_key_info(),
-                &names
+                &names,
+                None
             )
             .is_err()
         );
+        Issuance::new(
+            &pem,
+            String::new(),
+            &key.subject_public_key_info(),
+            &names,
+            None,
+        )
+        .expect("the right names and key");
     }
 
     #[test]

@@ -90,8 +90,8 @@ impl Borrow<str> for Token {
 /// What a solver needs to know about one challenge.
 #[derive(Debug, Clone)]
 pub struct ChallengeSpec {
-    /// The identifier as the authorization names it (`example.com`; a
-    /// wildcard's authorization names the base domain).
+    /// The configured name the authorization is for (`example.com`, or
+    /// `*.example.com` for a wildcard's), never the CA's text.
     pub identifier: String,
     pub token: Token,
     /// `token.thumbprint`: served as-is for http-01.
@@ -589,6 +589,15 @@ impl Dns01Hook {
             record: record.clone(),
             detail,
         };
+        // The driver passes only names from the configuration and the value
+        // is a hash; still, nothing that could end a line or a word in a
+        // hook's shell or nsupdate script reaches its environment.
+        if !hook_safe(&c.identifier) || !hook_safe(&c.dns_value) {
+            return Err(err(format!(
+                "not run: {:?} is not a DNS name or {:?} not a base64url value",
+                c.identifier, c.dns_value
+            )));
+        }
         // Its own process group and a minimal environment, like every
         // program certd runs (`install::run_program`).
         let run = crate::install::run_program(
@@ -617,6 +626,13 @@ impl Dns01Hook {
             ProgramEnd::CannotRun(e) => Err(err(format!("cannot run: {e}"))),
         }
     }
+}
+
+/// Whether `s` is made only of what DNS names and base64url values hold.
+fn hook_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*'))
 }
 
 #[async_trait]
@@ -706,6 +722,36 @@ mod tests {
         cancel.cancel();
         tracker.close();
         tracker.wait().await;
+    }
+
+    /// Text that is not a DNS name never reaches a hook's environment.
+    #[tokio::test]
+    async fn hook_never_runs_with_unsafe_values() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hook = dir.path().join("hook.sh");
+        let ran = dir.path().join("ran");
+        std::fs::write(&hook, format!("#!/bin/sh\ntouch '{}'\n", ran.display())).expect("hook");
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let solver = Dns01Hook {
+            hook,
+            timeout: Duration::from_secs(10),
+            propagation: PropagationCheck::new(&Default::default()),
+        };
+        let mut c = spec("tok3");
+        c.identifier = "a.example\nupdate add evil.example. 60 TXT x".into();
+        let e = solver.present(&c).await.expect_err("refused");
+        assert!(e.to_string().contains("not a DNS name"), "{e}");
+        c.identifier = "a.example".into();
+        c.dns_value = "v\x1b[31m".into();
+        solver.present(&c).await.expect_err("refused");
+        assert!(!ran.exists(), "the hook ran");
+        c.dns_value = "dGVzdA".into();
+        solver
+            .present(&c)
+            .await
+            .expect("a safe value runs the hook");
+        assert!(ran.exists());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ mod faults;
 mod harness;
 mod hostile_ca;
 mod hostile_local;
+mod hostile_verify;
 mod issuance;
 mod ops;
 mod reaper;

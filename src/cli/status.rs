@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{push_table, shorten, write_stdout_all};
+use super::{escape_control, push_table, shorten, write_stdout_all};
 use crate::clock::{UnixTime, push_rfc3339, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
@@ -303,7 +303,12 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus]) {
     // Writing to a String cannot fail; the results are ignored below.
     for a in accounts {
         let r = &a.reaper;
-        let _ = writeln!(out, "\naccount {} ({})", a.url, a.directory);
+        let _ = writeln!(
+            out,
+            "\naccount {} ({})",
+            escape_control(&a.url),
+            escape_control(&a.directory)
+        );
         let _ = writeln!(out, "  pending authorizations: {}", r.pending);
         let _ = writeln!(
             out,
@@ -315,12 +320,17 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus]) {
                 out,
                 "  last reaper pass: {} ({})",
                 rfc3339(at),
-                r.last_pass.as_deref().unwrap_or_default()
+                escape_control(r.last_pass.as_deref().unwrap_or_default())
             ),
             None => writeln!(out, "  last reaper pass: never"),
         };
         if let Some((at, detail)) = &r.last_rate_limit {
-            let _ = writeln!(out, "  CA rate limit at {}: {detail}", rfc3339(*at));
+            let _ = writeln!(
+                out,
+                "  CA rate limit at {}: {}",
+                rfc3339(*at),
+                escape_control(detail)
+            );
         }
         if let Some(at) = r.last_guard_at {
             let _ = writeln!(
@@ -353,6 +363,7 @@ fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
             .collect::<Vec<_>>()
             .join("; ")
     };
-    write_stdout_all(&format!("CERTD {worst}: {summary}\n"));
+    // One line, whatever the CA put in an error: monitoring reads it.
+    write_stdout_all(&format!("CERTD {worst}: {}\n", escape_control(&summary)));
     ExitCode::from(worst as u8)
 }

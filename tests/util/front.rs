@@ -13,6 +13,9 @@
 //! too is a test double): path-traversal challenge tokens, absurd
 //! `Retry-After` values, endless bodies, megabyte problem details and
 //! redirects to plain http, each what a security review sent certd.
+//! It also plays a hostile CA (`Forgery`): it rewrites Pebble's real
+//! answers the way a malicious or compromised CA could, which no real CA
+//! here does, to test what certd verifies in the CA's answers.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -66,12 +69,44 @@ impl Fault {
 }
 
 /// Path → the body of Pebble's last successful answer for it.
-type Seen = Mutex<HashMap<String, Vec<u8>>>;
+type LastAnswers = Mutex<HashMap<String, Vec<u8>>>;
+
+/// A hostile answer: Pebble's real one, rewritten, or a problem document
+/// of the front's own.
+#[derive(Clone, Debug)]
+pub enum Forgery {
+    /// Authorizations name this identifier instead of their own.
+    AuthzIdentifier(String),
+    /// The certificate download is replaced by a chain the front makes for
+    /// the same key and names, signed by a CA of its own.
+    Certificate(ForgedCert),
+    /// An error answer (not forwarded) with this `detail`.
+    Problem(String),
+}
+
+/// What is wrong with a forged certificate; otherwise it is well formed.
+#[derive(Clone, Copy, Debug)]
+pub enum ForgedCert {
+    /// Expired yesterday.
+    Expired,
+    /// The leaf alone, no issuer certificate.
+    NoChain,
+    /// The leaf claims to be a CA (basicConstraints cA).
+    CaLeaf,
+    /// The leaf is for clientAuth only.
+    ClientAuthOnly,
+    /// Nothing but the issuer: a CA other than Pebble.
+    OtherCa,
+}
 
 pub struct FaultyFront {
     port: u16,
     /// (part of the request path, fault, times left)
     faults: Arc<Mutex<Vec<(String, Fault, usize)>>>,
+    /// (part of the request path, forgery, times left)
+    forgeries: Arc<Mutex<Vec<(String, Forgery, usize)>>>,
+    /// The path of every request, in order.
+    seen: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -86,22 +121,24 @@ impl FaultyFront {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");
         listener.set_nonblocking(true).expect("nonblocking");
         let faults = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::new(Seen::default());
+        let last = Arc::new(LastAnswers::default());
+        let hostile = Hostile::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, s) = (faults.clone(), stop.clone());
+        let (f, h, s) = (faults.clone(), hostile.clone(), stop.clone());
         let thread = thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((tcp, _)) => {
-                        let (config, f, seen, client, upstream) = (
+                        let (config, f, h, last, client, upstream) = (
                             config.clone(),
                             f.clone(),
-                            seen.clone(),
+                            h.clone(),
+                            last.clone(),
                             client.clone(),
                             upstream.clone(),
                         );
                         thread::spawn(move || {
-                            serve(tcp, config, &f, &seen, &client, &upstream, port)
+                            serve(tcp, config, &f, &h, &last, &client, &upstream, port)
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -111,6 +148,8 @@ impl FaultyFront {
         FaultyFront {
             port,
             faults,
+            forgeries: hostile.forgeries,
+            seen: hostile.seen,
             stop,
             thread: Some(thread),
         }
@@ -144,6 +183,32 @@ impl FaultyFront {
     }
 }
 
+impl FaultyFront {
+    /// Answers the next `times` requests whose path contains `path` with
+    /// `forgery`.
+    pub fn forge(&self, path: &str, forgery: Forgery, times: usize) {
+        self.forgeries
+            .lock()
+            .expect("forgeries")
+            .push((path.to_owned(), forgery, times));
+    }
+
+    /// Drops the forgeries not yet used up: Pebble answers as itself again.
+    pub fn stop_forging(&self) {
+        self.forgeries.lock().expect("forgeries").clear();
+    }
+
+    /// How many requests so far had `path` in their path.
+    pub fn requests(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .filter(|p| p.contains(path))
+            .count()
+    }
+}
+
 impl Drop for FaultyFront {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -157,7 +222,8 @@ fn serve(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     faults: &Mutex<Vec<(String, Fault, usize)>>,
-    seen: &Seen,
+    hostile: &Hostile,
+    last: &LastAnswers,
     client: &certd::acme::AcmeHttp,
     upstream: &str,
     port: u16,
@@ -229,8 +295,8 @@ fn serve(
         Some(Fault::ServerError) => (500, Vec::new(), Vec::new()),
         Some(Fault::WrongContentType) => (200, vec![("Content-Type".to_owned(), "text/plain".to_owned())], b"maintenance window".to_vec()),
         Some(Fault::IgnoreUpdate) => {
-            let last = seen.lock().expect("seen").get(&path).cloned();
-            (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], last.unwrap_or_default())
+            let answer = last.lock().expect("last answers").get(&path).cloned();
+            (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], answer.unwrap_or_default())
         }
         Some(Fault::Token(token)) => {
             let (status, headers, reply) =
@@ -254,9 +320,15 @@ fn serve(
             return;
         }
         None => {
-            let answer = forward(client, upstream, port, &method, &path, &content_type, body);
+            let answer = hostile.answer(
+                &path,
+                |body| forward(client, upstream, port, &method, &path, &content_type, body),
+                body,
+            );
             if answer.0 == 200 {
-                seen.lock().expect("seen").insert(path.clone(), answer.2.clone());
+                last.lock()
+                    .expect("last answers")
+                    .insert(path.clone(), answer.2.clone());
             }
             answer
         }
@@ -361,4 +433,153 @@ fn forward(
         let bytes = rsp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
         (status, headers, bytes)
     })
+}
+
+/// The hostile CA's part of the front: forgeries to apply, requests seen.
+#[derive(Clone, Default)]
+struct Hostile {
+    forgeries: Arc<Mutex<Vec<(String, Forgery, usize)>>>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
+impl Hostile {
+    /// The answer to a request for `path`: Pebble's (through `forward`),
+    /// rewritten if a forgery applies.
+    fn answer(&self, path: &str, forward: impl FnOnce(Vec<u8>) -> Answer, body: Vec<u8>) -> Answer {
+        self.seen.lock().expect("seen").push(path.to_owned());
+        let forgery = self
+            .forgeries
+            .lock()
+            .expect("forgeries")
+            .iter()
+            .find(|(p, _, left)| *left > 0 && path.contains(p.as_str()))
+            .map(|(_, forgery, _)| forgery.clone());
+        let Some(forgery) = forgery else {
+            return forward(body);
+        };
+        if let Forgery::Problem(detail) = &forgery {
+            self.used(path);
+            let problem = serde_json::json!({
+                "type": "urn:ietf:params:acme:error:rejectedIdentifier",
+                "detail": detail,
+                "status": 400,
+            });
+            return (
+                400,
+                vec![("Content-Type".into(), "application/problem+json".into())],
+                problem.to_string().into_bytes(),
+            );
+        }
+        let (status, headers, reply) = forward(body);
+        // A rejected nonce, say: certd asks again, and gets the forgery.
+        if status != 200 {
+            return (status, headers, reply);
+        }
+        self.used(path);
+        let reply = match forgery {
+            Forgery::AuthzIdentifier(identifier) => {
+                let mut authz: serde_json::Value =
+                    serde_json::from_slice(&reply).expect("Pebble's authorization JSON");
+                authz["identifier"]["value"] = identifier.into();
+                authz.to_string().into_bytes()
+            }
+            Forgery::Certificate(kind) => forge_chain(&reply, kind).into_bytes(),
+            Forgery::Problem(_) => reply,
+        };
+        (status, headers, reply)
+    }
+
+    /// Counts one use of the forgery that applies to `path`.
+    fn used(&self, path: &str) {
+        let mut list = self.forgeries.lock().expect("forgeries");
+        if let Some((_, _, left)) = list
+            .iter_mut()
+            .find(|(p, _, left)| *left > 0 && path.contains(p.as_str()))
+        {
+            *left -= 1;
+        }
+    }
+}
+
+/// A chain for the key and names of Pebble's leaf in `pem`, issued by a CA
+/// of the front's own, wrong in the way `kind` says.
+fn forge_chain(pem: &[u8], kind: ForgedCert) -> String {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    use time::{Duration, OffsetDateTime};
+
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let real = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .expect("Pebble's leaf")
+        .expect("Pebble's PEM");
+    let (names, _, _, spki) = super::parse_leaf(&real);
+    let key = ForeignKey::from_spki(&spki);
+
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.distinguished_name
+        .push(DnType::CommonName, "Hostile Test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+
+    let mut leaf = CertificateParams::new(names).expect("leaf params");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+    leaf.not_after = OffsetDateTime::now_utc() + Duration::days(90);
+    match kind {
+        ForgedCert::Expired => {
+            leaf.not_before = OffsetDateTime::now_utc() - Duration::days(90);
+            leaf.not_after = OffsetDateTime::now_utc() - Duration::days(1);
+        }
+        ForgedCert::CaLeaf => leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained),
+        ForgedCert::ClientAuthOnly => {
+            leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]
+        }
+        ForgedCert::NoChain | ForgedCert::OtherCa => {}
+    }
+    let leaf = leaf.signed_by(&key, &issuer).expect("forged leaf");
+    match kind {
+        ForgedCert::NoChain => leaf.pem(),
+        _ => format!("{}{}", leaf.pem(), ca_cert.pem()),
+    }
+}
+
+/// The public key of certd's CSR, taken from Pebble's leaf: the forged
+/// leaf must match certd's private key, or certd's older checks alone
+/// would refuse it.
+struct ForeignKey {
+    raw: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl ForeignKey {
+    fn from_spki(spki: &[u8]) -> ForeignKey {
+        use x509_parser::prelude::FromDer;
+        let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).expect("SPKI");
+        let raw = info.subject_public_key.data.to_vec();
+        // Uncompressed EC points: 65 bytes on P-256, 97 on P-384.
+        let alg = match raw.len() {
+            65 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            97 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            n => panic!("forged certificates support ECDSA keys only, not a {n}-byte key"),
+        };
+        ForeignKey { raw, alg }
+    }
+}
+
+impl rcgen::PublicKeyData for ForeignKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
 }

@@ -35,7 +35,7 @@ pub use self::{
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     env::TestEnv,
-    front::{Fault, FaultyFront},
+    front::{Fault, FaultyFront, ForgedCert, Forgery},
     hooks::{flag, install_hook_wrapper, wait_for},
     installed::{assert_installed, installed},
     pebble::{Pebble, PebbleOpts, Release},
