@@ -16,3 +16,4 @@ mod harness;
 mod issuance;
 mod ops;
 mod reaper;
+mod storage;
