@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
+use sqlx::{Connection as _, FromRow, SqlitePool};
 
 use crate::clock::UnixTime;
 
@@ -388,6 +388,18 @@ impl Store {
             // reaper or the metrics read while an order writes. Each
             // connection is a thread with its own cache.
             .max_connections(2)
+            // A connection handed back inside a transaction is one whose
+            // rollback failed because SQLite had already rolled back on its
+            // own (a full disk does that): sqlx's count of open
+            // transactions is then stale, the next transaction on it
+            // becomes a savepoint, and a failure there leaves a write
+            // transaction open for good, locking every other writer out
+            // until restart. Closing it (which rolls back whatever is
+            // open) lets the pool start afresh. A healthy connection is
+            // never back in the pool inside a transaction, bar a dropped
+            // transaction whose queued rollback has not run yet: closing
+            // that one costs a reconnect, on an error path.
+            .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(options)
             .await
             .map_err(open_err)?;
