@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::{CmdOutput, TestEnv, TinyDisk, installed, integrity, snapshot};
 
@@ -213,4 +213,53 @@ fn a_ledger_deleted_under_the_daemon_stops_it_with_exit_2() {
     // The next run finds the certificate valid and leaves it be.
     env.certd(&["renew"]).assert_success();
     assert_eq!(snapshot(&env.cert_dir()), before);
+}
+
+#[test]
+fn a_disk_filling_under_the_daemon_fails_orders_and_retries_without_exiting() {
+    let env = TestEnv::new();
+    let daemon_toml =
+        "[daemon]\nbackoff_min = \"1s\"\nbackoff_max = \"2s\"\nshutdown_grace = \"10s\"\n";
+    env.write_config(&format!("{daemon_toml}{CERT}"));
+    let disk = TinyDisk::mount(&env.state_dir(), "1m");
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.cert_dir().join("s/cert.pem"), Duration::from_secs(60));
+    daemon.wait_for_output("renewed", Duration::from_secs(60));
+    let before = snapshot(&env.cert_dir().join("s"));
+
+    // Full; a new certificate is added meanwhile.
+    let filler = disk.fill();
+    env.write_config(&format!(
+        "{daemon_toml}{CERT}\n[[certificate]]\nname = \"t\"\ndomains = [\"t.example.test\"]\n"
+    ));
+    // Failed, retried, failed again: the daemon goes on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon.stderr().matches("renewal failed").count() < 2 {
+        assert!(
+            Instant::now() < deadline && daemon.is_running(),
+            "expected two failed attempts of a running daemon\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        daemon.stderr().contains("database or disk is full"),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(daemon.is_running());
+    assert_eq!(
+        snapshot(&env.cert_dir().join("s")),
+        before,
+        "installed files untouched"
+    );
+
+    // Space back: the next retry issues it.
+    fs::remove_file(&filler).expect("free the space");
+    daemon.wait_for_file(&env.cert_dir().join("t/cert.pem"), Duration::from_secs(60));
+    let out = daemon.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+    installed(&env, "t");
+    assert_eq!(snapshot(&env.cert_dir().join("s")), before);
+    assert_eq!(integrity(&env), "ok");
 }
