@@ -94,9 +94,14 @@ impl StoreError {
     }
 }
 
-/// SQLite's primary result codes that open distinguishes.
+/// SQLite's primary result codes that open distinguishes: a damaged file,
+/// and the ones a file system refusing writes shows up as.
+const SQLITE_PERM: i32 = 3;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_IOERR: i32 = 10;
 const SQLITE_CORRUPT: i32 = 11;
 const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
 const SQLITE_NOTADB: i32 = 26;
 
 /// The lock file in the state directory.
@@ -127,14 +132,17 @@ fn diagnose<E: std::error::Error + 'static>(
             cause: io::Error::from_raw_os_error(libc::ENOSPC),
             detail,
         },
-        _ => match probe_write(path.parent().unwrap_or(Path::new("."))) {
-            Err(cause) => StoreError::Unwritable {
-                path: display,
-                cause,
-                detail,
-            },
-            Ok(()) => fallback(error),
-        },
+        SQLITE_PERM | SQLITE_READONLY | SQLITE_IOERR | SQLITE_CANTOPEN => {
+            match probe_write(path.parent().unwrap_or(Path::new("."))) {
+                Err(cause) => StoreError::Unwritable {
+                    path: display,
+                    cause,
+                    detail,
+                },
+                Ok(()) => fallback(error),
+            }
+        }
+        _ => fallback(error),
     }
 }
 
@@ -459,6 +467,16 @@ impl Store {
                 .execute(&mut **conn)
                 .await;
         }
+    }
+
+    /// Folds the write-ahead log into the main file and empties it
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`), so that `certd.db` alone is the
+    /// whole ledger: for tests that damage the file, and tools that copy it.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// `PRAGMA integrity_check`, for tests and `certd status --check`.

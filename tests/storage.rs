@@ -8,7 +8,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::util::{CmdOutput, TestEnv, TinyDisk, installed, integrity, snapshot};
+use crate::util::{CmdOutput, TestEnv, TinyDisk, checkpoint, installed, integrity, snapshot};
 
 const CERT: &str = "\n[[certificate]]\nname = \"s\"\ndomains = [\"s.example.test\"]\n";
 
@@ -82,6 +82,7 @@ fn a_corrupt_ledger_is_refused_with_the_way_out() {
     env.certd(&["renew"]).assert_success();
     let first = installed(&env, "s").1;
     let before = snapshot(&env.cert_dir());
+    checkpoint(&env);
     let db = db_path(&env);
     let db_text = db.to_str().expect("UTF-8 path");
     let sound = fs::read(&db).expect("ledger");

@@ -82,6 +82,24 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// `PRAGMA integrity_check` of the environment's ledger ("ok" if sound).
 pub fn integrity(env: &TestEnv) -> String {
+    with_ledger(env, |store| async move {
+        store.integrity_check().await.expect("integrity_check")
+    })
+}
+
+/// Folds the ledger's write-ahead log into `certd.db`, so that what a test
+/// does to that file is what SQLite reads (pages still in the log would
+/// otherwise mask it).
+pub fn checkpoint(env: &TestEnv) {
+    with_ledger(env, |store| async move {
+        store.checkpoint().await.expect("checkpoint");
+    });
+}
+
+fn with_ledger<T, F: std::future::Future<Output = T>>(
+    env: &TestEnv,
+    f: impl FnOnce(certd::store::Store) -> F,
+) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -90,7 +108,7 @@ pub fn integrity(env: &TestEnv) -> String {
         let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
             .await
             .expect("ledger");
-        let r = store.integrity_check().await.expect("integrity_check");
+        let r = f(store.clone()).await;
         store.close().await;
         r
     })

@@ -35,7 +35,7 @@ pub use self::{
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
-    disk::{TinyDisk, integrity, snapshot},
+    disk::{TinyDisk, checkpoint, integrity, snapshot},
     env::TestEnv,
     front::{Fault, FaultyFront},
     hooks::{flag, install_hook_wrapper, wait_for},
