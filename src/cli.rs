@@ -3,7 +3,16 @@
 //! nowhere below.
 //!
 //! Exit codes: 0 success, 1 a certificate (or authorization) operation
-//! failed, 2 the configuration or the command line is wrong.
+//! failed, 2 the configuration or the command line is wrong, or the
+//! ledger cannot be used (corrupt, unwritable, locked by another certd,
+//! deleted under the daemon).
+//!
+//! Commands that write the ledger (`run`, `renew`, `reap`, `revoke`,
+//! `authz deactivate`, `account rollover`) take the state directory's lock
+//! first and check the ledger's integrity; while a daemon runs they refuse,
+//! naming its PID, since they cannot yet hand their work to it. Reading
+//! commands (`status`, `authz list`, `account show`, `reap --dry-run`)
+//! take no lock and work alongside a daemon.
 //!
 //! Every human-readable output (tables, messages, log lines) passes text
 //! through `escape_control`: much of it comes from the CA (problem details,
@@ -14,7 +23,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +31,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use rustls_pki_types::pem::PemObject;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,7 +48,7 @@ use crate::install;
 use crate::reaper::{Policy, Reaper, Settled};
 use crate::scheduler::{self, Due, Reason};
 use crate::solver::Solvers;
-use crate::store::{OrderRow, Store};
+use crate::store::{FileIdentity, OrderRow, StateLock, Store, StoreError};
 
 /// `println!` that ends the process quietly when standard output is a
 /// closed pipe (`certd status | head -1`), as Unix tools do, and escapes
@@ -368,11 +377,45 @@ pub fn main() -> ExitCode {
         Err(e) => {
             errln!("certd: {}", error_chain(e.as_ref()));
             // Like a configuration error: nothing will work until fixed.
-            if e.downcast_ref::<UnsafeDir>().is_some() {
+            let ledger_unusable = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<StoreError>()
+                    .is_some_and(StoreError::is_fatal)
+            });
+            if ledger_unusable || e.downcast_ref::<UnsafeDir>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+impl Command {
+    /// Whether the command writes the ledger (or the account key), and so
+    /// must hold the state directory's lock.
+    fn writes_ledger(&self) -> bool {
+        match self {
+            Command::Run
+            | Command::Renew { .. }
+            | Command::Revoke { .. }
+            | Command::Authz {
+                command: AuthzCommand::Deactivate { .. },
+            }
+            | Command::Account {
+                command: AccountCommand::Rollover,
+            } => true,
+            Command::Reap { dry_run, .. } => !dry_run,
+            Command::GenerateAssets { .. }
+            | Command::PolkitRule { .. }
+            | Command::CheckConfig
+            | Command::Status { .. }
+            | Command::Authz {
+                command: AuthzCommand::List { .. },
+            }
+            | Command::Account {
+                command: AccountCommand::Show,
+            } => false,
         }
     }
 }
@@ -448,6 +491,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(cli.log_format, &cfg.daemon.log_level);
+    // Held until the command ends; the kernel drops it if certd dies.
+    let _lock = if cli.command.writes_ledger() {
+        let create = matches!(cli.command, Command::Run);
+        Some(claim_ledger(&cfg, create).await?)
+    } else {
+        None
+    };
     match cli.command {
         Command::Run => run_daemon(cfg).await,
         // Handled above, before a configuration is needed.
@@ -517,6 +567,19 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Takes the state directory's lock, then checks the ledger (when there is
+/// one, or when `create` asks for it): a writer refuses a ledger in use by
+/// another certd, a corrupt one, or one it cannot write, before it starts.
+async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<StateLock> {
+    ensure_dirs(cfg)?;
+    let lock = StateLock::acquire(&cfg.storage.state_dir)?;
+    let db = cfg.db_path();
+    if create || db.exists() {
+        Store::open_checked(&db).await?.close().await;
+    }
+    Ok(lock)
+}
+
 async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
     let shutdown = CancellationToken::new();
@@ -530,8 +593,63 @@ async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
         }
         trigger.cancel();
     });
-    crate::daemon::run(cfg, shutdown).await?;
+    let db = cfg.db_path();
+    let identity = FileIdentity::of(&db).with_context(|| format!("ledger {}", db.display()))?;
+    let watcher = tokio::spawn(watch_ledger(db, identity, shutdown.clone()));
+    let result = crate::daemon::run(cfg, shutdown).await;
+    watcher.abort();
+    if let Ok(Some(gone)) = watcher.await {
+        return Err(gone.into());
+    }
+    result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stops the daemon (by `shutdown`) when its ledger file is deleted or
+/// replaced, and returns why: SQLite would otherwise go on writing to an
+/// unlinked file, and everything learnt since would be lost at the next
+/// start. inotify on the state directory, so an idle daemon never wakes
+/// for it.
+async fn watch_ledger(
+    path: PathBuf,
+    identity: FileIdentity,
+    shutdown: CancellationToken,
+) -> Option<StoreError> {
+    use notify::Watcher as _;
+    let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let name = path.file_name().map(ToOwned::to_owned);
+    let (tx, mut changed) = mpsc::channel::<()>(4);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            // A full channel already means "look again".
+            let _ = tx.try_send(());
+        }
+    })
+    .and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let _watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the state directory: a deleted ledger goes unnoticed until the next start");
+            return None;
+        }
+    };
+    // The file may have gone before the watch began.
+    loop {
+        if let Err(gone) = identity.check(&path) {
+            tracing::error!(error = %gone, "the ledger is gone; stopping");
+            shutdown.cancel();
+            return Some(gone);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            Some(()) = changed.recv() => {}
+        }
+    }
 }
 
 fn check_config(cfg: &Config) -> ExitCode {

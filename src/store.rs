@@ -4,14 +4,26 @@
 //! `migrations/` applied at open. WAL lets `certd status` read while the
 //! daemon writes. Each public method is one short transaction at most, so no
 //! caller ever holds the write lock across network I/O.
+//!
+//! The ledger's own storage can fail. Opening maps SQLite's errors to what
+//! an operator acts on: a corrupt file ([`StoreError::Corrupt`], with the
+//! way out), a file system that refuses writes ([`StoreError::Unwritable`],
+//! with the system's own words for why). Processes that write take the
+//! state directory's lock ([`StateLock`]) first, so two of them never
+//! write one ledger, and a daemon checks with [`FileIdentity`] that the file
+//! it writes is still the one at the path.
 
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
+use sqlx::{Connection as _, FromRow, SqlitePool};
 
 use crate::clock::UnixTime;
 
@@ -29,6 +41,220 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("ledger query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// SQLite says the file is not a database, or finds it damaged.
+    #[error(
+        "ledger {path} is corrupt ({detail}); certd will not use it. The way out: stop certd and \
+         move the file aside (mv {path} {path}.corrupt); certd then starts with an empty ledger. \
+         The installed certificates and the account key files are untouched; lost are the \
+         renewal history and the tracking of pending authorizations, which the reaper then \
+         cannot settle (the CA expires them on its own)"
+    )]
+    Corrupt { path: String, detail: String },
+    /// The file system under the ledger refuses to write: `cause` is the
+    /// system's own error, found by trying (SQLite's messages do not say).
+    #[error("ledger {path}: cannot write: {cause} (SQLite: {detail})")]
+    Unwritable {
+        path: String,
+        cause: io::Error,
+        detail: String,
+    },
+    /// Another process holds the state directory's lock.
+    #[error(
+        "state directory {dir} is in use by another certd (PID {pid}, lock {lock}): one process \
+         at a time writes its ledger. Stop that process first; `certd status` and \
+         `certd authz list` work alongside it"
+    )]
+    Locked {
+        dir: String,
+        lock: String,
+        pid: String,
+    },
+    /// The lock file cannot be created or locked at all.
+    #[error("cannot lock the state directory: {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The ledger's file was deleted or replaced under the running process.
+    #[error(
+        "ledger {path} was deleted or replaced while certd was running; stopping rather than \
+         writing to a file nobody can read. The installed certificates are untouched; start \
+         certd again to use (or create) the ledger at that path"
+    )]
+    Gone { path: String },
+}
+
+impl StoreError {
+    /// Whether this error means certd cannot go on with the ledger at all
+    /// (exit 2), as against one query failing (an order that fails and is
+    /// retried).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, StoreError::Query(_))
+    }
+}
+
+/// SQLite's primary result codes that open distinguishes: a damaged file,
+/// and the ones a file system refusing writes shows up as.
+const SQLITE_PERM: i32 = 3;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_NOTADB: i32 = 26;
+
+/// The lock file in the state directory.
+pub const LOCK_FILE: &str = "certd.lock";
+
+/// How much a write probe writes: SQLite's WAL index alone takes 32 KiB,
+/// so a disk with less free space than this cannot hold an open ledger.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Maps an error met while opening the ledger at `path` to what the
+/// operator needs to know; `fallback` builds the error for anything else.
+fn diagnose<E: std::error::Error + 'static>(
+    path: &Path,
+    error: E,
+    fallback: impl FnOnce(E) -> StoreError,
+) -> StoreError {
+    let display = path.display().to_string();
+    let Some((code, detail)) = sqlite_code(&error) else {
+        return fallback(error);
+    };
+    match code & 0xff {
+        SQLITE_CORRUPT | SQLITE_NOTADB => StoreError::Corrupt {
+            path: display,
+            detail,
+        },
+        SQLITE_FULL => StoreError::Unwritable {
+            path: display,
+            cause: io::Error::from_raw_os_error(libc::ENOSPC),
+            detail,
+        },
+        SQLITE_PERM | SQLITE_READONLY | SQLITE_IOERR | SQLITE_CANTOPEN => {
+            match probe_write(path.parent().unwrap_or(Path::new("."))) {
+                Err(cause) => StoreError::Unwritable {
+                    path: display,
+                    cause,
+                    detail,
+                },
+                Ok(()) => fallback(error),
+            }
+        }
+        _ => fallback(error),
+    }
+}
+
+/// The SQLite result code and message of the first database error in
+/// `error`'s chain.
+fn sqlite_code(error: &(dyn std::error::Error + 'static)) -> Option<(i32, String)> {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+            let code = db.code()?.parse().ok()?;
+            return Some((code, db.message().to_owned()));
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Writes and removes a scratch file in `dir`: the system's own error
+/// (read-only file system, no space left, permission denied) when SQLite
+/// only says it could not open or write.
+fn probe_write(dir: &Path) -> io::Result<()> {
+    let path = dir.join(".certd-write-probe");
+    let result = File::create(&path).and_then(|mut f| f.write_all(&[0; PROBE_BYTES]));
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The state directory's lock: `certd.lock`, locked with `flock` for the
+/// holder's lifetime and holding its PID, so a second process can say who
+/// holds it. The kernel drops the lock when the process ends, however it
+/// ends, so a stale file never blocks anyone.
+#[derive(Debug)]
+pub struct StateLock {
+    // Held only to keep the lock: closing the file releases it.
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the lock of `state_dir`, or says who holds it.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock> {
+        let path = state_dir.join(LOCK_FILE);
+        let lock_err = |source| StoreError::Lock {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(lock_err)?;
+        // SAFETY: flock takes a file descriptor, which `file` owns and keeps
+        // open for the call; it touches no memory of ours.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Err(lock_err(e));
+            }
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::Locked {
+                dir: state_dir.display().to_string(),
+                lock: path.display().to_string(),
+                pid: if pid.is_empty() {
+                    "not yet written".to_owned()
+                } else {
+                    pid.to_owned()
+                },
+            });
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(lock_err)?;
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// Which file a path named when the ledger was opened (device and inode),
+/// to notice the file being deleted or replaced under a running daemon:
+/// SQLite would go on writing to the unlinked file, and every write would
+/// be lost at the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    /// The identity of the file at `path` now.
+    pub fn of(path: &Path) -> io::Result<FileIdentity> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// `Ok` while `path` still names this file; [`StoreError::Gone`] once
+    /// it is deleted or replaced. Other errors (a permission change) are
+    /// not taken as deletion.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        match FileIdentity::of(path) {
+            Ok(now) if now == *self => Ok(()),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Ok(()),
+            _ => Err(StoreError::Gone {
+                path: path.display().to_string(),
+            }),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -140,11 +366,15 @@ pub struct Installed {
 }
 
 impl Store {
-    /// Opens (creating if needed) the ledger at `path` and applies migrations.
+    /// Opens (creating if needed) the ledger at `path` and applies
+    /// migrations. A corrupt file or a file system that refuses writes is
+    /// a [`StoreError::Corrupt`] or [`StoreError::Unwritable`] naming it.
     pub async fn open(path: &Path) -> Result<Self> {
-        let open_err = |source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
+        let open_err = |source: sqlx::Error| {
+            diagnose(path, source, |source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })
         };
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(open_err)?
@@ -166,11 +396,56 @@ impl Store {
             // reaper or the metrics read while an order writes. Each
             // connection is a thread with its own cache.
             .max_connections(2)
+            // A connection handed back inside a transaction is one whose
+            // rollback failed because SQLite had already rolled back on its
+            // own (a full disk does that): sqlx's count of open
+            // transactions is then stale, the next transaction on it
+            // becomes a savepoint, and a failure there leaves a write
+            // transaction open for good, locking every other writer out
+            // until restart. Closing it (which rolls back whatever is
+            // open) lets the pool start afresh. A healthy connection is
+            // never back in the pool inside a transaction, bar a dropped
+            // transaction whose queued rollback has not run yet: closing
+            // that one costs a reconnect, on an error path.
+            .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        if let Err(e) = sqlx::migrate!("./migrations").run(&pool).await {
+            pool.close().await;
+            return Err(diagnose(path, e, StoreError::Migrate));
+        }
         Ok(Self { pool })
+    }
+
+    /// Opens the ledger for a process that writes it (the daemon, a
+    /// one-shot writer): [`Store::open`], then `PRAGMA quick_check`, so a
+    /// damaged file is refused at the start instead of failing (or being
+    /// made worse) half-way through an order. Readers skip the check: it
+    /// reads every page, and `certd status` must stay fast.
+    pub async fn open_checked(path: &Path) -> Result<Self> {
+        let store = Self::open(path).await?;
+        let corrupt = |detail| StoreError::Corrupt {
+            path: path.display().to_string(),
+            detail,
+        };
+        let verdict: std::result::Result<Vec<(String,)>, sqlx::Error> =
+            sqlx::query_as("PRAGMA quick_check")
+                .fetch_all(&store.pool)
+                .await;
+        let failure = match verdict {
+            Ok(rows) if rows.len() == 1 && rows[0].0 == "ok" => return Ok(store),
+            Ok(rows) => corrupt(
+                rows.into_iter()
+                    .map(|r| r.0)
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            Err(e) => diagnose(path, e, StoreError::Query),
+        };
+        store.close().await;
+        Err(failure)
     }
 
     /// Lets every open connection give back its page cache
@@ -192,6 +467,16 @@ impl Store {
                 .execute(&mut **conn)
                 .await;
         }
+    }
+
+    /// Folds the write-ahead log into the main file and empties it
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`), so that `certd.db` alone is the
+    /// whole ledger: for tests that damage the file, and tools that copy it.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// `PRAGMA integrity_check`, for tests and `certd status --check`.
@@ -939,6 +1224,62 @@ mod tests {
             .await
             .expect("open");
         (dir, store)
+    }
+
+    /// The lock is per open file, so a second take in one process meets
+    /// the first as another process would, and learns its PID.
+    #[test]
+    fn the_state_lock_names_its_holder_and_goes_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = StateLock::acquire(dir.path()).expect("first lock");
+        match StateLock::acquire(dir.path()) {
+            Err(StoreError::Locked { pid, .. }) => {
+                assert_eq!(pid, std::process::id().to_string());
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(held);
+        StateLock::acquire(dir.path()).expect("free again");
+    }
+
+    #[test]
+    fn file_identity_notices_deletion_and_replacement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("certd.db");
+        std::fs::write(&path, b"a").expect("write");
+        let identity = FileIdentity::of(&path).expect("identity");
+        identity.check(&path).expect("same file");
+        // Rewritten in place is still the same file.
+        std::fs::write(&path, b"b").expect("rewrite");
+        identity.check(&path).expect("same file after a write");
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"c").expect("write");
+        std::fs::rename(&other, &path).expect("replace");
+        assert!(matches!(
+            identity.check(&path),
+            Err(StoreError::Gone { .. })
+        ));
+        std::fs::remove_file(&path).expect("delete");
+        assert!(matches!(
+            identity.check(&path),
+            Err(StoreError::Gone { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_corrupt_not_a_raw_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("certd.db");
+        std::fs::write(&path, vec![b'x'; 8192]).expect("write");
+        for result in [Store::open(&path).await, Store::open_checked(&path).await] {
+            match result {
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    assert!(e.is_fatal());
+                    assert!(e.to_string().contains("move the file aside"), "{e}");
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -3,11 +3,11 @@
 //! runs of the same tests are in scripts/soak.
 
 use std::fs;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::{
-    TcpProxy, TestEnv, ca_authz_statuses, installed, ledger_authz, ledger_authz_urls, wait_for,
+    TcpProxy, TestEnv, TinyDisk, ca_authz_statuses, installed, integrity, ledger_authz,
+    ledger_authz_urls, wait_for,
 };
 
 const DAEMON: &str = r#"
@@ -42,21 +42,6 @@ fn assert_nothing_pending_at_ca(env: &TestEnv) {
     let at_ca = ca_authz_statuses(env, &ledger_authz_urls(&authz));
     let pending: Vec<_> = at_ca.iter().filter(|(_, s)| *s == "pending").collect();
     assert!(pending.is_empty(), "left pending at the CA: {pending:?}");
-}
-
-fn integrity(env: &TestEnv) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
-            .await
-            .expect("ledger");
-        let r = store.integrity_check().await.expect("integrity_check");
-        store.close().await;
-        r
-    })
 }
 
 #[test]
@@ -132,51 +117,6 @@ fn ca_outage_backs_off_and_recovers() {
         "the installed certificate is untouched"
     );
     assert_nothing_pending_at_ca(&env);
-}
-
-/// A tmpfs mounted over a directory for the test's lifetime.
-struct TinyDisk {
-    path: std::path::PathBuf,
-}
-
-impl TinyDisk {
-    fn mount(path: &std::path::Path, size: &str) -> TinyDisk {
-        fs::create_dir_all(path).expect("mount point");
-        let status = Command::new("mount")
-            // tmpfs is 1777 by default, which certd refuses as a cert_dir.
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(path)
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs needs root (CI runs as root)"
-        );
-        TinyDisk {
-            path: path.to_owned(),
-        }
-    }
-
-    fn remount(&self, option: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,{option}")])
-            .arg(&self.path)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "remount {option}");
-    }
-}
-
-impl Drop for TinyDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
 }
 
 #[test]

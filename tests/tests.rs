@@ -19,3 +19,4 @@ mod hostile_verify;
 mod issuance;
 mod ops;
 mod reaper;
+mod storage;

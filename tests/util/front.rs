@@ -138,7 +138,12 @@ impl FaultyFront {
                             upstream.clone(),
                         );
                         thread::spawn(move || {
-                            serve(tcp, config, &f, &h, &last, &client, &upstream, port)
+                            let pebble = Upstream {
+                                client: &client,
+                                url: &upstream,
+                                front_port: port,
+                            };
+                            serve(tcp, config, &f, &h, &last, &pebble)
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -218,16 +223,28 @@ impl Drop for FaultyFront {
     }
 }
 
+/// Where requests are forwarded: Pebble, through certd's own HTTP stack.
+#[derive(Clone, Copy)]
+struct Upstream<'a> {
+    client: &'a certd::acme::AcmeHttp,
+    url: &'a str,
+    /// The front's own port, which Pebble's URLs are rewritten to name.
+    front_port: u16,
+}
+
 fn serve(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     faults: &Mutex<Vec<(String, Fault, usize)>>,
     hostile: &Hostile,
     last: &LastAnswers,
-    client: &certd::acme::AcmeHttp,
-    upstream: &str,
-    port: u16,
+    pebble: &Upstream<'_>,
 ) {
+    let Upstream {
+        client,
+        url: upstream,
+        front_port: port,
+    } = *pebble;
     let _ = tcp.set_nonblocking(false);
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
     let Ok(conn) = rustls::ServerConnection::new(config) else {

@@ -14,6 +14,7 @@ mod bind;
 mod ca;
 mod cert;
 mod cmd;
+mod disk;
 mod env;
 mod front;
 mod hooks;
@@ -34,6 +35,7 @@ pub use self::{
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
+    disk::{TinyDisk, checkpoint, integrity, snapshot},
     env::TestEnv,
     front::{Fault, FaultyFront, ForgedCert, Forgery},
     hooks::{flag, install_hook_wrapper, wait_for},
