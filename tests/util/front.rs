@@ -7,10 +7,16 @@
 //! itself (without forwarding them, so the CA never saw them) and passes
 //! everything else through. Pebble builds its URLs from the Host header,
 //! so every URL it hands out points back at the front.
+//!
+//! It can also hold a request: pass it to Pebble (which acts on it) and
+//! never answer, so a test can kill certd exactly while it waits for that
+//! answer. Pebble 2.4 has no setting that keeps an order `processing`
+//! (finalization runs in a goroutine that ends within milliseconds), so
+//! this is how a kill lands in that window.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -30,11 +36,31 @@ pub enum Fault {
     WrongContentType,
 }
 
+/// A request to pass on and then leave unanswered.
+struct Hold {
+    /// Part of the request path.
+    path: String,
+    /// Only once a request whose path contains this was passed on.
+    after: Option<String>,
+    left: usize,
+}
+
+/// What the front's connection threads share.
+#[derive(Default)]
+struct Shared {
+    /// (part of the request path, fault, times left)
+    faults: Mutex<Vec<(String, Fault, usize)>>,
+    holds: Mutex<Vec<Hold>>,
+    /// Paths of the requests passed on to Pebble so far.
+    forwarded: Mutex<Vec<String>>,
+    /// Requests held so far.
+    held: AtomicUsize,
+    stop: AtomicBool,
+}
+
 pub struct FaultyFront {
     port: u16,
-    /// (part of the request path, fault, times left)
-    faults: Arc<Mutex<Vec<(String, Fault, usize)>>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -47,16 +73,15 @@ impl FaultyFront {
             Arc::new(certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle())).expect("client"));
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");
         listener.set_nonblocking(true).expect("nonblocking");
-        let faults = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (f, s) = (faults.clone(), stop.clone());
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
         let thread = thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
+            while !s.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((tcp, _)) => {
-                        let (config, f, client, upstream) =
-                            (config.clone(), f.clone(), client.clone(), upstream.clone());
-                        thread::spawn(move || serve(tcp, config, &f, &client, &upstream, port));
+                        let (config, s, client, upstream) =
+                            (config.clone(), s.clone(), client.clone(), upstream.clone());
+                        thread::spawn(move || serve(tcp, config, &s, &client, &upstream, port));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -64,8 +89,7 @@ impl FaultyFront {
         });
         FaultyFront {
             port,
-            faults,
-            stop,
+            shared,
             thread: Some(thread),
         }
     }
@@ -76,16 +100,44 @@ impl FaultyFront {
 
     /// Answers the next `times` requests whose path contains `path` with `fault`.
     pub fn inject(&self, path: &str, fault: Fault, times: usize) {
-        self.faults
+        self.shared
+            .faults
             .lock()
             .expect("faults")
             .push((path.to_owned(), fault, times));
+    }
+
+    /// Passes the next request whose path contains `path` to Pebble and
+    /// never answers it; with `after`, only one that comes once a request
+    /// whose path contains `after` was passed on.
+    pub fn hold(&self, path: &str, after: Option<&str>) {
+        self.shared.holds.lock().expect("holds").push(Hold {
+            path: path.to_owned(),
+            after: after.map(str::to_owned),
+            left: 1,
+        });
+    }
+
+    /// How many requests are held (Pebble has acted on them) so far.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
+    /// How many requests whose path contains `path` were passed on.
+    pub fn forwarded(&self, path: &str) -> usize {
+        self.shared
+            .forwarded
+            .lock()
+            .expect("forwarded")
+            .iter()
+            .filter(|p| p.contains(path))
+            .count()
     }
 }
 
 impl Drop for FaultyFront {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -95,7 +147,7 @@ impl Drop for FaultyFront {
 fn serve(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
-    faults: &Mutex<Vec<(String, Fault, usize)>>,
+    shared: &Shared,
     client: &certd::acme::AcmeHttp,
     upstream: &str,
     port: u16,
@@ -136,7 +188,7 @@ fn serve(
         return;
     }
     let fault = {
-        let mut list = faults.lock().expect("faults");
+        let mut list = shared.faults.lock().expect("faults");
         list.iter_mut()
             .find(|(p, _, left)| *left > 0 && path.contains(p.as_str()))
             .map(|(_, fault, left)| {
@@ -155,6 +207,37 @@ fn serve(
         Some(Fault::WrongContentType) => (200, vec![("Content-Type".to_owned(), "text/plain".to_owned())], b"maintenance window".to_vec()),
         None => forward(client, upstream, port, &method, &path, &content_type, body),
     };
+    if fault.is_none() {
+        let hold = {
+            let forwarded = shared.forwarded.lock().expect("forwarded");
+            let mut holds = shared.holds.lock().expect("holds");
+            holds
+                .iter_mut()
+                .find(|h| {
+                    h.left > 0
+                        && path.contains(h.path.as_str())
+                        && h.after
+                            .as_ref()
+                            .is_none_or(|a| forwarded.iter().any(|p| p.contains(a.as_str())))
+                })
+                .map(|h| h.left -= 1)
+                .is_some()
+        };
+        shared
+            .forwarded
+            .lock()
+            .expect("forwarded")
+            .push(path.clone());
+        if hold {
+            shared.held.fetch_add(1, Ordering::SeqCst);
+            // Pebble has acted; the client never learns how. The
+            // connection stays open until the front goes away.
+            while !shared.stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
+    }
     let mut out = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
         reply.len()
