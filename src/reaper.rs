@@ -488,12 +488,18 @@ impl Reaper {
     /// or `ready` is recorded with its authorizations (write-ahead, as the
     /// driver records its own), under the certificate the ledger's intent
     /// for those names recorded; [`Reaper::recover`] then resumes or
-    /// abandons it like any other. Where the CA offers no list (Let's
-    /// Encrypt), nothing is adopted: the next `newOrder` for the same names
-    /// is answered there with the same order. Returns how many were adopted.
+    /// abandons it like any other. The list is walked only when an intent
+    /// shows that a `newOrder` was interrupted: it grows with every order
+    /// the account ever made (Pebble pages it three at a time). Where the
+    /// CA offers no list (Let's Encrypt), nothing is adopted: the next
+    /// `newOrder` for the same names is answered there with the same order.
+    /// Returns how many were adopted.
     pub async fn adopt_unknown(&self) -> Result<usize, StoreError> {
         let s = &self.inner.store;
         let account = &self.inner.account;
+        if !s.has_intents(account.ledger_id).await? {
+            return Ok(0);
+        }
         let orders = match account_orders(&account.http, &account.signer).await {
             Ok(Some(orders)) => orders,
             Ok(None) => {

@@ -732,6 +732,18 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a `newOrder` of the account was interrupted: an intent is
+    /// left only when the process died between writing it and recording
+    /// the order.
+    pub async fn has_intents(&self, account_id: i64) -> Result<bool> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM order_intents WHERE account_id = ? LIMIT 1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
     /// Forgets every intent of the account, once recovery has matched them.
     pub async fn clear_intents(&self, account_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM order_intents WHERE account_id = ?")
