@@ -237,7 +237,12 @@ async fn obtain_inner(
                 let order = match new_order(ctx, cert, &sorted).await {
                     Ok(order) => order,
                     Err(e) => {
-                        ctx.store.clear_intent(intent).await?;
+                        // A CA that answered with a problem created no
+                        // order. After a lost answer it may have: the
+                        // intent stays for the next recovery to look.
+                        if e.problem().is_some() {
+                            ctx.store.clear_intent(intent).await?;
+                        }
                         return Err(e);
                     }
                 };
@@ -1195,6 +1200,40 @@ fn order_status(s: OrderStatus) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn order_keys_are_created_0600_once_and_never_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("order-keys");
+        let url = "https://ca.example/order/1";
+        let (_, pem) = generate_key(KeyType::EcdsaP256).await.expect("key");
+        store_order_key(&dir, url, &pem).await.expect("store");
+        let path = order_key_path(&dir, url);
+        let mode = std::fs::metadata(&path)
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (_, loaded) = load_order_key(&dir, url).await.expect("load");
+        assert_eq!(loaded, pem);
+        // Never over an existing key.
+        let again = store_order_key(&dir, url, &pem).await;
+        assert!(
+            matches!(again, Err(DriveError::KeyFile { .. })),
+            "{again:?}"
+        );
+        // Never through a symlink planted where the key goes.
+        remove_order_key(&dir, url).await;
+        let elsewhere = tmp.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        let linked = store_order_key(&dir, url, &pem).await;
+        assert!(
+            matches!(linked, Err(DriveError::KeyFile { .. })),
+            "{linked:?}"
+        );
+        assert!(!elsewhere.exists());
+    }
 
     #[test]
     fn poll_backs_off_and_honours_retry_after() {
