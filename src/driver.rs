@@ -12,14 +12,25 @@
 //! 4. The **authorizations** (not the challenges) are polled until final,
 //!    honouring `Retry-After`, else starting short and backing off.
 //! 5. Finalize with a CSR for a fresh key, only once every authorization is
-//!    valid; poll a `processing` order the same way; download the chain.
-//! 6. Check the chain against the order, install it atomically, reload.
+//!    valid; the key is written (0600, fsynced) beside the ledger before
+//!    `finalize` is sent. Poll a `processing` order the same way; download
+//!    the chain.
+//! 6. Check the chain against the order, install it atomically, reload, and
+//!    remove the stored key.
+//!
+//! Before step 1 the ledger records the intent to order, so an order the CA
+//! created just before a crash is found and adopted by recovery. An order
+//! interrupted after `finalize` is taken up again with its stored key: the
+//! certificate is downloaded, not issued a second time.
 //!
 //! Every path that gives up deactivates the authorizations it leaves
 //! pending, so none is left to count against the CA's limits.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -130,6 +141,12 @@ pub enum DriveError {
     Store(#[from] StoreError),
     #[error("cannot create the private key or CSR: {0}")]
     Key(String),
+    #[error("order key {}: {source}", path.display())]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0}")]
     Profile(String),
     #[error("the order is {0} after finalization")]
@@ -149,7 +166,9 @@ impl DriveError {
             // waits for the backoff like any failed one.
             Self::ForeignAuthz { .. } => Disposition::Final,
             Self::NoChallenge { .. } | Self::Key(_) | Self::Profile(_) => Disposition::Final,
-            Self::Solver(_) | Self::Install(_) | Self::Store(_) => Disposition::Retryable,
+            Self::Solver(_) | Self::Install(_) | Self::Store(_) | Self::KeyFile { .. } => {
+                Disposition::Retryable
+            }
             // An account-wide limit pauses all new orders until the window
             // moves on, as a CA's own rate limit would.
             Self::Guard(GuardError::Limit {
@@ -172,6 +191,15 @@ impl DriveError {
             _ => None,
         }
     }
+}
+
+/// An unfinished order taken up again.
+enum Resumed {
+    /// Not finalized yet: what is left of validation, then finalization.
+    Open(Order),
+    /// Finalized before the last run stopped: downloaded with the key that
+    /// was stored before `finalize` was sent.
+    Finalized(Order, Box<(KeyPair, String)>),
 }
 
 /// One challenge certd decided to answer.
@@ -207,17 +235,38 @@ async fn obtain_inner(
     let name = cert.name.as_str();
     let mut sorted = cert.domain_strings();
     sorted.sort();
-    let (mut order, admission) = match resume(ctx, name, &sorted).await? {
-        Some(order) => (order, None),
-        None => {
-            // The guard counts this order before it exists, so concurrent
-            // orders cannot all slip under max_pending.
-            let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
-            let order = new_order(ctx, cert, &sorted).await?;
-            tracing::info!(cert = name, order = %order.url(), "order created");
-            (order, Some(admission))
-        }
-    };
+    let key_dir = order_key_dir(&ctx.store).await?;
+    let (mut order, admission, intent, finalized) =
+        match resume(ctx, name, &sorted, &key_dir).await? {
+            Some(Resumed::Open(order)) => (order, None, None, None),
+            Some(Resumed::Finalized(order, stored)) => (order, None, None, Some(*stored)),
+            None => {
+                // The guard counts this order before it exists, so concurrent
+                // orders cannot all slip under max_pending.
+                let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
+                // Write-ahead: should the process die before the order's URL
+                // is recorded, recovery finds the order in the CA's list and
+                // knows which certificate it is for.
+                let intent = ctx
+                    .store
+                    .record_intent(ctx.account.ledger_id, name, &sorted)
+                    .await?;
+                let order = match new_order(ctx, cert, &sorted).await {
+                    Ok(order) => order,
+                    Err(e) => {
+                        // A CA that answered with a problem created no
+                        // order. After a lost answer it may have: the
+                        // intent stays for the next recovery to look.
+                        if e.problem().is_some() {
+                            ctx.store.clear_intent(intent).await?;
+                        }
+                        return Err(e);
+                    }
+                };
+                tracing::info!(cert = name, order = %order.url(), "order created");
+                (order, Some(admission), Some(intent), None)
+            }
+        };
     let order_url = order.url().to_owned();
     let _claim = ctx.reaper.active().claim(&order_url);
     let status = order_status(order.state().status);
@@ -231,6 +280,9 @@ async fn obtain_inner(
             &[],
         )
         .await?;
+    if let Some(intent) = intent {
+        ctx.store.clear_intent(intent).await?;
+    }
     if let Some(expires) = ctx
         .account
         .http
@@ -240,7 +292,16 @@ async fn obtain_inner(
         ctx.store.set_order_expires(&order_url, expires).await?;
     }
 
-    match run_order(ctx, cert, &mut order, &sorted, admission, cancel).await {
+    let result = match finalized {
+        Some((key, key_pem)) => {
+            complete(
+                ctx, cert, &mut order, &sorted, &key, key_pem, &key_dir, cancel,
+            )
+            .await
+        }
+        None => run_order(ctx, cert, &mut order, &sorted, admission, &key_dir, cancel).await,
+    };
+    match result {
         Ok(issued) => Ok(issued),
         Err(e) => {
             let detail = e
@@ -248,10 +309,17 @@ async fn obtain_inner(
                 .map(ProblemRecord::to_json)
                 .unwrap_or_else(|| e.to_string());
             let status = order_status(order.state().status);
-            if matches!(e, DriveError::Preflight(_)) {
-                // Nothing was answered: keep the pending authorizations
-                // for the next attempt; the reaper settles them if they go
-                // stale first.
+            // Finalized, and the key is stored: the next attempt downloads
+            // this certificate rather than ordering another.
+            let finalized = matches!(
+                order.state().status,
+                OrderStatus::Processing | OrderStatus::Valid
+            ) && !matches!(e.disposition(), Disposition::Final)
+                && order_key_path(&key_dir, &order_url).exists();
+            if matches!(e, DriveError::Preflight(_)) || finalized {
+                // After a failed self-check nothing was answered: keep the
+                // pending authorizations for the next attempt; the reaper
+                // settles them if they go stale first.
                 ctx.store
                     .set_order_state(&order_url, status, "resumable", Some(&detail))
                     .await?;
@@ -260,6 +328,7 @@ async fn obtain_inner(
             ctx.store
                 .set_order_state(&order_url, status, "failed", Some(&detail))
                 .await?;
+            remove_order_key(&key_dir, &order_url).await;
             for (url, identifier) in ctx.store.pending_authz_of_order(&order_url).await? {
                 ctx.reaper
                     .settle(&url, &identifier, Policy::by("driver"))
@@ -327,12 +396,14 @@ async fn new_order(
 }
 
 /// Reuse before abandoning (seed 003): the newest unfinished order for the
-/// same names, if the CA still has it pending or ready.
+/// same names, if the CA still has it pending or ready, or has finalized it
+/// and its key is stored.
 async fn resume(
     ctx: &Context,
     name: &str,
     identifiers: &[String],
-) -> Result<Option<Order>, DriveError> {
+    key_dir: &Path,
+) -> Result<Option<Resumed>, DriveError> {
     let now = UnixTime::now().secs();
     let Some(row) = ctx
         .store
@@ -351,7 +422,29 @@ async fn resume(
                 ctx.store
                     .event("order-resumed", Some(name), Some(&row.url), None, None)
                     .await?;
-                return Ok(Some(order));
+                return Ok(Some(Resumed::Open(order)));
+            }
+            status @ (OrderStatus::Processing | OrderStatus::Valid) => {
+                match load_order_key(key_dir, &row.url).await {
+                    Some((key, pem)) => {
+                        tracing::info!(cert = name, order = %row.url, "resuming a finalized order with its stored key");
+                        let detail = format!(
+                            "finalized ({}); downloading with the stored key",
+                            order_status(status)
+                        );
+                        ctx.store
+                            .event(
+                                "order-resumed",
+                                Some(name),
+                                Some(&row.url),
+                                None,
+                                Some(&detail),
+                            )
+                            .await?;
+                        return Ok(Some(Resumed::Finalized(order, Box::new((key, pem)))));
+                    }
+                    None => "not resumable: finalized, but its key is not stored".to_owned(),
+                }
             }
             other => format!("not resumable: the CA says {}", order_status(other)),
         },
@@ -367,6 +460,7 @@ async fn run_order(
     order: &mut Order,
     domains: &[String],
     admission: Option<Admission>,
+    key_dir: &Path,
     cancel: &CancellationToken,
 ) -> Result<Issued, DriveError> {
     let name = cert.name.as_str();
@@ -397,7 +491,22 @@ async fn run_order(
         result?;
     }
 
-    let (key, key_pem) = certificate_key(ctx, cert).await?;
+    // A resumed order finalized with the key stored last time (the CA may
+    // have seen that CSR already).
+    let (key, key_pem) = match load_order_key(key_dir, &order_url).await {
+        Some(stored) => stored,
+        None => {
+            let (key, pem) = certificate_key(ctx, cert).await?;
+            // An unreadable leftover never signed a CSR the CA accepted
+            // (the key is fsynced before `finalize`): replace it.
+            remove_order_key(key_dir, &order_url).await;
+            // Before `finalize`: should the process die once the CA has the
+            // CSR, the next run downloads the certificate for this key
+            // instead of ordering a second one.
+            store_order_key(key_dir, &order_url, &pem).await?;
+            (key, pem)
+        }
+    };
     let mut params =
         CertificateParams::new(domains.to_vec()).map_err(|e| DriveError::Key(e.to_string()))?;
     params.distinguished_name = DistinguishedName::new();
@@ -409,6 +518,23 @@ async fn run_order(
         .await?;
     nonce_retry!(order.finalize_csr(csr.der()).await)
         .map_err(|e| acme_error(ctx, &order_url, e))?;
+    complete(ctx, cert, order, domains, &key, key_pem, key_dir, cancel).await
+}
+
+/// A finalized order: download, install, reload; then the stored key goes.
+#[allow(clippy::too_many_arguments)]
+async fn complete(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    order: &mut Order,
+    domains: &[String],
+    key: &KeyPair,
+    key_pem: String,
+    key_dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<Issued, DriveError> {
+    let name = cert.name.as_str();
+    let order_url = order.url().to_owned();
     let chain = download(ctx, order, cancel).await?;
 
     let issuance = Issuance::new(
@@ -439,6 +565,8 @@ async fn run_order(
     ctx.store
         .set_order_state(&order_url, "valid", "done", None)
         .await?;
+    // Installed (privkey.pem holds it now) and the order is done.
+    remove_order_key(key_dir, &order_url).await;
     ctx.store
         .event(
             "installed",
@@ -914,6 +1042,73 @@ async fn certificate_key(
     generate_key(cert.key_type).await
 }
 
+/// Where the keys of finalized orders wait for their certificate: beside
+/// the ledger, which names the orders.
+pub(crate) async fn order_key_dir(store: &Store) -> Result<PathBuf, StoreError> {
+    Ok(store.ledger_dir().await?.join("order-keys"))
+}
+
+/// The stored key of `order_url`: named by a digest of the URL, so the
+/// ledger needs no column for it.
+pub(crate) fn order_key_path(dir: &Path, order_url: &str) -> PathBuf {
+    let digest = ring::digest::digest(&ring::digest::SHA256, order_url.as_bytes());
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dir.join(format!("{hex}.pem"))
+}
+
+/// Writes the key of `order_url`: created 0600 (never widened later),
+/// never through a symlink or over an existing file, and fsynced with its
+/// directory entry before this returns.
+async fn store_order_key(dir: &Path, order_url: &str, pem: &str) -> Result<(), DriveError> {
+    let path = order_key_path(dir, order_url);
+    let (dir, pem) = (dir.to_owned(), pem.to_owned());
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || -> io::Result<()> {
+        DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&target)?;
+        file.write_all(pem.as_bytes())?;
+        file.sync_all()?;
+        File::open(&dir)?.sync_all()
+    })
+    .await
+    .map_err(|e| DriveError::Key(format!("key task failed: {e}")))?
+    .map_err(|source| DriveError::KeyFile { path, source })
+}
+
+/// The stored key of `order_url`, if there is a usable one.
+async fn load_order_key(dir: &Path, order_url: &str) -> Option<(KeyPair, String)> {
+    let path = order_key_path(dir, order_url);
+    let pem = tokio::fs::read_to_string(&path).await.ok()?;
+    match KeyPair::from_pem(&pem) {
+        Ok(key) => Some((key, pem)),
+        Err(e) => {
+            tracing::warn!(order = order_url, path = %path.display(), error = %e, "the stored order key is unreadable");
+            None
+        }
+    }
+}
+
+/// Removes the stored key of `order_url`, if any: once its certificate is
+/// installed, or the order is abandoned.
+pub(crate) async fn remove_order_key(dir: &Path, order_url: &str) {
+    let path = order_key_path(dir, order_url);
+    match tokio::fs::remove_file(&path).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(order = order_url, path = %path.display(), error = %e, "cannot remove the stored order key")
+        }
+    }
+}
+
 /// The configured type a key is, if any.
 fn key_type_of(key: &KeyPair) -> Option<KeyType> {
     use rsa::pkcs8::DecodePublicKey;
@@ -1091,6 +1286,40 @@ fn order_status(s: OrderStatus) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn order_keys_are_created_0600_once_and_never_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("order-keys");
+        let url = "https://ca.example/order/1";
+        let (_, pem) = generate_key(KeyType::EcdsaP256).await.expect("key");
+        store_order_key(&dir, url, &pem).await.expect("store");
+        let path = order_key_path(&dir, url);
+        let mode = std::fs::metadata(&path)
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (_, loaded) = load_order_key(&dir, url).await.expect("load");
+        assert_eq!(loaded, pem);
+        // Never over an existing key.
+        let again = store_order_key(&dir, url, &pem).await;
+        assert!(
+            matches!(again, Err(DriveError::KeyFile { .. })),
+            "{again:?}"
+        );
+        // Never through a symlink planted where the key goes.
+        remove_order_key(&dir, url).await;
+        let elsewhere = tmp.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        let linked = store_order_key(&dir, url, &pem).await;
+        assert!(
+            matches!(linked, Err(DriveError::KeyFile { .. })),
+            "{linked:?}"
+        );
+        assert!(!elsewhere.exists());
+    }
 
     #[test]
     fn poll_backs_off_and_honours_retry_after() {

@@ -27,17 +27,30 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::acme::raw::{deactivate_authz, fetch_authz};
+use crate::acme::raw::{account_orders, deactivate_authz, fetch_authz, fetch_order};
 use crate::acme::{AcmeAccount, AcmeError};
 use crate::clock::UnixTime;
 use crate::config::ReaperConfig;
-use crate::store::{OrderRow, PendingAuthz, Store, StoreError};
+use crate::store::{NewAuthz, OrderRow, PendingAuthz, Store, StoreError};
 
 /// Rows fetched from the ledger per page of a pass.
 const PAGE: i64 = 100;
 /// How long a guarded order waits for pending authorizations to clear
 /// before it gives up (and the scheduler tries again later).
 const GUARD_WAIT: Duration = Duration::from_secs(120);
+
+/// The certificate name an adopted order gets when the ledger cannot tell
+/// whose it is; no configured certificate can have it (names are plain).
+const UNKNOWN_CERT: &str = "(unknown)";
+
+/// Why an order could not be adopted.
+#[derive(Debug, thiserror::Error)]
+enum AdoptError {
+    #[error(transparent)]
+    Acme(#[from] AcmeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// The order URLs being driven right now; the reaper leaves their
 /// authorizations alone.
@@ -459,25 +472,34 @@ impl Reaper {
     }
 
     /// Crash recovery: orders the ledger shows in flight but that no task is
-    /// driving. Those `keep` accepts (their certificate is still configured
-    /// with the same names, and the driver will resume them) are marked
-    /// resumable; the rest are abandoned and their pending authorizations
+    /// driving, after adopting those the CA lists for the account that the
+    /// ledger never learnt of (see [`Reaper::adopt_unknown`]). Those `keep`
+    /// accepts (their certificate is still configured with the same names,
+    /// and the driver will resume them) are marked resumable, one per set of
+    /// names; the rest are abandoned and their pending authorizations
     /// settled within the budget. An order interrupted after finalization
-    /// is abandoned too: its authorizations are already valid (nothing is
-    /// pending) and its key died with the process, so a new order, which
-    /// the CA satisfies from those valid authorizations, costs less than
-    /// persisting keys.
+    /// is resumable only while its key is stored: the driver then downloads
+    /// its certificate instead of ordering the same one again.
     pub async fn recover(
         &self,
         keep: impl Fn(&OrderRow) -> bool,
     ) -> Result<(usize, usize), StoreError> {
         let s = &self.inner.store;
+        self.adopt_unknown().await?;
+        let key_dir = crate::driver::order_key_dir(s).await?;
         let (mut resumable, mut abandoned) = (0, 0);
-        for order in s.in_flight_orders(self.inner.account.ledger_id).await? {
+        let mut orders = s.in_flight_orders(self.inner.account.ledger_id).await?;
+        // Newest first: of several unfinished orders for the same names the
+        // driver resumes the newest, so the older ones are abandoned now.
+        orders.reverse();
+        let mut kept = HashSet::new();
+        for order in orders {
             if self.inner.active.contains(&order.url) {
                 continue;
             }
-            if order.step != "finalizing" && keep(&order) {
+            let finalized_without_key = order.step == "finalizing"
+                && !crate::driver::order_key_path(&key_dir, &order.url).exists();
+            if !finalized_without_key && keep(&order) && kept.insert(order.identifiers.clone()) {
                 s.set_order_state(&order.url, &order.status, "resumable", None)
                     .await?;
                 s.event(
@@ -498,6 +520,123 @@ impl Reaper {
         Ok((resumable, abandoned))
     }
 
+    /// Orders the CA lists for the account (RFC 8555 §7.1.2.1) that the
+    /// ledger does not know: a crash between `newOrder` and recording its
+    /// answer leaves one, with pending authorizations. Each still `pending`
+    /// or `ready` is recorded with its authorizations (write-ahead, as the
+    /// driver records its own), under the certificate the ledger's intent
+    /// for those names recorded; [`Reaper::recover`] then resumes or
+    /// abandons it like any other. The list is walked only when an intent
+    /// shows that a `newOrder` was interrupted: it grows with every order
+    /// the account ever made (Pebble pages it three at a time). Where the
+    /// CA offers no list (Let's Encrypt), nothing is adopted: the next
+    /// `newOrder` for the same names is answered there with the same order.
+    /// Returns how many were adopted.
+    pub async fn adopt_unknown(&self) -> Result<usize, StoreError> {
+        let s = &self.inner.store;
+        let account = &self.inner.account;
+        if !s.has_intents(account.ledger_id).await? {
+            return Ok(0);
+        }
+        let orders = match account_orders(&account.http, &account.signer).await {
+            Ok(Some(orders)) => orders,
+            Ok(None) => {
+                s.clear_intents(account.ledger_id).await?;
+                return Ok(0);
+            }
+            Err(e) => {
+                let msg = format!("cannot list the account's orders: {e}");
+                s.event("reaper-error", None, None, None, Some(&msg))
+                    .await?;
+                tracing::warn!(error = %e, "cannot list the account's orders at the CA; orders unknown to the ledger are not adopted");
+                return Ok(0);
+            }
+        };
+        let mut adopted = 0;
+        for url in orders {
+            if s.order_known(&url).await? {
+                continue;
+            }
+            match self.adopt(&url).await {
+                Ok(true) => adopted += 1,
+                Ok(false) => {}
+                Err(AdoptError::Store(e)) => return Err(e),
+                Err(AdoptError::Acme(e)) => {
+                    let msg = format!("cannot adopt: {e}");
+                    s.event("reaper-error", None, Some(&url), None, Some(&msg))
+                        .await?;
+                    tracing::warn!(order = %url, error = %e, "cannot adopt an order unknown to the ledger");
+                }
+            }
+        }
+        s.clear_intents(account.ledger_id).await?;
+        Ok(adopted)
+    }
+
+    /// Records one order the ledger did not know, if it may still have
+    /// pending authorizations.
+    async fn adopt(&self, url: &str) -> Result<bool, AdoptError> {
+        let s = &self.inner.store;
+        let account = &self.inner.account;
+        let order = fetch_order(&account.http, &account.signer, url).await?;
+        if !matches!(order.status.as_str(), "pending" | "ready") {
+            return Ok(false);
+        }
+        let names = order.sorted_identifiers();
+        let mut authzs = Vec::with_capacity(order.authorizations.len());
+        for authz_url in &order.authorizations {
+            let a = fetch_authz(&account.http, &account.signer, authz_url).await?;
+            authzs.push(NewAuthz {
+                url: authz_url.clone(),
+                identifier: a.identifier(),
+                status: a.status.clone(),
+                expires_at: a.expires.as_deref().and_then(crate::clock::parse_rfc3339),
+                challenges: a
+                    .challenges
+                    .iter()
+                    .map(|c| (c.url.clone(), c.kind.clone(), c.status.clone()))
+                    .collect(),
+            });
+        }
+        // Without an intent or an earlier order for these names, the order
+        // is nobody's: recorded under a name no certificate has, so
+        // recovery abandons it.
+        let cert_name = s
+            .cert_name_for(account.ledger_id, &names)
+            .await?
+            .unwrap_or_else(|| UNKNOWN_CERT.to_owned());
+        s.record_order(
+            account.ledger_id,
+            &cert_name,
+            url,
+            &names,
+            &order.status,
+            &authzs,
+        )
+        .await?;
+        if let Some(expires) = order
+            .expires
+            .as_deref()
+            .and_then(crate::clock::parse_rfc3339)
+        {
+            s.set_order_expires(url, expires).await?;
+        }
+        let detail = format!(
+            "listed by the CA, unknown to the ledger: {}",
+            names.join(", ")
+        );
+        s.event(
+            "order-adopted",
+            Some(&cert_name),
+            Some(url),
+            None,
+            Some(&detail),
+        )
+        .await?;
+        tracing::info!(cert = %cert_name, order = %url, "adopted an order the ledger did not know");
+        Ok(true)
+    }
+
     /// Gives up on an order: settles its pending authorizations and marks it
     /// abandoned.
     pub async fn abandon_order(
@@ -510,6 +649,9 @@ impl Reaper {
         for (url, identifier) in s.pending_authz_of_order(order_url).await? {
             self.settle(&url, &identifier, Policy::by("driver")).await?;
         }
+        // A finalized order's stored key would only ever sign for it.
+        let key_dir = crate::driver::order_key_dir(s).await?;
+        crate::driver::remove_order_key(&key_dir, order_url).await;
         s.set_order_state(order_url, "abandoned", "abandoned", Some(why))
             .await?;
         s.event(

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -939,7 +939,9 @@ impl Store {
     }
 
     /// The newest unfinished order for exactly these identifiers that has not
-    /// expired: reused before a new order leaves its authorizations to rot.
+    /// expired: reused before a new order leaves its authorizations to rot,
+    /// and a finalized one (`processing`, `valid`) downloaded with its stored
+    /// key instead of issuing the certificate twice.
     pub async fn resumable_order(
         &self,
         account_id: i64,
@@ -949,7 +951,8 @@ impl Store {
         Ok(sqlx::query_as(
             "SELECT url, cert_name, identifiers, status, step, expires_at FROM orders
              WHERE account_id = ? AND identifiers = ? AND step IN ('created', 'authorizing', 'resumable')
-               AND status IN ('pending', 'ready') AND (expires_at IS NULL OR expires_at > ?)
+               AND status IN ('pending', 'ready', 'processing', 'valid')
+               AND (expires_at IS NULL OR expires_at > ?)
              ORDER BY id DESC LIMIT 1",
         )
         .bind(account_id)
@@ -966,6 +969,104 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The directory the ledger file lives in (SQLite's own record of the
+    /// main database file), where state that belongs beside it is kept.
+    pub async fn ledger_dir(&self) -> Result<PathBuf> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list")
+            .fetch_all(&self.pool)
+            .await?;
+        let file = rows
+            .into_iter()
+            .find(|(_, name, _)| name == "main")
+            .map(|(_, _, file)| PathBuf::from(file))
+            .unwrap_or_default();
+        Ok(file
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf))
+    }
+
+    /// Write-ahead for `newOrder`: notes that an order for `identifiers`
+    /// (sorted) of `cert_name` is about to be created. Returns the intent's id
+    /// for [`Store::clear_intent`] once the order itself is recorded.
+    pub async fn record_intent(
+        &self,
+        account_id: i64,
+        cert_name: &str,
+        identifiers: &[String],
+    ) -> Result<i64> {
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO order_intents (account_id, cert_name, identifiers, created_at)
+             VALUES (?, ?, ?, ?) RETURNING id",
+        )
+        .bind(account_id)
+        .bind(cert_name)
+        .bind(serde_json::to_string(identifiers).unwrap_or_default())
+        .bind(UnixTime::now().secs())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn clear_intent(&self, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM order_intents WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a `newOrder` of the account was interrupted: an intent is
+    /// left only when the process died between writing it and recording
+    /// the order.
+    pub async fn has_intents(&self, account_id: i64) -> Result<bool> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM order_intents WHERE account_id = ? LIMIT 1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Forgets every intent of the account, once recovery has matched them.
+    pub async fn clear_intents(&self, account_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM order_intents WHERE account_id = ?")
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Which certificate an order for exactly `identifiers` (sorted) that
+    /// the ledger does not know was most likely for: the newest intent for
+    /// those names, else the newest recorded order for them.
+    pub async fn cert_name_for(
+        &self,
+        account_id: i64,
+        identifiers: &[String],
+    ) -> Result<Option<String>> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT cert_name FROM (
+                 SELECT cert_name, 1 AS rank, id FROM order_intents WHERE account_id = ?1 AND identifiers = ?2
+                 UNION ALL
+                 SELECT cert_name, 2 AS rank, id FROM orders WHERE account_id = ?1 AND identifiers = ?2
+             ) ORDER BY rank, id DESC LIMIT 1",
+        )
+        .bind(account_id)
+        .bind(serde_json::to_string(identifiers).unwrap_or_default())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Whether the ledger has an order with this URL.
+    pub async fn order_known(&self, order_url: &str) -> Result<bool> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM orders WHERE url = ?")
+            .bind(order_url)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// The reaper's figures for `certd status`.

@@ -6,8 +6,8 @@ use std::fs;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::{
-    TcpProxy, TestEnv, TinyDisk, ca_authz_statuses, installed, integrity, ledger_authz,
-    ledger_authz_urls, wait_for,
+    FaultyFront, TcpProxy, TestEnv, TinyDisk, assert_nothing_pending_at_ca, ca_certificate,
+    ca_orders, installed, integrity, ledger_authz, ledger_events, parse_leaf, wait_for,
 };
 
 const DAEMON: &str = r#"
@@ -35,13 +35,6 @@ fn jitter_ms(max: u64) -> u64 {
 /// The installed serial of `name`, after checking the key matches.
 fn installed_serial(env: &TestEnv, name: &str) -> String {
     installed(env, name).1
-}
-
-fn assert_nothing_pending_at_ca(env: &TestEnv) {
-    let authz = ledger_authz(env);
-    let at_ca = ca_authz_statuses(env, &ledger_authz_urls(&authz));
-    let pending: Vec<_> = at_ca.iter().filter(|(_, s)| *s == "pending").collect();
-    assert!(pending.is_empty(), "left pending at the CA: {pending:?}");
 }
 
 #[test]
@@ -218,4 +211,179 @@ fn bad_ca_answers_are_clear_errors_and_lose_nothing() {
     // The CA answers well again: the next attempt succeeds.
     env.certd(&["renew", "--force"]).assert_success();
     assert_ne!(installed_serial(&env, "f"), first);
+}
+
+/// A front before Pebble that `env`'s config points at, from the first
+/// request on (the account's orders-list URL names the host it was
+/// created through).
+fn front_for(env: &TestEnv) -> FaultyFront {
+    let front = FaultyFront::start(&env.pebble);
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(&env.pebble.directory_url(), &front.directory_url()));
+    front
+}
+
+/// Runs `certd renew` until the front holds a request (Pebble has acted
+/// on it, certd waits for the answer), then kills it with SIGKILL.
+fn kill_while_held(env: &TestEnv, front: &FaultyFront) {
+    let run = env.command().arg("renew").spawn();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while front.held() == 0 {
+        assert!(Instant::now() < deadline, "no request was held within 90 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.signal("KILL");
+    let out = run.wait();
+    assert_ne!(out.code(), Some(0), "killed: {out}");
+}
+
+/// The stored keys of finalized orders (name, mode).
+fn order_keys(env: &TestEnv) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(dir) = fs::read_dir(env.state_dir().join("order-keys")) else {
+        return Vec::new();
+    };
+    dir.map(|e| {
+        let e = e.expect("directory entry");
+        let mode = e.metadata().expect("metadata").permissions().mode() & 0o777;
+        (e.file_name().to_string_lossy().into_owned(), mode)
+    })
+    .collect()
+}
+
+const FINALIZE_CERT: &str = r#"
+[[certificate]]
+name = "z"
+domains = ["z.example.test", "www.z.example.test"]
+"#;
+
+/// Kills `renew` while the front holds `path` (once `after` passed), then
+/// runs it again: the certificate of the finalized order is downloaded
+/// and installed, and the CA issued exactly one.
+fn killed_after_finalize_issues_once(path: &str, after: Option<&str>) {
+    let env = TestEnv::new();
+    env.write_config(FINALIZE_CERT);
+    let front = front_for(&env);
+    front.hold(path, after);
+    kill_while_held(&env, &front);
+    assert_eq!(
+        front.forwarded("/finalize-order/"),
+        1,
+        "finalize reached the CA"
+    );
+    let keys = order_keys(&env);
+
+    env.certd(&["renew"]).assert_success();
+    let (_, serial, spki) = installed(&env, "z");
+    let orders = ca_orders(&env);
+    let valid: Vec<_> = orders.iter().filter(|o| o.status == "valid").collect();
+    assert_eq!(valid.len(), 1, "one certificate issued: {orders:#?}");
+    assert_eq!(orders.len(), 1, "no second order: {orders:#?}");
+    let chain = ca_certificate(
+        &env,
+        valid[0].certificate.as_deref().expect("certificate URL"),
+    );
+    use rustls_pki_types::pem::PemObject;
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM");
+    let (_, ca_serial, _, ca_spki) = parse_leaf(&leaf);
+    assert_eq!(
+        ca_serial, serial,
+        "the installed certificate is the order's"
+    );
+    assert_eq!(ca_spki, spki, "with the key stored before finalize");
+    assert_nothing_pending_at_ca(&env);
+    assert_eq!(
+        keys.len(),
+        1,
+        "the key was stored before finalize: {keys:?}"
+    );
+    assert_eq!(keys[0].1, 0o600, "the stored key is 0600");
+    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+    assert!(
+        order_keys(&env).is_empty(),
+        "the stored key is removed once installed"
+    );
+}
+
+#[test]
+fn kill_9_right_after_finalize_downloads_instead_of_issuing_again() {
+    killed_after_finalize_issues_once("/finalize-order/", None);
+}
+
+/// Pebble 2.4 cannot be made to keep an order `processing` (it finalizes
+/// in a goroutine within milliseconds), so "while processing" is certd's
+/// view: finalize answered `processing` and certd's poll of the order is
+/// held.
+#[test]
+fn kill_9_while_polling_a_processing_order_downloads_instead_of_issuing_again() {
+    killed_after_finalize_issues_once("/my-order/", Some("/finalize-order/"));
+}
+
+const ADOPT_CERT: &str = r#"
+[[certificate]]
+name = "n"
+domains = ["n.example.test", "www.n.example.test"]
+"#;
+
+/// Kills `renew` once the CA created its order but before certd heard of
+/// it: the ledger knows nothing, the CA holds pending authorizations.
+fn kill_between_new_order_and_ledger(env: &TestEnv) -> FaultyFront {
+    let front = front_for(env);
+    front.hold("/order-plz", None);
+    kill_while_held(env, &front);
+    assert!(
+        ledger_authz(env).is_empty(),
+        "the ledger never saw the order"
+    );
+    let orders = ca_orders(env);
+    assert_eq!(orders.len(), 1, "{orders:#?}");
+    assert!(
+        orders[0].authz.values().any(|s| s == "pending"),
+        "{orders:#?}"
+    );
+    front
+}
+
+#[test]
+fn kill_9_between_new_order_and_ledger_adopts_and_resumes_the_order() {
+    let env = TestEnv::new();
+    env.write_config(ADOPT_CERT);
+    let _front = kill_between_new_order_and_ledger(&env);
+
+    env.certd(&["renew"]).assert_success();
+    installed(&env, "n");
+    assert_nothing_pending_at_ca(&env);
+    let orders = ca_orders(&env);
+    assert_eq!(orders.len(), 1, "the adopted order was used: {orders:#?}");
+    assert_eq!(orders[0].status, "valid", "{orders:#?}");
+    assert_eq!(ledger_events(&env, "order-adopted"), 1);
+    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+}
+
+#[test]
+fn kill_9_between_new_order_and_ledger_settles_an_order_nobody_wants() {
+    let env = TestEnv::new();
+    env.write_config(ADOPT_CERT);
+    let _front = kill_between_new_order_and_ledger(&env);
+    // The certificate is gone from the config before the next start.
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace("name = \"n\"", "name = \"other\"").replace(
+        "[\"n.example.test\", \"www.n.example.test\"]",
+        "[\"other.example.test\"]",
+    ));
+
+    let out = env.certd(&["reap", "--older-than", "0s"]);
+    out.assert_success();
+    assert_nothing_pending_at_ca(&env);
+    let orders = ca_orders(&env);
+    assert_eq!(orders.len(), 1, "{orders:#?}");
+    assert!(
+        orders[0].authz.values().all(|s| s == "deactivated"),
+        "{orders:#?}"
+    );
+    assert_eq!(ledger_events(&env, "order-adopted"), 1);
+    assert_eq!(ledger_events(&env, "order-abandoned"), 1);
 }

@@ -6,9 +6,9 @@ use std::fs;
 use std::time::Duration;
 
 use crate::util::{
-    Fault, FaultyFront, PebbleOpts, TcpProxy, TestEnv, assert_ca_status, ca_authz_objects,
-    ca_authz_statuses, flag, install_hook_wrapper, ledger_authz, ledger_authz_urls, ledger_events,
-    validate_outside_certd, wait_for,
+    Fault, FaultyFront, PebbleOpts, TcpProxy, TestEnv, assert_ca_status,
+    assert_nothing_pending_at_ca, ca_authz_objects, ca_authz_statuses, flag, install_hook_wrapper,
+    ledger_authz, ledger_authz_urls, ledger_events, validate_outside_certd, wait_for,
 };
 
 /// Starts `certd renew`, waits until it is presenting a challenge (its order
@@ -80,6 +80,7 @@ fn killed_run_is_resumed_by_the_next_start() {
     assert_eq!(authz.len(), 2, "no second order was needed: {authz:#?}");
     assert_ca_status(&env, &ledger_authz_urls(&authz), "valid");
     assert!(env.cert_dir().join("k/cert.pem").exists());
+    assert_nothing_pending_at_ca(&env);
 }
 
 #[test]
@@ -117,6 +118,7 @@ fn reaper_deactivates_what_a_killed_run_left() {
         "{}",
         status.stdout
     );
+    assert_nothing_pending_at_ca(&env);
 }
 
 #[test]
@@ -281,6 +283,7 @@ fn authz_deactivate_takes_a_challenge_url() {
     let out = env.certd(&["authz", "deactivate", "--all-pending"]);
     out.assert_success();
     assert_ca_status(&env, &pending, "deactivated");
+    assert_nothing_pending_at_ca(&env);
 }
 
 #[test]
@@ -304,6 +307,7 @@ fn reaper_pass_during_a_ca_outage_fails_and_later_succeeds() {
     let out = env.certd(&["reap", "--older-than", "0s"]);
     out.assert_success();
     assert_ca_status(&env, &pending, "deactivated");
+    assert_nothing_pending_at_ca(&env);
 }
 
 #[test]

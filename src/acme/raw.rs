@@ -41,6 +41,11 @@ impl RawSigner {
         })
     }
 
+    /// The account URL the requests name as `kid`.
+    pub fn account_url(&self) -> &str {
+        &self.kid
+    }
+
     /// The public key as a JWK (RFC 7517), for key rollover.
     pub fn jwk(&self) -> serde_json::Value {
         use ring::signature::KeyPair;
@@ -302,6 +307,96 @@ pub async fn deactivate_authz(
         .map_err(|e| AcmeError::Protocol(format!("{url}: unexpected answer: {e}")))
 }
 
+/// An order object, as much of it as recovery reads. The status is kept as
+/// a string: Pebble reports an order whose authorizations were deactivated
+/// as `deactivated`, which RFC 8555 does not define.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrderObject {
+    pub status: String,
+    #[serde(default)]
+    pub identifiers: Vec<IdentifierObject>,
+    #[serde(default)]
+    pub authorizations: Vec<String>,
+    pub expires: Option<String>,
+    pub certificate: Option<String>,
+}
+
+impl OrderObject {
+    /// The identifiers, sorted, as the ledger records an order's names.
+    pub fn sorted_identifiers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.identifiers.iter().map(|i| i.value.clone()).collect();
+        names.sort();
+        names
+    }
+}
+
+/// Fetches an order by URL.
+pub async fn fetch_order(
+    http: &AcmeHttp,
+    signer: &RawSigner,
+    url: &str,
+) -> Result<OrderObject, AcmeError> {
+    let rsp = http.signed_post(signer, url, None).await?;
+    serde_json::from_slice(&rsp.body)
+        .map_err(|e| AcmeError::Protocol(format!("{url} is not an order: {e}")))
+}
+
+/// Every order URL the CA lists for the account (RFC 8555 §7.1.2.1), page
+/// by page; `None` where the account object names no `orders` list (Let's
+/// Encrypt does not offer one). Pebble leaves out `invalid` orders.
+pub async fn account_orders(
+    http: &AcmeHttp,
+    signer: &RawSigner,
+) -> Result<Option<Vec<String>>, AcmeError> {
+    #[derive(Deserialize)]
+    struct AccountObject {
+        orders: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct OrdersList {
+        #[serde(default)]
+        orders: Vec<String>,
+    }
+    let account_url = signer.account_url();
+    let rsp = http.signed_post(signer, account_url, None).await?;
+    let account: AccountObject = serde_json::from_slice(&rsp.body)
+        .map_err(|e| AcmeError::Protocol(format!("{account_url} is not an account: {e}")))?;
+    let Some(mut page) = account.orders else {
+        return Ok(None);
+    };
+    let mut all = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // A CA whose `next` links loop must not keep certd here.
+    while seen.insert(page.clone()) {
+        let rsp = http.signed_post(signer, &page, None).await?;
+        let list: OrdersList = serde_json::from_slice(&rsp.body)
+            .map_err(|e| AcmeError::Protocol(format!("{page} is not an orders list: {e}")))?;
+        all.extend(list.orders);
+        match next_link(&rsp.headers) {
+            Some(next) => page = next,
+            None => break,
+        }
+    }
+    Ok(Some(all))
+}
+
+/// The target of a `Link: <…>;rel="next"` header, if any.
+fn next_link(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|link| {
+            let (target, params) = link.trim().split_once(';')?;
+            let is_next = params
+                .split(';')
+                .any(|p| p.trim().replace(' ', "") == "rel=\"next\"");
+            let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+            is_next.then(|| target.to_owned())
+        })
+}
+
 /// What a URL of the CA's turned out to be.
 #[derive(Debug)]
 pub enum Fetched {
@@ -355,4 +450,29 @@ pub async fn roll_over(
     )?;
     http.signed_post(old, key_change_url, Some(&inner)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_link_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::LINK,
+            "<https://ca/dir>;rel=\"index\"".parse().expect("header"),
+        );
+        assert_eq!(next_link(&headers), None);
+        headers.append(
+            http::header::LINK,
+            "<https://ca/list-orderz/1/page/2>; rel=\"next\""
+                .parse()
+                .expect("header"),
+        );
+        assert_eq!(
+            next_link(&headers).as_deref(),
+            Some("https://ca/list-orderz/1/page/2")
+        );
+    }
 }

@@ -4,17 +4,24 @@
 //! the owning account, so this loads certd's account credentials and signs
 //! one request per authorization URL. The oracle is the CA's JSON answer;
 //! the signing is certd's small JWS helper (a wrong signature would make
-//! Pebble refuse, not lie). Orders are not fetched: Pebble reports an order
-//! whose authorizations were deactivated as "deactivated", a status RFC 8555
-//! does not define and instant-acme refuses to parse.
+//! Pebble refuse, not lie). Orders are read as raw JSON: Pebble reports an
+//! order whose authorizations were deactivated as "deactivated", a status
+//! RFC 8555 does not define and instant-acme refuses to parse.
+//!
+//! What the CA holds is found through the CA itself, not through certd's
+//! ledger: the account object names its orders list (RFC 8555 §7.1.2.1;
+//! Pebble serves it at `/list-orderz/<account id>`, three orders a page,
+//! leaving `invalid` orders out), so an order certd never recorded (a kill
+//! between `newOrder` and the ledger) is seen too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::prelude::BASE64_URL_SAFE_NO_PAD;
 use certd::acme::AcmeHttp;
-use certd::acme::raw::{AuthzObject, RawSigner, fetch_authz};
+use certd::acme::raw::{AuthzObject, RawSigner, account_orders, fetch_authz, fetch_order};
 use instant_acme::{Account, AccountCredentials};
 
 use super::TestEnv;
@@ -39,9 +46,7 @@ pub fn assert_ca_status(env: &TestEnv, urls: &[String], status: &str) {
 
 /// Authorization URL → the CA's authorization object.
 pub fn ca_authz_objects(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, AuthzObject> {
-    let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
-    let creds = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()));
+    let creds = account_credentials(env);
     authz_urls
         .iter()
         .map(|url| {
@@ -55,11 +60,166 @@ pub fn ca_authz_objects(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String
 /// Fetches an authorization signed with the account key in `creds` (the
 /// JSON of a credentials file); the CA's error text if it refuses.
 pub fn fetch_authz_as(env: &TestEnv, creds: &[u8], url: &str) -> Result<AuthzObject, String> {
-    runtime().block_on(async {
-        let (http, signer) = account_signer(env, creds).await;
-        fetch_authz(&http, &signer, url)
+    let url = url.to_owned();
+    as_account(env, creds, |http, signer| async move {
+        fetch_authz(&http, &signer, &url)
             .await
             .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `f` with an HTTP client and a signer for the account in `creds`.
+fn as_account<T, F, Fut>(env: &TestEnv, creds: &[u8], f: F) -> T
+where
+    F: FnOnce(AcmeHttp, RawSigner) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let http = AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("HTTP client");
+        let parsed: AccountCredentials = serde_json::from_slice(creds).expect("credentials JSON");
+        // Loading the account fetches the directory, which teaches the
+        // client the CA's newNonce URL.
+        let account = Account::builder_with_http(Box::new(http.clone()))
+            .from_credentials(parsed)
+            .await
+            .expect("load account");
+        let json: serde_json::Value = serde_json::from_slice(creds).expect("credentials JSON");
+        let key = BASE64_URL_SAFE_NO_PAD
+            .decode(json["key_pkcs8"].as_str().expect("key_pkcs8"))
+            .expect("base64 key");
+        let signer = RawSigner::new(&key, account.id()).expect("account key");
+        f(http, signer).await
+    })
+}
+
+/// One order the CA lists for certd's account, as the CA reports it.
+#[derive(Debug)]
+pub struct CaOrder {
+    pub url: String,
+    pub status: String,
+    /// Sorted.
+    pub identifiers: Vec<String>,
+    /// The certificate URL of a valid order.
+    pub certificate: Option<String>,
+    /// Authorization URL → status.
+    pub authz: BTreeMap<String, String>,
+}
+
+/// Every order the CA lists for certd's account, each with the status of
+/// every one of its authorizations. Panics if the CA offers no list.
+pub fn ca_orders(env: &TestEnv) -> Vec<CaOrder> {
+    let creds = account_credentials(env);
+    as_account(env, &creds, |http, signer| async move {
+        let urls = account_orders(&http, &signer)
+            .await
+            .expect("the account's orders list")
+            .expect("Pebble names the account's orders list");
+        let mut orders = Vec::with_capacity(urls.len());
+        for url in urls {
+            let order = fetch_order(&http, &signer, &url)
+                .await
+                .unwrap_or_else(|e| panic!("fetch order {url}: {e}"));
+            let mut authz = BTreeMap::new();
+            for a in &order.authorizations {
+                let object = fetch_authz(&http, &signer, a)
+                    .await
+                    .unwrap_or_else(|e| panic!("fetch authorization {a}: {e}"));
+                authz.insert(a.clone(), object.status);
+            }
+            orders.push(CaOrder {
+                identifiers: order.sorted_identifiers(),
+                status: order.status,
+                certificate: order.certificate,
+                authz,
+                url,
+            });
+        }
+        orders
+    })
+}
+
+/// The certificate chain (PEM) the CA serves at `url`.
+pub fn ca_certificate(env: &TestEnv, url: &str) -> String {
+    let creds = account_credentials(env);
+    let url = url.to_owned();
+    as_account(env, &creds, |http, signer| async move {
+        let rsp = http
+            .signed_post(&signer, &url, None)
+            .await
+            .unwrap_or_else(|e| panic!("download {url}: {e}"));
+        String::from_utf8(rsp.body.to_vec()).expect("PEM is text")
+    })
+}
+
+/// The oracle of every kill test: no authorization of any order the CA
+/// holds for the account is pending, nor any the ledger recorded (Pebble
+/// leaves `invalid` orders out of its list, and such an order may still
+/// have a pending authorization for another name).
+pub fn assert_nothing_pending_at_ca(env: &TestEnv) {
+    let orders = ca_orders(env);
+    let listed: BTreeSet<&String> = orders.iter().flat_map(|o| o.authz.keys()).collect();
+    let unlisted: Vec<String> = ledger_authz_urls(&ledger_authz(env))
+        .into_iter()
+        .filter(|u| !listed.contains(u))
+        .collect();
+    let mut pending: Vec<String> = orders
+        .iter()
+        .flat_map(|o| {
+            o.authz
+                .iter()
+                .filter(|(_, s)| *s == "pending")
+                .map(move |(a, _)| format!("{a} (order {}, {})", o.url, o.status))
+        })
+        .collect();
+    pending.extend(
+        ca_authz_statuses(env, &unlisted)
+            .into_iter()
+            .filter(|(_, s)| s == "pending")
+            .map(|(a, _)| format!("{a} (in the ledger only)")),
+    );
+    pending.sort();
+    pending.dedup();
+    assert!(pending.is_empty(), "left pending at the CA: {pending:#?}");
+}
+
+fn account_credentials(env: &TestEnv) -> Vec<u8> {
+    let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()))
+}
+
+/// The ledger's authorizations (`certd authz list --json`).
+pub fn ledger_authz(env: &TestEnv) -> Vec<serde_json::Value> {
+    let out = env.certd(&["authz", "list", "--json"]);
+    out.assert_success();
+    serde_json::from_str(&out.stdout).expect("authz list JSON")
+}
+
+/// The URLs of the ledger's authorizations.
+pub fn ledger_authz_urls(authz: &[serde_json::Value]) -> Vec<String> {
+    authz
+        .iter()
+        .filter_map(|a| a["url"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// How many events of `kind` the ledger holds, read from the SQLite file.
+pub fn ledger_events(env: &TestEnv, kind: &str) -> i64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
+            .await
+            .expect("open ledger");
+        let n = store.count_events(kind).await.expect("count events");
+        store.close().await;
+        n
     })
 }
 
@@ -72,8 +232,9 @@ pub fn validate_outside_certd(env: &TestEnv, authz_url: &str) {
     let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
     let creds = std::fs::read(&path)
         .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()));
-    runtime().block_on(async {
-        let (http, signer) = account_signer(env, &creds).await;
+    let authz_url = authz_url.to_owned();
+    as_account(env, &creds, |http, signer| async move {
+        let authz_url = authz_url.as_str();
         // The token is not in certd's `AuthzObject`: read the raw answer.
         let rsp = http
             .signed_post(&signer, authz_url, None)
@@ -121,61 +282,4 @@ pub fn validate_outside_certd(env: &TestEnv, authz_url: &str) {
             }
         }
     });
-}
-
-/// certd's account at the CA, from the JSON of a credentials file: an
-/// HTTP client that knows the CA's newNonce URL, and the account key.
-async fn account_signer(env: &TestEnv, creds: &[u8]) -> (AcmeHttp, RawSigner) {
-    let http = AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("HTTP client");
-    let parsed: AccountCredentials = serde_json::from_slice(creds).expect("credentials JSON");
-    // Loading the account fetches the directory, which teaches the
-    // client the CA's newNonce URL.
-    let account = Account::builder_with_http(Box::new(http.clone()))
-        .from_credentials(parsed)
-        .await
-        .expect("load account");
-    let json: serde_json::Value = serde_json::from_slice(creds).expect("credentials JSON");
-    let key = BASE64_URL_SAFE_NO_PAD
-        .decode(json["key_pkcs8"].as_str().expect("key_pkcs8"))
-        .expect("base64 key");
-    let signer = RawSigner::new(&key, account.id()).expect("account key");
-    (http, signer)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// The ledger's authorizations (`certd authz list --json`).
-pub fn ledger_authz(env: &TestEnv) -> Vec<serde_json::Value> {
-    let out = env.certd(&["authz", "list", "--json"]);
-    out.assert_success();
-    serde_json::from_str(&out.stdout).expect("authz list JSON")
-}
-
-/// The URLs of the ledger's authorizations.
-pub fn ledger_authz_urls(authz: &[serde_json::Value]) -> Vec<String> {
-    authz
-        .iter()
-        .filter_map(|a| a["url"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// How many events of `kind` the ledger holds, read from the SQLite file.
-pub fn ledger_events(env: &TestEnv, kind: &str) -> i64 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
-            .await
-            .expect("open ledger");
-        let n = store.count_events(kind).await.expect("count events");
-        store.close().await;
-        n
-    })
 }

@@ -16,11 +16,17 @@
 //! It also plays a hostile CA (`Forgery`): it rewrites Pebble's real
 //! answers the way a malicious or compromised CA could, which no real CA
 //! here does, to test what certd verifies in the CA's answers.
+//!
+//! It can also hold a request: pass it to Pebble (which acts on it) and
+//! never answer, so a test can kill certd exactly while it waits for that
+//! answer. Pebble has no setting that keeps an order `processing`
+//! (finalization runs in a goroutine that ends within milliseconds), so
+//! this is how a kill lands in that window.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -99,15 +105,35 @@ pub enum ForgedCert {
     OtherCa,
 }
 
+/// A request to pass on and then leave unanswered.
+struct Hold {
+    /// Part of the request path.
+    path: String,
+    /// Only once a request whose path contains this was passed on.
+    after: Option<String>,
+    left: usize,
+}
+
+/// What the front's connection threads share.
+#[derive(Default)]
+struct Shared {
+    /// (part of the request path, fault, times left)
+    faults: Mutex<Vec<(String, Fault, usize)>>,
+    holds: Mutex<Vec<Hold>>,
+    /// Paths of the requests passed on to Pebble so far.
+    forwarded: Mutex<Vec<String>>,
+    /// Requests held so far.
+    held: AtomicUsize,
+    /// Pebble's last successful answer per path (for `Fault::IgnoreUpdate`).
+    last: LastAnswers,
+    /// The hostile CA's forgeries, and every request's path.
+    hostile: Hostile,
+    stop: AtomicBool,
+}
+
 pub struct FaultyFront {
     port: u16,
-    /// (part of the request path, fault, times left)
-    faults: Arc<Mutex<Vec<(String, Fault, usize)>>>,
-    /// (part of the request path, forgery, times left)
-    forgeries: Arc<Mutex<Vec<(String, Forgery, usize)>>>,
-    /// The path of every request, in order.
-    seen: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -120,30 +146,21 @@ impl FaultyFront {
             Arc::new(certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle())).expect("client"));
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");
         listener.set_nonblocking(true).expect("nonblocking");
-        let faults = Arc::new(Mutex::new(Vec::new()));
-        let last = Arc::new(LastAnswers::default());
-        let hostile = Hostile::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (f, h, s) = (faults.clone(), hostile.clone(), stop.clone());
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
         let thread = thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
+            while !s.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((tcp, _)) => {
-                        let (config, f, h, last, client, upstream) = (
-                            config.clone(),
-                            f.clone(),
-                            h.clone(),
-                            last.clone(),
-                            client.clone(),
-                            upstream.clone(),
-                        );
+                        let (config, s, client, upstream) =
+                            (config.clone(), s.clone(), client.clone(), upstream.clone());
                         thread::spawn(move || {
                             let pebble = Upstream {
                                 client: &client,
                                 url: &upstream,
                                 front_port: port,
                             };
-                            serve(tcp, config, &f, &h, &last, &pebble)
+                            serve(tcp, config, &s, &pebble)
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -152,10 +169,7 @@ impl FaultyFront {
         });
         FaultyFront {
             port,
-            faults,
-            forgeries: hostile.forgeries,
-            seen: hostile.seen,
-            stop,
+            shared,
             thread: Some(thread),
         }
     }
@@ -166,7 +180,8 @@ impl FaultyFront {
 
     /// Answers the next `times` requests whose path contains `path` with `fault`.
     pub fn inject(&self, path: &str, fault: Fault, times: usize) {
-        self.faults
+        self.shared
+            .faults
             .lock()
             .expect("faults")
             .push((path.to_owned(), fault, times));
@@ -174,7 +189,8 @@ impl FaultyFront {
 
     /// How many of the injected faults have not been served yet.
     pub fn left(&self) -> usize {
-        self.faults
+        self.shared
+            .faults
             .lock()
             .expect("faults")
             .iter()
@@ -184,7 +200,7 @@ impl FaultyFront {
 
     /// Forgets the faults not served yet: the CA answers well again.
     pub fn clear(&self) {
-        self.faults.lock().expect("faults").clear();
+        self.shared.faults.lock().expect("faults").clear();
     }
 }
 
@@ -192,7 +208,9 @@ impl FaultyFront {
     /// Answers the next `times` requests whose path contains `path` with
     /// `forgery`.
     pub fn forge(&self, path: &str, forgery: Forgery, times: usize) {
-        self.forgeries
+        self.shared
+            .hostile
+            .forgeries
             .lock()
             .expect("forgeries")
             .push((path.to_owned(), forgery, times));
@@ -200,14 +218,48 @@ impl FaultyFront {
 
     /// Drops the forgeries not yet used up: Pebble answers as itself again.
     pub fn stop_forging(&self) {
-        self.forgeries.lock().expect("forgeries").clear();
+        self.shared
+            .hostile
+            .forgeries
+            .lock()
+            .expect("forgeries")
+            .clear();
     }
 
     /// How many requests so far had `path` in their path.
     pub fn requests(&self, path: &str) -> usize {
-        self.seen
+        self.shared
+            .hostile
+            .seen
             .lock()
             .expect("seen")
+            .iter()
+            .filter(|p| p.contains(path))
+            .count()
+    }
+
+    /// Passes the next request whose path contains `path` to Pebble and
+    /// never answers it; with `after`, only one that comes once a request
+    /// whose path contains `after` was passed on.
+    pub fn hold(&self, path: &str, after: Option<&str>) {
+        self.shared.holds.lock().expect("holds").push(Hold {
+            path: path.to_owned(),
+            after: after.map(str::to_owned),
+            left: 1,
+        });
+    }
+
+    /// How many requests are held (Pebble has acted on them) so far.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
+    /// How many requests whose path contains `path` were passed on.
+    pub fn forwarded(&self, path: &str) -> usize {
+        self.shared
+            .forwarded
+            .lock()
+            .expect("forwarded")
             .iter()
             .filter(|p| p.contains(path))
             .count()
@@ -216,7 +268,7 @@ impl FaultyFront {
 
 impl Drop for FaultyFront {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -235,9 +287,7 @@ struct Upstream<'a> {
 fn serve(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
-    faults: &Mutex<Vec<(String, Fault, usize)>>,
-    hostile: &Hostile,
-    last: &LastAnswers,
+    shared: &Shared,
     pebble: &Upstream<'_>,
 ) {
     let Upstream {
@@ -281,7 +331,7 @@ fn serve(
         return;
     }
     let fault = {
-        let mut list = faults.lock().expect("faults");
+        let mut list = shared.faults.lock().expect("faults");
         list.iter_mut()
             .find(|(p, fault, left)| *left > 0 && path.contains(p.as_str()) && fault.applies(&body))
             .map(|(_, fault, left)| {
@@ -302,6 +352,7 @@ fn serve(
         headers.extend(extra);
         (status, headers, body.to_string().into_bytes())
     };
+    let forwarded = fault.is_none();
     let (status, headers, reply) = match fault {
         Some(Fault::TruncatedJson) => (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], b"{\"status\": \"val".to_vec()),
         Some(Fault::HtmlBadGateway) => (
@@ -312,7 +363,7 @@ fn serve(
         Some(Fault::ServerError) => (500, Vec::new(), Vec::new()),
         Some(Fault::WrongContentType) => (200, vec![("Content-Type".to_owned(), "text/plain".to_owned())], b"maintenance window".to_vec()),
         Some(Fault::IgnoreUpdate) => {
-            let answer = last.lock().expect("last answers").get(&path).cloned();
+            let answer = shared.last.lock().expect("last answers").get(&path).cloned();
             (200, vec![("Content-Type".to_owned(), "application/json".to_owned())], answer.unwrap_or_default())
         }
         Some(Fault::Token(token)) => {
@@ -337,19 +388,50 @@ fn serve(
             return;
         }
         None => {
-            let answer = hostile.answer(
+            let answer = shared.hostile.answer(
                 &path,
                 |body| forward(client, upstream, port, &method, &path, &content_type, body),
                 body,
             );
             if answer.0 == 200 {
-                last.lock()
+                shared.last.lock()
                     .expect("last answers")
                     .insert(path.clone(), answer.2.clone());
             }
             answer
         }
     };
+    if forwarded {
+        let hold = {
+            let forwarded = shared.forwarded.lock().expect("forwarded");
+            let mut holds = shared.holds.lock().expect("holds");
+            holds
+                .iter_mut()
+                .find(|h| {
+                    h.left > 0
+                        && path.contains(h.path.as_str())
+                        && h.after
+                            .as_ref()
+                            .is_none_or(|a| forwarded.iter().any(|p| p.contains(a.as_str())))
+                })
+                .map(|h| h.left -= 1)
+                .is_some()
+        };
+        shared
+            .forwarded
+            .lock()
+            .expect("forwarded")
+            .push(path.clone());
+        if hold {
+            shared.held.fetch_add(1, Ordering::SeqCst);
+            // Pebble has acted; the client never learns how. The
+            // connection stays open until the front goes away.
+            while !shared.stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
+    }
     let mut out = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
         reply.len()

@@ -30,7 +30,8 @@ pub use self::{
     ari::{AriServer, Window},
     bind::Bind,
     ca::{
-        assert_ca_status, ca_authz_objects, ca_authz_statuses, fetch_authz_as, ledger_authz,
+        CaOrder, assert_ca_status, assert_nothing_pending_at_ca, ca_authz_objects,
+        ca_authz_statuses, ca_certificate, ca_orders, fetch_authz_as, ledger_authz,
         ledger_authz_urls, ledger_events, validate_outside_certd,
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
