@@ -385,14 +385,35 @@ async fn new_order(
                     .await
                     .map_err(|e| AcmeError::from(e).into());
             }
-            // E.g. `alreadyReplaced`: order without `replaces`.
-            Err(instant_acme::Error::Api(p)) if p.status.is_some_and(|s| s < 500 && s != 429) => {
+            // `replaces` is a hint; see `refuses_replaces`.
+            Err(instant_acme::Error::Api(p)) if refuses_replaces(&p) => {
                 tracing::info!(cert = name, problem = %ProblemRecord::from_problem(&p), "order with `replaces` refused; ordering without");
             }
             Err(e) => return Err(AcmeError::from(e).into()),
         }
     }
     nonce_retry!(account.new_order(&base()).await).map_err(|e| AcmeError::from(e).into())
+}
+
+/// Whether a CA's answer to a `newOrder` with `replaces` refuses the hint
+/// rather than the order, so that the same order without `replaces` is
+/// worth sending: `alreadyReplaced` and other 4xx problems, and an ACME
+/// problem document with a 5xx status from a CA that cannot find the
+/// installed certificate (one from another CA, or from before a move;
+/// Pebble answers that with `serverInternal`). A rate limit stands, and so
+/// does a 5xx without a problem document (a proxy's error page: the CA is
+/// down, and the same order would fail the same way).
+fn refuses_replaces(p: &instant_acme::Problem) -> bool {
+    let acme_type = p
+        .r#type
+        .as_deref()
+        .and_then(|t| t.strip_prefix("urn:ietf:params:acme:error:"));
+    match (p.status, acme_type) {
+        (Some(429), _) | (_, Some("rateLimited")) => false,
+        (Some(s), _) if s < 500 => true,
+        (_, Some(_)) => true,
+        (_, None) => false,
+    }
 }
 
 /// Reuse before abandoning (seed 003): the newest unfinished order for the
@@ -1285,6 +1306,28 @@ fn order_status(s: OrderStatus) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn replaces_is_dropped_only_when_the_ca_refused_the_hint() {
+        let problem = |status: u16, kind: &str| -> instant_acme::Problem {
+            serde_json::from_value(serde_json::json!({
+                "type": kind,
+                "status": status,
+                "detail": "d",
+            }))
+            .expect("a problem document")
+        };
+        let acme = |t: &str| format!("urn:ietf:params:acme:error:{t}");
+        assert!(refuses_replaces(&problem(409, &acme("alreadyReplaced"))));
+        assert!(refuses_replaces(&problem(500, &acme("serverInternal"))));
+        assert!(!refuses_replaces(&problem(429, &acme("rateLimited"))));
+        assert!(!refuses_replaces(&problem(503, &acme("rateLimited"))));
+        // A proxy's error page, turned into a problem by certd.
+        assert!(!refuses_replaces(&problem(
+            502,
+            "urn:certd:error:httpError"
+        )));
+    }
+
     use super::*;
 
     #[tokio::test]

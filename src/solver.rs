@@ -738,7 +738,7 @@ mod tests {
             timeout: Duration::from_secs(10),
             propagation: PropagationCheck::new(&Default::default()),
         };
-        let mut c = spec("tok3");
+        let mut c = spec("tok3_aaaaaaaaaaaaaaaaaaaa");
         c.identifier = "a.example\nupdate add evil.example. 60 TXT x".into();
         let e = solver.present(&c).await.expect_err("refused");
         assert!(e.to_string().contains("not a DNS name"), "{e}");
