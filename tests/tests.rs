@@ -14,5 +14,6 @@ mod dns01;
 mod faults;
 mod harness;
 mod issuance;
+mod lifecycle;
 mod ops;
 mod reaper;

@@ -1,0 +1,200 @@
+//! The daemon's lifecycle against a real Pebble: how it hears about
+//! configuration changes, what it tells systemd, and that SIGTERM ends it
+//! within `shutdown_grace` whatever else is happening.
+
+use std::fs;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::TestEnv;
+
+/// Fast retries, and a grace short enough for many shutdowns per test.
+const DAEMON: &str = r#"
+[daemon]
+backoff_min = "1s"
+backoff_max = "2s"
+shutdown_grace = "5s"
+"#;
+const GRACE: Duration = Duration::from_secs(5);
+/// What the daemon may take beyond `shutdown_grace` to exit.
+const EXIT_MARGIN: Duration = Duration::from_secs(5);
+
+fn cert(name: &str, domain: &str) -> String {
+    format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n")
+}
+
+/// Replaces `path` the way editors save: a new file renamed over it.
+fn editor_replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.swp");
+    fs::write(&tmp, text).expect("write temp config");
+    fs::rename(&tmp, path).expect("rename over config");
+}
+
+/// Polls `cond` until it holds (true) or `timeout` passes (false).
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Every notification queued on `socket`, without waiting.
+fn drain_notifications(socket: &UnixDatagram) -> Vec<String> {
+    socket.set_nonblocking(true).expect("non-blocking");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = socket.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    got
+}
+
+#[test]
+fn a_notify_socket_nobody_reads_does_not_hold_up_shutdown() {
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("n", "n.example.test")));
+    // Bound and never read, like a systemd that is busy: its queue
+    // (net.unix.max_dgram_qlen, 10 by default) fills.
+    let socket_path = env.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    let mut daemon = env
+        .command()
+        .arg("run")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .spawn();
+    daemon.wait_for_file(&env.cert_dir().join("n/cert.pem"), Duration::from_secs(60));
+    daemon.wait_for_output("certd running", Duration::from_secs(10));
+    // Each SIGHUP is a reload: more notifications than the queue holds.
+    // A daemon that stops hearing them is stuck; SIGTERM then shows where.
+    for i in 1..=8 {
+        daemon.signal("HUP");
+        if !wait_until(Duration::from_secs(20), || {
+            daemon.stderr().matches("SIGHUP: reloading").count() >= i
+        }) {
+            break;
+        }
+    }
+    let (out, took) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(took < GRACE + EXIT_MARGIN, "shutdown took {took:?}");
+    // What did arrive is a consistent story: it starts ready and never
+    // leaves systemd believing a reload is still under way.
+    let heard = drain_notifications(&socket);
+    assert_eq!(
+        heard.first().map(String::as_str),
+        Some("READY=1"),
+        "{heard:?}"
+    );
+    assert_ne!(
+        heard.last().map(String::as_str),
+        Some("RELOADING=1"),
+        "{heard:?}"
+    );
+}
+
+#[test]
+fn only_content_changes_reload_and_systemd_hears_each_once() {
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("n", "n.example.test")));
+    let socket_path = env.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    let mut daemon = env
+        .command()
+        .arg("run")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .spawn();
+    daemon.wait_for_file(&env.cert_dir().join("n/cert.pem"), Duration::from_secs(60));
+    daemon.wait_for_output("certd running", Duration::from_secs(10));
+
+    // A touch changes no content: no reload. The daemon's own read of the
+    // file once started a reload loop from here.
+    let status = std::process::Command::new("touch")
+        .arg(env.config_path())
+        .status()
+        .expect("run touch");
+    assert!(status.success());
+    // An editor's save: a new certificate, issued without a restart.
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    editor_replace(
+        &env.config_path(),
+        &format!("{config}{}", cert("m", "m.example.test")),
+    );
+    daemon.wait_for_file(&env.cert_dir().join("m/cert.pem"), Duration::from_secs(60));
+
+    let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.stderr.matches("reloading").count(), 1, "{}", out.stderr);
+    assert_eq!(
+        drain_notifications(&socket),
+        ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    );
+}
+
+#[test]
+fn reload_applies_live_settings_and_status_names_the_rest() {
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("s", "s.example.test")));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.cert_dir().join("s/cert.pem"), Duration::from_secs(60));
+    daemon.wait_for_output("certd running", Duration::from_secs(10));
+    assert!(!env.certd(&["status"]).stdout.contains("restart needed"));
+
+    // A metrics listener (live) and a new contact address (restart).
+    let port = crate::util::free_port();
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    let edited = config
+        .replace("mailto:test@example.com", "mailto:ops@example.com")
+        .replace(
+            "[daemon]",
+            &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[daemon]"),
+        );
+    editor_replace(&env.config_path(), &edited);
+    daemon.wait_for_output("configuration reloaded", Duration::from_secs(20));
+    assert!(
+        daemon.stderr().contains("keys=acme.contact"),
+        "{}",
+        daemon.stderr()
+    );
+    let body = get_metrics(port);
+    assert!(body.contains("certd_"), "{body}");
+    let status = env.certd(&["status"]);
+    assert!(
+        status.stdout.contains("restart needed: acme.contact"),
+        "{status}"
+    );
+
+    // A restart applies it: status says nothing more.
+    let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_output("certd running", Duration::from_secs(30));
+    let status = env.certd(&["status"]);
+    assert!(!status.stdout.contains("restart needed"), "{status}");
+    let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+}
+
+/// GET /metrics on `port`, retried while the listener comes up.
+fn get_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        });
+        match attempt {
+            Ok(body) => return body,
+            Err(e) if Instant::now() > deadline => panic!("GET /metrics on {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
