@@ -198,3 +198,122 @@ fn get_metrics(port: u16) -> String {
         }
     }
 }
+
+/// Where an order is when SIGTERM arrives.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Just after start: the first order's newOrder is on its way.
+    Starting,
+    /// The dns-01 hook is presenting (and blocks until killed).
+    Presenting,
+    /// The challenge is answered: certd is polling, finalizing or
+    /// downloading, as the CA's timing falls (the soak runs sample them).
+    Polling,
+    /// The certificate is installed and its reload command runs (sleeps).
+    ReloadCommand,
+}
+
+/// What happens just before SIGTERM.
+#[derive(Debug, Clone, Copy)]
+enum Before {
+    Nothing,
+    Sighup,
+    /// An editor-style replace of the file adding a certificate (a new
+    /// order starts as the daemon stops).
+    EditorReplace,
+}
+
+const STAGES: [Stage; 4] = [
+    Stage::Starting,
+    Stage::Presenting,
+    Stage::Polling,
+    Stage::ReloadCommand,
+];
+const BEFORE: [Before; 3] = [Before::Nothing, Before::Sighup, Before::EditorReplace];
+
+/// Every (stage, event) pair `CERTD_LIFECYCLE_ROUNDS` times (default 1;
+/// `./scripts/soak` runs many): certd exits within `shutdown_grace` plus
+/// the margin, with status 0, and leaves no authorization pending at the
+/// CA (asked of Pebble, for every authorization the ledger knows).
+#[test]
+fn sigterm_exits_in_time_at_every_stage_and_event() {
+    let rounds: usize = std::env::var("CERTD_LIFECYCLE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    // No authorization reuse: every order has pending authorizations of
+    // its own to leave behind.
+    let env = TestEnv::without_authz_reuse();
+    // Written once, with the hook script the wrapper then wraps; each run
+    // writes the file anew from this base (write_config would rewrite the
+    // hook too).
+    env.write_config(DAEMON);
+    crate::util::install_hook_wrapper(&env);
+    let base = fs::read_to_string(env.config_path()).expect("config");
+    let mut run = 0;
+    for _ in 0..rounds {
+        for stage in STAGES {
+            for before in BEFORE {
+                run += 1;
+                sigterm_at(&env, &base, run, stage, before);
+            }
+        }
+    }
+}
+
+fn sigterm_at(env: &TestEnv, base: &str, run: usize, stage: Stage, before: Before) {
+    let what = format!("run {run}: {stage:?}, {before:?}");
+    let dir = env.dir();
+    let presenting = dir.join("presenting");
+    let reloading = dir.join("reloading");
+    let _ = fs::remove_file(&presenting);
+    let _ = fs::remove_file(&reloading);
+    crate::util::flag(env, "block", matches!(stage, Stage::Presenting));
+    let name = format!("c{run}");
+    let mut certificate =
+        format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{name}.example.test\"]\n");
+    certificate.push_str(match stage {
+        Stage::Presenting => "challenges = [\"dns-01\"]\n",
+        _ => "challenges = [\"http-01\"]\n",
+    });
+    if let Stage::ReloadCommand = stage {
+        certificate.push_str(&format!(
+            "reload = [\"sh\", \"-c\", \"touch '{}'; exec sleep 60\"]\nreload_timeout = \"120s\"\n",
+            reloading.display()
+        ));
+    }
+    env.write_raw_config(&format!("{base}{certificate}"));
+    let mut daemon = env.command().arg("run").spawn();
+    match stage {
+        Stage::Starting => daemon.wait_for_output("certd running", Duration::from_secs(30)),
+        Stage::Presenting => daemon.wait_for_file(&presenting, Duration::from_secs(30)),
+        Stage::Polling => daemon.wait_for_output("challenge answered", Duration::from_secs(30)),
+        Stage::ReloadCommand => daemon.wait_for_file(&reloading, Duration::from_secs(60)),
+    }
+    match before {
+        Before::Nothing => {}
+        Before::Sighup => daemon.signal("HUP"),
+        Before::EditorReplace => {
+            let config = fs::read_to_string(env.config_path()).expect("config");
+            editor_replace(
+                &env.config_path(),
+                &format!(
+                    "{config}{}",
+                    cert(&format!("{name}x"), &format!("{name}x.example.test"))
+                ),
+            );
+        }
+    }
+    let (out, took) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{what}: {out}");
+    assert!(took < GRACE + EXIT_MARGIN, "{what}: shutdown took {took:?}");
+    eprintln!("{what}: exited in {took:?}");
+    let authz = crate::util::ledger_authz(env);
+    let at_ca = crate::util::ca_authz_statuses(env, &crate::util::ledger_authz_urls(&authz));
+    let pending: Vec<_> = at_ca.iter().filter(|(_, s)| *s == "pending").collect();
+    assert!(
+        pending.is_empty(),
+        "{what}: pending at the CA: {pending:?}\n{}",
+        out.stderr
+    );
+}
