@@ -1,12 +1,14 @@
 //! `certd run`: the long-running daemon's wiring.
 //!
-//! Tasks, all owned by one `TaskTracker` and stopped by one
-//! `CancellationToken`: the scheduler (orders), the reaper (a pass every
-//! `reaper.interval`), the http-01 responder, and the configuration
-//! watcher (inotify on the file's directory, since editors replace files,
-//! plus SIGHUP). systemd hears READY=1 once the account is loaded and work
-//! is scheduled, RELOADING=1/READY=1 around a reload, STOPPING=1 at
-//! shutdown.
+//! Tasks, all owned by one `TaskTracker` (named, so a shutdown that waits
+//! can say for what) and stopped by one `CancellationToken`: the scheduler
+//! (orders), the reaper (a pass every `reaper.interval`), the challenge
+//! responders, the metrics listener, the systemd notifier and the
+//! configuration watcher (inotify on the file's directory, since editors
+//! replace files, plus SIGHUP). systemd hears READY=1 once the account is
+//! loaded and work is scheduled, RELOADING=1/READY=1 around a reload,
+//! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
+//! waits for a restart, is `reload`'s typed comparison.
 
 mod reload;
 mod systemd;
