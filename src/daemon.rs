@@ -57,13 +57,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         store.close().await;
         return Ok(());
     };
-    // Certificates may be added by a reload: serve every configured kind.
-    let needed = [
-        ChallengeKind::Http01,
-        ChallengeKind::Dns01,
-        ChallengeKind::TlsAlpn01,
-    ];
-    let solvers = Solvers::from_config(&cfg, &needed, &tasks.tracker, &shutdown)
+    let solvers = Solvers::from_config(&cfg, &ALL_KINDS, &tasks.tracker, &shutdown)
         .await
         .context("cannot start the challenge solvers")?;
     let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
@@ -130,6 +124,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     store.close().await;
     Ok(())
 }
+
+/// Certificates may be added by a reload: the daemon serves every
+/// configured kind.
+const ALL_KINDS: [ChallengeKind; 3] = [
+    ChallengeKind::Http01,
+    ChallengeKind::Dns01,
+    ChallengeKind::TlsAlpn01,
+];
 
 /// How long after `shutdown_grace` the daemon waits for its tasks before
 /// it names the ones still running and exits without them. Below the 5 s
@@ -374,13 +376,15 @@ impl Reloader {
     /// Reads the file and applies what changed; false once the scheduler
     /// is gone (shutdown).
     async fn reload(&mut self) -> bool {
-        let new = match Config::load(&self.current.path) {
-            Ok(new) => Arc::new(new),
+        let mut new = match Config::load(&self.current.path) {
+            Ok(new) => new,
             Err(e) => {
                 tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
                 return true;
             }
         };
+        self.apply_solvers(&mut new).await;
+        let new = Arc::new(new);
         self.report_restart_keys(reload::restart_keys(&self.started, &new))
             .await;
         let live = reload::live_changes(&self.current, &new);
@@ -400,6 +404,31 @@ impl Reloader {
         );
         self.current = new.clone();
         self.scheduler.send(new).await.is_ok()
+    }
+
+    /// Swaps in changed challenge settings. A section that cannot start
+    /// (a port taken, a bad TSIG key) is logged and left as it runs in
+    /// `new`, so the next reload tries again.
+    async fn apply_solvers(&mut self, new: &mut Config) {
+        let failed = self
+            .ctx
+            .solvers
+            .reconfigure(
+                &self.current,
+                new,
+                &ALL_KINDS,
+                &self.tasks.tracker,
+                &self.shutdown,
+            )
+            .await;
+        for (kind, e) in failed {
+            tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
+            match kind {
+                ChallengeKind::Http01 => new.http01.clone_from(&self.current.http01),
+                ChallengeKind::Dns01 => new.dns01.clone_from(&self.current.dns01),
+                ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&self.current.tls_alpn01),
+            }
+        }
     }
 
     /// Logs and records (for `certd status`) the keys that wait for a

@@ -317,3 +317,42 @@ fn sigterm_at(env: &TestEnv, base: &str, run: usize, stage: Stage, before: Befor
         out.stderr
     );
 }
+
+#[test]
+fn a_new_dns01_hook_applies_without_a_restart() {
+    let env = TestEnv::new();
+    env.write_config(&format!("{DAEMON}{}", cert("h", "h.example.test")));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&env.cert_dir().join("h/cert.pem"), Duration::from_secs(60));
+    daemon.wait_for_output("certd running", Duration::from_secs(10));
+
+    // A second hook that says it ran, then does the real work.
+    let hook2 = env.dir().join("hook2.sh");
+    let hook2_log = env.dir().join("hook2.log");
+    fs::write(
+        &hook2,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> '{}'\nexec '{}' \"$@\"\n",
+            hook2_log.display(),
+            env.dns_hook_path().display()
+        ),
+    )
+    .expect("write hook");
+    fs::set_permissions(&hook2, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod hook");
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    let hook_path = env.dns_hook_path().display().to_string();
+    assert!(config.contains(&hook_path), "{config}");
+    let edited = format!(
+        "{}\n[[certificate]]\nname = \"d\"\ndomains = [\"d.example.test\"]\nchallenges = [\"dns-01\"]\n",
+        config.replace(&hook_path, &hook2.display().to_string())
+    );
+    editor_replace(&env.config_path(), &edited);
+    daemon.wait_for_file(&env.cert_dir().join("d/cert.pem"), Duration::from_secs(60));
+    let ran = fs::read_to_string(&hook2_log).unwrap_or_default();
+    assert!(ran.contains("present"), "the new hook did not run: {ran:?}");
+    assert!(daemon.stderr().contains("\"dns01\""), "{}", daemon.stderr());
+    assert!(!env.certd(&["status"]).stdout.contains("restart needed"));
+    let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+}

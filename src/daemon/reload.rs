@@ -21,6 +21,9 @@ pub fn live_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("certificate", old.certificates != new.certificates),
         ("daemon", daemon(old) != daemon(new)),
         ("notify", old.notify != new.notify),
+        ("http01", old.http01 != new.http01),
+        ("tls_alpn01", old.tls_alpn01 != new.tls_alpn01),
+        ("dns01", old.dns01 != new.dns01),
         ("metrics_listen", old.metrics_listen != new.metrics_listen),
         (
             "reaper.interval",
@@ -55,9 +58,6 @@ pub fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
             a.storage.state_dir != b.storage.state_dir,
         ),
         ("storage.cert_dir", a.storage.cert_dir != b.storage.cert_dir),
-        ("http01", a.http01 != b.http01),
-        ("tls_alpn01", a.tls_alpn01 != b.tls_alpn01),
-        ("dns01", a.dns01 != b.dns01),
         ("reaper.max_pending", ra.max_pending != rb.max_pending),
         (
             "reaper.failed_authz_per_identifier_per_hour",
@@ -94,6 +94,9 @@ fn frozen(cfg: &Config) -> Config {
     Config {
         certificates: Vec::new(),
         notify: None,
+        http01: None,
+        tls_alpn01: None,
+        dns01: None,
         metrics_listen: None,
         daemon: DaemonConfig {
             log_level: cfg.daemon.log_level.clone(),
@@ -196,13 +199,13 @@ challenges = ["http-01", "dns-01"]
             ("mailto:a@", "mailto:b@", &[], &["acme.contact"]),
             ("/var/lib/certd", "/srv/certd", &[], &["storage.state_dir"]),
             ("/etc/certd/live", "/srv/live", &[], &["storage.cert_dir"]),
-            ("127.0.0.1:80\"", "127.0.0.1:8080\"", &[], &["http01"]),
-            ("/bin/true", "/bin/false", &[], &["dns01"]),
+            ("127.0.0.1:80\"", "127.0.0.1:8080\"", &["http01"], &[]),
+            ("/bin/true", "/bin/false", &["dns01"], &[]),
             (
                 ADD,
                 "[tls_alpn01]\nlisten = \"127.0.0.1:443\"\n[[certificate]]",
-                &[],
                 &["tls_alpn01"],
+                &[],
             ),
         ];
         let base = parse(BASE);
