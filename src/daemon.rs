@@ -49,11 +49,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
-    let cfg = Arc::new(cfg);
-
-    let Some(account) = load_account(&cfg, &store, &shutdown).await else {
+    let grace = cfg.daemon.shutdown_grace;
+    let Some((account, cfg)) = load_account(Arc::new(cfg), &store, &shutdown).await else {
         notifier.notify(State::Stopping);
-        tasks.stop(cfg.daemon.shutdown_grace).await;
+        tasks.stop(grace).await;
         store.close().await;
         return Ok(());
     };
@@ -247,13 +246,17 @@ impl ReaperTimes {
     }
 }
 
-/// Loads the account, retrying with backoff while the CA is unreachable:
-/// a daemon must not die because the CA is down at boot.
+/// Loads the account, retrying with backoff while the CA is unreachable
+/// or refuses: a daemon must not die because the CA is down at boot.
+/// Before each retry the configuration is read again, since the fix may be
+/// an edit (a corrected EAB key file, CA bundle or directory URL) and the
+/// watcher does not run yet; the one that worked is returned. A new
+/// `state_dir` is not taken: the ledger is open already.
 async fn load_account(
-    cfg: &Config,
+    mut cfg: Arc<Config>,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Option<AcmeAccount> {
+) -> Option<(AcmeAccount, Arc<Config>)> {
     let mut failures = 0;
     loop {
         let attempt = async {
@@ -261,7 +264,7 @@ async fn load_account(
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await
         };
         match attempt.await {
-            Ok(account) => return Some(account),
+            Ok(account) => return Some((account, cfg)),
             Err(e) => {
                 failures += 1;
                 let delay =
@@ -271,6 +274,19 @@ async fn load_account(
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return None,
                 }
+            }
+        }
+        match Config::load(&cfg.path) {
+            Ok(new) if new == *cfg => {}
+            Ok(new) if new.storage.state_dir != cfg.storage.state_dir => {
+                tracing::warn!("storage.state_dir changed; it takes effect at the next restart");
+            }
+            Ok(new) => {
+                tracing::info!("configuration re-read before the next attempt");
+                cfg = Arc::new(new);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
             }
         }
     }

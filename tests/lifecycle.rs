@@ -356,3 +356,40 @@ fn a_new_dns01_hook_applies_without_a_restart() {
     let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
     assert_eq!(out.code(), Some(0), "{out}");
 }
+
+#[test]
+fn a_corrected_eab_key_is_taken_while_the_account_cannot_be_created() {
+    const KID: &str = "kid-1";
+    const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let env = TestEnv::with_pebble_opts(crate::util::PebbleOpts {
+        eab_keys: vec![(KID.into(), KEY.into())],
+        ..crate::util::PebbleOpts::default()
+    });
+    env.write_config(&format!("{DAEMON}{}", cert("e", "e.example.test")));
+    // A key the CA does not know: it refuses the account.
+    let key_file = env.dir().join("eab.key");
+    fs::write(&key_file, KEY.replace('z', "y")).expect("key file");
+    fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replacen(
+        "[acme]\n",
+        &format!(
+            "[acme]\neab_kid = \"{KID}\"\neab_hmac_key_file = \"{}\"\n",
+            key_file.display()
+        ),
+        1,
+    ));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_output("cannot load the ACME account", Duration::from_secs(30));
+
+    // The key file is fixed (the configuration file itself is not
+    // touched): the next attempt uses it.
+    fs::write(&key_file, KEY).expect("key file");
+    daemon.wait_for_file(&env.cert_dir().join("e/cert.pem"), Duration::from_secs(60));
+    let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+}
