@@ -363,10 +363,11 @@ async fn watch_config(mut reloader: Reloader, mut hup: Option<tokio::signal::uni
             () = shutdown.cancelled() => false,
             carry_on = reloader.reload() => carry_on,
         };
-        reloader.notifier.notify(State::Ready);
         if !carry_on {
+            // Stopping: STOPPING=1 follows, not READY=1.
             return;
         }
+        reloader.notifier.notify(State::Ready);
     }
 }
 
