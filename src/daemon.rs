@@ -166,16 +166,16 @@ impl Tasks {
 
     /// Waits for every task to end, at most `grace` plus
     /// [`SHUTDOWN_MARGIN`]; past that, logs which are still running and
-    /// returns (the runtime drops them).
-    async fn stop(&self, grace: Duration) {
+    /// returns their names (the runtime drops them).
+    async fn stop(&self, grace: Duration) -> Vec<&'static str> {
         self.tracker.close();
         if tokio::time::timeout(grace + SHUTDOWN_MARGIN, self.tracker.wait())
             .await
             .is_ok()
         {
-            return;
+            return Vec::new();
         }
-        let named: Vec<&str> = lock(&self.running).values().copied().collect();
+        let named: Vec<&'static str> = lock(&self.running).values().copied().collect();
         let unnamed = self.tracker.len().saturating_sub(named.len());
         tracing::error!(
             tasks = ?named,
@@ -183,6 +183,7 @@ impl Tasks {
             grace_secs = grace.as_secs(),
             "tasks still running after the shutdown grace; exiting without them"
         );
+        named
     }
 }
 
@@ -529,4 +530,28 @@ fn changes_content(kind: &notify::EventKind) -> bool {
             | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
             | EventKind::Access(AccessKind::Close(AccessMode::Write))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shutdown_names_the_tasks_that_outlive_the_grace() {
+        let tasks = Tasks::default();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tasks.spawn("obedient", async move { token.cancelled().await });
+        tasks.spawn("stuck", std::future::pending());
+        shutdown.cancel();
+        // Zero grace: the wait is SHUTDOWN_MARGIN of real time.
+        assert_eq!(tasks.stop(Duration::ZERO).await, ["stuck"]);
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_names_none() {
+        let tasks = Tasks::default();
+        tasks.spawn("quick", async {});
+        assert!(tasks.stop(Duration::ZERO).await.is_empty());
+    }
 }
