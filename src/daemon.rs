@@ -30,7 +30,7 @@ use crate::config::{ChallengeKind, Config};
 use crate::driver::Context;
 use crate::reaper::Reaper;
 use crate::scheduler::{Scheduler, failure_backoff};
-use crate::solver::Solvers;
+use crate::solver::{ChallengeSettings, Solvers};
 use crate::store::Store;
 
 use self::systemd::{Notifier, State};
@@ -432,8 +432,8 @@ impl Reloader {
             .ctx
             .solvers
             .reconfigure(
-                &self.current,
-                new,
+                ChallengeSettings::of(&self.current),
+                ChallengeSettings::of(new),
                 &ALL_KINDS,
                 &self.tasks.tracker,
                 &self.shutdown,

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config};
+use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config, TlsAlpn01Config};
 use crate::dns::propagation::PropagationCheck;
 use crate::dns::rfc2136::Rfc2136Solver;
 use crate::tinyhttp::{self, Response};
@@ -126,6 +126,24 @@ pub struct Solvers {
     listeners: Arc<Mutex<Listeners>>,
 }
 
+/// The sections of a configuration the solvers are built from.
+#[derive(Clone, Copy, Default, PartialEq)]
+pub struct ChallengeSettings<'a> {
+    pub http01: Option<&'a Http01Config>,
+    pub dns01: Option<&'a Dns01Config>,
+    pub tls_alpn01: Option<&'a TlsAlpn01Config>,
+}
+
+impl<'a> ChallengeSettings<'a> {
+    pub fn of(cfg: &'a Config) -> Self {
+        Self {
+            http01: cfg.http01.as_ref(),
+            dns01: cfg.dns01.as_ref(),
+            tls_alpn01: cfg.tls_alpn01.as_ref(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Listeners {
     http01: Option<Listener<Http01Responder>>,
@@ -152,14 +170,14 @@ impl Solvers {
         cancel: &CancellationToken,
     ) -> Result<Self, SolverError> {
         let solvers = Self::default();
-        let empty = Config {
-            http01: None,
-            dns01: None,
-            tls_alpn01: None,
-            ..cfg.clone()
-        };
         let failed = solvers
-            .reconfigure(&empty, cfg, needed, tracker, cancel)
+            .reconfigure(
+                ChallengeSettings::default(),
+                ChallengeSettings::of(cfg),
+                needed,
+                tracker,
+                cancel,
+            )
             .await;
         match failed.into_iter().next() {
             Some((_, e)) => Err(e),
@@ -173,24 +191,21 @@ impl Solvers {
     /// presenting keep the solver (and listener) they started with.
     pub async fn reconfigure(
         &self,
-        old: &Config,
-        new: &Config,
+        old: ChallengeSettings<'_>,
+        new: ChallengeSettings<'_>,
         needed: &[ChallengeKind],
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Vec<(ChallengeKind, SolverError)> {
         let mut failed = Vec::new();
         if old.http01 != new.http01 {
-            match self
-                .http01(new.http01.as_ref(), needed, tracker, cancel)
-                .await
-            {
+            match self.http01(new.http01, needed, tracker, cancel).await {
                 Ok(solver) => self.set(ChallengeKind::Http01, solver),
                 Err(e) => failed.push((ChallengeKind::Http01, e)),
             }
         }
         if old.dns01 != new.dns01 {
-            let solver: Result<Option<Arc<dyn Solver>>, SolverError> = match &new.dns01 {
+            let solver: Result<Option<Arc<dyn Solver>>, SolverError> = match new.dns01 {
                 None => Ok(None),
                 Some(d) => match &d.mode {
                     Dns01Mode::Hook(hook) => Ok(Some(Arc::new(Dns01Hook::new(hook, d)))),
@@ -207,7 +222,6 @@ impl Solvers {
         if old.tls_alpn01 != new.tls_alpn01 {
             let wanted = new
                 .tls_alpn01
-                .as_ref()
                 .filter(|_| needed.contains(&ChallengeKind::TlsAlpn01));
             match self
                 .tls_alpn01(wanted.map(|t| t.listen), tracker, cancel)
