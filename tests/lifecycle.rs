@@ -393,3 +393,34 @@ fn a_corrected_eab_key_is_taken_while_the_account_cannot_be_created() {
     let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
     assert_eq!(out.code(), Some(0), "{out}");
 }
+
+#[test]
+fn a_moved_http01_listener_applies_without_a_restart() {
+    // No reuse: the retry after the edit validates afresh.
+    let env = TestEnv::without_authz_reuse();
+    env.write_config(&format!(
+        "{DAEMON}\n[[certificate]]\nname = \"l\"\ndomains = [\"l.example.test\"]\nchallenges = [\"http-01\"]\n"
+    ));
+    // The responder listens where the CA does not look: validation fails.
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    let right = format!("listen = \"127.0.0.1:{}\"", env.pebble.http01_port());
+    assert!(config.contains(&right), "{config}");
+    let wrong = format!(
+        "listen = \"127.0.0.1:{}\"\npreflight = false",
+        crate::util::free_port()
+    );
+    env.write_raw_config(&config.replace(&right, &wrong));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_output("renewal failed", Duration::from_secs(60));
+
+    // Moved to where the CA looks: the next attempt succeeds.
+    editor_replace(&env.config_path(), &config);
+    daemon.wait_for_file(&env.cert_dir().join("l/cert.pem"), Duration::from_secs(60));
+    assert!(
+        daemon.stderr().contains("\"http01\""),
+        "{}",
+        daemon.stderr()
+    );
+    let (out, _) = daemon.terminate_within(GRACE + EXIT_MARGIN);
+    assert_eq!(out.code(), Some(0), "{out}");
+}
