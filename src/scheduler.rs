@@ -543,6 +543,8 @@ impl Scheduler {
                 }
             }
         }
+        // Orders started from now on record the new renewal point.
+        self.ctx.renew_remaining = cfg.daemon.renew_remaining;
         self.cfg = cfg;
     }
 }
