@@ -30,7 +30,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/certd/config.toml";
 pub const DB_FILE: &str = "certd.db";
 
 /// A fully validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from; relative paths inside it were resolved
     /// against this file's directory.
@@ -86,7 +86,7 @@ impl Default for DaemonConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcmeConfig {
     pub directory: Url,
     pub contact: Vec<String>,
@@ -100,7 +100,7 @@ pub struct AcmeConfig {
 
 /// An External Account Binding (RFC 8555 §7.3.4): the CA's key id and
 /// the HMAC key, read from a file that only its owner may read.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Eab {
     pub kid: String,
     pub hmac_key: Secret,
@@ -151,7 +151,7 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StorageConfig {
     /// Holds `certd.db` and the account credentials.
     pub state_dir: PathBuf,
@@ -159,7 +159,7 @@ pub struct StorageConfig {
     pub cert_dir: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Http01Config {
     /// Address of certd's own responder (standalone mode).
     pub listen: Option<SocketAddr>,
@@ -169,7 +169,7 @@ pub struct Http01Config {
     pub preflight: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsAlpn01Config {
     /// Address of certd's own tls-alpn-01 responder (usually port 443,
     /// when no web server holds it).
@@ -311,7 +311,7 @@ impl fmt::Display for ServerAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReaperConfig {
     pub pending_max_age: Duration,
     pub interval: Duration,

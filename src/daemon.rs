@@ -1,19 +1,27 @@
 //! `certd run`: the long-running daemon's wiring.
 //!
-//! Tasks, all owned by one `TaskTracker` and stopped by one
-//! `CancellationToken`: the scheduler (orders), the reaper (a pass every
-//! `reaper.interval`), the http-01 responder, and the configuration
-//! watcher (inotify on the file's directory, since editors replace files,
-//! plus SIGHUP). systemd hears READY=1 once the account is loaded and work
-//! is scheduled, RELOADING=1/READY=1 around a reload, STOPPING=1 at
-//! shutdown.
+//! Tasks, all owned by one `TaskTracker` (named, so a shutdown that waits
+//! can say for what) and stopped by one `CancellationToken`: the scheduler
+//! (orders), the reaper (a pass every `reaper.interval`), the challenge
+//! responders, the metrics listener, the systemd notifier and the
+//! configuration watcher (inotify on the file's directory, since editors
+//! replace files, plus SIGHUP). systemd hears READY=1 once the account is
+//! loaded and work is scheduled, RELOADING=1/READY=1 around a reload,
+//! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
+//! waits for a restart, is `reload`'s typed comparison.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod reload;
+mod systemd;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,8 +30,10 @@ use crate::config::{ChallengeKind, Config};
 use crate::driver::Context;
 use crate::reaper::Reaper;
 use crate::scheduler::{Scheduler, failure_backoff};
-use crate::solver::Solvers;
+use crate::solver::{ChallengeSettings, Solvers};
 use crate::store::Store;
+
+use self::systemd::{Notifier, State};
 
 /// How long file events are collected before the config is re-read (an
 /// editor's save is several events).
@@ -33,20 +43,20 @@ const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::cli::ensure_dirs(&cfg)?;
     let store = Store::open(&cfg.db_path()).await?;
-    let tracker = TaskTracker::new();
-    let cfg = Arc::new(cfg);
-
-    let Some(account) = load_account(&cfg, &store, &shutdown).await else {
+    // A restart applies every edit: what `status` said waits for one is done.
+    if let Err(e) = store.event("daemon-started", None, None, None, None).await {
+        tracing::warn!(error = %e, "cannot record the start in the ledger");
+    }
+    let tasks = Tasks::default();
+    let notifier = Notifier::start(&tasks.tracker, &shutdown);
+    let grace = cfg.daemon.shutdown_grace;
+    let Some((account, cfg)) = load_account(Arc::new(cfg), &store, &shutdown).await else {
+        notifier.notify(State::Stopping);
+        tasks.stop(grace).await;
         store.close().await;
         return Ok(());
     };
-    // Certificates may be added by a reload: serve every configured kind.
-    let needed = [
-        ChallengeKind::Http01,
-        ChallengeKind::Dns01,
-        ChallengeKind::TlsAlpn01,
-    ];
-    let solvers = Solvers::from_config(&cfg, &needed, &tracker, &shutdown)
+    let solvers = Solvers::from_config(&cfg, &ALL_KINDS, &tasks.tracker, &shutdown)
         .await
         .context("cannot start the challenge solvers")?;
     let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
@@ -66,26 +76,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         trusted_roots: cfg.acme.trusted_roots.clone(),
     };
 
-    if let Some(addr) = cfg.metrics_listen {
-        crate::metrics::start(
-            addr,
-            store.clone(),
-            ctx.account.http.clone(),
-            &tracker,
-            &shutdown,
-        )
-        .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    }
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(
+            Metrics::start(addr, &ctx, &tasks, &shutdown)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let (reload_tx, reload_rx) = mpsc::channel(4);
+    let (reaper_tx, reaper_rx) = watch::channel(ReaperTimes::of(&cfg));
+    let reloader = Reloader {
+        started: cfg.clone(),
+        current: cfg.clone(),
+        scheduler: reload_tx,
+        reaper_times: reaper_tx,
+        metrics,
+        ctx: ctx.clone(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+        notifier: notifier.clone(),
+        restart_keys: Vec::new(),
+    };
     let scheduler = Scheduler::new(ctx, cfg.clone(), shutdown.clone());
-    tracker.spawn(scheduler.run(reload_rx));
-    tracker.spawn(reaper_loop(
-        reaper,
-        cfg.reaper.interval,
-        cfg.reaper.pending_max_age,
-        shutdown.clone(),
-    ));
+    tasks.spawn("scheduler", scheduler.run(reload_rx));
+    tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
     // Registered before READY=1: until a handler exists SIGHUP kills the
     // process, and systemd (or a test) may send it the moment it hears READY.
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -95,32 +110,155 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             None
         }
     };
-    tracker.spawn(watch_config(
-        cfg.path.clone(),
-        cfg.clone(),
-        reload_tx,
-        hup,
-        shutdown.clone(),
-    ));
+    tasks.spawn("config watcher", watch_config(reloader, hup));
 
-    sd_notify("READY=1");
+    notifier.notify(State::Ready);
     tracing::info!(certificates = cfg.certificates.len(), "certd running");
     shutdown.cancelled().await;
-    sd_notify("STOPPING=1");
+    notifier.notify(State::Stopping);
     tracing::info!("shutting down");
-    tracker.close();
-    tracker.wait().await;
+    // The scheduler is the one that takes the grace (its orders); later
+    // reloads may have changed it.
+    let grace = *tasks.grace.lock().unwrap_or_else(PoisonError::into_inner);
+    tasks.stop(grace.unwrap_or(cfg.daemon.shutdown_grace)).await;
     store.close().await;
     Ok(())
 }
 
-/// Loads the account, retrying with backoff while the CA is unreachable:
-/// a daemon must not die because the CA is down at boot.
+/// Certificates may be added by a reload: the daemon serves every
+/// configured kind.
+const ALL_KINDS: [ChallengeKind; 3] = [
+    ChallengeKind::Http01,
+    ChallengeKind::Dns01,
+    ChallengeKind::TlsAlpn01,
+];
+
+/// How long after `shutdown_grace` the daemon waits for its tasks before
+/// it names the ones still running and exits without them. Below the 5 s
+/// the unit's `TimeoutStopSec` leaves on top of the largest grace the
+/// README recommends.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+
+/// The daemon's tasks, by name: one `TaskTracker` owns them all (the
+/// solvers and the metrics listener spawn theirs on it too), and the names
+/// say which ones a shutdown still waits for.
+#[derive(Clone, Default)]
+struct Tasks {
+    tracker: TaskTracker,
+    running: Arc<Mutex<BTreeMap<u64, &'static str>>>,
+    next_id: Arc<AtomicU64>,
+    /// The `shutdown_grace` of the configuration last applied.
+    grace: Arc<Mutex<Option<Duration>>>,
+}
+
+impl Tasks {
+    fn spawn(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.running).insert(id, name);
+        let done = Done {
+            running: self.running.clone(),
+            id,
+        };
+        self.tracker.spawn(async move {
+            let _done = done;
+            task.await;
+        });
+    }
+
+    /// Waits for every task to end, at most `grace` plus
+    /// [`SHUTDOWN_MARGIN`]; past that, logs which are still running and
+    /// returns their names (the runtime drops them).
+    async fn stop(&self, grace: Duration) -> Vec<&'static str> {
+        self.tracker.close();
+        if tokio::time::timeout(grace + SHUTDOWN_MARGIN, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return Vec::new();
+        }
+        let named: Vec<&'static str> = lock(&self.running).values().copied().collect();
+        let unnamed = self.tracker.len().saturating_sub(named.len());
+        tracing::error!(
+            tasks = ?named,
+            listener_tasks = unnamed,
+            grace_secs = grace.as_secs(),
+            "tasks still running after the shutdown grace; exiting without them"
+        );
+        named
+    }
+}
+
+/// Takes a finished task off [`Tasks::running`], however it ended.
+struct Done {
+    running: Arc<Mutex<BTreeMap<u64, &'static str>>>,
+    id: u64,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        lock(&self.running).remove(&self.id);
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still valid.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The metrics listener, restartable on its own token when
+/// `[metrics] listen` changes.
+struct Metrics {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Metrics {
+    async fn start(
+        addr: SocketAddr,
+        ctx: &Context,
+        tasks: &Tasks,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<Self> {
+        let stop = shutdown.child_token();
+        crate::metrics::start(
+            addr,
+            ctx.store.clone(),
+            ctx.account.http.clone(),
+            &tasks.tracker,
+            &stop,
+        )
+        .await?;
+        Ok(Self { addr, stop })
+    }
+}
+
+/// The reaper loop's settings that a reload may change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ReaperTimes {
+    interval: Duration,
+    max_age: Duration,
+}
+
+impl ReaperTimes {
+    fn of(cfg: &Config) -> Self {
+        Self {
+            interval: cfg.reaper.interval,
+            max_age: cfg.reaper.pending_max_age,
+        }
+    }
+}
+
+/// Loads the account, retrying with backoff while the CA is unreachable
+/// or refuses: a daemon must not die because the CA is down at boot.
+/// Before each retry the configuration is read again, since the fix may be
+/// an edit (a corrected EAB key file, CA bundle or directory URL) and the
+/// watcher does not run yet; the one that worked is returned. A new
+/// `state_dir` is not taken: the ledger is open already.
 async fn load_account(
-    cfg: &Config,
+    mut cfg: Arc<Config>,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Option<AcmeAccount> {
+) -> Option<(AcmeAccount, Arc<Config>)> {
     let mut failures = 0;
     loop {
         let attempt = async {
@@ -128,7 +266,7 @@ async fn load_account(
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await
         };
         match attempt.await {
-            Ok(account) => return Some(account),
+            Ok(account) => return Some((account, cfg)),
             Err(e) => {
                 failures += 1;
                 let delay =
@@ -140,19 +278,39 @@ async fn load_account(
                 }
             }
         }
+        match Config::load(&cfg.path) {
+            Ok(new) if new == *cfg => {}
+            Ok(new) if new.storage.state_dir != cfg.storage.state_dir => {
+                tracing::warn!("storage.state_dir changed; it takes effect at the next restart");
+            }
+            Ok(new) => {
+                tracing::info!("configuration re-read before the next attempt");
+                cfg = Arc::new(new);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
+            }
+        }
     }
 }
 
-/// A reaper pass every `interval`; sleeps in between.
+/// A reaper pass every `reaper.interval`; sleeps in between. A reload that
+/// changes the interval restarts the wait.
 async fn reaper_loop(
     reaper: Reaper,
-    interval: Duration,
-    max_age: Duration,
+    mut times: watch::Receiver<ReaperTimes>,
     shutdown: CancellationToken,
 ) {
     loop {
+        let ReaperTimes { interval, max_age } = *times.borrow_and_update();
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
+            changed = times.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
             () = shutdown.cancelled() => return,
         }
         match reaper.pass(max_age, false, false, |_, _| {}).await {
@@ -172,16 +330,10 @@ async fn reaper_loop(
     }
 }
 
-/// Re-reads the configuration when its file changes or on SIGHUP. An
-/// invalid file is logged (with its line numbers) and the running
-/// configuration kept.
-async fn watch_config(
-    path: PathBuf,
-    mut current: Arc<Config>,
-    reloads: mpsc::Sender<Arc<Config>>,
-    mut hup: Option<tokio::signal::unix::Signal>,
-    shutdown: CancellationToken,
-) {
+/// Re-reads the configuration when its content changes or on SIGHUP.
+async fn watch_config(mut reloader: Reloader, mut hup: Option<tokio::signal::unix::Signal>) {
+    let path = reloader.current.path.clone();
+    let shutdown = reloader.shutdown.clone();
     let (tx, mut changed) = mpsc::channel::<()>(16);
     let _watcher = match watch_dir(&path, tx) {
         Ok(w) => Some(w),
@@ -191,40 +343,157 @@ async fn watch_config(
         }
     };
     loop {
+        // Biased: once shutdown fires, no reload starts.
         tokio::select! {
+            biased;
             () = shutdown.cancelled() => return,
             Some(()) = changed.recv() => {
-                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                tokio::select! {
+                    () = tokio::time::sleep(RELOAD_DEBOUNCE) => {}
+                    () = shutdown.cancelled() => return,
+                }
                 while changed.try_recv().is_ok() {}
+                tracing::info!("the configuration file changed: reloading");
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading the configuration");
             }
         }
-        sd_notify("RELOADING=1");
-        match Config::load(&path) {
-            Ok(new) if same_config_text(&current, &new) => {}
-            Ok(new) => {
-                if restart_needed(&current, &new) {
-                    tracing::warn!(
-                        "[acme], [storage], [http01] and [dns01] changes take effect at the next restart"
-                    );
-                }
-                let new = Arc::new(new);
-                tracing::info!(
-                    certificates = new.certificates.len(),
-                    "configuration reloaded"
-                );
-                current = new.clone();
-                if reloads.send(new).await.is_err() {
-                    return;
-                }
-            }
+        reloader.notifier.notify(State::Reloading);
+        let carry_on = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => false,
+            carry_on = reloader.reload() => carry_on,
+        };
+        if !carry_on {
+            // Stopping: STOPPING=1 follows, not READY=1.
+            return;
+        }
+        reloader.notifier.notify(State::Ready);
+    }
+}
+
+/// What a reload changes and the parts of the running daemon it changes.
+struct Reloader {
+    /// The configuration the process started with: what restart-needed
+    /// settings still run with.
+    started: Arc<Config>,
+    /// The configuration last applied.
+    current: Arc<Config>,
+    scheduler: mpsc::Sender<Arc<Config>>,
+    reaper_times: watch::Sender<ReaperTimes>,
+    metrics: Option<Metrics>,
+    ctx: Context,
+    tasks: Tasks,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+    /// The keys last reported as waiting for a restart.
+    restart_keys: Vec<&'static str>,
+}
+
+impl Reloader {
+    /// Reads the file and applies what changed; false once the scheduler
+    /// is gone (shutdown).
+    async fn reload(&mut self) -> bool {
+        let mut new = match Config::load(&self.current.path) {
+            Ok(new) => new,
             Err(e) => {
-                tracing::error!(error = %e, "the new configuration is invalid; keeping the running one")
+                tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
+                return true;
+            }
+        };
+        self.apply_solvers(&mut new).await;
+        let new = Arc::new(new);
+        self.report_restart_keys(reload::restart_keys(&self.started, &new))
+            .await;
+        let live = reload::live_changes(&self.current, &new);
+        if live.is_empty() {
+            tracing::info!("configuration reloaded; no setting the daemon applies live changed");
+            return true;
+        }
+        if self.current.metrics_listen != new.metrics_listen {
+            self.restart_metrics(new.metrics_listen).await;
+        }
+        self.reaper_times.send_replace(ReaperTimes::of(&new));
+        *lock(&self.tasks.grace) = Some(new.daemon.shutdown_grace);
+        tracing::info!(
+            changed = ?live,
+            certificates = new.certificates.len(),
+            "configuration reloaded"
+        );
+        self.current = new.clone();
+        self.scheduler.send(new).await.is_ok()
+    }
+
+    /// Swaps in changed challenge settings. A section that cannot start
+    /// (a port taken, a bad TSIG key) is logged and left as it runs in
+    /// `new`, so the next reload tries again.
+    async fn apply_solvers(&mut self, new: &mut Config) {
+        let failed = self
+            .ctx
+            .solvers
+            .reconfigure(
+                ChallengeSettings::of(&self.current),
+                ChallengeSettings::of(new),
+                &ALL_KINDS,
+                &self.tasks.tracker,
+                &self.shutdown,
+            )
+            .await;
+        for (kind, e) in failed {
+            tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
+            match kind {
+                ChallengeKind::Http01 => new.http01.clone_from(&self.current.http01),
+                ChallengeKind::Dns01 => new.dns01.clone_from(&self.current.dns01),
+                ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&self.current.tls_alpn01),
             }
         }
-        sd_notify("READY=1");
+    }
+
+    /// Logs and records (for `certd status`) the keys that wait for a
+    /// restart, when they differ from the last report.
+    async fn report_restart_keys(&mut self, keys: Vec<&'static str>) {
+        if keys == self.restart_keys {
+            return;
+        }
+        let joined = keys.join(", ");
+        if keys.is_empty() {
+            tracing::info!("the settings that needed a restart are back to their running values");
+        } else {
+            tracing::warn!(keys = %joined, "changed settings take effect at the next restart");
+        }
+        if let Err(e) = self
+            .ctx
+            .store
+            .event("restart-needed", None, None, None, Some(&joined))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record the restart-needed settings in the ledger");
+        }
+        self.restart_keys = keys;
+    }
+
+    /// Serves metrics on the new address (or stops); on failure the old
+    /// listener keeps running.
+    async fn restart_metrics(&mut self, addr: Option<SocketAddr>) {
+        let Some(addr) = addr else {
+            if let Some(old) = self.metrics.take() {
+                old.stop.cancel();
+                tracing::info!(addr = %old.addr, "metrics listener stopped");
+            }
+            return;
+        };
+        match Metrics::start(addr, &self.ctx, &self.tasks, &self.shutdown).await {
+            Ok(new) => {
+                if let Some(old) = self.metrics.replace(new) {
+                    old.stop.cancel();
+                }
+                tracing::info!(%addr, "metrics listener moved");
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot serve metrics on the new address; the old listener keeps running");
+            }
+        }
     }
 }
 
@@ -238,6 +507,7 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Recomm
     let name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
+            && changes_content(&event.kind)
             && event.paths.iter().any(|p| p.file_name() == name.as_deref())
         {
             // A full channel already means "reload pending".
@@ -248,40 +518,41 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Recomm
     Ok(watcher)
 }
 
-/// Whether a reload changes nothing the scheduler sees.
-fn same_config_text(a: &Config, b: &Config) -> bool {
-    a.certificates == b.certificates && a.daemon == b.daemon
+/// Whether a file event can change what the file says: a write, a file
+/// created or renamed into place. Opens, reads, closes after reading and
+/// metadata changes (`touch`, chmod) cannot; reacting to them made the
+/// watcher's own read of the file trigger the next reload, forever.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
 }
 
-/// Settings the running daemon cannot swap in place.
-fn restart_needed(a: &Config, b: &Config) -> bool {
-    a.acme.directory != b.acme.directory
-        || a.storage.state_dir != b.storage.state_dir
-        || a.storage.cert_dir != b.storage.cert_dir
-        || a.http01.as_ref().map(|h| (h.listen, &h.webroot))
-            != b.http01.as_ref().map(|h| (h.listen, &h.webroot))
-        || a.dns01 != b.dns01
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Sends a state line to systemd's notification socket, if there is one
-/// (Type=notify). Failure is not fatal: systemd would time out and say so.
-pub fn sd_notify(state: &str) {
-    use std::os::unix::net::UnixDatagram;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, state, "sd_notify failed");
+    #[tokio::test]
+    async fn a_shutdown_names_the_tasks_that_outlive_the_grace() {
+        let tasks = Tasks::default();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tasks.spawn("obedient", async move { token.cancelled().await });
+        tasks.spawn("stuck", std::future::pending());
+        shutdown.cancel();
+        // Zero grace: the wait is SHUTDOWN_MARGIN of real time.
+        assert_eq!(tasks.stop(Duration::ZERO).await, ["stuck"]);
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_names_none() {
+        let tasks = Tasks::default();
+        tasks.spawn("quick", async {});
+        assert!(tasks.stop(Duration::ZERO).await.is_empty());
     }
 }

@@ -222,11 +222,25 @@ impl Scheduler {
             }
         }
         let grace = self.cfg.daemon.shutdown_grace;
-        let drain = async { while self.jobs.join_next().await.is_some() {} };
+        let mut ended = BTreeSet::new();
+        let drain = async {
+            while let Some(joined) = self.jobs.join_next().await {
+                if let Ok((name, _, _)) = joined {
+                    ended.insert(name);
+                }
+            }
+        };
         if tokio::time::timeout(grace, drain).await.is_err() {
+            let abandoned: Vec<&str> = self
+                .entries
+                .iter()
+                .filter(|(name, e)| e.running.is_some() && !ended.contains(*name))
+                .map(|(name, _)| name.as_str())
+                .collect();
             tracing::warn!(
                 grace_secs = grace.as_secs(),
-                "orders still running after the shutdown grace; stopping them"
+                certificates = ?abandoned,
+                "orders still running after the shutdown grace; abandoned (the next start deactivates what they left pending)"
             );
             self.jobs.abort_all();
         }
@@ -529,6 +543,8 @@ impl Scheduler {
                 }
             }
         }
+        // Orders started from now on record the new renewal point.
+        self.ctx.renew_remaining = cfg.daemon.renew_remaining;
         self.cfg = cfg;
     }
 }

@@ -12,17 +12,17 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config};
+use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config, TlsAlpn01Config};
 use crate::dns::propagation::PropagationCheck;
 use crate::dns::rfc2136::Rfc2136Solver;
 use crate::install::ProgramEnd;
@@ -178,10 +178,48 @@ pub trait Solver: Send + Sync {
     }
 }
 
-/// The solvers a configuration asks for, keyed by challenge type.
+/// The solvers a configuration asks for, keyed by challenge type. Clones
+/// share one table, so a reload's [`Solvers::reconfigure`] reaches every
+/// holder; an order keeps the solver it presented with until it is done.
 #[derive(Clone, Default)]
 pub struct Solvers {
-    by_kind: HashMap<ChallengeKind, Arc<dyn Solver>>,
+    by_kind: Arc<RwLock<HashMap<ChallengeKind, Arc<dyn Solver>>>>,
+    /// The running responders, reused by a reload that keeps their
+    /// address (the port is taken).
+    listeners: Arc<Mutex<Listeners>>,
+}
+
+/// The sections of a configuration the solvers are built from.
+#[derive(Clone, Copy, Default, PartialEq)]
+pub struct ChallengeSettings<'a> {
+    pub http01: Option<&'a Http01Config>,
+    pub dns01: Option<&'a Dns01Config>,
+    pub tls_alpn01: Option<&'a TlsAlpn01Config>,
+}
+
+impl<'a> ChallengeSettings<'a> {
+    pub fn of(cfg: &'a Config) -> Self {
+        Self {
+            http01: cfg.http01.as_ref(),
+            dns01: cfg.dns01.as_ref(),
+            tls_alpn01: cfg.tls_alpn01.as_ref(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Listeners {
+    http01: Option<Listener<Http01Responder>>,
+    tls_alpn01: Option<Listener<Arc<TlsAlpnSolver>>>,
+}
+
+/// A responder and what stops it: the last solver holding it going away
+/// (a reload moved it), or shutdown.
+#[derive(Clone)]
+struct Listener<T> {
+    addr: SocketAddr,
+    handle: T,
+    stop: Arc<DropGuard>,
 }
 
 impl Solvers {
@@ -194,38 +232,176 @@ impl Solvers {
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<Self, SolverError> {
-        let mut by_kind: HashMap<ChallengeKind, Arc<dyn Solver>> = HashMap::new();
-        if let Some(h) = &cfg.http01 {
-            let responder = match (h.listen, needed.contains(&ChallengeKind::Http01)) {
-                (Some(addr), true) => Some(Http01Responder::start(addr, tracker, cancel).await?),
-                _ => None,
+        let solvers = Self::default();
+        let failed = solvers
+            .reconfigure(
+                ChallengeSettings::default(),
+                ChallengeSettings::of(cfg),
+                needed,
+                tracker,
+                cancel,
+            )
+            .await;
+        match failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(solvers),
+        }
+    }
+
+    /// Swaps in the solvers of the sections that differ between `old` and
+    /// `new`. A section whose new solver cannot start (a port taken, a bad
+    /// key) keeps its running one; its error is returned. Orders already
+    /// presenting keep the solver (and listener) they started with.
+    pub async fn reconfigure(
+        &self,
+        old: ChallengeSettings<'_>,
+        new: ChallengeSettings<'_>,
+        needed: &[ChallengeKind],
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Vec<(ChallengeKind, SolverError)> {
+        let mut failed = Vec::new();
+        if old.http01 != new.http01 {
+            match self.http01(new.http01, needed, tracker, cancel).await {
+                Ok(solver) => self.set(ChallengeKind::Http01, solver),
+                Err(e) => failed.push((ChallengeKind::Http01, e)),
+            }
+        }
+        if old.dns01 != new.dns01 {
+            let solver: Result<Option<Arc<dyn Solver>>, SolverError> = match new.dns01 {
+                None => Ok(None),
+                Some(d) => match &d.mode {
+                    Dns01Mode::Hook(hook) => Ok(Some(Arc::new(Dns01Hook::new(hook, d)))),
+                    Dns01Mode::Rfc2136(r) => {
+                        Rfc2136Solver::new(r, d).map(|s| Some(Arc::new(s) as Arc<dyn Solver>))
+                    }
+                },
             };
-            by_kind.insert(
-                ChallengeKind::Http01,
-                Arc::new(Http01Solver::new(h, responder)),
-            );
+            match solver {
+                Ok(solver) => self.set(ChallengeKind::Dns01, solver),
+                Err(e) => failed.push((ChallengeKind::Dns01, e)),
+            }
         }
-        if let Some(d) = &cfg.dns01 {
-            let solver: Arc<dyn Solver> = match &d.mode {
-                Dns01Mode::Hook(hook) => Arc::new(Dns01Hook::new(hook, d)),
-                Dns01Mode::Rfc2136(r) => Arc::new(Rfc2136Solver::new(r, d)?),
-            };
-            by_kind.insert(ChallengeKind::Dns01, solver);
+        if old.tls_alpn01 != new.tls_alpn01 {
+            let wanted = new
+                .tls_alpn01
+                .filter(|_| needed.contains(&ChallengeKind::TlsAlpn01));
+            match self
+                .tls_alpn01(wanted.map(|t| t.listen), tracker, cancel)
+                .await
+            {
+                Ok(solver) => self.set(ChallengeKind::TlsAlpn01, solver),
+                Err(e) => failed.push((ChallengeKind::TlsAlpn01, e)),
+            }
         }
-        if let Some(t) = &cfg.tls_alpn01
-            && needed.contains(&ChallengeKind::TlsAlpn01)
-        {
-            let solver = TlsAlpnSolver::start(t.listen, tracker, cancel).await?;
-            by_kind.insert(ChallengeKind::TlsAlpn01, Arc::new(solver));
-        }
-        Ok(Self { by_kind })
+        failed
     }
 
     pub fn get(&self, kind: ChallengeKind) -> Result<Arc<dyn Solver>, SolverError> {
         self.by_kind
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&kind)
             .cloned()
             .ok_or(SolverError::NotConfigured(kind))
+    }
+
+    fn set(&self, kind: ChallengeKind, solver: Option<Arc<dyn Solver>>) {
+        let mut by_kind = self.by_kind.write().unwrap_or_else(PoisonError::into_inner);
+        match solver {
+            Some(s) => by_kind.insert(kind, s),
+            None => by_kind.remove(&kind),
+        };
+    }
+
+    fn listeners(&self) -> MutexGuard<'_, Listeners> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn http01(
+        &self,
+        cfg: Option<&Http01Config>,
+        needed: &[ChallengeKind],
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Arc<dyn Solver>>, SolverError> {
+        let Some(h) = cfg else {
+            self.listeners().http01 = None;
+            return Ok(None);
+        };
+        let addr = h.listen.filter(|_| needed.contains(&ChallengeKind::Http01));
+        let running = self.listeners().http01.clone();
+        let listener = match (addr, running) {
+            (None, _) => None,
+            (Some(addr), Some(l)) if l.addr == addr => Some(l),
+            (Some(addr), _) => {
+                let stop = cancel.child_token();
+                let handle = Http01Responder::start(addr, tracker, &stop).await?;
+                Some(Listener {
+                    addr,
+                    handle,
+                    stop: Arc::new(stop.drop_guard()),
+                })
+            }
+        };
+        self.listeners().http01 = listener.clone();
+        let solver = Http01Solver::new(h, listener.as_ref().map(|l| l.handle.clone()));
+        Ok(Some(Arc::new(Owned {
+            solver: Arc::new(solver),
+            _stop: listener.map(|l| l.stop),
+        })))
+    }
+
+    async fn tls_alpn01(
+        &self,
+        addr: Option<SocketAddr>,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Arc<dyn Solver>>, SolverError> {
+        let Some(addr) = addr else {
+            self.listeners().tls_alpn01 = None;
+            return Ok(None);
+        };
+        let stop = cancel.child_token();
+        let handle = Arc::new(TlsAlpnSolver::start(addr, tracker, &stop).await?);
+        let listener = Listener {
+            addr,
+            handle,
+            stop: Arc::new(stop.drop_guard()),
+        };
+        self.listeners().tls_alpn01 = Some(listener.clone());
+        Ok(Some(Arc::new(Owned {
+            solver: listener.handle,
+            _stop: Some(listener.stop),
+        })))
+    }
+}
+
+/// A solver with the responder it answers through: the responder stops
+/// when the last holder of the guard goes away.
+struct Owned {
+    solver: Arc<dyn Solver>,
+    _stop: Option<Arc<DropGuard>>,
+}
+
+#[async_trait]
+impl Solver for Owned {
+    fn kind(&self) -> ChallengeKind {
+        self.solver.kind()
+    }
+    async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.solver.present(c).await
+    }
+    async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.solver.cleanup(c).await
+    }
+    async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        self.solver.preflight(c).await
+    }
+    async fn wait_fetched(&self, c: &ChallengeSpec, max: Duration) -> bool {
+        self.solver.wait_fetched(c, max).await
     }
 }
 

@@ -1288,6 +1288,21 @@ impl Store {
         Ok(())
     }
 
+    /// The configuration keys that changed since the daemon last started
+    /// and wait for a restart (`certd status`), from the latest
+    /// `restart-needed` event after the latest `daemon-started` one.
+    pub async fn restart_needed(&self) -> Result<Option<String>> {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT kind, detail FROM events WHERE kind IN ('daemon-started', 'restart-needed') \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(kind, detail)| {
+            detail.filter(|d| kind == "restart-needed" && !d.is_empty())
+        }))
+    }
+
     /// How many events of `kind` exist (tests and status).
     pub async fn count_events(&self, kind: &str) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events WHERE kind = ?")

@@ -17,6 +17,7 @@ mod hostile_ca;
 mod hostile_local;
 mod hostile_verify;
 mod issuance;
+mod lifecycle;
 mod ops;
 mod reaper;
 mod storage;

@@ -86,6 +86,7 @@ pub(super) async fn run(
             let mut text = String::new();
             push_status_table(&mut text, &rows, now);
             push_accounts(&mut text, &ledger.accounts);
+            push_restart_needed(&mut text, ledger.restart_needed.as_deref());
             text
         }
         Mode::Check => return Ok(check(&cfg, &ledger, now)),
@@ -106,6 +107,8 @@ pub(super) struct Ledger {
     certificates: HashMap<String, LedgerCert>,
     pending: HashMap<String, i64>,
     accounts: Vec<AccountStatus>,
+    /// The edited settings the running daemon waits to restart for.
+    restart_needed: Option<String>,
 }
 
 struct LedgerCert {
@@ -129,6 +132,7 @@ impl Ledger {
                 certificates: HashMap::new(),
                 pending: HashMap::new(),
                 accounts: Vec::new(),
+                restart_needed: None,
             });
         }
         let store = Store::open(&path).await?;
@@ -137,10 +141,11 @@ impl Ledger {
         let read = tokio::try_join!(
             store.certificates(),
             store.pending_authz_by_cert(),
-            accounts(&store, now)
+            accounts(&store, now),
+            store.restart_needed()
         );
         store.close().await;
-        let (rows, pending, accounts) =
+        let (rows, pending, accounts, restart_needed) =
             read.with_context(|| format!("cannot read the ledger {}", path.display()))?;
         let certificates = rows
             .into_iter()
@@ -154,6 +159,7 @@ impl Ledger {
             certificates,
             pending: pending.into_iter().collect(),
             accounts,
+            restart_needed,
         })
     }
 
@@ -298,6 +304,13 @@ fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime) {
 
 /// The per-account part of the table: pending authorizations and what the
 /// reaper and the guard did.
+/// The line that says a configuration edit waits for a restart.
+fn push_restart_needed(out: &mut String, keys: Option<&str>) {
+    if let Some(keys) = keys {
+        out.push_str(&format!("\nrestart needed: {keys}\n"));
+    }
+}
+
 fn push_accounts(out: &mut String, accounts: &[AccountStatus]) {
     use std::fmt::Write as _;
     // Writing to a String cannot fail; the results are ignored below.

@@ -274,6 +274,36 @@ impl Daemon {
         self.wait()
     }
 
+    /// Sends SIGTERM and waits at most `limit` for certd to exit; returns
+    /// how it ended and how long that took. Past `limit` it panics with
+    /// what each of certd's threads was blocked in (the kernel's stack and
+    /// wait channel, from /proc) and the log, then kills it.
+    pub fn terminate_within(mut self, limit: Duration) -> (CmdOutput, Duration) {
+        let start = Instant::now();
+        self.signal("TERM");
+        let pid = self.pid();
+        loop {
+            if !self.is_running() {
+                break;
+            }
+            if start.elapsed() > limit {
+                let blocked = kernel_stacks(pid);
+                if let Some(mut child) = self.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                self.drain();
+                panic!(
+                    "certd did not exit within {limit:?} of SIGTERM; killed\n--- threads ---\n{blocked}\n--- stderr ---\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = start.elapsed();
+        (self.wait(), took)
+    }
+
     /// Waits for certd to exit on its own. Panics, after killing it, if it
     /// does not within the command's timeout.
     pub fn wait(mut self) -> CmdOutput {
@@ -324,6 +354,27 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// Every thread of `pid` with its kernel wait channel and stack (the stack
+/// needs root; without it the wait channel alone still names the call).
+fn kernel_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        out.push_str(&format!(
+            "thread {} ({}): wchan {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
 }
 
 /// How a certd run ended and what it printed.
