@@ -207,7 +207,7 @@ impl Issuance {
 
 /// Roots the operator trusts to issue certificates (`[acme] trusted_roots`):
 /// a chain from the CA must end at one of them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustedRoots {
     path: PathBuf,
     certs: Arc<[CertificateDer<'static>]>,
