@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod man;
 mod polkit;
 mod status;
 
@@ -546,8 +547,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Man pages (one per command) and bash, zsh and fish completions, all
-/// generated from the clap definitions so they cannot drift from the code.
+/// Man pages (one per command, `certd(1)` with exit status, signals and
+/// files, and `certd.toml(5)`) and bash, zsh and fish completions, all
+/// generated from the clap definitions and the annotated example
+/// configuration so they cannot drift from the code.
 fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
     use clap::CommandFactory;
     let man = dir.join("man");
@@ -556,6 +559,7 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&completions)?;
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd.clone(), &man).context("writing man pages")?;
+    man::write_pages(cmd.clone(), &man).context("writing certd(1) and certd.toml(5)")?;
     for shell in [
         clap_complete::Shell::Bash,
         clap_complete::Shell::Zsh,
