@@ -207,3 +207,148 @@ fn example_config_dns01_keys_are_valid_in_both_modes() {
         assert_eq!(out.code(), Some(0), "{mode}: {out:?}\n{dns01}");
     }
 }
+
+/// The examples README's first steps show, each also a file in `examples/`.
+const QUICK_START: [&str; 2] = ["nginx-webroot.toml", "standalone.toml"];
+
+#[test]
+fn every_example_config_is_valid() {
+    // What an operator copies must work: every ```toml block of the README
+    // and every file in examples/ passes `certd check-config`.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(root.join("README.md")).expect("read README.md");
+    let blocks = toml_blocks(&readme);
+    assert!(
+        blocks.len() >= QUICK_START.len(),
+        "README.md has {} ```toml blocks",
+        blocks.len()
+    );
+    let mut examples: Vec<(String, String)> = fs::read_dir(root.join("examples"))
+        .expect("read examples/")
+        .map(|entry| entry.expect("examples/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .map(|path| {
+            let text = fs::read_to_string(&path).expect("read example");
+            (path.display().to_string(), text)
+        })
+        .collect();
+    examples.sort();
+    for name in QUICK_START {
+        assert!(
+            examples.iter().any(|(path, _)| path.ends_with(name)),
+            "examples/{name} is missing"
+        );
+    }
+    let from_readme = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, text)| (format!("README.md ```toml block {}", i + 1), text.clone()));
+    for (origin, text) in examples.iter().cloned().chain(from_readme) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // One level down, as in the repository, so that a path relative to
+        // the file (`../target/demo/…`) stays inside the temporary directory.
+        let path = dir.path().join("examples").join("certd.toml");
+        fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        fs::write(&path, &text).expect("write config");
+        provide_named_files(&path, &text, &origin);
+        let out = TestCommand::new(&path).arg("check-config").output();
+        assert_eq!(out.code(), Some(0), "{origin}: {out:?}");
+        assert!(out.stdout.contains("OK, "), "{origin}: {}", out.stdout);
+    }
+
+    // The README shows the quick-start files as they are (comments aside),
+    // and the polkit rule generated from each allows its reload command.
+    for (name, unit) in QUICK_START
+        .into_iter()
+        .zip(["nginx.service", "haproxy.service"])
+    {
+        let (path, text) = examples
+            .iter()
+            .find(|(path, _)| path.ends_with(name))
+            .expect("checked above");
+        assert!(
+            blocks.iter().any(|block| settings(block) == settings(text)),
+            "README.md shows no ```toml block with the settings of examples/{name}"
+        );
+        let out = TestCommand::new(std::path::Path::new(path))
+            .arg("polkit-rule")
+            .output();
+        out.assert_success();
+        assert!(
+            out.stdout.contains(&format!("\"{unit}\"")),
+            "{name}: {}",
+            out.stdout
+        );
+    }
+}
+
+/// The contents of every fenced ```toml block in `markdown`.
+fn toml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match current.as_mut() {
+            None if line.trim_start() == "```toml" => current = Some(String::new()),
+            None => {}
+            Some(_) if line.trim_start() == "```" => blocks.extend(current.take()),
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+        }
+    }
+    assert!(current.is_none(), "an unclosed ```toml block");
+    blocks
+}
+
+/// A config's lines without comments and blank lines.
+fn settings(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect()
+}
+
+/// Creates the files `text` names by relative path that validation reads:
+/// a CA bundle (a PEM certificate) and secret files (0600). An absolute
+/// path must exist already: an example should not name one.
+fn provide_named_files(config: &std::path::Path, text: &str, origin: &str) {
+    let table: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("{origin}: not TOML: {e}"));
+    let get = |section: &[&str], key: &str| {
+        let mut at = &table;
+        for name in section {
+            at = at.get(*name)?.as_table()?;
+        }
+        at.get(key)?.as_str().map(str::to_owned)
+    };
+    let dir = config.parent().expect("a parent");
+    let bundle = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate")
+        .cert
+        .pem();
+    let named = [
+        (get(&["acme"], "ca_bundle"), bundle.as_str(), 0o644),
+        (get(&["acme"], "eab_hmac_key_file"), "c2VjcmV0", 0o600),
+        (
+            get(&["dns01", "rfc2136"], "secret_file"),
+            "c2VjcmV0\n",
+            0o600,
+        ),
+    ];
+    for (value, content, mode) in named {
+        let Some(value) = value else { continue };
+        let file = std::path::Path::new(&value);
+        assert!(
+            file.is_relative() || file.exists(),
+            "{origin}: names {value}, which does not exist here"
+        );
+        if file.is_relative() {
+            let file = dir.join(file);
+            fs::create_dir_all(file.parent().expect("a parent")).expect("mkdir");
+            fs::write(&file, content).expect("write named file");
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+    }
+}
