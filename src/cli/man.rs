@@ -270,9 +270,10 @@ fn config_page() -> Roff {
     r.control("SH", ["KEYS"]);
     para(
         &mut r,
-        "Each key as the annotated example installed as /etc/certd/config.toml shows it: \
-         a key set there shows its default; a commented one (marked \"unset\") is off \
-         unless set. Tables shown commented are optional.",
+        "Each key as the annotated example installed as /etc/certd/config.toml shows it. \
+         A key the example sets shows its default; a key it leaves commented out shows an \
+         example value, and its text says what applies without it. Tables it leaves \
+         commented out are optional.",
     );
     for table in tables(EXAMPLE) {
         r.control("SS", [table.header.as_str()]);
