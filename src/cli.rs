@@ -1487,6 +1487,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dry_run_uses_the_staging_directory_of_a_known_ca() {
+        let url = |s: &str| reqwest::Url::parse(s).expect("URL");
+        assert_eq!(
+            staging_directory(&url("https://acme-v02.api.letsencrypt.org/directory")),
+            Some(url(
+                "https://acme-staging-v02.api.letsencrypt.org/directory"
+            ))
+        );
+        assert_eq!(
+            staging_directory(&url("https://ca.example/directory")),
+            None
+        );
+    }
+
+    #[test]
     fn control_characters_are_escaped() {
         assert!(matches!(escape_control("a.example ok"), Cow::Borrowed(_)));
         assert_eq!(

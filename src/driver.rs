@@ -911,10 +911,16 @@ fn probe_writable(target: &Path) -> Result<(), Unready> {
             Ok(_) => {
                 return Err(unready(dir, &io::Error::from_raw_os_error(libc::ENOTDIR)));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match dir.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
-                _ => return Err(unready(dir, &e)),
-            },
+            // Missing, or below a file: look further up.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                match dir.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+                    _ => return Err(unready(dir, &e)),
+                }
+            }
             Err(e) => return Err(unready(dir, &e)),
         }
     };
@@ -1666,6 +1672,25 @@ mod tests {
             "{linked:?}"
         );
         assert!(!elsewhere.exists());
+    }
+
+    /// The write check leaves nothing behind and names the directory that
+    /// refused, with the fix.
+    #[test]
+    fn the_cert_dir_check_probes_the_nearest_existing_directory() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let target = tmp.path().join("certs").join("www");
+        probe_writable(&target).expect("writable");
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).expect("list").count(),
+            0,
+            "nothing created"
+        );
+        let file = tmp.path().join("certs");
+        std::fs::write(&file, "").expect("a file where cert_dir goes");
+        let e = probe_writable(&target).expect_err("not a directory");
+        assert_eq!(e.what, format!("storage.cert_dir {}", file.display()));
+        assert!(e.fix.contains("replace the file"), "{e}");
     }
 
     #[test]

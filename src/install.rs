@@ -1073,6 +1073,22 @@ mod tests {
         .expect("issuance")
     }
 
+    /// What the driver keeps on disk before installing reads back as the
+    /// same issuance, and only for the names it was issued for.
+    #[test]
+    fn the_durable_record_reads_back_as_the_same_issuance() {
+        let original = issuance(&["a.example"]);
+        let record = original.record();
+        let names = ["a.example".to_owned()];
+        let back = Issuance::from_record(&record, &names, None).expect("reads back");
+        assert_eq!(back.info, original.info);
+        assert_eq!(back.key_pem, original.key_pem);
+        assert_eq!(back.fullchain_pem, original.fullchain_pem);
+        let other = ["b.example".to_owned()];
+        assert!(Issuance::from_record(&record, &other, None).is_err());
+        assert!(Issuance::from_record(&original.key_pem, &names, None).is_err());
+    }
+
     fn verify(certs: &[CertificateDer<'_>], roots: Option<&TrustedRoots>) -> Result<(), String> {
         verify_chain(certs, roots, UnixTime::now())
     }

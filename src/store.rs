@@ -1489,6 +1489,50 @@ mod tests {
         }
     }
 
+    /// The duplicate guard counts what the CA issued: an order whose
+    /// certificate failed to install, or waits on disk, counts as much as
+    /// one that was installed.
+    #[tokio::test]
+    async fn the_guard_counts_issuances_not_installs() {
+        let (_dir, s) = store().await;
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        let names = vec!["a.example".to_owned()];
+        for (i, (status, step)) in [
+            ("valid", "done"),
+            ("valid", "failed"),
+            ("valid", "issued"),
+            ("invalid", "failed"),
+            ("pending", "resumable"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let url = format!("https://ca/order/{i}");
+            s.record_order(acct, "www", &url, &names, status, &[])
+                .await
+                .expect("order");
+            s.set_order_state(&url, status, step, None)
+                .await
+                .expect("state");
+        }
+        let (count, _) = s.issued_since(acct, &names, 0).await.expect("count");
+        assert_eq!(count, 3);
+
+        // The issued record: waiting until installed, then not.
+        s.record_issued("https://ca/order/2", "www", &names, "0a", 1)
+            .await
+            .expect("record");
+        assert!(s.issued_waiting("https://ca/order/2").await.expect("query"));
+        let row = s.waiting_issued("www").await.expect("query").expect("row");
+        assert_eq!(row.order_url, "https://ca/order/2");
+        assert_eq!(row.identifier_list(), names);
+        s.issued_done("https://ca/order/2").await.expect("done");
+        assert!(s.waiting_issued("www").await.expect("query").is_none());
+    }
+
     #[tokio::test]
     async fn order_with_reused_authz_is_recorded_once() {
         let (_dir, s) = store().await;

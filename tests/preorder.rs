@@ -247,3 +247,59 @@ fn dry_run_issues_but_installs_and_reloads_nothing() {
     assert!(!marker.exists(), "no reload ran");
     assert_eq!(ledger_events(&env, "dry-run"), 1);
 }
+
+#[test]
+fn a_hung_reload_is_killed_at_the_shutdown_grace_and_says_why() {
+    let env = TestEnv::new();
+    let pid_file = env.dir().join("reload.pid");
+    // The shell records its pid, then hangs in a child of its own group.
+    let reload = format!(
+        "echo $$ > {p:?}; sleep 600",
+        p = pid_file.display().to_string()
+    );
+    env.write_config(&format!(
+        "[daemon]\nshutdown_grace = \"2s\"\n{}",
+        cert(&format!(
+            "reload = [{}]\nreload_timeout = \"900s\"",
+            serde_json::to_string(&reload).expect("TOML string")
+        ))
+    ));
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_file(&pid_file, Duration::from_secs(60));
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let (out, _) = daemon.terminate_within(Duration::from_secs(60));
+    assert!(out.success(), "{out}");
+    let log = format!("{}{}", out.stdout, out.stderr);
+    assert!(log.contains("shutdown grace ran out"), "{log}");
+    // The group is gone: the shell and its sleep (a zombie waiting for a
+    // parent to reap it counts as gone).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(alive) = group_members(pid).first() {
+        assert!(
+            Instant::now() < deadline,
+            "process {alive} of the reload's group {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The live (not zombie) processes of process group `pgid`, from /proc.
+fn group_members(pgid: i32) -> Vec<String> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let stat = fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
+            // pid (comm) state ppid pgrp …; comm may hold spaces.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let (state, pgrp) = (*fields.first()?, fields.get(2)?.parse::<i32>().ok()?);
+            (pgrp == pgid && state != "Z").then(|| head.to_owned())
+        })
+        .collect()
+}
