@@ -274,45 +274,50 @@ async fn obtain_inner(
         return Ok(issued);
     }
     check_cert_dir(ctx, name).await?;
-    let (mut order, admission, intent, finalized) =
-        match resume(ctx, name, &sorted, &key_dir).await? {
-            Some(Resumed::Open(order)) => {
-                ctx.solvers
-                    .check(&cert.challenges)
-                    .map_err(DriveError::NotReady)?;
-                (order, None, None, None)
-            }
-            Some(Resumed::Finalized(order, stored)) => (order, None, None, Some(*stored)),
-            None => {
-                ctx.solvers
-                    .check(&cert.challenges)
-                    .map_err(DriveError::NotReady)?;
-                // The guard counts this order before it exists, so concurrent
-                // orders cannot all slip under max_pending.
-                let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
-                // Write-ahead: should the process die before the order's URL
-                // is recorded, recovery finds the order in the CA's list and
-                // knows which certificate it is for.
-                let intent = ctx
-                    .store
-                    .record_intent(ctx.account.ledger_id, name, &sorted)
-                    .await?;
-                let order = match new_order(ctx, cert, &sorted).await {
-                    Ok(order) => order,
-                    Err(e) => {
-                        // A CA that answered with a problem created no
-                        // order. After a lost answer it may have: the
-                        // intent stays for the next recovery to look.
-                        if e.problem().is_some() {
-                            ctx.store.clear_intent(intent).await?;
-                        }
-                        return Err(e);
+    // A dry run never takes up a real run's order: it would discard a
+    // certificate that run is owed.
+    let resumed = match ctx.mode {
+        RunMode::DryRun => None,
+        RunMode::Once | RunMode::Daemon => resume(ctx, name, &sorted, &key_dir).await?,
+    };
+    let (mut order, admission, intent, finalized) = match resumed {
+        Some(Resumed::Open(order)) => {
+            ctx.solvers
+                .check(&cert.challenges)
+                .map_err(DriveError::NotReady)?;
+            (order, None, None, None)
+        }
+        Some(Resumed::Finalized(order, stored)) => (order, None, None, Some(*stored)),
+        None => {
+            ctx.solvers
+                .check(&cert.challenges)
+                .map_err(DriveError::NotReady)?;
+            // The guard counts this order before it exists, so concurrent
+            // orders cannot all slip under max_pending.
+            let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
+            // Write-ahead: should the process die before the order's URL
+            // is recorded, recovery finds the order in the CA's list and
+            // knows which certificate it is for.
+            let intent = ctx
+                .store
+                .record_intent(ctx.account.ledger_id, name, &sorted)
+                .await?;
+            let order = match new_order(ctx, cert, &sorted).await {
+                Ok(order) => order,
+                Err(e) => {
+                    // A CA that answered with a problem created no
+                    // order. After a lost answer it may have: the
+                    // intent stays for the next recovery to look.
+                    if e.problem().is_some() {
+                        ctx.store.clear_intent(intent).await?;
                     }
-                };
-                tracing::info!(cert = name, order = %order.url(), "order created");
-                (order, Some(admission), Some(intent), None)
-            }
-        };
+                    return Err(e);
+                }
+            };
+            tracing::info!(cert = name, order = %order.url(), "order created");
+            (order, Some(admission), Some(intent), None)
+        }
+    };
     let order_url = order.url().to_owned();
     let _claim = ctx.reaper.active().claim(&order_url);
     let status = order_status(order.state().status);
