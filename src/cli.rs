@@ -221,6 +221,12 @@ pub enum Command {
         /// Renew even if not due.
         #[arg(long)]
         force: bool,
+        /// Test the setup: run the whole flow against the CA's staging
+        /// directory where one is known (Let's Encrypt), else against the
+        /// configured CA, and discard the certificate. Nothing is
+        /// installed or reloaded.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show every configured certificate and its ledger state.
     Status {
@@ -508,7 +514,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             polkit::units_from_config(&cfg).into_iter().map(Ok),
         )),
         Command::CheckConfig => Ok(check_config(&cfg)),
-        Command::Renew { names, force } => renew(cfg, &names, force).await,
+        Command::Renew {
+            names,
+            force,
+            dry_run,
+        } => renew(cfg, &names, force, dry_run).await,
         Command::Status { json, check } => {
             let mode = match (json, check) {
                 (_, true) => status::Mode::Check,
@@ -751,7 +761,12 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<ExitCode> {
+async fn renew(
+    mut cfg: Config,
+    names: &[String],
+    force: bool,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
     if let Some(unknown) = names.iter().find(|n| cfg.certificate(n).is_none()) {
         errln!(
             "certd: no certificate named {unknown:?} in {}",
@@ -780,7 +795,7 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
             cfg.daemon.renew_remaining,
         ) {
             Due::Now(reason) => due.push((c.clone(), reason)),
-            Due::At(_) if force => due.push((c.clone(), Reason::Forced)),
+            Due::At(_) if force || dry_run => due.push((c.clone(), Reason::Forced)),
             Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
         }
     }
@@ -792,20 +807,46 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
     }
 
     ensure_dirs(&cfg)?;
+    let mode = if dry_run {
+        if let Some(staging) = staging_directory(&cfg.acme.directory) {
+            cfg.acme.directory = staging;
+        }
+        outln!(
+            "dry run against {}: certificates are issued and discarded; nothing is installed, nothing reloaded",
+            cfg.acme.directory
+        );
+        driver::RunMode::DryRun
+    } else {
+        driver::RunMode::Once
+    };
     let store = match existing {
         Some(s) => s,
         None => Store::open(&cfg.db_path()).await?,
     };
-    let result = renew_due(&cfg, &store, due).await;
+    let result = renew_due(&cfg, &store, due, mode).await;
     store.close().await;
     result
+}
+
+/// The staging directory of a CA whose production directory is `url`, for
+/// `renew --dry-run`: staging has its own limits and its own account (the
+/// credentials are per directory URL).
+fn staging_directory(url: &reqwest::Url) -> Option<reqwest::Url> {
+    const KNOWN: [(&str, &str); 1] = [(
+        "https://acme-v02.api.letsencrypt.org/directory",
+        "https://acme-staging-v02.api.letsencrypt.org/directory",
+    )];
+    let (_, staging) = KNOWN.iter().find(|(prod, _)| *prod == url.as_str())?;
+    reqwest::Url::parse(staging).ok()
 }
 
 async fn renew_due(
     cfg: &Config,
     store: &Store,
     due: Vec<(CertificateConfig, Reason)>,
+    mode: driver::RunMode,
 ) -> anyhow::Result<ExitCode> {
+    let dry_run = mode == driver::RunMode::DryRun;
     // Consecutive failures before this run, for notifications.
     let mut failures_before = std::collections::HashMap::new();
     for (c, _) in &due {
@@ -835,6 +876,7 @@ async fn renew_due(
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
             renew_remaining: cfg.daemon.renew_remaining,
             trusted_roots: cfg.acme.trusted_roots.clone(),
+            mode,
         })
     };
     let ctx = match setup.await {
@@ -843,6 +885,10 @@ async fn renew_due(
             // Nothing was ordered; record why for `status` and fail.
             let msg = error_chain(e.as_ref());
             for (c, reason) in &due {
+                if dry_run {
+                    outln!("{}: dry run failed: {msg}", c.name);
+                    continue;
+                }
                 record_failed(cfg, store, c, *reason, &msg, &failures_before).await?;
             }
             return Ok(ExitCode::FAILURE);
@@ -877,6 +923,16 @@ async fn renew_due(
         let Some(joined) = joined else { break };
         let (c, reason, result) = joined.context("a renewal task panicked")?;
         match result {
+            Ok(issued) if dry_run => outln!(
+                "{}: dry run: issued serial {} valid until {}, discarded; nothing installed, nothing reloaded",
+                c.name,
+                issued.info.serial,
+                rfc3339(issued.info.not_after)
+            ),
+            Err(e) if dry_run => {
+                failed += 1;
+                outln!("{}: dry run failed: {}", c.name, error_chain(&e));
+            }
             Ok(issued) => {
                 let outcome = crate::alerts::Outcome::Succeeded {
                     previous_failures: failures_before.get(c.name.as_str()).copied().unwrap_or(0),
@@ -1329,7 +1385,7 @@ async fn revoke(
         return Ok(ExitCode::SUCCESS);
     }
     // A revoked certificate must not stay in service: replace it now.
-    renew(cfg, &[name.to_owned()], false).await
+    renew(cfg, &[name.to_owned()], false, false).await
 }
 
 /// Opens the ledger for reading commands; `None` if certd never ran.
@@ -1433,6 +1489,21 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    #[test]
+    fn dry_run_uses_the_staging_directory_of_a_known_ca() {
+        let url = |s: &str| reqwest::Url::parse(s).expect("URL");
+        assert_eq!(
+            staging_directory(&url("https://acme-v02.api.letsencrypt.org/directory")),
+            Some(url(
+                "https://acme-staging-v02.api.letsencrypt.org/directory"
+            ))
+        );
+        assert_eq!(
+            staging_directory(&url("https://ca.example/directory")),
+            None
+        );
+    }
 
     #[test]
     fn control_characters_are_escaped() {

@@ -74,6 +74,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
         renew_remaining: cfg.daemon.renew_remaining,
         trusted_roots: cfg.acme.trusted_roots.clone(),
+        mode: crate::driver::RunMode::Daemon,
     };
 
     let metrics = match cfg.metrics_listen {

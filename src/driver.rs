@@ -15,8 +15,17 @@
 //!    valid; the key is written (0600, fsynced) beside the ledger before
 //!    `finalize` is sent. Poll a `processing` order the same way; download
 //!    the chain.
-//! 6. Check the chain against the order, install it atomically, reload, and
-//!    remove the stored key.
+//! 6. Check the chain against the order and record it durably (chain and
+//!    key, 0600, under the state directory) before installing it
+//!    atomically; then reload. An install that fails is retried from that
+//!    record, never by ordering again. A failed reload is retried with
+//!    backoff by the daemon.
+//!
+//! Before step 1 (and before a resumed order is validated) everything the
+//! order will need is checked locally: `cert_dir` writable, the webroot a
+//! directory, the listeners bound, the hooks executable. An order that
+//! cannot complete is never placed: it would cost the CA's budget for
+//! nothing.
 //!
 //! Before step 1 the ledger records the intent to order, so an order the CA
 //! created just before a crash is found and adopted by recovery. An order
@@ -48,13 +57,17 @@ use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, ChallengeKind, KeyType};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
 use crate::reaper::{Admission, GuardError, Policy, Reaper};
-use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers};
+use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers, Unready};
 use crate::store::{NewAuthz, Store, StoreError};
 
 /// How long certd waits for the CA to validate all challenges of an order.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long certd waits for a `processing` order to become `valid`.
 const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(180);
+/// The first wait before a failed reload command runs again; it doubles
+/// up to `RELOAD_RETRY_CAP`.
+const RELOAD_RETRY_FIRST: Duration = Duration::from_secs(2);
+const RELOAD_RETRY_CAP: Duration = Duration::from_secs(300);
 /// How long to wait for the CA's validation request to reach the
 /// standalone responder before polling anyway.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
@@ -85,6 +98,20 @@ pub struct Context {
     pub renew_remaining: f64,
     /// `[acme] trusted_roots`: issued chains must lead to one of them.
     pub trusted_roots: Option<TrustedRoots>,
+    pub mode: RunMode,
+}
+
+/// The kind of run an order belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// `certd renew`: a failed reload is reported.
+    Once,
+    /// `certd run`: a failed reload is retried with backoff until it
+    /// succeeds or certd stops.
+    Daemon,
+    /// `certd renew --dry-run`: the whole flow, then the certificate is
+    /// discarded; nothing is installed or reloaded.
+    DryRun,
 }
 
 /// A certificate the driver installed.
@@ -141,12 +168,15 @@ pub enum DriveError {
     Store(#[from] StoreError),
     #[error("cannot create the private key or CSR: {0}")]
     Key(String),
-    #[error("order key {}: {source}", path.display())]
+    #[error("{}: {source}", path.display())]
     KeyFile {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// Something the order needs is unusable: no order was placed.
+    #[error("not ordering, the order could not complete: {0}")]
+    NotReady(Unready),
     #[error("{0}")]
     Profile(String),
     #[error("the order is {0} after finalization")]
@@ -178,7 +208,9 @@ impl DriveError {
             }) => Disposition::RateLimited {
                 until: Some(until.system_time()),
             },
-            Self::Guard(_) | Self::Preflight(_) => Disposition::Retryable,
+            // Nothing was ordered; once the operator fixes it, the next
+            // attempt goes ahead.
+            Self::Guard(_) | Self::Preflight(_) | Self::NotReady(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
         }
     }
@@ -236,37 +268,56 @@ async fn obtain_inner(
     let mut sorted = cert.domain_strings();
     sorted.sort();
     let key_dir = order_key_dir(&ctx.store).await?;
-    let (mut order, admission, intent, finalized) =
-        match resume(ctx, name, &sorted, &key_dir).await? {
-            Some(Resumed::Open(order)) => (order, None, None, None),
-            Some(Resumed::Finalized(order, stored)) => (order, None, None, Some(*stored)),
-            None => {
-                // The guard counts this order before it exists, so concurrent
-                // orders cannot all slip under max_pending.
-                let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
-                // Write-ahead: should the process die before the order's URL
-                // is recorded, recovery finds the order in the CA's list and
-                // knows which certificate it is for.
-                let intent = ctx
-                    .store
-                    .record_intent(ctx.account.ledger_id, name, &sorted)
-                    .await?;
-                let order = match new_order(ctx, cert, &sorted).await {
-                    Ok(order) => order,
-                    Err(e) => {
-                        // A CA that answered with a problem created no
-                        // order. After a lost answer it may have: the
-                        // intent stays for the next recovery to look.
-                        if e.problem().is_some() {
-                            ctx.store.clear_intent(intent).await?;
-                        }
-                        return Err(e);
+    if ctx.mode != RunMode::DryRun
+        && let Some(issued) = install_from_disk(ctx, cert, &sorted, cancel).await?
+    {
+        return Ok(issued);
+    }
+    check_cert_dir(ctx, name).await?;
+    // A dry run never takes up a real run's order: it would discard a
+    // certificate that run is owed.
+    let resumed = match ctx.mode {
+        RunMode::DryRun => None,
+        RunMode::Once | RunMode::Daemon => resume(ctx, name, &sorted, &key_dir).await?,
+    };
+    let (mut order, admission, intent, finalized) = match resumed {
+        Some(Resumed::Open(order)) => {
+            ctx.solvers
+                .check(&cert.challenges)
+                .map_err(DriveError::NotReady)?;
+            (order, None, None, None)
+        }
+        Some(Resumed::Finalized(order, stored)) => (order, None, None, Some(*stored)),
+        None => {
+            ctx.solvers
+                .check(&cert.challenges)
+                .map_err(DriveError::NotReady)?;
+            // The guard counts this order before it exists, so concurrent
+            // orders cannot all slip under max_pending.
+            let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
+            // Write-ahead: should the process die before the order's URL
+            // is recorded, recovery finds the order in the CA's list and
+            // knows which certificate it is for.
+            let intent = ctx
+                .store
+                .record_intent(ctx.account.ledger_id, name, &sorted)
+                .await?;
+            let order = match new_order(ctx, cert, &sorted).await {
+                Ok(order) => order,
+                Err(e) => {
+                    // A CA that answered with a problem created no
+                    // order. After a lost answer it may have: the
+                    // intent stays for the next recovery to look.
+                    if e.problem().is_some() {
+                        ctx.store.clear_intent(intent).await?;
                     }
-                };
-                tracing::info!(cert = name, order = %order.url(), "order created");
-                (order, Some(admission), Some(intent), None)
-            }
-        };
+                    return Err(e);
+                }
+            };
+            tracing::info!(cert = name, order = %order.url(), "order created");
+            (order, Some(admission), Some(intent), None)
+        }
+    };
     let order_url = order.url().to_owned();
     let _claim = ctx.reaper.active().claim(&order_url);
     let status = order_status(order.state().status);
@@ -309,6 +360,14 @@ async fn obtain_inner(
                 .map(ProblemRecord::to_json)
                 .unwrap_or_else(|| e.to_string());
             let status = order_status(order.state().status);
+            // Issued and recorded on disk: the next attempt installs it
+            // from there.
+            if ctx.store.issued_waiting(&order_url).await? {
+                ctx.store
+                    .set_order_state(&order_url, "valid", "issued", Some(&detail))
+                    .await?;
+                return Err(e);
+            }
             // Finalized, and the key is stored: the next attempt downloads
             // this certificate rather than ordering another.
             let finalized = matches!(
@@ -565,6 +624,129 @@ async fn complete(
         domains,
         ctx.trusted_roots.as_ref(),
     )?;
+    if ctx.mode == RunMode::DryRun {
+        // Issued and checked like any other; then thrown away.
+        ctx.store
+            .set_order_state(&order_url, "valid", "done", None)
+            .await?;
+        remove_order_key(key_dir, &order_url).await;
+        let info = issuance.info;
+        ctx.store
+            .event(
+                "dry-run",
+                Some(name),
+                Some(&order_url),
+                None,
+                Some(&format!(
+                    "serial {} issued and discarded: nothing installed, nothing reloaded",
+                    info.serial
+                )),
+            )
+            .await?;
+        tracing::info!(cert = name, order = %order_url, serial = %info.serial, "dry run: certificate issued and discarded");
+        return Ok(Issued {
+            order_url,
+            info,
+            version: String::new(),
+            reloads: Vec::new(),
+        });
+    }
+    // Durable before the install: should the install fail, the next
+    // attempt installs this record instead of ordering again.
+    let issued_dir = issued_dir(&ctx.store).await?;
+    remove_order_key(&issued_dir, &order_url).await;
+    store_order_key(&issued_dir, &order_url, &issuance.record()).await?;
+    ctx.store
+        .record_issued(
+            &order_url,
+            name,
+            domains,
+            &issuance.info.serial,
+            issuance.info.not_after,
+        )
+        .await?;
+    ctx.store
+        .set_order_state(&order_url, "valid", "issued", None)
+        .await?;
+    // The record holds the key now.
+    remove_order_key(key_dir, &order_url).await;
+    finish(ctx, cert, &order_url, domains, issuance, cancel).await
+}
+
+/// An issuance recorded on disk but not installed (the install failed):
+/// installed now, without asking the CA for anything. A record that is
+/// for other names than the certificate's now, or that no longer verifies,
+/// is dropped and `None` returned, so a new order follows.
+async fn install_from_disk(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    sorted: &[String],
+    cancel: &CancellationToken,
+) -> Result<Option<Issued>, DriveError> {
+    let name = cert.name.as_str();
+    let Some(row) = ctx.store.waiting_issued(name).await? else {
+        return Ok(None);
+    };
+    let dir = issued_dir(&ctx.store).await?;
+    let path = order_key_path(&dir, &row.order_url);
+    let read = tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()));
+    let issuance = read.and_then(|text| {
+        if row.identifier_list() != sorted {
+            return Err(format!(
+                "it is for {}, the certificate now names {}",
+                row.identifier_list().join(", "),
+                sorted.join(", ")
+            ));
+        }
+        Issuance::from_record(&text, sorted, ctx.trusted_roots.as_ref()).map_err(|e| e.to_string())
+    });
+    match issuance {
+        Ok(issuance) => {
+            tracing::info!(cert = name, order = %row.order_url, serial = %row.serial, "installing the issued certificate recorded on disk");
+            ctx.store
+                .event(
+                    "install-from-disk",
+                    Some(name),
+                    Some(&row.order_url),
+                    None,
+                    Some(&format!("serial {}", row.serial)),
+                )
+                .await?;
+            finish(ctx, cert, &row.order_url, sorted, issuance, cancel)
+                .await
+                .map(Some)
+        }
+        Err(why) => {
+            tracing::warn!(cert = name, order = %row.order_url, reason = %why, "the recorded issuance is not installed; ordering anew");
+            ctx.store
+                .event(
+                    "issued-dropped",
+                    Some(name),
+                    Some(&row.order_url),
+                    None,
+                    Some(&why),
+                )
+                .await?;
+            ctx.store.issued_done(&row.order_url).await?;
+            remove_order_key(&dir, &row.order_url).await;
+            Ok(None)
+        }
+    }
+}
+
+/// Installs an issuance that is recorded on disk, then reloads; the record
+/// goes once the certificate is in place.
+async fn finish(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    order_url: &str,
+    domains: &[String],
+    issuance: Issuance,
+    cancel: &CancellationToken,
+) -> Result<Issued, DriveError> {
+    let name = cert.name.as_str();
     let info = issuance.info.clone();
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
@@ -583,16 +765,17 @@ async fn complete(
     ctx.store
         .record_installed(name, &installed, next.secs())
         .await?;
+    ctx.store.issued_done(order_url).await?;
     ctx.store
-        .set_order_state(&order_url, "valid", "done", None)
+        .set_order_state(order_url, "valid", "done", None)
         .await?;
-    // Installed (privkey.pem holds it now) and the order is done.
-    remove_order_key(key_dir, &order_url).await;
+    // Installed: privkey.pem holds the key now.
+    remove_order_key(&issued_dir(&ctx.store).await?, order_url).await;
     ctx.store
         .event(
             "installed",
             Some(name),
-            Some(&order_url),
+            Some(order_url),
             None,
             Some(&format!("serial {} version {version}", info.serial)),
         )
@@ -605,18 +788,79 @@ async fn complete(
             include_valid: true,
             ..Policy::by("driver")
         };
-        for (url, identifier) in ctx.store.authz_of_order(&order_url, "valid").await? {
+        for (url, identifier) in ctx.store.authz_of_order(order_url, "valid").await? {
             ctx.reaper.settle(&url, &identifier, policy).await?;
         }
     }
+    let reloads = reload(ctx, cert, order_url, cancel).await?;
+    Ok(Issued {
+        order_url: order_url.to_owned(),
+        info,
+        version,
+        reloads,
+    })
+}
 
-    let reloads =
-        install::run_reloads(&cert.reload, cert.reload_timeout, name, &ctx.cert_dir).await;
-    for r in &reloads {
+/// Runs the reload commands once the certificate is installed. The daemon
+/// runs a failed one again with backoff until it succeeds (the server
+/// still serves the old certificate meanwhile), or until certd stops.
+async fn reload(
+    ctx: &Context,
+    cert: &CertificateConfig,
+    order_url: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<ReloadOutcome>, DriveError> {
+    let name = cert.name.as_str();
+    let run = |commands: Vec<String>| async move {
+        install::run_reloads(&commands, cert.reload_timeout, name, &ctx.cert_dir).await
+    };
+    let mut outcomes = run(cert.reload.clone()).await;
+    record_reloads(ctx, name, order_url, &outcomes).await?;
+    if ctx.mode != RunMode::Daemon {
+        return Ok(outcomes);
+    }
+    let mut delay = RELOAD_RETRY_FIRST;
+    loop {
+        let failed: Vec<String> = outcomes
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| r.command.clone())
+            .collect();
+        if failed.is_empty() {
+            break;
+        }
+        tracing::info!(cert = name, commands = ?failed, retry_in_secs = delay.as_secs(), "reload failed; retrying");
+        if sleep_or_cancel(delay, cancel).await.is_err() {
+            // Stopping: the failure stays recorded for `status`.
+            break;
+        }
+        delay = (delay * 2).min(RELOAD_RETRY_CAP);
+        let again = run(failed).await;
+        record_reloads(ctx, name, order_url, &again).await?;
+        for r in again {
+            if let Some(slot) = outcomes.iter_mut().find(|o| o.command == r.command) {
+                *slot = r;
+            }
+        }
+        if outcomes.iter().all(|r| r.ok) {
+            ctx.store.clear_reload_failure(name).await?;
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Ledger events (and the certificate's error, for a failure) of reloads.
+async fn record_reloads(
+    ctx: &Context,
+    name: &str,
+    order_url: &str,
+    outcomes: &[ReloadOutcome],
+) -> Result<(), DriveError> {
+    for r in outcomes {
         let kind = if r.ok { "reload-ok" } else { "reload-failed" };
         let detail = format!("{}: {}", r.command, r.detail);
         ctx.store
-            .event(kind, Some(name), Some(&order_url), None, Some(&detail))
+            .event(kind, Some(name), Some(order_url), None, Some(&detail))
             .await?;
         if !r.ok {
             tracing::warn!(cert = name, command = %r.command, detail = %r.detail, "reload failed");
@@ -628,12 +872,77 @@ async fn complete(
                 .await?;
         }
     }
-    Ok(Issued {
-        order_url,
-        info,
-        version,
-        reloads,
-    })
+    Ok(())
+}
+
+/// Checks, without leaving anything behind, that certd can write where
+/// the certificate of `name` goes: the nearest existing directory of
+/// `cert_dir/<name>` takes a new file.
+async fn check_cert_dir(ctx: &Context, name: &str) -> Result<(), DriveError> {
+    let target = ctx.cert_dir.join(name);
+    tokio::task::spawn_blocking(move || probe_writable(&target))
+        .await
+        .map_err(|e| DriveError::Key(format!("check task failed: {e}")))?
+        .map_err(DriveError::NotReady)
+}
+
+fn probe_writable(target: &Path) -> Result<(), Unready> {
+    let unready = |dir: &Path, e: &io::Error| {
+        let fix = match e.raw_os_error() {
+            Some(libc::EROFS) => format!(
+                "remount the file system of {} read-write, or set storage.cert_dir to a writable directory",
+                dir.display()
+            ),
+            Some(libc::ENOTDIR) => format!(
+                "replace the file {} with a directory, or set storage.cert_dir elsewhere",
+                dir.display()
+            ),
+            _ => format!(
+                "give certd's user (uid {uid}) write access (`chown {uid} {}`), or set storage.cert_dir to a writable directory",
+                dir.display(),
+                uid = install::euid()
+            ),
+        };
+        Unready {
+            what: format!("storage.cert_dir {}", dir.display()),
+            problem: format!("certd cannot write there ({e})"),
+            fix,
+        }
+    };
+    let mut dir = target;
+    let existing = loop {
+        match std::fs::symlink_metadata(dir) {
+            Ok(meta) if meta.is_dir() => break dir,
+            Ok(_) => {
+                return Err(unready(dir, &io::Error::from_raw_os_error(libc::ENOTDIR)));
+            }
+            // Missing, or below a file: look further up.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                match dir.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+                    _ => return Err(unready(dir, &e)),
+                }
+            }
+            Err(e) => return Err(unready(dir, &e)),
+        }
+    };
+    let probe = existing.join(format!(".certd-write-check.{}", std::process::id()));
+    let created = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&probe);
+    match created {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(unready(existing, &e)),
+    }
 }
 
 /// Fetches every authorization of the order and records them with their
@@ -1063,6 +1372,12 @@ async fn certificate_key(
     generate_key(cert.key_type).await
 }
 
+/// Where issued certificates wait to be installed (chain and key, one
+/// 0600 file per order, named like the order keys): beside the ledger.
+async fn issued_dir(store: &Store) -> Result<PathBuf, StoreError> {
+    Ok(store.ledger_dir().await?.join("issued"))
+}
+
 /// Where the keys of finalized orders wait for their certificate: beside
 /// the ledger, which names the orders.
 pub(crate) async fn order_key_dir(store: &Store) -> Result<PathBuf, StoreError> {
@@ -1362,6 +1677,25 @@ mod tests {
             "{linked:?}"
         );
         assert!(!elsewhere.exists());
+    }
+
+    /// The write check leaves nothing behind and names the directory that
+    /// refused, with the fix.
+    #[test]
+    fn the_cert_dir_check_probes_the_nearest_existing_directory() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let target = tmp.path().join("certs").join("www");
+        probe_writable(&target).expect("writable");
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).expect("list").count(),
+            0,
+            "nothing created"
+        );
+        let file = tmp.path().join("certs");
+        std::fs::write(&file, "").expect("a file where cert_dir goes");
+        let e = probe_writable(&target).expect_err("not a directory");
+        assert_eq!(e.what, format!("storage.cert_dir {}", file.display()));
+        assert!(e.fix.contains("replace the file"), "{e}");
     }
 
     #[test]

@@ -203,6 +203,36 @@ impl Issuance {
             key_pem,
         })
     }
+
+    /// The durable record of this issuance, kept until it is installed:
+    /// the private key, then the full chain, as PEM.
+    pub fn record(&self) -> String {
+        format!("{}{}", self.key_pem, self.fullchain_pem)
+    }
+
+    /// Reads a [`Issuance::record`] back and checks it as [`Issuance::new`]
+    /// checks the CA's answer: a record that no longer verifies (expired,
+    /// say) is refused.
+    pub fn from_record(
+        record: &str,
+        domains: &[String],
+        roots: Option<&TrustedRoots>,
+    ) -> Result<Self, InstallError> {
+        let bad = |m: String| InstallError::BadChain(format!("the stored issuance: {m}"));
+        let at = record
+            .find("-----BEGIN CERTIFICATE-----")
+            .ok_or_else(|| bad("holds no certificate".into()))?;
+        let (key_pem, chain) = record.split_at(at);
+        use rcgen::PublicKeyData as _;
+        let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| bad(e.to_string()))?;
+        Self::new(
+            chain,
+            key_pem.to_owned(),
+            &key.subject_public_key_info(),
+            domains,
+            roots,
+        )
+    }
 }
 
 /// Roots the operator trusts to issue certificates (`[acme] trusted_roots`):
@@ -700,6 +730,9 @@ pub struct ReloadOutcome {
 
 /// Runs the reload commands in order, each with `timeout`. A failure is
 /// reported, never fatal: the certificate is already installed.
+///
+/// Dropping this future (certd stopping, and its shutdown grace ran out)
+/// kills a command still running, with its process group, and logs why.
 pub async fn run_reloads(
     commands: &[String],
     timeout: Duration,
@@ -713,9 +746,36 @@ pub async fn run_reloads(
     ];
     let mut out = Vec::with_capacity(commands.len());
     for command in commands {
+        let mut running = Running {
+            name,
+            command,
+            ended: false,
+        };
         out.push(run_command(command, &env, timeout).await);
+        running.ended = true;
     }
     out
+}
+
+/// A reload command in progress: dropped before it ends, it says so (the
+/// group itself is killed by [`run_program`]'s guard).
+struct Running<'a> {
+    name: &'a str,
+    command: &'a str,
+    ended: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        tracing::warn!(
+            cert = self.name,
+            command = self.command,
+            "reload command killed with its process group: certd is stopping and the shutdown grace ran out"
+        );
+    }
 }
 
 /// Runs `command` with `/bin/sh -c` and `env`, bounded by `timeout`;
@@ -1011,6 +1071,22 @@ mod tests {
             None,
         )
         .expect("issuance")
+    }
+
+    /// What the driver keeps on disk before installing reads back as the
+    /// same issuance, and only for the names it was issued for.
+    #[test]
+    fn the_durable_record_reads_back_as_the_same_issuance() {
+        let original = issuance(&["a.example"]);
+        let record = original.record();
+        let names = ["a.example".to_owned()];
+        let back = Issuance::from_record(&record, &names, None).expect("reads back");
+        assert_eq!(back.info, original.info);
+        assert_eq!(back.key_pem, original.key_pem);
+        assert_eq!(back.fullchain_pem, original.fullchain_pem);
+        let other = ["b.example".to_owned()];
+        assert!(Issuance::from_record(&record, &other, None).is_err());
+        assert!(Issuance::from_record(&original.key_pem, &names, None).is_err());
     }
 
     fn verify(certs: &[CertificateDer<'_>], roots: Option<&TrustedRoots>) -> Result<(), String> {

@@ -176,6 +176,24 @@ pub trait Solver: Send + Sync {
     async fn wait_fetched(&self, _c: &ChallengeSpec, _max: Duration) -> bool {
         false
     }
+
+    /// Checks, before an order is placed, that what this solver answers
+    /// through is usable (a webroot that exists, a hook that can run, a
+    /// listener that is bound): an order that cannot complete still costs
+    /// the CA's budget. Solvers with nothing local to check are ready.
+    fn check(&self) -> Result<(), Unready> {
+        Ok(())
+    }
+}
+
+/// Something a solver needs is not usable: what, why, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {problem}; fix: {fix}")]
+pub struct Unready {
+    /// The path or address concerned, with the configuration key.
+    pub what: String,
+    pub problem: String,
+    pub fix: String,
 }
 
 /// The solvers a configuration asks for, keyed by challenge type. Clones
@@ -297,6 +315,24 @@ impl Solvers {
         failed
     }
 
+    /// Runs every solver's [`Solver::check`] for the challenge types in
+    /// `kinds`; a type with no solver is reported by name.
+    pub fn check(&self, kinds: &[ChallengeKind]) -> Result<(), Unready> {
+        for kind in kinds {
+            match self.get(*kind) {
+                Ok(solver) => solver.check()?,
+                Err(e) => {
+                    return Err(Unready {
+                        what: kind.as_str().to_owned(),
+                        problem: e.to_string(),
+                        fix: format!("configure [{}]", kind.as_str().replace('-', "")),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn get(&self, kind: ChallengeKind) -> Result<Arc<dyn Solver>, SolverError> {
         self.by_kind
             .read()
@@ -402,6 +438,9 @@ impl Solver for Owned {
     }
     async fn wait_fetched(&self, c: &ChallengeSpec, max: Duration) -> bool {
         self.solver.wait_fetched(c, max).await
+    }
+    fn check(&self) -> Result<(), Unready> {
+        self.solver.check()
     }
 }
 
@@ -534,6 +573,39 @@ impl Solver for Http01Solver {
                 "expected the key authorization, got {first:?}"
             )))
         }
+    }
+
+    fn check(&self) -> Result<(), Unready> {
+        if let Some(root) = &self.webroot {
+            let what = format!("http01.webroot {}", root.display());
+            match std::fs::metadata(root) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(Unready {
+                        what,
+                        problem: "is not a directory".into(),
+                        fix: "point webroot at the directory the web server serves".into(),
+                    });
+                }
+                Err(e) => {
+                    return Err(Unready {
+                        what,
+                        problem: e.to_string(),
+                        fix: format!(
+                            "create it (`mkdir -p {}`) or point webroot at the directory the web server serves",
+                            root.display()
+                        ),
+                    });
+                }
+            }
+        } else if self.responder.is_none() {
+            return Err(Unready {
+                what: "[http01]".into(),
+                problem: "neither a listener nor a webroot answers http-01".into(),
+                fix: "set http01.listen or http01.webroot".into(),
+            });
+        }
+        Ok(())
     }
 
     async fn wait_fetched(&self, c: &ChallengeSpec, max: Duration) -> bool {
@@ -819,6 +891,34 @@ impl Solver for Dns01Hook {
 
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         self.run("present", c).await
+    }
+
+    fn check(&self) -> Result<(), Unready> {
+        use std::os::unix::fs::PermissionsExt;
+        let what = format!("dns01.hook {}", self.hook.display());
+        let unready = |problem: String| Unready {
+            what: what.clone(),
+            problem,
+            fix: format!(
+                "install the hook there and make it executable (`chmod +x {}`)",
+                self.hook.display()
+            ),
+        };
+        let meta = std::fs::metadata(&self.hook).map_err(|e| unready(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(unready("is not a regular file".into()));
+        }
+        // `access` asks the kernel as exec would, for certd's user; it
+        // says yes to root for any file with one execute bit, so the bits
+        // are checked too.
+        let path = std::ffi::CString::new(self.hook.as_os_str().as_encoded_bytes())
+            .map_err(|e| unready(e.to_string()))?;
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        let executable = unsafe { libc::access(path.as_ptr(), libc::X_OK) } == 0;
+        if !executable || meta.permissions().mode() & 0o111 == 0 {
+            return Err(unready("is not executable".into()));
+        }
+        Ok(())
     }
 
     async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {

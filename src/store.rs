@@ -341,6 +341,20 @@ impl OrderRow {
     }
 }
 
+/// A certificate the CA issued that is not installed yet.
+#[derive(Debug, Clone, FromRow)]
+pub struct IssuedRow {
+    pub order_url: String,
+    pub identifiers: String,
+    pub serial: String,
+}
+
+impl IssuedRow {
+    pub fn identifier_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.identifiers).unwrap_or_default()
+    }
+}
+
 /// Per-account figures of the reaper for `certd status`.
 #[derive(Debug, Clone, Default)]
 pub struct ReaperSummary {
@@ -894,9 +908,12 @@ impl Store {
         identifiers: &[String],
         since: i64,
     ) -> Result<(i64, Option<i64>)> {
+        // Every order the CA issued counts, installed or not: a certificate
+        // thrown away at install still used up the CA's duplicate limit.
         Ok(sqlx::query_as(
             "SELECT COUNT(*), MIN(updated_at) FROM orders
-             WHERE account_id = ? AND identifiers = ? AND step = 'done' AND updated_at >= ?",
+             WHERE account_id = ? AND identifiers = ? AND (status = 'valid' OR step = 'done')
+               AND updated_at >= ?",
         )
         .bind(account_id)
         .bind(serde_json::to_string(identifiers).unwrap_or_default())
@@ -931,7 +948,7 @@ impl Store {
     pub async fn in_flight_orders(&self, account_id: i64) -> Result<Vec<OrderRow>> {
         Ok(sqlx::query_as(
             "SELECT url, cert_name, identifiers, status, step, expires_at FROM orders
-             WHERE account_id = ? AND step NOT IN ('done', 'failed', 'abandoned') ORDER BY id",
+             WHERE account_id = ? AND step NOT IN ('done', 'failed', 'abandoned', 'issued') ORDER BY id",
         )
         .bind(account_id)
         .fetch_all(&self.pool)
@@ -1251,12 +1268,86 @@ impl Store {
         Ok(row.and_then(|r| r.0))
     }
 
+    /// Records a certificate the CA issued for `order_url`, before it is
+    /// installed (its chain and key are on disk by then).
+    pub async fn record_issued(
+        &self,
+        order_url: &str,
+        cert_name: &str,
+        identifiers: &[String],
+        serial: &str,
+        not_after: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO issued (order_url, cert_name, identifiers, serial, not_after, issued_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT(order_url) DO UPDATE SET serial = excluded.serial,
+                 not_after = excluded.not_after, installed_at = NULL",
+        )
+        .bind(order_url)
+        .bind(cert_name)
+        .bind(serde_json::to_string(identifiers).unwrap_or_default())
+        .bind(serial)
+        .bind(not_after)
+        .bind(UnixTime::now().secs())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest issued certificate of `cert_name` still waiting to be
+    /// installed.
+    pub async fn waiting_issued(&self, cert_name: &str) -> Result<Option<IssuedRow>> {
+        Ok(sqlx::query_as(
+            "SELECT order_url, identifiers, serial FROM issued
+             WHERE cert_name = ? AND installed_at IS NULL ORDER BY issued_at DESC, rowid DESC LIMIT 1",
+        )
+        .bind(cert_name)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Whether the certificate of `order_url` is issued and not installed.
+    pub async fn issued_waiting(&self, order_url: &str) -> Result<bool> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM issued WHERE order_url = ? AND installed_at IS NULL")
+                .bind(order_url)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// The issued certificate of `order_url` waits no longer: installed, or
+    /// dropped as unusable.
+    pub async fn issued_done(&self, order_url: &str) -> Result<()> {
+        sqlx::query("UPDATE issued SET installed_at = ? WHERE order_url = ?")
+            .bind(UnixTime::now().secs())
+            .bind(order_url)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records that a reload command failed after an otherwise good install.
     pub async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
         sqlx::query(
             "UPDATE certificates SET last_result = 'error', last_error = ?, updated_at = ? WHERE name = ?",
         )
         .bind(error)
+        .bind(UnixTime::now().secs())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A reload that failed after an install succeeded on a retry: the
+    /// certificate's last result is good again.
+    pub async fn clear_reload_failure(&self, name: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE certificates SET last_result = 'ok', last_error = NULL, updated_at = ?
+             WHERE name = ? AND last_result = 'error' AND last_error LIKE 'installed, but reload %'",
+        )
         .bind(UnixTime::now().secs())
         .bind(name)
         .execute(&self.pool)
@@ -1396,6 +1487,50 @@ mod tests {
                 other => panic!("expected Corrupt, got {other:?}"),
             }
         }
+    }
+
+    /// The duplicate guard counts what the CA issued: an order whose
+    /// certificate failed to install, or waits on disk, counts as much as
+    /// one that was installed.
+    #[tokio::test]
+    async fn the_guard_counts_issuances_not_installs() {
+        let (_dir, s) = store().await;
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        let names = vec!["a.example".to_owned()];
+        for (i, (status, step)) in [
+            ("valid", "done"),
+            ("valid", "failed"),
+            ("valid", "issued"),
+            ("invalid", "failed"),
+            ("pending", "resumable"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let url = format!("https://ca/order/{i}");
+            s.record_order(acct, "www", &url, &names, status, &[])
+                .await
+                .expect("order");
+            s.set_order_state(&url, status, step, None)
+                .await
+                .expect("state");
+        }
+        let (count, _) = s.issued_since(acct, &names, 0).await.expect("count");
+        assert_eq!(count, 3);
+
+        // The issued record: waiting until installed, then not.
+        s.record_issued("https://ca/order/2", "www", &names, "0a", 1)
+            .await
+            .expect("record");
+        assert!(s.issued_waiting("https://ca/order/2").await.expect("query"));
+        let row = s.waiting_issued("www").await.expect("query").expect("row");
+        assert_eq!(row.order_url, "https://ca/order/2");
+        assert_eq!(row.identifier_list(), names);
+        s.issued_done("https://ca/order/2").await.expect("done");
+        assert!(s.waiting_issued("www").await.expect("query").is_none());
     }
 
     #[tokio::test]

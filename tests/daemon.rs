@@ -177,7 +177,9 @@ fn failed_preflight_does_not_ask_the_ca_and_keeps_the_authorization() {
     let env = TestEnv::new();
     env.write_config(&format!("{DAEMON}{}", cert("p", "p.example.test")));
     // A webroot no web server serves: the self-check over HTTP fails.
+    // It exists (a missing webroot is refused before any order).
     let webroot = env.dir().join("webroot");
+    fs::create_dir(&webroot).expect("webroot");
     let config = fs::read_to_string(env.config_path()).expect("config");
     let port = env.pebble.http01_port();
     env.write_raw_config(&config.replace(

@@ -230,6 +230,8 @@ fn unrequested_name_gets_no_preflight_connection() {
         "{DAEMON}\n[[certificate]]\nname = \"p\"\ndomains = [\"p.example.test\"]\n"
     ));
     let webroot = env.dir().join("webroot");
+    // It exists (a missing webroot is refused before any order).
+    fs::create_dir(&webroot).expect("webroot");
     let config = fs::read_to_string(env.config_path()).expect("config");
     let port = env.pebble.http01_port();
     env.write_raw_config(&config.replace(
