@@ -16,6 +16,7 @@ pub mod alerts;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod driver;
