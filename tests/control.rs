@@ -223,3 +223,47 @@ fn commands_as_root_leave_nothing_the_daemons_user_cannot_write() {
     let root_files = owned_by(&env.cert_dir(), 0);
     assert!(root_files.is_empty(), "root-owned: {root_files:?}");
 }
+
+#[test]
+fn a_user_who_cannot_read_the_configuration_is_told_whom_to_run_as() {
+    let env = TestEnv::new();
+    env.write_config(&cert("w", "w.example.test", "http-01"));
+    // As packaged: the file 0640 root:<certd's group> (here nogroup,
+    // 65534), its directory traversable.
+    fs::set_permissions(env.dir(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let config = env.config_path();
+    let status = std::process::Command::new("chgrp")
+        .arg("65534")
+        .arg(&config)
+        .status()
+        .expect("chgrp");
+    assert!(status.success());
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o640)).expect("chmod config");
+    let group = std::process::Command::new("getent")
+        .args(["group", "65534"])
+        .output()
+        .expect("getent");
+    let group = String::from_utf8_lossy(&group.stdout);
+    let group = group.split(':').next().expect("group name").to_owned();
+
+    // A normal user (uid 1, gid 1) runs the README's status command.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=1", "--regid=1", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_certd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("setpriv certd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "run: sudo -u {group} certd --config {} status",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!env.state_dir().exists(), "nothing created");
+}
