@@ -396,6 +396,7 @@ pub fn main() -> ExitCode {
             if ledger_unusable
                 || e.downcast_ref::<UnsafeDir>().is_some()
                 || e.downcast_ref::<WrongUser>().is_some()
+                || e.downcast_ref::<ForeignFile>().is_some()
             {
                 ExitCode::from(2)
             } else {
@@ -871,6 +872,7 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
 /// another certd, a corrupt one, or one it cannot write, before it starts.
 async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<StateLock> {
     ensure_dirs(cfg)?;
+    check_state_files(&cfg.storage.state_dir)?;
     let lock = StateLock::acquire(&cfg.storage.state_dir)?;
     let db = cfg.db_path();
     if create || db.exists() {
@@ -1077,6 +1079,52 @@ fn as_user_suggestion(user: &str) -> String {
         })
         .collect();
     format!("sudo -u {user} certd {}", args.join(" "))
+}
+
+/// A file in the state directory certd's user does not own, left by a
+/// command run as another user: SQLite would only say "attempt to write a
+/// readonly database", naming neither the file nor its owner.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path} is owned by {owner}, not by the user certd runs as ({me}): certd cannot write it. \
+     Fix: chown {me_name} {path}",
+    owner = user_label(*owner),
+    me = user_label(*me),
+    path = path.display()
+)]
+pub struct ForeignFile {
+    path: PathBuf,
+    owner: u32,
+    me: u32,
+    me_name: String,
+}
+
+/// Refuses a state directory holding a file another user owns (root
+/// reads and writes them all, so only other users are checked).
+fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = install::euid();
+    if me == 0 {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(state_dir)
+        .with_context(|| format!("state_dir {}", state_dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("state_dir {}", state_dir.display()))?;
+        let meta = entry
+            .metadata()
+            .with_context(|| format!("{}", entry.path().display()))?;
+        if meta.uid() != me {
+            return Err(ForeignFile {
+                path: entry.path(),
+                owner: meta.uid(),
+                me,
+                me_name: user_name(me).unwrap_or_else(|| me.to_string()),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Creates the state and certificate directories (0700 and 0755, whatever

@@ -267,3 +267,40 @@ fn a_user_who_cannot_read_the_configuration_is_told_whom_to_run_as() {
     );
     assert!(!env.state_dir().exists(), "nothing created");
 }
+
+#[test]
+fn a_ledger_file_of_another_user_is_named_with_its_owner() {
+    let env = TestEnv::new();
+    env.write_config(&cert("w", "w.example.test", "http-01"));
+    env.certd(&["renew"]).assert_success();
+    fs::set_permissions(env.dir(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let nobody = 65_534;
+    chown_tree(&env.state_dir(), nobody);
+    chown_tree(&env.cert_dir(), nobody);
+    // What `sudo certd …` of an older certd left: root's ledger.
+    let db = env.state_dir().join("certd.db");
+    std::os::unix::fs::chown(&db, Some(0), Some(0)).expect("chown ledger");
+    let before = fs::read(&db).expect("ledger");
+
+    // The daemon's user runs a writing command.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_certd"))
+        .arg("--config")
+        .arg(env.config_path())
+        .args(["renew", "--force"])
+        .output()
+        .expect("setpriv certd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is owned by user root (uid 0)", db.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Fix: chown "), "{stderr}");
+    assert_eq!(
+        fs::read(&db).expect("ledger"),
+        before,
+        "the ledger is untouched"
+    );
+}
