@@ -328,3 +328,57 @@ pub async fn forward(
     }
     Err(ForwardError::Truncated { path: display })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire format is what a client of another certd version sends:
+    /// it changes only on purpose.
+    #[test]
+    fn requests_and_replies_have_a_stable_wire_format() {
+        let renew = Request::Renew {
+            names: vec!["api".into()],
+            force: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&renew).expect("JSON"),
+            r#"{"command":"renew","names":["api"],"force":true}"#
+        );
+        let revoke: Request = serde_json::from_str(
+            r#"{"command":"revoke","name":"blog","reason":"key-compromise","no_renew":false}"#,
+        )
+        .expect("a revoke request");
+        assert!(matches!(
+            revoke,
+            Request::Revoke {
+                reason: crate::cli::RevokeReason::KeyCompromise,
+                ..
+            }
+        ));
+        assert_eq!(
+            serde_json::to_string(&Reply::Exit(1)).expect("JSON"),
+            r#"{"exit":1}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn only_root_and_the_daemons_user_are_served() {
+        assert!(authorized(0));
+        assert!(authorized(crate::install::euid()));
+        let other = crate::install::euid().wrapping_add(1).max(1);
+        assert!(!authorized(other));
+    }
+
+    #[tokio::test]
+    async fn no_daemon_means_the_command_runs_itself() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let request = Request::Rollover;
+        assert!(matches!(forward(dir.path(), &request).await, Ok(None)));
+        // A socket a killed daemon left behind: nobody listens.
+        let path = socket_path(dir.path());
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        assert!(matches!(forward(dir.path(), &request).await, Ok(None)));
+    }
+}

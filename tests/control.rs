@@ -26,7 +26,8 @@ fn cert(name: &str, domain: &str, challenge: &str) -> String {
 
 #[test]
 fn renew_revoke_and_rollover_are_handed_to_the_running_daemon() {
-    let env = TestEnv::new();
+    // Every order answers a challenge, on the daemon's http-01 listener.
+    let env = TestEnv::without_authz_reuse();
     env.write_config(&format!(
         "{SLOW_RETRY}{}",
         cert("api", "api.example.test", "http-01")
@@ -89,7 +90,9 @@ fn renew_revoke_and_rollover_are_handed_to_the_running_daemon() {
 
 #[test]
 fn a_revoked_certificate_the_daemon_cannot_replace_is_critical() {
-    let env = TestEnv::new();
+    // Every order validates afresh: a reused authorization would let the
+    // replacement through without the failing hook.
+    let env = TestEnv::without_authz_reuse();
     env.write_config(&format!(
         "{SLOW_RETRY}{}",
         cert("blog", "blog.example.test", "dns-01")
