@@ -5,8 +5,9 @@
 //! (orders), the reaper (a pass every `reaper.interval`), the challenge
 //! responders, the metrics listener, the control socket (one-shot commands
 //! hand their work to the scheduler and the reaper through it, see
-//! `crate::control`), the systemd notifier and the configuration watcher (inotify on the file's directory, since editors
-//! replace files, plus SIGHUP). systemd hears READY=1 once the account is
+//! `crate::control`), the systemd notifier and the configuration watcher
+//! (inotify on the file's directory, since editors replace files, plus
+//! SIGHUP). systemd hears READY=1 once the account is
 //! loaded and work is scheduled, RELOADING=1/READY=1 around a reload,
 //! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
 //! waits for a restart, is `reload`'s typed comparison.
