@@ -1099,8 +1099,8 @@ pub struct ForeignFile {
     me_name: String,
 }
 
-/// Refuses a state directory holding a file another user owns (root
-/// reads and writes them all, so only other users are checked).
+/// Refuses a state directory holding a file of certd's that another user
+/// owns (root reads and writes them all, so only other users are checked).
 fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let me = install::euid();
@@ -1111,6 +1111,16 @@ fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("state_dir {}", state_dir.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("state_dir {}", state_dir.display()))?;
+        // certd's own files only: the ledger and its companions, the lock,
+        // the account keys, the control socket.
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("certd.")
+            || name.starts_with("account-")
+            || name == crate::control::SOCKET_FILE)
+        {
+            continue;
+        }
         let meta = entry
             .metadata()
             .with_context(|| format!("{}", entry.path().display()))?;
