@@ -7,12 +7,16 @@
 //! ledger cannot be used (corrupt, unwritable, locked by another certd,
 //! deleted under the daemon).
 //!
-//! Commands that write the ledger (`run`, `renew`, `reap`, `revoke`,
-//! `authz deactivate`, `account rollover`) take the state directory's lock
-//! first and check the ledger's integrity; while a daemon runs they refuse,
-//! naming its PID, since they cannot yet hand their work to it. Reading
-//! commands (`status`, `authz list`, `account show`, `reap --dry-run`)
-//! take no lock and work alongside a daemon.
+//! Commands that write the ledger (`renew`, `reap`, `revoke`,
+//! `authz deactivate`, `account rollover`) hand their work to a running
+//! daemon through its control socket (`crate::control`) and print its
+//! output; without a daemon they take the state directory's lock, check
+//! the ledger's integrity and run themselves. Reading commands (`status`,
+//! `authz list`, `account show`, `check-config`) open the ledger read-only
+//! and create nothing, so running them as another user (`sudo`) leaves no
+//! file certd's own user cannot write. Run as root against a state
+//! directory another user owns, a writing command refuses and says how to
+//! run it as that user.
 //!
 //! Every human-readable output (tables, messages, log lines) passes text
 //! through `escape_control`: much of it comes from the CA (problem details,
@@ -44,6 +48,7 @@ use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
 use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
+use crate::control::Sink;
 use crate::driver::{self, Context};
 use crate::install;
 use crate::reaper::{Policy, Reaper, Settled};
@@ -69,6 +74,11 @@ macro_rules! errln {
 
 fn write_stdout(line: &str) {
     write_stdout_all(&format!("{}\n", escape_control(line)));
+}
+
+/// One line to standard output, escaped (for `control::Sink`).
+pub(crate) fn print_line(line: &str) {
+    write_stdout(line);
 }
 
 /// `s` with its control characters escaped (`\n`, `\x1b`, `\u{202e}`),
@@ -303,7 +313,8 @@ pub enum AccountCommand {
 }
 
 /// Revocation reasons (RFC 5280 §5.3.1) an ACME CA accepts.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RevokeReason {
     Unspecified,
     KeyCompromise,
@@ -389,7 +400,11 @@ pub fn main() -> ExitCode {
                     .downcast_ref::<StoreError>()
                     .is_some_and(StoreError::is_fatal)
             });
-            if ledger_unusable || e.downcast_ref::<UnsafeDir>().is_some() {
+            if ledger_unusable
+                || e.downcast_ref::<UnsafeDir>().is_some()
+                || e.downcast_ref::<WrongUser>().is_some()
+                || e.downcast_ref::<ForeignFile>().is_some()
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -425,6 +440,244 @@ impl Command {
             } => false,
         }
     }
+}
+
+impl Command {
+    /// The request that hands this command to a running daemon, for the
+    /// commands a daemon runs for its clients.
+    fn control_request(&self) -> Option<crate::control::Request> {
+        use crate::control::Request;
+        Some(match self {
+            // A dry run discards what it obtains; the daemon's scheduler has
+            // no such mode, so it runs in its own process.
+            Command::Renew {
+                names,
+                force,
+                dry_run: false,
+            } => Request::Renew {
+                names: names.clone(),
+                force: *force,
+            },
+            Command::Revoke {
+                name,
+                reason,
+                no_renew,
+            } => Request::Revoke {
+                name: name.clone(),
+                reason: *reason,
+                no_renew: *no_renew,
+            },
+            Command::Reap {
+                older_than,
+                dry_run: false,
+            } => Request::Reap {
+                older_than_secs: older_than.map(|d| d.as_secs()),
+            },
+            Command::Authz {
+                command:
+                    AuthzCommand::Deactivate {
+                        urls,
+                        all_pending,
+                        include_valid,
+                        ignore_budget,
+                    },
+            } => Request::Deactivate {
+                urls: urls.clone(),
+                all_pending: *all_pending,
+                include_valid: *include_valid,
+                ignore_budget: *ignore_budget,
+            },
+            Command::Account {
+                command: AccountCommand::Rollover,
+            } => Request::Rollover,
+            _ => return None,
+        })
+    }
+}
+
+/// Runs a command a client handed to the daemon over its control socket,
+/// with the daemon's own parts; returns the exit code.
+pub(crate) async fn run_for_client(
+    request: crate::control::Request,
+    handles: &crate::control::Handles,
+    sink: &Sink,
+) -> u8 {
+    use crate::control::Request;
+    let cfg = handles.config.borrow().clone();
+    let reaper = &handles.ctx.reaper;
+    let result = match request {
+        Request::Renew { names, force } => {
+            Ok(renew_in_daemon(handles, &cfg, names, force, sink).await)
+        }
+        Request::Revoke {
+            name,
+            reason,
+            no_renew,
+        } => revoke_in_daemon(handles, &cfg, &name, reason, no_renew, sink).await,
+        Request::Reap { older_than_secs } => {
+            let older_than =
+                older_than_secs.map_or(cfg.reaper.pending_max_age, Duration::from_secs);
+            reap_pass(reaper, older_than, false, sink).await
+        }
+        Request::Deactivate {
+            urls,
+            all_pending,
+            include_valid,
+            ignore_budget,
+        } => {
+            deactivate(
+                &handles.ctx.store,
+                reaper,
+                urls,
+                all_pending,
+                Policy {
+                    include_valid,
+                    ignore_budget,
+                    ..Policy::by("cli")
+                },
+                sink,
+            )
+            .await
+        }
+        Request::Rollover => Ok(rollover(&handles.ctx.account, &cfg, sink).await),
+    };
+    result.unwrap_or_else(|e| {
+        sink.err(&format!("certd: {}", error_chain(e.as_ref())));
+        1
+    })
+}
+
+/// `certd renew` in the daemon: each certificate goes to the scheduler,
+/// which orders it in its own slots, with its own listeners; the lines
+/// come as the orders end.
+async fn renew_in_daemon(
+    handles: &crate::control::Handles,
+    cfg: &Config,
+    names: Vec<String>,
+    force: bool,
+    sink: &Sink,
+) -> u8 {
+    if let Some(unknown) = names.iter().find(|n| cfg.certificate(n).is_none()) {
+        sink.err(&format!(
+            "certd: no certificate named {unknown:?} in {}",
+            cfg.path.display()
+        ));
+        return 2;
+    }
+    let names: Vec<String> = if names.is_empty() {
+        cfg.certificates
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect()
+    } else {
+        names
+    };
+    let mut waiting = JoinSet::new();
+    for name in names {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let request = scheduler::Request {
+            name: name.clone(),
+            force,
+            reply,
+        };
+        if handles.scheduler.send(request).await.is_err() {
+            sink.err("certd: the daemon is shutting down");
+            return 1;
+        }
+        waiting.spawn(async move { (name, outcome.await) });
+    }
+    let mut failed = false;
+    while let Some(joined) = waiting.join_next().await {
+        let Ok((name, outcome)) = joined else {
+            failed = true;
+            continue;
+        };
+        failed |= !report_outcome(&name, outcome.ok(), sink);
+    }
+    u8::from(failed)
+}
+
+/// Prints how a renewal the scheduler ran for a client ended, as a
+/// one-shot `renew` prints it; false when it failed.
+fn report_outcome(name: &str, outcome: Option<scheduler::Outcome>, sink: &Sink) -> bool {
+    use scheduler::Outcome;
+    match outcome {
+        Some(Outcome::NotDue(at)) => {
+            sink.out(&format!("{name}: valid, not due until {}", at.rfc3339()));
+            true
+        }
+        Some(Outcome::Issued {
+            serial,
+            not_after,
+            failed_reloads,
+        }) => {
+            sink.out(&format!(
+                "{name}: issued serial {serial} valid until {}{}",
+                rfc3339(not_after),
+                if failed_reloads > 0 {
+                    format!(", but {failed_reloads} reload command(s) failed")
+                } else {
+                    String::new()
+                }
+            ));
+            failed_reloads == 0
+        }
+        Some(Outcome::Failed(msg)) => {
+            sink.out(&format!("{name}: failed: {msg}"));
+            false
+        }
+        Some(Outcome::Unknown) => {
+            sink.out(&format!(
+                "{name}: not configured in the running daemon (a reload pending?)"
+            ));
+            false
+        }
+        None => {
+            sink.out(&format!(
+                "{name}: the daemon stopped (or dropped the certificate) before the order ended"
+            ));
+            false
+        }
+    }
+}
+
+/// `certd revoke` in the daemon: revoked with the daemon's account, then
+/// replaced at once by its scheduler.
+async fn revoke_in_daemon(
+    handles: &crate::control::Handles,
+    cfg: &Config,
+    name: &str,
+    reason: RevokeReason,
+    no_renew: bool,
+    sink: &Sink,
+) -> anyhow::Result<u8> {
+    if cfg.certificate(name).is_none() {
+        sink.err(&format!(
+            "certd: no certificate named {name:?} in {}",
+            cfg.path.display()
+        ));
+        return Ok(2);
+    }
+    let ctx = &handles.ctx;
+    if !revoke_installed(&ctx.cert_dir, name, reason, &ctx.store, &ctx.account, sink).await? {
+        return Ok(1);
+    }
+    if no_renew {
+        return Ok(0);
+    }
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let request = scheduler::Request {
+        name: name.to_owned(),
+        force: false,
+        reply,
+    };
+    if handles.scheduler.send(request).await.is_err() {
+        sink.err(
+            "certd: the daemon is shutting down; it replaces the certificate at its next start",
+        );
+        return Ok(1);
+    }
+    Ok(u8::from(!report_outcome(name, outcome.await.ok(), sink)))
 }
 
 /// Logs go to standard error, one line per event; `RUST_LOG` overrides the
@@ -494,10 +747,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The operator's own file: its messages (with a TOML
             // excerpt) keep their lines.
             eprintln!("certd: {e}");
+            if let Some(hint) = unreadable_config_hint(&cli.config) {
+                errln!("certd: {hint}");
+            }
             return Ok(ExitCode::from(2));
         }
     };
     init_logging(cli.log_format, &cfg.daemon.log_level);
+    if let Some(request) = cli.command.control_request()
+        && let Some(code) = crate::control::forward(&cfg.storage.state_dir, &request).await?
+    {
+        return Ok(code);
+    }
     // Held until the command ends; the kernel drops it if certd dies.
     let _lock = if cli.command.writes_ledger() {
         let create = matches!(cli.command, Command::Run);
@@ -557,6 +818,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// When the configuration is there but this user may not read it (the
+/// packaged file is 0640 root:certd): how to run the command as certd's
+/// user instead.
+fn unreadable_config_hint(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let e = std::fs::File::open(path).err()?;
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return None;
+    }
+    let meta = std::fs::metadata(path).ok()?;
+    // The file's group is certd's in the package; its owner is root.
+    let user = group_name(meta.gid()).filter(|g| g != "root")?;
+    Some(format!(
+        "{} is readable only by root and group {user}: run: {}",
+        path.display(),
+        as_user_suggestion(&user)
+    ))
+}
+
+/// The name of group `gid`, from the group database.
+fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: an all-zero group is a valid value of this plain C struct
+    // (null pointers, zero id); getgrgid_r fills it.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local of the stated size;
+    // getgrgid_r writes only within `buf` and `grp`.
+    let rc = unsafe {
+        libc::getgrgid_r(
+            gid,
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() || grp.gr_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success gr_name points to a NUL-terminated string in `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(grp.gr_name) };
+    name.to_str().ok().map(str::to_owned)
+}
+
 /// Man pages (one per command, `certd(1)` with exit status, signals and
 /// files, and `certd.toml(5)`) and bash, zsh and fish completions, all
 /// generated from the clap definitions and the annotated example
@@ -586,6 +892,7 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
 /// another certd, a corrupt one, or one it cannot write, before it starts.
 async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<StateLock> {
     ensure_dirs(cfg)?;
+    check_state_files(&cfg.storage.state_dir)?;
     let lock = StateLock::acquire(&cfg.storage.state_dir)?;
     let db = cfg.db_path();
     if create || db.exists() {
@@ -721,6 +1028,135 @@ pub struct UnsafeDir {
     problem: String,
 }
 
+/// A command run as root against directories certd's own user owns: what
+/// it created would be root's, and the daemon, running as that user, could
+/// no longer write it ("attempt to write a readonly database").
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{key} {path} belongs to {who}, and this command runs as root: files it created there would      be root's, and certd running as {who} could not write them. run: {suggestion}",
+    who = user_label(*owner),
+    suggestion = as_owner_suggestion(*owner)
+)]
+pub struct WrongUser {
+    key: &'static str,
+    path: PathBuf,
+    owner: u32,
+}
+
+/// `certd`'s user by name and uid, `uid 65534` when it has no name.
+fn user_label(uid: u32) -> String {
+    match user_name(uid) {
+        Some(name) => format!("user {name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// The login name of `uid`, from the password database.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: an all-zero passwd is a valid value of this plain C struct
+    // (null pointers, zero ids); getpwuid_r fills it.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local of the stated size;
+    // getpwuid_r writes only within `buf` and `pwd`.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    name.to_str().ok().map(str::to_owned)
+}
+
+/// This command line, run as `uid`: `sudo -u certd certd …` (`#65534` for
+/// a user without a name, as sudo takes it).
+pub(crate) fn as_owner_suggestion(uid: u32) -> String {
+    as_user_suggestion(&user_name(uid).unwrap_or_else(|| format!("'#{uid}'")))
+}
+
+/// This command line, run as `user` through sudo.
+fn as_user_suggestion(user: &str) -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
+    format!("sudo -u {user} certd {}", args.join(" "))
+}
+
+/// A file in the state directory certd's user does not own, left by a
+/// command run as another user: SQLite would only say "attempt to write a
+/// readonly database", naming neither the file nor its owner.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path} is owned by {owner}, not by the user certd runs as ({me}): certd cannot write it. \
+     Fix: chown {me_name} {path}",
+    owner = user_label(*owner),
+    me = user_label(*me),
+    path = path.display()
+)]
+pub struct ForeignFile {
+    path: PathBuf,
+    owner: u32,
+    me: u32,
+    me_name: String,
+}
+
+/// Refuses a state directory holding a file of certd's that another user
+/// owns (root reads and writes them all, so only other users are checked).
+fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = install::euid();
+    if me == 0 {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(state_dir)
+        .with_context(|| format!("state_dir {}", state_dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("state_dir {}", state_dir.display()))?;
+        // certd's own files only: the ledger and its companions, the lock,
+        // the account keys, the control socket.
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("certd.")
+            || name.starts_with("account-")
+            || name == crate::control::SOCKET_FILE)
+        {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .with_context(|| format!("{}", entry.path().display()))?;
+        if meta.uid() != me {
+            return Err(ForeignFile {
+                path: entry.path(),
+                owner: meta.uid(),
+                me,
+                me_name: user_name(me).unwrap_or_else(|| me.to_string()),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// Creates the state and certificate directories (0700 and 0755, whatever
 /// the umask) and checks that certd's user owns them and that neither
 /// group nor others can write to them.
@@ -741,6 +1177,14 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
             problem,
         };
         let me = install::euid();
+        if me == 0 && meta.uid() != 0 {
+            return Err(WrongUser {
+                key,
+                path: dir.clone(),
+                owner: meta.uid(),
+            }
+            .into());
+        }
         if meta.uid() != me {
             return Err(unsafe_dir(format!(
                 "is owned by uid {}, not by certd's user (uid {me}): fix with `chown {me} {}`",
@@ -1103,17 +1547,30 @@ async fn reap(
         }
     }
     let older_than = older_than.unwrap_or(cfg.reaper.pending_max_age);
+    let code = reap_pass(&reaper, older_than, dry_run, &Sink::Terminal).await;
+    store.close().await;
+    Ok(ExitCode::from(code?))
+}
+
+/// One explicit reaper pass, a line per authorization and a summary; the
+/// exit code. The daemon runs it for `certd reap` with its own reaper.
+async fn reap_pass(
+    reaper: &Reaper,
+    older_than: Duration,
+    dry_run: bool,
+    sink: &Sink,
+) -> anyhow::Result<u8> {
     let counts = reaper
         .pass(older_than, dry_run, true, |row, outcome| {
-            outln!(
+            sink.out(&format!(
                 "{}  {}  {}",
                 describe_settled(outcome),
                 row.url,
                 row.identifier
-            );
+            ));
         })
         .await?;
-    outln!(
+    sink.out(&format!(
         "{}examined {}, {} {}, held back {}, no longer pending {}, failed {}",
         if dry_run { "dry run: " } else { "" },
         counts.examined,
@@ -1126,13 +1583,8 @@ async fn reap(
         counts.held_back,
         counts.resolved,
         counts.failed
-    );
-    store.close().await;
-    Ok(if counts.failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    ));
+    Ok(u8::from(counts.failed > 0))
 }
 
 fn describe_settled(s: &Settled) -> String {
@@ -1172,24 +1624,44 @@ async fn authz_deactivate(
         );
         return Ok(ExitCode::FAILURE);
     };
+    let policy = Policy {
+        include_valid,
+        ignore_budget,
+        ..Policy::by("cli")
+    };
+    let code = deactivate(&store, &reaper, urls, all_pending, policy, &Sink::Terminal).await;
+    store.close().await;
+    Ok(ExitCode::from(code?))
+}
+
+/// Deactivates the authorizations `urls` name (or every pending one), a
+/// line each; the exit code. The daemon runs it for
+/// `certd authz deactivate` with its own reaper.
+async fn deactivate(
+    store: &Store,
+    reaper: &Reaper,
+    urls: Vec<String>,
+    all_pending: bool,
+    policy: Policy,
+    sink: &Sink,
+) -> anyhow::Result<u8> {
+    if urls.is_empty() && !all_pending {
+        sink.err("certd: name authorization or challenge URLs, or use --all-pending");
+        return Ok(2);
+    }
     let account = reaper.account();
     let targets = if all_pending {
         store.pending_urls(account.ledger_id).await?
     } else {
         urls
     };
-    let policy = Policy {
-        include_valid,
-        ignore_budget,
-        ..Policy::by("cli")
-    };
     let mut failed = 0;
     for url in targets {
-        let (authz_url, identifier) = match resolve_authz(&store, account, &url).await {
+        let (authz_url, identifier) = match resolve_authz(store, account, &url).await {
             Ok(found) => found,
             Err(why) => {
                 failed += 1;
-                outln!("{url}: cannot resolve: {why}");
+                sink.out(&format!("{url}: cannot resolve: {why}"));
                 continue;
             }
         };
@@ -1202,14 +1674,12 @@ async fn authz_deactivate(
         if !outcome.is_done() {
             failed += 1;
         }
-        outln!("{url}{via}: {identifier}: {}", describe_settled(&outcome));
+        sink.out(&format!(
+            "{url}{via}: {identifier}: {}",
+            describe_settled(&outcome)
+        ));
     }
-    store.close().await;
-    Ok(if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(u8::from(failed > 0))
 }
 
 /// Finds the authorization a URL names: an authorization in the ledger, a
@@ -1233,10 +1703,10 @@ async fn resolve_authz(
             .ok_or("the ledger names a parent authorization it does not hold")?;
         return Ok((a.url, a.identifier));
     }
-    let (authz_url, a) = match fetch_unknown(&account.http, &account.signer, url).await {
+    let (authz_url, a) = match fetch_unknown(&account.http, &account.signer(), url).await {
         Ok(Fetched::Authz(a)) => (url.to_owned(), a),
         Ok(Fetched::Other { up: Some(up) }) => {
-            let a = fetch_authz(&account.http, &account.signer, &up)
+            let a = fetch_authz(&account.http, &account.signer(), &up)
                 .await
                 .map_err(|e| format!("{up}: {e}"))?;
             (up, a)
@@ -1274,14 +1744,37 @@ async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Store, AcmeAcco
     }
 }
 
+/// Reads the account from its credentials file only: no ledger, no CA, and
+/// nothing created (a reading command, see the module's doc).
 async fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let Some((store, account)) = account_session(cfg).await? else {
-        return Ok(ExitCode::FAILURE);
+    let directory = cfg.acme.directory.to_string();
+    let path = credentials_path(&cfg.storage.state_dir, &directory);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            errln!(
+                "certd: no ACME account for {directory} in {} yet (`certd renew` creates it)",
+                cfg.storage.state_dir.display()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let path = credentials_path(&cfg.storage.state_dir, &account.directory_url);
-    outln!("directory:   {}", account.directory_url);
-    outln!("account:     {}", account.account.id());
-    outln!("thumbprint:  {}", account.signer.thumbprint());
+    let not_credentials = |e: &dyn fmt::Display| {
+        anyhow::anyhow!("{}: not valid account credentials: {e}", path.display())
+    };
+    let creds: instant_acme::AccountCredentials =
+        serde_json::from_slice(&bytes).map_err(|e| not_credentials(&e))?;
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    let Id { id } = serde_json::from_slice(&bytes).map_err(|e| not_credentials(&e))?;
+    let signer = crate::acme::raw::RawSigner::new(creds.private_key().secret_pkcs8_der(), &id)
+        .map_err(|e| not_credentials(&e))?;
+    outln!("directory:   {directory}");
+    outln!("account:     {id}");
+    outln!("thumbprint:  {}", signer.thumbprint());
     outln!(
         "credentials: {} (0600; holds the private key)",
         path.display()
@@ -1297,7 +1790,6 @@ async fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
     if let Some(eab) = &cfg.acme.eab {
         outln!("eab kid:     {}", eab.kid);
     }
-    store.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1305,19 +1797,28 @@ async fn account_rollover(cfg: &Config) -> anyhow::Result<ExitCode> {
     let Some((store, account)) = account_session(cfg).await? else {
         return Ok(ExitCode::FAILURE);
     };
-    let result = crate::acme::roll_over_account(&account, &cfg.storage.state_dir).await;
+    let code = rollover(&account, cfg, &Sink::Terminal).await;
     store.close().await;
-    match result {
+    Ok(ExitCode::from(code))
+}
+
+/// Rolls the account key over; the exit code. In the daemon `account` is
+/// the one every order and reaper pass uses, and it switches to the new
+/// key as the CA confirms it.
+async fn rollover(account: &AcmeAccount, cfg: &Config, sink: &Sink) -> u8 {
+    match crate::acme::roll_over_account(account, &cfg.storage.state_dir).await {
         Ok(thumbprint) => {
-            outln!("account key replaced; new thumbprint {thumbprint}");
-            Ok(ExitCode::SUCCESS)
+            sink.out(&format!(
+                "account key replaced; new thumbprint {thumbprint}"
+            ));
+            0
         }
         Err(e) => {
-            errln!(
+            sink.err(&format!(
                 "certd: key rollover failed, the old key stays in use: {}",
                 error_chain(&e)
-            );
-            Ok(ExitCode::FAILURE)
+            ));
+            1
         }
     }
 }
@@ -1335,36 +1836,73 @@ async fn revoke(
         );
         return Ok(ExitCode::from(2));
     }
-    let pem_path = cfg.storage.cert_dir.join(name).join("cert.pem");
+    if !cfg.storage.cert_dir.join(name).join("cert.pem").exists() {
+        errln!(
+            "certd: {}: no installed certificate to revoke",
+            cfg.storage.cert_dir.join(name).join("cert.pem").display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let Some((store, account)) = account_session(&cfg).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let revoked = revoke_installed(
+        &cfg.storage.cert_dir,
+        name,
+        reason,
+        &store,
+        &account,
+        &Sink::Terminal,
+    )
+    .await;
+    store.close().await;
+    if !revoked? {
+        return Ok(ExitCode::FAILURE);
+    }
+    if no_renew {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // A revoked certificate must not stay in service: replace it now.
+    renew(cfg, &[name.to_owned()], false, false).await
+}
+
+/// Revokes the certificate installed for `name` and records it; false
+/// (with a line saying why) when there is none or the CA refuses.
+async fn revoke_installed(
+    cert_dir: &Path,
+    name: &str,
+    reason: RevokeReason,
+    store: &Store,
+    account: &AcmeAccount,
+    sink: &Sink,
+) -> anyhow::Result<bool> {
+    let pem_path = cert_dir.join(name).join("cert.pem");
     let der = match rustls_pki_types::CertificateDer::pem_file_iter(&pem_path)
         .ok()
         .and_then(|mut certs| certs.next())
     {
         Some(Ok(der)) => der,
         _ => {
-            errln!(
+            sink.err(&format!(
                 "certd: {}: no installed certificate to revoke",
                 pem_path.display()
-            );
-            return Ok(ExitCode::FAILURE);
+            ));
+            return Ok(false);
         }
     };
     let info = install::CertInfo::parse(&der).map_err(anyhow::Error::msg)?;
-    let Some((store, account)) = account_session(&cfg).await? else {
-        return Ok(ExitCode::FAILURE);
-    };
     let request = instant_acme::RevocationRequest {
         certificate: &der,
         reason: Some(reason.acme()),
     };
-    if let Err(e) = crate::acme::with_nonce_retry(|| account.account.revoke(&request)).await {
+    let acme = account.account();
+    if let Err(e) = crate::acme::with_nonce_retry(|| acme.revoke(&request)).await {
         let e = AcmeError::from(e);
-        errln!(
+        sink.err(&format!(
             "certd: {name}: the CA refused the revocation of serial {}: {e}",
             info.serial
-        );
-        store.close().await;
-        return Ok(ExitCode::FAILURE);
+        ));
+        return Ok(false);
     }
     let reason_name = format!("{reason:?}");
     store
@@ -1379,13 +1917,8 @@ async fn revoke(
             Some(&format!("serial {} ({reason_name})", info.serial)),
         )
         .await?;
-    outln!("{name}: revoked serial {}", info.serial);
-    store.close().await;
-    if no_renew {
-        return Ok(ExitCode::SUCCESS);
-    }
-    // A revoked certificate must not stay in service: replace it now.
-    renew(cfg, &[name.to_owned()], false, false).await
+    sink.out(&format!("{name}: revoked serial {}", info.serial));
+    Ok(true)
 }
 
 /// Opens the ledger for reading commands; `None` if certd never ran.
@@ -1398,7 +1931,13 @@ async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Store>> {
 }
 
 async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let rows = match open_existing(cfg).await? {
+    let path = cfg.db_path();
+    let existing = if path.exists() {
+        Some(Store::open_read_only(&path).await?)
+    } else {
+        None
+    };
+    let rows = match existing {
         Some(s) => {
             let rows = s.authz_list(pending_only).await?;
             s.close().await;

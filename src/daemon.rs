@@ -3,9 +3,11 @@
 //! Tasks, all owned by one `TaskTracker` (named, so a shutdown that waits
 //! can say for what) and stopped by one `CancellationToken`: the scheduler
 //! (orders), the reaper (a pass every `reaper.interval`), the challenge
-//! responders, the metrics listener, the systemd notifier and the
-//! configuration watcher (inotify on the file's directory, since editors
-//! replace files, plus SIGHUP). systemd hears READY=1 once the account is
+//! responders, the metrics listener, the control socket (one-shot commands
+//! hand their work to the scheduler and the reaper through it, see
+//! `crate::control`), the systemd notifier and the configuration watcher
+//! (inotify on the file's directory, since editors replace files, plus
+//! SIGHUP). systemd hears READY=1 once the account is
 //! loaded and work is scheduled, RELOADING=1/READY=1 around a reload,
 //! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
 //! waits for a restart, is `reload`'s typed comparison.
@@ -87,11 +89,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (reaper_tx, reaper_rx) = watch::channel(ReaperTimes::of(&cfg));
+    let (config_tx, config_rx) = watch::channel(cfg.clone());
+    let (request_tx, request_rx) = mpsc::channel(16);
+    let control = crate::control::Handles {
+        ctx: ctx.clone(),
+        scheduler: request_tx,
+        config: config_rx,
+    };
     let reloader = Reloader {
         started: cfg.clone(),
         current: cfg.clone(),
         scheduler: reload_tx,
         reaper_times: reaper_tx,
+        config: config_tx,
         metrics,
         ctx: ctx.clone(),
         tasks: tasks.clone(),
@@ -100,7 +110,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         restart_keys: Vec::new(),
     };
     let scheduler = Scheduler::new(ctx, cfg.clone(), shutdown.clone());
-    tasks.spawn("scheduler", scheduler.run(reload_rx));
+    tasks.spawn("scheduler", scheduler.run(reload_rx, request_rx));
+    // Without it the daemon still works; one-shot commands then refuse,
+    // naming the daemon's PID, as the state directory's lock makes them.
+    if let Err(e) =
+        crate::control::start(&cfg.storage.state_dir, control, &tasks.tracker, &shutdown)
+    {
+        tracing::error!(error = %e, "cannot serve the control socket; certd renew, revoke and reap cannot reach this daemon");
+    }
     tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
     // Registered before READY=1: until a handler exists SIGHUP kills the
     // process, and systemd (or a test) may send it the moment it hears READY.
@@ -383,6 +400,8 @@ struct Reloader {
     current: Arc<Config>,
     scheduler: mpsc::Sender<Arc<Config>>,
     reaper_times: watch::Sender<ReaperTimes>,
+    /// What the control socket's commands see.
+    config: watch::Sender<Arc<Config>>,
     metrics: Option<Metrics>,
     ctx: Context,
     tasks: Tasks,
@@ -416,6 +435,7 @@ impl Reloader {
             self.restart_metrics(new.metrics_listen).await;
         }
         self.reaper_times.send_replace(ReaperTimes::of(&new));
+        self.config.send_replace(new.clone());
         *lock(&self.tasks.grace) = Some(new.daemon.shutdown_grace);
         tracing::info!(
             changed = ?live,

@@ -406,7 +406,7 @@ async fn new_order(
     sorted: &[String],
 ) -> Result<Order, DriveError> {
     let name = cert.name.as_str();
-    let account = &ctx.account.account;
+    let account = &ctx.account.account();
     let identifiers: Vec<Identifier> = sorted.iter().cloned().map(Identifier::Dns).collect();
     if let Some(profile) = &cert.profile {
         let offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
@@ -495,7 +495,7 @@ async fn resume(
     if ctx.reaper.active().contains(&row.url) {
         return Ok(None);
     }
-    let why = match nonce_retry!(ctx.account.account.order(row.url.clone()).await) {
+    let why = match nonce_retry!(ctx.account.account().order(row.url.clone()).await) {
         Ok(mut order) => match order.state().status {
             OrderStatus::Pending | OrderStatus::Ready => {
                 tracing::info!(cert = name, order = %row.url, "resuming order");
@@ -1300,7 +1300,7 @@ pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Option<(UnixTime, Uni
         authority_key_identifier: aki.into(),
         serial: serial.into(),
     };
-    match ctx.account.account.renewal_info(&cert_id).await {
+    match ctx.account.account().renewal_info(&cert_id).await {
         Ok((ri, retry)) => {
             let start = ri.suggested_window.start.unix_timestamp();
             let end = ri.suggested_window.end.unix_timestamp().max(start);

@@ -62,6 +62,20 @@ pub fn assess(
         };
         return (Level::Critical, Some(why));
     };
+    if let Some(r) = row
+        && r.serial.is_some()
+        && r.revoked_serial == r.serial
+    {
+        // Revoked and still installed: clients may refuse it at any time,
+        // whatever its expiry says. Critical until a replacement is in.
+        return (
+            Level::Critical,
+            Some(format!(
+                "{name}: the installed certificate (serial {}) is revoked and not yet replaced",
+                r.serial.as_deref().unwrap_or_default()
+            )),
+        );
+    }
     if not_after <= now {
         return (
             Level::Critical,
@@ -155,7 +169,23 @@ mod tests {
             last_error: error.map(String::from),
             next_renewal_at: Some(next),
             consecutive_failures: i64::from(error.is_some()),
+            revoked_serial: None,
         }
+    }
+
+    #[test]
+    fn a_revoked_installed_certificate_is_critical_until_replaced() {
+        let c = cert();
+        let now = UnixTime::from_secs(100 * 86_400);
+        let mut r = row(Some(200 * 86_400), 150 * 86_400, None);
+        r.serial = Some("0a".into());
+        r.revoked_serial = Some("0a".into());
+        let (level, why) = assess(&c, Some(&r), now);
+        assert_eq!(level, Level::Critical);
+        assert!(why.is_some_and(|w| w.contains("serial 0a") && w.contains("revoked")));
+        // Replaced: the new serial is installed, the old one stays recorded.
+        r.serial = Some("0b".into());
+        assert_eq!(assess(&c, Some(&r), now).0, Level::Ok);
     }
 
     #[test]

@@ -9,13 +9,15 @@
 //! only SQL), `acme` (HTTP, account, CA errors), `driver` (one order),
 //! `solver` (challenge responses), `dns` (dns-01 over RFC 2136, propagation), `scheduler` (when things are due),
 //! `install` (files and reloads), `memory` (free heap back to the system
-//! when idle), `cli` (commands and exit codes).
+//! when idle), `control` (the daemon's control socket), `cli` (commands and
+//! exit codes).
 
 pub mod acme;
 pub mod alerts;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod driver;

@@ -275,7 +275,7 @@ impl Reaper {
         let s = &self.inner.store;
         let account = &self.inner.account;
         let now = UnixTime::now().secs();
-        let authz = match fetch_authz(&account.http, &account.signer, url).await {
+        let authz = match fetch_authz(&account.http, &account.signer(), url).await {
             Ok(a) => a,
             Err(e) => return self.failed(url, identifier, e, policy).await,
         };
@@ -312,7 +312,7 @@ impl Reaper {
         if policy.dry_run {
             return Ok(Settled::WouldDeactivate { from });
         }
-        match deactivate_authz(&account.http, &account.signer, url).await {
+        match deactivate_authz(&account.http, &account.signer(), url).await {
             Ok(answer) if answer.status != "deactivated" => {
                 self.refused(url, identifier, &from, answer.status).await
             }
@@ -538,7 +538,7 @@ impl Reaper {
         if !s.has_intents(account.ledger_id).await? {
             return Ok(0);
         }
-        let orders = match account_orders(&account.http, &account.signer).await {
+        let orders = match account_orders(&account.http, &account.signer()).await {
             Ok(Some(orders)) => orders,
             Ok(None) => {
                 s.clear_intents(account.ledger_id).await?;
@@ -578,14 +578,14 @@ impl Reaper {
     async fn adopt(&self, url: &str) -> Result<bool, AdoptError> {
         let s = &self.inner.store;
         let account = &self.inner.account;
-        let order = fetch_order(&account.http, &account.signer, url).await?;
+        let order = fetch_order(&account.http, &account.signer(), url).await?;
         if !matches!(order.status.as_str(), "pending" | "ready") {
             return Ok(false);
         }
         let names = order.sorted_identifiers();
         let mut authzs = Vec::with_capacity(order.authorizations.len());
         for authz_url in &order.authorizations {
-            let a = fetch_authz(&account.http, &account.signer, authz_url).await?;
+            let a = fetch_authz(&account.http, &account.signer(), authz_url).await?;
             authzs.push(NewAuthz {
                 url: authz_url.clone(),
                 identifier: a.identifier(),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ring::rand::SecureRandom;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -157,6 +157,32 @@ struct Entry {
 
 type JobResult = (String, u64, Result<Issued, DriveError>);
 
+/// A renewal asked for from outside the loop (`certd renew` and
+/// `certd revoke` through the control socket): the certificate is renewed
+/// now if due, or if `force`, by the loop's own order slots; `reply` hears
+/// how it ended.
+#[derive(Debug)]
+pub struct Request {
+    pub name: String,
+    pub force: bool,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+/// How a [`Request`] ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Not due and not forced: the renewal time.
+    NotDue(UnixTime),
+    Issued {
+        serial: String,
+        not_after: i64,
+        failed_reloads: usize,
+    },
+    Failed(String),
+    /// No certificate of that name is configured in the running daemon.
+    Unknown,
+}
+
 /// The daemon's scheduler: owns when every certificate is due and runs
 /// at most `max_concurrent` orders.
 pub struct Scheduler {
@@ -175,6 +201,8 @@ pub struct Scheduler {
     paused_until: Option<UnixTime>,
     cancel: CancellationToken,
     generation: u64,
+    /// Who waits for the running (or next) order of a certificate.
+    waiters: BTreeMap<String, Vec<oneshot::Sender<Outcome>>>,
 }
 
 impl Scheduler {
@@ -189,12 +217,17 @@ impl Scheduler {
             paused_until: None,
             cancel,
             generation: 0,
+            waiters: BTreeMap::new(),
         }
     }
 
     /// Runs until `cancel` fires, then gives in-flight orders
     /// `shutdown_grace` to finish or abandon (with deactivation) cleanly.
-    pub async fn run(mut self, mut reloads: mpsc::Receiver<Arc<Config>>) {
+    pub async fn run(
+        mut self,
+        mut reloads: mpsc::Receiver<Arc<Config>>,
+        mut requests: mpsc::Receiver<Request>,
+    ) {
         let certs = self.cfg.certificates.clone();
         for cert in certs {
             self.add(cert).await;
@@ -209,6 +242,7 @@ impl Scheduler {
             tokio::select! {
                 () = self.cancel.cancelled() => break,
                 Some(cfg) = reloads.recv() => self.apply(cfg).await,
+                Some(request) = requests.recv() => self.request(request).await,
                 Some(joined) = self.jobs.join_next(), if !self.jobs.is_empty() => {
                     match joined {
                         Ok(result) => self.finished(result).await,
@@ -387,6 +421,33 @@ impl Scheduler {
         }
     }
 
+    /// Plans `request`'s certificate afresh (a revocation recorded
+    /// meanwhile makes it due) and, when due or forced, moves it to the
+    /// front; the requester hears the outcome of its next order.
+    async fn request(&mut self, request: Request) {
+        let Some(mut entry) = self.take(&request.name) else {
+            let _ = request.reply.send(Outcome::Unknown);
+            return;
+        };
+        if entry.running.is_none() {
+            self.plan(&mut entry).await;
+            let now = UnixTime::now();
+            if request.force && entry.next > now {
+                entry.next = now;
+                entry.why = Reason::Forced.to_string();
+            } else if entry.next > now {
+                let _ = request.reply.send(Outcome::NotDue(entry.next));
+                self.insert(request.name, entry);
+                return;
+            }
+        }
+        self.waiters
+            .entry(request.name.clone())
+            .or_default()
+            .push(request.reply);
+        self.insert(request.name, entry);
+    }
+
     /// How long the loop may sleep: until the next deadline it can act on.
     fn next_wake(&self) -> Duration {
         let deadline = wake_deadline(
@@ -403,6 +464,19 @@ impl Scheduler {
     }
 
     async fn finished(&mut self, (name, generation, result): JobResult) {
+        if let Some(waiters) = self.waiters.remove(&name) {
+            let outcome = match &result {
+                Ok(issued) => Outcome::Issued {
+                    serial: issued.info.serial.clone(),
+                    not_after: issued.info.not_after,
+                    failed_reloads: issued.reloads.iter().filter(|r| !r.ok).count(),
+                },
+                Err(e) => Outcome::Failed(crate::acme::error_chain(e)),
+            };
+            for waiter in waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+        }
         let Some(mut entry) = self.take(&name) else {
             return; // removed from the configuration meanwhile
         };
@@ -508,6 +582,8 @@ impl Scheduler {
             .cloned()
             .collect();
         for name in removed {
+            // Dropped: a waiting `certd renew` hears that the daemon gave up.
+            self.waiters.remove(&name);
             if let Some(entry) = self.take(&name)
                 && let Some(token) = entry.running
             {

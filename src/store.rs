@@ -280,6 +280,9 @@ pub struct CertificateRow {
     pub last_error: Option<String>,
     pub next_renewal_at: Option<i64>,
     pub consecutive_failures: i64,
+    /// The serial certd last revoked for this name: while it equals
+    /// `serial`, the installed certificate is revoked.
+    pub revoked_serial: Option<String>,
 }
 
 impl CertificateRow {
@@ -429,6 +432,31 @@ impl Store {
             pool.close().await;
             return Err(diagnose(path, e, StoreError::Migrate));
         }
+        Ok(Self { pool })
+    }
+
+    /// Opens an existing ledger for reading only: nothing is created,
+    /// migrated or written, so a reading command run by another user
+    /// (`sudo certd status`) leaves no file behind that certd's own user
+    /// cannot write. SQLite may still create the `-wal`/`-shm` companions
+    /// of a ledger in WAL mode; run as root, it gives them the ledger's
+    /// owner.
+    pub async fn open_read_only(path: &Path) -> Result<Self> {
+        let open_err = |source: sqlx::Error| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-1024");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
         Ok(Self { pool })
     }
 
@@ -1158,7 +1186,8 @@ impl Store {
         let (json,): (String,) = sqlx::query_as(
             "SELECT json_group_array(json_array(
                  name, domains, serial, not_before, not_after, installed_at, version,
-                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures))
+                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
+                 revoked_serial))
              FROM (SELECT * FROM certificates ORDER BY name)",
         )
         .fetch_one(&self.pool)
@@ -1413,7 +1442,8 @@ macro_rules! cert_select {
     ($tail:literal) => {
         concat!(
             "SELECT name, domains, serial, not_before, not_after, installed_at, version,
-                last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures
+                last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
+                revoked_serial
              FROM certificates ",
             $tail
         )

@@ -163,7 +163,7 @@ fn revocation_is_visible_at_the_ca_and_the_certificate_replaced() {
 }
 
 /// Pebble's management interface reports a certificate's status by serial.
-fn cert_status_at_ca(env: &TestEnv, serial: &str) -> String {
+pub(crate) fn cert_status_at_ca(env: &TestEnv, serial: &str) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

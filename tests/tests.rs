@@ -9,6 +9,7 @@ mod util;
 
 mod ca_features;
 mod config;
+mod control;
 mod daemon;
 mod dns01;
 mod faults;

@@ -841,18 +841,61 @@ fn link_with_rel(header: &str, rel: &str) -> Option<String> {
 /// A loaded ACME account and its ledger id.
 #[derive(Clone)]
 pub struct AcmeAccount {
-    pub account: Account,
+    key: AccountKey,
     pub http: AcmeHttp,
-    /// The same key, for the requests certd signs itself (`raw`).
-    pub signer: Arc<raw::RawSigner>,
     pub ledger_id: i64,
     pub directory_url: String,
+}
+
+/// The account's key, shared by every clone of an [`AcmeAccount`]: a key
+/// rollover in the daemon switches its orders, its reaper and its ARI
+/// checks at once, and no request after the CA's confirmation is signed
+/// with the old key.
+#[derive(Clone)]
+struct AccountKey {
+    current: Arc<std::sync::RwLock<KeyPair>>,
+    /// One rollover at a time (they share the `.next` file).
+    rolling: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Clone)]
+struct KeyPair {
+    account: Account,
+    /// The same key, for the requests certd signs itself (`raw`).
+    signer: Arc<raw::RawSigner>,
+}
+
+impl AccountKey {
+    fn new(account: Account, signer: raw::RawSigner) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new(KeyPair {
+                account,
+                signer: Arc::new(signer),
+            })),
+            rolling: Arc::default(),
+        }
+    }
+
+    fn get(&self) -> KeyPair {
+        // A poisoned lock only means a panic elsewhere; the pair is whole.
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, pair: KeyPair) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pair;
+    }
 }
 
 impl fmt::Debug for AcmeAccount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AcmeAccount")
-            .field("id", &self.account.id())
+            .field("id", &self.key.get().account.id())
             .field("directory_url", &self.directory_url)
             .finish_non_exhaustive()
     }
@@ -870,6 +913,16 @@ pub fn credentials_path(state_dir: &Path, directory_url: &str) -> PathBuf {
 }
 
 impl AcmeAccount {
+    /// The account, with its current key.
+    pub fn account(&self) -> Account {
+        self.key.get().account
+    }
+
+    /// The current key, for the requests certd signs itself (`raw`).
+    pub fn signer(&self) -> Arc<raw::RawSigner> {
+        self.key.get().signer
+    }
+
     /// Loads the account for the configured directory, creating and
     /// persisting it on first use.
     pub async fn load_or_create(
@@ -949,9 +1002,8 @@ impl AcmeAccount {
             })?;
         let ledger_id = store.upsert_account(&directory_url, account.id()).await?;
         Ok(Self {
-            account,
+            key: AccountKey::new(account, signer),
             http,
-            signer: Arc::new(signer),
             ledger_id,
             directory_url,
         })
@@ -967,6 +1019,11 @@ pub async fn roll_over_account(
     account: &AcmeAccount,
     state_dir: &Path,
 ) -> Result<String, SetupError> {
+    let _one_at_a_time = account.key.rolling.lock().await;
+    let KeyPair {
+        account: acme,
+        signer,
+    } = account.key.get();
     let path = credentials_path(state_dir, &account.directory_url);
     let next = path.with_extension("json.next");
     let cred_err = |detail: String| SetupError::Credentials {
@@ -977,15 +1034,28 @@ pub async fn roll_over_account(
         .http
         .key_change_url()
         .ok_or_else(|| cred_err("the CA's directory has no keyChange URL".into()))?;
-    let (pkcs8, new_signer) = raw::generate_account_key(account.account.id())?;
+    let (pkcs8, new_signer) = raw::generate_account_key(acme.id())?;
     let creds = serde_json::json!({
-        "id": account.account.id(),
+        "id": acme.id(),
         "key_pkcs8": BASE64_URL_SAFE_NO_PAD.encode(&pkcs8),
         "directory": account.directory_url,
     });
     crate::install::write_secret_file(&next, creds.to_string().as_bytes())
         .map_err(|e| cred_err(format!("cannot write {}: {e}", next.display())))?;
-    if let Err(e) = raw::roll_over(&account.http, &account.signer, &new_signer, &key_change).await {
+    // The new key's `Account`, built before the CA is asked: after its
+    // confirmation nothing may fail before the switch.
+    let new_account = account
+        .http
+        .nonce_scope(
+            Account::builder_with_http(Box::new(account.http.clone())).from_parts(
+                acme.id().to_owned(),
+                rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
+                account.directory_url.clone(),
+            ),
+        )
+        .await
+        .map_err(AcmeError::from)?;
+    if let Err(e) = raw::roll_over(&account.http, &signer, &new_signer, &key_change).await {
         let _ = std::fs::remove_file(&next);
         return Err(e.into());
     }
@@ -995,8 +1065,13 @@ pub async fn roll_over_account(
             next.display()
         ))
     })?;
-    tracing::info!(account = account.account.id(), "account key rolled over");
-    Ok(new_signer.thumbprint())
+    let thumbprint = new_signer.thumbprint();
+    account.key.set(KeyPair {
+        account: new_account,
+        signer: Arc::new(new_signer),
+    });
+    tracing::info!(account = acme.id(), "account key rolled over");
+    Ok(thumbprint)
 }
 
 // ---- errors --------------------------------------------------------------

@@ -135,7 +135,8 @@ impl Ledger {
                 restart_needed: None,
             });
         }
-        let store = Store::open(&path).await?;
+        // Read-only: `sudo certd status` must not leave root's files.
+        let store = Store::open_read_only(&path).await?;
         // The store has two connections: the big read and the small ones
         // run side by side.
         let read = tokio::try_join!(
