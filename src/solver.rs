@@ -493,7 +493,7 @@ impl Solver for Http01Solver {
                 }
                 addr.to_string()
             }
-            None => format!("{}:80", c.identifier),
+            None => format!("{}:80", http_host(&c.identifier)),
         };
         let err = |detail: String| SolverError::Preflight {
             identifier: c.identifier.clone(),
@@ -506,7 +506,8 @@ impl Solver for Http01Solver {
                 .map_err(|e| err(format!("cannot connect: {e}")))?;
             let request = format!(
                 "GET {WELL_KNOWN}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: certd-preflight\r\n\r\n",
-                c.token, c.identifier
+                c.token,
+                http_host(&c.identifier)
             );
             stream
                 .write_all(request.as_bytes())
@@ -548,6 +549,15 @@ impl Solver for Http01Solver {
 }
 
 /// Runs blocking file-system calls off the runtime's worker threads.
+/// The identifier as an HTTP host: an IPv6 address in brackets (RFC 3986
+/// section 3.2.2), as the CA writes it in its request (RFC 8738 section 5).
+fn http_host(identifier: &str) -> String {
+    match identifier.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => format!("[{v6}]"),
+        Err(_) => identifier.to_owned(),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
