@@ -1065,10 +1065,13 @@ pub fn choose_profile(
     offered: &[&str],
 ) -> Result<ProfileChoice, String> {
     let listed = || {
-        if offered.is_empty() {
+        // Sorted: the directory's `meta.profiles` is an unordered map.
+        let mut names = offered.to_vec();
+        names.sort_unstable();
+        if names.is_empty() {
             "the CA lists no profiles".to_owned()
         } else {
-            format!("the CA lists {}", offered.join(", "))
+            format!("the CA lists {}", names.join(", "))
         }
     };
     let quoted = |names: &[String]| {
@@ -1555,7 +1558,7 @@ mod tests {
             names: names.iter().map(|n| n.to_string()).collect(),
             required,
         };
-        let le = ["classic", "shortlived", "tlsserver"];
+        let le = ["tlsserver", "classic", "shortlived"];
         let chosen = |p: &ProfilePreference, ip, offered: &[&str]| {
             choose_profile(p, ip, offered).expect("a choice")
         };

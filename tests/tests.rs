@@ -19,5 +19,6 @@ mod hostile_verify;
 mod issuance;
 mod lifecycle;
 mod ops;
+mod profiles_ip;
 mod reaper;
 mod storage;
