@@ -794,8 +794,12 @@ async fn plan_challenges(
         }
         let offered: Vec<ChallengeType> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
         let history = ctx.store.challenge_history(&identifier).await?;
+        // RFC 8738 section 7: never dns-01 for an address, whatever the CA
+        // offers (there is no `_acme-challenge` name to publish under).
+        let is_ip = matches!(a.identifier().identifier, Identifier::Ip(_));
         let Some(kind) = preference(&cert.challenges, &history)
             .into_iter()
+            .filter(|k| !(is_ip && *k == ChallengeKind::Dns01))
             .find(|k| offered.contains(&acme_type(*k)))
         else {
             return Err(DriveError::NoChallenge {
