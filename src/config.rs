@@ -413,14 +413,6 @@ impl Identifier {
     pub fn is_wildcard(&self) -> bool {
         matches!(self, Self::Dns(d) if d.is_wildcard())
     }
-
-    /// The identifier for instant-acme's `newOrder`.
-    pub fn to_acme(&self) -> instant_acme::Identifier {
-        match self {
-            Self::Dns(d) => instant_acme::Identifier::Dns(d.as_str().to_owned()),
-            Self::Ip(ip) => instant_acme::Identifier::Ip(ip.addr()),
-        }
-    }
 }
 
 impl FromStr for Identifier {
@@ -1462,37 +1454,37 @@ impl Validator<'_> {
             })
         };
         let mut names: Vec<String> = Vec::new();
-        let span = raw.profile.as_ref().map(|p| p.span());
-        match raw.profile.as_ref().map(|p| p.get_ref()) {
-            None => {}
-            Some(raw::Profile::One(p)) => {
-                let spanned = Spanned::new(span.clone().unwrap_or_default(), p.clone());
-                names.push(check(&spanned, key("profile"))?);
-            }
-            Some(raw::Profile::List(list)) => {
-                if list.is_empty() {
+        if let Some(profile) = &raw.profile {
+            let span = profile.span();
+            match profile.get_ref() {
+                // The visitor sees no span of its own: the key's is the value's.
+                raw::Profile::One(p) => {
+                    names.push(check(&Spanned::new(span, p.clone()), key("profile"))?);
+                }
+                raw::Profile::List(list) if list.is_empty() => {
                     return Err(self.at.error(
-                        span.unwrap_or_default(),
+                        span,
                         Some(key("profile").to_string()),
                         "an empty list; leave `profile` out to let the CA choose".into(),
                     ));
                 }
-                for (i, p) in list.iter().enumerate() {
-                    let at = CertKey {
-                        index,
-                        field: "profile",
-                        item: Some(i),
-                    };
-                    let at_text = at.to_string();
-                    let name = check(p, at)?;
-                    if names.contains(&name) {
-                        return Err(self.at.error(
-                            p.span(),
-                            Some(at_text),
-                            format!("profile {name:?} is listed twice"),
-                        ));
+                raw::Profile::List(list) => {
+                    for (i, p) in list.iter().enumerate() {
+                        let at = || CertKey {
+                            index,
+                            field: "profile",
+                            item: Some(i),
+                        };
+                        let name = check(p, at())?;
+                        if names.contains(&name) {
+                            return Err(self.at.error(
+                                p.span(),
+                                Some(at().to_string()),
+                                format!("profile {name:?} is listed twice"),
+                            ));
+                        }
+                        names.push(name);
                     }
-                    names.push(name);
                 }
             }
         }

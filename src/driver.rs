@@ -45,7 +45,7 @@ use crate::acme::{
     AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, is_bad_nonce,
 };
 use crate::clock::UnixTime;
-use crate::config::{CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
+use crate::config::{self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
 use crate::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers};
@@ -348,9 +348,15 @@ async fn new_order(
 ) -> Result<Order, DriveError> {
     let name = cert.name.as_str();
     let account = &ctx.account.account;
-    let mut ids: Vec<&crate::config::Identifier> = cert.domains.iter().collect();
+    let mut ids: Vec<&config::Identifier> = cert.domains.iter().collect();
     ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    let identifiers: Vec<Identifier> = ids.into_iter().map(|d| d.to_acme()).collect();
+    let identifiers: Vec<Identifier> = ids
+        .into_iter()
+        .map(|d| match d {
+            config::Identifier::Dns(name) => Identifier::Dns(name.as_str().to_owned()),
+            config::Identifier::Ip(ip) => Identifier::Ip(ip.addr()),
+        })
+        .collect();
     let offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
     let choice =
         choose_profile(&cert.profile, cert.has_ip(), &offered).map_err(DriveError::Profile)?;
