@@ -255,9 +255,10 @@ async fn obtain_inner(
                     Ok(order) => order,
                     Err(e) => {
                         // A CA that answered with a problem created no
-                        // order. After a lost answer it may have: the
-                        // intent stays for the next recovery to look.
-                        if e.problem().is_some() {
+                        // order, nor did a profile refused before sending.
+                        // After a lost answer it may have: the intent
+                        // stays for the next recovery to look.
+                        if e.problem().is_some() || matches!(e, DriveError::Profile(_)) {
                             ctx.store.clear_intent(intent).await?;
                         }
                         return Err(e);

@@ -188,6 +188,23 @@ profile_required = true
     let error = row["last_error"].as_str().expect("an error");
     assert!(error.contains("profile_required"), "{error}");
     assert!(error.contains("default, shortlived"), "{error}");
+    // Nothing was sent, so no intent is left for recovery to chase.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
+            .await
+            .expect("open ledger");
+        for (id, _, _) in store.accounts().await.expect("accounts") {
+            assert!(
+                !store.has_intents(id).await.expect("intents"),
+                "account {id}"
+            );
+        }
+        store.close().await;
+    });
 }
 
 /// 127.0.0.1 and ::1 on one certificate over http-01 (Pebble connects to
