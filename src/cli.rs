@@ -1227,14 +1227,18 @@ async fn renew(
         .filter(|c| names.is_empty() || names.iter().any(|n| n == c.name.as_str()))
     {
         let installed = install::installed(&cfg.storage.cert_dir, c.name.as_str());
-        let revoked = match &existing {
-            Some(s) => s.revoked_serial(c.name.as_str()).await?,
-            None => None,
+        let (revoked, ordered_profile) = match &existing {
+            Some(s) => (
+                s.revoked_serial(c.name.as_str()).await?,
+                s.profile_wanted(c.name.as_str()).await?,
+            ),
+            None => (None, None),
         };
         match scheduler::due(
             c,
             installed.as_ref(),
             revoked.as_deref(),
+            ordered_profile.as_deref(),
             now,
             cfg.daemon.renew_remaining,
         ) {

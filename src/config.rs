@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -342,15 +342,17 @@ impl Default for ReaperConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertificateConfig {
     pub name: CertName,
-    pub domains: Vec<DnsName>,
+    /// The identifiers on the certificate: DNS names and IP addresses
+    /// (RFC 8738), in configuration order.
+    pub domains: Vec<Identifier>,
     pub key_type: KeyType,
     /// Challenge types in order of preference.
     pub challenges: Vec<ChallengeKind>,
     /// Shell commands run after a new certificate is installed.
     pub reload: Vec<String>,
     pub reload_timeout: Duration,
-    /// An ACME profile the CA advertises (`meta.profiles`).
-    pub profile: Option<String>,
+    /// The ACME profiles to ask for (`meta.profiles`), best first.
+    pub profile: ProfilePreference,
     /// Keep the private key across renewals (key pinning setups).
     pub reuse_key: bool,
 }
@@ -359,6 +361,120 @@ impl CertificateConfig {
     /// The domains as plain strings, in configuration order.
     pub fn domain_strings(&self) -> Vec<String> {
         self.domains.iter().map(|d| d.to_string()).collect()
+    }
+
+    /// Whether an IP address is among the identifiers.
+    pub fn has_ip(&self) -> bool {
+        self.domains.iter().any(|d| matches!(d, Identifier::Ip(_)))
+    }
+}
+
+/// The profiles an operator asks for, best first, and whether one of them
+/// is required. Not required (the default), a profile the CA's directory
+/// does not list is skipped with a warning, and with none left the order
+/// names no profile: a CA retiring a profile must not stop every renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProfilePreference {
+    pub names: Vec<String>,
+    pub required: bool,
+}
+
+impl ProfilePreference {
+    /// The preference as the ledger records it, to tell whether it changed
+    /// since the installed certificate was ordered: the names in order,
+    /// comma-separated, and `!` at the end when one is required.
+    pub fn ledger_key(&self) -> String {
+        let mut key = self.names.join(",");
+        if self.required {
+            key.push('!');
+        }
+        key
+    }
+}
+
+/// One identifier on a certificate: a DNS name, or an IP address
+/// (RFC 8738), which only http-01 and tls-alpn-01 can validate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Identifier {
+    Dns(DnsName),
+    Ip(IpLiteral),
+}
+
+impl Identifier {
+    /// The identifier as certd writes it: the lower-case name, or the
+    /// address in its canonical text form (RFC 5952 for IPv6).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Dns(d) => d.as_str(),
+            Self::Ip(ip) => ip.as_str(),
+        }
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        matches!(self, Self::Dns(d) if d.is_wildcard())
+    }
+}
+
+impl FromStr for Identifier {
+    type Err = String;
+
+    /// An address first: `192.0.2.1` is also a well-formed run of labels.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(ip) = IpLiteral::parse(s)? {
+            return Ok(Self::Ip(ip));
+        }
+        s.parse().map(Self::Dns)
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An IP address for an `ip` identifier, with its canonical text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpLiteral {
+    addr: IpAddr,
+    text: String,
+}
+
+impl IpLiteral {
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// `Ok(None)` if `s` is not meant as an address at all; an error for
+    /// one that is, but that no CA can validate.
+    fn parse(s: &str) -> Result<Option<Self>, String> {
+        let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+        if s.contains('%') {
+            return Err(format!(
+                "{s:?}: an IPv6 zone index has no meaning on a certificate"
+            ));
+        }
+        let Ok(addr) = bare.unwrap_or(s).parse::<IpAddr>() else {
+            if bare.is_some() || s.contains(':') {
+                return Err(format!("{s:?} is not a valid IP address"));
+            }
+            return Ok(None);
+        };
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Err(format!(
+                "{s:?} is an IPv4-mapped IPv6 address; write the IPv4 address {v4}"
+            ));
+        }
+        Ok(Some(Self {
+            addr,
+            text: addr.to_string(),
+        }))
     }
 }
 
@@ -442,6 +558,15 @@ impl FromStr for DnsName {
                     "{s:?} is not a valid domain name (label {label:?}: letters, digits and inner '-' only, 1 to 63 characters)"
                 ));
             }
+        }
+        // No top-level domain is numeric: `192.0.2` is a mistyped address.
+        if labels
+            .last()
+            .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err(format!(
+                "{s:?} is neither an IP address nor a domain name (its last label is numeric)"
+            ));
         }
         if labels.len() == 2 && labels[0] == "*" {
             return Err(format!(
@@ -1188,16 +1313,16 @@ impl Validator<'_> {
                 "needs at least one domain".into(),
             ));
         }
-        let mut domains: Vec<DnsName> = Vec::with_capacity(raw.domains.get_ref().len());
+        let mut domains: Vec<Identifier> = Vec::with_capacity(raw.domains.get_ref().len());
         for (i, d) in raw.domains.get_ref().iter().enumerate() {
-            let domain: DnsName = self.parse_spanned(d, item("domains", i), |s| s.parse())?;
+            let domain: Identifier = self.parse_spanned(d, item("domains", i), |s| s.parse())?;
             // A linear scan: certificates list a handful of names, and a
             // set per certificate would cost more than it saves.
             if domains.contains(&domain) {
                 return Err(self.at.error(
                     d.span(),
                     Some(item("domains", i).to_string()),
-                    format!("duplicate domain {:?}", domain.as_str()),
+                    format!("duplicate identifier {:?}", domain.as_str()),
                 ));
             }
             domains.push(domain);
@@ -1270,21 +1395,31 @@ impl Validator<'_> {
             ));
         }
 
+        // RFC 8738 section 7: no dns-01 for an address. dns-01 may still
+        // stand in the list for the certificate's DNS names, as long as
+        // another type can validate the addresses.
+        if let Some(ip) = domains.iter().find(|d| matches!(d, Identifier::Ip(_)))
+            && !challenges
+                .iter()
+                .any(|k| matches!(k, ChallengeKind::Http01 | ChallengeKind::TlsAlpn01))
+        {
+            return Err(self.at.error(
+                challenges_span,
+                Some(key("challenges").to_string()),
+                format!(
+                    "certificate {:?} has the IP address {:?}, which dns-01 cannot validate (RFC 8738); use \"http-01\" or \"tls-alpn-01\"",
+                    name.as_str(),
+                    ip.as_str()
+                ),
+            ));
+        }
+
         let reload_timeout = match &raw.reload_timeout {
             Some(t) => self.duration(t, key("reload_timeout"))?,
             None => Duration::from_secs(60),
         };
 
-        let profile = match &raw.profile {
-            Some(p) => Some(self.parse_spanned(p, key("profile"), |s| {
-                if s.is_empty() || s.contains(char::is_whitespace) {
-                    Err(format!("{s:?} is not a profile name"))
-                } else {
-                    Ok(s.to_owned())
-                }
-            })?),
-            None => None,
-        };
+        let profile = self.profile(&raw, index)?;
 
         Ok(CertificateConfig {
             name,
@@ -1296,6 +1431,75 @@ impl Validator<'_> {
             profile,
             reuse_key: raw.reuse_key,
         })
+    }
+
+    /// `profile` (one name or a list, best first) and `profile_required`.
+    fn profile(
+        &self,
+        raw: &raw::Certificate,
+        index: usize,
+    ) -> Result<ProfilePreference, ConfigError> {
+        let key = |field| CertKey {
+            index,
+            field,
+            item: None,
+        };
+        let check = |value: &Spanned<String>, at: CertKey| {
+            self.parse_spanned(value, at, |s| {
+                if s.is_empty() || !s.chars().all(|c| c.is_ascii_graphic() && c != ',') {
+                    Err(format!("{s:?} is not a profile name"))
+                } else {
+                    Ok(s.to_owned())
+                }
+            })
+        };
+        let mut names: Vec<String> = Vec::new();
+        if let Some(profile) = &raw.profile {
+            let span = profile.span();
+            match profile.get_ref() {
+                // The visitor sees no span of its own: the key's is the value's.
+                raw::Profile::One(p) => {
+                    names.push(check(&Spanned::new(span, p.clone()), key("profile"))?);
+                }
+                raw::Profile::List(list) if list.is_empty() => {
+                    return Err(self.at.error(
+                        span,
+                        Some(key("profile").to_string()),
+                        "an empty list; leave `profile` out to let the CA choose".into(),
+                    ));
+                }
+                raw::Profile::List(list) => {
+                    for (i, p) in list.iter().enumerate() {
+                        let at = || CertKey {
+                            index,
+                            field: "profile",
+                            item: Some(i),
+                        };
+                        let name = check(p, at())?;
+                        if names.contains(&name) {
+                            return Err(self.at.error(
+                                p.span(),
+                                Some(at().to_string()),
+                                format!("profile {name:?} is listed twice"),
+                            ));
+                        }
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        let required = match &raw.profile_required {
+            None => false,
+            Some(r) if *r.get_ref() && names.is_empty() => {
+                return Err(self.at.error(
+                    r.span(),
+                    Some(key("profile_required").to_string()),
+                    "is true, but no `profile` is set".into(),
+                ));
+            }
+            Some(r) => *r.get_ref(),
+        };
+        Ok(ProfilePreference { names, required })
     }
 
     /// `key` is only formatted for an error: a configuration of 10,000
@@ -1508,9 +1712,48 @@ mod raw {
         #[serde(default)]
         pub reload: Vec<String>,
         pub reload_timeout: Option<Spanned<String>>,
-        pub profile: Option<Spanned<String>>,
+        pub profile: Option<Spanned<Profile>>,
+        pub profile_required: Option<Spanned<bool>>,
         #[serde(default)]
         pub reuse_key: bool,
+    }
+
+    /// `profile = "name"` or `profile = ["first", "second"]`; anything
+    /// else is refused by serde, with the key's position.
+    pub(super) enum Profile {
+        One(String),
+        List(Vec<Spanned<String>>),
+    }
+
+    impl<'de> Deserialize<'de> for Profile {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = Profile;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str(
+                        "a profile name or a list of them, best first, like [\"tlsserver\", \"classic\"]",
+                    )
+                }
+
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Profile, E> {
+                    Ok(Profile::One(v.to_owned()))
+                }
+
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Profile, A::Error> {
+                    let mut list = Vec::new();
+                    while let Some(item) = seq.next_element::<Spanned<String>>()? {
+                        list.push(item);
+                    }
+                    Ok(Profile::List(list))
+                }
+            }
+            d.deserialize_any(Visitor)
+        }
     }
 }
 
@@ -1664,6 +1907,131 @@ domains = ["Example.COM", "www.example.com."]"#,
         expect_error(&text, 16, "certificate[0].challenges", "no [dns01] section");
         let text = with_cert("name = \"w\"\ndomains = [\"*.a.example\"]");
         expect_error(&text, 14, "certificate[0].challenges", "only dns-01");
+    }
+
+    /// IP literals become `ip` identifiers in canonical form; what no CA
+    /// can validate, or what looks like a mistyped address, is refused.
+    #[test]
+    fn domains_take_ip_addresses() {
+        let id = |s: &str| s.parse::<Identifier>();
+        assert!(matches!(id("192.0.2.1"), Ok(Identifier::Ip(ip)) if ip.as_str() == "192.0.2.1"));
+        assert!(
+            matches!(id("2001:DB8:0::1"), Ok(Identifier::Ip(ip)) if ip.as_str() == "2001:db8::1")
+        );
+        assert!(matches!(id("[::1]"), Ok(Identifier::Ip(ip)) if ip.as_str() == "::1"));
+        assert!(matches!(id("www.example.com"), Ok(Identifier::Dns(_))));
+        for (bad, why) in [
+            ("fe80::1%eth0", "zone"),
+            ("::ffff:192.0.2.1", "IPv4-mapped"),
+            ("2001:db8::g", "not a valid IP address"),
+            ("[a.example]", "not a valid IP address"),
+            ("192.0.2", "neither an IP address nor a domain name"),
+            ("192.0.2.256", "neither"),
+        ] {
+            let e = id(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+
+        let text = with_cert("name = \"ip\"\ndomains = [\"example.com\", \"::1\", \"127.0.0.1\"]");
+        let c = parse(&text).expect("valid").certificates.remove(0);
+        assert_eq!(c.domain_strings(), ["example.com", "::1", "127.0.0.1"]);
+        assert!(c.has_ip());
+        let text = with_cert("name = \"ip\"\ndomains = [\"::1\", \"0:0::1\"]");
+        expect_error(
+            &text,
+            15,
+            "certificate[0].domains[1]",
+            "duplicate identifier \"::1\"",
+        );
+    }
+
+    /// dns-01 cannot validate an address (RFC 8738); it may stay in the
+    /// list for the DNS names beside one that can.
+    #[test]
+    fn ip_addresses_need_http_or_tls_alpn() {
+        let dns = "[dns01]\nhook = \"/bin/true\"\n";
+        let text = format!(
+            "{BASE}{dns}[[certificate]]\nname = \"ip\"\ndomains = [\"192.0.2.1\"]\nchallenges = [\"dns-01\"]\n"
+        );
+        expect_error(
+            &text,
+            17,
+            "certificate[0].challenges",
+            "dns-01 cannot validate",
+        );
+        let text = format!(
+            "{BASE}{dns}[[certificate]]\nname = \"ip\"\ndomains = [\"*.a.example\", \"192.0.2.1\"]\nchallenges = [\"dns-01\", \"http-01\"]\n"
+        );
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn profile_is_a_name_or_a_preference_list() {
+        let profile = |extra: &str| {
+            let text = with_cert(&format!("name = \"w\"\ndomains = [\"a.example\"]\n{extra}"));
+            parse(&text).map(|mut c| c.certificates.remove(0).profile)
+        };
+        let p = profile("").expect("valid");
+        assert_eq!(
+            (p.names.len(), p.required, p.ledger_key()),
+            (0, false, String::new())
+        );
+        let p = profile("profile = \"tlsserver\"").expect("valid");
+        assert_eq!((p.names, p.required), (vec!["tlsserver".to_owned()], false));
+        let p = profile("profile = [\"tlsserver\", \"classic\"]\nprofile_required = true")
+            .expect("valid");
+        assert_eq!(p.ledger_key(), "tlsserver,classic!");
+
+        let cert =
+            |extra: &str| with_cert(&format!("name = \"w\"\ndomains = [\"a.example\"]\n{extra}"));
+        expect_error(
+            &cert("profile = 5"),
+            16,
+            "certificate[0].profile",
+            "a profile name or a list",
+        );
+        expect_error(
+            &cert("profile = { a = 1 }"),
+            16,
+            "certificate[0].profile",
+            "a profile name or a list",
+        );
+        expect_error(
+            &cert("profile = [\"a\", 5]"),
+            16,
+            "certificate[0].profile",
+            "invalid type",
+        );
+        expect_error(
+            &cert("profile = []"),
+            16,
+            "certificate[0].profile",
+            "empty list",
+        );
+        expect_error(
+            &cert("profile = [\"a\", \"a b\"]"),
+            16,
+            "certificate[0].profile[1]",
+            "not a profile name",
+        );
+        expect_error(
+            &cert("profile = [\"a\", \"a\"]"),
+            16,
+            "certificate[0].profile[1]",
+            "listed twice",
+        );
+        expect_error(
+            &cert("profile_required = true"),
+            16,
+            "certificate[0].profile_required",
+            "no `profile`",
+        );
+        expect_error(
+            &cert("profile_required = \"yes\""),
+            16,
+            "certificate[0].profile_required",
+            "invalid type",
+        );
     }
 
     /// A 0600 file holding a base64 secret; the directory must outlive the test.

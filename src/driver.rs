@@ -54,7 +54,7 @@ use crate::acme::{
     AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, is_bad_nonce,
 };
 use crate::clock::UnixTime;
-use crate::config::{CertificateConfig, ChallengeKind, KeyType};
+use crate::config::{self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
 use crate::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers, Unready};
@@ -308,7 +308,8 @@ async fn obtain_inner(
                     // A CA that answered with a problem created no
                     // order. After a lost answer it may have: the
                     // intent stays for the next recovery to look.
-                    if e.problem().is_some() {
+                    // Nor did a profile refused before sending.
+                    if e.problem().is_some() || matches!(e, DriveError::Profile(_)) {
                         ctx.store.clear_intent(intent).await?;
                     }
                     return Err(e);
@@ -407,14 +408,32 @@ async fn new_order(
 ) -> Result<Order, DriveError> {
     let name = cert.name.as_str();
     let account = &ctx.account.account();
-    let identifiers: Vec<Identifier> = sorted.iter().cloned().map(Identifier::Dns).collect();
-    if let Some(profile) = &cert.profile {
-        let offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
-        choose_profile(profile, &offered).map_err(DriveError::Profile)?;
+    let mut ids: Vec<&config::Identifier> = cert.domains.iter().collect();
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let identifiers: Vec<Identifier> = ids
+        .into_iter()
+        .map(|d| match d {
+            config::Identifier::Dns(name) => Identifier::Dns(name.as_str().to_owned()),
+            config::Identifier::Ip(ip) => Identifier::Ip(ip.addr()),
+        })
+        .collect();
+    let offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
+    let choice =
+        choose_profile(&cert.profile, cert.has_ip(), &offered).map_err(DriveError::Profile)?;
+    if let Some(w) = &choice.warning {
+        tracing::warn!(cert = name, "{w}");
+    } else if let Some(p) = &choice.profile
+        && cert.profile.names.is_empty()
+    {
+        tracing::info!(cert = name, profile = %p, "the certificate has IP addresses; asking for the CA's {p:?} profile");
     }
+    // Kept until the next order, so `status` shows what this one fell back to.
+    ctx.store
+        .set_profile_warning(name, sorted, choice.warning.as_deref())
+        .await?;
     let base = || {
         let order = NewOrder::new(&identifiers);
-        match &cert.profile {
+        match &choice.profile {
             Some(p) => order.profile(p),
             None => order,
         }
@@ -670,7 +689,8 @@ async fn complete(
         .await?;
     // The record holds the key now.
     remove_order_key(key_dir, &order_url).await;
-    finish(ctx, cert, &order_url, domains, issuance, cancel).await
+    let profile = order.state().profile.clone();
+    finish(ctx, cert, &order_url, domains, issuance, profile, cancel).await
 }
 
 /// An issuance recorded on disk but not installed (the install failed):
@@ -714,7 +734,9 @@ async fn install_from_disk(
                     Some(&format!("serial {}", row.serial)),
                 )
                 .await?;
-            finish(ctx, cert, &row.order_url, sorted, issuance, cancel)
+            // The profile the CA echoed is not part of the record; the
+            // configured preference is, and that is what decides renewal.
+            finish(ctx, cert, &row.order_url, sorted, issuance, None, cancel)
                 .await
                 .map(Some)
         }
@@ -737,13 +759,15 @@ async fn install_from_disk(
 }
 
 /// Installs an issuance that is recorded on disk, then reloads; the record
-/// goes once the certificate is in place.
+/// goes once the certificate is in place. `profile` is the one the CA's
+/// order named, where known.
 async fn finish(
     ctx: &Context,
     cert: &CertificateConfig,
     order_url: &str,
     domains: &[String],
     issuance: Issuance,
+    profile: Option<String>,
     cancel: &CancellationToken,
 ) -> Result<Issued, DriveError> {
     let name = cert.name.as_str();
@@ -760,6 +784,8 @@ async fn finish(
         not_before: info.not_before,
         not_after: info.not_after,
         version: version.clone(),
+        profile,
+        profile_wanted: cert.profile.ledger_key(),
     };
     let next = install::renewal_time(info.not_before, info.not_after, ctx.renew_remaining);
     ctx.store
@@ -1026,8 +1052,17 @@ async fn collect_authorizations(
 /// The name returned is certd's own string, so nothing downstream (a hook's
 /// environment, a pre-flight connection, the ledger) ever carries the CA's.
 fn requested_name<'r>(requested: &'r [String], id: &AuthorizedIdentifier<'_>) -> Option<&'r str> {
-    let Identifier::Dns(value) = id.identifier else {
-        return None;
+    let value = match id.identifier {
+        Identifier::Dns(value) => value,
+        // An address compares as an address (`::1` is `0:0::1`), and is
+        // never a wildcard.
+        Identifier::Ip(addr) if !id.wildcard => {
+            return requested
+                .iter()
+                .map(String::as_str)
+                .find(|name| name.parse::<std::net::IpAddr>().is_ok_and(|a| a == *addr));
+        }
+        _ => return None,
     };
     if value.contains('*') {
         return None;
@@ -1035,6 +1070,8 @@ fn requested_name<'r>(requested: &'r [String], id: &AuthorizedIdentifier<'_>) ->
     requested
         .iter()
         .map(String::as_str)
+        // A configured address is asked for as an `ip` identifier only.
+        .filter(|name| name.parse::<std::net::IpAddr>().is_err())
         .find(|name| match name.strip_prefix("*.") {
             Some(base) => id.wildcard && base.eq_ignore_ascii_case(value),
             None => !id.wildcard && name.eq_ignore_ascii_case(value),
@@ -1078,8 +1115,12 @@ async fn plan_challenges(
         }
         let offered: Vec<ChallengeType> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
         let history = ctx.store.challenge_history(&identifier).await?;
+        // RFC 8738 section 7: never dns-01 for an address, whatever the CA
+        // offers (there is no `_acme-challenge` name to publish under).
+        let is_ip = matches!(a.identifier().identifier, Identifier::Ip(_));
         let Some(kind) = preference(&cert.challenges, &history)
             .into_iter()
+            .filter(|k| !(is_ip && *k == ChallengeKind::Dns01))
             .find(|k| offered.contains(&acme_type(*k)))
         else {
             return Err(DriveError::NoChallenge {
@@ -1325,20 +1366,91 @@ fn acme_error(ctx: &Context, url: &str, e: instant_acme::Error) -> DriveError {
     }
 }
 
-/// Checks a configured profile against those the CA's directory offers.
-pub fn choose_profile(requested: &str, offered: &[&str]) -> Result<(), String> {
-    if offered.contains(&requested) {
-        return Ok(());
-    }
-    if offered.is_empty() {
-        return Err(format!(
-            "profile {requested:?}: the CA advertises no profiles"
-        ));
-    }
-    Err(format!(
-        "profile {requested:?} is not offered by the CA; it offers: {}",
-        offered.join(", ")
-    ))
+/// The profile a new order names, and why it is not the first configured.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProfileChoice {
+    pub profile: Option<String>,
+    /// For the log and `status`: configured profiles the CA does not list.
+    pub warning: Option<String>,
+}
+
+/// The CA's profile for IP certificates: Let's Encrypt issues for an IP
+/// address only under it.
+const IP_PROFILE: &str = "shortlived";
+
+/// Picks the first configured profile the CA's directory lists. One it
+/// does not list is skipped with a warning (CAs retire profiles: Let's
+/// Encrypt's `tlsclient` went on 2026-07-08), unless the preference says
+/// one of them is required. With none configured, or none left, the order
+/// names none, except that a certificate with IP addresses asks for
+/// `shortlived` where the CA lists it.
+pub fn choose_profile(
+    pref: &ProfilePreference,
+    has_ip: bool,
+    offered: &[&str],
+) -> Result<ProfileChoice, String> {
+    let listed = || {
+        // Sorted: the directory's `meta.profiles` is an unordered map.
+        let mut names = offered.to_vec();
+        names.sort_unstable();
+        if names.is_empty() {
+            "the CA lists no profiles".to_owned()
+        } else {
+            format!("the CA lists {}", names.join(", "))
+        }
+    };
+    let quoted = |names: &[String]| {
+        names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let fallback = || (has_ip && offered.contains(&IP_PROFILE)).then(|| IP_PROFILE.to_owned());
+    let Some(pos) = pref
+        .names
+        .iter()
+        .position(|n| offered.contains(&n.as_str()))
+    else {
+        if pref.names.is_empty() {
+            return Ok(ProfileChoice {
+                profile: fallback(),
+                warning: None,
+            });
+        }
+        if pref.required {
+            return Err(format!(
+                "profile {} is not offered and profile_required is set; {}",
+                quoted(&pref.names),
+                listed()
+            ));
+        }
+        let profile = fallback();
+        let using = match &profile {
+            Some(p) => format!("ordering with {p:?}"),
+            None => "ordering without a profile (the CA's default)".to_owned(),
+        };
+        return Ok(ProfileChoice {
+            warning: Some(format!(
+                "profile {} is not offered ({}); {using}",
+                quoted(&pref.names),
+                listed()
+            )),
+            profile,
+        });
+    };
+    let chosen = pref.names[pos].clone();
+    let warning = (pos > 0).then(|| {
+        format!(
+            "profile {} is not offered ({}); ordering with {chosen:?}",
+            quoted(&pref.names[..pos]),
+            listed()
+        )
+    });
+    Ok(ProfileChoice {
+        profile: Some(chosen),
+        warning,
+    })
 }
 
 /// The key for a new issuance: the installed one with `reuse_key` (if it
@@ -1768,14 +1880,77 @@ mod tests {
         assert_eq!(requested_name(&asked, &ip.authorized(false)), None);
     }
 
-    /// Pebble 2.4 has no profiles, so the selection is tested here.
+    /// An address authorization matches the configured address, whatever
+    /// text form the CA writes it in; never as a wildcard.
     #[test]
-    fn profiles_are_checked_against_the_directory() {
-        assert!(choose_profile("shortlived", &["classic", "shortlived"]).is_ok());
-        let e = choose_profile("tlsserver", &["classic", "shortlived"]).expect_err("not offered");
-        assert!(e.contains("offers: classic, shortlived"), "{e}");
-        let e = choose_profile("classic", &[]).expect_err("none offered");
-        assert!(e.contains("advertises no profiles"), "{e}");
+    fn ip_authorizations_match_as_addresses() {
+        let asked = ["127.0.0.1".to_owned(), "2001:db8::1".to_owned()];
+        let check = |value: &str, wildcard: bool| {
+            let addr = value.parse().expect("address");
+            requested_name(&asked, &Identifier::Ip(addr).authorized(wildcard))
+        };
+        assert_eq!(check("127.0.0.1", false), Some("127.0.0.1"));
+        assert_eq!(check("2001:0db8:0:0:0:0:0:1", false), Some("2001:db8::1"));
+        assert_eq!(check("127.0.0.2", false), None);
+        assert_eq!(check("::1", false), None);
+        assert_eq!(check("127.0.0.1", true), None);
+        // A DNS identifier spelling an asked address is not that address.
+        let dns = Identifier::Dns("127.0.0.1".into());
+        assert_eq!(requested_name(&asked, &dns.authorized(false)), None);
+    }
+
+    /// The choice among the configured profiles and the directory's list,
+    /// including lists no Pebble serves (Let's Encrypt's, with `tlsclient`
+    /// retired).
+    #[test]
+    fn profiles_fall_back_unless_required() {
+        let pref = |names: &[&str], required| ProfilePreference {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            required,
+        };
+        let le = ["tlsserver", "classic", "shortlived"];
+        let chosen = |p: &ProfilePreference, ip, offered: &[&str]| {
+            choose_profile(p, ip, offered).expect("a choice")
+        };
+
+        let c = chosen(&pref(&["tlsserver", "classic"], false), false, &le);
+        assert_eq!((c.profile.as_deref(), c.warning), (Some("tlsserver"), None));
+
+        // Retired: the next one, with a warning naming what was skipped.
+        let c = chosen(&pref(&["tlsclient", "classic"], false), false, &le);
+        assert_eq!(c.profile.as_deref(), Some("classic"));
+        let w = c.warning.expect("a warning");
+        assert!(w.contains("\"tlsclient\" is not offered"), "{w}");
+        assert!(w.contains("classic, shortlived, tlsserver"), "{w}");
+
+        // None left: the CA's default, or `shortlived` for addresses.
+        let c = chosen(&pref(&["tlsclient"], false), false, &le);
+        assert_eq!(c.profile, None);
+        assert!(c.warning.expect("a warning").contains("CA's default"));
+        let c = chosen(&pref(&["tlsclient"], false), true, &le);
+        assert_eq!(c.profile.as_deref(), Some("shortlived"));
+
+        // Required: a hard error with what the CA lists.
+        let e = choose_profile(&pref(&["tlsclient"], true), false, &le).expect_err("required");
+        assert!(e.contains("profile_required"), "{e}");
+        assert!(e.contains("classic, shortlived, tlsserver"), "{e}");
+        let e = choose_profile(&pref(&["classic"], true), false, &[]).expect_err("none listed");
+        assert!(e.contains("lists no profiles"), "{e}");
+        // A CA without profiles and no preference: nothing to say.
+        let c = chosen(&pref(&[], false), false, &[]);
+        assert_eq!((c.profile, c.warning), (None, None));
+
+        // Addresses without a configured profile: `shortlived` where listed.
+        let c = chosen(&pref(&[], false), true, &le);
+        assert_eq!(
+            (c.profile.as_deref(), c.warning),
+            (Some("shortlived"), None)
+        );
+        let c = chosen(&pref(&[], false), true, &["default"]);
+        assert_eq!(c.profile, None);
+        // ... but a configured one wins.
+        let c = chosen(&pref(&["classic"], false), true, &le);
+        assert_eq!(c.profile.as_deref(), Some("classic"));
     }
 
     #[tokio::test]

@@ -170,6 +170,8 @@ mod tests {
             next_renewal_at: Some(next),
             consecutive_failures: i64::from(error.is_some()),
             revoked_serial: None,
+            profile: None,
+            profile_warning: None,
         }
     }
 

@@ -84,6 +84,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
 pub struct CertInfo {
     /// DNS names from the subjectAltName extension, sorted.
     pub dns_names: Vec<String>,
+    /// iPAddress entries of the subjectAltName extension (RFC 8738), in
+    /// canonical text form (RFC 5952 for IPv6), sorted.
+    pub ip_addresses: Vec<String>,
     /// Serial number, lower-case hex.
     pub serial: String,
     pub not_before: i64,
@@ -99,24 +102,22 @@ impl CertInfo {
     pub fn parse(der: &[u8]) -> Result<Self, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| format!("cannot parse certificate: {e}"))?;
-        let mut dns_names: Vec<String> = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| {
-                san.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| match n {
-                        x509_parser::extensions::GeneralName::DNSName(d) => {
-                            Some(d.to_ascii_lowercase())
-                        }
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut dns_names: Vec<String> = Vec::new();
+        let mut ip_addresses: Vec<String> = Vec::new();
+        let sans = cert.subject_alternative_name().ok().flatten();
+        for n in sans.iter().flat_map(|san| san.value.general_names.iter()) {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => {
+                    dns_names.push(d.to_ascii_lowercase());
+                }
+                x509_parser::extensions::GeneralName::IPAddress(raw) => {
+                    ip_addresses.push(ip_from_san(raw)?.to_string());
+                }
+                _ => {}
+            }
+        }
         dns_names.sort();
+        ip_addresses.sort();
         let aki = cert
             .extensions()
             .iter()
@@ -134,6 +135,7 @@ impl CertInfo {
         Ok(Self {
             ari_id,
             dns_names,
+            ip_addresses,
             // Lower-case hex without leading zero bytes, as CAs and
             // `openssl x509 -serial` print it.
             serial: cert
@@ -147,6 +149,30 @@ impl CertInfo {
             spki: cert.public_key().raw.to_vec(),
         })
     }
+
+    /// Every name on the certificate, DNS names and addresses, sorted as
+    /// text: comparable with a certificate's sorted `domain_strings`.
+    pub fn names(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .dns_names
+            .iter()
+            .chain(&self.ip_addresses)
+            .cloned()
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+/// An iPAddress SAN's octets: 4 for IPv4, 16 for IPv6 (RFC 5280 section
+/// 4.2.1.6); any other length is a malformed certificate.
+fn ip_from_san(raw: &[u8]) -> Result<std::net::IpAddr, String> {
+    if let Ok(v4) = <[u8; 4]>::try_from(raw) {
+        return Ok(std::net::Ipv4Addr::from(v4).into());
+    }
+    <[u8; 16]>::try_from(raw)
+        .map(|v6| std::net::Ipv6Addr::from(v6).into())
+        .map_err(|_| format!("an iPAddress SAN of {} bytes", raw.len()))
 }
 
 /// The issuance the CA returned, checked and split into its parts.
@@ -182,10 +208,10 @@ impl Issuance {
         let info = CertInfo::parse(leaf).map_err(bad)?;
         let mut want: Vec<String> = domains.to_vec();
         want.sort();
-        if info.dns_names != want {
+        let names = info.names();
+        if names != want {
             return Err(bad(format!(
-                "the certificate names {:?}, the order asked for {:?}",
-                info.dns_names, want
+                "the certificate names {names:?}, the order asked for {want:?}"
             )));
         }
         if info.spki != key_spki {

@@ -1,8 +1,9 @@
 //! When each certificate is due, and the daemon's loop that acts on it.
 //!
 //! A certificate is due now when no complete copy is installed, when its
-//! configured domains differ from the installed certificate's, or when it
-//! expired; otherwise at its renewal time: a uniformly random instant in
+//! configured domains differ from the installed certificate's, when its
+//! configured profile preference differs from the one it was ordered
+//! under, or when it expired; otherwise at its renewal time: a uniformly random instant in
 //! the CA's ARI window (RFC 9773) where the CA offers one, else when the
 //! configured fraction of its lifetime remains, less a little jitter so
 //! certificates issued together do not renew together.
@@ -41,6 +42,7 @@ pub enum Due {
 pub enum Reason {
     NotInstalled,
     DomainsChanged,
+    ProfileChanged,
     RenewalWindow,
     Expired,
     Revoked,
@@ -52,6 +54,7 @@ impl fmt::Display for Reason {
         f.write_str(match self {
             Self::NotInstalled => "not installed",
             Self::DomainsChanged => "domains changed",
+            Self::ProfileChanged => "profile changed",
             Self::RenewalWindow => "in its renewal window",
             Self::Expired => "expired",
             Self::Revoked => "revoked",
@@ -60,12 +63,15 @@ impl fmt::Display for Reason {
     }
 }
 
-/// Decides whether `cert` needs an order, given what is installed and the
-/// serial certd revoked (if any).
+/// Decides whether `cert` needs an order, given what is installed, the
+/// serial certd revoked (if any), and the profile preference the installed
+/// certificate was ordered under (`ProfilePreference::ledger_key`; `None`
+/// where the ledger does not know, which never makes it due).
 pub fn due(
     cert: &CertificateConfig,
     installed: Option<&CertInfo>,
     revoked: Option<&str>,
+    ordered_profile: Option<&str>,
     now: UnixTime,
     remaining: f64,
 ) -> Due {
@@ -77,8 +83,11 @@ pub fn due(
     }
     let mut want = cert.domain_strings();
     want.sort();
-    if want != info.dns_names {
+    if want != info.names() {
         return Due::Now(Reason::DomainsChanged);
+    }
+    if ordered_profile.is_some_and(|p| p != cert.profile.ledger_key()) {
+        return Due::Now(Reason::ProfileChanged);
     }
     if now.secs() >= info.not_after {
         return Due::Now(Reason::Expired);
@@ -335,10 +344,12 @@ impl Scheduler {
         let name = entry.cert.name.as_str();
         let installed = install::installed(&self.ctx.cert_dir, name);
         let revoked = self.ctx.store.revoked_serial(name).await.ok().flatten();
+        let ordered_profile = self.ctx.store.profile_wanted(name).await.ok().flatten();
         match due(
             &entry.cert,
             installed.as_ref(),
             revoked.as_deref(),
+            ordered_profile.as_deref(),
             now,
             self.cfg.daemon.renew_remaining,
         ) {
@@ -645,6 +656,7 @@ mod tests {
     fn info(names: &[&str], not_before: i64, not_after: i64) -> CertInfo {
         CertInfo {
             dns_names: names.iter().map(|s| s.to_string()).collect(),
+            ip_addresses: Vec::new(),
             serial: "01".into(),
             not_before,
             not_after,
@@ -654,7 +666,7 @@ mod tests {
     }
 
     fn due_third(c: &CertificateConfig, i: Option<&CertInfo>, now: UnixTime) -> Due {
-        due(c, i, None, now, 1.0 / 3.0)
+        due(c, i, None, None, now, 1.0 / 3.0)
     }
 
     #[test]
@@ -711,11 +723,58 @@ mod tests {
             Due::Now(Reason::Expired)
         );
         assert_eq!(
-            due(&c, Some(&i), Some("01"), now, 1.0 / 3.0),
+            due(&c, Some(&i), Some("01"), None, now, 1.0 / 3.0),
             Due::Now(Reason::Revoked)
         );
         assert_eq!(
-            due(&c, Some(&i), Some("02"), now, 1.0 / 3.0),
+            due(&c, Some(&i), Some("02"), None, now, 1.0 / 3.0),
+            Due::At(UnixTime::from_secs(600))
+        );
+    }
+
+    /// A profile preference other than the one the installed certificate
+    /// was ordered under makes it due; an unknown one (a ledger from before
+    /// profiles were recorded) does not.
+    #[test]
+    fn a_changed_profile_is_due() {
+        let now = UnixTime::from_secs(100);
+        let with = |profile: &str| {
+            let mut c = cert("[\"a.example\"]");
+            c.profile.names = profile
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect();
+            c
+        };
+        let i = info(&["a.example"], 0, 900);
+        let at = Due::At(UnixTime::from_secs(600));
+        let check =
+            |c: &CertificateConfig, ordered| due(c, Some(&i), None, ordered, now, 1.0 / 3.0);
+        assert_eq!(check(&with(""), Some("")), at);
+        assert_eq!(check(&with("shortlived"), Some("shortlived")), at);
+        assert_eq!(check(&with("shortlived"), None), at);
+        assert_eq!(check(&with(""), None), at);
+        let changed = Due::Now(Reason::ProfileChanged);
+        assert_eq!(check(&with("shortlived"), Some("")), changed);
+        assert_eq!(check(&with(""), Some("classic")), changed);
+        assert_eq!(check(&with("tlsserver,classic"), Some("classic")), changed);
+    }
+
+    /// Addresses count as names: an installed IP certificate matches its
+    /// configuration.
+    #[test]
+    fn ip_names_compare_with_the_installed_sans() {
+        let c = cert("[\"b.example\", \"::1\", \"127.0.0.1\"]");
+        let mut i = info(&["b.example"], 0, 900);
+        let now = UnixTime::from_secs(100);
+        assert_eq!(
+            due_third(&c, Some(&i), now),
+            Due::Now(Reason::DomainsChanged)
+        );
+        i.ip_addresses = vec!["127.0.0.1".into(), "::1".into()];
+        assert_eq!(
+            due_third(&c, Some(&i), now),
             Due::At(UnixTime::from_secs(600))
         );
     }

@@ -524,7 +524,12 @@ impl Solver for Http01Solver {
         let target = match &self.responder {
             Some(r) => {
                 let mut addr = r.local_addr();
-                if addr.ip().is_unspecified() {
+                if let Some(ip) = local_ip(&c.identifier) {
+                    // The CA connects to the address itself (RFC 8738
+                    // section 4): a listener bound to the other family, or
+                    // to another address, fails here and not at the CA.
+                    addr.set_ip(ip);
+                } else if addr.ip().is_unspecified() {
                     addr.set_ip(match addr {
                         SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
                         SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
@@ -532,7 +537,7 @@ impl Solver for Http01Solver {
                 }
                 addr.to_string()
             }
-            None => format!("{}:80", c.identifier),
+            None => format!("{}:80", http_host(&c.identifier)),
         };
         let err = |detail: String| SolverError::Preflight {
             identifier: c.identifier.clone(),
@@ -545,7 +550,8 @@ impl Solver for Http01Solver {
                 .map_err(|e| err(format!("cannot connect: {e}")))?;
             let request = format!(
                 "GET {WELL_KNOWN}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: certd-preflight\r\n\r\n",
-                c.token, c.identifier
+                c.token,
+                http_host(&c.identifier)
             );
             stream
                 .write_all(request.as_bytes())
@@ -620,6 +626,23 @@ impl Solver for Http01Solver {
 }
 
 /// Runs blocking file-system calls off the runtime's worker threads.
+/// The identifier as an address of this host, if it is one. An address
+/// that is not local (a NAT's public side) is not connected to: the host
+/// may not reach itself through it.
+fn local_ip(identifier: &str) -> Option<std::net::IpAddr> {
+    let ip = identifier.parse::<std::net::IpAddr>().ok()?;
+    std::net::UdpSocket::bind((ip, 0)).ok().map(|_| ip)
+}
+
+/// The identifier as an HTTP host: an IPv6 address in brackets (RFC 3986
+/// section 3.2.2), as the CA writes it in its request (RFC 8738 section 5).
+fn http_host(identifier: &str) -> String {
+    match identifier.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => format!("[{v6}]"),
+        Err(_) => identifier.to_owned(),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
@@ -998,6 +1021,44 @@ mod tests {
         cancel.cancel();
         tracker.close();
         tracker.wait().await;
+    }
+
+    /// For an address of this host the pre-flight connects through the
+    /// address, as the CA will: a listener on 127.0.0.1 does not answer
+    /// for ::1.
+    #[tokio::test]
+    async fn preflight_for_an_address_connects_to_it() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let r = Http01Responder::start("127.0.0.1:0".parse().expect("addr"), &tracker, &cancel)
+            .await
+            .expect("bind");
+        let solver = Http01Solver {
+            responder: Some(r.clone()),
+            webroot: None,
+            preflight: true,
+        };
+        let mut c = spec("tok2_aaaaaaaaaaaaaaaaaaaa");
+        solver.present(&c).await.expect("present");
+        c.identifier = "127.0.0.1".into();
+        solver.preflight(&c).await.expect("reachable on 127.0.0.1");
+        c.identifier = "::1".into();
+        let e = solver.preflight(&c).await.expect_err("nothing on [::1]");
+        assert!(
+            e.to_string()
+                .contains(&format!("[::1]:{}", r.local_addr().port())),
+            "{e}"
+        );
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(http_host("2001:db8::1"), "[2001:db8::1]");
+        assert_eq!(http_host("192.0.2.1"), "192.0.2.1");
+        assert_eq!(http_host("a.example"), "a.example");
     }
 
     /// Text that is not a DNS name never reaches a hook's environment.

@@ -283,6 +283,10 @@ pub struct CertificateRow {
     /// The serial certd last revoked for this name: while it equals
     /// `serial`, the installed certificate is revoked.
     pub revoked_serial: Option<String>,
+    /// The profile the installed certificate was ordered with.
+    pub profile: Option<String>,
+    /// Why the last order fell back from the first configured profile.
+    pub profile_warning: Option<String>,
 }
 
 impl CertificateRow {
@@ -380,6 +384,11 @@ pub struct Installed {
     pub not_before: i64,
     pub not_after: i64,
     pub version: String,
+    /// The profile the order named, as the CA's order echoes it.
+    pub profile: Option<String>,
+    /// The configured preference it was ordered under
+    /// (`ProfilePreference::ledger_key`).
+    pub profile_wanted: String,
 }
 
 impl Store {
@@ -1187,7 +1196,7 @@ impl Store {
             "SELECT json_group_array(json_array(
                  name, domains, serial, not_before, not_after, installed_at, version,
                  last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
-                 revoked_serial))
+                 revoked_serial, profile, profile_warning))
              FROM (SELECT * FROM certificates ORDER BY name)",
         )
         .fetch_one(&self.pool)
@@ -1205,9 +1214,11 @@ impl Store {
         let now = UnixTime::now().secs();
         sqlx::query(
             "INSERT INTO certificates (name, domains, serial, not_before, not_after, installed_at, version,
-                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, ?, 0, ?)
+                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures, updated_at,
+                 profile, profile_wanted)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, ?, 0, ?, ?, ?)
              ON CONFLICT(name) DO UPDATE SET domains = excluded.domains, serial = excluded.serial,
+                 profile = excluded.profile, profile_wanted = excluded.profile_wanted,
                  not_before = excluded.not_before, not_after = excluded.not_after,
                  installed_at = excluded.installed_at, version = excluded.version,
                  last_attempt_at = excluded.last_attempt_at, last_result = 'ok', last_error = NULL,
@@ -1224,6 +1235,41 @@ impl Store {
         .bind(now)
         .bind(next_renewal_at)
         .bind(now)
+        .bind(&cert.profile)
+        .bind(&cert.profile_wanted)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The profile preference the installed certificate of `name` was
+    /// ordered under (`ProfilePreference::ledger_key`); `None` if unknown.
+    pub async fn profile_wanted(&self, name: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT profile_wanted FROM certificates WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
+    /// Records why the order being placed for `name` does not name its
+    /// first configured profile, or clears that note.
+    pub async fn set_profile_warning(
+        &self,
+        name: &str,
+        domains: &[String],
+        warning: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO certificates (name, domains, profile_warning, updated_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(name) DO UPDATE SET profile_warning = excluded.profile_warning,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(domains).unwrap_or_default())
+        .bind(warning)
+        .bind(UnixTime::now().secs())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1443,7 +1489,7 @@ macro_rules! cert_select {
         concat!(
             "SELECT name, domains, serial, not_before, not_after, installed_at, version,
                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
-                revoked_serial
+                revoked_serial, profile, profile_warning
              FROM certificates ",
             $tail
         )
@@ -1645,8 +1691,14 @@ mod tests {
             not_before: 1,
             not_after: 2,
             version: "v1".into(),
+            profile: Some("shortlived".into()),
+            profile_wanted: "shortlived".into(),
         };
         s.record_installed("www", &installed, 3).await.unwrap();
+        assert_eq!(
+            s.profile_wanted("www").await.unwrap().as_deref(),
+            Some("shortlived")
+        );
         let row = s.certificate("www").await.unwrap().unwrap();
         assert_eq!(
             (row.consecutive_failures, row.last_result.as_deref()),

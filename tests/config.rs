@@ -352,3 +352,56 @@ fn provide_named_files(config: &std::path::Path, text: &str, origin: &str) {
         }
     }
 }
+
+/// A profile of the wrong type, and an address only dns-01 would validate:
+/// each names the file, line and key.
+#[test]
+fn profile_and_ip_errors_name_file_line_and_key() {
+    assert_error(
+        &format!("{BASE}profile = 5\n"),
+        14,
+        "certificate[0].profile",
+        "a profile name or a list of them",
+    );
+    assert_error(
+        &format!("{BASE}profile = [\"tlsserver\", 5]\n"),
+        14,
+        "certificate[0].profile",
+        "invalid type: integer `5`",
+    );
+    assert_error(
+        &format!("{BASE}profile = []\n"),
+        14,
+        "certificate[0].profile",
+        "empty list",
+    );
+    assert_error(
+        &format!("{BASE}profile_required = true\n"),
+        14,
+        "certificate[0].profile_required",
+        "no `profile` is set",
+    );
+    let dns01 = "[dns01]\nhook = \"/bin/true\"\n\n";
+    assert_error(
+        &format!(
+            "{}challenges = [\"dns-01\"]\n",
+            BASE.replace("[[certificate]]", &format!("{dns01}[[certificate]]"))
+                .replace("\"example.test\"", "\"192.0.2.1\"")
+        ),
+        17,
+        "certificate[0].challenges",
+        "\"192.0.2.1\", which dns-01 cannot validate",
+    );
+    assert_error(
+        &BASE.replace("\"example.test\"", "\"fe80::1%eth0\""),
+        13,
+        "certificate[0].domains[0]",
+        "zone index",
+    );
+    assert_error(
+        &BASE.replace("\"example.test\"", "\"192.0.2\""),
+        13,
+        "certificate[0].domains[0]",
+        "neither an IP address nor a domain name",
+    );
+}

@@ -62,6 +62,8 @@ key_type = "ecdsa-p384"
         "next_renewal_at",
         "not_after",
         "pending_authz",
+        "profile",
+        "profile_warning",
         "serial",
     ];
     for row in &status {

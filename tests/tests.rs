@@ -21,5 +21,6 @@ mod issuance;
 mod lifecycle;
 mod ops;
 mod preorder;
+mod profiles_ip;
 mod reaper;
 mod storage;

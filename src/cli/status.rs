@@ -196,6 +196,10 @@ struct StatusRow<'a> {
     #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
     next_renewal_at: Option<i64>,
     pending_authz: i64,
+    /// The ACME profile the installed certificate was ordered with.
+    profile: Option<&'a str>,
+    /// Why the last order did not get the first configured profile.
+    profile_warning: Option<&'a str>,
 }
 
 /// What `status` shows for one configured certificate.
@@ -229,6 +233,8 @@ fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -
         last_error: row.and_then(|r| r.last_error.as_deref()),
         next_renewal_at: Some(next),
         pending_authz: ledger.pending.get(c.name.as_str()).copied().unwrap_or(0),
+        profile: row.and_then(|r| r.profile.as_deref()),
+        profile_warning: row.and_then(|r| r.profile_warning.as_deref()),
     }
 }
 
@@ -271,6 +277,10 @@ fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime) {
                 push_rfc3339(&mut cells, at);
                 if r.last_result == Some("ok") {
                     cells.push_str(" ok");
+                    if let Some(w) = r.profile_warning {
+                        cells.push_str(", warning: ");
+                        cells.push_str(&shorten(w, 100));
+                    }
                 } else {
                     // The table keeps errors to one screen line; --json and
                     // `status --check` carry them whole.

@@ -9,7 +9,7 @@
 //! rather than hanging.
 
 use std::collections::HashMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -57,7 +57,10 @@ impl ResolvesServerCert for Certs {
         if !acme {
             return None;
         }
-        let name = hello.server_name()?.to_ascii_lowercase();
+        let name = hello
+            .server_name()?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         self.lock().get(&name).cloned()
     }
 }
@@ -139,21 +142,54 @@ impl Solver for TlsAlpnSolver {
 
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let cert = Self::validation_cert(c)?;
-        self.certs
-            .lock()
-            .insert(c.identifier.to_ascii_lowercase(), cert);
+        self.certs.lock().insert(sni_name(&c.identifier), cert);
         Ok(())
     }
 
     async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
-        self.certs.lock().remove(&c.identifier.to_ascii_lowercase());
+        self.certs.lock().remove(&sni_name(&c.identifier));
         Ok(())
+    }
+}
+
+/// The SNI name the CA's validation connection carries for `identifier`:
+/// the name itself, or for an IP address its reverse-DNS name (RFC 8738
+/// section 6), as `1.0.0.127.in-addr.arpa` or the 32 nibbles of an IPv6
+/// address under `ip6.arpa`. The validation certificate still names the
+/// address itself, as an iPAddress SAN.
+fn sni_name(identifier: &str) -> String {
+    match identifier.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa")
+        }
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let mut name = String::with_capacity(72);
+            for byte in v6.octets().iter().rev() {
+                // Writing to a String cannot fail.
+                let _ = write!(name, "{:x}.{:x}.", byte & 0xf, byte >> 4);
+            }
+            name.push_str("ip6.arpa");
+            name
+        }
+        Err(_) => identifier.to_ascii_lowercase(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 8738 section 6's reverse names, as Pebble's validator sends them.
+    #[test]
+    fn ip_identifiers_use_their_reverse_names() {
+        assert_eq!(sni_name("127.0.0.1"), "1.0.0.127.in-addr.arpa");
+        assert_eq!(
+            sni_name("2001:db8::1"),
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+        );
+        assert_eq!(sni_name("WWW.Example.com"), "www.example.com");
+    }
 
     #[tokio::test]
     async fn plain_tls_is_refused_at_once() {
