@@ -711,7 +711,11 @@ impl Reaper {
                         );
                         s.event("ari-exempt", Some(cert_name), None, None, Some(&detail))
                             .await?;
-                        tracing::info!(cert = cert_name, limit = what, "ARI renewal inside its window: exempt from the CA's limit");
+                        tracing::info!(
+                            cert = cert_name,
+                            limit = what,
+                            "ARI renewal inside its window: exempt from the CA's limit"
+                        );
                         continue;
                     }
                 }

@@ -168,13 +168,7 @@ pub fn rate_limit_of(e: &DriveError) -> Option<(RateLimit, Option<SystemTime>)> 
         } else {
             LimitScope::Names(Vec::new())
         };
-        return Some((
-            RateLimit {
-                scope,
-                ..names()
-            },
-            Some(until.system_time()),
-        ));
+        return Some((RateLimit { scope, ..names() }, Some(until.system_time())));
     }
     let Disposition::RateLimited { until } = e.disposition() else {
         return None;

@@ -316,7 +316,10 @@ tokio::task_local! {
 /// The `Retry-After` of the answer the current task received last, inside
 /// a `nonce_scope`.
 fn last_retry_after() -> Option<SystemTime> {
-    LAST_RETRY_AFTER.try_with(std::cell::Cell::get).ok().flatten()
+    LAST_RETRY_AFTER
+        .try_with(std::cell::Cell::get)
+        .ok()
+        .flatten()
 }
 
 impl AcmeHttp {
@@ -1246,8 +1249,7 @@ impl RateLimit {
         }
         let account_wide = lower.contains("too many new orders")
             || lower.contains("too many new registrations")
-            || (problem.short_type() != "rateLimited"
-                && problem.status.is_some_and(|s| s >= 500));
+            || (problem.short_type() != "rateLimited" && problem.status.is_some_and(|s| s >= 500));
         let scope = if account_wide {
             LimitScope::Account
         } else if !named.is_empty() {
@@ -1655,7 +1657,10 @@ mod tests {
         }))
         .expect("problem");
         let e = AcmeError::from_problem(&p, None);
-        assert_eq!(e.rate_limit().map(|l| l.scope), Some(names(&["x.example.org"])));
+        assert_eq!(
+            e.rate_limit().map(|l| l.scope),
+            Some(names(&["x.example.org"]))
+        );
     }
 
     #[test]
