@@ -10,7 +10,9 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::util::{Fault, FaultyFront, TestEnv, wait_for};
+use crate::util::{
+    AriServer, Fault, FaultyFront, PebbleOpts, Release, TestEnv, Window, ledger_events, wait_for,
+};
 
 const DAEMON: &str = r#"
 [daemon]
@@ -169,4 +171,53 @@ fn a_pause_is_shown_notified_once_and_retried_daily() {
     assert!(status_of(&env, "p")["ca_pause"].is_null());
     let table = env.certd(&["status"]).stdout;
     assert!(!table.contains("p: paused by the CA"), "{table}");
+}
+
+/// The guard counted an ARI renewal inside the CA's window against the
+/// duplicate-certificate limit, which Let's Encrypt exempts it from
+/// (Boulder's `limitsExempt`), and held it back.
+#[test]
+fn the_guard_lets_an_ari_renewal_inside_its_window_pass() {
+    // Pebble 2.4 and a renewalInfo front (a test double: the window must
+    // include now, which Pebble 2.10's windows for a new certificate do
+    // not).
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        release: Release::Bookworm,
+        ..PebbleOpts::default()
+    });
+    let inside = Window {
+        start: -3600,
+        end: 3600,
+        retry_after: 3600,
+    };
+    let ari = AriServer::start(&env.pebble, vec![inside]);
+    env.write_config(&format!(
+        "\n[reaper]\nduplicate_certificates_per_week = 1\n{}",
+        cert("ari")
+    ));
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(&env.pebble.directory_url(), &ari.directory_url()));
+    env.certd(&["renew"]).assert_success();
+
+    // One certificate for these names this week, limit 1: a renewal that
+    // names it in `replaces` inside the window is not held back.
+    let out = env.certd(&["renew", "--force"]);
+    out.assert_success();
+    assert_eq!(ledger_events(&env, "ari-exempt"), 1);
+    assert_eq!(ledger_events(&env, "ca-limit-guard"), 0);
+
+    // Outside the window the limit counts as before.
+    ari.set_windows(vec![Window {
+        start: 30 * 86_400,
+        end: 31 * 86_400,
+        retry_after: 3600,
+    }]);
+    let out = env.certd(&["renew", "--force"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains("certificates for these names in a week: 2 in the window (limit 1)"),
+        "{out}"
+    );
+    assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
 }
