@@ -137,3 +137,35 @@ pub async fn after_renewal(
         )
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acme::{LimitScope, RateLimit};
+
+    #[test]
+    fn a_pause_is_told_once_and_a_limit_like_any_failure() {
+        let limit = |paused| RateLimit {
+            scope: LimitScope::Names(Vec::new()),
+            paused,
+            unpause_url: paused.then(|| "https://ca/unpause".to_owned()),
+        };
+        let paused = limit(true);
+        let Some(Outcome::Paused { unpause_url, .. }) =
+            failure_outcome(1, "paused", Some(&paused), true)
+        else {
+            panic!("a new pause is told");
+        };
+        assert_eq!(unpause_url, Some("https://ca/unpause"));
+        assert!(failure_outcome(2, "paused", Some(&paused), false).is_none());
+        let limited = limit(false);
+        assert!(matches!(
+            failure_outcome(3, "limit", Some(&limited), false),
+            Some(Outcome::Failed { failures: 3, .. })
+        ));
+        assert!(matches!(
+            failure_outcome(1, "x", None, false),
+            Some(Outcome::Failed { .. })
+        ));
+    }
+}

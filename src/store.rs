@@ -1429,6 +1429,35 @@ mod tests {
         (dir, store)
     }
 
+    /// A pause is news once: retries while it lasts are not, a rate limit
+    /// turning into a pause is, and so is a pause after a success.
+    #[tokio::test]
+    async fn a_pause_is_news_once() {
+        let (_dir, s) = store().await;
+        let pause = |until, paused| NewPause {
+            until,
+            paused,
+            unpause_url: paused.then_some("https://ca/unpause"),
+            detail: "limit",
+        };
+        assert!(s.set_pause("a", &pause(10, false)).await.expect("set"));
+        assert!(!s.set_pause("a", &pause(20, false)).await.expect("set"));
+        assert!(s.set_pause("a", &pause(30, true)).await.expect("set"));
+        assert!(!s.set_pause("a", &pause(40, true)).await.expect("set"));
+        let row = s.pause("a").await.expect("read").expect("a pause");
+        assert_eq!((row.until_at, row.paused), (40, true));
+        assert_eq!(row.unpause_url.as_deref(), Some("https://ca/unpause"));
+        assert!(
+            s.set_pause(ACCOUNT_SCOPE, &pause(5, false))
+                .await
+                .expect("set")
+        );
+        assert_eq!(s.pauses().await.expect("all").len(), 2);
+        s.clear_pause("a").await.expect("clear");
+        assert!(s.pause("a").await.expect("read").is_none());
+        assert!(s.set_pause("a", &pause(50, true)).await.expect("set"));
+    }
+
     /// The lock is per open file, so a second take in one process meets
     /// the first as another process would, and learns its PID.
     #[test]

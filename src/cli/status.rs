@@ -85,7 +85,7 @@ pub(super) async fn run(
         Mode::Table => {
             let mut text = String::new();
             push_status_table(&mut text, &rows, now);
-            push_pauses(&mut text, &ledger.pauses);
+            push_pauses(&mut text, &ledger.pauses, &cfg);
             push_accounts(&mut text, &ledger.accounts);
             push_restart_needed(&mut text, ledger.restart_needed.as_deref());
             text
@@ -273,10 +273,13 @@ fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -
 /// The CA's pauses and rate limits in force, one line each: a pause lasts
 /// until an operator unpauses the names (the line says where), and certd
 /// looks again daily or at `certd renew NAME`.
-fn push_pauses(out: &mut String, pauses: &[PauseRow]) {
+fn push_pauses(out: &mut String, pauses: &[PauseRow], cfg: &Config) {
     use std::fmt::Write as _;
     // Writing to a String cannot fail; the results are ignored below.
-    for p in pauses {
+    // A certificate no longer configured is no longer held back.
+    let configured =
+        |p: &&PauseRow| p.scope == ACCOUNT_SCOPE || cfg.certificate(&p.scope).is_some();
+    for p in pauses.iter().filter(configured) {
         let who = if p.scope == ACCOUNT_SCOPE {
             "the account".to_owned()
         } else {
