@@ -221,3 +221,57 @@ fn the_guard_lets_an_ari_renewal_inside_its_window_pass() {
     );
     assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
 }
+
+/// Only an account-wide limit (Boulder's new orders per account) holds
+/// back every certificate, and a restart keeps it.
+#[test]
+fn an_account_wide_limit_holds_back_every_certificate() {
+    let env = TestEnv::new();
+    let front = FaultyFront::start(&env.pebble);
+    let base = config_behind(&env, &front, DAEMON);
+    env.write_raw_config(&format!("{base}{}", cert("a")));
+    front.inject(
+        "/order-plz",
+        Fault::BoulderRateLimit {
+            names: vec!["a.example.test".into()],
+            detail: "Error creating new order :: too many new orders (300) from this account in the last 3h0m0s, retry after 2026-11-29 21:00:00 UTC".into(),
+            retry_after: 3600,
+        },
+        PLENTY,
+    );
+    // An upper bound over a window: load can only make the count smaller.
+    let no_order_within = |what: &str| {
+        let window = std::time::Instant::now();
+        while window.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The one answered with the limit, none passed on to Pebble.
+        let orders = (PLENTY - front.left()) + front.forwarded("/order-plz");
+        assert_eq!(orders, 1, "newOrders {what}");
+        assert!(
+            !env.cert_dir().join("b/cert.pem").exists(),
+            "b issued {what}"
+        );
+    };
+
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_output("CA rate limit on the account", Duration::from_secs(60));
+    env.write_raw_config(&format!("{base}{}{}", cert("a"), cert("b")));
+    daemon.wait_for_output("certificate added", Duration::from_secs(30));
+    no_order_within("while the account waits");
+    let b = status_of(&env, "b");
+    assert_eq!(b["ca_pause"]["account"], true, "{b}");
+    let out = daemon.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let mut daemon = env.command().arg("run").spawn();
+    daemon.wait_for_output("certd running", Duration::from_secs(30));
+    no_order_within("after a restart");
+    let out = daemon.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+    let table = env.certd(&["status"]).stdout;
+    assert!(
+        table.contains("the account: rate limited by the CA until"),
+        "{table}"
+    );
+}
