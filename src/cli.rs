@@ -1244,6 +1244,11 @@ async fn renew(
         ) {
             Due::Now(reason) => due.push((c.clone(), reason)),
             Due::At(_) if force || dry_run => due.push((c.clone(), Reason::Forced)),
+            // An operator who names a certificate the CA paused (after
+            // unpausing it) wants it tried now, not at the daemon's daily look.
+            Due::At(_) if !names.is_empty() && paused(existing.as_ref(), c).await? => {
+                due.push((c.clone(), Reason::Forced))
+            }
             Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
         }
     }
@@ -1337,7 +1342,7 @@ async fn renew_due(
                     outln!("{}: dry run failed: {msg}", c.name);
                     continue;
                 }
-                record_failed(cfg, store, c, *reason, &msg, &failures_before).await?;
+                record_failed(cfg, store, c, *reason, &msg, &failures_before, None).await?;
             }
             return Ok(ExitCode::FAILURE);
         }
@@ -1382,6 +1387,8 @@ async fn renew_due(
                 outln!("{}: dry run failed: {}", c.name, error_chain(&e));
             }
             Ok(issued) => {
+                store.clear_pause(c.name.as_str()).await?;
+                store.clear_pause(crate::store::ACCOUNT_SCOPE).await?;
                 let outcome = crate::alerts::Outcome::Succeeded {
                     previous_failures: failures_before.get(c.name.as_str()).copied().unwrap_or(0),
                     not_after: issued.info.not_after,
@@ -1412,7 +1419,23 @@ async fn renew_due(
             }
             Err(e) => {
                 failed += 1;
-                record_failed(cfg, store, &c, reason, &error_chain(&e), &failures_before).await?;
+                let msg = error_chain(&e);
+                let held = match scheduler::rate_limit_of(&e) {
+                    Some((limit, retry_after)) => {
+                        let held = scheduler::record_limit(
+                            store,
+                            c.name.as_str(),
+                            &limit,
+                            retry_after,
+                            &msg,
+                        )
+                        .await;
+                        Some((limit, held))
+                    }
+                    None => None,
+                };
+                let held = held.as_ref().map(|(l, h)| (l, h));
+                record_failed(cfg, store, &c, reason, &msg, &failures_before, held).await?;
             }
         }
     }
@@ -1455,28 +1478,55 @@ async fn record_failed(
     reason: Reason,
     msg: &str,
     failures_before: &std::collections::HashMap<String, u32>,
+    limit: Option<(&crate::acme::RateLimit, &scheduler::HeldBack)>,
 ) -> anyhow::Result<()> {
     let name = c.name.as_str();
     // A one-shot run schedules no retry: a certificate that was due is due
-    // again now; a forced one keeps its renewal time.
-    let next = (reason != Reason::Forced).then(|| UnixTime::now().secs());
+    // again now (or when the CA's limit ends); a forced one keeps its
+    // renewal time.
+    let next = match limit {
+        Some((_, held)) => Some(held.until.secs()),
+        None => (reason != Reason::Forced).then(|| UnixTime::now().secs()),
+    };
     store
         .record_failure(name, &c.domain_strings(), msg, next)
         .await?;
-    let outcome = crate::alerts::Outcome::Failed {
-        failures: failures_before.get(name).copied().unwrap_or(0) + 1,
-        error: msg,
-    };
-    crate::alerts::after_renewal(
-        cfg.notify.as_ref(),
-        store,
-        name,
-        &c.domain_strings(),
-        outcome,
-    )
-    .await;
+    let failures = failures_before.get(name).copied().unwrap_or(0) + 1;
+    let news = limit.is_some_and(|(_, held)| held.news);
+    if let Some(outcome) =
+        crate::alerts::failure_outcome(failures, msg, limit.map(|(l, _)| l), news)
+    {
+        crate::alerts::after_renewal(
+            cfg.notify.as_ref(),
+            store,
+            name,
+            &c.domain_strings(),
+            outcome,
+        )
+        .await;
+    }
     outln!("{name}: failed: {msg}");
+    if let Some((l, _)) = limit.filter(|(l, _)| l.paused) {
+        match &l.unpause_url {
+            Some(url) => outln!(
+                "{name}: paused by the CA; unpause at {}, then run `certd renew {name}`",
+                escape_control(url)
+            ),
+            None => outln!("{name}: paused by the CA; once unpaused, run `certd renew {name}`"),
+        }
+    }
     Ok(())
+}
+
+/// Whether the ledger records a CA pause for `c`.
+async fn paused(store: Option<&Store>, c: &CertificateConfig) -> anyhow::Result<bool> {
+    let Some(store) = store else {
+        return Ok(false);
+    };
+    Ok(store
+        .pause(c.name.as_str())
+        .await?
+        .is_some_and(|p| p.paused))
 }
 
 /// Whether an unfinished order is still wanted: its certificate is

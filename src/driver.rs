@@ -294,7 +294,11 @@ async fn obtain_inner(
                 .map_err(DriveError::NotReady)?;
             // The guard counts this order before it exists, so concurrent
             // orders cannot all slip under max_pending.
-            let admission = ctx.reaper.admit(name, &sorted, cancel).await?;
+            let replaces = install::installed(&ctx.cert_dir, name).and_then(|i| i.ari_id);
+            let admission = ctx
+                .reaper
+                .admit(name, &sorted, replaces.as_deref(), cancel)
+                .await?;
             // Write-ahead: should the process die before the order's URL
             // is recorded, recovery finds the order in the CA's list and
             // knows which certificate it is for.

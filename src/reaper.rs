@@ -666,11 +666,16 @@ impl Reaper {
     }
 
     /// The CA limits the ledger can count: new orders per account in three
-    /// hours, certificates for the same names in a week.
+    /// hours, certificates for the same names in a week. An ARI renewal
+    /// (the order names the installed certificate, `replaces` its ARI id,
+    /// inside the CA's suggested window) is exempt from both at the CA
+    /// (Boulder's `limitsExempt`), so the guard does not hold it back;
+    /// the window is asked only once a limit would.
     async fn within_limits(
         &self,
         cert_name: &str,
         identifiers: &[String],
+        replaces: Option<&str>,
     ) -> Result<(), GuardError> {
         let s = &self.inner.store;
         let cfg = &self.inner.cfg;
@@ -693,8 +698,27 @@ impl Reaper {
                     .await?,
             ),
         ];
+        let mut exempt = None;
         for (what, window, limit, account_wide, (count, oldest)) in checks {
             if count >= i64::from(limit) {
+                if let Some(ari_id) = replaces {
+                    if exempt.is_none() {
+                        exempt = Some(self.in_ari_window(ari_id).await);
+                    }
+                    if exempt == Some(true) {
+                        let detail = format!(
+                            "{what}: {count} in the window (limit {limit}); an ARI renewal inside the CA's window is exempt"
+                        );
+                        s.event("ari-exempt", Some(cert_name), None, None, Some(&detail))
+                            .await?;
+                        tracing::info!(
+                            cert = cert_name,
+                            limit = what,
+                            "ARI renewal inside its window: exempt from the CA's limit"
+                        );
+                        continue;
+                    }
+                }
                 let e = GuardError::Limit {
                     what,
                     count,
@@ -717,19 +741,46 @@ impl Reaper {
         Ok(())
     }
 
+    /// Whether the CA's renewal information for the certificate `ari_id`
+    /// puts now inside its suggested window (start inclusive, end
+    /// exclusive, as Boulder's `SuggestedWindow.IsWithin`). No answer, no
+    /// exemption: the guard then counts the order like any other.
+    async fn in_ari_window(&self, ari_id: &str) -> bool {
+        let Some((aki, serial)) = ari_id.split_once('.') else {
+            return false;
+        };
+        let id = instant_acme::CertificateIdentifier {
+            authority_key_identifier: aki.into(),
+            serial: serial.into(),
+        };
+        match self.inner.account.account().renewal_info(&id).await {
+            Ok((info, _)) => {
+                let now = UnixTime::now().secs();
+                let window = &info.suggested_window;
+                window.start.unix_timestamp() <= now && now < window.end.unix_timestamp()
+            }
+            Err(e) => {
+                tracing::debug!(error = %AcmeError::from(e), "no ARI window: the guard counts the order");
+                false
+            }
+        }
+    }
+
     /// The guard before `newOrder`: admits an order for `identifiers` names
     /// while the account's pending authorizations (ledger plus admitted
     /// orders not yet recorded) stay under `max_pending`. At the limit it
     /// runs a reaper pass at once; if still full it records a
     /// `pending-authz-guard` event and waits, bounded, for orders in flight
-    /// to finish.
+    /// to finish. `replaces` is the ARI id of the installed certificate the
+    /// order will name, where it will name one.
     pub async fn admit(
         &self,
         cert_name: &str,
         identifiers: &[String],
+        replaces: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Admission, GuardError> {
-        self.within_limits(cert_name, identifiers).await?;
+        self.within_limits(cert_name, identifiers, replaces).await?;
         let identifiers = identifiers.len();
         let max = self.inner.cfg.max_pending;
         let deadline = tokio::time::Instant::now() + GUARD_WAIT;

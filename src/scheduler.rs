@@ -18,18 +18,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ring::rand::SecureRandom;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::acme::Disposition;
+use crate::acme::{Disposition, LimitScope, RateLimit};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
 use crate::driver::{self, Context, DriveError, Issued};
 use crate::install::{self, CertInfo, renewal_time};
+use crate::reaper::GuardError;
+use crate::store::{ACCOUNT_SCOPE, NewPause, PauseRow, Store};
 
 /// Why a certificate needs a new issuance, or when it will.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +151,91 @@ fn wake_deadline(
 const MAX_SLEEP: Duration = Duration::from_secs(6 * 3600);
 /// How long a CA `rateLimited` without `Retry-After` pauses new orders.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(15 * 60);
+/// How often a certificate whose names the CA paused is tried again. The
+/// pause lasts until an operator unpauses the names (and `certd renew
+/// NAME` tries at once); a daily look finds out without hammering the CA.
+pub const PAUSED_RETRY: Duration = Duration::from_secs(24 * 3600);
+
+/// The CA rate limit a failed order met, if it met one, and the CA's
+/// `Retry-After`. The guard's own limits count too: its account-wide
+/// one holds back the account, its duplicate-certificate one the
+/// certificate.
+pub fn rate_limit_of(e: &DriveError) -> Option<(RateLimit, Option<SystemTime>)> {
+    let names = || RateLimit {
+        scope: LimitScope::Names(Vec::new()),
+        paused: false,
+        unpause_url: None,
+    };
+    if let DriveError::Guard(GuardError::Limit {
+        until,
+        account_wide,
+        ..
+    }) = e
+    {
+        let scope = if *account_wide {
+            LimitScope::Account
+        } else {
+            LimitScope::Names(Vec::new())
+        };
+        return Some((RateLimit { scope, ..names() }, Some(until.system_time())));
+    }
+    let Disposition::RateLimited { until } = e.disposition() else {
+        return None;
+    };
+    let limit = match e {
+        DriveError::Acme(a) => a.rate_limit(),
+        _ => None,
+    };
+    Some((limit.unwrap_or_else(names), until))
+}
+
+/// A rate limit as recorded: when `name` (or, account-wide, every
+/// certificate) is tried again, why, and whether the pause is news.
+pub struct HeldBack {
+    pub until: UnixTime,
+    pub why: &'static str,
+    pub news: bool,
+}
+
+/// Records the rate limit `name`'s order met, for `status`, a restart and
+/// the notify command: in the account's scope for an account-wide limit,
+/// else in the certificate's. A pause (no `Retry-After`) is tried again
+/// after `PAUSED_RETRY`.
+pub async fn record_limit(
+    store: &Store,
+    name: &str,
+    limit: &RateLimit,
+    retry_after: Option<SystemTime>,
+    error: &str,
+) -> HeldBack {
+    let now = UnixTime::now();
+    let until = if limit.paused {
+        now.plus(PAUSED_RETRY)
+    } else {
+        retry_after
+            .map(UnixTime::from_system)
+            .unwrap_or_else(|| now.plus(DEFAULT_PAUSE))
+    };
+    let (scope, why) = match (&limit.scope, limit.paused) {
+        (LimitScope::Account, _) => (ACCOUNT_SCOPE, "the CA's rate limit on the account"),
+        (_, true) => (name, "paused by the CA"),
+        (_, false) => (name, "the CA asked to wait (rate limit)"),
+    };
+    let pause = NewPause {
+        until: until.secs(),
+        paused: limit.paused,
+        unpause_url: limit.unpause_url.as_deref(),
+        detail: error,
+    };
+    // A ledger that cannot record it tells the operator every time rather
+    // than never.
+    let news = store.set_pause(scope, &pause).await.unwrap_or(true);
+    let detail = format!("{why}: no new orders before {}", until.rfc3339());
+    let _ = store
+        .event("rate-limited", Some(name), None, None, Some(&detail))
+        .await;
+    HeldBack { until, why, news }
+}
 
 struct Entry {
     cert: CertificateConfig,
@@ -206,8 +293,11 @@ pub struct Scheduler {
     /// has one.
     ari_rechecks: BTreeSet<(UnixTime, String)>,
     jobs: JoinSet<JobResult>,
-    /// A CA rate limit: no new orders before this.
+    /// A CA rate limit on the account: no new orders before this.
     paused_until: Option<UnixTime>,
+    /// The CA pauses the ledger recorded before this run, by certificate,
+    /// taken by `add` as it plans each one.
+    recorded_pauses: BTreeMap<String, PauseRow>,
     cancel: CancellationToken,
     generation: u64,
     /// Who waits for the running (or next) order of a certificate.
@@ -224,6 +314,7 @@ impl Scheduler {
             ari_rechecks: BTreeSet::new(),
             jobs: JoinSet::new(),
             paused_until: None,
+            recorded_pauses: BTreeMap::new(),
             cancel,
             generation: 0,
             waiters: BTreeMap::new(),
@@ -237,6 +328,18 @@ impl Scheduler {
         mut reloads: mpsc::Receiver<Arc<Config>>,
         mut requests: mpsc::Receiver<Request>,
     ) {
+        // One query, not two per certificate.
+        let now = UnixTime::now().secs();
+        for p in self.ctx.store.pauses().await.unwrap_or_default() {
+            if p.until_at <= now {
+                continue;
+            }
+            if p.scope == ACCOUNT_SCOPE {
+                self.paused_until = Some(UnixTime::from_secs(p.until_at));
+            } else {
+                self.recorded_pauses.insert(p.scope.clone(), p);
+            }
+        }
         let certs = self.cfg.certificates.clone();
         for cert in certs {
             self.add(cert).await;
@@ -310,6 +413,7 @@ impl Scheduler {
             generation: self.generation,
         };
         self.plan(&mut entry).await;
+        self.resume_pause(&mut entry).await;
         self.insert(name, entry);
     }
 
@@ -514,6 +618,12 @@ impl Scheduler {
                 )
                 .await;
                 tracing::info!(cert = %name, serial = %issued.info.serial, "renewed");
+                // The CA took an order of this certificate and of the
+                // account: whatever limit held them back is over.
+                let _ = self.ctx.store.clear_pause(&name).await;
+                if self.paused_until.is_none() {
+                    let _ = self.ctx.store.clear_pause(ACCOUNT_SCOPE).await;
+                }
                 self.plan_installed(&mut entry, &issued.info).await;
                 let _ = self
                     .ctx
@@ -524,34 +634,22 @@ impl Scheduler {
             Err(DriveError::Cancelled) if self.cancel.is_cancelled() => {}
             Err(e) => {
                 entry.failures += 1;
-                let now = UnixTime::now();
-                let (next, why) = match e.disposition() {
-                    Disposition::RateLimited { until } => {
-                        let until = until
-                            .map(UnixTime::from_system)
-                            .unwrap_or_else(|| now.plus(DEFAULT_PAUSE));
-                        self.paused_until = Some(until);
-                        let detail = format!("no new orders before {}", until.rfc3339());
-                        let _ = self
-                            .ctx
-                            .store
-                            .event("rate-limited", Some(&name), None, None, Some(&detail))
-                            .await;
-                        tracing::warn!(cert = %name, until = %until.rfc3339(), "CA rate limit: pausing new orders");
-                        (until, "the CA asked to wait (rate limit)".to_owned())
+                let msg = crate::acme::error_chain(&e);
+                let limited = rate_limit_of(&e);
+                let (next, why, news) = match &limited {
+                    Some((limit, retry_after)) => {
+                        let held = self.hold_back(&name, limit, *retry_after, &msg).await;
+                        (held.until, held.why.to_owned(), held.news)
                     }
-                    _ => {
+                    None => {
                         let d = &self.cfg.daemon;
                         let delay = failure_backoff(entry.failures, d.backoff_min, d.backoff_max);
-                        (
-                            now.plus(delay),
-                            format!("retry {} after failure", entry.failures),
-                        )
+                        let why = format!("retry {} after failure", entry.failures);
+                        (UnixTime::now().plus(delay), why, false)
                     }
                 };
                 entry.next = next;
                 entry.why = why;
-                let msg = crate::acme::error_chain(&e);
                 tracing::warn!(cert = %name, error = %msg, next = %next.rfc3339(), "renewal failed");
                 let domains = entry.cert.domain_strings();
                 let _ = self
@@ -559,21 +657,89 @@ impl Scheduler {
                     .store
                     .record_failure(&name, &domains, &msg, Some(next.secs()))
                     .await;
-                let outcome = crate::alerts::Outcome::Failed {
-                    failures: entry.failures,
-                    error: &msg,
-                };
-                crate::alerts::after_renewal(
-                    self.cfg.notify.as_ref(),
-                    &self.ctx.store,
-                    &name,
-                    &domains,
-                    outcome,
-                )
-                .await;
+                let limit = limited.as_ref().map(|(l, _)| l);
+                if let Some(outcome) =
+                    crate::alerts::failure_outcome(entry.failures, &msg, limit, news)
+                {
+                    crate::alerts::after_renewal(
+                        self.cfg.notify.as_ref(),
+                        &self.ctx.store,
+                        &name,
+                        &domains,
+                        outcome,
+                    )
+                    .await;
+                }
             }
         }
         self.insert(name, entry);
+    }
+
+    /// Holds back what the rate limit `name`'s order met touches: the
+    /// account's orders for an account-wide limit; else `name` and the
+    /// other certificates naming what the CA named (the CA would refuse
+    /// them too). Every other certificate keeps renewing.
+    async fn hold_back(
+        &mut self,
+        name: &str,
+        limit: &RateLimit,
+        retry_after: Option<SystemTime>,
+        error: &str,
+    ) -> HeldBack {
+        let held = record_limit(&self.ctx.store, name, limit, retry_after, error).await;
+        let until = held.until;
+        if limit.scope == LimitScope::Account {
+            self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+            tracing::warn!(cert = %name, until = %until.rfc3339(), "CA rate limit on the account: pausing all new orders");
+            return held;
+        }
+        tracing::warn!(cert = %name, until = %until.rfc3339(), paused = limit.paused, unpause_url = limit.unpause_url.as_deref().unwrap_or(""), "CA rate limit on this certificate's names: pausing its orders");
+        let touched: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.running.is_none()
+                    && e.next < until
+                    && limit.scope.touches(&e.cert.domain_strings())
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for other in touched {
+            let Some(mut entry) = self.take(&other) else {
+                continue;
+            };
+            // The other certificate's own record; it is told when its own
+            // order meets the limit.
+            let _ = record_limit(&self.ctx.store, &other, limit, retry_after, error).await;
+            entry.next = until;
+            entry.why = held.why.to_owned();
+            let _ = self.ctx.store.set_next_renewal(&other, until.secs()).await;
+            tracing::info!(cert = %other, until = %until.rfc3339(), "held back by the CA's limit on names it shares");
+            self.insert(other, entry);
+        }
+        held
+    }
+
+    /// Keeps a recorded CA pause across a restart: `entry` is not tried
+    /// before it ends.
+    async fn resume_pause(&mut self, entry: &mut Entry) {
+        let Some(p) = self.recorded_pauses.remove(entry.cert.name.as_str()) else {
+            return;
+        };
+        if p.until_at <= entry.next.secs() {
+            return;
+        }
+        let store = &self.ctx.store;
+        entry.next = UnixTime::from_secs(p.until_at);
+        entry.why = if p.paused {
+            "paused by the CA"
+        } else {
+            "the CA asked to wait (rate limit)"
+        }
+        .to_owned();
+        let _ = store
+            .set_next_renewal(entry.cert.name.as_str(), p.until_at)
+            .await;
     }
 
     /// Applies a new, already validated configuration: new certificates

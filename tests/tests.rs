@@ -22,5 +22,6 @@ mod lifecycle;
 mod ops;
 mod preorder;
 mod profiles_ip;
+mod rate_limits;
 mod reaper;
 mod storage;

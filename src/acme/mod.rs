@@ -305,6 +305,21 @@ impl AcmeHttp {
 tokio::task_local! {
     /// The latest nonce a CA sent to the current order's task.
     static LAST_NONCE: std::cell::RefCell<Option<String>>;
+    /// The `Retry-After` of the latest answer the current task received
+    /// (`None` when it had none). instant-acme's `Problem` drops the
+    /// header, and the observation per URL is shared by every task that
+    /// posts to the same URL (all `newOrder`s): this is how the problem an
+    /// instant-acme call returns gets the `Retry-After` of its own answer.
+    static LAST_RETRY_AFTER: std::cell::Cell<Option<SystemTime>>;
+}
+
+/// The `Retry-After` of the answer the current task received last, inside
+/// a `nonce_scope`.
+fn last_retry_after() -> Option<SystemTime> {
+    LAST_RETRY_AFTER
+        .try_with(std::cell::Cell::get)
+        .ok()
+        .flatten()
 }
 
 impl AcmeHttp {
@@ -317,9 +332,10 @@ impl AcmeHttp {
     /// pool without a round trip.
     pub async fn nonce_scope<F: Future>(&self, fut: F) -> F::Output {
         let slot = std::cell::RefCell::new(None);
+        let retry_after = LAST_RETRY_AFTER.scope(std::cell::Cell::new(None), fut);
         LAST_NONCE
             .scope(slot, async {
-                let out = fut.await;
+                let out = retry_after.await;
                 if let Some(nonce) = LAST_NONCE.with(|slot| slot.take()) {
                     self.inner.put_nonce(&nonce);
                 }
@@ -429,6 +445,11 @@ impl HttpInner {
             let _ = LAST_NONCE.try_with(|slot| slot.replace(Some(nonce.to_owned())));
         }
         self.observe(&url, status, &headers, &bytes);
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let _ = LAST_RETRY_AFTER.try_with(|slot| slot.set(retry_after));
         // instant-acme reads the directory without looking at the status.
         if endpoint == "directory" && !status.is_success() {
             let problem = problem_for_error_page(status, &headers, bytes);
@@ -1221,6 +1242,111 @@ impl Disposition {
     }
 }
 
+/// Which orders a CA's rate limit holds back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitScope {
+    /// Every new order of the account: Boulder's new orders per account
+    /// and new registrations, or an overloaded CA (503 with `Retry-After`).
+    Account,
+    /// Orders naming any of these identifiers; none named: the names of
+    /// the order that was refused (its exact set, or a limit the CA did
+    /// not say more of, which is safer than pausing the account).
+    Names(Vec<String>),
+    /// Orders naming this registered domain or any name under it.
+    Domain(String),
+}
+
+impl LimitScope {
+    /// Whether an order for `names` is held back by this limit, besides
+    /// the order that met it.
+    pub fn touches(&self, names: &[String]) -> bool {
+        match self {
+            Self::Account => true,
+            Self::Names(ids) => names.iter().any(|n| ids.contains(n)),
+            Self::Domain(d) => names.iter().any(|n| {
+                let n = n.strip_prefix("*.").unwrap_or(n);
+                n == d || n.strip_suffix(d.as_str()).is_some_and(|h| h.ends_with('.'))
+            }),
+        }
+    }
+}
+
+/// A CA's rate limit, as certd reacts to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub scope: LimitScope,
+    /// The CA paused the identifiers after too many failures: no
+    /// `Retry-After`, an operator unpauses them at this URL.
+    pub paused: bool,
+    pub unpause_url: Option<String>,
+}
+
+/// What Boulder's pause answer says before the identifiers and the URL
+/// (wfe2 `NewOrder`): "Your account is temporarily prevented from
+/// requesting certificates for a.example, b.example and possibly others.
+/// Please visit: https://…".
+const BOULDER_PAUSED: &str = "temporarily prevented from requesting certificates for ";
+
+impl RateLimit {
+    /// Classifies a rate-limit problem: the identifiers of its
+    /// subproblems where it has them, else the limit its detail names in
+    /// Boulder's words (ratelimits/limiter.go `Decision.Result`), else the
+    /// refused order's names.
+    pub fn classify(problem: &ProblemRecord) -> Self {
+        let detail = problem.detail.as_deref().unwrap_or_default();
+        let lower = detail.to_ascii_lowercase();
+        let named: Vec<String> = problem
+            .subproblems
+            .iter()
+            .filter_map(|s| s.identifier.clone())
+            .collect();
+        let quoted = || {
+            let (_, rest) = detail.split_once('"')?;
+            let (value, _) = rest.split_once('"')?;
+            Some(value.to_ascii_lowercase())
+        };
+        if let Some(at) = lower.find(BOULDER_PAUSED) {
+            let rest = &detail[at + BOULDER_PAUSED.len()..];
+            let listed = rest
+                .split_once(" and possibly others")
+                .map(|(list, _)| list.split(", ").map(str::to_owned).collect::<Vec<_>>())
+                .unwrap_or_default();
+            let unpause_url = rest
+                .split_whitespace()
+                .find(|w| w.starts_with("https://"))
+                .map(|w| w.trim_end_matches(['.', ',', ')', '"']).to_owned())
+                .filter(|u| https_url(u).is_ok());
+            return Self {
+                scope: LimitScope::Names(if named.is_empty() { listed } else { named }),
+                paused: true,
+                unpause_url,
+            };
+        }
+        let account_wide = lower.contains("too many new orders")
+            || lower.contains("too many new registrations")
+            || (problem.short_type() != "rateLimited" && problem.status.is_some_and(|s| s >= 500));
+        let scope = if account_wide {
+            LimitScope::Account
+        } else if !named.is_empty() {
+            LimitScope::Names(named)
+        } else if lower.contains("too many failed authorizations") {
+            LimitScope::Names(quoted().into_iter().collect())
+        } else if lower.contains("too many certificates")
+            && !lower.contains("exact set")
+            && let Some(domain) = quoted()
+        {
+            LimitScope::Domain(domain)
+        } else {
+            LimitScope::Names(Vec::new())
+        };
+        Self {
+            scope,
+            paused: false,
+            unpause_url: None,
+        }
+    }
+}
+
 /// An error from talking to the CA, classified.
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -1254,6 +1380,17 @@ impl AcmeError {
         }
     }
 
+    /// The rate limit this error is, if it is one, classified.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        match self {
+            Self::Problem {
+                problem,
+                disposition: Disposition::RateLimited { .. },
+            } => Some(RateLimit::classify(problem)),
+            _ => None,
+        }
+    }
+
     /// Classifies a problem document; `retry_after` comes from the response.
     pub fn from_problem(p: &instant_acme::Problem, retry_after: Option<SystemTime>) -> Self {
         let problem = ProblemRecord::from_problem(p);
@@ -1277,7 +1414,8 @@ impl AcmeError {
 impl From<instant_acme::Error> for AcmeError {
     fn from(e: instant_acme::Error) -> Self {
         match e {
-            instant_acme::Error::Api(p) => Self::from_problem(&p, None),
+            // The problem came with the task's latest answer.
+            instant_acme::Error::Api(p) => Self::from_problem(&p, last_retry_after()),
             instant_acme::Error::Other(inner) => Self::Transport(error_chain(inner.as_ref())),
             instant_acme::Error::Timeout(_) => Self::Timeout(e.to_string()),
             instant_acme::Error::Json(j) => Self::Protocol(format!("malformed JSON: {j}")),
@@ -1521,6 +1659,121 @@ mod tests {
         let e = AcmeError::from_problem(&p, None);
         assert_eq!(e.disposition(), Disposition::Final);
         assert_eq!(e.to_string(), "the CA answered: unauthorized: no");
+    }
+
+    /// Boulder's own words (ratelimits/limiter.go, wfe2/wfe.go), as its
+    /// WFE sends them: "<context> :: <limit>".
+    #[test]
+    fn boulder_rate_limits_are_scoped() {
+        let classify = |detail: &str, status: u16| {
+            let p: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+                "type": "urn:ietf:params:acme:error:rateLimited",
+                "detail": detail,
+                "status": status,
+            }))
+            .expect("problem");
+            AcmeError::from_problem(&p, parse_retry_after("3600"))
+                .rate_limit()
+                .expect("a rate limit")
+        };
+        let names = |v: &[&str]| LimitScope::Names(v.iter().map(|s| s.to_string()).collect());
+        let orders = classify(
+            "Error creating new order :: too many new orders (300) from this account in the last 3h0m0s, retry after 2026-11-29 21:00:00 UTC",
+            429,
+        );
+        assert_eq!(orders.scope, LimitScope::Account);
+        assert!(!orders.paused);
+        let registrations = classify(
+            "Error creating new account :: too many new registrations (10) from this IP address in the last 3h0m0s, retry after 2026-11-29 21:00:00 UTC",
+            429,
+        );
+        assert_eq!(registrations.scope, LimitScope::Account);
+        let set = classify(
+            "Error creating new order :: too many certificates (5) already issued for this exact set of identifiers in the last 168h0m0s, retry after 2026-11-30 12:00:00 UTC",
+            429,
+        );
+        assert_eq!(set.scope, names(&[]));
+        let domain = classify(
+            "Error creating new order :: too many certificates (50) already issued for \"example.org\" in the last 168h0m0s, retry after 2026-11-30 12:00:00 UTC",
+            429,
+        );
+        assert_eq!(domain.scope, LimitScope::Domain("example.org".into()));
+        let failed = classify(
+            "Error creating new order :: too many failed authorizations (5) for \"www.example.org\" in the last 1h0m0s, retry after 2026-11-29 19:00:00 UTC",
+            429,
+        );
+        assert_eq!(failed.scope, names(&["www.example.org"]));
+        let paused = classify(
+            "Your account is temporarily prevented from requesting certificates for a.example.org, b.example.org and possibly others. Please visit: https://portal.letsencrypt.org/sfe/v1/unpause?jwt=eyJ.abc.def",
+            429,
+        );
+        assert!(paused.paused);
+        assert_eq!(paused.scope, names(&["a.example.org", "b.example.org"]));
+        assert_eq!(
+            paused.unpause_url.as_deref(),
+            Some("https://portal.letsencrypt.org/sfe/v1/unpause?jwt=eyJ.abc.def")
+        );
+        // Words certd does not know: the refused order's names, not the account.
+        assert_eq!(classify("slow down", 429).scope, names(&[]));
+        // A load balancer's 503 with Retry-After holds back every order.
+        let p: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:certd:error:httpError", "detail": "HTTP 503", "status": 503,
+        }))
+        .expect("problem");
+        let e = AcmeError::from_problem(&p, parse_retry_after("60"));
+        assert_eq!(e.rate_limit().map(|l| l.scope), Some(LimitScope::Account));
+        // Subproblems name the identifiers where the CA sends them.
+        let p: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:ietf:params:acme:error:rateLimited",
+            "detail": "too many certificates (50) already issued for \"example.org\"",
+            "status": 429,
+            "subproblems": [{"type": "urn:ietf:params:acme:error:rateLimited",
+                "identifier": {"type": "dns", "value": "x.example.org"}, "detail": "limit"}],
+        }))
+        .expect("problem");
+        let e = AcmeError::from_problem(&p, None);
+        assert_eq!(
+            e.rate_limit().map(|l| l.scope),
+            Some(names(&["x.example.org"]))
+        );
+    }
+
+    #[test]
+    fn a_scope_touches_the_names_it_holds_back() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let domain = LimitScope::Domain("example.org".into());
+        assert!(domain.touches(&v(&["www.example.org"])));
+        assert!(domain.touches(&v(&["*.example.org"])));
+        assert!(domain.touches(&v(&["example.org"])));
+        assert!(!domain.touches(&v(&["badexample.org", "example.net"])));
+        let names = LimitScope::Names(v(&["a.example"]));
+        assert!(names.touches(&v(&["b.example", "a.example"])));
+        assert!(!names.touches(&v(&["b.example"])));
+        assert!(!LimitScope::Names(Vec::new()).touches(&v(&["a.example"])));
+        assert!(LimitScope::Account.touches(&v(&["a.example"])));
+    }
+
+    /// instant-acme's problem has no `Retry-After`: the answer's header
+    /// reaches the error through the task's scope.
+    #[tokio::test]
+    async fn a_problem_keeps_its_answer_s_retry_after() {
+        let http = AcmeHttp::new(None).expect("client");
+        let at = http
+            .nonce_scope(async {
+                LAST_RETRY_AFTER.with(|slot| slot.set(parse_retry_after("3600")));
+                let p: instant_acme::Problem = serde_json::from_str(
+                    r#"{"type":"urn:ietf:params:acme:error:rateLimited","status":429}"#,
+                )
+                .expect("problem");
+                AcmeError::from(instant_acme::Error::Api(p)).disposition()
+            })
+            .await;
+        let Disposition::RateLimited { until: Some(until) } = at else {
+            panic!("{at:?}");
+        };
+        assert!(until > SystemTime::now() + Duration::from_secs(3500));
+        // Outside any scope there is nothing to read.
+        assert_eq!(last_retry_after(), None);
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use super::{escape_control, push_table, shorten, write_stdout_all};
 use crate::clock::{UnixTime, push_rfc3339, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
-use crate::store::{CertificateRow, ReaperSummary, Store};
+use crate::store::{ACCOUNT_SCOPE, CertificateRow, PauseRow, ReaperSummary, Store};
 
 /// What `certd status` prints.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +85,7 @@ pub(super) async fn run(
         Mode::Table => {
             let mut text = String::new();
             push_status_table(&mut text, &rows, now);
+            push_pauses(&mut text, &ledger.pauses, &cfg);
             push_accounts(&mut text, &ledger.accounts);
             push_restart_needed(&mut text, ledger.restart_needed.as_deref());
             text
@@ -109,6 +110,8 @@ pub(super) struct Ledger {
     accounts: Vec<AccountStatus>,
     /// The edited settings the running daemon waits to restart for.
     restart_needed: Option<String>,
+    /// The CA's rate limits in force, and its pauses, by scope.
+    pauses: Vec<PauseRow>,
 }
 
 struct LedgerCert {
@@ -133,6 +136,7 @@ impl Ledger {
                 pending: HashMap::new(),
                 accounts: Vec::new(),
                 restart_needed: None,
+                pauses: Vec::new(),
             });
         }
         // Read-only: `sudo certd status` must not leave root's files.
@@ -143,10 +147,11 @@ impl Ledger {
             store.certificates(),
             store.pending_authz_by_cert(),
             accounts(&store, now),
-            store.restart_needed()
+            store.restart_needed(),
+            store.pauses()
         );
         store.close().await;
-        let (rows, pending, accounts, restart_needed) =
+        let (rows, pending, accounts, restart_needed, pauses) =
             read.with_context(|| format!("cannot read the ledger {}", path.display()))?;
         let certificates = rows
             .into_iter()
@@ -161,6 +166,12 @@ impl Ledger {
             pending: pending.into_iter().collect(),
             accounts,
             restart_needed,
+            // A limit that ran out holds nothing back; a pause holds until
+            // an operator acts.
+            pauses: pauses
+                .into_iter()
+                .filter(|p| p.paused || p.until_at > now.secs())
+                .collect(),
         })
     }
 
@@ -200,6 +211,22 @@ struct StatusRow<'a> {
     profile: Option<&'a str>,
     /// Why the last order did not get the first configured profile.
     profile_warning: Option<&'a str>,
+    /// The CA's rate limit or pause holding this certificate back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_pause: Option<PauseStatus<'a>>,
+}
+
+/// A CA rate limit in `status --json`.
+#[derive(Debug, Serialize)]
+struct PauseStatus<'a> {
+    /// The CA paused the names: an operator unpauses them at `unpause_url`.
+    paused: bool,
+    /// Account-wide: every certificate waits.
+    account: bool,
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    retry_at: Option<i64>,
+    unpause_url: Option<&'a str>,
+    detail: &'a str,
 }
 
 /// What `status` shows for one configured certificate.
@@ -235,6 +262,54 @@ fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -
         pending_authz: ledger.pending.get(c.name.as_str()).copied().unwrap_or(0),
         profile: row.and_then(|r| r.profile.as_deref()),
         profile_warning: row.and_then(|r| r.profile_warning.as_deref()),
+        ca_pause: ledger
+            .pauses
+            .iter()
+            .find(|p| p.scope == c.name.as_str())
+            .or_else(|| ledger.pauses.iter().find(|p| p.scope == ACCOUNT_SCOPE))
+            .map(|p| PauseStatus {
+                paused: p.paused,
+                account: p.scope == ACCOUNT_SCOPE,
+                retry_at: Some(p.until_at),
+                unpause_url: p.unpause_url.as_deref(),
+                detail: &p.detail,
+            }),
+    }
+}
+
+/// The CA's pauses and rate limits in force, one line each: a pause lasts
+/// until an operator unpauses the names (the line says where), and certd
+/// looks again daily or at `certd renew NAME`.
+fn push_pauses(out: &mut String, pauses: &[PauseRow], cfg: &Config) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail; the results are ignored below.
+    // A certificate no longer configured is no longer held back.
+    let configured =
+        |p: &&PauseRow| p.scope == ACCOUNT_SCOPE || cfg.certificate(&p.scope).is_some();
+    for p in pauses.iter().filter(configured) {
+        let who = if p.scope == ACCOUNT_SCOPE {
+            "the account".to_owned()
+        } else {
+            escape_control(&p.scope).into_owned()
+        };
+        if p.paused {
+            let _ = write!(out, "\n{who}: paused by the CA since {}", rfc3339(p.since));
+            if let Some(url) = &p.unpause_url {
+                let _ = write!(out, "; unpause at {}", escape_control(url));
+            }
+            let _ = writeln!(
+                out,
+                "\n  then `certd renew {who}`; until then certd retries once a day (next {})",
+                rfc3339(p.until_at)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "\n{who}: rate limited by the CA until {}: {}",
+                rfc3339(p.until_at),
+                shorten(&escape_control(&p.detail), 200)
+            );
+        }
     }
 }
 

@@ -59,6 +59,38 @@ pub enum Fault {
     LongDetail(usize),
     /// 307 to the same path over plain http on this port.
     RedirectToHttp(u16),
+    /// Only for a newOrder for exactly `names` (sorted): 429 `rateLimited`
+    /// with Boulder's `detail` and `Retry-After: retry_after` seconds, as
+    /// Let's Encrypt answers an order over one of its limits.
+    BoulderRateLimit {
+        names: Vec<String>,
+        detail: String,
+        retry_after: u64,
+    },
+    /// Only for a newOrder for exactly `names` (sorted): Boulder's answer
+    /// for paused identifiers, 429 `rateLimited` **without** `Retry-After`,
+    /// the unpause URL inside its `detail` (wfe2 `NewOrder`).
+    BoulderPaused {
+        names: Vec<String>,
+        unpause_url: String,
+    },
+}
+
+/// The identifiers a newOrder's JWS payload asks for, sorted.
+fn order_names(jws: &[u8]) -> Option<Vec<String>> {
+    use base64::Engine;
+    let jws: serde_json::Value = serde_json::from_slice(jws).ok()?;
+    let payload = base64::prelude::BASE64_URL_SAFE_NO_PAD
+        .decode(jws["payload"].as_str()?)
+        .ok()?;
+    let order: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    let mut names: Vec<String> = order["identifiers"]
+        .as_array()?
+        .iter()
+        .filter_map(|i| i["value"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Some(names)
 }
 
 impl Fault {
@@ -69,6 +101,9 @@ impl Fault {
                 .ok()
                 .and_then(|jws| jws["payload"].as_str().map(|p| !p.is_empty()))
                 .unwrap_or(false),
+            Fault::BoulderRateLimit { names, .. } | Fault::BoulderPaused { names, .. } => {
+                order_names(body).as_ref() == Some(names)
+            }
             _ => true,
         }
     }
@@ -376,6 +411,25 @@ fn serve(
             "rateLimited",
             "slow down",
             vec![("Retry-After".to_owned(), value)],
+        ),
+        Some(Fault::BoulderRateLimit {
+            detail,
+            retry_after,
+            ..
+        }) => problem(
+            429,
+            "rateLimited",
+            &detail,
+            vec![("Retry-After".to_owned(), retry_after.to_string())],
+        ),
+        Some(Fault::BoulderPaused { names, unpause_url }) => problem(
+            429,
+            "rateLimited",
+            &format!(
+                "Your account is temporarily prevented from requesting certificates for {} and possibly others. Please visit: {unpause_url}",
+                names.join(", ")
+            ),
+            Vec::new(),
         ),
         Some(Fault::LongDetail(len)) => problem(400, "malformed", &"d".repeat(len), Vec::new()),
         Some(Fault::RedirectToHttp(to)) => (
