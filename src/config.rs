@@ -353,12 +353,63 @@ pub struct CertificateConfig {
     pub profile: Option<String>,
     /// Keep the private key across renewals (key pinning setups).
     pub reuse_key: bool,
+    /// Where dns-01 puts the TXT record instead of `_acme-challenge.<name>`
+    /// (alias mode: that name is a CNAME into a zone certd may update).
+    pub dns_alias: Option<DnsAlias>,
 }
 
 impl CertificateConfig {
     /// The domains as plain strings, in configuration order.
     pub fn domain_strings(&self) -> Vec<String> {
         self.domains.iter().map(|d| d.to_string()).collect()
+    }
+}
+
+/// `dns_alias`: where a certificate's dns-01 records go instead of
+/// `_acme-challenge.<name>`, whose CNAME points there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsAlias {
+    /// A zone: each name's record is `_acme-challenge.<name>.<zone>`, so
+    /// names (and certificates) sharing the zone never share a record.
+    Zone(String),
+    /// A full record name (its first label starts with `_`), used for
+    /// every name of the certificate: values are added, never replaced.
+    Record(String),
+}
+
+impl DnsAlias {
+    /// The record a challenge for `identifier` writes to.
+    pub fn record_for(&self, identifier: &str) -> String {
+        match self {
+            Self::Zone(zone) => {
+                let base = identifier.strip_prefix("*.").unwrap_or(identifier);
+                format!("_acme-challenge.{}.{zone}", base.trim_end_matches('.'))
+            }
+            Self::Record(name) => name.clone(),
+        }
+    }
+}
+
+impl FromStr for DnsAlias {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = domain_like(s, true)?;
+        if name.parse::<std::net::IpAddr>().is_ok() || !name.contains('.') {
+            return Err(format!(
+                "{s:?} is not a DNS zone or record name (expected e.g. \"validation.example.net\" or \"_acme-challenge.www.validation.example.net\")"
+            ));
+        }
+        let first = name.split('.').next().unwrap_or("");
+        if first.starts_with('_') {
+            return Ok(Self::Record(name));
+        }
+        if name.split('.').any(|l| l.contains('_')) {
+            return Err(format!(
+                "{s:?}: '_' may only start the first label (a full record name like \"_acme-challenge.www.validation.example.net\")"
+            ));
+        }
+        Ok(Self::Zone(name))
     }
 }
 
@@ -511,6 +562,9 @@ pub enum ChallengeKind {
     Http01,
     Dns01,
     TlsAlpn01,
+    /// A standing `_validation-persist` record the operator published once
+    /// (draft-ietf-acme-dns-persist): nothing to write per order.
+    DnsPersist01,
 }
 
 impl ChallengeKind {
@@ -519,6 +573,7 @@ impl ChallengeKind {
             Self::Http01 => "http-01",
             Self::Dns01 => "dns-01",
             Self::TlsAlpn01 => "tls-alpn-01",
+            Self::DnsPersist01 => "dns-persist-01",
         }
     }
 }
@@ -531,8 +586,9 @@ impl FromStr for ChallengeKind {
             "http-01" => Ok(Self::Http01),
             "dns-01" => Ok(Self::Dns01),
             "tls-alpn-01" => Ok(Self::TlsAlpn01),
+            "dns-persist-01" => Ok(Self::DnsPersist01),
             _ => Err(format!(
-                "unknown challenge type {s:?}; expected \"http-01\", \"dns-01\" or \"tls-alpn-01\""
+                "unknown challenge type {s:?}; expected \"http-01\", \"dns-01\", \"tls-alpn-01\" or \"dns-persist-01\""
             )),
         }
     }
@@ -1257,13 +1313,15 @@ impl Validator<'_> {
             }
         }
         if let Some(w) = domains.iter().find(|d| d.is_wildcard())
-            && !challenges.contains(&ChallengeKind::Dns01)
+            && !challenges
+                .iter()
+                .any(|k| matches!(k, ChallengeKind::Dns01 | ChallengeKind::DnsPersist01))
         {
             return Err(self.at.error(
                 challenges_span,
                 Some(key("challenges").to_string()),
                 format!(
-                    "certificate {:?} has the wildcard {:?}, which only dns-01 can validate; add \"dns-01\" to challenges",
+                    "certificate {:?} has the wildcard {:?}, which only dns-01 (or dns-persist-01) can validate; add \"dns-01\" to challenges",
                     name.as_str(),
                     w.as_str()
                 ),
@@ -1286,6 +1344,24 @@ impl Validator<'_> {
             None => None,
         };
 
+        let dns_alias = match &raw.dns_alias {
+            Some(a) => {
+                let alias: DnsAlias = self.parse_spanned(a, key("dns_alias"), |s| s.parse())?;
+                if !challenges.contains(&ChallengeKind::Dns01) {
+                    return Err(self.at.error(
+                        a.span(),
+                        Some(key("dns_alias").to_string()),
+                        format!(
+                            "certificate {:?} sets dns_alias but does not use dns-01; add \"dns-01\" to challenges",
+                            name.as_str()
+                        ),
+                    ));
+                }
+                Some(alias)
+            }
+            None => None,
+        };
+
         Ok(CertificateConfig {
             name,
             domains,
@@ -1295,6 +1371,7 @@ impl Validator<'_> {
             reload_timeout,
             profile,
             reuse_key: raw.reuse_key,
+            dns_alias,
         })
     }
 
@@ -1511,6 +1588,7 @@ mod raw {
         pub profile: Option<Spanned<String>>,
         #[serde(default)]
         pub reuse_key: bool,
+        pub dns_alias: Option<Spanned<String>>,
     }
 }
 
