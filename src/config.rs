@@ -1788,6 +1788,58 @@ domains = ["Example.COM", "www.example.com."]"#,
     }
 
     #[test]
+    fn dns_alias_is_a_zone_or_a_record_name_and_needs_dns01() {
+        let cert = |extra: &str| {
+            format!(
+                "{BASE}\n[dns01]\nhook = \"/h\"\n\n[[certificate]]\nname = \"a\"\ndomains = [\"*.a.example\", \"a.example\"]\nchallenges = [\"dns-01\"]\n{extra}\n"
+            )
+        };
+        let alias = |text: &str| {
+            parse(text).expect("valid").certificates[0]
+                .dns_alias
+                .clone()
+        };
+        let zone = alias(&cert("dns_alias = \"Validation.Example.NET.\""));
+        assert_eq!(zone, Some(DnsAlias::Zone("validation.example.net".into())));
+        let zone = zone.expect("alias");
+        assert_eq!(
+            zone.record_for("*.a.example"),
+            "_acme-challenge.a.example.validation.example.net"
+        );
+        let record = alias(&cert(
+            "dns_alias = \"_acme-challenge.x.validation.example.net\"",
+        ))
+        .expect("alias");
+        assert_eq!(
+            record.record_for("a.example"),
+            "_acme-challenge.x.validation.example.net"
+        );
+        assert_eq!(alias(&cert("")), None);
+
+        for bad in ["not a zone", "net", "192.0.2.1", "a_b.example.net"] {
+            let text = cert(&format!("dns_alias = {bad:?}"));
+            expect_error(&text, 20, "certificate[0].dns_alias", bad);
+        }
+        let text = format!(
+            "{BASE}\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\ndns_alias = \"v.example\"\n"
+        );
+        expect_error(&text, 16, "certificate[0].dns_alias", "does not use dns-01");
+    }
+
+    #[test]
+    fn dns_persist_01_needs_no_section_and_may_cover_wildcards() {
+        let text = format!(
+            "{BASE}\n[[certificate]]\nname = \"p\"\ndomains = [\"*.p.example\", \"p.example\"]\nchallenges = [\"dns-persist-01\", \"http-01\"]\n"
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(
+            cfg.certificates[0].challenges,
+            [ChallengeKind::DnsPersist01, ChallengeKind::Http01]
+        );
+        assert_eq!(ChallengeKind::DnsPersist01.as_str(), "dns-persist-01");
+    }
+
+    #[test]
     fn dns01_needs_exactly_one_of_hook_and_rfc2136() {
         let text = format!("{BASE}\n[dns01]\nhook_timeout = \"10s\"\n");
         expect_error(&text, 13, "dns01", "set `hook`");

@@ -832,22 +832,31 @@ impl Dns01Hook {
 
     async fn run(&self, action: &'static str, c: &ChallengeSpec) -> Result<(), SolverError> {
         let original = crate::dns::challenge_record(&c.identifier);
-        let record = self.target(c).await?;
-        let err = |detail: String| SolverError::Hook {
+        let err = |record: &str, detail: String| SolverError::Hook {
             hook: self.hook.clone(),
             action,
-            record: record.clone(),
+            record: record.to_owned(),
             detail,
         };
         // The driver passes only names from the configuration and the value
         // is a hash; still, nothing that could end a line or a word in a
-        // hook's shell or nsupdate script reaches its environment (the
-        // target comes from DNS, so it is checked too).
-        if !hook_safe(&c.identifier) || !hook_safe(&c.dns_value) || !hook_safe(&record) {
-            return Err(err(format!(
-                "not run: {:?} or {record:?} is not a DNS name or {:?} not a base64url value",
-                c.identifier, c.dns_value
-            )));
+        // hook's shell or nsupdate script reaches its environment.
+        if !hook_safe(&c.identifier) || !hook_safe(&c.dns_value) {
+            return Err(err(
+                &original,
+                format!(
+                    "not run: {:?} is not a DNS name or {:?} not a base64url value",
+                    c.identifier, c.dns_value
+                ),
+            ));
+        }
+        // The target comes from DNS: checked the same way.
+        let record = self.target(c).await?;
+        if !hook_safe(&record) {
+            return Err(err(
+                &original,
+                format!("not run: the CNAME target {record:?} is not a DNS name"),
+            ));
         }
         // Its own process group and a minimal environment, like every
         // program certd runs (`install::run_program`).
@@ -867,15 +876,19 @@ impl Dns01Hook {
             ProgramEnd::Exited(status) if status.success() => Ok(()),
             ProgramEnd::Exited(status) => {
                 let stderr = String::from_utf8_lossy(&run.stderr);
-                Err(err(format!(
-                    "exited with {status}: {}",
-                    crate::install::tail(&stderr, 500)
-                )))
+                Err(err(
+                    &record,
+                    format!(
+                        "exited with {status}: {}",
+                        crate::install::tail(&stderr, 500)
+                    ),
+                ))
             }
-            ProgramEnd::TimedOut => {
-                Err(err(format!("timed out after {}s", self.timeout.as_secs())))
-            }
-            ProgramEnd::CannotRun(e) => Err(err(format!("cannot run: {e}"))),
+            ProgramEnd::TimedOut => Err(err(
+                &record,
+                format!("timed out after {}s", self.timeout.as_secs()),
+            )),
+            ProgramEnd::CannotRun(e) => Err(err(&record, format!("cannot run: {e}"))),
         }
     }
 }
@@ -924,9 +937,15 @@ pub struct DnsPersistSolver {
 }
 
 impl DnsPersistSolver {
+    /// The record stands for months: one that is missing now was not
+    /// published, rather than being on its way, so the check gives up
+    /// sooner than dns-01's (the authorization stays pending for the next
+    /// attempt).
+    const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
     fn new(cfg: &PropagationConfig) -> Self {
         Self {
-            check: PropagationCheck::always(cfg),
+            check: PropagationCheck::always(cfg, Self::CHECK_TIMEOUT),
         }
     }
 }
@@ -1040,10 +1059,21 @@ mod tests {
         let ran = dir.path().join("ran");
         std::fs::write(&hook, format!("#!/bin/sh\ntouch '{}'\n", ran.display())).expect("hook");
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // A closed port: the CNAME lookup is refused at once and the
+        // record name used as it is.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("port");
         let solver = Dns01Hook {
             hook,
             timeout: Duration::from_secs(10),
-            propagation: PropagationCheck::new(&Default::default()),
+            propagation: PropagationCheck::new(&PropagationConfig {
+                nameservers: vec![crate::config::ServerAddr {
+                    host: "127.0.0.1".into(),
+                    port: closed.port(),
+                }],
+                ..Default::default()
+            }),
         };
         let mut c = spec("tok3_aaaaaaaaaaaaaaaaaaaa");
         c.identifier = "a.example\nupdate add evil.example. 60 TXT x".into();

@@ -11,6 +11,7 @@ mod ca_features;
 mod config;
 mod daemon;
 mod dns01;
+mod dns_persist;
 mod faults;
 mod harness;
 mod hostile_ca;

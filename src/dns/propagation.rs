@@ -111,12 +111,13 @@ impl PropagationCheck {
         Self { cfg: cfg.clone() }
     }
 
-    /// The same servers and timeout, checked even where dns-01's check is
-    /// switched off (dns-persist-01 has no other safeguard).
-    pub fn always(cfg: &PropagationConfig) -> Self {
+    /// The same servers, checked even where dns-01's check is switched off
+    /// (dns-persist-01 has no other safeguard), for at most `timeout`.
+    pub fn always(cfg: &PropagationConfig, timeout: Duration) -> Self {
         Self {
             cfg: PropagationConfig {
                 enabled: true,
+                timeout: cfg.timeout.min(timeout),
                 ..cfg.clone()
             },
         }
@@ -217,7 +218,7 @@ impl PropagationCheck {
             }
             pending = still;
             if pending.is_empty() {
-                tracing::debug!(record, elapsed = ?start.elapsed(), "dns-01 record propagated");
+                tracing::debug!(record, elapsed = ?start.elapsed(), "record visible");
                 return Ok(());
             }
             let now = Instant::now();
@@ -238,7 +239,7 @@ impl PropagationCheck {
                 record,
                 ?pause,
                 waiting_for = pending.len(),
-                "dns-01 record not visible yet"
+                "record not visible yet"
             );
             tokio::time::sleep(pause).await;
         }
