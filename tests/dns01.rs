@@ -33,6 +33,8 @@ fn rfc2136_resolved_env() -> (Bind, Bind, TestEnv) {
     let resolver = Bind::resolver(&bind);
     let env = TestEnv::with_pebble_opts(PebbleOpts {
         dns_server: Some(resolver.addr()),
+        // Every order validates afresh, through the records under test.
+        authz_reuse: Some(0),
         ..PebbleOpts::default()
     });
     write_secret(&env, bind.secret());
