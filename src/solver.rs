@@ -893,6 +893,27 @@ impl Dns01Hook {
     }
 }
 
+/// Alias mode only: that `_acme-challenge.<name>` leads to `target`, where
+/// the record was written (see `PropagationCheck::check_alias`).
+pub(crate) async fn check_alias(
+    check: &PropagationCheck,
+    c: &ChallengeSpec,
+    target: &hickory_proto::rr::Name,
+    primary: Option<SocketAddr>,
+) -> Result<(), SolverError> {
+    if c.dns_alias.is_none() {
+        return Ok(());
+    }
+    let original = crate::dns::challenge_record(&c.identifier);
+    check
+        .check_alias(&original, target, primary)
+        .await
+        .map_err(|source| SolverError::DnsTarget {
+            record: original,
+            source: Box::new(source),
+        })
+}
+
 /// Whether `s` is made only of what DNS names and base64url values hold.
 fn hook_safe(s: &str) -> bool {
     !s.is_empty()
@@ -916,6 +937,13 @@ impl Solver for Dns01Hook {
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let record = self.target(c).await?;
+        let name = crate::dns::fqdn(&record).map_err(|e| SolverError::DnsTarget {
+            record: record.clone(),
+            source: Box::new(crate::dns::propagation::PropagationError::Discover(
+                e.to_string(),
+            )),
+        })?;
+        check_alias(&self.propagation, c, &name, None).await?;
         self.propagation
             .wait(&record, Expect::Value(&c.dns_value), None)
             .await

@@ -415,3 +415,41 @@ fn challtestsrv(env: &TestEnv, path: &str, body: serde_json::Value) {
         .expect("run curl");
     assert!(out.status.success(), "{path}: {out:?}");
 }
+
+#[test]
+fn dns_alias_without_its_cname_is_refused_before_the_ca_is_asked() {
+    let (bind, _resolver, env) = rfc2136_resolved_env();
+    env.write_config_with_dns01(
+        &rfc2136_toml(&bind, &env, ""),
+        &format!(
+            r#"
+[[certificate]]
+name = "nocname"
+domains = ["nocname.example.test"]
+challenges = ["dns-01"]
+dns_alias = "{}"
+"#,
+            Bind::ALIAS_ZONE
+        ),
+    );
+    // `_acme-challenge.nocname.example.test` is no CNAME: the CA would
+    // find no record there.
+    let out = env.certd(&["renew"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let target = "_acme-challenge.nocname.example.test.validation.test";
+    assert!(
+        out.stdout.contains("not to the dns_alias target")
+            && out.stdout.contains(&format!(
+                "_acme-challenge.nocname.example.test. CNAME {target}."
+            )),
+        "{}",
+        out.stdout
+    );
+    // Not answered: pending at the CA, kept for the next attempt; the
+    // record written to the alias zone was removed again.
+    let authz = ledger_authz(&env);
+    assert_eq!(authz.len(), 1, "{authz:#?}");
+    assert_ca_status(&env, &ledger_authz_urls(&authz), "pending");
+    assert!(bind.txt(target).is_empty(), "record left behind");
+    assert!(!env.cert_dir().join("nocname/cert.pem").exists());
+}

@@ -100,6 +100,13 @@ impl Expect<'_> {
     }
 }
 
+/// Whether a CNAME chase got an answer for its last name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chase {
+    Answered,
+    Unanswered,
+}
+
 /// The check as configured.
 #[derive(Debug, Clone)]
 pub struct PropagationCheck {
@@ -135,6 +142,40 @@ impl PropagationCheck {
         record: &str,
         primary: Option<SocketAddr>,
     ) -> Result<Name, PropagationError> {
+        self.chase(record, primary).await.map(|(name, _)| name)
+    }
+
+    /// Checks, for alias mode, that the CNAME chain at `original` (what
+    /// the CA asks for) leads to `target` (where certd writes), so that a
+    /// forgotten CNAME fails here and not at the CA, where it costs a
+    /// failed validation. Where no server answers, nothing can be told
+    /// and the check passes.
+    pub async fn check_alias(
+        &self,
+        original: &str,
+        target: &Name,
+        primary: Option<SocketAddr>,
+    ) -> Result<(), PropagationError> {
+        match self.chase(original, primary).await? {
+            (end, Chase::Answered) if end != *target => Err(PropagationError::Cname {
+                record: original.to_owned(),
+                detail: format!(
+                    "it leads to {}, not to the dns_alias target; publish `{original}. CNAME {}.`",
+                    display_name(&end),
+                    display_name(target)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Follows the chain at `record`: its end, and whether a server
+    /// answered for it.
+    async fn chase(
+        &self,
+        record: &str,
+        primary: Option<SocketAddr>,
+    ) -> Result<(Name, Chase), PropagationError> {
         let err = |detail: String| PropagationError::Cname {
             record: record.to_owned(),
             detail,
@@ -158,14 +199,14 @@ impl PropagationCheck {
         let mut seen = vec![start];
         for _ in 0..MAX_CNAME_HOPS {
             match cname_at(&name, &asked).await {
-                Ok(None) => return Ok(name),
+                Ok(None) => return Ok((name, Chase::Answered)),
                 Err(why) => {
                     tracing::warn!(
                         record = %display_name(&name),
                         %why,
                         "cannot tell whether the record name is a CNAME; using it as it is"
                     );
-                    return Ok(name);
+                    return Ok((name, Chase::Unanswered));
                 }
                 Ok(Some(target)) if seen.contains(&target) => {
                     return Err(err(format!("the chain loops at {}", display_name(&target))));

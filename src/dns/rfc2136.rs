@@ -195,6 +195,7 @@ impl Solver for Rfc2136Solver {
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let (primary, name, zone) = self.target("check", c).await?;
+        crate::solver::check_alias(&self.propagation, c, &name, Some(primary)).await?;
         let record = display_name(&name);
         self.propagation
             .wait(
