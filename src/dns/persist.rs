@@ -211,6 +211,35 @@ mod tests {
         }
     }
 
+    /// Pebble 2.10 sends dns-persist-01 without a token in every
+    /// authorization: instant-acme must still parse it, and the issuers
+    /// are read from the raw object.
+    #[test]
+    fn a_tokenless_challenge_parses_and_names_its_issuers() {
+        let authz = r#"{"status":"pending","expires":"2030-01-01T00:00:00Z",
+            "identifier":{"type":"dns","value":"a.example"},
+            "challenges":[
+              {"type":"dns-persist-01","url":"https://ca/c/1","status":"pending",
+               "issuer-domain-names":["ca.example"],"accounturi":"https://ca/acct/1"},
+              {"type":"http-01","url":"https://ca/c/2","status":"pending","token":"abc"}]}"#;
+        let state: instant_acme::AuthorizationState = serde_json::from_str(authz).expect("parses");
+        assert_eq!(
+            state.challenges[0].r#type,
+            instant_acme::ChallengeType::Unknown("dns-persist-01".into())
+        );
+        assert!(state.challenges[0].token.is_empty());
+        assert_eq!(
+            state.challenges[1].r#type,
+            instant_acme::ChallengeType::Http01
+        );
+        assert_eq!(
+            issuers_in_authz(authz.as_bytes(), "https://ca/c/1"),
+            ["ca.example"]
+        );
+        assert!(issuers_in_authz(authz.as_bytes(), "https://ca/c/2").is_empty());
+        assert!(issuers_in_authz(b"not json", "https://ca/c/1").is_empty());
+    }
+
     #[test]
     fn accepts_what_the_ca_accepts() {
         let e = expect(true);
