@@ -11,8 +11,8 @@
 //! `authz deactivate`, `account rollover`) take the state directory's lock
 //! first and check the ledger's integrity; while a daemon runs they refuse,
 //! naming its PID, since they cannot yet hand their work to it. Reading
-//! commands (`status`, `authz list`, `account show`, `reap --dry-run`)
-//! take no lock and work alongside a daemon.
+//! commands (`status`, `authz list`, `account show`, `dns-persist show`,
+//! `reap --dry-run`) take no lock and work alongside a daemon.
 //!
 //! Every human-readable output (tables, messages, log lines) passes text
 //! through `escape_control`: much of it comes from the CA (problem details,
