@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod man;
+mod persist;
 mod polkit;
 mod status;
 
@@ -260,6 +261,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AccountCommand,
     },
+    /// dns-persist-01: the standing TXT records to publish once.
+    DnsPersist {
+        #[command(subcommand)]
+        command: DnsPersistCommand,
+    },
     /// Revoke a certificate's installed copy, then obtain a new one.
     Revoke {
         /// The certificate's name.
@@ -310,6 +316,15 @@ pub enum AccountCommand {
     /// Replace the account key (RFC 8555 §7.3.5); the old key stays in use
     /// until the CA confirms the change.
     Rollover,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsPersistCommand {
+    /// Print the `_validation-persist` TXT records a certificate needs.
+    Show {
+        /// The certificate's name.
+        name: String,
+    },
 }
 
 /// Revocation reasons (RFC 5280 §5.3.1) an ACME CA accepts.
@@ -437,7 +452,8 @@ impl Command {
             }
             | Command::Account {
                 command: AccountCommand::Show,
-            } => false,
+            }
+            | Command::DnsPersist { .. } => false,
         }
     }
 }
@@ -810,6 +826,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Account {
             command: AccountCommand::Rollover,
         } => account_rollover(&cfg).await,
+        Command::DnsPersist {
+            command: DnsPersistCommand::Show { name },
+        } => persist::show(&cfg, &name).await,
         Command::Revoke {
             name,
             reason,

@@ -355,6 +355,9 @@ pub struct CertificateConfig {
     pub profile: ProfilePreference,
     /// Keep the private key across renewals (key pinning setups).
     pub reuse_key: bool,
+    /// Where dns-01 puts the TXT record instead of `_acme-challenge.<name>`
+    /// (alias mode: that name is a CNAME into a zone certd may update).
+    pub dns_alias: Option<DnsAlias>,
 }
 
 impl CertificateConfig {
@@ -475,6 +478,54 @@ impl IpLiteral {
             addr,
             text: addr.to_string(),
         }))
+    }
+}
+
+/// `dns_alias`: where a certificate's dns-01 records go instead of
+/// `_acme-challenge.<name>`, whose CNAME points there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsAlias {
+    /// A zone: each name's record is `_acme-challenge.<name>.<zone>`, so
+    /// names (and certificates) sharing the zone never share a record.
+    Zone(String),
+    /// A full record name (its first label starts with `_`), used for
+    /// every name of the certificate: values are added, never replaced.
+    Record(String),
+}
+
+impl DnsAlias {
+    /// The record a challenge for `identifier` writes to.
+    pub fn record_for(&self, identifier: &str) -> String {
+        match self {
+            Self::Zone(zone) => {
+                let base = identifier.strip_prefix("*.").unwrap_or(identifier);
+                format!("_acme-challenge.{}.{zone}", base.trim_end_matches('.'))
+            }
+            Self::Record(name) => name.clone(),
+        }
+    }
+}
+
+impl FromStr for DnsAlias {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = domain_like(s, true)?;
+        if name.parse::<std::net::IpAddr>().is_ok() || !name.contains('.') {
+            return Err(format!(
+                "{s:?} is not a DNS zone or record name (expected e.g. \"validation.example.net\" or \"_acme-challenge.www.validation.example.net\")"
+            ));
+        }
+        let first = name.split('.').next().unwrap_or("");
+        if first.starts_with('_') {
+            return Ok(Self::Record(name));
+        }
+        if name.split('.').any(|l| l.contains('_')) {
+            return Err(format!(
+                "{s:?}: '_' may only start the first label (a full record name like \"_acme-challenge.www.validation.example.net\")"
+            ));
+        }
+        Ok(Self::Zone(name))
     }
 }
 
@@ -636,6 +687,9 @@ pub enum ChallengeKind {
     Http01,
     Dns01,
     TlsAlpn01,
+    /// A standing `_validation-persist` record the operator published once
+    /// (draft-ietf-acme-dns-persist): nothing to write per order.
+    DnsPersist01,
 }
 
 impl ChallengeKind {
@@ -644,6 +698,7 @@ impl ChallengeKind {
             Self::Http01 => "http-01",
             Self::Dns01 => "dns-01",
             Self::TlsAlpn01 => "tls-alpn-01",
+            Self::DnsPersist01 => "dns-persist-01",
         }
     }
 }
@@ -656,8 +711,9 @@ impl FromStr for ChallengeKind {
             "http-01" => Ok(Self::Http01),
             "dns-01" => Ok(Self::Dns01),
             "tls-alpn-01" => Ok(Self::TlsAlpn01),
+            "dns-persist-01" => Ok(Self::DnsPersist01),
             _ => Err(format!(
-                "unknown challenge type {s:?}; expected \"http-01\", \"dns-01\" or \"tls-alpn-01\""
+                "unknown challenge type {s:?}; expected \"http-01\", \"dns-01\", \"tls-alpn-01\" or \"dns-persist-01\""
             )),
         }
     }
@@ -1382,13 +1438,15 @@ impl Validator<'_> {
             }
         }
         if let Some(w) = domains.iter().find(|d| d.is_wildcard())
-            && !challenges.contains(&ChallengeKind::Dns01)
+            && !challenges
+                .iter()
+                .any(|k| matches!(k, ChallengeKind::Dns01 | ChallengeKind::DnsPersist01))
         {
             return Err(self.at.error(
                 challenges_span,
                 Some(key("challenges").to_string()),
                 format!(
-                    "certificate {:?} has the wildcard {:?}, which only dns-01 can validate; add \"dns-01\" to challenges",
+                    "certificate {:?} has the wildcard {:?}, which only dns-01 (or dns-persist-01) can validate; add \"dns-01\" to challenges",
                     name.as_str(),
                     w.as_str()
                 ),
@@ -1421,6 +1479,24 @@ impl Validator<'_> {
 
         let profile = self.profile(&raw, index)?;
 
+        let dns_alias = match &raw.dns_alias {
+            Some(a) => {
+                let alias: DnsAlias = self.parse_spanned(a, key("dns_alias"), |s| s.parse())?;
+                if !challenges.contains(&ChallengeKind::Dns01) {
+                    return Err(self.at.error(
+                        a.span(),
+                        Some(key("dns_alias").to_string()),
+                        format!(
+                            "certificate {:?} sets dns_alias but does not use dns-01; add \"dns-01\" to challenges",
+                            name.as_str()
+                        ),
+                    ));
+                }
+                Some(alias)
+            }
+            None => None,
+        };
+
         Ok(CertificateConfig {
             name,
             domains,
@@ -1430,6 +1506,7 @@ impl Validator<'_> {
             reload_timeout,
             profile,
             reuse_key: raw.reuse_key,
+            dns_alias,
         })
     }
 
@@ -1716,6 +1793,7 @@ mod raw {
         pub profile_required: Option<Spanned<bool>>,
         #[serde(default)]
         pub reuse_key: bool,
+        pub dns_alias: Option<Spanned<String>>,
     }
 
     /// `profile = "name"` or `profile = ["first", "second"]`; anything
@@ -2075,6 +2153,58 @@ domains = ["Example.COM", "www.example.com."]"#,
         expect_error(&text, 15, "dns01.nameservers[0]", "not a server address");
         let text = format!("{BASE}\n[dns01]\nhook = \"/h\"\npropagation_timeout = \"0s\"\n");
         expect_error(&text, 15, "dns01.propagation_timeout", "greater than zero");
+    }
+
+    #[test]
+    fn dns_alias_is_a_zone_or_a_record_name_and_needs_dns01() {
+        let cert = |extra: &str| {
+            format!(
+                "{BASE}\n[dns01]\nhook = \"/h\"\n\n[[certificate]]\nname = \"a\"\ndomains = [\"*.a.example\", \"a.example\"]\nchallenges = [\"dns-01\"]\n{extra}\n"
+            )
+        };
+        let alias = |text: &str| {
+            parse(text).expect("valid").certificates[0]
+                .dns_alias
+                .clone()
+        };
+        let zone = alias(&cert("dns_alias = \"Validation.Example.NET.\""));
+        assert_eq!(zone, Some(DnsAlias::Zone("validation.example.net".into())));
+        let zone = zone.expect("alias");
+        assert_eq!(
+            zone.record_for("*.a.example"),
+            "_acme-challenge.a.example.validation.example.net"
+        );
+        let record = alias(&cert(
+            "dns_alias = \"_acme-challenge.x.validation.example.net\"",
+        ))
+        .expect("alias");
+        assert_eq!(
+            record.record_for("a.example"),
+            "_acme-challenge.x.validation.example.net"
+        );
+        assert_eq!(alias(&cert("")), None);
+
+        for bad in ["not a zone", "net", "192.0.2.1", "a_b.example.net"] {
+            let text = cert(&format!("dns_alias = {bad:?}"));
+            expect_error(&text, 20, "certificate[0].dns_alias", bad);
+        }
+        let text = format!(
+            "{BASE}\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\ndns_alias = \"v.example\"\n"
+        );
+        expect_error(&text, 16, "certificate[0].dns_alias", "does not use dns-01");
+    }
+
+    #[test]
+    fn dns_persist_01_needs_no_section_and_may_cover_wildcards() {
+        let text = format!(
+            "{BASE}\n[[certificate]]\nname = \"p\"\ndomains = [\"*.p.example\", \"p.example\"]\nchallenges = [\"dns-persist-01\", \"http-01\"]\n"
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(
+            cfg.certificates[0].challenges,
+            [ChallengeKind::DnsPersist01, ChallengeKind::Http01]
+        );
+        assert_eq!(ChallengeKind::DnsPersist01.as_str(), "dns-persist-01");
     }
 
     #[test]

@@ -465,7 +465,9 @@ impl Reloader {
             tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
             match kind {
                 ChallengeKind::Http01 => new.http01.clone_from(&self.current.http01),
-                ChallengeKind::Dns01 => new.dns01.clone_from(&self.current.dns01),
+                ChallengeKind::Dns01 | ChallengeKind::DnsPersist01 => {
+                    new.dns01.clone_from(&self.current.dns01);
+                }
                 ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&self.current.tls_alpn01),
             }
         }

@@ -55,6 +55,7 @@ use crate::acme::{
 };
 use crate::clock::UnixTime;
 use crate::config::{self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
+use crate::dns::persist::PersistExpect;
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
 use crate::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers, Unready};
@@ -1149,20 +1150,58 @@ async fn plan_challenges(
             continue;
         };
         let key_auth = challenge.key_authorization();
+        let challenge_url = challenge.url.clone();
+        // dns-persist-01 has no token (instant-acme leaves it empty); only
+        // the types that use one parse it.
+        let token = match kind {
+            ChallengeKind::DnsPersist01 => None,
+            _ => Some(crate::solver::Token::parse(&challenge.token)?),
+        };
+        let (key_authorization, dns_value) = (key_auth.as_str().to_owned(), key_auth.dns_value());
+        let persist = match kind {
+            ChallengeKind::DnsPersist01 => {
+                Some(persist_expect(ctx, &authz_url, &challenge_url, &identifier).await?)
+            }
+            _ => None,
+        };
         plan.push(Planned {
             authz_url,
-            challenge_url: challenge.url.clone(),
+            challenge_url,
             kind,
             solver,
             spec: ChallengeSpec {
                 identifier,
-                token: crate::solver::Token::parse(&challenge.token)?,
-                key_authorization: key_auth.as_str().to_owned(),
-                dns_value: key_auth.dns_value(),
+                token,
+                key_authorization,
+                dns_value,
+                dns_alias: cert.dns_alias.clone(),
+                persist,
             },
         });
     }
     Ok(plan)
+}
+
+/// What the dns-persist-01 record for `identifier` must say: the issuer
+/// domain names come from the challenge object (`issuer-domain-names`,
+/// which instant-acme does not keep), so the authorization is fetched
+/// once more; the account URL is ours.
+async fn persist_expect(
+    ctx: &Context,
+    authz_url: &str,
+    challenge_url: &str,
+    identifier: &str,
+) -> Result<PersistExpect, DriveError> {
+    let rsp = ctx
+        .account
+        .http
+        .signed_post(&ctx.account.signer(), authz_url, None)
+        .await?;
+    Ok(PersistExpect {
+        issuers: crate::dns::persist::issuers_in_authz(&rsp.body, challenge_url),
+        account_uri: ctx.account.account().id().to_owned(),
+        wildcard: identifier.starts_with("*."),
+    })
 }
 
 /// Presents every planned challenge, answers them, and polls the
@@ -1691,6 +1730,9 @@ fn acme_type(k: ChallengeKind) -> ChallengeType {
         ChallengeKind::Http01 => ChallengeType::Http01,
         ChallengeKind::Dns01 => ChallengeType::Dns01,
         ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        // instant-acme 0.8.5 has no variant for it: unknown types parse
+        // as `Unknown` with their name.
+        ChallengeKind::DnsPersist01 => ChallengeType::Unknown(k.as_str().to_owned()),
     }
 }
 

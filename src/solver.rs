@@ -22,8 +22,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config, TlsAlpn01Config};
-use crate::dns::propagation::PropagationCheck;
+use crate::config::{
+    ChallengeKind, Config, Dns01Config, Dns01Mode, DnsAlias, Http01Config, PropagationConfig,
+    TlsAlpn01Config,
+};
+use crate::dns::persist::{PersistExpect, persist_record};
+use crate::dns::propagation::{Expect, PropagationCheck};
 use crate::dns::rfc2136::Rfc2136Solver;
 use crate::install::ProgramEnd;
 use crate::tinyhttp::{self, Response};
@@ -93,11 +97,36 @@ pub struct ChallengeSpec {
     /// The configured name the authorization is for (`example.com`, or
     /// `*.example.com` for a wildcard's), never the CA's text.
     pub identifier: String,
-    pub token: Token,
+    /// `None` for a type without one (dns-persist-01 has no token; a
+    /// missing or short token there must not stop an order).
+    pub token: Option<Token>,
     /// `token.thumbprint`: served as-is for http-01.
     pub key_authorization: String,
     /// base64url(SHA-256(key authorization)): the TXT value for dns-01.
     pub dns_value: String,
+    /// The certificate's `dns_alias`: where dns-01 writes instead.
+    pub dns_alias: Option<DnsAlias>,
+    /// dns-persist-01: what the standing record must say.
+    pub persist: Option<PersistExpect>,
+}
+
+impl ChallengeSpec {
+    /// The token, for the types that have one.
+    pub fn token(&self) -> Result<&Token, SolverError> {
+        self.token.as_ref().ok_or_else(|| SolverError::BadToken {
+            token: "(none)".into(),
+            reason: "missing",
+        })
+    }
+
+    /// Where dns-01 puts the TXT record before CNAMEs are followed:
+    /// `_acme-challenge.<name>`, or the certificate's alias.
+    pub fn dns_record(&self) -> String {
+        match &self.dns_alias {
+            Some(alias) => alias.record_for(&self.identifier),
+            None => crate::dns::challenge_record(&self.identifier),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +161,20 @@ pub enum SolverError {
     },
     #[error("dns-01 RFC 2136 key {key_name}: {detail}")]
     Rfc2136Key { key_name: String, detail: String },
+    #[error("dns-01 record {record}: {source}")]
+    DnsTarget {
+        record: String,
+        #[source]
+        source: Box<crate::dns::propagation::PropagationError>,
+    },
+    #[error("dns-persist-01 record {record}: {source}")]
+    Persist {
+        record: String,
+        #[source]
+        source: Box<crate::dns::propagation::PropagationError>,
+    },
+    #[error("dns-persist-01 for {0}: the CA's challenge names no issuer domain")]
+    PersistIssuer(String),
     #[error("dns-01 propagation check for {record}: {source}")]
     Propagation {
         record: String,
@@ -299,6 +342,15 @@ impl Solvers {
                 Ok(solver) => self.set(ChallengeKind::Dns01, solver),
                 Err(e) => failed.push((ChallengeKind::Dns01, e)),
             }
+        }
+        // dns-persist-01 needs no section: it checks through [dns01]'s
+        // servers where there is one, else through the system's resolvers.
+        if old.dns01 != new.dns01 || self.get(ChallengeKind::DnsPersist01).is_err() {
+            let propagation = new.dns01.map(|d| d.propagation.clone()).unwrap_or_default();
+            self.set(
+                ChallengeKind::DnsPersist01,
+                Some(Arc::new(DnsPersistSolver::new(&propagation))),
+            );
         }
         if old.tls_alpn01 != new.tls_alpn01 {
             let wanted = new
@@ -482,16 +534,17 @@ impl Solver for Http01Solver {
     }
 
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let token = c.token()?;
         if let Some(r) = &self.responder {
-            r.add(&c.token, &c.key_authorization);
+            r.add(token, &c.key_authorization);
         }
         if let Some(root) = &self.webroot {
-            let (dir_root, token) = (root.clone(), c.token.clone());
+            let (dir_root, owned) = (root.clone(), token.clone());
             let content = c.key_authorization.clone().into_bytes();
-            blocking(move || webroot::write(&dir_root, &token, &content))
+            blocking(move || webroot::write(&dir_root, &owned, &content))
                 .await
                 .map_err(|source| SolverError::Webroot {
-                    path: Self::webroot_file(root, &c.token),
+                    path: Self::webroot_file(root, token),
                     source,
                 })?;
         }
@@ -499,15 +552,16 @@ impl Solver for Http01Solver {
     }
 
     async fn cleanup(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let token = c.token()?;
         if let Some(r) = &self.responder {
-            r.remove(&c.token);
+            r.remove(token);
         }
         if let Some(root) = &self.webroot {
-            let (dir_root, token) = (root.clone(), c.token.clone());
-            blocking(move || webroot::remove(&dir_root, &token))
+            let (dir_root, owned) = (root.clone(), token.clone());
+            blocking(move || webroot::remove(&dir_root, &owned))
                 .await
                 .map_err(|source| SolverError::Webroot {
-                    path: Self::webroot_file(root, &c.token),
+                    path: Self::webroot_file(root, token),
                     source,
                 })?;
         }
@@ -550,7 +604,7 @@ impl Solver for Http01Solver {
                 .map_err(|e| err(format!("cannot connect: {e}")))?;
             let request = format!(
                 "GET {WELL_KNOWN}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: certd-preflight\r\n\r\n",
-                c.token,
+                c.token()?,
                 http_host(&c.identifier)
             );
             stream
@@ -618,7 +672,10 @@ impl Solver for Http01Solver {
         let Some(r) = &self.responder else {
             return false;
         };
-        let Some(seen) = r.seen_signal(&c.token) else {
+        let Ok(token) = c.token() else {
+            return false;
+        };
+        let Some(seen) = r.seen_signal(token) else {
             return false;
         };
         tokio::time::timeout(max, seen.notified()).await.is_ok()
@@ -832,11 +889,13 @@ fn answer(tokens: &Mutex<HashMap<Token, TokenEntry>>, target: &str) -> Response 
 // ---- dns-01 --------------------------------------------------------------
 
 /// dns-01 through an operator's program: `hook present` and `hook cleanup`,
-/// with the record in `CERTD_DNS_RECORD`, the TXT value in `CERTD_DNS_VALUE`
-/// and the domain in `CERTD_DOMAIN` (and only `PATH` and `LANG` besides:
-/// `install::run_program`). The hook must add (not replace) the
-/// value on present and remove only that value on cleanup: a name and its
-/// wildcard share one record name.
+/// with the record to write in `CERTD_DNS_RECORD` (the end of the CNAME
+/// chain at `_acme-challenge.<name>`, or at the certificate's `dns_alias`),
+/// the name the CA asks for in `CERTD_DNS_ORIGINAL`, the TXT value in
+/// `CERTD_DNS_VALUE` and the domain in `CERTD_DOMAIN` (and only `PATH` and
+/// `LANG` besides: `install::run_program`). The hook must add (not
+/// replace) the value on present and remove only that value on cleanup: a
+/// name and its wildcard share one record name.
 pub struct Dns01Hook {
     hook: PathBuf,
     timeout: Duration,
@@ -852,22 +911,46 @@ impl Dns01Hook {
         }
     }
 
+    /// The record the hook writes: the end of the CNAME chain.
+    async fn target(&self, c: &ChallengeSpec) -> Result<String, SolverError> {
+        let record = c.dns_record();
+        self.propagation
+            .follow_cnames(&record, None)
+            .await
+            .map(|n| crate::dns::display_name(&n))
+            .map_err(|source| SolverError::DnsTarget {
+                record,
+                source: Box::new(source),
+            })
+    }
+
     async fn run(&self, action: &'static str, c: &ChallengeSpec) -> Result<(), SolverError> {
-        let record = crate::dns::challenge_record(&c.identifier);
-        let err = |detail: String| SolverError::Hook {
+        let original = crate::dns::challenge_record(&c.identifier);
+        let err = |record: &str, detail: String| SolverError::Hook {
             hook: self.hook.clone(),
             action,
-            record: record.clone(),
+            record: record.to_owned(),
             detail,
         };
         // The driver passes only names from the configuration and the value
         // is a hash; still, nothing that could end a line or a word in a
         // hook's shell or nsupdate script reaches its environment.
         if !hook_safe(&c.identifier) || !hook_safe(&c.dns_value) {
-            return Err(err(format!(
-                "not run: {:?} is not a DNS name or {:?} not a base64url value",
-                c.identifier, c.dns_value
-            )));
+            return Err(err(
+                &original,
+                format!(
+                    "not run: {:?} is not a DNS name or {:?} not a base64url value",
+                    c.identifier, c.dns_value
+                ),
+            ));
+        }
+        // The target comes from DNS: checked the same way.
+        let record = self.target(c).await?;
+        if !hook_safe(&record) {
+            return Err(err(
+                &original,
+                format!("not run: the CNAME target {record:?} is not a DNS name"),
+            ));
         }
         // Its own process group and a minimal environment, like every
         // program certd runs (`install::run_program`).
@@ -876,6 +959,7 @@ impl Dns01Hook {
             &[action.as_ref()],
             &[
                 ("CERTD_DNS_RECORD", record.as_ref()),
+                ("CERTD_DNS_ORIGINAL", original.as_ref()),
                 ("CERTD_DNS_VALUE", c.dns_value.as_ref()),
                 ("CERTD_DOMAIN", c.identifier.as_ref()),
             ],
@@ -886,17 +970,42 @@ impl Dns01Hook {
             ProgramEnd::Exited(status) if status.success() => Ok(()),
             ProgramEnd::Exited(status) => {
                 let stderr = String::from_utf8_lossy(&run.stderr);
-                Err(err(format!(
-                    "exited with {status}: {}",
-                    crate::install::tail(&stderr, 500)
-                )))
+                Err(err(
+                    &record,
+                    format!(
+                        "exited with {status}: {}",
+                        crate::install::tail(&stderr, 500)
+                    ),
+                ))
             }
-            ProgramEnd::TimedOut => {
-                Err(err(format!("timed out after {}s", self.timeout.as_secs())))
-            }
-            ProgramEnd::CannotRun(e) => Err(err(format!("cannot run: {e}"))),
+            ProgramEnd::TimedOut => Err(err(
+                &record,
+                format!("timed out after {}s", self.timeout.as_secs()),
+            )),
+            ProgramEnd::CannotRun(e) => Err(err(&record, format!("cannot run: {e}"))),
         }
     }
+}
+
+/// Alias mode only: that `_acme-challenge.<name>` leads to `target`, where
+/// the record was written (see `PropagationCheck::check_alias`).
+pub(crate) async fn check_alias(
+    check: &PropagationCheck,
+    c: &ChallengeSpec,
+    target: &hickory_proto::rr::Name,
+    primary: Option<SocketAddr>,
+) -> Result<(), SolverError> {
+    if c.dns_alias.is_none() {
+        return Ok(());
+    }
+    let original = crate::dns::challenge_record(&c.identifier);
+    check
+        .check_alias(&original, target, primary)
+        .await
+        .map_err(|source| SolverError::DnsTarget {
+            record: original,
+            source: Box::new(source),
+        })
 }
 
 /// Whether `s` is made only of what DNS names and base64url values hold.
@@ -949,14 +1058,80 @@ impl Solver for Dns01Hook {
     }
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
-        let record = crate::dns::challenge_record(&c.identifier);
+        let record = self.target(c).await?;
+        let name = crate::dns::fqdn(&record).map_err(|e| SolverError::DnsTarget {
+            record: record.clone(),
+            source: Box::new(crate::dns::propagation::PropagationError::Discover(
+                e.to_string(),
+            )),
+        })?;
+        check_alias(&self.propagation, c, &name, None).await?;
         self.propagation
-            .wait(&record, &c.dns_value, None)
+            .wait(&record, Expect::Value(&c.dns_value), None)
             .await
             .map_err(|source| SolverError::Propagation {
                 record,
                 source: Box::new(source),
             })
+    }
+}
+
+// ---- dns-persist-01 ------------------------------------------------------
+
+/// dns-persist-01: the operator published `_validation-persist.<name>`
+/// once (`certd dns-persist show`); certd writes nothing and only checks,
+/// before the CA is asked, that the record is visible and names this CA
+/// and account, so a missing record costs no failed validation.
+pub struct DnsPersistSolver {
+    check: PropagationCheck,
+}
+
+impl DnsPersistSolver {
+    /// The record stands for months: one that is missing now was not
+    /// published, rather than being on its way, so the check gives up
+    /// sooner than dns-01's (the authorization stays pending for the next
+    /// attempt).
+    const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+    fn new(cfg: &PropagationConfig) -> Self {
+        Self {
+            check: PropagationCheck::always(cfg, Self::CHECK_TIMEOUT),
+        }
+    }
+}
+
+#[async_trait]
+impl Solver for DnsPersistSolver {
+    fn kind(&self) -> ChallengeKind {
+        ChallengeKind::DnsPersist01
+    }
+
+    async fn present(&self, _c: &ChallengeSpec) -> Result<(), SolverError> {
+        Ok(())
+    }
+
+    async fn cleanup(&self, _c: &ChallengeSpec) -> Result<(), SolverError> {
+        Ok(())
+    }
+
+    async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
+        let record = persist_record(&c.identifier);
+        let Some(expect) = c.persist.as_ref().filter(|p| !p.issuers.is_empty()) else {
+            return Err(SolverError::PersistIssuer(c.identifier.clone()));
+        };
+        let err = |source| SolverError::Persist {
+            record: record.clone(),
+            source: Box::new(source),
+        };
+        let target = self.check.follow_cnames(&record, None).await.map_err(err)?;
+        self.check
+            .wait(
+                &crate::dns::display_name(&target),
+                Expect::Persist(expect),
+                None,
+            )
+            .await
+            .map_err(err)
     }
 }
 
@@ -967,9 +1142,11 @@ mod tests {
     fn spec(token: &str) -> ChallengeSpec {
         ChallengeSpec {
             identifier: "a.example".into(),
-            token: Token::parse(token).expect("a valid token"),
+            token: Some(Token::parse(token).expect("a valid token")),
             key_authorization: format!("{token}.thumb"),
             dns_value: "v".into(),
+            dns_alias: None,
+            persist: None,
         }
     }
 
@@ -1070,10 +1247,21 @@ mod tests {
         let ran = dir.path().join("ran");
         std::fs::write(&hook, format!("#!/bin/sh\ntouch '{}'\n", ran.display())).expect("hook");
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // A closed port: the CNAME lookup is refused at once and the
+        // record name used as it is.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("port");
         let solver = Dns01Hook {
             hook,
             timeout: Duration::from_secs(10),
-            propagation: PropagationCheck::new(&Default::default()),
+            propagation: PropagationCheck::new(&PropagationConfig {
+                nameservers: vec![crate::config::ServerAddr {
+                    host: "127.0.0.1".into(),
+                    port: closed.port(),
+                }],
+                ..Default::default()
+            }),
         };
         let mut c = spec("tok3_aaaaaaaaaaaaaaaaaaaa");
         c.identifier = "a.example\nupdate add evil.example. 60 TXT x".into();
@@ -1148,7 +1336,7 @@ mod tests {
         };
         // A link where the token's file goes is replaced, not written through.
         let c = spec("linked_aaaaaaaaaaaaaaaaaaaa");
-        let file = challenges.join(c.token.as_str());
+        let file = challenges.join(c.token().expect("token").as_str());
         std::os::unix::fs::symlink(&victim, &file).expect("symlink");
         solver.present(&c).await.expect("present");
         assert!(!file.is_symlink());
@@ -1166,7 +1354,7 @@ mod tests {
         std::fs::remove_dir(&challenges).expect("rmdir");
         std::os::unix::fs::symlink(dir.path(), &challenges).expect("symlink");
         let c = spec("victim_aaaaaaaaaaaaaaaaaaaa");
-        let target = dir.path().join(c.token.as_str());
+        let target = dir.path().join(c.token().expect("token").as_str());
         std::fs::write(&target, "precious").expect("second victim");
         assert!(solver.present(&c).await.is_err());
         assert!(solver.cleanup(&c).await.is_err());

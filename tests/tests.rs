@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod daemon;
 mod dns01;
+mod dns_persist;
 mod faults;
 mod harness;
 mod hostile_ca;

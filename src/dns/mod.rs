@@ -1,13 +1,15 @@
 //! DNS for dns-01: the record name a challenge lives at, a small client
 //! (one query or one signed update, over UDP or TCP) built on hickory-proto's
 //! message types, and the two users of it: dynamic update (`rfc2136`) and
-//! the propagation check (`propagation`).
+//! the propagation check (`propagation`); and the standing records of
+//! dns-persist-01 (`persist`).
 //!
 //! The transport is our own rather than hickory's client crates: certd
 //! needs exactly one request and one response at a time, and owning the
 //! exchange is what lets every error name the server, the rcode and the
 //! TSIG error instead of a generic "request failed".
 
+pub mod persist;
 pub mod propagation;
 pub mod rfc2136;
 
@@ -264,6 +266,17 @@ pub fn soa_owner(msg: &Message) -> Option<Name> {
         .map(|r| r.name.clone())
 }
 
+/// The target of the CNAME at `name` in a response's answer, if any.
+pub fn cname_target(msg: &Message, name: &Name) -> Option<Name> {
+    msg.answers
+        .iter()
+        .filter(|r| r.name == *name)
+        .find_map(|r| match &r.data {
+            RData::CNAME(c) => Some(c.0.clone()),
+            _ => None,
+        })
+}
+
 /// The TXT values at `name` in a response's answer, each record's strings
 /// joined (a long value may be split into 255-byte strings).
 pub fn txt_values(msg: &Message, name: &Name) -> Vec<String> {
@@ -346,6 +359,28 @@ mod tests {
             RData::TXT(TXT::new(vec!["second".into()])),
         ));
         assert_eq!(txt_values(&msg, &rec), ["abcdef", "second"]);
+    }
+
+    #[test]
+    fn cname_targets_are_read_from_responses() {
+        use hickory_proto::rr::rdata::CNAME;
+        let name = fqdn("_acme-challenge.a.example.test").expect("name");
+        let target = fqdn("a.validation.test").expect("target");
+        let mut msg = Message::query();
+        assert_eq!(cname_target(&msg, &name), None);
+        msg.add_answer(Record::from_rdata(
+            target.clone(),
+            60,
+            RData::CNAME(CNAME(name.clone())),
+        ));
+        // Only a CNAME owned by the name counts.
+        assert_eq!(cname_target(&msg, &name), None);
+        msg.add_answer(Record::from_rdata(
+            name.clone(),
+            60,
+            RData::CNAME(CNAME(target.clone())),
+        ));
+        assert_eq!(cname_target(&msg, &name), Some(target));
     }
 
     #[test]

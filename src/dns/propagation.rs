@@ -12,6 +12,11 @@
 //! With dynamic update the zone and its primary are known, so the NS
 //! records come from the primary, which is always checked too; with a hook
 //! the zone is found through the system's resolvers (`/etc/resolv.conf`).
+//!
+//! A record name that is a CNAME (delegation to a zone certd may update,
+//! as with acme-dns) is followed first ([`PropagationCheck::follow_cnames`]):
+//! the CA follows it too, and the servers of the original zone answer only
+//! with the CNAME.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -20,7 +25,11 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::time::Instant;
 
-use super::{DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, soa_owner, txt_values};
+use super::persist::PersistExpect;
+use super::{
+    DnsError, QUERY_TIMEOUT, cname_target, display_name, fqdn, query, resolve, soa_owner,
+    txt_values,
+};
 use crate::config::{PropagationConfig, ServerAddr};
 
 /// First pause between polls; doubles up to `POLL_CAP`. Short, because a
@@ -31,10 +40,16 @@ const POLL_CAP: Duration = Duration::from_secs(8);
 /// Where the resolvers are when the zone must be found by recursion.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
+/// CNAMEs followed from a record name before giving up (a loop, or a
+/// chain no CA would follow either).
+const MAX_CNAME_HOPS: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PropagationError {
     #[error("cannot find the servers to check: {0}")]
     Discover(String),
+    #[error("cannot follow the CNAME at {record}: {detail}")]
+    Cname { record: String, detail: String },
     #[error(
         "TXT value {value:?} not visible after {}s at {missing}",
         .waited.as_secs()
@@ -56,6 +71,42 @@ pub struct ZoneHint {
     pub primary: SocketAddr,
 }
 
+/// What the check waits to see among the TXT values at a record.
+#[derive(Debug, Clone, Copy)]
+pub enum Expect<'a> {
+    /// dns-01: this value.
+    Value(&'a str),
+    /// dns-persist-01: a value that authorizes the account.
+    Persist(&'a PersistExpect),
+}
+
+impl Expect<'_> {
+    /// The value as messages show it.
+    fn shown(&self) -> String {
+        match self {
+            Self::Value(v) => (*v).to_owned(),
+            Self::Persist(p) => p.record_value(),
+        }
+    }
+
+    fn check(&self, values: &[String]) -> Result<(), String> {
+        match self {
+            Self::Value(v) if values.iter().any(|x| x == v) => Ok(()),
+            Self::Value(_) if values.is_empty() => Err("no TXT record".into()),
+            Self::Value(_) => Err(format!("{} other TXT value(s)", values.len())),
+            Self::Persist(_) if values.is_empty() => Err("no TXT record".into()),
+            Self::Persist(p) => p.check(values),
+        }
+    }
+}
+
+/// Whether a CNAME chase got an answer for its last name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chase {
+    Answered,
+    Unanswered,
+}
+
 /// The check as configured.
 #[derive(Debug, Clone)]
 pub struct PropagationCheck {
@@ -67,13 +118,117 @@ impl PropagationCheck {
         Self { cfg: cfg.clone() }
     }
 
-    /// Waits until `value` is among the TXT values at `record` on every
-    /// server that answers for its zone, or fails after the configured
-    /// timeout, naming the servers still lacking it.
+    /// The same servers, checked even where dns-01's check is switched off
+    /// (dns-persist-01 has no other safeguard), for at most `timeout`.
+    pub fn always(cfg: &PropagationConfig, timeout: Duration) -> Self {
+        Self {
+            cfg: PropagationConfig {
+                enabled: true,
+                timeout: cfg.timeout.min(timeout),
+                ..cfg.clone()
+            },
+        }
+    }
+
+    /// The end of the CNAME chain starting at `record`: where the TXT
+    /// record must be written and looked for (RFC 2136 §3.4.2.2: a TXT
+    /// record next to a CNAME is ignored). Asked of `primary` (with
+    /// dynamic update) and the configured `nameservers` without recursion,
+    /// else of the system's resolvers with it. Where no server answers,
+    /// the name reached so far is used, as before CNAMEs were followed
+    /// (an offline hook setup keeps working); a loop is an error.
+    pub async fn follow_cnames(
+        &self,
+        record: &str,
+        primary: Option<SocketAddr>,
+    ) -> Result<Name, PropagationError> {
+        self.chase(record, primary).await.map(|(name, _)| name)
+    }
+
+    /// Checks, for alias mode, that the CNAME chain at `original` (what
+    /// the CA asks for) leads to `target` (where certd writes), so that a
+    /// forgotten CNAME fails here and not at the CA, where it costs a
+    /// failed validation. Where no server answers, nothing can be told
+    /// and the check passes.
+    pub async fn check_alias(
+        &self,
+        original: &str,
+        target: &Name,
+        primary: Option<SocketAddr>,
+    ) -> Result<(), PropagationError> {
+        match self.chase(original, primary).await? {
+            (end, Chase::Answered) if end != *target => Err(PropagationError::Cname {
+                record: original.to_owned(),
+                detail: format!(
+                    "it leads to {}, not to the dns_alias target; publish `{original}. CNAME {}.`",
+                    display_name(&end),
+                    display_name(target)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Follows the chain at `record`: its end, and whether a server
+    /// answered for it.
+    async fn chase(
+        &self,
+        record: &str,
+        primary: Option<SocketAddr>,
+    ) -> Result<(Name, Chase), PropagationError> {
+        let err = |detail: String| PropagationError::Cname {
+            record: record.to_owned(),
+            detail,
+        };
+        let start = fqdn(record).map_err(|e| err(e.to_string()))?;
+        let mut asked: Vec<(SocketAddr, bool)> = primary.map(|p| (p, false)).into_iter().collect();
+        if self.cfg.nameservers.is_empty() {
+            match system_resolvers() {
+                Ok(r) => asked.extend(r.into_iter().map(|r| (r, true))),
+                Err(e) => tracing::debug!(error = %e, "no resolvers to follow CNAMEs with"),
+            }
+        } else {
+            for ns in &self.cfg.nameservers {
+                match resolve(ns).await {
+                    Ok(addrs) => asked.extend(addrs.into_iter().map(|a| (a, false))),
+                    Err(e) => tracing::debug!(error = %e, "nameserver unresolvable"),
+                }
+            }
+        }
+        let mut name = start.clone();
+        let mut seen = vec![start];
+        for _ in 0..MAX_CNAME_HOPS {
+            match cname_at(&name, &asked).await {
+                Ok(None) => return Ok((name, Chase::Answered)),
+                Err(why) => {
+                    tracing::warn!(
+                        record = %display_name(&name),
+                        %why,
+                        "cannot tell whether the record name is a CNAME; using it as it is"
+                    );
+                    return Ok((name, Chase::Unanswered));
+                }
+                Ok(Some(target)) if seen.contains(&target) => {
+                    return Err(err(format!("the chain loops at {}", display_name(&target))));
+                }
+                Ok(Some(target)) => {
+                    tracing::debug!(from = %name, to = %target, "following CNAME");
+                    seen.push(target.clone());
+                    name = target;
+                }
+            }
+        }
+        Err(err(format!("more than {MAX_CNAME_HOPS} CNAMEs in a row")))
+    }
+
+    /// Waits until the TXT values at `record` show what `expect` asks on
+    /// every server that answers for its zone, or fails after the
+    /// configured timeout, naming the servers still lacking it. `record`
+    /// is the end of its CNAME chain ([`Self::follow_cnames`]).
     pub async fn wait(
         &self,
         record: &str,
-        value: &str,
+        expect: Expect<'_>,
         hint: Option<&ZoneHint>,
     ) -> Result<(), PropagationError> {
         if !self.cfg.enabled {
@@ -97,14 +252,14 @@ impl PropagationCheck {
             for (server, _) in pending {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let timeout = QUERY_TIMEOUT.min(left).max(Duration::from_millis(500));
-                match check(server, &name, value, timeout).await {
+                match check(server, &name, expect, timeout).await {
                     Ok(()) => {}
                     Err(why) => still.push((server, why)),
                 }
             }
             pending = still;
             if pending.is_empty() {
-                tracing::debug!(record, elapsed = ?start.elapsed(), "dns-01 record propagated");
+                tracing::debug!(record, elapsed = ?start.elapsed(), "record visible");
                 return Ok(());
             }
             let now = Instant::now();
@@ -115,7 +270,7 @@ impl PropagationCheck {
                     .collect::<Vec<_>>()
                     .join(", ");
                 return Err(PropagationError::NotVisible {
-                    value: value.to_owned(),
+                    value: expect.shown(),
                     waited: self.cfg.timeout,
                     missing,
                 });
@@ -125,7 +280,7 @@ impl PropagationCheck {
                 record,
                 ?pause,
                 waiting_for = pending.len(),
-                "dns-01 record not visible yet"
+                "record not visible yet"
             );
             tokio::time::sleep(pause).await;
         }
@@ -161,26 +316,43 @@ impl PropagationCheck {
     }
 }
 
-/// One question to one server: is `value` among the TXT values at `name`?
-/// `Err` says what the server answered instead.
+/// One question to one server: do the TXT values at `name` show what
+/// `expect` asks? `Err` says what the server answered instead.
 async fn check(
     server: SocketAddr,
     name: &Name,
-    value: &str,
+    expect: Expect<'_>,
     timeout: Duration,
 ) -> Result<(), String> {
     let msg = query(server, name, RecordType::TXT, false, timeout)
         .await
         .map_err(|e| e.to_string())?;
     let values = txt_values(&msg, name);
-    if values.iter().any(|v| v == value) {
-        return Ok(());
+    match msg.metadata.response_code {
+        ResponseCode::NoError => expect.check(&values),
+        rcode => Err(rcode.to_string()),
     }
-    Err(match msg.metadata.response_code {
-        ResponseCode::NoError if values.is_empty() => "no TXT record".to_owned(),
-        ResponseCode::NoError => format!("{} other TXT value(s)", values.len()),
-        rcode => rcode.to_string(),
-    })
+}
+
+/// The CNAME target at `name`, from the first of `servers` (address,
+/// recursion desired) that answers for it: `None` when it has no CNAME.
+async fn cname_at(name: &Name, servers: &[(SocketAddr, bool)]) -> Result<Option<Name>, String> {
+    let mut last = String::from("no server to ask; set dns01.nameservers");
+    for (server, recursion) in servers {
+        match query(*server, name, RecordType::CNAME, *recursion, QUERY_TIMEOUT).await {
+            Ok(msg)
+                if matches!(
+                    msg.metadata.response_code,
+                    ResponseCode::NoError | ResponseCode::NXDomain
+                ) =>
+            {
+                return Ok(cname_target(&msg, name));
+            }
+            Ok(msg) => last = format!("{server} answered {}", msg.metadata.response_code),
+            Err(e) => last = format!("{server}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// The zone `name` is in, asked of recursive resolvers.
@@ -381,7 +553,7 @@ mod tests {
             ..PropagationConfig::default()
         });
         check
-            .wait("_acme-challenge.a.invalid", "v", None)
+            .wait("_acme-challenge.a.invalid", Expect::Value("v"), None)
             .await
             .expect("skipped");
     }
@@ -401,7 +573,7 @@ mod tests {
         });
         let started = std::time::Instant::now();
         let err = check
-            .wait("_acme-challenge.a.example.test", "v", None)
+            .wait("_acme-challenge.a.example.test", Expect::Value("v"), None)
             .await
             .expect_err("nobody answers");
         assert!(

@@ -5,6 +5,10 @@
 //! by name, type and value (class NONE, RFC 2136 section 2.5.4), never the
 //! whole RRset: a name and its wildcard are validated through the same
 //! record name, with two values present at once.
+//!
+//! The record written is the end of the CNAME chain at the challenge name
+//! (or the certificate's `dns_alias`), in the zone that holds it there:
+//! BIND ignores a TXT record added next to a CNAME (RFC 2136 §3.4.2.2).
 
 use std::net::SocketAddr;
 
@@ -14,11 +18,8 @@ use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::rdata::tsig::TsigAlgorithm as HickoryAlgorithm;
 use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
 
-use super::propagation::{PropagationCheck, ZoneHint};
-use super::{
-    DnsError, QUERY_TIMEOUT, challenge_record, display_name, fqdn, query, resolve, send_signed,
-    soa_owner,
-};
+use super::propagation::{Expect, PropagationCheck, ZoneHint};
+use super::{DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, send_signed, soa_owner};
 use crate::config::{ChallengeKind, Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
 use crate::solver::{ChallengeSpec, Solver, SolverError};
 
@@ -71,24 +72,31 @@ impl Rfc2136Solver {
         })
     }
 
-    /// The server's address and the zone `record` is in: configured, or
-    /// the owner of the SOA the server returns for the record.
-    async fn locate(&self, record: &Name) -> Result<(SocketAddr, Name), DnsError> {
-        let server = resolve(&self.server)
+    /// The server's first address.
+    async fn server_addr(&self) -> Result<SocketAddr, DnsError> {
+        resolve(&self.server)
             .await?
             .first()
             .copied()
             .ok_or_else(|| DnsError::Resolve {
                 host: self.server.host.clone(),
                 detail: "no addresses".into(),
-            })?;
+            })
+    }
+
+    /// The zone `record` is in: configured, or the owner of the SOA the
+    /// server returns for the record.
+    async fn locate(&self, server: SocketAddr, record: &Name) -> Result<Name, DnsError> {
         let zone = match &self.zone {
             Some(z) => z.clone(),
             None => {
                 let msg = query(server, record, RecordType::SOA, false, QUERY_TIMEOUT).await?;
-                soa_owner(&msg).ok_or(DnsError::Rcode {
-                    rcode: msg.metadata.response_code,
-                    tsig: None,
+                soa_owner(&msg).ok_or_else(|| {
+                    DnsError::Name(format!(
+                        "{} is in no zone this server serves (it answered {} without an SOA)",
+                        display_name(record),
+                        msg.metadata.response_code
+                    ))
                 })?
             }
         };
@@ -99,29 +107,56 @@ impl Rfc2136Solver {
                 display_name(&zone)
             )));
         }
-        Ok((server, zone))
+        Ok(zone)
+    }
+
+    /// The primary, the record to write (the end of the CNAME chain) and
+    /// its zone. `action` names the step in errors.
+    async fn target(
+        &self,
+        action: &'static str,
+        c: &ChallengeSpec,
+    ) -> Result<(SocketAddr, Name, Name), SolverError> {
+        let record = c.dns_record();
+        let err = |record: &str, source: DnsError| SolverError::Rfc2136 {
+            action,
+            server: self.server.to_string(),
+            zone: self
+                .zone
+                .as_ref()
+                .map_or_else(|| "(not found)".to_owned(), display_name),
+            record: record.to_owned(),
+            source: Box::new(source),
+        };
+        let server = self.server_addr().await.map_err(|e| err(&record, e))?;
+        let name = self
+            .propagation
+            .follow_cnames(&record, Some(server))
+            .await
+            .map_err(|source| SolverError::DnsTarget {
+                record: record.clone(),
+                source: Box::new(source),
+            })?;
+        let zone = self
+            .locate(server, &name)
+            .await
+            .map_err(|e| err(&display_name(&name), e))?;
+        Ok((server, name, zone))
     }
 
     async fn update(&self, action: &'static str, c: &ChallengeSpec) -> Result<(), SolverError> {
-        let record = challenge_record(&c.identifier);
-        let mut zone_text = self
-            .zone
-            .as_ref()
-            .map_or_else(|| "(not found)".to_owned(), display_name);
-        let err = |zone: &str, source: DnsError| SolverError::Rfc2136 {
-            action,
-            server: self.server.to_string(),
-            zone: zone.to_owned(),
-            record: record.clone(),
-            source: Box::new(source),
-        };
-        let name = fqdn(&record).map_err(|e| err(&zone_text, e))?;
-        let (server, zone) = self.locate(&name).await.map_err(|e| err(&zone_text, e))?;
-        zone_text = display_name(&zone);
+        let (server, name, zone) = self.target(action, c).await?;
+        let (record, zone_text) = (display_name(&name), display_name(&zone));
         let msg = build_update(action == "add", name, zone, &c.dns_value);
         send_signed(server, msg, &self.signer, QUERY_TIMEOUT)
             .await
-            .map_err(|e| err(&zone_text, e))?;
+            .map_err(|e| SolverError::Rfc2136 {
+                action,
+                server: self.server.to_string(),
+                zone: zone_text.clone(),
+                record: record.clone(),
+                source: Box::new(e),
+            })?;
         tracing::debug!(%record, zone = %zone_text, %server, action, "dns-01 record updated");
         Ok(())
     }
@@ -159,23 +194,15 @@ impl Solver for Rfc2136Solver {
     }
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
-        let record = challenge_record(&c.identifier);
-        let located = match fqdn(&record) {
-            Ok(name) => self.locate(&name).await,
-            Err(e) => Err(e),
-        };
-        let (primary, zone) = located.map_err(|source| SolverError::Rfc2136 {
-            action: "check",
-            server: self.server.to_string(),
-            zone: self
-                .zone
-                .as_ref()
-                .map_or_else(|| "(not found)".to_owned(), display_name),
-            record: record.clone(),
-            source: Box::new(source),
-        })?;
+        let (primary, name, zone) = self.target("check", c).await?;
+        crate::solver::check_alias(&self.propagation, c, &name, Some(primary)).await?;
+        let record = display_name(&name);
         self.propagation
-            .wait(&record, &c.dns_value, Some(&ZoneHint { zone, primary }))
+            .wait(
+                &record,
+                Expect::Value(&c.dns_value),
+                Some(&ZoneHint { zone, primary }),
+            )
             .await
             .map_err(|source| SolverError::Propagation {
                 record,

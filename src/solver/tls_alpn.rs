@@ -203,9 +203,13 @@ mod tests {
             .expect("start");
         let spec = ChallengeSpec {
             identifier: "a.example".into(),
-            token: super::super::Token::parse("tttttttttttttttttttttt").expect("a valid token"),
+            token: Some(
+                super::super::Token::parse("tttttttttttttttttttttt").expect("a valid token"),
+            ),
             key_authorization: "t.thumb".into(),
             dns_value: String::new(),
+            dns_alias: None,
+            persist: None,
         };
         solver.present(&spec).await.expect("present");
         // A client without acme-tls/1 gets an alert, not a hang.

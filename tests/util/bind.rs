@@ -1,6 +1,13 @@
-//! A real BIND 9 (`named`) for one test: primary for the zone
-//! `example.test`, taking dynamic updates signed with a TSIG key generated
-//! here, on a loopback port of its own.
+//! A real BIND 9 (`named`) for one test: primary for the zones
+//! `example.test` and `validation.test`, taking dynamic updates signed with
+//! a TSIG key generated here, on a loopback port of its own. Two challenge
+//! names in `example.test` are CNAMEs into `validation.test`, as for a
+//! delegation to acme-dns or an alias zone.
+//!
+//! [`Bind::resolver`] starts a second named that resolves (forwarding to
+//! the first), as the CA's resolver does: an authoritative server answers
+//! a CNAME into another zone with the CNAME alone, and only a resolver
+//! follows it.
 //!
 //! Everything named writes (pid file, journal, session key, logs) stays in
 //! a temporary directory; rndc is off (`controls { };`), recursion is off,
@@ -35,6 +42,14 @@ pub struct Bind {
 impl Bind {
     /// The zone named is primary for.
     pub const ZONE: &'static str = "example.test";
+    /// A second zone, that challenge names are delegated to.
+    pub const ALIAS_ZONE: &'static str = "validation.test";
+    /// `_acme-challenge.cname.example.test` is a CNAME to this name, like a
+    /// delegation to acme-dns (a random label in its zone).
+    pub const CNAME_TARGET: &'static str = "d41fa2c6.validation.test";
+    /// `_acme-challenge.alias.example.test` is a CNAME to this name: where
+    /// `dns_alias = "validation.test"` puts its record.
+    pub const ALIAS_TARGET: &'static str = "_acme-challenge.alias.example.test.validation.test";
     /// The TSIG key allowed to update it.
     pub const KEY_NAME: &'static str = "certd-key";
 
@@ -54,6 +69,45 @@ impl Bind {
             child: None,
         };
         bind.write_config();
+        bind.spawn();
+        bind
+    }
+
+    /// Starts a recursive named that forwards every question to `auth`
+    /// and follows CNAMEs, for Pebble to resolve through.
+    pub fn resolver(auth: &Bind) -> Bind {
+        let dir = tempfile::Builder::new()
+            .prefix("certd-bind-resolver-")
+            .tempdir()
+            .expect("create BIND temp dir");
+        let mut bind = Bind {
+            dir,
+            port: free_port(),
+            secret: String::new(),
+            child: None,
+        };
+        let d = bind.dir.path().display();
+        let conf = format!(
+            r#"options {{
+    directory "{d}";
+    pid-file "{d}/named.pid";
+    session-keyfile "{d}/session.key";
+    managed-keys-directory "{d}";
+    listen-on port {port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    recursion yes;
+    allow-recursion {{ 127.0.0.1; }};
+    dnssec-validation no;
+    forward only;
+    forwarders {{ 127.0.0.1 port {auth}; }};
+    notify no;
+}};
+controls {{ }};
+"#,
+            port = bind.port,
+            auth = auth.port,
+        );
+        write(&bind.dir.path().join("named.conf"), &conf);
         bind.spawn();
         bind
     }
@@ -124,24 +178,42 @@ zone "{zone}" {{
     file "{d}/{zone}.zone";
     allow-update {{ key {key}; }};
 }};
+zone "{alias}" {{
+    type primary;
+    file "{d}/{alias}.zone";
+    allow-update {{ key {key}; }};
+}};
 "#,
             port = self.port,
             key = Self::KEY_NAME,
             secret = self.secret,
             zone = Self::ZONE,
+            alias = Self::ALIAS_ZONE,
         );
         write(&self.dir.path().join("named.conf"), &conf);
         // A negative-caching TTL of 1 s: a resolver that asked before the
         // record existed asks again soon.
+        let soa = |z: &str| {
+            format!(
+                "$TTL 60\n\
+                 @  IN SOA ns.{z}. hostmaster.{z}. 1 3600 600 86400 1\n\
+                 \x20  IN NS ns.{z}.\n\
+                 ns IN A 127.0.0.1\n"
+            )
+        };
         let zone = format!(
-            "$TTL 60\n\
-             @  IN SOA ns.{z}. hostmaster.{z}. 1 3600 600 86400 1\n\
-             \x20  IN NS ns.{z}.\n\
-             ns IN A 127.0.0.1\n\
-             *  IN A 127.0.0.1\n",
-            z = Self::ZONE
+            "{}*  IN A 127.0.0.1\n\
+             _acme-challenge.cname IN CNAME {}.\n\
+             _acme-challenge.alias IN CNAME {}.\n",
+            soa(Self::ZONE),
+            Self::CNAME_TARGET,
+            Self::ALIAS_TARGET,
         );
         write(&self.dir.path().join(format!("{}.zone", Self::ZONE)), &zone);
+        write(
+            &self.dir.path().join(format!("{}.zone", Self::ALIAS_ZONE)),
+            &soa(Self::ALIAS_ZONE),
+        );
     }
 
     fn spawn(&mut self) {
