@@ -1,8 +1,10 @@
 //! Telling an operator when renewals keep failing, and when they recover:
 //! the `[notify] command`, run with the details in environment variables:
 //! `CERTD_EVENT`, `CERTD_NAME`, `CERTD_DOMAINS`, `CERTD_FAILURES`, and
-//! `CERTD_ERROR` or `CERTD_NOT_AFTER`. Besides these it sees only `PATH` and
-//! `LANG`, and runs in its own process group (`install::run_program`).
+//! `CERTD_ERROR` or `CERTD_NOT_AFTER`, and `CERTD_EXPLANATION_URL` when the
+//! CA's last ARI answer (RFC 9773) for the certificate gave one. Besides
+//! these it sees only `PATH` and `LANG`, and runs in its own process group
+//! (`install::run_program`).
 
 use std::ffi::OsStr;
 
@@ -67,13 +69,24 @@ pub async fn after_renewal(
     } else {
         "CERTD_NOT_AFTER"
     };
-    let env: [(&str, &OsStr); 5] = [
+    // The window that made certd renew: recorded at the last ARI check,
+    // which a renewal's success has not replaced yet.
+    let explanation = store
+        .certificate(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.ari_explanation_url);
+    let mut env: Vec<(&str, &OsStr)> = vec![
         ("CERTD_EVENT", event.as_ref()),
         ("CERTD_NAME", name.as_ref()),
         ("CERTD_DOMAINS", domains.as_ref().as_ref()),
         ("CERTD_FAILURES", failures.as_ref()),
         (detail_key, detail.as_ref().as_ref()),
     ];
+    if let Some(url) = &explanation {
+        env.push(("CERTD_EXPLANATION_URL", url.as_ref()));
+    }
     let result = run_command(&cfg.command, &env, cfg.timeout).await;
     let kind = if result.ok {
         "notified"

@@ -758,6 +758,8 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
     let now = UnixTime::now();
     let existing = open_existing(&cfg).await?;
     let mut due = Vec::new();
+    // Made on the first ARI question: nothing installed, nothing to ask.
+    let mut http: Option<AcmeHttp> = None;
     for c in cfg
         .certificates
         .iter()
@@ -768,13 +770,30 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
             Some(s) => s.revoked_serial(c.name.as_str()).await?,
             None => None,
         };
-        match scheduler::due(
+        let mut verdict = scheduler::due(
             c,
             installed.as_ref(),
             revoked.as_deref(),
             now,
             cfg.daemon.renew_remaining,
-        ) {
+        );
+        // Where the CA offers an ARI window, the window decides, as in
+        // the daemon: due once it has started.
+        if let (Due::Now(Reason::RenewalWindow) | Due::At(_), Some(info)) = (&verdict, &installed) {
+            if http.is_none() {
+                http = Some(AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?);
+            }
+            if let Some(http) = &http
+                && let Some(window) = ari_window(&cfg, http, existing.as_ref(), c, info).await
+            {
+                verdict = if now.secs() >= window.start {
+                    Due::Now(Reason::AriWindow)
+                } else {
+                    Due::At(UnixTime::from_secs(window.start))
+                };
+            }
+        }
+        match verdict {
             Due::Now(reason) => due.push((c.clone(), reason)),
             Due::At(_) if force => due.push((c.clone(), Reason::Forced)),
             Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
@@ -795,6 +814,43 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
     let result = renew_due(&cfg, &store, due).await;
     store.close().await;
     result
+}
+
+/// The CA's ARI window for `info` (RFC 9773), recorded in the ledger when
+/// there is one. A failed check is reported and recorded, and leaves the
+/// lifetime rule in charge for this run.
+async fn ari_window(
+    cfg: &Config,
+    http: &AcmeHttp,
+    store: Option<&Store>,
+    c: &CertificateConfig,
+    info: &crate::install::CertInfo,
+) -> Option<crate::acme::ari::Window> {
+    let answer = crate::acme::ari::renewal_info(
+        http.plain(),
+        cfg.acme.directory.as_str(),
+        info.ari_id.as_deref(),
+    )
+    .await;
+    let (window, error) = match answer {
+        Ok(a) => (Some(a.window), None),
+        Err(crate::acme::ari::AriError::Unsupported) => return None,
+        Err(e) => {
+            errln!("certd: {}: {e}", c.name);
+            (None, Some(e.to_string()))
+        }
+    };
+    if let Some(store) = store {
+        let record = crate::store::AriRecord {
+            window: window.as_ref(),
+            next_check: None,
+            error: error.as_deref(),
+        };
+        let _ = store
+            .record_ari(c.name.as_str(), &info.serial, &record)
+            .await;
+    }
+    window
 }
 
 async fn renew_due(

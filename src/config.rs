@@ -67,6 +67,9 @@ pub struct DaemonConfig {
     /// First retry delay after a failure; doubles per failure.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How often to ask the CA for a certificate's ARI window (RFC 9773);
+    /// the CA's `Retry-After` shortens it.
+    pub ari_interval: Duration,
     /// How long SIGTERM waits for in-flight orders.
     pub shutdown_grace: Duration,
     /// Log filter when `RUST_LOG` is unset.
@@ -80,6 +83,8 @@ impl Default for DaemonConfig {
             renew_remaining: 1.0 / 3.0,
             backoff_min: Duration::from_secs(60),
             backoff_max: Duration::from_secs(6 * 3600),
+            // Let's Encrypt's integration guide: twice a day.
+            ari_interval: Duration::from_secs(12 * 3600),
             shutdown_grace: Duration::from_secs(30),
             log_level: "info".into(),
         }
@@ -1000,6 +1005,9 @@ impl Validator<'_> {
             }
             cfg.renew_remaining = v;
         }
+        if let Some(d) = raw.ari_interval {
+            cfg.ari_interval = self.duration(&d, "daemon.ari_interval")?;
+        }
         if let Some(d) = raw.backoff_min {
             cfg.backoff_min = self.duration(&d, "daemon.backoff_min")?;
         }
@@ -1377,6 +1385,7 @@ mod raw {
         pub renew_remaining: Option<Spanned<f64>>,
         pub backoff_min: Option<Spanned<String>>,
         pub backoff_max: Option<Spanned<String>>,
+        pub ari_interval: Option<Spanned<String>>,
         pub shutdown_grace: Option<Spanned<String>>,
         pub log_level: Option<Spanned<String>>,
     }

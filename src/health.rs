@@ -155,6 +155,7 @@ mod tests {
             last_error: error.map(String::from),
             next_renewal_at: Some(next),
             consecutive_failures: i64::from(error.is_some()),
+            ..CertificateRow::default()
         }
     }
 
