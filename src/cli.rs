@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 mod polkit;
 mod status;
 
+use crate::acme::ari::{self, AriError, Window};
 use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
 use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
 use crate::clock::{UnixTime, rfc3339};
@@ -816,41 +817,68 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
     result
 }
 
-/// The CA's ARI window for `info` (RFC 9773), recorded in the ledger when
-/// there is one. A failed check is reported and recorded, and leaves the
-/// lifetime rule in charge for this run.
+/// The CA's ARI window for `info` (RFC 9773). The ledger's answer for
+/// the same certificate stands until its re-check time (the CA's
+/// `Retry-After`, at most `[daemon] ari_interval`), so a timer running
+/// `certd renew` often does not ask more often than the daemon would.
+/// A new answer is recorded; a failed check is reported and recorded, and
+/// leaves the last good window (if any) in charge.
 async fn ari_window(
     cfg: &Config,
     http: &AcmeHttp,
     store: Option<&Store>,
     c: &CertificateConfig,
     info: &crate::install::CertInfo,
-) -> Option<crate::acme::ari::Window> {
-    let answer = crate::acme::ari::renewal_info(
+) -> Option<Window> {
+    let now = UnixTime::now();
+    let name = c.name.as_str();
+    let row = match store {
+        Some(s) => s.certificate(name).await.ok().flatten(),
+        None => None,
+    };
+    let recorded = row.filter(|r| r.ari_serial.as_deref() == Some(info.serial.as_str()));
+    let recorded_window = recorded.as_ref().and_then(|r| {
+        Some(Window {
+            start: r.ari_window_start?,
+            end: r.ari_window_end?,
+            explanation_url: r.ari_explanation_url.clone(),
+        })
+    });
+    if recorded
+        .as_ref()
+        .and_then(|r| r.ari_next_check)
+        .is_some_and(|t| t > now.secs())
+    {
+        return recorded_window;
+    }
+    let answer = ari::renewal_info(
         http.plain(),
         cfg.acme.directory.as_str(),
         info.ari_id.as_deref(),
     )
     .await;
-    let (window, error) = match answer {
-        Ok(a) => (Some(a.window), None),
-        Err(crate::acme::ari::AriError::Unsupported) => return None,
+    let interval = cfg.daemon.ari_interval;
+    let (window, next_check, error) = match answer {
+        Ok(a) => {
+            let next = now.plus(scheduler::ari_recheck_delay(a.retry_after, interval));
+            (Some(a.window), next, None)
+        }
+        Err(AriError::Unsupported) => return None,
         Err(e) => {
-            errln!("certd: {}: {e}", c.name);
-            (None, Some(e.to_string()))
+            errln!("certd: {name}: {e}");
+            let next = now.plus(scheduler::ari_error_delay(&e, 1, interval));
+            (None, next, Some(e.to_string()))
         }
     };
     if let Some(store) = store {
         let record = crate::store::AriRecord {
             window: window.as_ref(),
-            next_check: None,
+            next_check: Some(next_check.secs()),
             error: error.as_deref(),
         };
-        let _ = store
-            .record_ari(c.name.as_str(), &info.serial, &record)
-            .await;
+        let _ = store.record_ari(name, &info.serial, &record).await;
     }
-    window
+    window.or(recorded_window)
 }
 
 async fn renew_due(

@@ -126,7 +126,7 @@ pub fn ari_instant(window: &Window, info: &CertInfo) -> UnixTime {
 /// When to ask for a window again after a good answer: the configured
 /// interval, sooner if the CA's `Retry-After` asks (never sooner than a
 /// minute, unless the interval itself is shorter).
-fn ari_recheck_delay(retry_after: Option<Duration>, interval: Duration) -> Duration {
+pub(crate) fn ari_recheck_delay(retry_after: Option<Duration>, interval: Duration) -> Duration {
     let floor = Duration::from_secs(60).min(interval);
     retry_after
         .map_or(interval, |r| r.max(floor).min(interval))
@@ -135,9 +135,11 @@ fn ari_recheck_delay(retry_after: Option<Duration>, interval: Duration) -> Durat
 
 /// When to ask again after a failed check (RFC 9773 §4.3.3): in six hours
 /// after a long-term error; after a temporary one, when the CA's
-/// `Retry-After` says or after a backoff doubling from a minute.
-fn ari_error_delay(error: &AriError, errors: u32) -> Duration {
-    match error {
+/// `Retry-After` says or after a backoff doubling from a minute. Never
+/// later than the configured interval, which an operator may set shorter
+/// (the default, twice a day, leaves the RFC's six hours).
+pub(crate) fn ari_error_delay(error: &AriError, errors: u32, interval: Duration) -> Duration {
+    let delay = match error {
         AriError::Temporary {
             retry_after: Some(r),
             ..
@@ -146,7 +148,8 @@ fn ari_error_delay(error: &AriError, errors: u32) -> Duration {
             failure_backoff(errors, Duration::from_secs(60), ari::LONG_TERM_RETRY)
         }
         AriError::LongTerm(_) | AriError::Unsupported => ari::LONG_TERM_RETRY,
-    }
+    };
+    delay.min(interval).max(Duration::from_secs(1))
 }
 
 /// The failure backoff, capped at an eighth of the time `info` has left:
@@ -447,7 +450,7 @@ impl Scheduler {
             Err(AriError::Unsupported) => (None, None, None),
             Err(e) => {
                 entry.ari_errors += 1;
-                let recheck = now.plus(ari_error_delay(&e, entry.ari_errors));
+                let recheck = now.plus(ari_error_delay(&e, entry.ari_errors, interval));
                 tracing::warn!(cert = %name, serial = %info.serial, error = %e, next_check = %recheck.rfc3339(), "ARI check failed; keeping the last window");
                 (kept, Some(recheck), Some(e.to_string()))
             }
@@ -833,14 +836,15 @@ mod tests {
             Duration::from_secs(2)
         );
         let long = AriError::LongTerm("bad JSON".into());
-        assert_eq!(ari_error_delay(&long, 1), h(6));
-        assert_eq!(ari_error_delay(&long, 9), h(6));
+        assert_eq!(ari_error_delay(&long, 1, h(12)), h(6));
+        assert_eq!(ari_error_delay(&long, 9, h(12)), h(6));
+        assert_eq!(ari_error_delay(&long, 1, h(2)), h(2));
         let temporary = AriError::Temporary {
             detail: "503".into(),
             retry_after: None,
         };
-        assert!(ari_error_delay(&temporary, 1) <= Duration::from_secs(60));
-        assert!(ari_error_delay(&temporary, 30) <= h(6));
+        assert!(ari_error_delay(&temporary, 1, h(12)) <= Duration::from_secs(60));
+        assert!(ari_error_delay(&temporary, 30, h(12)) <= h(6));
     }
 
     #[test]
