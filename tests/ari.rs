@@ -321,3 +321,32 @@ fn shortlived_certificate_renews_at_half_and_warns_on_failure() {
     assert_eq!(unix(&s[0]["not_after"]), not_after);
     assert_eq!(unix(&s[0]["next_renewal_at"]), next, "{s}");
 }
+
+/// A renewal the CA's window asked for fails: the notify command is told
+/// why the CA wanted it (`CERTD_EXPLANATION_URL`).
+#[test]
+fn notify_command_hears_the_explanation() {
+    let env = TestEnv::new();
+    let seen = env.dir().join("notify.env");
+    env.write_config(&format!(
+        "\n[notify]\ncommand = \"env > '{}'\"\nafter_failures = 1\n{}",
+        seen.display(),
+        cert("told", "told.example.test", "default")
+    ));
+    env.certd(&["renew"]).assert_success();
+    let (pem, first_serial, _) = installed_leaf(&env, "told");
+    set_renewal_info(&env, &pem, &window(-7200, -3600));
+    // Due by its window, but http-01 cannot be answered (the port is taken).
+    let blocker = TcpListener::bind(("127.0.0.1", env.pebble.http01_port())).expect("take port");
+    let out = env.certd(&["renew"]);
+    drop(blocker);
+    out.assert_failure();
+    assert!(out.stdout.contains("told"), "{out}");
+    let env_seen = fs::read_to_string(&seen).expect("the notify command ran");
+    assert!(
+        env_seen.contains(&format!("CERTD_EXPLANATION_URL={EXPLANATION}")),
+        "{env_seen}"
+    );
+    assert!(env_seen.contains("CERTD_EVENT=renewal-failed"), "{env_seen}");
+    assert_eq!(installed_leaf(&env, "told").1, first_serial);
+}
