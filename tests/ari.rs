@@ -347,6 +347,42 @@ fn notify_command_hears_the_explanation() {
         env_seen.contains(&format!("CERTD_EXPLANATION_URL={EXPLANATION}")),
         "{env_seen}"
     );
-    assert!(env_seen.contains("CERTD_EVENT=renewal-failed"), "{env_seen}");
+    assert!(
+        env_seen.contains("CERTD_EVENT=renewal-failed"),
+        "{env_seen}"
+    );
     assert_eq!(installed_leaf(&env, "told").1, first_serial);
+}
+
+/// An operator rolled back to a certificate the CA already saw replaced:
+/// the CA's `alreadyReplaced` (409) is an answer. certd orders again
+/// without `replaces` and installs the new certificate.
+#[test]
+fn already_replaced_is_an_answer() {
+    let env = TestEnv::new();
+    env.write_config(&cert("back", "back.example.test", "default"));
+    env.certd(&["renew"]).assert_success();
+    let (_, first_serial, _) = installed_leaf(&env, "back");
+    let dir = env.cert_dir().join("back");
+    let first_version = fs::read_link(dir.join("current")).expect("current link");
+    env.certd(&["renew", "--force"]).assert_success();
+    let (_, second_serial, _) = installed_leaf(&env, "back");
+    assert_ne!(second_serial, first_serial);
+
+    // The rollback `install` keeps the previous version for.
+    let tmp = dir.join("current.rollback");
+    std::os::unix::fs::symlink(&first_version, &tmp).expect("symlink");
+    fs::rename(&tmp, dir.join("current")).expect("roll back");
+    assert_eq!(installed_leaf(&env, "back").1, first_serial);
+
+    let out = env.certd(&["renew", "--force"]);
+    out.assert_success();
+    assert!(out.stderr.contains("alreadyReplaced"), "{out}");
+    let (_, third_serial, _) = installed_leaf(&env, "back");
+    assert!(
+        third_serial != first_serial && third_serial != second_serial,
+        "{out}"
+    );
+    let order = issuing_order(&env, &third_serial);
+    assert!(order.get("replaces").is_none(), "{order}");
 }
