@@ -386,3 +386,35 @@ fn already_replaced_is_an_answer() {
     let order = issuing_order(&env, &third_serial);
     assert!(order.get("replaces").is_none(), "{order}");
 }
+
+/// Pebble forgets its certificates and issuers when it restarts, and then
+/// answers `renewalInfo` with a 400 problem (no Retry-After). That is the
+/// CA's answer, reported as such (instant-acme 0.8.5 reported "missing
+/// Retry-After header"), a long-term error; the lifetime rule keeps the
+/// certificate, which is not due.
+#[test]
+fn a_certificate_the_ca_does_not_know_is_a_clear_error() {
+    let mut env = TestEnv::new();
+    env.write_config(&cert("lost", "lost.example.test", "default"));
+    env.certd(&["renew"]).assert_success();
+    let (_, serial, _) = installed_leaf(&env, "lost");
+    env.pebble.restart();
+    let out = env.certd(&["renew"]);
+    out.assert_success();
+    assert!(out.stdout.contains("lost: valid, not due until"), "{out}");
+    assert!(
+        out.stderr
+            .contains("lost: ARI error: the CA answered 400 Bad Request: malformed: "),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("Retry-After"), "{out}");
+    assert_eq!(installed_leaf(&env, "lost").1, serial);
+    let s = status_json(&env);
+    assert!(
+        s[0]["ari_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("400")),
+        "{s}"
+    );
+    assert!(s[0]["ari_next_check"].is_string(), "{s}");
+}

@@ -114,7 +114,7 @@ fn interpret(
     retry_after: Option<Duration>,
     body: &[u8],
 ) -> Result<Answer, AriError> {
-    let excerpt = || super::bounded(&String::from_utf8_lossy(body), 200).into_owned();
+    let excerpt = || problem_summary(body);
     if status.is_server_error() {
         return Err(AriError::Temporary {
             detail: format!("the CA answered {status}: {}", excerpt()),
@@ -137,6 +137,30 @@ fn interpret(
         window,
         retry_after,
     })
+}
+
+/// A problem document as `type: detail`, other bodies as their start: one
+/// readable line for `status` and the log.
+fn problem_summary(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Problem {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        detail: Option<String>,
+    }
+    let text = match serde_json::from_slice::<Problem>(body) {
+        Ok(Problem {
+            kind: Some(kind),
+            detail,
+        }) => {
+            let kind = kind
+                .strip_prefix("urn:ietf:params:acme:error:")
+                .unwrap_or(&kind);
+            format!("{kind}: {}", detail.unwrap_or_default().trim())
+        }
+        _ => String::from_utf8_lossy(body).trim().to_owned(),
+    };
+    super::bounded(&text, 200).into_owned()
 }
 
 #[derive(Deserialize)]
