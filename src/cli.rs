@@ -779,8 +779,10 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
             cfg.daemon.renew_remaining,
         );
         // Where the CA offers an ARI window, the window decides, as in
-        // the daemon: due once it has started.
-        if let (Due::Now(Reason::RenewalWindow) | Due::At(_), Some(info)) = (&verdict, &installed) {
+        // the daemon: due once it has started. A forced run need not ask.
+        if let (Due::Now(Reason::RenewalWindow) | Due::At(_), Some(info), false) =
+            (&verdict, &installed, force)
+        {
             if http.is_none() {
                 http = Some(AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?);
             }

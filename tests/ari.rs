@@ -418,3 +418,66 @@ fn a_certificate_the_ca_does_not_know_is_a_clear_error() {
     );
     assert!(s[0]["ari_next_check"].is_string(), "{s}");
 }
+
+/// What an ARI-driven renewal costs: the requests of a forced renewal of
+/// the same certificate, plus the renewalInfo GET (and, for a one-shot
+/// run, which asks before it loads its account, one more directory GET).
+#[test]
+fn an_ari_driven_renewal_costs_one_renewal_info_get() {
+    let env = TestEnv::with_pebble_opts(PebbleOpts {
+        nonce_reject: Some(0),
+        authz_reuse: Some(0),
+        ..PebbleOpts::default()
+    });
+    env.write_config(&cert("cost", "cost.example.test", "default"));
+    env.certd(&["renew"]).assert_success();
+    let requests_of = |args: &[&str]| {
+        let before = env.pebble.pebble_log().len();
+        env.certd(args).assert_success();
+        let log = env.pebble.pebble_log();
+        // "Pebble 2026/11/29 17:54:40 GET /dir -> calling handler()"
+        let mut handled: Vec<String> = log[before..]
+            .lines()
+            .filter_map(|l| l.strip_suffix(" -> calling handler()"))
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words[words.len().saturating_sub(2)..].join(" ")
+            })
+            .collect();
+        handled.sort();
+        handled
+    };
+    // Polls (authorization, order) depend on how fast Pebble validates;
+    // every other request is the protocol's own.
+    let unpolled = |requests: Vec<String>| -> Vec<String> {
+        requests
+            .into_iter()
+            .filter(|r| r != "POST /authZ/" && r != "POST /my-order/")
+            .collect()
+    };
+    let forced = requests_of(&["renew", "--force"]);
+    assert!(forced.contains(&"POST /authZ/".to_owned()), "{forced:#?}");
+    let forced = unpolled(forced);
+    // The protocol: the directory, a nonce, newOrder, the challenge,
+    // finalize, the certificate. certd's account is known: no newAccount.
+    assert_eq!(
+        forced,
+        [
+            "GET /dir",
+            "HEAD /nonce-plz",
+            "POST /certZ/",
+            "POST /chalZ/",
+            "POST /finalize-order/",
+            "POST /order-plz"
+        ],
+        "{forced:#?}"
+    );
+    let (pem, _, _) = installed_leaf(&env, "cost");
+    set_renewal_info(&env, &pem, &window(-7200, -3600));
+    let driven = unpolled(requests_of(&["renew"]));
+    let mut expected = forced.clone();
+    expected.push("GET /dir".to_owned());
+    expected.push("GET /draft-ietf-acme-ari-03/renewalInfo/".to_owned());
+    expected.sort();
+    assert_eq!(driven, expected);
+}
