@@ -790,6 +790,12 @@ async fn renew(cfg: Config, names: &[String], force: bool) -> anyhow::Result<Exi
                 && let Some(window) = ari_window(&cfg, http, existing.as_ref(), c, info).await
             {
                 verdict = if now.secs() >= window.start {
+                    tracing::info!(
+                        cert = %c.name,
+                        window_start = %UnixTime::from_secs(window.start).rfc3339(),
+                        explanation = window.explanation_url.as_deref().unwrap_or("none given"),
+                        "the CA's ARI window has started"
+                    );
                     Due::Now(Reason::AriWindow)
                 } else {
                     Due::At(UnixTime::from_secs(window.start))

@@ -277,6 +277,13 @@ fn one_shot_renew_follows_the_window_and_survives_garbage() {
     out.assert_success();
     let (_, second_serial, _) = installed_leaf(&env, "once");
     assert_ne!(second_serial, first_serial, "{out}");
+    // The log names why the CA wanted the renewal.
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.contains("ARI window has started") && l.contains(EXPLANATION)),
+        "{out}"
+    );
     let order = issuing_order(&env, &second_serial);
     assert_eq!(
         order["replaces"].as_str(),
