@@ -1817,6 +1817,22 @@ domains = ["Example.COM", "www.example.com."]"#,
     }
 
     #[test]
+    fn ari_interval_defaults_to_twice_a_day() {
+        let cfg = parse(&with_cert("name = \"w\"\ndomains = [\"a.example\"]")).expect("valid");
+        assert_eq!(cfg.daemon.ari_interval, Duration::from_secs(12 * 3600));
+        let text = format!(
+            "{}[daemon]\nari_interval = \"1h\"\n",
+            with_cert("name = \"w\"\ndomains = [\"a.example\"]")
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(cfg.daemon.ari_interval, Duration::from_secs(3600));
+        let bad = text.replace("\"1h\"", "\"soon\"");
+        assert!(
+            matches!(parse(&bad), Err(ConfigError::Invalid { key, .. }) if key == "daemon.ari_interval")
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
