@@ -1,9 +1,10 @@
 //! Telling an operator when renewals keep failing, and when they recover:
 //! the `[notify] command`, run with the details in environment variables:
 //! `CERTD_EVENT`, `CERTD_NAME`, `CERTD_DOMAINS`, `CERTD_FAILURES`, and
-//! `CERTD_ERROR` or `CERTD_NOT_AFTER`, and for a pause `CERTD_UNPAUSE_URL`.
-//! Besides these it sees only `PATH` and `LANG`, and runs in its own
-//! process group (`install::run_program`).
+//! `CERTD_ERROR` or `CERTD_NOT_AFTER`, for a pause `CERTD_UNPAUSE_URL`, and
+//! `CERTD_EXPLANATION_URL` when the CA's last ARI answer (RFC 9773) for the
+//! certificate gave one. Besides these it sees only `PATH` and `LANG`, and
+//! runs in its own process group (`install::run_program`).
 
 use std::ffi::OsStr;
 
@@ -108,6 +109,14 @@ pub async fn after_renewal(
     } else {
         "CERTD_ERROR"
     };
+    // The window that made certd renew: recorded at the last ARI check,
+    // which a renewal's success has not replaced yet.
+    let explanation = store
+        .certificate(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.ari_explanation_url);
     let mut env: Vec<(&str, &OsStr)> = vec![
         ("CERTD_EVENT", event.as_ref()),
         ("CERTD_NAME", name.as_ref()),
@@ -117,6 +126,9 @@ pub async fn after_renewal(
     ];
     if let Some(url) = &unpause_url {
         env.push(("CERTD_UNPAUSE_URL", url.as_ref()));
+    }
+    if let Some(url) = &explanation {
+        env.push(("CERTD_EXPLANATION_URL", url.as_ref()));
     }
     let result = run_command(&cfg.command, &env, cfg.timeout).await;
     let kind = if result.ok {

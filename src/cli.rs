@@ -45,6 +45,7 @@ mod persist;
 mod polkit;
 mod status;
 
+use crate::acme::ari::{self, AriError, Window};
 use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
 use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
 use crate::clock::{UnixTime, rfc3339};
@@ -1240,6 +1241,8 @@ async fn renew(
     let now = UnixTime::now();
     let existing = open_existing(&cfg).await?;
     let mut due = Vec::new();
+    // Made on the first ARI question: nothing installed, nothing to ask.
+    let mut http: Option<AcmeHttp> = None;
     for c in cfg
         .certificates
         .iter()
@@ -1253,14 +1256,39 @@ async fn renew(
             ),
             None => (None, None),
         };
-        match scheduler::due(
+        let mut verdict = scheduler::due(
             c,
             installed.as_ref(),
             revoked.as_deref(),
             ordered_profile.as_deref(),
             now,
             cfg.daemon.renew_remaining,
-        ) {
+        );
+        // Where the CA offers an ARI window, the window decides, as in
+        // the daemon: due once it has started. A forced run need not ask.
+        if let (Due::Now(Reason::RenewalWindow) | Due::At(_), Some(info), false) =
+            (&verdict, &installed, force)
+        {
+            if http.is_none() {
+                http = Some(AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?);
+            }
+            if let Some(http) = &http
+                && let Some(window) = ari_window(&cfg, http, existing.as_ref(), c, info).await
+            {
+                verdict = if now.secs() >= window.start {
+                    tracing::info!(
+                        cert = %c.name,
+                        window_start = %UnixTime::from_secs(window.start).rfc3339(),
+                        explanation = window.explanation_url.as_deref().unwrap_or("none given"),
+                        "the CA's ARI window has started"
+                    );
+                    Due::Now(Reason::AriWindow)
+                } else {
+                    Due::At(UnixTime::from_secs(window.start))
+                };
+            }
+        }
+        match verdict {
             Due::Now(reason) => due.push((c.clone(), reason)),
             Due::At(_) if force || dry_run => due.push((c.clone(), Reason::Forced)),
             // An operator who names a certificate the CA paused (after
@@ -1310,6 +1338,70 @@ fn staging_directory(url: &reqwest::Url) -> Option<reqwest::Url> {
     )];
     let (_, staging) = KNOWN.iter().find(|(prod, _)| *prod == url.as_str())?;
     reqwest::Url::parse(staging).ok()
+}
+
+/// The CA's ARI window for `info` (RFC 9773). The ledger's answer for
+/// the same certificate stands until its re-check time (the CA's
+/// `Retry-After`, at most `[daemon] ari_interval`), so a timer running
+/// `certd renew` often does not ask more often than the daemon would.
+/// A new answer is recorded; a failed check is reported and recorded, and
+/// leaves the last good window (if any) in charge.
+async fn ari_window(
+    cfg: &Config,
+    http: &AcmeHttp,
+    store: Option<&Store>,
+    c: &CertificateConfig,
+    info: &crate::install::CertInfo,
+) -> Option<Window> {
+    let now = UnixTime::now();
+    let name = c.name.as_str();
+    let row = match store {
+        Some(s) => s.certificate(name).await.ok().flatten(),
+        None => None,
+    };
+    let recorded = row.filter(|r| r.ari_serial.as_deref() == Some(info.serial.as_str()));
+    let recorded_window = recorded.as_ref().and_then(|r| {
+        Some(Window {
+            start: r.ari_window_start?,
+            end: r.ari_window_end?,
+            explanation_url: r.ari_explanation_url.clone(),
+        })
+    });
+    if recorded
+        .as_ref()
+        .and_then(|r| r.ari_next_check)
+        .is_some_and(|t| t > now.secs())
+    {
+        return recorded_window;
+    }
+    let answer = ari::renewal_info(
+        http.plain(),
+        cfg.acme.directory.as_str(),
+        info.ari_id.as_deref(),
+    )
+    .await;
+    let interval = cfg.daemon.ari_interval;
+    let (window, next_check, error) = match answer {
+        Ok(a) => {
+            let next = now.plus(scheduler::ari_recheck_delay(a.retry_after, interval));
+            (Some(a.window), next, None)
+        }
+        Err(AriError::Unsupported) => return None,
+        Err(e) => {
+            errln!("certd: {name}: {e}");
+            let next = now.plus(scheduler::ari_error_delay(&e, 1, interval));
+            (None, next, Some(e.to_string()))
+        }
+    };
+    if let Some(store) = store {
+        let record = crate::store::AriRecord {
+            window: window.as_ref(),
+            next_check: Some(next_check.secs()),
+            error: error.as_deref(),
+        };
+        let _ = store.record_ari(name, &info.serial, &record).await;
+    }
+    window.or(recorded_window)
 }
 
 async fn renew_due(

@@ -67,6 +67,9 @@ pub struct DaemonConfig {
     /// First retry delay after a failure; doubles per failure.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How often to ask the CA for a certificate's ARI window (RFC 9773);
+    /// the CA's `Retry-After` shortens it.
+    pub ari_interval: Duration,
     /// How long SIGTERM waits for in-flight orders.
     pub shutdown_grace: Duration,
     /// Log filter when `RUST_LOG` is unset.
@@ -80,6 +83,8 @@ impl Default for DaemonConfig {
             renew_remaining: 1.0 / 3.0,
             backoff_min: Duration::from_secs(60),
             backoff_max: Duration::from_secs(6 * 3600),
+            // Let's Encrypt's integration guide: twice a day.
+            ari_interval: Duration::from_secs(12 * 3600),
             shutdown_grace: Duration::from_secs(30),
             log_level: "info".into(),
         }
@@ -1181,6 +1186,9 @@ impl Validator<'_> {
             }
             cfg.renew_remaining = v;
         }
+        if let Some(d) = raw.ari_interval {
+            cfg.ari_interval = self.duration(&d, "daemon.ari_interval")?;
+        }
         if let Some(d) = raw.backoff_min {
             cfg.backoff_min = self.duration(&d, "daemon.backoff_min")?;
         }
@@ -1658,6 +1666,7 @@ mod raw {
         pub renew_remaining: Option<Spanned<f64>>,
         pub backoff_min: Option<Spanned<String>>,
         pub backoff_max: Option<Spanned<String>>,
+        pub ari_interval: Option<Spanned<String>>,
         pub shutdown_grace: Option<Spanned<String>>,
         pub log_level: Option<Spanned<String>>,
     }
@@ -2303,6 +2312,22 @@ domains = ["Example.COM", "www.example.com."]"#,
         );
         let text = rfc(&good, "").replace("127.0.0.1:53", "bad host:53");
         expect_error(&text, 14, "dns01.rfc2136.server", "not a server address");
+    }
+
+    #[test]
+    fn ari_interval_defaults_to_twice_a_day() {
+        let cfg = parse(&with_cert("name = \"w\"\ndomains = [\"a.example\"]")).expect("valid");
+        assert_eq!(cfg.daemon.ari_interval, Duration::from_secs(12 * 3600));
+        let text = format!(
+            "{}[daemon]\nari_interval = \"1h\"\n",
+            with_cert("name = \"w\"\ndomains = [\"a.example\"]")
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(cfg.daemon.ari_interval, Duration::from_secs(3600));
+        let bad = text.replace("\"1h\"", "\"soon\"");
+        assert!(
+            matches!(parse(&bad), Err(ConfigError::Invalid { key, .. }) if key == "daemon.ari_interval")
+        );
     }
 
     #[test]

@@ -51,7 +51,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use tokio_util::sync::CancellationToken;
 
 use crate::acme::{
-    AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, is_bad_nonce,
+    AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, ari, is_bad_nonce,
 };
 use crate::clock::UnixTime;
 use crate::config::{self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
@@ -1372,32 +1372,15 @@ async fn download(
     }
 }
 
-/// The CA's ARI renewal window for an installed certificate (RFC 9773):
-/// a uniformly random instant in the suggested window, and when to ask
-/// again (the response's `Retry-After`, at least an hour apart). `None`
-/// where the CA offers no `renewalInfo` or the request fails (the caller
-/// then falls back to the lifetime fraction).
-pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Option<(UnixTime, UnixTime)> {
-    let id = info.ari_id.as_deref()?;
-    let (aki, serial) = id.split_once('.')?;
-    let cert_id = instant_acme::CertificateIdentifier {
-        authority_key_identifier: aki.into(),
-        serial: serial.into(),
-    };
-    match ctx.account.account().renewal_info(&cert_id).await {
-        Ok((ri, retry)) => {
-            let start = ri.suggested_window.start.unix_timestamp();
-            let end = ri.suggested_window.end.unix_timestamp().max(start);
-            let at = start + ((end - start) as f64 * crate::scheduler::random_fraction()) as i64;
-            let recheck = UnixTime::now().plus(retry.max(Duration::from_secs(3600)));
-            Some((UnixTime::from_secs(at), recheck))
-        }
-        Err(instant_acme::Error::Unsupported(_)) => None,
-        Err(e) => {
-            tracing::warn!(serial = %info.serial, error = %AcmeError::from(e), "ARI request failed");
-            None
-        }
-    }
+/// The CA's ARI answer for an installed certificate (RFC 9773), from
+/// certd's own request (see `acme::ari`).
+pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Result<ari::Answer, ari::AriError> {
+    ari::renewal_info(
+        ctx.account.http.plain(),
+        &ctx.account.directory_url,
+        info.ari_id.as_deref(),
+    )
+    .await
 }
 
 /// An instant-acme error, with the `Retry-After` the CA sent for `url`.

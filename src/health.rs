@@ -169,9 +169,7 @@ mod tests {
             last_error: error.map(String::from),
             next_renewal_at: Some(next),
             consecutive_failures: i64::from(error.is_some()),
-            revoked_serial: None,
-            profile: None,
-            profile_warning: None,
+            ..CertificateRow::default()
         }
     }
 

@@ -5,8 +5,17 @@
 //! configured profile preference differs from the one it was ordered
 //! under, or when it expired; otherwise at its renewal time: a uniformly random instant in
 //! the CA's ARI window (RFC 9773) where the CA offers one, else when the
-//! configured fraction of its lifetime remains, less a little jitter so
-//! certificates issued together do not renew together.
+//! configured fraction of its lifetime remains (half of it under 10 days,
+//! see `install::renewal_time`), less a little jitter so certificates
+//! issued together do not renew together.
+//!
+//! The ARI window is asked for at planning and again every
+//! `[daemon] ari_interval` (twice a day by default), sooner when the CA's
+//! `Retry-After` says so. A failed check keeps the last good window and
+//! asks again later (RFC 9773 §4.3.3); it never turns ARI off. The instant
+//! drawn in a window is kept while the window stays the same, and is never
+//! later than [`latest_renewal`], so that a window ending at notAfter still
+//! leaves the failure backoff several tries.
 //!
 //! [`Scheduler::run`] has the shape of mini-redis's purge task: one
 //! `sleep_until` for the earliest deadline, woken early by finished orders,
@@ -25,12 +34,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::acme::ari::{self, AriError, Window};
 use crate::acme::{Disposition, LimitScope, RateLimit};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
 use crate::driver::{self, Context, DriveError, Issued};
 use crate::install::{self, CertInfo, renewal_time};
 use crate::reaper::GuardError;
+use crate::store::AriRecord;
 use crate::store::{ACCOUNT_SCOPE, NewPause, PauseRow, Store};
 
 /// Why a certificate needs a new issuance, or when it will.
@@ -46,6 +57,7 @@ pub enum Reason {
     DomainsChanged,
     ProfileChanged,
     RenewalWindow,
+    AriWindow,
     Expired,
     Revoked,
     Forced,
@@ -58,6 +70,7 @@ impl fmt::Display for Reason {
             Self::DomainsChanged => "domains changed",
             Self::ProfileChanged => "profile changed",
             Self::RenewalWindow => "in its renewal window",
+            Self::AriWindow => "in the CA's ARI renewal window",
             Self::Expired => "expired",
             Self::Revoked => "revoked",
             Self::Forced => "forced",
@@ -99,6 +112,73 @@ pub fn due(
         Due::Now(Reason::RenewalWindow)
     } else {
         Due::At(at)
+    }
+}
+
+/// The latest instant certd renews at, whatever a CA's window says: with
+/// a sixth of the lifetime left. With [`capped_backoff`] that leaves at
+/// least eight retries before expiry.
+pub fn latest_renewal(info: &CertInfo) -> UnixTime {
+    let lifetime = (info.not_after - info.not_before).max(0);
+    UnixTime::from_secs(info.not_after - lifetime / 6)
+}
+
+/// A uniformly random instant in `window`, no later than
+/// [`latest_renewal`] (and no earlier than the window's start).
+pub fn ari_instant(window: &Window, info: &CertInfo) -> UnixTime {
+    let end = window
+        .end
+        .min(latest_renewal(info).secs())
+        .max(window.start);
+    let at = window.start + ((end - window.start) as f64 * random_fraction()) as i64;
+    UnixTime::from_secs(at)
+}
+
+/// When to ask for a window again after a good answer: the configured
+/// interval, sooner if the CA's `Retry-After` asks (never sooner than a
+/// minute, unless the interval itself is shorter).
+pub(crate) fn ari_recheck_delay(retry_after: Option<Duration>, interval: Duration) -> Duration {
+    let floor = Duration::from_secs(60).min(interval);
+    retry_after
+        .map_or(interval, |r| r.max(floor).min(interval))
+        .max(Duration::from_secs(1))
+}
+
+/// When to ask again after a failed check (RFC 9773 §4.3.3): in six hours
+/// after a long-term error; after a temporary one, when the CA's
+/// `Retry-After` says or after a backoff doubling from a minute. Never
+/// later than the configured interval, which an operator may set shorter
+/// (the default, twice a day, leaves the RFC's six hours).
+pub(crate) fn ari_error_delay(error: &AriError, errors: u32, interval: Duration) -> Duration {
+    let delay = match error {
+        AriError::Temporary {
+            retry_after: Some(r),
+            ..
+        } => (*r).min(ari::LONG_TERM_RETRY),
+        AriError::Temporary { .. } => {
+            failure_backoff(errors, Duration::from_secs(60), ari::LONG_TERM_RETRY)
+        }
+        AriError::LongTerm(_) | AriError::Unsupported => ari::LONG_TERM_RETRY,
+    };
+    delay.min(interval).max(Duration::from_secs(1))
+}
+
+/// The failure backoff, capped at an eighth of the time `info` has left:
+/// a 6-day certificate must not wait 6 hours between its last few tries.
+pub fn capped_backoff(
+    failures: u32,
+    min: Duration,
+    max: Duration,
+    info: Option<&CertInfo>,
+    now: UnixTime,
+) -> Duration {
+    let d = failure_backoff(failures, min, max);
+    match info {
+        Some(info) => {
+            let left = u64::try_from(info.not_after - now.secs()).unwrap_or(0);
+            d.min(Duration::from_secs(left / 8).max(min.min(Duration::from_secs(60))))
+        }
+        None => d,
     }
 }
 
@@ -237,6 +317,14 @@ pub async fn record_limit(
     HeldBack { until, why, news }
 }
 
+/// A window the CA suggested, for which certificate, and when in it.
+#[derive(Debug, Clone)]
+struct AriPlan {
+    serial: String,
+    window: Window,
+    at: UnixTime,
+}
+
 struct Entry {
     cert: CertificateConfig,
     next: UnixTime,
@@ -246,6 +334,11 @@ struct Entry {
     running: Option<CancellationToken>,
     /// When to ask the CA for a new ARI window.
     ari_recheck: Option<UnixTime>,
+    /// The last good ARI window of the installed certificate and the
+    /// instant drawn in it.
+    ari: Option<AriPlan>,
+    /// Failed ARI checks since the last good one.
+    ari_errors: u32,
     /// Bumped on every configuration change, so a result from before a
     /// change is not applied to the changed certificate.
     generation: u64,
@@ -410,6 +503,8 @@ impl Scheduler {
             failures: 0,
             running: None,
             ari_recheck: None,
+            ari: None,
+            ari_errors: 0,
             generation: self.generation,
         };
         self.plan(&mut entry).await;
@@ -457,15 +552,17 @@ impl Scheduler {
             now,
             self.cfg.daemon.renew_remaining,
         ) {
+            // The lifetime rule's time has come, but a CA's window
+            // decides where it offers one.
+            Due::Now(Reason::RenewalWindow) | Due::At(_) => {
+                // `due` returns these only with a certificate installed.
+                let Some(info) = installed else { return };
+                self.plan_installed(entry, &info).await;
+            }
             Due::Now(reason) => {
                 entry.next = now;
                 entry.why = reason.to_string();
                 entry.ari_recheck = None;
-            }
-            Due::At(_) => {
-                // `due` returned At, so a certificate is installed.
-                let Some(info) = installed else { return };
-                self.plan_installed(entry, &info).await;
             }
         }
         tracing::debug!(cert = %entry.cert.name, next = %entry.next.rfc3339(), why = %entry.why, "scheduled");
@@ -476,16 +573,64 @@ impl Scheduler {
             .await;
     }
 
+    /// Plans an installed certificate by its ARI window, or by the
+    /// lifetime rule where the CA offers none, and records the answer.
     async fn plan_installed(&self, entry: &mut Entry, info: &CertInfo) {
-        if let Some((at, recheck)) = driver::ari_window(&self.ctx, info).await {
-            entry.next = at;
-            entry.why = "in the CA's ARI renewal window".into();
-            entry.ari_recheck = Some(recheck);
-        } else {
-            entry.next = planned_renewal(info, self.cfg.daemon.renew_remaining);
-            entry.why = "renewal time".into();
-            entry.ari_recheck = None;
+        let now = UnixTime::now();
+        let name = entry.cert.name.to_string();
+        // A window about an earlier certificate says nothing about this one.
+        let kept = entry.ari.take().filter(|p| p.serial == info.serial);
+        let interval = self.cfg.daemon.ari_interval;
+        let (plan, recheck, error) = match driver::ari_window(&self.ctx, info).await {
+            Ok(answer) => {
+                entry.ari_errors = 0;
+                let at = match kept {
+                    Some(p) if p.window == answer.window => p.at,
+                    _ => ari_instant(&answer.window, info),
+                };
+                let plan = AriPlan {
+                    serial: info.serial.clone(),
+                    window: answer.window,
+                    at,
+                };
+                let recheck = now.plus(ari_recheck_delay(answer.retry_after, interval));
+                (Some(plan), Some(recheck), None)
+            }
+            Err(AriError::Unsupported) => (None, None, None),
+            Err(e) => {
+                entry.ari_errors += 1;
+                let recheck = now.plus(ari_error_delay(&e, entry.ari_errors, interval));
+                tracing::warn!(cert = %name, serial = %info.serial, error = %e, next_check = %recheck.rfc3339(), "ARI check failed; keeping the last window");
+                (kept, Some(recheck), Some(e.to_string()))
+            }
+        };
+        match &plan {
+            Some(p) => {
+                entry.next = p.at;
+                entry.why = match &p.window.explanation_url {
+                    Some(url) => format!("in the CA's ARI renewal window (explanation: {url})"),
+                    None => "in the CA's ARI renewal window".into(),
+                };
+            }
+            None => {
+                entry.next = planned_renewal(info, self.cfg.daemon.renew_remaining);
+                entry.why = "renewal time".into();
+            }
         }
+        entry.ari_recheck = recheck;
+        if recheck.is_some() {
+            let record = AriRecord {
+                window: plan.as_ref().map(|p| &p.window),
+                next_check: recheck.map(UnixTime::secs),
+                error: error.as_deref(),
+            };
+            let _ = self
+                .ctx
+                .store
+                .record_ari(&name, &info.serial, &record)
+                .await;
+        }
+        entry.ari = plan;
     }
 
     /// Re-asks the CA for ARI windows whose `Retry-After` has passed.
@@ -643,9 +788,17 @@ impl Scheduler {
                     }
                     None => {
                         let d = &self.cfg.daemon;
-                        let delay = failure_backoff(entry.failures, d.backoff_min, d.backoff_max);
+                        let now = UnixTime::now();
+                        let info = install::installed(&self.ctx.cert_dir, &name);
+                        let delay = capped_backoff(
+                            entry.failures,
+                            d.backoff_min,
+                            d.backoff_max,
+                            info.as_ref(),
+                            now,
+                        );
                         let why = format!("retry {} after failure", entry.failures);
-                        (UnixTime::now().plus(delay), why, false)
+                        (now.plus(delay), why, false)
                     }
                 };
                 entry.next = next;
@@ -867,25 +1020,26 @@ mod tests {
 
     #[test]
     fn due_reasons() {
+        const D: i64 = 86_400;
         let c = cert("[\"b.example\", \"a.example\"]");
-        let now = UnixTime::from_secs(100);
+        let now = UnixTime::from_secs(100 * D);
         assert_eq!(due_third(&c, None, now), Due::Now(Reason::NotInstalled));
-        let i = info(&["a.example"], 0, 900);
+        let i = info(&["a.example"], 0, 900 * D);
         assert_eq!(
             due_third(&c, Some(&i), now),
             Due::Now(Reason::DomainsChanged)
         );
-        let i = info(&["a.example", "b.example"], 0, 900);
+        let i = info(&["a.example", "b.example"], 0, 900 * D);
         assert_eq!(
             due_third(&c, Some(&i), now),
-            Due::At(UnixTime::from_secs(600))
+            Due::At(UnixTime::from_secs(600 * D))
         );
         assert_eq!(
-            due_third(&c, Some(&i), UnixTime::from_secs(600)),
+            due_third(&c, Some(&i), UnixTime::from_secs(600 * D)),
             Due::Now(Reason::RenewalWindow)
         );
         assert_eq!(
-            due_third(&c, Some(&i), UnixTime::from_secs(901)),
+            due_third(&c, Some(&i), UnixTime::from_secs(901 * D)),
             Due::Now(Reason::Expired)
         );
         assert_eq!(
@@ -894,7 +1048,7 @@ mod tests {
         );
         assert_eq!(
             due(&c, Some(&i), Some("02"), None, now, 1.0 / 3.0),
-            Due::At(UnixTime::from_secs(600))
+            Due::At(UnixTime::from_secs(600 * D))
         );
     }
 
@@ -903,7 +1057,9 @@ mod tests {
     /// profiles were recorded) does not.
     #[test]
     fn a_changed_profile_is_due() {
-        let now = UnixTime::from_secs(100);
+        // Long enough (900 days) for the one-third rule.
+        const D: i64 = 86_400;
+        let now = UnixTime::from_secs(100 * D);
         let with = |profile: &str| {
             let mut c = cert("[\"a.example\"]");
             c.profile.names = profile
@@ -913,8 +1069,8 @@ mod tests {
                 .collect();
             c
         };
-        let i = info(&["a.example"], 0, 900);
-        let at = Due::At(UnixTime::from_secs(600));
+        let i = info(&["a.example"], 0, 900 * D);
+        let at = Due::At(UnixTime::from_secs(600 * D));
         let check =
             |c: &CertificateConfig, ordered| due(c, Some(&i), None, ordered, now, 1.0 / 3.0);
         assert_eq!(check(&with(""), Some("")), at);
@@ -931,9 +1087,10 @@ mod tests {
     /// configuration.
     #[test]
     fn ip_names_compare_with_the_installed_sans() {
+        const D: i64 = 86_400;
         let c = cert("[\"b.example\", \"::1\", \"127.0.0.1\"]");
-        let mut i = info(&["b.example"], 0, 900);
-        let now = UnixTime::from_secs(100);
+        let mut i = info(&["b.example"], 0, 900 * D);
+        let now = UnixTime::from_secs(100 * D);
         assert_eq!(
             due_third(&c, Some(&i), now),
             Due::Now(Reason::DomainsChanged)
@@ -941,7 +1098,74 @@ mod tests {
         i.ip_addresses = vec!["127.0.0.1".into(), "::1".into()];
         assert_eq!(
             due_third(&c, Some(&i), now),
-            Due::At(UnixTime::from_secs(600))
+            Due::At(UnixTime::from_secs(600 * D))
         );
+    }
+
+    #[test]
+    fn ari_instant_leaves_room_for_retries() {
+        const D: i64 = 86_400;
+        let i = info(&["a.example"], 0, 6 * D);
+        // A window that ends at notAfter: the instant is drawn before a
+        // sixth of the lifetime remains.
+        let w = Window {
+            start: 4 * D,
+            end: 6 * D,
+            explanation_url: None,
+        };
+        for _ in 0..200 {
+            let at = ari_instant(&w, &i).secs();
+            assert!((4 * D..=5 * D).contains(&at), "{at}");
+        }
+        // A window that starts after that: its start.
+        let late = Window {
+            start: 5 * D + 10,
+            end: 6 * D,
+            explanation_url: None,
+        };
+        assert_eq!(ari_instant(&late, &i).secs(), 5 * D + 10);
+    }
+
+    #[test]
+    fn ari_recheck_follows_retry_after_and_interval() {
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(ari_recheck_delay(None, h(12)), h(12));
+        assert_eq!(ari_recheck_delay(Some(h(6)), h(12)), h(6));
+        assert_eq!(ari_recheck_delay(Some(h(24)), h(12)), h(12));
+        assert_eq!(
+            ari_recheck_delay(Some(Duration::from_secs(1)), h(12)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            ari_recheck_delay(Some(h(6)), Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        let long = AriError::LongTerm("bad JSON".into());
+        assert_eq!(ari_error_delay(&long, 1, h(12)), h(6));
+        assert_eq!(ari_error_delay(&long, 9, h(12)), h(6));
+        assert_eq!(ari_error_delay(&long, 1, h(2)), h(2));
+        let temporary = AriError::Temporary {
+            detail: "503".into(),
+            retry_after: None,
+        };
+        assert!(ari_error_delay(&temporary, 1, h(12)) <= Duration::from_secs(60));
+        assert!(ari_error_delay(&temporary, 30, h(12)) <= h(6));
+    }
+
+    #[test]
+    fn backoff_is_capped_by_the_time_left() {
+        const D: i64 = 86_400;
+        let i = info(&["a.example"], 0, 6 * D);
+        let (min, max) = (Duration::from_secs(60), Duration::from_secs(6 * 3600));
+        // A day left: at most 3 hours between tries, not 6.
+        let now = UnixTime::from_secs(5 * D);
+        for failures in 1..20 {
+            let d = capped_backoff(failures, min, max, Some(&i), now);
+            assert!(d <= Duration::from_secs(3 * 3600), "{d:?}");
+        }
+        // Plenty left: the configured backoff.
+        let far = info(&["a.example"], 0, 90 * D);
+        let d = capped_backoff(20, min, max, Some(&far), UnixTime::from_secs(D));
+        assert!(d >= Duration::from_secs(3 * 3600), "{d:?}");
     }
 }

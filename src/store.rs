@@ -265,8 +265,17 @@ pub struct Store {
     pool: SqlitePool,
 }
 
+/// One ARI check's outcome, as `record_ari` stores it: the window on
+/// success, the error otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct AriRecord<'a> {
+    pub window: Option<&'a crate::acme::ari::Window>,
+    pub next_check: Option<i64>,
+    pub error: Option<&'a str>,
+}
+
 /// A row of `certificates`.
-#[derive(Debug, Clone, FromRow, serde::Deserialize)]
+#[derive(Debug, Clone, Default, FromRow, serde::Deserialize)]
 pub struct CertificateRow {
     pub name: String,
     pub domains: String,
@@ -287,6 +296,14 @@ pub struct CertificateRow {
     pub profile: Option<String>,
     /// Why the last order fell back from the first configured profile.
     pub profile_warning: Option<String>,
+    /// The CA's last ARI answer, for the certificate `ari_serial`.
+    pub ari_serial: Option<String>,
+    pub ari_window_start: Option<i64>,
+    pub ari_window_end: Option<i64>,
+    pub ari_explanation_url: Option<String>,
+    pub ari_checked_at: Option<i64>,
+    pub ari_next_check: Option<i64>,
+    pub ari_error: Option<String>,
 }
 
 impl CertificateRow {
@@ -1222,7 +1239,9 @@ impl Store {
             "SELECT json_group_array(json_array(
                  name, domains, serial, not_before, not_after, installed_at, version,
                  last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
-                 revoked_serial, profile, profile_warning))
+                 revoked_serial, profile, profile_warning,
+                 ari_serial, ari_window_start, ari_window_end, ari_explanation_url,
+                 ari_checked_at, ari_next_check, ari_error))
              FROM (SELECT * FROM certificates ORDER BY name)",
         )
         .fetch_one(&self.pool)
@@ -1338,6 +1357,35 @@ impl Store {
             .bind(name)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Records the CA's ARI answer for the installed certificate `serial`
+    /// of `name`. An error keeps the window of an earlier good answer about
+    /// the same certificate: that window still holds.
+    pub async fn record_ari(&self, name: &str, serial: &str, ari: &AriRecord<'_>) -> Result<()> {
+        sqlx::query(
+            "UPDATE certificates SET
+                 ari_window_start = CASE WHEN ?2 IS NOT NULL THEN ?2
+                     WHEN ari_serial = ?1 THEN ari_window_start END,
+                 ari_window_end = CASE WHEN ?2 IS NOT NULL THEN ?3
+                     WHEN ari_serial = ?1 THEN ari_window_end END,
+                 ari_explanation_url = CASE WHEN ?2 IS NOT NULL THEN ?4
+                     WHEN ari_serial = ?1 THEN ari_explanation_url END,
+                 ari_serial = ?1, ari_checked_at = ?5, ari_next_check = ?6, ari_error = ?7,
+                 updated_at = ?5
+             WHERE name = ?8",
+        )
+        .bind(serial)
+        .bind(ari.window.map(|w| w.start))
+        .bind(ari.window.map(|w| w.end))
+        .bind(ari.window.and_then(|w| w.explanation_url.as_deref()))
+        .bind(UnixTime::now().secs())
+        .bind(ari.next_check)
+        .bind(ari.error)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -1576,7 +1624,9 @@ macro_rules! cert_select {
         concat!(
             "SELECT name, domains, serial, not_before, not_after, installed_at, version,
                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
-                revoked_serial, profile, profile_warning
+                revoked_serial, profile, profile_warning,
+                ari_serial, ari_window_start, ari_window_end, ari_explanation_url,
+                ari_checked_at, ari_next_check, ari_error
              FROM certificates ",
             $tail
         )

@@ -54,6 +54,12 @@ key_type = "ecdsa-p384"
     let status = status_json(&env);
     assert_eq!(status.len(), 2);
     let keys = [
+        "ari_checked_at",
+        "ari_error",
+        "ari_explanation_url",
+        "ari_next_check",
+        "ari_window_end",
+        "ari_window_start",
         "domains",
         "last_attempt_at",
         "last_error",
@@ -99,12 +105,31 @@ key_type = "ecdsa-p384"
     assert_eq!(at_ca.len(), 4);
     assert!(at_ca.values().all(|s| s == "valid"), "{at_ca:?}");
 
-    // Nothing is due: a second run makes no ACME request at all.
+    // Nothing is due. The second run asks the CA only for each
+    // certificate's ARI window (RFC 9773): the directory once and
+    // renewalInfo per certificate, no order, nothing signed.
+    let log_before = env.pebble.pebble_log().len();
+    let again = env.certd(&["renew"]);
+    again.assert_success();
+    assert!(again.stdout.contains("not due until"), "{}", again.stdout);
+    let log = env.pebble.pebble_log();
+    let asked: Vec<&str> = log[log_before..]
+        .lines()
+        .filter(|l| l.contains("calling handler"))
+        .collect();
+    let ari = asked
+        .iter()
+        .filter(|l| l.contains("GET /draft-ietf-acme-ari-03/renewalInfo/"))
+        .count();
+    let directory = asked.iter().filter(|l| l.contains("GET /dir ")).count();
+    assert_eq!((ari, directory, asked.len()), (2, 1, 3), "{asked:#?}");
+    // The CA's answers hold until their re-check time: a third run makes
+    // no request at all.
     let before = ca_requests(&env);
     let again = env.certd(&["renew"]);
     again.assert_success();
     assert!(again.stdout.contains("not due until"), "{}", again.stdout);
-    assert_eq!(ca_requests(&env), before, "second renew talked to the CA");
+    assert_eq!(ca_requests(&env), before, "third renew talked to the CA");
 
     // --force renews one named certificate, and only that one.
     env.certd(&["renew", "--force", "single"]).assert_success();

@@ -7,6 +7,7 @@
 
 mod util;
 
+mod ari;
 mod ca_features;
 mod config;
 mod control;

@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::AcmeConfig;
 use crate::store::Store;
 
+pub mod ari;
 pub mod raw;
 mod trust;
 

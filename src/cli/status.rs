@@ -86,6 +86,7 @@ pub(super) async fn run(
             let mut text = String::new();
             push_status_table(&mut text, &rows, now);
             push_pauses(&mut text, &ledger.pauses, &cfg);
+            push_ari(&mut text, &rows);
             push_accounts(&mut text, &ledger.accounts);
             push_restart_needed(&mut text, ledger.restart_needed.as_deref());
             text
@@ -214,6 +215,18 @@ struct StatusRow<'a> {
     /// The CA's rate limit or pause holding this certificate back.
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_pause: Option<PauseStatus<'a>>,
+    /// The CA's ARI window (RFC 9773) for the installed certificate.
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    ari_window_start: Option<i64>,
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    ari_window_end: Option<i64>,
+    ari_explanation_url: Option<&'a str>,
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    ari_checked_at: Option<i64>,
+    #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
+    ari_next_check: Option<i64>,
+    /// Why the last ARI check failed; the window above still holds.
+    ari_error: Option<&'a str>,
 }
 
 /// A CA rate limit in `status --json`.
@@ -245,6 +258,8 @@ fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -
     // configuration, or while a failed attempt waits for its retry;
     // otherwise the certificate is due now.
     let failing = row.is_some_and(|r| r.last_result.as_deref() == Some("error"));
+    // An ARI answer about a certificate no longer installed says nothing.
+    let ari = row.filter(|r| r.ari_serial.is_some() && r.ari_serial == r.serial);
     let next = match row.and_then(|r| r.next_renewal_at) {
         Some(t) if installed && !domains_changed => t,
         Some(t) if failing && t > now.secs() => t,
@@ -274,6 +289,12 @@ fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -
                 unpause_url: p.unpause_url.as_deref(),
                 detail: &p.detail,
             }),
+        ari_window_start: ari.and_then(|r| r.ari_window_start),
+        ari_window_end: ari.and_then(|r| r.ari_window_end),
+        ari_explanation_url: ari.and_then(|r| r.ari_explanation_url.as_deref()),
+        ari_checked_at: ari.and_then(|r| r.ari_checked_at),
+        ari_next_check: ari.and_then(|r| r.ari_next_check),
+        ari_error: ari.and_then(|r| r.ari_error.as_deref()),
     }
 }
 
@@ -310,6 +331,35 @@ fn push_pauses(out: &mut String, pauses: &[PauseRow], cfg: &Config) {
                 shorten(&escape_control(&p.detail), 200)
             );
         }
+    }
+}
+
+/// Lines under the table for certificates with an ARI answer: the window,
+/// the CA's explanation, and why the last check failed.
+fn push_ari(out: &mut String, rows: &[StatusRow]) {
+    for r in rows {
+        let (window, error) = match (r.ari_window_start, r.ari_window_end, r.ari_error) {
+            (Some(start), Some(end), error) => (
+                format!("window {} to {}", rfc3339(start), rfc3339(end)),
+                error,
+            ),
+            (_, _, Some(error)) => ("no window".to_owned(), Some(error)),
+            _ => continue,
+        };
+        out.push_str(&format!("\nARI {}: {window}", r.name));
+        if let Some(url) = r.ari_explanation_url {
+            out.push_str(&format!(", explanation {}", escape_control(url)));
+        }
+        if let Some(at) = r.ari_next_check {
+            out.push_str(&format!(", next check {}", rfc3339(at)));
+        }
+        if let Some(e) = error {
+            out.push_str(&format!(
+                "\n  last check failed: {}",
+                shorten(&escape_control(e), 200)
+            ));
+        }
+        out.push('\n');
     }
 }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 use super::{Pebble, free_port};
 
 /// The window the server suggests: (start, end) as offsets from now in
-/// seconds, and the Retry-After it sends.
+/// seconds, and the Retry-After it sends (none for 0: RFC 9773 lets a
+/// CA leave it out, and the window still holds).
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
     pub start: i64,
@@ -154,7 +155,10 @@ fn serve(
         });
         (
             body.to_string(),
-            format!("Retry-After: {}\r\n", window.retry_after),
+            match window.retry_after {
+                0 => String::new(),
+                secs => format!("Retry-After: {secs}\r\n"),
+            },
         )
     } else {
         let _ = write!(

@@ -49,6 +49,9 @@ pub struct PebbleOpts {
     pub dns_server: Option<SocketAddr>,
     /// Which Pebble release runs.
     pub release: Release,
+    /// `-strict`: Pebble refuses what upcoming API changes will refuse
+    /// (e.g. a GET where RFC 8555 wants POST-as-GET).
+    pub strict: bool,
 }
 
 /// A Pebble release. Every test runs against the current one unless it
@@ -396,6 +399,7 @@ impl Pebble {
             ])
             // Validate at once instead of after Pebble's random 0-15 s sleep.
             .env("PEBBLE_VA_NOSLEEP", "1")
+            .args(self.opts.strict.then_some("-strict"))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
