@@ -1053,7 +1053,7 @@ pub struct UnsafeDir {
 /// no longer write it ("attempt to write a readonly database").
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{key} {path} belongs to {who}, and this command runs as root: files it created there would      be root's, and certd running as {who} could not write them. run: {suggestion}",
+    "{key} {path} belongs to {who}, and this command runs as root: files it created there would be root's, and certd running as {who} could not write them. run: {suggestion}",
     who = user_label(*owner),
     suggestion = as_owner_suggestion(*owner)
 )]

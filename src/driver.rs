@@ -960,7 +960,11 @@ fn probe_writable(target: &Path) -> Result<(), Unready> {
             Err(e) => return Err(unready(dir, &e)),
         }
     };
-    let probe = existing.join(format!(".certd-write-check.{}", std::process::id()));
+    // Unique per check: concurrent orders of one process probe the same
+    // directory when their certificates' own do not exist yet.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = existing.join(format!(".certd-write-check.{}.{n}", std::process::id()));
     let created = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -267,9 +267,11 @@ fn killed_after_finalize_issues_once(path: &str, after: Option<&str>) {
     let front = front_for(&env);
     front.hold(path, after);
     kill_while_held(&env, &front);
-    assert_eq!(
-        front.forwarded("/finalize-order/"),
-        1,
+    // At least once: a finalize Pebble refused for its nonce (5 % of
+    // requests) was not processed and is sent again. That exactly one
+    // certificate came of it is asserted through the CA below.
+    assert!(
+        front.forwarded("/finalize-order/") >= 1,
         "finalize reached the CA"
     );
     let keys = order_keys(&env);
