@@ -498,6 +498,16 @@ fn install_version(
         return Err(e);
     }
 
+    // The stable names (cert.pem -> current/cert.pem, …) exist before
+    // `current` does, so that once `current` appears a reader finds every
+    // file, and a process killed between the two steps leaves either no
+    // installed certificate (the links dangle) or a complete one; never a
+    // `current` without its links, which nothing would repair.
+    for file in FILES {
+        ensure_link(&base, file)?;
+    }
+    sync_dir(&base)?;
+
     // The atomic step: `current` now names the new version.
     let current = base.join("current");
     let tmp_link = base.join(".current.tmp");
@@ -510,10 +520,6 @@ fn install_version(
         return Err(io_err(&current)(e));
     }
     sync_dir(&base)?;
-
-    for file in FILES {
-        ensure_link(&base, file)?;
-    }
     prune(&versions, version);
     Ok(())
 }
