@@ -22,7 +22,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config, TlsAlpn01Config};
+use crate::config::{
+    ChallengeKind, Config, Dns01Config, Dns01Mode, Http01Config, Preflight, TlsAlpn01Config,
+};
 use crate::dns::propagation::PropagationCheck;
 use crate::dns::rfc2136::Rfc2136Solver;
 use crate::install::ProgramEnd;
@@ -102,7 +104,7 @@ pub struct ChallengeSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SolverError {
-    #[error("http-01 responder cannot listen on {addr}: {source}")]
+    #[error("{}", listen_message(*addr, source))]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -408,6 +410,21 @@ impl Solver for Owned {
 // ---- http-01 -------------------------------------------------------------
 
 const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
+/// Why the http-01 responder could not listen, cause first; a port in use
+/// is nearly always a web server, and the webroot is how certd works beside
+/// one.
+fn listen_message(addr: SocketAddr, source: &std::io::Error) -> String {
+    if source.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "port {} is in use (a web server?): use `[http01] webroot` instead; \
+             the http-01 responder cannot listen on {addr}: {source}",
+            addr.port()
+        )
+    } else {
+        format!("the http-01 responder cannot listen on {addr}: {source}")
+    }
+}
+
 /// Where http-01 files go below a webroot.
 const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 
@@ -415,7 +432,7 @@ const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 pub struct Http01Solver {
     responder: Option<Http01Responder>,
     webroot: Option<PathBuf>,
-    preflight: bool,
+    preflight: Preflight,
 }
 
 impl Http01Solver {
@@ -476,7 +493,7 @@ impl Solver for Http01Solver {
     }
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
-        if !self.preflight {
+        if self.preflight == Preflight::Off {
             return Ok(());
         }
         // The standalone responder is asked on its own address (the Host
@@ -493,7 +510,9 @@ impl Solver for Http01Solver {
                 }
                 addr.to_string()
             }
-            None => format!("{}:80", c.identifier),
+            // The local web server, asked for the name: what the CA will
+            // fetch, unless a proxy or another host serves the name.
+            None => "127.0.0.1:80".to_owned(),
         };
         let err = |detail: String| SolverError::Preflight {
             identifier: c.identifier.clone(),
@@ -501,9 +520,19 @@ impl Solver for Http01Solver {
             detail,
         };
         let fetch = async {
-            let mut stream = TcpStream::connect(&target)
-                .await
-                .map_err(|e| err(format!("cannot connect: {e}")))?;
+            let mut stream = match TcpStream::connect(&target).await {
+                Ok(stream) => stream,
+                // No local web server: the name is served elsewhere, and
+                // only the CA can tell.
+                Err(e)
+                    if self.preflight == Preflight::IfServed
+                        && e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    tracing::debug!(identifier = %c.identifier, "no web server on 127.0.0.1:80; webroot not pre-flighted");
+                    return Ok(None);
+                }
+                Err(e) => return Err(err(format!("cannot connect: {e}"))),
+            };
             let request = format!(
                 "GET {WELL_KNOWN}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: certd-preflight\r\n\r\n",
                 c.token, c.identifier
@@ -518,11 +547,14 @@ impl Solver for Http01Solver {
                 .read_to_end(&mut response)
                 .await
                 .map_err(|e| err(e.to_string()))?;
-            Ok::<_, SolverError>(String::from_utf8_lossy(&response).into_owned())
+            Ok::<_, SolverError>(Some(String::from_utf8_lossy(&response).into_owned()))
         };
-        let response = tokio::time::timeout(Duration::from_secs(10), fetch)
+        let Some(response) = tokio::time::timeout(Duration::from_secs(10), fetch)
             .await
-            .map_err(|_| err("timed out".into()))??;
+            .map_err(|_| err("timed out".into()))??
+        else {
+            return Ok(());
+        };
         let status_ok =
             response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200");
         let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -870,7 +902,7 @@ mod tests {
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,
-            preflight: true,
+            preflight: Preflight::On,
         };
         let c = spec("tok1_aaaaaaaaaaaaaaaaaaaa");
         assert!(solver.preflight(&c).await.is_err(), "not presented yet");
@@ -936,7 +968,7 @@ mod tests {
         let solver = Http01Solver {
             responder: None,
             webroot: Some(dir.path().to_owned()),
-            preflight: false,
+            preflight: Preflight::Off,
         };
         let c = spec("tok2_aaaaaaaaaaaaaaaaaaaa");
         solver.present(&c).await.expect("present");
@@ -983,7 +1015,7 @@ mod tests {
         let solver = Http01Solver {
             responder: None,
             webroot: Some(root.clone()),
-            preflight: false,
+            preflight: Preflight::Off,
         };
         // A link where the token's file goes is replaced, not written through.
         let c = spec("linked_aaaaaaaaaaaaaaaaaaaa");

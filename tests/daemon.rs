@@ -178,6 +178,7 @@ fn failed_preflight_does_not_ask_the_ca_and_keeps_the_authorization() {
     env.write_config(&format!("{DAEMON}{}", cert("p", "p.example.test")));
     // A webroot no web server serves: the self-check over HTTP fails.
     let webroot = env.dir().join("webroot");
+    fs::create_dir_all(&webroot).expect("webroot");
     let config = fs::read_to_string(env.config_path()).expect("config");
     let port = env.pebble.http01_port();
     env.write_raw_config(&config.replace(

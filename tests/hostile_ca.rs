@@ -67,6 +67,7 @@ fn attack_fails_cleanly(env: &TestEnv, what: &str, expected: &str) -> String {
 fn traversal_tokens_touch_nothing_outside_the_webroot() {
     let env = TestEnv::without_authz_reuse();
     let www = env.dir().join("www");
+    fs::create_dir_all(&www).expect("webroot");
     let front = issued_behind_front(&env, DAEMON);
     // Add a webroot next to the responder: the token now names a file.
     let config = fs::read_to_string(env.config_path()).expect("config");

@@ -436,9 +436,20 @@ impl HttpInner {
                 .ok()
                 .and_then(|p| p.detail)
                 .unwrap_or_else(|| format!("HTTP {status}"));
-            return Err(instant_acme::Error::Other(
-                format!("the directory {url} answered {detail}").into(),
-            ));
+            // Said as it is: the CA answered, so it is reachable; the URL
+            // in the configuration is what to check.
+            let hint = if status == StatusCode::NOT_FOUND {
+                format!(
+                    "the directory URL {} answers {status}: is `[acme] directory` right?",
+                    bounded(&url, MAX_URL_LEN)
+                )
+            } else {
+                format!(
+                    "the directory URL {} answers {detail}",
+                    bounded(&url, MAX_URL_LEN)
+                )
+            };
+            return Err(instant_acme::Error::Other(hint.into()));
         }
         let bytes = problem_for_error_page(status, &headers, bytes);
 
@@ -1154,7 +1165,9 @@ pub enum AcmeError {
         problem: ProblemRecord,
         disposition: Disposition,
     },
-    #[error("cannot reach the CA: {0}")]
+    /// Worded cause first (`transport_message`), since a status line
+    /// or a monitoring line cut at its end must keep the reason.
+    #[error("{0}")]
     Transport(String),
     #[error("unexpected answer from the CA: {0}")]
     Protocol(String),
@@ -1203,11 +1216,44 @@ impl From<instant_acme::Error> for AcmeError {
     fn from(e: instant_acme::Error) -> Self {
         match e {
             instant_acme::Error::Api(p) => Self::from_problem(&p, None),
-            instant_acme::Error::Other(inner) => Self::Transport(error_chain(inner.as_ref())),
+            instant_acme::Error::Other(inner) => Self::Transport(transport_message(inner.as_ref())),
             instant_acme::Error::Timeout(_) => Self::Timeout(e.to_string()),
             instant_acme::Error::Json(j) => Self::Protocol(format!("malformed JSON: {j}")),
             other => Self::Protocol(other.to_string()),
         }
+    }
+}
+
+/// Why a request to the CA failed, in words and cause first: reqwest's
+/// message wraps the reason in three layers ("error sending request for url
+/// (…): client error (Connect): …"), and a TLS refusal is a Rust debug dump
+/// (`Other(OtherError(CaUsedAsEndEntity))`) that never names the key that
+/// fixes it. Messages certd wrote itself (a refused redirect, a directory
+/// that answers 404) have no sources and are kept as they are.
+pub fn transport_message(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut url = None;
+    let mut innermost = e;
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+            url = url.or_else(|| r.url().map(|u| u.as_str().to_owned()));
+        }
+        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            let at = url.map(|u| format!(" ({u})")).unwrap_or_default();
+            return format!("{}{at}", trust::describe(tls));
+        }
+        innermost = c;
+        cur = c.source();
+    }
+    match url {
+        Some(url) => format!("{innermost}: cannot reach the CA at {url}"),
+        None if std::ptr::addr_eq(innermost, e) => e.to_string(),
+        None => format!("{innermost}: cannot reach the CA ({e})"),
     }
 }
 
