@@ -1774,7 +1774,12 @@ domains = ["Example.COM", "www.example.com."]"#,
     #[test]
     fn wrong_type_guesses_key_from_line() {
         let text = with_cert("name = \"www\"\ndomains = [\"a.example\"]\nkey_type = 5");
-        expect_error(&text, 16, "certificate[0].key_type", "invalid type");
+        expect_error(
+            &text,
+            16,
+            "certificate[0].key_type",
+            "expected a quoted string, found the number 5",
+        );
     }
 
     #[test]

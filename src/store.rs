@@ -1303,6 +1303,38 @@ impl Store {
         }))
     }
 
+    /// One certificate's latest events, newest first: (at, kind, detail),
+    /// for `certd status NAME`.
+    pub async fn cert_events(
+        &self,
+        name: &str,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, Option<String>)>> {
+        Ok(sqlx::query_as(
+            "SELECT at, kind, detail FROM events WHERE cert_name = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(name)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// When the daemon found the CA unreachable and why, while it has not
+    /// reached it since: the latest `ca-unreachable` event after the latest
+    /// `ca-reachable` and `daemon-started` ones.
+    pub async fn ca_unreachable(&self) -> Result<Option<(i64, String)>> {
+        let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT at, kind, detail FROM events \
+             WHERE kind IN ('daemon-started', 'ca-unreachable', 'ca-reachable') \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(at, kind, detail)| {
+            (kind == "ca-unreachable").then(|| (at, detail.unwrap_or_default()))
+        }))
+    }
+
     /// How many events of `kind` exist (tests and status).
     pub async fn count_events(&self, kind: &str) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events WHERE kind = ?")

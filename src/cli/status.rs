@@ -8,14 +8,15 @@
 //! memory and written once.
 
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{escape_control, push_table, shorten, write_stdout_all};
-use crate::clock::{UnixTime, push_rfc3339, rfc3339};
+use super::{escape_control, shorten, write_stdout_all};
+use crate::clock::{UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
 use crate::store::{CertificateRow, ReaperSummary, Store};
@@ -26,6 +27,8 @@ pub(super) enum Mode {
     Table,
     Json,
     Check,
+    /// One block per certificate (`status NAME`, `status -v`).
+    Detail,
 }
 
 /// The ledger as read ahead by `load`, with the state directory it was read
@@ -59,20 +62,52 @@ pub(super) async fn load(path: &Path) -> (Result<Config, ConfigError>, Option<Pr
     (cfg, Some(Prefetched { state_dir, ledger }))
 }
 
-/// Prints the status. Takes the configuration because the process ends
-/// next (see the end).
+/// Prints the status of the `names` certificates (all when empty). Takes
+/// the configuration because the process ends next (see the end).
 pub(super) async fn run(
     cfg: Config,
     mode: Mode,
+    names: &[String],
     prefetched: Option<Prefetched>,
 ) -> anyhow::Result<ExitCode> {
     let now = UnixTime::now();
     let ledger = match prefetched {
-        Some(p) if p.state_dir == cfg.storage.state_dir => p.ledger?,
-        _ => Ledger::read(&cfg.storage.state_dir, now).await?,
+        Some(p) if p.state_dir == cfg.storage.state_dir => p.ledger,
+        _ => Ledger::read(&cfg.storage.state_dir, now).await,
     };
-    let rows: Vec<StatusRow> = cfg
-        .certificates
+    let ledger = match (ledger, mode) {
+        (Ok(ledger), _) => ledger,
+        // Monitoring reads one line and the exit code, whatever happened.
+        (Err(e), Mode::Check) => {
+            return Ok(unknown(&format!(
+                "cannot read the ledger: {}",
+                crate::acme::error_chain(e.as_ref())
+            )));
+        }
+        (Err(e), _) => return Err(e),
+    };
+    let selected: Vec<&CertificateConfig> = if names.is_empty() {
+        cfg.certificates.iter().collect()
+    } else {
+        let mut selected = Vec::with_capacity(names.len());
+        for name in names {
+            match cfg.certificate(name) {
+                Some(c) => selected.push(c),
+                None => {
+                    eprintln!(
+                        "{}",
+                        escape_control(&format!(
+                            "certd: no certificate named {name:?} in {}",
+                            cfg.path.display()
+                        ))
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        selected
+    };
+    let rows: Vec<StatusRow> = selected
         .iter()
         .map(|c| status_row(c, &ledger, now))
         .collect();
@@ -83,10 +118,24 @@ pub(super) async fn run(
             text
         }
         Mode::Table => {
+            let width = output_width();
             let mut text = String::new();
-            push_status_table(&mut text, &rows, now);
-            push_accounts(&mut text, &ledger.accounts);
+            push_ca_unreachable(&mut text, ledger.ca_unreachable.as_ref(), width);
+            push_status_table(&mut text, &rows, now, width);
+            push_accounts(&mut text, &ledger.accounts, width);
             push_restart_needed(&mut text, ledger.restart_needed.as_deref());
+            text
+        }
+        Mode::Detail => {
+            let mut text = String::new();
+            push_ca_unreachable(&mut text, ledger.ca_unreachable.as_ref(), usize::MAX);
+            let events = recent_events(&cfg, &rows).await?;
+            for ((c, r), events) in selected.iter().zip(&rows).zip(&events) {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                push_detail_block(&mut text, &cfg, c, r, events, now);
+            }
             text
         }
         Mode::Check => return Ok(check(&cfg, &ledger, now)),
@@ -100,6 +149,41 @@ pub(super) async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `status --check` when it cannot judge (a bad configuration, an
+/// unreadable ledger): Nagios's UNKNOWN, still one line.
+pub(super) fn unknown(why: &str) -> ExitCode {
+    write_stdout_all(&format!(
+        "CERTD {}: {}\n",
+        Level::Unknown,
+        escape_control(why)
+    ));
+    ExitCode::from(Level::Unknown as u8)
+}
+
+/// The width `status` fits its table to: `COLUMNS` when set, else the
+/// terminal's when standard output is one, else 80 (a pipe, a file, a
+/// mail from cron), the width of the terminals and mails it ends up in.
+fn output_width() -> usize {
+    const NARROWEST: usize = 60;
+    if let Some(n) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        return n.max(NARROWEST);
+    }
+    if std::io::stdout().is_terminal() {
+        // SAFETY: TIOCGWINSZ writes one `winsize` into the struct passed,
+        // which lives across the call; the descriptor is stdout's.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+        if ok && size.ws_col > 0 {
+            return usize::from(size.ws_col).max(NARROWEST);
+        }
+    }
+    80
+}
+
 /// What `status` reads from the ledger: every certificate row, the pending
 /// authorizations per certificate, and each account's reaper figures.
 /// Empty when certd has never run.
@@ -109,6 +193,8 @@ pub(super) struct Ledger {
     accounts: Vec<AccountStatus>,
     /// The edited settings the running daemon waits to restart for.
     restart_needed: Option<String>,
+    /// Since when the daemon has not reached the CA, and why.
+    ca_unreachable: Option<(i64, String)>,
 }
 
 struct LedgerCert {
@@ -133,6 +219,7 @@ impl Ledger {
                 pending: HashMap::new(),
                 accounts: Vec::new(),
                 restart_needed: None,
+                ca_unreachable: None,
             });
         }
         let store = Store::open(&path).await?;
@@ -142,10 +229,11 @@ impl Ledger {
             store.certificates(),
             store.pending_authz_by_cert(),
             accounts(&store, now),
-            store.restart_needed()
+            store.restart_needed(),
+            store.ca_unreachable()
         );
         store.close().await;
-        let (rows, pending, accounts, restart_needed) =
+        let (rows, pending, accounts, restart_needed, ca_unreachable) =
             read.with_context(|| format!("cannot read the ledger {}", path.display()))?;
         let certificates = rows
             .into_iter()
@@ -160,6 +248,7 @@ impl Ledger {
             pending: pending.into_iter().collect(),
             accounts,
             restart_needed,
+            ca_unreachable,
         })
     }
 
@@ -231,126 +320,307 @@ fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -
     }
 }
 
-/// The table, one line per certificate. Every cell is written into one
-/// buffer first, so 10,000 lines cost two allocations rather than 60,000.
-fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime) {
+/// The columns after NAME: (header, width). Times are UTC, to the minute.
+const COLUMNS: [(&str, usize); 4] = [
+    ("EXPIRES (UTC)", 16),
+    ("NEXT RENEWAL (UTC)", 18),
+    ("PENDING", 7),
+    ("LAST", 5),
+];
+/// Blanks between columns.
+const GAP: usize = 2;
+
+/// The table: one line per certificate, fitted to `width`, and below a
+/// certificate's line its details (`push_detail`), each on its own
+/// indented line: the cause of a failure first, so a cut keeps it.
+/// Written straight into `out`: 10,000 lines, no allocation per cell.
+fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime, width: usize) {
     use std::fmt::Write as _;
-    const HEADER: [&str; 6] = [
-        "NAME",
-        "DOMAINS",
-        "EXPIRES",
-        "LAST ATTEMPT",
-        "NEXT RENEWAL",
-        "PENDING",
-    ];
-    let mut cells = String::with_capacity(rows.len() * 128);
-    let mut ends: Vec<[usize; 6]> = Vec::with_capacity(rows.len());
+    let fixed: usize = COLUMNS.iter().map(|(_, w)| w + GAP).sum();
+    let longest = rows
+        .iter()
+        .map(|r| escape_control(r.name).chars().count())
+        .max()
+        .unwrap_or(0);
+    let name_w = longest
+        .max("NAME".len())
+        .min(width.saturating_sub(fixed).max(8));
+    let mut cell = String::with_capacity(64);
+    let push_row = |out: &mut String, name: &str, cells: [&str; 4]| {
+        let start = out.len();
+        push_cell(out, name, name_w + GAP);
+        for ((_, w), c) in COLUMNS.iter().zip(cells) {
+            push_cell(out, c, w + GAP);
+        }
+        let kept = out[start..].trim_end().len();
+        out.truncate(start + kept);
+        out.push('\n');
+    };
+    push_row(out, "NAME", COLUMNS.map(|(h, _)| h));
     for r in rows {
-        let mut end = [0; 6];
-        cells.push_str(r.name);
-        end[0] = cells.len();
-        for (i, d) in r.domains.iter().enumerate() {
-            if i > 0 {
-                cells.push(',');
-            }
-            cells.push_str(d);
-        }
-        end[1] = cells.len();
-        match r.not_after {
+        cell.clear();
+        let expires = match r.not_after {
             Some(t) => {
-                push_rfc3339(&mut cells, t);
+                push_minute(&mut cell, t, false);
                 // Writing to a String cannot fail.
-                let _ = write!(cells, " ({}d)", (t - now.secs()).div_euclid(86_400));
+                let _ = write!(cell, " ({}d)", (t - now.secs()).div_euclid(86_400));
+                cell.len()
             }
-            None => cells.push_str("not installed"),
-        }
-        end[2] = cells.len();
-        match r.last_attempt_at {
-            Some(at) => {
-                push_rfc3339(&mut cells, at);
-                if r.last_result == Some("ok") {
-                    cells.push_str(" ok");
-                } else {
-                    // The table keeps errors to one screen line; --json and
-                    // `status --check` carry them whole.
-                    cells.push_str(" error: ");
-                    cells.push_str(&shorten(r.last_error.unwrap_or("unknown"), 100));
-                }
+            None => {
+                cell.push_str("not installed");
+                cell.len()
             }
-            None => cells.push_str("never"),
-        }
-        end[3] = cells.len();
+        };
         match r.next_renewal_at {
-            Some(t) if t > now.secs() => push_rfc3339(&mut cells, t),
-            _ => cells.push_str("due now"),
+            Some(t) if t > now.secs() => push_minute(&mut cell, t, true),
+            _ => cell.push_str("due now"),
         }
-        end[4] = cells.len();
-        let _ = write!(cells, "{}", r.pending_authz);
-        end[5] = cells.len();
-        ends.push(end);
+        let next = cell.len();
+        let _ = write!(cell, "{}", r.pending_authz);
+        let pending = cell.len();
+        let last = match (r.last_attempt_at, r.last_result) {
+            (None, _) => "never",
+            (Some(_), Some("ok")) => "ok",
+            (Some(_), _) => "error",
+        };
+        push_row(
+            out,
+            &escape_control(r.name),
+            [
+                &cell[..expires],
+                &cell[expires..next],
+                &cell[next..pending],
+                last,
+            ],
+        );
+        if r.last_result.is_some_and(|l| l != "ok") {
+            push_detail(out, "error", r.last_error.unwrap_or("unknown"), width);
+        }
     }
-    let mut table: Vec<[&str; 6]> = Vec::with_capacity(rows.len() + 1);
-    table.push(HEADER);
-    let mut start = 0;
-    for end in &ends {
-        table.push(std::array::from_fn(|i| {
-            let from = if i == 0 { start } else { end[i - 1] };
-            &cells[from..end[i]]
-        }));
-        start = end[5];
-    }
-    push_table(out, &table);
 }
 
-/// The per-account part of the table: pending authorizations and what the
-/// reaper and the guard did.
+/// `text` and the blanks that fill `width` columns; cut with an ellipsis
+/// when longer, keeping a blank after it.
+fn push_cell(out: &mut String, text: &str, width: usize) {
+    let chars = text.chars().count();
+    if chars + 1 > width && width > 1 {
+        out.push_str(&shorten(text, width - 2));
+        out.push(' ');
+        if width > 2 {
+            out.push(' ');
+        }
+        return;
+    }
+    out.push_str(text);
+    out.extend(std::iter::repeat_n(' ', width.saturating_sub(chars)));
+}
+
+/// One detail line under a certificate's row, `  label: text`, escaped and
+/// cut to `width`. Details that need more (a window, a pause) are lines
+/// like this one.
+pub(super) fn push_detail(out: &mut String, label: &str, text: &str, width: usize) {
+    let line = format!("  {label}: {}", escape_control(text));
+    out.push_str(&shorten(&line, width));
+    out.push('\n');
+}
+
+/// `YYYY-MM-DD` or `YYYY-MM-DD HH:MM` (UTC): the table's times.
+fn push_minute(out: &mut String, secs: i64, with_time: bool) {
+    let full = rfc3339(secs);
+    match (full.get(..10), full.get(11..16)) {
+        (Some(date), Some(time)) => {
+            out.push_str(date);
+            if with_time {
+                out.push(' ');
+                out.push_str(time);
+            }
+        }
+        _ => out.push_str(&full),
+    }
+}
+
+/// The line that says the daemon cannot reach the CA, above the table.
+fn push_ca_unreachable(out: &mut String, since: Option<&(i64, String)>, width: usize) {
+    if let Some((at, why)) = since {
+        let line = format!(
+            "CA unreachable since {}: {}",
+            rfc3339(*at),
+            escape_control(why)
+        );
+        out.push_str(&shorten(&line, width));
+        out.push_str("\n\n");
+    }
+}
+
+/// The events `status NAME` shows per certificate.
+const DETAIL_EVENTS: i64 = 5;
+
+/// Each row's latest events, newest first; none when certd never ran.
+async fn recent_events(
+    cfg: &Config,
+    rows: &[StatusRow<'_>],
+) -> anyhow::Result<Vec<Vec<(i64, String, Option<String>)>>> {
+    let path = cfg.db_path();
+    if !path.exists() {
+        return Ok(rows.iter().map(|_| Vec::new()).collect());
+    }
+    let store = Store::open(&path).await?;
+    let mut all = Vec::with_capacity(rows.len());
+    for r in rows {
+        all.push(store.cert_events(r.name, DETAIL_EVENTS).await?);
+    }
+    store.close().await;
+    Ok(all)
+}
+
+/// `status NAME`: everything about one certificate, one item a line and
+/// nothing cut, as `certbot certificates` shows it.
+fn push_detail_block(
+    out: &mut String,
+    cfg: &Config,
+    c: &CertificateConfig,
+    r: &StatusRow,
+    events: &[(i64, String, Option<String>)],
+    now: UnixTime,
+) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let item = |out: &mut String, label: &str, value: &str| {
+        let _ = writeln!(out, "  {label:<24}{}", escape_control(value));
+    };
+    let dir = cfg.storage.cert_dir.join(c.name.as_str());
+    let issuer = installed_issuer(&dir.join("cert.pem"));
+    let expires = match r.not_after {
+        Some(t) => format!(
+            "{} ({} days left)",
+            rfc3339(t),
+            (t - now.secs()).div_euclid(86_400)
+        ),
+        None => "not installed".into(),
+    };
+    let _ = writeln!(out, "Certificate: {}", escape_control(r.name));
+    item(out, "Domains:", &c.domain_strings().join(", "));
+    item(out, "Expires:", &expires);
+    item(out, "Serial:", r.serial.unwrap_or("-"));
+    item(out, "Issuer:", issuer.as_deref().unwrap_or("-"));
+    item(out, "Key type:", c.key_type.as_str());
+    item(
+        out,
+        "Profile:",
+        c.profile.as_deref().unwrap_or("(the CA's default)"),
+    );
+    item(
+        out,
+        "Challenges:",
+        &c.challenges
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(" > "),
+    );
+    item(
+        out,
+        "Renewal window:",
+        &format!(
+            "opens with {:.0}% of the lifetime left",
+            cfg.daemon.renew_remaining * 100.0
+        ),
+    );
+    item(
+        out,
+        "Next renewal:",
+        &match r.next_renewal_at {
+            Some(t) if t > now.secs() => rfc3339(t),
+            _ => "due now".into(),
+        },
+    );
+    item(
+        out,
+        "Last attempt:",
+        &match (r.last_attempt_at, r.last_result) {
+            (Some(at), Some(result)) => format!("{} {result}", rfc3339(at)),
+            (Some(at), None) => rfc3339(at),
+            (None, _) => "never".into(),
+        },
+    );
+    if r.last_result.is_some_and(|l| l != "ok") {
+        item(out, "Last error:", r.last_error.unwrap_or("unknown"));
+    }
+    item(out, "Pending authorizations:", &r.pending_authz.to_string());
+    for file in crate::install::FILES {
+        let label = format!("{}:", file.trim_end_matches(".pem"));
+        item(out, &label, &dir.join(file).display().to_string());
+    }
+    if events.is_empty() {
+        item(out, "Events:", "none");
+    } else {
+        let _ = writeln!(out, "  Events:");
+        for (at, kind, detail) in events {
+            let _ = writeln!(
+                out,
+                "    {}  {}{}",
+                rfc3339(*at),
+                escape_control(kind),
+                detail
+                    .as_deref()
+                    .map(|d| format!(": {}", escape_control(d)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The installed certificate's issuer, as its distinguished name.
+fn installed_issuer(pem: &Path) -> Option<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::pem_file_iter(pem)
+        .ok()?
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.issuer().to_string())
+}
+
 /// The line that says a configuration edit waits for a restart.
 fn push_restart_needed(out: &mut String, keys: Option<&str>) {
     if let Some(keys) = keys {
-        out.push_str(&format!("\nrestart needed: {keys}\n"));
+        out.push_str(&format!("\nrestart needed: {}\n", escape_control(keys)));
     }
 }
 
-fn push_accounts(out: &mut String, accounts: &[AccountStatus]) {
-    use std::fmt::Write as _;
-    // Writing to a String cannot fail; the results are ignored below.
+/// The per-account part of the table: pending authorizations and what the
+/// reaper and the guard did, one item a line, each cut to `width`.
+fn push_accounts(out: &mut String, accounts: &[AccountStatus], width: usize) {
+    let mut line = |text: String| {
+        out.push_str(&shorten(&escape_control(&text), width));
+        out.push('\n');
+    };
     for a in accounts {
         let r = &a.reaper;
-        let _ = writeln!(
-            out,
-            "\naccount {} ({})",
-            escape_control(&a.url),
-            escape_control(&a.directory)
-        );
-        let _ = writeln!(out, "  pending authorizations: {}", r.pending);
-        let _ = writeln!(
-            out,
-            "  reaper: deactivated {} (last 24 h: {}), held back for failure budget: {}",
+        line(String::new());
+        line(format!("account {}", a.url));
+        line(format!("  directory: {}", a.directory));
+        line(format!("  pending authorizations: {}", r.pending));
+        line(format!(
+            "  reaper: deactivated {} (24 h: {}), held back: {}",
             r.deactivated_total, r.deactivated_24h, r.held_back
-        );
-        let _ = match r.last_pass_at {
-            Some(at) => writeln!(
-                out,
+        ));
+        line(match r.last_pass_at {
+            Some(at) => format!(
                 "  last reaper pass: {} ({})",
                 rfc3339(at),
-                escape_control(r.last_pass.as_deref().unwrap_or_default())
+                r.last_pass.as_deref().unwrap_or_default()
             ),
-            None => writeln!(out, "  last reaper pass: never"),
-        };
+            None => "  last reaper pass: never".into(),
+        });
         if let Some((at, detail)) = &r.last_rate_limit {
-            let _ = writeln!(
-                out,
-                "  CA rate limit at {}: {}",
-                rfc3339(*at),
-                escape_control(detail)
-            );
+            line(format!("  CA rate limit at {}: {detail}", rfc3339(*at)));
         }
         if let Some(at) = r.last_guard_at {
-            let _ = writeln!(
-                out,
+            line(format!(
                 "  pending-authz guard last deferred an order at {}",
                 rfc3339(at)
-            );
+            ));
         }
     }
 }
@@ -358,8 +628,23 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus]) {
 /// `status --check`: one summary line, worst first; the exit code is the
 /// worst level.
 fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
+    if cfg.certificates.is_empty() {
+        write_stdout_all(&format!(
+            "CERTD {}: no certificates configured in {}\n",
+            Level::Warning,
+            escape_control(&cfg.path.display().to_string())
+        ));
+        return ExitCode::from(Level::Warning as u8);
+    }
     let mut worst = Level::Ok;
     let mut problems = Vec::new();
+    if let Some((at, why)) = &ledger.ca_unreachable {
+        worst = Level::Warning;
+        problems.push((
+            Level::Warning,
+            format!("CA unreachable since {}: {why}", rfc3339(*at)),
+        ));
+    }
     for c in &cfg.certificates {
         let (level, why) = assess(c, ledger.row(c.name.as_str()), now);
         worst = worst.max(level);
