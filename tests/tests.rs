@@ -19,5 +19,6 @@ mod hostile_verify;
 mod issuance;
 mod lifecycle;
 mod ops;
+mod output;
 mod reaper;
 mod storage;

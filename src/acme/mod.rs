@@ -129,7 +129,9 @@ pub enum SetupError {
     Client(#[from] reqwest::Error),
     #[error("account credentials {path}: {detail}")]
     Credentials { path: PathBuf, detail: String },
-    #[error("ACME account")]
+    /// The CA's words alone: "ACME account: …" put a wrapper before the
+    /// cause.
+    #[error("{0}")]
     Acme(#[from] AcmeError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
