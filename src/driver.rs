@@ -983,8 +983,13 @@ async fn download(
 /// a uniformly random instant in the suggested window, and when to ask
 /// again (the response's `Retry-After`, at least an hour apart). `None`
 /// where the CA offers no `renewalInfo` or the request fails (the caller
-/// then falls back to the lifetime fraction).
-pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Option<(UnixTime, UnixTime)> {
+/// then falls back to the lifetime fraction). `planned`, an instant drawn
+/// before, is kept while it is in the window, so a restart does not move it.
+pub async fn ari_window(
+    ctx: &Context,
+    info: &CertInfo,
+    planned: Option<i64>,
+) -> Option<(UnixTime, UnixTime)> {
     let id = info.ari_id.as_deref()?;
     let (aki, serial) = id.split_once('.')?;
     let cert_id = instant_acme::CertificateIdentifier {
@@ -995,7 +1000,11 @@ pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Option<(UnixTime, Uni
         Ok((ri, retry)) => {
             let start = ri.suggested_window.start.unix_timestamp();
             let end = ri.suggested_window.end.unix_timestamp().max(start);
-            let at = start + ((end - start) as f64 * crate::scheduler::random_fraction()) as i64;
+            let at = planned
+                .filter(|t| (start..=end).contains(t))
+                .unwrap_or_else(|| {
+                    start + ((end - start) as f64 * crate::scheduler::random_fraction()) as i64
+                });
             let recheck = UnixTime::now().plus(retry.max(Duration::from_secs(3600)));
             Some((UnixTime::from_secs(at), recheck))
         }

@@ -342,20 +342,22 @@ impl Scheduler {
     }
 
     async fn plan_installed(&self, entry: &mut Entry, info: &CertInfo) {
-        if let Some((at, recheck)) = driver::ari_window(&self.ctx, info).await {
+        // What was planned before: kept while it still fits, so NEXT
+        // RENEWAL does not move at each start (see `kept_renewal`).
+        let planned = match self.ctx.store.certificate(entry.cert.name.as_str()).await {
+            Ok(row) => row.and_then(|r| r.next_renewal_at),
+            Err(e) => {
+                tracing::debug!(cert = %entry.cert.name, error = %e, "cannot read the planned renewal");
+                None
+            }
+        };
+        if let Some((at, recheck)) = driver::ari_window(&self.ctx, info, planned).await {
             entry.next = at;
             entry.why = "in the CA's ARI renewal window".into();
             entry.ari_recheck = Some(recheck);
         } else {
             let remaining = self.cfg.daemon.renew_remaining;
-            let kept = match self.ctx.store.certificate(entry.cert.name.as_str()).await {
-                Ok(row) => row.and_then(|r| r.next_renewal_at),
-                Err(e) => {
-                    tracing::debug!(cert = %entry.cert.name, error = %e, "cannot read the planned renewal");
-                    None
-                }
-            };
-            entry.next = kept_renewal(info, remaining, kept)
+            entry.next = kept_renewal(info, remaining, planned)
                 .unwrap_or_else(|| planned_renewal(info, remaining));
             entry.why = "renewal time".into();
             entry.ari_recheck = None;

@@ -1240,12 +1240,7 @@ pub fn transport_message(e: &(dyn std::error::Error + 'static)) -> String {
         if let Some(r) = c.downcast_ref::<reqwest::Error>() {
             url = url.or_else(|| r.url().map(|u| u.as_str().to_owned()));
         }
-        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
-            c.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
+        if let Some(tls) = rustls_error(c) {
             let at = url.map(|u| format!(" ({u})")).unwrap_or_default();
             return format!("{}{at}", trust::describe(tls));
         }
@@ -1256,6 +1251,17 @@ pub fn transport_message(e: &(dyn std::error::Error + 'static)) -> String {
         Some(url) => format!("{innermost}: cannot reach the CA at {url}"),
         None if std::ptr::addr_eq(innermost, e) => e.to_string(),
         None => format!("{innermost}: cannot reach the CA ({e})"),
+    }
+}
+
+/// The rustls error in `e`, which hyper and tokio-rustls wrap in one
+/// `io::Error` inside another; `io::Error::source` skips what it wraps.
+fn rustls_error<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    loop {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        e = e.downcast_ref::<std::io::Error>()?.get_ref()?;
     }
 }
 
