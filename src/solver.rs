@@ -433,7 +433,16 @@ pub struct Http01Solver {
     responder: Option<Http01Responder>,
     webroot: Option<PathBuf>,
     preflight: Preflight,
+    /// The local web server a webroot is pre-flighted through.
+    local_web: SocketAddr,
 }
+
+/// Where a webroot's web server is asked for the token: this host's port
+/// 80, the name in `Host`.
+const LOCAL_WEB: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    80,
+));
 
 impl Http01Solver {
     fn new(cfg: &Http01Config, responder: Option<Http01Responder>) -> Self {
@@ -441,6 +450,7 @@ impl Http01Solver {
             responder,
             webroot: cfg.webroot.clone(),
             preflight: cfg.preflight,
+            local_web: LOCAL_WEB,
         }
     }
 
@@ -497,8 +507,7 @@ impl Solver for Http01Solver {
             return Ok(());
         }
         // The standalone responder is asked on its own address (the Host
-        // header says which name); a webroot through the name itself, as
-        // the CA will.
+        // header says which name).
         let target = match &self.responder {
             Some(r) => {
                 let mut addr = r.local_addr();
@@ -510,9 +519,11 @@ impl Solver for Http01Solver {
                 }
                 addr.to_string()
             }
-            // The local web server, asked for the name: what the CA will
-            // fetch, unless a proxy or another host serves the name.
-            None => "127.0.0.1:80".to_owned(),
+            // By default the local web server, asked for the name: what
+            // the CA will fetch, unless a proxy or another host serves it.
+            None if self.preflight == Preflight::IfServed => self.local_web.to_string(),
+            // Asked for: through the name itself, as the CA will.
+            None => format!("{}:80", c.identifier),
         };
         let err = |detail: String| SolverError::Preflight {
             identifier: c.identifier.clone(),
@@ -528,7 +539,7 @@ impl Solver for Http01Solver {
                     if self.preflight == Preflight::IfServed
                         && e.kind() == std::io::ErrorKind::ConnectionRefused =>
                 {
-                    tracing::debug!(identifier = %c.identifier, "no web server on 127.0.0.1:80; webroot not pre-flighted");
+                    tracing::debug!(identifier = %c.identifier, %target, "no local web server; webroot not pre-flighted");
                     return Ok(None);
                 }
                 Err(e) => return Err(err(format!("cannot connect: {e}"))),
@@ -903,6 +914,7 @@ mod tests {
             responder: Some(r.clone()),
             webroot: None,
             preflight: Preflight::On,
+            local_web: LOCAL_WEB,
         };
         let c = spec("tok1_aaaaaaaaaaaaaaaaaaaa");
         assert!(solver.preflight(&c).await.is_err(), "not presented yet");
@@ -962,6 +974,74 @@ mod tests {
         assert!(ran.exists());
     }
 
+    /// A webroot is pre-flighted through the local web server when one
+    /// answers: a server that does not serve the webroot for the name stops
+    /// the order; no server at all is not held against it.
+    #[tokio::test]
+    async fn a_webroot_is_preflighted_through_the_local_web_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A web server of a port of its own: it serves the webroot for
+        // "a.example" and nothing for other names.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let root = dir.path().to_owned();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let served = req.contains("Host: a.example\r\n");
+                let body = std::fs::read_to_string(root.join(path.trim_start_matches('/')));
+                let rsp = match body {
+                    Ok(body) if served => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(),
+                };
+                let _ = s.write_all(rsp.as_bytes()).await;
+            }
+        });
+        let solver = |local_web| Http01Solver {
+            responder: None,
+            webroot: Some(dir.path().to_owned()),
+            preflight: Preflight::IfServed,
+            local_web,
+        };
+        let c = spec("tok5_aaaaaaaaaaaaaaaaaaaa");
+        let served = solver(addr);
+        let err = served.preflight(&c).await.expect_err("not presented yet");
+        assert!(err.to_string().contains("404"), "{err}");
+        served.present(&c).await.expect("present");
+        served
+            .preflight(&c)
+            .await
+            .expect("the web server serves the webroot");
+        let mut other = spec("tok5_aaaaaaaaaaaaaaaaaaaa");
+        other.identifier = "b.example".into();
+        assert!(
+            served.preflight(&other).await.is_err(),
+            "another name's server"
+        );
+        // Nothing listens: the name is served elsewhere; only the CA can tell.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        solver(closed)
+            .preflight(&other)
+            .await
+            .expect("no local web server, no verdict");
+        server.abort();
+    }
+
     #[tokio::test]
     async fn webroot_file_is_written_and_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -969,6 +1049,7 @@ mod tests {
             responder: None,
             webroot: Some(dir.path().to_owned()),
             preflight: Preflight::Off,
+            local_web: LOCAL_WEB,
         };
         let c = spec("tok2_aaaaaaaaaaaaaaaaaaaa");
         solver.present(&c).await.expect("present");
@@ -1016,6 +1097,7 @@ mod tests {
             responder: None,
             webroot: Some(root.clone()),
             preflight: Preflight::Off,
+            local_web: LOCAL_WEB,
         };
         // A link where the token's file goes is replaced, not written through.
         let c = spec("linked_aaaaaaaaaaaaaaaaaaaa");

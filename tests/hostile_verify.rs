@@ -230,6 +230,7 @@ fn unrequested_name_gets_no_preflight_connection() {
         "{DAEMON}\n[[certificate]]\nname = \"p\"\ndomains = [\"p.example.test\"]\n"
     ));
     let webroot = env.dir().join("webroot");
+    fs::create_dir_all(&webroot).expect("webroot");
     let config = fs::read_to_string(env.config_path()).expect("config");
     let port = env.pebble.http01_port();
     env.write_raw_config(&config.replace(

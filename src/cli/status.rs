@@ -164,7 +164,8 @@ pub(super) fn unknown(why: &str) -> ExitCode {
 /// terminal's when standard output is one, else 80 (a pipe, a file, a
 /// mail from cron), the width of the terminals and mails it ends up in.
 fn output_width() -> usize {
-    const NARROWEST: usize = 60;
+    // NAME at 8 columns and the fixed columns.
+    const NARROWEST: usize = 62;
     if let Some(n) = std::env::var("COLUMNS")
         .ok()
         .and_then(|c| c.trim().parse::<usize>().ok())
@@ -664,4 +665,44 @@ fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
     // One line, whatever the CA put in an error: monitoring reads it.
     write_stdout_all(&format!("CERTD {worst}: {}\n", escape_control(&summary)));
     ExitCode::from(worst as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA's message that ends in a newline, or holds an escape sequence,
+    /// stays on its detail line; every line fits the width.
+    #[test]
+    fn errors_stay_on_one_line_and_fit() {
+        let now = UnixTime::from_secs(1_800_000_000);
+        let row = |name, error| StatusRow {
+            name,
+            domains: vec!["a.example"],
+            not_after: Some(now.secs() + 10 * 86_400),
+            serial: None,
+            last_attempt_at: Some(now.secs()),
+            last_result: Some("error"),
+            last_error: Some(error),
+            next_renewal_at: Some(now.secs() + 3600),
+            pending_authz: 1,
+        };
+        let rows = [
+            row("www", "the CA answered: rateLimited\n"),
+            row("name-longer-than-its-column-allows", "\x1b[2Jboom"),
+        ];
+        let mut out = String::new();
+        push_status_table(&mut out, &rows, now, 62);
+        assert!(out.lines().all(|l| l.chars().count() <= 62), "{out}");
+        assert_eq!(
+            out,
+            "\
+NAME      EXPIRES (UTC)     NEXT RENEWAL (UTC)  PENDING  LAST
+www       2027-01-25 (10d)  2027-01-15 09:00    1        error
+  error: the CA answered: rateLimited\\n
+name-lo…  2027-01-25 (10d)  2027-01-15 09:00    1        error
+  error: \\x1b[2Jboom
+"
+        );
+    }
 }
