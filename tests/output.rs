@@ -106,7 +106,7 @@ fn status_fits_80_columns_with_the_cause_first() {
         "\
 NAME                        EXPIRES (UTC)     NEXT RENEWAL (UTC)  PENDING  LAST
 www                         9999-99-99 (99d)  9999-99-99 99:99    9        error
-  error: Connection refused (os error 999): cannot reach the CA at https://999.…
+  error: Connection refused (os error 999): …e CA at https://999.9.9.9:<port>/dir
 a-rather-long-certificate…  9999-99-99 (99d)  9999-99-99 99:99    9        ok
 
 account https://999.9.9.9:<ca>/my-account/<id>

@@ -7,6 +7,7 @@
 //! over all certificate rows as one JSON value, and the output is built in
 //! memory and written once.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -419,10 +420,33 @@ fn push_cell(out: &mut String, text: &str, width: usize) {
 /// One detail line under a certificate's row, `  label: text`, escaped and
 /// cut to `width`. Details that need more (a window, a pause) are lines
 /// like this one.
+///
+/// A long text loses its middle: certd's own messages put the cause first,
+/// but a hook's or a CA's may end with it ("dns-01 hook … present for …:
+/// exited with status 1: DNS provider API unreachable"), and the start
+/// says what failed.
 pub(super) fn push_detail(out: &mut String, label: &str, text: &str, width: usize) {
-    let line = format!("  {label}: {}", escape_control(text));
-    out.push_str(&shorten(&line, width));
+    let head = format!("  {label}: ");
+    let room = width.saturating_sub(head.chars().count());
+    out.push_str(&head);
+    out.push_str(&shorten_middle(&escape_control(text), room));
     out.push('\n');
+}
+
+/// `s` in at most `max` characters: its start and its end, with an
+/// ellipsis for what was cut between them.
+fn shorten_middle(s: &str, max: usize) -> Cow<'_, str> {
+    let len = s.chars().count();
+    if len <= max {
+        return Cow::Borrowed(s);
+    }
+    let keep = max.saturating_sub(1);
+    let head = keep / 2;
+    let tail = keep - head;
+    let mut out: String = s.chars().take(head).collect();
+    out.push('…');
+    out.extend(s.chars().skip(len - tail));
+    Cow::Owned(out)
 }
 
 /// `YYYY-MM-DD` or `YYYY-MM-DD HH:MM` (UTC): the table's times.
