@@ -630,14 +630,15 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus], width: usize) {
             "  reaper: deactivated {} (24 h: {}), held back: {}",
             r.deactivated_total, r.deactivated_24h, r.held_back
         ));
-        line(match r.last_pass_at {
-            Some(at) => format!(
-                "  last reaper pass: {} ({})",
-                rfc3339(at),
-                r.last_pass.as_deref().unwrap_or_default()
-            ),
-            None => "  last reaper pass: never".into(),
-        });
+        match r.last_pass_at {
+            Some(at) => {
+                line(format!("  last reaper pass: {}", rfc3339(at)));
+                if let Some(pass) = r.last_pass.as_deref() {
+                    line(format!("    {pass}"));
+                }
+            }
+            None => line("  last reaper pass: never".into()),
+        }
         if let Some((at, detail)) = &r.last_rate_limit {
             line(format!("  CA rate limit at {}: {detail}", rfc3339(*at)));
         }
