@@ -3,9 +3,11 @@
 //! nowhere below.
 //!
 //! Exit codes: 0 success, 1 a certificate (or authorization) operation
-//! failed, 2 the configuration or the command line is wrong, or the
-//! ledger cannot be used (corrupt, unwritable, locked by another certd,
-//! deleted under the daemon).
+//! failed, 2 the configuration, the command line or `RUST_LOG` is wrong, or
+//! the ledger cannot be used (corrupt, unwritable, locked by another certd,
+//! deleted under the daemon). `status --check` is a Nagios plugin instead:
+//! 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (it could not judge), and always
+//! one line on stdout.
 //!
 //! Commands that write the ledger (`run`, `renew`, `reap`, `revoke`,
 //! `authz deactivate`, `account rollover`) take the state directory's lock
