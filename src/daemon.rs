@@ -66,12 +66,41 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     };
     notifier.notify(State::Ready);
-    let Some((account, cfg)) = load_account(Arc::new(cfg), &store, &shutdown).await else {
+    let started = Arc::new(cfg);
+    let Some((account, cfg)) = load_account(started.clone(), &store, &shutdown).await else {
         notifier.notify(State::Stopping);
         tasks.stop(grace).await;
         store.close().await;
         return Ok(());
     };
+    // The listeners started before the account; an edit read while the CA
+    // was unreachable reaches them here.
+    let cfg = if Arc::ptr_eq(&started, &cfg) {
+        cfg
+    } else {
+        let failed = solvers
+            .reconfigure(
+                ChallengeSettings::of(&started),
+                ChallengeSettings::of(&cfg),
+                &ALL_KINDS,
+                &tasks.tracker,
+                &shutdown,
+            )
+            .await;
+        if failed.is_empty() {
+            cfg
+        } else {
+            // What runs is what the configuration in force says, as after
+            // a reload that could not apply a section.
+            let mut kept = (*cfg).clone();
+            for (kind, e) in failed {
+                tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
+                keep_running(&mut kept, &started, kind);
+            }
+            Arc::new(kept)
+        }
+    };
+    drop(started);
     let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
     let (resumable, abandoned) = reaper
         .recover(|o| crate::cli::wants_same_names(&cfg, o))
@@ -306,6 +335,17 @@ async fn load_account(
     }
 }
 
+/// Puts `running`'s `kind` section back into `new`, for a section whose
+/// new settings the solvers could not take: the configuration in force
+/// says what runs.
+fn keep_running(new: &mut Config, running: &Config, kind: ChallengeKind) {
+    match kind {
+        ChallengeKind::Http01 => new.http01.clone_from(&running.http01),
+        ChallengeKind::Dns01 => new.dns01.clone_from(&running.dns01),
+        ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&running.tls_alpn01),
+    }
+}
+
 /// Records a daemon event; the ledger is for `status`, so a failed write
 /// is logged, not fatal.
 async fn record(store: &Store, kind: &str, detail: Option<&str>) {
@@ -462,11 +502,7 @@ impl Reloader {
             .await;
         for (kind, e) in failed {
             tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
-            match kind {
-                ChallengeKind::Http01 => new.http01.clone_from(&self.current.http01),
-                ChallengeKind::Dns01 => new.dns01.clone_from(&self.current.dns01),
-                ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&self.current.tls_alpn01),
-            }
+            keep_running(new, &self.current, kind);
         }
     }
 
