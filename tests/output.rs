@@ -240,6 +240,17 @@ fn status_check_is_one_line_and_unknown_when_it_cannot_judge() {
         "{out}"
     );
     fs::remove_file(env.state_dir().join("certd.db")).expect("remove");
+    // A certificate that is not configured cannot be judged either.
+    one_line(
+        &env.certd(&["status", "--check", "nope"]),
+        3,
+        &format!("CERTD UNKNOWN: no certificate named \"nope\" in {path}"),
+    );
+    one_line(
+        &env.certd(&["status", "--check", "www"]),
+        2,
+        "CERTD CRITICAL: www has no certificate yet",
+    );
 
     // An unknown RUST_LOG is an error, not ignored: UNKNOWN for the check,
     // a usage error (2) for the other commands.

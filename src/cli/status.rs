@@ -95,13 +95,11 @@ pub(super) async fn run(
             match cfg.certificate(name) {
                 Some(c) => selected.push(c),
                 None => {
-                    eprintln!(
-                        "{}",
-                        escape_control(&format!(
-                            "certd: no certificate named {name:?} in {}",
-                            cfg.path.display()
-                        ))
-                    );
+                    let why = format!("no certificate named {name:?} in {}", cfg.path.display());
+                    if matches!(mode, Mode::Check) {
+                        return Ok(unknown(&why));
+                    }
+                    eprintln!("certd: {}", escape_control(&why));
                     return Ok(ExitCode::from(2));
                 }
             }
@@ -139,7 +137,7 @@ pub(super) async fn run(
             }
             text
         }
-        Mode::Check => return Ok(check(&cfg, &ledger, now)),
+        Mode::Check => return Ok(check(&cfg, &selected, &ledger, now)),
     };
     write_stdout_all(&text);
     // The process exits after this. Handing 10,000 certificates' worth of
@@ -652,9 +650,14 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus], width: usize) {
 }
 
 /// `status --check`: one summary line, worst first; the exit code is the
-/// worst level.
-fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
-    if cfg.certificates.is_empty() {
+/// worst level. `selected`: the certificates named, or all.
+fn check(
+    cfg: &Config,
+    selected: &[&CertificateConfig],
+    ledger: &Ledger,
+    now: UnixTime,
+) -> ExitCode {
+    if selected.is_empty() {
         write_stdout_all(&format!(
             "CERTD {}: no certificates configured in {}\n",
             Level::Warning,
@@ -671,7 +674,7 @@ fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
             format!("CA unreachable since {}: {why}", rfc3339(*at)),
         ));
     }
-    for c in &cfg.certificates {
+    for c in selected {
         let (level, why) = assess(c, ledger.row(c.name.as_str()), now);
         worst = worst.max(level);
         problems.extend(why.map(|w| (level, w)));
@@ -679,7 +682,7 @@ fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
     // Worst first: the line a pager shows must lead with what matters.
     problems.sort_by_key(|p| std::cmp::Reverse(p.0));
     let summary = if problems.is_empty() {
-        format!("{} certificate(s) valid", cfg.certificates.len())
+        format!("{} certificate(s) valid", selected.len())
     } else {
         problems
             .into_iter()
