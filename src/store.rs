@@ -735,6 +735,20 @@ impl Store {
         .await?)
     }
 
+    /// One certificate's pending authorizations: (identifier, URL,
+    /// created at), oldest first, for `certd status NAME`.
+    pub async fn pending_authz_of(&self, cert_name: &str) -> Result<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT a.identifier, a.url, a.created_at FROM authorizations a
+             JOIN order_authorizations oa ON oa.authz_id = a.id
+             JOIN orders o ON o.id = oa.order_id
+             WHERE a.status = 'pending' AND o.cert_name = ? ORDER BY a.created_at, a.id",
+        )
+        .bind(cert_name)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     // ---- reaper, guard, recovery -----------------------------------------
 
     /// Pending authorizations created at or before `cutoff` whose backoff has

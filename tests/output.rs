@@ -413,3 +413,37 @@ fn next_renewal_is_kept_across_restarts() {
     }
     assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
 }
+
+/// `status NAME` lists the certificate's pending authorizations, with
+/// their URLs, for `certd authz deactivate`.
+#[test]
+fn status_name_lists_pending_authorizations() {
+    let env = TestEnv::new();
+    env.write_config(&cert("p", "p.example.test"));
+    // A webroot no web server serves, pre-flighted through the name: the
+    // order stops before the CA validates, its authorization pending.
+    let webroot = env.dir().join("webroot");
+    fs::create_dir_all(&webroot).expect("webroot");
+    let config = fs::read_to_string(env.config_path()).expect("config");
+    env.write_raw_config(&config.replace(
+        &format!("listen = \"127.0.0.1:{}\"", env.pebble.http01_port()),
+        &format!("webroot = \"{}\"\npreflight = true", webroot.display()),
+    ));
+    assert_eq!(env.certd(&["renew"]).code(), Some(1));
+    let authz = crate::util::ledger_authz(&env);
+    assert_eq!(authz.len(), 1, "{authz:#?}");
+    let url = authz[0]["url"].as_str().expect("url").to_owned();
+    let out = status(&env, &["status", "p"]);
+    out.assert_success();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "  Pending authorizations: 1")
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    let listed = lines[at + 1];
+    assert!(
+        listed.starts_with("    20") && listed.ends_with(&format!("  p.example.test  {url}")),
+        "{}",
+        out.stdout
+    );
+}

@@ -478,19 +478,29 @@ fn push_ca_unreachable(out: &mut String, since: Option<&(i64, String)>, width: u
 /// The events `status NAME` shows per certificate.
 const DETAIL_EVENTS: i64 = 5;
 
-/// Each row's latest events, newest first; none when certd never ran.
-async fn recent_events(
-    cfg: &Config,
-    rows: &[StatusRow<'_>],
-) -> anyhow::Result<Vec<Vec<(i64, String, Option<String>)>>> {
+/// What `status NAME` reads for one certificate beyond its row.
+#[derive(Default)]
+struct Recent {
+    /// (at, kind, detail), newest first.
+    events: Vec<(i64, String, Option<String>)>,
+    /// (identifier, URL, created at), oldest first.
+    pending: Vec<(String, String, i64)>,
+}
+
+/// Each row's latest events and pending authorizations; none when certd
+/// never ran.
+async fn recent_events(cfg: &Config, rows: &[StatusRow<'_>]) -> anyhow::Result<Vec<Recent>> {
     let path = cfg.db_path();
     if !path.exists() {
-        return Ok(rows.iter().map(|_| Vec::new()).collect());
+        return Ok(rows.iter().map(|_| Recent::default()).collect());
     }
     let store = Store::open(&path).await?;
     let mut all = Vec::with_capacity(rows.len());
     for r in rows {
-        all.push(store.cert_events(r.name, DETAIL_EVENTS).await?);
+        all.push(Recent {
+            events: store.cert_events(r.name, DETAIL_EVENTS).await?,
+            pending: store.pending_authz_of(r.name).await?,
+        });
     }
     store.close().await;
     Ok(all)
@@ -503,7 +513,7 @@ fn push_detail_block(
     cfg: &Config,
     c: &CertificateConfig,
     r: &StatusRow,
-    events: &[(i64, String, Option<String>)],
+    recent: &Recent,
     now: UnixTime,
 ) {
     use std::fmt::Write as _;
@@ -570,15 +580,24 @@ fn push_detail_block(
         item(out, "Last error:", r.last_error.unwrap_or("unknown"));
     }
     item(out, "Pending authorizations:", &r.pending_authz.to_string());
+    for (identifier, url, created) in &recent.pending {
+        let _ = writeln!(
+            out,
+            "    {}  {}  {}",
+            rfc3339(*created),
+            escape_control(identifier),
+            escape_control(url)
+        );
+    }
     for file in crate::install::FILES {
         let label = format!("{}:", file.trim_end_matches(".pem"));
         item(out, &label, &dir.join(file).display().to_string());
     }
-    if events.is_empty() {
+    if recent.events.is_empty() {
         item(out, "Events:", "none");
     } else {
         let _ = writeln!(out, "  Events:");
-        for (at, kind, detail) in events {
+        for (at, kind, detail) in &recent.events {
             let _ = writeln!(
                 out,
                 "    {}  {}{}",
