@@ -860,7 +860,10 @@ impl<'a> Located<'a> {
                 break;
             }
             let t = line.trim();
-            if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            // Up to the first `]`: a header missing one (`[[certificate]`)
+            // is the error being located, and must not name the key
+            // `certificate][0]`.
+            if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split(']').next()) {
                 let name = name.trim().to_owned();
                 let n = counts.entry(name.clone()).or_insert(0);
                 current = Some(format!("{name}[{n}]"));

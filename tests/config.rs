@@ -230,6 +230,14 @@ fn type_errors_are_worded_for_the_file() {
         "reaper.max_pending",
         "expected a whole number, found the string \"many\"",
     );
+    // Not `certificate][0]`: a header that lacks a bracket is located at
+    // the table it opens.
+    assert_error(
+        &format!("{BASE}\n[[certificate]\nname = \"api\"\n"),
+        15,
+        "certificate[1]",
+        "unclosed array table",
+    );
     // Not `certificate[0]: missing field acme`: the section is missing
     // from the file.
     let (code, stderr, path, _dir) =
