@@ -1957,6 +1957,13 @@ domains = ["Example.COM", "www.example.com."]"#,
 
     #[test]
     fn domain_names() {
+        // Unicode names, wildcards included, are ordered in Punycode.
+        let idn = |s: &str| s.parse::<DnsName>().map(|d| d.as_str().to_owned());
+        assert_eq!(idn("Bücher.example."), Ok("xn--bcher-kva.example".into()));
+        assert_eq!(
+            idn("*.bücher.example"),
+            Ok("*.xn--bcher-kva.example".into())
+        );
         assert!("a.example".parse::<DnsName>().is_ok());
         assert!("*.a.example".parse::<DnsName>().is_ok());
         assert!("a.*.example".parse::<DnsName>().is_err());
