@@ -112,7 +112,7 @@ a-rather-long-certificate…  9999-99-99 (99d)  9999-99-99 99:99    9        ok
 account https://999.9.9.9:<ca>/my-account/<id>
   directory: https://999.9.9.9:<ca>/dir
   pending authorizations: 9
-  reaper: deactivated 9 (99 h: 9), held back: 9
+  reaper: deactivated 9 (last 99 h: 9), held back for failure budget: 9
   last reaper pass: 9999-99-99T99:99:99Z
     examined 9, deactivated 9, held back 9, resolved 9, failed 9
 "

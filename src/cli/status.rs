@@ -644,7 +644,7 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus], width: usize) {
         line(format!("  directory: {}", a.directory));
         line(format!("  pending authorizations: {}", r.pending));
         line(format!(
-            "  reaper: deactivated {} (24 h: {}), held back: {}",
+            "  reaper: deactivated {} (last 24 h: {}), held back for failure budget: {}",
             r.deactivated_total, r.deactivated_24h, r.held_back
         ));
         match r.last_pass_at {
