@@ -3,9 +3,11 @@
 //! nowhere below.
 //!
 //! Exit codes: 0 success, 1 a certificate (or authorization) operation
-//! failed, 2 the configuration or the command line is wrong, or the
-//! ledger cannot be used (corrupt, unwritable, locked by another certd,
-//! deleted under the daemon).
+//! failed, 2 the configuration, the command line or `RUST_LOG` is wrong, or
+//! the ledger cannot be used (corrupt, unwritable, locked by another certd,
+//! deleted under the daemon). `status --check` is a Nagios plugin instead:
+//! 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (it could not judge), and always
+//! one line on stdout.
 //!
 //! Commands that write the ledger (`renew`, `reap`, `revoke`,
 //! `authz deactivate`, `account rollover`) hand their work to a running
@@ -240,14 +242,23 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show every configured certificate and its ledger state.
+    /// Show every configured certificate and its ledger state; with NAMEs
+    /// or -v, everything about each.
     Status {
+        /// Only these certificates, each as a block (files, issuer, last
+        /// error in full, events).
+        names: Vec<String>,
+        /// Every certificate as a block, as for NAMEs.
+        #[arg(long, short = 'v')]
+        verbose: bool,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
-        /// Monitoring check: one summary line; exit 0 all valid, 1 a
-        /// renewal failing in its window, 2 expired or failing within 7 days.
-        #[arg(long, conflicts_with = "json")]
+        /// Monitoring check (Nagios plugin convention): one line; exit 0 OK,
+        /// 1 WARNING (a renewal failing in its window, none configured),
+        /// 2 CRITICAL (expired, missing, or failing with a sixth of the
+        /// lifetime left), 3 UNKNOWN (bad configuration, unreadable ledger).
+        #[arg(long, conflicts_with_all = ["json", "verbose"])]
         check: bool,
     },
     /// Inspect the authorization ledger.
@@ -703,25 +714,19 @@ async fn revoke_in_daemon(
 /// `RUST_LOG` takes `target=level` directives (`certd=debug,warn`), read by
 /// `Targets`: the same syntax as `EnvFilter` without span and field
 /// filters, and without the regex engine those need, a quarter of a MiB
-/// of code in every running daemon. A `RUST_LOG` that does not parse is
-/// reported and the configured level used.
-fn init_logging(format: LogFormat, level: &str) {
+/// of code in every running daemon. A `RUST_LOG` that does not parse, or
+/// names a level that does not exist, is an error: a daemon that silently
+/// logs less than asked for hides what the operator is looking for.
+fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let configured = || {
-        format!("certd={level},warn")
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => parse_rust_log(&spec)?,
+        _ => format!("certd={level},warn")
             .parse::<Targets>()
             // The configuration only admits the five level names.
-            .unwrap_or_default()
-    };
-    let mut unparsable = None;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
-            unparsable = Some((spec.clone(), e));
-            configured()
-        }),
-        _ => configured(),
+            .unwrap_or_default(),
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -736,9 +741,43 @@ fn init_logging(format: LogFormat, level: &str) {
             .init(),
         (LogFormat::Text, false) => registry.with(fmt.fmt_fields(EscapedFields)).init(),
     }
-    if let Some((spec, e)) = unparsable {
-        tracing::warn!(rust_log = %spec, error = %e, "RUST_LOG ignored: not a list of target=level directives");
+    Ok(())
+}
+
+/// The levels `RUST_LOG` may name.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// `RUST_LOG` as `Targets`. `Targets` takes a bare word that is no level
+/// (`RUST_LOG=verbose`) for a target with every level, which turns all of
+/// certd's own logging off: only levels, `certd` and module paths
+/// (`certd::driver`) stand alone here.
+fn parse_rust_log(spec: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    let bad = |why: String| {
+        format!(
+            "RUST_LOG={spec:?}: {why}; use target=level directives, e.g. \
+             RUST_LOG=certd=debug,warn (levels: {})",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match directive.split_once('=') {
+            Some((_, level))
+                if !LOG_LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) =>
+            {
+                return Err(bad(format!("{:?} is not a level", level.trim())));
+            }
+            None if !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+                && directive != "certd"
+                && !directive.contains("::") =>
+            {
+                return Err(bad(format!(
+                    "{directive:?} is neither a level nor target=level"
+                )));
+            }
+            _ => {}
+        }
     }
+    spec.parse().map_err(|e| bad(format!("{e}")))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -758,8 +797,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { .. } => status::load(&cli.config).await,
         _ => (Config::load(&cli.config), None),
     };
+    let checking = matches!(cli.command, Command::Status { check: true, .. });
     let cfg = match cfg {
         Ok(cfg) => cfg,
+        Err(e) if checking => return Ok(status::unknown(&e.to_string())),
         Err(e) => {
             // The operator's own file: its messages (with a TOML
             // excerpt) keep their lines.
@@ -770,7 +811,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    init_logging(cli.log_format, &cfg.daemon.log_level);
+    if let Err(e) = init_logging(cli.log_format, &cfg.daemon.log_level) {
+        if checking {
+            return Ok(status::unknown(&e));
+        }
+        errln!("certd: {e}");
+        return Ok(ExitCode::from(2));
+    }
     if let Some(request) = cli.command.control_request()
         && let Some(code) = crate::control::forward(&cfg.storage.state_dir, &request).await?
     {
@@ -797,13 +844,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             dry_run,
         } => renew(cfg, &names, force, dry_run).await,
-        Command::Status { json, check } => {
-            let mode = match (json, check) {
-                (_, true) => status::Mode::Check,
-                (true, false) => status::Mode::Json,
-                (false, false) => status::Mode::Table,
+        Command::Status {
+            names,
+            verbose,
+            json,
+            check,
+        } => {
+            let mode = match (json, check, verbose || !names.is_empty()) {
+                (_, true, _) => status::Mode::Check,
+                (true, false, _) => status::Mode::Json,
+                (false, false, true) => status::Mode::Detail,
+                (false, false, false) => status::Mode::Table,
             };
-            status::run(cfg, mode, prefetched).await
+            status::run(cfg, mode, &names, prefetched).await
         }
         Command::Authz {
             command: AuthzCommand::List { pending, json },

@@ -8,7 +8,7 @@
 //! error names the file, the line and column, and the key (for example
 //! `certificate[2].domains[0]`), so an operator can fix it without guessing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -171,7 +171,19 @@ pub struct Http01Config {
     /// Directory served by an existing web server at `/.well-known/acme-challenge/`.
     pub webroot: Option<PathBuf>,
     /// Fetch the token over HTTP before asking the CA to validate.
-    pub preflight: bool,
+    pub preflight: Preflight,
+}
+
+/// Whether certd fetches an http-01 token itself before the CA does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preflight {
+    Off,
+    /// A webroot by default: checked through the local web server
+    /// (127.0.0.1:80, the name in `Host`) when one answers there; a host
+    /// whose web server runs elsewhere is not refused for it.
+    IfServed,
+    /// Set, or the standalone responder: a failed fetch stops the order.
+    On,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -587,7 +599,18 @@ impl FromStr for DnsName {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let name = s.trim_end_matches('.').to_ascii_lowercase();
+        // An internationalized name is written as read (`bücher.example`)
+        // and ordered as the CA needs it, in Punycode (`xn--bcher-kva.example`).
+        let name = if s.is_ascii() {
+            s.trim_end_matches('.').to_ascii_lowercase()
+        } else {
+            idna::domain_to_ascii(s.trim_end_matches('.')).map_err(|_| {
+                format!(
+                    "{s:?} is not a valid internationalized domain name; \
+                     write it in Punycode (xn--…) if your registrar shows it so"
+                )
+            })?
+        };
         if name.is_empty() {
             return Err("empty domain name".into());
         }
@@ -852,8 +875,24 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: raw::Config = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            let message = e.message().trim_end().to_owned();
-            Located::new(path, text).error(span, None, message)
+            let at = Located::new(path, text);
+            let message = e.message().trim_end();
+            // A field missing from the whole file is a missing section: the
+            // span covers the document, and the table above its first line
+            // is not where anything is missing.
+            if let Some(field) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+                && span.start == 0
+            {
+                return at.error(
+                    span,
+                    Some("(top level)".into()),
+                    format!("the [{field}] section is missing"),
+                );
+            }
+            let key = at.guess_key_at(span.start);
+            at.error(span, None, reword(&key, message))
         })?;
         Validator {
             at: Located::new(path, text),
@@ -868,6 +907,42 @@ impl Config {
     pub fn db_path(&self) -> PathBuf {
         self.storage.state_dir.join(DB_FILE)
     }
+}
+
+/// serde's wording of a type mismatch ("invalid type: map, expected a
+/// sequence") in the file's terms, with the usual fix.
+fn reword(key: &str, message: &str) -> String {
+    let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|m| m.split_once(", expected "))
+    else {
+        return message.to_owned();
+    };
+    if key == "certificate" && found == "map" {
+        return "`[certificate]` must be written `[[certificate]]` (double brackets), \
+                one table per certificate"
+            .into();
+    }
+    let found = match found.split_once(' ') {
+        Some(("integer", n)) => format!("the number {}", n.trim_matches('`')),
+        Some(("floating", n)) => format!(
+            "the number {}",
+            n.trim_start_matches("point ").trim_matches('`')
+        ),
+        Some(("string", v)) => format!("the string {v}"),
+        _ if found == "map" => "a table".into(),
+        _ if found == "sequence" => "a list".into(),
+        _ => found.to_owned(),
+    };
+    let expected = match expected {
+        "a sequence" => "a list in brackets, like [\"a\", \"b\"]",
+        "a string" => "a quoted string",
+        "i64" | "u64" | "u32" | "i32" | "usize" => "a whole number",
+        "f64" => "a number",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
 }
 
 /// A path from the file: relative paths are taken from the file's directory.
@@ -938,6 +1013,12 @@ impl<'a> Located<'a> {
         }
     }
 
+    /// `guess_key` for the line holding `offset`.
+    fn guess_key_at(&self, offset: usize) -> String {
+        let offset = offset.min(self.text.len());
+        self.guess_key(self.text[..offset].rfind('\n').map_or(0, |i| i + 1))
+    }
+
     fn guess_key(&self, line_start: usize) -> String {
         let line = self.text[line_start..].lines().next().unwrap_or("");
         let table = self.table_above(line_start);
@@ -965,7 +1046,10 @@ impl<'a> Located<'a> {
                 break;
             }
             let t = line.trim();
-            if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            // Up to the first `]`: a header missing one (`[[certificate]`)
+            // is the error being located, and must not name the key
+            // `certificate][0]`.
+            if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split(']').next()) {
                 let name = name.trim().to_owned();
                 let n = counts.entry(name.clone()).or_insert(0);
                 current = Some(format!("{name}[{n}]"));
@@ -1024,13 +1108,34 @@ impl Validator<'_> {
                         "set `listen` (standalone responder) or `webroot` (or both)".into(),
                     ));
                 }
+                let webroot = h.webroot.as_deref().map(&resolve);
+                // A webroot is the directory a web server serves: one that
+                // does not exist is a typo, and creating it would publish
+                // tokens nowhere.
+                if let Some(root) = &webroot
+                    && !root.is_dir()
+                {
+                    return Err(self.at.error(
+                        h.span,
+                        Some("http01.webroot".into()),
+                        format!(
+                            "{} is not a directory: set the directory your web server serves \
+                             for these names (certd creates only .well-known/acme-challenge in it)",
+                            root.display()
+                        ),
+                    ));
+                }
+                // On by default: a failed self-check costs nothing, a
+                // doomed validation costs failure budget.
+                let preflight = match (h.preflight, listen) {
+                    (Some(false), _) => Preflight::Off,
+                    (Some(true), _) | (None, Some(_)) => Preflight::On,
+                    (None, None) => Preflight::IfServed,
+                };
                 Some(Http01Config {
-                    // On by default where certd serves the token itself: a
-                    // failed self-check costs nothing, a doomed validation
-                    // costs failure budget.
-                    preflight: h.preflight.unwrap_or(listen.is_some()),
+                    preflight,
                     listen,
-                    webroot: h.webroot.as_deref().map(&resolve),
+                    webroot,
                 })
             }
         };
@@ -1064,9 +1169,34 @@ impl Validator<'_> {
 
         let mut certificates = Vec::with_capacity(raw.certificate.len());
         let mut names = HashSet::new();
+        // Each domain with the certificate that first lists it.
+        let mut owners: HashMap<String, String> = HashMap::new();
         for (i, c) in raw.certificate.into_iter().enumerate() {
             let solvers = (http01.is_some(), dns01.is_some(), tls_alpn01.is_some());
+            let spans = c
+                .domains
+                .get_ref()
+                .iter()
+                .map(|d| d.span())
+                .collect::<Vec<_>>();
             let cert = self.certificate(i, c, solvers, &mut names)?;
+            // Two certificates for one name are two orders for it, each
+            // renewed on its own, against the CA's duplicate limits; which
+            // one a web server uses is left to chance.
+            for (j, domain) in cert.domains.iter().enumerate() {
+                if let Some(first) =
+                    owners.insert(domain.as_str().to_owned(), cert.name.as_str().to_owned())
+                {
+                    return Err(self.at.error(
+                        spans[j].clone(),
+                        Some(format!("certificate[{i}].domains[{j}]")),
+                        format!(
+                            "{:?} is also in certificate {first:?}: a name belongs in one certificate",
+                            domain.as_str()
+                        ),
+                    ));
+                }
+            }
             certificates.push(cert);
         }
 
@@ -1977,7 +2107,12 @@ domains = ["Example.COM", "www.example.com."]"#,
     #[test]
     fn wrong_type_guesses_key_from_line() {
         let text = with_cert("name = \"www\"\ndomains = [\"a.example\"]\nkey_type = 5");
-        expect_error(&text, 16, "certificate[0].key_type", "invalid type");
+        expect_error(
+            &text,
+            16,
+            "certificate[0].key_type",
+            "expected a quoted string, found the number 5",
+        );
     }
 
     #[test]
@@ -2345,6 +2480,13 @@ domains = ["Example.COM", "www.example.com."]"#,
 
     #[test]
     fn domain_names() {
+        // Unicode names, wildcards included, are ordered in Punycode.
+        let idn = |s: &str| s.parse::<DnsName>().map(|d| d.as_str().to_owned());
+        assert_eq!(idn("Bücher.example."), Ok("xn--bcher-kva.example".into()));
+        assert_eq!(
+            idn("*.bücher.example"),
+            Ok("*.xn--bcher-kva.example".into())
+        );
         assert!("a.example".parse::<DnsName>().is_ok());
         assert!("*.a.example".parse::<DnsName>().is_ok());
         assert!("a.*.example".parse::<DnsName>().is_err());

@@ -7,8 +7,10 @@
 //! hand their work to the scheduler and the reaper through it, see
 //! `crate::control`), the systemd notifier and the configuration watcher
 //! (inotify on the file's directory, since editors replace files, plus
-//! SIGHUP). systemd hears READY=1 once the account is
-//! loaded and work is scheduled, RELOADING=1/READY=1 around a reload,
+//! SIGHUP). systemd hears READY=1 once local start-up is done
+//! (configuration, ledger, challenge listeners), before the CA is asked for
+//! the account: with the CA down at boot, `systemctl start` would otherwise
+//! hang and fail. RELOADING=1/READY=1 around a reload,
 //! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
 //! waits for a restart, is `reload`'s typed comparison.
 
@@ -52,15 +54,55 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
     let grace = cfg.daemon.shutdown_grace;
-    let Some((account, cfg)) = load_account(Arc::new(cfg), &store, &shutdown).await else {
+    let solvers = Solvers::from_config(&cfg, &ALL_KINDS, &tasks.tracker, &shutdown)
+        .await
+        .context("cannot start the challenge solvers")?;
+    // Registered before READY=1: until a handler exists SIGHUP kills the
+    // process, and systemd (or a test) may send it the moment it hears READY.
+    // Signals that arrive while the account loads wait for the watcher.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    };
+    notifier.notify(State::Ready);
+    let started = Arc::new(cfg);
+    let Some((account, cfg)) = load_account(started.clone(), &store, &shutdown).await else {
         notifier.notify(State::Stopping);
         tasks.stop(grace).await;
         store.close().await;
         return Ok(());
     };
-    let solvers = Solvers::from_config(&cfg, &ALL_KINDS, &tasks.tracker, &shutdown)
-        .await
-        .context("cannot start the challenge solvers")?;
+    // The listeners started before the account; an edit read while the CA
+    // was unreachable reaches them here.
+    let cfg = if Arc::ptr_eq(&started, &cfg) {
+        cfg
+    } else {
+        let failed = solvers
+            .reconfigure(
+                ChallengeSettings::of(&started),
+                ChallengeSettings::of(&cfg),
+                &ALL_KINDS,
+                &tasks.tracker,
+                &shutdown,
+            )
+            .await;
+        if failed.is_empty() {
+            cfg
+        } else {
+            // What runs is what the configuration in force says, as after
+            // a reload that could not apply a section.
+            let mut kept = (*cfg).clone();
+            for (kind, e) in failed {
+                tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
+                keep_running(&mut kept, &started, kind);
+            }
+            Arc::new(kept)
+        }
+    };
+    drop(started);
     let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
     let (resumable, abandoned) = reaper
         .recover(|o| crate::cli::wants_same_names(&cfg, o))
@@ -119,18 +161,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::error!(error = %e, "cannot serve the control socket; certd renew, revoke and reap cannot reach this daemon");
     }
     tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
-    // Registered before READY=1: until a handler exists SIGHUP kills the
-    // process, and systemd (or a test) may send it the moment it hears READY.
-    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP");
-            None
-        }
-    };
     tasks.spawn("config watcher", watch_config(reloader, hup));
-
-    notifier.notify(State::Ready);
     tracing::info!(certificates = cfg.certificates.len(), "certd running");
     shutdown.cancelled().await;
     notifier.notify(State::Stopping);
@@ -284,9 +315,19 @@ async fn load_account(
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await
         };
         match attempt.await {
-            Ok(account) => return Some((account, cfg)),
+            Ok(account) => {
+                if failures > 0 {
+                    record(store, "ca-reachable", None).await;
+                }
+                return Some((account, cfg));
+            }
             Err(e) => {
                 failures += 1;
+                // For `certd status`: "CA unreachable since" the first
+                // failure, and why.
+                if failures == 1 {
+                    record(store, "ca-unreachable", Some(&error_chain(&e))).await;
+                }
                 let delay =
                     failure_backoff(failures, Duration::from_secs(5), cfg.daemon.backoff_max);
                 tracing::error!(error = %error_chain(&e), retry_in_secs = delay.as_secs(), "cannot load the ACME account");
@@ -309,6 +350,27 @@ async fn load_account(
                 tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
             }
         }
+    }
+}
+
+/// Puts `running`'s `kind` section back into `new`, for a section whose
+/// new settings the solvers could not take: the configuration in force
+/// says what runs.
+fn keep_running(new: &mut Config, running: &Config, kind: ChallengeKind) {
+    match kind {
+        ChallengeKind::Http01 => new.http01.clone_from(&running.http01),
+        ChallengeKind::Dns01 | ChallengeKind::DnsPersist01 => {
+            new.dns01.clone_from(&running.dns01);
+        }
+        ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&running.tls_alpn01),
+    }
+}
+
+/// Records a daemon event; the ledger is for `status`, so a failed write
+/// is logged, not fatal.
+async fn record(store: &Store, kind: &str, detail: Option<&str>) {
+    if let Err(e) = store.event(kind, None, None, None, detail).await {
+        tracing::warn!(error = %e, kind, "cannot record an event in the ledger");
     }
 }
 
@@ -463,13 +525,7 @@ impl Reloader {
             .await;
         for (kind, e) in failed {
             tracing::error!(error = %e, "cannot apply the new {kind} settings; the running ones stay");
-            match kind {
-                ChallengeKind::Http01 => new.http01.clone_from(&self.current.http01),
-                ChallengeKind::Dns01 | ChallengeKind::DnsPersist01 => {
-                    new.dns01.clone_from(&self.current.dns01);
-                }
-                ChallengeKind::TlsAlpn01 => new.tls_alpn01.clone_from(&self.current.tls_alpn01),
-            }
+            keep_running(new, &self.current, kind);
         }
     }
 

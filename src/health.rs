@@ -22,12 +22,15 @@ const CRITICAL_FALLBACK_SECS: i64 = 7 * 86_400;
 /// short-lived certificates get a tenth of their lifetime.
 const OVERDUE_GRACE: i64 = 86_400;
 
-/// Monitoring levels, ordered; their numbers are the exit codes.
+/// Monitoring levels, ordered; their numbers are the exit codes (the
+/// Nagios plugin convention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Ok = 0,
     Warning = 1,
     Critical = 2,
+    /// Nothing could be judged: a bad configuration, an unreadable ledger.
+    Unknown = 3,
 }
 
 impl fmt::Display for Level {
@@ -36,6 +39,7 @@ impl fmt::Display for Level {
             Self::Ok => "OK",
             Self::Warning => "WARNING",
             Self::Critical => "CRITICAL",
+            Self::Unknown => "UNKNOWN",
         })
     }
 }

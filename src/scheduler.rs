@@ -208,6 +208,20 @@ pub fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
     UnixTime::from_secs(at.secs() - (lifetime * 0.02 * random_fraction()) as i64)
 }
 
+/// The renewal time planned before (the ledger's), when it still fits
+/// `info` and `remaining`: a time `planned_renewal` could have drawn. A
+/// new draw at each daemon start moved NEXT RENEWAL by up to 2 % of the
+/// lifetime (days for a 90-day certificate) for no reason; a new
+/// certificate or a new `renew_remaining` plans afresh.
+pub fn kept_renewal(info: &CertInfo, remaining: f64, planned: Option<i64>) -> Option<UnixTime> {
+    let lifetime = (info.not_after - info.not_before).max(0) as f64;
+    let latest = renewal_time(info.not_before, info.not_after, remaining).secs();
+    let earliest = latest - (lifetime * 0.02) as i64;
+    planned
+        .filter(|t| (earliest..=latest).contains(t))
+        .map(UnixTime::from_secs)
+}
+
 /// The scheduler's next deadline: the earliest renewal it could start and
 /// the earliest ARI re-check. A renewal counts only while an order slot is
 /// free (a finished order wakes the loop; a zero sleep while every slot is
@@ -576,6 +590,15 @@ impl Scheduler {
     /// Plans an installed certificate by its ARI window, or by the
     /// lifetime rule where the CA offers none, and records the answer.
     async fn plan_installed(&self, entry: &mut Entry, info: &CertInfo) {
+        // What was planned before: kept while it still fits, so NEXT
+        // RENEWAL does not move at each start (see `kept_renewal`).
+        let planned = match self.ctx.store.certificate(entry.cert.name.as_str()).await {
+            Ok(row) => row.and_then(|r| r.next_renewal_at),
+            Err(e) => {
+                tracing::debug!(cert = %entry.cert.name, error = %e, "cannot read the planned renewal");
+                None
+            }
+        };
         let now = UnixTime::now();
         let name = entry.cert.name.to_string();
         // A window about an earlier certificate says nothing about this one.
@@ -586,7 +609,11 @@ impl Scheduler {
                 entry.ari_errors = 0;
                 let at = match kept {
                     Some(p) if p.window == answer.window => p.at,
-                    _ => ari_instant(&answer.window, info),
+                    // After a restart the instant drawn before stands while
+                    // it is inside the window.
+                    _ => planned
+                        .filter(|t| (answer.window.start..=answer.window.end).contains(t))
+                        .map_or_else(|| ari_instant(&answer.window, info), UnixTime::from_secs),
                 };
                 let plan = AriPlan {
                     serial: info.serial.clone(),
@@ -613,7 +640,9 @@ impl Scheduler {
                 };
             }
             None => {
-                entry.next = planned_renewal(info, self.cfg.daemon.renew_remaining);
+                let remaining = self.cfg.daemon.renew_remaining;
+                entry.next = kept_renewal(info, remaining, planned)
+                    .unwrap_or_else(|| planned_renewal(info, remaining));
                 entry.why = "renewal time".into();
             }
         }
@@ -1016,6 +1045,40 @@ mod tests {
             Some(t(50))
         );
         assert_eq!(wake_deadline(None, None, true, Some(t(70))), None);
+    }
+
+    /// A planned time inside the jitter range is kept; one from another
+    /// certificate or another `renew_remaining` is not.
+    #[test]
+    fn a_planned_renewal_is_kept_while_it_fits() {
+        let info = CertInfo {
+            dns_names: vec![],
+            serial: "01".into(),
+            not_before: 0,
+            not_after: 100 * 86_400,
+            spki: vec![],
+            ari_id: None,
+            ip_addresses: vec![],
+        };
+        let latest = 66 * 86_400 + 86_400 / 3 * 2;
+        let at = renewal_time(0, 100 * 86_400, 1.0 / 3.0).secs();
+        assert!((at - latest).abs() < 2, "{at} {latest}");
+        let inside = at - 86_400;
+        assert_eq!(
+            kept_renewal(&info, 1.0 / 3.0, Some(inside)),
+            Some(UnixTime::from_secs(inside))
+        );
+        assert_eq!(kept_renewal(&info, 1.0 / 3.0, Some(at + 1)), None);
+        assert_eq!(kept_renewal(&info, 1.0 / 3.0, Some(at - 3 * 86_400)), None);
+        assert_eq!(kept_renewal(&info, 1.0 / 3.0, None), None);
+        // Every fresh draw is one `kept_renewal` keeps.
+        for _ in 0..100 {
+            let drawn = planned_renewal(&info, 1.0 / 3.0);
+            assert_eq!(
+                kept_renewal(&info, 1.0 / 3.0, Some(drawn.secs())),
+                Some(drawn)
+            );
+        }
     }
 
     #[test]

@@ -23,8 +23,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{
-    ChallengeKind, Config, Dns01Config, Dns01Mode, DnsAlias, Http01Config, PropagationConfig,
-    TlsAlpn01Config,
+    ChallengeKind, Config, Dns01Config, Dns01Mode, DnsAlias, Http01Config, Preflight,
+    PropagationConfig, TlsAlpn01Config,
 };
 use crate::dns::persist::{PersistExpect, persist_record};
 use crate::dns::propagation::{Expect, PropagationCheck};
@@ -131,7 +131,7 @@ impl ChallengeSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SolverError {
-    #[error("http-01 responder cannot listen on {addr}: {source}")]
+    #[error("{}", listen_message(*addr, source))]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -499,6 +499,21 @@ impl Solver for Owned {
 // ---- http-01 -------------------------------------------------------------
 
 const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
+/// Why the http-01 responder could not listen, cause first; a port in use
+/// is nearly always a web server, and the webroot is how certd works beside
+/// one.
+fn listen_message(addr: SocketAddr, source: &std::io::Error) -> String {
+    if source.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "port {} is in use (a web server?): use `[http01] webroot` instead; \
+             the http-01 responder cannot listen on {addr}: {source}",
+            addr.port()
+        )
+    } else {
+        format!("the http-01 responder cannot listen on {addr}: {source}")
+    }
+}
+
 /// Where http-01 files go below a webroot.
 const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 
@@ -506,8 +521,17 @@ const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 pub struct Http01Solver {
     responder: Option<Http01Responder>,
     webroot: Option<PathBuf>,
-    preflight: bool,
+    preflight: Preflight,
+    /// The local web server a webroot is pre-flighted through.
+    local_web: SocketAddr,
 }
+
+/// Where a webroot's web server is asked for the token: this host's port
+/// 80, the name in `Host`.
+const LOCAL_WEB: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    80,
+));
 
 impl Http01Solver {
     fn new(cfg: &Http01Config, responder: Option<Http01Responder>) -> Self {
@@ -515,6 +539,7 @@ impl Http01Solver {
             responder,
             webroot: cfg.webroot.clone(),
             preflight: cfg.preflight,
+            local_web: LOCAL_WEB,
         }
     }
 
@@ -569,12 +594,11 @@ impl Solver for Http01Solver {
     }
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
-        if !self.preflight {
+        if self.preflight == Preflight::Off {
             return Ok(());
         }
         // The standalone responder is asked on its own address (the Host
-        // header says which name); a webroot through the name itself, as
-        // the CA will.
+        // header says which name).
         let target = match &self.responder {
             Some(r) => {
                 let mut addr = r.local_addr();
@@ -591,6 +615,10 @@ impl Solver for Http01Solver {
                 }
                 addr.to_string()
             }
+            // By default the local web server, asked for the name: what
+            // the CA will fetch, unless a proxy or another host serves it.
+            None if self.preflight == Preflight::IfServed => self.local_web.to_string(),
+            // Asked for: through the name itself, as the CA will.
             None => format!("{}:80", http_host(&c.identifier)),
         };
         let err = |detail: String| SolverError::Preflight {
@@ -599,9 +627,19 @@ impl Solver for Http01Solver {
             detail,
         };
         let fetch = async {
-            let mut stream = TcpStream::connect(&target)
-                .await
-                .map_err(|e| err(format!("cannot connect: {e}")))?;
+            let mut stream = match TcpStream::connect(&target).await {
+                Ok(stream) => stream,
+                // No local web server: the name is served elsewhere, and
+                // only the CA can tell.
+                Err(e)
+                    if self.preflight == Preflight::IfServed
+                        && e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    tracing::debug!(identifier = %c.identifier, %target, "no local web server; webroot not pre-flighted");
+                    return Ok(None);
+                }
+                Err(e) => return Err(err(format!("cannot connect: {e}"))),
+            };
             let request = format!(
                 "GET {WELL_KNOWN}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: certd-preflight\r\n\r\n",
                 c.token()?,
@@ -617,11 +655,14 @@ impl Solver for Http01Solver {
                 .read_to_end(&mut response)
                 .await
                 .map_err(|e| err(e.to_string()))?;
-            Ok::<_, SolverError>(String::from_utf8_lossy(&response).into_owned())
+            Ok::<_, SolverError>(Some(String::from_utf8_lossy(&response).into_owned()))
         };
-        let response = tokio::time::timeout(Duration::from_secs(10), fetch)
+        let Some(response) = tokio::time::timeout(Duration::from_secs(10), fetch)
             .await
-            .map_err(|_| err("timed out".into()))??;
+            .map_err(|_| err("timed out".into()))??
+        else {
+            return Ok(());
+        };
         let status_ok =
             response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200");
         let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -1170,7 +1211,8 @@ mod tests {
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,
-            preflight: true,
+            preflight: Preflight::On,
+            local_web: LOCAL_WEB,
         };
         let c = spec("tok1_aaaaaaaaaaaaaaaaaaaa");
         assert!(solver.preflight(&c).await.is_err(), "not presented yet");
@@ -1213,7 +1255,8 @@ mod tests {
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,
-            preflight: true,
+            preflight: Preflight::On,
+            local_web: LOCAL_WEB,
         };
         let mut c = spec("tok2_aaaaaaaaaaaaaaaaaaaa");
         solver.present(&c).await.expect("present");
@@ -1279,13 +1322,82 @@ mod tests {
         assert!(ran.exists());
     }
 
+    /// A webroot is pre-flighted through the local web server when one
+    /// answers: a server that does not serve the webroot for the name stops
+    /// the order; no server at all is not held against it.
+    #[tokio::test]
+    async fn a_webroot_is_preflighted_through_the_local_web_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A web server of a port of its own: it serves the webroot for
+        // "a.example" and nothing for other names.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let root = dir.path().to_owned();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let served = req.contains("Host: a.example\r\n");
+                let body = std::fs::read_to_string(root.join(path.trim_start_matches('/')));
+                let rsp = match body {
+                    Ok(body) if served => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(),
+                };
+                let _ = s.write_all(rsp.as_bytes()).await;
+            }
+        });
+        let solver = |local_web| Http01Solver {
+            responder: None,
+            webroot: Some(dir.path().to_owned()),
+            preflight: Preflight::IfServed,
+            local_web,
+        };
+        let c = spec("tok5_aaaaaaaaaaaaaaaaaaaa");
+        let served = solver(addr);
+        let err = served.preflight(&c).await.expect_err("not presented yet");
+        assert!(err.to_string().contains("404"), "{err}");
+        served.present(&c).await.expect("present");
+        served
+            .preflight(&c)
+            .await
+            .expect("the web server serves the webroot");
+        let mut other = spec("tok5_aaaaaaaaaaaaaaaaaaaa");
+        other.identifier = "b.example".into();
+        assert!(
+            served.preflight(&other).await.is_err(),
+            "another name's server"
+        );
+        // Nothing listens: the name is served elsewhere; only the CA can tell.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        solver(closed)
+            .preflight(&other)
+            .await
+            .expect("no local web server, no verdict");
+        server.abort();
+    }
+
     #[tokio::test]
     async fn webroot_file_is_written_and_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let solver = Http01Solver {
             responder: None,
             webroot: Some(dir.path().to_owned()),
-            preflight: false,
+            preflight: Preflight::Off,
+            local_web: LOCAL_WEB,
         };
         let c = spec("tok2_aaaaaaaaaaaaaaaaaaaa");
         solver.present(&c).await.expect("present");
@@ -1332,7 +1444,8 @@ mod tests {
         let solver = Http01Solver {
             responder: None,
             webroot: Some(root.clone()),
-            preflight: false,
+            preflight: Preflight::Off,
+            local_web: LOCAL_WEB,
         };
         // A link where the token's file goes is replaced, not written through.
         let c = spec("linked_aaaaaaaaaaaaaaaaaaaa");

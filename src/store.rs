@@ -829,6 +829,20 @@ impl Store {
         .await?)
     }
 
+    /// One certificate's pending authorizations: (identifier, URL,
+    /// created at), oldest first, for `certd status NAME`.
+    pub async fn pending_authz_of(&self, cert_name: &str) -> Result<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT a.identifier, a.url, a.created_at FROM authorizations a
+             JOIN order_authorizations oa ON oa.authz_id = a.id
+             JOIN orders o ON o.id = oa.order_id
+             WHERE a.status = 'pending' AND o.cert_name = ? ORDER BY a.created_at, a.id",
+        )
+        .bind(cert_name)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     // ---- reaper, guard, recovery -----------------------------------------
 
     /// Pending authorizations created at or before `cutoff` whose backoff has
@@ -1595,6 +1609,22 @@ impl Store {
         .await?)
     }
 
+    /// One certificate's latest events, newest first: (at, kind, detail),
+    /// for `certd status NAME`.
+    pub async fn cert_events(
+        &self,
+        name: &str,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, Option<String>)>> {
+        Ok(sqlx::query_as(
+            "SELECT at, kind, detail FROM events WHERE cert_name = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(name)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Forgets the pause of `scope`: an order of it succeeded.
     pub async fn clear_pause(&self, scope: &str) -> Result<()> {
         sqlx::query("DELETE FROM ca_pauses WHERE scope = ?")
@@ -1602,6 +1632,22 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// When the daemon found the CA unreachable and why, while it has not
+    /// reached it since: the latest `ca-unreachable` event after the latest
+    /// `ca-reachable` and `daemon-started` ones.
+    pub async fn ca_unreachable(&self) -> Result<Option<(i64, String)>> {
+        let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT at, kind, detail FROM events \
+             WHERE kind IN ('daemon-started', 'ca-unreachable', 'ca-reachable') \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(at, kind, detail)| {
+            (kind == "ca-unreachable").then(|| (at, detail.unwrap_or_default()))
+        }))
     }
 
     /// How many events of `kind` exist (tests and status).

@@ -108,7 +108,7 @@ fn errors_name_file_line_and_key() {
         &format!("{BASE}key_type = 5\n"),
         14,
         "certificate[0].key_type",
-        "invalid type",
+        "expected a quoted string, found the number 5",
     );
     assert_error(
         &BASE.replace("listen = \"127.0.0.1:5002\"", "listen = \"localhost\""),
@@ -404,4 +404,103 @@ fn profile_and_ip_errors_name_file_line_and_key() {
         "certificate[0].domains[0]",
         "neither an IP address nor a domain name",
     );
+}
+
+/// serde's wording ("invalid type: map, expected a sequence") is said in
+/// the file's terms, with the fix, at the right key.
+#[test]
+fn type_errors_are_worded_for_the_file() {
+    assert_error(
+        &BASE.replace("[[certificate]]", "[certificate]"),
+        11,
+        "certificate",
+        "`[certificate]` must be written `[[certificate]]` (double brackets)",
+    );
+    assert_error(
+        &BASE.replace("[\"example.test\"]", "\"example.test\""),
+        13,
+        "certificate[0].domains",
+        "expected a list in brackets, like [\"a\", \"b\"], found the string \"example.test\"",
+    );
+    assert_error(
+        &format!("{BASE}\n[reaper]\nmax_pending = \"many\"\n"),
+        16,
+        "reaper.max_pending",
+        "expected a whole number, found the string \"many\"",
+    );
+    // Not `certificate][0]`: a header that lacks a bracket is located at
+    // the table it opens.
+    assert_error(
+        &format!("{BASE}\n[[certificate]\nname = \"api\"\n"),
+        15,
+        "certificate[1]",
+        "unclosed array table",
+    );
+    // Not `certificate[0]: missing field acme`: the section is missing
+    // from the file.
+    let (code, stderr, path, _dir) =
+        check(&BASE.replace("[acme]\ndirectory = \"https://127.0.0.1:14000/dir\"\n", ""));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("certd: {path}:1:1: (top level): the [acme] section is missing\n")
+    );
+}
+
+/// A name in two certificates is refused, naming both.
+#[test]
+fn a_name_in_two_certificates_is_refused() {
+    assert_error(
+        &format!(
+            "{BASE}\n[[certificate]]\nname = \"api\"\ndomains = [\"api.test\", \"EXAMPLE.test.\"]\n"
+        ),
+        17,
+        "certificate[1].domains[1]",
+        "\"example.test\" is also in certificate \"www\": a name belongs in one certificate",
+    );
+}
+
+/// Non-ASCII names are taken and ordered in Punycode; a name IDNA refuses
+/// says what to write instead.
+#[test]
+fn internationalized_names_become_punycode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    fs::write(&path, BASE.replace("example.test", "Bücher.example.test")).expect("write");
+    let out = TestCommand::new(&path).arg("check-config").output();
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains("www: xn--bcher-kva.example.test (ecdsa-p256, http-01)"),
+        "{}",
+        out.stdout
+    );
+    assert_error(
+        &BASE.replace("example.test", "b\u{00fc}cher\u{200d}x.-example.test"),
+        13,
+        "certificate[0].domains[0]",
+        "write it in Punycode",
+    );
+}
+
+/// A webroot that does not exist is a configuration error, and nothing is
+/// created for it.
+#[test]
+fn a_missing_webroot_is_refused() {
+    let text = BASE.replace("listen = \"127.0.0.1:5002\"", "webroot = \"www-typo\"");
+    assert_error(&text, 8, "http01.webroot", "www-typo is not a directory");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    fs::write(&path, &text).expect("write");
+    assert_eq!(
+        TestCommand::new(&path).arg("renew").output().code(),
+        Some(2)
+    );
+    assert!(!dir.path().join("www-typo").exists());
+    // Once it exists, the configuration is good.
+    fs::create_dir(dir.path().join("www-typo")).expect("mkdir");
+    TestCommand::new(&path)
+        .arg("check-config")
+        .output()
+        .assert_success();
 }

@@ -22,6 +22,7 @@ mod hostile_verify;
 mod issuance;
 mod lifecycle;
 mod ops;
+mod output;
 mod preorder;
 mod profiles_ip;
 mod rate_limits;

@@ -130,7 +130,9 @@ pub enum SetupError {
     Client(#[from] reqwest::Error),
     #[error("account credentials {path}: {detail}")]
     Credentials { path: PathBuf, detail: String },
-    #[error("ACME account")]
+    /// The CA's words alone: "ACME account: …" put a wrapper before the
+    /// cause.
+    #[error("{0}")]
     Acme(#[from] AcmeError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -458,9 +460,20 @@ impl HttpInner {
                 .ok()
                 .and_then(|p| p.detail)
                 .unwrap_or_else(|| format!("HTTP {status}"));
-            return Err(instant_acme::Error::Other(
-                format!("the directory {url} answered {detail}").into(),
-            ));
+            // Said as it is: the CA answered, so it is reachable; the URL
+            // in the configuration is what to check.
+            let hint = if status == StatusCode::NOT_FOUND {
+                format!(
+                    "the directory URL {} answers {status}: is `[acme] directory` right?",
+                    bounded(&url, MAX_URL_LEN)
+                )
+            } else {
+                format!(
+                    "the directory URL {} answers {detail}",
+                    bounded(&url, MAX_URL_LEN)
+                )
+            };
+            return Err(instant_acme::Error::Other(hint.into()));
         }
         let bytes = problem_for_error_page(status, &headers, bytes);
 
@@ -1356,7 +1369,9 @@ pub enum AcmeError {
         problem: ProblemRecord,
         disposition: Disposition,
     },
-    #[error("cannot reach the CA: {0}")]
+    /// Worded cause first (`transport_message`), since a status line
+    /// or a monitoring line cut at its end must keep the reason.
+    #[error("{0}")]
     Transport(String),
     #[error("unexpected answer from the CA: {0}")]
     Protocol(String),
@@ -1417,11 +1432,50 @@ impl From<instant_acme::Error> for AcmeError {
         match e {
             // The problem came with the task's latest answer.
             instant_acme::Error::Api(p) => Self::from_problem(&p, last_retry_after()),
-            instant_acme::Error::Other(inner) => Self::Transport(error_chain(inner.as_ref())),
+            instant_acme::Error::Other(inner) => Self::Transport(transport_message(inner.as_ref())),
             instant_acme::Error::Timeout(_) => Self::Timeout(e.to_string()),
             instant_acme::Error::Json(j) => Self::Protocol(format!("malformed JSON: {j}")),
             other => Self::Protocol(other.to_string()),
         }
+    }
+}
+
+/// Why a request to the CA failed, in words and cause first: reqwest's
+/// message wraps the reason in three layers ("error sending request for url
+/// (…): client error (Connect): …"), and a TLS refusal is a Rust debug dump
+/// (`Other(OtherError(CaUsedAsEndEntity))`) that never names the key that
+/// fixes it. Messages certd wrote itself (a refused redirect, a directory
+/// that answers 404) have no sources and are kept as they are.
+pub fn transport_message(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut url = None;
+    let mut innermost = e;
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+            url = url.or_else(|| r.url().map(|u| u.as_str().to_owned()));
+        }
+        if let Some(tls) = rustls_error(c) {
+            let at = url.map(|u| format!(" ({u})")).unwrap_or_default();
+            return format!("{}{at}", trust::describe(tls));
+        }
+        innermost = c;
+        cur = c.source();
+    }
+    match url {
+        Some(url) => format!("{innermost}: cannot reach the CA at {url}"),
+        None if std::ptr::addr_eq(innermost, e) => e.to_string(),
+        None => format!("{innermost}: cannot reach the CA ({e})"),
+    }
+}
+
+/// The rustls error in `e`, which hyper and tokio-rustls wrap in one
+/// `io::Error` inside another; `io::Error::source` skips what it wraps.
+fn rustls_error<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    loop {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        e = e.downcast_ref::<std::io::Error>()?.get_ref()?;
     }
 }
 

@@ -255,10 +255,9 @@ impl AcmeHttp {
         let status = rsp.parts.status;
         let headers = rsp.parts.headers.clone();
         let mut body = rsp.body;
-        let body = body
-            .into_bytes()
-            .await
-            .map_err(|e| AcmeError::Transport(e.to_string()))?;
+        let body = body.into_bytes().await.map_err(|e| {
+            AcmeError::Transport(format!("{e}: reading the CA's answer from {url}"))
+        })?;
         Ok(RawResponse {
             status,
             headers,

@@ -63,6 +63,55 @@ impl Roots {
     }
 }
 
+/// A TLS refusal in words, saying which setting fixes it: rustls's
+/// `Display` is a debug dump (`invalid peer certificate: UnknownIssuer`).
+pub(super) fn describe(e: &Error) -> String {
+    const ADD_ROOT: &str = "add its root to `[acme] ca_bundle`";
+    let Error::InvalidCertificate(cert) = e else {
+        return format!("the TLS handshake with the CA failed: {e}");
+    };
+    match cert {
+        CertificateError::UnknownIssuer => {
+            format!("the CA's TLS certificate is not trusted: {ADD_ROOT}")
+        }
+        CertificateError::Other(other) if is_ca_used_as_end_entity(other) => format!(
+            "the CA's TLS certificate is a CA certificate used as a server certificate: \
+             the server must present a certificate issued by that CA (and {ADD_ROOT})"
+        ),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "the CA's TLS certificate has expired".into()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "the CA's TLS certificate is not valid yet (is this host's clock right?)".into()
+        }
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            "the CA's TLS certificate is not valid for the host name of `[acme] directory`".into()
+        }
+        CertificateError::Revoked => "the CA's TLS certificate is revoked".into(),
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "the CA's TLS certificate is not a server certificate (extended key usage)".into()
+        }
+        CertificateError::BadSignature
+        | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => format!(
+            "the CA's TLS certificate is not signed by a key of a root certd trusts \
+             (a signature that does not verify or an algorithm its issuer's key cannot make): \
+             {ADD_ROOT}, the one that issued it"
+        ),
+        CertificateError::BadEncoding => "the CA's TLS certificate cannot be parsed".into(),
+        _ => format!("the CA's TLS certificate is refused: {e}"),
+    }
+}
+
+/// webpki's `CaUsedAsEndEntity`, which rustls passes on as an opaque
+/// `Other` error.
+fn is_ca_used_as_end_entity(other: &rustls::OtherError) -> bool {
+    other
+        .0
+        .downcast_ref::<webpki::Error>()
+        .is_some_and(|e| matches!(e, webpki::Error::CaUsedAsEndEntity))
+}
+
 impl ServerCertVerifier for Roots {
     fn verify_server_cert(
         &self,
@@ -221,5 +270,29 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    /// The refusals an operator meets with a private CA, in words that name
+    /// the setting to change.
+    #[test]
+    fn refusals_are_worded_with_the_fix() {
+        let (ca, _) = ca_and_leaf("bundle CA");
+        let (_, stranger) = ca_and_leaf("stranger CA");
+        let roots = roots(&ca);
+        let err = verify(&roots, &stranger).expect_err("no root signed it");
+        assert_eq!(
+            describe(&err),
+            "the CA's TLS certificate is not trusted: add its root to `[acme] ca_bundle`"
+        );
+        // A server that presents the bundle's CA certificate itself.
+        let err = verify(&roots, &ca).expect_err("a CA is not a server certificate");
+        let text = describe(&err);
+        assert!(
+            text.starts_with(
+                "the CA's TLS certificate is a CA certificate used as a server certificate"
+            ),
+            "{text} ({err:?})"
+        );
+        assert!(!text.contains("Other("), "{text}");
     }
 }

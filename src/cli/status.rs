@@ -7,15 +7,17 @@
 //! over all certificate rows as one JSON value, and the output is built in
 //! memory and written once.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{escape_control, push_table, shorten, write_stdout_all};
-use crate::clock::{UnixTime, push_rfc3339, rfc3339};
+use super::{escape_control, shorten, write_stdout_all};
+use crate::clock::{UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
 use crate::store::{ACCOUNT_SCOPE, CertificateRow, PauseRow, ReaperSummary, Store};
@@ -26,6 +28,8 @@ pub(super) enum Mode {
     Table,
     Json,
     Check,
+    /// One block per certificate (`status NAME`, `status -v`).
+    Detail,
 }
 
 /// The ledger as read ahead by `load`, with the state directory it was read
@@ -59,20 +63,50 @@ pub(super) async fn load(path: &Path) -> (Result<Config, ConfigError>, Option<Pr
     (cfg, Some(Prefetched { state_dir, ledger }))
 }
 
-/// Prints the status. Takes the configuration because the process ends
-/// next (see the end).
+/// Prints the status of the `names` certificates (all when empty). Takes
+/// the configuration because the process ends next (see the end).
 pub(super) async fn run(
     cfg: Config,
     mode: Mode,
+    names: &[String],
     prefetched: Option<Prefetched>,
 ) -> anyhow::Result<ExitCode> {
     let now = UnixTime::now();
     let ledger = match prefetched {
-        Some(p) if p.state_dir == cfg.storage.state_dir => p.ledger?,
-        _ => Ledger::read(&cfg.storage.state_dir, now).await?,
+        Some(p) if p.state_dir == cfg.storage.state_dir => p.ledger,
+        _ => Ledger::read(&cfg.storage.state_dir, now).await,
     };
-    let rows: Vec<StatusRow> = cfg
-        .certificates
+    let ledger = match (ledger, mode) {
+        (Ok(ledger), _) => ledger,
+        // Monitoring reads one line and the exit code, whatever happened.
+        (Err(e), Mode::Check) => {
+            return Ok(unknown(&format!(
+                "cannot read the ledger: {}",
+                crate::acme::error_chain(e.as_ref())
+            )));
+        }
+        (Err(e), _) => return Err(e),
+    };
+    let selected: Vec<&CertificateConfig> = if names.is_empty() {
+        cfg.certificates.iter().collect()
+    } else {
+        let mut selected = Vec::with_capacity(names.len());
+        for name in names {
+            match cfg.certificate(name) {
+                Some(c) => selected.push(c),
+                None => {
+                    let why = format!("no certificate named {name:?} in {}", cfg.path.display());
+                    if matches!(mode, Mode::Check) {
+                        return Ok(unknown(&why));
+                    }
+                    eprintln!("certd: {}", escape_control(&why));
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        selected
+    };
+    let rows: Vec<StatusRow> = selected
         .iter()
         .map(|c| status_row(c, &ledger, now))
         .collect();
@@ -83,15 +117,29 @@ pub(super) async fn run(
             text
         }
         Mode::Table => {
+            let width = output_width();
             let mut text = String::new();
-            push_status_table(&mut text, &rows, now);
+            push_ca_unreachable(&mut text, ledger.ca_unreachable.as_ref(), width);
+            push_status_table(&mut text, &rows, now, width);
             push_pauses(&mut text, &ledger.pauses, &cfg);
             push_ari(&mut text, &rows);
-            push_accounts(&mut text, &ledger.accounts);
+            push_accounts(&mut text, &ledger.accounts, width);
             push_restart_needed(&mut text, ledger.restart_needed.as_deref());
             text
         }
-        Mode::Check => return Ok(check(&cfg, &ledger, now)),
+        Mode::Detail => {
+            let mut text = String::new();
+            push_ca_unreachable(&mut text, ledger.ca_unreachable.as_ref(), usize::MAX);
+            let events = recent_events(&cfg, &rows).await?;
+            for ((c, r), events) in selected.iter().zip(&rows).zip(&events) {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                push_detail_block(&mut text, &cfg, c, r, events, now);
+            }
+            text
+        }
+        Mode::Check => return Ok(check(&cfg, &selected, &ledger, now)),
     };
     write_stdout_all(&text);
     // The process exits after this. Handing 10,000 certificates' worth of
@@ -100,6 +148,42 @@ pub(super) async fn run(
     std::mem::forget(rows);
     std::mem::forget((cfg, ledger, text));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `status --check` when it cannot judge (a bad configuration, an
+/// unreadable ledger): Nagios's UNKNOWN, still one line.
+pub(super) fn unknown(why: &str) -> ExitCode {
+    write_stdout_all(&format!(
+        "CERTD {}: {}\n",
+        Level::Unknown,
+        escape_control(why)
+    ));
+    ExitCode::from(Level::Unknown as u8)
+}
+
+/// The width `status` fits its table to: `COLUMNS` when set, else the
+/// terminal's when standard output is one, else 80 (a pipe, a file, a
+/// mail from cron), the width of the terminals and mails it ends up in.
+fn output_width() -> usize {
+    // NAME at 8 columns and the fixed columns.
+    const NARROWEST: usize = 62;
+    if let Some(n) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        return n.max(NARROWEST);
+    }
+    if std::io::stdout().is_terminal() {
+        // SAFETY: TIOCGWINSZ writes one `winsize` into the struct passed,
+        // which lives across the call; the descriptor is stdout's.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+        if ok && size.ws_col > 0 {
+            return usize::from(size.ws_col).max(NARROWEST);
+        }
+    }
+    80
 }
 
 /// What `status` reads from the ledger: every certificate row, the pending
@@ -113,6 +197,8 @@ pub(super) struct Ledger {
     restart_needed: Option<String>,
     /// The CA's rate limits in force, and its pauses, by scope.
     pauses: Vec<PauseRow>,
+    /// Since when the daemon has not reached the CA, and why.
+    ca_unreachable: Option<(i64, String)>,
 }
 
 struct LedgerCert {
@@ -138,6 +224,7 @@ impl Ledger {
                 accounts: Vec::new(),
                 restart_needed: None,
                 pauses: Vec::new(),
+                ca_unreachable: None,
             });
         }
         // Read-only: `sudo certd status` must not leave root's files.
@@ -149,10 +236,11 @@ impl Ledger {
             store.pending_authz_by_cert(),
             accounts(&store, now),
             store.restart_needed(),
-            store.pauses()
+            store.pauses(),
+            store.ca_unreachable()
         );
         store.close().await;
-        let (rows, pending, accounts, restart_needed, pauses) =
+        let (rows, pending, accounts, restart_needed, pauses, ca_unreachable) =
             read.with_context(|| format!("cannot read the ledger {}", path.display()))?;
         let certificates = rows
             .into_iter()
@@ -173,6 +261,7 @@ impl Ledger {
                 .into_iter()
                 .filter(|p| p.paused || p.until_at > now.secs())
                 .collect(),
+            ca_unreachable,
         })
     }
 
@@ -194,7 +283,7 @@ async fn accounts(store: &Store, now: UnixTime) -> crate::store::Result<Vec<Acco
 }
 
 /// One row of `certd status --json`; the keys are a public interface.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct StatusRow<'a> {
     name: &'a str,
     domains: Vec<&'a str>,
@@ -363,140 +452,392 @@ fn push_ari(out: &mut String, rows: &[StatusRow]) {
     }
 }
 
-/// The table, one line per certificate. Every cell is written into one
-/// buffer first, so 10,000 lines cost two allocations rather than 60,000.
-fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime) {
+/// The columns after NAME: (header, width). Times are UTC, to the minute.
+const COLUMNS: [(&str, usize); 4] = [
+    ("EXPIRES (UTC)", 16),
+    ("NEXT RENEWAL (UTC)", 18),
+    ("PENDING", 7),
+    ("LAST", 5),
+];
+/// Blanks between columns.
+const GAP: usize = 2;
+
+/// The table: one line per certificate, fitted to `width`, and below a
+/// certificate's line its details (`push_detail`), each on its own
+/// indented line: the cause of a failure first, so a cut keeps it.
+/// Written straight into `out`: 10,000 lines, no allocation per cell.
+fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime, width: usize) {
     use std::fmt::Write as _;
-    const HEADER: [&str; 6] = [
-        "NAME",
-        "DOMAINS",
-        "EXPIRES",
-        "LAST ATTEMPT",
-        "NEXT RENEWAL",
-        "PENDING",
-    ];
-    let mut cells = String::with_capacity(rows.len() * 128);
-    let mut ends: Vec<[usize; 6]> = Vec::with_capacity(rows.len());
+    let fixed: usize = COLUMNS.iter().map(|(_, w)| w + GAP).sum();
+    let longest = rows
+        .iter()
+        .map(|r| escape_control(r.name).chars().count())
+        .max()
+        .unwrap_or(0);
+    let name_w = longest
+        .max("NAME".len())
+        .min(width.saturating_sub(fixed).max(8));
+    let mut cell = String::with_capacity(64);
+    let push_row = |out: &mut String, name: &str, cells: [&str; 4]| {
+        let start = out.len();
+        push_cell(out, name, name_w + GAP);
+        for ((_, w), c) in COLUMNS.iter().zip(cells) {
+            push_cell(out, c, w + GAP);
+        }
+        let kept = out[start..].trim_end().len();
+        out.truncate(start + kept);
+        out.push('\n');
+    };
+    push_row(out, "NAME", COLUMNS.map(|(h, _)| h));
     for r in rows {
-        let mut end = [0; 6];
-        cells.push_str(r.name);
-        end[0] = cells.len();
-        for (i, d) in r.domains.iter().enumerate() {
-            if i > 0 {
-                cells.push(',');
-            }
-            cells.push_str(d);
-        }
-        end[1] = cells.len();
-        match r.not_after {
+        cell.clear();
+        let expires = match r.not_after {
             Some(t) => {
-                push_rfc3339(&mut cells, t);
+                push_minute(&mut cell, t, false);
                 // Writing to a String cannot fail.
-                let _ = write!(cells, " ({}d)", (t - now.secs()).div_euclid(86_400));
+                let _ = write!(cell, " ({}d)", (t - now.secs()).div_euclid(86_400));
+                cell.len()
             }
-            None => cells.push_str("not installed"),
-        }
-        end[2] = cells.len();
-        match r.last_attempt_at {
-            Some(at) => {
-                push_rfc3339(&mut cells, at);
-                if r.last_result == Some("ok") {
-                    cells.push_str(" ok");
-                    if let Some(w) = r.profile_warning {
-                        cells.push_str(", warning: ");
-                        cells.push_str(&shorten(w, 100));
-                    }
-                } else {
-                    // The table keeps errors to one screen line; --json and
-                    // `status --check` carry them whole.
-                    cells.push_str(" error: ");
-                    cells.push_str(&shorten(r.last_error.unwrap_or("unknown"), 100));
-                }
+            None => {
+                cell.push_str("not installed");
+                cell.len()
             }
-            None => cells.push_str("never"),
-        }
-        end[3] = cells.len();
+        };
         match r.next_renewal_at {
-            Some(t) if t > now.secs() => push_rfc3339(&mut cells, t),
-            _ => cells.push_str("due now"),
+            Some(t) if t > now.secs() => push_minute(&mut cell, t, true),
+            _ => cell.push_str("due now"),
         }
-        end[4] = cells.len();
-        let _ = write!(cells, "{}", r.pending_authz);
-        end[5] = cells.len();
-        ends.push(end);
+        let next = cell.len();
+        let _ = write!(cell, "{}", r.pending_authz);
+        let pending = cell.len();
+        let last = match (r.last_attempt_at, r.last_result) {
+            (None, _) => "never",
+            (Some(_), Some("ok")) => "ok",
+            (Some(_), _) => "error",
+        };
+        push_row(
+            out,
+            &escape_control(r.name),
+            [
+                &cell[..expires],
+                &cell[expires..next],
+                &cell[next..pending],
+                last,
+            ],
+        );
+        if r.last_result.is_some_and(|l| l != "ok") {
+            push_detail(out, "error", r.last_error.unwrap_or("unknown"), width);
+        } else if let Some(w) = r.profile_warning {
+            push_detail(out, "warning", w, width);
+        }
     }
-    let mut table: Vec<[&str; 6]> = Vec::with_capacity(rows.len() + 1);
-    table.push(HEADER);
-    let mut start = 0;
-    for end in &ends {
-        table.push(std::array::from_fn(|i| {
-            let from = if i == 0 { start } else { end[i - 1] };
-            &cells[from..end[i]]
-        }));
-        start = end[5];
-    }
-    push_table(out, &table);
 }
 
-/// The per-account part of the table: pending authorizations and what the
-/// reaper and the guard did.
+/// `text` and the blanks that fill `width` columns; cut with an ellipsis
+/// when longer, keeping a blank after it.
+fn push_cell(out: &mut String, text: &str, width: usize) {
+    let chars = text.chars().count();
+    if chars + 1 > width && width > 1 {
+        out.push_str(&shorten(text, width - 2));
+        out.push(' ');
+        if width > 2 {
+            out.push(' ');
+        }
+        return;
+    }
+    out.push_str(text);
+    out.extend(std::iter::repeat_n(' ', width.saturating_sub(chars)));
+}
+
+/// One detail line under a certificate's row, `  label: text`, escaped and
+/// cut to `width`. Details that need more (a window, a pause) are lines
+/// like this one.
+///
+/// A long text loses its middle: certd's own messages put the cause first,
+/// but a hook's or a CA's may end with it ("dns-01 hook … present for …:
+/// exited with status 1: DNS provider API unreachable"), and the start
+/// says what failed.
+pub(super) fn push_detail(out: &mut String, label: &str, text: &str, width: usize) {
+    let head = format!("  {label}: ");
+    let room = width.saturating_sub(head.chars().count());
+    out.push_str(&head);
+    out.push_str(&shorten_middle(&escape_control(text), room));
+    out.push('\n');
+}
+
+/// `s` in at most `max` characters: its start and its end, with an
+/// ellipsis for what was cut between them.
+fn shorten_middle(s: &str, max: usize) -> Cow<'_, str> {
+    let len = s.chars().count();
+    if len <= max {
+        return Cow::Borrowed(s);
+    }
+    let keep = max.saturating_sub(1);
+    let head = keep / 2;
+    let tail = keep - head;
+    let mut out: String = s.chars().take(head).collect();
+    out.push('…');
+    out.extend(s.chars().skip(len - tail));
+    Cow::Owned(out)
+}
+
+/// `YYYY-MM-DD` or `YYYY-MM-DD HH:MM` (UTC): the table's times.
+fn push_minute(out: &mut String, secs: i64, with_time: bool) {
+    let full = rfc3339(secs);
+    match (full.get(..10), full.get(11..16)) {
+        (Some(date), Some(time)) => {
+            out.push_str(date);
+            if with_time {
+                out.push(' ');
+                out.push_str(time);
+            }
+        }
+        _ => out.push_str(&full),
+    }
+}
+
+/// The line that says the daemon cannot reach the CA, above the table.
+fn push_ca_unreachable(out: &mut String, since: Option<&(i64, String)>, width: usize) {
+    if let Some((at, why)) = since {
+        let line = format!(
+            "CA unreachable since {}: {}",
+            rfc3339(*at),
+            escape_control(why)
+        );
+        out.push_str(&shorten(&line, width));
+        out.push_str("\n\n");
+    }
+}
+
+/// The events `status NAME` shows per certificate.
+const DETAIL_EVENTS: i64 = 5;
+
+/// What `status NAME` reads for one certificate beyond its row.
+#[derive(Default)]
+struct Recent {
+    /// (at, kind, detail), newest first.
+    events: Vec<(i64, String, Option<String>)>,
+    /// (identifier, URL, created at), oldest first.
+    pending: Vec<(String, String, i64)>,
+}
+
+/// Each row's latest events and pending authorizations; none when certd
+/// never ran.
+async fn recent_events(cfg: &Config, rows: &[StatusRow<'_>]) -> anyhow::Result<Vec<Recent>> {
+    let path = cfg.db_path();
+    if !path.exists() {
+        return Ok(rows.iter().map(|_| Recent::default()).collect());
+    }
+    let store = Store::open(&path).await?;
+    let mut all = Vec::with_capacity(rows.len());
+    for r in rows {
+        all.push(Recent {
+            events: store.cert_events(r.name, DETAIL_EVENTS).await?,
+            pending: store.pending_authz_of(r.name).await?,
+        });
+    }
+    store.close().await;
+    Ok(all)
+}
+
+/// `status NAME`: everything about one certificate, one item a line and
+/// nothing cut, as `certbot certificates` shows it.
+fn push_detail_block(
+    out: &mut String,
+    cfg: &Config,
+    c: &CertificateConfig,
+    r: &StatusRow,
+    recent: &Recent,
+    now: UnixTime,
+) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let item = |out: &mut String, label: &str, value: &str| {
+        let _ = writeln!(out, "  {label:<24}{}", escape_control(value));
+    };
+    let dir = cfg.storage.cert_dir.join(c.name.as_str());
+    let issuer = installed_issuer(&dir.join("cert.pem"));
+    let expires = match r.not_after {
+        Some(t) => format!(
+            "{} ({} days left)",
+            rfc3339(t),
+            (t - now.secs()).div_euclid(86_400)
+        ),
+        None => "not installed".into(),
+    };
+    let _ = writeln!(out, "Certificate: {}", escape_control(r.name));
+    item(out, "Domains:", &c.domain_strings().join(", "));
+    item(out, "Expires:", &expires);
+    item(out, "Serial:", r.serial.unwrap_or("-"));
+    item(out, "Issuer:", issuer.as_deref().unwrap_or("-"));
+    item(out, "Key type:", c.key_type.as_str());
+    let profile = if c.profile.names.is_empty() {
+        "(the CA's default)".to_owned()
+    } else {
+        let list = c.profile.names.join(", ");
+        if c.profile.required {
+            format!("{list} (required)")
+        } else {
+            list
+        }
+    };
+    let profile = match r.profile {
+        Some(ordered) => format!("{profile}; the installed one was ordered as {ordered}"),
+        None => profile,
+    };
+    item(out, "Profile:", &profile);
+    item(
+        out,
+        "Challenges:",
+        &c.challenges
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(" > "),
+    );
+    item(
+        out,
+        "Renewal window:",
+        &format!(
+            "opens with {:.0}% of the lifetime left",
+            cfg.daemon.renew_remaining * 100.0
+        ),
+    );
+    item(
+        out,
+        "Next renewal:",
+        &match r.next_renewal_at {
+            Some(t) if t > now.secs() => rfc3339(t),
+            _ => "due now".into(),
+        },
+    );
+    item(
+        out,
+        "Last attempt:",
+        &match (r.last_attempt_at, r.last_result) {
+            (Some(at), Some(result)) => format!("{} {result}", rfc3339(at)),
+            (Some(at), None) => rfc3339(at),
+            (None, _) => "never".into(),
+        },
+    );
+    if r.last_result.is_some_and(|l| l != "ok") {
+        item(out, "Last error:", r.last_error.unwrap_or("unknown"));
+    }
+    item(out, "Pending authorizations:", &r.pending_authz.to_string());
+    for (identifier, url, created) in &recent.pending {
+        let _ = writeln!(
+            out,
+            "    {}  {}  {}",
+            rfc3339(*created),
+            escape_control(identifier),
+            escape_control(url)
+        );
+    }
+    for file in crate::install::FILES {
+        let label = format!("{}:", file.trim_end_matches(".pem"));
+        item(out, &label, &dir.join(file).display().to_string());
+    }
+    if recent.events.is_empty() {
+        item(out, "Events:", "none");
+    } else {
+        let _ = writeln!(out, "  Events:");
+        for (at, kind, detail) in &recent.events {
+            let _ = writeln!(
+                out,
+                "    {}  {}{}",
+                rfc3339(*at),
+                escape_control(kind),
+                detail
+                    .as_deref()
+                    .map(|d| format!(": {}", escape_control(d)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The installed certificate's issuer, as its distinguished name.
+fn installed_issuer(pem: &Path) -> Option<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::pem_file_iter(pem)
+        .ok()?
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.issuer().to_string())
+}
+
 /// The line that says a configuration edit waits for a restart.
 fn push_restart_needed(out: &mut String, keys: Option<&str>) {
     if let Some(keys) = keys {
-        out.push_str(&format!("\nrestart needed: {keys}\n"));
+        out.push_str(&format!("\nrestart needed: {}\n", escape_control(keys)));
     }
 }
 
-fn push_accounts(out: &mut String, accounts: &[AccountStatus]) {
-    use std::fmt::Write as _;
-    // Writing to a String cannot fail; the results are ignored below.
+/// The per-account part of the table: pending authorizations and what the
+/// reaper and the guard did, one item a line, each cut to `width`.
+fn push_accounts(out: &mut String, accounts: &[AccountStatus], width: usize) {
+    let mut line = |text: String| {
+        out.push_str(&shorten(&escape_control(&text), width));
+        out.push('\n');
+    };
     for a in accounts {
         let r = &a.reaper;
-        let _ = writeln!(
-            out,
-            "\naccount {} ({})",
-            escape_control(&a.url),
-            escape_control(&a.directory)
-        );
-        let _ = writeln!(out, "  pending authorizations: {}", r.pending);
-        let _ = writeln!(
-            out,
+        line(String::new());
+        line(format!("account {}", a.url));
+        line(format!("  directory: {}", a.directory));
+        line(format!("  pending authorizations: {}", r.pending));
+        line(format!(
             "  reaper: deactivated {} (last 24 h: {}), held back for failure budget: {}",
             r.deactivated_total, r.deactivated_24h, r.held_back
-        );
-        let _ = match r.last_pass_at {
-            Some(at) => writeln!(
-                out,
-                "  last reaper pass: {} ({})",
-                rfc3339(at),
-                escape_control(r.last_pass.as_deref().unwrap_or_default())
-            ),
-            None => writeln!(out, "  last reaper pass: never"),
-        };
+        ));
+        match r.last_pass_at {
+            Some(at) => {
+                line(format!("  last reaper pass: {}", rfc3339(at)));
+                if let Some(pass) = r.last_pass.as_deref() {
+                    line(format!("    {pass}"));
+                }
+            }
+            None => line("  last reaper pass: never".into()),
+        }
         if let Some((at, detail)) = &r.last_rate_limit {
-            let _ = writeln!(
-                out,
-                "  CA rate limit at {}: {}",
-                rfc3339(*at),
-                escape_control(detail)
-            );
+            line(format!("  CA rate limit at {}: {detail}", rfc3339(*at)));
         }
         if let Some(at) = r.last_guard_at {
-            let _ = writeln!(
-                out,
+            line(format!(
                 "  pending-authz guard last deferred an order at {}",
                 rfc3339(at)
-            );
+            ));
         }
     }
 }
 
 /// `status --check`: one summary line, worst first; the exit code is the
-/// worst level.
-fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
+/// worst level. `selected`: the certificates named, or all.
+fn check(
+    cfg: &Config,
+    selected: &[&CertificateConfig],
+    ledger: &Ledger,
+    now: UnixTime,
+) -> ExitCode {
+    if selected.is_empty() {
+        write_stdout_all(&format!(
+            "CERTD {}: no certificates configured in {}\n",
+            Level::Warning,
+            escape_control(&cfg.path.display().to_string())
+        ));
+        return ExitCode::from(Level::Warning as u8);
+    }
     let mut worst = Level::Ok;
     let mut problems = Vec::new();
-    for c in &cfg.certificates {
+    if let Some((at, why)) = &ledger.ca_unreachable {
+        worst = Level::Warning;
+        problems.push((
+            Level::Warning,
+            format!("CA unreachable since {}: {why}", rfc3339(*at)),
+        ));
+    }
+    for c in selected {
         let (level, why) = assess(c, ledger.row(c.name.as_str()), now);
         worst = worst.max(level);
         problems.extend(why.map(|w| (level, w)));
@@ -504,7 +845,7 @@ fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
     // Worst first: the line a pager shows must lead with what matters.
     problems.sort_by_key(|p| std::cmp::Reverse(p.0));
     let summary = if problems.is_empty() {
-        format!("{} certificate(s) valid", cfg.certificates.len())
+        format!("{} certificate(s) valid", selected.len())
     } else {
         problems
             .into_iter()
@@ -515,4 +856,45 @@ fn check(cfg: &Config, ledger: &Ledger, now: UnixTime) -> ExitCode {
     // One line, whatever the CA put in an error: monitoring reads it.
     write_stdout_all(&format!("CERTD {worst}: {}\n", escape_control(&summary)));
     ExitCode::from(worst as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA's message that ends in a newline, or holds an escape sequence,
+    /// stays on its detail line; every line fits the width.
+    #[test]
+    fn errors_stay_on_one_line_and_fit() {
+        let now = UnixTime::from_secs(1_800_000_000);
+        let row = |name, error| StatusRow {
+            name,
+            domains: vec!["a.example"],
+            not_after: Some(now.secs() + 10 * 86_400),
+            serial: None,
+            last_attempt_at: Some(now.secs()),
+            last_result: Some("error"),
+            last_error: Some(error),
+            next_renewal_at: Some(now.secs() + 3600),
+            pending_authz: 1,
+            ..StatusRow::default()
+        };
+        let rows = [
+            row("www", "the CA answered: rateLimited\n"),
+            row("name-longer-than-its-column-allows", "\x1b[2Jboom"),
+        ];
+        let mut out = String::new();
+        push_status_table(&mut out, &rows, now, 62);
+        assert!(out.lines().all(|l| l.chars().count() <= 62), "{out}");
+        assert_eq!(
+            out,
+            "\
+NAME      EXPIRES (UTC)     NEXT RENEWAL (UTC)  PENDING  LAST
+www       2027-01-25 (10d)  2027-01-15 09:00    1        error
+  error: the CA answered: rateLimited\\n
+name-lo…  2027-01-25 (10d)  2027-01-15 09:00    1        error
+  error: \\x1b[2Jboom
+"
+        );
+    }
 }
