@@ -830,7 +830,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    match cli.command {
+    let db_path = cfg.db_path();
+    run_command(cli.command, cfg, prefetched)
+        .await
+        .map_err(|e| crate::store::explain(&db_path, e))
+}
+
+/// Runs `command` with its configuration, the ledger's lock held;
+/// `prefetched` is the ledger `status` read while the file was parsed.
+async fn run_command(
+    command: Command,
+    cfg: Config,
+    prefetched: Option<status::Prefetched>,
+) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Run => run_daemon(cfg).await,
         // Handled above, before a configuration is needed.
         Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),

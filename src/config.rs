@@ -663,7 +663,7 @@ impl fmt::Display for DnsName {
 }
 
 /// The private key algorithm of a certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum KeyType {
     #[default]
     EcdsaP256,
@@ -1109,22 +1109,9 @@ impl Validator<'_> {
                     ));
                 }
                 let webroot = h.webroot.as_deref().map(&resolve);
-                // A webroot is the directory a web server serves: one that
-                // does not exist is a typo, and creating it would publish
-                // tokens nowhere.
-                if let Some(root) = &webroot
-                    && !root.is_dir()
-                {
-                    return Err(self.at.error(
-                        h.span,
-                        Some("http01.webroot".into()),
-                        format!(
-                            "{} is not a directory: set the directory your web server serves \
-                             for these names (certd creates only .well-known/acme-challenge in it)",
-                            root.display()
-                        ),
-                    ));
-                }
+                // A webroot that does not exist is refused before any order
+                // (`Solvers::check`), not here: parsing reads no directory,
+                // and a webroot created after the file is written is fine.
                 // On by default: a failed self-check costs nothing, a
                 // doomed validation costs failure budget.
                 let preflight = match (h.preflight, listen) {
@@ -1169,8 +1156,8 @@ impl Validator<'_> {
 
         let mut certificates = Vec::with_capacity(raw.certificate.len());
         let mut names = HashSet::new();
-        // Each domain with the certificate that first lists it.
-        let mut owners: HashMap<String, String> = HashMap::new();
+        // Each (domain, key type) with the certificate that first lists it.
+        let mut owners: HashMap<(String, KeyType), String> = HashMap::new();
         for (i, c) in raw.certificate.into_iter().enumerate() {
             let solvers = (http01.is_some(), dns01.is_some(), tls_alpn01.is_some());
             let spans = c
@@ -1180,18 +1167,21 @@ impl Validator<'_> {
                 .map(|d| d.span())
                 .collect::<Vec<_>>();
             let cert = self.certificate(i, c, solvers, &mut names)?;
-            // Two certificates for one name are two orders for it, each
-            // renewed on its own, against the CA's duplicate limits; which
-            // one a web server uses is left to chance.
+            // Two certificates for one name and key type are two orders for
+            // it, each renewed on its own, against the CA's duplicate
+            // limits; which one a web server uses is left to chance. With
+            // different key types they are the usual RSA-beside-ECDSA
+            // setup, which web servers pick from by the client's support.
             for (j, domain) in cert.domains.iter().enumerate() {
-                if let Some(first) =
-                    owners.insert(domain.as_str().to_owned(), cert.name.as_str().to_owned())
-                {
+                if let Some(first) = owners.insert(
+                    (domain.as_str().to_owned(), cert.key_type),
+                    cert.name.as_str().to_owned(),
+                ) {
                     return Err(self.at.error(
                         spans[j].clone(),
                         Some(format!("certificate[{i}].domains[{j}]")),
                         format!(
-                            "{:?} is also in certificate {first:?}: a name belongs in one certificate",
+                            "{:?} is also in certificate {first:?} with the same key type: a name belongs in one certificate per key type",
                             domain.as_str()
                         ),
                     ));
@@ -2222,7 +2212,7 @@ domains = ["Example.COM", "www.example.com."]"#,
             &cert("profile = [\"a\", 5]"),
             16,
             "certificate[0].profile",
-            "invalid type",
+            "found the number 5",
         );
         expect_error(
             &cert("profile = []"),
@@ -2252,7 +2242,7 @@ domains = ["Example.COM", "www.example.com."]"#,
             &cert("profile_required = \"yes\""),
             16,
             "certificate[0].profile_required",
-            "invalid type",
+            "expected true or false, found the string \"yes\"",
         );
     }
 

@@ -118,31 +118,52 @@ fn diagnose<E: std::error::Error + 'static>(
     error: E,
     fallback: impl FnOnce(E) -> StoreError,
 ) -> StoreError {
+    match sqlite_code(&error).and_then(|(code, detail)| diagnose_code(path, code, detail)) {
+        Some(known) => known,
+        None => fallback(error),
+    }
+}
+
+/// What SQLite's result `code` (with its message `detail`) means for the
+/// ledger at `path`, where it is about the file or its file system.
+fn diagnose_code(path: &Path, code: i32, detail: String) -> Option<StoreError> {
     let display = path.display().to_string();
-    let Some((code, detail)) = sqlite_code(&error) else {
-        return fallback(error);
-    };
     match code & 0xff {
-        SQLITE_CORRUPT | SQLITE_NOTADB => StoreError::Corrupt {
+        SQLITE_CORRUPT | SQLITE_NOTADB => Some(StoreError::Corrupt {
             path: display,
             detail,
-        },
-        SQLITE_FULL => StoreError::Unwritable {
+        }),
+        SQLITE_FULL => Some(StoreError::Unwritable {
             path: display,
             cause: io::Error::from_raw_os_error(libc::ENOSPC),
             detail,
-        },
+        }),
         SQLITE_PERM | SQLITE_READONLY | SQLITE_IOERR | SQLITE_CANTOPEN => {
-            match probe_write(path.parent().unwrap_or(Path::new("."))) {
-                Err(cause) => StoreError::Unwritable {
+            probe_write(path.parent().unwrap_or(Path::new(".")))
+                .err()
+                .map(|cause| StoreError::Unwritable {
                     path: display,
                     cause,
                     detail,
-                },
-                Ok(()) => fallback(error),
-            }
+                })
         }
-        _ => fallback(error),
+        _ => None,
+    }
+}
+
+/// A ledger write that failed mid-run because the file system refuses it
+/// (full, read-only, an I/O error) or the file is damaged, found anywhere in
+/// `error`'s chain: the same clear error naming the file and the system's
+/// cause as at open, which makes the command exit 2. Anything else is
+/// `error` as it was.
+pub fn explain(path: &Path, error: anyhow::Error) -> anyhow::Error {
+    let known = error
+        .chain()
+        .find_map(sqlite_code)
+        .and_then(|(code, detail)| diagnose_code(path, code, detail));
+    match known {
+        Some(known) => anyhow::Error::new(known),
+        None => error,
     }
 }
 

@@ -367,7 +367,7 @@ fn profile_and_ip_errors_name_file_line_and_key() {
         &format!("{BASE}profile = [\"tlsserver\", 5]\n"),
         14,
         "certificate[0].profile",
-        "invalid type: integer `5`",
+        "expected a quoted string, found the number 5",
     );
     assert_error(
         &format!("{BASE}profile = []\n"),
@@ -456,8 +456,22 @@ fn a_name_in_two_certificates_is_refused() {
         ),
         17,
         "certificate[1].domains[1]",
-        "\"example.test\" is also in certificate \"www\": a name belongs in one certificate",
+        "\"example.test\" is also in certificate \"www\" with the same key type: a name belongs in one certificate per key type",
     );
+    // An RSA certificate beside the ECDSA one is the usual dual setup.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    fs::write(
+        &path,
+        format!(
+            "{BASE}\n[[certificate]]\nname = \"www-rsa\"\ndomains = [\"example.test\"]\nkey_type = \"rsa-2048\"\n"
+        ),
+    )
+    .expect("write");
+    TestCommand::new(&path)
+        .arg("check-config")
+        .output()
+        .assert_success();
 }
 
 /// Non-ASCII names are taken and ordered in Punycode; a name IDNA refuses
@@ -483,24 +497,25 @@ fn internationalized_names_become_punycode() {
     );
 }
 
-/// A webroot that does not exist is a configuration error, and nothing is
-/// created for it.
+/// Parsing reads no directory: a webroot that does not exist yet passes
+/// `check-config`, and nothing, not even a failed `renew`, creates it.
+/// Before an order, certd refuses it with the path and the fix
+/// (`preorder::an_order_that_cannot_complete_is_never_placed`).
 #[test]
-fn a_missing_webroot_is_refused() {
+fn a_missing_webroot_is_not_created() {
     let text = BASE.replace("listen = \"127.0.0.1:5002\"", "webroot = \"www-typo\"");
-    assert_error(&text, 8, "http01.webroot", "www-typo is not a directory");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("c.toml");
     fs::write(&path, &text).expect("write");
-    assert_eq!(
-        TestCommand::new(&path).arg("renew").output().code(),
-        Some(2)
-    );
-    assert!(!dir.path().join("www-typo").exists());
-    // Once it exists, the configuration is good.
-    fs::create_dir(dir.path().join("www-typo")).expect("mkdir");
+    let webroot = dir.path().join("www-typo");
     TestCommand::new(&path)
         .arg("check-config")
         .output()
         .assert_success();
+    let out = TestCommand::new(&path).arg("renew").output();
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        !webroot.exists(),
+        "nothing is created for a missing webroot"
+    );
 }

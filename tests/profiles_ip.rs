@@ -227,6 +227,8 @@ domains = ["ip.example.test", "::1", "127.0.0.1"]
 name = "ip-alpn"
 domains = ["127.0.0.1"]
 challenges = ["tls-alpn-01"]
+# Beside the other certificate's address, as an RSA-beside-ECDSA pair is.
+key_type = "ecdsa-p384"
 
 [tls_alpn01]
 listen = "[::]:{tls}"

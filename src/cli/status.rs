@@ -681,9 +681,12 @@ fn push_detail_block(
             list
         }
     };
+    // Said only where the CA gave something else than the first choice.
     let profile = match r.profile {
-        Some(ordered) => format!("{profile}; the installed one was ordered as {ordered}"),
-        None => profile,
+        Some(ordered) if c.profile.names.first().map(String::as_str) != Some(ordered) => {
+            format!("{profile}; the installed one was ordered as {ordered}")
+        }
+        _ => profile,
     };
     item(out, "Profile:", &profile);
     item(

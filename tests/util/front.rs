@@ -273,9 +273,10 @@ impl FaultyFront {
             .count()
     }
 
-    /// Passes the next request whose path contains `path` to Pebble and
-    /// never answers it; with `after`, only one that comes once a request
-    /// whose path contains `after` was passed on.
+    /// Passes the next request whose path contains `path` to Pebble and,
+    /// once Pebble has acted on it (a 2xx answer), never answers it; with
+    /// `after`, only one that comes once a request whose path contains
+    /// `after` was passed on.
     pub fn hold(&self, path: &str, after: Option<&str>) {
         self.shared.holds.lock().expect("holds").push(Hold {
             path: path.to_owned(),
@@ -456,7 +457,11 @@ fn serve(
         }
     };
     if forwarded {
-        let hold = {
+        // Only a request Pebble acted on is held: one it refused (a
+        // rejected nonce, 5 % of them) changed nothing at the CA, and
+        // certd sends it again.
+        let acted = (200..300).contains(&status);
+        let hold = acted && {
             let forwarded = shared.forwarded.lock().expect("forwarded");
             let mut holds = shared.holds.lock().expect("holds");
             holds

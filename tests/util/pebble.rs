@@ -320,6 +320,10 @@ impl Pebble {
         if self.opts.release == Release::Current {
             // Let's Encrypt's two lifetimes that matter to renewal: the
             // classic 90 days, and the 6-day `shortlived` profile.
+            // ECDSA keys for Pebble's own root and intermediates: its
+            // default, RSA, costs seconds of CPU at every start, which on a
+            // loaded machine ran past the start-up timeout.
+            config["pebble"]["keyAlgorithm"] = serde_json::json!("ecdsa");
             config["pebble"]["profiles"] = serde_json::json!({
                 "default": {
                     "description": "90-day certificates",
