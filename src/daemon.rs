@@ -496,6 +496,7 @@ impl Reloader {
         if self.current.metrics_listen != new.metrics_listen {
             self.restart_metrics(new.metrics_listen).await;
         }
+        self.ctx.reaper.set_config(new.reaper.clone());
         self.reaper_times.send_replace(ReaperTimes::of(&new));
         self.config.send_replace(new.clone());
         *lock(&self.tasks.grace) = Some(new.daemon.shutdown_grace);

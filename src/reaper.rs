@@ -195,7 +195,8 @@ pub struct Reaper {
 struct Inner {
     store: Store,
     account: AcmeAccount,
-    cfg: ReaperConfig,
+    /// Swapped whole by a configuration reload (`set_config`).
+    cfg: std::sync::RwLock<ReaperConfig>,
     active: ActiveOrders,
     /// Identifiers of admitted orders whose authorizations are not in the
     /// ledger yet: counted by the guard so concurrent orders cannot all
@@ -236,7 +237,7 @@ impl Reaper {
             inner: Arc::new(Inner {
                 store,
                 account,
-                cfg,
+                cfg: std::sync::RwLock::new(cfg),
                 active: ActiveOrders::default(),
                 reserved: tokio::sync::Mutex::new(0),
                 released: Notify::new(),
@@ -252,8 +253,23 @@ impl Reaper {
         &self.inner.account
     }
 
-    pub fn config(&self) -> &ReaperConfig {
-        &self.inner.cfg
+    /// The settings in force (a copy: a reload may replace them).
+    pub fn config(&self) -> ReaperConfig {
+        self.inner
+            .cfg
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes new settings from a configuration reload; passes and guards
+    /// that start afterwards use them.
+    pub fn set_config(&self, cfg: ReaperConfig) {
+        *self
+            .inner
+            .cfg
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg;
     }
 
     /// Tells waiting guards that pending authorizations may have cleared.
@@ -294,7 +310,7 @@ impl Reaper {
             _ => return Ok(Settled::NotPending(from)),
         }
         if from == "pending" && !policy.ignore_budget {
-            let limit = self.inner.cfg.failed_authz_per_identifier_per_hour;
+            let limit = self.config().failed_authz_per_identifier_per_hour;
             let failures = s
                 .failures_since(account.ledger_id, identifier, now - 3600)
                 .await?;
@@ -678,7 +694,7 @@ impl Reaper {
         replaces: Option<&str>,
     ) -> Result<(), GuardError> {
         let s = &self.inner.store;
-        let cfg = &self.inner.cfg;
+        let cfg = self.config();
         let account = self.inner.account.ledger_id;
         let now = UnixTime::now().secs();
         let checks = [
@@ -782,7 +798,7 @@ impl Reaper {
     ) -> Result<Admission, GuardError> {
         self.within_limits(cert_name, identifiers, replaces).await?;
         let identifiers = identifiers.len();
-        let max = self.inner.cfg.max_pending;
+        let max = self.config().max_pending;
         let deadline = tokio::time::Instant::now() + GUARD_WAIT;
         let mut reaped = false;
         let mut recorded = false;
@@ -812,7 +828,7 @@ impl Reaper {
             };
             if !reaped {
                 reaped = true;
-                self.pass(self.inner.cfg.pending_max_age, false, false, |_, _| {})
+                self.pass(self.config().pending_max_age, false, false, |_, _| {})
                     .await?;
                 continue;
             }

@@ -6,7 +6,6 @@
 //! a setting nobody thought of is "restart needed" by construction, never
 //! silently ignored.
 
-use std::time::Duration;
 
 use crate::config::{Config, DaemonConfig, ReaperConfig};
 
@@ -25,14 +24,7 @@ pub fn live_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("tls_alpn01", old.tls_alpn01 != new.tls_alpn01),
         ("dns01", old.dns01 != new.dns01),
         ("metrics_listen", old.metrics_listen != new.metrics_listen),
-        (
-            "reaper.interval",
-            old.reaper.interval != new.reaper.interval,
-        ),
-        (
-            "reaper.pending_max_age",
-            old.reaper.pending_max_age != new.reaper.pending_max_age,
-        ),
+        ("reaper", old.reaper != new.reaper),
     ];
     checks
         .into_iter()
@@ -47,7 +39,6 @@ pub fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
         return Vec::new();
     }
     let (a, b) = (started, new);
-    let (ra, rb) = (&a.reaper, &b.reaper);
     let checks = [
         ("acme.directory", a.acme.directory != b.acme.directory),
         ("acme.contact", a.acme.contact != b.acme.contact),
@@ -58,23 +49,6 @@ pub fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
             a.storage.state_dir != b.storage.state_dir,
         ),
         ("storage.cert_dir", a.storage.cert_dir != b.storage.cert_dir),
-        ("reaper.max_pending", ra.max_pending != rb.max_pending),
-        (
-            "reaper.failed_authz_per_identifier_per_hour",
-            ra.failed_authz_per_identifier_per_hour != rb.failed_authz_per_identifier_per_hour,
-        ),
-        (
-            "reaper.deactivate_valid_after_issue",
-            ra.deactivate_valid_after_issue != rb.deactivate_valid_after_issue,
-        ),
-        (
-            "reaper.new_orders_per_3h",
-            ra.new_orders_per_3h != rb.new_orders_per_3h,
-        ),
-        (
-            "reaper.duplicate_certificates_per_week",
-            ra.duplicate_certificates_per_week != rb.duplicate_certificates_per_week,
-        ),
         ("daemon.log_level", a.daemon.log_level != b.daemon.log_level),
     ];
     let keys: Vec<&'static str> = checks
@@ -102,11 +76,7 @@ fn frozen(cfg: &Config) -> Config {
             log_level: cfg.daemon.log_level.clone(),
             ..DaemonConfig::default()
         },
-        reaper: ReaperConfig {
-            interval: Duration::ZERO,
-            pending_max_age: Duration::ZERO,
-            ..cfg.reaper.clone()
-        },
+        reaper: ReaperConfig::default(),
         ..cfg.clone()
     }
 }
@@ -178,18 +148,8 @@ challenges = ["http-01", "dns-01"]
                 &["metrics_listen"],
                 &[],
             ),
-            (
-                "interval = \"10m\"",
-                "interval = \"1m\"",
-                &["reaper.interval"],
-                &[],
-            ),
-            (
-                "max_pending = 50",
-                "max_pending = 9",
-                &[],
-                &["reaper.max_pending"],
-            ),
+            ("interval = \"10m\"", "interval = \"1m\"", &["reaper"], &[]),
+            ("max_pending = 50", "max_pending = 9", &["reaper"], &[]),
             (
                 "https://ca.test/dir",
                 "https://other.test/dir",
