@@ -6,7 +6,6 @@
 //! a setting nobody thought of is "restart needed" by construction, never
 //! silently ignored.
 
-
 use crate::config::{Config, DaemonConfig, ReaperConfig};
 
 /// The settings the running daemon takes over without a restart, by the
