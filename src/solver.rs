@@ -773,8 +773,21 @@ mod webroot {
             }
             other => other?,
         };
+        // The web server, another user, must read it whatever certd's
+        // umask (the unit's 0027 would make it 0640).
+        fchmod(&fd, 0o644)?;
         // No fsync: the file lives for one validation.
         std::fs::File::from(fd).write_all(content)
+    }
+
+    /// Sets `fd`'s mode on the descriptor itself, not by path.
+    fn fchmod(fd: &OwnedFd, mode: libc::mode_t) -> std::io::Result<()> {
+        // SAFETY: `fd` is an open descriptor owned by the caller for the
+        // call's duration; fchmod touches no memory of ours.
+        if unsafe { libc::fchmod(fd.as_raw_fd(), mode) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Removes the token's file; a missing file or directory is fine.
@@ -792,13 +805,13 @@ mod webroot {
     /// Opens `.well-known/acme-challenge` below the operator's webroot
     /// (which may itself be a link: the operator chose it), creating the
     /// two directories if `create`; neither may be a link.
+    /// The webroot itself is never created: it is the directory a web
+    /// server serves, and one that is missing is a mistake to report.
     fn challenge_dir(root: &Path, create: bool) -> std::io::Result<OwnedFd> {
-        if create {
-            std::fs::create_dir_all(root)?;
-        }
         let mut dir = OwnedFd::from(std::fs::File::open(root)?);
         for part in CHALLENGE_DIR {
             let name = c_name(part)?;
+            let mut made = false;
             if create {
                 // SAFETY: `dir` is an open descriptor and `name` a
                 // NUL-terminated string that outlives the call.
@@ -809,9 +822,14 @@ mod webroot {
                         return Err(e);
                     }
                 }
+                made = rc == 0;
             }
             let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
             dir = openat(&dir, &name, flags, 0)?;
+            if made {
+                // Searchable by the web server whatever the umask.
+                fchmod(&dir, 0o755)?;
+            }
         }
         Ok(dir)
     }

@@ -266,11 +266,19 @@ fn a_hung_reload_is_killed_at_the_shutdown_grace_and_says_why() {
     ));
     let mut daemon = env.command().arg("run").spawn();
     daemon.wait_for_file(&pid_file, Duration::from_secs(60));
-    let pid: i32 = fs::read_to_string(&pid_file)
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+    // The shell's redirection creates the file before `echo` fills it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid: i32 = loop {
+        if let Ok(pid) = fs::read_to_string(&pid_file).expect("pid").trim().parse() {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pid in {}",
+            pid_file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let (out, _) = daemon.terminate_within(Duration::from_secs(60));
     assert!(out.success(), "{out}");
     let log = format!("{}{}", out.stdout, out.stderr);
