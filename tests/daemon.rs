@@ -5,24 +5,14 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    AriServer, PebbleOpts, Release, TestEnv, Window, assert_ca_status, flag, free_port,
-    install_hook_wrapper, ledger_authz, ledger_authz_urls,
+    AriServer, PebbleOpts, Release, TestEnv, Window, assert_ca_status, cert_table as cert, flag,
+    free_port, install_hook_wrapper, ledger_authz, ledger_authz_urls,
 };
 
-/// Fast retries so failure paths finish within a test.
-const DAEMON: &str = r#"
-[daemon]
-backoff_min = "1s"
-backoff_max = "2s"
-shutdown_grace = "10s"
-"#;
+const DAEMON: &str = crate::util::DAEMON_RETRY_2S;
 
 fn ca_requests(env: &TestEnv) -> usize {
     env.pebble.pebble_log().matches("calling handler").count()
-}
-
-fn cert(name: &str, domain: &str) -> String {
-    format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n")
 }
 
 #[test]

@@ -11,12 +11,7 @@ use crate::util::{
     wait_for,
 };
 
-const DAEMON: &str = r#"
-[daemon]
-backoff_min = "1s"
-backoff_max = "4s"
-shutdown_grace = "10s"
-"#;
+const DAEMON: &str = crate::util::DAEMON_RETRY_4S;
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)

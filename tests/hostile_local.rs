@@ -13,20 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    TestEnv, assert_installed, installed, ledger_events, parse_leaf, read_pem_certs,
+    TestEnv, assert_installed, cert_table as cert, installed, ledger_events, parse_leaf,
+    read_pem_certs,
 };
 
-/// Fast retries so a failed attempt is retried within the test.
-const DAEMON: &str = r#"
-[daemon]
-backoff_min = "1s"
-backoff_max = "2s"
-shutdown_grace = "10s"
-"#;
-
-fn cert(name: &str, domain: &str) -> String {
-    format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n")
-}
+const DAEMON: &str = crate::util::DAEMON_RETRY_2S;
 
 /// Raises this test process's own descriptor limit so it can hold the
 /// flood's connections.

@@ -23,14 +23,7 @@ use crate::util::{
     ledger_authz_urls,
 };
 
-/// Backoff short enough for a test to see a few attempts, long enough that
-/// a tight loop would stand out.
-const DAEMON: &str = r#"
-[daemon]
-backoff_min = "1s"
-backoff_max = "4s"
-shutdown_grace = "10s"
-"#;
+const DAEMON: &str = crate::util::DAEMON_RETRY_4S;
 
 /// An identifier a hostile CA could put in an authorization: the name
 /// certd asked for, a newline, an nsupdate command, and an escape sequence.

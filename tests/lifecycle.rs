@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::util::TestEnv;
+use crate::util::{TestEnv, cert_table as cert};
 
 /// Fast retries, and a grace short enough for many shutdowns per test.
 const DAEMON: &str = r#"
@@ -19,10 +19,6 @@ shutdown_grace = "5s"
 const GRACE: Duration = Duration::from_secs(5);
 /// What the daemon may take beyond `shutdown_grace` to exit.
 const EXIT_MARGIN: Duration = Duration::from_secs(5);
-
-fn cert(name: &str, domain: &str) -> String {
-    format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n")
-}
 
 /// Replaces `path` the way editors save: a new file renamed over it.
 fn editor_replace(path: &Path, text: &str) {

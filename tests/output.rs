@@ -9,12 +9,7 @@ use std::time::Duration;
 
 use crate::util::{CmdOutput, TestEnv, free_port};
 
-const DAEMON: &str = r#"
-[daemon]
-backoff_min = "1s"
-backoff_max = "2s"
-shutdown_grace = "10s"
-"#;
+const DAEMON: &str = crate::util::DAEMON_RETRY_2S;
 
 fn cert(name: &str, domain: &str) -> String {
     format!(

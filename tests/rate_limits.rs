@@ -14,12 +14,7 @@ use crate::util::{
     AriServer, Fault, FaultyFront, PebbleOpts, Release, TestEnv, Window, ledger_events, wait_for,
 };
 
-const DAEMON: &str = r#"
-[daemon]
-backoff_min = "1s"
-backoff_max = "4s"
-shutdown_grace = "10s"
-"#;
+const DAEMON: &str = crate::util::DAEMON_RETRY_4S;
 
 /// How many faults of one kind the front serves at most: more newOrders
 /// than any test here may see.

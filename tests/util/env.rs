@@ -201,3 +201,26 @@ fn toml_path(path: &Path) -> String {
         .unwrap_or_else(|| panic!("temp path is not UTF-8: {}", path.display()));
     toml_str(s)
 }
+
+/// `[daemon]` settings for a test that watches a daemon retry: backoff
+/// from 1 s to 2 s, and a shutdown grace a test can wait out.
+pub const DAEMON_RETRY_2S: &str = r#"
+[daemon]
+backoff_min = "1s"
+backoff_max = "2s"
+shutdown_grace = "10s"
+"#;
+
+/// As `DAEMON_RETRY_2S`, with retries up to 4 s apart: a few attempts
+/// within a test, and a tight loop would stand out.
+pub const DAEMON_RETRY_4S: &str = r#"
+[daemon]
+backoff_min = "1s"
+backoff_max = "4s"
+shutdown_grace = "10s"
+"#;
+
+/// A `[[certificate]]` table with one name.
+pub fn cert_table(name: &str, domain: &str) -> String {
+    format!("\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n")
+}

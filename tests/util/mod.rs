@@ -37,7 +37,7 @@ pub use self::{
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     disk::{TinyDisk, checkpoint, integrity, snapshot},
-    env::TestEnv,
+    env::{DAEMON_RETRY_2S, DAEMON_RETRY_4S, TestEnv, cert_table},
     front::{Fault, FaultyFront, ForgedCert, Forgery},
     hooks::{flag, install_hook_wrapper, wait_for},
     installed::{assert_installed, installed},
