@@ -721,7 +721,13 @@ impl Scheduler {
         if entry.running.is_none() {
             self.plan(&mut entry).await;
             let now = UnixTime::now();
-            if request.force && entry.next > now {
+            // Naming a certificate the CA paused is the operator saying
+            // it was unpaused: try it now, not at the daily look.
+            let paused = matches!(
+                self.ctx.store.pause(&request.name).await,
+                Ok(Some(p)) if p.paused
+            );
+            if (request.force || paused) && entry.next > now {
                 entry.next = now;
                 entry.why = Reason::Forced.to_string();
             } else if entry.next > now {
