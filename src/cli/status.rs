@@ -426,6 +426,7 @@ fn push_pauses(out: &mut String, pauses: &[PauseRow], cfg: &Config) {
 /// Lines under the table for certificates with an ARI answer: the window,
 /// the CA's explanation, and why the last check failed.
 fn push_ari(out: &mut String, rows: &[StatusRow]) {
+    let mut first = true;
     for r in rows {
         let (window, error) = match (r.ari_window_start, r.ari_window_end, r.ari_error) {
             (Some(start), Some(end), error) => (
@@ -435,7 +436,11 @@ fn push_ari(out: &mut String, rows: &[StatusRow]) {
             (_, _, Some(error)) => ("no window".to_owned(), Some(error)),
             _ => continue,
         };
-        out.push_str(&format!("\nARI {}: {window}", r.name));
+        if std::mem::take(&mut first) {
+            // One blank line before the block, as before each block.
+            out.push('\n');
+        }
+        out.push_str(&format!("ARI {}: {window}", escape_control(r.name)));
         if let Some(url) = r.ari_explanation_url {
             out.push_str(&format!(", explanation {}", escape_control(url)));
         }
