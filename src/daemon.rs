@@ -48,8 +48,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     crate::cli::ensure_dirs(&cfg)?;
     let store = Store::open(&cfg.db_path()).await?;
     // A restart applies every edit: what `status` said waits for one is done.
+    // This is also the daemon's first write: a ledger it cannot write (a
+    // full or read-only file system that opening did not reveal, since
+    // reading still works) stops it here, with the file and the cause
+    // (`store::explain`, exit 2), rather than run with every write failing.
     if let Err(e) = store.event("daemon-started", None, None, None, None).await {
-        tracing::warn!(error = %e, "cannot record the start in the ledger");
+        store.close().await;
+        return Err(crate::store::explain(&cfg.db_path(), e.into()));
     }
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
