@@ -86,27 +86,11 @@ impl Bind {
             secret: String::new(),
             child: None,
         };
-        let d = bind.dir.path().display();
-        let conf = format!(
-            r#"options {{
-    directory "{d}";
-    pid-file "{d}/named.pid";
-    session-keyfile "{d}/session.key";
-    managed-keys-directory "{d}";
-    listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion yes;
-    allow-recursion {{ 127.0.0.1; }};
-    dnssec-validation no;
-    forward only;
-    forwarders {{ 127.0.0.1 port {auth}; }};
-    notify no;
-}};
-controls {{ }};
-"#,
-            port = bind.port,
-            auth = auth.port,
-        );
+        let conf = bind.options(&format!(
+            "recursion yes;\n    allow-recursion {{ 127.0.0.1; }};\n    \
+             forward only;\n    forwarders {{ 127.0.0.1 port {}; }};",
+            auth.port
+        ));
         write(&bind.dir.path().join("named.conf"), &conf);
         bind.spawn();
         bind
@@ -154,9 +138,12 @@ controls {{ }};
         self.dir.path().join("named.log")
     }
 
-    fn write_config(&self) {
+    /// named's `options` block for this server (its directory, its port,
+    /// loopback only, no DNSSEC, no NOTIFY) with `extra` statements, and
+    /// no control channel.
+    fn options(&self, extra: &str) -> String {
         let d = self.dir.path().display();
-        let conf = format!(
+        format!(
             r#"options {{
     directory "{d}";
     pid-file "{d}/named.pid";
@@ -164,12 +151,21 @@ controls {{ }};
     managed-keys-directory "{d}";
     listen-on port {port} {{ 127.0.0.1; }};
     listen-on-v6 {{ none; }};
-    recursion no;
     dnssec-validation no;
     notify no;
+    {extra}
 }};
 controls {{ }};
-key "{key}" {{
+"#,
+            port = self.port,
+        )
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let conf = self.options("recursion no;")
+            + &format!(
+                r#"key "{key}" {{
     algorithm hmac-sha256;
     secret "{secret}";
 }};
@@ -184,12 +180,11 @@ zone "{alias}" {{
     allow-update {{ key {key}; }};
 }};
 "#,
-            port = self.port,
-            key = Self::KEY_NAME,
-            secret = self.secret,
-            zone = Self::ZONE,
-            alias = Self::ALIAS_ZONE,
-        );
+                key = Self::KEY_NAME,
+                secret = self.secret,
+                zone = Self::ZONE,
+                alias = Self::ALIAS_ZONE,
+            );
         write(&self.dir.path().join("named.conf"), &conf);
         // A negative-caching TTL of 1 s: a resolver that asked before the
         // record existed asks again soon.
