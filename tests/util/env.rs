@@ -26,6 +26,10 @@ impl TestEnv {
 
     /// A Pebble that never reuses an authorization, so every order must
     /// validate afresh (tests of failure paths need that).
+    /// Pebble with `PEBBLE_AUTHZREUSE=0`. Pebble's check is
+    /// `rand.Intn(100) > percent`, so it still reuses a valid
+    /// authorization 1 % of the time; a test that must see a fresh
+    /// validation also sets `deactivate_valid_after_issue`.
     pub fn without_authz_reuse() -> TestEnv {
         TestEnv::with_pebble_opts(PebbleOpts {
             authz_reuse: Some(0),
