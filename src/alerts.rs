@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 
 use crate::config::NotifyConfig;
 use crate::install::run_command;
-use crate::store::Store;
+use crate::ledger::Ledger;
 
 /// The most bytes of one value passed in the notify command's
 /// environment; longer values are cut with a marker.
@@ -27,7 +27,7 @@ pub enum Outcome<'a> {
         not_after: i64,
     },
     /// The CA paused the certificate's names until an operator unpauses
-    /// them. The caller reports a pause once (`Store::set_pause` says
+    /// them. The caller reports a pause once (`Ledger::set_pause` says
     /// whether it is news), not at every daily retry.
     Paused {
         failures: u32,
@@ -61,7 +61,7 @@ pub fn failure_outcome<'a>(
 /// fails the renewal.
 pub async fn after_renewal(
     cfg: Option<&NotifyConfig>,
-    store: &Store,
+    store: &Ledger,
     name: &str,
     domains: &[String],
     outcome: Outcome<'_>,

@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::clock::UnixTime;
 use crate::config::CertificateConfig;
-use crate::store::CertificateRow;
+use crate::ledger::CertificateRow;
 
 /// The part of a certificate's lifetime left at which a failing renewal
 /// becomes critical: a sixth, half of the usual renewal window (renewal

@@ -11,13 +11,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::acme::AcmeHttp;
 use crate::clock::UnixTime;
-use crate::store::{Store, StoreError};
+use crate::ledger::{Ledger, LedgerError};
 use crate::tinyhttp::{self, Response};
 
 /// Serves `GET /metrics` on `addr` until `cancel` fires.
 pub async fn start(
     addr: SocketAddr,
-    store: Store,
+    store: Ledger,
     http: AcmeHttp,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
@@ -55,7 +55,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// The metrics page.
-pub async fn render(store: &Store, http: &AcmeHttp) -> Result<String, StoreError> {
+pub async fn render(store: &Ledger, http: &AcmeHttp) -> Result<String, LedgerError> {
     let mut out = String::new();
     let certs = store.certificates().await?;
     header(

@@ -271,7 +271,7 @@ fn status_check_is_one_line_and_unknown_when_it_cannot_judge() {
     let out = env
         .command()
         .args(["status"])
-        .env("RUST_LOG", "certd::driver=debug,warn")
+        .env("RUST_LOG", "certd::order=debug,warn")
         .output();
     out.assert_success();
 }

@@ -194,7 +194,7 @@ profile_required = true
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
+        let store = certd::ledger::Ledger::open(&env.state_dir().join("certd.db"))
             .await
             .expect("open ledger");
         for (id, _, _) in store.accounts().await.expect("accounts") {

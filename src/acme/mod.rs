@@ -40,7 +40,7 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AcmeConfig;
-use crate::store::Store;
+use crate::ledger::Ledger;
 
 pub mod ari;
 pub mod raw;
@@ -135,7 +135,7 @@ pub enum SetupError {
     #[error("{0}")]
     Acme(#[from] AcmeError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// The one HTTP client; cheap to clone.
@@ -963,7 +963,7 @@ impl AcmeAccount {
     pub async fn load_or_create(
         cfg: &AcmeConfig,
         state_dir: &Path,
-        store: &Store,
+        store: &Ledger,
         http: AcmeHttp,
     ) -> Result<Self, SetupError> {
         let directory_url = cfg.directory.to_string();

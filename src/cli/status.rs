@@ -20,7 +20,7 @@ use super::{escape_control, shorten, write_stdout_all};
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
-use crate::store::{ACCOUNT_SCOPE, CertificateRow, PauseRow, ReaperSummary, Store};
+use crate::ledger::{ACCOUNT_SCOPE, CertificateRow, Ledger, PauseRow, ReaperSummary};
 
 /// What `certd status` prints.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +36,7 @@ pub(super) enum Mode {
 /// from.
 pub(super) struct Prefetched {
     state_dir: PathBuf,
-    ledger: anyhow::Result<Ledger>,
+    ledger: anyhow::Result<LedgerView>,
 }
 
 /// Parses the configuration on a blocking thread while this one reads the
@@ -53,7 +53,7 @@ pub(super) async fn load(path: &Path) -> (Result<Config, ConfigError>, Option<Pr
     };
     let owned = path.to_owned();
     let parse = tokio::task::spawn_blocking(move || Config::parse(&owned, &text));
-    let ledger = Ledger::read(&state_dir, UnixTime::now()).await;
+    let ledger = LedgerView::read(&state_dir, UnixTime::now()).await;
     let cfg = match parse.await {
         Ok(cfg) => cfg,
         // Config::parse does not panic (the fuzz tests hold it to that);
@@ -74,7 +74,7 @@ pub(super) async fn run(
     let now = UnixTime::now();
     let ledger = match prefetched {
         Some(p) if p.state_dir == cfg.storage.state_dir => p.ledger,
-        _ => Ledger::read(&cfg.storage.state_dir, now).await,
+        _ => LedgerView::read(&cfg.storage.state_dir, now).await,
     };
     let ledger = match (ledger, mode) {
         (Ok(ledger), _) => ledger,
@@ -189,7 +189,7 @@ fn output_width() -> usize {
 /// What `status` reads from the ledger: every certificate row, the pending
 /// authorizations per certificate, and each account's reaper figures.
 /// Empty when certd has never run.
-pub(super) struct Ledger {
+pub(super) struct LedgerView {
     certificates: HashMap<String, LedgerCert>,
     pending: HashMap<String, i64>,
     accounts: Vec<AccountStatus>,
@@ -214,7 +214,7 @@ struct AccountStatus {
     reaper: ReaperSummary,
 }
 
-impl Ledger {
+impl LedgerView {
     async fn read(state_dir: &Path, now: UnixTime) -> anyhow::Result<Self> {
         let path = state_dir.join(config::DB_FILE);
         if !path.exists() {
@@ -228,7 +228,7 @@ impl Ledger {
             });
         }
         // Read-only: `sudo certd status` must not leave root's files.
-        let store = Store::open_read_only(&path).await?;
+        let store = Ledger::open_read_only(&path).await?;
         // The store has two connections: the big read and the small ones
         // run side by side.
         let read = tokio::try_join!(
@@ -270,7 +270,7 @@ impl Ledger {
     }
 }
 
-async fn accounts(store: &Store, now: UnixTime) -> crate::store::Result<Vec<AccountStatus>> {
+async fn accounts(store: &Ledger, now: UnixTime) -> crate::ledger::Result<Vec<AccountStatus>> {
     let mut out = Vec::new();
     for (id, directory, url) in store.accounts().await? {
         out.push(AccountStatus {
@@ -332,7 +332,11 @@ struct PauseStatus<'a> {
 }
 
 /// What `status` shows for one configured certificate.
-fn status_row<'a>(c: &'a CertificateConfig, ledger: &'a Ledger, now: UnixTime) -> StatusRow<'a> {
+fn status_row<'a>(
+    c: &'a CertificateConfig,
+    ledger: &'a LedgerView,
+    now: UnixTime,
+) -> StatusRow<'a> {
     let entry = ledger.certificates.get(c.name.as_str());
     let row = entry.map(|e| &e.row);
     let installed = row.and_then(|r| r.not_after).is_some();
@@ -633,7 +637,7 @@ async fn recent_events(cfg: &Config, rows: &[StatusRow<'_>]) -> anyhow::Result<V
     if !path.exists() {
         return Ok(rows.iter().map(|_| Recent::default()).collect());
     }
-    let store = Store::open(&path).await?;
+    let store = Ledger::open(&path).await?;
     let mut all = Vec::with_capacity(rows.len());
     for r in rows {
         all.push(Recent {
@@ -825,7 +829,7 @@ fn push_accounts(out: &mut String, accounts: &[AccountStatus], width: usize) {
 fn check(
     cfg: &Config,
     selected: &[&CertificateConfig],
-    ledger: &Ledger,
+    ledger: &LedgerView,
     now: UnixTime,
 ) -> ExitCode {
     if selected.is_empty() {

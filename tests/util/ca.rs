@@ -214,7 +214,7 @@ pub fn ledger_events(env: &TestEnv, kind: &str) -> i64 {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
+        let store = certd::ledger::Ledger::open(&env.state_dir().join("certd.db"))
             .await
             .expect("open ledger");
         let n = store.count_events(kind).await.expect("count events");

@@ -106,14 +106,14 @@ pub fn checkpoint(env: &TestEnv) {
 
 fn with_ledger<T, F: std::future::Future<Output = T>>(
     env: &TestEnv,
-    f: impl FnOnce(certd::store::Store) -> F,
+    f: impl FnOnce(certd::ledger::Ledger) -> F,
 ) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let store = certd::store::Store::open(&env.state_dir().join("certd.db"))
+        let store = certd::ledger::Ledger::open(&env.state_dir().join("certd.db"))
             .await
             .expect("ledger");
         let r = f(store.clone()).await;

@@ -56,10 +56,10 @@ use crate::acme::{
 use crate::clock::UnixTime;
 use crate::config::{self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
 use crate::dns::persist::PersistExpect;
+use crate::hygiene::reaper::{Admission, GuardError, Policy, Reaper};
 use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
-use crate::reaper::{Admission, GuardError, Policy, Reaper};
+use crate::ledger::{Ledger, LedgerError, NewAuthz};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers, Unready};
-use crate::store::{NewAuthz, Store, StoreError};
 
 /// How long certd waits for the CA to validate all challenges of an order.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -90,7 +90,7 @@ macro_rules! nonce_retry {
 /// What the driver needs; shared by concurrent orders.
 #[derive(Clone)]
 pub struct Context {
-    pub store: Store,
+    pub store: Ledger,
     pub account: AcmeAccount,
     pub solvers: Solvers,
     pub reaper: Reaper,
@@ -166,7 +166,7 @@ pub enum DriveError {
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Ledger(#[from] LedgerError),
     #[error("cannot create the private key or CSR: {0}")]
     Key(String),
     #[error("{}: {source}", path.display())]
@@ -197,7 +197,7 @@ impl DriveError {
             // waits for the backoff like any failed one.
             Self::ForeignAuthz { .. } => Disposition::Final,
             Self::NoChallenge { .. } | Self::Key(_) | Self::Profile(_) => Disposition::Final,
-            Self::Solver(_) | Self::Install(_) | Self::Store(_) | Self::KeyFile { .. } => {
+            Self::Solver(_) | Self::Install(_) | Self::Ledger(_) | Self::KeyFile { .. } => {
                 Disposition::Retryable
             }
             // An account-wide limit pauses all new orders until the window
@@ -783,7 +783,7 @@ async fn finish(
         tokio::task::spawn_blocking(move || install::install(&cert_dir, &name_owned, &issuance))
             .await
             .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
-    let installed = crate::store::Installed {
+    let installed = crate::ledger::Installed {
         domains: domains.to_vec(),
         serial: info.serial.clone(),
         not_before: info.not_before,
@@ -1516,13 +1516,13 @@ async fn certificate_key(
 
 /// Where issued certificates wait to be installed (chain and key, one
 /// 0600 file per order, named like the order keys): beside the ledger.
-async fn issued_dir(store: &Store) -> Result<PathBuf, StoreError> {
+async fn issued_dir(store: &Ledger) -> Result<PathBuf, LedgerError> {
     Ok(store.ledger_dir().await?.join("issued"))
 }
 
 /// Where the keys of finalized orders wait for their certificate: beside
 /// the ledger, which names the orders.
-pub(crate) async fn order_key_dir(store: &Store) -> Result<PathBuf, StoreError> {
+pub(crate) async fn order_key_dir(store: &Ledger) -> Result<PathBuf, LedgerError> {
     Ok(store.ledger_dir().await?.join("order-keys"))
 }
 

@@ -31,7 +31,7 @@ use crate::acme::raw::{account_orders, deactivate_authz, fetch_authz, fetch_orde
 use crate::acme::{AcmeAccount, AcmeError};
 use crate::clock::UnixTime;
 use crate::config::ReaperConfig;
-use crate::store::{NewAuthz, OrderRow, PendingAuthz, Store, StoreError};
+use crate::ledger::{Ledger, LedgerError, NewAuthz, OrderRow, PendingAuthz};
 
 /// Rows fetched from the ledger per page of a pass.
 const PAGE: i64 = 100;
@@ -49,7 +49,7 @@ enum AdoptError {
     #[error(transparent)]
     Acme(#[from] AcmeError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Ledger(#[from] LedgerError),
 }
 
 /// The order URLs being driven right now; the reaper leaves their
@@ -183,7 +183,7 @@ pub enum GuardError {
     #[error("shutting down")]
     Cancelled,
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Ledger(#[from] LedgerError),
 }
 
 /// The reaper of one account; cheap to clone.
@@ -193,7 +193,7 @@ pub struct Reaper {
 }
 
 struct Inner {
-    store: Store,
+    store: Ledger,
     account: AcmeAccount,
     /// Swapped whole by a configuration reload (`set_config`).
     cfg: std::sync::RwLock<ReaperConfig>,
@@ -232,7 +232,7 @@ impl Drop for Admission {
 }
 
 impl Reaper {
-    pub fn new(store: Store, account: AcmeAccount, cfg: ReaperConfig) -> Self {
+    pub fn new(store: Ledger, account: AcmeAccount, cfg: ReaperConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -287,7 +287,7 @@ impl Reaper {
         url: &str,
         identifier: &str,
         policy: Policy,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<Settled, LedgerError> {
         let s = &self.inner.store;
         let account = &self.inner.account;
         let now = UnixTime::now().secs();
@@ -355,7 +355,7 @@ impl Reaper {
         identifier: &str,
         from: &str,
         status: String,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<Settled, LedgerError> {
         let s = &self.inner.store;
         let detail = format!(
             "{identifier} was {from}; the CA answered the deactivation with status {status}"
@@ -378,7 +378,7 @@ impl Reaper {
         identifier: &str,
         e: AcmeError,
         policy: Policy,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<Settled, LedgerError> {
         let s = &self.inner.store;
         if e.problem().is_some_and(|p| p.status == Some(404)) {
             if !policy.dry_run {
@@ -408,7 +408,7 @@ impl Reaper {
         dry_run: bool,
         explicit: bool,
         report: impl FnMut(&PendingAuthz, &Settled),
-    ) -> Result<PassCounts, StoreError> {
+    ) -> Result<PassCounts, LedgerError> {
         let http = self.inner.account.http.clone();
         http.nonce_scope(self.pass_inner(older_than, dry_run, explicit, report))
             .await
@@ -420,7 +420,7 @@ impl Reaper {
         dry_run: bool,
         explicit: bool,
         mut report: impl FnMut(&PendingAuthz, &Settled),
-    ) -> Result<PassCounts, StoreError> {
+    ) -> Result<PassCounts, LedgerError> {
         let s = &self.inner.store;
         let now = UnixTime::now().secs();
         let cutoff = now - i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX / 2);
@@ -499,10 +499,10 @@ impl Reaper {
     pub async fn recover(
         &self,
         keep: impl Fn(&OrderRow) -> bool,
-    ) -> Result<(usize, usize), StoreError> {
+    ) -> Result<(usize, usize), LedgerError> {
         let s = &self.inner.store;
         self.adopt_unknown().await?;
-        let key_dir = crate::driver::order_key_dir(s).await?;
+        let key_dir = crate::order::order_key_dir(s).await?;
         let (mut resumable, mut abandoned) = (0, 0);
         let mut orders = s.in_flight_orders(self.inner.account.ledger_id).await?;
         // Newest first: of several unfinished orders for the same names the
@@ -514,7 +514,7 @@ impl Reaper {
                 continue;
             }
             let finalized_without_key = order.step == "finalizing"
-                && !crate::driver::order_key_path(&key_dir, &order.url).exists();
+                && !crate::order::order_key_path(&key_dir, &order.url).exists();
             if !finalized_without_key && keep(&order) && kept.insert(order.identifiers.clone()) {
                 s.set_order_state(&order.url, &order.status, "resumable", None)
                     .await?;
@@ -548,7 +548,7 @@ impl Reaper {
     /// CA offers no list (Let's Encrypt), nothing is adopted: the next
     /// `newOrder` for the same names is answered there with the same order.
     /// Returns how many were adopted.
-    pub async fn adopt_unknown(&self) -> Result<usize, StoreError> {
+    pub async fn adopt_unknown(&self) -> Result<usize, LedgerError> {
         let s = &self.inner.store;
         let account = &self.inner.account;
         if !s.has_intents(account.ledger_id).await? {
@@ -576,7 +576,7 @@ impl Reaper {
             match self.adopt(&url).await {
                 Ok(true) => adopted += 1,
                 Ok(false) => {}
-                Err(AdoptError::Store(e)) => return Err(e),
+                Err(AdoptError::Ledger(e)) => return Err(e),
                 Err(AdoptError::Acme(e)) => {
                     let msg = format!("cannot adopt: {e}");
                     s.event("reaper-error", None, Some(&url), None, Some(&msg))
@@ -660,14 +660,14 @@ impl Reaper {
         order_url: &str,
         cert_name: &str,
         why: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), LedgerError> {
         let s = &self.inner.store;
         for (url, identifier) in s.pending_authz_of_order(order_url).await? {
             self.settle(&url, &identifier, Policy::by("driver")).await?;
         }
         // A finalized order's stored key would only ever sign for it.
-        let key_dir = crate::driver::order_key_dir(s).await?;
-        crate::driver::remove_order_key(&key_dir, order_url).await;
+        let key_dir = crate::order::order_key_dir(s).await?;
+        crate::order::remove_order_key(&key_dir, order_url).await;
         s.set_order_state(order_url, "abandoned", "abandoned", Some(why))
             .await?;
         s.event(

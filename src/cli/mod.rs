@@ -11,7 +11,7 @@
 //!
 //! Commands that write the ledger (`renew`, `reap`, `revoke`,
 //! `authz deactivate`, `account rollover`) hand their work to a running
-//! daemon through its control socket (`crate::control`) and print its
+//! daemon through its control socket (`crate::daemon::control`) and print its
 //! output; without a daemon they take the state directory's lock, check
 //! the ledger's integrity and run themselves. Reading commands (`status`,
 //! `authz list`, `account show`, `check-config`) open the ledger read-only
@@ -52,13 +52,13 @@ use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
 use crate::acme::{AcmeAccount, AcmeError, AcmeHttp, credentials_path, error_chain};
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
-use crate::control::Sink;
-use crate::driver::{self, Context};
+use crate::daemon::control::Sink;
+use crate::daemon::schedule::{self, Due, Reason};
+use crate::hygiene::reaper::{Policy, Reaper, Settled};
 use crate::install;
-use crate::reaper::{Policy, Reaper, Settled};
-use crate::scheduler::{self, Due, Reason};
+use crate::ledger::{FileIdentity, Ledger, LedgerError, OrderRow, StateLock};
+use crate::order::{self, Context};
 use crate::solver::Solvers;
-use crate::store::{FileIdentity, OrderRow, StateLock, Store, StoreError};
 
 /// `println!` that ends the process quietly when standard output is a
 /// closed pipe (`certd status | head -1`), as Unix tools do, and escapes
@@ -424,8 +424,8 @@ pub fn main() -> ExitCode {
             // Like a configuration error: nothing will work until fixed.
             let ledger_unusable = e.chain().any(|cause| {
                 cause
-                    .downcast_ref::<StoreError>()
-                    .is_some_and(StoreError::is_fatal)
+                    .downcast_ref::<LedgerError>()
+                    .is_some_and(LedgerError::is_fatal)
             });
             if ledger_unusable
                 || e.downcast_ref::<UnsafeDir>().is_some()
@@ -473,8 +473,8 @@ impl Command {
 impl Command {
     /// The request that hands this command to a running daemon, for the
     /// commands a daemon runs for its clients.
-    fn control_request(&self) -> Option<crate::control::Request> {
-        use crate::control::Request;
+    fn control_request(&self) -> Option<crate::daemon::control::Request> {
+        use crate::daemon::control::Request;
         Some(match self {
             // A dry run discards what it obtains; the daemon's scheduler has
             // no such mode, so it runs in its own process.
@@ -526,11 +526,11 @@ impl Command {
 /// Runs a command a client handed to the daemon over its control socket,
 /// with the daemon's own parts; returns the exit code.
 pub(crate) async fn run_for_client(
-    request: crate::control::Request,
-    handles: &crate::control::Handles,
+    request: crate::daemon::control::Request,
+    handles: &crate::daemon::control::Handles,
     sink: &Sink,
 ) -> u8 {
-    use crate::control::Request;
+    use crate::daemon::control::Request;
     let cfg = handles.config.borrow().clone();
     let reaper = &handles.ctx.reaper;
     let result = match request {
@@ -579,7 +579,7 @@ pub(crate) async fn run_for_client(
 /// which orders it in its own slots, with its own listeners; the lines
 /// come as the orders end.
 async fn renew_in_daemon(
-    handles: &crate::control::Handles,
+    handles: &crate::daemon::control::Handles,
     cfg: &Config,
     names: Vec<String>,
     force: bool,
@@ -603,7 +603,7 @@ async fn renew_in_daemon(
     let mut waiting = JoinSet::new();
     for name in names {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let request = scheduler::Request {
+        let request = schedule::Request {
             name: name.clone(),
             force,
             reply,
@@ -627,8 +627,8 @@ async fn renew_in_daemon(
 
 /// Prints how a renewal the scheduler ran for a client ended, as a
 /// one-shot `renew` prints it; false when it failed.
-fn report_outcome(name: &str, outcome: Option<scheduler::Outcome>, sink: &Sink) -> bool {
-    use scheduler::Outcome;
+fn report_outcome(name: &str, outcome: Option<schedule::Outcome>, sink: &Sink) -> bool {
+    use schedule::Outcome;
     match outcome {
         Some(Outcome::NotDue(at)) => {
             sink.out(&format!("{name}: valid, not due until {}", at.rfc3339()));
@@ -672,7 +672,7 @@ fn report_outcome(name: &str, outcome: Option<scheduler::Outcome>, sink: &Sink) 
 /// `certd revoke` in the daemon: revoked with the daemon's account, then
 /// replaced at once by its scheduler.
 async fn revoke_in_daemon(
-    handles: &crate::control::Handles,
+    handles: &crate::daemon::control::Handles,
     cfg: &Config,
     name: &str,
     reason: RevokeReason,
@@ -694,7 +694,7 @@ async fn revoke_in_daemon(
         return Ok(0);
     }
     let (reply, outcome) = tokio::sync::oneshot::channel();
-    let request = scheduler::Request {
+    let request = schedule::Request {
         name: name.to_owned(),
         force: false,
         reply,
@@ -750,7 +750,7 @@ const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"]
 /// `RUST_LOG` as `Targets`. `Targets` takes a bare word that is no level
 /// (`RUST_LOG=verbose`) for a target with every level, which turns all of
 /// certd's own logging off: only levels, `certd` and module paths
-/// (`certd::driver`) stand alone here.
+/// (`certd::order`) stand alone here.
 fn parse_rust_log(spec: &str) -> Result<tracing_subscriber::filter::Targets, String> {
     let bad = |why: String| {
         format!(
@@ -819,7 +819,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     if let Some(request) = cli.command.control_request()
-        && let Some(code) = crate::control::forward(&cfg.storage.state_dir, &request).await?
+        && let Some(code) =
+            crate::daemon::control::forward(&cfg.storage.state_dir, &request).await?
     {
         return Ok(code);
     }
@@ -833,7 +834,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let db_path = cfg.db_path();
     run_command(cli.command, cfg, prefetched)
         .await
-        .map_err(|e| crate::store::explain(&db_path, e))
+        .map_err(|e| crate::ledger::explain(&db_path, e))
 }
 
 /// Runs `command` with its configuration, the ledger's lock held;
@@ -982,7 +983,7 @@ async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<StateLock> {
     let lock = StateLock::acquire(&cfg.storage.state_dir)?;
     let db = cfg.db_path();
     if create || db.exists() {
-        Store::open_checked(&db).await?.close().await;
+        Ledger::open_checked(&db).await?.close().await;
     }
     Ok(lock)
 }
@@ -1021,7 +1022,7 @@ async fn watch_ledger(
     path: PathBuf,
     identity: FileIdentity,
     shutdown: CancellationToken,
-) -> Option<StoreError> {
+) -> Option<LedgerError> {
     use notify::Watcher as _;
     let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
     let name = path.file_name().map(ToOwned::to_owned);
@@ -1223,7 +1224,7 @@ fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
         let name = name.to_string_lossy();
         if !(name.starts_with("certd.")
             || name.starts_with("account-")
-            || name == crate::control::SOCKET_FILE)
+            || name == crate::daemon::control::SOCKET_FILE)
         {
             continue;
         }
@@ -1322,7 +1323,7 @@ async fn renew(
             ),
             None => (None, None),
         };
-        let mut verdict = scheduler::due(
+        let mut verdict = schedule::due(
             c,
             installed.as_ref(),
             revoked.as_deref(),
@@ -1381,13 +1382,13 @@ async fn renew(
             "dry run against {}: certificates are issued and discarded; nothing is installed, nothing reloaded",
             cfg.acme.directory
         );
-        driver::RunMode::DryRun
+        order::RunMode::DryRun
     } else {
-        driver::RunMode::Once
+        order::RunMode::Once
     };
     let store = match existing {
         Some(s) => s,
-        None => Store::open(&cfg.db_path()).await?,
+        None => Ledger::open(&cfg.db_path()).await?,
     };
     let result = renew_due(&cfg, &store, due, mode).await;
     store.close().await;
@@ -1415,7 +1416,7 @@ fn staging_directory(url: &reqwest::Url) -> Option<reqwest::Url> {
 async fn ari_window(
     cfg: &Config,
     http: &AcmeHttp,
-    store: Option<&Store>,
+    store: Option<&Ledger>,
     c: &CertificateConfig,
     info: &crate::install::CertInfo,
 ) -> Option<Window> {
@@ -1449,18 +1450,18 @@ async fn ari_window(
     let interval = cfg.daemon.ari_interval;
     let (window, next_check, error) = match answer {
         Ok(a) => {
-            let next = now.plus(scheduler::ari_recheck_delay(a.retry_after, interval));
+            let next = now.plus(schedule::ari_recheck_delay(a.retry_after, interval));
             (Some(a.window), next, None)
         }
         Err(AriError::Unsupported) => return None,
         Err(e) => {
             errln!("certd: {name}: {e}");
-            let next = now.plus(scheduler::ari_error_delay(&e, 1, interval));
+            let next = now.plus(schedule::ari_error_delay(&e, 1, interval));
             (None, next, Some(e.to_string()))
         }
     };
     if let Some(store) = store {
-        let record = crate::store::AriRecord {
+        let record = crate::ledger::AriRecord {
             window: window.as_ref(),
             next_check: Some(next_check.secs()),
             error: error.as_deref(),
@@ -1472,11 +1473,11 @@ async fn ari_window(
 
 async fn renew_due(
     cfg: &Config,
-    store: &Store,
+    store: &Ledger,
     due: Vec<(CertificateConfig, Reason)>,
-    mode: driver::RunMode,
+    mode: order::RunMode,
 ) -> anyhow::Result<ExitCode> {
-    let dry_run = mode == driver::RunMode::DryRun;
+    let dry_run = mode == order::RunMode::DryRun;
     // Consecutive failures before this run, for notifications.
     let mut failures_before = std::collections::HashMap::new();
     for (c, _) in &due {
@@ -1535,7 +1536,7 @@ async fn renew_due(
             // The semaphore is never closed, so acquire cannot fail.
             let _permit = limit.acquire_owned().await;
             tracing::info!(cert = %c.name, reason = %reason, "renewing");
-            let result = driver::obtain(&ctx, &c, &cancel).await;
+            let result = order::obtain(&ctx, &c, &cancel).await;
             (c, reason, result)
         });
     }
@@ -1565,7 +1566,7 @@ async fn renew_due(
             }
             Ok(issued) => {
                 store.clear_pause(c.name.as_str()).await?;
-                store.clear_pause(crate::store::ACCOUNT_SCOPE).await?;
+                store.clear_pause(crate::ledger::ACCOUNT_SCOPE).await?;
                 let outcome = crate::alerts::Outcome::Succeeded {
                     previous_failures: failures_before.get(c.name.as_str()).copied().unwrap_or(0),
                     not_after: issued.info.not_after,
@@ -1597,9 +1598,9 @@ async fn renew_due(
             Err(e) => {
                 failed += 1;
                 let msg = error_chain(&e);
-                let held = match scheduler::rate_limit_of(&e) {
+                let held = match schedule::rate_limit_of(&e) {
                     Some((limit, retry_after)) => {
-                        let held = scheduler::record_limit(
+                        let held = schedule::record_limit(
                             store,
                             c.name.as_str(),
                             &limit,
@@ -1650,12 +1651,12 @@ async fn renew_due(
 /// Records a failed renewal of a one-shot run: ledger, notification, output.
 async fn record_failed(
     cfg: &Config,
-    store: &Store,
+    store: &Ledger,
     c: &CertificateConfig,
     reason: Reason,
     msg: &str,
     failures_before: &std::collections::HashMap<String, u32>,
-    limit: Option<(&crate::acme::RateLimit, &scheduler::HeldBack)>,
+    limit: Option<(&crate::acme::RateLimit, &schedule::HeldBack)>,
 ) -> anyhow::Result<()> {
     let name = c.name.as_str();
     // A one-shot run schedules no retry: a certificate that was due is due
@@ -1696,7 +1697,7 @@ async fn record_failed(
 }
 
 /// Whether the ledger records a CA pause for `c`.
-async fn paused(store: Option<&Store>, c: &CertificateConfig) -> anyhow::Result<bool> {
+async fn paused(store: Option<&Ledger>, c: &CertificateConfig) -> anyhow::Result<bool> {
     let Some(store) = store else {
         return Ok(false);
     };
@@ -1718,7 +1719,7 @@ pub(crate) fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
 
 /// Loads the account and its reaper for commands that act on the ledger's
 /// authorizations; `None` when certd has no account yet (nothing to act on).
-async fn existing_account(cfg: &Config, store: &Store) -> anyhow::Result<Option<Reaper>> {
+async fn existing_account(cfg: &Config, store: &Ledger) -> anyhow::Result<Option<Reaper>> {
     let directory = cfg.acme.directory.to_string();
     if !credentials_path(&cfg.storage.state_dir, &directory).exists() {
         return Ok(None);
@@ -1846,7 +1847,7 @@ async fn authz_deactivate(
         return Ok(ExitCode::from(2));
     }
     ensure_dirs(cfg)?;
-    let store = Store::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path()).await?;
     let Some(reaper) = existing_account(cfg, &store).await? else {
         errln!(
             "certd: no ACME account for {} in {}: certd created no authorizations there",
@@ -1869,7 +1870,7 @@ async fn authz_deactivate(
 /// line each; the exit code. The daemon runs it for
 /// `certd authz deactivate` with its own reaper.
 async fn deactivate(
-    store: &Store,
+    store: &Ledger,
     reaper: &Reaper,
     urls: Vec<String>,
     all_pending: bool,
@@ -1918,11 +1919,11 @@ async fn deactivate(
 /// whatever the CA says the URL is, following a challenge's
 /// `Link: rel="up"` to its authorization.
 async fn resolve_authz(
-    store: &Store,
+    store: &Ledger,
     account: &AcmeAccount,
     url: &str,
 ) -> Result<(String, String), String> {
-    let ledger = |e: crate::store::StoreError| e.to_string();
+    let ledger = |e: crate::ledger::LedgerError| e.to_string();
     if let Some(a) = store.authz(url).await.map_err(ledger)? {
         return Ok((a.url, a.identifier));
     }
@@ -1958,9 +1959,9 @@ async fn resolve_authz(
 }
 
 /// Opens the ledger and loads the existing account, or explains why not.
-async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Store, AcmeAccount)>> {
+async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
     ensure_dirs(cfg)?;
-    let store = Store::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path()).await?;
     match existing_account(cfg, &store).await? {
         Some(reaper) => Ok(Some((store, reaper.account().clone()))),
         None => {
@@ -2103,7 +2104,7 @@ async fn revoke_installed(
     cert_dir: &Path,
     name: &str,
     reason: RevokeReason,
-    store: &Store,
+    store: &Ledger,
     account: &AcmeAccount,
     sink: &Sink,
 ) -> anyhow::Result<bool> {
@@ -2153,18 +2154,18 @@ async fn revoke_installed(
 }
 
 /// Opens the ledger for reading commands; `None` if certd never ran.
-async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Store>> {
+async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Ledger>> {
     let path = cfg.db_path();
     if !path.exists() {
         return Ok(None);
     }
-    Ok(Some(Store::open(&path).await?))
+    Ok(Some(Ledger::open(&path).await?))
 }
 
 async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Result<ExitCode> {
     let path = cfg.db_path();
     let existing = if path.exists() {
-        Some(Store::open_read_only(&path).await?)
+        Some(Ledger::open_read_only(&path).await?)
     } else {
         None
     };

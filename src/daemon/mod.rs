@@ -5,7 +5,7 @@
 //! (orders), the reaper (a pass every `reaper.interval`), the challenge
 //! responders, the metrics listener, the control socket (one-shot commands
 //! hand their work to the scheduler and the reaper through it, see
-//! `crate::control`), the systemd notifier and the configuration watcher
+//! `crate::daemon::control`), the systemd notifier and the configuration watcher
 //! (inotify on the file's directory, since editors replace files, plus
 //! SIGHUP). systemd hears READY=1 once local start-up is done
 //! (configuration, ledger, challenge listeners), before the CA is asked for
@@ -14,7 +14,9 @@
 //! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
 //! waits for a restart, is `reload`'s typed comparison.
 
+pub mod control;
 mod reload;
+pub mod schedule;
 mod systemd;
 
 use std::collections::BTreeMap;
@@ -31,11 +33,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::acme::{AcmeAccount, AcmeHttp, error_chain};
 use crate::config::{ChallengeKind, Config};
-use crate::driver::Context;
-use crate::reaper::Reaper;
-use crate::scheduler::{Scheduler, failure_backoff};
+use crate::daemon::schedule::{Scheduler, failure_backoff};
+use crate::hygiene::reaper::Reaper;
+use crate::ledger::Ledger;
+use crate::order::Context;
 use crate::solver::{ChallengeSettings, Solvers};
-use crate::store::Store;
 
 use self::systemd::{Notifier, State};
 
@@ -46,15 +48,15 @@ const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 /// Runs the daemon until `shutdown` fires.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::cli::ensure_dirs(&cfg)?;
-    let store = Store::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path()).await?;
     // A restart applies every edit: what `status` said waits for one is done.
     // This is also the daemon's first write: a ledger it cannot write (a
     // full or read-only file system that opening did not reveal, since
     // reading still works) stops it here, with the file and the cause
-    // (`store::explain`, exit 2), rather than run with every write failing.
+    // (`ledger::explain`, exit 2), rather than run with every write failing.
     if let Err(e) = store.event("daemon-started", None, None, None, None).await {
         store.close().await;
-        return Err(crate::store::explain(&cfg.db_path(), e.into()));
+        return Err(crate::ledger::explain(&cfg.db_path(), e.into()));
     }
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
@@ -123,7 +125,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
         renew_remaining: cfg.daemon.renew_remaining,
         trusted_roots: cfg.acme.trusted_roots.clone(),
-        mode: crate::driver::RunMode::Daemon,
+        mode: crate::order::RunMode::Daemon,
     };
 
     let metrics = match cfg.metrics_listen {
@@ -138,7 +140,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let (reaper_tx, reaper_rx) = watch::channel(ReaperTimes::of(&cfg));
     let (config_tx, config_rx) = watch::channel(cfg.clone());
     let (request_tx, request_rx) = mpsc::channel(16);
-    let control = crate::control::Handles {
+    let control = crate::daemon::control::Handles {
         ctx: ctx.clone(),
         scheduler: request_tx,
         config: config_rx,
@@ -161,7 +163,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // Without it the daemon still works; one-shot commands then refuse,
     // naming the daemon's PID, as the state directory's lock makes them.
     if let Err(e) =
-        crate::control::start(&cfg.storage.state_dir, control, &tasks.tracker, &shutdown)
+        crate::daemon::control::start(&cfg.storage.state_dir, control, &tasks.tracker, &shutdown)
     {
         tracing::error!(error = %e, "cannot serve the control socket; certd renew, revoke and reap cannot reach this daemon");
     }
@@ -310,7 +312,7 @@ impl ReaperTimes {
 /// `state_dir` is not taken: the ledger is open already.
 async fn load_account(
     mut cfg: Arc<Config>,
-    store: &Store,
+    store: &Ledger,
     shutdown: &CancellationToken,
 ) -> Option<(AcmeAccount, Arc<Config>)> {
     let mut failures = 0;
@@ -373,7 +375,7 @@ fn keep_running(new: &mut Config, running: &Config, kind: ChallengeKind) {
 
 /// Records a daemon event; the ledger is for `status`, so a failed write
 /// is logged, not fatal.
-async fn record(store: &Store, kind: &str, detail: Option<&str>) {
+async fn record(store: &Ledger, kind: &str, detail: Option<&str>) {
     if let Err(e) = store.event(kind, None, None, None, detail).await {
         tracing::warn!(error = %e, kind, "cannot record an event in the ledger");
     }

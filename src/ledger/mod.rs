@@ -6,8 +6,8 @@
 //! caller ever holds the write lock across network I/O.
 //!
 //! The ledger's own storage can fail. Opening maps SQLite's errors to what
-//! an operator acts on: a corrupt file ([`StoreError::Corrupt`], with the
-//! way out), a file system that refuses writes ([`StoreError::Unwritable`],
+//! an operator acts on: a corrupt file ([`LedgerError::Corrupt`], with the
+//! way out), a file system that refuses writes ([`LedgerError::Unwritable`],
 //! with the system's own words for why). Processes that write take the
 //! state directory's lock ([`StateLock`]) first, so two of them never
 //! write one ledger, and a daemon checks with [`FileIdentity`] that the file
@@ -30,7 +30,7 @@ use crate::clock::UnixTime;
 /// Errors from the ledger. They are never retried blindly: a full disk or a
 /// corrupt file needs an operator.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum LedgerError {
     #[error("ledger {path}: {source}")]
     Open {
         path: String,
@@ -85,12 +85,12 @@ pub enum StoreError {
     Gone { path: String },
 }
 
-impl StoreError {
+impl LedgerError {
     /// Whether this error means certd cannot go on with the ledger at all
     /// (exit 2), as against one query failing (an order that fails and is
     /// retried).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, StoreError::Query(_))
+        !matches!(self, LedgerError::Query(_))
     }
 }
 
@@ -116,8 +116,8 @@ const PROBE_BYTES: usize = 64 * 1024;
 fn diagnose<E: std::error::Error + 'static>(
     path: &Path,
     error: E,
-    fallback: impl FnOnce(E) -> StoreError,
-) -> StoreError {
+    fallback: impl FnOnce(E) -> LedgerError,
+) -> LedgerError {
     match sqlite_code(&error).and_then(|(code, detail)| diagnose_code(path, code, detail)) {
         Some(known) => known,
         None => fallback(error),
@@ -126,14 +126,14 @@ fn diagnose<E: std::error::Error + 'static>(
 
 /// What SQLite's result `code` (with its message `detail`) means for the
 /// ledger at `path`, where it is about the file or its file system.
-fn diagnose_code(path: &Path, code: i32, detail: String) -> Option<StoreError> {
+fn diagnose_code(path: &Path, code: i32, detail: String) -> Option<LedgerError> {
     let display = path.display().to_string();
     match code & 0xff {
-        SQLITE_CORRUPT | SQLITE_NOTADB => Some(StoreError::Corrupt {
+        SQLITE_CORRUPT | SQLITE_NOTADB => Some(LedgerError::Corrupt {
             path: display,
             detail,
         }),
-        SQLITE_FULL => Some(StoreError::Unwritable {
+        SQLITE_FULL => Some(LedgerError::Unwritable {
             path: display,
             cause: io::Error::from_raw_os_error(libc::ENOSPC),
             detail,
@@ -141,7 +141,7 @@ fn diagnose_code(path: &Path, code: i32, detail: String) -> Option<StoreError> {
         SQLITE_PERM | SQLITE_READONLY | SQLITE_IOERR | SQLITE_CANTOPEN => {
             probe_write(path.parent().unwrap_or(Path::new(".")))
                 .err()
-                .map(|cause| StoreError::Unwritable {
+                .map(|cause| LedgerError::Unwritable {
                     path: display,
                     cause,
                     detail,
@@ -205,7 +205,7 @@ impl StateLock {
     /// Takes the lock of `state_dir`, or says who holds it.
     pub fn acquire(state_dir: &Path) -> Result<StateLock> {
         let path = state_dir.join(LOCK_FILE);
-        let lock_err = |source| StoreError::Lock {
+        let lock_err = |source| LedgerError::Lock {
             path: path.display().to_string(),
             source,
         };
@@ -227,7 +227,7 @@ impl StateLock {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
-            return Err(StoreError::Locked {
+            return Err(LedgerError::Locked {
                 dir: state_dir.display().to_string(),
                 lock: path.display().to_string(),
                 pid: if pid.is_empty() {
@@ -264,25 +264,25 @@ impl FileIdentity {
         })
     }
 
-    /// `Ok` while `path` still names this file; [`StoreError::Gone`] once
+    /// `Ok` while `path` still names this file; [`LedgerError::Gone`] once
     /// it is deleted or replaced. Other errors (a permission change) are
     /// not taken as deletion.
     pub fn check(&self, path: &Path) -> Result<()> {
         match FileIdentity::of(path) {
             Ok(now) if now == *self => Ok(()),
             Err(e) if e.kind() != io::ErrorKind::NotFound => Ok(()),
-            _ => Err(StoreError::Gone {
+            _ => Err(LedgerError::Gone {
                 path: path.display().to_string(),
             }),
         }
     }
 }
 
-pub type Result<T> = std::result::Result<T, StoreError>;
+pub type Result<T> = std::result::Result<T, LedgerError>;
 
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Store {
+pub struct Ledger {
     pool: SqlitePool,
 }
 
@@ -336,7 +336,7 @@ impl CertificateRow {
 /// The scope of a pause that holds back every order of the account.
 pub const ACCOUNT_SCOPE: &str = "";
 
-/// A CA rate limit to record (`Store::set_pause`).
+/// A CA rate limit to record (`Ledger::set_pause`).
 #[derive(Debug, Clone, Copy)]
 pub struct NewPause<'a> {
     /// No new order before this, Unix seconds.
@@ -455,13 +455,13 @@ pub struct Installed {
     pub profile_wanted: String,
 }
 
-impl Store {
+impl Ledger {
     /// Opens (creating if needed) the ledger at `path` and applies
     /// migrations. A corrupt file or a file system that refuses writes is
-    /// a [`StoreError::Corrupt`] or [`StoreError::Unwritable`] naming it.
+    /// a [`LedgerError::Corrupt`] or [`LedgerError::Unwritable`] naming it.
     pub async fn open(path: &Path) -> Result<Self> {
         let open_err = |source: sqlx::Error| {
-            diagnose(path, source, |source| StoreError::Open {
+            diagnose(path, source, |source| LedgerError::Open {
                 path: path.display().to_string(),
                 source,
             })
@@ -503,7 +503,7 @@ impl Store {
             .map_err(open_err)?;
         if let Err(e) = sqlx::migrate!("./migrations").run(&pool).await {
             pool.close().await;
-            return Err(diagnose(path, e, StoreError::Migrate));
+            return Err(diagnose(path, e, LedgerError::Migrate));
         }
         Ok(Self { pool })
     }
@@ -515,7 +515,7 @@ impl Store {
     /// of a ledger in WAL mode; run as root, it gives them the ledger's
     /// owner.
     pub async fn open_read_only(path: &Path) -> Result<Self> {
-        let open_err = |source: sqlx::Error| StoreError::Open {
+        let open_err = |source: sqlx::Error| LedgerError::Open {
             path: path.display().to_string(),
             source,
         };
@@ -534,13 +534,13 @@ impl Store {
     }
 
     /// Opens the ledger for a process that writes it (the daemon, a
-    /// one-shot writer): [`Store::open`], then `PRAGMA quick_check`, so a
+    /// one-shot writer): [`Ledger::open`], then `PRAGMA quick_check`, so a
     /// damaged file is refused at the start instead of failing (or being
     /// made worse) half-way through an order. Readers skip the check: it
     /// reads every page, and `certd status` must stay fast.
     pub async fn open_checked(path: &Path) -> Result<Self> {
         let store = Self::open(path).await?;
-        let corrupt = |detail| StoreError::Corrupt {
+        let corrupt = |detail| LedgerError::Corrupt {
             path: path.display().to_string(),
             detail,
         };
@@ -557,7 +557,7 @@ impl Store {
                     .collect::<Vec<_>>()
                     .join("; "),
             ),
-            Err(e) => diagnose(path, e, StoreError::Query),
+            Err(e) => diagnose(path, e, LedgerError::Query),
         };
         store.close().await;
         Err(failure)
@@ -1121,7 +1121,7 @@ impl Store {
 
     /// Write-ahead for `newOrder`: notes that an order for `identifiers`
     /// (sorted) of `cert_name` is about to be created. Returns the intent's id
-    /// for [`Store::clear_intent`] once the order itself is recorded.
+    /// for [`Ledger::clear_intent`] once the order itself is recorded.
     pub async fn record_intent(
         &self,
         account_id: i64,
@@ -1281,7 +1281,8 @@ impl Store {
         )
         .fetch_one(&self.pool)
         .await?;
-        serde_json::from_str(&json).map_err(|e| StoreError::Query(sqlx::Error::Decode(Box::new(e))))
+        serde_json::from_str(&json)
+            .map_err(|e| LedgerError::Query(sqlx::Error::Decode(Box::new(e))))
     }
 
     /// Records a successful install and resets the failure count.
@@ -1705,9 +1706,9 @@ const CERT_SELECT_ONE: &str = cert_select!("WHERE name = ?");
 mod tests {
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, Store) {
+    async fn store() -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("certd.db"))
+        let store = Ledger::open(&dir.path().join("certd.db"))
             .await
             .expect("open");
         (dir, store)
@@ -1749,7 +1750,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let held = StateLock::acquire(dir.path()).expect("first lock");
         match StateLock::acquire(dir.path()) {
-            Err(StoreError::Locked { pid, .. }) => {
+            Err(LedgerError::Locked { pid, .. }) => {
                 assert_eq!(pid, std::process::id().to_string());
             }
             other => panic!("expected Locked, got {other:?}"),
@@ -1773,12 +1774,12 @@ mod tests {
         std::fs::rename(&other, &path).expect("replace");
         assert!(matches!(
             identity.check(&path),
-            Err(StoreError::Gone { .. })
+            Err(LedgerError::Gone { .. })
         ));
         std::fs::remove_file(&path).expect("delete");
         assert!(matches!(
             identity.check(&path),
-            Err(StoreError::Gone { .. })
+            Err(LedgerError::Gone { .. })
         ));
     }
 
@@ -1787,9 +1788,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("certd.db");
         std::fs::write(&path, vec![b'x'; 8192]).expect("write");
-        for result in [Store::open(&path).await, Store::open_checked(&path).await] {
+        for result in [Ledger::open(&path).await, Ledger::open_checked(&path).await] {
             match result {
-                Err(e @ StoreError::Corrupt { .. }) => {
+                Err(e @ LedgerError::Corrupt { .. }) => {
                     assert!(e.is_fatal());
                     assert!(e.to_string().contains("move the file aside"), "{e}");
                 }

@@ -38,11 +38,11 @@ use crate::acme::ari::{self, AriError, Window};
 use crate::acme::{Disposition, LimitScope, RateLimit};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
-use crate::driver::{self, Context, DriveError, Issued};
+use crate::hygiene::reaper::GuardError;
 use crate::install::{self, CertInfo, renewal_time};
-use crate::reaper::GuardError;
-use crate::store::AriRecord;
-use crate::store::{ACCOUNT_SCOPE, NewPause, PauseRow, Store};
+use crate::ledger::AriRecord;
+use crate::ledger::{ACCOUNT_SCOPE, Ledger, NewPause, PauseRow};
+use crate::order::{self, Context, DriveError, Issued};
 
 /// Why a certificate needs a new issuance, or when it will.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +296,7 @@ pub struct HeldBack {
 /// else in the certificate's. A pause (no `Retry-After`) is tried again
 /// after `PAUSED_RETRY`.
 pub async fn record_limit(
-    store: &Store,
+    store: &Ledger,
     name: &str,
     limit: &RateLimit,
     retry_after: Option<SystemTime>,
@@ -604,7 +604,7 @@ impl Scheduler {
         // A window about an earlier certificate says nothing about this one.
         let kept = entry.ari.take().filter(|p| p.serial == info.serial);
         let interval = self.cfg.daemon.ari_interval;
-        let (plan, recheck, error) = match driver::ari_window(&self.ctx, info).await {
+        let (plan, recheck, error) = match order::ari_window(&self.ctx, info).await {
             Ok(answer) => {
                 entry.ari_errors = 0;
                 let at = match kept {
@@ -704,7 +704,7 @@ impl Scheduler {
             tracing::info!(cert = %name, why = %entry.why, "renewing");
             self.insert(name.clone(), entry);
             self.jobs.spawn(async move {
-                let result = driver::obtain(&ctx, &cert, &token).await;
+                let result = order::obtain(&ctx, &cert, &token).await;
                 (name, generation, result)
             });
         }

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::driver::Context;
-use crate::scheduler;
+use crate::daemon::schedule;
+use crate::order::Context;
 
 /// The socket's file name in the state directory.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -117,7 +117,7 @@ impl Sink {
 #[derive(Clone)]
 pub struct Handles {
     pub ctx: Context,
-    pub scheduler: mpsc::Sender<scheduler::Request>,
+    pub scheduler: mpsc::Sender<schedule::Request>,
     /// The configuration last applied (reloads change it).
     pub config: watch::Receiver<Arc<Config>>,
 }
