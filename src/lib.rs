@@ -5,26 +5,23 @@
 //! that use them, and keeps a ledger (SQLite) of every ACME object it
 //! creates so that no authorization is ever left pending at the CA.
 //!
-//! Modules by responsibility: `config` (the file), `store` (the ledger, the
-//! only SQL), `acme` (HTTP, account, CA errors), `driver` (one order),
-//! `solver` (challenge responses), `dns` (dns-01 over RFC 2136, propagation), `scheduler` (when things are due),
-//! `install` (files and reloads), `memory` (free heap back to the system
-//! when idle), `control` (the daemon's control socket), `cli` (commands and
-//! exit codes).
+//! The modules, one line each, lowest layer first. A module names only the
+//! modules above it in this list (`tests/structure.rs` checks it), so the
+//! import graph has no cycles.
 
-pub mod acme;
-pub mod alerts;
-pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod daemon;
-pub mod dns;
-pub mod health;
-pub mod hygiene;
-pub mod install;
-pub mod ledger;
-pub mod memory;
-pub mod metrics;
-pub mod order;
-pub mod solver;
-pub mod tinyhttp;
+pub mod clock; // the one wall clock, settable in tests
+pub mod memory; // heap returned to the system when idle
+pub mod tinyhttp; // the small HTTP/1.1 server the responders and metrics use
+pub mod config; // the file: parsed purely, then resolved; typed reload diff
+pub mod ledger; // every ACME object certd created, and the only SQL
+pub mod acme; // HTTP, nonces, the account, the CA's errors, ARI
+pub mod dns; // a DNS client and propagation checks
+pub mod solver; // challenge responses: http-01, dns-01, tls-alpn-01
+pub mod install; // certificate files, X.509 facts, reload commands
+pub mod hygiene; // the reaper, settling leftovers, the CA-limit guard
+pub mod order; // one order from plan to installed certificate; recovery
+pub mod alerts; // notifications when a certificate needs a person
+pub mod health; // certificate health as status and exit codes read it
+pub mod metrics; // the Prometheus endpoint
+pub mod daemon; // `certd run`: scheduling, reload, control socket, systemd
+pub mod cli; // commands, output and exit codes

@@ -28,3 +28,4 @@ mod profiles_ip;
 mod rate_limits;
 mod reaper;
 mod storage;
+mod structure;
