@@ -1,6 +1,13 @@
 //! Wall-clock time as the ledger stores it (Unix seconds) and as people and
-//! JSON read it (RFC 3339).
+//! JSON read it (RFC 3339), and the one `Clock` certd reads it from.
+//!
+//! Every wall-clock reading goes through a `Clock` its owner was given, so a
+//! test can set the time (`Clock::fixed`) rather than wait for it. Elapsed
+//! time (timeouts, backoff sleeps) is tokio's monotonic clock, which tests
+//! pause and advance instead.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serializer;
@@ -49,6 +56,62 @@ impl UnixTime {
 
     pub fn rfc3339(self) -> String {
         rfc3339(self.0)
+    }
+}
+
+/// Where the wall-clock time comes from: the system, or a time a test sets.
+///
+/// Cheap to clone; clones of a fixed clock share one time, so a test that
+/// advances its handle moves every component it handed the clock to.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Option<Arc<AtomicI64>>);
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Self {
+        Self(None)
+    }
+
+    /// A clock that stands at `at` until it is set or advanced.
+    pub fn fixed(at: UnixTime) -> Self {
+        Self(Some(Arc::new(AtomicI64::new(at.secs()))))
+    }
+
+    /// The time now, in Unix seconds.
+    pub fn now(&self) -> UnixTime {
+        match &self.0 {
+            None => UnixTime::from_system(SystemTime::now()),
+            Some(at) => UnixTime(at.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The time now, for APIs that take a `SystemTime` (X.509 validity).
+    pub fn system_time(&self) -> SystemTime {
+        match &self.0 {
+            None => SystemTime::now(),
+            Some(at) => UnixTime(at.load(Ordering::Relaxed)).system_time(),
+        }
+    }
+
+    /// Time from now until `t`, zero if it has passed.
+    pub fn until(&self, t: UnixTime) -> Duration {
+        Duration::from_secs(u64::try_from(t.0 - self.now().0).unwrap_or(0))
+    }
+
+    /// Sets a fixed clock to `at`; the system clock cannot be set, and
+    /// ignores it.
+    pub fn set(&self, at: UnixTime) {
+        if let Some(now) = &self.0 {
+            now.store(at.secs(), Ordering::Relaxed);
+        }
+    }
+
+    /// Moves a fixed clock forward by `d`; the system clock ignores it.
+    pub fn advance(&self, d: Duration) {
+        if let Some(now) = &self.0 {
+            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            now.fetch_add(secs, Ordering::Relaxed);
+        }
     }
 }
 
@@ -158,6 +221,21 @@ mod tests {
             assert_eq!(rfc3339(secs), reference(secs), "{secs}");
         }
         assert_eq!(rfc3339(253_402_300_800), "253402300800");
+    }
+
+    #[test]
+    fn a_fixed_clock_is_shared_by_its_clones() {
+        let clock = Clock::fixed(UnixTime::from_secs(1_000));
+        let held = clock.clone();
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(held.now(), UnixTime::from_secs(1_060));
+        held.set(UnixTime::from_secs(5));
+        assert_eq!(clock.now().secs(), 5);
+        assert_eq!(clock.until(UnixTime::from_secs(65)), Duration::from_secs(60));
+        assert_eq!(clock.until(UnixTime::from_secs(1)), Duration::ZERO);
+        let system = Clock::system();
+        system.set(UnixTime::from_secs(5));
+        assert!(system.now().secs() > 1_700_000_000);
     }
 
     #[test]
