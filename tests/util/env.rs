@@ -46,6 +46,17 @@ impl TestEnv {
         TestEnv { pebble, dir }
     }
 
+    /// A second CA beside this environment's Pebble: a Pebble with roots of
+    /// its own that validates at the same http-01 and tls-alpn-01 ports and
+    /// resolves through the same DNS server, so one certd answers both.
+    pub fn second_ca(&self, opts: PebbleOpts) -> Pebble {
+        Pebble::with_opts(PebbleOpts {
+            validation_ports: Some((self.pebble.http01_port(), self.pebble.tls_port())),
+            dns_server: Some(opts.dns_server.unwrap_or(self.pebble.dns_addr())),
+            ..opts
+        })
+    }
+
     /// The temporary directory everything below lives in.
     pub fn dir(&self) -> &Path {
         self.dir.path()

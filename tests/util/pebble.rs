@@ -52,6 +52,13 @@ pub struct PebbleOpts {
     /// `-strict`: Pebble refuses what upcoming API changes will refuse
     /// (e.g. a GET where RFC 8555 wants POST-as-GET).
     pub strict: bool,
+    /// The http-01 and tls-alpn-01 ports Pebble validates at, instead of
+    /// ports of its own: another Pebble's, so that one certd listener
+    /// answers two CAs.
+    pub validation_ports: Option<(u16, u16)>,
+    /// The profiles Pebble 2.10 offers (name, validity in seconds) instead
+    /// of `default` (90 days) and `shortlived` (6 days).
+    pub profiles: Option<Vec<(&'static str, u64)>>,
 }
 
 /// A Pebble release. Every test runs against the current one unless it
@@ -126,11 +133,14 @@ impl Pebble {
             .prefix("certd-pebble-")
             .tempdir()
             .expect("create Pebble temp dir");
+        let (http01, tls) = opts
+            .validation_ports
+            .unwrap_or_else(|| (free_port(), free_port()));
         let ports = Ports {
             listen: free_port(),
             management: free_port(),
-            http01: free_port(),
-            tls: free_port(),
+            http01,
+            tls,
             dns: free_port(),
             challtestsrv: free_port(),
         };
@@ -324,16 +334,21 @@ impl Pebble {
             // default, RSA, costs seconds of CPU at every start, which on a
             // loaded machine ran past the start-up timeout.
             config["pebble"]["keyAlgorithm"] = serde_json::json!("ecdsa");
-            config["pebble"]["profiles"] = serde_json::json!({
-                "default": {
-                    "description": "90-day certificates",
-                    "validityPeriod": 7_776_000
-                },
-                "shortlived": {
-                    "description": "6-day certificates",
-                    "validityPeriod": 518_400
-                }
+            let profiles = self.opts.profiles.clone().unwrap_or_else(|| {
+                vec![("default", 7_776_000), ("shortlived", 518_400)]
             });
+            config["pebble"]["profiles"] = profiles
+                .into_iter()
+                .map(|(name, secs)| {
+                    let days = secs / 86_400;
+                    let profile = serde_json::json!({
+                        "description": format!("{days}-day certificates"),
+                        "validityPeriod": secs,
+                    });
+                    (name.to_owned(), profile)
+                })
+                .collect::<serde_json::Map<String, serde_json::Value>>()
+                .into();
         }
         let text = serde_json::to_string_pretty(&config).expect("JSON value serializes");
         write(&self.config_path(), &text);
