@@ -334,9 +334,11 @@ impl Pebble {
             // default, RSA, costs seconds of CPU at every start, which on a
             // loaded machine ran past the start-up timeout.
             config["pebble"]["keyAlgorithm"] = serde_json::json!("ecdsa");
-            let profiles = self.opts.profiles.clone().unwrap_or_else(|| {
-                vec![("default", 7_776_000), ("shortlived", 518_400)]
-            });
+            let profiles = self
+                .opts
+                .profiles
+                .clone()
+                .unwrap_or_else(|| vec![("default", 7_776_000), ("shortlived", 518_400)]);
             config["pebble"]["profiles"] = profiles
                 .into_iter()
                 .map(|(name, secs)| {
