@@ -46,11 +46,18 @@ pub(crate) fn name_ok(name: &str, underscore: Underscore) -> bool {
         && name.split('.').all(|l| label_ok(l, underscore))
 }
 
+/// `s` without the dot that marks a name as fully qualified
+/// (`example.com.`); a second one is an empty label, which stays to be
+/// refused.
+pub(crate) fn without_root(s: &str) -> &str {
+    s.strip_suffix('.').unwrap_or(s)
+}
+
 /// A zone or key name: like `DnsName` but a single label is fine (a lab's
 /// zone `test`, a key `certd-key`), and key names may hold underscores.
 /// Lower-cased, without the trailing dot.
 pub(crate) fn domain_like(s: &str, underscore: Underscore) -> Result<String, String> {
-    let name = s.trim_end_matches('.').to_ascii_lowercase();
+    let name = without_root(s).to_ascii_lowercase();
     if !name_ok(&name, underscore) {
         return Err(format!(
             "{s:?} is not a valid DNS name (letters, digits and inner '-'{}, 1 to 63 characters a label)",
@@ -254,9 +261,9 @@ impl FromStr for DnsName {
         // An internationalized name is written as read (`bücher.example`)
         // and ordered as the CA needs it, in Punycode (`xn--bcher-kva.example`).
         let name = if s.is_ascii() {
-            s.trim_end_matches('.').to_ascii_lowercase()
+            without_root(s).to_ascii_lowercase()
         } else {
-            idna::domain_to_ascii(s.trim_end_matches('.')).map_err(|_| {
+            idna::domain_to_ascii(without_root(s)).map_err(|_| {
                 format!(
                     "{s:?} is not a valid internationalized domain name; \
                      write it in Punycode (xn--…) if your registrar shows it so"
@@ -371,5 +378,85 @@ mod tests {
                 .parse::<DnsName>()
                 .is_err()
         );
+    }
+
+    /// The label rule every name check shares: letters, digits and inner
+    /// hyphens, 1 to 63 characters; `_` only where allowed.
+    #[test]
+    fn labels() {
+        for good in ["a", "example", "a-b", "xn--bcher-kva", "0", &"a".repeat(63)] {
+            assert!(label_ok(good, Underscore::Refused), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "-",
+            "a_b",
+            "a b",
+            "a.b",
+            "*",
+            &"a".repeat(64),
+        ] {
+            assert!(!label_ok(bad, Underscore::Refused), "{bad:?}");
+        }
+        assert!(label_ok("_acme-challenge", Underscore::Allowed));
+        assert!(!label_ok("_a-", Underscore::Allowed));
+    }
+
+    /// `example-.com` and its kin are refused wherever a name is read: on a
+    /// certificate, as a zone or key name, as a dns_alias, as a server.
+    #[test]
+    fn every_name_refuses_a_hyphen_at_a_label_edge() {
+        for bad in [
+            "example-.com",
+            "-example.com",
+            "www.example-.com",
+            "a.-b.example",
+        ] {
+            let e = bad.parse::<DnsName>().expect_err(bad);
+            assert!(e.contains("not a valid domain name"), "{bad}: {e}");
+            assert!(bad.parse::<Identifier>().is_err(), "{bad}");
+            assert!(domain_like(bad, Underscore::Refused).is_err(), "{bad}");
+            assert!(domain_like(bad, Underscore::Allowed).is_err(), "{bad}");
+            assert!(bad.parse::<DnsAlias>().is_err(), "{bad}");
+            let server = format!("{bad}:53");
+            assert!(
+                server.parse::<crate::config::ServerAddr>().is_err(),
+                "{bad}"
+            );
+        }
+        assert!("zone-".parse::<DnsAlias>().is_err());
+        assert_eq!(
+            domain_like("zone-1.", Underscore::Refused),
+            Ok("zone-1".into())
+        );
+    }
+
+    #[test]
+    fn name_lengths_empty_labels_and_wildcards() {
+        // 253 characters is the most a name may have.
+        let label = "a".repeat(63);
+        let longest = format!("{label}.{label}.{label}.{}.example", "a".repeat(53));
+        assert_eq!(longest.len(), 253);
+        assert!(longest.parse::<DnsName>().is_ok());
+        let e = format!("a{longest}").parse::<DnsName>().expect_err("254");
+        assert!(e.contains("longer than 253"), "{e}");
+        assert!(!name_ok(&format!("a{longest}"), Underscore::Allowed));
+        for bad in ["a..example", ".a.example", "a.example..", ""] {
+            assert!(bad.parse::<DnsName>().is_err(), "{bad:?}");
+        }
+        // A wildcard is the whole leftmost label, and only that.
+        for bad in [
+            "*a.example",
+            "a*.example",
+            "**.example",
+            "a.*.example",
+            "*.*.example",
+        ] {
+            assert!(bad.parse::<DnsName>().is_err(), "{bad}");
+        }
+        assert!("*.a.example".parse::<DnsName>().is_ok());
+        assert!(domain_like("*.a.example", Underscore::Allowed).is_err());
     }
 }

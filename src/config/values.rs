@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-use crate::config::names::{Underscore, name_ok};
+use crate::config::names::{Underscore, name_ok, without_root};
 
 /// The HMACs TSIG keys can use (RFC 8945); the MD5 and SHA-1 ones are
 /// deliberately absent.
@@ -71,7 +71,7 @@ impl FromStr for ServerAddr {
             Some((h, p)) => (h, p.parse::<u16>().map_err(|_| err())?),
             None => (s, 53),
         };
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let host = without_root(host).to_ascii_lowercase();
         if port == 0 || !name_ok(&host, Underscore::Refused) {
             return Err(err());
         }
