@@ -31,8 +31,9 @@ pub use model::{
     ReaperConfig, Rfc2136Config, Secret, StorageConfig, TlsAlpn01Config, TrustedRoots,
 };
 pub use names::{CertName, DnsAlias, DnsName, Identifier, IpLiteral};
-pub use resolve::Parsed;
-pub use values::{ChallengeKind, KeyType, ServerAddr, TsigAlgorithm, parse_duration};
+pub(crate) use resolve::Parsed;
+pub(crate) use values::parse_duration;
+pub use values::{ChallengeKind, KeyType, ServerAddr, TsigAlgorithm};
 
 impl Config {
     /// Reads, parses and resolves the file at `path`.
@@ -64,7 +65,7 @@ impl Config {
 /// caller compares it with the parsed configuration before trusting it.
 /// `None` when there is no certificate table to skip or the head does not
 /// parse on its own.
-pub fn peek_state_dir(path: &Path, text: &str) -> Option<PathBuf> {
+pub(crate) fn peek_state_dir(path: &Path, text: &str) -> Option<PathBuf> {
     #[derive(Deserialize)]
     struct Head {
         storage: Option<HeadStorage>,

@@ -16,7 +16,7 @@ use crate::config::validate::Validator;
 
 /// A configuration parsed from its text, the files it names not yet read.
 #[derive(Debug)]
-pub struct Parsed {
+pub(crate) struct Parsed {
     /// Complete but for the values `files` hold.
     config: Config,
     files: Vec<FileRef>,
@@ -46,7 +46,7 @@ pub(super) enum FileKind {
 impl Parsed {
     /// Parses `text` as if it had been read from `path`: every value and
     /// every rule between values is checked, and no file is read.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: raw::Config = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             let at = Located::new(path, text);
@@ -80,7 +80,7 @@ impl Parsed {
 
     /// Reads the files the configuration names, in the order the file
     /// names them; the first that fails is the error.
-    pub fn resolve(self) -> Result<Config, ConfigError> {
+    pub(crate) fn resolve(self) -> Result<Config, ConfigError> {
         let Self { mut config, files } = self;
         for file in files {
             let path = &file.path;
@@ -320,6 +320,46 @@ mod tests {
             assert!(!shown.contains("s3"), "{secret}: {message}");
             assert!(!shown.contains('!'), "{secret}: {message}");
             assert!(!shown.contains("offset"), "{secret}: {message}");
+        }
+    }
+
+    /// Parsing reads no file: a configuration naming files that do not
+    /// exist parses, and `resolve` reports the first, at its line and key.
+    #[test]
+    fn parse_reads_no_file_and_resolve_names_the_first_missing_one() {
+        let text = BASE.replace(
+            "contact = [",
+            "ca_bundle = \"/nonexistent/ca.pem\"\neab_kid = \"k\"\n\
+             eab_hmac_key_file = \"/nonexistent/eab.key\"\n\
+             trusted_roots = \"/nonexistent/roots.pem\"\ncontact = [",
+        ) + "[dns01.rfc2136]\nserver = \"127.0.0.1:53\"\nkey_name = \"k\"\n\
+              secret_file = \"/nonexistent/tsig.key\"\n";
+        let parsed = Parsed::parse(Path::new("/etc/certd/config.toml"), &text).expect("pure");
+        let keys: Vec<String> = parsed
+            .files
+            .iter()
+            .map(|f| match f.at.error(String::new()) {
+                ConfigError::Invalid { line, key, .. } => format!("{line}:{key}"),
+                ConfigError::Read { .. } => unreachable!("a located error"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "4:acme.ca_bundle",
+                "6:acme.eab_hmac_key_file",
+                "7:acme.trusted_roots",
+                "19:dns01.rfc2136.secret_file"
+            ]
+        );
+        match parsed.resolve() {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => {
+                assert_eq!((line, key.as_str()), (4, "acme.ca_bundle"), "{message}");
+                assert!(message.contains("cannot read"), "{message}");
+            }
+            other => panic!("expected an error, got {other:?}"),
         }
     }
 }

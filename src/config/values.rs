@@ -187,7 +187,7 @@ pub(crate) fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Parses the durations the config file uses: a whole number followed by
 /// `s`, `m`, `h` or `d` ("90s", "15m", "1h", "7d").
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || {
         format!(
             "invalid duration {s:?}; expected a number and a unit, like \"90s\", \"15m\", \"1h\" or \"7d\""
