@@ -1,18 +1,16 @@
 //! The one step that reads files: the CA bundle, the EAB key, the trusted
 //! roots and the TSIG secret that a parsed configuration names. Parsing
-//! (`Parsed::parse`) reads nothing, so a configuration can be checked from
-//! its text alone; `resolve` then reads each file, and an error still names
-//! the line and key that named the file.
+//! (`Parsed::parse`, in `validate`) reads nothing, so a configuration can
+//! be checked from its text alone; `resolve` then reads each file, and an
+//! error still names the line and key that named the file.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::{DecodeError, Engine};
 
-use crate::config::error::{ConfigError, Located, Spot};
+use crate::config::error::{ConfigError, Spot};
 use crate::config::model::{Config, Dns01Mode, Eab, Secret, TrustedRoots};
-use crate::config::raw;
-use crate::config::validate::Validator;
 
 /// A configuration parsed from its text, the files it names not yet read.
 #[derive(Debug)]
@@ -44,36 +42,6 @@ pub(super) enum FileKind {
 }
 
 impl Parsed {
-    /// Parses `text` as if it had been read from `path`: every value and
-    /// every rule between values is checked, and no file is read.
-    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: raw::Config = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            let at = Located::new(path, text);
-            let message = e.message().trim_end();
-            // A field missing from the whole file is a missing section: the
-            // span covers the document, and the table above its first line
-            // is not where anything is missing.
-            if let Some(field) = message
-                .strip_prefix("missing field `")
-                .and_then(|m| m.strip_suffix('`'))
-                && span.start == 0
-            {
-                return at.error(
-                    span,
-                    Some("(top level)".into()),
-                    format!("the [{field}] section is missing"),
-                );
-            }
-            let key = at.guess_key_at(span.start);
-            at.error(span, None, crate::config::error::reword(&key, message))
-        })?;
-        Validator {
-            at: Located::new(path, text),
-        }
-        .config(raw)
-    }
-
     pub(super) fn new(config: Config, files: Vec<FileRef>) -> Self {
         Self { config, files }
     }

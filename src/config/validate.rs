@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use crate::config::error::{CertKey, ConfigError, Located};
+use crate::config::error::{CertKey, ConfigError, Located, reword};
 use crate::config::model::{
     AcmeConfig, CertificateConfig, Config, DaemonConfig, Dns01Config, Dns01Mode, Http01Config,
     NotifyConfig, Preflight, ProfilePreference, PropagationConfig, ReaperConfig, Rfc2136Config,
@@ -25,21 +25,53 @@ use crate::config::values::{
     parse_log_level, parse_profile_name, parse_socket_addr,
 };
 
+impl Parsed {
+    /// Parses `text` as if it had been read from `path`: every value and
+    /// every rule between values is checked, and no file is read.
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: raw::Config = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let at = Located::new(path, text);
+            let message = e.message().trim_end();
+            // A field missing from the whole file is a missing section: the
+            // span covers the document, and the table above its first line
+            // is not where anything is missing.
+            if let Some(field) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+                && span.start == 0
+            {
+                return at.error(
+                    span,
+                    Some("(top level)".into()),
+                    format!("the [{field}] section is missing"),
+                );
+            }
+            let key = at.guess_key_at(span.start);
+            at.error(span, None, reword(&key, message))
+        })?;
+        Validator {
+            at: Located::new(path, text),
+        }
+        .config(raw)
+    }
+}
+
 /// Checks a raw configuration, turning it into the typed one.
-pub(super) struct Validator<'a> {
-    pub(super) at: Located<'a>,
+struct Validator<'a> {
+    at: Located<'a>,
 }
 
 impl Validator<'_> {
     /// The typed configuration, with the files it names still to be read.
-    pub(super) fn config(&self, raw: raw::Config) -> Result<Parsed, ConfigError> {
-        let resolve = |p: &str| resolve_path(self.at.path, p);
+    fn config(&self, raw: raw::Config) -> Result<Parsed, ConfigError> {
+        let relative = |p: &str| resolve_path(self.at.path, p);
         let mut files = Vec::new();
 
-        let acme = self.acme(raw.acme, &resolve, &mut files)?;
+        let acme = self.acme(raw.acme, &relative, &mut files)?;
         let storage = StorageConfig {
-            state_dir: resolve(&raw.storage.state_dir),
-            cert_dir: resolve(&raw.storage.cert_dir),
+            state_dir: relative(&raw.storage.state_dir),
+            cert_dir: relative(&raw.storage.cert_dir),
         };
         let http01 = match raw.http01 {
             None => None,
@@ -55,7 +87,7 @@ impl Validator<'_> {
                         "set `listen` (standalone responder) or `webroot` (or both)".into(),
                     ));
                 }
-                let webroot = h.webroot.as_deref().map(&resolve);
+                let webroot = h.webroot.as_deref().map(&relative);
                 // A webroot that does not exist is refused before any order
                 // (`Solvers::check`), not here: parsing reads no directory,
                 // and a webroot created after the file is written is fine.
@@ -75,7 +107,7 @@ impl Validator<'_> {
         };
         let dns01 = raw
             .dns01
-            .map(|d| self.dns01(d, &resolve, &mut files))
+            .map(|d| self.dns01(d, &relative, &mut files))
             .transpose()?;
         let tls_alpn01 = match raw.tls_alpn01 {
             None => None,
@@ -159,12 +191,12 @@ impl Validator<'_> {
     fn dns01(
         &self,
         d: raw::Dns01,
-        resolve: &impl Fn(&str) -> PathBuf,
+        relative: &impl Fn(&str) -> PathBuf,
         files: &mut Vec<FileRef>,
     ) -> Result<Dns01Config, ConfigError> {
         let mode = match (d.hook, d.rfc2136) {
-            (Some(hook), None) => Dns01Mode::Hook(resolve(hook.get_ref())),
-            (None, Some(r)) => Dns01Mode::Rfc2136(self.rfc2136(r, resolve, files)?),
+            (Some(hook), None) => Dns01Mode::Hook(relative(hook.get_ref())),
+            (None, Some(r)) => Dns01Mode::Rfc2136(self.rfc2136(r, relative, files)?),
             (Some(hook), Some(_)) => {
                 return Err(self.at.error(
                     hook.span(),
@@ -216,7 +248,7 @@ impl Validator<'_> {
     fn rfc2136(
         &self,
         r: raw::Rfc2136,
-        resolve: &impl Fn(&str) -> PathBuf,
+        relative: &impl Fn(&str) -> PathBuf,
         files: &mut Vec<FileRef>,
     ) -> Result<Rfc2136Config, ConfigError> {
         let server = self.parse_spanned(&r.server, "dns01.rfc2136.server", |s| s.parse())?;
@@ -238,7 +270,7 @@ impl Validator<'_> {
         files.push(self.file(
             &r.secret_file,
             "dns01.rfc2136.secret_file",
-            resolve,
+            relative,
             FileKind::TsigSecret,
         ));
         Ok(Rfc2136Config {
@@ -296,7 +328,7 @@ impl Validator<'_> {
     fn acme(
         &self,
         raw: raw::Acme,
-        resolve: &impl Fn(&str) -> PathBuf,
+        relative: &impl Fn(&str) -> PathBuf,
         files: &mut Vec<FileRef>,
     ) -> Result<AcmeConfig, ConfigError> {
         let directory = self.parse_spanned(&raw.directory, "acme.directory", parse_directory)?;
@@ -306,7 +338,7 @@ impl Validator<'_> {
             contact.push(self.parse_spanned(c, &key, parse_contact)?);
         }
         let ca_bundle = raw.ca_bundle.map(|p| {
-            let file = self.file(&p, "acme.ca_bundle", resolve, FileKind::CaBundle);
+            let file = self.file(&p, "acme.ca_bundle", relative, FileKind::CaBundle);
             let path = file.path.clone();
             files.push(file);
             path
@@ -316,7 +348,7 @@ impl Validator<'_> {
             (Some(kid), Some(file)) => files.push(self.file(
                 file,
                 "acme.eab_hmac_key_file",
-                resolve,
+                relative,
                 FileKind::EabKey {
                     kid: kid.into_inner(),
                 },
@@ -337,7 +369,7 @@ impl Validator<'_> {
             }
         }
         if let Some(p) = &raw.trusted_roots {
-            files.push(self.file(p, "acme.trusted_roots", resolve, FileKind::TrustedRoots));
+            files.push(self.file(p, "acme.trusted_roots", relative, FileKind::TrustedRoots));
         }
         Ok(AcmeConfig {
             directory,
@@ -354,12 +386,12 @@ impl Validator<'_> {
         &self,
         value: &Spanned<String>,
         key: &str,
-        resolve: &impl Fn(&str) -> PathBuf,
+        relative: &impl Fn(&str) -> PathBuf,
         kind: FileKind,
     ) -> FileRef {
         FileRef {
             at: self.at.spot(value.span(), Some(key.to_owned())),
-            path: resolve(value.get_ref()),
+            path: relative(value.get_ref()),
             kind,
         }
     }
