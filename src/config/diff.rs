@@ -265,4 +265,26 @@ challenges = ["http-01", "dns-01"]
         assert!(undone.restart.is_empty());
         assert_eq!(undone.live, []);
     }
+
+    /// New trusted roots are read at the next start, and reported by their
+    /// own key rather than as the whole configuration.
+    #[test]
+    fn trusted_roots_wait_for_a_restart_by_their_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("roots.pem");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("root");
+        std::fs::write(&path, root.pem()).expect("write roots");
+        let base = parse(BASE);
+        let line = format!(
+            "trusted_roots = {:?}\n[storage]",
+            path.display().to_string()
+        );
+        let edited = parse(&BASE.replacen("[storage]", &line, 1));
+        let change = Change::between(&base, &base, &edited);
+        assert_eq!(change.restart, ["acme.trusted_roots"]);
+        assert_eq!(change.live, []);
+    }
 }
