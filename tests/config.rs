@@ -118,6 +118,42 @@ fn errors_name_file_line_and_key() {
     );
 }
 
+/// A DNS label may not start or end with a hyphen, wherever a name is
+/// read: a certificate's domain, and the zone of a `dns_alias` (one rule
+/// for both; the zone took `validation-.example.net` before).
+#[test]
+fn a_label_ending_with_a_hyphen_is_refused() {
+    assert_error(
+        &BASE.replace("\"example.test\"", "\"example-.com\""),
+        13,
+        "certificate[0].domains[0]",
+        "\"example-.com\" is not a valid domain name",
+    );
+    assert_error(
+        &BASE.replace("\"example.test\"", "\"-example.com\""),
+        13,
+        "certificate[0].domains[0]",
+        "not a valid domain name",
+    );
+    let alias = |zone: &str| {
+        format!(
+            "{}challenges = [\"dns-01\"]\ndns_alias = \"{zone}\"\n",
+            BASE.replace(
+                "[[certificate]]",
+                "[dns01]\nhook = \"/bin/true\"\n\n[[certificate]]"
+            )
+        )
+    };
+    assert_error(
+        &alias("validation-.example.net"),
+        18,
+        "certificate[0].dns_alias",
+        "\"validation-.example.net\" is not a valid DNS name",
+    );
+    let (code, stderr, _, _dir) = check(&alias("validation.example.net"));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
 #[test]
 fn unreadable_file_and_unknown_names_are_usage_errors() {
     let dir = tempfile::tempdir().expect("tempdir");

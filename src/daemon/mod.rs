@@ -12,10 +12,9 @@
 //! the account: with the CA down at boot, `systemctl start` would otherwise
 //! hang and fail. RELOADING=1/READY=1 around a reload,
 //! STOPPING=1 at shutdown (see `systemd`). What a reload changes, and what
-//! waits for a restart, is `reload`'s typed comparison.
+//! waits for a restart, is `config::diff`'s typed comparison.
 
 pub mod control;
-mod reload;
 pub mod schedule;
 mod systemd;
 
@@ -32,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acme::{AcmeAccount, AcmeHttp, error_chain};
-use crate::config::{ChallengeKind, Config};
+use crate::config::{ChallengeKind, Config, diff};
 use crate::daemon::schedule::{Scheduler, failure_backoff};
 use crate::hygiene::reaper::Reaper;
 use crate::ledger::Ledger;
@@ -493,9 +492,9 @@ impl Reloader {
         };
         self.apply_solvers(&mut new).await;
         let new = Arc::new(new);
-        self.report_restart_keys(reload::restart_keys(&self.started, &new))
-            .await;
-        let live = reload::live_changes(&self.current, &new);
+        let change = diff::Change::between(&self.started, &self.current, &new);
+        self.report_restart_keys(change.restart).await;
+        let live = change.live;
         if live.is_empty() {
             tracing::info!("configuration reloaded; no setting the daemon applies live changed");
             return true;

@@ -39,19 +39,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::{ChildStderr, ChildStdout};
 
 use rustls_pki_types::CertificateDer;
-use rustls_pki_types::TrustAnchor;
 use rustls_pki_types::pem::PemObject;
 use webpki::{EndEntityCert, KeyUsage, VerifiedPath, anchor_from_trusted_cert};
 use x509_parser::certificate::X509Certificate;
 
 use crate::clock::{UnixTime, rfc3339};
+use crate::config::TrustedRoots;
 
 pub const FILES: [&str; 4] = ["cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"];
 const KEEP_VERSIONS: usize = 2;
@@ -258,53 +257,6 @@ impl Issuance {
             domains,
             roots,
         )
-    }
-}
-
-/// Roots the operator trusts to issue certificates (`[acme] trusted_roots`):
-/// a chain from the CA must end at one of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustedRoots {
-    path: PathBuf,
-    certs: Arc<[CertificateDer<'static>]>,
-}
-
-impl TrustedRoots {
-    /// Reads the PEM file at `path`; every certificate in it must be usable
-    /// as a trust anchor.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{}: not a PEM file: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("{} contains no PEM certificate", path.display()));
-        }
-        for (i, cert) in certs.iter().enumerate() {
-            anchor_from_trusted_cert(cert).map_err(|e| {
-                format!(
-                    "{}: certificate {} cannot serve as a root: {e}",
-                    path.display(),
-                    i + 1
-                )
-            })?;
-        }
-        Ok(Self {
-            path: path.to_owned(),
-            certs: certs.into(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn anchors(&self) -> Vec<TrustAnchor<'_>> {
-        // `load` proved every certificate converts.
-        self.certs
-            .iter()
-            .filter_map(|c| anchor_from_trusted_cert(c).ok())
-            .collect()
     }
 }
 

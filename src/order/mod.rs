@@ -54,10 +54,12 @@ use crate::acme::{
     AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, ari, is_bad_nonce,
 };
 use crate::clock::UnixTime;
-use crate::config::{self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference};
+use crate::config::{
+    self, CertificateConfig, ChallengeKind, KeyType, ProfilePreference, TrustedRoots,
+};
 use crate::dns::persist::PersistExpect;
 use crate::hygiene::reaper::{Admission, GuardError, Policy, Reaper};
-use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome, TrustedRoots};
+use crate::install::{self, CertInfo, InstallError, Issuance, ReloadOutcome};
 use crate::ledger::{Ledger, LedgerError, NewAuthz};
 use crate::solver::{ChallengeSpec, Solver, SolverError, Solvers, Unready};
 

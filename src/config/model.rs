@@ -1,0 +1,361 @@
+//! The typed configuration the rest of certd reads: one struct per
+//! section, every value already parsed and every file already read. Each
+//! section derives `PartialEq`, which is what the reload diff compares.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, TrustAnchor};
+use webpki::anchor_from_trusted_cert;
+
+use crate::config::names::{CertName, DnsAlias, Identifier};
+use crate::config::values::{ChallengeKind, KeyType, ServerAddr, TsigAlgorithm};
+
+/// Where `certd` looks for its configuration when neither `--config` nor
+/// `$CERTD_CONFIG` names a file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/certd/config.toml";
+
+/// The ledger's file name inside `[storage] state_dir`.
+pub const DB_FILE: &str = "certd.db";
+
+/// A fully validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from; relative paths inside it were resolved
+    /// against this file's directory.
+    pub path: PathBuf,
+    pub acme: AcmeConfig,
+    pub storage: StorageConfig,
+    pub http01: Option<Http01Config>,
+    pub dns01: Option<Dns01Config>,
+    pub tls_alpn01: Option<TlsAlpn01Config>,
+    pub reaper: ReaperConfig,
+    pub daemon: DaemonConfig,
+    /// Prometheus text endpoint of the daemon.
+    pub metrics_listen: Option<SocketAddr>,
+    pub notify: Option<NotifyConfig>,
+    pub certificates: Vec<CertificateConfig>,
+}
+
+impl Config {
+    pub fn certificate(&self, name: &str) -> Option<&CertificateConfig> {
+        self.certificates.iter().find(|c| c.name.as_str() == name)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.storage.state_dir.join(DB_FILE)
+    }
+}
+
+/// A program told about renewals that keep failing, and recoveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifyConfig {
+    pub command: String,
+    /// Consecutive failures before the first notification.
+    pub after_failures: u32,
+    pub timeout: Duration,
+}
+
+/// How `certd run` schedules work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// Orders in flight at once.
+    pub max_concurrent: usize,
+    /// Renew when this fraction of the lifetime remains (without ARI).
+    pub renew_remaining: f64,
+    /// First retry delay after a failure; doubles per failure.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How often to ask the CA for a certificate's ARI window (RFC 9773);
+    /// the CA's `Retry-After` shortens it.
+    pub ari_interval: Duration,
+    /// How long SIGTERM waits for in-flight orders.
+    pub shutdown_grace: Duration,
+    /// Log filter when `RUST_LOG` is unset.
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 4,
+            renew_remaining: 1.0 / 3.0,
+            backoff_min: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(6 * 3600),
+            // Let's Encrypt's integration guide: twice a day.
+            ari_interval: Duration::from_secs(12 * 3600),
+            shutdown_grace: Duration::from_secs(30),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeConfig {
+    pub directory: Url,
+    pub contact: Vec<String>,
+    /// Extra roots trusted for the CA's own TLS endpoint (private or test CAs).
+    pub ca_bundle: Option<PathBuf>,
+    /// External Account Binding, for CAs that require it.
+    pub eab: Option<Eab>,
+    /// The roots issued chains must lead to (`trusted_roots`), if named.
+    pub trusted_roots: Option<TrustedRoots>,
+}
+
+/// An External Account Binding (RFC 8555 §7.3.4): the CA's key id and
+/// the HMAC key, read from a file that only its owner may read.
+#[derive(Clone, PartialEq)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: Secret,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key", &self.hmac_key)
+            .finish()
+    }
+}
+
+/// Secret bytes that never appear in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageConfig {
+    /// Holds `certd.db` and the account credentials.
+    pub state_dir: PathBuf,
+    /// Holds one directory per certificate.
+    pub cert_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http01Config {
+    /// Address of certd's own responder (standalone mode).
+    pub listen: Option<SocketAddr>,
+    /// Directory served by an existing web server at `/.well-known/acme-challenge/`.
+    pub webroot: Option<PathBuf>,
+    /// Fetch the token over HTTP before asking the CA to validate.
+    pub preflight: Preflight,
+}
+
+/// Whether certd fetches an http-01 token itself before the CA does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preflight {
+    Off,
+    /// A webroot by default: checked through the local web server
+    /// (127.0.0.1:80, the name in `Host`) when one answers there; a host
+    /// whose web server runs elsewhere is not refused for it.
+    IfServed,
+    /// Set, or the standalone responder: a failed fetch stops the order.
+    On,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsAlpn01Config {
+    /// Address of certd's own tls-alpn-01 responder (usually port 443,
+    /// when no web server holds it).
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dns01Config {
+    /// How records are published: exactly one way per configuration.
+    pub mode: Dns01Mode,
+    /// How long a hook may run (hook mode only).
+    pub hook_timeout: Duration,
+    /// The check, before the CA is asked, that the record is visible.
+    pub propagation: PropagationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dns01Mode {
+    /// Program run as `hook present` and `hook cleanup`.
+    Hook(PathBuf),
+    /// Dynamic update (RFC 2136) signed with TSIG.
+    Rfc2136(Rfc2136Config),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PropagationConfig {
+    pub enabled: bool,
+    /// Upper bound on the wait for the record to show everywhere.
+    pub timeout: Duration,
+    /// Servers to ask instead of the zone's NS records (split horizon).
+    pub nameservers: Vec<ServerAddr>,
+}
+
+impl Default for PropagationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout: Duration::from_secs(120),
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rfc2136Config {
+    /// The primary server that takes updates.
+    pub server: ServerAddr,
+    /// The zone to update; discovered through the server's SOA if unset.
+    pub zone: Option<String>,
+    pub key_name: String,
+    pub algorithm: TsigAlgorithm,
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReaperConfig {
+    pub pending_max_age: Duration,
+    pub interval: Duration,
+    pub max_pending: u32,
+    pub failed_authz_per_identifier_per_hour: u32,
+    pub deactivate_valid_after_issue: bool,
+    /// New orders per account in any three hours (Let's Encrypt: 300).
+    pub new_orders_per_3h: u32,
+    /// Certificates for exactly the same names in any seven days (Let's
+    /// Encrypt: 5).
+    pub duplicate_certificates_per_week: u32,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        Self {
+            pending_max_age: Duration::from_secs(3600),
+            interval: Duration::from_secs(300),
+            max_pending: 100,
+            failed_authz_per_identifier_per_hour: 5,
+            deactivate_valid_after_issue: false,
+            new_orders_per_3h: 300,
+            duplicate_certificates_per_week: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateConfig {
+    pub name: CertName,
+    /// The identifiers on the certificate: DNS names and IP addresses
+    /// (RFC 8738), in configuration order.
+    pub domains: Vec<Identifier>,
+    pub key_type: KeyType,
+    /// Challenge types in order of preference.
+    pub challenges: Vec<ChallengeKind>,
+    /// Shell commands run after a new certificate is installed.
+    pub reload: Vec<String>,
+    pub reload_timeout: Duration,
+    /// The ACME profiles to ask for (`meta.profiles`), best first.
+    pub profile: ProfilePreference,
+    /// Keep the private key across renewals (key pinning setups).
+    pub reuse_key: bool,
+    /// Where dns-01 puts the TXT record instead of `_acme-challenge.<name>`
+    /// (alias mode: that name is a CNAME into a zone certd may update).
+    pub dns_alias: Option<DnsAlias>,
+}
+
+impl CertificateConfig {
+    /// The domains as plain strings, in configuration order.
+    pub fn domain_strings(&self) -> Vec<String> {
+        self.domains.iter().map(|d| d.to_string()).collect()
+    }
+
+    /// Whether an IP address is among the identifiers.
+    pub fn has_ip(&self) -> bool {
+        self.domains.iter().any(|d| matches!(d, Identifier::Ip(_)))
+    }
+}
+
+/// The profiles an operator asks for, best first, and whether one of them
+/// is required. Not required (the default), a profile the CA's directory
+/// does not list is skipped with a warning, and with none left the order
+/// names no profile: a CA retiring a profile must not stop every renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProfilePreference {
+    pub names: Vec<String>,
+    pub required: bool,
+}
+
+impl ProfilePreference {
+    /// The preference as the ledger records it, to tell whether it changed
+    /// since the installed certificate was ordered: the names in order,
+    /// comma-separated, and `!` at the end when one is required.
+    pub fn ledger_key(&self) -> String {
+        let mut key = self.names.join(",");
+        if self.required {
+            key.push('!');
+        }
+        key
+    }
+}
+
+/// Roots the operator trusts to issue certificates (`[acme] trusted_roots`):
+/// a chain from the CA must end at one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedRoots {
+    path: PathBuf,
+    certs: Arc<[CertificateDer<'static>]>,
+}
+
+impl TrustedRoots {
+    /// Reads the PEM file at `path`; every certificate in it must be usable
+    /// as a trust anchor.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: not a PEM file: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{} contains no PEM certificate", path.display()));
+        }
+        for (i, cert) in certs.iter().enumerate() {
+            anchor_from_trusted_cert(cert).map_err(|e| {
+                format!(
+                    "{}: certificate {} cannot serve as a root: {e}",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            certs: certs.into(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn anchors(&self) -> Vec<TrustAnchor<'_>> {
+        // `load` proved every certificate converts.
+        self.certs
+            .iter()
+            .filter_map(|c| anchor_from_trusted_cert(c).ok())
+            .collect()
+    }
+}
