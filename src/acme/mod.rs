@@ -1014,7 +1014,7 @@ impl AcmeAccount {
                     path: path.clone(),
                     detail: e.to_string(),
                 })?;
-                crate::install::write_secret_file(&path, &json).map_err(|e| {
+                crate::safefs::write_secret_file(&path, &json).map_err(|e| {
                     SetupError::Credentials {
                         path: path.clone(),
                         detail: format!("cannot write: {e}"),
@@ -1075,7 +1075,7 @@ pub async fn roll_over_account(
         "key_pkcs8": BASE64_URL_SAFE_NO_PAD.encode(&pkcs8),
         "directory": account.directory_url,
     });
-    crate::install::write_secret_file(&next, creds.to_string().as_bytes())
+    crate::safefs::write_secret_file(&next, creds.to_string().as_bytes())
         .map_err(|e| cred_err(format!("cannot write {}: {e}", next.display())))?;
     // The new key's `Account`, built before the CA is asked: after its
     // confirmation nothing may fail before the switch.
@@ -1871,7 +1871,6 @@ mod tests {
                 let _ = serde_json::from_slice::<ProblemRecord>(&body);
                 let _ = parse_retry_after(&header);
                 let _ = link_with_rel(&header, "up");
-                let _ = crate::install::CertInfo::parse(&body);
             }
 
             /// Every header certd or instant-acme reads, with any value

@@ -1210,7 +1210,7 @@ pub struct ForeignFile {
 /// owns (root reads and writes them all, so only other users are checked).
 fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let me = install::euid();
+    let me = crate::safefs::euid();
     if me == 0 {
         return Ok(());
     }
@@ -1254,7 +1254,7 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
         ("cert_dir", &cfg.storage.cert_dir, 0o755),
     ] {
         if !dir.exists() {
-            install::ensure_own_dir(dir, mode)
+            crate::safefs::ensure_own_dir(dir, mode)
                 .with_context(|| format!("cannot create {key} {}", dir.display()))?;
         }
         let meta = std::fs::metadata(dir).with_context(|| format!("{key} {}", dir.display()))?;
@@ -1263,7 +1263,7 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
             path: dir.clone(),
             problem,
         };
-        let me = install::euid();
+        let me = crate::safefs::euid();
         if me == 0 && meta.uid() != 0 {
             return Err(WrongUser {
                 key,

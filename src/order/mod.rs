@@ -647,6 +647,7 @@ async fn complete(
         &key.subject_public_key_info(),
         domains,
         ctx.trusted_roots.as_ref(),
+        &crate::clock::Clock::system(),
     )?;
     if ctx.mode == RunMode::DryRun {
         // Issued and checked like any other; then thrown away.
@@ -725,7 +726,13 @@ async fn install_from_disk(
                 sorted.join(", ")
             ));
         }
-        Issuance::from_record(&text, sorted, ctx.trusted_roots.as_ref()).map_err(|e| e.to_string())
+        Issuance::from_record(
+            &text,
+            sorted,
+            ctx.trusted_roots.as_ref(),
+            &crate::clock::Clock::system(),
+        )
+        .map_err(|e| e.to_string())
     });
     match issuance {
         Ok(issuance) => {
@@ -779,10 +786,16 @@ async fn finish(
     let info = issuance.info.clone();
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
-    let version =
-        tokio::task::spawn_blocking(move || install::install(&cert_dir, &name_owned, &issuance))
-            .await
-            .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
+    let version = tokio::task::spawn_blocking(move || {
+        install::install(
+            &cert_dir,
+            &name_owned,
+            &issuance,
+            &crate::clock::Clock::system(),
+        )
+    })
+    .await
+    .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
     let installed = crate::ledger::Installed {
         domains: domains.to_vec(),
         serial: info.serial.clone(),
@@ -931,7 +944,7 @@ fn probe_writable(target: &Path) -> Result<(), Unready> {
             _ => format!(
                 "give certd's user (uid {uid}) write access (`chown {uid} {}`), or set storage.cert_dir to a writable directory",
                 dir.display(),
-                uid = install::euid()
+                uid = crate::safefs::euid()
             ),
         };
         Unready {

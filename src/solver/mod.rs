@@ -29,7 +29,7 @@ use crate::config::{
 use crate::dns::persist::{PersistExpect, persist_record};
 use crate::dns::propagation::{Expect, PropagationCheck};
 use crate::dns::rfc2136::Rfc2136Solver;
-use crate::install::ProgramEnd;
+use crate::process::{ProgramEnd, run_program, tail};
 use crate::tinyhttp::{self, Response};
 
 mod tls_alpn;
@@ -952,7 +952,7 @@ fn answer(tokens: &Mutex<HashMap<Token, TokenEntry>>, target: &str) -> Response 
 /// chain at `_acme-challenge.<name>`, or at the certificate's `dns_alias`),
 /// the name the CA asks for in `CERTD_DNS_ORIGINAL`, the TXT value in
 /// `CERTD_DNS_VALUE` and the domain in `CERTD_DOMAIN` (and only `PATH` and
-/// `LANG` besides: `install::run_program`). The hook must add (not
+/// `LANG` besides: `process::run_program`). The hook must add (not
 /// replace) the value on present and remove only that value on cleanup: a
 /// name and its wildcard share one record name.
 pub struct Dns01Hook {
@@ -1012,8 +1012,8 @@ impl Dns01Hook {
             ));
         }
         // Its own process group and a minimal environment, like every
-        // program certd runs (`install::run_program`).
-        let run = crate::install::run_program(
+        // program certd runs (`process::run_program`).
+        let run = run_program(
             &self.hook,
             &[action.as_ref()],
             &[
@@ -1031,10 +1031,7 @@ impl Dns01Hook {
                 let stderr = String::from_utf8_lossy(&run.stderr);
                 Err(err(
                     &record,
-                    format!(
-                        "exited with {status}: {}",
-                        crate::install::tail(&stderr, 500)
-                    ),
+                    format!("exited with {status}: {}", tail(&stderr, 500)),
                 ))
             }
             ProgramEnd::TimedOut => Err(err(
