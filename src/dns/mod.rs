@@ -1,8 +1,8 @@
 //! DNS for dns-01: the record name a challenge lives at, a small client
 //! (one query or one signed update, over UDP or TCP) built on hickory-proto's
-//! message types, and the two users of it: dynamic update (`rfc2136`) and
-//! the propagation check (`propagation`); and the standing records of
-//! dns-persist-01 (`persist`).
+//! message types, used by dynamic update (`solver::rfc2136`) and by the
+//! propagation check here (`propagation`); and the standing records of
+//! dns-persist-01 (`persist`), whose format the check verifies.
 //!
 //! The transport is our own rather than hickory's client crates: certd
 //! needs exactly one request and one response at a time, and owning the
@@ -11,7 +11,6 @@
 
 pub mod persist;
 pub mod propagation;
-pub mod rfc2136;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -18,10 +18,12 @@ use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::rdata::tsig::TsigAlgorithm as HickoryAlgorithm;
 use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
 
-use super::propagation::{Expect, PropagationCheck, ZoneHint};
-use super::{DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, send_signed, soa_owner};
+use super::{ChallengeSpec, Solver, SolverError, check_alias};
 use crate::config::{ChallengeKind, Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
-use crate::solver::{ChallengeSpec, Solver, SolverError};
+use crate::dns::propagation::{Expect, PropagationCheck, ZoneHint};
+use crate::dns::{
+    DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, send_signed, soa_owner,
+};
 
 /// TTL of the challenge record: short, so that a resolver that cached an
 /// earlier value (or its absence, which the SOA minimum bounds) lets go of
@@ -195,7 +197,7 @@ impl Solver for Rfc2136Solver {
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let (primary, name, zone) = self.target("check", c).await?;
-        crate::solver::check_alias(&self.propagation, c, &name, Some(primary)).await?;
+        check_alias(&self.propagation, c, &name, Some(primary)).await?;
         let record = display_name(&name);
         self.propagation
             .wait(
