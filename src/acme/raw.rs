@@ -20,7 +20,8 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use serde::Deserialize;
 
-use super::{AcmeError, AcmeHttp, Disposition, ProblemRecord, USER_AGENT};
+use super::http::USER_AGENT;
+use super::{AcmeError, AcmeHttp, Disposition, ProblemRecord};
 
 /// The account key, able to sign requests by itself.
 pub struct RawSigner {
