@@ -186,8 +186,8 @@ pub const RATE_LIMIT_MIN_PAUSE: Duration = Duration::from_secs(60);
 
 impl Disposition {
     /// A rate limit until `until`, at least `RATE_LIMIT_MIN_PAUSE` from now.
-    pub fn rate_limited(until: Option<SystemTime>) -> Self {
-        let floor = SystemTime::now().checked_add(RATE_LIMIT_MIN_PAUSE);
+    pub fn rate_limited(until: Option<SystemTime>, now: SystemTime) -> Self {
+        let floor = now.checked_add(RATE_LIMIT_MIN_PAUSE);
         Self::RateLimited {
             until: until.map(|t| floor.map_or(t, |f| t.max(f))),
         }
@@ -346,14 +346,20 @@ impl AcmeError {
     }
 
     /// Classifies a problem document; `retry_after` comes from the response.
-    pub fn from_problem(p: &instant_acme::Problem, retry_after: Option<SystemTime>) -> Self {
+    /// The CA's problem, with the `Retry-After` of its answer and the time
+    /// `now` that answer came.
+    pub fn from_problem(
+        p: &instant_acme::Problem,
+        retry_after: Option<SystemTime>,
+        now: SystemTime,
+    ) -> Self {
         let problem = ProblemRecord::from_problem(p);
         let disposition = match problem.short_type() {
-            "rateLimited" => Disposition::rate_limited(retry_after),
+            "rateLimited" => Disposition::rate_limited(retry_after, now),
             "badNonce" | "serverInternal" => Disposition::Retryable,
-            _ if p.status.is_some_and(|s| s == 429) => Disposition::rate_limited(retry_after),
+            _ if p.status.is_some_and(|s| s == 429) => Disposition::rate_limited(retry_after, now),
             _ if p.status.is_some_and(|s| s >= 500) => match retry_after {
-                Some(_) => Disposition::rate_limited(retry_after),
+                Some(_) => Disposition::rate_limited(retry_after, now),
                 None => Disposition::Retryable,
             },
             _ => Disposition::Final,
@@ -369,7 +375,12 @@ impl From<instant_acme::Error> for AcmeError {
     fn from(e: instant_acme::Error) -> Self {
         match e {
             // The problem came with the task's latest answer.
-            instant_acme::Error::Api(p) => Self::from_problem(&p, last_retry_after()),
+            instant_acme::Error::Api(p) => match last_retry_after() {
+                Some((until, answered)) => Self::from_problem(&p, Some(until), answered),
+                // Without a `Retry-After` no time is read: a pause has no
+                // end to put a floor under.
+                None => Self::from_problem(&p, None, SystemTime::UNIX_EPOCH),
+            },
             instant_acme::Error::Other(inner) => Self::Transport(transport_message(inner.as_ref())),
             instant_acme::Error::Timeout(_) => Self::Timeout(e.to_string()),
             instant_acme::Error::Json(j) => Self::Protocol(format!("malformed JSON: {j}")),
@@ -441,7 +452,7 @@ mod tests {
     #[test]
     fn a_rate_limit_of_zero_still_pauses() {
         let Disposition::RateLimited { until: Some(until) } =
-            Disposition::rate_limited(parse_retry_after("0"))
+            Disposition::rate_limited(parse_retry_after("0", SystemTime::now()), SystemTime::now())
         else {
             panic!("a rate limit with a time");
         };
@@ -477,14 +488,14 @@ mod tests {
         )
         .expect("problem");
         assert!(matches!(
-            AcmeError::from_problem(&p, None).disposition(),
+            AcmeError::from_problem(&p, None, SystemTime::now()).disposition(),
             Disposition::RateLimited { .. }
         ));
         let p: instant_acme::Problem = serde_json::from_str(
             r#"{"type":"urn:ietf:params:acme:error:unauthorized","detail":"no","status":403}"#,
         )
         .expect("problem");
-        let e = AcmeError::from_problem(&p, None);
+        let e = AcmeError::from_problem(&p, None, SystemTime::now());
         assert_eq!(e.disposition(), Disposition::Final);
         assert_eq!(e.to_string(), "the CA answered: unauthorized: no");
     }
@@ -500,9 +511,13 @@ mod tests {
                 "status": status,
             }))
             .expect("problem");
-            AcmeError::from_problem(&p, parse_retry_after("3600"))
-                .rate_limit()
-                .expect("a rate limit")
+            AcmeError::from_problem(
+                &p,
+                parse_retry_after("3600", SystemTime::now()),
+                SystemTime::now(),
+            )
+            .rate_limit()
+            .expect("a rate limit")
         };
         let names = |v: &[&str]| LimitScope::Names(v.iter().map(|s| s.to_string()).collect());
         let orders = classify(
@@ -548,7 +563,11 @@ mod tests {
             "type": "urn:certd:error:httpError", "detail": "HTTP 503", "status": 503,
         }))
         .expect("problem");
-        let e = AcmeError::from_problem(&p, parse_retry_after("60"));
+        let e = AcmeError::from_problem(
+            &p,
+            parse_retry_after("60", SystemTime::now()),
+            SystemTime::now(),
+        );
         assert_eq!(e.rate_limit().map(|l| l.scope), Some(LimitScope::Account));
         // Subproblems name the identifiers where the CA sends them.
         let p: instant_acme::Problem = serde_json::from_value(serde_json::json!({
@@ -559,7 +578,7 @@ mod tests {
                 "identifier": {"type": "dns", "value": "x.example.org"}, "detail": "limit"}],
         }))
         .expect("problem");
-        let e = AcmeError::from_problem(&p, None);
+        let e = AcmeError::from_problem(&p, None, SystemTime::now());
         assert_eq!(
             e.rate_limit().map(|l| l.scope),
             Some(names(&["x.example.org"]))

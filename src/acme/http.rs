@@ -23,6 +23,7 @@ use super::error::{ProblemRecord, SetupError, bounded};
 use super::nonce::{LAST_NONCE, LAST_RETRY_AFTER, synthetic_nonce_response};
 use super::observe::{Observation, Stats};
 use super::trust;
+use crate::clock::Clock;
 
 pub(super) const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
 /// The largest JSON or problem body read from the CA. ACME objects are a
@@ -54,6 +55,8 @@ pub struct AcmeHttp {
 
 pub(super) struct HttpInner {
     pub(super) client: reqwest::Client,
+    /// The wall clock `Retry-After` is read against.
+    pub(super) clock: Clock,
     pub(super) nonces: Mutex<VecDeque<(String, Instant)>>,
     /// With when it was recorded, for `forget_old`.
     pub(super) observations: Mutex<HashMap<String, (Observation, Instant)>>,
@@ -90,7 +93,7 @@ fn read_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, SetupError> {
 
 impl AcmeHttp {
     /// Builds the client: system roots plus the optional extra bundle.
-    pub fn new(ca_bundle: Option<&Path>) -> Result<Self, SetupError> {
+    pub fn new(ca_bundle: Option<&Path>, clock: Clock) -> Result<Self, SetupError> {
         // reqwest and rustls share the process-wide provider; installing it
         // twice is harmless, so the error is ignored.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -126,6 +129,7 @@ impl AcmeHttp {
         Ok(Self {
             inner: Arc::new(HttpInner {
                 client,
+                clock,
                 nonces: Mutex::new(VecDeque::new()),
                 observations: Mutex::new(HashMap::new()),
                 stats: Mutex::new(Stats::default()),
@@ -134,6 +138,12 @@ impl AcmeHttp {
                 created_orders: Mutex::new(VecDeque::new()),
             }),
         })
+    }
+
+    /// The clock this client reads `Retry-After` against, for callers that
+    /// turn its answers into times.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     /// The plain reqwest client, for non-ACME requests (pre-flight checks).
@@ -197,6 +207,7 @@ impl HttpInner {
             }
         };
         let status = rsp.status();
+        let now = self.clock.system_time();
         let version = rsp.version();
         let mut headers = rsp.headers().clone();
         let checked = if status.is_redirection() {
@@ -212,7 +223,7 @@ impl HttpInner {
                 bounded(&url, MAX_URL_LEN)
             ))
         } else {
-            sanitize_headers(&mut headers)
+            sanitize_headers(&mut headers, now)
                 .map_err(|e| format!("{}: {e}", bounded(&url, MAX_URL_LEN)))
         };
         if let Err(e) = checked {
@@ -245,8 +256,8 @@ impl HttpInner {
         let retry_after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let _ = LAST_RETRY_AFTER.try_with(|slot| slot.set(retry_after));
+            .and_then(|v| parse_retry_after(v, now));
+        let _ = LAST_RETRY_AFTER.try_with(|slot| slot.set(retry_after.map(|at| (at, now))));
         // instant-acme reads the directory without looking at the status.
         if endpoint == "directory" && !status.is_success() {
             let problem = problem_for_error_page(status, &headers, bytes);
@@ -372,15 +383,15 @@ async fn read_capped(mut rsp: reqwest::Response, limit: usize) -> Result<Bytes, 
 /// adds an unparsed value to the clock, which panics on overflow) or
 /// dropped; an overlong `Content-Type`, `Link` or a `Replay-Nonce` that is
 /// not base64url is dropped; a `Location` must be an https URL.
-fn sanitize_headers(headers: &mut HeaderMap) -> Result<(), String> {
+fn sanitize_headers(headers: &mut HeaderMap, now: SystemTime) -> Result<(), String> {
     let retry_after = headers
         .get(RETRY_AFTER)
-        .map(|v| v.to_str().ok().and_then(parse_retry_after));
+        .map(|v| v.to_str().ok().and_then(|v| parse_retry_after(v, now)));
     if let Some(parsed) = retry_after {
         headers.remove(RETRY_AFTER);
         if let Some(at) = parsed {
             let secs = at
-                .duration_since(SystemTime::now())
+                .duration_since(now)
                 .unwrap_or(RETRY_AFTER_MIN)
                 .as_secs()
                 .max(RETRY_AFTER_MIN.as_secs());
@@ -425,14 +436,13 @@ pub(super) fn https_url(url: &str) -> Result<(), &'static str> {
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date, as an instant between
-/// `RETRY_AFTER_MIN` and `RETRY_AFTER_MAX` from now (clamping is logged).
+/// `RETRY_AFTER_MIN` and `RETRY_AFTER_MAX` after `now` (clamping is logged).
 /// Values longer than any legitimate one are ignored unparsed.
-pub fn parse_retry_after(v: &str) -> Option<SystemTime> {
+pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<SystemTime> {
     let v = v.trim();
     if v.is_empty() || v.len() > MAX_RETRY_AFTER_LEN {
         return None;
     }
-    let now = SystemTime::now();
     let delay = if v.bytes().all(|b| b.is_ascii_digit()) {
         // Too many digits for a u64 is "a very long time", not garbage.
         Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX))
@@ -471,7 +481,7 @@ mod tests {
             Bytes::from_static(b"<html><body>502 Bad Gateway</body></html>"),
         );
         let p: instant_acme::Problem = serde_json::from_slice(&body).expect("a problem document");
-        let e = AcmeError::from_problem(&p, None);
+        let e = AcmeError::from_problem(&p, None, SystemTime::now());
         assert_eq!(e.disposition(), Disposition::Retryable);
         assert!(
             e.to_string()
@@ -492,10 +502,10 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        let t = parse_retry_after("120").expect("seconds");
+        let t = parse_retry_after("120", SystemTime::now()).expect("seconds");
         assert!(t > SystemTime::now() + Duration::from_secs(100));
-        assert!(parse_retry_after("Fri, 31 Dec 1999 23:59:59 GMT").is_some());
-        assert!(parse_retry_after("soon").is_none());
+        assert!(parse_retry_after("Fri, 31 Dec 1999 23:59:59 GMT", SystemTime::now()).is_some());
+        assert!(parse_retry_after("soon", SystemTime::now()).is_none());
     }
 
     /// What a hostile CA sent: each is bounded, none panics or recurses.
@@ -503,7 +513,8 @@ mod tests {
     fn hostile_retry_after_is_clamped_or_ignored() {
         let within = |v: &str, lo: Duration, hi: Duration| {
             let now = SystemTime::now();
-            let t = parse_retry_after(v).unwrap_or_else(|| panic!("{v:?} ignored"));
+            let t =
+                parse_retry_after(v, SystemTime::now()).unwrap_or_else(|| panic!("{v:?} ignored"));
             let d = t.duration_since(now).unwrap_or_default();
             let slack = Duration::from_secs(2);
             assert!(d + slack >= lo && d <= hi + slack, "{v:?}: {d:?}");
@@ -520,8 +531,8 @@ mod tests {
             RETRY_AFTER_MAX,
             RETRY_AFTER_MAX,
         );
-        assert!(parse_retry_after(&"(".repeat(300_000)).is_none());
-        assert!(parse_retry_after(&"9".repeat(300_000)).is_none());
+        assert!(parse_retry_after(&"(".repeat(300_000), SystemTime::now()).is_none());
+        assert!(parse_retry_after(&"9".repeat(300_000), SystemTime::now()).is_none());
 
         // The header itself is rewritten for instant-acme, which adds it to
         // the clock unchecked.
@@ -530,7 +541,7 @@ mod tests {
             RETRY_AFTER,
             http::HeaderValue::from_static("18446744073709551615"),
         );
-        sanitize_headers(&mut headers).expect("sane");
+        sanitize_headers(&mut headers, SystemTime::now()).expect("sane");
         let secs: u64 = headers[RETRY_AFTER]
             .to_str()
             .expect("ascii")
@@ -542,7 +553,7 @@ mod tests {
             RETRY_AFTER,
             http::HeaderValue::from_str(&garbage).expect("ascii"),
         );
-        sanitize_headers(&mut headers).expect("sane");
+        sanitize_headers(&mut headers, SystemTime::now()).expect("sane");
         assert!(headers.get(RETRY_AFTER).is_none());
     }
 
@@ -551,7 +562,7 @@ mod tests {
         let check = |name: &'static str, value: &str| {
             let mut headers = HeaderMap::new();
             headers.insert(name, http::HeaderValue::from_str(value).expect("value"));
-            sanitize_headers(&mut headers).map(|()| headers.get(name).cloned())
+            sanitize_headers(&mut headers, SystemTime::now()).map(|()| headers.get(name).cloned())
         };
         assert!(check("location", "https://ca/order/1").is_ok());
         let e = check("location", "http://ca:8080/order/1").expect_err("plain http");
@@ -588,7 +599,7 @@ mod tests {
 
             #[test]
             fn ca_bodies_and_headers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512), header in "\\PC{0,120}") {
-                let http = AcmeHttp::new(None).expect("client");
+                let http = AcmeHttp::new(None, Clock::system()).expect("client");
                 let mut headers = HeaderMap::new();
                 if let Ok(v) = http::HeaderValue::from_str(&header) {
                     headers.insert(LINK, v.clone());
@@ -599,7 +610,7 @@ mod tests {
                 http.inner.remember_created_order(&headers, &Bytes::from(body.clone()));
                 let _ = serde_json::from_slice::<raw::AuthzObject>(&body);
                 let _ = serde_json::from_slice::<ProblemRecord>(&body);
-                let _ = parse_retry_after(&header);
+                let _ = parse_retry_after(&header, SystemTime::now());
                 let _ = link_with_rel(&header, "up");
             }
 
@@ -618,7 +629,7 @@ mod tests {
                     6,
                 ),
             ) {
-                let http = AcmeHttp::new(None).expect("client");
+                let http = AcmeHttp::new(None, Clock::system()).expect("client");
                 let mut headers = HeaderMap::new();
                 let names = [RETRY_AFTER, LINK, http::header::LOCATION, CONTENT_TYPE];
                 for (name, v) in names.iter().zip(&values) {
@@ -629,8 +640,8 @@ mod tests {
                 if let Ok(v) = http::HeaderValue::from_str(&values[4]) {
                     headers.insert("replay-nonce", v);
                 }
-                let _ = parse_retry_after(&values[5]);
-                if sanitize_headers(&mut headers).is_ok() {
+                let _ = parse_retry_after(&values[5], SystemTime::now());
+                if sanitize_headers(&mut headers, SystemTime::now()).is_ok() {
                     if let Some(v) = headers.get(RETRY_AFTER) {
                         let secs: u64 = v.to_str().expect("ascii").parse().expect("delay-seconds");
                         prop_assert!((1..=RETRY_AFTER_MAX.as_secs()).contains(&secs));
@@ -650,7 +661,7 @@ mod tests {
                     "challenges": [{"type": status, "url": url, "status": status}],
                     "authorizations": [url], "finalize": url, "newNonce": url,
                 });
-                let http = AcmeHttp::new(None).expect("client");
+                let http = AcmeHttp::new(None, Clock::system()).expect("client");
                 let mut headers = HeaderMap::new();
                 headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
                 let bytes = Bytes::from(body.to_string());

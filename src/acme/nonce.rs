@@ -54,13 +54,14 @@ tokio::task_local! {
     /// (`None` when it had none). instant-acme's `Problem` drops the
     /// header, and the observation per URL is shared by every task that
     /// posts to the same URL (all `newOrder`s): this is how the problem an
-    /// instant-acme call returns gets the `Retry-After` of its own answer.
-    pub(super) static LAST_RETRY_AFTER: std::cell::Cell<Option<SystemTime>>;
+    /// instant-acme call returns gets the `Retry-After` of its own answer,
+    /// with the time the answer came (a rate limit's floor counts from it).
+    pub(super) static LAST_RETRY_AFTER: std::cell::Cell<Option<(SystemTime, SystemTime)>>;
 }
 
-/// The `Retry-After` of the answer the current task received last, inside
-/// a `nonce_scope`.
-pub(super) fn last_retry_after() -> Option<SystemTime> {
+/// The `Retry-After` of the answer the current task received last and when
+/// that answer came, inside a `nonce_scope`.
+pub(super) fn last_retry_after() -> Option<(SystemTime, SystemTime)> {
     LAST_RETRY_AFTER
         .try_with(std::cell::Cell::get)
         .ok()
@@ -127,15 +128,18 @@ mod tests {
     use super::*;
     use crate::acme::error::{AcmeError, Disposition};
     use crate::acme::http::parse_retry_after;
+    use crate::clock::Clock;
 
     /// instant-acme's problem has no `Retry-After`: the answer's header
     /// reaches the error through the task's scope.
     #[tokio::test]
     async fn a_problem_keeps_its_answer_s_retry_after() {
-        let http = AcmeHttp::new(None).expect("client");
+        let http = AcmeHttp::new(None, Clock::system()).expect("client");
         let at = http
             .nonce_scope(async {
-                LAST_RETRY_AFTER.with(|slot| slot.set(parse_retry_after("3600")));
+                let now = SystemTime::now();
+                LAST_RETRY_AFTER
+                    .with(|slot| slot.set(parse_retry_after("3600", now).map(|at| (at, now))));
                 let p: instant_acme::Problem = serde_json::from_str(
                     r#"{"type":"urn:ietf:params:acme:error:rateLimited","status":429}"#,
                 )
@@ -153,7 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_scope_s_last_nonce_is_pooled() {
-        let http = AcmeHttp::new(None).expect("client");
+        let http = AcmeHttp::new(None, Clock::system()).expect("client");
         http.nonce_scope(async {
             for n in ["a", "b"] {
                 LAST_NONCE.with(|slot| slot.replace(Some(n.to_owned())));

@@ -134,7 +134,7 @@ impl HttpInner {
         let retry_after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(|v| parse_retry_after(v, self.clock.system_time()));
         let link_up = headers
             .get_all(LINK)
             .iter()
@@ -274,12 +274,13 @@ pub(super) fn link_with_rel(header: &str, rel: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
 
     /// An idle daemon keeps the directory's endpoints and forgets the
     /// objects of finished orders.
     #[test]
     fn forget_old_keeps_only_the_directory() {
-        let http = AcmeHttp::new(None).expect("client");
+        let http = AcmeHttp::new(None, Clock::system()).expect("client");
         let json = |body: &'static str| {
             let mut headers = HeaderMap::new();
             headers.insert(

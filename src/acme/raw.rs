@@ -215,7 +215,8 @@ impl AcmeHttp {
                 continue;
             }
             let retry_after = self.observed(url).and_then(|o| o.retry_after);
-            return Err(problem_error(problem, rsp.status, retry_after));
+            let now = self.inner.clock.system_time();
+            return Err(problem_error(problem, rsp.status, retry_after, now));
         }
     }
 
@@ -271,9 +272,10 @@ fn problem_error(
     problem: ProblemRecord,
     status: StatusCode,
     retry_after: Option<SystemTime>,
+    now: SystemTime,
 ) -> AcmeError {
     let disposition = match (problem.short_type(), status.as_u16()) {
-        ("rateLimited", _) | (_, 429) => Disposition::rate_limited(retry_after),
+        ("rateLimited", _) | (_, 429) => Disposition::rate_limited(retry_after, now),
         ("badNonce" | "serverInternal", _) => Disposition::Retryable,
         (_, s) if s >= 500 => Disposition::Retryable,
         _ => Disposition::Final,

@@ -1337,7 +1337,10 @@ async fn renew(
             (&verdict, &installed, force)
         {
             if http.is_none() {
-                http = Some(AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?);
+                http = Some(AcmeHttp::new(
+                    cfg.acme.ca_bundle.as_deref(),
+                    crate::clock::Clock::system(),
+                )?);
             }
             if let Some(http) = &http
                 && let Some(window) = ari_window(&cfg, http, existing.as_ref(), c, info).await
@@ -1441,12 +1444,7 @@ async fn ari_window(
     {
         return recorded_window;
     }
-    let answer = ari::renewal_info(
-        http.plain(),
-        cfg.acme.directory.as_str(),
-        info.ari_id.as_deref(),
-    )
-    .await;
+    let answer = ari::renewal_info(http, cfg.acme.directory.as_str(), info.ari_id.as_deref()).await;
     let interval = cfg.daemon.ari_interval;
     let (window, next_check, error) = match answer {
         Ok(a) => {
@@ -1489,7 +1487,7 @@ async fn renew_due(
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let setup = async {
-        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
         let account =
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
         let needed: Vec<ChallengeKind> =
@@ -1724,7 +1722,7 @@ async fn existing_account(cfg: &Config, store: &Ledger) -> anyhow::Result<Option
     if !credentials_path(&cfg.storage.state_dir, &directory).exists() {
         return Ok(None);
     }
-    let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+    let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
     let account =
         AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
     Ok(Some(Reaper::new(

@@ -318,7 +318,7 @@ async fn load_account(
     let mut failures = 0;
     loop {
         let attempt = async {
-            let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+            let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await
         };
         match attempt.await {

@@ -1393,7 +1393,7 @@ async fn download(
 /// certd's own request (see `acme::ari`).
 pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Result<ari::Answer, ari::AriError> {
     ari::renewal_info(
-        ctx.account.http.plain(),
+        &ctx.account.http,
         &ctx.account.directory_url,
         info.ari_id.as_deref(),
     )
@@ -1404,7 +1404,9 @@ pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Result<ari::Answer, a
 fn acme_error(ctx: &Context, url: &str, e: instant_acme::Error) -> DriveError {
     let retry_after = ctx.account.http.observed(url).and_then(|o| o.retry_after);
     match e {
-        instant_acme::Error::Api(p) => AcmeError::from_problem(&p, retry_after).into(),
+        instant_acme::Error::Api(p) => {
+            AcmeError::from_problem(&p, retry_after, ctx.account.http.clock().system_time()).into()
+        }
         other => AcmeError::from(other).into(),
     }
 }
