@@ -1492,7 +1492,14 @@ async fn renew_due(
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
         let needed: Vec<ChallengeKind> =
             due.iter().flat_map(|(c, _)| c.challenges.clone()).collect();
-        let solvers = Solvers::from_config(cfg, &needed, &tracker, &cancel).await?;
+        let solvers = Solvers::from_config(
+            cfg,
+            &needed,
+            &tracker,
+            &cancel,
+            crate::clock::Clock::system(),
+        )
+        .await?;
         let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
         // Orders a crashed run left behind: resume those whose certificate
         // still wants the same names, abandon the rest.

@@ -61,9 +61,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
     let grace = cfg.daemon.shutdown_grace;
-    let solvers = Solvers::from_config(&cfg, &ALL_KINDS, &tasks.tracker, &shutdown)
-        .await
-        .context("cannot start the challenge solvers")?;
+    let solvers = Solvers::from_config(
+        &cfg,
+        &ALL_KINDS,
+        &tasks.tracker,
+        &shutdown,
+        crate::clock::Clock::system(),
+    )
+    .await
+    .context("cannot start the challenge solvers")?;
     // Registered before READY=1: until a handler exists SIGHUP kills the
     // process, and systemd (or a test) may send it the moment it hears READY.
     // Signals that arrive while the account loads wait for the watcher.

@@ -13,7 +13,7 @@ pub mod persist;
 pub mod propagation;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::tsig::TsigError;
@@ -21,6 +21,7 @@ use hickory_proto::rr::{Name, RData, RecordType, TSigner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
+use crate::clock::UnixTime;
 use crate::config::ServerAddr;
 
 /// How long one query or update may take before it counts as lost.
@@ -158,10 +159,11 @@ pub async fn send_signed(
     mut msg: Message,
     signer: &TSigner,
     timeout: Duration,
+    now: UnixTime,
 ) -> Result<(), DnsError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    // TSIG signs the time of sending (RFC 8945 §5.2.3: a server refuses
+    // one off by more than its fudge).
+    let now = u64::try_from(now.secs()).unwrap_or(0);
     let verifier = msg.finalize(signer, now).map_err(proto)?;
     let bytes = msg.to_vec().map_err(proto)?;
     let answer = tcp_exchange(server, &bytes, timeout).await?;

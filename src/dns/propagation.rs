@@ -30,6 +30,7 @@ use super::{
     DnsError, QUERY_TIMEOUT, cname_target, display_name, fqdn, query, resolve, soa_owner,
     txt_values,
 };
+use crate::clock::{Clock, UnixTime};
 use crate::config::{PropagationConfig, ServerAddr};
 
 /// First pause between polls; doubles up to `POLL_CAP`. Short, because a
@@ -89,13 +90,13 @@ impl Expect<'_> {
         }
     }
 
-    fn check(&self, values: &[String]) -> Result<(), String> {
+    fn check(&self, values: &[String], now: UnixTime) -> Result<(), String> {
         match self {
             Self::Value(v) if values.iter().any(|x| x == v) => Ok(()),
             Self::Value(_) if values.is_empty() => Err("no TXT record".into()),
             Self::Value(_) => Err(format!("{} other TXT value(s)", values.len())),
             Self::Persist(_) if values.is_empty() => Err("no TXT record".into()),
-            Self::Persist(p) => p.check(values),
+            Self::Persist(p) => p.check(values, now),
         }
     }
 }
@@ -111,22 +112,28 @@ enum Chase {
 #[derive(Debug, Clone)]
 pub struct PropagationCheck {
     cfg: PropagationConfig,
+    /// When an answer was read, for records that expire.
+    clock: Clock,
 }
 
 impl PropagationCheck {
-    pub fn new(cfg: &PropagationConfig) -> Self {
-        Self { cfg: cfg.clone() }
+    pub fn new(cfg: &PropagationConfig, clock: Clock) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            clock,
+        }
     }
 
     /// The same servers, checked even where dns-01's check is switched off
     /// (dns-persist-01 has no other safeguard), for at most `timeout`.
-    pub fn always(cfg: &PropagationConfig, timeout: Duration) -> Self {
+    pub fn always(cfg: &PropagationConfig, timeout: Duration, clock: Clock) -> Self {
         Self {
             cfg: PropagationConfig {
                 enabled: true,
                 timeout: cfg.timeout.min(timeout),
                 ..cfg.clone()
             },
+            clock,
         }
     }
 
@@ -252,7 +259,7 @@ impl PropagationCheck {
             for (server, _) in pending {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let timeout = QUERY_TIMEOUT.min(left).max(Duration::from_millis(500));
-                match check(server, &name, expect, timeout).await {
+                match check(server, &name, expect, timeout, &self.clock).await {
                     Ok(()) => {}
                     Err(why) => still.push((server, why)),
                 }
@@ -323,13 +330,14 @@ async fn check(
     name: &Name,
     expect: Expect<'_>,
     timeout: Duration,
+    clock: &Clock,
 ) -> Result<(), String> {
     let msg = query(server, name, RecordType::TXT, false, timeout)
         .await
         .map_err(|e| e.to_string())?;
     let values = txt_values(&msg, name);
     match msg.metadata.response_code {
-        ResponseCode::NoError => expect.check(&values),
+        ResponseCode::NoError => expect.check(&values, clock.now()),
         rcode => Err(rcode.to_string()),
     }
 }
@@ -548,10 +556,13 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_check_passes_at_once() {
-        let check = PropagationCheck::new(&PropagationConfig {
-            enabled: false,
-            ..PropagationConfig::default()
-        });
+        let check = PropagationCheck::new(
+            &PropagationConfig {
+                enabled: false,
+                ..PropagationConfig::default()
+            },
+            Clock::system(),
+        );
         check
             .wait("_acme-challenge.a.invalid", Expect::Value("v"), None)
             .await
@@ -563,14 +574,17 @@ mod tests {
         // A bound UDP socket that never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = silent.local_addr().expect("addr");
-        let check = PropagationCheck::new(&PropagationConfig {
-            enabled: true,
-            timeout: Duration::from_secs(1),
-            nameservers: vec![ServerAddr {
-                host: "127.0.0.1".into(),
-                port: addr.port(),
-            }],
-        });
+        let check = PropagationCheck::new(
+            &PropagationConfig {
+                enabled: true,
+                timeout: Duration::from_secs(1),
+                nameservers: vec![ServerAddr {
+                    host: "127.0.0.1".into(),
+                    port: addr.port(),
+                }],
+            },
+            Clock::system(),
+        );
         let started = std::time::Instant::now();
         let err = check
             .wait("_acme-challenge.a.example.test", Expect::Value("v"), None)

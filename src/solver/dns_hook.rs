@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{ChallengeSpec, Solver, SolverError, Unready, check_alias};
+use crate::clock::Clock;
 use crate::config::{ChallengeKind, Dns01Config};
 use crate::dns::propagation::{Expect, PropagationCheck};
 use crate::process::{ProgramEnd, run_program, tail};
@@ -25,11 +26,11 @@ pub struct Dns01Hook {
 }
 
 impl Dns01Hook {
-    pub(super) fn new(hook: &Path, cfg: &Dns01Config) -> Self {
+    pub(super) fn new(hook: &Path, cfg: &Dns01Config, clock: Clock) -> Self {
         Self {
             hook: hook.to_owned(),
             timeout: cfg.hook_timeout,
-            propagation: PropagationCheck::new(&cfg.propagation),
+            propagation: PropagationCheck::new(&cfg.propagation, clock),
         }
     }
 
@@ -197,13 +198,16 @@ mod tests {
         let solver = Dns01Hook {
             hook,
             timeout: Duration::from_secs(10),
-            propagation: PropagationCheck::new(&PropagationConfig {
-                nameservers: vec![crate::config::ServerAddr {
-                    host: "127.0.0.1".into(),
-                    port: closed.port(),
-                }],
-                ..Default::default()
-            }),
+            propagation: PropagationCheck::new(
+                &PropagationConfig {
+                    nameservers: vec![crate::config::ServerAddr {
+                        host: "127.0.0.1".into(),
+                        port: closed.port(),
+                    }],
+                    ..Default::default()
+                },
+                Clock::system(),
+            ),
         };
         let mut c = spec("tok3_aaaaaaaaaaaaaaaaaaaa");
         c.identifier = "a.example\nupdate add evil.example. 60 TXT x".into();

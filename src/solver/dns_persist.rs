@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{ChallengeSpec, Solver, SolverError};
+use crate::clock::Clock;
 use crate::config::{ChallengeKind, PropagationConfig};
 use crate::dns::persist::persist_record;
 use crate::dns::propagation::{Expect, PropagationCheck};
@@ -24,9 +25,9 @@ impl DnsPersistSolver {
     /// attempt).
     const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
-    pub(super) fn new(cfg: &PropagationConfig) -> Self {
+    pub(super) fn new(cfg: &PropagationConfig, clock: Clock) -> Self {
         Self {
-            check: PropagationCheck::always(cfg, Self::CHECK_TIMEOUT),
+            check: PropagationCheck::always(cfg, Self::CHECK_TIMEOUT, clock),
         }
     }
 }

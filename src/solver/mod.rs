@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::clock::Clock;
 use crate::config::{
     ChallengeKind, Config, Dns01Config, Dns01Mode, DnsAlias, Http01Config, TlsAlpn01Config,
 };
@@ -248,6 +249,8 @@ pub struct Solvers {
     /// The running responders, reused by a reload that keeps their
     /// address (the port is taken).
     listeners: Arc<Mutex<Listeners>>,
+    /// Handed to the dns-01 solvers (TSIG times, `persistUntil`).
+    clock: Clock,
 }
 
 /// The sections of a configuration the solvers are built from.
@@ -292,8 +295,12 @@ impl Solvers {
         needed: &[ChallengeKind],
         tracker: &TaskTracker,
         cancel: &CancellationToken,
+        clock: Clock,
     ) -> Result<Self, SolverError> {
-        let solvers = Self::default();
+        let solvers = Self {
+            clock,
+            ..Self::default()
+        };
         let failed = solvers
             .reconfigure(
                 ChallengeSettings::default(),
@@ -332,10 +339,11 @@ impl Solvers {
             let solver: Result<Option<Arc<dyn Solver>>, SolverError> = match new.dns01 {
                 None => Ok(None),
                 Some(d) => match &d.mode {
-                    Dns01Mode::Hook(hook) => Ok(Some(Arc::new(Dns01Hook::new(hook, d)))),
-                    Dns01Mode::Rfc2136(r) => {
-                        Rfc2136Solver::new(r, d).map(|s| Some(Arc::new(s) as Arc<dyn Solver>))
+                    Dns01Mode::Hook(hook) => {
+                        Ok(Some(Arc::new(Dns01Hook::new(hook, d, self.clock.clone()))))
                     }
+                    Dns01Mode::Rfc2136(r) => Rfc2136Solver::new(r, d, self.clock.clone())
+                        .map(|s| Some(Arc::new(s) as Arc<dyn Solver>)),
                 },
             };
             match solver {
@@ -349,7 +357,10 @@ impl Solvers {
             let propagation = new.dns01.map(|d| d.propagation.clone()).unwrap_or_default();
             self.set(
                 ChallengeKind::DnsPersist01,
-                Some(Arc::new(DnsPersistSolver::new(&propagation))),
+                Some(Arc::new(DnsPersistSolver::new(
+                    &propagation,
+                    self.clock.clone(),
+                ))),
             );
         }
         if old.tls_alpn01 != new.tls_alpn01 {

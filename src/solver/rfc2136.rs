@@ -19,6 +19,7 @@ use hickory_proto::rr::rdata::tsig::TsigAlgorithm as HickoryAlgorithm;
 use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
 
 use super::{ChallengeSpec, Solver, SolverError, check_alias};
+use crate::clock::Clock;
 use crate::config::{ChallengeKind, Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
 use crate::dns::propagation::{Expect, PropagationCheck, ZoneHint};
 use crate::dns::{
@@ -39,10 +40,16 @@ pub struct Rfc2136Solver {
     zone: Option<Name>,
     signer: TSigner,
     propagation: PropagationCheck,
+    /// The time a TSIG signature carries.
+    clock: Clock,
 }
 
 impl Rfc2136Solver {
-    pub fn new(cfg: &Rfc2136Config, dns01: &Dns01Config) -> Result<Self, SolverError> {
+    pub(super) fn new(
+        cfg: &Rfc2136Config,
+        dns01: &Dns01Config,
+        clock: Clock,
+    ) -> Result<Self, SolverError> {
         let key_err = |detail: String| SolverError::Rfc2136Key {
             key_name: cfg.key_name.clone(),
             detail,
@@ -70,7 +77,8 @@ impl Rfc2136Solver {
             server: cfg.server.clone(),
             zone,
             signer,
-            propagation: PropagationCheck::new(&dns01.propagation),
+            propagation: PropagationCheck::new(&dns01.propagation, clock.clone()),
+            clock,
         })
     }
 
@@ -150,7 +158,7 @@ impl Rfc2136Solver {
         let (server, name, zone) = self.target(action, c).await?;
         let (record, zone_text) = (display_name(&name), display_name(&zone));
         let msg = build_update(action == "add", name, zone, &c.dns_value);
-        send_signed(server, msg, &self.signer, QUERY_TIMEOUT)
+        send_signed(server, msg, &self.signer, QUERY_TIMEOUT, self.clock.now())
             .await
             .map_err(|e| SolverError::Rfc2136 {
                 action,
