@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{ChildStderr, ChildStdout};
 
 /// The last `max` characters of `text`, trimmed.
-pub fn tail(text: &str, max: usize) -> &str {
+pub(crate) fn tail(text: &str, max: usize) -> &str {
     let text = text.trim();
     let skip = text.chars().count().saturating_sub(max);
     text.char_indices()
@@ -24,14 +24,15 @@ pub fn tail(text: &str, max: usize) -> &str {
 
 /// `PATH` of every program certd runs: the system's directories, not
 /// whatever certd itself was started with.
-pub const PROGRAM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const PROGRAM_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How much of each output stream is kept (the end of it).
 const OUTPUT_KEEP: usize = 64 * 1024;
 
 /// How a program certd ran ended.
 #[derive(Debug)]
-pub enum ProgramEnd {
+pub(crate) enum ProgramEnd {
     Exited(ExitStatus),
     /// It ran past its timeout; its whole process group was killed.
     TimedOut,
@@ -40,7 +41,7 @@ pub enum ProgramEnd {
 
 /// A program's end and the tail of what it wrote.
 #[derive(Debug)]
-pub struct ProgramRun {
+pub(crate) struct ProgramRun {
     pub end: ProgramEnd,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -53,7 +54,7 @@ pub struct ProgramRun {
 /// program's children do not outlive it. Once the program itself exits,
 /// what its pipes hold is read and it is done: a child it left running in
 /// the background may keep them open for as long as it likes.
-pub async fn run_program(
+pub(crate) async fn run_program(
     program: &Path,
     args: &[&OsStr],
     env: &[(&str, &OsStr)],

@@ -35,7 +35,7 @@
 //! - [`ari`]: ACME Renewal Information (RFC 9773).
 
 mod account;
-pub mod ari;
+pub(crate) mod ari;
 mod error;
 mod http;
 mod nonce;
@@ -43,13 +43,10 @@ mod observe;
 pub mod raw;
 mod trust;
 
-pub use account::{AcmeAccount, credentials_path, roll_over_account};
-pub use error::{
-    AcmeError, Disposition, LimitScope, MAX_DETAIL, ProblemRecord, RATE_LIMIT_MIN_PAUSE, RateLimit,
-    SetupError, SubproblemRecord, bounded, error_chain, identifier_string, transport_message,
-};
-pub use http::{
-    AcmeHttp, MAX_CHAIN_BODY, MAX_JSON_BODY, RETRY_AFTER_MAX, RETRY_AFTER_MIN, parse_retry_after,
-};
-pub use nonce::{NONCE_ATTEMPTS, is_bad_nonce, with_nonce_retry};
-pub use observe::Observation;
+pub use account::credentials_path;
+pub(crate) use account::{AcmeAccount, roll_over_account};
+pub use error::{AcmeError, Disposition, LimitScope, ProblemRecord, RateLimit};
+pub(crate) use error::{bounded, error_chain};
+pub use http::AcmeHttp;
+pub(crate) use http::{MAX_JSON_BODY, parse_retry_after};
+pub(crate) use nonce::{NONCE_ATTEMPTS, is_bad_nonce, with_nonce_retry};

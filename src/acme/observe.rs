@@ -27,8 +27,6 @@ const DIRECTORY_ROLES: [&str; 5] = [
     "keyChange",
 ];
 
-/// Errors that stop certd from talking to the CA at all.
-
 /// What the last response from one URL said beyond its body.
 #[derive(Debug, Clone, Default)]
 pub struct Observation {

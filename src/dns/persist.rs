@@ -12,18 +12,18 @@
 use crate::clock::UnixTime;
 
 /// The label before the name that dns-persist-01 records live under.
-pub const PERSIST_LABEL: &str = "_validation-persist";
+pub(crate) const PERSIST_LABEL: &str = "_validation-persist";
 
 /// The record name for `identifier`: a wildcard's `*.` goes (the CA looks
 /// at the base name and asks for `policy=wildcard`).
-pub fn persist_record(identifier: &str) -> String {
+pub(crate) fn persist_record(identifier: &str) -> String {
     let base = identifier.strip_prefix("*.").unwrap_or(identifier);
     format!("{PERSIST_LABEL}.{}", base.trim_end_matches('.'))
 }
 
 /// What a visible record must say for the CA to accept it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PersistExpect {
+pub(crate) struct PersistExpect {
     /// The CA's issuer domain names (the challenge's `issuer-domain-names`,
     /// or the directory's `caaIdentities`); the record names one of them.
     pub issuers: Vec<String>,
@@ -36,7 +36,7 @@ pub struct PersistExpect {
 impl PersistExpect {
     /// The TXT value to publish: the first issuer, the account, and the
     /// wildcard policy where needed.
-    pub fn record_value(&self) -> String {
+    pub(crate) fn record_value(&self) -> String {
         let issuer = self.issuers.first().map_or("", String::as_str);
         let mut v = format!("{issuer}; accounturi={}", self.account_uri);
         if self.wildcard {
@@ -48,7 +48,7 @@ impl PersistExpect {
     /// Whether one of `values` (the TXT values at the record) authorizes
     /// this account; `Err` says why none does.
     /// `now` is when the values were read (`persistUntil` is compared).
-    pub fn check(&self, values: &[String], now: UnixTime) -> Result<(), String> {
+    pub(crate) fn check(&self, values: &[String], now: UnixTime) -> Result<(), String> {
         let now = u64::try_from(now.secs()).unwrap_or(0);
         let mut why = Vec::new();
         for value in values {
@@ -144,7 +144,7 @@ fn parse_params<'a>(parts: impl Iterator<Item = &'a str>) -> Result<Params, Stri
 /// The `issuer-domain-names` of the challenge at `challenge_url` in an
 /// authorization object; empty when absent or unreadable (the solver then
 /// says the CA named no issuer).
-pub fn issuers_in_authz(authz: &[u8], challenge_url: &str) -> Vec<String> {
+pub(crate) fn issuers_in_authz(authz: &[u8], challenge_url: &str) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Authz {
         #[serde(default)]

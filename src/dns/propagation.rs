@@ -65,7 +65,7 @@ pub enum PropagationError {
 
 /// The known facts about the zone, where the solver has them.
 #[derive(Debug, Clone)]
-pub struct ZoneHint {
+pub(crate) struct ZoneHint {
     pub zone: Name,
     /// The primary that took the update: always checked, and asked for the
     /// zone's NS records.
@@ -74,7 +74,7 @@ pub struct ZoneHint {
 
 /// What the check waits to see among the TXT values at a record.
 #[derive(Debug, Clone, Copy)]
-pub enum Expect<'a> {
+pub(crate) enum Expect<'a> {
     /// dns-01: this value.
     Value(&'a str),
     /// dns-persist-01: a value that authorizes the account.
@@ -110,14 +110,14 @@ enum Chase {
 
 /// The check as configured.
 #[derive(Debug, Clone)]
-pub struct PropagationCheck {
+pub(crate) struct PropagationCheck {
     cfg: PropagationConfig,
     /// When an answer was read, for records that expire.
     clock: Clock,
 }
 
 impl PropagationCheck {
-    pub fn new(cfg: &PropagationConfig, clock: Clock) -> Self {
+    pub(crate) fn new(cfg: &PropagationConfig, clock: Clock) -> Self {
         Self {
             cfg: cfg.clone(),
             clock,
@@ -126,7 +126,7 @@ impl PropagationCheck {
 
     /// The same servers, checked even where dns-01's check is switched off
     /// (dns-persist-01 has no other safeguard), for at most `timeout`.
-    pub fn always(cfg: &PropagationConfig, timeout: Duration, clock: Clock) -> Self {
+    pub(crate) fn always(cfg: &PropagationConfig, timeout: Duration, clock: Clock) -> Self {
         Self {
             cfg: PropagationConfig {
                 enabled: true,
@@ -144,7 +144,7 @@ impl PropagationCheck {
     /// else of the system's resolvers with it. Where no server answers,
     /// the name reached so far is used, as before CNAMEs were followed
     /// (an offline hook setup keeps working); a loop is an error.
-    pub async fn follow_cnames(
+    pub(crate) async fn follow_cnames(
         &self,
         record: &str,
         primary: Option<SocketAddr>,
@@ -157,7 +157,7 @@ impl PropagationCheck {
     /// forgotten CNAME fails here and not at the CA, where it costs a
     /// failed validation. Where no server answers, nothing can be told
     /// and the check passes.
-    pub async fn check_alias(
+    pub(crate) async fn check_alias(
         &self,
         original: &str,
         target: &Name,
@@ -232,7 +232,7 @@ impl PropagationCheck {
     /// every server that answers for its zone, or fails after the
     /// configured timeout, naming the servers still lacking it. `record`
     /// is the end of its CNAME chain ([`Self::follow_cnames`]).
-    pub async fn wait(
+    pub(crate) async fn wait(
         &self,
         record: &str,
         expect: Expect<'_>,
@@ -484,20 +484,20 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 
 /// Pauses between polls: `start`, doubling to `cap`.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub fn new(start: Duration, cap: Duration) -> Self {
+    pub(crate) fn new(start: Duration, cap: Duration) -> Self {
         Self {
             next: start.min(cap),
             cap,
         }
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.cap);
         d

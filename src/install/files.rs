@@ -38,7 +38,7 @@ use super::x509::{CertInfo, TrustedRoots, verify_chain};
 use crate::clock::Clock;
 use crate::safefs::{ensure_own_dir, euid, open_own_dir, open_private_dir, write_new_file};
 
-pub const FILES: [&str; 4] = ["cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"];
+pub(crate) const FILES: [&str; 4] = ["cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"];
 const KEEP_VERSIONS: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
     }
 }
 #[derive(Debug)]
-pub struct Issuance {
+pub(crate) struct Issuance {
     pub info: CertInfo,
     cert_pem: String,
     chain_pem: String,
@@ -73,7 +73,7 @@ impl Issuance {
     /// must carry exactly `domains` and the public half of `key_pem`, and
     /// the chain must pass `verify_chain` (against `roots` where the
     /// operator names them).
-    pub fn new(
+    pub(crate) fn new(
         fullchain_pem: &str,
         key_pem: String,
         key_spki: &[u8],
@@ -116,14 +116,14 @@ impl Issuance {
 
     /// The durable record of this issuance, kept until it is installed:
     /// the private key, then the full chain, as PEM.
-    pub fn record(&self) -> String {
+    pub(crate) fn record(&self) -> String {
         format!("{}{}", self.key_pem, self.fullchain_pem)
     }
 
     /// Reads a [`Issuance::record`] back and checks it as [`Issuance::new`]
     /// checks the CA's answer: a record that no longer verifies (expired,
     /// say) is refused.
-    pub fn from_record(
+    pub(crate) fn from_record(
         record: &str,
         domains: &[String],
         roots: Option<&TrustedRoots>,
@@ -163,7 +163,7 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 
 /// Installs `issuance` as the current version of `name`; returns the version
 /// directory's name. Blocking: call from `spawn_blocking`.
-pub fn install(
+pub(crate) fn install(
     cert_dir: &Path,
     name: &str,
     issuance: &Issuance,
@@ -259,7 +259,7 @@ fn write_version(dir: &Path, issuance: &Issuance) -> Result<(), InstallError> {
 /// write, without following a symlink at the file, and only if the key
 /// file is certd's own and private: a key someone else could plant must
 /// never be certified. Blocking.
-pub fn read_reusable_key(cert_dir: &Path, name: &str) -> io::Result<Option<String>> {
+pub(crate) fn read_reusable_key(cert_dir: &Path, name: &str) -> io::Result<Option<String>> {
     let base = cert_dir.join(name);
     let current = match fs::read_link(base.join("current")) {
         Ok(target) => target,
@@ -356,7 +356,7 @@ fn prune(versions: &Path, keep: &str) {
 }
 
 /// The installed certificate of `name`, if a complete one is there.
-pub fn installed(cert_dir: &Path, name: &str) -> Option<CertInfo> {
+pub(crate) fn installed(cert_dir: &Path, name: &str) -> Option<CertInfo> {
     let base = cert_dir.join(name);
     // Resolve `current` once so the certificate and key come from one version.
     let current = fs::canonicalize(base.join("current")).ok()?;

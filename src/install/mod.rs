@@ -14,7 +14,9 @@ mod x509;
 #[cfg(test)]
 mod testca;
 
-pub use files::{FILES, InstallError, Issuance, install, installed, read_reusable_key};
-pub use reload::{ReloadOutcome, run_command, run_reloads};
-pub use renewal::{SHORT_LIFETIME, renewal_time};
-pub use x509::{CertInfo, TrustedRoots, verify_chain};
+pub use files::InstallError;
+pub(crate) use files::{FILES, Issuance, install, installed, read_reusable_key};
+pub use reload::ReloadOutcome;
+pub(crate) use reload::{run_command, run_reloads};
+pub(crate) use renewal::renewal_time;
+pub use x509::{CertInfo, TrustedRoots};

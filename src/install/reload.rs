@@ -22,7 +22,7 @@ pub struct ReloadOutcome {
 ///
 /// Dropping this future (certd stopping, and its shutdown grace ran out)
 /// kills a command still running, with its process group, and logs why.
-pub async fn run_reloads(
+pub(crate) async fn run_reloads(
     commands: &[String],
     timeout: Duration,
     name: &str,
@@ -69,7 +69,7 @@ impl Drop for Running<'_> {
 
 /// Runs `command` with `/bin/sh -c` and `env`, bounded by `timeout`;
 /// returns the exit status and the tail of its output.
-pub async fn run_command(
+pub(crate) async fn run_command(
     command: &str,
     env: &[(&str, &OsStr)],
     timeout: Duration,

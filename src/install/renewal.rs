@@ -4,13 +4,13 @@
 use crate::clock::UnixTime;
 
 /// Lifetimes shorter than this renew at half their lifetime.
-pub const SHORT_LIFETIME: i64 = 10 * 86_400;
+const SHORT_LIFETIME: i64 = 10 * 86_400;
 
 /// When a certificate with this validity should be renewed without ARI:
 /// when the `remaining` fraction (`[daemon] renew_remaining`) of its
 /// lifetime is left, or half of it for lifetimes under 10 days, where a
 /// third (two days of a six-day certificate) leaves too few retries.
-pub fn renewal_time(not_before: i64, not_after: i64, remaining: f64) -> UnixTime {
+pub(crate) fn renewal_time(not_before: i64, not_after: i64, remaining: f64) -> UnixTime {
     let lifetime = (not_after - not_before).max(0);
     let remaining = if lifetime < SHORT_LIFETIME {
         remaining.max(0.5)

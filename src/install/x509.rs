@@ -101,7 +101,7 @@ impl CertInfo {
 
     /// Every name on the certificate, DNS names and addresses, sorted as
     /// text: comparable with a certificate's sorted `domain_strings`.
-    pub fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         let mut all: Vec<String> = self
             .dns_names
             .iter()
@@ -136,7 +136,7 @@ pub struct TrustedRoots {
 impl TrustedRoots {
     /// Reads the PEM file at `path`; every certificate in it must be usable
     /// as a trust anchor.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?
             .collect::<Result<_, _>>()
@@ -159,7 +159,7 @@ impl TrustedRoots {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -183,7 +183,7 @@ impl TrustedRoots {
 ///   constraints along the path);
 /// - with `roots`, the chain ends at one of them; without, at the last
 ///   certificate the CA sent, so a leaf without a chain is refused.
-pub fn verify_chain(
+pub(crate) fn verify_chain(
     certs: &[CertificateDer<'_>],
     roots: Option<&TrustedRoots>,
     now: UnixTime,

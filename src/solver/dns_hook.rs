@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use super::{ChallengeSpec, Solver, SolverError, Unready, check_alias};
 use crate::clock::Clock;
-use crate::config::{ChallengeKind, Dns01Config};
+use crate::config::Dns01Config;
 use crate::dns::propagation::{Expect, PropagationCheck};
 use crate::process::{ProgramEnd, run_program, tail};
 
@@ -19,7 +19,7 @@ use crate::process::{ProgramEnd, run_program, tail};
 /// `LANG` besides: `process::run_program`). The hook must add (not
 /// replace) the value on present and remove only that value on cleanup: a
 /// name and its wildcard share one record name.
-pub struct Dns01Hook {
+pub(crate) struct Dns01Hook {
     hook: PathBuf,
     timeout: Duration,
     propagation: PropagationCheck,
@@ -116,10 +116,6 @@ fn hook_safe(s: &str) -> bool {
 
 #[async_trait]
 impl Solver for Dns01Hook {
-    fn kind(&self) -> ChallengeKind {
-        ChallengeKind::Dns01
-    }
-
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         self.run("present", c).await
     }

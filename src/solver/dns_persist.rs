@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use super::{ChallengeSpec, Solver, SolverError};
 use crate::clock::Clock;
-use crate::config::{ChallengeKind, PropagationConfig};
+use crate::config::PropagationConfig;
 use crate::dns::persist::persist_record;
 use crate::dns::propagation::{Expect, PropagationCheck};
 
@@ -14,7 +14,7 @@ use crate::dns::propagation::{Expect, PropagationCheck};
 /// once (`certd dns-persist show`); certd writes nothing and only checks,
 /// before the CA is asked, that the record is visible and names this CA
 /// and account, so a missing record costs no failed validation.
-pub struct DnsPersistSolver {
+pub(crate) struct DnsPersistSolver {
     check: PropagationCheck,
 }
 
@@ -34,10 +34,6 @@ impl DnsPersistSolver {
 
 #[async_trait]
 impl Solver for DnsPersistSolver {
-    fn kind(&self) -> ChallengeKind {
-        ChallengeKind::DnsPersist01
-    }
-
     async fn present(&self, _c: &ChallengeSpec) -> Result<(), SolverError> {
         Ok(())
     }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ChallengeSpec, Solver, SolverError, Token, Unready};
-use crate::config::{ChallengeKind, Http01Config, Preflight};
+use crate::config::{Http01Config, Preflight};
 use crate::tinyhttp::{self, Response};
 
 const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
@@ -25,7 +25,7 @@ const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
 const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
 
 /// http-01 through the standalone responder, a webroot, or both.
-pub struct Http01Solver {
+pub(crate) struct Http01Solver {
     responder: Option<Http01Responder>,
     webroot: Option<PathBuf>,
     preflight: Preflight,
@@ -61,10 +61,6 @@ impl Http01Solver {
 
 #[async_trait]
 impl Solver for Http01Solver {
-    fn kind(&self) -> ChallengeKind {
-        ChallengeKind::Http01
-    }
-
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let token = c.token()?;
         if let Some(r) = &self.responder {
@@ -369,7 +365,7 @@ mod webroot {
 /// One small HTTP server shared by all orders, answering
 /// `GET /.well-known/acme-challenge/<token>` from an in-memory map.
 #[derive(Clone)]
-pub struct Http01Responder {
+pub(crate) struct Http01Responder {
     tokens: Arc<Mutex<HashMap<Token, TokenEntry>>>,
     addr: SocketAddr,
 }
@@ -384,7 +380,7 @@ struct TokenEntry {
 impl Http01Responder {
     /// Binds `addr` and serves until `cancel` fires; the task and every
     /// connection task belong to `tracker`.
-    pub async fn start(
+    pub(crate) async fn start(
         addr: SocketAddr,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
@@ -405,7 +401,7 @@ impl Http01Responder {
         Ok(responder)
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 

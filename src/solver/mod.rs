@@ -30,11 +30,11 @@ mod http01;
 mod rfc2136;
 mod tls_alpn;
 
-pub use dns_hook::Dns01Hook;
-pub use dns_persist::DnsPersistSolver;
-pub use http01::{Http01Responder, Http01Solver};
-pub use rfc2136::Rfc2136Solver;
-pub use tls_alpn::TlsAlpnSolver;
+pub(crate) use dns_hook::Dns01Hook;
+pub(crate) use dns_persist::DnsPersistSolver;
+pub(crate) use http01::{Http01Responder, Http01Solver};
+pub(crate) use rfc2136::Rfc2136Solver;
+pub(crate) use tls_alpn::TlsAlpnSolver;
 
 /// A challenge token from the CA, checked once where it enters certd.
 ///
@@ -43,7 +43,7 @@ pub use tls_alpn::TlsAlpnSolver;
 /// with at least 128 bits of entropy (22 characters). Anything else (`..`,
 /// `/`, an absolute path, a NUL) is a CA attacking the file system.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Token(String);
+pub(crate) struct Token(String);
 
 impl Token {
     /// 128 bits of entropy in base64url, rounded up.
@@ -51,7 +51,7 @@ impl Token {
     /// Well under a file name's 255 bytes; CAs send 43.
     const MAX_LEN: usize = 128;
 
-    pub fn parse(token: &str) -> Result<Self, SolverError> {
+    pub(crate) fn parse(token: &str) -> Result<Self, SolverError> {
         let reason = if token.len() < Self::MIN_LEN {
             Some("shorter than 22 characters (128 bits)")
         } else if token.len() > Self::MAX_LEN {
@@ -74,7 +74,7 @@ impl Token {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -94,7 +94,7 @@ impl Borrow<str> for Token {
 
 /// What a solver needs to know about one challenge.
 #[derive(Debug, Clone)]
-pub struct ChallengeSpec {
+pub(crate) struct ChallengeSpec {
     /// The configured name the authorization is for (`example.com`, or
     /// `*.example.com` for a wildcard's), never the CA's text.
     pub identifier: String,
@@ -113,7 +113,7 @@ pub struct ChallengeSpec {
 
 impl ChallengeSpec {
     /// The token, for the types that have one.
-    pub fn token(&self) -> Result<&Token, SolverError> {
+    pub(crate) fn token(&self) -> Result<&Token, SolverError> {
         self.token.as_ref().ok_or_else(|| SolverError::BadToken {
             token: "(none)".into(),
             reason: "missing",
@@ -122,7 +122,7 @@ impl ChallengeSpec {
 
     /// Where dns-01 puts the TXT record before CNAMEs are followed:
     /// `_acme-challenge.<name>`, or the certificate's alias.
-    pub fn dns_record(&self) -> String {
+    pub(crate) fn dns_record(&self) -> String {
         match &self.dns_alias {
             Some(alias) => alias.record_for(&self.identifier),
             None => crate::dns::challenge_record(&self.identifier),
@@ -197,9 +197,7 @@ pub enum SolverError {
 }
 
 #[async_trait]
-pub trait Solver: Send + Sync {
-    fn kind(&self) -> ChallengeKind;
-
+pub(crate) trait Solver: Send + Sync {
     /// Makes the response visible to the CA.
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError>;
 
@@ -255,14 +253,14 @@ pub struct Solvers {
 
 /// The sections of a configuration the solvers are built from.
 #[derive(Clone, Copy, Default, PartialEq)]
-pub struct ChallengeSettings<'a> {
+pub(crate) struct ChallengeSettings<'a> {
     pub http01: Option<&'a Http01Config>,
     pub dns01: Option<&'a Dns01Config>,
     pub tls_alpn01: Option<&'a TlsAlpn01Config>,
 }
 
 impl<'a> ChallengeSettings<'a> {
-    pub fn of(cfg: &'a Config) -> Self {
+    pub(crate) fn of(cfg: &'a Config) -> Self {
         Self {
             http01: cfg.http01.as_ref(),
             dns01: cfg.dns01.as_ref(),
@@ -290,7 +288,7 @@ impl Solvers {
     /// Builds the solvers for `cfg`. Listeners (the standalone http-01
     /// responder, the tls-alpn-01 responder) start only for the kinds in
     /// `needed`: a one-shot run with nothing due should not bind port 80.
-    pub async fn from_config(
+    pub(crate) async fn from_config(
         cfg: &Config,
         needed: &[ChallengeKind],
         tracker: &TaskTracker,
@@ -320,7 +318,7 @@ impl Solvers {
     /// `new`. A section whose new solver cannot start (a port taken, a bad
     /// key) keeps its running one; its error is returned. Orders already
     /// presenting keep the solver (and listener) they started with.
-    pub async fn reconfigure(
+    pub(crate) async fn reconfigure(
         &self,
         old: ChallengeSettings<'_>,
         new: ChallengeSettings<'_>,
@@ -380,7 +378,7 @@ impl Solvers {
 
     /// Runs every solver's [`Solver::check`] for the challenge types in
     /// `kinds`; a type with no solver is reported by name.
-    pub fn check(&self, kinds: &[ChallengeKind]) -> Result<(), Unready> {
+    pub(crate) fn check(&self, kinds: &[ChallengeKind]) -> Result<(), Unready> {
         for kind in kinds {
             match self.get(*kind) {
                 Ok(solver) => solver.check()?,
@@ -396,7 +394,7 @@ impl Solvers {
         Ok(())
     }
 
-    pub fn get(&self, kind: ChallengeKind) -> Result<Arc<dyn Solver>, SolverError> {
+    pub(crate) fn get(&self, kind: ChallengeKind) -> Result<Arc<dyn Solver>, SolverError> {
         self.by_kind
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -487,9 +485,6 @@ struct Owned {
 
 #[async_trait]
 impl Solver for Owned {
-    fn kind(&self) -> ChallengeKind {
-        self.solver.kind()
-    }
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         self.solver.present(c).await
     }

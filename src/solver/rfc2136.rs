@@ -20,7 +20,7 @@ use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
 
 use super::{ChallengeSpec, Solver, SolverError, check_alias};
 use crate::clock::Clock;
-use crate::config::{ChallengeKind, Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
+use crate::config::{Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
 use crate::dns::propagation::{Expect, PropagationCheck, ZoneHint};
 use crate::dns::{
     DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, send_signed, soa_owner,
@@ -35,7 +35,7 @@ const RECORD_TTL: u32 = 60;
 const TSIG_FUDGE: u16 = 300;
 
 /// The solver for `[dns01.rfc2136]`.
-pub struct Rfc2136Solver {
+pub(crate) struct Rfc2136Solver {
     server: ServerAddr,
     zone: Option<Name>,
     signer: TSigner,
@@ -189,10 +189,6 @@ fn build_update(add: bool, name: Name, zone: Name, value: &str) -> Message {
 
 #[async_trait]
 impl Solver for Rfc2136Solver {
-    fn kind(&self) -> ChallengeKind {
-        ChallengeKind::Dns01
-    }
-
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         self.update("add", c).await
     }
