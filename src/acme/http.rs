@@ -4,12 +4,11 @@
 //! stream; the headers certd and instant-acme read are bounded, and
 //! `Retry-After` is clamped before anyone sees it.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
@@ -20,8 +19,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::error::{ProblemRecord, SetupError, bounded};
-use super::nonce::{LAST_NONCE, LAST_RETRY_AFTER, synthetic_nonce_response};
-use super::observe::{Observation, Stats};
+use super::nonce::{LAST_NONCE, LAST_RETRY_AFTER, NoncePool, synthetic_nonce_response};
+use super::observe::Observer;
 use super::trust;
 use crate::clock::Clock;
 
@@ -57,18 +56,8 @@ pub(super) struct HttpInner {
     pub(super) client: reqwest::Client,
     /// The wall clock `Retry-After` is read against.
     pub(super) clock: Clock,
-    pub(super) nonces: Mutex<VecDeque<(String, Instant)>>,
-    /// With when it was recorded, for `forget_old`.
-    pub(super) observations: Mutex<HashMap<String, (Observation, Instant)>>,
-    pub(super) stats: Mutex<Stats>,
-    /// The directory's newNonce URL, once a directory has been seen.
-    pub(super) new_nonce: Mutex<Option<String>>,
-    /// The directory's keyChange URL, likewise.
-    pub(super) key_change: Mutex<Option<String>>,
-    /// Recently created orders: (sorted identifiers, order URL). Lets the
-    /// driver find an order instant-acme refused to hand over (a CA that
-    /// ignored `replaces`).
-    pub(super) created_orders: Mutex<VecDeque<(String, String)>>,
+    pub(super) nonces: NoncePool,
+    pub(super) observer: Observer,
 }
 
 /// The certificates of `[acme] ca_bundle`, as trust anchors.
@@ -130,12 +119,8 @@ impl AcmeHttp {
             inner: Arc::new(HttpInner {
                 client,
                 clock,
-                nonces: Mutex::new(VecDeque::new()),
-                observations: Mutex::new(HashMap::new()),
-                stats: Mutex::new(Stats::default()),
-                new_nonce: Mutex::new(None),
-                key_change: Mutex::new(None),
-                created_orders: Mutex::new(VecDeque::new()),
+                nonces: NoncePool::default(),
+                observer: Observer::default(),
             }),
         })
     }
@@ -186,9 +171,9 @@ impl HttpInner {
 
         // instant-acme only sends HEAD to fetch a fresh nonce.
         if parts.method == Method::HEAD
-            && let Some(nonce) = self.take_nonce()
+            && let Some(nonce) = self.nonces.take()
         {
-            self.count("newNonce", "pooled");
+            self.observer.count("newNonce", "pooled");
             return Ok(synthetic_nonce_response(&nonce));
         }
         let result = self
@@ -198,11 +183,11 @@ impl HttpInner {
             .body(body)
             .send()
             .await;
-        let endpoint = self.endpoint(&parts.method, &url);
+        let endpoint = self.observer.endpoint(&parts.method, &url);
         let rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
-                self.count(endpoint, "transport-error");
+                self.observer.count(endpoint, "transport-error");
                 return Err(instant_acme::Error::Other(Box::new(e)));
             }
         };
@@ -227,13 +212,13 @@ impl HttpInner {
                 .map_err(|e| format!("{}: {e}", bounded(&url, MAX_URL_LEN)))
         };
         if let Err(e) = checked {
-            self.count(endpoint, status.as_str());
+            self.observer.count(endpoint, status.as_str());
             return Err(instant_acme::Error::Other(e.into()));
         }
         let bytes = match read_capped(rsp, body_limit(&headers)).await {
             Ok(b) => b,
             Err(e) => {
-                self.count(endpoint, "transport-error");
+                self.observer.count(endpoint, "transport-error");
                 return Err(instant_acme::Error::Other(
                     format!(
                         "reading the answer from {}: {e}",
@@ -243,16 +228,16 @@ impl HttpInner {
                 ));
             }
         };
-        self.count(endpoint, status.as_str());
+        self.observer.count(endpoint, status.as_str());
         if endpoint == "newOrder" && status == StatusCode::CREATED {
-            self.remember_created_order(&headers, &bytes);
+            self.observer.remember_created_order(&headers, &bytes);
         }
         if let Some(nonce) = headers.get("replay-nonce").and_then(|v| v.to_str().ok()) {
             // Only the task's latest nonce is kept (see `nonce_scope`): the
             // caller spends this one in its next request.
             let _ = LAST_NONCE.try_with(|slot| slot.replace(Some(nonce.to_owned())));
         }
-        self.observe(&url, status, &headers, &bytes);
+        self.observer.observe(&url, status, &headers, &bytes, now);
         let retry_after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
@@ -606,8 +591,8 @@ mod tests {
                     headers.insert(RETRY_AFTER, v);
                 }
                 headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-                http.inner.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::from(body.clone()));
-                http.inner.remember_created_order(&headers, &Bytes::from(body.clone()));
+                http.inner.observer.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::from(body.clone()), SystemTime::now());
+                http.inner.observer.remember_created_order(&headers, &Bytes::from(body.clone()));
                 let _ = serde_json::from_slice::<raw::AuthzObject>(&body);
                 let _ = serde_json::from_slice::<ProblemRecord>(&body);
                 let _ = parse_retry_after(&header, SystemTime::now());
@@ -649,7 +634,7 @@ mod tests {
                     for v in headers.values() {
                         prop_assert!(v.len() <= MAX_HEADER_LEN);
                     }
-                    http.inner.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::new());
+                    http.inner.observer.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::new(), SystemTime::now());
                     let _ = problem_for_error_page(StatusCode::BAD_GATEWAY, &headers, Bytes::new());
                 }
             }
@@ -665,7 +650,7 @@ mod tests {
                 let mut headers = HeaderMap::new();
                 headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
                 let bytes = Bytes::from(body.to_string());
-                http.inner.observe("https://ca/x", StatusCode::OK, &headers, &bytes);
+                http.inner.observer.observe("https://ca/x", StatusCode::OK, &headers, &bytes, SystemTime::now());
                 let _ = serde_json::from_slice::<raw::AuthzObject>(&bytes).map(|a| a.identifier());
             }
         }

@@ -4,14 +4,16 @@
 //! request rejected for its nonce is repeated, since the CA did not
 //! process it.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::StatusCode;
 use instant_acme::BytesResponse;
 
-use super::http::{AcmeHttp, HttpInner, lock};
+use super::http::{AcmeHttp, lock};
 
 /// instant-acme retries a request whose nonce the CA rejected three times;
 /// CAs under load reject more (Pebble's `PEBBLE_WFE_NONCEREJECT=50` rejects
@@ -83,7 +85,7 @@ impl AcmeHttp {
             .scope(slot, async {
                 let out = retry_after.await;
                 if let Some(nonce) = LAST_NONCE.with(|slot| slot.take()) {
-                    self.inner.put_nonce(&nonce);
+                    self.inner.nonces.put(&nonce);
                 }
                 out
             })
@@ -91,9 +93,13 @@ impl AcmeHttp {
     }
 }
 
-impl HttpInner {
-    pub(super) fn take_nonce(&self) -> Option<String> {
-        let mut pool = lock(&self.nonces);
+/// Nonces no request spent, oldest first.
+#[derive(Default)]
+pub(super) struct NoncePool(Mutex<VecDeque<(String, Instant)>>);
+
+impl NoncePool {
+    pub(super) fn take(&self) -> Option<String> {
+        let mut pool = lock(&self.0);
         while let Some((nonce, at)) = pool.pop_front() {
             if at.elapsed() < NONCE_MAX_AGE {
                 return Some(nonce);
@@ -102,8 +108,8 @@ impl HttpInner {
         None
     }
 
-    pub(super) fn put_nonce(&self, nonce: &str) {
-        let mut pool = lock(&self.nonces);
+    pub(super) fn put(&self, nonce: &str) {
+        let mut pool = lock(&self.0);
         if pool.len() >= NONCE_POOL_MAX {
             pool.pop_front();
         }
@@ -166,7 +172,7 @@ mod tests {
         .await;
         // Outside any scope a response's nonce is not kept.
         let _ = LAST_NONCE.try_with(|slot| slot.replace(Some("c".to_owned())));
-        assert_eq!(http.inner.take_nonce().as_deref(), Some("b"));
-        assert_eq!(http.inner.take_nonce(), None);
+        assert_eq!(http.inner.nonces.take().as_deref(), Some("b"));
+        assert_eq!(http.inner.nonces.take(), None);
     }
 }

@@ -3,7 +3,8 @@
 //! each URL is (learned from the directory and from objects) for request
 //! counts; the orders the CA created recently.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
 use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 
-use super::http::{AcmeHttp, HttpInner, https_url, lock, parse_retry_after};
+use super::http::{AcmeHttp, https_url, lock, parse_retry_after};
 
 const OBSERVATIONS_MAX: usize = 4096;
 /// How long what a response said about an object is kept once the daemon
@@ -39,7 +40,7 @@ pub struct Observation {
 }
 
 #[derive(Default)]
-pub(super) struct Stats {
+struct Stats {
     /// URL → endpoint name, learned from the directory and from objects,
     /// and when it was learned.
     roles: HashMap<String, (&'static str, Instant)>,
@@ -47,60 +48,77 @@ pub(super) struct Stats {
     counts: BTreeMap<(&'static str, String), u64>,
 }
 
+/// What responses said, per URL and per endpoint; shared by every clone
+/// of one [`AcmeHttp`].
+#[derive(Default)]
+pub(super) struct Observer {
+    /// With when it was recorded, for `forget_before`.
+    observations: Mutex<HashMap<String, (Observation, Instant)>>,
+    stats: Mutex<Stats>,
+    /// The directory's newNonce URL, once a directory has been seen.
+    new_nonce: Mutex<Option<String>>,
+    /// The directory's keyChange URL, likewise.
+    key_change: Mutex<Option<String>>,
+    /// Recently created orders: (sorted identifiers, order URL). Lets the
+    /// driver find an order instant-acme refused to hand over (a CA that
+    /// ignored `replaces`).
+    created_orders: Mutex<VecDeque<(String, String)>>,
+}
+
 impl AcmeHttp {
     /// Drops what responses said about orders, authorizations and
     /// challenges more than a few seconds ago, for a daemon about to idle:
     /// 1,000 orders leave some 7,000 URLs behind, and none is read again.
     pub fn forget_old(&self) {
-        self.forget_before(Instant::now());
-    }
-
-    pub(super) fn forget_before(&self, now: Instant) {
-        let fresh = |at: &Instant| now.duration_since(*at) < OBSERVATION_TTL;
-        let mut map = lock(&self.inner.observations);
-        map.retain(|_, (_, at)| fresh(at));
-        map.shrink_to_fit();
-        drop(map);
-        let mut stats = lock(&self.inner.stats);
-        stats
-            .roles
-            .retain(|_, (role, at)| DIRECTORY_ROLES.contains(role) || fresh(at));
-        stats.roles.shrink_to_fit();
+        self.inner.observer.forget_before(Instant::now());
     }
 
     /// What the last response from `url` said in its headers.
     pub fn observed(&self, url: &str) -> Option<Observation> {
-        lock(&self.inner.observations)
+        lock(&self.inner.observer.observations)
             .get(url)
             .map(|(o, _)| o.clone())
     }
 
     /// The CA's newNonce URL, known once instant-acme fetched the directory.
     pub fn new_nonce_url(&self) -> Option<String> {
-        lock(&self.inner.new_nonce).clone()
+        lock(&self.inner.observer.new_nonce).clone()
     }
 
     /// The CA's keyChange URL, known once the directory was fetched.
     pub fn key_change_url(&self) -> Option<String> {
-        lock(&self.inner.key_change).clone()
+        lock(&self.inner.observer.key_change).clone()
     }
 
     /// The URL of the order the CA last created for exactly `identifiers`
     /// (sorted), taken out of the record.
     pub fn take_created_order(&self, identifiers: &[String]) -> Option<String> {
         let key = identifiers.join(",");
-        let mut created = lock(&self.inner.created_orders);
+        let mut created = lock(&self.inner.observer.created_orders);
         let i = created.iter().rposition(|(k, _)| *k == key)?;
         created.remove(i).map(|(_, url)| url)
     }
 
     /// Requests sent so far, per (endpoint, outcome).
     pub fn request_counts(&self) -> BTreeMap<(&'static str, String), u64> {
-        lock(&self.inner.stats).counts.clone()
+        lock(&self.inner.observer.stats).counts.clone()
     }
 }
 
-impl HttpInner {
+impl Observer {
+    pub(super) fn forget_before(&self, now: Instant) {
+        let fresh = |at: &Instant| now.duration_since(*at) < OBSERVATION_TTL;
+        let mut map = lock(&self.observations);
+        map.retain(|_, (_, at)| fresh(at));
+        map.shrink_to_fit();
+        drop(map);
+        let mut stats = lock(&self.stats);
+        stats
+            .roles
+            .retain(|_, (role, at)| DIRECTORY_ROLES.contains(role) || fresh(at));
+        stats.roles.shrink_to_fit();
+    }
+
     pub(super) fn remember_created_order(&self, headers: &HeaderMap, body: &Bytes) {
         #[derive(Deserialize)]
         struct Created {
@@ -128,11 +146,19 @@ impl HttpInner {
         list.push_back((names.join(","), location.to_owned()));
     }
 
-    pub(super) fn observe(&self, url: &str, status: StatusCode, headers: &HeaderMap, body: &Bytes) {
+    /// Files what the answer from `url`, received at `now`, said.
+    pub(super) fn observe(
+        &self,
+        url: &str,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &Bytes,
+        now: SystemTime,
+    ) {
         let retry_after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, self.clock.system_time()));
+            .and_then(|v| parse_retry_after(v, now));
         let link_up = headers
             .get_all(LINK)
             .iter()
@@ -288,24 +314,35 @@ mod tests {
             (headers, Bytes::from_static(body.as_bytes()))
         };
         let (h, b) = json(r#"{"newNonce": "https://ca/nonce", "newOrder": "https://ca/order"}"#);
-        http.inner.observe("https://ca/dir", StatusCode::OK, &h, &b);
-        let (h, b) = json(r#"{"status": "pending", "authorizations": ["https://ca/authz/1"]}"#);
         http.inner
-            .observe("https://ca/order/1", StatusCode::OK, &h, &b);
+            .observer
+            .observe("https://ca/dir", StatusCode::OK, &h, &b, SystemTime::now());
+        let (h, b) = json(r#"{"status": "pending", "authorizations": ["https://ca/authz/1"]}"#);
+        http.inner.observer.observe(
+            "https://ca/order/1",
+            StatusCode::OK,
+            &h,
+            &b,
+            SystemTime::now(),
+        );
         assert_eq!(
-            http.inner.endpoint(&Method::POST, "https://ca/authz/1"),
+            http.inner
+                .observer
+                .endpoint(&Method::POST, "https://ca/authz/1"),
             "authz"
         );
         assert!(http.observed("https://ca/order/1").is_some());
 
         // Just now: everything is still in use.
-        http.forget_before(Instant::now());
+        http.inner.observer.forget_before(Instant::now());
         assert!(http.observed("https://ca/order/1").is_some());
 
-        http.forget_before(Instant::now() + OBSERVATION_TTL * 2);
+        http.inner
+            .observer
+            .forget_before(Instant::now() + OBSERVATION_TTL * 2);
         assert!(http.observed("https://ca/order/1").is_none());
         assert!(http.observed("https://ca/dir").is_none());
-        let endpoint = |url| http.inner.endpoint(&Method::POST, url);
+        let endpoint = |url| http.inner.observer.endpoint(&Method::POST, url);
         assert_eq!(
             endpoint("https://ca/authz/1"),
             "order",

@@ -222,7 +222,7 @@ impl AcmeHttp {
 
     /// A nonce from the pool, else from `newNonce`.
     async fn fresh_nonce(&self) -> Result<String, AcmeError> {
-        if let Some(n) = self.inner.take_nonce() {
+        if let Some(n) = self.inner.nonces.take() {
             return Ok(n);
         }
         let url = self
