@@ -4,7 +4,7 @@
 //! `CERTD_ERROR` or `CERTD_NOT_AFTER`, for a pause `CERTD_UNPAUSE_URL`, and
 //! `CERTD_EXPLANATION_URL` when the CA's last ARI answer (RFC 9773) for the
 //! certificate gave one. Besides these it sees only `PATH` and `LANG`, and
-//! runs in its own process group (`install::run_program`).
+//! runs in its own process group (`process::run_program`).
 
 use std::ffi::OsStr;
 

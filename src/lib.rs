@@ -12,6 +12,8 @@
 pub mod clock; // the one wall clock, settable in tests
 pub mod memory; // heap returned to the system when idle
 pub mod tinyhttp; // the small HTTP/1.1 server the responders and metrics use
+pub mod process; // running programs: own process group, minimal environment, timeout
+pub mod safefs; // files and directories only certd can change; 0600 secrets
 pub mod config; // the file: parsed purely, then resolved; typed reload diff
 pub mod ledger; // every ACME object certd created, and the only SQL
 pub mod acme; // HTTP, nonces, the account, the CA's errors, ARI

@@ -41,20 +41,20 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The request line, which is all certd's listeners look at.
 #[derive(Debug, Clone)]
-pub struct Request {
+pub(crate) struct Request {
     pub method: String,
     pub target: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct Response {
+pub(crate) struct Response {
     pub code: u16,
     pub content_type: &'static str,
     pub body: String,
 }
 
 impl Response {
-    pub fn text(code: u16, body: impl Into<String>) -> Self {
+    pub(crate) fn text(code: u16, body: impl Into<String>) -> Self {
         Self {
             code,
             content_type: "text/plain",
@@ -65,7 +65,7 @@ impl Response {
 
 /// Serves `listener` until `cancel` fires, answering each request with
 /// `handler`.
-pub fn serve<H, F>(
+pub(crate) fn serve<H, F>(
     listener: TcpListener,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
@@ -85,7 +85,7 @@ pub fn serve<H, F>(
 
 /// How many connections one listener holds at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub total: usize,
     pub per_source: usize,
 }
@@ -94,7 +94,7 @@ impl Limits {
     /// An eighth of the descriptor limit per listener (certd has at most
     /// three: http-01, tls-alpn-01, metrics), so well over half is always
     /// left for certd's own work; a quarter of that per source.
-    pub fn for_fd_limit(nofile: u64) -> Self {
+    pub(crate) fn for_fd_limit(nofile: u64) -> Self {
         let total = usize::try_from(nofile / 8)
             .unwrap_or(usize::MAX)
             .clamp(16, 1024);
@@ -107,7 +107,7 @@ impl Limits {
 
 /// Raises the soft limit on open files to the hard limit (systemd's
 /// `LimitNOFILE` sets both) and returns the soft limit now in force.
-pub fn raise_fd_limit() -> u64 {
+pub(crate) fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -157,14 +157,14 @@ struct Conn {
 }
 
 /// One admitted connection's place; given back when dropped.
-pub struct Ticket {
+pub(crate) struct Ticket {
     admission: Arc<Admission>,
     id: u64,
 }
 
 impl Ticket {
     /// The request has arrived: the connection is no longer evictable.
-    pub fn busy(&self) {
+    pub(crate) fn busy(&self) {
         if let Some(c) = self.admission.lock().get_mut(&self.id) {
             c.idle = false;
         }
@@ -249,7 +249,7 @@ fn source_of(ip: IpAddr) -> IpAddr {
 /// [`Limits`] for the current descriptor limit, and runs `conn` for each
 /// in a task of `tracker`, ended early if the connection is evicted.
 /// `what` names the listener in the log.
-pub fn accept_loop<C, F>(
+pub(crate) fn accept_loop<C, F>(
     listener: TcpListener,
     what: &'static str,
     tracker: &TaskTracker,
@@ -337,7 +337,7 @@ impl Backoff {
 }
 
 /// Binds `addr`; the address actually bound (port 0 picks one).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr().unwrap_or(addr);
     Ok((listener, local))

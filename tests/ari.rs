@@ -46,7 +46,11 @@ fn installed_leaf(env: &TestEnv, name: &str) -> (String, String, String) {
 fn set_renewal_info(env: &TestEnv, pem: &str, answer: &str) {
     let body = serde_json::json!({ "Certificate": pem, "ARIResponse": answer });
     let status = block_on(async {
-        let http = certd::acme::AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("client");
+        let http = certd::acme::AcmeHttp::new(
+            Some(&env.pebble.ca_bundle()),
+            certd::clock::Clock::system(),
+        )
+        .expect("client");
         http.plain()
             .post(format!("{}/set-renewal-info/", env.pebble.management_url()))
             .body(body.to_string())

@@ -169,7 +169,11 @@ pub(crate) fn cert_status_at_ca(env: &TestEnv, serial: &str) -> String {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let http = certd::acme::AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("client");
+        let http = certd::acme::AcmeHttp::new(
+            Some(&env.pebble.ca_bundle()),
+            certd::clock::Clock::system(),
+        )
+        .expect("client");
         http.plain()
             .get(format!(
                 "{}/cert-status-by-serial/{serial}",

@@ -120,7 +120,8 @@ fn metrics_endpoint_serves_prometheus_text() {
             .build()
             .expect("runtime");
         runtime.block_on(async {
-            let http = certd::acme::AcmeHttp::new(None).expect("client");
+            let http =
+                certd::acme::AcmeHttp::new(None, certd::clock::Clock::system()).expect("client");
             http.plain()
                 .get(format!("http://127.0.0.1:{port}/metrics"))
                 .send()

@@ -19,13 +19,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::StatusCode;
 use http::header::RETRY_AFTER;
 use serde::Deserialize;
 
-use super::{MAX_JSON_BODY, parse_retry_after};
+use super::{AcmeHttp, MAX_JSON_BODY, parse_retry_after};
 
 /// How long to wait after a long-term error (RFC 9773 §4.3.3).
 pub const LONG_TERM_RETRY: Duration = Duration::from_secs(6 * 3600);
@@ -83,10 +83,11 @@ static RENEWAL_INFO_URLS: Mutex<Option<HashMap<String, Option<String>>>> = Mutex
 /// Asks the CA behind `directory_url` for the window of the certificate
 /// `cert_id` (RFC 9773 §4.1 `base64url(AKI) "." base64url(serial)`).
 pub async fn renewal_info(
-    client: &reqwest::Client,
+    http: &AcmeHttp,
     directory_url: &str,
     cert_id: Option<&str>,
 ) -> Result<Answer, AriError> {
+    let client = http.plain();
     let cert_id = cert_id.ok_or(AriError::Unsupported)?;
     let base = renewal_info_url(client, directory_url)
         .await?
@@ -102,8 +103,10 @@ pub async fn renewal_info(
         .headers()
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after)
-        .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
+        .and_then(|v| {
+            let now = http.clock().system_time();
+            parse_retry_after(v, now).map(|at| at.duration_since(now).unwrap_or_default())
+        });
     let body = read_body(response).await;
     interpret(status, retry_after, &body)
 }

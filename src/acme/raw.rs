@@ -20,7 +20,8 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use serde::Deserialize;
 
-use super::{AcmeError, AcmeHttp, Disposition, ProblemRecord, USER_AGENT};
+use super::http::USER_AGENT;
+use super::{AcmeError, AcmeHttp, Disposition, ProblemRecord};
 
 /// The account key, able to sign requests by itself.
 pub struct RawSigner {
@@ -214,13 +215,14 @@ impl AcmeHttp {
                 continue;
             }
             let retry_after = self.observed(url).and_then(|o| o.retry_after);
-            return Err(problem_error(problem, rsp.status, retry_after));
+            let now = self.inner.clock.system_time();
+            return Err(problem_error(problem, rsp.status, retry_after, now));
         }
     }
 
     /// A nonce from the pool, else from `newNonce`.
     async fn fresh_nonce(&self) -> Result<String, AcmeError> {
-        if let Some(n) = self.inner.take_nonce() {
+        if let Some(n) = self.inner.nonces.take() {
             return Ok(n);
         }
         let url = self
@@ -270,9 +272,10 @@ fn problem_error(
     problem: ProblemRecord,
     status: StatusCode,
     retry_after: Option<SystemTime>,
+    now: SystemTime,
 ) -> AcmeError {
     let disposition = match (problem.short_type(), status.as_u16()) {
-        ("rateLimited", _) | (_, 429) => Disposition::rate_limited(retry_after),
+        ("rateLimited", _) | (_, 429) => Disposition::rate_limited(retry_after, now),
         ("badNonce" | "serverInternal", _) => Disposition::Retryable,
         (_, s) if s >= 500 => Disposition::Retryable,
         _ => Disposition::Final,

@@ -1210,7 +1210,7 @@ pub struct ForeignFile {
 /// owns (root reads and writes them all, so only other users are checked).
 fn check_state_files(state_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let me = install::euid();
+    let me = crate::safefs::euid();
     if me == 0 {
         return Ok(());
     }
@@ -1254,7 +1254,7 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
         ("cert_dir", &cfg.storage.cert_dir, 0o755),
     ] {
         if !dir.exists() {
-            install::ensure_own_dir(dir, mode)
+            crate::safefs::ensure_own_dir(dir, mode)
                 .with_context(|| format!("cannot create {key} {}", dir.display()))?;
         }
         let meta = std::fs::metadata(dir).with_context(|| format!("{key} {}", dir.display()))?;
@@ -1263,7 +1263,7 @@ pub(crate) fn ensure_dirs(cfg: &Config) -> anyhow::Result<()> {
             path: dir.clone(),
             problem,
         };
-        let me = install::euid();
+        let me = crate::safefs::euid();
         if me == 0 && meta.uid() != 0 {
             return Err(WrongUser {
                 key,
@@ -1337,7 +1337,10 @@ async fn renew(
             (&verdict, &installed, force)
         {
             if http.is_none() {
-                http = Some(AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?);
+                http = Some(AcmeHttp::new(
+                    cfg.acme.ca_bundle.as_deref(),
+                    crate::clock::Clock::system(),
+                )?);
             }
             if let Some(http) = &http
                 && let Some(window) = ari_window(&cfg, http, existing.as_ref(), c, info).await
@@ -1441,12 +1444,7 @@ async fn ari_window(
     {
         return recorded_window;
     }
-    let answer = ari::renewal_info(
-        http.plain(),
-        cfg.acme.directory.as_str(),
-        info.ari_id.as_deref(),
-    )
-    .await;
+    let answer = ari::renewal_info(http, cfg.acme.directory.as_str(), info.ari_id.as_deref()).await;
     let interval = cfg.daemon.ari_interval;
     let (window, next_check, error) = match answer {
         Ok(a) => {
@@ -1489,12 +1487,19 @@ async fn renew_due(
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let setup = async {
-        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
         let account =
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
         let needed: Vec<ChallengeKind> =
             due.iter().flat_map(|(c, _)| c.challenges.clone()).collect();
-        let solvers = Solvers::from_config(cfg, &needed, &tracker, &cancel).await?;
+        let solvers = Solvers::from_config(
+            cfg,
+            &needed,
+            &tracker,
+            &cancel,
+            crate::clock::Clock::system(),
+        )
+        .await?;
         let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
         // Orders a crashed run left behind: resume those whose certificate
         // still wants the same names, abandon the rest.
@@ -1724,7 +1729,7 @@ async fn existing_account(cfg: &Config, store: &Ledger) -> anyhow::Result<Option
     if !credentials_path(&cfg.storage.state_dir, &directory).exists() {
         return Ok(None);
     }
-    let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+    let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
     let account =
         AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
     Ok(Some(Reaper::new(

@@ -179,7 +179,7 @@ pub fn start(
 
 /// Whether `uid` may give the daemon commands: root, or certd's own user.
 fn authorized(uid: u32) -> bool {
-    uid == 0 || uid == crate::install::euid()
+    uid == 0 || uid == crate::safefs::euid()
 }
 
 async fn serve(stream: UnixStream, handles: Handles) {
@@ -200,7 +200,7 @@ async fn serve(stream: UnixStream, handles: Handles) {
             &mut write,
             &Reply::Err(format!(
                 "certd: uid {uid} may not control the daemon: only root and uid {} may",
-                crate::install::euid()
+                crate::safefs::euid()
             )),
         )
         .await;
@@ -366,8 +366,8 @@ mod tests {
     #[test]
     fn only_root_and_the_daemons_user_are_served() {
         assert!(authorized(0));
-        assert!(authorized(crate::install::euid()));
-        let other = crate::install::euid().wrapping_add(1).max(1);
+        assert!(authorized(crate::safefs::euid()));
+        let other = crate::safefs::euid().wrapping_add(1).max(1);
         assert!(!authorized(other));
     }
 

@@ -60,9 +60,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
     let grace = cfg.daemon.shutdown_grace;
-    let solvers = Solvers::from_config(&cfg, &ALL_KINDS, &tasks.tracker, &shutdown)
-        .await
-        .context("cannot start the challenge solvers")?;
+    let solvers = Solvers::from_config(
+        &cfg,
+        &ALL_KINDS,
+        &tasks.tracker,
+        &shutdown,
+        crate::clock::Clock::system(),
+    )
+    .await
+    .context("cannot start the challenge solvers")?;
     // Registered before READY=1: until a handler exists SIGHUP kills the
     // process, and systemd (or a test) may send it the moment it hears READY.
     // Signals that arrive while the account loads wait for the watcher.
@@ -317,7 +323,7 @@ async fn load_account(
     let mut failures = 0;
     loop {
         let attempt = async {
-            let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref())?;
+            let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
             AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await
         };
         match attempt.await {

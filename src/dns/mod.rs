@@ -1,20 +1,19 @@
 //! DNS for dns-01: the record name a challenge lives at, a small client
 //! (one query or one signed update, over UDP or TCP) built on hickory-proto's
-//! message types, and the two users of it: dynamic update (`rfc2136`) and
-//! the propagation check (`propagation`); and the standing records of
-//! dns-persist-01 (`persist`).
+//! message types, used by dynamic update (`solver::rfc2136`) and by the
+//! propagation check here (`propagation`); and the standing records of
+//! dns-persist-01 (`persist`), whose format the check verifies.
 //!
 //! The transport is our own rather than hickory's client crates: certd
 //! needs exactly one request and one response at a time, and owning the
 //! exchange is what lets every error name the server, the rcode and the
 //! TSIG error instead of a generic "request failed".
 
-pub mod persist;
-pub mod propagation;
-pub mod rfc2136;
+pub(crate) mod persist;
+pub(crate) mod propagation;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::tsig::TsigError;
@@ -22,10 +21,11 @@ use hickory_proto::rr::{Name, RData, RecordType, TSigner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
+use crate::clock::UnixTime;
 use crate::config::ServerAddr;
 
 /// How long one query or update may take before it counts as lost.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// UDP answers up to this size avoid the fallback to TCP; 1232 is the
 /// size the DNS community settled on to avoid IP fragmentation.
@@ -37,7 +37,7 @@ const UDP_RETRANSMIT: Duration = Duration::from_secs(1);
 /// The name dns-01 puts the TXT record at: `_acme-challenge.` before the
 /// identifier, without a wildcard's `*.` (RFC 8555 section 8.4), so a name
 /// and its wildcard share one record name.
-pub fn challenge_record(identifier: &str) -> String {
+pub(crate) fn challenge_record(identifier: &str) -> String {
     let base = identifier.strip_prefix("*.").unwrap_or(identifier);
     format!("_acme-challenge.{}", base.trim_end_matches('.'))
 }
@@ -51,7 +51,7 @@ pub fn fqdn(name: &str) -> Result<Name, DnsError> {
 }
 
 /// A name as operators write it: no trailing dot.
-pub fn display_name(name: &Name) -> String {
+pub(crate) fn display_name(name: &Name) -> String {
     name.to_ascii().trim_end_matches('.').to_owned()
 }
 
@@ -102,7 +102,7 @@ fn rcode_text(rcode: ResponseCode, tsig: Option<TsigError>) -> String {
 }
 
 /// The addresses of `server`, resolved through the system resolver.
-pub async fn resolve(server: &ServerAddr) -> Result<Vec<SocketAddr>, DnsError> {
+pub(crate) async fn resolve(server: &ServerAddr) -> Result<Vec<SocketAddr>, DnsError> {
     if let Ok(ip) = server.host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, server.port)]);
     }
@@ -154,15 +154,16 @@ pub async fn query(
 /// Signs `msg` with `signer`, sends it over TCP (an update must not be
 /// lost or cut short), and checks the answer: rcode, TSIG error, and the
 /// server's own signature over the answer.
-pub async fn send_signed(
+pub(crate) async fn send_signed(
     server: SocketAddr,
     mut msg: Message,
     signer: &TSigner,
     timeout: Duration,
+    now: UnixTime,
 ) -> Result<(), DnsError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    // TSIG signs the time of sending (RFC 8945 §5.2.3: a server refuses
+    // one off by more than its fudge).
+    let now = u64::try_from(now.secs()).unwrap_or(0);
     let verifier = msg.finalize(signer, now).map_err(proto)?;
     let bytes = msg.to_vec().map_err(proto)?;
     let answer = tcp_exchange(server, &bytes, timeout).await?;
@@ -258,7 +259,7 @@ async fn tcp_exchange(
 /// The owner of the SOA record in a response: the zone the asked name is
 /// in. An authoritative server puts it in the answer for the apex and in
 /// the authority section for names below it (RFC 2308).
-pub fn soa_owner(msg: &Message) -> Option<Name> {
+pub(crate) fn soa_owner(msg: &Message) -> Option<Name> {
     msg.answers
         .iter()
         .chain(&msg.authorities)
@@ -267,7 +268,7 @@ pub fn soa_owner(msg: &Message) -> Option<Name> {
 }
 
 /// The target of the CNAME at `name` in a response's answer, if any.
-pub fn cname_target(msg: &Message, name: &Name) -> Option<Name> {
+pub(crate) fn cname_target(msg: &Message, name: &Name) -> Option<Name> {
     msg.answers
         .iter()
         .filter(|r| r.name == *name)

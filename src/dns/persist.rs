@@ -9,21 +9,21 @@
 //! accepts exactly what Pebble's validator accepts, so certd does not ask
 //! the CA to validate a record the CA will refuse.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::clock::UnixTime;
 
 /// The label before the name that dns-persist-01 records live under.
-pub const PERSIST_LABEL: &str = "_validation-persist";
+pub(crate) const PERSIST_LABEL: &str = "_validation-persist";
 
 /// The record name for `identifier`: a wildcard's `*.` goes (the CA looks
 /// at the base name and asks for `policy=wildcard`).
-pub fn persist_record(identifier: &str) -> String {
+pub(crate) fn persist_record(identifier: &str) -> String {
     let base = identifier.strip_prefix("*.").unwrap_or(identifier);
     format!("{PERSIST_LABEL}.{}", base.trim_end_matches('.'))
 }
 
 /// What a visible record must say for the CA to accept it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PersistExpect {
+pub(crate) struct PersistExpect {
     /// The CA's issuer domain names (the challenge's `issuer-domain-names`,
     /// or the directory's `caaIdentities`); the record names one of them.
     pub issuers: Vec<String>,
@@ -36,7 +36,7 @@ pub struct PersistExpect {
 impl PersistExpect {
     /// The TXT value to publish: the first issuer, the account, and the
     /// wildcard policy where needed.
-    pub fn record_value(&self) -> String {
+    pub(crate) fn record_value(&self) -> String {
         let issuer = self.issuers.first().map_or("", String::as_str);
         let mut v = format!("{issuer}; accounturi={}", self.account_uri);
         if self.wildcard {
@@ -47,10 +47,9 @@ impl PersistExpect {
 
     /// Whether one of `values` (the TXT values at the record) authorizes
     /// this account; `Err` says why none does.
-    pub fn check(&self, values: &[String]) -> Result<(), String> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+    /// `now` is when the values were read (`persistUntil` is compared).
+    pub(crate) fn check(&self, values: &[String], now: UnixTime) -> Result<(), String> {
+        let now = u64::try_from(now.secs()).unwrap_or(0);
         let mut why = Vec::new();
         for value in values {
             let mut parts = value.split(';');
@@ -145,7 +144,7 @@ fn parse_params<'a>(parts: impl Iterator<Item = &'a str>) -> Result<Params, Stri
 /// The `issuer-domain-names` of the challenge at `challenge_url` in an
 /// authorization object; empty when absent or unreadable (the solver then
 /// says the CA named no issuer).
-pub fn issuers_in_authz(authz: &[u8], challenge_url: &str) -> Vec<String> {
+pub(crate) fn issuers_in_authz(authz: &[u8], challenge_url: &str) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Authz {
         #[serde(default)]
@@ -177,6 +176,7 @@ fn trim_wsp(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
 
     fn expect(wildcard: bool) -> PersistExpect {
         PersistExpect {
@@ -207,7 +207,8 @@ mod tests {
         // What certd prints, it accepts.
         for w in [false, true] {
             let e = expect(w);
-            e.check(&[e.record_value()]).expect("own value");
+            e.check(&[e.record_value()], Clock::system().now())
+                .expect("own value");
         }
     }
 
@@ -249,7 +250,7 @@ mod tests {
             "ca.example; accounturi=https://ca.example/acct/1; policy=wildcard; future=x",
         ];
         for v in ok {
-            e.check(&[v.to_owned()])
+            e.check(&[v.to_owned()], Clock::system().now())
                 .unwrap_or_else(|why| panic!("{v}: {why}"));
         }
         let bad = [
@@ -280,15 +281,23 @@ mod tests {
             ),
         ];
         for (v, needle) in bad {
-            let why = e.check(&[v.to_owned()]).expect_err(v);
+            let why = e
+                .check(&[v.to_owned()], Clock::system().now())
+                .expect_err(v);
             assert!(why.contains(needle), "{v}: {why}");
         }
         // One good record among others is enough.
-        e.check(&[bad[0].0.to_owned(), ok[0].to_owned()])
-            .expect("one good value");
+        e.check(
+            &[bad[0].0.to_owned(), ok[0].to_owned()],
+            Clock::system().now(),
+        )
+        .expect("one good value");
         // A non-wildcard name needs no policy.
         expect(false)
-            .check(&["ca.example; accounturi=https://ca.example/acct/1".into()])
+            .check(
+                &["ca.example; accounturi=https://ca.example/acct/1".into()],
+                Clock::system().now(),
+            )
             .expect("no policy needed");
     }
 }

@@ -30,6 +30,7 @@ use super::{
     DnsError, QUERY_TIMEOUT, cname_target, display_name, fqdn, query, resolve, soa_owner,
     txt_values,
 };
+use crate::clock::{Clock, UnixTime};
 use crate::config::{PropagationConfig, ServerAddr};
 
 /// First pause between polls; doubles up to `POLL_CAP`. Short, because a
@@ -64,7 +65,7 @@ pub enum PropagationError {
 
 /// The known facts about the zone, where the solver has them.
 #[derive(Debug, Clone)]
-pub struct ZoneHint {
+pub(crate) struct ZoneHint {
     pub zone: Name,
     /// The primary that took the update: always checked, and asked for the
     /// zone's NS records.
@@ -73,7 +74,7 @@ pub struct ZoneHint {
 
 /// What the check waits to see among the TXT values at a record.
 #[derive(Debug, Clone, Copy)]
-pub enum Expect<'a> {
+pub(crate) enum Expect<'a> {
     /// dns-01: this value.
     Value(&'a str),
     /// dns-persist-01: a value that authorizes the account.
@@ -89,13 +90,13 @@ impl Expect<'_> {
         }
     }
 
-    fn check(&self, values: &[String]) -> Result<(), String> {
+    fn check(&self, values: &[String], now: UnixTime) -> Result<(), String> {
         match self {
             Self::Value(v) if values.iter().any(|x| x == v) => Ok(()),
             Self::Value(_) if values.is_empty() => Err("no TXT record".into()),
             Self::Value(_) => Err(format!("{} other TXT value(s)", values.len())),
             Self::Persist(_) if values.is_empty() => Err("no TXT record".into()),
-            Self::Persist(p) => p.check(values),
+            Self::Persist(p) => p.check(values, now),
         }
     }
 }
@@ -109,24 +110,30 @@ enum Chase {
 
 /// The check as configured.
 #[derive(Debug, Clone)]
-pub struct PropagationCheck {
+pub(crate) struct PropagationCheck {
     cfg: PropagationConfig,
+    /// When an answer was read, for records that expire.
+    clock: Clock,
 }
 
 impl PropagationCheck {
-    pub fn new(cfg: &PropagationConfig) -> Self {
-        Self { cfg: cfg.clone() }
+    pub(crate) fn new(cfg: &PropagationConfig, clock: Clock) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            clock,
+        }
     }
 
     /// The same servers, checked even where dns-01's check is switched off
     /// (dns-persist-01 has no other safeguard), for at most `timeout`.
-    pub fn always(cfg: &PropagationConfig, timeout: Duration) -> Self {
+    pub(crate) fn always(cfg: &PropagationConfig, timeout: Duration, clock: Clock) -> Self {
         Self {
             cfg: PropagationConfig {
                 enabled: true,
                 timeout: cfg.timeout.min(timeout),
                 ..cfg.clone()
             },
+            clock,
         }
     }
 
@@ -137,7 +144,7 @@ impl PropagationCheck {
     /// else of the system's resolvers with it. Where no server answers,
     /// the name reached so far is used, as before CNAMEs were followed
     /// (an offline hook setup keeps working); a loop is an error.
-    pub async fn follow_cnames(
+    pub(crate) async fn follow_cnames(
         &self,
         record: &str,
         primary: Option<SocketAddr>,
@@ -150,7 +157,7 @@ impl PropagationCheck {
     /// forgotten CNAME fails here and not at the CA, where it costs a
     /// failed validation. Where no server answers, nothing can be told
     /// and the check passes.
-    pub async fn check_alias(
+    pub(crate) async fn check_alias(
         &self,
         original: &str,
         target: &Name,
@@ -225,7 +232,7 @@ impl PropagationCheck {
     /// every server that answers for its zone, or fails after the
     /// configured timeout, naming the servers still lacking it. `record`
     /// is the end of its CNAME chain ([`Self::follow_cnames`]).
-    pub async fn wait(
+    pub(crate) async fn wait(
         &self,
         record: &str,
         expect: Expect<'_>,
@@ -252,7 +259,7 @@ impl PropagationCheck {
             for (server, _) in pending {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let timeout = QUERY_TIMEOUT.min(left).max(Duration::from_millis(500));
-                match check(server, &name, expect, timeout).await {
+                match check(server, &name, expect, timeout, &self.clock).await {
                     Ok(()) => {}
                     Err(why) => still.push((server, why)),
                 }
@@ -323,13 +330,14 @@ async fn check(
     name: &Name,
     expect: Expect<'_>,
     timeout: Duration,
+    clock: &Clock,
 ) -> Result<(), String> {
     let msg = query(server, name, RecordType::TXT, false, timeout)
         .await
         .map_err(|e| e.to_string())?;
     let values = txt_values(&msg, name);
     match msg.metadata.response_code {
-        ResponseCode::NoError => expect.check(&values),
+        ResponseCode::NoError => expect.check(&values, clock.now()),
         rcode => Err(rcode.to_string()),
     }
 }
@@ -476,20 +484,20 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 
 /// Pauses between polls: `start`, doubling to `cap`.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub fn new(start: Duration, cap: Duration) -> Self {
+    pub(crate) fn new(start: Duration, cap: Duration) -> Self {
         Self {
             next: start.min(cap),
             cap,
         }
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.cap);
         d
@@ -548,10 +556,13 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_check_passes_at_once() {
-        let check = PropagationCheck::new(&PropagationConfig {
-            enabled: false,
-            ..PropagationConfig::default()
-        });
+        let check = PropagationCheck::new(
+            &PropagationConfig {
+                enabled: false,
+                ..PropagationConfig::default()
+            },
+            Clock::system(),
+        );
         check
             .wait("_acme-challenge.a.invalid", Expect::Value("v"), None)
             .await
@@ -563,14 +574,17 @@ mod tests {
         // A bound UDP socket that never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = silent.local_addr().expect("addr");
-        let check = PropagationCheck::new(&PropagationConfig {
-            enabled: true,
-            timeout: Duration::from_secs(1),
-            nameservers: vec![ServerAddr {
-                host: "127.0.0.1".into(),
-                port: addr.port(),
-            }],
-        });
+        let check = PropagationCheck::new(
+            &PropagationConfig {
+                enabled: true,
+                timeout: Duration::from_secs(1),
+                nameservers: vec![ServerAddr {
+                    host: "127.0.0.1".into(),
+                    port: addr.port(),
+                }],
+            },
+            Clock::system(),
+        );
         let started = std::time::Instant::now();
         let err = check
             .wait("_acme-challenge.a.example.test", Expect::Value("v"), None)

@@ -649,6 +649,7 @@ async fn complete(
         &key.subject_public_key_info(),
         domains,
         ctx.trusted_roots.as_ref(),
+        &crate::clock::Clock::system(),
     )?;
     if ctx.mode == RunMode::DryRun {
         // Issued and checked like any other; then thrown away.
@@ -727,7 +728,13 @@ async fn install_from_disk(
                 sorted.join(", ")
             ));
         }
-        Issuance::from_record(&text, sorted, ctx.trusted_roots.as_ref()).map_err(|e| e.to_string())
+        Issuance::from_record(
+            &text,
+            sorted,
+            ctx.trusted_roots.as_ref(),
+            &crate::clock::Clock::system(),
+        )
+        .map_err(|e| e.to_string())
     });
     match issuance {
         Ok(issuance) => {
@@ -781,10 +788,16 @@ async fn finish(
     let info = issuance.info.clone();
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
-    let version =
-        tokio::task::spawn_blocking(move || install::install(&cert_dir, &name_owned, &issuance))
-            .await
-            .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
+    let version = tokio::task::spawn_blocking(move || {
+        install::install(
+            &cert_dir,
+            &name_owned,
+            &issuance,
+            &crate::clock::Clock::system(),
+        )
+    })
+    .await
+    .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
     let installed = crate::ledger::Installed {
         domains: domains.to_vec(),
         serial: info.serial.clone(),
@@ -933,7 +946,7 @@ fn probe_writable(target: &Path) -> Result<(), Unready> {
             _ => format!(
                 "give certd's user (uid {uid}) write access (`chown {uid} {}`), or set storage.cert_dir to a writable directory",
                 dir.display(),
-                uid = install::euid()
+                uid = crate::safefs::euid()
             ),
         };
         Unready {
@@ -1382,7 +1395,7 @@ async fn download(
 /// certd's own request (see `acme::ari`).
 pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Result<ari::Answer, ari::AriError> {
     ari::renewal_info(
-        ctx.account.http.plain(),
+        &ctx.account.http,
         &ctx.account.directory_url,
         info.ari_id.as_deref(),
     )
@@ -1393,7 +1406,9 @@ pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Result<ari::Answer, a
 fn acme_error(ctx: &Context, url: &str, e: instant_acme::Error) -> DriveError {
     let retry_after = ctx.account.http.observed(url).and_then(|o| o.retry_after);
     match e {
-        instant_acme::Error::Api(p) => AcmeError::from_problem(&p, retry_after).into(),
+        instant_acme::Error::Api(p) => {
+            AcmeError::from_problem(&p, retry_after, ctx.account.http.clock().system_time()).into()
+        }
         other => AcmeError::from(other).into(),
     }
 }

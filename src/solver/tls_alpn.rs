@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ChallengeSpec, Solver, SolverError};
-use crate::config::ChallengeKind;
 use crate::tinyhttp;
 
 const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -65,13 +64,13 @@ impl ResolvesServerCert for Certs {
     }
 }
 
-pub struct TlsAlpnSolver {
+pub(crate) struct TlsAlpnSolver {
     certs: Arc<Certs>,
 }
 
 impl TlsAlpnSolver {
     /// Binds `addr` and serves until `cancel` fires.
-    pub async fn start(
+    pub(crate) async fn start(
         addr: SocketAddr,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
@@ -136,10 +135,6 @@ impl TlsAlpnSolver {
 
 #[async_trait]
 impl Solver for TlsAlpnSolver {
-    fn kind(&self) -> ChallengeKind {
-        ChallengeKind::TlsAlpn01
-    }
-
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let cert = Self::validation_cert(c)?;
         self.certs.lock().insert(sni_name(&c.identifier), cert);

@@ -100,7 +100,9 @@ fn fetch_directory(pebble: &Pebble) -> String {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let http = certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle())).expect("client");
+        let http =
+            certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle()), certd::clock::Clock::system())
+                .expect("client");
         http.plain()
             .get(pebble.directory_url())
             .send()

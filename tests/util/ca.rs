@@ -79,7 +79,8 @@ where
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let http = AcmeHttp::new(Some(&env.pebble.ca_bundle())).expect("HTTP client");
+        let http = AcmeHttp::new(Some(&env.pebble.ca_bundle()), certd::clock::Clock::system())
+            .expect("HTTP client");
         let parsed: AccountCredentials = serde_json::from_slice(creds).expect("credentials JSON");
         // Loading the account fetches the directory, which teaches the
         // client the CA's newNonce URL.

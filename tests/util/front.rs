@@ -177,8 +177,10 @@ impl FaultyFront {
         let upstream = pebble.directory_url().trim_end_matches("/dir").to_owned();
         let port = free_port();
         let config = pebble.tls_server_config();
-        let client =
-            Arc::new(certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle())).expect("client"));
+        let client = Arc::new(
+            certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle()), certd::clock::Clock::system())
+                .expect("client"),
+        );
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");
         listener.set_nonblocking(true).expect("nonblocking");
         let shared = Arc::new(Shared::default());

@@ -18,10 +18,13 @@ use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::rdata::tsig::TsigAlgorithm as HickoryAlgorithm;
 use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
 
-use super::propagation::{Expect, PropagationCheck, ZoneHint};
-use super::{DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, send_signed, soa_owner};
-use crate::config::{ChallengeKind, Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
-use crate::solver::{ChallengeSpec, Solver, SolverError};
+use super::{ChallengeSpec, Solver, SolverError, check_alias};
+use crate::clock::Clock;
+use crate::config::{Dns01Config, Rfc2136Config, ServerAddr, TsigAlgorithm};
+use crate::dns::propagation::{Expect, PropagationCheck, ZoneHint};
+use crate::dns::{
+    DnsError, QUERY_TIMEOUT, display_name, fqdn, query, resolve, send_signed, soa_owner,
+};
 
 /// TTL of the challenge record: short, so that a resolver that cached an
 /// earlier value (or its absence, which the SOA minimum bounds) lets go of
@@ -32,15 +35,21 @@ const RECORD_TTL: u32 = 60;
 const TSIG_FUDGE: u16 = 300;
 
 /// The solver for `[dns01.rfc2136]`.
-pub struct Rfc2136Solver {
+pub(crate) struct Rfc2136Solver {
     server: ServerAddr,
     zone: Option<Name>,
     signer: TSigner,
     propagation: PropagationCheck,
+    /// The time a TSIG signature carries.
+    clock: Clock,
 }
 
 impl Rfc2136Solver {
-    pub fn new(cfg: &Rfc2136Config, dns01: &Dns01Config) -> Result<Self, SolverError> {
+    pub(super) fn new(
+        cfg: &Rfc2136Config,
+        dns01: &Dns01Config,
+        clock: Clock,
+    ) -> Result<Self, SolverError> {
         let key_err = |detail: String| SolverError::Rfc2136Key {
             key_name: cfg.key_name.clone(),
             detail,
@@ -68,7 +77,8 @@ impl Rfc2136Solver {
             server: cfg.server.clone(),
             zone,
             signer,
-            propagation: PropagationCheck::new(&dns01.propagation),
+            propagation: PropagationCheck::new(&dns01.propagation, clock.clone()),
+            clock,
         })
     }
 
@@ -148,7 +158,7 @@ impl Rfc2136Solver {
         let (server, name, zone) = self.target(action, c).await?;
         let (record, zone_text) = (display_name(&name), display_name(&zone));
         let msg = build_update(action == "add", name, zone, &c.dns_value);
-        send_signed(server, msg, &self.signer, QUERY_TIMEOUT)
+        send_signed(server, msg, &self.signer, QUERY_TIMEOUT, self.clock.now())
             .await
             .map_err(|e| SolverError::Rfc2136 {
                 action,
@@ -179,10 +189,6 @@ fn build_update(add: bool, name: Name, zone: Name, value: &str) -> Message {
 
 #[async_trait]
 impl Solver for Rfc2136Solver {
-    fn kind(&self) -> ChallengeKind {
-        ChallengeKind::Dns01
-    }
-
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         self.update("add", c).await
     }
@@ -195,7 +201,7 @@ impl Solver for Rfc2136Solver {
 
     async fn preflight(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
         let (primary, name, zone) = self.target("check", c).await?;
-        crate::solver::check_alias(&self.propagation, c, &name, Some(primary)).await?;
+        check_alias(&self.propagation, c, &name, Some(primary)).await?;
         let record = display_name(&name);
         self.propagation
             .wait(

@@ -1,0 +1,658 @@
+//! The one HTTP client: reqwest on rustls with the ring provider, through
+//! which instant-acme drives the protocol. Requests go to https URLs only
+//! and redirects are not followed; bodies are read up to a cap while they
+//! stream; the headers certd and instant-acme read are bounded, and
+//! `Retry-After` is clamped before anyone sees it.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::error::{ProblemRecord, SetupError, bounded};
+use super::nonce::{LAST_NONCE, LAST_RETRY_AFTER, NoncePool, synthetic_nonce_response};
+use super::observe::Observer;
+use super::trust;
+use crate::clock::Clock;
+
+pub(super) const USER_AGENT: &str = concat!("certd/", env!("CARGO_PKG_VERSION"));
+/// The largest JSON or problem body read from the CA. ACME objects are a
+/// few kB; an order for 100 names (the usual CA limit) with its
+/// authorization URLs is some 10 kB. 1 MiB leaves a hundredfold margin.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// The largest certificate chain read from the CA: a PEM chain with
+/// alternates is a few kB per certificate; 4 MiB bounds memory while
+/// no real chain comes near it.
+pub const MAX_CHAIN_BODY: usize = 4 << 20;
+/// Longer `Retry-After` values are ignored: an HTTP date is 29 characters,
+/// delay-seconds for a week 6.
+const MAX_RETRY_AFTER_LEN: usize = 64;
+/// `Retry-After` is clamped to this range (a CA asking for 0 s would get
+/// a request storm, one asking for years would silence renewals).
+pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longer URLs (Location, Link targets) are refused: CA URLs are short.
+const MAX_URL_LEN: usize = 2048;
+/// Other headers certd or instant-acme read (Content-Type, Link lists,
+/// Replay-Nonce) longer than this are dropped.
+const MAX_HEADER_LEN: usize = 4096;
+
+/// The one HTTP client; cheap to clone.
+#[derive(Clone)]
+pub struct AcmeHttp {
+    pub(super) inner: Arc<HttpInner>,
+}
+
+pub(super) struct HttpInner {
+    pub(super) client: reqwest::Client,
+    /// The wall clock `Retry-After` is read against.
+    pub(super) clock: Clock,
+    pub(super) nonces: NoncePool,
+    pub(super) observer: Observer,
+}
+
+/// The certificates of `[acme] ca_bundle`, as trust anchors.
+fn read_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, SetupError> {
+    let bundle_err = |detail: String| SetupError::CaBundle {
+        path: path.to_owned(),
+        detail,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bundle_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bundle_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bundle_err("no certificates in the file".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| bundle_err(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+impl AcmeHttp {
+    /// Builds the client: system roots plus the optional extra bundle.
+    pub fn new(ca_bundle: Option<&Path>, clock: Clock) -> Result<Self, SetupError> {
+        // reqwest and rustls share the process-wide provider; installing it
+        // twice is harmless, so the error is ignored.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let bundle = match ca_bundle {
+            Some(path) => Some(read_ca_bundle(path)?),
+            None => None,
+        };
+        let setup_err = |detail: String| SetupError::CaBundle {
+            path: ca_bundle.map(Path::to_owned).unwrap_or_default(),
+            detail,
+        };
+        let roots = trust::Roots::new(provider.clone(), bundle).map_err(setup_err)?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| setup_err(e.to_string()))?
+            // Not a lesser check: rustls's WebPKI verification against the
+            // bundle, then the system's roots (see `trust`).
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(roots))
+            .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            // ACME needs no redirects; following one would re-send a
+            // signed request wherever the CA points, plain http included.
+            // (`send` refuses plain http URLs for ACME requests; `plain`
+            // stays usable for a local http endpoint.)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            inner: Arc::new(HttpInner {
+                client,
+                clock,
+                nonces: NoncePool::default(),
+                observer: Observer::default(),
+            }),
+        })
+    }
+
+    /// The clock this client reads `Retry-After` against, for callers that
+    /// turn its answers into times.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The plain reqwest client, for non-ACME requests (pre-flight checks).
+    pub fn plain(&self) -> &reqwest::Client {
+        &self.inner.client
+    }
+}
+
+impl HttpClient for AcmeHttp {
+    fn request(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.send(req).await })
+    }
+}
+
+impl HttpInner {
+    async fn send(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Result<BytesResponse, instant_acme::Error> {
+        let (parts, body) = req.into_parts();
+        // The body type's error is `Infallible`.
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        };
+        let url = parts.uri.to_string();
+        if parts.uri.scheme_str() != Some("https") {
+            return Err(instant_acme::Error::Other(
+                format!(
+                    "refusing to send a request to {}: certd talks to a CA over https only",
+                    bounded(&url, MAX_URL_LEN)
+                )
+                .into(),
+            ));
+        }
+
+        // instant-acme only sends HEAD to fetch a fresh nonce.
+        if parts.method == Method::HEAD
+            && let Some(nonce) = self.nonces.take()
+        {
+            self.observer.count("newNonce", "pooled");
+            return Ok(synthetic_nonce_response(&nonce));
+        }
+        let result = self
+            .client
+            .request(parts.method.clone(), &url)
+            .headers(parts.headers)
+            .body(body)
+            .send()
+            .await;
+        let endpoint = self.observer.endpoint(&parts.method, &url);
+        let rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                self.observer.count(endpoint, "transport-error");
+                return Err(instant_acme::Error::Other(Box::new(e)));
+            }
+        };
+        let status = rsp.status();
+        let now = self.clock.system_time();
+        let version = rsp.version();
+        let mut headers = rsp.headers().clone();
+        let checked = if status.is_redirection() {
+            let to = headers
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(
+                    || "nowhere".to_owned(),
+                    |v| format!("{:?}", bounded(v, MAX_URL_LEN)),
+                );
+            Err(format!(
+                "{} answered {status}, a redirect to {to}; ACME needs no redirects and certd follows none",
+                bounded(&url, MAX_URL_LEN)
+            ))
+        } else {
+            sanitize_headers(&mut headers, now)
+                .map_err(|e| format!("{}: {e}", bounded(&url, MAX_URL_LEN)))
+        };
+        if let Err(e) = checked {
+            self.observer.count(endpoint, status.as_str());
+            return Err(instant_acme::Error::Other(e.into()));
+        }
+        let bytes = match read_capped(rsp, body_limit(&headers)).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.observer.count(endpoint, "transport-error");
+                return Err(instant_acme::Error::Other(
+                    format!(
+                        "reading the answer from {}: {e}",
+                        bounded(&url, MAX_URL_LEN)
+                    )
+                    .into(),
+                ));
+            }
+        };
+        self.observer.count(endpoint, status.as_str());
+        if endpoint == "newOrder" && status == StatusCode::CREATED {
+            self.observer.remember_created_order(&headers, &bytes);
+        }
+        if let Some(nonce) = headers.get("replay-nonce").and_then(|v| v.to_str().ok()) {
+            // Only the task's latest nonce is kept (see `nonce_scope`): the
+            // caller spends this one in its next request.
+            let _ = LAST_NONCE.try_with(|slot| slot.replace(Some(nonce.to_owned())));
+        }
+        self.observer.observe(&url, status, &headers, &bytes, now);
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now));
+        let _ = LAST_RETRY_AFTER.try_with(|slot| slot.set(retry_after.map(|at| (at, now))));
+        // instant-acme reads the directory without looking at the status.
+        if endpoint == "directory" && !status.is_success() {
+            let problem = problem_for_error_page(status, &headers, bytes);
+            let detail = serde_json::from_slice::<ProblemRecord>(&problem)
+                .ok()
+                .and_then(|p| p.detail)
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            // Said as it is: the CA answered, so it is reachable; the URL
+            // in the configuration is what to check.
+            let hint = if status == StatusCode::NOT_FOUND {
+                format!(
+                    "the directory URL {} answers {status}: is `[acme] directory` right?",
+                    bounded(&url, MAX_URL_LEN)
+                )
+            } else {
+                format!(
+                    "the directory URL {} answers {detail}",
+                    bounded(&url, MAX_URL_LEN)
+                )
+            };
+            return Err(instant_acme::Error::Other(hint.into()));
+        }
+        let bytes = problem_for_error_page(status, &headers, bytes);
+
+        let mut builder = http::Response::builder().status(status).version(version);
+        if let Some(h) = builder.headers_mut() {
+            *h = headers;
+        }
+        let (parts, ()) = builder
+            .body(())
+            .map_err(instant_acme::Error::Http)?
+            .into_parts();
+        Ok(BytesResponse {
+            parts,
+            body: Box::new(bytes),
+        })
+    }
+}
+
+/// Poisoning only means another thread panicked mid-update of a cache; the
+/// data is still usable, so recover it rather than cascade the panic.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A CA (or a proxy in front of it) that fails with an HTML page or an
+/// empty body would surface as "malformed JSON" and hide the HTTP status.
+/// Such an answer is replaced by a problem document that says what came
+/// back, so the error names it and is classified by its status (5xx:
+/// retry later).
+fn problem_for_error_page(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Bytes {
+    let is_problem = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"))
+        && serde_json::from_slice::<serde_json::Value>(&body).is_ok();
+    if status.is_success() || status.is_redirection() || is_problem {
+        return body;
+    }
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("no content type");
+    let text = String::from_utf8_lossy(&body);
+    let excerpt: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(120)
+        .collect();
+    let problem = serde_json::json!({
+        "type": "urn:certd:error:httpError",
+        "detail": format!("HTTP {status} with a {content_type} body instead of a problem document: {excerpt:?}"),
+        "status": status.as_u16(),
+    });
+    Bytes::from(problem.to_string())
+}
+
+/// Why a body was not read to its end.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the body is larger than {limit} bytes, the most certd reads from a CA")]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+}
+
+/// How much of a body certd reads: a certificate chain may be larger
+/// than any JSON object.
+fn body_limit(headers: &HeaderMap) -> usize {
+    let is_chain = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/pem-certificate-chain"));
+    if is_chain {
+        MAX_CHAIN_BODY
+    } else {
+        MAX_JSON_BODY
+    }
+}
+
+/// Reads a body as it streams, stopping as soon as it passes `limit`
+/// (a Content-Length above it is refused before any byte is read), so a
+/// CA cannot make certd hold more than `limit` bytes of one answer.
+async fn read_capped(mut rsp: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+    let too_large = BodyError::TooLarge { limit };
+    if rsp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = rsp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// Bounds the headers certd and instant-acme read before either looks at
+/// them: `Retry-After` is rewritten as clamped delay-seconds (instant-acme
+/// adds an unparsed value to the clock, which panics on overflow) or
+/// dropped; an overlong `Content-Type`, `Link` or a `Replay-Nonce` that is
+/// not base64url is dropped; a `Location` must be an https URL.
+fn sanitize_headers(headers: &mut HeaderMap, now: SystemTime) -> Result<(), String> {
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .map(|v| v.to_str().ok().and_then(|v| parse_retry_after(v, now)));
+    if let Some(parsed) = retry_after {
+        headers.remove(RETRY_AFTER);
+        if let Some(at) = parsed {
+            let secs = at
+                .duration_since(now)
+                .unwrap_or(RETRY_AFTER_MIN)
+                .as_secs()
+                .max(RETRY_AFTER_MIN.as_secs());
+            headers.insert(RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+    }
+    let nonce_ok = |v: &http::HeaderValue| {
+        (1..=256).contains(&v.len())
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    };
+    if headers.get_all("replay-nonce").iter().any(|v| !nonce_ok(v)) {
+        headers.remove("replay-nonce");
+    }
+    for name in [CONTENT_TYPE, LINK] {
+        if headers
+            .get_all(&name)
+            .iter()
+            .any(|v| v.len() > MAX_HEADER_LEN)
+        {
+            headers.remove(&name);
+        }
+    }
+    for v in headers.get_all(http::header::LOCATION) {
+        let text = v.to_str().unwrap_or_default();
+        https_url(text).map_err(|e| format!("Location {:?}: {e}", bounded(text, 200)))?;
+    }
+    Ok(())
+}
+
+/// Checks that a URL from the CA is an absolute https URL of sane length.
+pub(super) fn https_url(url: &str) -> Result<(), &'static str> {
+    if url.len() > MAX_URL_LEN {
+        return Err("longer than 2048 bytes");
+    }
+    match url.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err("not an https URL; certd talks to a CA over https only"),
+        Err(_) => Err("not a URL"),
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date, as an instant between
+/// `RETRY_AFTER_MIN` and `RETRY_AFTER_MAX` after `now` (clamping is logged).
+/// Values longer than any legitimate one are ignored unparsed.
+pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<SystemTime> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > MAX_RETRY_AFTER_LEN {
+        return None;
+    }
+    let delay = if v.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is "a very long time", not garbage.
+        Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        let at =
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+        SystemTime::from(at)
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    };
+    let clamped = delay.clamp(RETRY_AFTER_MIN, RETRY_AFTER_MAX);
+    if clamped != delay {
+        tracing::warn!(
+            retry_after = v,
+            used_secs = clamped.as_secs(),
+            "the CA's Retry-After is outside 1 s to 7 days; clamped"
+        );
+    }
+    now.checked_add(clamped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acme::error::{AcmeError, Disposition};
+    use crate::acme::observe::link_with_rel;
+    use crate::acme::raw;
+
+    #[test]
+    fn error_pages_become_problem_documents() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("text/html"));
+        let body = problem_for_error_page(
+            StatusCode::BAD_GATEWAY,
+            &headers,
+            Bytes::from_static(b"<html><body>502 Bad Gateway</body></html>"),
+        );
+        let p: instant_acme::Problem = serde_json::from_slice(&body).expect("a problem document");
+        let e = AcmeError::from_problem(&p, None, SystemTime::now());
+        assert_eq!(e.disposition(), Disposition::Retryable);
+        assert!(
+            e.to_string()
+                .contains("HTTP 502 Bad Gateway with a text/html body"),
+            "{e}"
+        );
+        // A real problem document passes through untouched.
+        headers.insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/problem+json"),
+        );
+        let real = Bytes::from_static(br#"{"type":"urn:ietf:params:acme:error:malformed"}"#);
+        assert_eq!(
+            problem_for_error_page(StatusCode::BAD_REQUEST, &headers, real.clone()),
+            real
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let t = parse_retry_after("120", SystemTime::now()).expect("seconds");
+        assert!(t > SystemTime::now() + Duration::from_secs(100));
+        assert!(parse_retry_after("Fri, 31 Dec 1999 23:59:59 GMT", SystemTime::now()).is_some());
+        assert!(parse_retry_after("soon", SystemTime::now()).is_none());
+    }
+
+    /// What a hostile CA sent: each is bounded, none panics or recurses.
+    #[test]
+    fn hostile_retry_after_is_clamped_or_ignored() {
+        let within = |v: &str, lo: Duration, hi: Duration| {
+            let now = SystemTime::now();
+            let t =
+                parse_retry_after(v, SystemTime::now()).unwrap_or_else(|| panic!("{v:?} ignored"));
+            let d = t.duration_since(now).unwrap_or_default();
+            let slack = Duration::from_secs(2);
+            assert!(d + slack >= lo && d <= hi + slack, "{v:?}: {d:?}");
+        };
+        within("18446744073709551615", RETRY_AFTER_MAX, RETRY_AFTER_MAX);
+        within(
+            "99999999999999999999999999",
+            RETRY_AFTER_MAX,
+            RETRY_AFTER_MAX,
+        );
+        within("0", RETRY_AFTER_MIN, RETRY_AFTER_MIN);
+        within(
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            RETRY_AFTER_MAX,
+            RETRY_AFTER_MAX,
+        );
+        assert!(parse_retry_after(&"(".repeat(300_000), SystemTime::now()).is_none());
+        assert!(parse_retry_after(&"9".repeat(300_000), SystemTime::now()).is_none());
+
+        // The header itself is rewritten for instant-acme, which adds it to
+        // the clock unchecked.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RETRY_AFTER,
+            http::HeaderValue::from_static("18446744073709551615"),
+        );
+        sanitize_headers(&mut headers, SystemTime::now()).expect("sane");
+        let secs: u64 = headers[RETRY_AFTER]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("delay-seconds");
+        assert!((RETRY_AFTER_MAX.as_secs() - 5..=RETRY_AFTER_MAX.as_secs()).contains(&secs));
+        let garbage = "(".repeat(300_000);
+        headers.insert(
+            RETRY_AFTER,
+            http::HeaderValue::from_str(&garbage).expect("ascii"),
+        );
+        sanitize_headers(&mut headers, SystemTime::now()).expect("sane");
+        assert!(headers.get(RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn only_https_locations_and_sane_nonces_pass() {
+        let check = |name: &'static str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, http::HeaderValue::from_str(value).expect("value"));
+            sanitize_headers(&mut headers, SystemTime::now()).map(|()| headers.get(name).cloned())
+        };
+        assert!(check("location", "https://ca/order/1").is_ok());
+        let e = check("location", "http://ca:8080/order/1").expect_err("plain http");
+        assert!(e.contains("https only"), "{e}");
+        assert!(check("location", "/relative").is_err());
+        assert!(check("location", &format!("https://ca/{}", "a".repeat(3000))).is_err());
+        assert!(check("replay-nonce", "abc-_DEF").expect("ok").is_some());
+        assert!(check("replay-nonce", "a/b").expect("dropped").is_none());
+        assert!(
+            check("replay-nonce", &"a".repeat(300))
+                .expect("dropped")
+                .is_none()
+        );
+        assert!(
+            check("content-type", &"j".repeat(5000))
+                .expect("dropped")
+                .is_none()
+        );
+        assert_eq!(
+            link_with_rel(r#"<http://ca/authz/7>;rel="up""#, "up").filter(|u| https_url(u).is_ok()),
+            None
+        );
+    }
+
+    // Fuzzing what certd parses of a CA's answers itself (instant-acme
+    // parses the rest): never a panic, whatever the bytes.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn ca_bodies_and_headers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512), header in "\\PC{0,120}") {
+                let http = AcmeHttp::new(None, Clock::system()).expect("client");
+                let mut headers = HeaderMap::new();
+                if let Ok(v) = http::HeaderValue::from_str(&header) {
+                    headers.insert(LINK, v.clone());
+                    headers.insert(RETRY_AFTER, v);
+                }
+                headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                http.inner.observer.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::from(body.clone()), SystemTime::now());
+                http.inner.observer.remember_created_order(&headers, &Bytes::from(body.clone()));
+                let _ = serde_json::from_slice::<raw::AuthzObject>(&body);
+                let _ = serde_json::from_slice::<ProblemRecord>(&body);
+                let _ = parse_retry_after(&header, SystemTime::now());
+                let _ = link_with_rel(&header, "up");
+            }
+
+            /// Every header certd or instant-acme reads, with any value
+            /// (long runs of one character included): sanitizing and
+            /// observing never panic, and what survives is bounded.
+            #[test]
+            fn every_header_certd_reads_never_panics(
+                values in proptest::collection::vec(
+                    prop_oneof![
+                        "\\PC{0,80}",
+                        "[0-9]{1,40}",
+                        "[(<;,\"a-z0-9 ]{0,200}",
+                        (any::<char>(), 0..20_000usize).prop_map(|(c, n)| c.to_string().repeat(n)),
+                    ],
+                    6,
+                ),
+            ) {
+                let http = AcmeHttp::new(None, Clock::system()).expect("client");
+                let mut headers = HeaderMap::new();
+                let names = [RETRY_AFTER, LINK, http::header::LOCATION, CONTENT_TYPE];
+                for (name, v) in names.iter().zip(&values) {
+                    if let Ok(v) = http::HeaderValue::from_str(v) {
+                        headers.insert(name.clone(), v);
+                    }
+                }
+                if let Ok(v) = http::HeaderValue::from_str(&values[4]) {
+                    headers.insert("replay-nonce", v);
+                }
+                let _ = parse_retry_after(&values[5], SystemTime::now());
+                if sanitize_headers(&mut headers, SystemTime::now()).is_ok() {
+                    if let Some(v) = headers.get(RETRY_AFTER) {
+                        let secs: u64 = v.to_str().expect("ascii").parse().expect("delay-seconds");
+                        prop_assert!((1..=RETRY_AFTER_MAX.as_secs()).contains(&secs));
+                    }
+                    for v in headers.values() {
+                        prop_assert!(v.len() <= MAX_HEADER_LEN);
+                    }
+                    http.inner.observer.observe("https://ca/x", StatusCode::OK, &headers, &Bytes::new(), SystemTime::now());
+                    let _ = problem_for_error_page(StatusCode::BAD_GATEWAY, &headers, Bytes::new());
+                }
+            }
+
+            #[test]
+            fn json_shaped_answers_never_panic(status in "\\PC{0,12}", url in "\\PC{0,40}", expires in "\\PC{0,30}") {
+                let body = serde_json::json!({
+                    "status": status, "expires": expires, "identifier": {"type": "dns", "value": url},
+                    "challenges": [{"type": status, "url": url, "status": status}],
+                    "authorizations": [url], "finalize": url, "newNonce": url,
+                });
+                let http = AcmeHttp::new(None, Clock::system()).expect("client");
+                let mut headers = HeaderMap::new();
+                headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                let bytes = Bytes::from(body.to_string());
+                http.inner.observer.observe("https://ca/x", StatusCode::OK, &headers, &bytes, SystemTime::now());
+                let _ = serde_json::from_slice::<raw::AuthzObject>(&bytes).map(|a| a.identifier());
+            }
+        }
+    }
+}
