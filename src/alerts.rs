@@ -75,7 +75,7 @@ pub async fn after_renewal(
         Outcome::Failed { failures, error } if failures >= cfg.after_failures => (
             "renewal-failed",
             failures,
-            crate::cli::escape_control(error).into_owned(),
+            crate::text::escape_control(error).into_owned(),
         ),
         Outcome::Succeeded {
             previous_failures,
@@ -90,11 +90,11 @@ pub async fn after_renewal(
             error,
             unpause_url: url,
         } => {
-            unpause_url = url.map(|u| crate::cli::escape_control(u).into_owned());
+            unpause_url = url.map(|u| crate::text::escape_control(u).into_owned());
             (
                 "renewal-paused",
                 failures,
-                crate::cli::escape_control(error).into_owned(),
+                crate::text::escape_control(error).into_owned(),
             )
         }
         _ => return,

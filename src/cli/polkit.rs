@@ -9,6 +9,8 @@
 //! any unit not listed: `poweroff.target`, `debug-shell.service`) is refused
 //! for the certd user.
 
+use std::process::ExitCode;
+
 use crate::config::Config;
 
 /// The verbs systemd passes for `systemctl reload` and
@@ -133,6 +135,28 @@ polkit.addRule(function (action, subject) {{
 }});
 "#
     )
+}
+
+/// Prints the rule for `units`, or why there is none; the exit code.
+pub(super) fn print_rule(
+    user: &str,
+    units: impl Iterator<Item = Result<UnitName, String>>,
+) -> ExitCode {
+    match units.collect::<Result<Vec<_>, _>>() {
+        Ok(units) => {
+            if units.is_empty() {
+                eprintln!(
+                    "certd: no `systemctl reload UNIT` in the reload commands: the rule allows nothing"
+                );
+            }
+            crate::app::sink::write_stdout_all(&rule(user, &units));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("certd: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,11 +16,13 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{escape_control, shorten, write_stdout_all};
+use super::output::shorten;
+use crate::app::sink::write_stdout_all;
 use crate::clock::{UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
 use crate::ledger::{ACCOUNT_SCOPE, CertificateRow, Ledger, PauseRow, ReaperSummary};
+use crate::text::escape_control;
 
 /// What `certd status` prints.
 #[derive(Debug, Clone, Copy)]

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::sink::{Reply, Sink};
 use crate::config::Config;
 use crate::daemon::schedule;
 use crate::order::Context;
@@ -57,7 +58,7 @@ pub enum Request {
     Revoke {
         name: String,
         /// RFC 5280 reason, as `certd revoke --reason` spells it.
-        reason: crate::cli::RevokeReason,
+        reason: crate::app::ops::RevokeReason,
         no_renew: bool,
     },
     Reap {
@@ -70,47 +71,6 @@ pub enum Request {
         ignore_budget: bool,
     },
     Rollover,
-}
-
-/// One line of the daemon's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reply {
-    /// A line for standard output.
-    Out(String),
-    /// A line for standard error.
-    Err(String),
-    /// The command's exit code; the last line.
-    Exit(u8),
-}
-
-/// Where a command's output lines go: the terminal of a one-shot command,
-/// or the socket of a command the daemon runs for a client.
-#[derive(Debug, Clone)]
-pub enum Sink {
-    Terminal,
-    Socket(mpsc::UnboundedSender<Reply>),
-}
-
-impl Sink {
-    pub fn out(&self, line: &str) {
-        match self {
-            Sink::Terminal => crate::cli::print_line(line),
-            Sink::Socket(tx) => {
-                // A client gone away does not stop the work.
-                let _ = tx.send(Reply::Out(line.to_owned()));
-            }
-        }
-    }
-
-    pub fn err(&self, line: &str) {
-        match self {
-            Sink::Terminal => eprintln!("{}", crate::cli::escape_control(line)),
-            Sink::Socket(tx) => {
-                let _ = tx.send(Reply::Err(line.to_owned()));
-            }
-        }
-    }
 }
 
 /// What the daemon's command handlers work with.
@@ -219,7 +179,7 @@ async fn serve(stream: UnixStream, handles: Handles) {
         let code = match request {
             Ok(request) => {
                 tracing::info!(uid, ?request, "control socket: running a command");
-                crate::cli::run_for_client(request, &handles, &sink).await
+                crate::daemon::clients::run_for_client(request, &handles, &sink).await
             }
             Err(e) => {
                 sink.err(&format!("certd: the daemon cannot read the request: {e}"));
@@ -302,7 +262,7 @@ pub async fn forward(
             return Err(ForwardError::Denied {
                 path: display.clone(),
                 owner,
-                suggestion: crate::cli::as_owner_suggestion(owner),
+                suggestion: crate::app::dirs::as_owner_suggestion(owner),
                 source: e,
             });
         }
@@ -352,7 +312,7 @@ mod tests {
         assert!(matches!(
             revoke,
             Request::Revoke {
-                reason: crate::cli::RevokeReason::KeyCompromise,
+                reason: crate::app::ops::RevokeReason::KeyCompromise,
                 ..
             }
         ));
