@@ -200,3 +200,39 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
     );
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::UnixTime;
+
+    #[tokio::test]
+    async fn the_page_counts_failed_ledger_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Ledger::open(&dir.path().join("certd.db"))
+            .await
+            .expect("ledger");
+        let ledger_errors = LedgerWriteErrors::default();
+        let failed: Result<(), &str> = Err("disk I/O error");
+        assert!(ledger_errors.note("test write", failed).is_err());
+        assert!(
+            ledger_errors
+                .clone()
+                .note("test write", Err("again"))
+                .is_err()
+        );
+        assert!(ledger_errors.note("test write", Ok::<(), &str>(())).is_ok());
+        let sources = Sources {
+            store: store.clone(),
+            http: AcmeHttp::new(None).expect("HTTP client"),
+            clock: Clock::fixed(UnixTime::from_secs(1_000_000)),
+            ledger_errors,
+        };
+        let page = render(&sources).await.expect("render");
+        assert!(
+            page.contains("# TYPE certd_ledger_write_errors_total counter\ncertd_ledger_write_errors_total 2\n"),
+            "{page}"
+        );
+        store.close().await;
+    }
+}

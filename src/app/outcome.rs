@@ -276,3 +276,96 @@ pub(crate) struct HeldBack {
     pub(crate) why: &'static str,
     pub(crate) news: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn cert() -> CertificateConfig {
+        let text = "[acme]\ndirectory = \"https://ca/dir\"\n[storage]\nstate_dir = \"s\"\ncert_dir = \"c\"\n[http01]\nlisten = \"127.0.0.1:80\"\n[[certificate]]\nname = \"w\"\ndomains = [\"w.example\"]\n";
+        Config::parse(Path::new("/x.toml"), text)
+            .expect("valid")
+            .certificates
+            .remove(0)
+    }
+
+    async fn outcomes(dir: &Path, now: i64) -> Outcomes {
+        Outcomes {
+            store: Ledger::open(&dir.join("certd.db")).await.expect("ledger"),
+            clock: Clock::fixed(UnixTime::from_secs(now)),
+            errors: LedgerWriteErrors::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_recorded_with_the_callers_retry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let o = outcomes(dir.path(), 1_000_000).await;
+        let c = cert();
+        let failure = Failure::setup("the CA is down".into());
+        // The daemon: a backoff of 60 to 120 s (nothing installed, so
+        // nothing caps it).
+        let retry = Retry::Backoff {
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+            cert_dir: dir.path(),
+        };
+        let (failed, written) = o.failed(None, &c, &failure, 1, retry).await;
+        written.expect("written");
+        let next = failed.next.expect("a retry time").secs();
+        assert!((1_000_030..=1_000_060).contains(&next), "{next}");
+        let row = o.store.certificate("w").await.expect("read").expect("row");
+        assert_eq!(row.consecutive_failures, 1);
+        assert_eq!(row.next_renewal_at, Some(next));
+        assert_eq!(row.last_error.as_deref(), Some("the CA is down"));
+        // A one-shot run: due again now, unless forced.
+        let (failed, _) = o
+            .failed(None, &c, &failure, 2, Retry::NextRun { forced: false })
+            .await;
+        assert_eq!(failed.next, Some(UnixTime::from_secs(1_000_000)));
+        let (failed, _) = o
+            .failed(None, &c, &failure, 3, Retry::NextRun { forced: true })
+            .await;
+        assert_eq!(failed.next, None);
+        let row = o.store.certificate("w").await.expect("read").expect("row");
+        assert_eq!(row.consecutive_failures, 3);
+        assert_eq!(o.errors.count(), 0);
+        o.store.close().await;
+    }
+
+    #[tokio::test]
+    async fn failed_ledger_writes_are_counted_not_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let o = outcomes(dir.path(), 1_000_000).await;
+        let c = cert();
+        // A closed pool refuses every write, as a ledger on a failed disk.
+        o.store.close().await;
+        let failure = Failure {
+            message: "rate limited".into(),
+            limit: Some((
+                RateLimit {
+                    scope: LimitScope::Names(Vec::new()),
+                    paused: false,
+                    unpause_url: None,
+                },
+                None,
+            )),
+        };
+        let (failed, written) = o
+            .failed(None, &c, &failure, 1, Retry::NextRun { forced: false })
+            .await;
+        assert!(written.is_err(), "the first failed write is returned");
+        // Held back by the limit in memory even though the ledger could
+        // not record it: the CA's default pause from now.
+        assert_eq!(failed.next, Some(UnixTime::from_secs(1_000_000 + 15 * 60)));
+        // The pause, the rate-limited event and the failure.
+        assert_eq!(o.errors.count(), 3);
+        let succeeded = o.succeeded(None, &c, 2_000_000, 1, true).await;
+        assert!(succeeded.is_err());
+        // Both pauses the success clears.
+        assert_eq!(o.errors.count(), 5);
+    }
+}
