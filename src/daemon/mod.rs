@@ -29,6 +29,7 @@ mod reloader;
 pub(crate) mod schedule;
 mod systemd;
 mod tasks;
+mod timetable;
 mod watch;
 
 use std::sync::Arc;

@@ -43,6 +43,8 @@ use crate::install::{self, CertInfo, renewal_time};
 use crate::ledger::{ACCOUNT_SCOPE, AriRecord, PauseRow};
 use crate::order::{self, Context, DriveError, Issued};
 
+use super::timetable::{AriPlan, Entry, Finished, Timetable};
+
 /// Why a certificate needs a new issuance, or when it will.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Due {
@@ -205,33 +207,6 @@ fn wake_deadline(
 
 /// The longest the loop sleeps before looking again (clock changes).
 const MAX_SLEEP: Duration = Duration::from_secs(6 * 3600);
-/// A window the CA suggested, for which certificate, and when in it.
-#[derive(Debug, Clone)]
-struct AriPlan {
-    serial: String,
-    window: Window,
-    at: UnixTime,
-}
-
-struct Entry {
-    cert: CertificateConfig,
-    next: UnixTime,
-    why: String,
-    failures: u32,
-    /// Cancels the running order, if one is running.
-    running: Option<CancellationToken>,
-    /// When to ask the CA for a new ARI window.
-    ari_recheck: Option<UnixTime>,
-    /// The last good ARI window of the installed certificate and the
-    /// instant drawn in it.
-    ari: Option<AriPlan>,
-    /// Failed ARI checks since the last good one.
-    ari_errors: u32,
-    /// Bumped on every configuration change, so a result from before a
-    /// change is not applied to the changed certificate.
-    generation: u64,
-}
-
 type JobResult = (String, u64, Result<Issued, DriveError>);
 
 /// A renewal asked for from outside the loop (`certd renew` and
@@ -267,14 +242,8 @@ pub(crate) struct Scheduler {
     /// Records outcomes; holds the clock every deadline is read from.
     outcomes: Outcomes,
     cfg: Arc<Config>,
-    /// Every configured certificate. Changed only through `insert` and
-    /// `take`, which keep the two timer sets below in step with it.
-    entries: BTreeMap<String, Entry>,
-    /// `(next, name)` of every entry without a running order.
-    renewals: BTreeSet<(UnixTime, String)>,
-    /// `(ari_recheck, name)` of every entry without a running order that
-    /// has one.
-    ari_rechecks: BTreeSet<(UnixTime, String)>,
+    /// Every configured certificate and its deadlines.
+    table: Timetable,
     jobs: JoinSet<JobResult>,
     /// A CA rate limit on the account: no new orders before this.
     paused_until: Option<UnixTime>,
@@ -282,9 +251,6 @@ pub(crate) struct Scheduler {
     /// taken by `add` as it plans each one.
     recorded_pauses: BTreeMap<String, PauseRow>,
     cancel: CancellationToken,
-    generation: u64,
-    /// Who waits for the running (or next) order of a certificate.
-    waiters: BTreeMap<String, Vec<oneshot::Sender<Outcome>>>,
 }
 
 impl Scheduler {
@@ -298,15 +264,11 @@ impl Scheduler {
             ctx,
             outcomes,
             cfg,
-            entries: BTreeMap::new(),
-            renewals: BTreeSet::new(),
-            ari_rechecks: BTreeSet::new(),
+            table: Timetable::default(),
             jobs: JoinSet::new(),
             paused_until: None,
             recorded_pauses: BTreeMap::new(),
             cancel,
-            generation: 0,
-            waiters: BTreeMap::new(),
         }
     }
 
@@ -367,10 +329,9 @@ impl Scheduler {
         };
         if tokio::time::timeout(grace, drain).await.is_err() {
             let abandoned: Vec<&str> = self
-                .entries
-                .iter()
-                .filter(|(name, e)| e.running.is_some() && !ended.contains(*name))
-                .map(|(name, _)| name.as_str())
+                .table
+                .running()
+                .filter(|name| !ended.contains(*name))
                 .collect();
             tracing::warn!(
                 grace_secs = grace.as_secs(),
@@ -394,47 +355,11 @@ impl Scheduler {
     }
 
     async fn add(&mut self, cert: CertificateConfig) {
-        self.generation += 1;
         let name = cert.name.to_string();
-        let mut entry = Entry {
-            cert,
-            next: self.now(),
-            why: String::new(),
-            failures: 0,
-            running: None,
-            ari_recheck: None,
-            ari: None,
-            ari_errors: 0,
-            generation: self.generation,
-        };
+        let mut entry = self.table.new_entry(cert, self.now());
         self.plan(&mut entry).await;
         self.resume_pause(&mut entry).await;
-        self.insert(name, entry);
-    }
-
-    /// Puts `entry` in the table and, unless its order is running, its
-    /// deadlines in the timer sets.
-    fn insert(&mut self, name: String, entry: Entry) {
-        if entry.running.is_none() {
-            self.renewals.insert((entry.next, name.clone()));
-            if let Some(t) = entry.ari_recheck {
-                self.ari_rechecks.insert((t, name.clone()));
-            }
-        }
-        self.entries.insert(name, entry);
-    }
-
-    /// Takes `name`'s entry out of the table and its deadlines out of the
-    /// timer sets, to change it and `insert` it again.
-    fn take(&mut self, name: &str) -> Option<Entry> {
-        let entry = self.entries.remove(name)?;
-        // The set keys own the name; the lookups below borrow a copy once.
-        let name = name.to_owned();
-        self.renewals.remove(&(entry.next, name.clone()));
-        if let Some(t) = entry.ari_recheck {
-            self.ari_rechecks.remove(&(t, name));
-        }
-        Some(entry)
+        self.table.insert(name, entry);
     }
 
     /// Sets `entry.next` from what is installed (and the CA's ARI window).
@@ -552,16 +477,11 @@ impl Scheduler {
         let now = self.now();
         // Collected first, so an answer that asks to look again at once is
         // not looked at again in this pass.
-        let due: Vec<String> = self
-            .ari_rechecks
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .map(|(_, name)| name.clone())
-            .collect();
+        let due = self.table.ari_rechecks_due(now);
         for name in due {
-            if let Some(mut entry) = self.take(&name) {
+            if let Some(mut entry) = self.table.take(&name) {
                 self.plan(&mut entry).await;
-                self.insert(name, entry);
+                self.table.insert(name, entry);
             }
         }
     }
@@ -574,12 +494,13 @@ impl Scheduler {
         self.paused_until = None;
         // Most overdue first: the set is ordered by deadline.
         while self.jobs.len() < self.cfg.daemon.max_concurrent
-            && let Some((next, name)) = self.renewals.first().cloned()
+            && let Some((next, name)) = self.table.first_renewal()
             && next <= now
         {
-            let Some(mut entry) = self.take(&name) else {
-                self.renewals.remove(&(next, name));
-                continue;
+            let name = name.to_owned();
+            // The table keeps its deadlines in step with its entries.
+            let Some(mut entry) = self.table.take(&name) else {
+                break;
             };
             let token = self.cancel.child_token();
             entry.running = Some(token.clone());
@@ -587,7 +508,7 @@ impl Scheduler {
             let cert = entry.cert.clone();
             let generation = entry.generation;
             tracing::info!(cert = %name, why = %entry.why, "renewing");
-            self.insert(name.clone(), entry);
+            self.table.insert(name.clone(), entry);
             self.jobs.spawn(async move {
                 let result = order::obtain(&ctx, &cert, &token).await;
                 (name, generation, result)
@@ -599,7 +520,7 @@ impl Scheduler {
     /// meanwhile makes it due) and, when due or forced, moves it to the
     /// front; the requester hears the outcome of its next order.
     async fn request(&mut self, request: Request) {
-        let Some(mut entry) = self.take(&request.name) else {
+        let Some(mut entry) = self.table.take(&request.name) else {
             let _ = request.reply.send(Outcome::Unknown);
             return;
         };
@@ -617,22 +538,19 @@ impl Scheduler {
                 entry.why = Reason::Forced.to_string();
             } else if entry.next > now {
                 let _ = request.reply.send(Outcome::NotDue(entry.next));
-                self.insert(request.name, entry);
+                self.table.insert(request.name, entry);
                 return;
             }
         }
-        self.waiters
-            .entry(request.name.clone())
-            .or_default()
-            .push(request.reply);
-        self.insert(request.name, entry);
+        self.table.wait(request.name.clone(), request.reply);
+        self.table.insert(request.name, entry);
     }
 
     /// How long the loop may sleep: until the next deadline it can act on.
     fn next_wake(&self) -> Duration {
         let deadline = wake_deadline(
-            self.renewals.first().map(|(t, _)| *t),
-            self.ari_rechecks.first().map(|(t, _)| *t),
+            self.table.first_renewal().map(|(t, _)| t),
+            self.table.first_ari_recheck(),
             self.jobs.len() < self.cfg.daemon.max_concurrent,
             self.paused_until,
         );
@@ -644,29 +562,24 @@ impl Scheduler {
     }
 
     async fn finished(&mut self, (name, generation, result): JobResult) {
-        if let Some(waiters) = self.waiters.remove(&name) {
-            let outcome = match &result {
-                Ok(issued) => Outcome::Issued {
-                    serial: issued.info.serial.clone(),
-                    not_after: issued.info.not_after,
-                    failed_reloads: issued.reloads.iter().filter(|r| !r.ok).count(),
-                },
-                Err(e) => Outcome::Failed(crate::acme::error_chain(e)),
-            };
-            for waiter in waiters {
-                let _ = waiter.send(outcome.clone());
-            }
-        }
-        let Some(mut entry) = self.take(&name) else {
-            return; // removed from the configuration meanwhile
+        let outcome = match &result {
+            Ok(issued) => Outcome::Issued {
+                serial: issued.info.serial.clone(),
+                not_after: issued.info.not_after,
+                failed_reloads: issued.reloads.iter().filter(|r| !r.ok).count(),
+            },
+            Err(e) => Outcome::Failed(crate::acme::error_chain(e)),
         };
-        entry.running = None;
-        if entry.generation != generation {
-            // Changed meanwhile: plan the new configuration afresh.
-            self.plan(&mut entry).await;
-            self.insert(name, entry);
-            return;
-        }
+        let mut entry = match self.table.finish(&name, generation, &outcome) {
+            Finished::Gone => return, // removed from the configuration meanwhile
+            Finished::Stale(mut entry) => {
+                // Changed meanwhile: plan the new configuration afresh.
+                self.plan(&mut entry).await;
+                self.table.insert(name, entry);
+                return;
+            }
+            Finished::Current(entry) => entry,
+        };
         match result {
             Ok(issued) => {
                 let previous_failures = std::mem::take(&mut entry.failures);
@@ -716,7 +629,7 @@ impl Scheduler {
                 tracing::warn!(cert = %name, error = %failure.message, next = %entry.next.rfc3339(), "renewal failed");
             }
         }
-        self.insert(name, entry);
+        self.table.insert(name, entry);
     }
 
     /// Holds back what the rate limit `name`'s order met touches: the
@@ -738,18 +651,9 @@ impl Scheduler {
             return;
         }
         tracing::warn!(cert = %name, until = %until.rfc3339(), paused = limit.paused, unpause_url = limit.unpause_url.as_deref().unwrap_or(""), "CA rate limit on this certificate's names: pausing its orders");
-        let touched: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| {
-                e.running.is_none()
-                    && e.next < until
-                    && limit.scope.touches(&e.cert.domain_strings())
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
+        let touched = self.table.touched_by(&limit.scope, until);
         for other in touched {
-            let Some(mut entry) = self.take(&other) else {
+            let Some(mut entry) = self.table.take(&other) else {
                 continue;
             };
             // The other certificate's own record; it is told when its own
@@ -762,7 +666,7 @@ impl Scheduler {
             entry.why = held.why.to_owned();
             self.set_next_renewal(&other, until).await;
             tracing::info!(cert = %other, until = %until.rfc3339(), "held back by the CA's limit on names it shares");
-            self.insert(other, entry);
+            self.table.insert(other, entry);
         }
     }
 
@@ -800,54 +704,21 @@ impl Scheduler {
     /// files kept), changed ones are planned afresh (due now if their
     /// names changed).
     async fn apply(&mut self, cfg: Arc<Config>) {
-        let wanted: BTreeMap<String, CertificateConfig> = cfg
-            .certificates
-            .iter()
-            .map(|c| (c.name.to_string(), c.clone()))
-            .collect();
-        let removed: Vec<String> = self
-            .entries
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in removed {
-            // Dropped: a waiting `certd renew` hears that the daemon gave up.
-            self.waiters.remove(&name);
-            if let Some(entry) = self.take(&name)
-                && let Some(token) = entry.running
-            {
-                token.cancel();
-            }
+        let reconciled = self.table.reconcile(cfg.certificates.clone());
+        for name in reconciled.removed {
             tracing::info!(cert = %name, "certificate removed from the configuration; installed files kept");
         }
-        for (name, cert) in wanted {
-            match self.entries.get_mut(&name) {
-                Some(entry) if entry.cert == cert => {}
-                Some(entry) => {
-                    self.generation += 1;
-                    entry.generation = self.generation;
-                    let names_changed = entry.cert.domains != cert.domains;
-                    entry.cert = cert;
-                    if names_changed && let Some(token) = &entry.running {
-                        // Its result carries the old generation and is
-                        // replanned when it arrives.
-                        token.cancel();
-                    }
-                    if entry.running.is_none() {
-                        // get_mut just found it, and nothing ran in between.
-                        let mut e = self.take(&name).expect("entry was just found");
-                        e.failures = 0;
-                        self.plan(&mut e).await;
-                        self.insert(name.clone(), e);
-                    }
-                    tracing::info!(cert = %name, "certificate changed");
-                }
-                None => {
-                    tracing::info!(cert = %name, "certificate added");
-                    self.add(cert).await;
-                }
-            }
+        for name in reconciled.changed_running {
+            tracing::info!(cert = %name, "certificate changed");
+        }
+        for (name, mut entry) in reconciled.replan {
+            self.plan(&mut entry).await;
+            tracing::info!(cert = %name, "certificate changed");
+            self.table.insert(name, entry);
+        }
+        for cert in reconciled.added {
+            tracing::info!(cert = %cert.name, "certificate added");
+            self.add(cert).await;
         }
         // Orders started from now on record the new renewal point.
         self.ctx.renew_remaining = cfg.daemon.renew_remaining;
