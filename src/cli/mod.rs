@@ -70,6 +70,7 @@ mod status;
 use crate::acme::error_chain;
 use crate::app::dirs::{UnsafeDir, WrongUser, as_user_suggestion};
 use crate::app::ops::RevokeReason;
+use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::ledger::LedgerError;
 
@@ -376,6 +377,8 @@ impl Command {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The one wall clock of this run, handed to whatever reads the time.
+    let clock = Clock::system();
     if let Command::GenerateAssets { dir } = &cli.command {
         assets::generate_assets(dir)?;
         return Ok(ExitCode::SUCCESS);
@@ -389,7 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ));
     }
     let (cfg, prefetched) = match cli.command {
-        Command::Status { .. } => status::load(&cli.config).await,
+        Command::Status { .. } => status::load(&cli.config, &clock).await,
         _ => (Config::load(&cli.config), None),
     };
     let checking = matches!(cli.command, Command::Status { check: true, .. });
@@ -427,7 +430,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None
     };
     let db_path = cfg.db_path();
-    run_command(cli.command, cfg, prefetched)
+    run_command(cli.command, cfg, clock, prefetched)
         .await
         .map_err(|e| crate::ledger::explain(&db_path, e))
 }
@@ -437,10 +440,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn run_command(
     command: Command,
     cfg: Config,
+    clock: Clock,
     prefetched: Option<status::Prefetched>,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run => run::run_daemon(cfg).await,
+        Command::Run => run::run_daemon(cfg, clock).await,
         // Handled above, before a configuration is needed.
         Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
         Command::PolkitRule { user, .. } => Ok(polkit::print_rule(
@@ -452,7 +456,7 @@ async fn run_command(
             names,
             force,
             dry_run,
-        } => renew::renew(cfg, &names, force, dry_run).await,
+        } => renew::renew(cfg, clock, &names, force, dry_run).await,
         Command::Status {
             names,
             verbose,
@@ -465,7 +469,7 @@ async fn run_command(
                 (false, false, true) => status::Mode::Detail,
                 (false, false, false) => status::Mode::Table,
             };
-            status::run(cfg, mode, &names, prefetched).await
+            status::run(cfg, &clock, mode, &names, prefetched).await
         }
         Command::Authz {
             command: AuthzCommand::List { pending, json },
@@ -496,7 +500,7 @@ async fn run_command(
             name,
             reason,
             no_renew,
-        } => revoke::revoke(cfg, &name, reason, no_renew).await,
+        } => revoke::revoke(cfg, clock, &name, reason, no_renew).await,
     }
 }
 

@@ -33,6 +33,7 @@ const RENEW_CONCURRENCY: usize = 4;
 
 pub(super) async fn renew(
     mut cfg: Config,
+    clock: Clock,
     names: &[String],
     force: bool,
     dry_run: bool,
@@ -44,7 +45,6 @@ pub(super) async fn renew(
         );
         return Ok(ExitCode::from(2));
     }
-    let clock = Clock::system();
     let now = clock.now();
     let existing = open_existing(&cfg).await?;
     let mut due = Vec::new();

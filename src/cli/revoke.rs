@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use crate::app::ops::{self, RevokeReason};
 use crate::app::sink::Sink;
+use crate::clock::Clock;
 use crate::config::Config;
 
 use super::account::account_session;
@@ -12,6 +13,7 @@ use super::renew::renew;
 
 pub(super) async fn revoke(
     cfg: Config,
+    clock: Clock,
     name: &str,
     reason: RevokeReason,
     no_renew: bool,
@@ -50,5 +52,5 @@ pub(super) async fn revoke(
         return Ok(ExitCode::SUCCESS);
     }
     // A revoked certificate must not stay in service: replace it now.
-    renew(cfg, &[name.to_owned()], false, false).await
+    renew(cfg, clock, &[name.to_owned()], false, false).await
 }

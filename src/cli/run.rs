@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::daemon::Listeners;
 use crate::ledger::{FileIdentity, LedgerError};
 
-pub(super) async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
+pub(super) async fn run_daemon(cfg: Config, clock: Clock) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let reload = wire_signals(&shutdown)?;
     let metrics = match cfg.metrics_listen {
@@ -27,7 +27,7 @@ pub(super) async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let services = Services::open(cfg, Clock::system()).await?;
+    let services = Services::open(cfg, clock).await?;
     let db = services.cfg.db_path();
     let identity = FileIdentity::of(&db).with_context(|| format!("ledger {}", db.display()))?;
     let watcher = tokio::spawn(watch_ledger(db, identity, shutdown.clone()));
