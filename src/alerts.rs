@@ -17,7 +17,7 @@ use crate::ledger::Ledger;
 const MAX_ENV_VALUE: usize = 16 * 1024;
 
 /// What happened to one certificate's renewal.
-pub enum Outcome<'a> {
+pub(crate) enum Outcome<'a> {
     /// The renewal failed; `failures` counts consecutive failures, this one
     /// included.
     Failed { failures: u32, error: &'a str },
@@ -39,7 +39,7 @@ pub enum Outcome<'a> {
 /// What a failed renewal tells the notify command: a pause once, when it
 /// is `news`, and nothing at the retries while it lasts (an operator acts
 /// on it, once); any other failure as `Failed`.
-pub fn failure_outcome<'a>(
+pub(crate) fn failure_outcome<'a>(
     failures: u32,
     error: &'a str,
     limit: Option<&'a crate::acme::RateLimit>,
@@ -59,7 +59,7 @@ pub fn failure_outcome<'a>(
 /// `after_failures`-th consecutive failure on, and on the first success
 /// after such a run, and at once when the CA pauses the names. Its result goes to the ledger and the log; it never
 /// fails the renewal.
-pub async fn after_renewal(
+pub(crate) async fn after_renewal(
     cfg: Option<&NotifyConfig>,
     store: &Ledger,
     name: &str,

@@ -14,7 +14,7 @@ use crate::install;
 /// for `reuse_key`, a symlink where a certificate goes).
 #[derive(Debug, thiserror::Error)]
 #[error("{key} {path} {problem}; certd refuses to run until this is fixed")]
-pub struct UnsafeDir {
+pub(crate) struct UnsafeDir {
     key: &'static str,
     path: PathBuf,
     problem: String,
@@ -29,7 +29,7 @@ pub struct UnsafeDir {
     who = user_label(*owner),
     suggestion = as_owner_suggestion(*owner)
 )]
-pub struct WrongUser {
+pub(crate) struct WrongUser {
     key: &'static str,
     path: PathBuf,
     owner: u32,

@@ -7,10 +7,10 @@
 //! `certd run` record, alert and back off by the same rules.
 
 pub(crate) mod backoff;
-pub mod dirs;
+pub(crate) mod dirs;
 pub(crate) mod ops;
 pub(crate) mod outcome;
-pub mod sink;
+pub(crate) mod sink;
 
 use std::sync::Arc;
 
@@ -118,7 +118,7 @@ impl Services {
     }
 
     /// Closes the ledger.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         self.store.close().await;
     }
 }

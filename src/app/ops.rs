@@ -20,7 +20,7 @@ use crate::ledger::Ledger;
 /// Revocation reasons (RFC 5280 §5.3.1) an ACME CA accepts.
 #[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum RevokeReason {
+pub(crate) enum RevokeReason {
     Unspecified,
     KeyCompromise,
     AffiliationChanged,

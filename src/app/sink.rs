@@ -11,7 +11,7 @@ use crate::text::escape_control;
 /// One line of the daemon's answer on its control socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
+pub(crate) enum Reply {
     /// A line for standard output.
     Out(String),
     /// A line for standard error.
@@ -22,13 +22,13 @@ pub enum Reply {
 
 /// The terminal, or a client's socket.
 #[derive(Debug, Clone)]
-pub enum Sink {
+pub(crate) enum Sink {
     Terminal,
     Socket(mpsc::UnboundedSender<Reply>),
 }
 
 impl Sink {
-    pub fn out(&self, line: &str) {
+    pub(crate) fn out(&self, line: &str) {
         match self {
             Sink::Terminal => write_stdout(line),
             Sink::Socket(tx) => {
@@ -38,7 +38,7 @@ impl Sink {
         }
     }
 
-    pub fn err(&self, line: &str) {
+    pub(crate) fn err(&self, line: &str) {
         match self {
             Sink::Terminal => eprintln!("{}", escape_control(line)),
             Sink::Socket(tx) => {

@@ -36,7 +36,7 @@ pub(super) async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<S
     me = user_label(*me),
     path = path.display()
 )]
-pub struct ForeignFile {
+pub(crate) struct ForeignFile {
     path: PathBuf,
     owner: u32,
     me: u32,

@@ -82,27 +82,27 @@ use self::lock::ForeignFile;
     version,
     about = "Certificate renewal daemon for ACME CAs"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Configuration file.
     #[arg(long, short = 'c', env = "CERTD_CONFIG", default_value = DEFAULT_CONFIG_PATH, global = true)]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 
     /// Log line format (logs go to standard error).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run as a daemon: renew on schedule, reap, reload on change (systemd).
     Run,
     /// Obtain or renew the certificates that are due, then exit.
@@ -199,7 +199,7 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AccountCommand {
+pub(crate) enum AccountCommand {
     /// Print the account: directory, URL, key thumbprint, credentials file.
     Show,
     /// Replace the account key (RFC 8555 §7.3.5); the old key stays in use
@@ -208,7 +208,7 @@ pub enum AccountCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum DnsPersistCommand {
+pub(crate) enum DnsPersistCommand {
     /// Print the `_validation-persist` TXT records a certificate needs.
     Show {
         /// The certificate's name.
@@ -217,7 +217,7 @@ pub enum DnsPersistCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AuthzCommand {
+pub(crate) enum AuthzCommand {
     /// List the authorizations certd has created.
     List {
         /// Only those still pending.

@@ -33,7 +33,7 @@ use crate::daemon::schedule;
 use crate::order::Context;
 
 /// The socket's file name in the state directory.
-pub const SOCKET_FILE: &str = "control.sock";
+pub(crate) const SOCKET_FILE: &str = "control.sock";
 
 /// The longest request line the daemon reads: requests are small (a list
 /// of URLs at most).
@@ -43,14 +43,14 @@ const MAX_REQUEST: u64 = 1 << 20;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The socket of `state_dir`.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_FILE)
 }
 
 /// A command handed to the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
+pub(crate) enum Request {
     Renew {
         names: Vec<String>,
         force: bool,
@@ -75,17 +75,17 @@ pub enum Request {
 
 /// What the daemon's command handlers work with.
 #[derive(Clone)]
-pub struct Handles {
-    pub ctx: Context,
-    pub scheduler: mpsc::Sender<schedule::Request>,
+pub(crate) struct Handles {
+    pub(crate) ctx: Context,
+    pub(crate) scheduler: mpsc::Sender<schedule::Request>,
     /// The configuration last applied (reloads change it).
-    pub config: watch::Receiver<Arc<Config>>,
+    pub(crate) config: watch::Receiver<Arc<Config>>,
 }
 
 /// Binds the socket (replacing one a dead daemon left: the caller holds
 /// the state directory's lock, so no live daemon owns it) and serves it on
 /// `tracker` until `shutdown`. The file is removed at shutdown.
-pub fn start(
+pub(crate) fn start(
     state_dir: &Path,
     handles: Handles,
     tracker: &TaskTracker,
@@ -212,7 +212,7 @@ async fn write_reply(
 
 /// Why a command could not be handed to the daemon.
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     #[error(
         "cannot use the daemon's control socket {path}: {source}. The daemon runs as uid {owner}; run: {suggestion}"
     )]
@@ -236,7 +236,7 @@ pub enum ForwardError {
 /// Hands `request` to the daemon of `state_dir` and prints its output as
 /// it comes. `None` when no daemon listens (no socket, or one a stopped
 /// daemon left): the command then runs itself.
-pub async fn forward(
+pub(crate) async fn forward(
     state_dir: &Path,
     request: &Request,
 ) -> Result<Option<ExitCode>, ForwardError> {

@@ -22,7 +22,7 @@
 
 mod account;
 mod clients;
-pub mod control;
+pub(crate) mod control;
 mod reaping;
 mod reload;
 mod reloader;

@@ -47,13 +47,13 @@ use super::timetable::{AriPlan, Entry, Finished, Timetable};
 
 /// Why a certificate needs a new issuance, or when it will.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Due {
+pub(crate) enum Due {
     Now(Reason),
     At(UnixTime),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     NotInstalled,
     DomainsChanged,
     ProfileChanged,
@@ -83,7 +83,7 @@ impl fmt::Display for Reason {
 /// serial certd revoked (if any), and the profile preference the installed
 /// certificate was ordered under (`ProfilePreference::ledger_key`; `None`
 /// where the ledger does not know, which never makes it due).
-pub fn due(
+pub(crate) fn due(
     cert: &CertificateConfig,
     installed: Option<&CertInfo>,
     revoked: Option<&str>,
@@ -119,14 +119,14 @@ pub fn due(
 /// The latest instant certd renews at, whatever a CA's window says: with
 /// a sixth of the lifetime left. With [`capped_backoff`] that leaves at
 /// least eight retries before expiry.
-pub fn latest_renewal(info: &CertInfo) -> UnixTime {
+pub(crate) fn latest_renewal(info: &CertInfo) -> UnixTime {
     let lifetime = (info.not_after - info.not_before).max(0);
     UnixTime::from_secs(info.not_after - lifetime / 6)
 }
 
 /// A uniformly random instant in `window`, no later than
 /// [`latest_renewal`] (and no earlier than the window's start).
-pub fn ari_instant(window: &Window, info: &CertInfo) -> UnixTime {
+pub(crate) fn ari_instant(window: &Window, info: &CertInfo) -> UnixTime {
     let end = window
         .end
         .min(latest_renewal(info).secs())
@@ -166,7 +166,7 @@ pub(crate) fn ari_error_delay(error: &AriError, errors: u32, interval: Duration)
 
 /// The renewal time of `info` without ARI: `remaining` of the lifetime left,
 /// minus up to 2 % of the lifetime of jitter.
-pub fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
+pub(crate) fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
     let lifetime = (info.not_after - info.not_before).max(0) as f64;
     let at = renewal_time(info.not_before, info.not_after, remaining);
     UnixTime::from_secs(at.secs() - (lifetime * 0.02 * random_fraction()) as i64)
@@ -177,7 +177,11 @@ pub fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
 /// new draw at each daemon start moved NEXT RENEWAL by up to 2 % of the
 /// lifetime (days for a 90-day certificate) for no reason; a new
 /// certificate or a new `renew_remaining` plans afresh.
-pub fn kept_renewal(info: &CertInfo, remaining: f64, planned: Option<i64>) -> Option<UnixTime> {
+pub(crate) fn kept_renewal(
+    info: &CertInfo,
+    remaining: f64,
+    planned: Option<i64>,
+) -> Option<UnixTime> {
     let lifetime = (info.not_after - info.not_before).max(0) as f64;
     let latest = renewal_time(info.not_before, info.not_after, remaining).secs();
     let earliest = latest - (lifetime * 0.02) as i64;
@@ -214,15 +218,15 @@ type JobResult = (String, u64, Result<Issued, DriveError>);
 /// now if due, or if `force`, by the loop's own order slots; `reply` hears
 /// how it ended.
 #[derive(Debug)]
-pub struct Request {
-    pub name: String,
-    pub force: bool,
-    pub reply: oneshot::Sender<Outcome>,
+pub(crate) struct Request {
+    pub(crate) name: String,
+    pub(crate) force: bool,
+    pub(crate) reply: oneshot::Sender<Outcome>,
 }
 
 /// How a [`Request`] ended.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Not due and not forced: the renewal time.
     NotDue(UnixTime),
     Issued {
@@ -274,7 +278,7 @@ impl Scheduler {
 
     /// Runs until `cancel` fires, then gives in-flight orders
     /// `shutdown_grace` to finish or abandon (with deactivation) cleanly.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut reloads: mpsc::Receiver<Arc<Config>>,
         mut requests: mpsc::Receiver<Request>,
