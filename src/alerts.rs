@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 
 use crate::config::NotifyConfig;
 use crate::install::run_command;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerError};
 
 /// The most bytes of one value passed in the notify command's
 /// environment; longer values are cut with a marker.
@@ -58,15 +58,16 @@ pub(crate) fn failure_outcome<'a>(
 /// Runs the notify command if `outcome` deserves it: from the
 /// `after_failures`-th consecutive failure on, and on the first success
 /// after such a run, and at once when the CA pauses the names. Its result goes to the ledger and the log; it never
-/// fails the renewal.
+/// fails the renewal. The ledger's error, if recording the result failed,
+/// is the caller's to log and count.
 pub(crate) async fn after_renewal(
     cfg: Option<&NotifyConfig>,
     store: &Ledger,
     name: &str,
     domains: &[String],
     outcome: Outcome<'_>,
-) {
-    let Some(cfg) = cfg else { return };
+) -> Result<(), LedgerError> {
+    let Some(cfg) = cfg else { return Ok(()) };
     let domains = domains.join(",");
     let mut unpause_url = None;
     let (event, failures, detail) = match outcome {
@@ -97,7 +98,7 @@ pub(crate) async fn after_renewal(
                 crate::text::escape_control(error).into_owned(),
             )
         }
-        _ => return,
+        _ => return Ok(()),
     };
     let failures = failures.to_string();
     // The error may quote the CA; one environment string over 128 KiB
@@ -139,7 +140,7 @@ pub(crate) async fn after_renewal(
     if !result.ok {
         tracing::warn!(cert = name, detail = %result.detail, "notify command failed");
     }
-    let _ = store
+    store
         .event(
             kind,
             Some(name),
@@ -147,7 +148,7 @@ pub(crate) async fn after_renewal(
             None,
             Some(&format!("{event}: {}", result.detail)),
         )
-        .await;
+        .await
 }
 
 #[cfg(test)]

@@ -112,8 +112,9 @@ impl Outcomes {
             previous_failures,
             not_after,
         };
-        alerts::after_renewal(notify, &self.store, name, &cert.domain_strings(), outcome).await;
-        first
+        let told =
+            alerts::after_renewal(notify, &self.store, name, &cert.domain_strings(), outcome).await;
+        first.and(self.note("record the notification", told))
     }
 
     /// A renewal failed, the `failures`-th time in a row: records it
@@ -165,7 +166,8 @@ impl Outcomes {
         let news = held.as_ref().is_some_and(|h| h.news);
         let limit = failure.limit.as_ref().map(|(l, _)| l);
         if let Some(outcome) = alerts::failure_outcome(failures, msg, limit, news) {
-            alerts::after_renewal(notify, &self.store, name, &domains, outcome).await;
+            let told = alerts::after_renewal(notify, &self.store, name, &domains, outcome).await;
+            written = written.and(self.note("record the notification", told));
         }
         (Failed { next, why, held }, written)
     }
