@@ -130,3 +130,88 @@ fn in_process_daemon_issues_records_and_stops_on_its_token() {
         store.close().await;
     });
 }
+
+#[test]
+fn in_process_daemon_waits_for_its_ca_and_takes_the_fix_from_the_file() {
+    let env = TestEnv::new();
+    env.write_config(&format!(
+        "{}{}",
+        crate::util::DAEMON_RETRY_2S,
+        cert("one", "one.example.test")
+    ));
+    // The CA's directory at a port nothing listens on: unreachable.
+    let good = std::fs::read_to_string(env.config_path()).expect("read config");
+    let dead = format!("https://127.0.0.1:{}/dir", crate::util::free_port());
+    let bad = good.replace(&env.directory_url(), &dead);
+    assert_ne!(bad, good, "the directory URL is in the file");
+    env.write_raw_config(&bad);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let cfg = Config::load(&env.config_path()).expect("configuration");
+        let db = cfg.db_path();
+        let services = Services::open(cfg, Clock::system())
+            .await
+            .expect("services");
+        let (_reload_tx, reload) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let listeners = Listeners {
+            metrics: None,
+            reload,
+        };
+        let daemon = tokio::spawn(certd::daemon::run(services, listeners, shutdown.clone()));
+
+        // For `certd status`: the CA unreachable since the first failure.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let store = Ledger::open_read_only(&db).await.expect("open ledger");
+            let n = store.count_events("ca-unreachable").await.expect("count");
+            store.close().await;
+            if n == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no ca-unreachable event"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!daemon.is_finished(), "the daemon waits for its CA");
+
+        // The fix is an edit; the next attempt reads it (the watcher does
+        // not run yet) and the certificate is issued.
+        env.write_raw_config(&good);
+        let pem = env.cert_dir().join("one/cert.pem");
+        wait_until(
+            "the certificate is installed",
+            Duration::from_secs(60),
+            || pem.exists(),
+        )
+        .await;
+        let (names, _, _, _) = parse_leaf(&read_pem_certs(&pem)[0]);
+        assert_eq!(names, ["one.example.test"]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let store = Ledger::open_read_only(&db).await.expect("open ledger");
+            let n = store.count_events("ca-reachable").await.expect("count");
+            store.close().await;
+            if n == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no ca-reachable event"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(30), daemon)
+            .await
+            .expect("the daemon stops on its token");
+        stopped.expect("daemon task").expect("a clean shutdown");
+    });
+}
