@@ -54,8 +54,8 @@ use self::tasks::{Tasks, lock};
 /// bound and the reload requests it sends.
 pub struct Listeners {
     /// The metrics listener for `[metrics] listen`, bound by the caller
-    /// (a test binds port 0); `None`: no metrics until a reload sets an
-    /// address.
+    /// (a test binds port 0); `None`: no metrics until a reload changes
+    /// the address.
     pub metrics: Option<TcpListener>,
     /// One message per reload request (the CLI sends one per SIGHUP).
     pub reload: mpsc::Receiver<()>,
