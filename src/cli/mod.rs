@@ -25,7 +25,7 @@
 //! identifiers, URLs), and a CA must not be able to forge a line of
 //! `status --check` or of the log, or drive the terminal with escape
 //! sequences. JSON outputs are exact; serde escapes them.
-
+//!
 //! This file holds the clap definitions and the dispatch; each command
 //! lives in its own file, and what the daemon shares with them lives
 //! below, in `crate::app`.
