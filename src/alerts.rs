@@ -10,14 +10,14 @@ use std::ffi::OsStr;
 
 use crate::config::NotifyConfig;
 use crate::install::run_command;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerError};
 
 /// The most bytes of one value passed in the notify command's
 /// environment; longer values are cut with a marker.
 const MAX_ENV_VALUE: usize = 16 * 1024;
 
 /// What happened to one certificate's renewal.
-pub enum Outcome<'a> {
+pub(crate) enum Outcome<'a> {
     /// The renewal failed; `failures` counts consecutive failures, this one
     /// included.
     Failed { failures: u32, error: &'a str },
@@ -39,7 +39,7 @@ pub enum Outcome<'a> {
 /// What a failed renewal tells the notify command: a pause once, when it
 /// is `news`, and nothing at the retries while it lasts (an operator acts
 /// on it, once); any other failure as `Failed`.
-pub fn failure_outcome<'a>(
+pub(crate) fn failure_outcome<'a>(
     failures: u32,
     error: &'a str,
     limit: Option<&'a crate::acme::RateLimit>,
@@ -58,15 +58,16 @@ pub fn failure_outcome<'a>(
 /// Runs the notify command if `outcome` deserves it: from the
 /// `after_failures`-th consecutive failure on, and on the first success
 /// after such a run, and at once when the CA pauses the names. Its result goes to the ledger and the log; it never
-/// fails the renewal.
-pub async fn after_renewal(
+/// fails the renewal. The ledger's error, if recording the result failed,
+/// is the caller's to log and count.
+pub(crate) async fn after_renewal(
     cfg: Option<&NotifyConfig>,
     store: &Ledger,
     name: &str,
     domains: &[String],
     outcome: Outcome<'_>,
-) {
-    let Some(cfg) = cfg else { return };
+) -> Result<(), LedgerError> {
+    let Some(cfg) = cfg else { return Ok(()) };
     let domains = domains.join(",");
     let mut unpause_url = None;
     let (event, failures, detail) = match outcome {
@@ -75,7 +76,7 @@ pub async fn after_renewal(
         Outcome::Failed { failures, error } if failures >= cfg.after_failures => (
             "renewal-failed",
             failures,
-            crate::cli::escape_control(error).into_owned(),
+            crate::text::escape_control(error).into_owned(),
         ),
         Outcome::Succeeded {
             previous_failures,
@@ -90,14 +91,14 @@ pub async fn after_renewal(
             error,
             unpause_url: url,
         } => {
-            unpause_url = url.map(|u| crate::cli::escape_control(u).into_owned());
+            unpause_url = url.map(|u| crate::text::escape_control(u).into_owned());
             (
                 "renewal-paused",
                 failures,
-                crate::cli::escape_control(error).into_owned(),
+                crate::text::escape_control(error).into_owned(),
             )
         }
-        _ => return,
+        _ => return Ok(()),
     };
     let failures = failures.to_string();
     // The error may quote the CA; one environment string over 128 KiB
@@ -139,7 +140,7 @@ pub async fn after_renewal(
     if !result.ok {
         tracing::warn!(cert = name, detail = %result.detail, "notify command failed");
     }
-    let _ = store
+    store
         .event(
             kind,
             Some(name),
@@ -147,7 +148,7 @@ pub async fn after_renewal(
             None,
             Some(&format!("{event}: {}", result.detail)),
         )
-        .await;
+        .await
 }
 
 #[cfg(test)]

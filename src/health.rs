@@ -25,7 +25,7 @@ const OVERDUE_GRACE: i64 = 86_400;
 /// Monitoring levels, ordered; their numbers are the exit codes (the
 /// Nagios plugin convention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
+pub(crate) enum Level {
     Ok = 0,
     Warning = 1,
     Critical = 2,
@@ -46,7 +46,7 @@ impl fmt::Display for Level {
 
 /// Judges one configured certificate by its ledger row; the reason is set
 /// for anything but OK.
-pub fn assess(
+pub(crate) fn assess(
     cert: &CertificateConfig,
     row: Option<&CertificateRow>,
     now: UnixTime,

@@ -14,6 +14,7 @@ pub mod memory; // heap returned to the system when idle
 pub mod tinyhttp; // the small HTTP/1.1 server the responders and metrics use
 pub mod process; // running programs: own process group, minimal environment, timeout
 pub mod safefs; // files and directories only certd can change; 0600 secrets
+pub mod text; // outside text escaped for terminals, logs and child processes
 pub mod config; // the file: parsed purely, then resolved; typed reload diff
 pub mod ledger; // every ACME object certd created, and the only SQL
 pub mod acme; // HTTP, nonces, the account, the CA's errors, ARI
@@ -25,5 +26,6 @@ pub mod order; // one order from plan to installed certificate; recovery
 pub mod alerts; // notifications when a certificate needs a person
 pub mod health; // certificate health as status and exit codes read it
 pub mod metrics; // the Prometheus endpoint
+pub mod app; // the services every run builds once; one outcome handler
 pub mod daemon; // `certd run`: scheduling, reload, control socket, systemd
 pub mod cli; // commands, output and exit codes

@@ -9,7 +9,7 @@
 //! its top. It costs well under a millisecond for a heap of a few MiB.
 
 /// Returns free heap pages to the system (glibc); nothing elsewhere.
-pub fn release() {
+pub(crate) fn release() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers; it walks glibc's own free
     // lists under the arena locks, like any malloc or free call.

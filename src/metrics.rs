@@ -1,35 +1,73 @@
 //! Prometheus text-format metrics for `certd run` (`[metrics] listen`).
 //!
 //! Everything is read at scrape time from the ledger and the HTTP layer's
-//! counters, so the numbers are those `certd status` shows.
+//! counters, so the numbers are those `certd status` shows; besides them,
+//! the daemon's own count of ledger writes that failed.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acme::AcmeHttp;
-use crate::clock::UnixTime;
+use crate::clock::Clock;
 use crate::ledger::{Ledger, LedgerError};
 use crate::tinyhttp::{self, Response};
 
-/// Serves `GET /metrics` on `addr` until `cancel` fires.
-pub async fn start(
-    addr: SocketAddr,
-    store: Ledger,
-    http: AcmeHttp,
+/// What the metrics are read from.
+#[derive(Clone)]
+pub(crate) struct Sources {
+    pub(crate) store: Ledger,
+    pub(crate) http: AcmeHttp,
+    pub(crate) clock: Clock,
+    pub(crate) ledger_errors: LedgerWriteErrors,
+}
+
+/// Ledger writes that failed (a full disk, an I/O error): each is logged
+/// where it happens, and counted here, since a daemon that goes on
+/// running must not lose them silently. Cheap to clone; clones count
+/// together.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LedgerWriteErrors(Arc<AtomicU64>);
+
+impl LedgerWriteErrors {
+    /// Logs and counts `result`'s error, naming `what` was written;
+    /// returns `result`.
+    pub(crate) fn note<E: std::fmt::Display>(
+        &self,
+        what: &'static str,
+        result: Result<(), E>,
+    ) -> Result<(), E> {
+        if let Err(e) = &result {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, write = what, "cannot write the ledger");
+        }
+        result
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `cancel` fires.
+pub(crate) fn start(
+    listener: tokio::net::TcpListener,
+    sources: Sources,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let (listener, local) = tinyhttp::bind(addr).await?;
+    let local = listener.local_addr()?;
     tinyhttp::serve(listener, tracker, cancel, move |req| {
-        let (store, http) = (store.clone(), http.clone());
+        let sources = sources.clone();
         async move {
             if req.target != "/metrics" {
                 return Response::text(404, "");
             }
-            match render(&store, &http).await {
+            match render(&sources).await {
                 Ok(body) => Response {
                     code: 200,
                     content_type: "text/plain; version=0.0.4",
@@ -55,7 +93,13 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// The metrics page.
-pub async fn render(store: &Ledger, http: &AcmeHttp) -> Result<String, LedgerError> {
+pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
+    let Sources {
+        store,
+        http,
+        clock,
+        ledger_errors,
+    } = sources;
     let mut out = String::new();
     let certs = store.certificates().await?;
     header(
@@ -107,7 +151,7 @@ pub async fn render(store: &Ledger, http: &AcmeHttp) -> Result<String, LedgerErr
         "Authorizations the ledger holds as pending, per account.",
     );
     let mut reaped = String::new();
-    let now = UnixTime::now().secs();
+    let now = clock.now().secs();
     for (id, _, url) in store.accounts().await? {
         let r = store.reaper_summary(id, now).await?;
         let _ = writeln!(
@@ -143,5 +187,52 @@ pub async fn render(store: &Ledger, http: &AcmeHttp) -> Result<String, LedgerErr
             label(&outcome)
         );
     }
+    header(
+        &mut out,
+        "certd_ledger_write_errors_total",
+        "counter",
+        "Ledger writes that failed since start (each is logged).",
+    );
+    let _ = writeln!(
+        out,
+        "certd_ledger_write_errors_total {}",
+        ledger_errors.count()
+    );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::UnixTime;
+
+    #[tokio::test]
+    async fn the_page_counts_failed_ledger_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Ledger::open(&dir.path().join("certd.db"))
+            .await
+            .expect("ledger");
+        let ledger_errors = LedgerWriteErrors::default();
+        let failed: Result<(), &str> = Err("disk I/O error");
+        assert!(ledger_errors.note("test write", failed).is_err());
+        assert!(
+            ledger_errors
+                .clone()
+                .note("test write", Err("again"))
+                .is_err()
+        );
+        assert!(ledger_errors.note("test write", Ok::<(), &str>(())).is_ok());
+        let sources = Sources {
+            store: store.clone(),
+            http: AcmeHttp::new(None, crate::clock::Clock::system()).expect("HTTP client"),
+            clock: Clock::fixed(UnixTime::from_secs(1_000_000)),
+            ledger_errors,
+        };
+        let page = render(&sources).await.expect("render");
+        assert!(
+            page.contains("# TYPE certd_ledger_write_errors_total counter\ncertd_ledger_write_errors_total 2\n"),
+            "{page}"
+        );
+        store.close().await;
+    }
 }

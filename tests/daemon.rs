@@ -9,6 +9,8 @@ use crate::util::{
     free_port, install_hook_wrapper, ledger_authz, ledger_authz_urls,
 };
 
+mod in_process;
+
 const DAEMON: &str = crate::util::DAEMON_RETRY_2S;
 
 fn ca_requests(env: &TestEnv) -> usize {

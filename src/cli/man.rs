@@ -29,7 +29,7 @@ const QUICK_START: [(&str, &str); 2] = [
 
 /// Writes `certd.1` (over the one `clap_mangen::generate_to` wrote) and
 /// `certd.toml.5` into `dir`.
-pub fn write_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+pub(crate) fn write_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
     // As `clap_mangen::generate_to` builds the command for the other pages.
     let man = Man::new(cmd.disable_help_subcommand(true));
     let mut page = Vec::new();

@@ -12,9 +12,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use super::{account_session, escape_control, write_stdout};
+use super::account::account_session;
+use crate::app::sink::write_stdout;
 use crate::config::{ChallengeKind, Config};
 use crate::dns::persist::{PersistExpect, persist_record};
+use crate::text::escape_control;
 
 pub(super) async fn show(cfg: &Config, name: &str) -> anyhow::Result<ExitCode> {
     let Some(cert) = cfg.certificates.iter().find(|c| c.name.as_str() == name) else {

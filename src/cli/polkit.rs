@@ -9,21 +9,23 @@
 //! any unit not listed: `poweroff.target`, `debug-shell.service`) is refused
 //! for the certd user.
 
+use std::process::ExitCode;
+
 use crate::config::Config;
 
 /// The verbs systemd passes for `systemctl reload` and
 /// `systemctl reload-or-try-restart`.
-pub const VERBS: [&str; 2] = ["reload", "reload-or-try-restart"];
+pub(crate) const VERBS: [&str; 2] = ["reload", "reload-or-try-restart"];
 
 /// A unit name safe to put in the rule: systemd's own character set, so it
 /// cannot break out of a JavaScript string.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct UnitName(String);
+pub(crate) struct UnitName(String);
 
 impl UnitName {
     /// Parses `name`, adding `.service` when it has no unit type, as
     /// `systemctl` does.
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub(crate) fn parse(name: &str) -> Result<Self, String> {
         let valid = !name.is_empty()
             && name.len() <= 255
             && name
@@ -55,7 +57,7 @@ impl UnitName {
 
 /// The units that reload commands of the form `systemctl reload UNIT...` or
 /// `systemctl reload-or-try-restart UNIT...` name.
-pub fn units_from_config(cfg: &Config) -> Vec<UnitName> {
+pub(crate) fn units_from_config(cfg: &Config) -> Vec<UnitName> {
     let mut units: Vec<UnitName> = cfg
         .certificates
         .iter()
@@ -102,7 +104,7 @@ fn units_in(command: &str) -> Vec<UnitName> {
 }
 
 /// The rule granting `user` the reload verbs on `units`.
-pub fn rule(user: &str, units: &[UnitName]) -> String {
+pub(crate) fn rule(user: &str, units: &[UnitName]) -> String {
     let list = |items: &mut dyn Iterator<Item = &str>| {
         items
             .map(|s| format!("\"{s}\""))
@@ -133,6 +135,28 @@ polkit.addRule(function (action, subject) {{
 }});
 "#
     )
+}
+
+/// Prints the rule for `units`, or why there is none; the exit code.
+pub(super) fn print_rule(
+    user: &str,
+    units: impl Iterator<Item = Result<UnitName, String>>,
+) -> ExitCode {
+    match units.collect::<Result<Vec<_>, _>>() {
+        Ok(units) => {
+            if units.is_empty() {
+                eprintln!(
+                    "certd: no `systemctl reload UNIT` in the reload commands: the rule allows nothing"
+                );
+            }
+            crate::app::sink::write_stdout_all(&rule(user, &units));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("certd: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,11 +16,13 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{escape_control, shorten, write_stdout_all};
-use crate::clock::{UnixTime, rfc3339};
+use super::output::shorten;
+use crate::app::sink::write_stdout_all;
+use crate::clock::{Clock, UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
 use crate::ledger::{ACCOUNT_SCOPE, CertificateRow, Ledger, PauseRow, ReaperSummary};
+use crate::text::escape_control;
 
 /// What `certd status` prints.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +45,10 @@ pub(super) struct Prefetched {
 /// ledger named by the configuration's head (`config::peek_state_dir`).
 /// `run` uses the ledger only if the parsed configuration names the same
 /// state directory, and reads it again otherwise.
-pub(super) async fn load(path: &Path) -> (Result<Config, ConfigError>, Option<Prefetched>) {
+pub(super) async fn load(
+    path: &Path,
+    clock: &Clock,
+) -> (Result<Config, ConfigError>, Option<Prefetched>) {
     let text = match Config::read(path) {
         Ok(text) => text,
         Err(e) => return (Err(e), None),
@@ -53,7 +58,7 @@ pub(super) async fn load(path: &Path) -> (Result<Config, ConfigError>, Option<Pr
     };
     let owned = path.to_owned();
     let parse = tokio::task::spawn_blocking(move || Config::parse(&owned, &text));
-    let ledger = LedgerView::read(&state_dir, UnixTime::now()).await;
+    let ledger = LedgerView::read(&state_dir, clock.now()).await;
     let cfg = match parse.await {
         Ok(cfg) => cfg,
         // Config::parse does not panic (the fuzz tests hold it to that);
@@ -67,11 +72,12 @@ pub(super) async fn load(path: &Path) -> (Result<Config, ConfigError>, Option<Pr
 /// the configuration because the process ends next (see the end).
 pub(super) async fn run(
     cfg: Config,
+    clock: &Clock,
     mode: Mode,
     names: &[String],
     prefetched: Option<Prefetched>,
 ) -> anyhow::Result<ExitCode> {
-    let now = UnixTime::now();
+    let now = clock.now();
     let ledger = match prefetched {
         Some(p) if p.state_dir == cfg.storage.state_dir => p.ledger,
         _ => LedgerView::read(&cfg.storage.state_dir, now).await,

@@ -27,12 +27,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::sink::{Reply, Sink};
 use crate::config::Config;
 use crate::daemon::schedule;
 use crate::order::Context;
 
 /// The socket's file name in the state directory.
-pub const SOCKET_FILE: &str = "control.sock";
+pub(crate) const SOCKET_FILE: &str = "control.sock";
 
 /// The longest request line the daemon reads: requests are small (a list
 /// of URLs at most).
@@ -42,14 +43,14 @@ const MAX_REQUEST: u64 = 1 << 20;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The socket of `state_dir`.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_FILE)
 }
 
 /// A command handed to the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
+pub(crate) enum Request {
     Renew {
         names: Vec<String>,
         force: bool,
@@ -57,7 +58,7 @@ pub enum Request {
     Revoke {
         name: String,
         /// RFC 5280 reason, as `certd revoke --reason` spells it.
-        reason: crate::cli::RevokeReason,
+        reason: crate::app::ops::RevokeReason,
         no_renew: bool,
     },
     Reap {
@@ -72,60 +73,19 @@ pub enum Request {
     Rollover,
 }
 
-/// One line of the daemon's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reply {
-    /// A line for standard output.
-    Out(String),
-    /// A line for standard error.
-    Err(String),
-    /// The command's exit code; the last line.
-    Exit(u8),
-}
-
-/// Where a command's output lines go: the terminal of a one-shot command,
-/// or the socket of a command the daemon runs for a client.
-#[derive(Debug, Clone)]
-pub enum Sink {
-    Terminal,
-    Socket(mpsc::UnboundedSender<Reply>),
-}
-
-impl Sink {
-    pub fn out(&self, line: &str) {
-        match self {
-            Sink::Terminal => crate::cli::print_line(line),
-            Sink::Socket(tx) => {
-                // A client gone away does not stop the work.
-                let _ = tx.send(Reply::Out(line.to_owned()));
-            }
-        }
-    }
-
-    pub fn err(&self, line: &str) {
-        match self {
-            Sink::Terminal => eprintln!("{}", crate::cli::escape_control(line)),
-            Sink::Socket(tx) => {
-                let _ = tx.send(Reply::Err(line.to_owned()));
-            }
-        }
-    }
-}
-
 /// What the daemon's command handlers work with.
 #[derive(Clone)]
-pub struct Handles {
-    pub ctx: Context,
-    pub scheduler: mpsc::Sender<schedule::Request>,
+pub(crate) struct Handles {
+    pub(crate) ctx: Context,
+    pub(crate) scheduler: mpsc::Sender<schedule::Request>,
     /// The configuration last applied (reloads change it).
-    pub config: watch::Receiver<Arc<Config>>,
+    pub(crate) config: watch::Receiver<Arc<Config>>,
 }
 
 /// Binds the socket (replacing one a dead daemon left: the caller holds
 /// the state directory's lock, so no live daemon owns it) and serves it on
 /// `tracker` until `shutdown`. The file is removed at shutdown.
-pub fn start(
+pub(crate) fn start(
     state_dir: &Path,
     handles: Handles,
     tracker: &TaskTracker,
@@ -219,7 +179,7 @@ async fn serve(stream: UnixStream, handles: Handles) {
         let code = match request {
             Ok(request) => {
                 tracing::info!(uid, ?request, "control socket: running a command");
-                crate::cli::run_for_client(request, &handles, &sink).await
+                crate::daemon::clients::run_for_client(request, &handles, &sink).await
             }
             Err(e) => {
                 sink.err(&format!("certd: the daemon cannot read the request: {e}"));
@@ -252,7 +212,7 @@ async fn write_reply(
 
 /// Why a command could not be handed to the daemon.
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     #[error(
         "cannot use the daemon's control socket {path}: {source}. The daemon runs as uid {owner}; run: {suggestion}"
     )]
@@ -276,7 +236,7 @@ pub enum ForwardError {
 /// Hands `request` to the daemon of `state_dir` and prints its output as
 /// it comes. `None` when no daemon listens (no socket, or one a stopped
 /// daemon left): the command then runs itself.
-pub async fn forward(
+pub(crate) async fn forward(
     state_dir: &Path,
     request: &Request,
 ) -> Result<Option<ExitCode>, ForwardError> {
@@ -302,7 +262,7 @@ pub async fn forward(
             return Err(ForwardError::Denied {
                 path: display.clone(),
                 owner,
-                suggestion: crate::cli::as_owner_suggestion(owner),
+                suggestion: crate::app::dirs::as_owner_suggestion(owner),
                 source: e,
             });
         }
@@ -352,7 +312,7 @@ mod tests {
         assert!(matches!(
             revoke,
             Request::Revoke {
-                reason: crate::cli::RevokeReason::KeyCompromise,
+                reason: crate::app::ops::RevokeReason::KeyCompromise,
                 ..
             }
         ));

@@ -29,30 +29,31 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ring::rand::SecureRandom;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::acme::ari::{self, AriError, Window};
-use crate::acme::{Disposition, LimitScope, RateLimit};
+use crate::acme::{LimitScope, RateLimit};
+use crate::app::backoff::{failure_backoff, random_fraction};
+use crate::app::outcome::{Failure, HeldBack, Outcomes, Retry};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
-use crate::hygiene::reaper::GuardError;
 use crate::install::{self, CertInfo, renewal_time};
-use crate::ledger::AriRecord;
-use crate::ledger::{ACCOUNT_SCOPE, Ledger, NewPause, PauseRow};
+use crate::ledger::{ACCOUNT_SCOPE, AriRecord, PauseRow};
 use crate::order::{self, Context, DriveError, Issued};
+
+use super::timetable::{AriPlan, Entry, Finished, Timetable};
 
 /// Why a certificate needs a new issuance, or when it will.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Due {
+pub(crate) enum Due {
     Now(Reason),
     At(UnixTime),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     NotInstalled,
     DomainsChanged,
     ProfileChanged,
@@ -82,7 +83,7 @@ impl fmt::Display for Reason {
 /// serial certd revoked (if any), and the profile preference the installed
 /// certificate was ordered under (`ProfilePreference::ledger_key`; `None`
 /// where the ledger does not know, which never makes it due).
-pub fn due(
+pub(crate) fn due(
     cert: &CertificateConfig,
     installed: Option<&CertInfo>,
     revoked: Option<&str>,
@@ -118,14 +119,14 @@ pub fn due(
 /// The latest instant certd renews at, whatever a CA's window says: with
 /// a sixth of the lifetime left. With [`capped_backoff`] that leaves at
 /// least eight retries before expiry.
-pub fn latest_renewal(info: &CertInfo) -> UnixTime {
+pub(crate) fn latest_renewal(info: &CertInfo) -> UnixTime {
     let lifetime = (info.not_after - info.not_before).max(0);
     UnixTime::from_secs(info.not_after - lifetime / 6)
 }
 
 /// A uniformly random instant in `window`, no later than
 /// [`latest_renewal`] (and no earlier than the window's start).
-pub fn ari_instant(window: &Window, info: &CertInfo) -> UnixTime {
+pub(crate) fn ari_instant(window: &Window, info: &CertInfo) -> UnixTime {
     let end = window
         .end
         .min(latest_renewal(info).secs())
@@ -163,46 +164,9 @@ pub(crate) fn ari_error_delay(error: &AriError, errors: u32, interval: Duration)
     delay.min(interval).max(Duration::from_secs(1))
 }
 
-/// The failure backoff, capped at an eighth of the time `info` has left:
-/// a 6-day certificate must not wait 6 hours between its last few tries.
-pub fn capped_backoff(
-    failures: u32,
-    min: Duration,
-    max: Duration,
-    info: Option<&CertInfo>,
-    now: UnixTime,
-) -> Duration {
-    let d = failure_backoff(failures, min, max);
-    match info {
-        Some(info) => {
-            let left = u64::try_from(info.not_after - now.secs()).unwrap_or(0);
-            d.min(Duration::from_secs(left / 8).max(min.min(Duration::from_secs(60))))
-        }
-        None => d,
-    }
-}
-
-/// A uniform random number in [0, 1), from ring's system RNG.
-pub fn random_fraction() -> f64 {
-    let mut b = [0u8; 8];
-    // The system RNG failing is not recoverable in any useful way here;
-    // zero jitter is a safe fallback.
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// The delay before retry number `failures` (1-based): `min` doubling up to
-/// `max`, drawn uniformly from the upper half so retries of many
-/// certificates spread out.
-pub fn failure_backoff(failures: u32, min: Duration, max: Duration) -> Duration {
-    let doublings = failures.saturating_sub(1).min(20);
-    let d = min.saturating_mul(1 << doublings).min(max);
-    d.mul_f64(0.5 + 0.5 * random_fraction())
-}
-
 /// The renewal time of `info` without ARI: `remaining` of the lifetime left,
 /// minus up to 2 % of the lifetime of jitter.
-pub fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
+pub(crate) fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
     let lifetime = (info.not_after - info.not_before).max(0) as f64;
     let at = renewal_time(info.not_before, info.not_after, remaining);
     UnixTime::from_secs(at.secs() - (lifetime * 0.02 * random_fraction()) as i64)
@@ -213,7 +177,11 @@ pub fn planned_renewal(info: &CertInfo, remaining: f64) -> UnixTime {
 /// new draw at each daemon start moved NEXT RENEWAL by up to 2 % of the
 /// lifetime (days for a 90-day certificate) for no reason; a new
 /// certificate or a new `renew_remaining` plans afresh.
-pub fn kept_renewal(info: &CertInfo, remaining: f64, planned: Option<i64>) -> Option<UnixTime> {
+pub(crate) fn kept_renewal(
+    info: &CertInfo,
+    remaining: f64,
+    planned: Option<i64>,
+) -> Option<UnixTime> {
     let lifetime = (info.not_after - info.not_before).max(0) as f64;
     let latest = renewal_time(info.not_before, info.not_after, remaining).secs();
     let earliest = latest - (lifetime * 0.02) as i64;
@@ -243,121 +211,6 @@ fn wake_deadline(
 
 /// The longest the loop sleeps before looking again (clock changes).
 const MAX_SLEEP: Duration = Duration::from_secs(6 * 3600);
-/// How long a CA `rateLimited` without `Retry-After` pauses new orders.
-const DEFAULT_PAUSE: Duration = Duration::from_secs(15 * 60);
-/// How often a certificate whose names the CA paused is tried again. The
-/// pause lasts until an operator unpauses the names (and `certd renew
-/// NAME` tries at once); a daily look finds out without hammering the CA.
-pub const PAUSED_RETRY: Duration = Duration::from_secs(24 * 3600);
-
-/// The CA rate limit a failed order met, if it met one, and the CA's
-/// `Retry-After`. The guard's own limits count too: its account-wide
-/// one holds back the account, its duplicate-certificate one the
-/// certificate.
-pub fn rate_limit_of(e: &DriveError) -> Option<(RateLimit, Option<SystemTime>)> {
-    let names = || RateLimit {
-        scope: LimitScope::Names(Vec::new()),
-        paused: false,
-        unpause_url: None,
-    };
-    if let DriveError::Guard(GuardError::Limit {
-        until,
-        account_wide,
-        ..
-    }) = e
-    {
-        let scope = if *account_wide {
-            LimitScope::Account
-        } else {
-            LimitScope::Names(Vec::new())
-        };
-        return Some((RateLimit { scope, ..names() }, Some(until.system_time())));
-    }
-    let Disposition::RateLimited { until } = e.disposition() else {
-        return None;
-    };
-    let limit = match e {
-        DriveError::Acme(a) => a.rate_limit(),
-        _ => None,
-    };
-    Some((limit.unwrap_or_else(names), until))
-}
-
-/// A rate limit as recorded: when `name` (or, account-wide, every
-/// certificate) is tried again, why, and whether the pause is news.
-pub struct HeldBack {
-    pub until: UnixTime,
-    pub why: &'static str,
-    pub news: bool,
-}
-
-/// Records the rate limit `name`'s order met, for `status`, a restart and
-/// the notify command: in the account's scope for an account-wide limit,
-/// else in the certificate's. A pause (no `Retry-After`) is tried again
-/// after `PAUSED_RETRY`.
-pub async fn record_limit(
-    store: &Ledger,
-    name: &str,
-    limit: &RateLimit,
-    retry_after: Option<SystemTime>,
-    error: &str,
-) -> HeldBack {
-    let now = UnixTime::now();
-    let until = if limit.paused {
-        now.plus(PAUSED_RETRY)
-    } else {
-        retry_after
-            .map(UnixTime::from_system)
-            .unwrap_or_else(|| now.plus(DEFAULT_PAUSE))
-    };
-    let (scope, why) = match (&limit.scope, limit.paused) {
-        (LimitScope::Account, _) => (ACCOUNT_SCOPE, "the CA's rate limit on the account"),
-        (_, true) => (name, "paused by the CA"),
-        (_, false) => (name, "the CA asked to wait (rate limit)"),
-    };
-    let pause = NewPause {
-        until: until.secs(),
-        paused: limit.paused,
-        unpause_url: limit.unpause_url.as_deref(),
-        detail: error,
-    };
-    // A ledger that cannot record it tells the operator every time rather
-    // than never.
-    let news = store.set_pause(scope, &pause).await.unwrap_or(true);
-    let detail = format!("{why}: no new orders before {}", until.rfc3339());
-    let _ = store
-        .event("rate-limited", Some(name), None, None, Some(&detail))
-        .await;
-    HeldBack { until, why, news }
-}
-
-/// A window the CA suggested, for which certificate, and when in it.
-#[derive(Debug, Clone)]
-struct AriPlan {
-    serial: String,
-    window: Window,
-    at: UnixTime,
-}
-
-struct Entry {
-    cert: CertificateConfig,
-    next: UnixTime,
-    why: String,
-    failures: u32,
-    /// Cancels the running order, if one is running.
-    running: Option<CancellationToken>,
-    /// When to ask the CA for a new ARI window.
-    ari_recheck: Option<UnixTime>,
-    /// The last good ARI window of the installed certificate and the
-    /// instant drawn in it.
-    ari: Option<AriPlan>,
-    /// Failed ARI checks since the last good one.
-    ari_errors: u32,
-    /// Bumped on every configuration change, so a result from before a
-    /// change is not applied to the changed certificate.
-    generation: u64,
-}
-
 type JobResult = (String, u64, Result<Issued, DriveError>);
 
 /// A renewal asked for from outside the loop (`certd renew` and
@@ -365,15 +218,15 @@ type JobResult = (String, u64, Result<Issued, DriveError>);
 /// now if due, or if `force`, by the loop's own order slots; `reply` hears
 /// how it ended.
 #[derive(Debug)]
-pub struct Request {
-    pub name: String,
-    pub force: bool,
-    pub reply: oneshot::Sender<Outcome>,
+pub(crate) struct Request {
+    pub(crate) name: String,
+    pub(crate) force: bool,
+    pub(crate) reply: oneshot::Sender<Outcome>,
 }
 
 /// How a [`Request`] ended.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Not due and not forced: the renewal time.
     NotDue(UnixTime),
     Issued {
@@ -388,17 +241,13 @@ pub enum Outcome {
 
 /// The daemon's scheduler: owns when every certificate is due and runs
 /// at most `max_concurrent` orders.
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     ctx: Context,
+    /// Records outcomes; holds the clock every deadline is read from.
+    outcomes: Outcomes,
     cfg: Arc<Config>,
-    /// Every configured certificate. Changed only through `insert` and
-    /// `take`, which keep the two timer sets below in step with it.
-    entries: BTreeMap<String, Entry>,
-    /// `(next, name)` of every entry without a running order.
-    renewals: BTreeSet<(UnixTime, String)>,
-    /// `(ari_recheck, name)` of every entry without a running order that
-    /// has one.
-    ari_rechecks: BTreeSet<(UnixTime, String)>,
+    /// Every configured certificate and its deadlines.
+    table: Timetable,
     jobs: JoinSet<JobResult>,
     /// A CA rate limit on the account: no new orders before this.
     paused_until: Option<UnixTime>,
@@ -406,37 +255,36 @@ pub struct Scheduler {
     /// taken by `add` as it plans each one.
     recorded_pauses: BTreeMap<String, PauseRow>,
     cancel: CancellationToken,
-    generation: u64,
-    /// Who waits for the running (or next) order of a certificate.
-    waiters: BTreeMap<String, Vec<oneshot::Sender<Outcome>>>,
 }
 
 impl Scheduler {
-    pub fn new(ctx: Context, cfg: Arc<Config>, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        ctx: Context,
+        outcomes: Outcomes,
+        cfg: Arc<Config>,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             ctx,
+            outcomes,
             cfg,
-            entries: BTreeMap::new(),
-            renewals: BTreeSet::new(),
-            ari_rechecks: BTreeSet::new(),
+            table: Timetable::default(),
             jobs: JoinSet::new(),
             paused_until: None,
             recorded_pauses: BTreeMap::new(),
             cancel,
-            generation: 0,
-            waiters: BTreeMap::new(),
         }
     }
 
     /// Runs until `cancel` fires, then gives in-flight orders
     /// `shutdown_grace` to finish or abandon (with deactivation) cleanly.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut reloads: mpsc::Receiver<Arc<Config>>,
         mut requests: mpsc::Receiver<Request>,
     ) {
         // One query, not two per certificate.
-        let now = UnixTime::now().secs();
+        let now = self.now().secs();
         for p in self.ctx.store.pauses().await.unwrap_or_default() {
             if p.until_at <= now {
                 continue;
@@ -485,10 +333,9 @@ impl Scheduler {
         };
         if tokio::time::timeout(grace, drain).await.is_err() {
             let abandoned: Vec<&str> = self
-                .entries
-                .iter()
-                .filter(|(name, e)| e.running.is_some() && !ended.contains(*name))
-                .map(|(name, _)| name.as_str())
+                .table
+                .running()
+                .filter(|name| !ended.contains(*name))
                 .collect();
             tracing::warn!(
                 grace_secs = grace.as_secs(),
@@ -497,6 +344,10 @@ impl Scheduler {
             );
             self.jobs.abort_all();
         }
+    }
+
+    fn now(&self) -> UnixTime {
+        self.outcomes.clock.now()
     }
 
     /// No order is running: what the last ones left behind goes back to
@@ -508,52 +359,16 @@ impl Scheduler {
     }
 
     async fn add(&mut self, cert: CertificateConfig) {
-        self.generation += 1;
         let name = cert.name.to_string();
-        let mut entry = Entry {
-            cert,
-            next: UnixTime::now(),
-            why: String::new(),
-            failures: 0,
-            running: None,
-            ari_recheck: None,
-            ari: None,
-            ari_errors: 0,
-            generation: self.generation,
-        };
+        let mut entry = self.table.new_entry(cert, self.now());
         self.plan(&mut entry).await;
         self.resume_pause(&mut entry).await;
-        self.insert(name, entry);
-    }
-
-    /// Puts `entry` in the table and, unless its order is running, its
-    /// deadlines in the timer sets.
-    fn insert(&mut self, name: String, entry: Entry) {
-        if entry.running.is_none() {
-            self.renewals.insert((entry.next, name.clone()));
-            if let Some(t) = entry.ari_recheck {
-                self.ari_rechecks.insert((t, name.clone()));
-            }
-        }
-        self.entries.insert(name, entry);
-    }
-
-    /// Takes `name`'s entry out of the table and its deadlines out of the
-    /// timer sets, to change it and `insert` it again.
-    fn take(&mut self, name: &str) -> Option<Entry> {
-        let entry = self.entries.remove(name)?;
-        // The set keys own the name; the lookups below borrow a copy once.
-        let name = name.to_owned();
-        self.renewals.remove(&(entry.next, name.clone()));
-        if let Some(t) = entry.ari_recheck {
-            self.ari_rechecks.remove(&(t, name));
-        }
-        Some(entry)
+        self.table.insert(name, entry);
     }
 
     /// Sets `entry.next` from what is installed (and the CA's ARI window).
     async fn plan(&self, entry: &mut Entry) {
-        let now = UnixTime::now();
+        let now = self.now();
         let name = entry.cert.name.as_str();
         let installed = install::installed(&self.ctx.cert_dir, name);
         let revoked = self.ctx.store.revoked_serial(name).await.ok().flatten();
@@ -580,10 +395,7 @@ impl Scheduler {
             }
         }
         tracing::debug!(cert = %entry.cert.name, next = %entry.next.rfc3339(), why = %entry.why, "scheduled");
-        let _ = self
-            .ctx
-            .store
-            .set_next_renewal(entry.cert.name.as_str(), entry.next.secs())
+        self.set_next_renewal(entry.cert.name.as_str(), entry.next)
             .await;
     }
 
@@ -599,7 +411,7 @@ impl Scheduler {
                 None
             }
         };
-        let now = UnixTime::now();
+        let now = self.now();
         let name = entry.cert.name.to_string();
         // A window about an earlier certificate says nothing about this one.
         let kept = entry.ari.take().filter(|p| p.serial == info.serial);
@@ -653,48 +465,46 @@ impl Scheduler {
                 next_check: recheck.map(UnixTime::secs),
                 error: error.as_deref(),
             };
-            let _ = self
-                .ctx
-                .store
-                .record_ari(&name, &info.serial, &record)
-                .await;
+            let _logged = self.outcomes.note(
+                "record the ARI window",
+                self.ctx
+                    .store
+                    .record_ari(&name, &info.serial, &record)
+                    .await,
+            );
         }
         entry.ari = plan;
     }
 
     /// Re-asks the CA for ARI windows whose `Retry-After` has passed.
     async fn refresh_ari(&mut self) {
-        let now = UnixTime::now();
+        let now = self.now();
         // Collected first, so an answer that asks to look again at once is
         // not looked at again in this pass.
-        let due: Vec<String> = self
-            .ari_rechecks
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .map(|(_, name)| name.clone())
-            .collect();
+        let due = self.table.ari_rechecks_due(now);
         for name in due {
-            if let Some(mut entry) = self.take(&name) {
+            if let Some(mut entry) = self.table.take(&name) {
                 self.plan(&mut entry).await;
-                self.insert(name, entry);
+                self.table.insert(name, entry);
             }
         }
     }
 
     fn start_due(&mut self) {
-        let now = UnixTime::now();
+        let now = self.now();
         if self.paused_until.is_some_and(|t| t > now) {
             return;
         }
         self.paused_until = None;
         // Most overdue first: the set is ordered by deadline.
         while self.jobs.len() < self.cfg.daemon.max_concurrent
-            && let Some((next, name)) = self.renewals.first().cloned()
+            && let Some((next, name)) = self.table.first_renewal()
             && next <= now
         {
-            let Some(mut entry) = self.take(&name) else {
-                self.renewals.remove(&(next, name));
-                continue;
+            let name = name.to_owned();
+            // The table keeps its deadlines in step with its entries.
+            let Some(mut entry) = self.table.take(&name) else {
+                break;
             };
             let token = self.cancel.child_token();
             entry.running = Some(token.clone());
@@ -702,7 +512,7 @@ impl Scheduler {
             let cert = entry.cert.clone();
             let generation = entry.generation;
             tracing::info!(cert = %name, why = %entry.why, "renewing");
-            self.insert(name.clone(), entry);
+            self.table.insert(name.clone(), entry);
             self.jobs.spawn(async move {
                 let result = order::obtain(&ctx, &cert, &token).await;
                 (name, generation, result)
@@ -714,13 +524,13 @@ impl Scheduler {
     /// meanwhile makes it due) and, when due or forced, moves it to the
     /// front; the requester hears the outcome of its next order.
     async fn request(&mut self, request: Request) {
-        let Some(mut entry) = self.take(&request.name) else {
+        let Some(mut entry) = self.table.take(&request.name) else {
             let _ = request.reply.send(Outcome::Unknown);
             return;
         };
         if entry.running.is_none() {
             self.plan(&mut entry).await;
-            let now = UnixTime::now();
+            let now = self.now();
             // Naming a certificate the CA paused is the operator saying
             // it was unpaused: try it now, not at the daily look.
             let paused = matches!(
@@ -732,135 +542,98 @@ impl Scheduler {
                 entry.why = Reason::Forced.to_string();
             } else if entry.next > now {
                 let _ = request.reply.send(Outcome::NotDue(entry.next));
-                self.insert(request.name, entry);
+                self.table.insert(request.name, entry);
                 return;
             }
         }
-        self.waiters
-            .entry(request.name.clone())
-            .or_default()
-            .push(request.reply);
-        self.insert(request.name, entry);
+        self.table.wait(request.name.clone(), request.reply);
+        self.table.insert(request.name, entry);
     }
 
     /// How long the loop may sleep: until the next deadline it can act on.
     fn next_wake(&self) -> Duration {
         let deadline = wake_deadline(
-            self.renewals.first().map(|(t, _)| *t),
-            self.ari_rechecks.first().map(|(t, _)| *t),
+            self.table.first_renewal().map(|(t, _)| t),
+            self.table.first_ari_recheck(),
             self.jobs.len() < self.cfg.daemon.max_concurrent,
             self.paused_until,
         );
         match deadline {
-            Some(t) if t <= UnixTime::now() => Duration::from_millis(0),
-            Some(t) => t.until().min(MAX_SLEEP),
+            Some(t) if t <= self.now() => Duration::from_millis(0),
+            Some(t) => self.outcomes.clock.until(t).min(MAX_SLEEP),
             None => MAX_SLEEP,
         }
     }
 
     async fn finished(&mut self, (name, generation, result): JobResult) {
-        if let Some(waiters) = self.waiters.remove(&name) {
-            let outcome = match &result {
-                Ok(issued) => Outcome::Issued {
-                    serial: issued.info.serial.clone(),
-                    not_after: issued.info.not_after,
-                    failed_reloads: issued.reloads.iter().filter(|r| !r.ok).count(),
-                },
-                Err(e) => Outcome::Failed(crate::acme::error_chain(e)),
-            };
-            for waiter in waiters {
-                let _ = waiter.send(outcome.clone());
-            }
-        }
-        let Some(mut entry) = self.take(&name) else {
-            return; // removed from the configuration meanwhile
+        let outcome = match &result {
+            Ok(issued) => Outcome::Issued {
+                serial: issued.info.serial.clone(),
+                not_after: issued.info.not_after,
+                failed_reloads: issued.reloads.iter().filter(|r| !r.ok).count(),
+            },
+            Err(e) => Outcome::Failed(crate::acme::error_chain(e)),
         };
-        entry.running = None;
-        if entry.generation != generation {
-            // Changed meanwhile: plan the new configuration afresh.
-            self.plan(&mut entry).await;
-            self.insert(name, entry);
-            return;
-        }
+        let mut entry = match self.table.finish(&name, generation, &outcome) {
+            Finished::Gone => return, // removed from the configuration meanwhile
+            Finished::Stale(mut entry) => {
+                // Changed meanwhile: plan the new configuration afresh.
+                self.plan(&mut entry).await;
+                self.table.insert(name, entry);
+                return;
+            }
+            Finished::Current(entry) => entry,
+        };
         match result {
             Ok(issued) => {
                 let previous_failures = std::mem::take(&mut entry.failures);
-                let outcome = crate::alerts::Outcome::Succeeded {
-                    previous_failures,
-                    not_after: issued.info.not_after,
-                };
-                crate::alerts::after_renewal(
-                    self.cfg.notify.as_ref(),
-                    &self.ctx.store,
-                    &name,
-                    &entry.cert.domain_strings(),
-                    outcome,
-                )
-                .await;
                 tracing::info!(cert = %name, serial = %issued.info.serial, "renewed");
-                // The CA took an order of this certificate and of the
-                // account: whatever limit held them back is over.
-                let _ = self.ctx.store.clear_pause(&name).await;
-                if self.paused_until.is_none() {
-                    let _ = self.ctx.store.clear_pause(ACCOUNT_SCOPE).await;
-                }
-                self.plan_installed(&mut entry, &issued.info).await;
-                let _ = self
-                    .ctx
-                    .store
-                    .set_next_renewal(&name, entry.next.secs())
+                // An account-wide limit another order met meanwhile still
+                // holds the account.
+                let _logged = self
+                    .outcomes
+                    .succeeded(
+                        self.cfg.notify.as_ref(),
+                        &entry.cert,
+                        issued.info.not_after,
+                        previous_failures,
+                        self.paused_until.is_none(),
+                    )
                     .await;
+                self.plan_installed(&mut entry, &issued.info).await;
+                self.set_next_renewal(&name, entry.next).await;
             }
             Err(DriveError::Cancelled) if self.cancel.is_cancelled() => {}
             Err(e) => {
                 entry.failures += 1;
-                let msg = crate::acme::error_chain(&e);
-                let limited = rate_limit_of(&e);
-                let (next, why, news) = match &limited {
-                    Some((limit, retry_after)) => {
-                        let held = self.hold_back(&name, limit, *retry_after, &msg).await;
-                        (held.until, held.why.to_owned(), held.news)
-                    }
-                    None => {
-                        let d = &self.cfg.daemon;
-                        let now = UnixTime::now();
-                        let info = install::installed(&self.ctx.cert_dir, &name);
-                        let delay = capped_backoff(
-                            entry.failures,
-                            d.backoff_min,
-                            d.backoff_max,
-                            info.as_ref(),
-                            now,
-                        );
-                        let why = format!("retry {} after failure", entry.failures);
-                        (now.plus(delay), why, false)
-                    }
+                let failure = Failure::of(&e);
+                let d = &self.cfg.daemon;
+                let retry = Retry::Backoff {
+                    min: d.backoff_min,
+                    max: d.backoff_max,
+                    cert_dir: &self.ctx.cert_dir,
                 };
-                entry.next = next;
-                entry.why = why;
-                tracing::warn!(cert = %name, error = %msg, next = %next.rfc3339(), "renewal failed");
-                let domains = entry.cert.domain_strings();
-                let _ = self
-                    .ctx
-                    .store
-                    .record_failure(&name, &domains, &msg, Some(next.secs()))
-                    .await;
-                let limit = limited.as_ref().map(|(l, _)| l);
-                if let Some(outcome) =
-                    crate::alerts::failure_outcome(entry.failures, &msg, limit, news)
-                {
-                    crate::alerts::after_renewal(
+                let (failed, _logged) = self
+                    .outcomes
+                    .failed(
                         self.cfg.notify.as_ref(),
-                        &self.ctx.store,
-                        &name,
-                        &domains,
-                        outcome,
+                        &entry.cert,
+                        &failure,
+                        entry.failures,
+                        retry,
                     )
                     .await;
+                if let (Some((limit, retry_after)), Some(held)) = (&failure.limit, &failed.held) {
+                    self.hold_back(&name, limit, *retry_after, &failure.message, held)
+                        .await;
                 }
+                // A backoff always gives a time; the fallback is a guard.
+                entry.next = failed.next.unwrap_or_else(|| self.outcomes.clock.now());
+                entry.why = failed.why;
+                tracing::warn!(cert = %name, error = %failure.message, next = %entry.next.rfc3339(), "renewal failed");
             }
         }
-        self.insert(name, entry);
+        self.table.insert(name, entry);
     }
 
     /// Holds back what the rate limit `name`'s order met touches: the
@@ -873,39 +646,41 @@ impl Scheduler {
         limit: &RateLimit,
         retry_after: Option<SystemTime>,
         error: &str,
-    ) -> HeldBack {
-        let held = record_limit(&self.ctx.store, name, limit, retry_after, error).await;
+        held: &HeldBack,
+    ) {
         let until = held.until;
         if limit.scope == LimitScope::Account {
             self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
             tracing::warn!(cert = %name, until = %until.rfc3339(), "CA rate limit on the account: pausing all new orders");
-            return held;
+            return;
         }
         tracing::warn!(cert = %name, until = %until.rfc3339(), paused = limit.paused, unpause_url = limit.unpause_url.as_deref().unwrap_or(""), "CA rate limit on this certificate's names: pausing its orders");
-        let touched: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| {
-                e.running.is_none()
-                    && e.next < until
-                    && limit.scope.touches(&e.cert.domain_strings())
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
+        let touched = self.table.touched_by(&limit.scope, until);
         for other in touched {
-            let Some(mut entry) = self.take(&other) else {
+            let Some(mut entry) = self.table.take(&other) else {
                 continue;
             };
             // The other certificate's own record; it is told when its own
             // order meets the limit.
-            let _ = record_limit(&self.ctx.store, &other, limit, retry_after, error).await;
+            let _logged = self
+                .outcomes
+                .record_limit(&other, limit, retry_after, error)
+                .await;
             entry.next = until;
             entry.why = held.why.to_owned();
-            let _ = self.ctx.store.set_next_renewal(&other, until.secs()).await;
+            self.set_next_renewal(&other, until).await;
             tracing::info!(cert = %other, until = %until.rfc3339(), "held back by the CA's limit on names it shares");
-            self.insert(other, entry);
+            self.table.insert(other, entry);
         }
-        held
+    }
+
+    /// Records when `name` is renewed next; a failure is logged and
+    /// counted (the schedule in memory stands).
+    async fn set_next_renewal(&self, name: &str, at: UnixTime) {
+        let _logged = self.outcomes.note(
+            "record the next renewal",
+            self.ctx.store.set_next_renewal(name, at.secs()).await,
+        );
     }
 
     /// Keeps a recorded CA pause across a restart: `entry` is not tried
@@ -917,7 +692,6 @@ impl Scheduler {
         if p.until_at <= entry.next.secs() {
             return;
         }
-        let store = &self.ctx.store;
         entry.next = UnixTime::from_secs(p.until_at);
         entry.why = if p.paused {
             "paused by the CA"
@@ -925,8 +699,7 @@ impl Scheduler {
             "the CA asked to wait (rate limit)"
         }
         .to_owned();
-        let _ = store
-            .set_next_renewal(entry.cert.name.as_str(), p.until_at)
+        self.set_next_renewal(entry.cert.name.as_str(), entry.next)
             .await;
     }
 
@@ -935,54 +708,21 @@ impl Scheduler {
     /// files kept), changed ones are planned afresh (due now if their
     /// names changed).
     async fn apply(&mut self, cfg: Arc<Config>) {
-        let wanted: BTreeMap<String, CertificateConfig> = cfg
-            .certificates
-            .iter()
-            .map(|c| (c.name.to_string(), c.clone()))
-            .collect();
-        let removed: Vec<String> = self
-            .entries
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in removed {
-            // Dropped: a waiting `certd renew` hears that the daemon gave up.
-            self.waiters.remove(&name);
-            if let Some(entry) = self.take(&name)
-                && let Some(token) = entry.running
-            {
-                token.cancel();
-            }
+        let reconciled = self.table.reconcile(cfg.certificates.clone());
+        for name in reconciled.removed {
             tracing::info!(cert = %name, "certificate removed from the configuration; installed files kept");
         }
-        for (name, cert) in wanted {
-            match self.entries.get_mut(&name) {
-                Some(entry) if entry.cert == cert => {}
-                Some(entry) => {
-                    self.generation += 1;
-                    entry.generation = self.generation;
-                    let names_changed = entry.cert.domains != cert.domains;
-                    entry.cert = cert;
-                    if names_changed && let Some(token) = &entry.running {
-                        // Its result carries the old generation and is
-                        // replanned when it arrives.
-                        token.cancel();
-                    }
-                    if entry.running.is_none() {
-                        // get_mut just found it, and nothing ran in between.
-                        let mut e = self.take(&name).expect("entry was just found");
-                        e.failures = 0;
-                        self.plan(&mut e).await;
-                        self.insert(name.clone(), e);
-                    }
-                    tracing::info!(cert = %name, "certificate changed");
-                }
-                None => {
-                    tracing::info!(cert = %name, "certificate added");
-                    self.add(cert).await;
-                }
-            }
+        for name in reconciled.changed_running {
+            tracing::info!(cert = %name, "certificate changed");
+        }
+        for (name, mut entry) in reconciled.replan {
+            self.plan(&mut entry).await;
+            tracing::info!(cert = %name, "certificate changed");
+            self.table.insert(name, entry);
+        }
+        for cert in reconciled.added {
+            tracing::info!(cert = %cert.name, "certificate added");
+            self.add(cert).await;
         }
         // Orders started from now on record the new renewal point.
         self.ctx.renew_remaining = cfg.daemon.renew_remaining;
@@ -1219,22 +959,5 @@ mod tests {
         };
         assert!(ari_error_delay(&temporary, 1, h(12)) <= Duration::from_secs(60));
         assert!(ari_error_delay(&temporary, 30, h(12)) <= h(6));
-    }
-
-    #[test]
-    fn backoff_is_capped_by_the_time_left() {
-        const D: i64 = 86_400;
-        let i = info(&["a.example"], 0, 6 * D);
-        let (min, max) = (Duration::from_secs(60), Duration::from_secs(6 * 3600));
-        // A day left: at most 3 hours between tries, not 6.
-        let now = UnixTime::from_secs(5 * D);
-        for failures in 1..20 {
-            let d = capped_backoff(failures, min, max, Some(&i), now);
-            assert!(d <= Duration::from_secs(3 * 3600), "{d:?}");
-        }
-        // Plenty left: the configured backoff.
-        let far = info(&["a.example"], 0, 90 * D);
-        let d = capped_backoff(20, min, max, Some(&far), UnixTime::from_secs(D));
-        assert!(d >= Duration::from_secs(3 * 3600), "{d:?}");
     }
 }

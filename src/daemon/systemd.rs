@@ -32,7 +32,7 @@ const FLUSH: Duration = Duration::from_secs(1);
 
 /// A state line for systemd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Ready,
     Reloading,
     Stopping,
@@ -51,7 +51,7 @@ impl State {
 /// The daemon's handle for telling systemd its state; cheap to clone. Does
 /// nothing where there is no `NOTIFY_SOCKET`.
 #[derive(Clone, Default)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     shared: Option<Arc<Shared>>,
 }
 
@@ -66,7 +66,7 @@ impl Notifier {
     /// Connects to `$NOTIFY_SOCKET`, if set, and starts the sending task on
     /// `tracker`; it ends once STOPPING=1 is out, or [`FLUSH`] after
     /// `shutdown`.
-    pub fn start(tracker: &TaskTracker, shutdown: &CancellationToken) -> Self {
+    pub(crate) fn start(tracker: &TaskTracker, shutdown: &CancellationToken) -> Self {
         let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
             return Self::default();
         };
@@ -85,7 +85,7 @@ impl Notifier {
     }
 
     /// Queues `state` for systemd; returns at once.
-    pub fn notify(&self, state: State) {
+    pub(crate) fn notify(&self, state: State) {
         let Some(shared) = &self.shared else { return };
         let queued = enqueue(&mut lock(&shared.queue), state);
         if queued {

@@ -1,0 +1,134 @@
+//! The application's services, built once and shared by every way certd
+//! runs: the one-shot commands (`cli`) and the daemon
+//! (`daemon`). [`Services`] holds the configuration, the clock, the
+//! ledger and the count of its failed writes; from it come the ACME
+//! account, the order context (reaper, recovery of unfinished orders) and
+//! the one handler of an order's outcome (`outcome`), so `certd renew` and
+//! `certd run` record, alert and back off by the same rules.
+
+pub(crate) mod backoff;
+pub(crate) mod dirs;
+pub(crate) mod ops;
+pub(crate) mod outcome;
+pub(crate) mod sink;
+
+use std::sync::Arc;
+
+use crate::acme::{AcmeAccount, AcmeHttp, SetupError};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::hygiene::reaper::Reaper;
+use crate::ledger::{Ledger, LedgerError, OrderRow};
+use crate::metrics::LedgerWriteErrors;
+use crate::order::{Context, RunMode};
+use crate::solver::Solvers;
+
+use self::outcome::Outcomes;
+
+/// What every run of certd starts from.
+#[derive(Clone)]
+pub struct Services {
+    /// The configuration certd started with (the daemon's reloads keep
+    /// their own current one).
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) clock: Clock,
+    pub(crate) store: Ledger,
+    pub(crate) ledger_errors: LedgerWriteErrors,
+}
+
+/// What recovery found of the orders an earlier run left unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Recovered {
+    pub(crate) resumable: usize,
+    pub(crate) abandoned: usize,
+}
+
+impl Services {
+    /// Creates (and checks) the state and certificate directories and
+    /// opens the ledger, creating it when there is none.
+    pub async fn open(cfg: Config, clock: Clock) -> anyhow::Result<Self> {
+        dirs::ensure_dirs(&cfg)?;
+        let store = Ledger::open(&cfg.db_path()).await?;
+        Ok(Self::with_ledger(Arc::new(cfg), clock, store))
+    }
+
+    /// Services around a ledger the caller opened.
+    pub(crate) fn with_ledger(cfg: Arc<Config>, clock: Clock, store: Ledger) -> Self {
+        Self {
+            cfg,
+            clock,
+            store,
+            ledger_errors: LedgerWriteErrors::default(),
+        }
+    }
+
+    /// The outcome handler over this ledger and clock.
+    pub(crate) fn outcomes(&self) -> Outcomes {
+        Outcomes {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            errors: self.ledger_errors.clone(),
+        }
+    }
+
+    /// Loads the ACME account `cfg` names (creating it at the CA when the
+    /// state directory has none): one attempt.
+    pub(crate) async fn account(&self, cfg: &Config) -> Result<AcmeAccount, SetupError> {
+        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), self.clock.clone())?;
+        AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, &self.store, http).await
+    }
+
+    /// The reaper of `account`, and the orders an earlier run left
+    /// unfinished recovered: those whose certificate still wants the same
+    /// names are resumed, the rest abandoned.
+    pub(crate) async fn reaper(
+        &self,
+        cfg: &Config,
+        account: AcmeAccount,
+    ) -> Result<(Reaper, Recovered), LedgerError> {
+        let reaper = Reaper::new(self.store.clone(), account, cfg.reaper.clone());
+        let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        Ok((
+            reaper,
+            Recovered {
+                resumable,
+                abandoned,
+            },
+        ))
+    }
+
+    /// What an order runs with.
+    pub(crate) fn order_context(
+        &self,
+        cfg: &Config,
+        reaper: Reaper,
+        solvers: Solvers,
+        mode: RunMode,
+    ) -> Context {
+        Context {
+            store: self.store.clone(),
+            account: reaper.account().clone(),
+            solvers,
+            reaper,
+            cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
+            renew_remaining: cfg.daemon.renew_remaining,
+            trusted_roots: cfg.acme.trusted_roots.clone(),
+            mode,
+        }
+    }
+
+    /// Closes the ledger.
+    pub(crate) async fn close(self) {
+        self.store.close().await;
+    }
+}
+
+/// Whether an unfinished order is still wanted: its certificate is
+/// configured with exactly the order's names.
+pub(crate) fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
+    cfg.certificate(&order.cert_name).is_some_and(|c| {
+        let mut names = c.domain_strings();
+        names.sort();
+        names == order.identifier_list()
+    })
+}

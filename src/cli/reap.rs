@@ -1,0 +1,73 @@
+//! `certd reap`: one reaper pass now, after recovering the orders an
+//! earlier run left unfinished.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::acme::error_chain;
+use crate::app::ops;
+use crate::app::sink::Sink;
+use crate::app::wants_same_names;
+use crate::config::Config;
+use crate::ledger::Ledger;
+
+use super::account::existing_account;
+
+pub(super) async fn reap(
+    cfg: &Config,
+    older_than: Option<Duration>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(store) = open_existing(cfg).await? else {
+        outln!("no ledger yet: nothing to reap");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let reaper = match existing_account(cfg, &store).await {
+        Ok(Some(reaper)) => reaper,
+        Ok(None) => {
+            outln!("no ACME account yet: nothing to reap");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            // The CA is unreachable (or the account unusable): record the
+            // failed pass for `status`; nothing in the ledger changed.
+            let msg = error_chain(e.as_ref());
+            if !dry_run {
+                store
+                    .event("reaper-error", None, None, None, Some(&msg))
+                    .await?;
+                store
+                    .event(
+                        "reaper-pass",
+                        None,
+                        None,
+                        None,
+                        Some(&format!("failed: {msg}")),
+                    )
+                    .await?;
+            }
+            errln!("certd: reaper pass failed: {msg}");
+            store.close().await;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if !dry_run {
+        let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        if resumable + abandoned > 0 {
+            outln!("recovered {resumable} unfinished order(s) to resume, abandoned {abandoned}");
+        }
+    }
+    let older_than = older_than.unwrap_or(cfg.reaper.pending_max_age);
+    let code = ops::reap_pass(&reaper, older_than, dry_run, &Sink::Terminal).await;
+    store.close().await;
+    Ok(ExitCode::from(code?))
+}
+
+/// Opens the ledger for reading commands; `None` if certd never ran.
+pub(super) async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Ledger>> {
+    let path = cfg.db_path();
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Ledger::open(&path).await?))
+}

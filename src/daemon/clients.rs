@@ -1,0 +1,202 @@
+//! The commands the daemon runs for a client of its control socket
+//! (`certd renew`, `revoke`, `reap`, `authz deactivate`,
+//! `account rollover` while it runs), with its own parts: renewals go to
+//! its scheduler, the rest to the operations one-shot commands run too
+//! (`crate::app::ops`).
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::acme::error_chain;
+use crate::app::ops::{self, RevokeReason};
+use crate::app::sink::Sink;
+use crate::clock::rfc3339;
+use crate::config::Config;
+use crate::daemon::control::{self, Request};
+use crate::daemon::schedule;
+use crate::hygiene::reaper::Policy;
+
+/// Runs a command a client handed to the daemon over its control socket,
+/// with the daemon's own parts; returns the exit code.
+pub(crate) async fn run_for_client(
+    request: control::Request,
+    handles: &control::Handles,
+    sink: &Sink,
+) -> u8 {
+    let cfg = handles.config.borrow().clone();
+    let reaper = &handles.ctx.reaper;
+    let result = match request {
+        Request::Renew { names, force } => {
+            Ok(renew_in_daemon(handles, &cfg, names, force, sink).await)
+        }
+        Request::Revoke {
+            name,
+            reason,
+            no_renew,
+        } => revoke_in_daemon(handles, &cfg, &name, reason, no_renew, sink).await,
+        Request::Reap { older_than_secs } => {
+            let older_than =
+                older_than_secs.map_or(cfg.reaper.pending_max_age, Duration::from_secs);
+            ops::reap_pass(reaper, older_than, false, sink).await
+        }
+        Request::Deactivate {
+            urls,
+            all_pending,
+            include_valid,
+            ignore_budget,
+        } => {
+            ops::deactivate(
+                &handles.ctx.store,
+                reaper,
+                urls,
+                all_pending,
+                Policy {
+                    include_valid,
+                    ignore_budget,
+                    ..Policy::by("cli")
+                },
+                sink,
+            )
+            .await
+        }
+        Request::Rollover => Ok(ops::rollover(&handles.ctx.account, &cfg, sink).await),
+    };
+    result.unwrap_or_else(|e| {
+        sink.err(&format!("certd: {}", error_chain(e.as_ref())));
+        1
+    })
+}
+
+/// `certd renew` in the daemon: each certificate goes to the scheduler,
+/// which orders it in its own slots, with its own listeners; the lines
+/// come as the orders end.
+async fn renew_in_daemon(
+    handles: &control::Handles,
+    cfg: &Config,
+    names: Vec<String>,
+    force: bool,
+    sink: &Sink,
+) -> u8 {
+    if let Some(unknown) = names.iter().find(|n| cfg.certificate(n).is_none()) {
+        sink.err(&format!(
+            "certd: no certificate named {unknown:?} in {}",
+            cfg.path.display()
+        ));
+        return 2;
+    }
+    let names: Vec<String> = if names.is_empty() {
+        cfg.certificates
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect()
+    } else {
+        names
+    };
+    let mut waiting = JoinSet::new();
+    for name in names {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let request = schedule::Request {
+            name: name.clone(),
+            force,
+            reply,
+        };
+        if handles.scheduler.send(request).await.is_err() {
+            sink.err("certd: the daemon is shutting down");
+            return 1;
+        }
+        waiting.spawn(async move { (name, outcome.await) });
+    }
+    let mut failed = false;
+    while let Some(joined) = waiting.join_next().await {
+        let Ok((name, outcome)) = joined else {
+            failed = true;
+            continue;
+        };
+        failed |= !report_outcome(&name, outcome.ok(), sink);
+    }
+    u8::from(failed)
+}
+
+/// Prints how a renewal the scheduler ran for a client ended, as a
+/// one-shot `renew` prints it; false when it failed.
+fn report_outcome(name: &str, outcome: Option<schedule::Outcome>, sink: &Sink) -> bool {
+    use schedule::Outcome;
+    match outcome {
+        Some(Outcome::NotDue(at)) => {
+            sink.out(&format!("{name}: valid, not due until {}", at.rfc3339()));
+            true
+        }
+        Some(Outcome::Issued {
+            serial,
+            not_after,
+            failed_reloads,
+        }) => {
+            sink.out(&format!(
+                "{name}: issued serial {serial} valid until {}{}",
+                rfc3339(not_after),
+                if failed_reloads > 0 {
+                    format!(", but {failed_reloads} reload command(s) failed")
+                } else {
+                    String::new()
+                }
+            ));
+            failed_reloads == 0
+        }
+        Some(Outcome::Failed(msg)) => {
+            sink.out(&format!("{name}: failed: {msg}"));
+            false
+        }
+        Some(Outcome::Unknown) => {
+            sink.out(&format!(
+                "{name}: not configured in the running daemon (a reload pending?)"
+            ));
+            false
+        }
+        None => {
+            sink.out(&format!(
+                "{name}: the daemon stopped (or dropped the certificate) before the order ended"
+            ));
+            false
+        }
+    }
+}
+
+/// `certd revoke` in the daemon: revoked with the daemon's account, then
+/// replaced at once by its scheduler.
+async fn revoke_in_daemon(
+    handles: &control::Handles,
+    cfg: &Config,
+    name: &str,
+    reason: RevokeReason,
+    no_renew: bool,
+    sink: &Sink,
+) -> anyhow::Result<u8> {
+    if cfg.certificate(name).is_none() {
+        sink.err(&format!(
+            "certd: no certificate named {name:?} in {}",
+            cfg.path.display()
+        ));
+        return Ok(2);
+    }
+    let ctx = &handles.ctx;
+    if !ops::revoke_installed(&ctx.cert_dir, name, reason, &ctx.store, &ctx.account, sink).await? {
+        return Ok(1);
+    }
+    if no_renew {
+        return Ok(0);
+    }
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let request = schedule::Request {
+        name: name.to_owned(),
+        force: false,
+        reply,
+    };
+    if handles.scheduler.send(request).await.is_err() {
+        sink.err(
+            "certd: the daemon is shutting down; it replaces the certificate at its next start",
+        );
+        return Ok(1);
+    }
+    Ok(u8::from(!report_outcome(name, outcome.await.ok(), sink)))
+}
