@@ -231,7 +231,10 @@ mod tests {
         assert_eq!(held.now(), UnixTime::from_secs(1_060));
         held.set(UnixTime::from_secs(5));
         assert_eq!(clock.now().secs(), 5);
-        assert_eq!(clock.until(UnixTime::from_secs(65)), Duration::from_secs(60));
+        assert_eq!(
+            clock.until(UnixTime::from_secs(65)),
+            Duration::from_secs(60)
+        );
         assert_eq!(clock.until(UnixTime::from_secs(1)), Duration::ZERO);
         let system = Clock::system();
         system.set(UnixTime::from_secs(5));

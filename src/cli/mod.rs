@@ -54,9 +54,9 @@ use crate::clock::{UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config, DEFAULT_CONFIG_PATH};
 use crate::daemon::control::Sink;
 use crate::daemon::schedule::{self, Due, Reason};
-use crate::hygiene::reaper::{Policy, Reaper, Settled};
+use crate::hygiene::{Policy, Reaper, Settled};
 use crate::install;
-use crate::ledger::{FileIdentity, Ledger, LedgerError, OrderRow, StateLock};
+use crate::ledger::{EventKind, FileIdentity, Ledger, LedgerError, OrderRow, StateLock};
 use crate::order::{self, Context};
 use crate::solver::Solvers;
 
@@ -561,7 +561,7 @@ pub(crate) async fn run_for_client(
                 Policy {
                     include_valid,
                     ignore_budget,
-                    ..Policy::by("cli")
+                    ..Policy::by(crate::ledger::Actor::Cli)
                 },
                 sink,
             )
@@ -983,7 +983,10 @@ async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<StateLock> {
     let lock = StateLock::acquire(&cfg.storage.state_dir)?;
     let db = cfg.db_path();
     if create || db.exists() {
-        Ledger::open_checked(&db).await?.close().await;
+        Ledger::open_checked(&db, crate::clock::Clock::system())
+            .await?
+            .close()
+            .await;
     }
     Ok(lock)
 }
@@ -1388,7 +1391,7 @@ async fn renew(
     };
     let store = match existing {
         Some(s) => s,
-        None => Ledger::open(&cfg.db_path()).await?,
+        None => Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?,
     };
     let result = renew_due(&cfg, &store, due, mode).await;
     store.close().await;
@@ -1462,7 +1465,11 @@ async fn ari_window(
     };
     if let Some(store) = store {
         let record = crate::ledger::AriRecord {
-            window: window.as_ref(),
+            window: window.as_ref().map(|w| crate::ledger::AriWindow {
+                start: w.start,
+                end: w.end,
+                explanation_url: w.explanation_url.as_deref(),
+            }),
             next_check: Some(next_check.secs()),
             error: error.as_deref(),
         };
@@ -1498,7 +1505,7 @@ async fn renew_due(
         let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
         // Orders a crashed run left behind: resume those whose certificate
         // still wants the same names, abandon the rest.
-        reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        order::recover(&reaper, |o| wants_same_names(cfg, o)).await?;
         anyhow::Ok(Context {
             store: store.clone(),
             account,
@@ -1710,11 +1717,8 @@ async fn paused(store: Option<&Ledger>, c: &CertificateConfig) -> anyhow::Result
 /// Whether an unfinished order is still wanted: its certificate is
 /// configured with exactly the order's names.
 pub(crate) fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
-    cfg.certificate(&order.cert_name).is_some_and(|c| {
-        let mut names = c.domain_strings();
-        names.sort();
-        names == order.identifier_list()
-    })
+    cfg.certificate(&order.cert_name)
+        .is_some_and(|c| crate::ledger::Identifiers::new(c.domain_strings()) == order.identifiers)
 }
 
 /// Loads the account and its reaper for commands that act on the ledger's
@@ -1755,11 +1759,11 @@ async fn reap(
             let msg = error_chain(e.as_ref());
             if !dry_run {
                 store
-                    .event("reaper-error", None, None, None, Some(&msg))
+                    .event(EventKind::ReaperError, None, None, None, Some(&msg))
                     .await?;
                 store
                     .event(
-                        "reaper-pass",
+                        EventKind::ReaperPass,
                         None,
                         None,
                         None,
@@ -1773,7 +1777,7 @@ async fn reap(
         }
     };
     if !dry_run {
-        let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        let (resumable, abandoned) = order::recover(&reaper, |o| wants_same_names(cfg, o)).await?;
         if resumable + abandoned > 0 {
             outln!("recovered {resumable} unfinished order(s) to resume, abandoned {abandoned}");
         }
@@ -1847,7 +1851,7 @@ async fn authz_deactivate(
         return Ok(ExitCode::from(2));
     }
     ensure_dirs(cfg)?;
-    let store = Ledger::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     let Some(reaper) = existing_account(cfg, &store).await? else {
         errln!(
             "certd: no ACME account for {} in {}: certd created no authorizations there",
@@ -1859,7 +1863,7 @@ async fn authz_deactivate(
     let policy = Policy {
         include_valid,
         ignore_budget,
-        ..Policy::by("cli")
+        ..Policy::by(crate::ledger::Actor::Cli)
     };
     let code = deactivate(&store, &reaper, urls, all_pending, policy, &Sink::Terminal).await;
     store.close().await;
@@ -1951,8 +1955,12 @@ async fn resolve_authz(
         Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
     };
     let identifier = a.identifier();
+    let status = a
+        .status
+        .parse::<crate::ledger::AuthzStatus>()
+        .map_err(|e| format!("{authz_url}: {e}"))?;
     store
-        .record_foreign_authz(account.ledger_id, &authz_url, &identifier, &a.status)
+        .record_foreign_authz(account.ledger_id, &authz_url, &identifier, status)
         .await
         .map_err(ledger)?;
     Ok((authz_url, identifier))
@@ -1961,7 +1969,7 @@ async fn resolve_authz(
 /// Opens the ledger and loads the existing account, or explains why not.
 async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
     ensure_dirs(cfg)?;
-    let store = Ledger::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     match existing_account(cfg, &store).await? {
         Some(reaper) => Ok(Some((store, reaper.account().clone()))),
         None => {
@@ -2142,7 +2150,7 @@ async fn revoke_installed(
         .await?;
     store
         .event(
-            "revoked",
+            EventKind::Revoked,
             Some(name),
             None,
             None,
@@ -2159,13 +2167,15 @@ async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Ledger>> {
     if !path.exists() {
         return Ok(None);
     }
-    Ok(Some(Ledger::open(&path).await?))
+    Ok(Some(
+        Ledger::open(&path, crate::clock::Clock::system()).await?,
+    ))
 }
 
 async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Result<ExitCode> {
     let path = cfg.db_path();
     let existing = if path.exists() {
-        Some(Ledger::open_read_only(&path).await?)
+        Some(Ledger::open_read_only(&path, crate::clock::Clock::system()).await?)
     } else {
         None
     };
@@ -2199,7 +2209,7 @@ async fn authz_list(cfg: &Config, pending_only: bool, json: bool) -> anyhow::Res
         table.push([
             r.url,
             r.identifier,
-            r.status,
+            r.status.to_string(),
             r.challenge_type.unwrap_or_else(|| "-".into()),
             t(r.created_at),
             t(r.updated_at),

@@ -34,8 +34,8 @@ use tokio_util::task::TaskTracker;
 use crate::acme::{AcmeAccount, AcmeHttp, error_chain};
 use crate::config::{ChallengeKind, Config};
 use crate::daemon::schedule::{Scheduler, failure_backoff};
-use crate::hygiene::reaper::Reaper;
-use crate::ledger::Ledger;
+use crate::hygiene::Reaper;
+use crate::ledger::{EventKind, Ledger};
 use crate::order::Context;
 use crate::solver::{ChallengeSettings, Solvers};
 
@@ -48,13 +48,16 @@ const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 /// Runs the daemon until `shutdown` fires.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::cli::ensure_dirs(&cfg)?;
-    let store = Ledger::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     // A restart applies every edit: what `status` said waits for one is done.
     // This is also the daemon's first write: a ledger it cannot write (a
     // full or read-only file system that opening did not reveal, since
     // reading still works) stops it here, with the file and the cause
     // (`ledger::explain`, exit 2), rather than run with every write failing.
-    if let Err(e) = store.event("daemon-started", None, None, None, None).await {
+    if let Err(e) = store
+        .event(EventKind::DaemonStarted, None, None, None, None)
+        .await
+    {
         store.close().await;
         return Err(crate::ledger::explain(&cfg.db_path(), e.into()));
     }
@@ -111,9 +114,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     drop(started);
     let reaper = Reaper::new(store.clone(), account.clone(), cfg.reaper.clone());
-    let (resumable, abandoned) = reaper
-        .recover(|o| crate::cli::wants_same_names(&cfg, o))
-        .await?;
+    let (resumable, abandoned) =
+        crate::order::recover(&reaper, |o| crate::cli::wants_same_names(&cfg, o)).await?;
     if resumable + abandoned > 0 {
         tracing::info!(resumable, abandoned, "recovered unfinished orders");
     }
@@ -324,7 +326,7 @@ async fn load_account(
         match attempt.await {
             Ok(account) => {
                 if failures > 0 {
-                    record(store, "ca-reachable", None).await;
+                    record(store, EventKind::CaReachable, None).await;
                 }
                 return Some((account, cfg));
             }
@@ -333,7 +335,7 @@ async fn load_account(
                 // For `certd status`: "CA unreachable since" the first
                 // failure, and why.
                 if failures == 1 {
-                    record(store, "ca-unreachable", Some(&error_chain(&e))).await;
+                    record(store, EventKind::CaUnreachable, Some(&error_chain(&e))).await;
                 }
                 let delay =
                     failure_backoff(failures, Duration::from_secs(5), cfg.daemon.backoff_max);
@@ -375,9 +377,9 @@ fn keep_running(new: &mut Config, running: &Config, kind: ChallengeKind) {
 
 /// Records a daemon event; the ledger is for `status`, so a failed write
 /// is logged, not fatal.
-async fn record(store: &Ledger, kind: &str, detail: Option<&str>) {
+async fn record(store: &Ledger, kind: EventKind, detail: Option<&str>) {
     if let Err(e) = store.event(kind, None, None, None, detail).await {
-        tracing::warn!(error = %e, kind, "cannot record an event in the ledger");
+        tracing::warn!(error = %e, %kind, "cannot record an event in the ledger");
     }
 }
 
@@ -552,7 +554,7 @@ impl Reloader {
         if let Err(e) = self
             .ctx
             .store
-            .event("restart-needed", None, None, None, Some(&joined))
+            .event(EventKind::RestartNeeded, None, None, None, Some(&joined))
             .await
         {
             tracing::warn!(error = %e, "cannot record the restart-needed settings in the ledger");

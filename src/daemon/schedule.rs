@@ -38,10 +38,10 @@ use crate::acme::ari::{self, AriError, Window};
 use crate::acme::{Disposition, LimitScope, RateLimit};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
-use crate::hygiene::reaper::GuardError;
+use crate::hygiene::GuardError;
 use crate::install::{self, CertInfo, renewal_time};
-use crate::ledger::AriRecord;
 use crate::ledger::{ACCOUNT_SCOPE, Ledger, NewPause, PauseRow};
+use crate::ledger::{AriRecord, AriWindow, EventKind};
 use crate::order::{self, Context, DriveError, Issued};
 
 /// Why a certificate needs a new issuance, or when it will.
@@ -326,7 +326,13 @@ pub async fn record_limit(
     let news = store.set_pause(scope, &pause).await.unwrap_or(true);
     let detail = format!("{why}: no new orders before {}", until.rfc3339());
     let _ = store
-        .event("rate-limited", Some(name), None, None, Some(&detail))
+        .event(
+            EventKind::RateLimited,
+            Some(name),
+            None,
+            None,
+            Some(&detail),
+        )
         .await;
     HeldBack { until, why, news }
 }
@@ -649,7 +655,11 @@ impl Scheduler {
         entry.ari_recheck = recheck;
         if recheck.is_some() {
             let record = AriRecord {
-                window: plan.as_ref().map(|p| &p.window),
+                window: plan.as_ref().map(|p| AriWindow {
+                    start: p.window.start,
+                    end: p.window.end,
+                    explanation_url: p.window.explanation_url.as_deref(),
+                }),
                 next_check: recheck.map(UnixTime::secs),
                 error: error.as_deref(),
             };
