@@ -14,7 +14,10 @@ use crate::hygiene::Policy;
 use crate::install::{self, Issuance, ReloadOutcome};
 use crate::ledger::{self, Actor, EventKind, Identifiers, Ledger, LedgerError, OrderStep};
 
-use super::*;
+use super::keys::{order_key_path, remove_order_key, store_order_key};
+use super::{
+    Context, DriveError, Issued, Poll, RunMode, acme_error, order_status, sleep_or_cancel,
+};
 
 /// How long certd waits for a `processing` order to become `valid`.
 pub(super) const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -332,6 +335,7 @@ pub(super) async fn download(
 ) -> Result<String, DriveError> {
     let url = order.url().to_owned();
     let mut poll = Poll::new(
+        ctx.store.clock().clone(),
         Duration::from_millis(20),
         Duration::from_secs(10),
         ISSUANCE_TIMEOUT,
@@ -456,6 +460,8 @@ pub(super) fn rsa_key(bits: usize) -> Result<KeyPair, String> {
 
 #[cfg(test)]
 mod tests {
+    use rcgen::CertificateParams;
+
     use super::*;
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use rcgen::KeyPair;
 
 use crate::ledger::{Ledger, LedgerError};
 
-use super::*;
+use super::DriveError;
 
 /// Where the keys of finalized orders wait for their certificate: beside
 /// the ledger, which names the orders.

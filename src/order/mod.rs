@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::{
     AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, ari, is_bad_nonce,
 };
+use crate::clock::Clock;
 use crate::config::{CertificateConfig, ChallengeKind};
 use crate::hygiene::{Admission, GuardError, Policy, Reaper};
 use crate::install::{self, CertInfo, InstallError, ReloadOutcome, TrustedRoots};
@@ -574,14 +575,17 @@ fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
 /// Polling delays: the CA's `Retry-After` when it sends one, else start
 /// short and double up to a cap, until a deadline.
 struct Poll {
+    /// The wall clock a `Retry-After` time is measured against.
+    clock: Clock,
     next: Duration,
     cap: Duration,
     deadline: Instant,
 }
 
 impl Poll {
-    fn new(initial: Duration, cap: Duration, timeout: Duration) -> Self {
+    fn new(clock: Clock, initial: Duration, cap: Duration, timeout: Duration) -> Self {
         Self {
+            clock,
             next: initial,
             cap,
             deadline: Instant::now() + timeout,
@@ -594,7 +598,8 @@ impl Poll {
         if now >= self.deadline {
             return None;
         }
-        let delay = match retry_after.and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+        let delay = match retry_after.and_then(|t| t.duration_since(self.clock.system_time()).ok())
+        {
             Some(d) => d,
             None => {
                 let d = self.next;
@@ -641,7 +646,9 @@ mod tests {
 
     #[test]
     fn poll_backs_off_and_honours_retry_after() {
+        let clock = Clock::fixed(crate::clock::UnixTime::from_secs(1_000_000));
         let mut p = Poll::new(
+            clock.clone(),
             Duration::from_millis(20),
             Duration::from_millis(70),
             Duration::from_secs(60),
@@ -649,10 +656,10 @@ mod tests {
         assert_eq!(p.next_delay(None), Some(Duration::from_millis(20)));
         assert_eq!(p.next_delay(None), Some(Duration::from_millis(40)));
         assert_eq!(p.next_delay(None), Some(Duration::from_millis(70)));
-        let ra = SystemTime::now() + Duration::from_secs(3);
-        let d = p.next_delay(Some(ra)).expect("before deadline");
-        assert!(d > Duration::from_secs(2) && d <= Duration::from_secs(3));
+        let ra = clock.system_time() + Duration::from_secs(3);
+        assert_eq!(p.next_delay(Some(ra)), Some(Duration::from_secs(3)));
         let mut expired = Poll::new(
+            clock,
             Duration::from_millis(1),
             Duration::from_millis(1),
             Duration::ZERO,

@@ -8,7 +8,7 @@ use crate::config::{self, CertificateConfig, ProfilePreference};
 use crate::install::{self};
 use crate::ledger::Identifiers;
 
-use super::*;
+use super::{Context, DriveError};
 
 /// `newOrder`, with `replaces` (RFC 9773) naming the installed certificate
 /// where there is one and the CA offers ARI.
@@ -55,20 +55,26 @@ pub(super) async fn new_order(
             authority_key_identifier: aki.into(),
             serial: serial.into(),
         };
+        // Orders created for these names before this request are not its:
+        // forgotten, so that one recorded below was created by it.
+        while ctx.account.http.take_created_order(sorted).is_some() {}
         match nonce_retry!(account.new_order(&base().replaces(replaces.clone())).await) {
             Ok(order) => return Ok(order),
             // No ARI at this CA: nothing was sent.
             Err(instant_acme::Error::Unsupported(_)) => {}
-            // The CA created the order but did not echo `replaces`, and
-            // instant-acme refused it. The order is real and its
+            // The CA created the order (certd's HTTP layer saw its 201) but
+            // instant-acme refused the answer: 0.8.5 does so when the order
+            // does not echo `replaces`, as an `Error::Other` holding a bare
+            // message, with no type or field to match. A problem document
+            // would be `Error::Api`, and a request that failed in transport
+            // created no order; so an order created by this request is
+            // what tells this case apart. The order is real and its
             // authorizations pending: take it as an order without ARI.
-            Err(instant_acme::Error::Other(e)) if e.to_string().contains("replaces") => {
-                let url = ctx.account.http.take_created_order(sorted).ok_or_else(|| {
-                    AcmeError::Protocol(format!(
-                        "the CA ignored `replaces` and its order cannot be found: {e}"
-                    ))
-                })?;
-                tracing::info!(cert = name, order = %url, "the CA ignored `replaces`; using the order as is");
+            Err(instant_acme::Error::Other(e)) => {
+                let Some(url) = ctx.account.http.take_created_order(sorted) else {
+                    return Err(AcmeError::from(instant_acme::Error::Other(e)).into());
+                };
+                tracing::info!(cert = name, order = %url, error = %e, "the CA ignored `replaces`; using the order as is");
                 return account
                     .order(url)
                     .await

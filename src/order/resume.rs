@@ -8,10 +8,10 @@ use instant_acme::{Order, OrderStatus};
 use rcgen::KeyPair;
 
 use crate::acme::{AcmeError, NONCE_ATTEMPTS, is_bad_nonce};
-use crate::clock::UnixTime;
 use crate::ledger::{EventKind, Identifiers};
 
-use super::*;
+use super::keys::load_order_key;
+use super::{Context, DriveError, order_status, recovery};
 
 /// An unfinished order taken up again.
 pub(super) enum Resumed {
@@ -31,7 +31,7 @@ pub(super) async fn resume(
     identifiers: &Identifiers,
     key_dir: &Path,
 ) -> Result<Option<Resumed>, DriveError> {
-    let now = UnixTime::now().secs();
+    let now = ctx.store.clock().now().secs();
     let Some(row) = ctx
         .store
         .resumable_order(ctx.account.ledger_id, identifiers, now)

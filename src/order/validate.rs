@@ -17,7 +17,7 @@ use crate::dns::persist::PersistExpect;
 use crate::ledger::{self, Identifiers, NewAuthz, NewChallenge};
 use crate::solver::{ChallengeSpec, Solver};
 
-use super::*;
+use super::{Context, DriveError, Poll, later, order_status, sleep_or_cancel};
 
 /// How long certd waits for the CA to validate all challenges of an order.
 pub(super) const VALIDATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -317,6 +317,7 @@ pub(super) async fn validate<'p>(
 
     let mut waiting: HashSet<&str> = plan.iter().map(|p| p.authz_url.as_str()).collect();
     let mut poll = Poll::new(
+        ctx.store.clock().clone(),
         Duration::from_millis(20),
         Duration::from_secs(5),
         VALIDATION_TIMEOUT,
@@ -469,24 +470,23 @@ mod tests {
     #[test]
     fn failed_types_move_behind() {
         use ChallengeKind::{Dns01, Http01};
-        let h = |v: &[(&str, &str)]| -> Vec<(String, ledger::AuthzStatus)> {
-            v.iter()
-                .map(|(a, b)| (a.to_string(), b.parse().expect("a status")))
-                .collect()
+        use ledger::AuthzStatus::{Invalid, Valid};
+        let h = |v: &[(&str, ledger::AuthzStatus)]| -> Vec<(String, ledger::AuthzStatus)> {
+            v.iter().map(|(a, b)| (a.to_string(), *b)).collect()
         };
         assert_eq!(preference(&[Http01, Dns01], &[]), [Http01, Dns01]);
         assert_eq!(
-            preference(&[Http01, Dns01], &h(&[("http-01", "invalid")])),
+            preference(&[Http01, Dns01], &h(&[("http-01", Invalid)])),
             [Dns01, Http01]
         );
-        let after = h(&[("dns-01", "valid"), ("http-01", "invalid")]);
+        let after = h(&[("dns-01", Valid), ("http-01", Invalid)]);
         assert_eq!(preference(&[Http01, Dns01], &after), [Dns01, Http01]);
-        let both = h(&[("dns-01", "invalid"), ("http-01", "invalid")]);
+        let both = h(&[("dns-01", Invalid), ("http-01", Invalid)]);
         assert_eq!(preference(&[Http01, Dns01], &both), [Http01, Dns01]);
         let recovered = h(&[
-            ("http-01", "valid"),
-            ("dns-01", "invalid"),
-            ("http-01", "invalid"),
+            ("http-01", Valid),
+            ("dns-01", Invalid),
+            ("http-01", Invalid),
         ]);
         assert_eq!(preference(&[Http01, Dns01], &recovered), [Http01, Dns01]);
     }
