@@ -40,7 +40,7 @@ pub enum GuardError {
 }
 
 /// An admitted order's reservation; released when dropped.
-pub struct Admission {
+pub(crate) struct Admission {
     reaper: Reaper,
     count: i64,
 }
@@ -179,7 +179,7 @@ impl Reaper {
     /// `pending-authz-guard` event and waits, bounded, for orders in flight
     /// to finish. `replaces` is the ARI id of the installed certificate the
     /// order will name, where it will name one.
-    pub async fn admit(
+    pub(crate) async fn admit(
         &self,
         cert_name: &str,
         identifiers: &Identifiers,

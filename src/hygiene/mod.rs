@@ -7,6 +7,7 @@ mod guard;
 mod reaper;
 mod settle;
 
-pub use guard::{Admission, GuardError};
-pub use reaper::{ActiveClaim, ActiveOrders, PassCounts, Reaper};
-pub use settle::{Policy, Settled};
+pub(crate) use guard::Admission;
+pub use guard::GuardError;
+pub(crate) use reaper::Reaper;
+pub(crate) use settle::{Policy, Settled};

@@ -22,7 +22,7 @@ const PAGE: i64 = 100;
 
 /// The reaper of one account; cheap to clone.
 #[derive(Clone)]
-pub struct Reaper {
+pub(crate) struct Reaper {
     pub(super) inner: Arc<Inner>,
 }
 
@@ -41,7 +41,7 @@ pub(super) struct Inner {
 }
 
 impl Reaper {
-    pub fn new(store: Ledger, account: AcmeAccount, cfg: ReaperConfig) -> Self {
+    pub(crate) fn new(store: Ledger, account: AcmeAccount, cfg: ReaperConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -64,16 +64,16 @@ impl Reaper {
         self.inner.store.clock().now().secs()
     }
 
-    pub fn active(&self) -> &ActiveOrders {
+    pub(crate) fn active(&self) -> &ActiveOrders {
         &self.inner.active
     }
 
-    pub fn account(&self) -> &AcmeAccount {
+    pub(crate) fn account(&self) -> &AcmeAccount {
         &self.inner.account
     }
 
     /// The settings in force (a copy: a reload may replace them).
-    pub fn config(&self) -> ReaperConfig {
+    pub(crate) fn config(&self) -> ReaperConfig {
         self.inner
             .cfg
             .read()
@@ -83,7 +83,7 @@ impl Reaper {
 
     /// Takes new settings from a configuration reload; passes and guards
     /// that start afterwards use them.
-    pub fn set_config(&self, cfg: ReaperConfig) {
+    pub(crate) fn set_config(&self, cfg: ReaperConfig) {
         *self
             .inner
             .cfg
@@ -92,7 +92,7 @@ impl Reaper {
     }
 
     /// Tells waiting guards that pending authorizations may have cleared.
-    pub fn order_finished(&self) {
+    pub(crate) fn order_finished(&self) {
         self.inner.released.notify_waiters();
     }
 
@@ -101,7 +101,7 @@ impl Reaper {
     /// is settled (or, past its `expires`, marked expired without asking).
     /// `report` sees each row and its outcome as it happens. `explicit`
     /// (an operator's `certd reap`) also retries rows still in backoff.
-    pub async fn pass(
+    pub(crate) async fn pass(
         &self,
         older_than: Duration,
         dry_run: bool,
@@ -190,23 +190,23 @@ impl Reaper {
 
 /// Totals of one pass.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PassCounts {
-    pub examined: u64,
-    pub deactivated: u64,
-    pub held_back: u64,
-    pub resolved: u64,
-    pub failed: u64,
-    pub skipped_active: u64,
+pub(crate) struct PassCounts {
+    pub(crate) examined: u64,
+    pub(crate) deactivated: u64,
+    pub(crate) held_back: u64,
+    pub(crate) resolved: u64,
+    pub(crate) failed: u64,
+    pub(crate) skipped_active: u64,
 }
 
 /// The order URLs being driven right now; the reaper leaves their
 /// authorizations alone.
 #[derive(Clone, Default)]
-pub struct ActiveOrders(Arc<Mutex<HashSet<String>>>);
+pub(crate) struct ActiveOrders(Arc<Mutex<HashSet<String>>>);
 
 impl ActiveOrders {
     /// Marks `url` active until the returned guard is dropped.
-    pub fn claim(&self, url: &str) -> ActiveClaim {
+    pub(crate) fn claim(&self, url: &str) -> ActiveClaim {
         lock(&self.0).insert(url.to_owned());
         ActiveClaim {
             set: self.clone(),
@@ -214,12 +214,12 @@ impl ActiveOrders {
         }
     }
 
-    pub fn contains(&self, url: &str) -> bool {
+    pub(crate) fn contains(&self, url: &str) -> bool {
         lock(&self.0).contains(url)
     }
 }
 
-pub struct ActiveClaim {
+pub(crate) struct ActiveClaim {
     set: ActiveOrders,
     url: String,
 }

@@ -23,7 +23,7 @@ use super::Reaper;
 
 /// What became of one authorization.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settled {
+pub(crate) enum Settled {
     Deactivated {
         from: AuthzStatus,
     },
@@ -54,7 +54,7 @@ pub enum Settled {
 
 impl Settled {
     /// Whether the authorization is no longer pending (or would not be).
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         !matches!(
             self,
             Self::HeldBack { .. } | Self::Failed(_) | Self::Refused { .. } | Self::SkippedValid
@@ -64,18 +64,18 @@ impl Settled {
 
 /// How `settle` may act.
 #[derive(Debug, Clone, Copy)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Who asks, for the ledger.
-    pub by: Actor,
-    pub dry_run: bool,
+    pub(crate) by: Actor,
+    pub(crate) dry_run: bool,
     /// Deactivate valid authorizations too (free at the CA).
-    pub include_valid: bool,
+    pub(crate) include_valid: bool,
     /// Deactivate even past the failure budget (an operator's explicit wish).
-    pub ignore_budget: bool,
+    pub(crate) ignore_budget: bool,
 }
 
 impl Policy {
-    pub fn by(by: Actor) -> Self {
+    pub(crate) fn by(by: Actor) -> Self {
         Self {
             by,
             dry_run: false,
@@ -91,7 +91,7 @@ impl Reaper {
     /// Whatever status the CA reports is written to the ledger (except on a
     /// dry run), so no row stays `pending` for an authorization the CA has
     /// long validated: the guard counts those rows.
-    pub async fn settle(
+    pub(crate) async fn settle(
         &self,
         url: &str,
         identifier: &str,

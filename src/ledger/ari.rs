@@ -6,7 +6,12 @@ impl Ledger {
     /// Records the CA's ARI answer for the installed certificate `serial`
     /// of `name`. An error keeps the window of an earlier good answer about
     /// the same certificate: that window still holds.
-    pub async fn record_ari(&self, name: &str, serial: &str, ari: &AriRecord<'_>) -> Result<()> {
+    pub(crate) async fn record_ari(
+        &self,
+        name: &str,
+        serial: &str,
+        ari: &AriRecord<'_>,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE certificates SET
                  ari_window_start = CASE WHEN ?2 IS NOT NULL THEN ?2

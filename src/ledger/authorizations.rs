@@ -8,67 +8,66 @@ use super::{Actor, AuthzStatus, ChallengeStatus, Ledger, Result};
 
 /// An authorization as `certd authz list` shows it.
 #[derive(Debug, Clone, FromRow, Serialize)]
-pub struct AuthzRow {
-    pub url: String,
-    pub identifier: String,
-    pub status: AuthzStatus,
-    pub order_url: Option<String>,
-    pub challenge_type: Option<String>,
+pub(crate) struct AuthzRow {
+    pub(crate) url: String,
+    pub(crate) identifier: String,
+    pub(crate) status: AuthzStatus,
+    pub(crate) order_url: Option<String>,
+    pub(crate) challenge_type: Option<String>,
     #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
-    pub created_at: Option<i64>,
+    pub(crate) created_at: Option<i64>,
     #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
-    pub updated_at: Option<i64>,
+    pub(crate) updated_at: Option<i64>,
 }
 
 /// One authorization of an order, as recorded before any challenge is answered.
 #[derive(Debug, Clone)]
-pub struct NewAuthz {
-    pub url: String,
-    pub identifier: String,
-    pub status: AuthzStatus,
-    pub expires_at: Option<i64>,
-    pub challenges: Vec<NewChallenge>,
+pub(crate) struct NewAuthz {
+    pub(crate) url: String,
+    pub(crate) identifier: String,
+    pub(crate) status: AuthzStatus,
+    pub(crate) expires_at: Option<i64>,
+    pub(crate) challenges: Vec<NewChallenge>,
 }
 
 /// One challenge of an authorization, as the CA offered it.
 #[derive(Debug, Clone)]
-pub struct NewChallenge {
-    pub url: String,
+pub(crate) struct NewChallenge {
+    pub(crate) url: String,
     /// The challenge type as the CA names it (`http-01`, …).
-    pub kind: String,
-    pub status: ChallengeStatus,
+    pub(crate) kind: String,
+    pub(crate) status: ChallengeStatus,
 }
 
 /// Which page of stale pending authorizations the reaper asks for
 /// (`Ledger::stale_pending_authz`).
 #[derive(Debug, Clone, Copy)]
-pub struct StalePage {
-    pub account_id: i64,
+pub(crate) struct StalePage {
+    pub(crate) account_id: i64,
     /// Only authorizations created at or before this, Unix seconds.
-    pub cutoff: i64,
+    pub(crate) cutoff: i64,
     /// The time now, for the backoff of failed checks.
-    pub now: i64,
+    pub(crate) now: i64,
     /// Include rows in backoff (an operator's explicit `certd reap`).
-    pub ignore_backoff: bool,
+    pub(crate) ignore_backoff: bool,
     /// Rows with an id above this one.
-    pub after_id: i64,
-    pub limit: i64,
+    pub(crate) after_id: i64,
+    pub(crate) limit: i64,
 }
 
 /// A stale pending authorization, as the reaper pages through them.
 #[derive(Debug, Clone, FromRow)]
-pub struct PendingAuthz {
-    pub id: i64,
-    pub url: String,
-    pub identifier: String,
-    pub expires_at: Option<i64>,
-    pub check_attempts: i64,
-    pub order_url: Option<String>,
+pub(crate) struct PendingAuthz {
+    pub(crate) id: i64,
+    pub(crate) url: String,
+    pub(crate) identifier: String,
+    pub(crate) expires_at: Option<i64>,
+    pub(crate) order_url: Option<String>,
 }
 
 impl Ledger {
     /// Notes which challenge certd is about to answer for an authorization.
-    pub async fn set_authz_challenge(
+    pub(crate) async fn set_authz_challenge(
         &self,
         authz_url: &str,
         kind: &str,
@@ -85,7 +84,7 @@ impl Ledger {
     }
 
     /// Records the CA's latest word on an authorization.
-    pub async fn set_authz_status(
+    pub(crate) async fn set_authz_status(
         &self,
         authz_url: &str,
         status: AuthzStatus,
@@ -116,7 +115,7 @@ impl Ledger {
 
     /// Records a deactivation: `from` is the status the CA reported just
     /// before (a pending one costs failure budget at some CAs).
-    pub async fn set_authz_deactivated(
+    pub(crate) async fn set_authz_deactivated(
         &self,
         authz_url: &str,
         by: Actor,
@@ -140,12 +139,15 @@ impl Ledger {
 
     /// The authorizations of `order_url` the ledger still believes pending:
     /// (URL, identifier).
-    pub async fn pending_authz_of_order(&self, order_url: &str) -> Result<Vec<(String, String)>> {
+    pub(crate) async fn pending_authz_of_order(
+        &self,
+        order_url: &str,
+    ) -> Result<Vec<(String, String)>> {
         self.authz_of_order(order_url, AuthzStatus::Pending).await
     }
 
     /// The authorizations of `order_url` with `status`: (URL, identifier).
-    pub async fn authz_of_order(
+    pub(crate) async fn authz_of_order(
         &self,
         order_url: &str,
         status: AuthzStatus,
@@ -164,7 +166,7 @@ impl Ledger {
 
     /// The ledger's authorizations, newest first, each with the latest order
     /// that referenced it.
-    pub async fn authz_list(&self, pending_only: bool) -> Result<Vec<AuthzRow>> {
+    pub(crate) async fn authz_list(&self, pending_only: bool) -> Result<Vec<AuthzRow>> {
         let sql = format!(
             "SELECT a.url, a.identifier, a.status,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
@@ -182,7 +184,10 @@ impl Ledger {
 
     /// Final outcomes of the challenges certd answered for `identifier`:
     /// (type, status), newest first; the input of challenge fallback.
-    pub async fn challenge_history(&self, identifier: &str) -> Result<Vec<(String, AuthzStatus)>> {
+    pub(crate) async fn challenge_history(
+        &self,
+        identifier: &str,
+    ) -> Result<Vec<(String, AuthzStatus)>> {
         Ok(sqlx::query_as(
             "SELECT challenge_type, status FROM authorizations
              WHERE identifier = ? AND challenge_type IS NOT NULL AND status IN ('valid', 'invalid')
@@ -194,7 +199,7 @@ impl Ledger {
     }
 
     /// Pending authorizations per certificate name, counted once each.
-    pub async fn pending_authz_by_cert(&self) -> Result<Vec<(String, i64)>> {
+    pub(crate) async fn pending_authz_by_cert(&self) -> Result<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT o.cert_name, COUNT(DISTINCT a.id) FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -207,7 +212,10 @@ impl Ledger {
 
     /// One certificate's pending authorizations: (identifier, URL,
     /// created at), oldest first, for `certd status NAME`.
-    pub async fn pending_authz_of(&self, cert_name: &str) -> Result<Vec<(String, String, i64)>> {
+    pub(crate) async fn pending_authz_of(
+        &self,
+        cert_name: &str,
+    ) -> Result<Vec<(String, String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT DISTINCT a.identifier, a.url, a.created_at FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -226,9 +234,9 @@ impl Ledger {
     ///
     /// Rows in backoff (a failed CA call) are skipped until `check_after`
     /// unless `ignore_backoff` (an operator's explicit `certd reap`).
-    pub async fn stale_pending_authz(&self, page: StalePage) -> Result<Vec<PendingAuthz>> {
+    pub(crate) async fn stale_pending_authz(&self, page: StalePage) -> Result<Vec<PendingAuthz>> {
         Ok(sqlx::query_as(
-            "SELECT a.id, a.url, a.identifier, a.expires_at, a.check_attempts,
+            "SELECT a.id, a.url, a.identifier, a.expires_at,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
                       WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url
              FROM authorizations a
@@ -252,7 +260,7 @@ impl Ledger {
     /// Failed validations plus deactivations of pending authorizations for
     /// `identifier` (and its wildcard) since `since`: what Let's Encrypt
     /// counts against "failed authorizations per identifier per hour".
-    pub async fn failures_since(
+    pub(crate) async fn failures_since(
         &self,
         account_id: i64,
         identifier: &str,
@@ -277,7 +285,7 @@ impl Ledger {
 
     /// Records a failed attempt to ask the CA about an authorization. The
     /// next try waits a minute, doubling per failure up to an hour.
-    pub async fn authz_check_failed(&self, url: &str, now: i64, error: &str) -> Result<()> {
+    pub(crate) async fn authz_check_failed(&self, url: &str, now: i64, error: &str) -> Result<()> {
         sqlx::query(
             "UPDATE authorizations SET check_after = ? + MIN(3600, 60 << MIN(check_attempts, 6)),
                  check_attempts = check_attempts + 1, check_error = ? WHERE url = ?",
@@ -291,7 +299,7 @@ impl Ledger {
     }
 
     /// Clears the reaper's backoff once the CA answered.
-    pub async fn authz_check_ok(&self, url: &str) -> Result<()> {
+    pub(crate) async fn authz_check_ok(&self, url: &str) -> Result<()> {
         sqlx::query(
             "UPDATE authorizations SET check_attempts = 0, check_after = NULL, check_error = NULL
              WHERE url = ?",
@@ -303,7 +311,7 @@ impl Ledger {
     }
 
     /// The ledger's record of an authorization.
-    pub async fn authz(&self, url: &str) -> Result<Option<AuthzRow>> {
+    pub(crate) async fn authz(&self, url: &str) -> Result<Option<AuthzRow>> {
         Ok(sqlx::query_as(
             "SELECT a.url, a.identifier, a.status,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
@@ -317,7 +325,7 @@ impl Ledger {
     }
 
     /// The authorization a challenge URL belongs to (seed 000).
-    pub async fn authz_of_challenge(&self, challenge_url: &str) -> Result<Option<String>> {
+    pub(crate) async fn authz_of_challenge(&self, challenge_url: &str) -> Result<Option<String>> {
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT a.url FROM challenges c JOIN authorizations a ON a.id = c.authz_id WHERE c.url = ?",
         )
@@ -329,7 +337,7 @@ impl Ledger {
 
     /// Records an authorization certd learned of outside an order (an
     /// operator handed its URL to `certd authz deactivate`).
-    pub async fn record_foreign_authz(
+    pub(crate) async fn record_foreign_authz(
         &self,
         account_id: i64,
         url: &str,
@@ -353,7 +361,7 @@ impl Ledger {
     }
 
     /// Pending authorizations of the account, per the ledger: the guard's count.
-    pub async fn pending_count(&self, account_id: i64) -> Result<i64> {
+    pub(crate) async fn pending_count(&self, account_id: i64) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM authorizations WHERE account_id = ? AND status = 'pending'",
         )
@@ -364,7 +372,7 @@ impl Ledger {
     }
 
     /// Every pending authorization URL of the account (`authz deactivate --all-pending`).
-    pub async fn pending_urls(&self, account_id: i64) -> Result<Vec<String>> {
+    pub(crate) async fn pending_urls(&self, account_id: i64) -> Result<Vec<String>> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT url FROM authorizations WHERE account_id = ? AND status = 'pending' ORDER BY id",
         )

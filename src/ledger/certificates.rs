@@ -38,24 +38,24 @@ pub struct CertificateRow {
 }
 
 impl CertificateRow {
-    pub fn domain_list(&self) -> Vec<String> {
+    pub(crate) fn domain_list(&self) -> Vec<String> {
         serde_json::from_str(&self.domains).unwrap_or_default()
     }
 }
 
 /// What an installed certificate looks like to the ledger.
 #[derive(Debug, Clone)]
-pub struct Installed {
-    pub domains: Vec<String>,
-    pub serial: String,
-    pub not_before: i64,
-    pub not_after: i64,
-    pub version: String,
+pub(crate) struct Installed {
+    pub(crate) domains: Vec<String>,
+    pub(crate) serial: String,
+    pub(crate) not_before: i64,
+    pub(crate) not_after: i64,
+    pub(crate) version: String,
     /// The profile the order named, as the CA's order echoes it.
-    pub profile: Option<String>,
+    pub(crate) profile: Option<String>,
     /// The configured preference it was ordered under
     /// (`ProfilePreference::ledger_key`).
-    pub profile_wanted: String,
+    pub(crate) profile_wanted: String,
 }
 
 // Keeps the column list of `CertificateRow` in one place for both selects.
@@ -76,7 +76,7 @@ macro_rules! cert_select {
 const CERT_SELECT_ONE: &str = cert_select!("WHERE name = ?");
 
 impl Ledger {
-    pub async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
+    pub(crate) async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
         Ok(sqlx::query_as(CERT_SELECT_ONE)
             .bind(name)
             .fetch_optional(&self.pool)
@@ -88,7 +88,7 @@ impl Ledger {
     /// 10,000 rows of a large host cost four times the query itself. Each
     /// row is an array in `CertificateRow`'s field order (serde reads a
     /// struct from a sequence), half the text of an object with keys.
-    pub async fn certificates(&self) -> Result<Vec<CertificateRow>> {
+    pub(crate) async fn certificates(&self) -> Result<Vec<CertificateRow>> {
         let (json,): (String,) = sqlx::query_as(
             "SELECT json_group_array(json_array(
                  name, domains, serial, not_before, not_after, installed_at, version,
@@ -105,7 +105,7 @@ impl Ledger {
     }
 
     /// Records a successful install and resets the failure count.
-    pub async fn record_installed(
+    pub(crate) async fn record_installed(
         &self,
         name: &str,
         cert: &Installed,
@@ -144,7 +144,7 @@ impl Ledger {
 
     /// The profile preference the installed certificate of `name` was
     /// ordered under (`ProfilePreference::ledger_key`); `None` if unknown.
-    pub async fn profile_wanted(&self, name: &str) -> Result<Option<String>> {
+    pub(crate) async fn profile_wanted(&self, name: &str) -> Result<Option<String>> {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT profile_wanted FROM certificates WHERE name = ?")
                 .bind(name)
@@ -155,7 +155,7 @@ impl Ledger {
 
     /// Records why the order being placed for `name` does not name its
     /// first configured profile, or clears that note.
-    pub async fn set_profile_warning(
+    pub(crate) async fn set_profile_warning(
         &self,
         name: &str,
         domains: &[String],
@@ -176,7 +176,7 @@ impl Ledger {
     }
 
     /// Records a failed attempt; the installed certificate's columns are untouched.
-    pub async fn record_failure(
+    pub(crate) async fn record_failure(
         &self,
         name: &str,
         domains: &[String],
@@ -205,7 +205,7 @@ impl Ledger {
     }
 
     /// Records when the scheduler will next act on a certificate.
-    pub async fn set_next_renewal(&self, name: &str, at: i64) -> Result<()> {
+    pub(crate) async fn set_next_renewal(&self, name: &str, at: i64) -> Result<()> {
         sqlx::query("UPDATE certificates SET next_renewal_at = ?, updated_at = ? WHERE name = ?")
             .bind(at)
             .bind(self.now())
@@ -216,7 +216,12 @@ impl Ledger {
     }
 
     /// Records that certd revoked the certificate `serial` of `name`.
-    pub async fn record_revoked(&self, name: &str, serial: &str, reason: &str) -> Result<()> {
+    pub(crate) async fn record_revoked(
+        &self,
+        name: &str,
+        serial: &str,
+        reason: &str,
+    ) -> Result<()> {
         let now = self.now();
         sqlx::query(
             "UPDATE certificates SET revoked_serial = ?, revoked_at = ?, revoked_reason = ?,
@@ -234,7 +239,7 @@ impl Ledger {
     }
 
     /// The serial certd revoked for `name`, if any.
-    pub async fn revoked_serial(&self, name: &str) -> Result<Option<String>> {
+    pub(crate) async fn revoked_serial(&self, name: &str) -> Result<Option<String>> {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT revoked_serial FROM certificates WHERE name = ?")
                 .bind(name)
@@ -244,7 +249,7 @@ impl Ledger {
     }
 
     /// Records that a reload command failed after an otherwise good install.
-    pub async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
+    pub(crate) async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
         sqlx::query(
             "UPDATE certificates SET last_result = 'error', last_error = ?, updated_at = ? WHERE name = ?",
         )
@@ -258,7 +263,7 @@ impl Ledger {
 
     /// A reload that failed after an install succeeded on a retry: the
     /// certificate's last result is good again.
-    pub async fn clear_reload_failure(&self, name: &str) -> Result<()> {
+    pub(crate) async fn clear_reload_failure(&self, name: &str) -> Result<()> {
         sqlx::query(
             "UPDATE certificates SET last_result = 'ok', last_error = NULL, updated_at = ?
              WHERE name = ? AND last_result = 'error' AND last_error LIKE 'installed, but reload %'",

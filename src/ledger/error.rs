@@ -92,7 +92,7 @@ const PROBE_BYTES: usize = 64 * 1024;
 /// `error`'s chain: the same clear error naming the file and the system's
 /// cause as at open, which makes the command exit 2. Anything else is
 /// `error` as it was.
-pub fn explain(path: &Path, error: anyhow::Error) -> anyhow::Error {
+pub(crate) fn explain(path: &Path, error: anyhow::Error) -> anyhow::Error {
     let known = error
         .chain()
         .find_map(sqlite_code)

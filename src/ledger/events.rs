@@ -5,20 +5,20 @@ use super::{Actor, AuthzStatus, EventKind, Ledger, Result};
 
 /// Per-account figures of the reaper for `certd status`.
 #[derive(Debug, Clone, Default)]
-pub struct ReaperSummary {
-    pub pending: i64,
-    pub deactivated_total: i64,
-    pub deactivated_24h: i64,
-    pub held_back: i64,
-    pub last_pass_at: Option<i64>,
-    pub last_pass: Option<String>,
-    pub last_guard_at: Option<i64>,
+pub(crate) struct ReaperSummary {
+    pub(crate) pending: i64,
+    pub(crate) deactivated_total: i64,
+    pub(crate) deactivated_24h: i64,
+    pub(crate) held_back: i64,
+    pub(crate) last_pass_at: Option<i64>,
+    pub(crate) last_pass: Option<String>,
+    pub(crate) last_guard_at: Option<i64>,
     /// When the CA last said `rateLimited`, and until when it asked to wait.
-    pub last_rate_limit: Option<(i64, String)>,
+    pub(crate) last_rate_limit: Option<(i64, String)>,
 }
 
 impl Ledger {
-    pub async fn event(
+    pub(crate) async fn event(
         &self,
         kind: EventKind,
         cert_name: Option<&str>,
@@ -43,7 +43,7 @@ impl Ledger {
     /// The configuration keys that changed since the daemon last started
     /// and wait for a restart (`certd status`), from the latest
     /// `restart-needed` event after the latest `daemon-started` one.
-    pub async fn restart_needed(&self) -> Result<Option<String>> {
+    pub(crate) async fn restart_needed(&self) -> Result<Option<String>> {
         let row: Option<(EventKind, Option<String>)> = sqlx::query_as(
             "SELECT kind, detail FROM events WHERE kind IN (?, ?) ORDER BY id DESC LIMIT 1",
         )
@@ -58,7 +58,7 @@ impl Ledger {
 
     /// One certificate's latest events, newest first: (at, kind, detail),
     /// for `certd status NAME`.
-    pub async fn cert_events(
+    pub(crate) async fn cert_events(
         &self,
         name: &str,
         limit: i64,
@@ -75,7 +75,7 @@ impl Ledger {
     /// When the daemon found the CA unreachable and why, while it has not
     /// reached it since: the latest `ca-unreachable` event after the latest
     /// `ca-reachable` and `daemon-started` ones.
-    pub async fn ca_unreachable(&self) -> Result<Option<(i64, String)>> {
+    pub(crate) async fn ca_unreachable(&self) -> Result<Option<(i64, String)>> {
         let row: Option<(i64, EventKind, Option<String>)> = sqlx::query_as(
             "SELECT at, kind, detail FROM events WHERE kind IN (?, ?, ?) ORDER BY id DESC LIMIT 1",
         )
@@ -99,7 +99,7 @@ impl Ledger {
     }
 
     /// The reaper's figures for `certd status`.
-    pub async fn reaper_summary(&self, account_id: i64, now: i64) -> Result<ReaperSummary> {
+    pub(crate) async fn reaper_summary(&self, account_id: i64, now: i64) -> Result<ReaperSummary> {
         // The status and actor are literals in the text, not parameters:
         // SQLite uses the partial indexes `authz_pending` and
         // `authz_reaped` only for a query that names their literal.

@@ -7,16 +7,16 @@ use super::{Identifiers, Ledger, Result};
 
 /// A certificate the CA issued that is not installed yet.
 #[derive(Debug, Clone, FromRow)]
-pub struct IssuedRow {
-    pub order_url: String,
-    pub identifiers: Identifiers,
-    pub serial: String,
+pub(crate) struct IssuedRow {
+    pub(crate) order_url: String,
+    pub(crate) identifiers: Identifiers,
+    pub(crate) serial: String,
 }
 
 impl Ledger {
     /// Records a certificate the CA issued for `order_url`, before it is
     /// installed (its chain and key are on disk by then).
-    pub async fn record_issued(
+    pub(crate) async fn record_issued(
         &self,
         order_url: &str,
         cert_name: &str,
@@ -43,7 +43,7 @@ impl Ledger {
 
     /// The newest issued certificate of `cert_name` still waiting to be
     /// installed.
-    pub async fn waiting_issued(&self, cert_name: &str) -> Result<Option<IssuedRow>> {
+    pub(crate) async fn waiting_issued(&self, cert_name: &str) -> Result<Option<IssuedRow>> {
         Ok(sqlx::query_as(
             "SELECT order_url, identifiers, serial FROM issued
              WHERE cert_name = ? AND installed_at IS NULL ORDER BY issued_at DESC, rowid DESC LIMIT 1",
@@ -54,7 +54,7 @@ impl Ledger {
     }
 
     /// Whether the certificate of `order_url` is issued and not installed.
-    pub async fn issued_waiting(&self, order_url: &str) -> Result<bool> {
+    pub(crate) async fn issued_waiting(&self, order_url: &str) -> Result<bool> {
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT 1 FROM issued WHERE order_url = ? AND installed_at IS NULL")
                 .bind(order_url)
@@ -65,7 +65,7 @@ impl Ledger {
 
     /// The issued certificate of `order_url` waits no longer: installed, or
     /// dropped as unusable.
-    pub async fn issued_done(&self, order_url: &str) -> Result<()> {
+    pub(crate) async fn issued_done(&self, order_url: &str) -> Result<()> {
         sqlx::query("UPDATE issued SET installed_at = ? WHERE order_url = ?")
             .bind(self.now())
             .bind(order_url)

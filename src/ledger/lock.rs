@@ -11,21 +11,21 @@ use std::path::Path;
 use super::{LedgerError, Result};
 
 /// The lock file in the state directory.
-pub const LOCK_FILE: &str = "certd.lock";
+const LOCK_FILE: &str = "certd.lock";
 
 /// The state directory's lock: `certd.lock`, locked with `flock` for the
 /// holder's lifetime and holding its PID, so a second process can say who
 /// holds it. The kernel drops the lock when the process ends, however it
 /// ends, so a stale file never blocks anyone.
 #[derive(Debug)]
-pub struct StateLock {
+pub(crate) struct StateLock {
     // Held only to keep the lock: closing the file releases it.
     _file: File,
 }
 
 impl StateLock {
     /// Takes the lock of `state_dir`, or says who holds it.
-    pub fn acquire(state_dir: &Path) -> Result<StateLock> {
+    pub(crate) fn acquire(state_dir: &Path) -> Result<StateLock> {
         let path = state_dir.join(LOCK_FILE);
         let lock_err = |source| LedgerError::Lock {
             path: path.display().to_string(),
@@ -71,14 +71,14 @@ impl StateLock {
 /// SQLite would go on writing to the unlinked file, and every write would
 /// be lost at the next start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileIdentity {
+pub(crate) struct FileIdentity {
     dev: u64,
     ino: u64,
 }
 
 impl FileIdentity {
     /// The identity of the file at `path` now.
-    pub fn of(path: &Path) -> io::Result<FileIdentity> {
+    pub(crate) fn of(path: &Path) -> io::Result<FileIdentity> {
         let meta = std::fs::metadata(path)?;
         Ok(FileIdentity {
             dev: meta.dev(),
@@ -89,7 +89,7 @@ impl FileIdentity {
     /// `Ok` while `path` still names this file; [`LedgerError::Gone`] once
     /// it is deleted or replaced. Other errors (a permission change) are
     /// not taken as deletion.
-    pub fn check(&self, path: &Path) -> Result<()> {
+    pub(crate) fn check(&self, path: &Path) -> Result<()> {
         match FileIdentity::of(path) {
             Ok(now) if now == *self => Ok(()),
             Err(e) if e.kind() != io::ErrorKind::NotFound => Ok(()),

@@ -40,18 +40,17 @@ use crate::clock::Clock;
 
 use error::diagnose;
 
-pub use authorizations::{AuthzRow, NewAuthz, NewChallenge, PendingAuthz, StalePage};
-pub use certificates::{CertificateRow, Installed};
-pub use error::{LedgerError, Result, explain};
-pub use events::ReaperSummary;
-pub use issued::IssuedRow;
-pub use lock::{FileIdentity, LOCK_FILE, StateLock};
-pub use model::{
-    Actor, AriRecord, AriWindow, AuthzStatus, ChallengeStatus, EventKind, Identifiers, OrderStatus,
-    OrderStep, UnknownValue,
-};
-pub use orders::OrderRow;
-pub use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
+pub(crate) use authorizations::{NewAuthz, NewChallenge, PendingAuthz, StalePage};
+pub use certificates::CertificateRow;
+pub(crate) use certificates::Installed;
+pub(crate) use error::explain;
+pub use error::{LedgerError, Result};
+pub(crate) use events::ReaperSummary;
+pub(crate) use lock::{FileIdentity, StateLock};
+pub(crate) use model::{Actor, AriRecord, AriWindow, ChallengeStatus, Identifiers, OrderStep};
+pub use model::{AuthzStatus, EventKind, OrderStatus, UnknownValue};
+pub(crate) use orders::OrderRow;
+pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
 
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone, Debug)]
@@ -120,7 +119,7 @@ impl Ledger {
     /// cannot write. SQLite may still create the `-wal`/`-shm` companions
     /// of a ledger in WAL mode; run as root, it gives them the ledger's
     /// owner.
-    pub async fn open_read_only(path: &Path, clock: Clock) -> Result<Self> {
+    pub(crate) async fn open_read_only(path: &Path, clock: Clock) -> Result<Self> {
         let open_err = |source: sqlx::Error| LedgerError::Open {
             path: path.display().to_string(),
             source,
@@ -144,7 +143,7 @@ impl Ledger {
     /// damaged file is refused at the start instead of failing (or being
     /// made worse) half-way through an order. Readers skip the check: it
     /// reads every page, and `certd status` must stay fast.
-    pub async fn open_checked(path: &Path, clock: Clock) -> Result<Self> {
+    pub(crate) async fn open_checked(path: &Path, clock: Clock) -> Result<Self> {
         let store = Self::open(path, clock).await?;
         let corrupt = |detail| LedgerError::Corrupt {
             path: path.display().to_string(),
@@ -173,7 +172,7 @@ impl Ledger {
     /// (`PRAGMA shrink_memory`), for a daemon about to idle: the caches
     /// refill from the file on the next order, and until then are the
     /// biggest part of the daemon's heap.
-    pub async fn release_memory(&self) {
+    pub(crate) async fn release_memory(&self) {
         // Every connection at once, so each is a different one; a
         // connection busy elsewhere is simply not shrunk this time.
         let mut held = Vec::new();
@@ -210,7 +209,7 @@ impl Ledger {
 
     /// The directory the ledger file lives in (SQLite's own record of the
     /// main database file), where state that belongs beside it is kept.
-    pub async fn ledger_dir(&self) -> Result<PathBuf> {
+    pub(crate) async fn ledger_dir(&self) -> Result<PathBuf> {
         let rows: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list")
             .fetch_all(&self.pool)
             .await?;
@@ -226,7 +225,7 @@ impl Ledger {
 
     /// The clock the ledger stamps rows with, for its callers to read the
     /// same time.
-    pub fn clock(&self) -> &Clock {
+    pub(crate) fn clock(&self) -> &Clock {
         &self.clock
     }
 

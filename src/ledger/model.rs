@@ -20,8 +20,8 @@ use sqlx::sqlite::{SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the ledger holds {value:?}, which is not a known {what}")]
 pub struct UnknownValue {
-    pub what: &'static str,
-    pub value: String,
+    pub(crate) what: &'static str,
+    pub(crate) value: String,
 }
 
 /// Declares an enum stored as text, with its one mapping to and from it.
@@ -41,10 +41,10 @@ macro_rules! stored_text {
         impl $name {
             /// Every variant, in declaration order.
             #[allow(dead_code)]
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),+];
 
             /// The text the ledger stores for this value.
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $( $name::$variant => $text, )+
                 }
@@ -105,7 +105,7 @@ macro_rules! stored_text {
 stored_text! {
     /// Where certd is with an order: its own state machine, beside the
     /// CA's status of the order.
-    pub enum OrderStep ("order step") {
+    pub(crate) enum OrderStep ("order step") {
         /// Recorded with its authorizations; challenges being answered.
         Authorizing = "authorizing",
         /// Left unfinished by a process that stopped; the next order for
@@ -127,7 +127,7 @@ impl OrderStep {
     /// Whether an order at this step is still being worked on (not done,
     /// failed, abandoned, or issued and waiting to be installed): what
     /// recovery looks at after a restart.
-    pub fn in_flight(self) -> bool {
+    pub(crate) fn in_flight(self) -> bool {
         match self {
             OrderStep::Authorizing | OrderStep::Resumable | OrderStep::Finalizing => true,
             OrderStep::Issued | OrderStep::Done | OrderStep::Failed | OrderStep::Abandoned => false,
@@ -137,7 +137,7 @@ impl OrderStep {
     /// Whether a new order for the same names reuses an order at this step.
     /// A finalizing order is not: recovery first decides whether its key
     /// survived, and marks it `Resumable` if so.
-    pub fn resumable(self) -> bool {
+    pub(crate) fn resumable(self) -> bool {
         match self {
             OrderStep::Authorizing | OrderStep::Resumable => true,
             OrderStep::Finalizing
@@ -166,7 +166,7 @@ stored_text! {
 impl OrderStatus {
     /// Whether the CA may still take the order somewhere: what makes an
     /// unfinished order worth resuming.
-    pub fn live(self) -> bool {
+    pub(crate) fn live(self) -> bool {
         match self {
             OrderStatus::Pending
             | OrderStatus::Ready
@@ -196,7 +196,7 @@ stored_text! {
     /// A challenge's status as the CA reported it; a challenge certd
     /// answered follows its authorization to a final state, so it can hold
     /// an authorization's status too.
-    pub enum ChallengeStatus ("challenge status") {
+    pub(crate) enum ChallengeStatus ("challenge status") {
         Pending = "pending",
         Processing = "processing",
         Valid = "valid",
@@ -224,7 +224,7 @@ impl From<AuthzStatus> for ChallengeStatus {
 
 stored_text! {
     /// Who deactivated an authorization (`deactivated_by`).
-    pub enum Actor ("actor") {
+    pub(crate) enum Actor ("actor") {
         /// An order settling its own authorizations.
         Driver = "driver",
         /// The reaper's periodic pass.
@@ -271,11 +271,11 @@ stored_text! {
 /// orders for the same names compare equal however they were listed. The
 /// ledger stores it as a JSON array of strings, which SQL compares as text.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identifiers(Vec<String>);
+pub(crate) struct Identifiers(Vec<String>);
 
 impl Identifiers {
     /// The set of `names`.
-    pub fn new<I, S>(names: I) -> Self
+    pub(crate) fn new<I, S>(names: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -284,10 +284,6 @@ impl Identifiers {
         v.sort();
         v.dedup();
         Self(v)
-    }
-
-    pub fn into_vec(self) -> Vec<String> {
-        self.0
     }
 
     /// The stored form: a JSON array.
@@ -345,20 +341,20 @@ impl<'r> sqlx::Decode<'r, Sqlite> for Identifiers {
 
 /// A window the CA suggested for renewal (ARI), as the ledger stores it.
 #[derive(Debug, Clone, Copy)]
-pub struct AriWindow<'a> {
+pub(crate) struct AriWindow<'a> {
     /// Unix seconds; `start < end`.
-    pub start: i64,
-    pub end: i64,
-    pub explanation_url: Option<&'a str>,
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) explanation_url: Option<&'a str>,
 }
 
 /// One ARI check's outcome, as `record_ari` stores it: the window on
 /// success, the error otherwise.
 #[derive(Debug, Clone, Copy)]
-pub struct AriRecord<'a> {
-    pub window: Option<AriWindow<'a>>,
-    pub next_check: Option<i64>,
-    pub error: Option<&'a str>,
+pub(crate) struct AriRecord<'a> {
+    pub(crate) window: Option<AriWindow<'a>>,
+    pub(crate) next_check: Option<i64>,
+    pub(crate) error: Option<&'a str>,
 }
 
 #[cfg(test)]

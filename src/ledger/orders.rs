@@ -7,20 +7,19 @@ use super::{Identifiers, Ledger, NewAuthz, OrderStatus, OrderStep, Result};
 
 /// An order as recovery and reuse see it.
 #[derive(Debug, Clone, FromRow)]
-pub struct OrderRow {
-    pub url: String,
-    pub cert_name: String,
-    pub identifiers: Identifiers,
-    pub status: OrderStatus,
-    pub step: OrderStep,
-    pub expires_at: Option<i64>,
+pub(crate) struct OrderRow {
+    pub(crate) url: String,
+    pub(crate) cert_name: String,
+    pub(crate) identifiers: Identifiers,
+    pub(crate) status: OrderStatus,
+    pub(crate) step: OrderStep,
 }
 
 impl Ledger {
     /// Records a new (or CA-reused) order with all its authorizations and
     /// their challenges in one transaction: the write-ahead step that must
     /// complete before any challenge is answered.
-    pub async fn record_order(
+    pub(crate) async fn record_order(
         &self,
         account_id: i64,
         cert_name: &str,
@@ -90,7 +89,7 @@ impl Ledger {
         Ok(order_id)
     }
 
-    pub async fn set_order_state(
+    pub(crate) async fn set_order_state(
         &self,
         order_url: &str,
         status: OrderStatus,
@@ -110,7 +109,11 @@ impl Ledger {
 
     /// Orders the account created since `since`, and the oldest of them:
     /// the guard's view of the CA's new-orders limit.
-    pub async fn orders_since(&self, account_id: i64, since: i64) -> Result<(i64, Option<i64>)> {
+    pub(crate) async fn orders_since(
+        &self,
+        account_id: i64,
+        since: i64,
+    ) -> Result<(i64, Option<i64>)> {
         Ok(sqlx::query_as(
             "SELECT COUNT(*), MIN(created_at) FROM orders WHERE account_id = ? AND created_at >= ?",
         )
@@ -122,7 +125,7 @@ impl Ledger {
 
     /// Certificates issued for exactly `identifiers` since `since`, and the
     /// oldest: the guard's view of the CA's duplicate-certificate limit.
-    pub async fn issued_since(
+    pub(crate) async fn issued_since(
         &self,
         account_id: i64,
         identifiers: &Identifiers,
@@ -145,9 +148,9 @@ impl Ledger {
     }
 
     /// Orders the driver had not finished when the process last stopped.
-    pub async fn in_flight_orders(&self, account_id: i64) -> Result<Vec<OrderRow>> {
+    pub(crate) async fn in_flight_orders(&self, account_id: i64) -> Result<Vec<OrderRow>> {
         let sql = format!(
-            "SELECT url, cert_name, identifiers, status, step, expires_at FROM orders
+            "SELECT url, cert_name, identifiers, status, step FROM orders
              WHERE account_id = ? AND step IN ({}) ORDER BY id",
             text_list(
                 OrderStep::ALL
@@ -166,14 +169,14 @@ impl Ledger {
     /// expired: reused before a new order leaves its authorizations to rot,
     /// and a finalized one (`processing`, `valid`) downloaded with its stored
     /// key instead of issuing the certificate twice.
-    pub async fn resumable_order(
+    pub(crate) async fn resumable_order(
         &self,
         account_id: i64,
         identifiers: &Identifiers,
         now: i64,
     ) -> Result<Option<OrderRow>> {
         let sql = format!(
-            "SELECT url, cert_name, identifiers, status, step, expires_at FROM orders
+            "SELECT url, cert_name, identifiers, status, step FROM orders
              WHERE account_id = ? AND identifiers = ? AND step IN ({}) AND status IN ({})
                AND (expires_at IS NULL OR expires_at > ?)
              ORDER BY id DESC LIMIT 1",
@@ -198,7 +201,7 @@ impl Ledger {
             .await?)
     }
 
-    pub async fn set_order_expires(&self, order_url: &str, expires_at: i64) -> Result<()> {
+    pub(crate) async fn set_order_expires(&self, order_url: &str, expires_at: i64) -> Result<()> {
         sqlx::query("UPDATE orders SET expires_at = ? WHERE url = ?")
             .bind(expires_at)
             .bind(order_url)
@@ -210,7 +213,7 @@ impl Ledger {
     /// Write-ahead for `newOrder`: notes that an order for `identifiers`
     /// (sorted) of `cert_name` is about to be created. Returns the intent's id
     /// for [`Ledger::clear_intent`] once the order itself is recorded.
-    pub async fn record_intent(
+    pub(crate) async fn record_intent(
         &self,
         account_id: i64,
         cert_name: &str,
@@ -229,7 +232,7 @@ impl Ledger {
         Ok(id)
     }
 
-    pub async fn clear_intent(&self, id: i64) -> Result<()> {
+    pub(crate) async fn clear_intent(&self, id: i64) -> Result<()> {
         sqlx::query("DELETE FROM order_intents WHERE id = ?")
             .bind(id)
             .execute(&self.pool)
@@ -250,7 +253,7 @@ impl Ledger {
     }
 
     /// Forgets every intent of the account, once recovery has matched them.
-    pub async fn clear_intents(&self, account_id: i64) -> Result<()> {
+    pub(crate) async fn clear_intents(&self, account_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM order_intents WHERE account_id = ?")
             .bind(account_id)
             .execute(&self.pool)
@@ -261,7 +264,7 @@ impl Ledger {
     /// Which certificate an order for exactly `identifiers` (sorted) that
     /// the ledger does not know was most likely for: the newest intent for
     /// those names, else the newest recorded order for them.
-    pub async fn cert_name_for(
+    pub(crate) async fn cert_name_for(
         &self,
         account_id: i64,
         identifiers: &Identifiers,
@@ -281,7 +284,7 @@ impl Ledger {
     }
 
     /// Whether the ledger has an order with this URL.
-    pub async fn order_known(&self, order_url: &str) -> Result<bool> {
+    pub(crate) async fn order_known(&self, order_url: &str) -> Result<bool> {
         let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM orders WHERE url = ?")
             .bind(order_url)
             .fetch_optional(&self.pool)

@@ -7,29 +7,29 @@ use sqlx::FromRow;
 use super::{Ledger, Result};
 
 /// The scope of a pause that holds back every order of the account.
-pub const ACCOUNT_SCOPE: &str = "";
+pub(crate) const ACCOUNT_SCOPE: &str = "";
 
 /// A CA rate limit to record (`Ledger::set_pause`).
 #[derive(Debug, Clone, Copy)]
-pub struct NewPause<'a> {
+pub(crate) struct NewPause<'a> {
     /// No new order before this, Unix seconds.
-    pub until: i64,
+    pub(crate) until: i64,
     /// The CA paused the names (until an operator unpauses them).
-    pub paused: bool,
-    pub unpause_url: Option<&'a str>,
+    pub(crate) paused: bool,
+    pub(crate) unpause_url: Option<&'a str>,
     /// The CA's words.
-    pub detail: &'a str,
+    pub(crate) detail: &'a str,
 }
 
 /// A row of `ca_pauses`.
 #[derive(Debug, Clone, FromRow, Serialize)]
-pub struct PauseRow {
-    pub scope: String,
-    pub until_at: i64,
-    pub paused: bool,
-    pub unpause_url: Option<String>,
-    pub detail: String,
-    pub since: i64,
+pub(crate) struct PauseRow {
+    pub(crate) scope: String,
+    pub(crate) until_at: i64,
+    pub(crate) paused: bool,
+    pub(crate) unpause_url: Option<String>,
+    pub(crate) detail: String,
+    pub(crate) since: i64,
 }
 
 impl Ledger {
@@ -37,7 +37,7 @@ impl Ledger {
     /// or `ACCOUNT_SCOPE`). Returns whether it is news: no pause of the
     /// same kind was recorded for the scope since its last success, so an
     /// operator is told once, not on every retry.
-    pub async fn set_pause(&self, scope: &str, pause: &NewPause<'_>) -> Result<bool> {
+    pub(crate) async fn set_pause(&self, scope: &str, pause: &NewPause<'_>) -> Result<bool> {
         let now = self.now();
         let mut tx = self.pool.begin().await?;
         let before: Option<(i64,)> = sqlx::query_as("SELECT paused FROM ca_pauses WHERE scope = ?")
@@ -65,7 +65,7 @@ impl Ledger {
     }
 
     /// The pause recorded for `scope`, if any (it may have run out).
-    pub async fn pause(&self, scope: &str) -> Result<Option<PauseRow>> {
+    pub(crate) async fn pause(&self, scope: &str) -> Result<Option<PauseRow>> {
         Ok(sqlx::query_as(
             "SELECT scope, until_at, paused, unpause_url, detail, since FROM ca_pauses WHERE scope = ?",
         )
@@ -75,7 +75,7 @@ impl Ledger {
     }
 
     /// Every pause recorded, by scope.
-    pub async fn pauses(&self) -> Result<Vec<PauseRow>> {
+    pub(crate) async fn pauses(&self) -> Result<Vec<PauseRow>> {
         Ok(sqlx::query_as(
             "SELECT scope, until_at, paused, unpause_url, detail, since FROM ca_pauses ORDER BY scope",
         )
@@ -84,7 +84,7 @@ impl Ledger {
     }
 
     /// Forgets the pause of `scope`: an order of it succeeded.
-    pub async fn clear_pause(&self, scope: &str) -> Result<()> {
+    pub(crate) async fn clear_pause(&self, scope: &str) -> Result<()> {
         sqlx::query("DELETE FROM ca_pauses WHERE scope = ?")
             .bind(scope)
             .execute(&self.pool)

@@ -77,9 +77,7 @@ pub(super) async fn complete(
             .await?;
         tracing::info!(cert = name, order = %order_url, serial = %info.serial, "dry run: certificate issued and discarded");
         return Ok(Issued {
-            order_url,
             info,
-            version: String::new(),
             reloads: Vec::new(),
         });
     }
@@ -241,12 +239,7 @@ pub(super) async fn finish(
         }
     }
     let reloads = reload(ctx, cert, order_url, cancel).await?;
-    Ok(Issued {
-        order_url: order_url.to_owned(),
-        info,
-        version,
-        reloads,
-    })
+    Ok(Issued { info, reloads })
 }
 
 /// Runs the reload commands once the certificate is installed. The daemon

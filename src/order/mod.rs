@@ -84,26 +84,26 @@ use plan::new_order;
 use resume::{Resumed, resume};
 use validate::{plan_challenges, record_authorizations, validate};
 
-pub use recovery::recover;
+pub(crate) use recovery::recover;
 
 /// What the driver needs; shared by concurrent orders.
 #[derive(Clone)]
 pub struct Context {
-    pub store: Ledger,
-    pub account: AcmeAccount,
-    pub solvers: Solvers,
-    pub reaper: Reaper,
-    pub cert_dir: Arc<Path>,
+    pub(crate) store: Ledger,
+    pub(crate) account: AcmeAccount,
+    pub(crate) solvers: Solvers,
+    pub(crate) reaper: Reaper,
+    pub(crate) cert_dir: Arc<Path>,
     /// Renew when this fraction of the lifetime remains.
-    pub renew_remaining: f64,
+    pub(crate) renew_remaining: f64,
     /// `[acme] trusted_roots`: issued chains must lead to one of them.
-    pub trusted_roots: Option<TrustedRoots>,
-    pub mode: RunMode,
+    pub(crate) trusted_roots: Option<TrustedRoots>,
+    pub(crate) mode: RunMode,
 }
 
 /// The kind of run an order belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunMode {
+pub(crate) enum RunMode {
     /// `certd renew`: a failed reload is reported.
     Once,
     /// `certd run`: a failed reload is retried with backoff until it
@@ -116,11 +116,9 @@ pub enum RunMode {
 
 /// A certificate the driver installed.
 #[derive(Debug)]
-pub struct Issued {
-    pub order_url: String,
-    pub info: CertInfo,
-    pub version: String,
-    pub reloads: Vec<ReloadOutcome>,
+pub(crate) struct Issued {
+    pub(crate) info: CertInfo,
+    pub(crate) reloads: Vec<ReloadOutcome>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +187,7 @@ pub enum DriveError {
 }
 
 impl DriveError {
-    pub fn disposition(&self) -> Disposition {
+    pub(crate) fn disposition(&self) -> Disposition {
         match self {
             Self::Acme(e) => e.disposition(),
             // The CA validates once (seed 001): a new order is needed, and
@@ -219,7 +217,7 @@ impl DriveError {
     }
 
     /// The CA's problem document, if the failure carries one.
-    pub fn problem(&self) -> Option<&ProblemRecord> {
+    pub(crate) fn problem(&self) -> Option<&ProblemRecord> {
         match self {
             Self::Acme(e) => e.problem(),
             Self::Validation { problem, .. } => Some(problem),
@@ -229,7 +227,7 @@ impl DriveError {
 }
 
 /// Obtains and installs the certificate `cert`.
-pub async fn obtain(
+pub(crate) async fn obtain(
     ctx: &Context,
     cert: &CertificateConfig,
     cancel: &CancellationToken,
@@ -540,7 +538,10 @@ fn probe_writable(target: &Path) -> Result<(), Unready> {
 
 /// The CA's ARI answer for an installed certificate (RFC 9773), from
 /// certd's own request (see `acme::ari`).
-pub async fn ari_window(ctx: &Context, info: &CertInfo) -> Result<ari::Answer, ari::AriError> {
+pub(crate) async fn ari_window(
+    ctx: &Context,
+    info: &CertInfo,
+) -> Result<ari::Answer, ari::AriError> {
     ari::renewal_info(
         ctx.account.http.plain(),
         &ctx.account.directory_url,

@@ -114,9 +114,9 @@ pub(super) fn refuses_replaces(p: &instant_acme::Problem) -> bool {
 /// The profile a new order names, and why it is not the first configured.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ProfileChoice {
-    pub profile: Option<String>,
+    pub(crate) profile: Option<String>,
     /// For the log and `status`: configured profiles the CA does not list.
-    pub warning: Option<String>,
+    pub(crate) warning: Option<String>,
 }
 
 /// The CA's profile for IP certificates: Let's Encrypt issues for an IP

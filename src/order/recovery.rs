@@ -40,7 +40,7 @@ enum AdoptError {
 /// settled within the budget. An order interrupted after finalization
 /// is resumable only while its key is stored: the driver then downloads
 /// its certificate instead of ordering the same one again.
-pub async fn recover(
+pub(crate) async fn recover(
     reaper: &Reaper,
     keep: impl Fn(&OrderRow) -> bool,
 ) -> Result<(usize, usize), LedgerError> {
