@@ -34,11 +34,16 @@
 //!
 //! Every path that gives up deactivates the authorizations it leaves
 //! pending, so none is left to count against the CA's limits.
+//!
+//! The files: this one drives an order through its steps; `plan` places it
+//! (`newOrder`, profile, `replaces`), `validate` answers its
+//! authorizations, `finalize` signs, downloads and installs, `keys` keeps
+//! finalized orders' keys, `resume` takes up an unfinished order, and
+//! `recovery` resumes or settles what a stopped process left.
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt as _;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
