@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 
 use crate::config::NotifyConfig;
 use crate::install::run_command;
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{EventKind, Ledger, LedgerError};
 
 /// The most bytes of one value passed in the notify command's
 /// environment; longer values are cut with a marker.
@@ -133,9 +133,9 @@ pub(crate) async fn after_renewal(
     }
     let result = run_command(&cfg.command, &env, cfg.timeout).await;
     let kind = if result.ok {
-        "notified"
+        EventKind::Notified
     } else {
-        "notify-failed"
+        EventKind::NotifyFailed
     };
     if !result.ok {
         tracing::warn!(cert = name, detail = %result.detail, "notify command failed");

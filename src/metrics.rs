@@ -209,7 +209,7 @@ mod tests {
     #[tokio::test]
     async fn the_page_counts_failed_ledger_writes() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Ledger::open(&dir.path().join("certd.db"))
+        let store = Ledger::open(&dir.path().join("certd.db"), crate::clock::Clock::system())
             .await
             .expect("ledger");
         let ledger_errors = LedgerWriteErrors::default();

@@ -8,6 +8,7 @@ use crate::util::{
     AriServer, PebbleOpts, Release, TestEnv, Window, assert_ca_status, cert_table as cert, flag,
     free_port, install_hook_wrapper, ledger_authz, ledger_authz_urls,
 };
+use certd::ledger::EventKind;
 
 mod in_process;
 
@@ -209,7 +210,7 @@ fn failed_preflight_does_not_ask_the_ca_and_keeps_the_authorization() {
         assert_eq!(authz[0]["status"], "pending");
         assert_ca_status(&env, &ledger_authz_urls(&authz), "pending");
     }
-    assert_eq!(crate::util::ledger_events(&env, "order-resumed"), 1);
+    assert_eq!(crate::util::ledger_events(&env, EventKind::OrderResumed), 1);
     // The token file was cleaned up.
     assert_eq!(
         fs::read_dir(webroot.join(".well-known/acme-challenge"))

@@ -12,6 +12,7 @@ use crate::util::{
     Bind, PebbleOpts, TestEnv, assert_ca_status, assert_installed, ledger_authz, ledger_authz_urls,
     ledger_events,
 };
+use certd::ledger::EventKind;
 
 /// A BIND, a Pebble resolving through it, and a 0600 secret file holding
 /// `secret` (BIND's own unless a test wants a wrong one).
@@ -234,7 +235,7 @@ challenges = ["dns-01"]
     env.certd(&["renew"]).assert_success();
     assert_installed(&env, "slow", &["slow.example.test"]);
     assert_all_valid_dns01(&env, 1);
-    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderResumed), 1);
 }
 
 #[test]

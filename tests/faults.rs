@@ -10,6 +10,7 @@ use crate::util::{
     ca_certificate, ca_orders, installed, integrity, ledger_authz, ledger_events, parse_leaf,
     wait_for,
 };
+use certd::ledger::EventKind;
 
 const DAEMON: &str = crate::util::DAEMON_RETRY_4S;
 
@@ -299,7 +300,7 @@ fn killed_after_finalize_issues_once(path: &str, after: Option<&str>) {
         "the key was stored before finalize: {keys:?}"
     );
     assert_eq!(keys[0].1, 0o600, "the stored key is 0600");
-    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderResumed), 1);
     assert!(
         order_keys(&env).is_empty(),
         "the stored key is removed once installed"
@@ -358,8 +359,8 @@ fn kill_9_between_new_order_and_ledger_adopts_and_resumes_the_order() {
     let orders = ca_orders(&env);
     assert_eq!(orders.len(), 1, "the adopted order was used: {orders:#?}");
     assert_eq!(orders[0].status, "valid", "{orders:#?}");
-    assert_eq!(ledger_events(&env, "order-adopted"), 1);
-    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderAdopted), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderResumed), 1);
 }
 
 #[test]
@@ -385,6 +386,6 @@ fn kill_9_between_new_order_and_ledger_settles_an_order_nobody_wants() {
         at_ca.values().all(|s| s == "deactivated"),
         "the abandoned order's authorizations: {at_ca:?}"
     );
-    assert_eq!(ledger_events(&env, "order-adopted"), 1);
-    assert_eq!(ledger_events(&env, "order-abandoned"), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderAdopted), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderAbandoned), 1);
 }

@@ -16,6 +16,7 @@ use crate::util::{
     TestEnv, assert_installed, cert_table as cert, installed, ledger_events, parse_leaf,
     read_pem_certs,
 };
+use certd::ledger::EventKind;
 
 const DAEMON: &str = crate::util::DAEMON_RETRY_2S;
 
@@ -343,8 +344,8 @@ reload = [
 
     // A backgrounded child holding stdout is not a timeout; the hung
     // command is, and its whole group is killed with it.
-    assert_eq!(ledger_events(&env, "reload-ok"), 2, "{out}");
-    assert_eq!(ledger_events(&env, "reload-failed"), 1, "{out}");
+    assert_eq!(ledger_events(&env, EventKind::ReloadOk), 2, "{out}");
+    assert_eq!(ledger_events(&env, EventKind::ReloadFailed), 1, "{out}");
     assert!(out.stderr.contains("timed out after 3s"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_dead(hung) {

@@ -11,6 +11,7 @@ use crate::util::{
     TestEnv, TinyDisk, assert_installed, ca_orders, installed, ledger_events, parse_leaf,
     read_pem_certs, snapshot,
 };
+use certd::ledger::EventKind;
 
 const DOMAIN: &str = "pre.example.test";
 
@@ -149,7 +150,7 @@ fn a_failed_install_is_retried_from_disk_not_ordered_again() {
         "the recorded certificate is installed"
     );
     assert_installed(&env, "p", &[DOMAIN]);
-    assert_eq!(ledger_events(&env, "install-from-disk"), 1);
+    assert_eq!(ledger_events(&env, EventKind::InstallFromDisk), 1);
     let orders = ca_orders(&env);
     assert_eq!(
         orders.len(),
@@ -201,8 +202,8 @@ fn the_daemon_retries_a_failed_reload_until_it_succeeds() {
     let out = daemon.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(read_count(&counter), 3, "no reload after it succeeded");
-    assert_eq!(ledger_events(&env, "reload-failed"), 2);
-    assert_eq!(ledger_events(&env, "reload-ok"), 1);
+    assert_eq!(ledger_events(&env, EventKind::ReloadFailed), 2);
+    assert_eq!(ledger_events(&env, EventKind::ReloadOk), 1);
     let status: serde_json::Value =
         serde_json::from_str(&env.certd(&["status", "--json"]).stdout).expect("status");
     assert!(status[0]["last_error"].is_null(), "{status}");
@@ -245,7 +246,7 @@ fn dry_run_issues_but_installs_and_reloads_nothing() {
         links_before
     );
     assert!(!marker.exists(), "no reload ran");
-    assert_eq!(ledger_events(&env, "dry-run"), 1);
+    assert_eq!(ledger_events(&env, EventKind::DryRun), 1);
 }
 
 #[test]

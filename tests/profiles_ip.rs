@@ -194,9 +194,12 @@ profile_required = true
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let store = certd::ledger::Ledger::open(&env.state_dir().join("certd.db"))
-            .await
-            .expect("open ledger");
+        let store = certd::ledger::Ledger::open(
+            &env.state_dir().join("certd.db"),
+            certd::clock::Clock::system(),
+        )
+        .await
+        .expect("open ledger");
         for (id, _, _) in store.accounts().await.expect("accounts") {
             assert!(
                 !store.has_intents(id).await.expect("intents"),

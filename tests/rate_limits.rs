@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::util::{
     AriServer, Fault, FaultyFront, PebbleOpts, Release, TestEnv, Window, ledger_events, wait_for,
 };
+use certd::ledger::EventKind;
 
 const DAEMON: &str = crate::util::DAEMON_RETRY_4S;
 
@@ -198,8 +199,8 @@ fn the_guard_lets_an_ari_renewal_inside_its_window_pass() {
     // names it in `replaces` inside the window is not held back.
     let out = env.certd(&["renew", "--force"]);
     out.assert_success();
-    assert_eq!(ledger_events(&env, "ari-exempt"), 1);
-    assert_eq!(ledger_events(&env, "ca-limit-guard"), 0);
+    assert_eq!(ledger_events(&env, EventKind::AriExempt), 1);
+    assert_eq!(ledger_events(&env, EventKind::CaLimitGuard), 0);
 
     // Outside the window the limit counts as before.
     ari.set_windows(vec![Window {
@@ -214,7 +215,7 @@ fn the_guard_lets_an_ari_renewal_inside_its_window_pass() {
             .contains("certificates for these names in a week: 2 in the window (limit 1)"),
         "{out}"
     );
-    assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
+    assert_eq!(ledger_events(&env, EventKind::CaLimitGuard), 1);
 }
 
 /// Only an account-wide limit (Boulder's new orders per account) holds

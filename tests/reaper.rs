@@ -10,6 +10,7 @@ use crate::util::{
     assert_nothing_pending_at_ca, ca_authz_objects, ca_authz_statuses, flag, install_hook_wrapper,
     ledger_authz, ledger_authz_urls, ledger_events, validate_outside_certd, wait_for,
 };
+use certd::ledger::EventKind;
 
 /// Starts `certd renew`, waits until it is presenting a challenge (its order
 /// and authorizations are in the ledger, nothing is answered), then kills
@@ -75,7 +76,7 @@ fn killed_run_is_resumed_by_the_next_start() {
     // The next start resumes the same order instead of abandoning it.
     let out = env.certd(&["renew"]);
     out.assert_success();
-    assert_eq!(ledger_events(&env, "order-resumed"), 1);
+    assert_eq!(ledger_events(&env, EventKind::OrderResumed), 1);
     let authz = ledger_authz(&env);
     assert_eq!(authz.len(), 2, "no second order was needed: {authz:#?}");
     assert_ca_status(&env, &ledger_authz_urls(&authz), "valid");
@@ -158,7 +159,7 @@ challenges = ["dns-01"]
         );
     }
     assert!(
-        ledger_events(&env, "pending-authz-guard") >= 1,
+        ledger_events(&env, EventKind::PendingAuthzGuard) >= 1,
         "the guard deferred an order"
     );
     let status = env.certd(&["status"]);
@@ -213,7 +214,7 @@ challenges = ["dns-01"]
             .map(String::as_str),
         Some("pending")
     );
-    assert!(ledger_events(&env, "held-back") >= 1);
+    assert!(ledger_events(&env, EventKind::HeldBack) >= 1);
 
     // The reaper respects the same budget.
     let out = env.certd(&["reap", "--older-than", "0s"]);
@@ -299,7 +300,7 @@ fn reaper_pass_during_a_ca_outage_fails_and_later_succeeds() {
     let out = env.certd(&["reap", "--older-than", "0s"]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(out.stderr.contains("reaper pass failed"), "{}", out.stderr);
-    assert!(ledger_events(&env, "reaper-error") >= 1);
+    assert!(ledger_events(&env, EventKind::ReaperError) >= 1);
     let status = env.certd(&["status"]);
     assert!(status.stdout.contains("failed: "), "{}", status.stdout);
 
@@ -366,7 +367,7 @@ domains = ["dup.example.test"]
         out.stdout
     );
     assert_eq!(new_orders(&env), before, "no newOrder was sent");
-    assert_eq!(ledger_events(&env, "ca-limit-guard"), 1);
+    assert_eq!(ledger_events(&env, EventKind::CaLimitGuard), 1);
 }
 
 #[test]
@@ -397,7 +398,7 @@ fn deactivation_the_ca_ignored_is_not_recorded() {
     assert!(!out.stdout.contains("deactivated (was"), "{}", out.stdout);
     assert_ca_status(&env, std::slice::from_ref(url), "pending");
     assert_eq!(ledger_status(&env, url), "pending");
-    assert_eq!(ledger_events(&env, "deactivate-refused"), 1);
+    assert_eq!(ledger_events(&env, EventKind::DeactivateRefused), 1);
     // The ledger spent no failure budget on it: nothing was deactivated.
     let status = env.certd(&["status"]);
     assert!(
@@ -449,7 +450,11 @@ fn authorization_valid_at_the_ca_is_recorded_and_does_not_hold_the_guard() {
     let out = env.certd(&["renew", "u"]);
     out.assert_success();
     assert!(env.cert_dir().join("u/cert.pem").exists());
-    assert_eq!(ledger_events(&env, "pending-authz-guard"), 0, "{out}");
+    assert_eq!(
+        ledger_events(&env, EventKind::PendingAuthzGuard),
+        0,
+        "{out}"
+    );
 }
 
 #[test]

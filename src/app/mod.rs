@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::acme::{AcmeAccount, AcmeHttp, SetupError};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::hygiene::reaper::Reaper;
+use crate::hygiene::Reaper;
 use crate::ledger::{Ledger, LedgerError, OrderRow};
 use crate::metrics::LedgerWriteErrors;
 use crate::order::{Context, RunMode};
@@ -48,7 +48,7 @@ impl Services {
     /// opens the ledger, creating it when there is none.
     pub async fn open(cfg: Config, clock: Clock) -> anyhow::Result<Self> {
         dirs::ensure_dirs(&cfg)?;
-        let store = Ledger::open(&cfg.db_path()).await?;
+        let store = Ledger::open(&cfg.db_path(), clock.clone()).await?;
         Ok(Self::with_ledger(Arc::new(cfg), clock, store))
     }
 
@@ -87,7 +87,8 @@ impl Services {
         account: AcmeAccount,
     ) -> Result<(Reaper, Recovered), LedgerError> {
         let reaper = Reaper::new(self.store.clone(), account, cfg.reaper.clone());
-        let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        let (resumable, abandoned) =
+            crate::order::recover(&reaper, |o| wants_same_names(cfg, o)).await?;
         Ok((
             reaper,
             Recovered {
@@ -126,9 +127,6 @@ impl Services {
 /// Whether an unfinished order is still wanted: its certificate is
 /// configured with exactly the order's names.
 pub(crate) fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
-    cfg.certificate(&order.cert_name).is_some_and(|c| {
-        let mut names = c.domain_strings();
-        names.sort();
-        names == order.identifier_list()
-    })
+    cfg.certificate(&order.cert_name)
+        .is_some_and(|c| crate::ledger::Identifiers::new(c.domain_strings()) == order.identifiers)
 }

@@ -13,9 +13,9 @@ use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
 use crate::acme::{AcmeAccount, AcmeError, error_chain};
 use crate::app::sink::Sink;
 use crate::config::Config;
-use crate::hygiene::reaper::{Policy, Reaper, Settled};
+use crate::hygiene::{Policy, Reaper, Settled};
 use crate::install;
-use crate::ledger::Ledger;
+use crate::ledger::{EventKind, Ledger};
 
 /// Revocation reasons (RFC 5280 §5.3.1) an ACME CA accepts.
 #[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -106,7 +106,7 @@ pub(crate) async fn revoke_installed(
         .await?;
     store
         .event(
-            "revoked",
+            EventKind::Revoked,
             Some(name),
             None,
             None,
@@ -253,8 +253,12 @@ async fn resolve_authz(
         Err(e) => return Err(format!("not in the ledger, and the CA says: {e}")),
     };
     let identifier = a.identifier();
+    let status = a
+        .status
+        .parse::<crate::ledger::AuthzStatus>()
+        .map_err(|e| format!("{authz_url}: {e}"))?;
     store
-        .record_foreign_authz(account.ledger_id, &authz_url, &identifier, &a.status)
+        .record_foreign_authz(account.ledger_id, &authz_url, &identifier, status)
         .await
         .map_err(ledger)?;
     Ok((authz_url, identifier))

@@ -18,9 +18,9 @@ use crate::acme::{Disposition, LimitScope, RateLimit, error_chain};
 use crate::alerts;
 use crate::clock::{Clock, UnixTime};
 use crate::config::{CertificateConfig, NotifyConfig};
-use crate::hygiene::reaper::GuardError;
+use crate::hygiene::GuardError;
 use crate::install;
-use crate::ledger::{ACCOUNT_SCOPE, Ledger, LedgerError, NewPause};
+use crate::ledger::{ACCOUNT_SCOPE, EventKind, Ledger, LedgerError, NewPause};
 use crate::metrics::LedgerWriteErrors;
 use crate::order::DriveError;
 
@@ -212,7 +212,13 @@ impl Outcomes {
             self.note(
                 "record the rate-limited event",
                 self.store
-                    .event("rate-limited", Some(name), None, None, Some(&detail))
+                    .event(
+                        EventKind::RateLimited,
+                        Some(name),
+                        None,
+                        None,
+                        Some(&detail),
+                    )
                     .await,
             ),
         );
@@ -296,7 +302,9 @@ mod tests {
 
     async fn outcomes(dir: &Path, now: i64) -> Outcomes {
         Outcomes {
-            store: Ledger::open(&dir.join("certd.db")).await.expect("ledger"),
+            store: Ledger::open(&dir.join("certd.db"), crate::clock::Clock::system())
+                .await
+                .expect("ledger"),
             clock: Clock::fixed(UnixTime::from_secs(now)),
             errors: LedgerWriteErrors::default(),
         }

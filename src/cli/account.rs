@@ -11,13 +11,13 @@ use crate::app::dirs::ensure_dirs;
 use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::config::Config;
-use crate::hygiene::reaper::Reaper;
+use crate::hygiene::Reaper;
 use crate::ledger::Ledger;
 
 /// Opens the ledger and loads the existing account, or explains why not.
 pub(super) async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
     ensure_dirs(cfg)?;
-    let store = Ledger::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     match existing_account(cfg, &store).await? {
         Some(reaper) => Ok(Some((store, reaper.account().clone()))),
         None => {

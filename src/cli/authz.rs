@@ -8,7 +8,7 @@ use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::clock::rfc3339;
 use crate::config::Config;
-use crate::hygiene::reaper::Policy;
+use crate::hygiene::Policy;
 use crate::ledger::Ledger;
 
 use super::account::existing_account;
@@ -21,7 +21,7 @@ pub(super) async fn authz_list(
 ) -> anyhow::Result<ExitCode> {
     let path = cfg.db_path();
     let existing = if path.exists() {
-        Some(Ledger::open_read_only(&path).await?)
+        Some(Ledger::open_read_only(&path, crate::clock::Clock::system()).await?)
     } else {
         None
     };
@@ -55,7 +55,7 @@ pub(super) async fn authz_list(
         table.push([
             r.url,
             r.identifier,
-            r.status,
+            r.status.to_string(),
             r.challenge_type.unwrap_or_else(|| "-".into()),
             t(r.created_at),
             t(r.updated_at),
@@ -78,7 +78,7 @@ pub(super) async fn authz_deactivate(
         return Ok(ExitCode::from(2));
     }
     ensure_dirs(cfg)?;
-    let store = Ledger::open(&cfg.db_path()).await?;
+    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     let Some(reaper) = existing_account(cfg, &store).await? else {
         errln!(
             "certd: no ACME account for {} in {}: certd created no authorizations there",
@@ -90,7 +90,7 @@ pub(super) async fn authz_deactivate(
     let policy = Policy {
         include_valid,
         ignore_budget,
-        ..Policy::by("cli")
+        ..Policy::by(crate::ledger::Actor::Cli)
     };
     let code = ops::deactivate(&store, &reaper, urls, all_pending, policy, &Sink::Terminal).await;
     store.close().await;

@@ -19,7 +19,10 @@ pub(super) async fn claim_ledger(cfg: &Config, create: bool) -> anyhow::Result<S
     let lock = StateLock::acquire(&cfg.storage.state_dir)?;
     let db = cfg.db_path();
     if create || db.exists() {
-        Ledger::open_checked(&db).await?.close().await;
+        Ledger::open_checked(&db, crate::clock::Clock::system())
+            .await?
+            .close()
+            .await;
     }
     Ok(lock)
 }

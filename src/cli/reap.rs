@@ -9,7 +9,7 @@ use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::app::wants_same_names;
 use crate::config::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{EventKind, Ledger};
 
 use super::account::existing_account;
 
@@ -34,11 +34,11 @@ pub(super) async fn reap(
             let msg = error_chain(e.as_ref());
             if !dry_run {
                 store
-                    .event("reaper-error", None, None, None, Some(&msg))
+                    .event(EventKind::ReaperError, None, None, None, Some(&msg))
                     .await?;
                 store
                     .event(
-                        "reaper-pass",
+                        EventKind::ReaperPass,
                         None,
                         None,
                         None,
@@ -52,7 +52,8 @@ pub(super) async fn reap(
         }
     };
     if !dry_run {
-        let (resumable, abandoned) = reaper.recover(|o| wants_same_names(cfg, o)).await?;
+        let (resumable, abandoned) =
+            crate::order::recover(&reaper, |o| wants_same_names(cfg, o)).await?;
         if resumable + abandoned > 0 {
             outln!("recovered {resumable} unfinished order(s) to resume, abandoned {abandoned}");
         }
@@ -69,5 +70,7 @@ pub(super) async fn open_existing(cfg: &Config) -> anyhow::Result<Option<Ledger>
     if !path.exists() {
         return Ok(None);
     }
-    Ok(Some(Ledger::open(&path).await?))
+    Ok(Some(
+        Ledger::open(&path, crate::clock::Clock::system()).await?,
+    ))
 }

@@ -129,7 +129,7 @@ pub(super) async fn renew(
     };
     let store = match existing {
         Some(s) => s,
-        None => Ledger::open(&cfg.db_path()).await?,
+        None => Ledger::open(&cfg.db_path(), clock.clone()).await?,
     };
     let services = Services::with_ledger(Arc::new(cfg), clock, store);
     let result = renew_due(&services, due, mode).await;
@@ -200,7 +200,11 @@ async fn ari_window(
     };
     if let Some(store) = store {
         let record = crate::ledger::AriRecord {
-            window: window.as_ref(),
+            window: window.as_ref().map(|w| crate::ledger::AriWindow {
+                start: w.start,
+                end: w.end,
+                explanation_url: w.explanation_url.as_deref(),
+            }),
             next_check: Some(next_check.secs()),
             error: error.as_deref(),
         };

@@ -234,7 +234,7 @@ impl LedgerView {
             });
         }
         // Read-only: `sudo certd status` must not leave root's files.
-        let store = Ledger::open_read_only(&path).await?;
+        let store = Ledger::open_read_only(&path, crate::clock::Clock::system()).await?;
         // The store has two connections: the big read and the small ones
         // run side by side.
         let read = tokio::try_join!(
@@ -631,7 +631,7 @@ const DETAIL_EVENTS: i64 = 5;
 #[derive(Default)]
 struct Recent {
     /// (at, kind, detail), newest first.
-    events: Vec<(i64, String, Option<String>)>,
+    events: Vec<(i64, crate::ledger::EventKind, Option<String>)>,
     /// (identifier, URL, created at), oldest first.
     pending: Vec<(String, String, i64)>,
 }
@@ -643,7 +643,7 @@ async fn recent_events(cfg: &Config, rows: &[StatusRow<'_>]) -> anyhow::Result<V
     if !path.exists() {
         return Ok(rows.iter().map(|_| Recent::default()).collect());
     }
-    let store = Ledger::open(&path).await?;
+    let store = Ledger::open(&path, crate::clock::Clock::system()).await?;
     let mut all = Vec::with_capacity(rows.len());
     for r in rows {
         all.push(Recent {
@@ -764,7 +764,7 @@ fn push_detail_block(
                 out,
                 "    {}  {}{}",
                 rfc3339(*at),
-                escape_control(kind),
+                escape_control(kind.as_str()),
                 detail
                     .as_deref()
                     .map(|d| format!(": {}", escape_control(d)))

@@ -11,6 +11,7 @@ use crate::acme::{AcmeAccount, error_chain};
 use crate::app::Services;
 use crate::app::backoff::failure_backoff;
 use crate::config::Config;
+use crate::ledger::EventKind;
 
 /// Loads the account, retrying with backoff while the CA is unreachable
 /// or refuses: a daemon must not die because the CA is down at boot.
@@ -28,7 +29,7 @@ pub(crate) async fn load_account(
         match services.account(&cfg).await {
             Ok(account) => {
                 if failures > 0 {
-                    record(services, "ca-reachable", None).await;
+                    record(services, EventKind::CaReachable, None).await;
                 }
                 return Some((account, cfg));
             }
@@ -37,7 +38,7 @@ pub(crate) async fn load_account(
                 // For `certd status`: "CA unreachable since" the first
                 // failure, and why.
                 if failures == 1 {
-                    record(services, "ca-unreachable", Some(&error_chain(&e))).await;
+                    record(services, EventKind::CaUnreachable, Some(&error_chain(&e))).await;
                 }
                 let delay =
                     failure_backoff(failures, Duration::from_secs(5), cfg.daemon.backoff_max);
@@ -66,7 +67,7 @@ pub(crate) async fn load_account(
 
 /// Records a daemon event; the ledger is for `status`, so a failed write
 /// is logged and counted, not fatal.
-async fn record(services: &Services, kind: &'static str, detail: Option<&str>) {
+async fn record(services: &Services, kind: EventKind, detail: Option<&str>) {
     let written = services.store.event(kind, None, None, None, detail).await;
-    let _logged = services.ledger_errors.note(kind, written);
+    let _logged = services.ledger_errors.note(kind.as_str(), written);
 }

@@ -15,7 +15,7 @@ use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::daemon::control::{self, Request};
 use crate::daemon::schedule;
-use crate::hygiene::reaper::Policy;
+use crate::hygiene::Policy;
 
 /// Runs a command a client handed to the daemon over its control socket,
 /// with the daemon's own parts; returns the exit code.
@@ -54,7 +54,7 @@ pub(crate) async fn run_for_client(
                 Policy {
                     include_valid,
                     ignore_budget,
-                    ..Policy::by("cli")
+                    ..Policy::by(crate::ledger::Actor::Cli)
                 },
                 sink,
             )

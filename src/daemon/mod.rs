@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
 use crate::config::{ChallengeKind, Config};
+use crate::ledger::EventKind;
 use crate::order::RunMode;
 use crate::solver::{ChallengeSettings, Solvers};
 
@@ -73,7 +74,10 @@ pub async fn run(
     // full or read-only file system that opening did not reveal, since
     // reading still works) stops it here, with the file and the cause
     // (`ledger::explain`, exit 2), rather than run with every write failing.
-    if let Err(e) = store.event("daemon-started", None, None, None, None).await {
+    if let Err(e) = store
+        .event(EventKind::DaemonStarted, None, None, None, None)
+        .await
+    {
         store.close().await;
         return Err(crate::ledger::explain(&cfg.db_path(), e.into()));
     }

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::hygiene::reaper::Reaper;
+use crate::hygiene::Reaper;
 
 /// The reaper loop's settings that a reload may change.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
 use crate::config::{Config, diff};
+use crate::ledger::EventKind;
 use crate::metrics::Sources;
 use crate::order::Context;
 use crate::solver::ChallengeSettings;
@@ -126,7 +127,7 @@ impl Reloader {
         let written = self
             .ctx
             .store
-            .event("restart-needed", None, None, None, Some(&joined))
+            .event(EventKind::RestartNeeded, None, None, None, Some(&joined))
             .await;
         let _logged = self
             .services

@@ -461,7 +461,11 @@ impl Scheduler {
         entry.ari_recheck = recheck;
         if recheck.is_some() {
             let record = AriRecord {
-                window: plan.as_ref().map(|p| &p.window),
+                window: plan.as_ref().map(|p| crate::ledger::AriWindow {
+                    start: p.window.start,
+                    end: p.window.end,
+                    explanation_url: p.window.explanation_url.as_deref(),
+                }),
                 next_check: recheck.map(UnixTime::secs),
                 error: error.as_deref(),
             };

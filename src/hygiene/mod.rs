@@ -1,4 +1,13 @@
 //! Keeping the account clean at the CA: the reaper deactivates stale
-//! pending authorizations and settles what orders leave behind.
+//! pending authorizations, settles what orders leave behind within the
+//! CA's failure budget, and guards every new order against the CA's
+//! limits.
 
-pub mod reaper;
+mod guard;
+mod reaper;
+mod settle;
+
+pub(crate) use guard::Admission;
+pub use guard::GuardError;
+pub(crate) use reaper::Reaper;
+pub(crate) use settle::{Policy, Settled};

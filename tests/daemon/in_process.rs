@@ -11,7 +11,7 @@ use certd::app::Services;
 use certd::clock::Clock;
 use certd::config::Config;
 use certd::daemon::Listeners;
-use certd::ledger::Ledger;
+use certd::ledger::{EventKind, Ledger};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,9 @@ fn scrape(addr: SocketAddr) -> String {
 }
 
 async fn ledger_serial(db: &Path, name: &str) -> Option<String> {
-    let store = Ledger::open_read_only(db).await.expect("open ledger");
+    let store = Ledger::open_read_only(db, Clock::system())
+        .await
+        .expect("open ledger");
     let row = store.certificate(name).await.expect("read certificate row");
     store.close().await;
     row.and_then(|r| r.serial)
@@ -124,7 +126,7 @@ fn in_process_daemon_issues_records_and_stops_on_its_token() {
     });
     // Stopped means closed: the ledger opens for writing again.
     runtime.block_on(async {
-        let store = Ledger::open(&env.state_dir().join("certd.db"))
+        let store = Ledger::open(&env.state_dir().join("certd.db"), Clock::system())
             .await
             .expect("reopen the ledger");
         store.close().await;
@@ -167,8 +169,13 @@ fn in_process_daemon_waits_for_its_ca_and_takes_the_fix_from_the_file() {
         // For `certd status`: the CA unreachable since the first failure.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let store = Ledger::open_read_only(&db).await.expect("open ledger");
-            let n = store.count_events("ca-unreachable").await.expect("count");
+            let store = Ledger::open_read_only(&db, Clock::system())
+                .await
+                .expect("open ledger");
+            let n = store
+                .count_events(EventKind::CaUnreachable)
+                .await
+                .expect("count");
             store.close().await;
             if n == 1 {
                 break;
@@ -195,8 +202,13 @@ fn in_process_daemon_waits_for_its_ca_and_takes_the_fix_from_the_file() {
         assert_eq!(names, ["one.example.test"]);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let store = Ledger::open_read_only(&db).await.expect("open ledger");
-            let n = store.count_events("ca-reachable").await.expect("count");
+            let store = Ledger::open_read_only(&db, Clock::system())
+                .await
+                .expect("open ledger");
+            let n = store
+                .count_events(EventKind::CaReachable)
+                .await
+                .expect("count");
             store.close().await;
             if n == 1 {
                 break;

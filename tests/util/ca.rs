@@ -209,15 +209,18 @@ pub fn ledger_authz_urls(authz: &[serde_json::Value]) -> Vec<String> {
 }
 
 /// How many events of `kind` the ledger holds, read from the SQLite file.
-pub fn ledger_events(env: &TestEnv, kind: &str) -> i64 {
+pub fn ledger_events(env: &TestEnv, kind: certd::ledger::EventKind) -> i64 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let store = certd::ledger::Ledger::open(&env.state_dir().join("certd.db"))
-            .await
-            .expect("open ledger");
+        let store = certd::ledger::Ledger::open(
+            &env.state_dir().join("certd.db"),
+            certd::clock::Clock::system(),
+        )
+        .await
+        .expect("open ledger");
         let n = store.count_events(kind).await.expect("count events");
         store.close().await;
         n

@@ -113,9 +113,12 @@ fn with_ledger<T, F: std::future::Future<Output = T>>(
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let store = certd::ledger::Ledger::open(&env.state_dir().join("certd.db"))
-            .await
-            .expect("ledger");
+        let store = certd::ledger::Ledger::open(
+            &env.state_dir().join("certd.db"),
+            certd::clock::Clock::system(),
+        )
+        .await
+        .expect("ledger");
         let r = f(store.clone()).await;
         store.close().await;
         r

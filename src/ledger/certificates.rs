@@ -1,0 +1,316 @@
+//! Each configured certificate's row: what is installed, the last attempt
+//! and its result, the next renewal, revocation and profile notes.
+
+use sqlx::FromRow;
+
+use super::{Ledger, LedgerError, Result};
+
+/// A row of `certificates`.
+#[derive(Debug, Clone, Default, FromRow, serde::Deserialize)]
+pub struct CertificateRow {
+    pub name: String,
+    pub domains: String,
+    pub serial: Option<String>,
+    pub not_before: Option<i64>,
+    pub not_after: Option<i64>,
+    pub installed_at: Option<i64>,
+    pub version: Option<String>,
+    pub last_attempt_at: Option<i64>,
+    pub last_result: Option<String>,
+    pub last_error: Option<String>,
+    pub next_renewal_at: Option<i64>,
+    pub consecutive_failures: i64,
+    /// The serial certd last revoked for this name: while it equals
+    /// `serial`, the installed certificate is revoked.
+    pub revoked_serial: Option<String>,
+    /// The profile the installed certificate was ordered with.
+    pub profile: Option<String>,
+    /// Why the last order fell back from the first configured profile.
+    pub profile_warning: Option<String>,
+    /// The CA's last ARI answer, for the certificate `ari_serial`.
+    pub ari_serial: Option<String>,
+    pub ari_window_start: Option<i64>,
+    pub ari_window_end: Option<i64>,
+    pub ari_explanation_url: Option<String>,
+    pub ari_checked_at: Option<i64>,
+    pub ari_next_check: Option<i64>,
+    pub ari_error: Option<String>,
+}
+
+impl CertificateRow {
+    pub(crate) fn domain_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.domains).unwrap_or_default()
+    }
+}
+
+/// What an installed certificate looks like to the ledger.
+#[derive(Debug, Clone)]
+pub(crate) struct Installed {
+    pub(crate) domains: Vec<String>,
+    pub(crate) serial: String,
+    pub(crate) not_before: i64,
+    pub(crate) not_after: i64,
+    pub(crate) version: String,
+    /// The profile the order named, as the CA's order echoes it.
+    pub(crate) profile: Option<String>,
+    /// The configured preference it was ordered under
+    /// (`ProfilePreference::ledger_key`).
+    pub(crate) profile_wanted: String,
+}
+
+// Keeps the column list of `CertificateRow` in one place for both selects.
+macro_rules! cert_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT name, domains, serial, not_before, not_after, installed_at, version,
+                last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
+                revoked_serial, profile, profile_warning,
+                ari_serial, ari_window_start, ari_window_end, ari_explanation_url,
+                ari_checked_at, ari_next_check, ari_error
+             FROM certificates ",
+            $tail
+        )
+    };
+}
+
+const CERT_SELECT_ONE: &str = cert_select!("WHERE name = ?");
+
+impl Ledger {
+    pub async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
+        Ok(sqlx::query_as(CERT_SELECT_ONE)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Every certificate row. SQLite builds one JSON array and hands over
+    /// a single value: sqlx passes each row between threads, which for the
+    /// 10,000 rows of a large host cost four times the query itself. Each
+    /// row is an array in `CertificateRow`'s field order (serde reads a
+    /// struct from a sequence), half the text of an object with keys.
+    pub(crate) async fn certificates(&self) -> Result<Vec<CertificateRow>> {
+        let (json,): (String,) = sqlx::query_as(
+            "SELECT json_group_array(json_array(
+                 name, domains, serial, not_before, not_after, installed_at, version,
+                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
+                 revoked_serial, profile, profile_warning,
+                 ari_serial, ari_window_start, ari_window_end, ari_explanation_url,
+                 ari_checked_at, ari_next_check, ari_error))
+             FROM (SELECT * FROM certificates ORDER BY name)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        serde_json::from_str(&json)
+            .map_err(|e| LedgerError::Query(sqlx::Error::Decode(Box::new(e))))
+    }
+
+    /// Records a successful install and resets the failure count.
+    pub(crate) async fn record_installed(
+        &self,
+        name: &str,
+        cert: &Installed,
+        next_renewal_at: i64,
+    ) -> Result<()> {
+        let now = self.now();
+        sqlx::query(
+            "INSERT INTO certificates (name, domains, serial, not_before, not_after, installed_at, version,
+                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures, updated_at,
+                 profile, profile_wanted)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, ?, 0, ?, ?, ?)
+             ON CONFLICT(name) DO UPDATE SET domains = excluded.domains, serial = excluded.serial,
+                 profile = excluded.profile, profile_wanted = excluded.profile_wanted,
+                 not_before = excluded.not_before, not_after = excluded.not_after,
+                 installed_at = excluded.installed_at, version = excluded.version,
+                 last_attempt_at = excluded.last_attempt_at, last_result = 'ok', last_error = NULL,
+                 next_renewal_at = excluded.next_renewal_at, consecutive_failures = 0,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(&cert.domains).unwrap_or_default())
+        .bind(&cert.serial)
+        .bind(cert.not_before)
+        .bind(cert.not_after)
+        .bind(now)
+        .bind(&cert.version)
+        .bind(now)
+        .bind(next_renewal_at)
+        .bind(now)
+        .bind(&cert.profile)
+        .bind(&cert.profile_wanted)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The profile preference the installed certificate of `name` was
+    /// ordered under (`ProfilePreference::ledger_key`); `None` if unknown.
+    pub(crate) async fn profile_wanted(&self, name: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT profile_wanted FROM certificates WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
+    /// Records why the order being placed for `name` does not name its
+    /// first configured profile, or clears that note.
+    pub(crate) async fn set_profile_warning(
+        &self,
+        name: &str,
+        domains: &[String],
+        warning: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO certificates (name, domains, profile_warning, updated_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(name) DO UPDATE SET profile_warning = excluded.profile_warning,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(domains).unwrap_or_default())
+        .bind(warning)
+        .bind(self.now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt; the installed certificate's columns are untouched.
+    pub(crate) async fn record_failure(
+        &self,
+        name: &str,
+        domains: &[String],
+        error: &str,
+        next_attempt_at: Option<i64>,
+    ) -> Result<()> {
+        let now = self.now();
+        sqlx::query(
+            "INSERT INTO certificates (name, domains, last_attempt_at, last_result, last_error,
+                 next_renewal_at, consecutive_failures, updated_at)
+             VALUES (?, ?, ?, 'error', ?, ?, 1, ?)
+             ON CONFLICT(name) DO UPDATE SET last_attempt_at = excluded.last_attempt_at,
+                 last_result = 'error', last_error = excluded.last_error,
+                 next_renewal_at = COALESCE(excluded.next_renewal_at, next_renewal_at),
+                 consecutive_failures = consecutive_failures + 1, updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(domains).unwrap_or_default())
+        .bind(now)
+        .bind(error)
+        .bind(next_attempt_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records when the scheduler will next act on a certificate.
+    pub(crate) async fn set_next_renewal(&self, name: &str, at: i64) -> Result<()> {
+        sqlx::query("UPDATE certificates SET next_renewal_at = ?, updated_at = ? WHERE name = ?")
+            .bind(at)
+            .bind(self.now())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that certd revoked the certificate `serial` of `name`.
+    pub(crate) async fn record_revoked(
+        &self,
+        name: &str,
+        serial: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let now = self.now();
+        sqlx::query(
+            "UPDATE certificates SET revoked_serial = ?, revoked_at = ?, revoked_reason = ?,
+                 next_renewal_at = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(serial)
+        .bind(now)
+        .bind(reason)
+        .bind(now)
+        .bind(now)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The serial certd revoked for `name`, if any.
+    pub(crate) async fn revoked_serial(&self, name: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT revoked_serial FROM certificates WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
+    /// Records that a reload command failed after an otherwise good install.
+    pub(crate) async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE certificates SET last_result = 'error', last_error = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(error)
+        .bind(self.now())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A reload that failed after an install succeeded on a retry: the
+    /// certificate's last result is good again.
+    pub(crate) async fn clear_reload_failure(&self, name: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE certificates SET last_result = 'ok', last_error = NULL, updated_at = ?
+             WHERE name = ? AND last_result = 'error' AND last_error LIKE 'installed, but reload %'",
+        )
+        .bind(self.now())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_util::ledger;
+
+    #[tokio::test]
+    async fn failures_count_up_and_success_resets() {
+        let (_dir, s) = ledger().await;
+        let d = vec!["a.example".to_owned()];
+        s.record_failure("www", &d, "boom", None).await.unwrap();
+        s.record_failure("www", &d, "boom again", None)
+            .await
+            .unwrap();
+        let row = s.certificate("www").await.unwrap().unwrap();
+        assert_eq!(row.consecutive_failures, 2);
+        assert_eq!(row.last_error.as_deref(), Some("boom again"));
+        let installed = Installed {
+            domains: d.clone(),
+            serial: "01".into(),
+            not_before: 1,
+            not_after: 2,
+            version: "v1".into(),
+            profile: Some("shortlived".into()),
+            profile_wanted: "shortlived".into(),
+        };
+        s.record_installed("www", &installed, 3).await.unwrap();
+        assert_eq!(
+            s.profile_wanted("www").await.unwrap().as_deref(),
+            Some("shortlived")
+        );
+        let row = s.certificate("www").await.unwrap().unwrap();
+        assert_eq!(
+            (row.consecutive_failures, row.last_result.as_deref()),
+            (0, Some("ok"))
+        );
+        assert_eq!(row.domain_list(), d);
+    }
+}

@@ -1,0 +1,76 @@
+//! Certificates the CA issued that wait to be installed: the chain and key
+//! are on disk, so a failed install is retried without a second issuance.
+
+use sqlx::FromRow;
+
+use super::{Identifiers, Ledger, Result};
+
+/// A certificate the CA issued that is not installed yet.
+#[derive(Debug, Clone, FromRow)]
+pub(crate) struct IssuedRow {
+    pub(crate) order_url: String,
+    pub(crate) identifiers: Identifiers,
+    pub(crate) serial: String,
+}
+
+impl Ledger {
+    /// Records a certificate the CA issued for `order_url`, before it is
+    /// installed (its chain and key are on disk by then).
+    pub(crate) async fn record_issued(
+        &self,
+        order_url: &str,
+        cert_name: &str,
+        identifiers: &Identifiers,
+        serial: &str,
+        not_after: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO issued (order_url, cert_name, identifiers, serial, not_after, issued_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT(order_url) DO UPDATE SET serial = excluded.serial,
+                 not_after = excluded.not_after, installed_at = NULL",
+        )
+        .bind(order_url)
+        .bind(cert_name)
+        .bind(identifiers)
+        .bind(serial)
+        .bind(not_after)
+        .bind(self.now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest issued certificate of `cert_name` still waiting to be
+    /// installed.
+    pub(crate) async fn waiting_issued(&self, cert_name: &str) -> Result<Option<IssuedRow>> {
+        Ok(sqlx::query_as(
+            "SELECT order_url, identifiers, serial FROM issued
+             WHERE cert_name = ? AND installed_at IS NULL ORDER BY issued_at DESC, rowid DESC LIMIT 1",
+        )
+        .bind(cert_name)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Whether the certificate of `order_url` is issued and not installed.
+    pub(crate) async fn issued_waiting(&self, order_url: &str) -> Result<bool> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM issued WHERE order_url = ? AND installed_at IS NULL")
+                .bind(order_url)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// The issued certificate of `order_url` waits no longer: installed, or
+    /// dropped as unusable.
+    pub(crate) async fn issued_done(&self, order_url: &str) -> Result<()> {
+        sqlx::query("UPDATE issued SET installed_at = ? WHERE order_url = ?")
+            .bind(self.now())
+            .bind(order_url)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
