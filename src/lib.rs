@@ -14,6 +14,7 @@ pub mod memory; // heap returned to the system when idle
 pub mod tinyhttp; // the small HTTP/1.1 server the responders and metrics use
 pub mod config; // the file: parsed purely, then resolved; typed reload diff
 pub mod ledger; // every ACME object certd created, and the only SQL
+pub mod fleet; // several hosts on one PostgreSQL: leases with fencing, sealed keys
 pub mod acme; // HTTP, nonces, the account, the CA's errors, ARI
 pub mod dns; // a DNS client and propagation checks
 pub mod solver; // challenge responses: http-01, dns-01, tls-alpn-01
