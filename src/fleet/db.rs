@@ -459,7 +459,10 @@ mod tests {
             }
             .to_string();
             assert!(!msg.contains("hunter2"), "{msg}");
-            assert!(msg.starts_with("fleet database_url is not a valid"), "{msg}");
+            assert!(
+                msg.starts_with("fleet database_url is not a valid"),
+                "{msg}"
+            );
         }
     }
 
@@ -469,7 +472,8 @@ mod tests {
             PgConnectOptions::from_str("postgres://certd:hunter2secret@db.example:6543/fleet")
                 .unwrap();
         assert_eq!(Target::of(&opts).to_string(), "db.example:6543");
-        let opts = PgConnectOptions::from_str("postgres://certd@%2Frun%2Fpostgresql/fleet").unwrap();
+        let opts =
+            PgConnectOptions::from_str("postgres://certd@%2Frun%2Fpostgresql/fleet").unwrap();
         assert_eq!(Target::of(&opts).to_string(), "/run/postgresql:5432");
     }
 }

@@ -34,8 +34,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::Transaction;
+use sqlx::postgres::{PgConnection, Postgres};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -131,7 +131,9 @@ pub struct Fenced {
 pub enum LeaseError {
     #[error(transparent)]
     Fenced(#[from] Fenced),
-    #[error("lease {name} (epoch {epoch}): the local deadline has passed; nothing more may be sent under it")]
+    #[error(
+        "lease {name} (epoch {epoch}): the local deadline has passed; nothing more may be sent under it"
+    )]
     PastDeadline { name: LeaseName, epoch: Epoch },
     #[error("lease {name} (epoch {epoch}) was released")]
     Released { name: LeaseName, epoch: Epoch },
@@ -294,20 +296,29 @@ impl Lease {
     /// still ours to release.
     pub async fn release(&self, db: &FleetDb) -> Result<bool, LeaseError> {
         let _ = self.kill(Death::Released);
-        let released: Option<String> = sqlx::query_scalar(
-            "WITH r AS (
-                 UPDATE leases SET holder = NULL, expires_at = now()
-                  WHERE name = $1 AND holder = $2 AND epoch = $3
-                 RETURNING name)
-             SELECT pg_notify('certd_lease', name) FROM r",
+        let mut tx = db.pool().begin().await.map_err(|e| db.error(e))?;
+        let released = sqlx::query(
+            "UPDATE leases SET holder = NULL, expires_at = now()
+              WHERE name = $1 AND holder = $2 AND epoch = $3",
         )
         .bind(self.inner.name.key())
         .bind(&self.inner.holder.0)
         .bind(self.inner.epoch.0)
-        .fetch_optional(db.pool())
+        .execute(&mut *tx)
         .await
-        .map_err(|e| db.error(e))?;
-        Ok(released.is_some())
+        .map_err(|e| db.error(e))?
+        .rows_affected()
+            == 1;
+        if released {
+            // Delivered when the release commits, and only then.
+            sqlx::query("SELECT pg_notify('certd_lease', $1)")
+                .bind(self.inner.name.key())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db.error(e))?;
+        }
+        tx.commit().await.map_err(|e| db.error(e))?;
+        Ok(released)
     }
 
     /// Opens a transaction whose first statement locks this lease's row
@@ -497,7 +508,10 @@ impl FencedTx {
     /// no takeover came in between.
     pub async fn commit(self) -> Result<(), LeaseError> {
         let db = self.db;
-        self.tx.commit().await.map_err(|e| LeaseError::Db(db.error(e)))
+        self.tx
+            .commit()
+            .await
+            .map_err(|e| LeaseError::Db(db.error(e)))
     }
 }
 

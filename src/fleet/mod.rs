@@ -28,4 +28,6 @@ pub use self::lease::{
     Epoch, Fenced, FencedTx, HolderId, Lease, LeaseError, LeaseName, LeaseTiming, RenewEnd,
     RenewStatus, Renewer, TimingError,
 };
-pub use self::seal::{FleetKey, KeyFileError, KeyFileProblem, KeyId, SealContext, SealError, Sealed};
+pub use self::seal::{
+    FleetKey, KeyFileError, KeyFileProblem, KeyId, SealContext, SealError, Sealed,
+};

@@ -94,20 +94,26 @@ pub enum KeyFileProblem {
         "mode {mode:04o} lets group or others access it; the key must be readable by its owner only (chmod 600)"
     )]
     Mode { mode: u32 },
-    #[error("is {len} bytes long; a fleet key is exactly 32 random bytes (e.g. `head -c 32 /dev/urandom`)")]
+    #[error(
+        "is {len} bytes long; a fleet key is exactly 32 random bytes (e.g. `head -c 32 /dev/urandom`)"
+    )]
     Size { len: u64 },
 }
 
 /// Why a blob did not seal or unseal.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
-    #[error("sealed blob is {len} bytes long, shorter than the {MIN_SEALED_LEN} bytes of any sealed value (truncated?)")]
+    #[error(
+        "sealed blob is {len} bytes long, shorter than the {MIN_SEALED_LEN} bytes of any sealed value (truncated?)"
+    )]
     Truncated { len: usize },
     #[error("sealed blob has format version {0}, this certd reads version 1")]
     Version(u8),
     #[error("sealed with fleet key {blob}, but this host's fleet key is {ours}")]
     WrongKey { blob: KeyId, ours: KeyId },
-    #[error("sealed blob for {context} does not verify under fleet key {key}: tampered with, or sealed for something else")]
+    #[error(
+        "sealed blob for {context} does not verify under fleet key {key}: tampered with, or sealed for something else"
+    )]
     Verify { context: SealContext, key: KeyId },
     #[error("a {len}-byte value is too long to seal")]
     TooLong { len: usize },
@@ -133,9 +139,7 @@ impl FleetKey {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| fail(KeyFileProblem::Io(e)))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| fail(KeyFileProblem::Io(e)))?;
+        let meta = file.metadata().map_err(|e| fail(KeyFileProblem::Io(e)))?;
         if !meta.is_file() {
             return Err(fail(KeyFileProblem::NotAFile));
         }
@@ -147,16 +151,17 @@ impl FleetKey {
             return Err(fail(KeyFileProblem::Size { len: meta.len() }));
         }
         let mut bytes = [0u8; KEY_LEN];
-        let read = file.read_exact(&mut bytes);
-        // The file may have changed size since the check; one byte more
-        // means it is not the key we checked.
-        let longer = read.is_ok() && file.read(&mut [0u8; 1]).map_or(true, |n| n > 0);
-        let key = match (read, longer) {
-            (Ok(()), false) => Ok(Self::from_bytes(&bytes)),
-            (Ok(()), true) => Err(fail(KeyFileProblem::Size {
-                len: KEY_LEN as u64 + 1,
+        // The file may have grown since the size check: read one byte past
+        // the key to be sure the key read is the whole file.
+        let read = file
+            .read_exact(&mut bytes)
+            .and_then(|()| file.read(&mut [0u8; 1]));
+        let key = match read {
+            Ok(0) => Ok(Self::from_bytes(&bytes)),
+            Ok(_) => Err(fail(KeyFileProblem::Size {
+                len: file.metadata().map_or(KEY_LEN as u64 + 1, |m| m.len()),
             })),
-            (Err(e), _) => Err(fail(KeyFileProblem::Io(e))),
+            Err(e) => Err(fail(KeyFileProblem::Io(e))),
         };
         bytes.fill(0);
         key
@@ -518,12 +523,17 @@ mod tests {
 
         let missing = dir.path().join("missing.key");
         let err = FleetKey::load(&missing).unwrap_err();
-        assert!(matches!(err.problem, KeyFileProblem::Io(ref e) if e.kind() == io::ErrorKind::NotFound));
+        assert!(
+            matches!(err.problem, KeyFileProblem::Io(ref e) if e.kind() == io::ErrorKind::NotFound)
+        );
         assert!(err.to_string().contains("missing.key"), "{err}");
 
         let err = FleetKey::load(dir.path()).unwrap_err();
         assert!(
-            matches!(err.problem, KeyFileProblem::NotAFile | KeyFileProblem::Mode { .. }),
+            matches!(
+                err.problem,
+                KeyFileProblem::NotAFile | KeyFileProblem::Mode { .. }
+            ),
             "{err}"
         );
 
