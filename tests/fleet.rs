@@ -442,6 +442,24 @@ async fn a_sealed_key_round_trips_through_the_issued_table() {
         .expect("insert issued");
     tx.commit().await.expect("commit");
 
+    // Only a certificate's lease writes certificate data.
+    let reaper = Lease::claim(
+        &a,
+        LeaseName::Reaper("1".into()),
+        holder("host-a"),
+        LeaseTiming::DEFAULT,
+    )
+    .await
+    .expect("claim")
+    .expect("free lease");
+    let mut tx = reaper.begin_fenced(&a).await.expect("fenced");
+    assert!(matches!(
+        tx.insert_issued("04a1b2", "-----BEGIN CERTIFICATE-----\n", &sealed)
+            .await,
+        Err(LeaseError::NotACertificate { .. })
+    ));
+    drop(tx);
+
     // Host B reads it and opens it with its copy of the key.
     let issued = b.issued("www", "04a1b2").await.expect("read").expect("row");
     assert_eq!(issued.epoch, 1);
