@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use certd::fleet::{
     ChallengeAnswer, ChallengeKind, DbError, DbOptions, FleetDb, FleetKey, HolderId, Lease,
     LeaseError, LeaseName, LeaseTiming, MIN_SERVER_VERSION, Member, RenewEnd, SealContext,
-    SealError,
+    SealError, account_key_context,
 };
 use ring::rand::SystemRandom;
 use sqlx::postgres::PgListener;
@@ -259,7 +259,9 @@ async fn renewal_keeps_the_lease_past_several_ttls() {
     let pg = Postgres::launch();
     let (a, b) = (open(&pg).await, open(&pg).await);
     let name = cert("www");
-    let t = timing(2000, 500);
+    // Renewals every 0.8 s; a stall of over 1.2 s between two of them
+    // would end the lease, which a loaded machine does not reach.
+    let t = timing(2400, 400);
     let lease = Lease::claim(&a, name.clone(), holder("host-a"), t)
         .await
         .expect("claim")
@@ -408,7 +410,7 @@ async fn a_database_outage_self_fences_the_holder_and_claims_work_after_restart(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sealed_key_round_trips_through_the_issued_table() {
+async fn sealed_keys_round_trip_through_the_database_and_open_only_in_their_context() {
     let pg = Postgres::launch();
     let (a, b) = (open(&pg).await, open(&pg).await);
     // Both hosts read the same fleet key from their own 0600 file.
@@ -489,6 +491,59 @@ async fn a_sealed_key_round_trips_through_the_issued_table() {
     let wrong = FleetKey::from_bytes(&[0x5a; 32]);
     let err = wrong.unseal(&context, &issued.sealed_key).unwrap_err();
     assert!(err.to_string().contains(&key_id), "{err}");
+
+    // The ACME account key, stored once under the account's lease.
+    let directory = "https://ca.example/dir";
+    let account_pem = b"-----BEGIN PRIVATE KEY-----\naccount\n-----END PRIVATE KEY-----\n";
+    let sealed = key_a
+        .seal(
+            &SystemRandom::new(),
+            &account_key_context(directory),
+            account_pem,
+        )
+        .expect("seal");
+    let mut tx = lease.begin_fenced(&a).await.expect("fenced");
+    assert!(matches!(
+        tx.put_account_key(&sealed).await,
+        Err(LeaseError::NotAnAccount { .. })
+    ));
+    drop(tx);
+    let account = Lease::claim(
+        &a,
+        LeaseName::Account(directory.into()),
+        holder("host-a"),
+        LeaseTiming::DEFAULT,
+    )
+    .await
+    .expect("claim")
+    .expect("free lease");
+    let mut tx = account.begin_fenced(&a).await.expect("fenced");
+    tx.put_account_key(&sealed)
+        .await
+        .expect("store account key");
+    tx.commit().await.expect("commit");
+    let stored = b
+        .account_key(directory)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        key_b
+            .unseal(&account_key_context(directory), &stored)
+            .expect("unseal"),
+        account_pem
+    );
+    assert!(
+        b.account_key("https://other.example/dir")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    // Sealed for one CA's directory, it does not open as another's.
+    assert!(matches!(
+        key_b.unseal(&account_key_context("https://other.example/dir"), &stored),
+        Err(SealError::Verify { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

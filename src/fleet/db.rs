@@ -1,6 +1,7 @@
 //! The fleet's PostgreSQL: connecting, refusing servers older than 15,
 //! applying `migrations/postgres/`, and the reads and fenced writes of the
-//! shared tables (issued certificates, challenge answers, members).
+//! shared tables (issued certificates, account keys, challenge answers,
+//! members).
 //!
 //! The first connection is made alone, not through the pool, so a wrong
 //! URL, host or password fails once with the database's own reason (a pool
@@ -21,8 +22,8 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
 
-use super::lease::{FencedTx, LeaseError};
-use super::seal::Sealed;
+use super::lease::{FencedTx, LeaseError, LeaseName};
+use super::seal::{SealContext, Sealed};
 
 /// `migrations/postgres/`, built into the binary.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -331,6 +332,51 @@ impl FencedTx {
         .await
         .map_err(|e| self.error(e))?;
         Ok(())
+    }
+}
+
+impl FencedTx {
+    /// Stores the ACME account key for this `account:` lease's directory,
+    /// sealed (context [`account_key_context`]). Created once, by the host
+    /// holding the lease, so hosts starting together make one account.
+    pub async fn put_account_key(&mut self, sealed_key: &Sealed) -> Result<(), LeaseError> {
+        let name = self.lease().name().key();
+        self.account_directory()?;
+        let epoch = self.epoch().get();
+        sqlx::query(
+            "INSERT INTO fleet_secrets (name, sealed, epoch) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE
+                SET sealed = excluded.sealed, epoch = excluded.epoch, updated_at = now()",
+        )
+        .bind(name)
+        .bind(sealed_key.as_bytes())
+        .bind(epoch)
+        .execute(self.conn())
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+}
+
+impl FleetDb {
+    /// The sealed ACME account key for `directory`, if a host stored one.
+    pub async fn account_key(&self, directory: &str) -> Result<Option<Sealed>, DbError> {
+        let name = LeaseName::Account(directory.to_owned()).key();
+        let sealed: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT sealed FROM fleet_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+        Ok(sealed.map(Sealed::from_bytes))
+    }
+}
+
+/// What an account key is sealed for: its directory's lease name, so a key
+/// stored for one CA does not open as another's.
+pub fn account_key_context(directory: &str) -> SealContext {
+    SealContext::Secret {
+        name: LeaseName::Account(directory.to_owned()).key(),
     }
 }
 

@@ -139,6 +139,8 @@ pub enum LeaseError {
     Released { name: LeaseName, epoch: Epoch },
     #[error("lease {name} is not a certificate's lease; it cannot write certificate data")]
     NotACertificate { name: LeaseName },
+    #[error("lease {name} is not an account's lease; it cannot write an account key")]
+    NotAnAccount { name: LeaseName },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -435,7 +437,11 @@ async fn renew_loop(
             Ok(Err(LeaseError::PastDeadline { .. })) => break RenewEnd::PastDeadline,
             Ok(Err(LeaseError::Released { .. })) => break RenewEnd::Stopped,
             // renew() returns neither; a failure like any other if it did.
-            Ok(Err(e @ (LeaseError::Db(_) | LeaseError::NotACertificate { .. }))) => e.to_string(),
+            Ok(Err(
+                e @ (LeaseError::Db(_)
+                | LeaseError::NotACertificate { .. }
+                | LeaseError::NotAnAccount { .. }),
+            )) => e.to_string(),
             Err(_) => format!("no answer from the database within {period:?}"),
         };
         tracing::warn!(lease = %lease.name(), epoch = %lease.epoch(), error = %failure, "lease renewal failed; retrying");
@@ -494,6 +500,17 @@ impl FencedTx {
         match self.lease.name() {
             LeaseName::Cert(name) => Ok(name),
             other => Err(LeaseError::NotACertificate {
+                name: other.clone(),
+            }),
+        }
+    }
+
+    /// The ACME directory this transaction may store the account key of:
+    /// an `account:` lease's subject.
+    pub fn account_directory(&self) -> Result<&str, LeaseError> {
+        match self.lease.name() {
+            LeaseName::Account(directory) => Ok(directory),
+            other => Err(LeaseError::NotAnAccount {
                 name: other.clone(),
             }),
         }

@@ -22,7 +22,7 @@ pub mod seal;
 
 pub use self::db::{
     ChallengeAnswer, ChallengeKind, DbError, DbOptions, FleetDb, Issued, MIN_SERVER_VERSION,
-    Member, ServerVersion, Target,
+    Member, ServerVersion, Target, account_key_context,
 };
 pub use self::lease::{
     Epoch, Fenced, FencedTx, HolderId, Lease, LeaseError, LeaseName, LeaseTiming, RenewEnd,
