@@ -28,8 +28,8 @@ use super::seal::{SealContext, Sealed};
 /// `migrations/postgres/`, built into the binary.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The oldest PostgreSQL fleet mode runs on: 15 (`MERGE`, and the oldest
-/// release the lease protocol was checked against).
+/// The oldest PostgreSQL fleet mode runs on: 15, the release the lease
+/// protocol was checked against (and the one Debian bookworm ships).
 pub const MIN_SERVER_VERSION: ServerVersion = ServerVersion(150_000);
 
 /// A connection pool to the fleet's database.

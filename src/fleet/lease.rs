@@ -622,7 +622,9 @@ impl LeaseTiming {
     }
 
     fn deadline_after(self, sent: BootInstant) -> BootInstant {
-        BootInstant(sent.0 + (self.ttl - self.margin))
+        // Saturating: a clock that failed reads as the end of time, and a
+        // deadline after it is then as good as passed.
+        BootInstant(sent.0.saturating_add(self.ttl - self.margin))
     }
 }
 
@@ -637,8 +639,8 @@ impl BootInstant {
         let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
         // Invariant: clock_gettime fails only for an unknown clock id
         // (CLOCK_BOOTTIME exists since Linux 2.6.39) or a bad pointer
-        // (ours is valid). Should it fail anyway, time stands still at
-        // zero and every deadline is judged passed: the safe side.
+        // (ours is valid). Should it fail anyway, it reads as the end of
+        // time, so every deadline is judged passed: the safe side.
         if rc != 0 {
             return Self(Duration::MAX);
         }
