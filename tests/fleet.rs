@@ -1,8 +1,9 @@
 //! Fleet mode's foundations against a real PostgreSQL (a throwaway cluster
 //! per test): leases claimed by exactly one holder, fenced writes refused
 //! after a takeover, renewal, release and handover, self-fencing through a
-//! database outage, sealed keys through the `issued` table, and the
-//! connection's version check and errors.
+//! database outage and through one host's partition (before a peer can
+//! take over), sealed keys through the database, and the connection's
+//! version check and errors.
 //!
 //! Two "hosts" here are two `FleetDb` pools in one process: the database
 //! sees two sets of sessions, which is all the protocol depends on.
@@ -10,6 +11,7 @@
 //! deadline that refuses) with generous deadlines, never on a guessed sleep.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -22,8 +24,8 @@ use ring::rand::SystemRandom;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::util::free_port;
-use crate::util::postgres::Postgres;
+use crate::util::postgres::{Postgres, SUPERUSER};
+use crate::util::{TcpProxy, free_port};
 
 /// How long any one condition may take to come true, on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -407,6 +409,90 @@ async fn a_database_outage_self_fences_the_holder_and_claims_work_after_restart(
         .expect("write");
     tx.commit().await.expect("commit");
     drop(renewer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_from_the_database_stops_before_a_peer_can_take_over() {
+    let pg = Postgres::launch();
+    // Host A reaches the database through a forwarder that can cut it off
+    // (a test double for a network partition: the database behind it is
+    // the real one, and host B still reaches it directly).
+    let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port())));
+    let via_proxy = format!(
+        "postgres://{SUPERUSER}:{}@127.0.0.1:{}/postgres",
+        pg.password(),
+        proxy.port()
+    );
+    let opts = DbOptions {
+        connect_timeout: Duration::from_secs(5),
+        ..DbOptions::default()
+    };
+    let a = FleetDb::open(&via_proxy, &opts)
+        .await
+        .expect("open via proxy");
+    let b = open(&pg).await;
+    let name = cert("www");
+    let t = timing(2000, 500);
+    let lease = Lease::claim(&a, name.clone(), holder("host-a"), t)
+        .await
+        .expect("claim")
+        .expect("free lease");
+    let cancel = CancellationToken::new();
+    let renewer = lease.keep_renewed(a.clone(), &cancel);
+    let mut status = renewer.status();
+    tokio::time::timeout(PATIENCE, status.wait_for(|s| s.renewals >= 1))
+        .await
+        .expect("first renewal")
+        .expect("renewer alive");
+
+    proxy.set_up(false);
+    // No renewal gets through from here on, so A's deadline is fixed; this
+    // bounds it from above.
+    let a_stops_by = Instant::now() + lease.check_deadline().expect("held when cut off");
+    // B takes the lease as soon as the database lets it: never before A's
+    // deadline, by at least most of the margin.
+    let b_claimed_from = eventually("B claims the lease", || async {
+        let started = Instant::now();
+        match Lease::claim(&b, name.clone(), holder("host-b"), LeaseTiming::DEFAULT).await {
+            Ok(Some(lease)) => Some((started, lease)),
+            Ok(None) => None,
+            Err(e) => panic!("claim: {e}"),
+        }
+    })
+    .await;
+    let (started, lease_b) = b_claimed_from;
+    assert!(
+        started >= a_stops_by,
+        "B claimed {:?} before A's deadline",
+        a_stops_by - started
+    );
+    assert_eq!(lease_b.epoch().get(), 2);
+    assert!(matches!(
+        lease.check_deadline(),
+        Err(LeaseError::PastDeadline { .. })
+    ));
+    let ended = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.ended.is_some()))
+        .await
+        .expect("renewer ends")
+        .expect("renewer status")
+        .clone();
+    assert_eq!(ended.ended, Some(RenewEnd::PastDeadline), "{ended:?}");
+    assert!(ended.failures >= 1, "{ended:?}");
+
+    // Reconnected, A neither renews nor writes under the old epoch.
+    proxy.set_up(true);
+    assert!(matches!(
+        lease.renew(&a).await,
+        Err(LeaseError::PastDeadline { .. })
+    ));
+    assert!(matches!(
+        lease.begin_fenced(&a).await,
+        Err(LeaseError::PastDeadline { .. })
+    ));
+    assert_eq!(
+        lease_row(&a, &name).await,
+        (Some("host-b".to_owned()), 2, true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
