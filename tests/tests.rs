@@ -15,6 +15,7 @@ mod daemon;
 mod dns01;
 mod dns_persist;
 mod faults;
+mod fleet;
 mod harness;
 mod hostile_ca;
 mod hostile_local;

@@ -20,6 +20,7 @@ mod front;
 mod hooks;
 mod installed;
 mod pebble;
+pub mod postgres;
 mod ports;
 mod proxy;
 
