@@ -113,7 +113,7 @@ pub(crate) fn raise_fd_limit() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the call's duration.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return 1024;
     }
     if lim.rlim_cur < lim.rlim_max {
@@ -123,7 +123,7 @@ pub(crate) fn raise_fd_limit() -> u64 {
         };
         // SAFETY: `raised` is a valid rlimit; setrlimit only reads it.
         // A sandbox may forbid it (EPERM): the old limit stays.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
             lim.rlim_cur = lim.rlim_max;
         }
     }
@@ -136,7 +136,7 @@ fn fd_limit() -> u64 {
         rlim_max: 1024,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the call's duration.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
     lim.rlim_cur
 }
 

@@ -102,6 +102,24 @@ fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Pebble keys issued certificates by their serial's big-endian bytes,
+/// without the DER sign byte that certd's `replaces` carries (RFC 9773):
+/// for a serial that needs one (1 in 256 of Pebble's), it cannot find the
+/// certificate and refuses the hint, and certd rightly orders again without
+/// it. A test that asserts `replaces`, or counts requests, first replaces
+/// such a certificate.
+fn findable_by_pebble(env: &TestEnv, name: &str) {
+    for _ in 0..5 {
+        let pem = crate::util::read_pem_certs(env.cert_dir().join(name).join("cert.pem"));
+        let (_, leaf) = x509_parser::parse_x509_certificate(&pem[0]).expect("X.509");
+        if leaf.raw_serial().first() != Some(&0) {
+            return;
+        }
+        env.certd(&["renew", "--force", name]).assert_success();
+    }
+    panic!("five serials in a row with a sign byte");
+}
+
 /// The CA's record of the order that issued the installed certificate:
 /// the object whose `certificate` serves it.
 fn issuing_order(env: &TestEnv, serial: &str) -> serde_json::Value {
@@ -136,6 +154,7 @@ fn moved_window_renews_at_the_next_check_with_replaces() {
         cert("drill", "drill.example.test", "default")
     ));
     env.certd(&["renew"]).assert_success();
+    findable_by_pebble(&env, "drill");
     let (pem, first_serial, first_id) = installed_leaf(&env, "drill");
 
     let mut daemon = env.command().arg("run").spawn();
@@ -216,6 +235,7 @@ fn one_shot_renew_follows_the_window_and_survives_garbage() {
         cert("once", "once.example.test", "default")
     ));
     env.certd(&["renew"]).assert_success();
+    findable_by_pebble(&env, "once");
     let (pem, first_serial, first_id) = installed_leaf(&env, "once");
     let installed_before = fs::read(env.cert_dir().join("once/fullchain.pem")).expect("chain");
 
@@ -442,24 +462,7 @@ fn an_ari_driven_renewal_costs_one_renewal_info_get() {
     });
     env.write_config(&cert("cost", "cost.example.test", "default"));
     env.certd(&["renew"]).assert_success();
-    // Pebble keys issued certificates by their serial's big-endian bytes,
-    // without the DER sign byte that certd's `replaces` carries (RFC 9773):
-    // for a serial that needs one (1 in 256 of Pebble's), it cannot find
-    // the certificate and refuses the hint, and certd orders again without
-    // it. Such a certificate is replaced first, so that the counts below
-    // are the protocol's.
-    let findable_by_pebble = || {
-        for _ in 0..5 {
-            let pem = crate::util::read_pem_certs(env.cert_dir().join("cost/cert.pem"));
-            let (_, leaf) = x509_parser::parse_x509_certificate(&pem[0]).expect("X.509");
-            if leaf.raw_serial().first() != Some(&0) {
-                return;
-            }
-            env.certd(&["renew", "--force"]).assert_success();
-        }
-        panic!("five serials in a row with a sign byte");
-    };
-    findable_by_pebble();
+    findable_by_pebble(&env, "cost");
     let requests_of = |args: &[&str]| {
         let before = env.pebble.pebble_log().len();
         env.certd(args).assert_success();
@@ -501,7 +504,7 @@ fn an_ari_driven_renewal_costs_one_renewal_info_get() {
         ],
         "{forced:#?}"
     );
-    findable_by_pebble();
+    findable_by_pebble(&env, "cost");
     let (pem, _, _) = installed_leaf(&env, "cost");
     set_renewal_info(&env, &pem, &window(-7200, -3600));
     let driven = unpolled(requests_of(&["renew"]));

@@ -375,7 +375,7 @@ challenges = ["dns-01"]
     challtestsrv(
         &env,
         "set-cname",
-        serde_json::json!({ "host": "_acme-challenge.hooked.example.test.", "target": format!("{target}.") }),
+        &serde_json::json!({ "host": "_acme-challenge.hooked.example.test.", "target": format!("{target}.") }),
     );
     // The hook records what it was given besides writing the record.
     let real = env.dir().join("real-hook.sh");
@@ -407,7 +407,7 @@ challenges = ["dns-01"]
 }
 
 /// A POST to challtestsrv's management API; panics unless it succeeds.
-fn challtestsrv(env: &TestEnv, path: &str, body: serde_json::Value) {
+fn challtestsrv(env: &TestEnv, path: &str, body: &serde_json::Value) {
     let out = std::process::Command::new("curl")
         .args(["-fsS", "--max-time", "10", "-X", "POST", "-d"])
         .arg(body.to_string())

@@ -115,15 +115,14 @@ fn account_url(env: &TestEnv) -> String {
     out.stdout
         .lines()
         .find_map(|l| l.strip_prefix("account:"))
-        .map(|u| u.trim().to_owned())
-        .unwrap_or_else(|| panic!("{}", out.stdout))
+        .map_or_else(|| panic!("{}", out.stdout), |u| u.trim().to_owned())
 }
 
 fn set_txt(env: &TestEnv, value: &str) {
     challtestsrv(
         env,
         "set-txt",
-        serde_json::json!({ "host": format!("{RECORD}."), "value": value }),
+        &serde_json::json!({ "host": format!("{RECORD}."), "value": value }),
     );
 }
 
@@ -131,12 +130,12 @@ fn clear_txt(env: &TestEnv) {
     challtestsrv(
         env,
         "clear-txt",
-        serde_json::json!({ "host": format!("{RECORD}.") }),
+        &serde_json::json!({ "host": format!("{RECORD}.") }),
     );
 }
 
 /// A POST to challtestsrv's management API; panics unless it succeeds.
-fn challtestsrv(env: &TestEnv, path: &str, body: serde_json::Value) {
+fn challtestsrv(env: &TestEnv, path: &str, body: &serde_json::Value) {
     let out = std::process::Command::new("curl")
         .args(["-fsS", "--max-time", "10", "-X", "POST", "-d"])
         .arg(body.to_string())

@@ -365,7 +365,7 @@ async fn a_database_outage_self_fences_the_holder_and_claims_work_after_restart(
     // The deadline is at most ttl − margin after the last renewal was
     // sent, so the holder stops before the database could end its lease.
     let left = lease.check_deadline().expect("held before the outage");
-    assert!(left <= t.ttl() - t.margin(), "{left:?}");
+    assert!(left <= t.ttl().checked_sub(t.margin()).unwrap(), "{left:?}");
     pg.stop_immediate();
     let failed = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.failures >= 1))
         .await

@@ -29,9 +29,9 @@ fn raise_own_fd_limit() {
     };
     // SAFETY: `lim` is a valid rlimit for the duration of both calls.
     unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
         lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0);
     }
     assert!(lim.rlim_cur >= 4096, "need 4096 descriptors, have {lim:?}");
 }

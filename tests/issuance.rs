@@ -79,7 +79,7 @@ key_type = "ecdsa-p384"
             .keys()
             .map(String::as_str)
             .collect();
-        got.sort();
+        got.sort_unstable();
         assert_eq!(got, keys);
         assert_eq!(row["last_result"], "ok");
         assert_eq!(row["last_error"], Value::Null);

@@ -91,14 +91,15 @@ pub struct SubproblemRecord {
 }
 
 /// A text field of a problem, cut to `MAX_DETAIL`.
-fn bounded_field(text: &Option<String>) -> Option<String> {
-    text.as_deref().map(|t| bounded(t, MAX_DETAIL).into_owned())
+fn bounded_field(text: Option<&String>) -> Option<String> {
+    text.map(String::as_str)
+        .map(|t| bounded(t, MAX_DETAIL).into_owned())
 }
 
 /// Deserializes a text field of a problem cut to `MAX_DETAIL`, for problem
 /// documents read straight from a body.
 fn deserialize_bounded<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(bounded_field(&Option::<String>::deserialize(d)?))
+    Ok(bounded_field(Option::<String>::deserialize(d)?.as_ref()))
 }
 
 impl ProblemRecord {
@@ -107,8 +108,8 @@ impl ProblemRecord {
     /// log or the notify command.
     pub fn from_problem(p: &instant_acme::Problem) -> Self {
         Self {
-            kind: bounded_field(&p.r#type),
-            detail: bounded_field(&p.detail),
+            kind: bounded_field(p.r#type.as_ref()),
+            detail: bounded_field(p.detail.as_ref()),
             status: p.status,
             subproblems: p
                 .subproblems
@@ -119,8 +120,8 @@ impl ProblemRecord {
                         .identifier
                         .as_ref()
                         .map(|i| bounded(&identifier_string(i), MAX_DETAIL).into_owned()),
-                    kind: bounded_field(&s.r#type),
-                    detail: bounded_field(&s.detail),
+                    kind: bounded_field(s.r#type.as_ref()),
+                    detail: bounded_field(s.detail.as_ref()),
                 })
                 .collect(),
         }
@@ -148,10 +149,9 @@ impl fmt::Display for ProblemRecord {
                 f,
                 "; {}: {} {}",
                 s.identifier.as_deref().unwrap_or("?"),
-                s.kind
-                    .as_deref()
-                    .map(|t| t.strip_prefix("urn:ietf:params:acme:error:").unwrap_or(t))
-                    .unwrap_or(""),
+                s.kind.as_deref().map_or("", |t| t
+                    .strip_prefix("urn:ietf:params:acme:error:")
+                    .unwrap_or(t)),
                 s.detail.as_deref().unwrap_or("")
             )?;
         }

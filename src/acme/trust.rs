@@ -265,8 +265,10 @@ mod tests {
         assert!(
             matches!(
                 err,
-                Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })
-                    | Error::InvalidCertificate(CertificateError::NotValidForName)
+                Error::InvalidCertificate(
+                    CertificateError::NotValidForNameContext { .. }
+                        | CertificateError::NotValidForName
+                )
             ),
             "{err:?}"
         );

@@ -54,10 +54,10 @@ pub(crate) fn user_name(uid: u32) -> Option<String> {
     let rc = unsafe {
         libc::getpwuid_r(
             uid,
-            &mut pwd,
+            &raw mut pwd,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            &mut found,
+            &raw mut found,
         )
     };
     if rc != 0 || found.is_null() || pwd.pw_name.is_null() {

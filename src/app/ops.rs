@@ -73,18 +73,15 @@ pub(crate) async fn revoke_installed(
     sink: &Sink,
 ) -> anyhow::Result<bool> {
     let pem_path = cert_dir.join(name).join("cert.pem");
-    let der = match rustls_pki_types::CertificateDer::pem_file_iter(&pem_path)
+    let Some(Ok(der)) = rustls_pki_types::CertificateDer::pem_file_iter(&pem_path)
         .ok()
         .and_then(|mut certs| certs.next())
-    {
-        Some(Ok(der)) => der,
-        _ => {
-            sink.err(&format!(
-                "certd: {}: no installed certificate to revoke",
-                pem_path.display()
-            ));
-            return Ok(false);
-        }
+    else {
+        sink.err(&format!(
+            "certd: {}: no installed certificate to revoke",
+            pem_path.display()
+        ));
+        return Ok(false);
     };
     let info = install::CertInfo::parse(&der).map_err(anyhow::Error::msg)?;
     let request = instant_acme::RevocationRequest {

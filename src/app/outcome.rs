@@ -187,9 +187,7 @@ impl Outcomes {
         let until = if limit.paused {
             now.plus(PAUSED_RETRY)
         } else {
-            retry_after
-                .map(UnixTime::from_system)
-                .unwrap_or_else(|| now.plus(DEFAULT_PAUSE))
+            retry_after.map_or_else(|| now.plus(DEFAULT_PAUSE), UnixTime::from_system)
         };
         let (scope, why) = match (&limit.scope, limit.paused) {
             (LimitScope::Account, _) => (ACCOUNT_SCOPE, "the CA's rate limit on the account"),

@@ -54,7 +54,7 @@ pub(super) async fn existing_account(
 
 /// Reads the account from its credentials file only: no ledger, no CA, and
 /// nothing created (a reading command, see the module's doc).
-pub(super) async fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
+pub(super) fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
     let directory = cfg.acme.directory.to_string();
     let path = credentials_path(&cfg.storage.state_dir, &directory);
     let bytes = match std::fs::read(&path) {

@@ -36,10 +36,10 @@ fn group_name(gid: u32) -> Option<String> {
     let rc = unsafe {
         libc::getgrgid_r(
             gid,
-            &mut grp,
+            &raw mut grp,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            &mut found,
+            &raw mut found,
         )
     };
     if rc != 0 || found.is_null() || grp.gr_name.is_null() {

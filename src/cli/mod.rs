@@ -490,7 +490,7 @@ async fn run_command(
         } => reap::reap(&cfg, older_than, dry_run).await,
         Command::Account {
             command: AccountCommand::Show,
-        } => account::account_show(&cfg).await,
+        } => account::account_show(&cfg),
         Command::Account {
             command: AccountCommand::Rollover,
         } => account::account_rollover(&cfg).await,

@@ -102,7 +102,7 @@ pub(super) async fn renew(
             // An operator who names a certificate the CA paused (after
             // unpausing it) wants it tried now, not at the daemon's daily look.
             Due::At(_) if !names.is_empty() && paused(existing.as_ref(), c).await? => {
-                due.push((c.clone(), Reason::Forced))
+                due.push((c.clone(), Reason::Forced));
             }
             Due::At(at) => outln!("{}: valid, not due until {}", c.name, at.rfc3339()),
         }

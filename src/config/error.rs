@@ -126,7 +126,7 @@ impl<'a> Located<'a> {
     /// tables (`[[certificate]]` → `certificate[N]`).
     fn table_above(&self, offset: usize) -> Option<String> {
         let mut current = None;
-        let mut counts: HashMap<String, usize> = Default::default();
+        let mut counts: HashMap<String, usize> = HashMap::default();
         let mut pos = 0;
         for line in self.text.split_inclusive('\n') {
             if pos > offset {

@@ -99,9 +99,9 @@ impl Validator<'_> {
                     (None, None) => Preflight::IfServed,
                 };
                 Some(Http01Config {
-                    preflight,
                     listen,
                     webroot,
+                    preflight,
                 })
             }
         };

@@ -113,8 +113,7 @@ impl KeyType {
         Self::ALL
             .iter()
             .find(|(_, k)| *k == self)
-            .map(|(s, _)| *s)
-            .unwrap_or("ecdsa-p256")
+            .map_or("ecdsa-p256", |(s, _)| *s)
     }
 }
 

@@ -69,7 +69,7 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Recomm
     let name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
-            && changes_content(&event.kind)
+            && changes_content(event.kind)
             && event.paths.iter().any(|p| p.file_name() == name.as_deref())
         {
             // A full channel already means "reload pending".
@@ -84,7 +84,7 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Recomm
 /// created or renamed into place. Opens, reads, closes after reading and
 /// metadata changes (`touch`, chmod) cannot; reacting to them made the
 /// watcher's own read of the file trigger the next reload, forever.
-fn changes_content(kind: &notify::EventKind) -> bool {
+fn changes_content(kind: notify::EventKind) -> bool {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode, ModifyKind};
     matches!(

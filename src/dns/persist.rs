@@ -53,7 +53,7 @@ impl PersistExpect {
         let mut why = Vec::new();
         for value in values {
             let mut parts = value.split(';');
-            let issuer = parts.next().map(trim_wsp).unwrap_or("");
+            let issuer = parts.next().map_or("", trim_wsp);
             if !self.issuers.iter().any(|i| i == issuer) {
                 continue;
             }

@@ -303,11 +303,7 @@ impl PropagationCheck {
         if let Some(h) = hint {
             out.push(h.primary);
         }
-        if !self.cfg.nameservers.is_empty() {
-            for ns in &self.cfg.nameservers {
-                out.extend(resolve(ns).await.map_err(|e| e.to_string())?);
-            }
-        } else {
+        if self.cfg.nameservers.is_empty() {
             let (zone, asked, recursion) = match hint {
                 Some(h) => (h.zone.clone(), vec![h.primary], false),
                 None => {
@@ -316,6 +312,10 @@ impl PropagationCheck {
                 }
             };
             out.extend(zone_servers(&zone, &asked, recursion).await?);
+        } else {
+            for ns in &self.cfg.nameservers {
+                out.extend(resolve(ns).await.map_err(|e| e.to_string())?);
+            }
         }
         let mut seen = std::collections::HashSet::new();
         out.retain(|a| seen.insert(*a));
@@ -371,7 +371,7 @@ async fn find_zone(name: &Name, resolvers: &[SocketAddr]) -> Result<Name, String
             Ok(msg) => match soa_owner(&msg) {
                 Some(zone) => return Ok(zone),
                 None => {
-                    last = format!("{r} answered {} without an SOA", msg.metadata.response_code)
+                    last = format!("{r} answered {} without an SOA", msg.metadata.response_code);
                 }
             },
             Err(e) => last = format!("{r}: {e}"),

@@ -251,7 +251,7 @@ impl Lease {
             State::Held { deadline } => {
                 let now = BootInstant::now();
                 if now < deadline {
-                    return Ok(deadline.0 - now.0);
+                    return Ok(deadline.0.checked_sub(now.0).unwrap());
                 }
                 *state = State::Dead(Death::PastDeadline);
                 Err(self.dead(Death::PastDeadline))
@@ -624,7 +624,10 @@ impl LeaseTiming {
     fn deadline_after(self, sent: BootInstant) -> BootInstant {
         // Saturating: a clock that failed reads as the end of time, and a
         // deadline after it is then as good as passed.
-        BootInstant(sent.0.saturating_add(self.ttl - self.margin))
+        BootInstant(
+            sent.0
+                .saturating_add(self.ttl.checked_sub(self.margin).unwrap()),
+        )
     }
 }
 
@@ -636,7 +639,7 @@ impl BootInstant {
         };
         // SAFETY: `ts` is a valid, writable timespec that outlives the
         // call, which is all clock_gettime writes to.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
         // Invariant: clock_gettime fails only for an unknown clock id
         // (CLOCK_BOOTTIME exists since Linux 2.6.39) or a bad pointer
         // (ours is valid). Should it fail anyway, it reads as the end of

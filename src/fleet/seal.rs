@@ -244,7 +244,9 @@ impl FleetKey {
 
 impl fmt::Debug for FleetKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FleetKey").field("id", &self.id).finish()
+        f.debug_struct("FleetKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -327,7 +329,7 @@ impl Sealed {
             return Err(SealError::Version(blob[0]));
         }
         let mut key_id = [0u8; KEY_ID_LEN];
-        key_id.copy_from_slice(&blob[1..1 + KEY_ID_LEN]);
+        key_id.copy_from_slice(&blob[1..=KEY_ID_LEN]);
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&blob[1 + KEY_ID_LEN..HEADER_LEN]);
         Ok(Header {

@@ -163,7 +163,7 @@ impl Reaper {
                 };
                 match &outcome {
                     Settled::Deactivated { .. } | Settled::WouldDeactivate { .. } => {
-                        counts.deactivated += 1
+                        counts.deactivated += 1;
                     }
                     Settled::HeldBack { .. } => counts.held_back += 1,
                     Settled::Failed(_) | Settled::Refused { .. } => counts.failed += 1,

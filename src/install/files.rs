@@ -289,14 +289,14 @@ pub(crate) fn read_reusable_key(cert_dir: &Path, name: &str) -> io::Result<Optio
         base.join("versions"),
         base.join("versions").join(version),
     ] {
-        open_private_dir(&dir).map_err(|e| annotate(&dir, e))?;
+        open_private_dir(&dir).map_err(|e| annotate(&dir, &e))?;
     }
     let path = base.join("versions").join(version).join("privkey.pem");
     let mut file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| annotate(&path, e))?;
+        .map_err(|e| annotate(&path, &e))?;
     let meta = file.metadata()?;
     if !meta.is_file() || meta.uid() != euid() || meta.mode() & 0o077 != 0 {
         return Err(io::Error::new(
@@ -312,7 +312,7 @@ pub(crate) fn read_reusable_key(cert_dir: &Path, name: &str) -> io::Result<Optio
     Ok(Some(pem))
 }
 
-fn annotate(path: &Path, e: io::Error) -> io::Error {
+fn annotate(path: &Path, e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 

@@ -162,7 +162,7 @@ fn sqlite_code(error: &(dyn std::error::Error + 'static)) -> Option<(i32, String
 /// only says it could not open or write.
 fn probe_write(dir: &Path) -> io::Result<()> {
     let path = dir.join(".certd-write-probe");
-    let result = File::create(&path).and_then(|mut f| f.write_all(&[0; PROBE_BYTES]));
+    let result = File::create(&path).and_then(|mut f| f.write_all(&vec![0; PROBE_BYTES]));
     let _ = std::fs::remove_file(&path);
     result
 }

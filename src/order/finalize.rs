@@ -382,10 +382,10 @@ pub(super) async fn certificate_key(
             match KeyPair::from_pem(&pem) {
                 Ok(key) if key_type_of(&key) == Some(cert.key_type) => return Ok((key, pem)),
                 Ok(_) => {
-                    tracing::info!(cert = %cert.name, "key_type changed: a new key despite reuse_key")
+                    tracing::info!(cert = %cert.name, "key_type changed: a new key despite reuse_key");
                 }
                 Err(e) => {
-                    tracing::warn!(cert = %cert.name, error = %e, "cannot read the installed key; a new key")
+                    tracing::warn!(cert = %cert.name, error = %e, "cannot read the installed key; a new key");
                 }
             }
         }

@@ -79,7 +79,7 @@ pub(crate) async fn remove_order_key(dir: &Path, order_url: &str) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
-            tracing::warn!(order = order_url, path = %path.display(), error = %e, "cannot remove the stored order key")
+            tracing::warn!(order = order_url, path = %path.display(), error = %e, "cannot remove the stored order key");
         }
     }
 }

@@ -350,8 +350,7 @@ async fn obtain_inner(
         Err(e) => {
             let detail = e
                 .problem()
-                .map(ProblemRecord::to_json)
-                .unwrap_or_else(|| e.to_string());
+                .map_or_else(|| e.to_string(), ProblemRecord::to_json);
             let status = order_status(order.state().status);
             // Issued and recorded on disk: the next attempt installs it
             // from there.

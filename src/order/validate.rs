@@ -368,13 +368,15 @@ pub(super) async fn validate<'p>(
                         .find(|c| p.is_some_and(|p| p.challenge_url == c.url))
                         .or_else(|| state.challenges.iter().find(|c| c.error.is_some()))
                         .and_then(|c| c.error.as_ref())
-                        .map(ProblemRecord::from_problem)
-                        .unwrap_or(ProblemRecord {
-                            kind: None,
-                            detail: Some("the CA gave no reason".into()),
-                            status: None,
-                            subproblems: Vec::new(),
-                        });
+                        .map_or(
+                            ProblemRecord {
+                                kind: None,
+                                detail: Some("the CA gave no reason".into()),
+                                status: None,
+                                subproblems: Vec::new(),
+                            },
+                            ProblemRecord::from_problem,
+                        );
                     ctx.store
                         .set_authz_status(
                             &url,

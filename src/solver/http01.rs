@@ -256,7 +256,7 @@ async fn blocking<T: Send + 'static>(
 /// without following symbolic links, so neither the token nor a link
 /// planted in the webroot can point a write or an unlink elsewhere.
 mod webroot {
-    use super::*;
+    use super::{AsRawFd, CHALLENGE_DIR, CString, FromRawFd, OwnedFd, Path, Token};
 
     /// Writes `content` to `<root>/.well-known/acme-challenge/<token>`,
     /// a new file (O_EXCL) that is never a link (O_NOFOLLOW).

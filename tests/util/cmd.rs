@@ -94,7 +94,7 @@ impl TestCommand {
                     rlim_cur: n,
                     rlim_max: n,
                 };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -174,7 +174,8 @@ fn collect(pipe: Option<impl Read + Send + 'static>, buf: Arc<Mutex<Vec<u8>>>) -
 /// Locks an output buffer. A reader thread cannot panic while holding the
 /// lock (it only appends), so a poisoned lock still holds valid data.
 fn lock(buf: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
-    buf.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    buf.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A certd process running in the background.
@@ -242,19 +243,18 @@ impl Daemon {
     pub fn wait_for_file(&mut self, path: &Path, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !path.exists() {
-            if Instant::now() > deadline {
-                panic!(
-                    "{} did not appear within {timeout:?} (certd {})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    path.display(),
-                    if self.is_running() {
-                        "still running"
-                    } else {
-                        "exited"
-                    },
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
+            assert!(
+                Instant::now() <= deadline,
+                "{} did not appear within {timeout:?} (certd {})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                path.display(),
+                if self.is_running() {
+                    "still running"
+                } else {
+                    "exited"
+                },
+                self.stdout(),
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

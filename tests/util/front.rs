@@ -197,7 +197,7 @@ impl FaultyFront {
                                 url: &upstream,
                                 front_port: port,
                             };
-                            serve(tcp, config, &s, &pebble)
+                            serve(tcp, config, &s, &pebble);
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -700,7 +700,7 @@ fn forge_chain(pem: &[u8], kind: ForgedCert) -> String {
         }
         ForgedCert::CaLeaf => leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained),
         ForgedCert::ClientAuthOnly => {
-            leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]
+            leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
         ForgedCert::NoChain | ForgedCert::OtherCa => {}
     }

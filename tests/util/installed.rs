@@ -27,7 +27,10 @@ pub fn installed(env: &TestEnv, name: &str) -> (Vec<String>, String, Vec<u8>) {
 /// Returns the serial.
 pub fn assert_installed(env: &TestEnv, name: &str, domains: &[&str]) -> String {
     let (names, serial, _) = installed(env, name);
-    let mut want: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+    let mut want: Vec<String> = domains
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     want.sort();
     assert_eq!(names, want, "{name}: certificate names");
 

@@ -83,11 +83,10 @@ impl Release {
         match self {
             Release::Bookworm => PathBuf::from("/usr/bin"),
             Release::Current => {
-                let dir = std::env::var_os("CERTD_TEST_PEBBLE_BIN")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| {
-                        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pebble-sid/usr/bin")
-                    });
+                let dir = std::env::var_os("CERTD_TEST_PEBBLE_BIN").map_or_else(
+                    || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pebble-sid/usr/bin"),
+                    PathBuf::from,
+                );
                 assert!(
                     dir.join("pebble").is_file(),
                     "no current Pebble in {}: run scripts/pebble-sid (scripts/test does)",
@@ -394,12 +393,11 @@ impl Pebble {
             if can_connect(self.ports.challtestsrv) && can_connect(self.ports.dns) {
                 return;
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "pebble-challtestsrv not ready after {START_TIMEOUT:?}; log:\n{}",
-                    read_log(&log_path)
-                );
-            }
+            assert!(
+                Instant::now() <= deadline,
+                "pebble-challtestsrv not ready after {START_TIMEOUT:?}; log:\n{}",
+                read_log(&log_path)
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -457,12 +455,11 @@ impl Pebble {
             if logged && can_connect(self.ports.listen) && can_connect(self.ports.management) {
                 return;
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "pebble not ready after {START_TIMEOUT:?}; log:\n{}",
-                    self.pebble_log()
-                );
-            }
+            assert!(
+                Instant::now() <= deadline,
+                "pebble not ready after {START_TIMEOUT:?}; log:\n{}",
+                self.pebble_log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }

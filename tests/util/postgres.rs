@@ -98,7 +98,7 @@ impl Postgres {
         // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
         let text = String::from_utf8_lossy(&out.stdout);
         let version = text.split_whitespace().nth(2).unwrap_or_default();
-        let mut parts = version.split('.').map(|p| p.parse::<u32>());
+        let mut parts = version.split('.').map(str::parse::<u32>);
         match (parts.next(), parts.next()) {
             (Some(Ok(major)), Some(Ok(minor))) => major * 10_000 + minor,
             _ => panic!("cannot read the version in {text:?}"),
