@@ -602,7 +602,7 @@ fn several_cas_errors_name_file_line_and_key() {
     );
     // A duplicate CA name: [acme] is `default`.
     assert_error(
-        &format!("{}\n[ca.default]\npreset = \"buypass\"\n", BASE),
+        &format!("{BASE}\n[ca.default]\npreset = \"buypass\"\n"),
         15,
         "ca.default",
         "[ca.default] and [acme] both define the CA named \"default\"",
@@ -643,8 +643,7 @@ fn several_cas_errors_name_file_line_and_key() {
 #[test]
 fn acme_beside_ca_tables_is_the_default() {
     let text = format!(
-        "{}\n[[certificate]]\nname = \"api\"\ndomains = [\"api.test\"]\nca = [\"buypass\", \"default\"]\nca_fallback_after = \"30m\"\nsticky = true\n\n[ca.buypass]\nmax_pending = 20\n\n[ca.private]\ndirectory = \"https://ca.test/dir\"\nnew_orders_per_3h = 10\n\n[daemon]\nca_fallback_after = \"2h\"\n",
-        BASE
+        "{BASE}\n[[certificate]]\nname = \"api\"\ndomains = [\"api.test\"]\nca = [\"buypass\", \"default\"]\nca_fallback_after = \"30m\"\nsticky = true\n\n[ca.buypass]\nmax_pending = 20\n\n[ca.private]\ndirectory = \"https://ca.test/dir\"\nnew_orders_per_3h = 10\n\n[daemon]\nca_fallback_after = \"2h\"\n"
     );
     let (code, stderr, _, _dir) = check(&text);
     assert_eq!(code, Some(0), "{stderr}");

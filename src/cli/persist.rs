@@ -44,8 +44,7 @@ pub(super) async fn show(cfg: &Config, name: &str) -> anyhow::Result<ExitCode> {
     let issuers = caa_identities(&account.http, directory.as_str()).await?;
     if issuers.is_empty() {
         warn(&format!(
-            "certd: the directory {} names no issuer domain (meta.caaIdentities); the CA may not offer dns-persist-01",
-            directory
+            "certd: the directory {directory} names no issuer domain (meta.caaIdentities); the CA may not offer dns-persist-01"
         ));
         return Ok(ExitCode::FAILURE);
     }
