@@ -119,6 +119,7 @@ fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
     let Config {
         path: _, // the file reloaded is the file started with
         acme,
+        cas: _, // follows `acme` until `[ca.<name>]` is parsed
         storage,
         daemon,
         http01: _,

@@ -30,6 +30,8 @@ pub struct Config {
     /// against this file's directory.
     pub path: PathBuf,
     pub acme: AcmeConfig,
+    /// The CAs, in file order (`[acme]` is the one named `default`).
+    pub cas: Vec<CaConfig>,
     pub storage: StorageConfig,
     pub http01: Option<Http01Config>,
     pub dns01: Option<Dns01Config>,
@@ -49,6 +51,119 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.storage.state_dir.join(DB_FILE)
+    }
+
+    /// The CA called `name`.
+    pub fn ca(&self, name: &CaName) -> Option<&CaConfig> {
+        self.cas.iter().find(|c| c.name == *name)
+    }
+
+    /// The CAs of `cert`, in its order of preference.
+    pub fn cas_of<'a>(&'a self, cert: &'a CertificateConfig) -> impl Iterator<Item = &'a CaConfig> {
+        cert.ca.iter().filter_map(|n| self.ca(n))
+    }
+}
+
+/// A CA's name in the configuration: `[ca.<name>]`, or `default` for `[acme]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CaName(String);
+
+impl CaName {
+    /// The name `[acme]` goes by.
+    pub const DEFAULT: &str = "default";
+
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One CA: where it is, how certd talks to it, and the guard's limits there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaConfig {
+    pub name: CaName,
+    pub acme: AcmeConfig,
+    pub limits: CaLimits,
+    /// Which preset filled the directory, if any.
+    pub preset: Option<Preset>,
+}
+
+impl CaConfig {
+    /// `base` with this CA's limits.
+    pub fn reaper_config(&self, base: &ReaperConfig) -> ReaperConfig {
+        ReaperConfig {
+            max_pending: self.limits.max_pending,
+            failed_authz_per_identifier_per_hour: self.limits.failed_authz_per_identifier_per_hour,
+            new_orders_per_3h: self.limits.new_orders_per_3h,
+            duplicate_certificates_per_week: self.limits.duplicate_certificates_per_week,
+            ..base.clone()
+        }
+    }
+}
+
+/// The guard's limits at one CA; by default the `[reaper]` values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaLimits {
+    pub max_pending: u32,
+    pub failed_authz_per_identifier_per_hour: u32,
+    pub new_orders_per_3h: u32,
+    pub duplicate_certificates_per_week: u32,
+}
+
+impl CaLimits {
+    /// The `[reaper]` values.
+    pub fn of(reaper: &ReaperConfig) -> Self {
+        Self {
+            max_pending: reaper.max_pending,
+            failed_authz_per_identifier_per_hour: reaper.failed_authz_per_identifier_per_hour,
+            new_orders_per_3h: reaper.new_orders_per_3h,
+            duplicate_certificates_per_week: reaper.duplicate_certificates_per_week,
+        }
+    }
+}
+
+/// A well-known CA: its directory URL and whether it needs EAB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    LetsEncrypt,
+    LetsEncryptStaging,
+    ZeroSsl,
+    Google,
+    Buypass,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LetsEncrypt => "letsencrypt",
+            Self::LetsEncryptStaging => "letsencrypt-staging",
+            Self::ZeroSsl => "zerossl",
+            Self::Google => "google",
+            Self::Buypass => "buypass",
+        }
+    }
+
+    pub fn directory(self) -> &'static str {
+        match self {
+            Self::LetsEncrypt => "https://acme-v02.api.letsencrypt.org/directory",
+            Self::LetsEncryptStaging => "https://acme-staging-v02.api.letsencrypt.org/directory",
+            Self::ZeroSsl => "https://acme.zerossl.com/v2/DV90",
+            Self::Google => "https://dv.acme-v02.api.pki.goog/directory",
+            Self::Buypass => "https://api.buypass.com/acme/directory",
+        }
+    }
+
+    pub fn needs_eab(self) -> bool {
+        matches!(self, Self::ZeroSsl | Self::Google)
     }
 }
 
@@ -78,6 +193,8 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// Log filter when `RUST_LOG` is unset.
     pub log_level: String,
+    /// How long a CA may stay unreachable before the next one is tried.
+    pub ca_fallback_after: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -91,6 +208,7 @@ impl Default for DaemonConfig {
             ari_interval: Duration::from_secs(12 * 3600),
             shutdown_grace: Duration::from_secs(30),
             log_level: "info".into(),
+            ca_fallback_after: Duration::from_secs(3600),
         }
     }
 }
@@ -276,6 +394,12 @@ pub struct CertificateConfig {
     /// Where dns-01 puts the TXT record instead of `_acme-challenge.<name>`
     /// (alias mode: that name is a CNAME into a zone certd may update).
     pub dns_alias: Option<DnsAlias>,
+    /// The CAs to ask, in order of preference; never empty.
+    pub ca: Vec<CaName>,
+    /// How long the first CA may stay unreachable before the next is tried.
+    pub ca_fallback_after: Duration,
+    /// Renewals start at the CA that issued the installed certificate.
+    pub sticky: bool,
 }
 
 impl CertificateConfig {

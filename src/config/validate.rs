@@ -13,9 +13,9 @@ use toml::Spanned;
 
 use crate::config::error::{CertKey, ConfigError, Located, reword};
 use crate::config::model::{
-    AcmeConfig, CertificateConfig, Config, DaemonConfig, Dns01Config, Dns01Mode, Http01Config,
-    NotifyConfig, Preflight, ProfilePreference, PropagationConfig, ReaperConfig, Rfc2136Config,
-    Secret, StorageConfig, TlsAlpn01Config,
+    AcmeConfig, CaConfig, CaLimits, CaName, CertificateConfig, Config, DaemonConfig, Dns01Config,
+    Dns01Mode, Http01Config, NotifyConfig, Preflight, ProfilePreference, PropagationConfig,
+    ReaperConfig, Rfc2136Config, Secret, StorageConfig, TlsAlpn01Config,
 };
 use crate::config::names::{CertName, DnsAlias, Identifier, Underscore, domain_like};
 use crate::config::raw;
@@ -172,9 +172,20 @@ impl Validator<'_> {
             certificates.push(cert);
         }
 
+        // One CA, `[acme]`, until `[ca.<name>]` tables are parsed.
+        let cas = vec![CaConfig {
+            name: CaName::new(CaName::DEFAULT),
+            acme: acme.clone(),
+            limits: CaLimits::of(&reaper),
+            preset: None,
+        }];
+        for cert in &mut certificates {
+            cert.ca_fallback_after = daemon.ca_fallback_after;
+        }
         let config = Config {
             path: self.at.path.to_owned(),
             acme,
+            cas,
             storage,
             http01,
             dns01,
@@ -604,6 +615,9 @@ impl Validator<'_> {
             profile,
             reuse_key: raw.reuse_key,
             dns_alias,
+            ca: vec![CaName::new(CaName::DEFAULT)],
+            ca_fallback_after: DaemonConfig::default().ca_fallback_after,
+            sticky: false,
         })
     }
 
