@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch as channel};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
+use crate::app::cas::Cas;
 use crate::config::{ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
@@ -142,7 +143,8 @@ pub async fn run(
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
     };
-    let scheduler = Scheduler::new(ctx, services.outcomes(), cfg.clone(), shutdown.clone());
+    let cas = Cas::new(&services, cfg.clone(), ctx);
+    let scheduler = Scheduler::new(cas, services.outcomes(), cfg.clone(), shutdown.clone());
     tasks.spawn("scheduler", scheduler.run(reload_rx, request_rx));
     // Bound here, once the daemon can serve it: a socket nobody answers
     // would make a one-shot command wait for a daemon still looking for
