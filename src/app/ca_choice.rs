@@ -129,10 +129,7 @@ pub(crate) fn skip(wants: &Wants<'_>, facts: &CaFacts, now: UnixTime) -> Option<
             return Some(Skip::NoShortlived);
         }
         if !wants.required_profiles.is_empty()
-            && !wants
-                .required_profiles
-                .iter()
-                .any(|w| profiles.contains(w))
+            && !wants.required_profiles.iter().any(|w| profiles.contains(w))
         {
             return Some(Skip::NoProfile {
                 wanted: wants.required_profiles.to_vec(),
@@ -155,7 +152,12 @@ pub(crate) fn choose<'a>(
     for ca in order.iter().copied().filter(|c| !tried.contains(c)) {
         match skip(wants, &facts(ca), now) {
             Some(why) => skipped.push((ca, why)),
-            None => return Choice { ca: Some(ca), skipped },
+            None => {
+                return Choice {
+                    ca: Some(ca),
+                    skipped,
+                };
+            }
         }
     }
     // Everything is skipped: the first untried CA is the best bet.
@@ -236,7 +238,10 @@ mod tests {
         let now = clock.now();
         let c = pick(&wants(&cas, now), &[("le", down)], &[], now);
         assert_eq!(c.ca.map(CaName::as_str), Some("zerossl"));
-        assert_eq!(c.skipped, vec![(&cas[0], Skip::Unreachable { since: start })]);
+        assert_eq!(
+            c.skipped,
+            vec![(&cas[0], Skip::Unreachable { since: start })]
+        );
     }
 
     #[test]

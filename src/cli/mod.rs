@@ -202,7 +202,11 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Subcommand)]
 pub(crate) enum AccountCommand {
     /// Print the account: directory, URL, key thumbprint, credentials file.
-    Show,
+    Show {
+        /// The CA whose account to show (default: each CA that has one).
+        #[arg(long, value_name = "NAME")]
+        ca: Option<String>,
+    },
     /// Replace the account key (RFC 8555 §7.3.5); the old key stays in use
     /// until the CA confirms the change.
     Rollover,
@@ -317,7 +321,7 @@ impl Command {
                 command: AuthzCommand::List { .. },
             }
             | Command::Account {
-                command: AccountCommand::Show,
+                command: AccountCommand::Show { .. },
             }
             | Command::DnsPersist { .. } => false,
         }
@@ -489,8 +493,8 @@ async fn run_command(
             dry_run,
         } => reap::reap(&cfg, older_than, dry_run).await,
         Command::Account {
-            command: AccountCommand::Show,
-        } => account::account_show(&cfg),
+            command: AccountCommand::Show { ca },
+        } => account::account_show(&cfg, ca.as_deref()),
         Command::Account {
             command: AccountCommand::Rollover,
         } => account::account_rollover(&cfg).await,

@@ -584,7 +584,9 @@ fn push_cas(out: &mut String, rows: &[StatusRow]) {
             "  {}: {} -> {}",
             escape_control(r.name),
             r.issuer_ca.map_or_else(|| "-".into(), escape_control),
-            r.next_ca.as_deref().map_or_else(|| "-".into(), escape_control),
+            r.next_ca
+                .as_deref()
+                .map_or_else(|| "-".into(), escape_control),
         );
     }
 }

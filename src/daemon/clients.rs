@@ -12,7 +12,7 @@ use crate::acme::error_chain;
 use crate::app::ops::{self, RevokeReason};
 use crate::app::sink::Sink;
 use crate::clock::rfc3339;
-use crate::config::Config;
+use crate::config::{CaName, Config};
 use crate::daemon::control::{self, Request};
 use crate::daemon::schedule;
 use crate::hygiene::Policy;
@@ -179,7 +179,11 @@ async fn revoke_in_daemon(
         ));
         return Ok(2);
     }
-    let ctx = &handles.ctx;
+    // Revocation goes to the CA that issued the certificate.
+    let ctx = match handles.ctx.store.issuer_ca(name).await? {
+        Some(ca) if ca != handles.ctx.ca.as_str() => handles.cas.context(&CaName::new(ca)).await?,
+        _ => handles.ctx.clone(),
+    };
     if !ops::revoke_installed(&ctx.cert_dir, name, reason, &ctx.store, &ctx.account, sink).await? {
         return Ok(1);
     }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::cas::Cas;
 use crate::app::sink::{Reply, Sink};
 use crate::config::Config;
 use crate::daemon::schedule;
@@ -76,7 +77,10 @@ pub(crate) enum Request {
 /// What the daemon's command handlers work with.
 #[derive(Clone)]
 pub(crate) struct Handles {
+    /// The first CA's context.
     pub(crate) ctx: Context,
+    /// Every CA's (revocation goes to the issuer).
+    pub(crate) cas: Cas,
     pub(crate) scheduler: mpsc::Sender<schedule::Request>,
     /// The configuration last applied (reloads change it).
     pub(crate) config: watch::Receiver<Arc<Config>>,

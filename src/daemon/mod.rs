@@ -124,8 +124,10 @@ pub async fn run(
     let (reaper_tx, reaper_rx) = channel::channel(ReaperTimes::of(&cfg));
     let (config_tx, config_rx) = channel::channel(cfg.clone());
     let (request_tx, request_rx) = mpsc::channel(16);
+    let cas = Cas::new(&services, cfg.clone(), ctx.clone());
     let control = control::Handles {
         ctx: ctx.clone(),
+        cas: cas.clone(),
         scheduler: request_tx,
         config: config_rx,
     };
@@ -143,7 +145,6 @@ pub async fn run(
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
     };
-    let cas = Cas::new(&services, cfg.clone(), ctx);
     let scheduler = Scheduler::new(cas, services.outcomes(), cfg.clone(), shutdown.clone());
     tasks.spawn("scheduler", scheduler.run(reload_rx, request_rx));
     // Bound here, once the daemon can serve it: a socket nobody answers

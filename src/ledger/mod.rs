@@ -41,8 +41,8 @@ use crate::clock::Clock;
 
 use error::diagnose;
 
-pub(crate) use ca_state::CaStateRow;
 pub(crate) use authorizations::{NewAuthz, NewChallenge, PendingAuthz, StalePage};
+pub(crate) use ca_state::CaStateRow;
 pub use certificates::CertificateRow;
 pub(crate) use certificates::Installed;
 pub(crate) use error::explain;
