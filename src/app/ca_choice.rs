@@ -230,7 +230,7 @@ mod tests {
             failing_since: Some(start),
             ..CaFacts::default()
         };
-        clock.advance(HOUR - Duration::from_secs(1));
+        clock.advance(Duration::from_secs(3599));
         let now = clock.now();
         let c = pick(&wants(&cas, now), &[("le", down.clone())], &[], now);
         assert_eq!(c.ca.map(CaName::as_str), Some("le"), "not yet");
