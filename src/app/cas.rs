@@ -356,3 +356,74 @@ fn setup_error(ca: &CaName, e: SetupError) -> DriveError {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::Clock;
+
+    fn cert(list: &[&str], sticky: bool) -> CertificateConfig {
+        let text = r#"
+[acme]
+directory = "https://ca.test/dir"
+[storage]
+state_dir = "/var/lib/certd"
+cert_dir = "/etc/certd/live"
+[http01]
+listen = "127.0.0.1:80"
+[[certificate]]
+name = "www"
+domains = ["www.example.test"]
+challenges = ["http-01"]
+"#;
+        let cfg = Config::parse(Path::new("/etc/certd/config.toml"), text).expect("config");
+        let mut c = cfg.certificates[0].clone();
+        c.ca = list.iter().map(|n| CaName::new(*n)).collect();
+        c.sticky = sticky;
+        c
+    }
+
+    fn failing(ca: &str, since: UnixTime) -> CaStateRow {
+        CaStateRow {
+            ca: ca.into(),
+            failing_since: since.secs(),
+            last_error: "connection refused".into(),
+        }
+    }
+
+    /// What `status` says the next renewal tries: the first CA, the
+    /// issuer when sticky, the next once the first has failed for longer
+    /// than `ca_fallback_after`.
+    #[test]
+    fn next_ca_follows_the_list_stickiness_and_failures() {
+        let clock = Clock::fixed(UnixTime::from_secs(1_800_000_000));
+        let start = clock.now();
+        let installed = Some((start.secs() - 86_400, start.secs() + 89 * 86_400));
+        let c = cert(&["le", "zerossl"], false);
+        let next = |c: &CertificateConfig, issuer, states: &[CaStateRow], now| {
+            next_ca(c, issuer, installed, states, now).map(|n| n.to_string())
+        };
+        assert_eq!(next(&c, Some("zerossl"), &[], start).as_deref(), Some("le"));
+        let sticky = cert(&["le", "zerossl"], true);
+        assert_eq!(
+            next(&sticky, Some("zerossl"), &[], start).as_deref(),
+            Some("zerossl")
+        );
+        let down = [failing("le", start)];
+        assert_eq!(next(&c, None, &down, start).as_deref(), Some("le"));
+        clock.advance(c.ca_fallback_after + Duration::from_secs(1));
+        assert_eq!(
+            next(&c, None, &down, clock.now()).as_deref(),
+            Some("zerossl")
+        );
+    }
+
+    #[test]
+    fn the_safe_deadline_leaves_a_third_of_the_lifetime() {
+        assert_eq!(safe_deadline(0, 90), UnixTime::from_secs(60));
+        assert_eq!(safe_deadline(10, 0), UnixTime::from_secs(0));
+    }
+}
