@@ -26,7 +26,7 @@ use crate::app::Services;
 use crate::app::ca_choice::{self, CaFacts, Wants};
 use crate::clock::UnixTime;
 use crate::config::{CaName, CertificateConfig, Config};
-use crate::hygiene::GuardError;
+use crate::hygiene::{GuardError, Reaper};
 use crate::install;
 use crate::ledger::{CaStateRow, LedgerError};
 use crate::order::{self, Context, DriveError, Issued};
@@ -48,7 +48,13 @@ struct Inner {
     contexts: Mutex<HashMap<CaName, Arc<OnceCell<Context>>>>,
     /// Rate limits and pauses seen this run, per CA and certificate.
     limited: Mutex<HashMap<(CaName, String), Limited>>,
+    /// Called with the reaper of each CA created after the start (the
+    /// daemon gives it its periodic passes).
+    on_new_reaper: Mutex<Option<NewReaper>>,
 }
+
+/// What the daemon does with a CA's reaper created on first use.
+type NewReaper = Box<dyn Fn(Reaper) + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Limited {
@@ -68,8 +74,14 @@ impl Cas {
                 first,
                 contexts: Mutex::new(contexts),
                 limited: Mutex::new(HashMap::new()),
+                on_new_reaper: Mutex::new(None),
             }),
         }
+    }
+
+    /// Hands each reaper created from now on to `f`.
+    pub(crate) fn on_new_reaper(&self, f: impl Fn(Reaper) + Send + Sync + 'static) {
+        *lock(&self.inner.on_new_reaper) = Some(Box::new(f));
     }
 
     /// The first CA's context: the reaper loop, metrics and the control
@@ -113,6 +125,9 @@ impl Cas {
             .await
             .map_err(|e| setup_error(name, e))?;
         let (reaper, _) = services.reaper_at(cfg, ca, account).await?;
+        if let Some(f) = &*lock(&self.inner.on_new_reaper) {
+            f(reaper.clone());
+        }
         tracing::info!(ca = %name, directory = %ca.acme.directory, "account ready");
         Ok(services.order_context_at(cfg, ca, reaper, first.solvers.clone(), first.mode))
     }

@@ -145,7 +145,12 @@ pub async fn run(
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
     };
-    let scheduler = Scheduler::new(cas, services.outcomes(), cfg.clone(), shutdown.clone());
+    let scheduler = Scheduler::new(
+        cas.clone(),
+        services.outcomes(),
+        cfg.clone(),
+        shutdown.clone(),
+    );
     tasks.spawn("scheduler", scheduler.run(reload_rx, request_rx));
     // Bound here, once the daemon can serve it: a socket nobody answers
     // would make a one-shot command wait for a daemon still looking for
@@ -155,6 +160,11 @@ pub async fn run(
     if let Err(e) = control::start(&cfg.storage.state_dir, control, &tasks.tracker, &shutdown) {
         tracing::error!(error = %e, "cannot serve the control socket; certd renew, revoke and reap cannot reach this daemon");
     }
+    // A CA first used later gets its passes on the same schedule.
+    let (spawner, times, stop) = (tasks.clone(), reaper_rx.clone(), shutdown.clone());
+    cas.on_new_reaper(move |reaper| {
+        spawner.spawn("reaper", reaper_loop(reaper, times.clone(), stop.clone()));
+    });
     tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
     tasks.spawn(
         "config watcher",
