@@ -28,16 +28,31 @@ pub(super) async fn account_session_for(
     cfg: &Config,
     issued: Option<&str>,
 ) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
-    ensure_dirs(cfg)?;
-    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     let issuer = match issued {
-        Some(name) => store.issuer_ca(name).await?.map(CaName::new),
+        Some(name) => {
+            ensure_dirs(cfg)?;
+            let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
+            let issuer = store.issuer_ca(name).await;
+            store.close().await;
+            issuer?.map(CaName::new)
+        }
         None => None,
     };
     let ca = issuer
         .as_ref()
         .and_then(|n| cfg.ca(n))
         .unwrap_or_else(|| primary_ca(cfg));
+    account_session_at(cfg, ca).await
+}
+
+/// Opens the ledger and loads the existing account at `ca`, or explains
+/// why not.
+async fn account_session_at(
+    cfg: &Config,
+    ca: &CaConfig,
+) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
+    ensure_dirs(cfg)?;
+    let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     match existing_account_at(cfg, ca, &store).await? {
         Some(reaper) => Ok(Some((store, reaper.account().clone()))),
         None => {
@@ -168,11 +183,37 @@ fn show_one(cfg: &Config, ca: &CaConfig) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn account_rollover(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let Some((store, account)) = account_session(cfg).await? else {
-        return Ok(ExitCode::FAILURE);
+/// `account rollover`: the account at `ca`; by default the one CA's as
+/// before, or with several each CA that has an account.
+pub(super) async fn account_rollover(cfg: &Config, ca: Option<&str>) -> anyhow::Result<ExitCode> {
+    let cas: Vec<&CaConfig> = match ca {
+        Some(name) => match cfg.ca(&CaName::new(name)) {
+            Some(ca) => vec![ca],
+            None => {
+                errln!("certd: no CA named {name:?} in {}", cfg.path.display());
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None if cfg.cas.len() == 1 => vec![primary_ca(cfg)],
+        None => cfg
+            .cas
+            .iter()
+            .filter(|c| {
+                credentials_path(&cfg.storage.state_dir, c.acme.directory.as_str()).exists()
+            })
+            .collect(),
     };
-    let code = ops::rollover(&account, cfg, &Sink::Terminal).await;
-    store.close().await;
+    let several = cas.len() > 1;
+    let mut code = 0;
+    for ca in cas {
+        if several {
+            outln!("ca {}:", ca.name);
+        }
+        let Some((store, account)) = account_session_at(cfg, ca).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        code = code.max(ops::rollover(&account, cfg, &Sink::Terminal).await);
+        store.close().await;
+    }
     Ok(ExitCode::from(code))
 }

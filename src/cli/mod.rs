@@ -209,7 +209,12 @@ pub(crate) enum AccountCommand {
     },
     /// Replace the account key (RFC 8555 §7.3.5); the old key stays in use
     /// until the CA confirms the change.
-    Rollover,
+    Rollover {
+        /// The CA whose account key to replace (default: each CA that has
+        /// an account).
+        #[arg(long, value_name = "NAME")]
+        ca: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,7 +315,7 @@ impl Command {
                 command: AuthzCommand::Deactivate { .. },
             }
             | Command::Account {
-                command: AccountCommand::Rollover,
+                command: AccountCommand::Rollover { .. },
             } => true,
             Command::Reap { dry_run, .. } => !dry_run,
             Command::GenerateAssets { .. }
@@ -374,8 +379,11 @@ impl Command {
                 ignore_budget: *ignore_budget,
             },
             Command::Account {
-                command: AccountCommand::Rollover,
+                command: AccountCommand::Rollover { ca: None },
             } => Request::Rollover,
+            Command::Account {
+                command: AccountCommand::Rollover { ca: Some(ca) },
+            } => Request::RolloverAt { ca: ca.clone() },
             _ => return None,
         })
     }
@@ -496,8 +504,8 @@ async fn run_command(
             command: AccountCommand::Show { ca },
         } => account::account_show(&cfg, ca.as_deref()),
         Command::Account {
-            command: AccountCommand::Rollover,
-        } => account::account_rollover(&cfg).await,
+            command: AccountCommand::Rollover { ca },
+        } => account::account_rollover(&cfg, ca.as_deref()).await,
         Command::DnsPersist {
             command: DnsPersistCommand::Show { name },
         } => persist::show(&cfg, &name).await,

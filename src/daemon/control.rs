@@ -71,7 +71,12 @@ pub(crate) enum Request {
         include_valid: bool,
         ignore_budget: bool,
     },
+    /// Every CA's account that exists (the one CA's, with one).
     Rollover,
+    /// The account at the CA of this name.
+    RolloverAt {
+        ca: String,
+    },
 }
 
 /// What the daemon's command handlers work with.
