@@ -69,6 +69,13 @@ impl Parsed {
             }
             .map_err(|m| file.at.error(m))?;
         }
+        // `[acme]` is the CA `default`: it takes the files just read.
+        let acme = config.acme.clone();
+        for ca in &mut config.cas {
+            if ca.name.as_str() == crate::config::CaName::DEFAULT {
+                ca.acme = acme.clone();
+            }
+        }
         Ok(config)
     }
 }
