@@ -120,6 +120,12 @@ pub(super) async fn renew(
         if let Some(staging) = staging_directory(&cfg.acme.directory) {
             cfg.acme.directory = staging;
         }
+        // Every CA with a staging twin is asked there instead.
+        for ca in &mut cfg.cas {
+            if let Some(staging) = staging_directory(&ca.acme.directory) {
+                ca.acme.directory = staging;
+            }
+        }
         outln!(
             "dry run against {}: certificates are issued and discarded; nothing is installed, nothing reloaded",
             cfg.acme.directory
