@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch as channel};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
+use crate::app::cas::Cas;
 use crate::config::{ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
@@ -123,8 +124,10 @@ pub async fn run(
     let (reaper_tx, reaper_rx) = channel::channel(ReaperTimes::of(&cfg));
     let (config_tx, config_rx) = channel::channel(cfg.clone());
     let (request_tx, request_rx) = mpsc::channel(16);
+    let cas = Cas::new(&services, cfg.clone(), ctx.clone());
     let control = control::Handles {
         ctx: ctx.clone(),
+        cas: cas.clone(),
         scheduler: request_tx,
         config: config_rx,
     };
@@ -136,13 +139,19 @@ pub async fn run(
         config: config_tx,
         metrics,
         ctx: ctx.clone(),
+        cas: cas.clone(),
         services: services.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
     };
-    let scheduler = Scheduler::new(ctx, services.outcomes(), cfg.clone(), shutdown.clone());
+    let scheduler = Scheduler::new(
+        cas.clone(),
+        services.outcomes(),
+        cfg.clone(),
+        shutdown.clone(),
+    );
     tasks.spawn("scheduler", scheduler.run(reload_rx, request_rx));
     // Bound here, once the daemon can serve it: a socket nobody answers
     // would make a one-shot command wait for a daemon still looking for
@@ -152,6 +161,11 @@ pub async fn run(
     if let Err(e) = control::start(&cfg.storage.state_dir, control, &tasks.tracker, &shutdown) {
         tracing::error!(error = %e, "cannot serve the control socket; certd renew, revoke and reap cannot reach this daemon");
     }
+    // A CA first used later gets its passes on the same schedule.
+    let (spawner, times, stop) = (tasks.clone(), reaper_rx.clone(), shutdown.clone());
+    cas.on_new_reaper(move |reaper| {
+        spawner.spawn("reaper", reaper_loop(reaper, times.clone(), stop.clone()));
+    });
     tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
     tasks.spawn(
         "config watcher",
