@@ -769,6 +769,10 @@ struct Host {
 
 impl Host {
     async fn new(pg: &Postgres, id: &str, key: [u8; 32]) -> Self {
+        Self::with_db(open(pg).await, id, key)
+    }
+
+    fn with_db(db: FleetDb, id: &str, key: [u8; 32]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
         std::fs::create_dir(&certs).expect("cert dir");
@@ -786,7 +790,7 @@ impl Host {
             },
         );
         Self {
-            db: open(pg).await,
+            db,
             dir,
             host: Arc::new(host),
         }
@@ -981,7 +985,14 @@ async fn a_host_started_after_the_publication_reconciles_at_start() {
 async fn after_a_database_restart_the_host_reconciles_and_files_hold_while_it_is_down() {
     let mut pg = Postgres::launch();
     let ca = TestCa::new();
-    let host = Host::new(&pg, "host-a", KEY_A).await;
+    // A failed connect gives up after 2 s (sqlx's pool retries until its
+    // acquire timeout).
+    let opts = DbOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..DbOptions::default()
+    };
+    let db = FleetDb::open(&pg.url(), &opts).await.expect("open");
+    let host = Host::with_db(db, "host-a", KEY_A);
     let publisher = open(&pg).await;
     // Reconnect attempts every 4 s: the second publication goes in before
     // the host can listen again, so only the reconcile after reconnecting

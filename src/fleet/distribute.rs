@@ -533,6 +533,11 @@ pub(super) async fn listen(db: &FleetDb, channel: &str) -> Result<PgListener, Db
     let mut listener = PgListener::connect_with(db.pool())
         .await
         .map_err(|e| db.error(e))?;
+    // A lost connection must surface at once (`try_recv` gives `None`) so
+    // the caller knows notifications were lost and catches up after its
+    // own reconnect; reconnecting inside `try_recv` would hide the loss
+    // and hold the caller for a whole connect timeout.
+    listener.eager_reconnect(false);
     listener.listen(channel).await.map_err(|e| db.error(e))?;
     Ok(listener)
 }
