@@ -1138,4 +1138,57 @@ async fn the_heartbeat_task_keeps_a_member_live_until_stopped() {
     assert!(last.0 < 5_000, "last_seen {} ms ago", last.0);
     let end = task.stop().await;
     assert_eq!(end.failures, 0, "{end:?}");
+    // Stopped, it no longer beats: the member drops out of a short window.
+    eventually("the stopped member is no longer live", || async {
+        let live = db
+            .live_members(Duration::from_millis(500))
+            .await
+            .expect("live");
+        live.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_serving_other_names_refuses_the_issuance_and_keeps_its_files() {
+    let pg = Postgres::launch();
+    let ca = TestCa::new();
+    let db = open(&pg).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Configured for another name than the one the publisher's order had.
+    let host = FleetHost::new(
+        holder("host-x"),
+        dir.path().to_owned(),
+        FleetKey::from_bytes(&KEY_A),
+    )
+    .with_cert(
+        WEB,
+        CertTarget {
+            domains: vec!["other.fleet.test".to_owned()],
+            reload: vec![format!("touch '{}'", dir.path().join("reloaded").display())],
+        },
+    );
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let serial = publish(&db, KEY_A, &chain, &key_pem).await;
+
+    let err = host.pull(&db, WEB).await.unwrap_err();
+    assert!(matches!(err, PullError::Verify { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(WEB_NAME) && msg.contains("other.fleet.test"),
+        "{msg}"
+    );
+    assert!(!dir.path().join(WEB).exists(), "nothing installed");
+    assert!(!dir.path().join("reloaded").exists(), "nothing reloaded");
+    let rows = db.installs(WEB).await.expect("installs");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].serial, serial);
+    assert!(!rows[0].installed, "{rows:?}");
+    assert!(
+        rows[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(WEB_NAME)
+    );
 }
