@@ -332,16 +332,31 @@ impl FleetHost {
             });
             // Whatever was announced while no listener was up is lost:
             // catch up now.
-            let mut next =
-                tokio::time::Instant::now() + self.reconcile_pass(db, opts, status).await;
+            // Installs and reloads are cut short when cancelled: the
+            // installer's swap is atomic, and a dropped reload command is
+            // killed with its process group.
+            let Some(wait) = until_cancelled(cancel, self.reconcile_pass(db, opts, status)).await
+            else {
+                return;
+            };
+            let mut next = tokio::time::Instant::now() + wait;
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep_until(next) => {
-                        next = tokio::time::Instant::now() + self.reconcile_pass(db, opts, status).await;
+                        let Some(wait) = until_cancelled(cancel, self.reconcile_pass(db, opts, status)).await
+                        else {
+                            return;
+                        };
+                        next = tokio::time::Instant::now() + wait;
                     }
                     n = listener.try_recv() => match n {
-                        Ok(Some(n)) => self.pull_announced(db, n.payload(), status).await,
+                        Ok(Some(n)) => {
+                            let pull = self.pull_announced(db, n.payload(), status);
+                            if until_cancelled(cancel, pull).await.is_none() {
+                                return;
+                            }
+                        }
                         Ok(None) | Err(_) => break,
                     },
                 }
@@ -525,6 +540,17 @@ impl FleetHost {
             .ok()
             .flatten()
             .map(|info| info.serial)
+    }
+}
+
+/// Runs `work` unless `cancel` fires first (`None`).
+async fn until_cancelled<T>(
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        () = cancel.cancelled() => None,
+        done = work => Some(done),
     }
 }
 
