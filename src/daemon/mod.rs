@@ -38,9 +38,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as channel};
 use tokio_util::sync::CancellationToken;
 
+use crate::acme::credentials_path;
 use crate::app::Services;
 use crate::app::cas::Cas;
-use crate::config::{ChallengeKind, Config};
+use crate::config::{CaName, ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
 use crate::solver::{ChallengeSettings, Solvers};
@@ -167,6 +168,31 @@ pub async fn run(
         spawner.spawn("reaper", reaper_loop(reaper, times.clone(), stop.clone()));
     });
     tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
+    // The other CAs this state directory has accounts at: their reapers
+    // recover what an earlier run left unfinished there and settle stale
+    // authorizations, rather than wait for the next order to go there.
+    let others: Vec<CaName> = cfg
+        .cas
+        .iter()
+        .filter(|c| c.name != ctx.ca)
+        .filter(|c| credentials_path(&cfg.storage.state_dir, c.acme.directory.as_str()).exists())
+        .map(|c| c.name.clone())
+        .collect();
+    if !others.is_empty() {
+        let (cas, stop) = (cas.clone(), shutdown.clone());
+        tasks.spawn("other CAs", async move {
+            for name in others {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    built = cas.context(&name) => {
+                        if let Err(e) = built {
+                            tracing::warn!(ca = %name, error = %e, "cannot load the account at this CA yet; it is loaded when an order goes there");
+                        }
+                    }
+                }
+            }
+        });
+    }
     tasks.spawn(
         "config watcher",
         watch::watch_config(reloader, listeners.reload),
