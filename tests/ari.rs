@@ -487,6 +487,7 @@ fn an_ari_driven_renewal_costs_one_renewal_info_get() {
             .filter(|r| r != "POST /authZ/" && r != "POST /my-order/")
             .collect()
     };
+    crate::util::forget_valid_authz(&env);
     let forced = requests_of(&["renew", "--force"]);
     assert!(forced.contains(&"POST /authZ/".to_owned()), "{forced:#?}");
     let forced = unpolled(forced);
@@ -507,6 +508,7 @@ fn an_ari_driven_renewal_costs_one_renewal_info_get() {
     findable_by_pebble(&env, "cost");
     let (pem, _, _) = installed_leaf(&env, "cost");
     set_renewal_info(&env, &pem, &window(-7200, -3600));
+    crate::util::forget_valid_authz(&env);
     let driven = unpolled(requests_of(&["renew"]));
     let mut expected = forced.clone();
     expected.push("GET /dir".to_owned());

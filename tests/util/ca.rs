@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::prelude::BASE64_URL_SAFE_NO_PAD;
 use certd::acme::AcmeHttp;
-use certd::acme::raw::{AuthzObject, RawSigner, account_orders, fetch_authz, fetch_order};
+use certd::acme::raw::{
+    AuthzObject, RawSigner, account_orders, deactivate_authz, fetch_authz, fetch_order,
+};
 use instant_acme::{Account, AccountCredentials};
 
 use super::TestEnv;
@@ -283,6 +285,36 @@ pub fn validate_outside_certd(env: &TestEnv, authz_url: &str) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => panic!("{authz_url} is {other} at the CA, not valid"),
+            }
+        }
+    });
+}
+
+/// Deactivates, as certd's account but outside certd, every valid
+/// authorization of the account's orders at the CA. Pebble reuses a valid
+/// authorization 1 % of the time even at `PEBBLE_AUTHZREUSE=0`; a test that
+/// counts the requests of a fresh validation first makes sure there is
+/// none to reuse.
+pub fn forget_valid_authz(env: &TestEnv) {
+    let creds = account_credentials(env);
+    as_account(env, &creds, |http, signer| async move {
+        let urls = account_orders(&http, &signer)
+            .await
+            .expect("the account's orders list")
+            .expect("Pebble names the account's orders list");
+        for url in urls {
+            let order = fetch_order(&http, &signer, &url)
+                .await
+                .unwrap_or_else(|e| panic!("fetch order {url}: {e}"));
+            for a in &order.authorizations {
+                let object = fetch_authz(&http, &signer, a)
+                    .await
+                    .unwrap_or_else(|e| panic!("fetch authorization {a}: {e}"));
+                if object.status == "valid" {
+                    deactivate_authz(&http, &signer, a)
+                        .await
+                        .unwrap_or_else(|e| panic!("deactivate {a}: {e}"));
+                }
             }
         }
     });

@@ -32,8 +32,8 @@ pub use self::{
     bind::Bind,
     ca::{
         CaOrder, assert_ca_status, assert_nothing_pending_at_ca, ca_authz_objects,
-        ca_authz_statuses, ca_certificate, ca_orders, fetch_authz_as, ledger_authz,
-        ledger_authz_urls, ledger_events, validate_outside_certd,
+        ca_authz_statuses, ca_certificate, ca_orders, fetch_authz_as, forget_valid_authz,
+        ledger_authz, ledger_authz_urls, ledger_events, validate_outside_certd,
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
