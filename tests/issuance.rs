@@ -61,10 +61,12 @@ key_type = "ecdsa-p384"
         "ari_window_end",
         "ari_window_start",
         "domains",
+        "issuer_ca",
         "last_attempt_at",
         "last_error",
         "last_result",
         "name",
+        "next_ca",
         "next_renewal_at",
         "not_after",
         "pending_authz",
@@ -84,6 +86,9 @@ key_type = "ecdsa-p384"
         assert_eq!(row["last_result"], "ok");
         assert_eq!(row["last_error"], Value::Null);
         assert_eq!(row["pending_authz"], 0);
+        // One CA, `[acme]`: it is the CA named `default`.
+        assert_eq!(row["issuer_ca"], "default");
+        assert_eq!(row["next_ca"], "default");
         assert!(row["not_after"].is_string() && row["next_renewal_at"].is_string());
     }
     let by_name = |n: &str| status.iter().find(|r| r["name"] == n).expect("row");

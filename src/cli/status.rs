@@ -117,7 +117,7 @@ pub(super) async fn run(
     };
     let rows: Vec<StatusRow> = selected
         .iter()
-        .map(|c| status_row(c, &ledger, cfg.cas.len() > 1, now))
+        .map(|c| status_row(c, &ledger, now))
         .collect();
     let text = match mode {
         Mode::Json => {
@@ -333,14 +333,11 @@ struct StatusRow<'a> {
     ari_next_check: Option<i64>,
     /// Why the last ARI check failed; the window above still holds.
     ari_error: Option<&'a str>,
-    /// The CA (its configured name) that issued the installed certificate.
-    /// Both CA keys appear with several CAs configured (a string or null),
-    /// so the one-CA output stays as it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    issuer_ca: Option<Option<&'a str>>,
+    /// The CA (its configured name) that issued the installed certificate;
+    /// null when none is installed, or certd does not know which.
+    issuer_ca: Option<&'a str>,
     /// The CA the next renewal will try first.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_ca: Option<Option<String>>,
+    next_ca: Option<String>,
 }
 
 /// A CA rate limit in `status --json`.
@@ -360,7 +357,6 @@ struct PauseStatus<'a> {
 fn status_row<'a>(
     c: &'a CertificateConfig,
     ledger: &'a LedgerView,
-    several_cas: bool,
     now: UnixTime,
 ) -> StatusRow<'a> {
     let entry = ledger.certificates.get(c.name.as_str());
@@ -414,20 +410,17 @@ fn status_row<'a>(
         ari_checked_at: ari.and_then(|r| r.ari_checked_at),
         ari_next_check: ari.and_then(|r| r.ari_next_check),
         ari_error: ari.and_then(|r| r.ari_error.as_deref()),
-        issuer_ca: several_cas.then(|| {
-            row.filter(|_| installed)
-                .and_then(|r| r.issuer_ca.as_deref())
-        }),
-        next_ca: several_cas.then(|| {
-            next_ca(
-                c,
-                row.and_then(|r| r.issuer_ca.as_deref()),
-                row.and_then(|r| r.not_before.zip(r.not_after)),
-                &ledger.ca_states,
-                now,
-            )
-            .map(|n| n.to_string())
-        }),
+        issuer_ca: row
+            .filter(|_| installed)
+            .and_then(|r| r.issuer_ca.as_deref()),
+        next_ca: next_ca(
+            c,
+            row.and_then(|r| r.issuer_ca.as_deref()),
+            row.and_then(|r| r.not_before.zip(r.not_after)),
+            &ledger.ca_states,
+            now,
+        )
+        .map(|n| n.to_string()),
     }
 }
 
@@ -593,8 +586,8 @@ fn push_cas(out: &mut String, rows: &[StatusRow]) {
             out,
             "  {}: {} -> {}",
             escape_control(r.name),
-            escape_control(r.issuer_ca.flatten().unwrap_or("-")),
-            escape_control(r.next_ca.as_ref().and_then(Option::as_deref).unwrap_or("-")),
+            escape_control(r.issuer_ca.unwrap_or("-")),
+            escape_control(r.next_ca.as_deref().unwrap_or("-")),
         );
     }
 }
@@ -737,12 +730,8 @@ fn push_detail_block(
     item(out, "Serial:", r.serial.unwrap_or("-"));
     item(out, "Issuer:", issuer.as_deref().unwrap_or("-"));
     if cfg.cas.len() > 1 {
-        item(out, "Issuing CA:", r.issuer_ca.flatten().unwrap_or("-"));
-        item(
-            out,
-            "Next CA:",
-            r.next_ca.as_ref().and_then(Option::as_deref).unwrap_or("-"),
-        );
+        item(out, "Issuing CA:", r.issuer_ca.unwrap_or("-"));
+        item(out, "Next CA:", r.next_ca.as_deref().unwrap_or("-"));
     }
     item(out, "Key type:", c.key_type.as_str());
     let profile = if c.profile.names.is_empty() {
