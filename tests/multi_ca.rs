@@ -94,12 +94,23 @@ fn new_orders(pebble: &Pebble) -> usize {
 
 /// The end of every test: at each CA, every authorization of every order
 /// the CA lists for certd's account is in the ledger (`certd authz list`),
-/// and none is pending at either CA.
+/// `certd status` shows a block for each account, and no authorization is
+/// pending at either CA.
 fn assert_ledger_matches_cas(env: &TestEnv, cas: &[CaTable]) {
     let recorded = ledger_authz_urls(&ledger_authz(env));
+    let status = env.certd(&["status"]);
+    status.assert_success();
     for table in cas {
         let ca = CaAccount::at(env, table);
         if ca.exists() {
+            assert!(
+                status
+                    .stdout
+                    .contains(&format!("directory: {}", table.directory)),
+                "no account block for CA {}: {}",
+                table.name,
+                status.stdout
+            );
             for order in ca_orders_at(&ca) {
                 for authz in order.authz.keys() {
                     assert!(
