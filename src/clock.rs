@@ -19,10 +19,6 @@ use time::format_description::well_known::Rfc3339;
 pub struct UnixTime(i64);
 
 impl UnixTime {
-    pub fn now() -> Self {
-        Self::from_system(SystemTime::now())
-    }
-
     pub fn from_secs(secs: i64) -> Self {
         Self(secs)
     }
@@ -47,11 +43,6 @@ impl UnixTime {
             self.0
                 .saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
         )
-    }
-
-    /// Time from now until `self`, zero if it has passed.
-    pub fn until(self) -> Duration {
-        Duration::from_secs(u64::try_from(self.0 - Self::now().0).unwrap_or(0))
     }
 
     pub fn rfc3339(self) -> String {

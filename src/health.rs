@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::clock::UnixTime;
 use crate::config::CertificateConfig;
-use crate::ledger::CertificateRow;
+use crate::ledger::{CertificateRow, LastResult};
 
 /// The part of a certificate's lifetime left at which a failing renewal
 /// becomes critical: a sixth, half of the usual renewal window (renewal
@@ -53,7 +53,7 @@ pub(crate) fn assess(
 ) -> (Level, Option<String>) {
     let name = cert.name.as_str();
     let now = now.secs();
-    let failing = row.is_some_and(|r| r.last_result.as_deref() == Some("error"));
+    let failing = row.is_some_and(|r| r.last_result == Some(LastResult::Error));
     let error = || {
         row.and_then(|r| r.last_error.clone())
             .unwrap_or_else(|| "unknown error".into())
@@ -169,7 +169,11 @@ mod tests {
             installed_at: None,
             version: None,
             last_attempt_at: Some(0),
-            last_result: Some(if error.is_some() { "error" } else { "ok" }.into()),
+            last_result: Some(if error.is_some() {
+                LastResult::Error
+            } else {
+                LastResult::Ok
+            }),
             last_error: error.map(String::from),
             next_renewal_at: Some(next),
             consecutive_failures: i64::from(error.is_some()),

@@ -47,7 +47,7 @@ fn status_of(env: &TestEnv, name: &str) -> serde_json::Value {
 /// Seconds from now to the RFC 3339 time `v`.
 fn secs_until(v: &serde_json::Value) -> i64 {
     let t = certd::clock::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339");
-    t - certd::clock::UnixTime::now().secs()
+    t - certd::clock::Clock::system().now().secs()
 }
 
 /// A per-set limit (Boulder's "exact set of identifiers", `Retry-After:

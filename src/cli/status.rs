@@ -21,7 +21,7 @@ use crate::app::sink::write_stdout_all;
 use crate::clock::{Clock, UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
-use crate::ledger::{ACCOUNT_SCOPE, CertificateRow, Ledger, PauseRow, ReaperSummary};
+use crate::ledger::{ACCOUNT_SCOPE, CertificateRow, LastResult, Ledger, PauseRow, ReaperSummary};
 use crate::text::escape_control;
 
 /// What `certd status` prints.
@@ -298,7 +298,7 @@ struct StatusRow<'a> {
     serial: Option<&'a str>,
     #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
     last_attempt_at: Option<i64>,
-    last_result: Option<&'a str>,
+    last_result: Option<LastResult>,
     last_error: Option<&'a str>,
     #[serde(serialize_with = "crate::clock::serialize_opt_rfc3339")]
     next_renewal_at: Option<i64>,
@@ -356,7 +356,7 @@ fn status_row<'a>(
     // The ledger's next time holds while the installed certificate fits the
     // configuration, or while a failed attempt waits for its retry;
     // otherwise the certificate is due now.
-    let failing = row.is_some_and(|r| r.last_result.as_deref() == Some("error"));
+    let failing = row.is_some_and(|r| r.last_result == Some(LastResult::Error));
     // An ARI answer about a certificate no longer installed says nothing.
     let ari = row.filter(|r| r.ari_serial.is_some() && r.ari_serial == r.serial);
     let next = match row.and_then(|r| r.next_renewal_at) {
@@ -370,7 +370,7 @@ fn status_row<'a>(
         not_after: row.and_then(|r| r.not_after),
         serial: row.and_then(|r| r.serial.as_deref()),
         last_attempt_at: row.and_then(|r| r.last_attempt_at),
-        last_result: row.and_then(|r| r.last_result.as_deref()),
+        last_result: row.and_then(|r| r.last_result),
         last_error: row.and_then(|r| r.last_error.as_deref()),
         next_renewal_at: Some(next),
         pending_authz: ledger.pending.get(c.name.as_str()).copied().unwrap_or(0),
@@ -527,7 +527,7 @@ fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime, width:
         let pending = cell.len();
         let last = match (r.last_attempt_at, r.last_result) {
             (None, _) => "never",
-            (Some(_), Some("ok")) => "ok",
+            (Some(_), Some(LastResult::Ok)) => "ok",
             (Some(_), _) => "error",
         };
         push_row(
@@ -540,7 +540,7 @@ fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime, width:
                 last,
             ],
         );
-        if r.last_result.is_some_and(|l| l != "ok") {
+        if r.last_result == Some(LastResult::Error) {
             push_detail(out, "error", r.last_error.unwrap_or("unknown"), width);
         } else if let Some(w) = r.profile_warning {
             push_detail(out, "warning", w, width);
@@ -738,7 +738,7 @@ fn push_detail_block(
             (None, _) => "never".into(),
         },
     );
-    if r.last_result.is_some_and(|l| l != "ok") {
+    if r.last_result == Some(LastResult::Error) {
         item(out, "Last error:", r.last_error.unwrap_or("unknown"));
     }
     item(out, "Pending authorizations:", &r.pending_authz.to_string());
@@ -891,7 +891,7 @@ mod tests {
             not_after: Some(now.secs() + 10 * 86_400),
             serial: None,
             last_attempt_at: Some(now.secs()),
-            last_result: Some("error"),
+            last_result: Some(LastResult::Error),
             last_error: Some(error),
             next_renewal_at: Some(now.secs() + 3600),
             pending_authz: 1,

@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(key(0).id().to_string(), "66687aadf862bd77");
         assert_eq!(
             format!("{:?}", key(0)),
-            "FleetKey { id: KeyId(66687aadf862bd77) }"
+            "FleetKey { id: KeyId(66687aadf862bd77), .. }"
         );
     }
 

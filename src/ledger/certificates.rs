@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{Ledger, LedgerError, Result};
+use super::{LastResult, Ledger, LedgerError, Result};
 
 /// A row of `certificates`.
 #[derive(Debug, Clone, Default, FromRow, serde::Deserialize)]
@@ -16,7 +16,7 @@ pub struct CertificateRow {
     pub installed_at: Option<i64>,
     pub version: Option<String>,
     pub last_attempt_at: Option<i64>,
-    pub last_result: Option<String>,
+    pub last_result: Option<LastResult>,
     pub last_error: Option<String>,
     pub next_renewal_at: Option<i64>,
     pub consecutive_failures: i64,
@@ -308,8 +308,8 @@ mod tests {
         );
         let row = s.certificate("www").await.unwrap().unwrap();
         assert_eq!(
-            (row.consecutive_failures, row.last_result.as_deref()),
-            (0, Some("ok"))
+            (row.consecutive_failures, row.last_result),
+            (0, Some(LastResult::Ok))
         );
         assert_eq!(row.domain_list(), d);
     }

@@ -48,7 +48,7 @@ pub use error::{LedgerError, Result};
 pub(crate) use events::ReaperSummary;
 pub(crate) use lock::{FileIdentity, StateLock};
 pub(crate) use model::{Actor, AriRecord, AriWindow, ChallengeStatus, Identifiers, OrderStep};
-pub use model::{AuthzStatus, EventKind, OrderStatus, UnknownValue};
+pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
 

@@ -74,6 +74,13 @@ macro_rules! stored_text {
             }
         }
 
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
         impl sqlx::Type<Sqlite> for $name {
             fn type_info() -> SqliteTypeInfo {
                 <&str as sqlx::Type<Sqlite>>::type_info()
@@ -219,6 +226,16 @@ impl From<AuthzStatus> for ChallengeStatus {
             AuthzStatus::Revoked => ChallengeStatus::Revoked,
             AuthzStatus::Gone => ChallengeStatus::Gone,
         }
+    }
+}
+
+stored_text! {
+    /// How a certificate's last attempt ended (`certificates.last_result`).
+    pub enum LastResult ("last result") {
+        /// Issued and installed, or nothing was due.
+        Ok = "ok",
+        /// Failed: `last_error` says why.
+        Error = "error",
     }
 }
 
