@@ -555,3 +555,117 @@ fn a_missing_webroot_is_not_created() {
         "nothing is created for a missing webroot"
     );
 }
+
+/// The CAs of a configuration with several: each mistake names the file,
+/// line and key, exits 2 and creates nothing.
+#[test]
+fn several_cas_errors_name_file_line_and_key() {
+    let storage = "[storage]\nstate_dir = \"state\"\ncert_dir = \"certs\"\n\n[http01]\nlisten = \"127.0.0.1:5002\"\n";
+    let cert = "[[certificate]]\nname = \"www\"\ndomains = [\"example.test\"]\n";
+    let two = format!("[ca.letsencrypt]\n\n[ca.buypass]\n\n{storage}\n{cert}");
+    // Both CAs named, in order: valid.
+    let (code, stderr, _, _dir) = check(&format!("{two}ca = [\"buypass\", \"letsencrypt\"]\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+    // An unknown CA name in a certificate.
+    assert_error(
+        &format!("{two}ca = [\"letsencrypt\", \"zerossl\"]\n"),
+        15,
+        "certificate[0].ca[1]",
+        "no CA is named \"zerossl\"",
+    );
+    // An empty list.
+    assert_error(
+        &format!("{two}ca = []\n"),
+        15,
+        "certificate[0].ca",
+        "an empty list",
+    );
+    // Several CAs, none `default`, and no `ca`.
+    assert_error(
+        &two,
+        13,
+        "certificate[0].ca",
+        "ca = [\"letsencrypt\", \"buypass\"]",
+    );
+    // A preset that needs EAB, without EAB: by name and by `preset`.
+    assert_error(
+        &format!("[ca.zerossl]\n\n{storage}\n{cert}"),
+        1,
+        "ca.zerossl",
+        "zerossl requires External Account Binding: set eab_kid and eab_hmac_key_file",
+    );
+    assert_error(
+        &format!("[ca.gts]\npreset = \"google\"\n\n{storage}\n{cert}"),
+        2,
+        "ca.gts.preset",
+        "google requires External Account Binding",
+    );
+    // A duplicate CA name: [acme] is `default`.
+    assert_error(
+        &format!("{BASE}\n[ca.default]\npreset = \"buypass\"\n"),
+        15,
+        "ca.default",
+        "[ca.default] and [acme] both define the CA named \"default\"",
+    );
+    // The same table twice is TOML's error, at the second.
+    let (code, stderr, path, _dir) = check(&format!(
+        "[ca.buypass]\n\n[ca.buypass]\n\n{storage}\n{cert}"
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{path}:3:")), "{stderr}");
+    assert!(stderr.contains("ca.buypass"), "{stderr}");
+    // Two CAs with one directory: one account, so one CA.
+    assert_error(
+        &format!(
+            "[ca.letsencrypt]\n\n[ca.le]\ndirectory = \"https://acme-v02.api.letsencrypt.org/directory\"\n\n{storage}\n{cert}"
+        ),
+        3,
+        "ca.le",
+        "same directory as [ca.letsencrypt]",
+    );
+    // No CA at all, even with an empty [ca] table.
+    for text in [
+        format!("{storage}\n{cert}"),
+        format!("[ca]\n\n{storage}\n{cert}"),
+    ] {
+        let (code, stderr, path, dir) = check(&text);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert_eq!(
+            stderr,
+            format!("certd: {path}:1:1: (top level): the [acme] section is missing\n")
+        );
+        assert!(!dir.path().join("state").exists());
+    }
+}
+
+/// `[acme]` beside `[ca.<name>]` tables: the certificates without `ca` use
+/// `default`, and `check-config` accepts each way of naming a CA.
+#[test]
+fn acme_beside_ca_tables_is_the_default() {
+    let text = format!(
+        "{BASE}\n[[certificate]]\nname = \"api\"\ndomains = [\"api.test\"]\nca = [\"buypass\", \"default\"]\nca_fallback_after = \"30m\"\nsticky = true\n\n[ca.buypass]\nmax_pending = 20\n\n[ca.private]\ndirectory = \"https://ca.test/dir\"\nnew_orders_per_3h = 10\n\n[daemon]\nca_fallback_after = \"2h\"\n"
+    );
+    let (code, stderr, _, _dir) = check(&text);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_error(
+        &text.replace("sticky = true", "sticky = \"yes\""),
+        20,
+        "certificate[1].sticky",
+        "expected true or false",
+    );
+    assert_error(
+        &text.replace("max_pending = 20", "max_pending = -1"),
+        23,
+        "ca.buypass.max_pending",
+        "whole number from 1",
+    );
+    assert_error(
+        &text.replace(
+            "ca_fallback_after = \"2h\"",
+            "ca_fallback_after = \"2 hours\"",
+        ),
+        30,
+        "daemon.ca_fallback_after",
+        "invalid duration",
+    );
+}

@@ -74,8 +74,9 @@ impl Services {
     /// Loads the ACME account `cfg` names (creating it at the CA when the
     /// state directory has none): one attempt.
     pub(crate) async fn account(&self, cfg: &Config) -> Result<AcmeAccount, SetupError> {
-        let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), self.clock.clone())?;
-        AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, &self.store, http).await
+        let acme = &cfg.primary_ca().acme;
+        let http = AcmeHttp::new(acme.ca_bundle.as_deref(), self.clock.clone())?;
+        AcmeAccount::load_or_create(acme, &cfg.storage.state_dir, &self.store, http).await
     }
 
     /// The reaper of `account`, and the orders an earlier run left
@@ -113,7 +114,7 @@ impl Services {
             reaper,
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
             renew_remaining: cfg.daemon.renew_remaining,
-            trusted_roots: cfg.acme.trusted_roots.clone(),
+            trusted_roots: cfg.primary_ca().acme.trusted_roots.clone(),
             mode,
         }
     }

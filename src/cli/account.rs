@@ -23,7 +23,7 @@ pub(super) async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Ledg
         None => {
             errln!(
                 "certd: no ACME account for {} in {} yet (`certd renew` creates it)",
-                cfg.acme.directory,
+                cfg.primary_ca().acme.directory,
                 cfg.storage.state_dir.display()
             );
             store.close().await;
@@ -38,13 +38,13 @@ pub(super) async fn existing_account(
     cfg: &Config,
     store: &Ledger,
 ) -> anyhow::Result<Option<Reaper>> {
-    let directory = cfg.acme.directory.to_string();
+    let acme = &cfg.primary_ca().acme;
+    let directory = acme.directory.to_string();
     if !credentials_path(&cfg.storage.state_dir, &directory).exists() {
         return Ok(None);
     }
-    let http = AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
-    let account =
-        AcmeAccount::load_or_create(&cfg.acme, &cfg.storage.state_dir, store, http).await?;
+    let http = AcmeHttp::new(acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
+    let account = AcmeAccount::load_or_create(acme, &cfg.storage.state_dir, store, http).await?;
     Ok(Some(Reaper::new(
         store.clone(),
         account,
@@ -55,7 +55,8 @@ pub(super) async fn existing_account(
 /// Reads the account from its credentials file only: no ledger, no CA, and
 /// nothing created (a reading command, see the module's doc).
 pub(super) fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let directory = cfg.acme.directory.to_string();
+    let acme = &cfg.primary_ca().acme;
+    let directory = acme.directory.to_string();
     let path = credentials_path(&cfg.storage.state_dir, &directory);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -89,13 +90,13 @@ pub(super) fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
     );
     outln!(
         "contact:     {}",
-        if cfg.acme.contact.is_empty() {
+        if acme.contact.is_empty() {
             "(none)".to_owned()
         } else {
-            cfg.acme.contact.join(", ")
+            acme.contact.join(", ")
         }
     );
-    if let Some(eab) = &cfg.acme.eab {
+    if let Some(eab) = &acme.eab {
         outln!("eab kid:     {}", eab.kid);
     }
     Ok(ExitCode::SUCCESS)

@@ -82,7 +82,7 @@ pub(super) async fn authz_deactivate(
     let Some(reaper) = existing_account(cfg, &store).await? else {
         errln!(
             "certd: no ACME account for {} in {}: certd created no authorizations there",
-            cfg.acme.directory,
+            cfg.primary_ca().acme.directory,
             cfg.storage.state_dir.display()
         );
         return Ok(ExitCode::FAILURE);

@@ -267,6 +267,31 @@ fn config_page() -> Roff {
          any other change waits for a restart, which the log and certd status name.",
     );
 
+    r.control("SH", ["SEVERAL CAS"]);
+    para(
+        &mut r,
+        "[acme] names one CA, called default. For several, write one [ca.NAME] table per \
+         CA (NAME: lowercase letters, digits, - and _); it takes every key [acme] takes, \
+         and preset = \"NAME\" instead of directory: letsencrypt, letsencrypt-staging, \
+         buypass, zerossl and google (the last two need eab_kid and eab_hmac_key_file). A \
+         [ca.NAME] table named after a preset and without a directory uses that preset. \
+         max_pending, failed_authz_per_identifier_per_hour, new_orders_per_3h and \
+         duplicate_certificates_per_week set the limits certd keeps to at that CA \
+         (default: [reaper]'s). Two tables may not name the same directory, and [acme] \
+         may not stand beside [ca.default].",
+    );
+    para(
+        &mut r,
+        "In a [[certificate]], ca = [\"letsencrypt\", \"buypass\"] lists the CAs to \
+         try, best first (default: the only CA, else default, else it must be set). The \
+         next is tried when one cannot issue soon: unreachable longer than \
+         ca_fallback_after (default: [daemon] ca_fallback_after, 1h), rate-limited past \
+         the renewal deadline, or missing what the certificate needs; never after a \
+         failed validation. sticky = true renews at the CA that issued the installed \
+         certificate instead of the first. A certificate's ca, ca_fallback_after and \
+         sticky apply at a reload; a change to a CA table waits for a restart.",
+    );
+
     r.control("SH", ["KEYS"]);
     para(
         &mut r,
@@ -486,5 +511,8 @@ mod tests {
             config.contains("webroot = \"/var/www/acme\""),
             "the quick-start examples"
         );
+        for key in ["[ca.NAME]", "preset", "ca_fallback_after", "sticky"] {
+            assert!(config.contains(key), "{key} on certd.toml(5)");
+        }
     }
 }

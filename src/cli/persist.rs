@@ -35,11 +35,16 @@ pub(super) async fn show(cfg: &Config, name: &str) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
     store.close().await;
-    let issuers = caa_identities(&account.http, cfg.acme.directory.as_str()).await?;
+    let directory = &cfg
+        .cas_of(cert)
+        .next()
+        .unwrap_or(cfg.primary_ca())
+        .acme
+        .directory;
+    let issuers = caa_identities(&account.http, directory.as_str()).await?;
     if issuers.is_empty() {
         warn(&format!(
-            "certd: the directory {} names no issuer domain (meta.caaIdentities); the CA may not offer dns-persist-01",
-            cfg.acme.directory
+            "certd: the directory {directory} names no issuer domain (meta.caaIdentities); the CA may not offer dns-persist-01"
         ));
         return Ok(ExitCode::FAILURE);
     }

@@ -77,7 +77,10 @@ pub(super) async fn renew(
             (&verdict, &installed, force)
         {
             if http.is_none() {
-                http = Some(AcmeHttp::new(cfg.acme.ca_bundle.as_deref(), clock.clone())?);
+                http = Some(AcmeHttp::new(
+                    cfg.primary_ca().acme.ca_bundle.as_deref(),
+                    clock.clone(),
+                )?);
             }
             if let Some(http) = &http
                 && let Some(window) =
@@ -116,12 +119,16 @@ pub(super) async fn renew(
 
     crate::app::dirs::ensure_dirs(&cfg)?;
     let mode = if dry_run {
-        if let Some(staging) = staging_directory(&cfg.acme.directory) {
-            cfg.acme.directory = staging;
+        // Every CA: whichever a certificate falls back to, a dry run
+        // must not order from production.
+        for ca in &mut cfg.cas {
+            if let Some(staging) = staging_directory(&ca.acme.directory) {
+                ca.acme.directory = staging;
+            }
         }
         outln!(
             "dry run against {}: certificates are issued and discarded; nothing is installed, nothing reloaded",
-            cfg.acme.directory
+            cfg.primary_ca().acme.directory
         );
         order::RunMode::DryRun
     } else {
@@ -184,7 +191,13 @@ async fn ari_window(
     {
         return recorded_window;
     }
-    let answer = ari::renewal_info(http, cfg.acme.directory.as_str(), info.ari_id.as_deref()).await;
+    let directory = &cfg
+        .cas_of(c)
+        .next()
+        .unwrap_or(cfg.primary_ca())
+        .acme
+        .directory;
+    let answer = ari::renewal_info(http, directory.as_str(), info.ari_id.as_deref()).await;
     let interval = cfg.daemon.ari_interval;
     let (window, next_check, error) = match answer {
         Ok(a) => {

@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use crate::config::{AcmeConfig, Config, DaemonConfig, StorageConfig};
+use crate::config::{AcmeConfig, CaConfig, Config, DaemonConfig, StorageConfig};
 
 /// What an edit changes: the sections swapped in place, and the keys that
 /// wait for a restart.
@@ -19,7 +19,7 @@ pub(crate) struct Change {
     /// Sections of the new configuration that differ from the running one.
     pub(crate) live: Vec<Live>,
     /// Keys whose new value differs from the one the process started with.
-    pub(crate) restart: Vec<&'static str>,
+    pub(crate) restart: Vec<String>,
 }
 
 impl Change {
@@ -48,6 +48,8 @@ pub(crate) enum Live {
     TlsAlpn01,
     Dns01,
     MetricsListen,
+    /// `[reaper]`, and the limits of each CA, which default to its
+    /// (`CaConfig::reaper_config` combines them).
     Reaper,
 }
 
@@ -86,7 +88,15 @@ impl Live {
             Self::TlsAlpn01 => a.tls_alpn01 != b.tls_alpn01,
             Self::Dns01 => a.dns01 != b.dns01,
             Self::MetricsListen => a.metrics_listen != b.metrics_listen,
-            Self::Reaper => a.reaper != b.reaper,
+            Self::Reaper => {
+                a.reaper != b.reaper
+                    || a.cas.iter().any(|ca| {
+                        b.cas
+                            .iter()
+                            .find(|other| other.name == ca.name)
+                            .is_some_and(|other| other.limits != ca.limits)
+                    })
+            }
         }
     }
 }
@@ -108,17 +118,17 @@ fn live_daemon(d: &DaemonConfig) -> DaemonConfig {
 
 /// The keys whose value in `new` differs from the one the process started
 /// with and that take effect only at the next start.
-fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
+fn restart_keys(started: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
-    let mut check = |key, changed: bool| {
+    let mut check = |key: &str, changed: bool| {
         if changed {
-            keys.push(key);
+            keys.push(key.to_owned());
         }
     };
     // No `..`: every field is either live (see `Live`) or compared here.
     let Config {
         path: _, // the file reloaded is the file started with
-        acme,
+        cas,
         storage,
         daemon,
         http01: _,
@@ -129,21 +139,17 @@ fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
         notify: _,
         certificates: _,
     } = started;
-    let AcmeConfig {
-        directory,
-        contact,
-        ca_bundle,
-        eab,
-        trusted_roots,
-    } = acme;
-    check("acme.directory", *directory != new.acme.directory);
-    check("acme.contact", *contact != new.acme.contact);
-    check("acme.ca_bundle", *ca_bundle != new.acme.ca_bundle);
-    check("acme.eab", *eab != new.acme.eab);
-    check(
-        "acme.trusted_roots",
-        *trusted_roots != new.acme.trusted_roots,
-    );
+    // A CA is its account: one added, removed or moved elsewhere waits for
+    // a restart, which opens (or drops) the account there.
+    for ca in cas {
+        match new.ca(&ca.name) {
+            None => check(&ca.table, true),
+            Some(now) => ca_keys(ca, now, &mut check),
+        }
+    }
+    for ca in new.cas.iter().filter(|ca| started.ca(&ca.name).is_none()) {
+        check(&ca.table, true);
+    }
     let StorageConfig {
         state_dir,
         cert_dir,
@@ -152,6 +158,33 @@ fn restart_keys(started: &Config, new: &Config) -> Vec<&'static str> {
     check("storage.cert_dir", *cert_dir != new.storage.cert_dir);
     check("daemon.log_level", daemon.log_level != new.daemon.log_level);
     keys
+}
+
+/// The restart-needed keys of one CA, started as `ca`, now `new`.
+fn ca_keys(ca: &CaConfig, new: &CaConfig, check: &mut impl FnMut(&str, bool)) {
+    let CaConfig {
+        name: _,  // how both were found
+        table: _, // moving [acme] into [ca.default] changes nothing
+        acme,
+        limits: _, // live, see `Live::Reaper`
+        preset: _, // how the directory was written: `directory` compares it
+    } = ca;
+    let AcmeConfig {
+        directory,
+        contact,
+        ca_bundle,
+        eab,
+        trusted_roots,
+    } = acme;
+    let key = |field: &str| format!("{}.{field}", new.table);
+    check(&key("directory"), *directory != new.acme.directory);
+    check(&key("contact"), *contact != new.acme.contact);
+    check(&key("ca_bundle"), *ca_bundle != new.acme.ca_bundle);
+    check(&key("eab"), *eab != new.acme.eab);
+    check(
+        &key("trusted_roots"),
+        *trusted_roots != new.acme.trusted_roots,
+    );
 }
 
 #[cfg(test)]
@@ -286,5 +319,69 @@ challenges = ["http-01", "dns-01"]
         let change = Change::between(&base, &base, &edited);
         assert_eq!(change.restart, ["acme.trusted_roots"]);
         assert_eq!(change.live, []);
+    }
+
+    /// A CA table waits for a restart (it is an account), by its key; its
+    /// limits and a certificate's choice of CAs apply live.
+    #[test]
+    fn ca_tables_wait_for_a_restart_and_certificate_choices_apply_live() {
+        let two = BASE.replacen("[storage]", "[ca.buypass]\nmax_pending = 10\n[storage]", 1);
+        let base = parse(&two);
+        let cases: &[(&str, &str, &[&str], &[String])] = &[
+            (
+                "[ca.buypass]",
+                "[ca.other]\ndirectory = \"https://other.test/dir\"",
+                &[],
+                &["ca.buypass".to_owned(), "ca.other".to_owned()],
+            ),
+            (
+                "[ca.buypass]",
+                "[ca.buypass]\ncontact = [\"mailto:x@example.com\"]",
+                &[],
+                &["ca.buypass.contact".to_owned()],
+            ),
+            (
+                "[ca.buypass]",
+                "[ca.buypass]\ndirectory = \"https://buypass.test/dir\"",
+                &[],
+                &["ca.buypass.directory".to_owned()],
+            ),
+            // The same directory, written as a preset's: nothing changes.
+            (
+                "[ca.buypass]",
+                "[ca.buypass]\npreset = \"buypass\"",
+                &[],
+                &[],
+            ),
+            ("max_pending = 10", "max_pending = 11", &["reaper"], &[]),
+            (
+                "challenges = [\"http-01\", \"dns-01\"]",
+                "challenges = [\"http-01\", \"dns-01\"]\nca = [\"buypass\", \"default\"]\nsticky = true\nca_fallback_after = \"5m\"",
+                &["certificate"],
+                &[],
+            ),
+            (
+                "log_level = \"info\"",
+                "log_level = \"info\"\nca_fallback_after = \"2h\"",
+                &["certificate", "daemon"],
+                &[],
+            ),
+        ];
+        for (find, replace, live, restart) in cases {
+            assert!(two.contains(find), "{find}");
+            let edited = parse(&two.replacen(find, replace, 1));
+            let change = Change::between(&base, &base, &edited);
+            let keys: Vec<&str> = change.live.iter().map(|s| s.key()).collect();
+            assert_eq!(keys, *live, "{replace}");
+            assert_eq!(change.restart, *restart, "{replace}");
+        }
+        // [acme] moved into [ca.default] unchanged is the same CA.
+        let moved = parse(&BASE.replace("[acme]", "[ca.default]"));
+        let plain = parse(BASE);
+        let change = Change::between(&plain, &plain, &moved);
+        assert_eq!(
+            (change.live, change.restart),
+            (vec![], Vec::<String>::new())
+        );
     }
 }

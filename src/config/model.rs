@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,9 @@ pub struct Config {
     /// The file it was read from; relative paths inside it were resolved
     /// against this file's directory.
     pub path: PathBuf,
-    pub acme: AcmeConfig,
+    /// The CAs, in file order: `[acme]` (named `default`) and each
+    /// `[ca.<name>]`. Never empty; names and directories are distinct.
+    pub cas: Vec<CaConfig>,
     pub storage: StorageConfig,
     pub http01: Option<Http01Config>,
     pub dns01: Option<Dns01Config>,
@@ -49,6 +52,182 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.storage.state_dir.join(DB_FILE)
+    }
+
+    /// The CA named `name`.
+    pub fn ca(&self, name: &CaName) -> Option<&CaConfig> {
+        self.cas.iter().find(|ca| ca.name == *name)
+    }
+
+    /// The CAs `c` may use, in its order of preference (`ca = [...]`).
+    /// Parsing made sure each name is a configured CA.
+    pub fn cas_of<'a>(&'a self, c: &'a CertificateConfig) -> impl Iterator<Item = &'a CaConfig> {
+        c.ca.iter().filter_map(|name| self.ca(name))
+    }
+
+    /// The CA of the one-CA code paths: `default` if configured, else the
+    /// first in the file. A stand-in until every caller picks the CA of
+    /// the certificate it acts for.
+    pub fn primary_ca(&self) -> &CaConfig {
+        let default = CaName::default_ca();
+        // Parsing refuses a configuration without a CA, so `cas` is never
+        // empty and indexing the first is safe.
+        self.ca(&default).unwrap_or(&self.cas[0])
+    }
+}
+
+/// A CA's name in the configuration: `[ca.<name>]`, or `default` for
+/// `[acme]`. Lowercase letters, digits, `-` and `_`, as the ledger and
+/// `certd status` show it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CaName(String);
+
+impl CaName {
+    /// The name `[acme]` gets.
+    pub const DEFAULT: &'static str = "default";
+
+    /// `default`, the CA of `[acme]`.
+    pub fn default_ca() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for CaName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = (1..=63).contains(&s.len())
+            && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?} is not a CA name: use up to 63 lowercase letters, digits, '-' and '_', starting with a letter or digit"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for CaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One CA: where it is, the account certd holds there, and the limits
+/// certd keeps to there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaConfig {
+    pub name: CaName,
+    /// The table that defines it, as errors and reload reports name it:
+    /// `acme` or `ca.<name>`.
+    pub table: String,
+    pub acme: AcmeConfig,
+    /// The guard's limits at this CA.
+    pub limits: CaLimits,
+    /// The preset that filled the directory, if one did.
+    pub preset: Option<Preset>,
+}
+
+impl CaConfig {
+    /// `base` (the `[reaper]` settings) with this CA's limits.
+    pub fn reaper_config(&self, base: &ReaperConfig) -> ReaperConfig {
+        let CaLimits {
+            max_pending,
+            failed_authz_per_identifier_per_hour,
+            new_orders_per_3h,
+            duplicate_certificates_per_week,
+        } = self.limits;
+        ReaperConfig {
+            max_pending,
+            failed_authz_per_identifier_per_hour,
+            new_orders_per_3h,
+            duplicate_certificates_per_week,
+            ..base.clone()
+        }
+    }
+}
+
+/// The limits the guard keeps to at one CA; each defaults to `[reaper]`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaLimits {
+    pub max_pending: u32,
+    pub failed_authz_per_identifier_per_hour: u32,
+    pub new_orders_per_3h: u32,
+    pub duplicate_certificates_per_week: u32,
+}
+
+impl CaLimits {
+    /// The limits `[reaper]` sets for every CA.
+    pub fn of(reaper: &ReaperConfig) -> Self {
+        Self {
+            max_pending: reaper.max_pending,
+            failed_authz_per_identifier_per_hour: reaper.failed_authz_per_identifier_per_hour,
+            new_orders_per_3h: reaper.new_orders_per_3h,
+            duplicate_certificates_per_week: reaper.duplicate_certificates_per_week,
+        }
+    }
+}
+
+/// A well-known public CA: a directory URL and whether it needs External
+/// Account Binding. Nothing is fetched to know either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Preset {
+    LetsEncrypt,
+    LetsEncryptStaging,
+    ZeroSsl,
+    Google,
+    Buypass,
+}
+
+impl Preset {
+    pub const ALL: [Self; 5] = [
+        Self::LetsEncrypt,
+        Self::LetsEncryptStaging,
+        Self::ZeroSsl,
+        Self::Google,
+        Self::Buypass,
+    ];
+
+    /// As `preset = "..."` (and a `[ca.<name>]` of that name) spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LetsEncrypt => "letsencrypt",
+            Self::LetsEncryptStaging => "letsencrypt-staging",
+            Self::ZeroSsl => "zerossl",
+            Self::Google => "google",
+            Self::Buypass => "buypass",
+        }
+    }
+
+    /// The preset called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The ACME directory URL.
+    pub fn directory(self) -> Url {
+        let url = match self {
+            Self::LetsEncrypt => "https://acme-v02.api.letsencrypt.org/directory",
+            Self::LetsEncryptStaging => "https://acme-staging-v02.api.letsencrypt.org/directory",
+            Self::ZeroSsl => "https://acme.zerossl.com/v2/DV90",
+            Self::Google => "https://dv.acme-v02.api.pki.goog/directory",
+            Self::Buypass => "https://api.buypass.com/acme/directory",
+        };
+        // Invariant: each constant above is an absolute https URL (the
+        // unit test `presets` parses every one).
+        Url::parse(url).expect("a preset's directory is a valid URL")
+    }
+
+    /// Whether the CA refuses accounts without External Account Binding.
+    pub fn needs_eab(self) -> bool {
+        matches!(self, Self::ZeroSsl | Self::Google)
     }
 }
 
@@ -78,6 +257,9 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// Log filter when `RUST_LOG` is unset.
     pub log_level: String,
+    /// How long a CA may stay unreachable (or answer 5xx) before a
+    /// certificate moves on to its next CA; each certificate may set its own.
+    pub ca_fallback_after: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -91,6 +273,7 @@ impl Default for DaemonConfig {
             ari_interval: Duration::from_secs(12 * 3600),
             shutdown_grace: Duration::from_secs(30),
             log_level: "info".into(),
+            ca_fallback_after: Duration::from_secs(3600),
         }
     }
 }
@@ -276,6 +459,14 @@ pub struct CertificateConfig {
     /// Where dns-01 puts the TXT record instead of `_acme-challenge.<name>`
     /// (alias mode: that name is a CNAME into a zone certd may update).
     pub dns_alias: Option<DnsAlias>,
+    /// The CAs to order from, best first; never empty, each configured.
+    pub ca: Vec<CaName>,
+    /// How long the CA tried may stay unreachable before the next one in
+    /// `ca` is tried (default: `[daemon] ca_fallback_after`).
+    pub ca_fallback_after: Duration,
+    /// Renew at the CA that issued the installed certificate rather than
+    /// at the first in `ca`.
+    pub sticky: bool,
 }
 
 impl CertificateConfig {

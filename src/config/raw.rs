@@ -10,7 +10,11 @@ use toml::Spanned;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Config {
-    pub acme: Acme,
+    /// The one-CA form: the CA named `default`.
+    pub acme: Option<Spanned<Acme>>,
+    /// `[ca.<name>]` tables, in file order.
+    #[serde(default)]
+    pub ca: CaTables,
     pub storage: Storage,
     pub http01: Option<Http01>,
     pub dns01: Option<Dns01>,
@@ -47,6 +51,7 @@ pub(super) struct Daemon {
     pub ari_interval: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub log_level: Option<Spanned<String>>,
+    pub ca_fallback_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +64,74 @@ pub(super) struct Acme {
     pub eab_kid: Option<Spanned<String>>,
     pub eab_hmac_key_file: Option<Spanned<String>>,
     pub trusted_roots: Option<Spanned<String>>,
+}
+
+/// `[ca.<name>]`: what `[acme]` takes, a directory that a preset may
+/// fill, and the guard's limits at this CA.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Ca {
+    pub directory: Option<Spanned<String>>,
+    pub preset: Option<Spanned<String>>,
+    #[serde(default)]
+    pub contact: Vec<Spanned<String>>,
+    pub ca_bundle: Option<Spanned<String>>,
+    pub eab_kid: Option<Spanned<String>>,
+    pub eab_hmac_key_file: Option<Spanned<String>>,
+    pub trusted_roots: Option<Spanned<String>>,
+    pub max_pending: Option<Spanned<i64>>,
+    pub failed_authz_per_identifier_per_hour: Option<Spanned<i64>>,
+    pub new_orders_per_3h: Option<Spanned<i64>>,
+    pub duplicate_certificates_per_week: Option<Spanned<i64>>,
+}
+
+impl From<Acme> for Ca {
+    /// `[acme]` is a CA table without a preset or limits of its own.
+    fn from(a: Acme) -> Self {
+        Self {
+            directory: Some(a.directory),
+            preset: None,
+            contact: a.contact,
+            ca_bundle: a.ca_bundle,
+            eab_kid: a.eab_kid,
+            eab_hmac_key_file: a.eab_hmac_key_file,
+            trusted_roots: a.trusted_roots,
+            max_pending: None,
+            failed_authz_per_identifier_per_hour: None,
+            new_orders_per_3h: None,
+            duplicate_certificates_per_week: None,
+        }
+    }
+}
+
+/// The `[ca.<name>]` tables with their names' spans, in the order the
+/// file gives them (a map type would sort them).
+#[derive(Default)]
+pub(super) struct CaTables(pub Vec<(Spanned<String>, Ca)>);
+
+impl<'de> Deserialize<'de> for CaTables {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CaTables;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table per CA, like [ca.letsencrypt]")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<CaTables, A::Error> {
+                let mut tables = Vec::new();
+                while let Some(entry) = map.next_entry::<Spanned<String>, Ca>()? {
+                    tables.push(entry);
+                }
+                Ok(CaTables(tables))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -181,6 +254,9 @@ pub(super) struct Certificate {
     #[serde(default)]
     pub reuse_key: bool,
     pub dns_alias: Option<Spanned<String>>,
+    pub ca: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ca_fallback_after: Option<Spanned<String>>,
+    pub sticky: Option<bool>,
 }
 
 /// `profile = "name"` or `profile = ["first", "second"]`; anything

@@ -31,12 +31,13 @@ pub(super) struct FileRef {
 /// What a named file holds, and where its content goes.
 #[derive(Debug)]
 pub(super) enum FileKind {
-    /// `acme.ca_bundle`: PEM certificates; the path is kept, the file checked.
+    /// A CA's `ca_bundle`: PEM certificates; the path is kept, the file checked.
     CaBundle,
-    /// `acme.eab_hmac_key_file`, with the `eab_kid` it belongs to.
-    EabKey { kid: String },
-    /// `acme.trusted_roots`.
-    TrustedRoots,
+    /// `eab_hmac_key_file` of the CA at `ca` in `Config::cas`, with the
+    /// `eab_kid` it belongs to.
+    EabKey { ca: usize, kid: String },
+    /// `trusted_roots` of the CA at `ca` in `Config::cas`.
+    TrustedRoots { ca: usize },
     /// `dns01.rfc2136.secret_file`.
     TsigSecret,
 }
@@ -54,12 +55,11 @@ impl Parsed {
             let path = &file.path;
             match file.kind {
                 FileKind::CaBundle => check_ca_bundle(path),
-                FileKind::EabKey { kid } => read_secret_file(path)
+                FileKind::EabKey { ca, kid } => read_secret_file(path)
                     .and_then(|text| decode_eab_key(path, &text))
-                    .map(|hmac_key| config.acme.eab = Some(Eab { kid, hmac_key })),
-                FileKind::TrustedRoots => {
-                    TrustedRoots::load(path).map(|roots| config.acme.trusted_roots = Some(roots))
-                }
+                    .map(|hmac_key| config.cas[ca].acme.eab = Some(Eab { kid, hmac_key })),
+                FileKind::TrustedRoots { ca } => TrustedRoots::load(path)
+                    .map(|roots| config.cas[ca].acme.trusted_roots = Some(roots)),
                 FileKind::TsigSecret => read_tsig_secret(path).map(|secret| {
                     if let Some(Dns01Mode::Rfc2136(r)) = config.dns01.as_mut().map(|d| &mut d.mode)
                     {
@@ -245,7 +245,12 @@ mod tests {
             &format!("trusted_roots = \"{}\"\ncontact = [", path.display()),
         );
         expect_error(&text, 4, "acme.trusted_roots", "no PEM certificate");
-        assert!(parse(BASE).expect("valid").acme.trusted_roots.is_none());
+        assert!(
+            parse(BASE).expect("valid").cas[0]
+                .acme
+                .trusted_roots
+                .is_none()
+        );
     }
 
     /// A malformed EAB key is reported without any of its characters or

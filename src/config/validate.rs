@@ -13,9 +13,9 @@ use toml::Spanned;
 
 use crate::config::error::{CertKey, ConfigError, Located, reword};
 use crate::config::model::{
-    AcmeConfig, CertificateConfig, Config, DaemonConfig, Dns01Config, Dns01Mode, Http01Config,
-    NotifyConfig, Preflight, ProfilePreference, PropagationConfig, ReaperConfig, Rfc2136Config,
-    Secret, StorageConfig, TlsAlpn01Config,
+    AcmeConfig, CaConfig, CaLimits, CaName, CertificateConfig, Config, DaemonConfig, Dns01Config,
+    Dns01Mode, Http01Config, NotifyConfig, Preflight, Preset, ProfilePreference, PropagationConfig,
+    ReaperConfig, Rfc2136Config, Secret, StorageConfig, TlsAlpn01Config,
 };
 use crate::config::names::{CertName, DnsAlias, Identifier, Underscore, domain_like};
 use crate::config::raw;
@@ -68,7 +68,8 @@ impl Validator<'_> {
         let relative = |p: &str| resolve_path(self.at.path, p);
         let mut files = Vec::new();
 
-        let acme = self.acme(raw.acme, &relative, &mut files)?;
+        let reaper = self.reaper(raw.reaper)?;
+        let cas = self.cas(raw.acme, raw.ca, &reaper, &relative, &mut files)?;
         let storage = StorageConfig {
             state_dir: relative(&raw.storage.state_dir),
             cert_dir: relative(&raw.storage.cert_dir),
@@ -115,7 +116,6 @@ impl Validator<'_> {
                 listen: self.parse_spanned(&t.listen, "tls_alpn01.listen", parse_socket_addr)?,
             }),
         };
-        let reaper = self.reaper(raw.reaper)?;
         let daemon = self.daemon(raw.daemon)?;
         let metrics_listen = match raw.metrics {
             Some(m) => Some(self.parse_spanned(&m.listen, "metrics.listen", parse_socket_addr)?),
@@ -136,6 +136,17 @@ impl Validator<'_> {
             }),
         };
 
+        let defaults = CertDefaults {
+            cas: &cas,
+            ca: if cas.len() == 1 {
+                Some(cas[0].name.clone())
+            } else {
+                cas.iter()
+                    .map(|c| c.name.clone())
+                    .find(|n| n.as_str() == CaName::DEFAULT)
+            },
+            ca_fallback_after: daemon.ca_fallback_after,
+        };
         let mut certificates = Vec::with_capacity(raw.certificate.len());
         let mut names = HashSet::new();
         // Each (domain, key type) with the certificate that first lists it.
@@ -148,7 +159,7 @@ impl Validator<'_> {
                 .iter()
                 .map(|d| d.span())
                 .collect::<Vec<_>>();
-            let cert = self.certificate(i, c, solvers, &mut names)?;
+            let cert = self.certificate(i, c, solvers, &defaults, &mut names)?;
             // Two certificates for one name and key type are two orders for
             // it, each renewed on its own, against the CA's duplicate
             // limits; which one a web server uses is left to chance. With
@@ -174,7 +185,7 @@ impl Validator<'_> {
 
         let config = Config {
             path: self.at.path.to_owned(),
-            acme,
+            cas,
             storage,
             http01,
             dns01,
@@ -322,62 +333,214 @@ impl Validator<'_> {
         if let Some(l) = raw.log_level {
             cfg.log_level = self.parse_spanned(&l, "daemon.log_level", parse_log_level)?;
         }
+        if let Some(d) = raw.ca_fallback_after {
+            cfg.ca_fallback_after = self.duration(&d, "daemon.ca_fallback_after")?;
+        }
         Ok(cfg)
     }
 
-    fn acme(
+    /// The CAs: `[acme]` (named `default`) and each `[ca.<name>]`, in
+    /// file order, their limits defaulting to `reaper`'s.
+    fn cas(
         &self,
-        raw: raw::Acme,
+        acme: Option<Spanned<raw::Acme>>,
+        tables: raw::CaTables,
+        reaper: &ReaperConfig,
         relative: &impl Fn(&str) -> PathBuf,
         files: &mut Vec<FileRef>,
-    ) -> Result<AcmeConfig, ConfigError> {
-        let directory = self.parse_spanned(&raw.directory, "acme.directory", parse_directory)?;
+    ) -> Result<Vec<CaConfig>, ConfigError> {
+        // (where the table starts, name, its span, table key, its keys)
+        let mut entries = Vec::with_capacity(tables.0.len() + 1);
+        let has_acme = acme.is_some();
+        if let Some(acme) = acme {
+            let span = acme.span();
+            let name = Spanned::new(span.clone(), CaName::DEFAULT.to_owned());
+            entries.push((
+                span.start,
+                name,
+                "acme".to_owned(),
+                raw::Ca::from(acme.into_inner()),
+            ));
+        }
+        for (name, table) in tables.0 {
+            let key = format!("ca.{}", name.get_ref());
+            if has_acme && name.get_ref() == CaName::DEFAULT {
+                return Err(self.at.error(
+                    name.span(),
+                    Some(key),
+                    "[ca.default] and [acme] both define the CA named \"default\"; keep one of them"
+                        .into(),
+                ));
+            }
+            entries.push((name.span().start, name, key, table));
+        }
+        if entries.is_empty() {
+            // Worded for the one-CA file most operators write.
+            return Err(self.at.error(
+                0..0,
+                Some("(top level)".into()),
+                "the [acme] section is missing".into(),
+            ));
+        }
+        entries.sort_by_key(|e| e.0);
+        let mut cas: Vec<CaConfig> = Vec::with_capacity(entries.len());
+        for (index, (_, name, table, raw)) in entries.into_iter().enumerate() {
+            let ca = self.ca(index, &name, table, raw, reaper, relative, files)?;
+            if let Some(other) = cas.iter().find(|c| c.acme.directory == ca.acme.directory) {
+                return Err(self.at.error(
+                    name.span(),
+                    Some(ca.table.clone()),
+                    format!(
+                        "has the same directory as [{}] ({}): certd holds one account per directory, so one table per CA",
+                        other.table, ca.acme.directory
+                    ),
+                ));
+            }
+            cas.push(ca);
+        }
+        Ok(cas)
+    }
+
+    /// One CA table (`table` is `acme` or `ca.<name>`); `index` is its
+    /// place in `Config::cas`, where `resolve` puts what its files hold.
+    #[allow(clippy::too_many_arguments)]
+    fn ca(
+        &self,
+        index: usize,
+        name: &Spanned<String>,
+        table: String,
+        raw: raw::Ca,
+        reaper: &ReaperConfig,
+        relative: &impl Fn(&str) -> PathBuf,
+        files: &mut Vec<FileRef>,
+    ) -> Result<CaConfig, ConfigError> {
+        let key = |field: &str| format!("{table}.{field}");
+        let ca_name: CaName = self.parse_spanned(name, &table, |s| s.parse())?;
+        let (directory, preset) = match (&raw.directory, &raw.preset) {
+            (Some(_), Some(p)) => {
+                return Err(self.at.error(
+                    p.span(),
+                    Some(key("preset")),
+                    "set either `directory` or `preset`, not both".into(),
+                ));
+            }
+            (Some(d), None) => (
+                self.parse_spanned(d, key("directory"), parse_directory)?,
+                None,
+            ),
+            (None, Some(p)) => {
+                let preset = self.parse_spanned(p, key("preset"), parse_preset)?;
+                (preset.directory(), Some(preset))
+            }
+            (None, None) => match Preset::from_name(ca_name.as_str()) {
+                Some(preset) => (preset.directory(), Some(preset)),
+                None => {
+                    return Err(self.at.error(
+                        name.span(),
+                        Some(table),
+                        format!(
+                            "needs `directory` (the CA's ACME directory URL) or `preset` (one of {})",
+                            preset_names()
+                        ),
+                    ));
+                }
+            },
+        };
         let mut contact = Vec::new();
         for (i, c) in raw.contact.iter().enumerate() {
-            let key = format!("acme.contact[{i}]");
-            contact.push(self.parse_spanned(c, &key, parse_contact)?);
+            contact.push(self.parse_spanned(c, key(&format!("contact[{i}]")), parse_contact)?);
         }
         let ca_bundle = raw.ca_bundle.map(|p| {
-            let file = self.file(&p, "acme.ca_bundle", relative, FileKind::CaBundle);
+            let file = self.file(&p, &key("ca_bundle"), relative, FileKind::CaBundle);
             let path = file.path.clone();
             files.push(file);
             path
         });
         match (raw.eab_kid, &raw.eab_hmac_key_file) {
-            (None, None) => {}
+            (None, None) => {
+                if let Some(preset) = preset.filter(|p| p.needs_eab()) {
+                    let (span, at) = match &raw.preset {
+                        Some(p) => (p.span(), key("preset")),
+                        None => (name.span(), table.clone()),
+                    };
+                    return Err(self.at.error(
+                        span,
+                        Some(at),
+                        format!(
+                            "{} requires External Account Binding: set eab_kid and eab_hmac_key_file (the CA's account page gives both)",
+                            preset.name()
+                        ),
+                    ));
+                }
+            }
             (Some(kid), Some(file)) => files.push(self.file(
                 file,
-                "acme.eab_hmac_key_file",
+                &key("eab_hmac_key_file"),
                 relative,
                 FileKind::EabKey {
+                    ca: index,
                     kid: kid.into_inner(),
                 },
             )),
             (Some(kid), None) => {
                 return Err(self.at.error(
                     kid.span(),
-                    Some("acme.eab_kid".into()),
+                    Some(key("eab_kid")),
                     "needs eab_hmac_key_file as well".into(),
                 ));
             }
             (None, Some(file)) => {
                 return Err(self.at.error(
                     file.span(),
-                    Some("acme.eab_hmac_key_file".into()),
+                    Some(key("eab_hmac_key_file")),
                     "needs eab_kid as well".into(),
                 ));
             }
         }
         if let Some(p) = &raw.trusted_roots {
-            files.push(self.file(p, "acme.trusted_roots", relative, FileKind::TrustedRoots));
+            files.push(self.file(
+                p,
+                &key("trusted_roots"),
+                relative,
+                FileKind::TrustedRoots { ca: index },
+            ));
         }
-        Ok(AcmeConfig {
-            directory,
-            contact,
-            ca_bundle,
-            // Both read by `resolve`.
-            eab: None,
-            trusted_roots: None,
+        let mut limits = CaLimits::of(reaper);
+        for (value, field, limit) in [
+            (&raw.max_pending, "max_pending", &mut limits.max_pending),
+            (
+                &raw.failed_authz_per_identifier_per_hour,
+                "failed_authz_per_identifier_per_hour",
+                &mut limits.failed_authz_per_identifier_per_hour,
+            ),
+            (
+                &raw.new_orders_per_3h,
+                "new_orders_per_3h",
+                &mut limits.new_orders_per_3h,
+            ),
+            (
+                &raw.duplicate_certificates_per_week,
+                "duplicate_certificates_per_week",
+                &mut limits.duplicate_certificates_per_week,
+            ),
+        ] {
+            if let Some(v) = value {
+                *limit = self.positive(v, &key(field))?;
+            }
+        }
+        Ok(CaConfig {
+            name: ca_name,
+            table,
+            acme: AcmeConfig {
+                directory,
+                contact,
+                ca_bundle,
+                // Both read by `resolve`.
+                eab: None,
+                trusted_roots: None,
+            },
+            limits,
+            preset,
         })
     }
 
@@ -438,6 +601,7 @@ impl Validator<'_> {
         index: usize,
         raw: raw::Certificate,
         solvers: (bool, bool, bool),
+        defaults: &CertDefaults<'_>,
         names: &mut HashSet<String>,
     ) -> Result<CertificateConfig, ConfigError> {
         let key = |field| CertKey {
@@ -594,6 +758,12 @@ impl Validator<'_> {
             None => None,
         };
 
+        let ca = self.certificate_cas(index, &raw, defaults)?;
+        let ca_fallback_after = match &raw.ca_fallback_after {
+            Some(t) => self.duration(t, key("ca_fallback_after"))?,
+            None => defaults.ca_fallback_after,
+        };
+
         Ok(CertificateConfig {
             name,
             domains,
@@ -604,7 +774,85 @@ impl Validator<'_> {
             profile,
             reuse_key: raw.reuse_key,
             dns_alias,
+            ca,
+            ca_fallback_after,
+            sticky: raw.sticky.unwrap_or(false),
         })
+    }
+
+    /// A certificate's `ca`: configured CA names, best first, each once;
+    /// without the key, the only CA or `default`.
+    fn certificate_cas(
+        &self,
+        index: usize,
+        raw: &raw::Certificate,
+        defaults: &CertDefaults<'_>,
+    ) -> Result<Vec<CaName>, ConfigError> {
+        let key = CertKey {
+            index,
+            field: "ca",
+            item: None,
+        };
+        let Some(list) = &raw.ca else {
+            return match &defaults.ca {
+                Some(name) => Ok(vec![name.clone()]),
+                None => {
+                    let names: Vec<String> = defaults
+                        .cas
+                        .iter()
+                        .map(|c| format!("{:?}", c.name.as_str()))
+                        .collect();
+                    Err(self.at.error(
+                        raw.name.span(),
+                        Some(key.to_string()),
+                        format!(
+                            "there are several CAs and none is named \"default\": say which this certificate uses, best first, e.g. ca = [{}]",
+                            names.join(", ")
+                        ),
+                    ))
+                }
+            };
+        };
+        if list.get_ref().is_empty() {
+            return Err(self.at.error(
+                list.span(),
+                Some(key.to_string()),
+                "an empty list; name at least one CA, or leave `ca` out for the default".into(),
+            ));
+        }
+        let mut out: Vec<CaName> = Vec::with_capacity(list.get_ref().len());
+        for (i, name) in list.get_ref().iter().enumerate() {
+            let at = || CertKey {
+                index,
+                field: "ca",
+                item: Some(i),
+            };
+            let Some(ca) = defaults
+                .cas
+                .iter()
+                .find(|c| c.name.as_str() == name.get_ref())
+            else {
+                let known: Vec<&str> = defaults.cas.iter().map(|c| c.name.as_str()).collect();
+                return Err(self.at.error(
+                    name.span(),
+                    Some(at().to_string()),
+                    format!(
+                        "no CA is named {:?}; the configured ones are {} (a [ca.<name>] table, or [acme] for \"default\")",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            };
+            if out.contains(&ca.name) {
+                return Err(self.at.error(
+                    name.span(),
+                    Some(at().to_string()),
+                    format!("CA {:?} is listed twice", ca.name.as_str()),
+                ));
+            }
+            out.push(ca.name.clone());
+        }
+        Ok(out)
     }
 
     /// `profile` (one name or a list, best first) and `profile_required`.
@@ -702,6 +950,26 @@ impl Validator<'_> {
                 )
             })
     }
+}
+
+/// What a certificate's CA settings default to.
+struct CertDefaults<'a> {
+    cas: &'a [CaConfig],
+    /// The CA of a certificate without `ca`: the only one, or `default`.
+    ca: Option<CaName>,
+    ca_fallback_after: Duration,
+}
+
+/// `preset = "..."`: one of the presets' names.
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    Preset::from_name(s)
+        .ok_or_else(|| format!("unknown preset {s:?}; expected one of {}", preset_names()))
+}
+
+/// The presets' names, for messages.
+fn preset_names() -> String {
+    let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+    names.join(", ")
 }
 
 /// A path from the file: relative paths are taken from the file's directory.
@@ -1013,6 +1281,298 @@ domains = ["Example.COM", "www.example.com."]"#,
         let bad = text.replace("\"1h\"", "\"soon\"");
         assert!(
             matches!(parse(&bad), Err(ConfigError::Invalid { key, .. }) if key == "daemon.ari_interval")
+        );
+    }
+}
+
+#[cfg(test)]
+mod ca_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::tests::{expect_error, parse};
+
+    const STORAGE: &str =
+        "[storage]\nstate_dir = \"s\"\ncert_dir = \"c\"\n[http01]\nlisten = \"127.0.0.1:80\"\n";
+
+    fn cas_of(text: &str, cert: usize) -> Vec<String> {
+        let cfg = parse(text).expect("valid");
+        let c = &cfg.certificates[cert];
+        cfg.cas_of(c).map(|ca| ca.name.to_string()).collect()
+    }
+
+    #[test]
+    fn presets() {
+        for preset in Preset::ALL {
+            assert_eq!(Preset::from_name(preset.name()), Some(preset));
+            assert_eq!(preset.directory().scheme(), "https");
+        }
+        assert_eq!(
+            Preset::LetsEncrypt.directory().as_str(),
+            "https://acme-v02.api.letsencrypt.org/directory"
+        );
+        assert_eq!(
+            Preset::ZeroSsl.directory().as_str(),
+            "https://acme.zerossl.com/v2/DV90"
+        );
+        let eab: Vec<&str> = Preset::ALL
+            .into_iter()
+            .filter(|p| p.needs_eab())
+            .map(Preset::name)
+            .collect();
+        assert_eq!(eab, ["zerossl", "google"]);
+
+        // By name, by `preset`, and a directory of one's own.
+        let text = format!(
+            "[ca.letsencrypt]\n[ca.le2]\npreset = \"letsencrypt-staging\"\n[ca.private]\ndirectory = \"https://ca.example/dir\"\n{STORAGE}"
+        );
+        let cfg = parse(&text).expect("valid");
+        let got: Vec<(&str, Option<Preset>, &str)> = cfg
+            .cas
+            .iter()
+            .map(|c| (c.name.as_str(), c.preset, c.acme.directory.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "letsencrypt",
+                    Some(Preset::LetsEncrypt),
+                    "https://acme-v02.api.letsencrypt.org/directory"
+                ),
+                (
+                    "le2",
+                    Some(Preset::LetsEncryptStaging),
+                    "https://acme-staging-v02.api.letsencrypt.org/directory"
+                ),
+                ("private", None, "https://ca.example/dir"),
+            ]
+        );
+        assert_eq!(cfg.primary_ca().name.as_str(), "letsencrypt");
+
+        expect_error(
+            &format!("[ca.x]\npreset = \"letsencrypt\"\ndirectory = \"https://a/d\"\n{STORAGE}"),
+            2,
+            "ca.x.preset",
+            "not both",
+        );
+        expect_error(
+            &format!("[ca.x]\npreset = \"lets-encrypt\"\n{STORAGE}"),
+            2,
+            "ca.x.preset",
+            "unknown preset \"lets-encrypt\"; expected one of letsencrypt, letsencrypt-staging",
+        );
+        expect_error(
+            &format!("[ca.mine]\ncontact = []\n{STORAGE}"),
+            1,
+            "ca.mine",
+            "needs `directory`",
+        );
+        expect_error(
+            &format!("[ca.Big]\npreset = \"letsencrypt\"\n{STORAGE}"),
+            1,
+            "ca.Big",
+            "not a CA name",
+        );
+        expect_error(
+            &format!("[ca.zerossl]\n{STORAGE}"),
+            1,
+            "ca.zerossl",
+            "zerossl requires External Account Binding",
+        );
+        expect_error(
+            &format!("[ca.g]\npreset = \"google\"\n{STORAGE}"),
+            2,
+            "ca.g.preset",
+            "google requires External Account Binding",
+        );
+        // With EAB, the file is read by `resolve`: parsing alone passes.
+        let text = format!(
+            "[ca.zerossl]\neab_kid = \"k\"\neab_hmac_key_file = \"/nonexistent/eab\"\n{STORAGE}"
+        );
+        assert!(Parsed::parse(Path::new("/etc/certd/c.toml"), &text).is_ok());
+    }
+
+    #[test]
+    fn default_ca_of_a_certificate() {
+        let cert = "[[certificate]]\nname = \"w\"\ndomains = [\"a.example\"]\n";
+        // [acme] alone: `default`.
+        let text = format!("[acme]\ndirectory = \"https://a/d\"\n{STORAGE}{cert}");
+        assert_eq!(cas_of(&text, 0), ["default"]);
+        // One [ca.<name>]: that one.
+        let text = format!("[ca.letsencrypt]\n{STORAGE}{cert}");
+        assert_eq!(cas_of(&text, 0), ["letsencrypt"]);
+        // [acme] beside others: `default`, wherever [acme] stands.
+        let text =
+            format!("[ca.letsencrypt]\n[acme]\ndirectory = \"https://a/d\"\n{STORAGE}{cert}");
+        assert_eq!(cas_of(&text, 0), ["default"]);
+        // [ca.default] beside another: `default` too.
+        let text =
+            format!("[ca.default]\ndirectory = \"https://a/d\"\n[ca.buypass]\n{STORAGE}{cert}");
+        assert_eq!(cas_of(&text, 0), ["default"]);
+        // Several, none `default`: the certificate must say.
+        let text = format!("[ca.letsencrypt]\n[ca.buypass]\n{STORAGE}{cert}");
+        expect_error(
+            &text,
+            9,
+            "certificate[0].ca",
+            "ca = [\"letsencrypt\", \"buypass\"]",
+        );
+    }
+
+    #[test]
+    fn cas_of_follows_the_certificates_order() {
+        let text = format!(
+            "[ca.letsencrypt]\n[ca.buypass]\n[ca.private]\ndirectory = \"https://ca.example/dir\"\n{STORAGE}\
+             [[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\nca = [\"private\", \"letsencrypt\"]\n\
+             [[certificate]]\nname = \"b\"\ndomains = [\"b.example\"]\nca = [\"buypass\", \"private\", \"letsencrypt\"]\n"
+        );
+        assert_eq!(cas_of(&text, 0), ["private", "letsencrypt"]);
+        assert_eq!(cas_of(&text, 1), ["buypass", "private", "letsencrypt"]);
+        // The file's order of the CAs themselves is kept too.
+        let cfg = parse(&text).expect("valid");
+        let names: Vec<&str> = cfg.cas.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["letsencrypt", "buypass", "private"]);
+        let name: CaName = "buypass".parse().expect("a name");
+        assert_eq!(cfg.ca(&name).map(|c| c.table.as_str()), Some("ca.buypass"));
+        assert!(cfg.ca(&CaName::default_ca()).is_none());
+
+        expect_error(
+            &text.replace(
+                "[\"private\", \"letsencrypt\"]",
+                "[\"private\", \"private\"]",
+            ),
+            13,
+            "certificate[0].ca[1]",
+            "listed twice",
+        );
+    }
+
+    #[test]
+    fn fallback_and_sticky_default_from_daemon() {
+        let text = format!(
+            "[ca.letsencrypt]\n{STORAGE}[daemon]\nca_fallback_after = \"2h\"\n\
+             [[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\n\
+             [[certificate]]\nname = \"b\"\ndomains = [\"b.example\"]\nca_fallback_after = \"30m\"\nsticky = true\n"
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(cfg.daemon.ca_fallback_after, Duration::from_secs(7200));
+        let got: Vec<(Duration, bool)> = cfg
+            .certificates
+            .iter()
+            .map(|c| (c.ca_fallback_after, c.sticky))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Duration::from_secs(7200), false),
+                (Duration::from_secs(1800), true)
+            ]
+        );
+        let text = format!(
+            "[ca.letsencrypt]\n{STORAGE}[[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\n"
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(cfg.daemon.ca_fallback_after, Duration::from_secs(3600));
+        assert_eq!(
+            cfg.certificates[0].ca_fallback_after,
+            Duration::from_secs(3600)
+        );
+        expect_error(
+            &format!("{text}ca_fallback_after = \"soon\"\n"),
+            10,
+            "certificate[0].ca_fallback_after",
+            "invalid duration",
+        );
+    }
+
+    #[test]
+    fn limits_inherit_reaper() {
+        let text = format!(
+            "[acme]\ndirectory = \"https://a/d\"\n[ca.letsencrypt]\nmax_pending = 7\nnew_orders_per_3h = 50\n{STORAGE}\
+             [reaper]\nmax_pending = 20\nfailed_authz_per_identifier_per_hour = 3\nduplicate_certificates_per_week = 4\ninterval = \"1m\"\n"
+        );
+        let cfg = parse(&text).expect("valid");
+        assert_eq!(
+            cfg.cas[0].limits,
+            CaLimits {
+                max_pending: 20,
+                failed_authz_per_identifier_per_hour: 3,
+                new_orders_per_3h: 300,
+                duplicate_certificates_per_week: 4,
+            }
+        );
+        assert_eq!(
+            cfg.cas[1].limits,
+            CaLimits {
+                max_pending: 7,
+                failed_authz_per_identifier_per_hour: 3,
+                new_orders_per_3h: 50,
+                duplicate_certificates_per_week: 4,
+            }
+        );
+        // The reaper of a CA: [reaper]'s timings, the CA's limits.
+        let reaper = cfg.cas[1].reaper_config(&cfg.reaper);
+        assert_eq!(reaper.interval, Duration::from_secs(60));
+        assert_eq!((reaper.max_pending, reaper.new_orders_per_3h), (7, 50));
+        assert_eq!(cfg.cas[0].reaper_config(&cfg.reaper), cfg.reaper);
+        expect_error(
+            &text.replace("max_pending = 7", "max_pending = 0"),
+            4,
+            "ca.letsencrypt.max_pending",
+            "whole number from 1",
+        );
+    }
+
+    #[test]
+    fn ca_tables_refused() {
+        expect_error(
+            &format!(
+                "[acme]\ndirectory = \"https://a/d\"\n[ca.default]\ndirectory = \"https://b/d\"\n{STORAGE}"
+            ),
+            3,
+            "ca.default",
+            "[ca.default] and [acme] both",
+        );
+        expect_error(
+            &format!(
+                "[ca.letsencrypt]\n[ca.le]\ndirectory = \"https://acme-v02.api.letsencrypt.org/directory\"\n{STORAGE}"
+            ),
+            2,
+            "ca.le",
+            "same directory as [ca.letsencrypt]",
+        );
+        expect_error(STORAGE, 1, "(top level)", "the [acme] section is missing");
+        expect_error(
+            &format!("[ca]\n{STORAGE}"),
+            1,
+            "(top level)",
+            "the [acme] section is missing",
+        );
+        expect_error(
+            &format!("[ca.letsencrypt]\nmax_pending = \"x\"\n{STORAGE}"),
+            2,
+            "ca.letsencrypt.max_pending",
+            "expected a whole number",
+        );
+        expect_error(
+            &format!("[ca.letsencrypt]\ndirectry = \"x\"\n{STORAGE}"),
+            2,
+            "ca.letsencrypt.directry",
+            "unknown field `directry`",
+        );
+        let cert = "[[certificate]]\nname = \"w\"\ndomains = [\"a.example\"]\n";
+        expect_error(
+            &format!("[ca.letsencrypt]\n{STORAGE}{cert}ca = []\n"),
+            10,
+            "certificate[0].ca",
+            "an empty list",
+        );
+        expect_error(
+            &format!("[ca.letsencrypt]\n{STORAGE}{cert}ca = [\"letsencrypt\", \"zerossl\"]\n"),
+            10,
+            "certificate[0].ca[1]",
+            "no CA is named \"zerossl\"; the configured ones are letsencrypt",
         );
     }
 }

@@ -40,7 +40,7 @@ pub(crate) struct Reloader {
     pub(crate) shutdown: CancellationToken,
     pub(crate) notifier: Notifier,
     /// The keys last reported as waiting for a restart.
-    pub(crate) restart_keys: Vec<&'static str>,
+    pub(crate) restart_keys: Vec<String>,
 }
 
 impl Reloader {
@@ -114,7 +114,7 @@ impl Reloader {
 
     /// Logs and records (for `certd status`) the keys that wait for a
     /// restart, when they differ from the last report.
-    async fn report_restart_keys(&mut self, keys: Vec<&'static str>) {
+    async fn report_restart_keys(&mut self, keys: Vec<String>) {
         if keys == self.restart_keys {
             return;
         }
