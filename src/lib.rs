@@ -17,11 +17,11 @@ pub mod safefs; // files and directories only certd can change; 0600 secrets
 pub mod text; // outside text escaped for terminals, logs and child processes
 pub mod config; // the file: parsed purely, then resolved; typed reload diff
 pub mod ledger; // every ACME object certd created, and the only SQL
-pub mod fleet; // several hosts on one PostgreSQL: leases with fencing, sealed keys
 pub mod acme; // HTTP, nonces, the account, the CA's errors, ARI
 pub mod dns; // a DNS client and propagation checks
 pub mod solver; // challenge responses: http-01, dns-01, tls-alpn-01
 pub mod install; // certificate files, X.509 facts, reload commands
+pub mod fleet; // several hosts on one PostgreSQL: leases, sealed keys, distribution
 pub mod hygiene; // the reaper, settling leftovers, the CA-limit guard
 pub mod order; // one order from plan to installed certificate; recovery
 pub mod alerts; // notifications when a certificate needs a person

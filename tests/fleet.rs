@@ -5,6 +5,10 @@
 //! take over), sealed keys through the database, and the connection's
 //! version check and errors.
 //!
+//! Distribution, http-01 answers and heartbeats run against the same real
+//! PostgreSQL, with certificates from an rcgen test CA (so the chain check
+//! is real) installed into real directories.
+//!
 //! Two "hosts" here are two `FleetDb` pools in one process: the database
 //! sees two sets of sessions, which is all the protocol depends on.
 //! Waits are on conditions (a claim that succeeds, a renewal count, a
@@ -13,19 +17,21 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use certd::fleet::{
-    ChallengeAnswer, ChallengeKind, DbError, DbOptions, FleetDb, FleetKey, HolderId, Lease,
-    LeaseError, LeaseName, LeaseTiming, MIN_SERVER_VERSION, Member, RenewEnd, SealContext,
-    SealError, account_key_context,
+    AnswerCounts, AnswerSource, CertTarget, ChallengeAnswer, ChallengeKind, DbError, DbOptions,
+    DistributeOptions, DistributeStatus, FleetAnswers, FleetDb, FleetHost, FleetKey, FleetTask,
+    HolderId, Lease, LeaseError, LeaseName, LeaseTiming, ListenOptions, MIN_SERVER_VERSION, Member,
+    PullError, RenewEnd, SealContext, SealError, account_key_context, keep_heartbeat,
 };
 use ring::rand::SystemRandom;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::util::postgres::{Postgres, SUPERUSER};
-use crate::util::{TcpProxy, free_port};
+use crate::util::{TcpProxy, free_port, parse_leaf, private_key_spki, read_pem_certs, snapshot};
 
 /// How long any one condition may take to come true, on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -696,4 +702,493 @@ async fn a_wrong_password_or_port_names_the_server_and_not_the_password() {
     .unwrap_err();
     assert!(matches!(err, DbError::Url { .. }), "{err:?}");
     assert!(!err.to_string().contains(wrong), "{err}");
+}
+
+// ---- distribution, http-01 answers, heartbeats ----
+
+/// The certificate every distribution test publishes, and its one name.
+const WEB: &str = "web";
+const WEB_NAME: &str = "www.fleet.test";
+
+/// A test CA: a root and an intermediate under it. Chains are leaf plus
+/// intermediate, and the verification ends at the intermediate as it does
+/// for a CA's chain when no `trusted_roots` are configured.
+struct TestCa {
+    intermediate_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let ca_params = |name: &str| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p
+        };
+        let root_key = rcgen::KeyPair::generate().expect("key");
+        let root_params = ca_params("fleet test root");
+        root_params.self_signed(&root_key).expect("root");
+        let root = rcgen::Issuer::new(root_params, root_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = ca_params("fleet test intermediate");
+        let cert = params.signed_by(&key, &root).expect("intermediate");
+        Self {
+            intermediate_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A fresh key and its certificate for `names`: (full chain, key PEM).
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut serial).expect("random");
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = params.signed_by(&key, &self.issuer).expect("leaf");
+        (
+            format!("{}{}", leaf.pem(), self.intermediate_pem),
+            key.serialize_pem(),
+        )
+    }
+}
+
+/// One in-process "host": its own pool, cert dir and fleet key.
+struct Host {
+    db: FleetDb,
+    dir: tempfile::TempDir,
+    host: Arc<FleetHost>,
+}
+
+impl Host {
+    async fn new(pg: &Postgres, id: &str, key: [u8; 32]) -> Self {
+        Self::with_db(open(pg).await, id, key)
+    }
+
+    fn with_db(db: FleetDb, id: &str, key: [u8; 32]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).expect("cert dir");
+        // The reload command leaves proof that it ran, with the
+        // environment certd gives it.
+        let reload = format!(
+            "printf '%s' \"$CERTD_NAME\" > '{}'",
+            dir.path().join("reloaded").display()
+        );
+        let host = FleetHost::new(holder(id), certs, FleetKey::from_bytes(&key)).with_cert(
+            WEB,
+            CertTarget {
+                domains: vec![WEB_NAME.to_owned()],
+                reload: vec![reload],
+            },
+        );
+        Self {
+            db,
+            dir,
+            host: Arc::new(host),
+        }
+    }
+
+    fn cert_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// The serial of the certificate installed for `WEB`, if any.
+    fn serial_on_disk(&self) -> Option<String> {
+        let path = self.cert_dir().join(WEB).join("cert.pem");
+        path.exists()
+            .then(|| parse_leaf(&read_pem_certs(&path)[0]).1)
+    }
+
+    fn distribute(&self, every: Duration, retry: Duration) -> FleetTask<DistributeStatus> {
+        let opts = DistributeOptions {
+            reconcile_every: every,
+            retry_after: retry,
+        };
+        Arc::clone(&self.host).distribute(self.db.clone(), opts, &CancellationToken::new())
+    }
+}
+
+const KEY_A: [u8; 32] = [7; 32];
+const KEY_B: [u8; 32] = [8; 32];
+
+/// Publishes `chain` and `key_pem` for `WEB` as the leaseholder does: in a
+/// fenced transaction of a fresh lease, released after. Retries while the
+/// database is just back from a restart. Returns the serial.
+async fn publish(db: &FleetDb, fleet_key: [u8; 32], chain: &str, key_pem: &str) -> String {
+    let key = FleetKey::from_bytes(&fleet_key);
+    let lease = claim_when_free(db, &cert(WEB), "publisher", LeaseTiming::DEFAULT).await;
+    let mut tx = lease.begin_fenced(db).await.expect("begin fenced");
+    let serial = tx
+        .publish_issuance(&key, &SystemRandom::new(), chain, key_pem)
+        .await
+        .expect("publish");
+    tx.commit().await.expect("commit");
+    lease.release(db).await.expect("release");
+    serial
+}
+
+/// Waits until `task`'s status satisfies `cond`.
+async fn status_until<S: Clone + Default + Send + Sync + std::fmt::Debug + 'static>(
+    task: &FleetTask<S>,
+    what: &str,
+    cond: impl Fn(&S) -> bool,
+) -> S {
+    let mut rx = task.status();
+    let waited = match tokio::time::timeout(PATIENCE, rx.wait_for(|s| cond(s))).await {
+        Ok(Ok(s)) => Some(s.clone()),
+        _ => None,
+    };
+    waited.unwrap_or_else(|| {
+        panic!(
+            "{what}: not within {PATIENCE:?}; status {:?}",
+            task.status().borrow()
+        )
+    })
+}
+
+/// Asserts what is on `host`'s disk for `WEB`: `serial`, with the key that
+/// matches the certificate, and the reload command having run.
+fn assert_installed_here(host: &Host, serial: &str) {
+    let base = host.cert_dir().join(WEB);
+    let (names, on_disk, _, spki) = parse_leaf(&read_pem_certs(base.join("fullchain.pem"))[0]);
+    assert_eq!(names, vec![WEB_NAME.to_owned()]);
+    assert_eq!(on_disk, serial);
+    assert_eq!(
+        private_key_spki(base.join("privkey.pem")),
+        spki,
+        "key matches"
+    );
+    let mode = std::fs::metadata(base.join("privkey.pem"))
+        .expect("privkey")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let reloaded = std::fs::read_to_string(host.dir.path().join("reloaded")).expect("reloaded");
+    assert_eq!(reloaded, WEB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_install_the_same_published_issuance() {
+    let pg = Postgres::launch();
+    let ca = TestCa::new();
+    let mut hosts = Vec::new();
+    let mut tasks = Vec::new();
+    for id in ["host-a", "host-b", "host-c"] {
+        let host = Host::new(&pg, id, KEY_A).await;
+        let task = host.distribute(Duration::from_secs(60), Duration::from_secs(1));
+        // Listening, and the start-up reconcile found nothing to do.
+        status_until(&task, id, |s| s.listening && s.reconciles >= 1).await;
+        hosts.push(host);
+        tasks.push(task);
+    }
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let serial = publish(&hosts[0].db, KEY_A, &chain, &key_pem).await;
+
+    for (host, task) in hosts.iter().zip(&tasks) {
+        let s = status_until(task, "installed on the notification", |s| {
+            s.installed_on_notify >= 1
+        })
+        .await;
+        assert_eq!((s.installed_by_reconcile, s.failures), (0, 0), "{s:?}");
+        assert_installed_here(host, &serial);
+    }
+    let rows = hosts[0].db.installs(WEB).await.expect("installs");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (row, id) in rows.iter().zip(["host-a", "host-b", "host-c"]) {
+        assert_eq!(
+            (row.host_id.as_str(), row.serial.as_str()),
+            (id, serial.as_str())
+        );
+        assert!(row.installed && row.error.is_none(), "{row:?}");
+        let reload = row.reload_result.as_deref().unwrap_or_default();
+        assert!(reload.contains(": ok: "), "{reload}");
+    }
+    for task in tasks {
+        task.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_another_fleet_key_installs_nothing_and_records_why() {
+    let pg = Postgres::launch();
+    let ca = TestCa::new();
+    let other = Host::new(&pg, "host-b", KEY_B).await;
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let serial = publish(&other.db, KEY_A, &chain, &key_pem).await;
+
+    let err = other.host.pull(&other.db, WEB).await.unwrap_err();
+    let (ours, theirs) = (
+        FleetKey::from_bytes(&KEY_B).id().to_string(),
+        FleetKey::from_bytes(&KEY_A).id().to_string(),
+    );
+    assert!(
+        matches!(
+            err,
+            PullError::Unseal {
+                source: SealError::WrongKey { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&ours) && msg.contains(&theirs), "{msg}");
+    assert!(!other.cert_dir().join(WEB).exists(), "nothing installed");
+    assert!(
+        !other.dir.path().join("reloaded").exists(),
+        "nothing reloaded"
+    );
+
+    let rows = other.db.installs(WEB).await.expect("installs");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (row.host_id.as_str(), row.serial.as_str()),
+        ("host-b", serial.as_str())
+    );
+    assert!(!row.installed && row.reload_result.is_none(), "{row:?}");
+    let error = row.error.as_deref().unwrap_or_default();
+    assert!(error.contains(&ours) && error.contains(&theirs), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_started_after_the_publication_reconciles_at_start() {
+    let pg = Postgres::launch();
+    let ca = TestCa::new();
+    let late = Host::new(&pg, "host-late", KEY_A).await;
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let serial = publish(&late.db, KEY_A, &chain, &key_pem).await;
+    assert_eq!(late.serial_on_disk(), None);
+
+    let task = late.distribute(Duration::from_secs(60), Duration::from_secs(1));
+    let s = status_until(&task, "installed at start", |s| {
+        s.installed_by_reconcile >= 1
+    })
+    .await;
+    assert_eq!((s.installed_on_notify, s.failures), (0, 0), "{s:?}");
+    assert_installed_here(&late, &serial);
+    let rows = late.db.installs(WEB).await.expect("installs");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].installed, "{rows:?}");
+    task.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_database_restart_the_host_reconciles_and_files_hold_while_it_is_down() {
+    let mut pg = Postgres::launch();
+    let ca = TestCa::new();
+    // A failed connect gives up after 2 s (sqlx's pool retries until its
+    // acquire timeout).
+    let opts = DbOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..DbOptions::default()
+    };
+    let db = FleetDb::open(&pg.url(), &opts).await.expect("open");
+    let host = Host::with_db(db, "host-a", KEY_A);
+    let publisher = open(&pg).await;
+    // Reconnect attempts every 4 s: the second publication goes in before
+    // the host can listen again, so only the reconcile after reconnecting
+    // can bring it. Periodic reconciles are out of the picture.
+    let task = host.distribute(Duration::from_secs(600), Duration::from_secs(4));
+    status_until(&task, "listening", |s| s.listening && s.reconciles >= 1).await;
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let first = publish(&publisher, KEY_A, &chain, &key_pem).await;
+    status_until(&task, "first install", |s| s.installed_on_notify >= 1).await;
+    assert_installed_here(&host, &first);
+
+    let before = snapshot(&host.cert_dir());
+    let current = std::fs::read_link(host.cert_dir().join(WEB).join("current")).expect("current");
+    pg.stop_immediate();
+    let down = status_until(&task, "the lost LISTEN noticed, a reconnect failed", |s| {
+        !s.listening && s.connect_failures >= 1
+    })
+    .await;
+    assert_eq!(down.connects, 1, "{down:?}");
+    assert_eq!(
+        snapshot(&host.cert_dir()),
+        before,
+        "files changed while the database was down"
+    );
+    assert_eq!(
+        std::fs::read_link(host.cert_dir().join(WEB).join("current")).expect("current"),
+        current
+    );
+
+    pg.start();
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let second = publish(&publisher, KEY_A, &chain, &key_pem).await;
+    assert_ne!(first, second);
+    assert_eq!(
+        task.status().borrow().connects,
+        1,
+        "published before the host listened again"
+    );
+    let s = status_until(&task, "reconciled after reconnecting", |s| {
+        s.installed_by_reconcile >= 1
+    })
+    .await;
+    assert_eq!(
+        (s.connects, s.installed_on_notify, s.failures),
+        (2, 1, 0),
+        "{s:?}"
+    );
+    assert_installed_here(&host, &second);
+    let rows = publisher.installs(WEB).await.expect("installs");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r.installed), "{rows:?}");
+    task.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http01_answer_is_served_by_another_host_from_the_database_then_from_memory() {
+    let pg = Postgres::launch();
+    let (a, b) = (open(&pg).await, open(&pg).await);
+    let answers = FleetAnswers::new(b.clone());
+    let opts = ListenOptions {
+        retry_after: Duration::from_secs(1),
+        purge_every: Duration::from_secs(60),
+    };
+    let listener = answers.listen(opts, &CancellationToken::new());
+    status_until(&listener, "listening", |s| s.listening).await;
+
+    // Host a holds the lease and stores the answer; the announcement comes
+    // after, as the leaseholder sends it.
+    let (token, key_authorization) = ("tok-EN_123", "tok-EN_123.thumbprint");
+    let lease = claim_when_free(&a, &cert(WEB), "host-a", LeaseTiming::DEFAULT).await;
+    let mut tx = lease.begin_fenced(&a).await.expect("begin");
+    tx.put_challenge(&answer(token, key_authorization))
+        .await
+        .expect("put challenge");
+    tx.commit().await.expect("commit");
+
+    let path = format!("/.well-known/acme-challenge/{token}");
+    assert_eq!(
+        answers.answer(token).await,
+        Some((key_authorization.to_owned(), AnswerSource::Database))
+    );
+    a.announce_challenge(token).await.expect("notify");
+    status_until(&listener, "the announced answer loaded", |s| s.loaded >= 1).await;
+    assert_eq!(
+        answers.answer(token).await,
+        Some((key_authorization.to_owned(), AnswerSource::Memory))
+    );
+    assert_eq!(
+        answers.respond(&path).await.as_deref(),
+        Some(key_authorization)
+    );
+
+    // Unknown tokens and other paths get nothing.
+    assert_eq!(
+        answers.respond("/.well-known/acme-challenge/nope").await,
+        None
+    );
+    assert_eq!(
+        answers.respond("/.well-known/acme-challenge/a/../b").await,
+        None
+    );
+    assert_eq!(answers.respond("/index.html").await, None);
+    assert_eq!(
+        answers.counts(),
+        AnswerCounts {
+            memory: 2,
+            database: 1,
+            unknown: 1,
+            db_errors: 0
+        }
+    );
+    listener.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_task_keeps_a_member_live_until_stopped() {
+    let pg = Postgres::launch();
+    let db = open(&pg).await;
+    let member = Member {
+        host_id: "host-a".into(),
+        version: "test".into(),
+        http01_addr: Some("127.0.0.11:80".into()),
+        config_hash: "abc".into(),
+    };
+    let task = keep_heartbeat(
+        db.clone(),
+        member.clone(),
+        Duration::from_millis(200),
+        &CancellationToken::new(),
+    );
+    status_until(&task, "two beats", |s| s.beats >= 2).await;
+    let live = db
+        .live_members(Duration::from_secs(30))
+        .await
+        .expect("live");
+    assert_eq!(live, vec![member]);
+    let last: (i64,) = sqlx::query_as(
+        "SELECT (extract(epoch FROM now() - last_seen) * 1000)::bigint FROM fleet_members",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("last_seen");
+    assert!(last.0 < 5_000, "last_seen {} ms ago", last.0);
+    let end = task.stop().await;
+    assert_eq!(end.failures, 0, "{end:?}");
+    // Stopped, it no longer beats: the member drops out of a short window.
+    eventually("the stopped member is no longer live", || async {
+        let live = db
+            .live_members(Duration::from_millis(500))
+            .await
+            .expect("live");
+        live.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_serving_other_names_refuses_the_issuance_and_keeps_its_files() {
+    let pg = Postgres::launch();
+    let ca = TestCa::new();
+    let db = open(&pg).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Configured for another name than the one the publisher's order had.
+    let host = FleetHost::new(
+        holder("host-x"),
+        dir.path().to_owned(),
+        FleetKey::from_bytes(&KEY_A),
+    )
+    .with_cert(
+        WEB,
+        CertTarget {
+            domains: vec!["other.fleet.test".to_owned()],
+            reload: vec![format!("touch '{}'", dir.path().join("reloaded").display())],
+        },
+    );
+    let (chain, key_pem) = ca.issue(&[WEB_NAME]);
+    let serial = publish(&db, KEY_A, &chain, &key_pem).await;
+
+    let err = host.pull(&db, WEB).await.unwrap_err();
+    assert!(matches!(err, PullError::Verify { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(WEB_NAME) && msg.contains("other.fleet.test"),
+        "{msg}"
+    );
+    assert!(!dir.path().join(WEB).exists(), "nothing installed");
+    assert!(!dir.path().join("reloaded").exists(), "nothing reloaded");
+    let rows = db.installs(WEB).await.expect("installs");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].serial, serial);
+    assert!(!rows[0].installed, "{rows:?}");
+    assert!(
+        rows[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(WEB_NAME)
+    );
 }

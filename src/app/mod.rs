@@ -7,6 +7,8 @@
 //! `certd run` record, alert and back off by the same rules.
 
 pub(crate) mod backoff;
+pub(crate) mod ca_choice;
+pub(crate) mod cas;
 pub(crate) mod dirs;
 pub(crate) mod ops;
 pub(crate) mod outcome;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 
 use crate::acme::{AcmeAccount, AcmeHttp, SetupError};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{CaConfig, Config};
 use crate::hygiene::Reaper;
 use crate::ledger::{Ledger, LedgerError, OrderRow};
 use crate::metrics::LedgerWriteErrors;
@@ -71,23 +73,43 @@ impl Services {
         }
     }
 
-    /// Loads the ACME account `cfg` names (creating it at the CA when the
-    /// state directory has none): one attempt.
+    /// Loads the ACME account of the first CA `cfg` names (creating it at
+    /// the CA when the state directory has none): one attempt.
     pub(crate) async fn account(&self, cfg: &Config) -> Result<AcmeAccount, SetupError> {
-        let acme = &cfg.primary_ca().acme;
-        let http = AcmeHttp::new(acme.ca_bundle.as_deref(), self.clock.clone())?;
-        AcmeAccount::load_or_create(acme, &cfg.storage.state_dir, &self.store, http).await
+        self.account_at(cfg, primary_ca(cfg)).await
     }
 
-    /// The reaper of `account`, and the orders an earlier run left
-    /// unfinished recovered: those whose certificate still wants the same
-    /// names are resumed, the rest abandoned.
+    /// Loads the ACME account at `ca`, with its own HTTP client (its CA
+    /// bundle), creating it at the CA on first use: one attempt.
+    pub(crate) async fn account_at(
+        &self,
+        cfg: &Config,
+        ca: &CaConfig,
+    ) -> Result<AcmeAccount, SetupError> {
+        let http = AcmeHttp::new(ca.acme.ca_bundle.as_deref(), self.clock.clone())?;
+        AcmeAccount::load_or_create(&ca.acme, &cfg.storage.state_dir, &self.store, http).await
+    }
+
+    /// The reaper of `account` (the first CA's), and the orders an earlier
+    /// run left unfinished recovered: those whose certificate still wants
+    /// the same names are resumed, the rest abandoned.
     pub(crate) async fn reaper(
         &self,
         cfg: &Config,
         account: AcmeAccount,
     ) -> Result<(Reaper, Recovered), LedgerError> {
-        let reaper = Reaper::new(self.store.clone(), account, cfg.reaper.clone());
+        self.reaper_at(cfg, primary_ca(cfg), account).await
+    }
+
+    /// The reaper of `account` at `ca`, with that CA's limits, and its
+    /// unfinished orders recovered.
+    pub(crate) async fn reaper_at(
+        &self,
+        cfg: &Config,
+        ca: &CaConfig,
+        account: AcmeAccount,
+    ) -> Result<(Reaper, Recovered), LedgerError> {
+        let reaper = Reaper::new(self.store.clone(), account, ca.reaper_config(&cfg.reaper));
         let (resumable, abandoned) =
             crate::order::recover(&reaper, |o| wants_same_names(cfg, o)).await?;
         Ok((
@@ -99,7 +121,7 @@ impl Services {
         ))
     }
 
-    /// What an order runs with.
+    /// What an order at the first CA runs with.
     pub(crate) fn order_context(
         &self,
         cfg: &Config,
@@ -107,14 +129,28 @@ impl Services {
         solvers: Solvers,
         mode: RunMode,
     ) -> Context {
+        self.order_context_at(cfg, primary_ca(cfg), reaper, solvers, mode)
+    }
+
+    /// What an order at `ca` runs with.
+    pub(crate) fn order_context_at(
+        &self,
+        cfg: &Config,
+        ca: &CaConfig,
+        reaper: Reaper,
+        solvers: Solvers,
+        mode: RunMode,
+    ) -> Context {
         Context {
+            ca: ca.name.clone(),
+            replaces_installed: true,
             store: self.store.clone(),
             account: reaper.account().clone(),
             solvers,
             reaper,
             cert_dir: Arc::from(cfg.storage.cert_dir.as_path()),
             renew_remaining: cfg.daemon.renew_remaining,
-            trusted_roots: cfg.primary_ca().acme.trusted_roots.clone(),
+            trusted_roots: ca.acme.trusted_roots.clone(),
             mode,
         }
     }
@@ -123,6 +159,14 @@ impl Services {
     pub(crate) async fn close(self) {
         self.store.close().await;
     }
+}
+
+/// The CA the one-CA paths (the daemon's start, the reaper, one-shot
+/// account commands) use: the first configured, which `[acme]` is when
+/// it exists.
+pub(crate) fn primary_ca(cfg: &Config) -> &CaConfig {
+    // Parsing refuses a configuration without a CA.
+    &cfg.cas[0]
 }
 
 /// Whether an unfinished order is still wanted: its certificate is

@@ -9,21 +9,56 @@ use anyhow::Context as _;
 use crate::acme::{AcmeAccount, AcmeHttp, credentials_path};
 use crate::app::dirs::ensure_dirs;
 use crate::app::ops;
+use crate::app::primary_ca;
 use crate::app::sink::Sink;
-use crate::config::Config;
+use crate::config::{CaConfig, CaName, Config};
 use crate::hygiene::Reaper;
 use crate::ledger::Ledger;
 
-/// Opens the ledger and loads the existing account, or explains why not.
+/// Opens the ledger and loads the first CA's existing account, or
+/// explains why not.
 pub(super) async fn account_session(cfg: &Config) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
+    account_session_for(cfg, None).await
+}
+
+/// Opens the ledger and loads the existing account at the CA that issued
+/// the certificate `issued` (the first CA when it is `None` or the ledger
+/// does not know), or explains why not.
+pub(super) async fn account_session_for(
+    cfg: &Config,
+    issued: Option<&str>,
+) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
+    let issuer = match issued {
+        Some(name) => {
+            ensure_dirs(cfg)?;
+            let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
+            let issuer = store.issuer_ca(name).await;
+            store.close().await;
+            issuer?.and_then(|s| s.parse().ok())
+        }
+        None => None,
+    };
+    let ca = issuer
+        .as_ref()
+        .and_then(|n| cfg.ca(n))
+        .unwrap_or_else(|| primary_ca(cfg));
+    account_session_at(cfg, ca).await
+}
+
+/// Opens the ledger and loads the existing account at `ca`, or explains
+/// why not.
+async fn account_session_at(
+    cfg: &Config,
+    ca: &CaConfig,
+) -> anyhow::Result<Option<(Ledger, AcmeAccount)>> {
     ensure_dirs(cfg)?;
     let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
-    match existing_account(cfg, &store).await? {
+    match existing_account_at(cfg, ca, &store).await? {
         Some(reaper) => Ok(Some((store, reaper.account().clone()))),
         None => {
             errln!(
                 "certd: no ACME account for {} in {} yet (`certd renew` creates it)",
-                cfg.primary_ca().acme.directory,
+                ca.acme.directory,
                 cfg.storage.state_dir.display()
             );
             store.close().await;
@@ -38,25 +73,71 @@ pub(super) async fn existing_account(
     cfg: &Config,
     store: &Ledger,
 ) -> anyhow::Result<Option<Reaper>> {
-    let acme = &cfg.primary_ca().acme;
-    let directory = acme.directory.to_string();
+    existing_account_at(cfg, primary_ca(cfg), store).await
+}
+
+/// The existing account at `ca` and its reaper (that CA's limits).
+async fn existing_account_at(
+    cfg: &Config,
+    ca: &CaConfig,
+    store: &Ledger,
+) -> anyhow::Result<Option<Reaper>> {
+    let directory = ca.acme.directory.to_string();
     if !credentials_path(&cfg.storage.state_dir, &directory).exists() {
         return Ok(None);
     }
-    let http = AcmeHttp::new(acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
-    let account = AcmeAccount::load_or_create(acme, &cfg.storage.state_dir, store, http).await?;
+    let http = AcmeHttp::new(ca.acme.ca_bundle.as_deref(), crate::clock::Clock::system())?;
+    let account =
+        AcmeAccount::load_or_create(&ca.acme, &cfg.storage.state_dir, store, http).await?;
     Ok(Some(Reaper::new(
         store.clone(),
         account,
-        cfg.reaper.clone(),
+        ca.reaper_config(&cfg.reaper),
     )))
 }
 
-/// Reads the account from its credentials file only: no ledger, no CA, and
-/// nothing created (a reading command, see the module's doc).
-pub(super) fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let acme = &cfg.primary_ca().acme;
-    let directory = acme.directory.to_string();
+/// `account show`: the account at `ca`, or, with one CA, its account as
+/// before; with several, each CA that has one, in configuration order.
+pub(super) fn account_show(cfg: &Config, ca: Option<&str>) -> anyhow::Result<ExitCode> {
+    if let Some(name) = ca {
+        let Some(ca) = name.parse::<CaName>().ok().and_then(|n| cfg.ca(&n)) else {
+            errln!("certd: no CA named {name:?} in {}", cfg.path.display());
+            return Ok(ExitCode::from(2));
+        };
+        return show_one(cfg, ca);
+    }
+    if cfg.cas.len() == 1 {
+        return show_one(cfg, primary_ca(cfg));
+    }
+    let with_account: Vec<&CaConfig> = cfg
+        .cas
+        .iter()
+        .filter(|c| credentials_path(&cfg.storage.state_dir, c.acme.directory.as_str()).exists())
+        .collect();
+    if with_account.is_empty() {
+        errln!(
+            "certd: no ACME account at any configured CA in {} yet (`certd renew` creates them)",
+            cfg.storage.state_dir.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    for (i, ca) in with_account.into_iter().enumerate() {
+        if i > 0 {
+            outln!("");
+        }
+        outln!("ca:          {}", ca.name);
+        let code = show_one(cfg, ca)?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the account at `ca` from its credentials file only: no ledger, no
+/// CA, and nothing created (a reading command, see the module's doc).
+fn show_one(cfg: &Config, ca: &CaConfig) -> anyhow::Result<ExitCode> {
+    let directory = ca.acme.directory.to_string();
     let path = credentials_path(&cfg.storage.state_dir, &directory);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -90,23 +171,49 @@ pub(super) fn account_show(cfg: &Config) -> anyhow::Result<ExitCode> {
     );
     outln!(
         "contact:     {}",
-        if acme.contact.is_empty() {
+        if ca.acme.contact.is_empty() {
             "(none)".to_owned()
         } else {
-            acme.contact.join(", ")
+            ca.acme.contact.join(", ")
         }
     );
-    if let Some(eab) = &acme.eab {
+    if let Some(eab) = &ca.acme.eab {
         outln!("eab kid:     {}", eab.kid);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn account_rollover(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let Some((store, account)) = account_session(cfg).await? else {
-        return Ok(ExitCode::FAILURE);
+/// `account rollover`: the account at `ca`; by default the one CA's as
+/// before, or with several each CA that has an account.
+pub(super) async fn account_rollover(cfg: &Config, ca: Option<&str>) -> anyhow::Result<ExitCode> {
+    let cas: Vec<&CaConfig> = match ca {
+        Some(name) => match name.parse::<CaName>().ok().and_then(|n| cfg.ca(&n)) {
+            Some(ca) => vec![ca],
+            None => {
+                errln!("certd: no CA named {name:?} in {}", cfg.path.display());
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None if cfg.cas.len() == 1 => vec![primary_ca(cfg)],
+        None => cfg
+            .cas
+            .iter()
+            .filter(|c| {
+                credentials_path(&cfg.storage.state_dir, c.acme.directory.as_str()).exists()
+            })
+            .collect(),
     };
-    let code = ops::rollover(&account, cfg, &Sink::Terminal).await;
-    store.close().await;
+    let several = cas.len() > 1;
+    let mut code = 0;
+    for ca in cas {
+        if several {
+            outln!("ca {}:", ca.name);
+        }
+        let Some((store, account)) = account_session_at(cfg, ca).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        code = code.max(ops::rollover(&account, cfg, &Sink::Terminal).await);
+        store.close().await;
+    }
     Ok(ExitCode::from(code))
 }

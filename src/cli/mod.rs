@@ -202,10 +202,19 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Subcommand)]
 pub(crate) enum AccountCommand {
     /// Print the account: directory, URL, key thumbprint, credentials file.
-    Show,
+    Show {
+        /// The CA whose account to show (default: each CA that has one).
+        #[arg(long, value_name = "NAME")]
+        ca: Option<String>,
+    },
     /// Replace the account key (RFC 8555 §7.3.5); the old key stays in use
     /// until the CA confirms the change.
-    Rollover,
+    Rollover {
+        /// The CA whose account key to replace (default: each CA that has
+        /// an account).
+        #[arg(long, value_name = "NAME")]
+        ca: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,7 +315,7 @@ impl Command {
                 command: AuthzCommand::Deactivate { .. },
             }
             | Command::Account {
-                command: AccountCommand::Rollover,
+                command: AccountCommand::Rollover { .. },
             } => true,
             Command::Reap { dry_run, .. } => !dry_run,
             Command::GenerateAssets { .. }
@@ -317,7 +326,7 @@ impl Command {
                 command: AuthzCommand::List { .. },
             }
             | Command::Account {
-                command: AccountCommand::Show,
+                command: AccountCommand::Show { .. },
             }
             | Command::DnsPersist { .. } => false,
         }
@@ -370,8 +379,11 @@ impl Command {
                 ignore_budget: *ignore_budget,
             },
             Command::Account {
-                command: AccountCommand::Rollover,
+                command: AccountCommand::Rollover { ca: None },
             } => Request::Rollover,
+            Command::Account {
+                command: AccountCommand::Rollover { ca: Some(ca) },
+            } => Request::RolloverAt { ca: ca.clone() },
             _ => return None,
         })
     }
@@ -489,11 +501,11 @@ async fn run_command(
             dry_run,
         } => reap::reap(&cfg, older_than, dry_run).await,
         Command::Account {
-            command: AccountCommand::Show,
-        } => account::account_show(&cfg),
+            command: AccountCommand::Show { ca },
+        } => account::account_show(&cfg, ca.as_deref()),
         Command::Account {
-            command: AccountCommand::Rollover,
-        } => account::account_rollover(&cfg).await,
+            command: AccountCommand::Rollover { ca },
+        } => account::account_rollover(&cfg, ca.as_deref()).await,
         Command::DnsPersist {
             command: DnsPersistCommand::Show { name },
         } => persist::show(&cfg, &name).await,

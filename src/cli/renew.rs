@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::acme::ari::{self, AriError, Window};
 use crate::acme::{AcmeHttp, error_chain};
 use crate::app::Services;
+use crate::app::cas::Cas;
 use crate::app::outcome::{Failure, Retry};
 use crate::clock::{Clock, UnixTime, rfc3339};
 use crate::config::{CertificateConfig, ChallengeKind, Config};
@@ -121,6 +122,12 @@ pub(super) async fn renew(
     let mode = if dry_run {
         // Every CA: whichever a certificate falls back to, a dry run
         // must not order from production.
+        for ca in &mut cfg.cas {
+            if let Some(staging) = staging_directory(&ca.acme.directory) {
+                ca.acme.directory = staging;
+            }
+        }
+        // Every CA with a staging twin is asked there instead.
         for ca in &mut cfg.cas {
             if let Some(staging) = staging_directory(&ca.acme.directory) {
                 ca.acme.directory = staging;
@@ -274,15 +281,16 @@ async fn renew_due(
 
     let limit = Arc::new(Semaphore::new(RENEW_CONCURRENCY));
     let mut jobs = JoinSet::new();
+    let cas = Cas::new(services, Arc::new(cfg.clone()), ctx.clone());
     for (c, reason) in due {
-        let ctx = ctx.clone();
+        let cas = cas.clone();
         let cancel = cancel.clone();
         let limit = limit.clone();
         jobs.spawn(async move {
             // The semaphore is never closed, so acquire cannot fail.
             let _permit = limit.acquire_owned().await;
             tracing::info!(cert = %c.name, reason = %reason, "renewing");
-            let result = order::obtain(&ctx, &c, &cancel).await;
+            let result = cas.obtain(&c, &cancel).await;
             (c, reason, result)
         });
     }

@@ -8,7 +8,7 @@ use crate::app::sink::Sink;
 use crate::clock::Clock;
 use crate::config::Config;
 
-use super::account::account_session;
+use super::account::account_session_for;
 use super::renew::renew;
 
 pub(super) async fn revoke(
@@ -32,7 +32,8 @@ pub(super) async fn revoke(
         );
         return Ok(ExitCode::FAILURE);
     }
-    let Some((store, account)) = account_session(&cfg).await? else {
+    // Revocation goes to the CA that issued the certificate.
+    let Some((store, account)) = account_session_for(&cfg, Some(name)).await? else {
         return Ok(ExitCode::FAILURE);
     };
     let revoked = ops::revoke_installed(

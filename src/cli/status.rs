@@ -17,11 +17,14 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::output::shorten;
+use crate::app::cas::next_ca;
 use crate::app::sink::write_stdout_all;
 use crate::clock::{Clock, UnixTime, rfc3339};
 use crate::config::{self, CertificateConfig, Config, ConfigError};
 use crate::health::{Level, assess};
-use crate::ledger::{ACCOUNT_SCOPE, CertificateRow, LastResult, Ledger, PauseRow, ReaperSummary};
+use crate::ledger::{
+    ACCOUNT_SCOPE, CaStateRow, CertificateRow, LastResult, Ledger, PauseRow, ReaperSummary,
+};
 use crate::text::escape_control;
 
 /// What `certd status` prints.
@@ -114,7 +117,7 @@ pub(super) async fn run(
     };
     let rows: Vec<StatusRow> = selected
         .iter()
-        .map(|c| status_row(c, &ledger, now))
+        .map(|c| status_row(c, &ledger, cfg.cas.len() > 1, now))
         .collect();
     let text = match mode {
         Mode::Json => {
@@ -127,6 +130,9 @@ pub(super) async fn run(
             let mut text = String::new();
             push_ca_unreachable(&mut text, ledger.ca_unreachable.as_ref(), width);
             push_status_table(&mut text, &rows, now, width);
+            if cfg.cas.len() > 1 {
+                push_cas(&mut text, &rows);
+            }
             push_pauses(&mut text, &ledger.pauses, &cfg);
             push_ari(&mut text, &rows);
             push_accounts(&mut text, &ledger.accounts, width);
@@ -205,6 +211,8 @@ pub(super) struct LedgerView {
     pauses: Vec<PauseRow>,
     /// Since when the daemon has not reached the CA, and why.
     ca_unreachable: Option<(i64, String)>,
+    /// The CAs failing now, since when (fallback is measured from it).
+    ca_states: Vec<CaStateRow>,
 }
 
 struct LedgerCert {
@@ -231,6 +239,7 @@ impl LedgerView {
                 restart_needed: None,
                 pauses: Vec::new(),
                 ca_unreachable: None,
+                ca_states: Vec::new(),
             });
         }
         // Read-only: `sudo certd status` must not leave root's files.
@@ -243,10 +252,11 @@ impl LedgerView {
             accounts(&store, now),
             store.restart_needed(),
             store.pauses(),
-            store.ca_unreachable()
+            store.ca_unreachable(),
+            store.ca_states()
         );
         store.close().await;
-        let (rows, pending, accounts, restart_needed, pauses, ca_unreachable) =
+        let (rows, pending, accounts, restart_needed, pauses, ca_unreachable, ca_states) =
             read.with_context(|| format!("cannot read the ledger {}", path.display()))?;
         let certificates = rows
             .into_iter()
@@ -268,6 +278,7 @@ impl LedgerView {
                 .filter(|p| p.paused || p.until_at > now.secs())
                 .collect(),
             ca_unreachable,
+            ca_states,
         })
     }
 
@@ -322,6 +333,14 @@ struct StatusRow<'a> {
     ari_next_check: Option<i64>,
     /// Why the last ARI check failed; the window above still holds.
     ari_error: Option<&'a str>,
+    /// The CA (its configured name) that issued the installed certificate.
+    /// Both CA keys appear with several CAs configured (a string or null),
+    /// so the one-CA output stays as it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuer_ca: Option<Option<&'a str>>,
+    /// The CA the next renewal will try first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_ca: Option<Option<String>>,
 }
 
 /// A CA rate limit in `status --json`.
@@ -341,6 +360,7 @@ struct PauseStatus<'a> {
 fn status_row<'a>(
     c: &'a CertificateConfig,
     ledger: &'a LedgerView,
+    several_cas: bool,
     now: UnixTime,
 ) -> StatusRow<'a> {
     let entry = ledger.certificates.get(c.name.as_str());
@@ -394,6 +414,20 @@ fn status_row<'a>(
         ari_checked_at: ari.and_then(|r| r.ari_checked_at),
         ari_next_check: ari.and_then(|r| r.ari_next_check),
         ari_error: ari.and_then(|r| r.ari_error.as_deref()),
+        issuer_ca: several_cas.then(|| {
+            row.filter(|_| installed)
+                .and_then(|r| r.issuer_ca.as_deref())
+        }),
+        next_ca: several_cas.then(|| {
+            next_ca(
+                c,
+                row.and_then(|r| r.issuer_ca.as_deref()),
+                row.and_then(|r| r.not_before.zip(r.not_after)),
+                &ledger.ca_states,
+                now,
+            )
+            .map(|n| n.to_string())
+        }),
     }
 }
 
@@ -548,6 +582,23 @@ fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime, width:
     }
 }
 
+/// With several CAs: per certificate, the CA that issued it and the one
+/// its next renewal tries first.
+fn push_cas(out: &mut String, rows: &[StatusRow]) {
+    use std::fmt::Write as _;
+    out.push_str("\nCA (issued by -> next renewal):\n");
+    for r in rows {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "  {}: {} -> {}",
+            escape_control(r.name),
+            escape_control(r.issuer_ca.flatten().unwrap_or("-")),
+            escape_control(r.next_ca.as_ref().and_then(Option::as_deref).unwrap_or("-")),
+        );
+    }
+}
+
 /// `text` and the blanks that fill `width` columns; cut with an ellipsis
 /// when longer, keeping a blank after it.
 fn push_cell(out: &mut String, text: &str, width: usize) {
@@ -685,6 +736,14 @@ fn push_detail_block(
     item(out, "Expires:", &expires);
     item(out, "Serial:", r.serial.unwrap_or("-"));
     item(out, "Issuer:", issuer.as_deref().unwrap_or("-"));
+    if cfg.cas.len() > 1 {
+        item(out, "Issuing CA:", r.issuer_ca.flatten().unwrap_or("-"));
+        item(
+            out,
+            "Next CA:",
+            r.next_ca.as_ref().and_then(Option::as_deref).unwrap_or("-"),
+        );
+    }
     item(out, "Key type:", c.key_type.as_str());
     let profile = if c.profile.names.is_empty() {
         "(the CA's default)".to_owned()

@@ -12,7 +12,7 @@ use crate::acme::error_chain;
 use crate::app::ops::{self, RevokeReason};
 use crate::app::sink::Sink;
 use crate::clock::rfc3339;
-use crate::config::Config;
+use crate::config::{CaConfig, CaName, Config};
 use crate::daemon::control::{self, Request};
 use crate::daemon::schedule;
 use crate::hygiene::Policy;
@@ -60,7 +60,28 @@ pub(crate) async fn run_for_client(
             )
             .await
         }
-        Request::Rollover => Ok(ops::rollover(&handles.ctx.account, &cfg, sink).await),
+        Request::Rollover if cfg.cas.len() == 1 => {
+            Ok(ops::rollover(&handles.ctx.account, &cfg, sink).await)
+        }
+        Request::Rollover => {
+            let mut code = 0;
+            for ca in cfg.cas.iter().filter(|c| has_account(&cfg, c)) {
+                sink.out(&format!("ca {}:", ca.name));
+                code = code.max(rollover_at(handles, &cfg, &ca.name, sink).await);
+            }
+            Ok(code)
+        }
+        Request::RolloverAt { ca } => {
+            // A name that does not parse names no configured CA either.
+            let Some(name) = ca.parse::<CaName>().ok().filter(|n| cfg.ca(n).is_some()) else {
+                sink.err(&format!(
+                    "certd: no CA named {ca:?} in {}",
+                    cfg.path.display()
+                ));
+                return 2;
+            };
+            Ok(rollover_at(handles, &cfg, &name, sink).await)
+        }
     };
     result.unwrap_or_else(|e| {
         sink.err(&format!("certd: {}", error_chain(e.as_ref())));
@@ -162,6 +183,26 @@ fn report_outcome(name: &str, outcome: Option<schedule::Outcome>, sink: &Sink) -
     }
 }
 
+/// Whether certd has an account at `ca` (its credentials file exists).
+fn has_account(cfg: &Config, ca: &CaConfig) -> bool {
+    crate::acme::credentials_path(&cfg.storage.state_dir, ca.acme.directory.as_str()).exists()
+}
+
+/// Rolls over the key of the account at `ca`, through the context every
+/// order at that CA shares.
+async fn rollover_at(handles: &control::Handles, cfg: &Config, ca: &CaName, sink: &Sink) -> u8 {
+    match handles.cas.context(ca).await {
+        Ok(ctx) => ops::rollover(&ctx.account, cfg, sink).await,
+        Err(e) => {
+            sink.err(&format!(
+                "certd: the account at CA {ca}: {}",
+                error_chain(&e)
+            ));
+            1
+        }
+    }
+}
+
 /// `certd revoke` in the daemon: revoked with the daemon's account, then
 /// replaced at once by its scheduler.
 async fn revoke_in_daemon(
@@ -179,7 +220,15 @@ async fn revoke_in_daemon(
         ));
         return Ok(2);
     }
-    let ctx = &handles.ctx;
+    // Revocation goes to the CA that issued the certificate.
+    let ctx = match handles.ctx.store.issuer_ca(name).await? {
+        Some(ca) if ca != handles.ctx.ca.as_str() => match ca.parse::<CaName>() {
+            Ok(issuer) => handles.cas.context(&issuer).await?,
+            // Not a name certd writes: the CA it issued through is gone.
+            Err(_) => handles.ctx.clone(),
+        },
+        _ => handles.ctx.clone(),
+    };
     if !ops::revoke_installed(&ctx.cert_dir, name, reason, &ctx.store, &ctx.account, sink).await? {
         return Ok(1);
     }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::cas::Cas;
 use crate::app::sink::{Reply, Sink};
 use crate::config::Config;
 use crate::daemon::schedule;
@@ -70,13 +71,21 @@ pub(crate) enum Request {
         include_valid: bool,
         ignore_budget: bool,
     },
+    /// Every CA's account that exists (the one CA's, with one).
     Rollover,
+    /// The account at the CA of this name.
+    RolloverAt {
+        ca: String,
+    },
 }
 
 /// What the daemon's command handlers work with.
 #[derive(Clone)]
 pub(crate) struct Handles {
+    /// The first CA's context.
     pub(crate) ctx: Context,
+    /// Every CA's (revocation goes to the issuer).
+    pub(crate) cas: Cas,
     pub(crate) scheduler: mpsc::Sender<schedule::Request>,
     /// The configuration last applied (reloads change it).
     pub(crate) config: watch::Receiver<Arc<Config>>,

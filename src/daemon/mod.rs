@@ -38,8 +38,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as channel};
 use tokio_util::sync::CancellationToken;
 
+use crate::acme::credentials_path;
 use crate::app::Services;
-use crate::config::{ChallengeKind, Config};
+use crate::app::cas::Cas;
+use crate::config::{CaName, ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
 use crate::solver::{ChallengeSettings, Solvers};
@@ -123,8 +125,10 @@ pub async fn run(
     let (reaper_tx, reaper_rx) = channel::channel(ReaperTimes::of(&cfg));
     let (config_tx, config_rx) = channel::channel(cfg.clone());
     let (request_tx, request_rx) = mpsc::channel(16);
+    let cas = Cas::new(&services, cfg.clone(), ctx.clone());
     let control = control::Handles {
         ctx: ctx.clone(),
+        cas: cas.clone(),
         scheduler: request_tx,
         config: config_rx,
     };
@@ -136,13 +140,19 @@ pub async fn run(
         config: config_tx,
         metrics,
         ctx: ctx.clone(),
+        cas: cas.clone(),
         services: services.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
     };
-    let scheduler = Scheduler::new(ctx, services.outcomes(), cfg.clone(), shutdown.clone());
+    let scheduler = Scheduler::new(
+        cas.clone(),
+        services.outcomes(),
+        cfg.clone(),
+        shutdown.clone(),
+    );
     tasks.spawn("scheduler", scheduler.run(reload_rx, request_rx));
     // Bound here, once the daemon can serve it: a socket nobody answers
     // would make a one-shot command wait for a daemon still looking for
@@ -152,7 +162,37 @@ pub async fn run(
     if let Err(e) = control::start(&cfg.storage.state_dir, control, &tasks.tracker, &shutdown) {
         tracing::error!(error = %e, "cannot serve the control socket; certd renew, revoke and reap cannot reach this daemon");
     }
+    // A CA first used later gets its passes on the same schedule.
+    let (spawner, times, stop) = (tasks.clone(), reaper_rx.clone(), shutdown.clone());
+    cas.on_new_reaper(move |reaper| {
+        spawner.spawn("reaper", reaper_loop(reaper, times.clone(), stop.clone()));
+    });
     tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
+    // The other CAs this state directory has accounts at: their reapers
+    // recover what an earlier run left unfinished there and settle stale
+    // authorizations, rather than wait for the next order to go there.
+    let others: Vec<CaName> = cfg
+        .cas
+        .iter()
+        .filter(|c| c.name != ctx.ca)
+        .filter(|c| credentials_path(&cfg.storage.state_dir, c.acme.directory.as_str()).exists())
+        .map(|c| c.name.clone())
+        .collect();
+    if !others.is_empty() {
+        let (cas, stop) = (cas.clone(), shutdown.clone());
+        tasks.spawn("other CAs", async move {
+            for name in others {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    built = cas.context(&name) => {
+                        if let Err(e) = built {
+                            tracing::warn!(ca = %name, error = %e, "cannot load the account at this CA yet; it is loaded when an order goes there");
+                        }
+                    }
+                }
+            }
+        });
+    }
     tasks.spawn(
         "config watcher",
         watch::watch_config(reloader, listeners.reload),

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
+use crate::app::cas::Cas;
 use crate::config::{Config, diff};
 use crate::ledger::EventKind;
 use crate::metrics::Sources;
@@ -35,6 +36,8 @@ pub(crate) struct Reloader {
     pub(crate) config: watch::Sender<Arc<Config>>,
     pub(crate) metrics: Option<MetricsListener>,
     pub(crate) ctx: Context,
+    /// Every CA's order context: a reload's reaper settings reach each.
+    pub(crate) cas: Cas,
     pub(crate) services: Services,
     pub(crate) tasks: Tasks,
     pub(crate) shutdown: CancellationToken,
@@ -78,7 +81,7 @@ impl Reloader {
         if self.current.metrics_listen != new.metrics_listen {
             self.restart_metrics(new.metrics_listen).await;
         }
-        self.ctx.reaper.set_config(new.reaper.clone());
+        self.cas.apply_reaper_settings(&new);
         self.reaper_times.send_replace(ReaperTimes::of(&new));
         self.config.send_replace(new.clone());
         *lock(&self.tasks.grace) = Some(new.daemon.shutdown_grace);

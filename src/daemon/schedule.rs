@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::ari::{self, AriError, Window};
 use crate::acme::{LimitScope, RateLimit};
 use crate::app::backoff::{failure_backoff, random_fraction};
+use crate::app::cas::Cas;
 use crate::app::outcome::{Failure, HeldBack, Outcomes, Retry};
 use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
@@ -242,7 +243,10 @@ pub(crate) enum Outcome {
 /// The daemon's scheduler: owns when every certificate is due and runs
 /// at most `max_concurrent` orders.
 pub(crate) struct Scheduler {
+    /// The first CA's context: the ledger, the certificate directory.
     ctx: Context,
+    /// Every CA's: orders go where the certificate's list says.
+    cas: Cas,
     /// Records outcomes; holds the clock every deadline is read from.
     outcomes: Outcomes,
     cfg: Arc<Config>,
@@ -259,13 +263,14 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub(crate) fn new(
-        ctx: Context,
+        cas: Cas,
         outcomes: Outcomes,
         cfg: Arc<Config>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
-            ctx,
+            ctx: cas.first().clone(),
+            cas,
             outcomes,
             cfg,
             table: Timetable::default(),
@@ -404,7 +409,17 @@ impl Scheduler {
     async fn plan_installed(&self, entry: &mut Entry, info: &CertInfo) {
         // What was planned before: kept while it still fits, so NEXT
         // RENEWAL does not move at each start (see `kept_renewal`).
-        let planned = match self.ctx.store.certificate(entry.cert.name.as_str()).await {
+        let row = self.ctx.store.certificate(entry.cert.name.as_str()).await;
+        // ARI goes to the CA that issued the certificate, only.
+        let issuer = match &row {
+            Ok(Some(r)) => r.issuer_ca.as_deref().and_then(|s| s.parse().ok()),
+            _ => None,
+        };
+        let ari_ctx = match issuer {
+            Some(ca) if ca != self.ctx.ca => self.cas.context(&ca).await.map_err(|e| e.to_string()),
+            _ => Ok(self.ctx.clone()),
+        };
+        let planned = match row {
             Ok(row) => row.and_then(|r| r.next_renewal_at),
             Err(e) => {
                 tracing::debug!(cert = %entry.cert.name, error = %e, "cannot read the planned renewal");
@@ -416,7 +431,14 @@ impl Scheduler {
         // A window about an earlier certificate says nothing about this one.
         let kept = entry.ari.take().filter(|p| p.serial == info.serial);
         let interval = self.cfg.daemon.ari_interval;
-        let (plan, recheck, error) = match order::ari_window(&self.ctx, info).await {
+        let answer = match &ari_ctx {
+            Ok(ctx) => order::ari_window(ctx, info).await,
+            Err(e) => Err(AriError::Temporary {
+                detail: format!("the issuing CA's account: {e}"),
+                retry_after: None,
+            }),
+        };
+        let (plan, recheck, error) = match answer {
             Ok(answer) => {
                 entry.ari_errors = 0;
                 let at = match kept {
@@ -512,13 +534,13 @@ impl Scheduler {
             };
             let token = self.cancel.child_token();
             entry.running = Some(token.clone());
-            let ctx = self.ctx.clone();
+            let cas = self.cas.clone();
             let cert = entry.cert.clone();
             let generation = entry.generation;
             tracing::info!(cert = %name, why = %entry.why, "renewing");
             self.table.insert(name.clone(), entry);
             self.jobs.spawn(async move {
-                let result = order::obtain(&ctx, &cert, &token).await;
+                let result = cas.obtain(&cert, &token).await;
                 (name, generation, result)
             });
         }

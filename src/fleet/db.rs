@@ -380,6 +380,174 @@ pub fn account_key_context(directory: &str) -> SealContext {
     }
 }
 
+/// The channel a new issuance is announced on; the payload is the
+/// certificate's name.
+pub const ISSUED_CHANNEL: &str = "certd_issued";
+/// The channel a new challenge answer is announced on; the payload is the
+/// token.
+pub const CHALLENGE_CHANNEL: &str = "certd_challenge";
+
+/// What one host did with one issuance, for the `installs` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallRecord {
+    pub host_id: String,
+    pub cert_name: String,
+    pub serial: String,
+    /// `Ok(reload commands' outcomes)` when installed, `Err(why not)`.
+    pub result: Result<String, String>,
+}
+
+/// A row of `installs` as read back (status, tests).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct InstallRow {
+    pub host_id: String,
+    pub cert_name: String,
+    pub serial: String,
+    pub installed: bool,
+    pub reload_result: Option<String>,
+    pub error: Option<String>,
+}
+
+/// An unexpired http-01 answer, with how long it stays valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveAnswer {
+    pub token: String,
+    pub key_authorization: String,
+    pub valid_for: Duration,
+}
+
+impl FencedTx {
+    /// Announces on [`ISSUED_CHANNEL`] that this lease's certificate has a
+    /// new issuance. Sent inside the transaction, so PostgreSQL delivers
+    /// it only if (and when) the issuance commits.
+    pub async fn notify_issued(&mut self) -> Result<(), LeaseError> {
+        let cert_name = self.cert_name()?.to_owned();
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(ISSUED_CHANNEL)
+            .bind(cert_name)
+            .execute(self.conn())
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+}
+
+impl FleetDb {
+    /// The newest issuance of each of `cert_names` that has one.
+    pub async fn newest_issued(&self, cert_names: &[String]) -> Result<Vec<Issued>, DbError> {
+        let rows: Vec<(String, String, String, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT DISTINCT ON (cert_name) cert_name, serial, fullchain_pem, sealed_key, epoch
+               FROM issued WHERE cert_name = ANY($1)
+              ORDER BY cert_name, id DESC",
+        )
+        .bind(cert_names)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(cert_name, serial, fullchain_pem, sealed_key, epoch)| Issued {
+                    cert_name,
+                    serial,
+                    fullchain_pem,
+                    sealed_key: Sealed::from_bytes(sealed_key),
+                    epoch,
+                },
+            )
+            .collect())
+    }
+
+    /// Records what a host did with an issuance; a second attempt at the
+    /// same issuance replaces the first's row.
+    pub async fn record_install(&self, record: &InstallRecord) -> Result<(), DbError> {
+        let (reload_result, error) = match &record.result {
+            Ok(reloads) => (Some(reloads.as_str()), None),
+            Err(why) => (None, Some(why.as_str())),
+        };
+        sqlx::query(
+            "INSERT INTO installs (host_id, cert_name, serial, installed_at, reload_result, error)
+             VALUES ($1, $2, $3, CASE WHEN $5::text IS NULL THEN now() END, $4, $5)
+             ON CONFLICT (host_id, cert_name, serial) DO UPDATE
+                SET installed_at = excluded.installed_at,
+                    reload_result = excluded.reload_result, error = excluded.error,
+                    attempted_at = now()",
+        )
+        .bind(&record.host_id)
+        .bind(&record.cert_name)
+        .bind(&record.serial)
+        .bind(reload_result)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// The `(certificate, serial)` pairs `host_id` has recorded as installed.
+    pub async fn installed_by(&self, host_id: &str) -> Result<Vec<(String, String)>, DbError> {
+        sqlx::query_as(
+            "SELECT cert_name, serial FROM installs
+              WHERE host_id = $1 AND installed_at IS NOT NULL",
+        )
+        .bind(host_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    /// Every host's record for `cert_name`, by host, then serial.
+    pub async fn installs(&self, cert_name: &str) -> Result<Vec<InstallRow>, DbError> {
+        sqlx::query_as(
+            "SELECT host_id, cert_name, serial, installed_at IS NOT NULL AS installed,
+                    reload_result, error
+               FROM installs WHERE cert_name = $1 ORDER BY host_id, serial",
+        )
+        .bind(cert_name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    /// Announces on [`CHALLENGE_CHANNEL`] that `token`'s answer is stored,
+    /// so every host's listener loads it into memory. A hint only: a host
+    /// that misses it answers from the table.
+    pub async fn announce_challenge(&self, token: &str) -> Result<(), DbError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHALLENGE_CHANNEL)
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// The unexpired http-01 answer for `token`, or with `None` every
+    /// unexpired http-01 answer.
+    pub async fn live_answers(&self, token: Option<&str>) -> Result<Vec<LiveAnswer>, DbError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT token, key_authorization,
+                    (extract(epoch FROM expires_at - now()) * 1000000)::bigint
+               FROM challenge_responses
+              WHERE kind = 'http-01' AND expires_at > now()
+                AND ($1::text IS NULL OR token = $1)",
+        )
+        .bind(token)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(token, key_authorization, micros)| LiveAnswer {
+                token,
+                key_authorization,
+                // Unexpired by the query, so positive.
+                valid_for: Duration::from_micros(u64::try_from(micros).unwrap_or(0)),
+            })
+            .collect())
+    }
+}
+
 impl Target {
     fn of(opts: &PgConnectOptions) -> Self {
         match opts.get_socket() {

@@ -35,6 +35,9 @@ pub struct CertificateRow {
     pub ari_checked_at: Option<i64>,
     pub ari_next_check: Option<i64>,
     pub ari_error: Option<String>,
+    /// The CA (its configured name) that issued the installed
+    /// certificate; `None` from before several CAs were known.
+    pub issuer_ca: Option<String>,
 }
 
 impl CertificateRow {
@@ -66,7 +69,7 @@ macro_rules! cert_select {
                 last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
                 revoked_serial, profile, profile_warning,
                 ari_serial, ari_window_start, ari_window_end, ari_explanation_url,
-                ari_checked_at, ari_next_check, ari_error
+                ari_checked_at, ari_next_check, ari_error, issuer_ca
              FROM certificates ",
             $tail
         )
@@ -95,7 +98,7 @@ impl Ledger {
                  last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures,
                  revoked_serial, profile, profile_warning,
                  ari_serial, ari_window_start, ari_window_end, ari_explanation_url,
-                 ari_checked_at, ari_next_check, ari_error))
+                 ari_checked_at, ari_next_check, ari_error, issuer_ca))
              FROM (SELECT * FROM certificates ORDER BY name)",
         )
         .fetch_one(&self.pool)
@@ -140,6 +143,26 @@ impl Ledger {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records the CA that issued the certificate of `name` just installed.
+    pub(crate) async fn set_issuer_ca(&self, name: &str, ca: &str) -> Result<()> {
+        sqlx::query("UPDATE certificates SET issuer_ca = ? WHERE name = ?")
+            .bind(ca)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The CA that issued the installed certificate of `name`, if known.
+    pub(crate) async fn issuer_ca(&self, name: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT issuer_ca FROM certificates WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|(ca,)| ca))
     }
 
     /// The profile preference the installed certificate of `name` was

@@ -20,6 +20,7 @@
 mod accounts;
 mod ari;
 mod authorizations;
+mod ca_state;
 mod certificates;
 mod error;
 mod events;
@@ -41,6 +42,7 @@ use crate::clock::Clock;
 use error::diagnose;
 
 pub(crate) use authorizations::{NewAuthz, NewChallenge, PendingAuthz, StalePage};
+pub(crate) use ca_state::CaStateRow;
 pub use certificates::CertificateRow;
 pub(crate) use certificates::Installed;
 pub(crate) use error::explain;

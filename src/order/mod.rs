@@ -56,7 +56,7 @@ use crate::acme::{
     AcmeAccount, AcmeError, Disposition, NONCE_ATTEMPTS, ProblemRecord, ari, is_bad_nonce,
 };
 use crate::clock::Clock;
-use crate::config::TrustedRoots;
+use crate::config::{CaName, TrustedRoots};
 use crate::config::{CertificateConfig, ChallengeKind};
 use crate::hygiene::{Admission, GuardError, Policy, Reaper};
 use crate::install::{self, CertInfo, InstallError, ReloadOutcome};
@@ -95,6 +95,11 @@ pub(crate) use recovery::recover;
 /// What the driver needs; shared by concurrent orders.
 #[derive(Clone)]
 pub struct Context {
+    /// The CA the orders of this context go to.
+    pub(crate) ca: CaName,
+    /// Whether a `replaces` names the installed certificate: only towards
+    /// the CA that issued it (RFC 9773 identifiers are per CA).
+    pub(crate) replaces_installed: bool,
     pub(crate) store: Ledger,
     pub(crate) account: AcmeAccount,
     pub(crate) solvers: Solvers,
@@ -282,7 +287,9 @@ async fn obtain_inner(
                 .map_err(DriveError::NotReady)?;
             // The guard counts this order before it exists, so concurrent
             // orders cannot all slip under max_pending.
-            let replaces = install::installed(&ctx.cert_dir, name).and_then(|i| i.ari_id);
+            let replaces = install::installed(&ctx.cert_dir, name)
+                .and_then(|i| i.ari_id)
+                .filter(|_| ctx.replaces_installed);
             let admission = ctx
                 .reaper
                 .admit(name, &sorted, replaces.as_deref(), cancel)
@@ -307,7 +314,7 @@ async fn obtain_inner(
                     return Err(e);
                 }
             };
-            tracing::info!(cert = name, order = %order.url(), "order created");
+            tracing::info!(cert = name, ca = %ctx.ca, order = %order.url(), "order created");
             (order, Some(admission), Some(intent), None)
         }
     };

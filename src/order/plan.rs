@@ -49,7 +49,9 @@ pub(super) async fn new_order(
             None => order,
         }
     };
-    let installed = install::installed(&ctx.cert_dir, name).and_then(|i| i.ari_id);
+    let installed = install::installed(&ctx.cert_dir, name)
+        .and_then(|i| i.ari_id)
+        .filter(|_| ctx.replaces_installed);
     if let Some((aki, serial)) = installed.as_deref().and_then(|id| id.split_once('.')) {
         let replaces = instant_acme::CertificateIdentifier {
             authority_key_identifier: aki.into(),

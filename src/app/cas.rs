@@ -1,0 +1,459 @@
+//! The CAs of a run and the fallback between them.
+//!
+//! [`Cas`] holds one order context per CA: the first CA's is built at the
+//! start, as with one CA; the others' (their own account, HTTP client with
+//! their CA bundle, reaper with their limits) on first use, then shared by
+//! every order of the run. [`Cas::obtain`] picks the CA of each attempt
+//! (`ca_choice`), and when an attempt ends in a reason to fall back it
+//! tries the next CA in the same round: what the first CA's order left is
+//! settled by the driver as after any failure (pending authorizations
+//! deactivated within that CA's budget) before the next CA is asked.
+//!
+//! The ledger keeps, per CA, the start of its current streak of failures
+//! (`ca_state`), so that "unreachable for longer than `ca_fallback_after`"
+//! holds across runs of `certd renew`; and, per certificate, the CA that
+//! issued it (`certificates.issuer_ca`). Rate limits and paused
+//! identifiers seen at a CA are kept for the run.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use crate::acme::{AcmeError, Disposition, SetupError, error_chain};
+use crate::app::Services;
+use crate::app::ca_choice::{self, CaFacts, Wants};
+use crate::clock::UnixTime;
+use crate::config::{CaName, CertificateConfig, Config};
+use crate::hygiene::{GuardError, Reaper};
+use crate::install;
+use crate::ledger::{CaStateRow, LedgerError};
+use crate::order::{self, Context, DriveError, Issued};
+use crate::solver::Unready;
+
+/// The order contexts of every CA, created on first use.
+#[derive(Clone)]
+pub(crate) struct Cas {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    services: Services,
+    /// The configuration the contexts were built from: CA tables need a
+    /// restart, so the started one stays right for them.
+    cfg: Arc<Config>,
+    /// The first CA's context, which holds the solvers and mode for all.
+    first: Context,
+    contexts: Mutex<HashMap<CaName, Arc<OnceCell<Context>>>>,
+    /// Rate limits and pauses seen this run, per CA and certificate.
+    limited: Mutex<HashMap<(CaName, String), Limited>>,
+    /// Called with the reaper of each CA created after the start (the
+    /// daemon gives it its periodic passes).
+    on_new_reaper: Mutex<Option<NewReaper>>,
+}
+
+/// What the daemon does with a CA's reaper created on first use.
+type NewReaper = Box<dyn Fn(Reaper) + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Limited {
+    until: Option<UnixTime>,
+    paused: bool,
+}
+
+impl Cas {
+    /// The CAs of `cfg`, the first one's context being `first`.
+    pub(crate) fn new(services: &Services, cfg: Arc<Config>, first: Context) -> Self {
+        let cell = Arc::new(OnceCell::new_with(Some(first.clone())));
+        let contexts = HashMap::from([(first.ca.clone(), cell)]);
+        Self {
+            inner: Arc::new(Inner {
+                services: services.clone(),
+                cfg,
+                first,
+                contexts: Mutex::new(contexts),
+                limited: Mutex::new(HashMap::new()),
+                on_new_reaper: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Hands each reaper created from now on to `f`.
+    pub(crate) fn on_new_reaper(&self, f: impl Fn(Reaper) + Send + Sync + 'static) {
+        *lock(&self.inner.on_new_reaper) = Some(Box::new(f));
+    }
+
+    /// The first CA's context: the reaper loop, metrics and the control
+    /// socket's one-CA operations use it.
+    pub(crate) fn first(&self) -> &Context {
+        &self.inner.first
+    }
+
+    /// A reload's reaper settings, for every CA whose account is in use:
+    /// `[reaper]` with each CA's own limits (which apply live).
+    pub(crate) fn apply_reaper_settings(&self, new: &Config) {
+        let contexts = lock(&self.inner.contexts);
+        for (name, cell) in contexts.iter() {
+            let (Some(ctx), Some(ca)) = (cell.get(), new.ca(name)) else {
+                continue;
+            };
+            ctx.reaper.set_config(ca.reaper_config(&new.reaper));
+        }
+    }
+
+    /// The context of `ca` if it was created already.
+    pub(crate) fn ready(&self, ca: &CaName) -> Option<Context> {
+        lock(&self.inner.contexts)
+            .get(ca)
+            .and_then(|c| c.get().cloned())
+    }
+
+    /// The context of `ca`, creating its account on first use.
+    pub(crate) async fn context(&self, ca: &CaName) -> Result<Context, DriveError> {
+        let cell = lock(&self.inner.contexts)
+            .entry(ca.clone())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| self.build(ca)).await.cloned()
+    }
+
+    async fn build(&self, name: &CaName) -> Result<Context, DriveError> {
+        let Inner {
+            services,
+            cfg,
+            first,
+            ..
+        } = &*self.inner;
+        let ca = cfg.ca(name).ok_or_else(|| {
+            DriveError::NotReady(Unready {
+                what: format!("CA {name}"),
+                problem: "not configured when certd started".into(),
+                fix: "restart certd to use a CA added since".into(),
+            })
+        })?;
+        let account = services
+            .account_at(cfg, ca)
+            .await
+            .map_err(|e| setup_error(name, e))?;
+        let (reaper, _) = services.reaper_at(cfg, ca, account).await?;
+        if let Some(f) = &*lock(&self.inner.on_new_reaper) {
+            f(reaper.clone());
+        }
+        tracing::info!(ca = %name, directory = %ca.acme.directory, "account ready");
+        Ok(services.order_context_at(cfg, ca, reaper, first.solvers.clone(), first.mode))
+    }
+
+    /// Obtains and installs `cert` at the first CA of its list that can
+    /// issue it, falling back to the next while the reason allows.
+    pub(crate) async fn obtain(
+        &self,
+        cert: &CertificateConfig,
+        cancel: &CancellationToken,
+    ) -> Result<Issued, DriveError> {
+        let name = cert.name.as_str();
+        let store = &self.inner.services.store;
+        let now = self.inner.services.clock.now();
+        let issuer = store
+            .issuer_ca(name)
+            .await?
+            .and_then(|s| s.parse::<CaName>().ok());
+        let installed = install::installed(&self.inner.first.cert_dir, name);
+        let required = required_profiles(cert);
+        let wants = Wants {
+            cas: &cert.ca,
+            sticky: cert.sticky,
+            issuer: issuer.as_ref(),
+            fallback_after: cert.ca_fallback_after,
+            deadline: installed
+                .as_ref()
+                .map_or(now, |i| safe_deadline(i.not_before, i.not_after)),
+            has_ip: cert.has_ip(),
+            required_profiles: &required,
+        };
+        let mut tried: Vec<&CaName> = Vec::new();
+        loop {
+            // An unreachable CA is tried all the same (its streak is only
+            // ended by an answer); the attempt's failure decides.
+            let choice = ca_choice::choose(&wants, |ca| self.facts(ca, name), &tried, now);
+            let Some(ca) = choice.ca else {
+                return Err(DriveError::NotReady(Unready {
+                    what: format!("certificate {name}"),
+                    problem: "no CA is configured for it".into(),
+                    fix: "list a CA in its `ca`".into(),
+                }));
+            };
+            for (skipped, why) in &choice.skipped {
+                tracing::warn!(cert = name, ca = %skipped, "falling back to CA {ca}: {why}");
+            }
+            tried.extend(choice.skipped.iter().map(|(c, _)| *c));
+            let result = self.attempt(ca, issuer.as_ref(), cert, cancel).await;
+            let e = match result {
+                Ok(issued) => {
+                    store.ca_answered(ca.as_str()).await?;
+                    if self.inner.first.mode != order::RunMode::DryRun {
+                        store.set_issuer_ca(name, ca.as_str()).await?;
+                    }
+                    return Ok(issued);
+                }
+                Err(e) => e,
+            };
+            tried.push(ca);
+            let Some(reason) = self.fallback_reason(ca, name, &e, &wants).await? else {
+                return Err(e);
+            };
+            let next = ca_choice::choose(&wants, |c| self.facts(c, name), &tried, now).ca;
+            let Some(next) = next else {
+                return Err(e);
+            };
+            tracing::warn!(cert = name, ca = %ca, error = %error_chain(&e), "falling back to CA {next}: {reason}");
+        }
+    }
+
+    /// One attempt at `ca`: `replaces` only towards the issuer.
+    async fn attempt(
+        &self,
+        ca: &CaName,
+        issuer: Option<&CaName>,
+        cert: &CertificateConfig,
+        cancel: &CancellationToken,
+    ) -> Result<Issued, DriveError> {
+        let mut ctx = match self.context(ca).await {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                if let DriveError::Acme(a) = &e
+                    && is_unreachable(a)
+                {
+                    self.inner
+                        .services
+                        .store
+                        .ca_failed(ca.as_str(), &a.to_string())
+                        .await?;
+                }
+                return Err(e);
+            }
+        };
+        // Certificates installed before the issuer was recorded came from
+        // the only CA there was: the first.
+        ctx.replaces_installed = issuer.unwrap_or(&self.inner.first.ca) == ca;
+        order::obtain(&ctx, cert, cancel).await
+    }
+
+    /// What this run knows of `ca` for the certificate `name`.
+    fn facts(&self, ca: &CaName, name: &str) -> CaFacts {
+        let limited = lock(&self.inner.limited)
+            .get(&(ca.clone(), name.to_owned()))
+            .copied()
+            .unwrap_or_default();
+        CaFacts {
+            failing_since: None,
+            rate_limited_until: limited.until,
+            paused: limited.paused,
+            profiles: self.ready(ca).map(|c| {
+                let account = c.account.account();
+                account.profiles().map(|p| p.name.to_owned()).collect()
+            }),
+        }
+    }
+
+    /// Why the failure `e` at `ca` lets the certificate `name` go to the
+    /// next CA, if it does; records what it learnt of the CA.
+    async fn fallback_reason(
+        &self,
+        ca: &CaName,
+        name: &str,
+        e: &DriveError,
+        wants: &Wants<'_>,
+    ) -> Result<Option<String>, LedgerError> {
+        let store = &self.inner.services.store;
+        let now = self.inner.services.clock.now();
+        let reason = match e {
+            DriveError::Profile(why) => Some(why.clone()),
+            DriveError::NoChallenge { .. } => Some(e.to_string()),
+            DriveError::Guard(GuardError::Limit { until, .. }) => {
+                (*until > wants.deadline).then(|| format!("certd's limit at this CA: {e}"))
+            }
+            DriveError::Acme(a) => {
+                if let Some(limit) = a.rate_limit() {
+                    let until = match a.disposition() {
+                        Disposition::RateLimited { until } => until.map(UnixTime::from_system),
+                        _ => None,
+                    };
+                    lock(&self.inner.limited).insert(
+                        (ca.clone(), name.to_owned()),
+                        Limited {
+                            until,
+                            paused: limit.paused,
+                        },
+                    );
+                    if limit.paused {
+                        Some("an identifier is paused at this CA".to_owned())
+                    } else {
+                        // No Retry-After: the CA did not say it ends in time.
+                        let late = until.is_none_or(|u| u > wants.deadline);
+                        late.then(|| a.to_string())
+                    }
+                } else if is_unreachable(a) {
+                    store.ca_failed(ca.as_str(), &a.to_string()).await?;
+                    let since = store
+                        .ca_states()
+                        .await?
+                        .into_iter()
+                        .find(|s| s.ca == ca.as_str())
+                        .map(|s| UnixTime::from_secs(s.failing_since));
+                    since
+                        .filter(|s| s.plus(wants.fallback_after) <= now)
+                        .map(|s| ca_choice::Skip::Unreachable { since: s }.to_string())
+                } else {
+                    store.ca_answered(ca.as_str()).await?;
+                    None
+                }
+            }
+            // A validation failure is the operator's to fix; anything else
+            // is local.
+            _ => None,
+        };
+        Ok(reason)
+    }
+}
+
+/// The CA the next renewal of `cert` will try, as `status` shows it:
+/// `issuer` is the CA of the installed certificate, `states` the CAs
+/// failing now, `installed` its certificate's validity (not before, not
+/// after).
+pub(crate) fn next_ca(
+    cert: &CertificateConfig,
+    issuer: Option<&str>,
+    installed: Option<(i64, i64)>,
+    states: &[CaStateRow],
+    now: UnixTime,
+) -> Option<CaName> {
+    let issuer = issuer.and_then(|s| s.parse::<CaName>().ok());
+    let required = required_profiles(cert);
+    let wants = Wants {
+        cas: &cert.ca,
+        sticky: cert.sticky,
+        issuer: issuer.as_ref(),
+        fallback_after: cert.ca_fallback_after,
+        deadline: installed.map_or(now, |(from, to)| safe_deadline(from, to)),
+        has_ip: cert.has_ip(),
+        required_profiles: &required,
+    };
+    let facts = |ca: &CaName| CaFacts {
+        failing_since: states
+            .iter()
+            .find(|s| s.ca == ca.as_str())
+            .map(|s| UnixTime::from_secs(s.failing_since)),
+        ..CaFacts::default()
+    };
+    ca_choice::choose(&wants, facts, &[], now).ca.cloned()
+}
+
+/// When a certificate valid from `not_before` to `not_after` must be
+/// renewed at the latest: with a third of its lifetime left.
+fn safe_deadline(not_before: i64, not_after: i64) -> UnixTime {
+    let lifetime = (not_after - not_before).max(0);
+    UnixTime::from_secs(not_after - lifetime / 3)
+}
+
+fn required_profiles(cert: &CertificateConfig) -> Vec<String> {
+    if cert.profile.required {
+        cert.profile.names.clone()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Whether `e` says the CA could not be reached or failed on its side.
+fn is_unreachable(e: &AcmeError) -> bool {
+    matches!(e.disposition(), Disposition::Retryable)
+        && e.problem()
+            .is_none_or(|p| p.status.is_none_or(|s| s >= 500))
+}
+
+fn setup_error(ca: &CaName, e: SetupError) -> DriveError {
+    match e {
+        SetupError::Acme(a) => DriveError::Acme(a),
+        SetupError::Ledger(l) => DriveError::Ledger(l),
+        other => DriveError::NotReady(Unready {
+            what: format!("CA {ca}"),
+            problem: other.to_string(),
+            fix: format!("correct [ca.{ca}] (or [acme]) in the configuration"),
+        }),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::Clock;
+
+    fn cert(list: &[&str], sticky: bool) -> CertificateConfig {
+        let text = r#"
+[acme]
+directory = "https://ca.test/dir"
+[storage]
+state_dir = "/var/lib/certd"
+cert_dir = "/etc/certd/live"
+[http01]
+listen = "127.0.0.1:80"
+[[certificate]]
+name = "www"
+domains = ["www.example.test"]
+challenges = ["http-01"]
+"#;
+        let cfg = Config::parse(Path::new("/etc/certd/config.toml"), text).expect("config");
+        let mut c = cfg.certificates[0].clone();
+        c.ca = list.iter().map(|n| n.parse().expect("a CA name")).collect();
+        c.sticky = sticky;
+        c
+    }
+
+    fn failing(ca: &str, since: UnixTime) -> CaStateRow {
+        CaStateRow {
+            ca: ca.into(),
+            failing_since: since.secs(),
+            last_error: "connection refused".into(),
+        }
+    }
+
+    /// What `status` says the next renewal tries: the first CA, the
+    /// issuer when sticky, the next once the first has failed for longer
+    /// than `ca_fallback_after`.
+    #[test]
+    fn next_ca_follows_the_list_stickiness_and_failures() {
+        let clock = Clock::fixed(UnixTime::from_secs(1_800_000_000));
+        let start = clock.now();
+        let installed = Some((start.secs() - 86_400, start.secs() + 89 * 86_400));
+        let c = cert(&["le", "zerossl"], false);
+        let next = |c: &CertificateConfig, issuer, states: &[CaStateRow], now| {
+            next_ca(c, issuer, installed, states, now).map(|n| n.to_string())
+        };
+        assert_eq!(next(&c, Some("zerossl"), &[], start).as_deref(), Some("le"));
+        let sticky = cert(&["le", "zerossl"], true);
+        assert_eq!(
+            next(&sticky, Some("zerossl"), &[], start).as_deref(),
+            Some("zerossl")
+        );
+        let down = [failing("le", start)];
+        assert_eq!(next(&c, None, &down, start).as_deref(), Some("le"));
+        clock.advance(c.ca_fallback_after + Duration::from_secs(1));
+        assert_eq!(
+            next(&c, None, &down, clock.now()).as_deref(),
+            Some("zerossl")
+        );
+    }
+
+    #[test]
+    fn the_safe_deadline_leaves_a_third_of_the_lifetime() {
+        assert_eq!(safe_deadline(0, 90), UnixTime::from_secs(60));
+        assert_eq!(safe_deadline(10, 0), UnixTime::from_secs(0));
+    }
+}
