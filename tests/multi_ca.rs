@@ -307,8 +307,10 @@ fn a_rate_limit_past_the_safe_deadline_falls_back_and_a_shorter_one_waits() {
     assert_issued_by(&env, "long", "first", &roots);
     assert_issued_by(&env, "fresh", "second", &roots);
     assert_cas_in_status(&env, "fresh", "second", "first");
+    // newOrder requests, not orders: a `badNonce` (Pebble rejects 5 %)
+    // makes certd send one again.
     let at_second = new_orders(&second);
-    assert_eq!(at_second, 1, "newOrders at the second CA");
+    assert!(at_second >= 1, "newOrders at the second CA: {at_second}");
 
     // An hour, for a certificate that must be renewed days from now:
     // certd waits for the first CA.
@@ -331,10 +333,9 @@ fn a_rate_limit_past_the_safe_deadline_falls_back_and_a_shorter_one_waits() {
     env.certd(&["renew", "--force", "long"]).assert_success();
     assert_issued_by(&env, "long", "second", &roots);
     assert_cas_in_status(&env, "long", "second", "first");
-    assert_eq!(
-        new_orders(&second),
-        at_second + 1,
-        "newOrders at the second CA"
+    assert!(
+        new_orders(&second) > at_second,
+        "no newOrder at the second CA"
     );
     let table = env.certd(&["status"]);
     table.assert_success();
