@@ -22,6 +22,7 @@ mod hostile_local;
 mod hostile_verify;
 mod issuance;
 mod lifecycle;
+mod multi_ca;
 mod ops;
 mod output;
 mod preorder;

@@ -13,9 +13,14 @@
 //! Pebble serves it at `/list-orderz/<account id>`, three orders a page,
 //! leaving `invalid` orders out), so an order certd never recorded (a kill
 //! between `newOrder` and the ledger) is seen too.
+//!
+//! With several CAs, each is asked as certd's account there
+//! ([`CaAccount`]): its directory, the roots of its TLS, and the
+//! credentials file certd keeps for that directory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -26,7 +31,67 @@ use certd::acme::raw::{
 };
 use instant_acme::{Account, AccountCredentials};
 
-use super::TestEnv;
+use super::{CaTable, TestEnv};
+
+/// certd's account at one CA, as a test reaches it: the directory URL
+/// certd's configuration names (a front's, where one stands before the
+/// CA), the PEM its TLS chains to, and certd's credentials file for that
+/// directory.
+#[derive(Debug, Clone)]
+pub struct CaAccount {
+    directory: String,
+    ca_bundle: PathBuf,
+    credentials: PathBuf,
+}
+
+impl CaAccount {
+    /// The account at the environment's one CA (`[acme]`).
+    pub fn of_env(env: &TestEnv) -> CaAccount {
+        let directory = env.directory_url();
+        CaAccount {
+            credentials: certd::acme::credentials_path(&env.state_dir(), &directory),
+            ca_bundle: env.pebble.ca_bundle(),
+            directory,
+        }
+    }
+
+    /// The account at the CA of `table`, one of several.
+    pub fn at(env: &TestEnv, table: &CaTable) -> CaAccount {
+        CaAccount {
+            credentials: certd::acme::credentials_path(&env.state_dir(), &table.directory),
+            ca_bundle: table.ca_bundle.clone(),
+            directory: table.directory.clone(),
+        }
+    }
+
+    /// Whether certd has created this account (written its credentials).
+    pub fn exists(&self) -> bool {
+        self.credentials.exists()
+    }
+
+    /// Whether `url` is served by this CA: the same scheme, host and port
+    /// as its directory.
+    pub fn serves(&self, url: &str) -> bool {
+        origin(url) == origin(&self.directory)
+    }
+
+    fn credentials(&self) -> Vec<u8> {
+        std::fs::read(&self.credentials).unwrap_or_else(|e| {
+            panic!(
+                "read account credentials {}: {e}",
+                self.credentials.display()
+            )
+        })
+    }
+}
+
+/// `scheme://host:port` of a URL.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    url[after_scheme..]
+        .find('/')
+        .map_or(url, |i| &url[..after_scheme + i])
+}
 
 /// Authorization URL → status at the CA ("pending", "valid", …).
 pub fn ca_authz_statuses(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, String> {
@@ -48,15 +113,29 @@ pub fn assert_ca_status(env: &TestEnv, urls: &[String], status: &str) {
 
 /// Authorization URL → the CA's authorization object.
 pub fn ca_authz_objects(env: &TestEnv, authz_urls: &[String]) -> BTreeMap<String, AuthzObject> {
-    let creds = account_credentials(env);
-    authz_urls
-        .iter()
-        .map(|url| {
-            let authz = fetch_authz_as(env, &creds, url)
-                .unwrap_or_else(|e| panic!("fetch authorization {url}: {e}"));
-            (url.clone(), authz)
-        })
-        .collect()
+    authz_objects_at(&CaAccount::of_env(env), authz_urls)
+}
+
+/// Authorization URL → the authorization object at the CA of `ca`.
+fn authz_objects_at(ca: &CaAccount, authz_urls: &[String]) -> BTreeMap<String, AuthzObject> {
+    if authz_urls.is_empty() {
+        return BTreeMap::new();
+    }
+    let urls = authz_urls.to_vec();
+    as_account_at(
+        &ca.ca_bundle,
+        &ca.credentials(),
+        |http, signer| async move {
+            let mut objects = BTreeMap::new();
+            for url in urls {
+                let authz = fetch_authz(&http, &signer, &url)
+                    .await
+                    .unwrap_or_else(|e| panic!("fetch authorization {url}: {e}"));
+                objects.insert(url, authz);
+            }
+            objects
+        },
+    )
 }
 
 /// Fetches an authorization signed with the account key in `creds` (the
@@ -76,13 +155,23 @@ where
     F: FnOnce(AcmeHttp, RawSigner) -> Fut,
     Fut: Future<Output = T>,
 {
+    as_account_at(&env.pebble.ca_bundle(), creds, f)
+}
+
+/// Runs `f` with an HTTP client trusting `ca_bundle` and a signer for the
+/// account in `creds`.
+fn as_account_at<T, F, Fut>(ca_bundle: &Path, creds: &[u8], f: F) -> T
+where
+    F: FnOnce(AcmeHttp, RawSigner) -> Fut,
+    Fut: Future<Output = T>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let http = AcmeHttp::new(Some(&env.pebble.ca_bundle()), certd::clock::Clock::system())
-            .expect("HTTP client");
+        let http =
+            AcmeHttp::new(Some(ca_bundle), certd::clock::Clock::system()).expect("HTTP client");
         let parsed: AccountCredentials = serde_json::from_slice(creds).expect("credentials JSON");
         // Loading the account fetches the directory, which teaches the
         // client the CA's newNonce URL.
@@ -115,34 +204,44 @@ pub struct CaOrder {
 /// Every order the CA lists for certd's account, each with the status of
 /// every one of its authorizations. Panics if the CA offers no list.
 pub fn ca_orders(env: &TestEnv) -> Vec<CaOrder> {
-    let creds = account_credentials(env);
-    as_account(env, &creds, |http, signer| async move {
-        let urls = account_orders(&http, &signer)
-            .await
-            .expect("the account's orders list")
-            .expect("Pebble names the account's orders list");
-        let mut orders = Vec::with_capacity(urls.len());
-        for url in urls {
-            let order = fetch_order(&http, &signer, &url)
+    ca_orders_at(&CaAccount::of_env(env))
+}
+
+/// Every order the CA of `ca` lists for certd's account there, as
+/// `ca_orders`. Panics if certd has no account there (`CaAccount::exists`
+/// says whether it has).
+pub fn ca_orders_at(ca: &CaAccount) -> Vec<CaOrder> {
+    as_account_at(
+        &ca.ca_bundle,
+        &ca.credentials(),
+        |http, signer| async move {
+            let urls = account_orders(&http, &signer)
                 .await
-                .unwrap_or_else(|e| panic!("fetch order {url}: {e}"));
-            let mut authz = BTreeMap::new();
-            for a in &order.authorizations {
-                let object = fetch_authz(&http, &signer, a)
+                .expect("the account's orders list")
+                .expect("Pebble names the account's orders list");
+            let mut orders = Vec::with_capacity(urls.len());
+            for url in urls {
+                let order = fetch_order(&http, &signer, &url)
                     .await
-                    .unwrap_or_else(|e| panic!("fetch authorization {a}: {e}"));
-                authz.insert(a.clone(), object.status);
+                    .unwrap_or_else(|e| panic!("fetch order {url}: {e}"));
+                let mut authz = BTreeMap::new();
+                for a in &order.authorizations {
+                    let object = fetch_authz(&http, &signer, a)
+                        .await
+                        .unwrap_or_else(|e| panic!("fetch authorization {a}: {e}"));
+                    authz.insert(a.clone(), object.status);
+                }
+                orders.push(CaOrder {
+                    identifiers: order.sorted_identifiers(),
+                    status: order.status,
+                    certificate: order.certificate,
+                    authz,
+                    url,
+                });
             }
-            orders.push(CaOrder {
-                identifiers: order.sorted_identifiers(),
-                status: order.status,
-                certificate: order.certificate,
-                authz,
-                url,
-            });
-        }
-        orders
-    })
+            orders
+        },
+    )
 }
 
 /// The certificate chain (PEM) the CA serves at `url`.
@@ -163,9 +262,35 @@ pub fn ca_certificate(env: &TestEnv, url: &str) -> String {
 /// leaves `invalid` orders out of its list, and such an order may still
 /// have a pending authorization for another name).
 pub fn assert_nothing_pending_at_ca(env: &TestEnv) {
-    let orders = ca_orders(env);
+    let ca = CaAccount::of_env(env);
+    assert_nothing_pending(&ca, ledger_authz_urls(&ledger_authz(env)));
+}
+
+/// As `assert_nothing_pending_at_ca`, at the CA of `ca`, one of several:
+/// of the ledger's authorizations, those this CA serves. Without an
+/// account there, the ledger must hold none of them.
+pub fn assert_nothing_pending_at(env: &TestEnv, ca: &CaAccount) {
+    let recorded: Vec<String> = ledger_authz_urls(&ledger_authz(env))
+        .into_iter()
+        .filter(|u| ca.serves(u))
+        .collect();
+    if ca.exists() {
+        assert_nothing_pending(ca, recorded);
+    } else {
+        assert!(
+            recorded.is_empty(),
+            "the ledger has authorizations at {} but certd no account there: {recorded:#?}",
+            ca.directory
+        );
+    }
+}
+
+/// Panics if any authorization of an order the CA lists, or of
+/// `recorded` (the ledger's, at this CA), is pending there.
+fn assert_nothing_pending(ca: &CaAccount, recorded: Vec<String>) {
+    let orders = ca_orders_at(ca);
     let listed: BTreeSet<&String> = orders.iter().flat_map(|o| o.authz.keys()).collect();
-    let unlisted: Vec<String> = ledger_authz_urls(&ledger_authz(env))
+    let unlisted: Vec<String> = recorded
         .into_iter()
         .filter(|u| !listed.contains(u))
         .collect();
@@ -179,20 +304,22 @@ pub fn assert_nothing_pending_at_ca(env: &TestEnv) {
         })
         .collect();
     pending.extend(
-        ca_authz_statuses(env, &unlisted)
+        authz_objects_at(ca, &unlisted)
             .into_iter()
-            .filter(|(_, s)| s == "pending")
+            .filter(|(_, a)| a.status == "pending")
             .map(|(a, _)| format!("{a} (in the ledger only)")),
     );
     pending.sort();
     pending.dedup();
-    assert!(pending.is_empty(), "left pending at the CA: {pending:#?}");
+    assert!(
+        pending.is_empty(),
+        "left pending at the CA {}: {pending:#?}",
+        ca.directory
+    );
 }
 
 fn account_credentials(env: &TestEnv) -> Vec<u8> {
-    let path = certd::acme::credentials_path(&env.state_dir(), &env.directory_url());
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("read account credentials {}: {e}", path.display()))
+    CaAccount::of_env(env).credentials()
 }
 
 /// The ledger's authorizations (`certd authz list --json`).

@@ -99,7 +99,41 @@ impl TestEnv {
     /// with `certificates_toml` (typically `[[certificate]]` tables) appended
     /// verbatim, and writes the dns-01 hook script it names.
     pub fn write_config(&self, certificates_toml: &str) {
-        let dns01 = format!(
+        self.write_config_with_dns01(&self.dns01_hook_toml(), certificates_toml);
+    }
+
+    /// Like `write_config`, with `dns01_toml` (the `[dns01]` tables) in
+    /// place of the hook section. The hook script is written all the same.
+    pub fn write_config_with_dns01(&self, dns01_toml: &str, certificates_toml: &str) {
+        let acme = format!(
+            "[acme]\n{}",
+            ca_keys(&self.pebble.directory_url(), &self.pebble.ca_bundle())
+        );
+        self.write_config_parts(&acme, dns01_toml, certificates_toml);
+    }
+
+    /// Like `write_config`, with one `[ca.<name>]` table per entry of
+    /// `cas` (in that order) instead of `[acme]`. certd's http-01
+    /// listener is where this environment's Pebble looks, which is where
+    /// every `second_ca` looks too.
+    pub fn write_config_cas(&self, cas: &[CaTable], certificates_toml: &str) {
+        let tables: Vec<String> = cas
+            .iter()
+            .map(|ca| {
+                format!(
+                    "[ca.{}]\n{}",
+                    ca.name,
+                    ca_keys(&ca.directory, &ca.ca_bundle)
+                )
+            })
+            .collect();
+        let dns01 = self.dns01_hook_toml();
+        self.write_config_parts(&tables.join("\n"), &dns01, certificates_toml);
+    }
+
+    /// The `[dns01]` table naming the hook that publishes in challtestsrv.
+    fn dns01_hook_toml(&self) -> String {
+        format!(
             r#"[dns01]
 hook = {hook}
 # The hook publishes in challtestsrv, so the propagation check asks it.
@@ -107,19 +141,15 @@ nameservers = ["{dns}"]
 "#,
             hook = toml_path(&self.dns_hook_path()),
             dns = self.pebble.dns_addr(),
-        );
-        self.write_config_with_dns01(&dns01, certificates_toml);
+        )
     }
 
-    /// Like `write_config`, with `dns01_toml` (the `[dns01]` tables) in
-    /// place of the hook section. The hook script is written all the same.
-    pub fn write_config_with_dns01(&self, dns01_toml: &str, certificates_toml: &str) {
+    /// Writes the config: the CA tables `ca_toml`, storage and the http-01
+    /// listener of this environment, `dns01_toml`, then `certificates_toml`;
+    /// and the hook script.
+    fn write_config_parts(&self, ca_toml: &str, dns01_toml: &str, certificates_toml: &str) {
         let config = format!(
-            r#"[acme]
-directory = {directory}
-contact = ["mailto:test@example.com"]
-ca_bundle = {ca_bundle}
-
+            r#"{ca_toml}
 [storage]
 state_dir = {state_dir}
 cert_dir = {cert_dir}
@@ -129,8 +159,6 @@ listen = "127.0.0.1:{http01_port}"
 
 {dns01_toml}
 {certificates_toml}"#,
-            directory = toml_str(&self.pebble.directory_url()),
-            ca_bundle = toml_path(&self.pebble.ca_bundle()),
             state_dir = toml_path(&self.state_dir()),
             cert_dir = toml_path(&self.cert_dir()),
             http01_port = self.pebble.http01_port(),
@@ -202,6 +230,46 @@ impl Default for TestEnv {
     fn default() -> TestEnv {
         TestEnv::new()
     }
+}
+
+/// One `[ca.<name>]` table of a config with several CAs: certd reaches
+/// the CA at `directory` (a Pebble's, or a front's before it) over TLS
+/// that chains to `ca_bundle`.
+#[derive(Debug, Clone)]
+pub struct CaTable {
+    pub name: &'static str,
+    pub directory: String,
+    pub ca_bundle: PathBuf,
+}
+
+impl CaTable {
+    /// The CA `name`, served by `pebble` itself.
+    pub fn of(name: &'static str, pebble: &Pebble) -> CaTable {
+        CaTable {
+            name,
+            directory: pebble.directory_url(),
+            ca_bundle: pebble.ca_bundle(),
+        }
+    }
+
+    /// The CA `name`, reached through a front at `directory` that stands
+    /// before `pebble` and presents its TLS certificate.
+    pub fn behind(name: &'static str, directory: String, pebble: &Pebble) -> CaTable {
+        CaTable {
+            name,
+            directory,
+            ca_bundle: pebble.ca_bundle(),
+        }
+    }
+}
+
+/// The keys of a CA table (`[acme]` or `[ca.<name>]`) for a test CA.
+fn ca_keys(directory: &str, ca_bundle: &Path) -> String {
+    format!(
+        "directory = {}\ncontact = [\"mailto:test@example.com\"]\nca_bundle = {}\n",
+        toml_str(directory),
+        toml_path(ca_bundle)
+    )
 }
 
 /// A TOML basic string. JSON string escaping is valid TOML for everything a

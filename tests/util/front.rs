@@ -181,6 +181,17 @@ impl FaultyFront {
             certd::acme::AcmeHttp::new(Some(&pebble.ca_bundle()), certd::clock::Clock::system())
                 .expect("client"),
         );
+        // One runtime for every forwarded request: the client's pooled
+        // connections are driven by the runtime that opened them, and one
+        // that a finished request's runtime took down fails the next
+        // request that picks it (a 502 from the front, not from Pebble).
+        let runtime = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("the front's runtime"),
+        );
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind front");
         listener.set_nonblocking(true).expect("nonblocking");
         let shared = Arc::new(Shared::default());
@@ -189,11 +200,17 @@ impl FaultyFront {
             while !s.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((tcp, _)) => {
-                        let (config, s, client, upstream) =
-                            (config.clone(), s.clone(), client.clone(), upstream.clone());
+                        let (config, s, client, upstream, runtime) = (
+                            config.clone(),
+                            s.clone(),
+                            client.clone(),
+                            upstream.clone(),
+                            runtime.clone(),
+                        );
                         thread::spawn(move || {
                             let pebble = Upstream {
                                 client: &client,
+                                runtime: &runtime,
                                 url: &upstream,
                                 front_port: port,
                             };
@@ -317,6 +334,8 @@ impl Drop for FaultyFront {
 #[derive(Clone, Copy)]
 struct Upstream<'a> {
     client: &'a certd::acme::AcmeHttp,
+    /// The runtime the client's connections live on.
+    runtime: &'a tokio::runtime::Runtime,
     url: &'a str,
     /// The front's own port, which Pebble's URLs are rewritten to name.
     front_port: u16,
@@ -328,11 +347,6 @@ fn serve(
     shared: &Shared,
     pebble: &Upstream<'_>,
 ) {
-    let Upstream {
-        client,
-        url: upstream,
-        front_port: port,
-    } = *pebble;
     let _ = tcp.set_nonblocking(false);
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
     let Ok(conn) = rustls::ServerConnection::new(config) else {
@@ -406,7 +420,7 @@ fn serve(
         }
         Some(Fault::Token(token)) => {
             let (status, headers, reply) =
-                forward(client, upstream, port, &method, &path, &content_type, body);
+                forward(pebble, &method, &path, &content_type, body);
             (status, headers, with_token(&reply, &token))
         }
         Some(Fault::RetryAfter(value)) => problem(
@@ -447,7 +461,7 @@ fn serve(
         None => {
             let answer = shared.hostile.answer(
                 &path,
-                |body| forward(client, upstream, port, &method, &path, &content_type, body),
+                |body| forward(pebble, &method, &path, &content_type, body),
                 body,
             );
             if answer.0 == 200 {
@@ -548,18 +562,18 @@ fn endless(stream: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>
 
 /// Passes a request to Pebble as if the front were Pebble.
 fn forward(
-    client: &certd::acme::AcmeHttp,
-    upstream: &str,
-    port: u16,
+    pebble: &Upstream<'_>,
     method: &str,
     path: &str,
     content_type: &str,
     body: Vec<u8>,
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let Upstream {
+        client,
+        runtime,
+        url: upstream,
+        front_port: port,
+    } = *pebble;
     runtime.block_on(async {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut req = client

@@ -4,6 +4,8 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
+use rustls_pki_types::{CertificateDer, UnixTime};
+
 use super::{TestEnv, parse_leaf, private_key_spki, read_pem_certs};
 
 /// The installed certificate of `name`: (DNS names sorted, serial, SPKI).
@@ -58,4 +60,38 @@ pub fn assert_installed(env: &TestEnv, name: &str, domains: &[&str]) -> String {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "{name}: privkey.pem is 0600");
     serial
+}
+
+/// Which of `roots` (a name for each root's DER) the installed chain of
+/// `name` verifies to, as a TLS client would check it now: the leaf in
+/// `cert.pem` for serverAuth, through the intermediates in `chain.pem`.
+/// Exactly one for a certificate from one of these CAs.
+pub fn issuing_roots<'a>(env: &TestEnv, name: &str, roots: &[(&'a str, Vec<u8>)]) -> Vec<&'a str> {
+    let dir = env.cert_dir().join(name);
+    let leaf = read_pem_certs(dir.join("cert.pem"));
+    let chain: Vec<CertificateDer<'static>> = read_pem_certs(dir.join("chain.pem"))
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let leaf = CertificateDer::from(leaf[0].clone());
+    let leaf = webpki::EndEntityCert::try_from(&leaf).expect("the leaf parses for webpki");
+    let now = UnixTime::now();
+    roots
+        .iter()
+        .filter(|(_, root)| {
+            let root = CertificateDer::from(root.as_slice());
+            let anchor = webpki::anchor_from_trusted_cert(&root).expect("a usable root");
+            leaf.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &[anchor],
+                &chain,
+                now,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .is_ok()
+        })
+        .map(|(label, _)| *label)
+        .collect()
 }

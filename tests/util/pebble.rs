@@ -195,6 +195,25 @@ impl Pebble {
         format!("https://127.0.0.1:{}", self.ports.management)
     }
 
+    /// The DER of the root Pebble issues under now (its management API's
+    /// `/roots/0`). Pebble makes a new root at every start, so a
+    /// certificate from before a `restart()` chains to the old one.
+    pub fn root(&self) -> Vec<u8> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let url = format!("{}/roots/0", self.management_url());
+        let out = Command::new("curl")
+            .args(["-fsS", "--max-time", "10", "--cacert"])
+            .arg(self.ca_bundle())
+            .arg(&url)
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "GET {url}: {out:?}");
+        CertificateDer::from_pem_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("GET {url}: not a PEM certificate: {e}"))
+            .to_vec()
+    }
+
     /// The temporary directory holding config, TLS files and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
