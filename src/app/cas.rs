@@ -28,7 +28,7 @@ use crate::clock::UnixTime;
 use crate::config::{CaName, CertificateConfig, Config};
 use crate::hygiene::{GuardError, Reaper};
 use crate::install;
-use crate::ledger::{CaStateRow, LedgerError};
+use crate::ledger::LedgerError;
 use crate::order::{self, Context, DriveError, Issued};
 use crate::solver::Unready;
 
@@ -200,6 +200,17 @@ impl Cas {
             };
             tried.push(ca);
             let Some(reason) = self.fallback_reason(ca, name, &e, &wants).await? else {
+                // Said where the operator looks (`status`): the other CAs
+                // were left alone on purpose.
+                if matches!(e, DriveError::Validation { .. } | DriveError::Preflight(_))
+                    && let Some(next) =
+                        ca_choice::choose(&wants, |c| self.facts(c, name), &tried, now).ca
+                {
+                    return Err(DriveError::NoFallback {
+                        source: Box::new(e),
+                        next: next.to_string(),
+                    });
+                }
                 return Err(e);
             };
             let next = ca_choice::choose(&wants, |c| self.facts(c, name), &tried, now).ca;
@@ -234,8 +245,9 @@ impl Cas {
             }
         };
         // Certificates installed before the issuer was recorded came from
-        // the only CA there was: the first.
-        ctx.replaces_installed = issuer.unwrap_or(&self.inner.first.ca) == ca;
+        // the only CA there was: `[acme]`, the primary.
+        let primary = &self.inner.cfg.primary_ca().name;
+        ctx.replaces_installed = issuer.unwrap_or(primary) == ca;
         order::obtain(&ctx, cert, cancel).await
     }
 
@@ -325,7 +337,6 @@ pub(crate) fn next_ca(
     cert: &CertificateConfig,
     issuer: Option<&str>,
     installed: Option<(i64, i64)>,
-    states: &[CaStateRow],
     now: UnixTime,
 ) -> Option<CaName> {
     let issuer = issuer.and_then(|s| s.parse::<CaName>().ok());
@@ -339,14 +350,12 @@ pub(crate) fn next_ca(
         has_ip: cert.has_ip(),
         required_profiles: &required,
     };
-    let facts = |ca: &CaName| CaFacts {
-        failing_since: states
-            .iter()
-            .find(|s| s.ca == ca.as_str())
-            .map(|s| UnixTime::from_secs(s.failing_since)),
-        ..CaFacts::default()
-    };
-    ca_choice::choose(&wants, facts, &[], now).ca.cloned()
+    // A failing CA is asked first all the same, as `obtain` does: only an
+    // answer ends its streak, so the next renewal tries it before falling
+    // back.
+    ca_choice::choose(&wants, |_| CaFacts::default(), &[], now)
+        .ca
+        .cloned()
 }
 
 /// When a certificate valid from `not_before` to `not_after` must be
@@ -416,39 +425,26 @@ challenges = ["http-01"]
         c
     }
 
-    fn failing(ca: &str, since: UnixTime) -> CaStateRow {
-        CaStateRow {
-            ca: ca.into(),
-            failing_since: since.secs(),
-            last_error: "connection refused".into(),
-        }
-    }
-
-    /// What `status` says the next renewal tries: the first CA, the
-    /// issuer when sticky, the next once the first has failed for longer
-    /// than `ca_fallback_after`.
+    /// What `status` says the next renewal tries: the first CA, or the
+    /// issuer when sticky; a CA failing for longer than
+    /// `ca_fallback_after` is still the one tried first.
     #[test]
     fn next_ca_follows_the_list_stickiness_and_failures() {
         let clock = Clock::fixed(UnixTime::from_secs(1_800_000_000));
         let start = clock.now();
         let installed = Some((start.secs() - 86_400, start.secs() + 89 * 86_400));
         let c = cert(&["le", "zerossl"], false);
-        let next = |c: &CertificateConfig, issuer, states: &[CaStateRow], now| {
-            next_ca(c, issuer, installed, states, now).map(|n| n.to_string())
+        let next = |c: &CertificateConfig, issuer, now| {
+            next_ca(c, issuer, installed, now).map(|n| n.to_string())
         };
-        assert_eq!(next(&c, Some("zerossl"), &[], start).as_deref(), Some("le"));
+        assert_eq!(next(&c, Some("zerossl"), start).as_deref(), Some("le"));
         let sticky = cert(&["le", "zerossl"], true);
         assert_eq!(
-            next(&sticky, Some("zerossl"), &[], start).as_deref(),
+            next(&sticky, Some("zerossl"), start).as_deref(),
             Some("zerossl")
         );
-        let down = [failing("le", start)];
-        assert_eq!(next(&c, None, &down, start).as_deref(), Some("le"));
         clock.advance(c.ca_fallback_after + Duration::from_secs(1));
-        assert_eq!(
-            next(&c, None, &down, clock.now()).as_deref(),
-            Some("zerossl")
-        );
+        assert_eq!(next(&c, None, clock.now()).as_deref(), Some("le"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::acme::{AcmeAccount, AcmeHttp, SetupError};
 use crate::clock::Clock;
-use crate::config::{CaConfig, Config};
+use crate::config::{CaConfig, CaName, Config};
 use crate::hygiene::Reaper;
 use crate::ledger::{Ledger, LedgerError, OrderRow};
 use crate::metrics::LedgerWriteErrors;
@@ -73,10 +73,36 @@ impl Services {
         }
     }
 
-    /// Loads the ACME account of the first CA `cfg` names (creating it at
-    /// the CA when the state directory has none): one attempt.
-    pub(crate) async fn account(&self, cfg: &Config) -> Result<AcmeAccount, SetupError> {
-        self.account_at(cfg, primary_ca(cfg)).await
+    /// The account a run starts with: the primary CA's, or, while that one
+    /// cannot be loaded (unreachable, refusing), the next configured CA's
+    /// that can, so a CA down at start does not hold back certificates
+    /// that may fall back. With every CA failing, the primary's error.
+    pub(crate) async fn first_account(
+        &self,
+        cfg: &Config,
+    ) -> Result<(AcmeAccount, CaName), SetupError> {
+        let primary = primary_ca(cfg);
+        let first_error = match self.account_at(cfg, primary).await {
+            Ok(account) => return Ok((account, primary.name.clone())),
+            Err(e) => e,
+        };
+        for ca in cfg.cas.iter().filter(|c| c.name != primary.name) {
+            match self.account_at(cfg, ca).await {
+                Ok(account) => {
+                    tracing::warn!(
+                        ca = %primary.name,
+                        error = %crate::acme::error_chain(&first_error),
+                        "cannot load the account at this CA; starting with CA {}",
+                        ca.name
+                    );
+                    return Ok((account, ca.name.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(ca = %ca.name, error = %crate::acme::error_chain(&e), "cannot load the account at this CA either");
+                }
+            }
+        }
+        Err(first_error)
     }
 
     /// Loads the ACME account at `ca`, with its own HTTP client (its CA
@@ -88,17 +114,6 @@ impl Services {
     ) -> Result<AcmeAccount, SetupError> {
         let http = AcmeHttp::new(ca.acme.ca_bundle.as_deref(), self.clock.clone())?;
         AcmeAccount::load_or_create(&ca.acme, &cfg.storage.state_dir, &self.store, http).await
-    }
-
-    /// The reaper of `account` (the first CA's), and the orders an earlier
-    /// run left unfinished recovered: those whose certificate still wants
-    /// the same names are resumed, the rest abandoned.
-    pub(crate) async fn reaper(
-        &self,
-        cfg: &Config,
-        account: AcmeAccount,
-    ) -> Result<(Reaper, Recovered), LedgerError> {
-        self.reaper_at(cfg, primary_ca(cfg), account).await
     }
 
     /// The reaper of `account` at `ca`, with that CA's limits, and its
@@ -119,17 +134,6 @@ impl Services {
                 abandoned,
             },
         ))
-    }
-
-    /// What an order at the first CA runs with.
-    pub(crate) fn order_context(
-        &self,
-        cfg: &Config,
-        reaper: Reaper,
-        solvers: Solvers,
-        mode: RunMode,
-    ) -> Context {
-        self.order_context_at(cfg, primary_ca(cfg), reaper, solvers, mode)
     }
 
     /// What an order at `ca` runs with.
@@ -165,8 +169,7 @@ impl Services {
 /// account commands) use: the first configured, which `[acme]` is when
 /// it exists.
 pub(crate) fn primary_ca(cfg: &Config) -> &CaConfig {
-    // Parsing refuses a configuration without a CA.
-    &cfg.cas[0]
+    cfg.primary_ca()
 }
 
 /// Whether an unfinished order is still wanted: its certificate is

@@ -255,13 +255,14 @@ async fn renew_due(
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let setup = async {
-        let account = services.account(cfg).await?;
+        let (account, first_ca) = services.first_account(cfg).await?;
         let needed: Vec<ChallengeKind> =
             due.iter().flat_map(|(c, _)| c.challenges.clone()).collect();
         let solvers =
             Solvers::from_config(cfg, &needed, &tracker, &cancel, services.clock.clone()).await?;
-        let (reaper, _) = services.reaper(cfg, account).await?;
-        anyhow::Ok(services.order_context(cfg, reaper, solvers, mode))
+        let first = cfg.ca(&first_ca).unwrap_or_else(|| cfg.primary_ca());
+        let (reaper, _) = services.reaper_at(cfg, first, account).await?;
+        anyhow::Ok(services.order_context_at(cfg, first, reaper, solvers, mode))
     };
     let ctx = match setup.await {
         Ok(ctx) => ctx,

@@ -131,7 +131,7 @@ pub(super) async fn run(
             push_ca_unreachable(&mut text, ledger.ca_unreachable.as_ref(), width);
             push_status_table(&mut text, &rows, now, width);
             if cfg.cas.len() > 1 {
-                push_cas(&mut text, &rows);
+                push_cas(&mut text, &rows, &ledger.ca_states);
             }
             push_pauses(&mut text, &ledger.pauses, &cfg);
             push_ari(&mut text, &rows);
@@ -417,7 +417,6 @@ fn status_row<'a>(
             c,
             row.and_then(|r| r.issuer_ca.as_deref()),
             row.and_then(|r| r.not_before.zip(r.not_after)),
-            &ledger.ca_states,
             now,
         )
         .map(|n| n.to_string()),
@@ -576,8 +575,9 @@ fn push_status_table(out: &mut String, rows: &[StatusRow], now: UnixTime, width:
 }
 
 /// With several CAs: per certificate, the CA that issued it and the one
-/// its next renewal tries first.
-fn push_cas(out: &mut String, rows: &[StatusRow]) {
+/// its next renewal tries first; then each CA failing to answer, since
+/// when (after `ca_fallback_after` of it, renewals fall back).
+fn push_cas(out: &mut String, rows: &[StatusRow], failing: &[CaStateRow]) {
     use std::fmt::Write as _;
     out.push_str("\nCA (issued by -> next renewal):\n");
     for r in rows {
@@ -588,6 +588,15 @@ fn push_cas(out: &mut String, rows: &[StatusRow]) {
             escape_control(r.name),
             escape_control(r.issuer_ca.unwrap_or("-")),
             escape_control(r.next_ca.as_deref().unwrap_or("-")),
+        );
+    }
+    for s in failing {
+        let _ = writeln!(
+            out,
+            "  CA {} failing since {}: {}",
+            escape_control(&s.ca),
+            rfc3339(s.failing_since),
+            escape_control(&s.last_error),
         );
     }
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::{AcmeAccount, error_chain};
 use crate::app::Services;
 use crate::app::backoff::failure_backoff;
-use crate::config::Config;
+use crate::config::{CaName, Config};
 use crate::ledger::EventKind;
 
 /// Loads the account, retrying with backoff while the CA is unreachable
@@ -23,15 +23,15 @@ pub(crate) async fn load_account(
     mut cfg: Arc<Config>,
     services: &Services,
     shutdown: &CancellationToken,
-) -> Option<(AcmeAccount, Arc<Config>)> {
+) -> Option<(AcmeAccount, CaName, Arc<Config>)> {
     let mut failures = 0;
     loop {
-        match services.account(&cfg).await {
-            Ok(account) => {
+        match services.first_account(&cfg).await {
+            Ok((account, ca)) => {
                 if failures > 0 {
                     record(services, EventKind::CaReachable, None).await;
                 }
-                return Some((account, cfg));
+                return Some((account, ca, cfg));
             }
             Err(e) => {
                 failures += 1;

@@ -96,7 +96,8 @@ pub async fn run(
     .await
     .context("cannot start the challenge solvers")?;
     notifier.notify(State::Ready);
-    let Some((account, cfg)) = account::load_account(cfg.clone(), &services, &shutdown).await
+    let Some((account, first_ca, cfg)) =
+        account::load_account(cfg.clone(), &services, &shutdown).await
     else {
         notifier.notify(State::Stopping);
         tasks.stop(grace).await;
@@ -104,7 +105,11 @@ pub async fn run(
         return Ok(());
     };
     let cfg = catch_up_solvers(&services.cfg, cfg, &solvers, &tasks, &shutdown).await;
-    let (reaper, recovered) = services.reaper(&cfg, account).await?;
+    // The CA whose account loaded: the primary, unless it was down.
+    let Some(first) = cfg.ca(&first_ca).or_else(|| cfg.cas.first()) else {
+        anyhow::bail!("no CA is configured");
+    };
+    let (reaper, recovered) = services.reaper_at(&cfg, first, account).await?;
     if recovered.resumable + recovered.abandoned > 0 {
         tracing::info!(
             resumable = recovered.resumable,
@@ -112,7 +117,7 @@ pub async fn run(
             "recovered unfinished orders"
         );
     }
-    let ctx = services.order_context(&cfg, reaper.clone(), solvers, RunMode::Daemon);
+    let ctx = services.order_context_at(&cfg, first, reaper.clone(), solvers, RunMode::Daemon);
 
     let metrics = match listeners.metrics {
         Some(listener) => Some(

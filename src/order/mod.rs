@@ -142,6 +142,15 @@ pub enum DriveError {
         kind: ChallengeKind,
         problem: ProblemRecord,
     },
+    /// A validation failed at a certificate's CA while it lists others:
+    /// they were not asked, since they would validate the same way.
+    #[error(
+        "{source}; not tried at another CA ({next}): a failed validation is the operator's to fix, and another CA would fail it the same way"
+    )]
+    NoFallback {
+        source: Box<DriveError>,
+        next: String,
+    },
     #[error("{identifier}: the authorization is {status}, so the order cannot complete")]
     AuthzUnusable {
         identifier: String,
@@ -201,6 +210,7 @@ impl DriveError {
     pub(crate) fn disposition(&self) -> Disposition {
         match self {
             Self::Acme(e) => e.disposition(),
+            Self::NoFallback { source, .. } => source.disposition(),
             // The CA validates once (seed 001): a new order is needed, and
             // the scheduler decides when.
             Self::Validation { .. } | Self::AuthzUnusable { .. } => Disposition::Final,
@@ -232,6 +242,7 @@ impl DriveError {
         match self {
             Self::Acme(e) => e.problem(),
             Self::Validation { problem, .. } => Some(problem),
+            Self::NoFallback { source, .. } => source.problem(),
             _ => None,
         }
     }

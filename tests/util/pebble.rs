@@ -199,6 +199,12 @@ impl Pebble {
     /// `/roots/0`). Pebble makes a new root at every start, so a
     /// certificate from before a `restart()` chains to the old one.
     pub fn root(&self) -> Vec<u8> {
+        self.try_root()
+            .unwrap_or_else(|e| panic!("{}'s root: {e}", self.directory_url()))
+    }
+
+    /// Like `root`, or why not (a stopped Pebble serves none).
+    pub fn try_root(&self) -> Result<Vec<u8>, String> {
         use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject;
         let url = format!("{}/roots/0", self.management_url());
@@ -208,10 +214,12 @@ impl Pebble {
             .arg(&url)
             .output()
             .expect("run curl");
-        assert!(out.status.success(), "GET {url}: {out:?}");
+        if !out.status.success() {
+            return Err(format!("GET {url}: {out:?}"));
+        }
         CertificateDer::from_pem_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("GET {url}: not a PEM certificate: {e}"))
-            .to_vec()
+            .map(|c| c.to_vec())
+            .map_err(|e| format!("GET {url}: not a PEM certificate: {e}"))
     }
 
     /// The temporary directory holding config, TLS files and logs.
