@@ -158,19 +158,10 @@ impl Cas {
             .issuer_ca(name)
             .await?
             .and_then(|s| s.parse::<CaName>().ok());
-        let installed = install::installed(&self.inner.first.cert_dir, name);
+        let installed = install::installed(&self.inner.first.cert_dir, name)
+            .map(|i| (i.not_before, i.not_after));
         let required = required_profiles(cert);
-        let wants = Wants {
-            cas: &cert.ca,
-            sticky: cert.sticky,
-            issuer: issuer.as_ref(),
-            fallback_after: cert.ca_fallback_after,
-            deadline: installed
-                .as_ref()
-                .map_or(now, |i| safe_deadline(i.not_before, i.not_after)),
-            has_ip: cert.has_ip(),
-            required_profiles: &required,
-        };
+        let wants = wants_of(cert, issuer.as_ref(), installed, &required, now);
         let mut tried: Vec<&CaName> = Vec::new();
         loop {
             // An unreachable CA is tried all the same (its streak is only
@@ -341,21 +332,34 @@ pub(crate) fn next_ca(
 ) -> Option<CaName> {
     let issuer = issuer.and_then(|s| s.parse::<CaName>().ok());
     let required = required_profiles(cert);
-    let wants = Wants {
-        cas: &cert.ca,
-        sticky: cert.sticky,
-        issuer: issuer.as_ref(),
-        fallback_after: cert.ca_fallback_after,
-        deadline: installed.map_or(now, |(from, to)| safe_deadline(from, to)),
-        has_ip: cert.has_ip(),
-        required_profiles: &required,
-    };
+    let wants = wants_of(cert, issuer.as_ref(), installed, &required, now);
     // A failing CA is asked first all the same, as `obtain` does: only an
     // answer ends its streak, so the next renewal tries it before falling
     // back.
     ca_choice::choose(&wants, |_| CaFacts::default(), &[], now)
         .ca
         .cloned()
+}
+
+/// What the CA choice needs to know of `cert`: `installed` is its
+/// certificate's validity (not before, not after), `required` its
+/// required profiles.
+fn wants_of<'a>(
+    cert: &'a CertificateConfig,
+    issuer: Option<&'a CaName>,
+    installed: Option<(i64, i64)>,
+    required: &'a [String],
+    now: UnixTime,
+) -> Wants<'a> {
+    Wants {
+        cas: &cert.ca,
+        sticky: cert.sticky,
+        issuer,
+        fallback_after: cert.ca_fallback_after,
+        deadline: installed.map_or(now, |(from, to)| safe_deadline(from, to)),
+        has_ip: cert.has_ip(),
+        required_profiles: required,
+    }
 }
 
 /// When a certificate valid from `not_before` to `not_after` must be

@@ -81,7 +81,7 @@ impl Services {
         &self,
         cfg: &Config,
     ) -> Result<(AcmeAccount, CaName), SetupError> {
-        let primary = primary_ca(cfg);
+        let primary = cfg.primary_ca();
         let first_error = match self.account_at(cfg, primary).await {
             Ok(account) => return Ok((account, primary.name.clone())),
             Err(e) => e,
@@ -163,13 +163,6 @@ impl Services {
     pub(crate) async fn close(self) {
         self.store.close().await;
     }
-}
-
-/// The CA the one-CA paths (the daemon's start, the reaper, one-shot
-/// account commands) use: the first configured, which `[acme]` is when
-/// it exists.
-pub(crate) fn primary_ca(cfg: &Config) -> &CaConfig {
-    cfg.primary_ca()
 }
 
 /// Whether an unfinished order is still wanted: its certificate is

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use crate::acme::{AcmeAccount, AcmeHttp, credentials_path};
 use crate::app::dirs::ensure_dirs;
 use crate::app::ops;
-use crate::app::primary_ca;
 use crate::app::sink::Sink;
 use crate::config::{CaConfig, CaName, Config};
 use crate::hygiene::Reaper;
@@ -41,7 +40,7 @@ pub(super) async fn account_session_for(
     let ca = issuer
         .as_ref()
         .and_then(|n| cfg.ca(n))
-        .unwrap_or_else(|| primary_ca(cfg));
+        .unwrap_or_else(|| cfg.primary_ca());
     account_session_at(cfg, ca).await
 }
 
@@ -73,7 +72,7 @@ pub(super) async fn existing_account(
     cfg: &Config,
     store: &Ledger,
 ) -> anyhow::Result<Option<Reaper>> {
-    existing_account_at(cfg, primary_ca(cfg), store).await
+    existing_account_at(cfg, cfg.primary_ca(), store).await
 }
 
 /// The existing account at `ca` and its reaper (that CA's limits).
@@ -107,7 +106,7 @@ pub(super) fn account_show(cfg: &Config, ca: Option<&str>) -> anyhow::Result<Exi
         return show_one(cfg, ca);
     }
     if cfg.cas.len() == 1 {
-        return show_one(cfg, primary_ca(cfg));
+        return show_one(cfg, cfg.primary_ca());
     }
     let with_account: Vec<&CaConfig> = cfg
         .cas
@@ -194,7 +193,7 @@ pub(super) async fn account_rollover(cfg: &Config, ca: Option<&str>) -> anyhow::
                 return Ok(ExitCode::from(2));
             }
         },
-        None if cfg.cas.len() == 1 => vec![primary_ca(cfg)],
+        None if cfg.cas.len() == 1 => vec![cfg.primary_ca()],
         None => cfg
             .cas
             .iter()

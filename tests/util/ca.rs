@@ -423,26 +423,18 @@ pub fn validate_outside_certd(env: &TestEnv, authz_url: &str) {
 /// counts the requests of a fresh validation first makes sure there is
 /// none to reuse.
 pub fn forget_valid_authz(env: &TestEnv) {
+    let valid: Vec<String> = ca_orders(env)
+        .into_iter()
+        .flat_map(|o| o.authz.into_iter())
+        .filter(|(_, status)| status == "valid")
+        .map(|(url, _)| url)
+        .collect();
     let creds = account_credentials(env);
     as_account(env, &creds, |http, signer| async move {
-        let urls = account_orders(&http, &signer)
-            .await
-            .expect("the account's orders list")
-            .expect("Pebble names the account's orders list");
-        for url in urls {
-            let order = fetch_order(&http, &signer, &url)
+        for a in valid {
+            deactivate_authz(&http, &signer, &a)
                 .await
-                .unwrap_or_else(|e| panic!("fetch order {url}: {e}"));
-            for a in &order.authorizations {
-                let object = fetch_authz(&http, &signer, a)
-                    .await
-                    .unwrap_or_else(|e| panic!("fetch authorization {a}: {e}"));
-                if object.status == "valid" {
-                    deactivate_authz(&http, &signer, a)
-                        .await
-                        .unwrap_or_else(|e| panic!("deactivate {a}: {e}"));
-                }
-            }
+                .unwrap_or_else(|e| panic!("deactivate {a}: {e}"));
         }
     });
 }
