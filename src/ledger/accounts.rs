@@ -16,7 +16,7 @@ impl Ledger {
         .bind(directory_url)
         .bind(account_url)
         .bind(self.now())
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("upsert_account")?)
         .await?;
         Ok(id)
     }
@@ -25,7 +25,7 @@ impl Ledger {
     pub async fn accounts(&self) -> Result<Vec<(i64, String, String)>> {
         Ok(
             sqlx::query_as("SELECT id, directory_url, account_url FROM accounts ORDER BY id")
-                .fetch_all(&self.pool)
+                .fetch_all(self.sqlite("accounts")?)
                 .await?,
         )
     }

@@ -32,7 +32,7 @@ impl Ledger {
         .bind(ari.next_check)
         .bind(ari.error)
         .bind(name)
-        .execute(&self.pool)
+        .execute(self.sqlite("record_ari")?)
         .await?;
         Ok(())
     }

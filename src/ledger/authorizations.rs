@@ -78,7 +78,7 @@ impl Ledger {
             .bind(challenge_url)
             .bind(self.now())
             .bind(authz_url)
-            .execute(&self.pool)
+            .execute(self.sqlite("set_authz_challenge")?)
             .await?;
         Ok(())
     }
@@ -91,7 +91,7 @@ impl Ledger {
         error: Option<&str>,
     ) -> Result<()> {
         let now = self.now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.sqlite("set_authz_status")?.begin().await?;
         sqlx::query(
             "UPDATE authorizations SET status = ?, error = COALESCE(?, error), updated_at = ? WHERE url = ?",
         )
@@ -132,7 +132,7 @@ impl Ledger {
         .bind(from)
         .bind(now)
         .bind(authz_url)
-        .execute(&self.pool)
+        .execute(self.sqlite("set_authz_deactivated")?)
         .await?;
         Ok(())
     }
@@ -160,7 +160,7 @@ impl Ledger {
         )
         .bind(order_url)
         .bind(status)
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("authz_of_order")?)
         .await?)
     }
 
@@ -179,7 +179,9 @@ impl Ledger {
                 ""
             }
         );
-        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_as(&sql)
+            .fetch_all(self.sqlite("authz_list")?)
+            .await?)
     }
 
     /// Final outcomes of the challenges certd answered for `identifier`:
@@ -194,7 +196,7 @@ impl Ledger {
              ORDER BY updated_at DESC, id DESC LIMIT 20",
         )
         .bind(identifier)
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("challenge_history")?)
         .await?)
     }
 
@@ -206,7 +208,7 @@ impl Ledger {
              JOIN orders o ON o.id = oa.order_id
              WHERE a.status = 'pending' GROUP BY o.cert_name",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("pending_authz_by_cert")?)
         .await?)
     }
 
@@ -223,7 +225,7 @@ impl Ledger {
              WHERE a.status = 'pending' AND o.cert_name = ? ORDER BY a.created_at, a.id",
         )
         .bind(cert_name)
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("pending_authz_of")?)
         .await?)
     }
 
@@ -253,7 +255,7 @@ impl Ledger {
         })
         .bind(page.after_id)
         .bind(page.limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("stale_pending_authz")?)
         .await?)
     }
 
@@ -278,7 +280,7 @@ impl Ledger {
         .bind(base)
         .bind(since)
         .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("failures_since")?)
         .await?;
         Ok(n)
     }
@@ -293,7 +295,7 @@ impl Ledger {
         .bind(now)
         .bind(error)
         .bind(url)
-        .execute(&self.pool)
+        .execute(self.sqlite("authz_check_failed")?)
         .await?;
         Ok(())
     }
@@ -305,7 +307,7 @@ impl Ledger {
              WHERE url = ?",
         )
         .bind(url)
-        .execute(&self.pool)
+        .execute(self.sqlite("authz_check_ok")?)
         .await?;
         Ok(())
     }
@@ -320,7 +322,7 @@ impl Ledger {
              FROM authorizations a WHERE a.url = ?",
         )
         .bind(url)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("authz")?)
         .await?)
     }
 
@@ -330,7 +332,7 @@ impl Ledger {
             "SELECT a.url FROM challenges c JOIN authorizations a ON a.id = c.authz_id WHERE c.url = ?",
         )
         .bind(challenge_url)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("authz_of_challenge")?)
         .await?;
         Ok(row.map(|r| r.0))
     }
@@ -355,7 +357,7 @@ impl Ledger {
         .bind(status)
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(self.sqlite("record_foreign_authz")?)
         .await?;
         Ok(())
     }
@@ -366,7 +368,7 @@ impl Ledger {
             "SELECT COUNT(*) FROM authorizations WHERE account_id = ? AND status = 'pending'",
         )
         .bind(account_id)
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("pending_count")?)
         .await?;
         Ok(n)
     }
@@ -377,7 +379,7 @@ impl Ledger {
             "SELECT url FROM authorizations WHERE account_id = ? AND status = 'pending' ORDER BY id",
         )
         .bind(account_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("pending_urls")?)
         .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }

@@ -22,7 +22,7 @@ impl Ledger {
         .bind(ca)
         .bind(self.now())
         .bind(error)
-        .execute(&self.pool)
+        .execute(self.sqlite("ca_failed")?)
         .await?;
         Ok(())
     }
@@ -31,7 +31,7 @@ impl Ledger {
     pub(crate) async fn ca_answered(&self, ca: &str) -> Result<()> {
         sqlx::query("DELETE FROM ca_state WHERE ca = ?")
             .bind(ca)
-            .execute(&self.pool)
+            .execute(self.sqlite("ca_answered")?)
             .await?;
         Ok(())
     }
@@ -40,7 +40,7 @@ impl Ledger {
     pub(crate) async fn ca_states(&self) -> Result<Vec<CaStateRow>> {
         Ok(
             sqlx::query_as("SELECT ca, failing_since, last_error FROM ca_state ORDER BY ca")
-                .fetch_all(&self.pool)
+                .fetch_all(self.sqlite("ca_states")?)
                 .await?,
         )
     }

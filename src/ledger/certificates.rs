@@ -82,7 +82,7 @@ impl Ledger {
     pub async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
         Ok(sqlx::query_as(CERT_SELECT_ONE)
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.sqlite("certificate")?)
             .await?)
     }
 
@@ -101,7 +101,7 @@ impl Ledger {
                  ari_checked_at, ari_next_check, ari_error, issuer_ca))
              FROM (SELECT * FROM certificates ORDER BY name)",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("certificates")?)
         .await?;
         serde_json::from_str(&json)
             .map_err(|e| LedgerError::Query(sqlx::Error::Decode(Box::new(e))))
@@ -140,7 +140,7 @@ impl Ledger {
         .bind(now)
         .bind(&cert.profile)
         .bind(&cert.profile_wanted)
-        .execute(&self.pool)
+        .execute(self.sqlite("record_installed")?)
         .await?;
         Ok(())
     }
@@ -150,7 +150,7 @@ impl Ledger {
         sqlx::query("UPDATE certificates SET issuer_ca = ? WHERE name = ?")
             .bind(ca)
             .bind(name)
-            .execute(&self.pool)
+            .execute(self.sqlite("set_issuer_ca")?)
             .await?;
         Ok(())
     }
@@ -160,7 +160,7 @@ impl Ledger {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT issuer_ca FROM certificates WHERE name = ?")
                 .bind(name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.sqlite("issuer_ca")?)
                 .await?;
         Ok(row.and_then(|(ca,)| ca))
     }
@@ -171,7 +171,7 @@ impl Ledger {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT profile_wanted FROM certificates WHERE name = ?")
                 .bind(name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.sqlite("profile_wanted")?)
                 .await?;
         Ok(row.and_then(|r| r.0))
     }
@@ -193,7 +193,7 @@ impl Ledger {
         .bind(serde_json::to_string(domains).unwrap_or_default())
         .bind(warning)
         .bind(self.now())
-        .execute(&self.pool)
+        .execute(self.sqlite("set_profile_warning")?)
         .await?;
         Ok(())
     }
@@ -222,7 +222,7 @@ impl Ledger {
         .bind(error)
         .bind(next_attempt_at)
         .bind(now)
-        .execute(&self.pool)
+        .execute(self.sqlite("record_failure")?)
         .await?;
         Ok(())
     }
@@ -233,7 +233,7 @@ impl Ledger {
             .bind(at)
             .bind(self.now())
             .bind(name)
-            .execute(&self.pool)
+            .execute(self.sqlite("set_next_renewal")?)
             .await?;
         Ok(())
     }
@@ -256,7 +256,7 @@ impl Ledger {
         .bind(now)
         .bind(now)
         .bind(name)
-        .execute(&self.pool)
+        .execute(self.sqlite("record_revoked")?)
         .await?;
         Ok(())
     }
@@ -266,7 +266,7 @@ impl Ledger {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT revoked_serial FROM certificates WHERE name = ?")
                 .bind(name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.sqlite("revoked_serial")?)
                 .await?;
         Ok(row.and_then(|r| r.0))
     }
@@ -279,7 +279,7 @@ impl Ledger {
         .bind(error)
         .bind(self.now())
         .bind(name)
-        .execute(&self.pool)
+        .execute(self.sqlite("record_reload_failure")?)
         .await?;
         Ok(())
     }
@@ -293,7 +293,7 @@ impl Ledger {
         )
         .bind(self.now())
         .bind(name)
-        .execute(&self.pool)
+        .execute(self.sqlite("clear_reload_failure")?)
         .await?;
         Ok(())
     }

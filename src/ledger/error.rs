@@ -55,6 +55,17 @@ pub enum LedgerError {
         #[source]
         source: io::Error,
     },
+    /// A fenced write on the shared ledger found its lease gone: another
+    /// host claimed it (a higher epoch), or it expired on the database's
+    /// clock. Nothing was written; this host must send nothing more for
+    /// what the lease covers.
+    #[error(
+        "the lease {lease} is no longer this host's at epoch {epoch} (another host took it over,          or it expired); nothing was written"
+    )]
+    Fenced { lease: String, epoch: i64 },
+    /// A ledger operation the shared (PostgreSQL) ledger does not offer.
+    #[error("the shared ledger does not support {0}")]
+    Unsupported(&'static str),
     /// The ledger's file was deleted or replaced under the running process.
     #[error(
         "ledger {path} was deleted or replaced while certd was running; stopping rather than \
@@ -69,7 +80,10 @@ impl LedgerError {
     /// (exit 2), as against one query failing (an order that fails and is
     /// retried).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, LedgerError::Query(_))
+        !matches!(
+            self,
+            LedgerError::Query(_) | LedgerError::Fenced { .. } | LedgerError::Unsupported(_)
+        )
     }
 }
 

@@ -35,7 +35,7 @@ impl Ledger {
         .bind(order_url)
         .bind(authz_url)
         .bind(detail)
-        .execute(&self.pool)
+        .execute(self.sqlite("event")?)
         .await?;
         Ok(())
     }
@@ -49,7 +49,7 @@ impl Ledger {
         )
         .bind(EventKind::DaemonStarted)
         .bind(EventKind::RestartNeeded)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("restart_needed")?)
         .await?;
         Ok(row.and_then(|(kind, detail)| {
             detail.filter(|d| kind == EventKind::RestartNeeded && !d.is_empty())
@@ -68,7 +68,7 @@ impl Ledger {
         )
         .bind(name)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.sqlite("cert_events")?)
         .await?)
     }
 
@@ -82,7 +82,7 @@ impl Ledger {
         .bind(EventKind::DaemonStarted)
         .bind(EventKind::CaUnreachable)
         .bind(EventKind::CaReachable)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("ca_unreachable")?)
         .await?;
         Ok(row.and_then(|(at, kind, detail)| {
             (kind == EventKind::CaUnreachable).then(|| (at, detail.unwrap_or_default()))
@@ -93,7 +93,7 @@ impl Ledger {
     pub async fn count_events(&self, kind: EventKind) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events WHERE kind = ?")
             .bind(kind)
-            .fetch_one(&self.pool)
+            .fetch_one(self.sqlite("count_events")?)
             .await?;
         Ok(n)
     }
@@ -119,7 +119,7 @@ impl Ledger {
                 .bind(account_id)
                 .bind(now - 86_400)
                 .bind(EventKind::HeldBack)
-                .fetch_one(&self.pool)
+                .fetch_one(self.sqlite("reaper_summary")?)
                 .await?;
         // Newest by `at`, then by id: that order is the index
         // `events_by_kind`'s, so each is one index step however long the
@@ -128,19 +128,19 @@ impl Ledger {
             "SELECT at, detail FROM events WHERE kind = ? ORDER BY at DESC, id DESC LIMIT 1",
         )
         .bind(EventKind::ReaperPass)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("reaper_summary")?)
         .await?;
         let guard: Option<(i64,)> = sqlx::query_as(
             "SELECT at FROM events WHERE kind = ? ORDER BY at DESC, id DESC LIMIT 1",
         )
         .bind(EventKind::PendingAuthzGuard)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("reaper_summary")?)
         .await?;
         let rate_limited: Option<(i64, Option<String>)> = sqlx::query_as(
             "SELECT at, detail FROM events WHERE kind = ? ORDER BY at DESC, id DESC LIMIT 1",
         )
         .bind(EventKind::RateLimited)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("reaper_summary")?)
         .await?;
         Ok(ReaperSummary {
             pending,

@@ -36,7 +36,7 @@ impl Ledger {
         .bind(serial)
         .bind(not_after)
         .bind(self.now())
-        .execute(&self.pool)
+        .execute(self.sqlite("record_issued")?)
         .await?;
         Ok(())
     }
@@ -49,7 +49,7 @@ impl Ledger {
              WHERE cert_name = ? AND installed_at IS NULL ORDER BY issued_at DESC, rowid DESC LIMIT 1",
         )
         .bind(cert_name)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("waiting_issued")?)
         .await?)
     }
 
@@ -58,7 +58,7 @@ impl Ledger {
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT 1 FROM issued WHERE order_url = ? AND installed_at IS NULL")
                 .bind(order_url)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.sqlite("issued_waiting")?)
                 .await?;
         Ok(row.is_some())
     }
@@ -69,7 +69,7 @@ impl Ledger {
         sqlx::query("UPDATE issued SET installed_at = ? WHERE order_url = ?")
             .bind(self.now())
             .bind(order_url)
-            .execute(&self.pool)
+            .execute(self.sqlite("issued_done")?)
             .await?;
         Ok(())
     }

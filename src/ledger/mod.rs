@@ -1,9 +1,18 @@
 //! The ledger: the only module that speaks SQL.
 //!
-//! One SQLite file in WAL mode, opened once per process, migrations from
-//! `migrations/` applied at open. WAL lets `certd status` read while the
-//! daemon writes. Each public method is one short transaction at most, so no
-//! caller ever holds the write lock across network I/O.
+//! Two backends behind one typed API, each written for its engine:
+//!
+//! - SQLite (the default, one host): one file in WAL mode, opened once per
+//!   process, migrations from `migrations/sqlite/` applied at open. WAL
+//!   lets `certd status` read while the daemon writes.
+//! - PostgreSQL (fleet mode, several hosts): the same tables in the fleet's
+//!   database (`migrations/postgres/`), in [`pg`]. A handle may carry a
+//!   [`Fence`], the lease its writes are made under: each write is then one
+//!   transaction that first checks, on the database's clock, that the lease
+//!   is still this holder's at that epoch, and rolls back otherwise.
+//!
+//! Each public method is one short transaction at most, so no caller ever
+//! holds a write lock across network I/O.
 //!
 //! The ledger's own storage can fail. Opening maps SQLite's errors to what
 //! an operator acts on: a corrupt file ([`LedgerError::Corrupt`], with the
@@ -29,13 +38,14 @@ mod lock;
 mod model;
 mod orders;
 mod pauses;
+mod pg;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection as _, SqlitePool};
+use sqlx::{Connection as _, PgPool, SqlitePool};
 
 use crate::clock::Clock;
 
@@ -53,13 +63,25 @@ pub(crate) use model::{Actor, AriRecord, AriWindow, ChallengeStatus, Identifiers
 pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
+pub use pg::Fence;
+
+use pg::PgLedger;
 
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Ledger {
-    pool: SqlitePool,
+    db: Db,
     /// The wall clock every row's timestamps come from.
     clock: Clock,
+}
+
+/// The engine behind a [`Ledger`]. Each method of the ledger matches on
+/// it once, at its top: the SQLite statements follow in the method, the
+/// PostgreSQL ones are in `pg/`.
+#[derive(Clone, Debug)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgLedger),
 }
 
 impl Ledger {
@@ -108,11 +130,48 @@ impl Ledger {
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        if let Err(e) = sqlx::migrate!("./migrations").run(&pool).await {
+        if let Err(e) = sqlx::migrate!("./migrations/sqlite").run(&pool).await {
             pool.close().await;
             return Err(diagnose(path, e, LedgerError::Migrate));
         }
-        Ok(Self { pool, clock })
+        Ok(Self {
+            db: Db::Sqlite(pool),
+            clock,
+        })
+    }
+
+    /// The ledger in a fleet's PostgreSQL database, over a pool whose
+    /// connections already passed the version check and whose database
+    /// holds `migrations/postgres/` (the fleet's connection does both).
+    /// `state_dir` is this host's state directory, for what stays on the
+    /// host (files named after orders). Writes are not fenced until
+    /// [`Ledger::fenced`] gives a handle that is.
+    pub fn postgres(pool: PgPool, state_dir: PathBuf, clock: Clock) -> Self {
+        Self {
+            db: Db::Postgres(PgLedger::new(pool, state_dir)),
+            clock,
+        }
+    }
+
+    /// This handle's writes made under `fence`: on PostgreSQL, each write
+    /// first checks that the lease is still held at that epoch
+    /// ([`LedgerError::Fenced`] otherwise, and nothing written). SQLite has
+    /// one writer by the state directory's lock, so it needs no fence and
+    /// the handle is the same.
+    #[must_use]
+    pub fn fenced(&self, fence: Fence) -> Self {
+        match &self.db {
+            Db::Sqlite(_) => self.clone(),
+            Db::Postgres(pg) => Self {
+                db: Db::Postgres(pg.with_fence(fence)),
+                clock: self.clock.clone(),
+            },
+        }
+    }
+
+    /// Whether this is the fleet's shared ledger.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
     }
 
     /// Opens an existing ledger for reading only: nothing is created,
@@ -137,7 +196,10 @@ impl Ledger {
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        Ok(Self { pool, clock })
+        Ok(Self {
+            db: Db::Sqlite(pool),
+            clock,
+        })
     }
 
     /// Opens the ledger for a process that writes it (the daemon, a
@@ -151,10 +213,11 @@ impl Ledger {
             path: path.display().to_string(),
             detail,
         };
+        let Db::Sqlite(pool) = &store.db else {
+            unreachable!("Ledger::open opens SQLite")
+        };
         let verdict: std::result::Result<Vec<(String,)>, sqlx::Error> =
-            sqlx::query_as("PRAGMA quick_check")
-                .fetch_all(&store.pool)
-                .await;
+            sqlx::query_as("PRAGMA quick_check").fetch_all(pool).await;
         let failure = match verdict {
             Ok(rows) if rows.len() == 1 && rows[0].0 == "ok" => return Ok(store),
             Ok(rows) => corrupt(
@@ -175,11 +238,13 @@ impl Ledger {
     /// refill from the file on the next order, and until then are the
     /// biggest part of the daemon's heap.
     pub(crate) async fn release_memory(&self) {
+        // PostgreSQL's caches are the server's, not this process's.
+        let Db::Sqlite(pool) = &self.db else { return };
         // Every connection at once, so each is a different one; a
         // connection busy elsewhere is simply not shrunk this time.
         let mut held = Vec::new();
-        while held.len() < usize::try_from(self.pool.size()).unwrap_or(0) {
-            match self.pool.try_acquire() {
+        while held.len() < usize::try_from(pool.size()).unwrap_or(0) {
+            match pool.try_acquire() {
                 Some(conn) => held.push(conn),
                 None => break,
             }
@@ -195,16 +260,25 @@ impl Ledger {
     /// (`PRAGMA wal_checkpoint(TRUNCATE)`), so that `certd.db` alone is the
     /// whole ledger: for tests that damage the file, and tools that copy it.
     pub async fn checkpoint(&self) -> Result<()> {
+        // PostgreSQL has no file of certd's to fold.
+        let Db::Sqlite(pool) = &self.db else {
+            return Ok(());
+        };
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(())
     }
 
-    /// `PRAGMA integrity_check`, for tests and `certd status --check`.
+    /// `PRAGMA integrity_check`, for tests and `certd status --check`;
+    /// on PostgreSQL, whether the database answers.
     pub async fn integrity_check(&self) -> Result<String> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.integrity_check().await,
+        };
         let (r,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-            .fetch_one(&self.pool)
+            .fetch_one(pool)
             .await?;
         Ok(r)
     }
@@ -212,8 +286,12 @@ impl Ledger {
     /// The directory the ledger file lives in (SQLite's own record of the
     /// main database file), where state that belongs beside it is kept.
     pub(crate) async fn ledger_dir(&self) -> Result<PathBuf> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return Ok(pg.state_dir().to_owned()),
+        };
         let rows: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list")
-            .fetch_all(&self.pool)
+            .fetch_all(pool)
             .await?;
         let file = rows
             .into_iter()
@@ -237,24 +315,26 @@ impl Ledger {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.db {
+            Db::Sqlite(pool) => pool.close().await,
+            // The pool is the fleet connection's, which closes it.
+            Db::Postgres(_) => {}
+        }
+    }
+
+    /// The SQLite pool, for methods not yet written for PostgreSQL: on the
+    /// shared ledger they fail with [`LedgerError::Unsupported`] rather
+    /// than write somewhere else.
+    fn sqlite(&self, what: &'static str) -> Result<&SqlitePool> {
+        match &self.db {
+            Db::Sqlite(pool) => Ok(pool),
+            Db::Postgres(_) => Err(LedgerError::Unsupported(what)),
+        }
     }
 }
 
 #[cfg(test)]
-pub(crate) mod test_util {
-    use super::*;
-
-    /// A fresh ledger in a temporary directory, on a clock fixed at 1,000,000.
-    pub(crate) async fn ledger() -> (tempfile::TempDir, Ledger) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Clock::fixed(crate::clock::UnixTime::from_secs(1_000_000));
-        let store = Ledger::open(&dir.path().join("certd.db"), clock)
-            .await
-            .expect("open");
-        (dir, store)
-    }
-}
+pub(crate) mod test_util;
 
 #[cfg(test)]
 mod tests {

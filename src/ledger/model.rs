@@ -11,10 +11,11 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
-use sqlx::Sqlite;
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::sqlite::{SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
+use sqlx::{Postgres, Sqlite};
 
 /// A stored text that names no variant of the type it is read as.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +104,29 @@ macro_rules! stored_text {
         impl<'r> sqlx::Decode<'r, Sqlite> for $name {
             fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
                 let text = <&str as sqlx::Decode<'r, Sqlite>>::decode(value)?;
+                Ok(text.parse()?)
+            }
+        }
+
+        impl sqlx::Type<Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <&str as sqlx::Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <&str as sqlx::Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, Postgres> for $name {
+            fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                <&str as sqlx::Encode<'q, Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, Postgres> for $name {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as sqlx::Decode<'r, Postgres>>::decode(value)?;
                 Ok(text.parse()?)
             }
         }
@@ -352,6 +376,29 @@ impl<'q> sqlx::Encode<'q, Sqlite> for Identifiers {
 impl<'r> sqlx::Decode<'r, Sqlite> for Identifiers {
     fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
         let text = <&str as sqlx::Decode<'r, Sqlite>>::decode(value)?;
+        Ok(text.parse()?)
+    }
+}
+
+impl sqlx::Type<Postgres> for Identifiers {
+    fn type_info() -> PgTypeInfo {
+        <String as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <String as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'q> sqlx::Encode<'q, Postgres> for Identifiers {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        <String as sqlx::Encode<'q, Postgres>>::encode(self.to_json(), buf)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for Identifiers {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as sqlx::Decode<'r, Postgres>>::decode(value)?;
         Ok(text.parse()?)
     }
 }

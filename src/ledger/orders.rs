@@ -29,7 +29,7 @@ impl Ledger {
         authzs: &[NewAuthz],
     ) -> Result<i64> {
         let now = self.now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.sqlite("record_order")?.begin().await?;
         let (order_id,): (i64,) = sqlx::query_as(
             "INSERT INTO orders (url, account_id, cert_name, identifiers, status, step, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -102,7 +102,7 @@ impl Ledger {
             .bind(error)
             .bind(self.now())
             .bind(order_url)
-            .execute(&self.pool)
+            .execute(self.sqlite("set_order_state")?)
             .await?;
         Ok(())
     }
@@ -119,7 +119,7 @@ impl Ledger {
         )
         .bind(account_id)
         .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("orders_since")?)
         .await?)
     }
 
@@ -143,7 +143,7 @@ impl Ledger {
         .bind(OrderStatus::Valid)
         .bind(OrderStep::Done)
         .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("issued_since")?)
         .await?)
     }
 
@@ -161,7 +161,7 @@ impl Ledger {
         );
         Ok(sqlx::query_as(&sql)
             .bind(account_id)
-            .fetch_all(&self.pool)
+            .fetch_all(self.sqlite("in_flight_orders")?)
             .await?)
     }
 
@@ -197,7 +197,7 @@ impl Ledger {
             .bind(account_id)
             .bind(identifiers)
             .bind(now)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.sqlite("resumable_order")?)
             .await?)
     }
 
@@ -205,7 +205,7 @@ impl Ledger {
         sqlx::query("UPDATE orders SET expires_at = ? WHERE url = ?")
             .bind(expires_at)
             .bind(order_url)
-            .execute(&self.pool)
+            .execute(self.sqlite("set_order_expires")?)
             .await?;
         Ok(())
     }
@@ -227,7 +227,7 @@ impl Ledger {
         .bind(cert_name)
         .bind(identifiers)
         .bind(self.now())
-        .fetch_one(&self.pool)
+        .fetch_one(self.sqlite("record_intent")?)
         .await?;
         Ok(id)
     }
@@ -235,7 +235,7 @@ impl Ledger {
     pub(crate) async fn clear_intent(&self, id: i64) -> Result<()> {
         sqlx::query("DELETE FROM order_intents WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(self.sqlite("clear_intent")?)
             .await?;
         Ok(())
     }
@@ -247,7 +247,7 @@ impl Ledger {
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT id FROM order_intents WHERE account_id = ? LIMIT 1")
                 .bind(account_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.sqlite("has_intents")?)
                 .await?;
         Ok(row.is_some())
     }
@@ -256,7 +256,7 @@ impl Ledger {
     pub(crate) async fn clear_intents(&self, account_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM order_intents WHERE account_id = ?")
             .bind(account_id)
-            .execute(&self.pool)
+            .execute(self.sqlite("clear_intents")?)
             .await?;
         Ok(())
     }
@@ -278,7 +278,7 @@ impl Ledger {
         )
         .bind(account_id)
         .bind(identifiers)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.sqlite("cert_name_for")?)
         .await?;
         Ok(row.map(|r| r.0))
     }
@@ -287,7 +287,7 @@ impl Ledger {
     pub(crate) async fn order_known(&self, order_url: &str) -> Result<bool> {
         let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM orders WHERE url = ?")
             .bind(order_url)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.sqlite("order_known")?)
             .await?;
         Ok(row.is_some())
     }

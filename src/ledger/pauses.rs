@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::{Ledger, Result};
+use super::{Db, Ledger, Result};
 
 /// The scope of a pause that holds back every order of the account.
 pub(crate) const ACCOUNT_SCOPE: &str = "";
@@ -39,7 +39,11 @@ impl Ledger {
     /// operator is told once, not on every retry.
     pub(crate) async fn set_pause(&self, scope: &str, pause: &NewPause<'_>) -> Result<bool> {
         let now = self.now();
-        let mut tx = self.pool.begin().await?;
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_pause(now, scope, pause).await,
+        };
+        let mut tx = pool.begin().await?;
         let before: Option<(i64,)> = sqlx::query_as("SELECT paused FROM ca_pauses WHERE scope = ?")
             .bind(scope)
             .fetch_optional(&mut *tx)
@@ -66,28 +70,40 @@ impl Ledger {
 
     /// The pause recorded for `scope`, if any (it may have run out).
     pub(crate) async fn pause(&self, scope: &str) -> Result<Option<PauseRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pause(scope).await,
+        };
         Ok(sqlx::query_as(
             "SELECT scope, until_at, paused, unpause_url, detail, since FROM ca_pauses WHERE scope = ?",
         )
         .bind(scope)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await?)
     }
 
     /// Every pause recorded, by scope.
     pub(crate) async fn pauses(&self) -> Result<Vec<PauseRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pauses().await,
+        };
         Ok(sqlx::query_as(
             "SELECT scope, until_at, paused, unpause_url, detail, since FROM ca_pauses ORDER BY scope",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await?)
     }
 
     /// Forgets the pause of `scope`: an order of it succeeded.
     pub(crate) async fn clear_pause(&self, scope: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.clear_pause(scope).await,
+        };
         sqlx::query("DELETE FROM ca_pauses WHERE scope = ?")
             .bind(scope)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -96,34 +112,34 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::test_util::ledger;
+    use crate::ledger::test_util::conformance;
 
-    /// A pause is news once: retries while it lasts are not, a rate limit
-    /// turning into a pause is, and so is a pause after a success.
-    #[tokio::test]
-    async fn a_pause_is_news_once() {
-        let (_dir, s) = ledger().await;
-        let pause = |until, paused| NewPause {
-            until,
-            paused,
-            unpause_url: paused.then_some("https://ca/unpause"),
-            detail: "limit",
-        };
-        assert!(s.set_pause("a", &pause(10, false)).await.expect("set"));
-        assert!(!s.set_pause("a", &pause(20, false)).await.expect("set"));
-        assert!(s.set_pause("a", &pause(30, true)).await.expect("set"));
-        assert!(!s.set_pause("a", &pause(40, true)).await.expect("set"));
-        let row = s.pause("a").await.expect("read").expect("a pause");
-        assert_eq!((row.until_at, row.paused), (40, true));
-        assert_eq!(row.unpause_url.as_deref(), Some("https://ca/unpause"));
-        assert!(
-            s.set_pause(ACCOUNT_SCOPE, &pause(5, false))
-                .await
-                .expect("set")
-        );
-        assert_eq!(s.pauses().await.expect("all").len(), 2);
-        s.clear_pause("a").await.expect("clear");
-        assert!(s.pause("a").await.expect("read").is_none());
-        assert!(s.set_pause("a", &pause(50, true)).await.expect("set"));
+    conformance! {
+        /// A pause is news once: retries while it lasts are not, a rate limit
+        /// turning into a pause is, and so is a pause after a success.
+        async fn a_pause_is_news_once(s: Ledger) {
+            let pause = |until, paused| NewPause {
+                until,
+                paused,
+                unpause_url: paused.then_some("https://ca/unpause"),
+                detail: "limit",
+            };
+            assert!(s.set_pause("a", &pause(10, false)).await.expect("set"));
+            assert!(!s.set_pause("a", &pause(20, false)).await.expect("set"));
+            assert!(s.set_pause("a", &pause(30, true)).await.expect("set"));
+            assert!(!s.set_pause("a", &pause(40, true)).await.expect("set"));
+            let row = s.pause("a").await.expect("read").expect("a pause");
+            assert_eq!((row.until_at, row.paused), (40, true));
+            assert_eq!(row.unpause_url.as_deref(), Some("https://ca/unpause"));
+            assert!(
+                s.set_pause(ACCOUNT_SCOPE, &pause(5, false))
+                    .await
+                    .expect("set")
+            );
+            assert_eq!(s.pauses().await.expect("all").len(), 2);
+            s.clear_pause("a").await.expect("clear");
+            assert!(s.pause("a").await.expect("read").is_none());
+            assert!(s.set_pause("a", &pause(50, true)).await.expect("set"));
+        }
     }
 }

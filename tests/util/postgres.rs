@@ -129,6 +129,41 @@ impl Postgres {
         );
     }
 
+    /// Leaves the cluster running for the rest of this process, for a
+    /// cluster shared by many tests from a static: statics are never
+    /// dropped, so a watcher process stops the server and removes its
+    /// directory once this process has exited.
+    pub fn keep_until_exit(self) {
+        let stop = {
+            let program = self.bin.join("pg_ctl");
+            let prefix = match &self.run_as {
+                Some(user) => format!("runuser -u {user} -- "),
+                None => String::new(),
+            };
+            format!(
+                "{prefix}{} -D {} -m immediate -w stop",
+                program.display(),
+                self.data().display()
+            )
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = self.dir.path().display(),
+        );
+        // Never waited for: it must outlive this process.
+        #[allow(clippy::zombie_processes)]
+        let _watcher = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the cluster's watcher");
+        // The watcher owns the server and the directory from here.
+        std::mem::forget(self);
+    }
+
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         let mut text = String::new();
