@@ -10,6 +10,7 @@ pub(crate) mod backoff;
 pub(crate) mod ca_choice;
 pub(crate) mod cas;
 pub(crate) mod dirs;
+pub(crate) mod fleet;
 pub(crate) mod ops;
 pub(crate) mod outcome;
 pub(crate) mod sink;
@@ -25,6 +26,7 @@ use crate::metrics::LedgerWriteErrors;
 use crate::order::{Context, RunMode};
 use crate::solver::Solvers;
 
+use self::fleet::Fleet;
 use self::outcome::Outcomes;
 
 /// What every run of certd starts from.
@@ -36,6 +38,9 @@ pub struct Services {
     pub(crate) clock: Clock,
     pub(crate) store: Ledger,
     pub(crate) ledger_errors: LedgerWriteErrors,
+    /// Fleet mode (`[fleet]`): the shared database, the fleet key and
+    /// this host's identity; `store` is then the shared ledger.
+    pub(crate) fleet: Option<Arc<Fleet>>,
 }
 
 /// What recovery found of the orders an earlier run left unfinished.
@@ -50,8 +55,18 @@ impl Services {
     /// opens the ledger, creating it when there is none.
     pub async fn open(cfg: Config, clock: Clock) -> anyhow::Result<Self> {
         dirs::ensure_dirs(&cfg)?;
-        let store = Ledger::open(&cfg.db_path(), clock.clone()).await?;
-        Ok(Self::with_ledger(Arc::new(cfg), clock, store))
+        let fleet = Fleet::open(&cfg).await?;
+        let store = match &fleet {
+            Some(f) => Ledger::postgres(
+                f.db.pool().clone(),
+                cfg.storage.state_dir.clone(),
+                clock.clone(),
+            ),
+            None => Ledger::open(&cfg.db_path(), clock.clone()).await?,
+        };
+        let mut services = Self::with_ledger(Arc::new(cfg), clock, store);
+        services.fleet = fleet;
+        Ok(services)
     }
 
     /// Services around a ledger the caller opened.
@@ -61,6 +76,7 @@ impl Services {
             clock,
             store,
             ledger_errors: LedgerWriteErrors::default(),
+            fleet: None,
         }
     }
 

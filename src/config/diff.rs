@@ -137,8 +137,11 @@ fn restart_keys(started: &Config, new: &Config) -> Vec<String> {
         reaper: _,
         metrics_listen: _,
         notify: _,
+        fleet,
         certificates: _,
     } = started;
+    // Joining or leaving a fleet moves the ledger: a restart does it.
+    check("fleet", *fleet != new.fleet);
     // A CA is its account: one added, removed or moved elsewhere waits for
     // a restart, which opens (or drops) the account there.
     for ca in cas {

@@ -27,9 +27,9 @@ use serde::Deserialize;
 pub use error::ConfigError;
 pub use model::{
     AcmeConfig, CaConfig, CaLimits, CaName, CertificateConfig, Config, DB_FILE,
-    DEFAULT_CONFIG_PATH, DaemonConfig, Dns01Config, Dns01Mode, Eab, Http01Config, NotifyConfig,
-    Preflight, Preset, ProfilePreference, PropagationConfig, ReaperConfig, Rfc2136Config, Secret,
-    StorageConfig, TlsAlpn01Config, TrustedRoots,
+    DEFAULT_CONFIG_PATH, DaemonConfig, Dns01Config, Dns01Mode, Eab, FleetConfig, Http01Config,
+    NotifyConfig, Preflight, Preset, ProfilePreference, PropagationConfig, ReaperConfig,
+    Rfc2136Config, Secret, StorageConfig, TlsAlpn01Config, TrustedRoots,
 };
 pub use names::{CertName, DnsAlias, DnsName, Identifier, IpLiteral};
 pub(crate) use resolve::Parsed;

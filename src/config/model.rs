@@ -42,6 +42,8 @@ pub struct Config {
     /// Prometheus text endpoint of the daemon.
     pub metrics_listen: Option<SocketAddr>,
     pub notify: Option<NotifyConfig>,
+    /// Fleet mode: several hosts sharing one ledger in PostgreSQL.
+    pub fleet: Option<FleetConfig>,
     pub certificates: Vec<CertificateConfig>,
 }
 
@@ -229,6 +231,44 @@ impl Preset {
     pub fn needs_eab(self) -> bool {
         matches!(self, Self::ZeroSsl | Self::Google)
     }
+}
+
+/// `[fleet]`: this host is one of several sharing one ledger in
+/// PostgreSQL, with a lease per certificate.
+#[derive(Clone, PartialEq)]
+pub struct FleetConfig {
+    /// `postgres://user:password@host:port/db`. May hold a password:
+    /// never logged or printed (see the `Debug` below).
+    pub database_url: String,
+    /// 32 random bytes, the same on every host, mode 0600: seals private
+    /// keys before they reach the database.
+    pub key_file: PathBuf,
+    /// How long a lease lasts without renewal; the holder renews at a
+    /// third of it.
+    pub lease_ttl: Duration,
+    /// This host's name in the fleet: the system's host name unless set.
+    pub host_id: Option<String>,
+    /// Where other hosts reach this host's http-01 responder, for their
+    /// pre-flight; `http01.listen` unless set.
+    pub advertise: Option<SocketAddr>,
+}
+
+impl fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry the database password.
+        f.debug_struct("FleetConfig")
+            .field("database_url", &"<hidden>")
+            .field("key_file", &self.key_file)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("host_id", &self.host_id)
+            .field("advertise", &self.advertise)
+            .finish()
+    }
+}
+
+impl FleetConfig {
+    /// The default `lease_ttl`.
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 }
 
 /// A program told about renewals that keep failing, and recoveries.

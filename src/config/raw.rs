@@ -23,8 +23,19 @@ pub(super) struct Config {
     pub daemon: Option<Daemon>,
     pub metrics: Option<Metrics>,
     pub notify: Option<Notify>,
+    pub fleet: Option<Spanned<Fleet>>,
     #[serde(default)]
     pub certificate: Vec<Certificate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Fleet {
+    pub database_url: Spanned<String>,
+    pub key_file: String,
+    pub lease_ttl: Option<Spanned<String>>,
+    pub host_id: Option<Spanned<String>>,
+    pub advertise: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -14,8 +14,8 @@ use toml::Spanned;
 use crate::config::error::{CertKey, ConfigError, Located, reword};
 use crate::config::model::{
     AcmeConfig, CaConfig, CaLimits, CaName, CertificateConfig, Config, DaemonConfig, Dns01Config,
-    Dns01Mode, Http01Config, NotifyConfig, Preflight, Preset, ProfilePreference, PropagationConfig,
-    ReaperConfig, Rfc2136Config, Secret, StorageConfig, TlsAlpn01Config,
+    Dns01Mode, FleetConfig, Http01Config, NotifyConfig, Preflight, Preset, ProfilePreference,
+    PropagationConfig, ReaperConfig, Rfc2136Config, Secret, StorageConfig, TlsAlpn01Config,
 };
 use crate::config::names::{CertName, DnsAlias, Identifier, Underscore, domain_like};
 use crate::config::raw;
@@ -136,6 +136,8 @@ impl Validator<'_> {
             }),
         };
 
+        let fleet = raw.fleet.map(|f| self.fleet(f, &relative)).transpose()?;
+
         let defaults = CertDefaults {
             cas: &cas,
             ca: if cas.len() == 1 {
@@ -194,9 +196,84 @@ impl Validator<'_> {
             daemon,
             metrics_listen,
             notify,
+            fleet,
             certificates,
         };
         Ok(Parsed::new(config, files))
+    }
+
+    /// `[fleet]`. Nothing is read or connected here: the key file and the
+    /// database are checked when certd starts in fleet mode.
+    fn fleet(
+        &self,
+        raw: Spanned<raw::Fleet>,
+        relative: &dyn Fn(&str) -> PathBuf,
+    ) -> Result<FleetConfig, ConfigError> {
+        let span = raw.span();
+        let f = raw.into_inner();
+        let url = f.database_url.get_ref();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(self.at.error(
+                f.database_url.span(),
+                Some("fleet.database_url".into()),
+                "must be a PostgreSQL URL: postgres://user:password@host:port/database".into(),
+            ));
+        }
+        if f.key_file.is_empty() {
+            return Err(self.at.error(
+                span,
+                Some("fleet.key_file".into()),
+                "must name a file of 32 random bytes (head -c 32 /dev/urandom)".into(),
+            ));
+        }
+        let lease_ttl = match f.lease_ttl {
+            None => FleetConfig::DEFAULT_LEASE_TTL,
+            Some(t) => {
+                let ttl = self.duration(&t, "fleet.lease_ttl")?;
+                // Renewal runs at a third of the ttl with a safety margin
+                // below it; under 6 s that leaves no room for a database
+                // round trip, over 10 min a dead host holds its
+                // certificates too long.
+                if ttl < Duration::from_secs(6) || ttl > Duration::from_secs(600) {
+                    return Err(self.at.error(
+                        t.span(),
+                        Some("fleet.lease_ttl".into()),
+                        "must be between 6s and 10m".into(),
+                    ));
+                }
+                ttl
+            }
+        };
+        let host_id = match f.host_id {
+            None => None,
+            Some(h) => {
+                let id = h.get_ref();
+                let ok = !id.is_empty()
+                    && id.len() <= 64
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if !ok {
+                    return Err(self.at.error(
+                        h.span(),
+                        Some("fleet.host_id".into()),
+                        "must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
+                    ));
+                }
+                Some(id.clone())
+            }
+        };
+        let advertise = f
+            .advertise
+            .map(|a| self.parse_spanned(&a, "fleet.advertise", parse_socket_addr))
+            .transpose()?;
+        Ok(FleetConfig {
+            database_url: f.database_url.into_inner(),
+            key_file: relative(&f.key_file),
+            lease_ttl,
+            host_id,
+            advertise,
+        })
     }
 
     fn dns01(
@@ -1290,7 +1367,7 @@ mod ca_tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::tests::{expect_error, parse};
+    use crate::config::tests::{BASE, expect_error, parse};
 
     const STORAGE: &str =
         "[storage]\nstate_dir = \"s\"\ncert_dir = \"c\"\n[http01]\nlisten = \"127.0.0.1:80\"\n";
@@ -1573,6 +1650,50 @@ mod ca_tests {
             10,
             "certificate[0].ca[1]",
             "no CA is named \"zerossl\"; the configured ones are letsencrypt",
+        );
+    }
+
+    #[test]
+    fn fleet_section_defaults_and_refusals() {
+        let with_fleet = |fleet: &str| {
+            format!(
+                "{BASE}\n[fleet]\n{fleet}\n[[certificate]]\nname = \"www\"\ndomains = [\"a.example\"]\n"
+            )
+        };
+        let cfg = parse(&with_fleet(
+            "database_url = \"postgres://certd:pw@db.example:5432/certd\"\nkey_file = \"fleet.key\"",
+        ))
+        .expect("valid");
+        let fleet = cfg.fleet.as_ref().expect("fleet mode");
+        assert_eq!(fleet.lease_ttl, FleetConfig::DEFAULT_LEASE_TTL);
+        assert_eq!(fleet.key_file, Path::new("/etc/certd/fleet.key"));
+        assert_eq!((fleet.host_id.as_deref(), fleet.advertise), (None, None));
+        assert!(
+            !format!("{fleet:?}").contains("pw@"),
+            "the password must not show in Debug"
+        );
+        let line = BASE.lines().count() + 3;
+        expect_error(
+            &with_fleet("database_url = \"mysql://db/certd\"\nkey_file = \"k\""),
+            line,
+            "fleet.database_url",
+            "must be a PostgreSQL URL",
+        );
+        expect_error(
+            &with_fleet(
+                "database_url = \"postgres://db/certd\"\nkey_file = \"k\"\nlease_ttl = \"2s\"",
+            ),
+            line + 2,
+            "fleet.lease_ttl",
+            "between 6s and 10m",
+        );
+        expect_error(
+            &with_fleet(
+                "database_url = \"postgres://db/certd\"\nkey_file = \"k\"\nhost_id = \"a b\"",
+            ),
+            line + 2,
+            "fleet.host_id",
+            "letters, digits",
         );
     }
 }
