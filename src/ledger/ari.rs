@@ -1,6 +1,6 @@
 //! The CA's latest ARI answer for each installed certificate.
 
-use super::{AriRecord, Ledger, Result};
+use super::{AriRecord, Db, Ledger, Result};
 
 impl Ledger {
     /// Records the CA's ARI answer for the installed certificate `serial`
@@ -12,6 +12,11 @@ impl Ledger {
         serial: &str,
         ari: &AriRecord<'_>,
     ) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.record_ari(now, name, serial, ari).await,
+        };
         sqlx::query(
             "UPDATE certificates SET
                  ari_window_start = CASE WHEN ?2 IS NOT NULL THEN ?2
@@ -28,11 +33,11 @@ impl Ledger {
         .bind(ari.window.map(|w| w.start))
         .bind(ari.window.map(|w| w.end))
         .bind(ari.window.and_then(|w| w.explanation_url))
-        .bind(self.now())
+        .bind(now)
         .bind(ari.next_check)
         .bind(ari.error)
         .bind(name)
-        .execute(self.sqlite("record_ari")?)
+        .execute(pool)
         .await?;
         Ok(())
     }

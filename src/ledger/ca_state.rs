@@ -2,7 +2,7 @@
 //! began, so that falling back to the next CA is measured from it across
 //! runs, and what the last failure was.
 
-use super::{Ledger, Result};
+use super::{Db, Ledger, Result};
 
 /// A row of `ca_state`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -15,32 +15,45 @@ pub(crate) struct CaStateRow {
 impl Ledger {
     /// Records a failure at `ca`; the streak's start stays where it was.
     pub(crate) async fn ca_failed(&self, ca: &str, error: &str) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.ca_failed(now, ca, error).await,
+        };
         sqlx::query(
             "INSERT INTO ca_state (ca, failing_since, last_error) VALUES (?, ?, ?)
              ON CONFLICT(ca) DO UPDATE SET last_error = excluded.last_error",
         )
         .bind(ca)
-        .bind(self.now())
+        .bind(now)
         .bind(error)
-        .execute(self.sqlite("ca_failed")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Ends the streak of failures at `ca`.
     pub(crate) async fn ca_answered(&self, ca: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.ca_answered(ca).await,
+        };
         sqlx::query("DELETE FROM ca_state WHERE ca = ?")
             .bind(ca)
-            .execute(self.sqlite("ca_answered")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
 
     /// The CAs failing now.
     pub(crate) async fn ca_states(&self) -> Result<Vec<CaStateRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.ca_states().await,
+        };
         Ok(
             sqlx::query_as("SELECT ca, failing_since, last_error FROM ca_state ORDER BY ca")
-                .fetch_all(self.sqlite("ca_states")?)
+                .fetch_all(pool)
                 .await?,
         )
     }

@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{LastResult, Ledger, LedgerError, Result};
+use super::{Db, LastResult, Ledger, LedgerError, Result};
 
 /// A row of `certificates`.
 #[derive(Debug, Clone, Default, FromRow, serde::Deserialize)]
@@ -75,14 +75,19 @@ macro_rules! cert_select {
         )
     };
 }
+pub(in crate::ledger) use cert_select;
 
 const CERT_SELECT_ONE: &str = cert_select!("WHERE name = ?");
 
 impl Ledger {
     pub async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.certificate(name).await,
+        };
         Ok(sqlx::query_as(CERT_SELECT_ONE)
             .bind(name)
-            .fetch_optional(self.sqlite("certificate")?)
+            .fetch_optional(pool)
             .await?)
     }
 
@@ -92,6 +97,10 @@ impl Ledger {
     /// row is an array in `CertificateRow`'s field order (serde reads a
     /// struct from a sequence), half the text of an object with keys.
     pub(crate) async fn certificates(&self) -> Result<Vec<CertificateRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.certificates().await,
+        };
         let (json,): (String,) = sqlx::query_as(
             "SELECT json_group_array(json_array(
                  name, domains, serial, not_before, not_after, installed_at, version,
@@ -101,7 +110,7 @@ impl Ledger {
                  ari_checked_at, ari_next_check, ari_error, issuer_ca))
              FROM (SELECT * FROM certificates ORDER BY name)",
         )
-        .fetch_one(self.sqlite("certificates")?)
+        .fetch_one(pool)
         .await?;
         serde_json::from_str(&json)
             .map_err(|e| LedgerError::Query(sqlx::Error::Decode(Box::new(e))))
@@ -115,6 +124,10 @@ impl Ledger {
         next_renewal_at: i64,
     ) -> Result<()> {
         let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.record_installed(now, name, cert, next_renewal_at).await,
+        };
         sqlx::query(
             "INSERT INTO certificates (name, domains, serial, not_before, not_after, installed_at, version,
                  last_attempt_at, last_result, last_error, next_renewal_at, consecutive_failures, updated_at,
@@ -140,27 +153,35 @@ impl Ledger {
         .bind(now)
         .bind(&cert.profile)
         .bind(&cert.profile_wanted)
-        .execute(self.sqlite("record_installed")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Records the CA that issued the certificate of `name` just installed.
     pub(crate) async fn set_issuer_ca(&self, name: &str, ca: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_issuer_ca(name, ca).await,
+        };
         sqlx::query("UPDATE certificates SET issuer_ca = ? WHERE name = ?")
             .bind(ca)
             .bind(name)
-            .execute(self.sqlite("set_issuer_ca")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
 
     /// The CA that issued the installed certificate of `name`, if known.
     pub(crate) async fn issuer_ca(&self, name: &str) -> Result<Option<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.issuer_ca(name).await,
+        };
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT issuer_ca FROM certificates WHERE name = ?")
                 .bind(name)
-                .fetch_optional(self.sqlite("issuer_ca")?)
+                .fetch_optional(pool)
                 .await?;
         Ok(row.and_then(|(ca,)| ca))
     }
@@ -168,10 +189,14 @@ impl Ledger {
     /// The profile preference the installed certificate of `name` was
     /// ordered under (`ProfilePreference::ledger_key`); `None` if unknown.
     pub(crate) async fn profile_wanted(&self, name: &str) -> Result<Option<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.profile_wanted(name).await,
+        };
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT profile_wanted FROM certificates WHERE name = ?")
                 .bind(name)
-                .fetch_optional(self.sqlite("profile_wanted")?)
+                .fetch_optional(pool)
                 .await?;
         Ok(row.and_then(|r| r.0))
     }
@@ -184,16 +209,22 @@ impl Ledger {
         domains: &[String],
         warning: Option<&str>,
     ) -> Result<()> {
+        let now = self.now();
+        let domains = serde_json::to_string(domains).unwrap_or_default();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_profile_warning(now, name, &domains, warning).await,
+        };
         sqlx::query(
             "INSERT INTO certificates (name, domains, profile_warning, updated_at) VALUES (?, ?, ?, ?)
              ON CONFLICT(name) DO UPDATE SET profile_warning = excluded.profile_warning,
                  updated_at = excluded.updated_at",
         )
         .bind(name)
-        .bind(serde_json::to_string(domains).unwrap_or_default())
+        .bind(domains)
         .bind(warning)
-        .bind(self.now())
-        .execute(self.sqlite("set_profile_warning")?)
+        .bind(now)
+        .execute(pool)
         .await?;
         Ok(())
     }
@@ -207,6 +238,11 @@ impl Ledger {
         next_attempt_at: Option<i64>,
     ) -> Result<()> {
         let now = self.now();
+        let domains = serde_json::to_string(domains).unwrap_or_default();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.record_failure(now, name, &domains, error, next_attempt_at).await,
+        };
         sqlx::query(
             "INSERT INTO certificates (name, domains, last_attempt_at, last_result, last_error,
                  next_renewal_at, consecutive_failures, updated_at)
@@ -217,23 +253,28 @@ impl Ledger {
                  consecutive_failures = consecutive_failures + 1, updated_at = excluded.updated_at",
         )
         .bind(name)
-        .bind(serde_json::to_string(domains).unwrap_or_default())
+        .bind(domains)
         .bind(now)
         .bind(error)
         .bind(next_attempt_at)
         .bind(now)
-        .execute(self.sqlite("record_failure")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Records when the scheduler will next act on a certificate.
     pub(crate) async fn set_next_renewal(&self, name: &str, at: i64) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_next_renewal(now, name, at).await,
+        };
         sqlx::query("UPDATE certificates SET next_renewal_at = ?, updated_at = ? WHERE name = ?")
             .bind(at)
-            .bind(self.now())
+            .bind(now)
             .bind(name)
-            .execute(self.sqlite("set_next_renewal")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -246,6 +287,10 @@ impl Ledger {
         reason: &str,
     ) -> Result<()> {
         let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.record_revoked(now, name, serial, reason).await,
+        };
         sqlx::query(
             "UPDATE certificates SET revoked_serial = ?, revoked_at = ?, revoked_reason = ?,
                  next_renewal_at = ?, updated_at = ? WHERE name = ?",
@@ -256,30 +301,39 @@ impl Ledger {
         .bind(now)
         .bind(now)
         .bind(name)
-        .execute(self.sqlite("record_revoked")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// The serial certd revoked for `name`, if any.
     pub(crate) async fn revoked_serial(&self, name: &str) -> Result<Option<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.revoked_serial(name).await,
+        };
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT revoked_serial FROM certificates WHERE name = ?")
                 .bind(name)
-                .fetch_optional(self.sqlite("revoked_serial")?)
+                .fetch_optional(pool)
                 .await?;
         Ok(row.and_then(|r| r.0))
     }
 
     /// Records that a reload command failed after an otherwise good install.
     pub(crate) async fn record_reload_failure(&self, name: &str, error: &str) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.record_reload_failure(now, name, error).await,
+        };
         sqlx::query(
             "UPDATE certificates SET last_result = 'error', last_error = ?, updated_at = ? WHERE name = ?",
         )
         .bind(error)
-        .bind(self.now())
+        .bind(now)
         .bind(name)
-        .execute(self.sqlite("record_reload_failure")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
@@ -287,13 +341,18 @@ impl Ledger {
     /// A reload that failed after an install succeeded on a retry: the
     /// certificate's last result is good again.
     pub(crate) async fn clear_reload_failure(&self, name: &str) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.clear_reload_failure(now, name).await,
+        };
         sqlx::query(
             "UPDATE certificates SET last_result = 'ok', last_error = NULL, updated_at = ?
              WHERE name = ? AND last_result = 'error' AND last_error LIKE 'installed, but reload %'",
         )
-        .bind(self.now())
+        .bind(now)
         .bind(name)
-        .execute(self.sqlite("clear_reload_failure")?)
+        .execute(pool)
         .await?;
         Ok(())
     }

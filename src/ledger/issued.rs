@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{Identifiers, Ledger, Result};
+use super::{Db, Identifiers, Ledger, Result};
 
 /// A certificate the CA issued that is not installed yet.
 #[derive(Debug, Clone, FromRow)]
@@ -24,6 +24,11 @@ impl Ledger {
         serial: &str,
         not_after: i64,
     ) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.record_issued(now, order_url, cert_name, identifiers, serial, not_after).await,
+        };
         sqlx::query(
             "INSERT INTO issued (order_url, cert_name, identifiers, serial, not_after, issued_at)
              VALUES (?, ?, ?, ?, ?, ?)
@@ -35,8 +40,8 @@ impl Ledger {
         .bind(identifiers)
         .bind(serial)
         .bind(not_after)
-        .bind(self.now())
-        .execute(self.sqlite("record_issued")?)
+        .bind(now)
+        .execute(pool)
         .await?;
         Ok(())
     }
@@ -44,21 +49,29 @@ impl Ledger {
     /// The newest issued certificate of `cert_name` still waiting to be
     /// installed.
     pub(crate) async fn waiting_issued(&self, cert_name: &str) -> Result<Option<IssuedRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.waiting_issued(cert_name).await,
+        };
         Ok(sqlx::query_as(
             "SELECT order_url, identifiers, serial FROM issued
              WHERE cert_name = ? AND installed_at IS NULL ORDER BY issued_at DESC, rowid DESC LIMIT 1",
         )
         .bind(cert_name)
-        .fetch_optional(self.sqlite("waiting_issued")?)
+        .fetch_optional(pool)
         .await?)
     }
 
     /// Whether the certificate of `order_url` is issued and not installed.
     pub(crate) async fn issued_waiting(&self, order_url: &str) -> Result<bool> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.issued_waiting(order_url).await,
+        };
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT 1 FROM issued WHERE order_url = ? AND installed_at IS NULL")
                 .bind(order_url)
-                .fetch_optional(self.sqlite("issued_waiting")?)
+                .fetch_optional(pool)
                 .await?;
         Ok(row.is_some())
     }
@@ -66,10 +79,15 @@ impl Ledger {
     /// The issued certificate of `order_url` waits no longer: installed, or
     /// dropped as unusable.
     pub(crate) async fn issued_done(&self, order_url: &str) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.issued_done(now, order_url).await,
+        };
         sqlx::query("UPDATE issued SET installed_at = ? WHERE order_url = ?")
-            .bind(self.now())
+            .bind(now)
             .bind(order_url)
-            .execute(self.sqlite("issued_done")?)
+            .execute(pool)
             .await?;
         Ok(())
     }

@@ -10,6 +10,11 @@
 //!
 //! One file per table family, beside the SQLite file of the same name.
 
+mod ari;
+mod ca_state;
+mod certificates;
+mod events;
+mod issued;
 mod pauses;
 
 use std::path::{Path, PathBuf};
