@@ -241,7 +241,11 @@ impl Ledger {
         let domains = serde_json::to_string(domains).unwrap_or_default();
         let pool = match &self.db {
             Db::Sqlite(pool) => pool,
-            Db::Postgres(pg) => return pg.record_failure(now, name, &domains, error, next_attempt_at).await,
+            Db::Postgres(pg) => {
+                return pg
+                    .record_failure(now, name, &domains, error, next_attempt_at)
+                    .await;
+            }
         };
         sqlx::query(
             "INSERT INTO certificates (name, domains, last_attempt_at, last_result, last_error,
@@ -361,38 +365,179 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::test_util::ledger;
+    use crate::ledger::test_util::{START, conformance};
 
-    #[tokio::test]
-    async fn failures_count_up_and_success_resets() {
-        let (_dir, s) = ledger().await;
-        let d = vec!["a.example".to_owned()];
-        s.record_failure("www", &d, "boom", None).await.unwrap();
-        s.record_failure("www", &d, "boom again", None)
-            .await
-            .unwrap();
-        let row = s.certificate("www").await.unwrap().unwrap();
-        assert_eq!(row.consecutive_failures, 2);
-        assert_eq!(row.last_error.as_deref(), Some("boom again"));
-        let installed = Installed {
-            domains: d.clone(),
-            serial: "01".into(),
-            not_before: 1,
-            not_after: 2,
+    fn installed(serial: &str, domains: &[String]) -> Installed {
+        Installed {
+            domains: domains.to_vec(),
+            serial: serial.into(),
+            not_before: 100,
+            not_after: 200,
             version: "v1".into(),
             profile: Some("shortlived".into()),
             profile_wanted: "shortlived".into(),
-        };
-        s.record_installed("www", &installed, 3).await.unwrap();
-        assert_eq!(
-            s.profile_wanted("www").await.unwrap().as_deref(),
-            Some("shortlived")
-        );
-        let row = s.certificate("www").await.unwrap().unwrap();
-        assert_eq!(
-            (row.consecutive_failures, row.last_result),
-            (0, Some(LastResult::Ok))
-        );
-        assert_eq!(row.domain_list(), d);
+        }
+    }
+
+    conformance! {
+        async fn failures_count_up_and_success_resets(s: Ledger) {
+            let d = vec!["a.example".to_owned()];
+            s.record_failure("www", &d, "boom", Some(500)).await.expect("failure");
+            // No next attempt given: the one recorded stays.
+            s.record_failure("www", &d, "boom again", None)
+                .await
+                .expect("failure");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.consecutive_failures, 2);
+            assert_eq!(row.last_error.as_deref(), Some("boom again"));
+            assert_eq!(row.last_result, Some(LastResult::Error));
+            assert_eq!((row.last_attempt_at, row.next_renewal_at), (Some(START), Some(500)));
+            assert_eq!(row.serial, None);
+            s.record_installed("www", &installed("01", &d), 3)
+                .await
+                .expect("install");
+            assert_eq!(
+                s.profile_wanted("www").await.expect("read").as_deref(),
+                Some("shortlived")
+            );
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(
+                (row.consecutive_failures, row.last_result),
+                (0, Some(LastResult::Ok))
+            );
+            assert_eq!(row.last_error, None);
+            assert_eq!(row.domain_list(), d);
+            // A failure after an install leaves the installed columns.
+            s.record_failure("www", &d, "later", Some(700)).await.expect("failure");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!((row.consecutive_failures, row.next_renewal_at), (1, Some(700)));
+            assert_eq!((row.serial.as_deref(), row.not_after), (Some("01"), Some(200)));
+        }
+
+        /// What an install records reads back whole, one row or all of
+        /// them (in name order, by bytes), with the CA that issued it.
+        async fn an_install_reads_back_whole(s: Ledger) {
+            let d = vec!["b.example".to_owned(), "a.example".to_owned()];
+            s.clock().advance(std::time::Duration::from_secs(5));
+            s.record_installed("www", &installed("0a", &d), 150)
+                .await
+                .expect("install");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.name, "www");
+            assert_eq!(row.domain_list(), d);
+            assert_eq!(row.serial.as_deref(), Some("0a"));
+            assert_eq!((row.not_before, row.not_after), (Some(100), Some(200)));
+            assert_eq!((row.installed_at, row.last_attempt_at), (Some(START + 5), Some(START + 5)));
+            assert_eq!(row.version.as_deref(), Some("v1"));
+            assert_eq!(row.next_renewal_at, Some(150));
+            assert_eq!(row.profile.as_deref(), Some("shortlived"));
+            assert_eq!(row.issuer_ca, None);
+            assert_eq!(s.issuer_ca("www").await.expect("read"), None);
+            s.set_issuer_ca("www", "le").await.expect("issuer");
+            assert_eq!(s.issuer_ca("www").await.expect("read").as_deref(), Some("le"));
+            assert_eq!(s.issuer_ca("none").await.expect("read"), None);
+            assert_eq!(s.profile_wanted("none").await.expect("read"), None);
+            assert!(s.certificate("none").await.expect("read").is_none());
+
+            // A re-install replaces the certificate's columns.
+            s.record_installed("www", &installed("0b", &d[..1]), 160)
+                .await
+                .expect("install");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!((row.serial.as_deref(), row.next_renewal_at), (Some("0b"), Some(160)));
+            assert_eq!(row.domain_list(), d[..1]);
+
+            for name in ["b", "a_b", "B", "a-b", "a"] {
+                s.record_failure(name, &d, "boom", None).await.expect("failure");
+            }
+            let all = s.certificates().await.expect("all");
+            let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
+            assert_eq!(names, ["B", "a", "a-b", "a_b", "b", "www"]);
+            // Each row of the list is the row read alone, field for field.
+            for row in &all {
+                let one = s.certificate(&row.name).await.expect("read").expect("row");
+                assert_eq!(format!("{row:?}"), format!("{one:?}"));
+            }
+        }
+
+        async fn the_next_renewal_is_set_on_an_existing_row_only(s: Ledger) {
+            let d = vec!["a.example".to_owned()];
+            s.set_next_renewal("www", 42).await.expect("set");
+            assert!(s.certificate("www").await.expect("read").is_none());
+            s.record_failure("www", &d, "boom", Some(500)).await.expect("failure");
+            s.set_next_renewal("www", 42).await.expect("set");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.next_renewal_at, Some(42));
+        }
+
+        /// A revocation names the serial revoked and schedules a renewal
+        /// now; a new install leaves the old revoked serial behind it.
+        async fn a_revocation_is_recorded_by_serial(s: Ledger) {
+            let d = vec!["a.example".to_owned()];
+            assert_eq!(s.revoked_serial("www").await.expect("read"), None);
+            s.record_installed("www", &installed("0a", &d), 150)
+                .await
+                .expect("install");
+            s.record_revoked("www", "0a", "keyCompromise").await.expect("revoke");
+            assert_eq!(s.revoked_serial("www").await.expect("read").as_deref(), Some("0a"));
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.revoked_serial, row.serial);
+            assert_eq!(row.next_renewal_at, Some(START));
+            s.record_installed("www", &installed("0b", &d), 150)
+                .await
+                .expect("install");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!((row.serial.as_deref(), row.revoked_serial.as_deref()), (Some("0b"), Some("0a")));
+            assert_eq!(s.revoked_serial("none").await.expect("read"), None);
+        }
+
+        /// A failed reload marks the result an error; a later good install
+        /// clears only that kind of error.
+        async fn a_reload_failure_is_cleared_by_a_good_retry_only(s: Ledger) {
+            let d = vec!["a.example".to_owned()];
+            s.record_installed("www", &installed("0a", &d), 150)
+                .await
+                .expect("install");
+            s.record_reload_failure("www", "installed, but reload failed: exit 1")
+                .await
+                .expect("reload failure");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.last_result, Some(LastResult::Error));
+            assert_eq!(row.last_error.as_deref(), Some("installed, but reload failed: exit 1"));
+            assert_eq!(row.serial.as_deref(), Some("0a"));
+            s.clear_reload_failure("www").await.expect("clear");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!((row.last_result, row.last_error), (Some(LastResult::Ok), None));
+
+            s.record_failure("www", &d, "order failed", None).await.expect("failure");
+            s.clear_reload_failure("www").await.expect("clear");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.last_result, Some(LastResult::Error));
+            assert_eq!(row.last_error.as_deref(), Some("order failed"));
+        }
+
+        /// A profile warning makes a row for a name never seen, and is
+        /// replaced or cleared without touching the rest of the row.
+        async fn a_profile_warning_is_set_and_cleared(s: Ledger) {
+            let d = vec!["a.example".to_owned()];
+            s.set_profile_warning("www", &d, Some("no profile shortlived"))
+                .await
+                .expect("warn");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.profile_warning.as_deref(), Some("no profile shortlived"));
+            assert_eq!((row.domain_list(), row.consecutive_failures), (d.clone(), 0));
+            assert_eq!((row.serial, row.last_result), (None, None));
+            s.record_installed("www", &installed("0a", &d), 150)
+                .await
+                .expect("install");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.profile_warning.as_deref(), Some("no profile shortlived"));
+            s.set_profile_warning("www", &["other.example".to_owned()], None)
+                .await
+                .expect("clear");
+            let row = s.certificate("www").await.expect("read").expect("row");
+            assert_eq!(row.profile_warning, None);
+            assert_eq!((row.domain_list(), row.serial.as_deref()), (d, Some("0a")));
+        }
     }
 }

@@ -55,7 +55,11 @@ impl Ledger {
         let now = self.now();
         let pool = match &self.db {
             Db::Sqlite(pool) => pool,
-            Db::Postgres(pg) => return pg.event(now, kind, cert_name, order_url, authz_url, detail).await,
+            Db::Postgres(pg) => {
+                return pg
+                    .event(now, kind, cert_name, order_url, authz_url, detail)
+                    .await;
+            }
         };
         sqlx::query(
             "INSERT INTO events (at, kind, cert_name, order_url, authz_url, detail) VALUES (?, ?, ?, ?, ?, ?)",

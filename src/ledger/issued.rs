@@ -27,7 +27,11 @@ impl Ledger {
         let now = self.now();
         let pool = match &self.db {
             Db::Sqlite(pool) => pool,
-            Db::Postgres(pg) => return pg.record_issued(now, order_url, cert_name, identifiers, serial, not_after).await,
+            Db::Postgres(pg) => {
+                return pg
+                    .record_issued(now, order_url, cert_name, identifiers, serial, not_after)
+                    .await;
+            }
         };
         sqlx::query(
             "INSERT INTO issued (order_url, cert_name, identifiers, serial, not_after, issued_at)

@@ -11,7 +11,10 @@ use crate::ledger::certificates::{CertificateRow, Installed, cert_select};
 use super::PgLedger;
 
 impl PgLedger {
-    pub(in crate::ledger) async fn certificate(&self, name: &str) -> Result<Option<CertificateRow>> {
+    pub(in crate::ledger) async fn certificate(
+        &self,
+        name: &str,
+    ) -> Result<Option<CertificateRow>> {
         Ok(sqlx::query_as(cert_select!("WHERE name = $1"))
             .bind(name)
             .fetch_optional(self.pool())
@@ -79,8 +82,11 @@ impl PgLedger {
     }
 
     pub(in crate::ledger) async fn profile_wanted(&self, name: &str) -> Result<Option<String>> {
-        self.text_column("SELECT profile_wanted FROM certificates WHERE name = $1", name)
-            .await
+        self.text_column(
+            "SELECT profile_wanted FROM certificates WHERE name = $1",
+            name,
+        )
+        .await
     }
 
     pub(in crate::ledger) async fn set_profile_warning(
@@ -138,14 +144,21 @@ impl PgLedger {
         Ok(())
     }
 
-    pub(in crate::ledger) async fn set_next_renewal(&self, now: i64, name: &str, at: i64) -> Result<()> {
+    pub(in crate::ledger) async fn set_next_renewal(
+        &self,
+        now: i64,
+        name: &str,
+        at: i64,
+    ) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE certificates SET next_renewal_at = $1, updated_at = $2 WHERE name = $3")
-            .bind(at)
-            .bind(now)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE certificates SET next_renewal_at = $1, updated_at = $2 WHERE name = $3",
+        )
+        .bind(at)
+        .bind(now)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -173,8 +186,11 @@ impl PgLedger {
     }
 
     pub(in crate::ledger) async fn revoked_serial(&self, name: &str) -> Result<Option<String>> {
-        self.text_column("SELECT revoked_serial FROM certificates WHERE name = $1", name)
-            .await
+        self.text_column(
+            "SELECT revoked_serial FROM certificates WHERE name = $1",
+            name,
+        )
+        .await
     }
 
     pub(in crate::ledger) async fn record_reload_failure(
