@@ -487,7 +487,10 @@ mod tests {
                 .await
                 .expect("install");
             let row = s.certificate("www").await.expect("read").expect("row");
-            assert_eq!((row.serial.as_deref(), row.revoked_serial.as_deref()), (Some("0b"), Some("0a")));
+            assert_eq!(
+                (row.serial.as_deref(), row.revoked_serial.as_deref()),
+                (Some("0b"), Some("0a"))
+            );
             assert_eq!(s.revoked_serial("none").await.expect("read"), None);
         }
 

@@ -205,3 +205,185 @@ impl Ledger {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_util::{START, conformance};
+
+    /// Runs one statement (`$n` parameters, which both engines read) on
+    /// whichever engine `s` is.
+    macro_rules! execute {
+        ($s:expr, $sql:expr $(, $arg:expr)*) => {
+            match &$s.db {
+                Db::Sqlite(pool) => {
+                    sqlx::query($sql)$(.bind($arg))*.execute(pool).await.map(|_| ())
+                }
+                Db::Postgres(pg) => {
+                    sqlx::query($sql)$(.bind($arg))*.execute(pg.pool()).await.map(|_| ())
+                }
+            }
+            .expect($sql)
+        };
+    }
+
+    /// Writes an authorization of account `account` straight into its
+    /// table, so that the reaper's figures are tested on rows alone,
+    /// whatever writes them. `reaped_at`: deactivated by the reaper then.
+    async fn authz(
+        s: &Ledger,
+        account: i64,
+        url: &str,
+        status: AuthzStatus,
+        reaped_at: Option<i64>,
+    ) {
+        execute!(
+            s,
+            "INSERT INTO authorizations (url, account_id, identifier, status, created_at, updated_at,
+                 deactivated_at, deactivated_by)
+             VALUES ($1, $2, 'a.example', $3, 0, 0, $4, $5)",
+            url,
+            account,
+            status,
+            reaped_at,
+            reaped_at.map(|_| Actor::Reaper)
+        );
+    }
+
+    conformance! {
+        /// A restart is waited for from a `restart-needed` event with keys
+        /// until the daemon starts again.
+        async fn a_restart_is_needed_until_the_daemon_starts(s: Ledger) {
+            assert_eq!(s.restart_needed().await.expect("read"), None);
+            s.event(EventKind::DaemonStarted, None, None, None, None).await.expect("event");
+            s.event(EventKind::RestartNeeded, None, None, None, Some("account_key"))
+                .await
+                .expect("event");
+            s.event(EventKind::Installed, Some("www"), None, None, None).await.expect("event");
+            assert_eq!(s.restart_needed().await.expect("read").as_deref(), Some("account_key"));
+            s.event(EventKind::RestartNeeded, None, None, None, Some("ca, storage"))
+                .await
+                .expect("event");
+            assert_eq!(s.restart_needed().await.expect("read").as_deref(), Some("ca, storage"));
+            s.event(EventKind::DaemonStarted, None, None, None, None).await.expect("event");
+            assert_eq!(s.restart_needed().await.expect("read"), None);
+            s.event(EventKind::RestartNeeded, None, None, None, Some("")).await.expect("event");
+            assert_eq!(s.restart_needed().await.expect("read"), None);
+        }
+
+        /// A certificate's events come newest first, as many as asked,
+        /// and only its own; counts are per kind.
+        async fn a_certificates_events_newest_first(s: Ledger) {
+            for (i, kind) in [EventKind::Installed, EventKind::ReloadFailed, EventKind::Revoked]
+                .into_iter()
+                .enumerate()
+            {
+                s.event(kind, Some("www"), Some("https://ca/order/1"), None, Some(&format!("e{i}")))
+                    .await
+                    .expect("event");
+                s.clock().advance(std::time::Duration::from_secs(1));
+            }
+            s.event(EventKind::Installed, Some("other"), None, None, None).await.expect("event");
+            let events = s.cert_events("www", 2).await.expect("read");
+            assert_eq!(
+                events,
+                [
+                    (START + 2, EventKind::Revoked, Some("e2".to_owned())),
+                    (START + 1, EventKind::ReloadFailed, Some("e1".to_owned())),
+                ]
+            );
+            assert_eq!(s.cert_events("www", 10).await.expect("read").len(), 3);
+            assert!(s.cert_events("none", 10).await.expect("read").is_empty());
+            assert_eq!(s.count_events(EventKind::Installed).await.expect("count"), 2);
+            assert_eq!(s.count_events(EventKind::Revoked).await.expect("count"), 1);
+            assert_eq!(s.count_events(EventKind::DryRun).await.expect("count"), 0);
+        }
+
+        /// The CA is unreachable from the event that says so until one
+        /// says it answered, or the daemon starts again.
+        async fn the_ca_is_unreachable_until_reached_or_restarted(s: Ledger) {
+            assert_eq!(s.ca_unreachable().await.expect("read"), None);
+            s.event(EventKind::CaUnreachable, None, None, None, Some("connection refused"))
+                .await
+                .expect("event");
+            assert_eq!(
+                s.ca_unreachable().await.expect("read"),
+                Some((START, "connection refused".to_owned()))
+            );
+            s.event(EventKind::CaReachable, None, None, None, None).await.expect("event");
+            assert_eq!(s.ca_unreachable().await.expect("read"), None);
+            s.event(EventKind::CaUnreachable, None, None, None, None).await.expect("event");
+            assert_eq!(s.ca_unreachable().await.expect("read"), Some((START, String::new())));
+            s.event(EventKind::DaemonStarted, None, None, None, None).await.expect("event");
+            assert_eq!(s.ca_unreachable().await.expect("read"), None);
+        }
+
+        /// The reaper's figures: its account's pending authorizations,
+        /// those it deactivated (in all, and in the last day), the pending
+        /// ones held back (once each however many events), and the latest
+        /// pass, guard and rate limit.
+        async fn the_reaper_summary_counts_its_account_only(s: Ledger) {
+            let empty = s.reaper_summary(1, START).await.expect("summary");
+            assert_eq!(
+                (empty.pending, empty.deactivated_total, empty.held_back, empty.last_pass_at),
+                (0, 0, 0, None)
+            );
+            for (id, dir) in [(1_i64, "https://ca/dir"), (2, "https://other/dir")] {
+                execute!(
+                    s,
+                    "INSERT INTO accounts (id, directory_url, account_url, created_at)
+                     VALUES ($1, $2, $3, 0)",
+                    id,
+                    dir,
+                    format!("{dir}/acct")
+                );
+            }
+            let day = 86_400;
+            authz(&s, 1, "https://ca/authz/p1", AuthzStatus::Pending, None).await;
+            authz(&s, 1, "https://ca/authz/p2", AuthzStatus::Pending, None).await;
+            authz(&s, 1, "https://ca/authz/p3", AuthzStatus::Pending, None).await;
+            authz(&s, 1, "https://ca/authz/v", AuthzStatus::Valid, None).await;
+            let reaped = AuthzStatus::Deactivated;
+            authz(&s, 1, "https://ca/authz/old", reaped, Some(START - day - 1)).await;
+            authz(&s, 1, "https://ca/authz/new", reaped, Some(START - day)).await;
+            authz(&s, 2, "https://other/authz/p", AuthzStatus::Pending, None).await;
+            authz(&s, 2, "https://other/authz/d", reaped, Some(START)).await;
+            // p1 twice, and a valid one that counts no more.
+            for url in [
+                "https://ca/authz/p1",
+                "https://ca/authz/p1",
+                "https://ca/authz/p2",
+                "https://ca/authz/v",
+                "https://other/authz/p",
+            ] {
+                s.event(EventKind::HeldBack, None, None, Some(url), None).await.expect("event");
+            }
+            s.event(EventKind::ReaperPass, None, None, None, Some("pass 1")).await.expect("event");
+            s.event(EventKind::RateLimited, None, None, None, None).await.expect("event");
+            // Two in the same second: the later written is the latest.
+            s.event(EventKind::RateLimited, None, None, None, Some("until 12:00"))
+                .await
+                .expect("event");
+            s.clock().advance(std::time::Duration::from_secs(10));
+            s.event(EventKind::ReaperPass, None, None, None, Some("pass 2")).await.expect("event");
+            s.event(EventKind::PendingAuthzGuard, None, None, None, None).await.expect("event");
+
+            let r = s.reaper_summary(1, START).await.expect("summary");
+            assert_eq!(
+                (r.pending, r.deactivated_total, r.deactivated_24h, r.held_back),
+                (3, 2, 1, 2)
+            );
+            assert_eq!(
+                (r.last_pass_at, r.last_pass.as_deref()),
+                (Some(START + 10), Some("pass 2"))
+            );
+            assert_eq!(r.last_guard_at, Some(START + 10));
+            assert_eq!(r.last_rate_limit, Some((START, "until 12:00".to_owned())));
+            let other = s.reaper_summary(2, START).await.expect("summary");
+            assert_eq!(
+                (other.pending, other.deactivated_total, other.deactivated_24h, other.held_back),
+                (1, 1, 1, 1)
+            );
+        }
+    }
+}
