@@ -96,3 +96,51 @@ impl Ledger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_util::conformance;
+
+    conformance! {
+        /// An issued certificate waits until done; of several waiting, the
+        /// newest is the one to install, and of two issued in the same
+        /// second, the one recorded later.
+        async fn the_newest_issued_certificate_waits_until_done(s: Ledger) {
+            let names = Identifiers::new(["b.example", "a.example"]);
+            let url = |n: u32| format!("https://ca/order/{n}");
+            assert!(s.waiting_issued("www").await.expect("read").is_none());
+            assert!(!s.issued_waiting(&url(1)).await.expect("read"));
+            s.record_issued(&url(1), "www", &names, "01", 10).await.expect("record");
+            s.clock().advance(std::time::Duration::from_secs(1));
+            s.record_issued(&url(3), "www", &names, "03", 10).await.expect("record");
+            s.record_issued(&url(2), "www", &names, "02", 10).await.expect("record");
+            s.record_issued(&url(9), "other", &names, "09", 10).await.expect("record");
+            let row = s.waiting_issued("www").await.expect("read").expect("row");
+            assert_eq!((row.order_url, row.serial), (url(2), "02".to_owned()));
+            assert_eq!(row.identifiers, names);
+            // Recorded again (issued anew for the same order): its serial
+            // changes, its place does not.
+            s.record_issued(&url(3), "www", &names, "3b", 20).await.expect("record");
+            let row = s.waiting_issued("www").await.expect("read").expect("row");
+            assert_eq!(row.order_url, url(2));
+
+            s.issued_done(&url(2)).await.expect("done");
+            assert!(!s.issued_waiting(&url(2)).await.expect("read"));
+            let row = s.waiting_issued("www").await.expect("read").expect("row");
+            assert_eq!((row.order_url, row.serial), (url(3), "3b".to_owned()));
+            s.issued_done(&url(3)).await.expect("done");
+            let row = s.waiting_issued("www").await.expect("read").expect("row");
+            assert_eq!(row.order_url, url(1));
+            s.issued_done(&url(1)).await.expect("done");
+            assert!(s.waiting_issued("www").await.expect("read").is_none());
+            assert!(s.issued_waiting(&url(9)).await.expect("read"));
+
+            // An installed one recorded again waits again.
+            s.record_issued(&url(1), "www", &names, "1b", 30).await.expect("record");
+            assert!(s.issued_waiting(&url(1)).await.expect("read"));
+            let row = s.waiting_issued("www").await.expect("read").expect("row");
+            assert_eq!((row.order_url, row.serial), (url(1), "1b".to_owned()));
+        }
+    }
+}
