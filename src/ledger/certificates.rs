@@ -61,7 +61,8 @@ pub(crate) struct Installed {
     pub(crate) profile_wanted: String,
 }
 
-// Keeps the column list of `CertificateRow` in one place for both selects.
+// Keeps the column list of `CertificateRow` in one place for every select
+// of it, on both backends (`pg/certificates.rs` uses it too).
 macro_rules! cert_select {
     ($tail:literal) => {
         concat!(
