@@ -122,8 +122,11 @@ CREATE INDEX order_intents_by_identifiers ON order_intents(account_id, identifie
 
 -- SQLite's `issued` (what the CA issued, before it is installed). The
 -- fleet's `issued` (0001_fleet) is the sealed chain and key every host
--- pulls, so this one takes another name.
+-- pulls, so this one takes another name. seq stands for SQLite's rowid:
+-- the order rows went in, which breaks ties between two issued in the
+-- same second (an upsert keeps it, as it keeps a rowid).
 CREATE TABLE issued_orders (
+    seq          bigint GENERATED ALWAYS AS IDENTITY,
     order_url    text PRIMARY KEY,
     cert_name    text NOT NULL,
     identifiers  text NOT NULL,

@@ -10,6 +10,11 @@
 //!
 //! One file per table family, beside the SQLite file of the same name.
 
+mod ari;
+mod ca_state;
+mod certificates;
+mod events;
+mod issued;
 mod pauses;
 
 use std::path::{Path, PathBuf};
@@ -95,5 +100,119 @@ impl PgLedger {
     pub(super) async fn integrity_check(&self) -> Result<String> {
         let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&self.pool).await?;
         Ok(if one == 1 { "ok" } else { "unexpected answer" }.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_util::fence::{Lease, set_lease};
+    use crate::ledger::test_util::pg_ledger;
+    use crate::ledger::{EventKind, Identifiers, Ledger};
+
+    const LEASE: &str = "cert:www";
+
+    fn fence(holder: &str, epoch: i64) -> Fence {
+        Fence {
+            lease: LEASE.to_owned(),
+            holder: holder.to_owned(),
+            epoch,
+        }
+    }
+
+    /// One write of each kind through `s`, all about `tag`: the results,
+    /// in order.
+    async fn writes(s: &Ledger, tag: &str) -> Vec<Result<()>> {
+        let names = Identifiers::new([format!("{tag}.example")]);
+        let domains = [format!("{tag}.example")];
+        vec![
+            s.ca_failed(tag, "refused").await,
+            s.event(EventKind::CaUnreachable, Some(tag), None, None, None)
+                .await,
+            s.record_failure(tag, &domains, "boom", None).await,
+            s.set_profile_warning(tag, &domains, Some("fell back"))
+                .await,
+            s.record_issued(&format!("https://ca/order/{tag}"), tag, &names, "01", 9)
+                .await,
+        ]
+    }
+
+    /// Whether anything `writes(.., tag)` writes is in the ledger.
+    async fn written(s: &Ledger, tag: &str) -> [bool; 5] {
+        [
+            s.ca_states()
+                .await
+                .expect("ca_states")
+                .iter()
+                .any(|r| r.ca == tag),
+            !s.cert_events(tag, 10).await.expect("events").is_empty(),
+            s.certificate(tag)
+                .await
+                .expect("certificate")
+                .is_some_and(|r| r.consecutive_failures > 0),
+            s.certificate(tag)
+                .await
+                .expect("certificate")
+                .is_some_and(|r| r.profile_warning.is_some()),
+            s.issued_waiting(&format!("https://ca/order/{tag}"))
+                .await
+                .expect("issued"),
+        ]
+    }
+
+    #[tokio::test]
+    async fn the_holder_of_the_lease_at_its_epoch_writes() {
+        let (_dir, s) = pg_ledger().await;
+        set_lease(
+            &s,
+            LEASE,
+            Lease::Held {
+                holder: "a",
+                epoch: 2,
+                secs: 3600,
+            },
+        )
+        .await;
+        let held = s.fenced(fence("a", 2));
+        for r in writes(&held, "held").await {
+            r.expect("a write under the lease held");
+        }
+        assert_eq!(written(&s, "held").await, [true; 5]);
+    }
+
+    #[tokio::test]
+    async fn a_stale_epoch_another_holder_an_expired_or_released_lease_write_nothing() {
+        let (_dir, s) = pg_ledger().await;
+        let live = Lease::Held {
+            holder: "a",
+            epoch: 2,
+            secs: 3600,
+        };
+        let cases = [
+            ("epoch1", live, fence("a", 1)),
+            ("holder_b", live, fence("b", 2)),
+            (
+                "expired",
+                Lease::Held {
+                    holder: "a",
+                    epoch: 2,
+                    secs: -60,
+                },
+                fence("a", 2),
+            ),
+            ("released", Lease::Released { epoch: 2 }, fence("a", 2)),
+        ];
+        for (tag, lease, f) in cases {
+            set_lease(&s, LEASE, lease).await;
+            for r in writes(&s.fenced(f.clone()), tag).await {
+                match r {
+                    Err(LedgerError::Fenced { lease, epoch }) => {
+                        assert_eq!((lease, epoch), (f.lease.clone(), f.epoch), "{tag}");
+                    }
+                    other => panic!("{tag}: expected Fenced, got {other:?}"),
+                }
+            }
+            assert_eq!(written(&s, tag).await, [false; 5], "{tag}");
+        }
     }
 }
