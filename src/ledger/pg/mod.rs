@@ -10,6 +10,7 @@
 //!
 //! One file per table family, beside the SQLite file of the same name.
 
+mod accounts;
 mod pauses;
 
 use std::path::{Path, PathBuf};
