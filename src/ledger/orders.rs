@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{Identifiers, Ledger, NewAuthz, OrderStatus, OrderStep, Result};
+use super::{Db, Identifiers, Ledger, NewAuthz, OrderStatus, OrderStep, Result};
 
 /// An order as recovery and reuse see it.
 #[derive(Debug, Clone, FromRow)]
@@ -29,7 +29,23 @@ impl Ledger {
         authzs: &[NewAuthz],
     ) -> Result<i64> {
         let now = self.now();
-        let mut tx = self.sqlite("record_order")?.begin().await?;
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .record_order(
+                        now,
+                        account_id,
+                        cert_name,
+                        order_url,
+                        identifiers,
+                        status,
+                        authzs,
+                    )
+                    .await;
+            }
+        };
+        let mut tx = pool.begin().await?;
         let (order_id,): (i64,) = sqlx::query_as(
             "INSERT INTO orders (url, account_id, cert_name, identifiers, status, step, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -96,13 +112,22 @@ impl Ledger {
         step: OrderStep,
         error: Option<&str>,
     ) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .set_order_state(now, order_url, status, step, error)
+                    .await;
+            }
+        };
         sqlx::query("UPDATE orders SET status = ?, step = ?, error = COALESCE(?, error), updated_at = ? WHERE url = ?")
             .bind(status)
             .bind(step)
             .bind(error)
-            .bind(self.now())
+            .bind(now)
             .bind(order_url)
-            .execute(self.sqlite("set_order_state")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -114,12 +139,16 @@ impl Ledger {
         account_id: i64,
         since: i64,
     ) -> Result<(i64, Option<i64>)> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.orders_since(account_id, since).await,
+        };
         Ok(sqlx::query_as(
             "SELECT COUNT(*), MIN(created_at) FROM orders WHERE account_id = ? AND created_at >= ?",
         )
         .bind(account_id)
         .bind(since)
-        .fetch_one(self.sqlite("orders_since")?)
+        .fetch_one(pool)
         .await?)
     }
 
@@ -131,6 +160,10 @@ impl Ledger {
         identifiers: &Identifiers,
         since: i64,
     ) -> Result<(i64, Option<i64>)> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.issued_since(account_id, identifiers, since).await,
+        };
         // Every order the CA issued counts, installed or not: a certificate
         // thrown away at install still used up the CA's duplicate limit.
         Ok(sqlx::query_as(
@@ -143,25 +176,24 @@ impl Ledger {
         .bind(OrderStatus::Valid)
         .bind(OrderStep::Done)
         .bind(since)
-        .fetch_one(self.sqlite("issued_since")?)
+        .fetch_one(pool)
         .await?)
     }
 
     /// Orders the driver had not finished when the process last stopped.
     pub(crate) async fn in_flight_orders(&self, account_id: i64) -> Result<Vec<OrderRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.in_flight_orders(account_id).await,
+        };
         let sql = format!(
             "SELECT url, cert_name, identifiers, status, step FROM orders
              WHERE account_id = ? AND step IN ({}) ORDER BY id",
-            text_list(
-                OrderStep::ALL
-                    .iter()
-                    .filter(|s| s.in_flight())
-                    .map(|s| s.as_str())
-            )
+            in_flight_steps()
         );
         Ok(sqlx::query_as(&sql)
             .bind(account_id)
-            .fetch_all(self.sqlite("in_flight_orders")?)
+            .fetch_all(pool)
             .await?)
     }
 
@@ -175,37 +207,35 @@ impl Ledger {
         identifiers: &Identifiers,
         now: i64,
     ) -> Result<Option<OrderRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.resumable_order(account_id, identifiers, now).await,
+        };
         let sql = format!(
             "SELECT url, cert_name, identifiers, status, step FROM orders
              WHERE account_id = ? AND identifiers = ? AND step IN ({}) AND status IN ({})
                AND (expires_at IS NULL OR expires_at > ?)
              ORDER BY id DESC LIMIT 1",
-            text_list(
-                OrderStep::ALL
-                    .iter()
-                    .filter(|s| s.resumable())
-                    .map(|s| s.as_str())
-            ),
-            text_list(
-                OrderStatus::ALL
-                    .iter()
-                    .filter(|s| s.live())
-                    .map(|s| s.as_str())
-            ),
+            resumable_steps(),
+            live_statuses(),
         );
         Ok(sqlx::query_as(&sql)
             .bind(account_id)
             .bind(identifiers)
             .bind(now)
-            .fetch_optional(self.sqlite("resumable_order")?)
+            .fetch_optional(pool)
             .await?)
     }
 
     pub(crate) async fn set_order_expires(&self, order_url: &str, expires_at: i64) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_order_expires(order_url, expires_at).await,
+        };
         sqlx::query("UPDATE orders SET expires_at = ? WHERE url = ?")
             .bind(expires_at)
             .bind(order_url)
-            .execute(self.sqlite("set_order_expires")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -219,6 +249,15 @@ impl Ledger {
         cert_name: &str,
         identifiers: &Identifiers,
     ) -> Result<i64> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .record_intent(now, account_id, cert_name, identifiers)
+                    .await;
+            }
+        };
         let (id,): (i64,) = sqlx::query_as(
             "INSERT INTO order_intents (account_id, cert_name, identifiers, created_at)
              VALUES (?, ?, ?, ?) RETURNING id",
@@ -226,16 +265,20 @@ impl Ledger {
         .bind(account_id)
         .bind(cert_name)
         .bind(identifiers)
-        .bind(self.now())
-        .fetch_one(self.sqlite("record_intent")?)
+        .bind(now)
+        .fetch_one(pool)
         .await?;
         Ok(id)
     }
 
     pub(crate) async fn clear_intent(&self, id: i64) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.clear_intent(id).await,
+        };
         sqlx::query("DELETE FROM order_intents WHERE id = ?")
             .bind(id)
-            .execute(self.sqlite("clear_intent")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -244,19 +287,27 @@ impl Ledger {
     /// left only when the process died between writing it and recording
     /// the order.
     pub async fn has_intents(&self, account_id: i64) -> Result<bool> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.has_intents(account_id).await,
+        };
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT id FROM order_intents WHERE account_id = ? LIMIT 1")
                 .bind(account_id)
-                .fetch_optional(self.sqlite("has_intents")?)
+                .fetch_optional(pool)
                 .await?;
         Ok(row.is_some())
     }
 
     /// Forgets every intent of the account, once recovery has matched them.
     pub(crate) async fn clear_intents(&self, account_id: i64) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.clear_intents(account_id).await,
+        };
         sqlx::query("DELETE FROM order_intents WHERE account_id = ?")
             .bind(account_id)
-            .execute(self.sqlite("clear_intents")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -269,6 +320,10 @@ impl Ledger {
         account_id: i64,
         identifiers: &Identifiers,
     ) -> Result<Option<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.cert_name_for(account_id, identifiers).await,
+        };
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT cert_name FROM (
                  SELECT cert_name, 1 AS rank, id FROM order_intents WHERE account_id = ?1 AND identifiers = ?2
@@ -278,24 +333,58 @@ impl Ledger {
         )
         .bind(account_id)
         .bind(identifiers)
-        .fetch_optional(self.sqlite("cert_name_for")?)
+        .fetch_optional(pool)
         .await?;
         Ok(row.map(|r| r.0))
     }
 
     /// Whether the ledger has an order with this URL.
     pub(crate) async fn order_known(&self, order_url: &str) -> Result<bool> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.order_known(order_url).await,
+        };
         let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM orders WHERE url = ?")
             .bind(order_url)
-            .fetch_optional(self.sqlite("order_known")?)
+            .fetch_optional(pool)
             .await?;
         Ok(row.is_some())
     }
 }
 
+/// The steps of an order the driver has not finished, as an SQL list.
+pub(in crate::ledger) fn in_flight_steps() -> String {
+    text_list(
+        OrderStep::ALL
+            .iter()
+            .filter(|s| s.in_flight())
+            .map(|s| s.as_str()),
+    )
+}
+
+/// The steps a new order for the same names takes up, as an SQL list.
+pub(in crate::ledger) fn resumable_steps() -> String {
+    text_list(
+        OrderStep::ALL
+            .iter()
+            .filter(|s| s.resumable())
+            .map(|s| s.as_str()),
+    )
+}
+
+/// The CA's statuses of an order that can still be taken up, as an SQL list.
+pub(in crate::ledger) fn live_statuses() -> String {
+    text_list(
+        OrderStatus::ALL
+            .iter()
+            .filter(|s| s.live())
+            .map(|s| s.as_str()),
+    )
+}
+
 /// `texts` as an SQL list of literals (`'a', 'b'`). The texts are the
 /// ledger's own constants, never a caller's input; literals rather than
-/// parameters let SQLite match them against its partial indexes.
+/// parameters let either engine match them against its partial indexes.
 fn text_list<'a>(texts: impl Iterator<Item = &'a str>) -> String {
     texts
         .map(|t| format!("'{t}'"))
