@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::{Actor, AuthzStatus, ChallengeStatus, Ledger, Result};
+use super::{Actor, AuthzStatus, ChallengeStatus, Db, Ledger, Result};
 
 /// An authorization as `certd authz list` shows it.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -73,12 +73,21 @@ impl Ledger {
         kind: &str,
         challenge_url: &str,
     ) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .set_authz_challenge(now, authz_url, kind, challenge_url)
+                    .await;
+            }
+        };
         sqlx::query("UPDATE authorizations SET challenge_type = ?, challenge_url = ?, updated_at = ? WHERE url = ?")
             .bind(kind)
             .bind(challenge_url)
-            .bind(self.now())
+            .bind(now)
             .bind(authz_url)
-            .execute(self.sqlite("set_authz_challenge")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -91,7 +100,11 @@ impl Ledger {
         error: Option<&str>,
     ) -> Result<()> {
         let now = self.now();
-        let mut tx = self.sqlite("set_authz_status")?.begin().await?;
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_authz_status(now, authz_url, status, error).await,
+        };
+        let mut tx = pool.begin().await?;
         sqlx::query(
             "UPDATE authorizations SET status = ?, error = COALESCE(?, error), updated_at = ? WHERE url = ?",
         )
@@ -122,6 +135,10 @@ impl Ledger {
         from: AuthzStatus,
     ) -> Result<()> {
         let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_authz_deactivated(now, authz_url, by, from).await,
+        };
         sqlx::query(
             "UPDATE authorizations SET status = ?, deactivated_at = ?, deactivated_by = ?,
                  deactivated_from = ?, updated_at = ?, check_error = NULL WHERE url = ?",
@@ -132,7 +149,7 @@ impl Ledger {
         .bind(from)
         .bind(now)
         .bind(authz_url)
-        .execute(self.sqlite("set_authz_deactivated")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
@@ -152,6 +169,10 @@ impl Ledger {
         order_url: &str,
         status: AuthzStatus,
     ) -> Result<Vec<(String, String)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_of_order(order_url, status).await,
+        };
         Ok(sqlx::query_as(
             "SELECT a.url, a.identifier FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -160,27 +181,19 @@ impl Ledger {
         )
         .bind(order_url)
         .bind(status)
-        .fetch_all(self.sqlite("authz_of_order")?)
+        .fetch_all(pool)
         .await?)
     }
 
     /// The ledger's authorizations, newest first, each with the latest order
     /// that referenced it.
     pub(crate) async fn authz_list(&self, pending_only: bool) -> Result<Vec<AuthzRow>> {
-        let sql = format!(
-            "SELECT a.url, a.identifier, a.status,
-                    (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
-                      WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
-                    a.challenge_type, a.created_at, a.updated_at
-             FROM authorizations a {} ORDER BY a.id DESC",
-            if pending_only {
-                "WHERE a.status = 'pending'"
-            } else {
-                ""
-            }
-        );
-        Ok(sqlx::query_as(&sql)
-            .fetch_all(self.sqlite("authz_list")?)
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_list(pending_only).await,
+        };
+        Ok(sqlx::query_as(&authz_list_sql(pending_only))
+            .fetch_all(pool)
             .await?)
     }
 
@@ -190,25 +203,33 @@ impl Ledger {
         &self,
         identifier: &str,
     ) -> Result<Vec<(String, AuthzStatus)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.challenge_history(identifier).await,
+        };
         Ok(sqlx::query_as(
             "SELECT challenge_type, status FROM authorizations
              WHERE identifier = ? AND challenge_type IS NOT NULL AND status IN ('valid', 'invalid')
              ORDER BY updated_at DESC, id DESC LIMIT 20",
         )
         .bind(identifier)
-        .fetch_all(self.sqlite("challenge_history")?)
+        .fetch_all(pool)
         .await?)
     }
 
     /// Pending authorizations per certificate name, counted once each.
     pub(crate) async fn pending_authz_by_cert(&self) -> Result<Vec<(String, i64)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_authz_by_cert().await,
+        };
         Ok(sqlx::query_as(
             "SELECT o.cert_name, COUNT(DISTINCT a.id) FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
              JOIN orders o ON o.id = oa.order_id
              WHERE a.status = 'pending' GROUP BY o.cert_name",
         )
-        .fetch_all(self.sqlite("pending_authz_by_cert")?)
+        .fetch_all(pool)
         .await?)
     }
 
@@ -218,6 +239,10 @@ impl Ledger {
         &self,
         cert_name: &str,
     ) -> Result<Vec<(String, String, i64)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_authz_of(cert_name).await,
+        };
         Ok(sqlx::query_as(
             "SELECT DISTINCT a.identifier, a.url, a.created_at FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -225,7 +250,7 @@ impl Ledger {
              WHERE a.status = 'pending' AND o.cert_name = ? ORDER BY a.created_at, a.id",
         )
         .bind(cert_name)
-        .fetch_all(self.sqlite("pending_authz_of")?)
+        .fetch_all(pool)
         .await?)
     }
 
@@ -237,6 +262,10 @@ impl Ledger {
     /// Rows in backoff (a failed CA call) are skipped until `check_after`
     /// unless `ignore_backoff` (an operator's explicit `certd reap`).
     pub(crate) async fn stale_pending_authz(&self, page: StalePage) -> Result<Vec<PendingAuthz>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.stale_pending_authz(page).await,
+        };
         Ok(sqlx::query_as(
             "SELECT a.id, a.url, a.identifier, a.expires_at,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
@@ -255,7 +284,7 @@ impl Ledger {
         })
         .bind(page.after_id)
         .bind(page.limit)
-        .fetch_all(self.sqlite("stale_pending_authz")?)
+        .fetch_all(pool)
         .await?)
     }
 
@@ -269,6 +298,10 @@ impl Ledger {
         since: i64,
     ) -> Result<i64> {
         let base = identifier.trim_start_matches("*.");
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.failures_since(account_id, base, since).await,
+        };
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM authorizations
              WHERE account_id = ? AND identifier IN (?, '*.' || ?)
@@ -280,7 +313,7 @@ impl Ledger {
         .bind(base)
         .bind(since)
         .bind(since)
-        .fetch_one(self.sqlite("failures_since")?)
+        .fetch_one(pool)
         .await?;
         Ok(n)
     }
@@ -288,6 +321,10 @@ impl Ledger {
     /// Records a failed attempt to ask the CA about an authorization. The
     /// next try waits a minute, doubling per failure up to an hour.
     pub(crate) async fn authz_check_failed(&self, url: &str, now: i64, error: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_check_failed(url, now, error).await,
+        };
         sqlx::query(
             "UPDATE authorizations SET check_after = ? + MIN(3600, 60 << MIN(check_attempts, 6)),
                  check_attempts = check_attempts + 1, check_error = ? WHERE url = ?",
@@ -295,25 +332,33 @@ impl Ledger {
         .bind(now)
         .bind(error)
         .bind(url)
-        .execute(self.sqlite("authz_check_failed")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Clears the reaper's backoff once the CA answered.
     pub(crate) async fn authz_check_ok(&self, url: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_check_ok(url).await,
+        };
         sqlx::query(
             "UPDATE authorizations SET check_attempts = 0, check_after = NULL, check_error = NULL
              WHERE url = ?",
         )
         .bind(url)
-        .execute(self.sqlite("authz_check_ok")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// The ledger's record of an authorization.
     pub(crate) async fn authz(&self, url: &str) -> Result<Option<AuthzRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz(url).await,
+        };
         Ok(sqlx::query_as(
             "SELECT a.url, a.identifier, a.status,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
@@ -322,17 +367,21 @@ impl Ledger {
              FROM authorizations a WHERE a.url = ?",
         )
         .bind(url)
-        .fetch_optional(self.sqlite("authz")?)
+        .fetch_optional(pool)
         .await?)
     }
 
     /// The authorization a challenge URL belongs to (seed 000).
     pub(crate) async fn authz_of_challenge(&self, challenge_url: &str) -> Result<Option<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_of_challenge(challenge_url).await,
+        };
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT a.url FROM challenges c JOIN authorizations a ON a.id = c.authz_id WHERE c.url = ?",
         )
         .bind(challenge_url)
-        .fetch_optional(self.sqlite("authz_of_challenge")?)
+        .fetch_optional(pool)
         .await?;
         Ok(row.map(|r| r.0))
     }
@@ -347,6 +396,14 @@ impl Ledger {
         status: AuthzStatus,
     ) -> Result<()> {
         let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .record_foreign_authz(now, account_id, url, identifier, status)
+                    .await;
+            }
+        };
         sqlx::query(
             "INSERT INTO authorizations (url, account_id, identifier, status, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(url) DO NOTHING",
@@ -357,32 +414,57 @@ impl Ledger {
         .bind(status)
         .bind(now)
         .bind(now)
-        .execute(self.sqlite("record_foreign_authz")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Pending authorizations of the account, per the ledger: the guard's count.
     pub(crate) async fn pending_count(&self, account_id: i64) -> Result<i64> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_count(account_id).await,
+        };
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM authorizations WHERE account_id = ? AND status = 'pending'",
         )
         .bind(account_id)
-        .fetch_one(self.sqlite("pending_count")?)
+        .fetch_one(pool)
         .await?;
         Ok(n)
     }
 
     /// Every pending authorization URL of the account (`authz deactivate --all-pending`).
     pub(crate) async fn pending_urls(&self, account_id: i64) -> Result<Vec<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_urls(account_id).await,
+        };
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT url FROM authorizations WHERE account_id = ? AND status = 'pending' ORDER BY id",
         )
         .bind(account_id)
-        .fetch_all(self.sqlite("pending_urls")?)
+        .fetch_all(pool)
         .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
+}
+
+/// `authz_list`'s query, which takes no parameters and reads the same on
+/// both engines.
+pub(in crate::ledger) fn authz_list_sql(pending_only: bool) -> String {
+    format!(
+        "SELECT a.url, a.identifier, a.status,
+                (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
+                  WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
+                a.challenge_type, a.created_at, a.updated_at
+         FROM authorizations a {} ORDER BY a.id DESC",
+        if pending_only {
+            "WHERE a.status = 'pending'"
+        } else {
+            ""
+        }
+    )
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! One file per table family, beside the SQLite file of the same name.
 
 mod accounts;
+mod authorizations;
 mod orders;
 mod pauses;
 
