@@ -469,13 +469,48 @@ pub(in crate::ledger) fn authz_list_sql(pending_only: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::ledger::test_util::ledger;
-    use crate::ledger::{Identifiers, OrderStatus};
+    use std::time::Duration;
 
-    #[tokio::test]
-    async fn stale_pending_authz_pages_through_ten_thousand_rows() {
-        let (_dir, s) = ledger().await;
+    use super::*;
+    use crate::ledger::test_util::{conformance, lease};
+    use crate::ledger::{Identifiers, LedgerError, NewChallenge, OrderStatus};
+
+    /// A pending authorization of `identifier`, with no challenges.
+    fn pending(i: u32, identifier: &str) -> NewAuthz {
+        NewAuthz {
+            url: format!("https://ca/authz/{i}"),
+            identifier: identifier.into(),
+            status: AuthzStatus::Pending,
+            expires_at: None,
+            challenges: Vec::new(),
+        }
+    }
+
+    /// A page of the account's stale authorizations as of `now`: their URLs.
+    async fn stale_urls(
+        s: &Ledger,
+        account_id: i64,
+        now: i64,
+        ignore_backoff: bool,
+    ) -> Vec<String> {
+        s.stale_pending_authz(StalePage {
+            account_id,
+            cutoff: now,
+            now,
+            ignore_backoff,
+            after_id: 0,
+            limit: 100,
+        })
+        .await
+        .expect("page")
+        .into_iter()
+        .map(|a| a.url)
+        .collect()
+    }
+
+    conformance! {
+
+    async fn stale_pending_authz_pages_through_ten_thousand_rows(s: Ledger) {
         let acct = s
             .upsert_account("https://ca/dir", "https://ca/acct/1")
             .await
@@ -550,9 +585,7 @@ mod tests {
         assert_eq!(first[0].url, "https://ca/authz/0");
     }
 
-    #[tokio::test]
-    async fn failure_budget_counts_invalid_and_pending_deactivations_only() {
-        let (_dir, s) = ledger().await;
+    async fn failure_budget_counts_invalid_and_pending_deactivations_only(s: Ledger) {
         let acct = s
             .upsert_account("https://ca/dir", "https://ca/acct/1")
             .await
@@ -606,5 +639,309 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    /// The backoff of failed checks: a minute, doubling per failure, at
+    /// most an hour; a check that worked clears it.
+    async fn a_failed_check_backs_off_doubling_up_to_an_hour(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        s.record_order(
+            acct,
+            "x",
+            "https://ca/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(1, "a.example"), pending(2, "b.example")],
+        )
+        .await
+        .expect("order");
+        let now = s.clock().now().secs();
+        let mut wait = 0;
+        for expected in [60, 120, 240, 480, 960, 1920, 3600, 3600] {
+            s.authz_check_failed("https://ca/authz/1", now, "CA down")
+                .await
+                .expect("failed");
+            wait = expected;
+            assert_eq!(
+                stale_urls(&s, acct, now + wait - 1, false).await,
+                ["https://ca/authz/2"],
+                "{wait}"
+            );
+            assert_eq!(
+                stale_urls(&s, acct, now + wait, false).await,
+                ["https://ca/authz/1", "https://ca/authz/2"],
+                "{wait}"
+            );
+        }
+        assert_eq!(wait, 3600);
+        assert_eq!(stale_urls(&s, acct, now, true).await.len(), 2);
+        s.authz_check_ok("https://ca/authz/1").await.expect("ok");
+        assert_eq!(stale_urls(&s, acct, now, false).await.len(), 2);
+        // After a clear, the next failure starts again at a minute.
+        s.authz_check_failed("https://ca/authz/1", now, "CA down")
+            .await
+            .expect("failed");
+        assert_eq!(stale_urls(&s, acct, now + 60, false).await.len(), 2);
+        assert_eq!(stale_urls(&s, acct, now + 59, false).await.len(), 1);
+        // Only pending rows created by the cutoff are stale.
+        s.clock().advance(Duration::from_secs(100));
+        s.record_order(
+            acct,
+            "x",
+            "https://ca/order/2",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(3, "c.example")],
+        )
+        .await
+        .expect("order");
+        s.set_authz_status("https://ca/authz/2", AuthzStatus::Valid, None)
+            .await
+            .expect("status");
+        assert_eq!(stale_urls(&s, acct, now + 60, false).await, ["https://ca/authz/1"]);
+    }
+
+    /// What the ledger shows of an authorization as certd works it: the
+    /// challenge chosen, the CA's verdict (which the challenge follows),
+    /// and the history challenge fallback reads, newest first.
+    async fn an_authorization_records_its_challenge_and_outcome(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        let with_challenges = |i: u32| NewAuthz {
+            challenges: ["http-01", "dns-01"]
+                .iter()
+                .map(|kind| NewChallenge {
+                    url: format!("https://ca/chal/{i}/{kind}"),
+                    kind: (*kind).into(),
+                    status: ChallengeStatus::Pending,
+                })
+                .collect(),
+            ..pending(i, "a.example")
+        };
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &Identifiers::new(["a.example"]),
+            OrderStatus::Pending,
+            &[with_challenges(1), with_challenges(2), with_challenges(3)],
+        )
+        .await
+        .expect("order");
+        let start = s.clock().now().secs();
+        for (i, kind, status) in [
+            (1, "http-01", AuthzStatus::Invalid),
+            (2, "dns-01", AuthzStatus::Valid),
+        ] {
+            s.clock().advance(Duration::from_secs(10));
+            let authz_url = format!("https://ca/authz/{i}");
+            s.set_authz_challenge(&authz_url, kind, &format!("https://ca/chal/{i}/{kind}"))
+                .await
+                .expect("challenge");
+            s.set_authz_status(&authz_url, status, (status == AuthzStatus::Invalid).then_some("refused"))
+                .await
+                .expect("status");
+        }
+        // Chosen, not yet answered: not history.
+        s.set_authz_challenge("https://ca/authz/3", "http-01", "https://ca/chal/3/http-01")
+            .await
+            .expect("challenge");
+        assert_eq!(
+            s.challenge_history("a.example").await.expect("history"),
+            [
+                ("dns-01".to_owned(), AuthzStatus::Valid),
+                ("http-01".to_owned(), AuthzStatus::Invalid),
+            ]
+        );
+        assert!(s.challenge_history("b.example").await.expect("history").is_empty());
+        let row = s.authz("https://ca/authz/2").await.expect("authz").expect("row");
+        assert_eq!(row.status, AuthzStatus::Valid);
+        assert_eq!(row.challenge_type.as_deref(), Some("dns-01"));
+        assert_eq!(row.order_url.as_deref(), Some("https://ca/order/1"));
+        assert_eq!((row.created_at, row.updated_at), (Some(start), Some(start + 20)));
+        assert!(s.authz("https://ca/authz/9").await.expect("authz").is_none());
+        assert_eq!(
+            s.authz_of_order("https://ca/order/1", AuthzStatus::Valid)
+                .await
+                .expect("of order"),
+            [("https://ca/authz/2".to_owned(), "a.example".to_owned())]
+        );
+        assert_eq!(
+            s.pending_authz_of_order("https://ca/order/1")
+                .await
+                .expect("of order"),
+            [("https://ca/authz/3".to_owned(), "a.example".to_owned())]
+        );
+        assert_eq!(
+            s.authz_of_challenge("https://ca/chal/2/dns-01").await.expect("of challenge"),
+            Some("https://ca/authz/2".to_owned())
+        );
+        assert_eq!(s.authz_of_challenge("https://ca/chal/9").await.expect("none"), None);
+    }
+
+    /// The pending authorizations as the guard, `status` and `authz
+    /// deactivate --all-pending` see them, including one learned outside
+    /// an order, and a deactivation's record.
+    async fn pending_authorizations_per_account_and_certificate(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        let other = s
+            .upsert_account("https://other/dir", "https://other/acct/1")
+            .await
+            .expect("account");
+        let start = s.clock().now().secs();
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(2, "b.example"), pending(1, "a.example")],
+        )
+        .await
+        .expect("order");
+        s.clock().advance(Duration::from_secs(5));
+        s.record_order(
+            acct,
+            "api",
+            "https://ca/order/2",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(3, "c.example"), pending(1, "a.example")],
+        )
+        .await
+        .expect("order");
+        s.record_order(
+            other,
+            "www",
+            "https://other/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[NewAuthz {
+                url: "https://other/authz/1".into(),
+                ..pending(0, "z.example")
+            }],
+        )
+        .await
+        .expect("order");
+        // Learned outside an order; recording it again changes nothing.
+        s.record_foreign_authz(acct, "https://ca/authz/9", "d.example", AuthzStatus::Pending)
+            .await
+            .expect("foreign");
+        s.record_foreign_authz(acct, "https://ca/authz/9", "e.example", AuthzStatus::Valid)
+            .await
+            .expect("foreign again");
+        let foreign = s.authz("https://ca/authz/9").await.expect("authz").expect("row");
+        assert_eq!((foreign.identifier.as_str(), foreign.status), ("d.example", AuthzStatus::Pending));
+        assert_eq!(foreign.order_url, None);
+        assert_eq!(s.pending_count(acct).await.expect("count"), 4);
+        assert_eq!(s.pending_count(other).await.expect("count"), 1);
+        assert_eq!(
+            s.pending_urls(acct).await.expect("urls"),
+            ["https://ca/authz/2", "https://ca/authz/1", "https://ca/authz/3", "https://ca/authz/9"]
+        );
+        assert_eq!(
+            s.pending_authz_by_cert().await.expect("by cert"),
+            [("api".to_owned(), 2), ("www".to_owned(), 3)]
+        );
+        assert_eq!(
+            s.pending_authz_of("www").await.expect("of www"),
+            [
+                ("b.example".to_owned(), "https://ca/authz/2".to_owned(), start),
+                ("a.example".to_owned(), "https://ca/authz/1".to_owned(), start),
+                ("z.example".to_owned(), "https://other/authz/1".to_owned(), start + 5),
+            ]
+        );
+        assert_eq!(
+            s.pending_authz_of("api").await.expect("of api"),
+            [
+                ("a.example".to_owned(), "https://ca/authz/1".to_owned(), start),
+                ("c.example".to_owned(), "https://ca/authz/3".to_owned(), start + 5),
+            ]
+        );
+        // A deactivation by the reaper leaves the pending lists.
+        s.authz_check_failed("https://ca/authz/1", start, "CA down")
+            .await
+            .expect("failed");
+        s.set_authz_deactivated("https://ca/authz/1", Actor::Reaper, AuthzStatus::Pending)
+            .await
+            .expect("deactivate");
+        let row = s.authz("https://ca/authz/1").await.expect("authz").expect("row");
+        assert_eq!(row.status, AuthzStatus::Deactivated);
+        assert_eq!(row.updated_at, Some(start + 5));
+        assert_eq!(s.pending_count(acct).await.expect("count"), 3);
+        assert_eq!(
+            s.pending_authz_by_cert().await.expect("by cert"),
+            [("api".to_owned(), 1), ("www".to_owned(), 2)]
+        );
+        assert_eq!(
+            s.authz_of_order("https://ca/order/2", AuthzStatus::Deactivated)
+                .await
+                .expect("of order"),
+            [("https://ca/authz/1".to_owned(), "a.example".to_owned())]
+        );
+        // It counts against the failure budget, as of its deactivation.
+        assert_eq!(s.failures_since(acct, "a.example", start + 5).await.expect("budget"), 1);
+        assert_eq!(s.failures_since(acct, "a.example", start + 6).await.expect("budget"), 0);
+        assert_eq!(s.failures_since(other, "a.example", 0).await.expect("budget"), 0);
+    }
+
+    /// A handle fenced by a lease another host now holds changes no
+    /// authorization on PostgreSQL; SQLite has one writer and no fences.
+    async fn a_lost_lease_changes_no_authorization(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(1, "a.example")],
+        )
+        .await
+        .expect("order");
+        let stale = s.fenced(lease::lost(&s, &format!("reaper:{acct}")).await);
+        let results = [
+            stale
+                .set_authz_deactivated("https://ca/authz/1", Actor::Reaper, AuthzStatus::Pending)
+                .await,
+            stale
+                .record_foreign_authz(acct, "https://ca/authz/2", "b.example", AuthzStatus::Pending)
+                .await,
+        ];
+        let row = s.authz("https://ca/authz/1").await.expect("authz").expect("row");
+        let foreign = s.authz("https://ca/authz/2").await.expect("authz");
+        if s.is_shared() {
+            for result in results {
+                assert!(matches!(result, Err(LedgerError::Fenced { .. })), "{result:?}");
+            }
+            assert_eq!(row.status, AuthzStatus::Pending);
+            assert!(foreign.is_none());
+            assert_eq!(s.failures_since(acct, "a.example", 0).await.expect("budget"), 0);
+        } else {
+            for result in results {
+                result.expect("SQLite ignores fences");
+            }
+            assert_eq!(row.status, AuthzStatus::Deactivated);
+            assert!(foreign.is_some());
+        }
+        // The holder's own fence writes.
+        let held = s.fenced(lease::held(&s, &format!("reaper:{acct}")).await);
+        held.set_authz_status("https://ca/authz/1", AuthzStatus::Valid, None)
+            .await
+            .expect("a held lease writes");
+        let row = s.authz("https://ca/authz/1").await.expect("authz").expect("row");
+        assert_eq!(row.status, AuthzStatus::Valid);
+    }
     }
 }
