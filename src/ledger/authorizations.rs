@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::{Actor, AuthzStatus, ChallengeStatus, Ledger, Result};
+use super::{Actor, AuthzStatus, ChallengeStatus, Db, Ledger, Result};
 
 /// An authorization as `certd authz list` shows it.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -73,12 +73,21 @@ impl Ledger {
         kind: &str,
         challenge_url: &str,
     ) -> Result<()> {
+        let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .set_authz_challenge(now, authz_url, kind, challenge_url)
+                    .await;
+            }
+        };
         sqlx::query("UPDATE authorizations SET challenge_type = ?, challenge_url = ?, updated_at = ? WHERE url = ?")
             .bind(kind)
             .bind(challenge_url)
-            .bind(self.now())
+            .bind(now)
             .bind(authz_url)
-            .execute(self.sqlite("set_authz_challenge")?)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -91,7 +100,11 @@ impl Ledger {
         error: Option<&str>,
     ) -> Result<()> {
         let now = self.now();
-        let mut tx = self.sqlite("set_authz_status")?.begin().await?;
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_authz_status(now, authz_url, status, error).await,
+        };
+        let mut tx = pool.begin().await?;
         sqlx::query(
             "UPDATE authorizations SET status = ?, error = COALESCE(?, error), updated_at = ? WHERE url = ?",
         )
@@ -122,6 +135,10 @@ impl Ledger {
         from: AuthzStatus,
     ) -> Result<()> {
         let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.set_authz_deactivated(now, authz_url, by, from).await,
+        };
         sqlx::query(
             "UPDATE authorizations SET status = ?, deactivated_at = ?, deactivated_by = ?,
                  deactivated_from = ?, updated_at = ?, check_error = NULL WHERE url = ?",
@@ -132,7 +149,7 @@ impl Ledger {
         .bind(from)
         .bind(now)
         .bind(authz_url)
-        .execute(self.sqlite("set_authz_deactivated")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
@@ -152,6 +169,10 @@ impl Ledger {
         order_url: &str,
         status: AuthzStatus,
     ) -> Result<Vec<(String, String)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_of_order(order_url, status).await,
+        };
         Ok(sqlx::query_as(
             "SELECT a.url, a.identifier FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -160,27 +181,19 @@ impl Ledger {
         )
         .bind(order_url)
         .bind(status)
-        .fetch_all(self.sqlite("authz_of_order")?)
+        .fetch_all(pool)
         .await?)
     }
 
     /// The ledger's authorizations, newest first, each with the latest order
     /// that referenced it.
     pub(crate) async fn authz_list(&self, pending_only: bool) -> Result<Vec<AuthzRow>> {
-        let sql = format!(
-            "SELECT a.url, a.identifier, a.status,
-                    (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
-                      WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
-                    a.challenge_type, a.created_at, a.updated_at
-             FROM authorizations a {} ORDER BY a.id DESC",
-            if pending_only {
-                "WHERE a.status = 'pending'"
-            } else {
-                ""
-            }
-        );
-        Ok(sqlx::query_as(&sql)
-            .fetch_all(self.sqlite("authz_list")?)
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_list(pending_only).await,
+        };
+        Ok(sqlx::query_as(&authz_list_sql(pending_only))
+            .fetch_all(pool)
             .await?)
     }
 
@@ -190,25 +203,33 @@ impl Ledger {
         &self,
         identifier: &str,
     ) -> Result<Vec<(String, AuthzStatus)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.challenge_history(identifier).await,
+        };
         Ok(sqlx::query_as(
             "SELECT challenge_type, status FROM authorizations
              WHERE identifier = ? AND challenge_type IS NOT NULL AND status IN ('valid', 'invalid')
              ORDER BY updated_at DESC, id DESC LIMIT 20",
         )
         .bind(identifier)
-        .fetch_all(self.sqlite("challenge_history")?)
+        .fetch_all(pool)
         .await?)
     }
 
     /// Pending authorizations per certificate name, counted once each.
     pub(crate) async fn pending_authz_by_cert(&self) -> Result<Vec<(String, i64)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_authz_by_cert().await,
+        };
         Ok(sqlx::query_as(
             "SELECT o.cert_name, COUNT(DISTINCT a.id) FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
              JOIN orders o ON o.id = oa.order_id
              WHERE a.status = 'pending' GROUP BY o.cert_name",
         )
-        .fetch_all(self.sqlite("pending_authz_by_cert")?)
+        .fetch_all(pool)
         .await?)
     }
 
@@ -218,6 +239,10 @@ impl Ledger {
         &self,
         cert_name: &str,
     ) -> Result<Vec<(String, String, i64)>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_authz_of(cert_name).await,
+        };
         Ok(sqlx::query_as(
             "SELECT DISTINCT a.identifier, a.url, a.created_at FROM authorizations a
              JOIN order_authorizations oa ON oa.authz_id = a.id
@@ -225,7 +250,7 @@ impl Ledger {
              WHERE a.status = 'pending' AND o.cert_name = ? ORDER BY a.created_at, a.id",
         )
         .bind(cert_name)
-        .fetch_all(self.sqlite("pending_authz_of")?)
+        .fetch_all(pool)
         .await?)
     }
 
@@ -237,6 +262,10 @@ impl Ledger {
     /// Rows in backoff (a failed CA call) are skipped until `check_after`
     /// unless `ignore_backoff` (an operator's explicit `certd reap`).
     pub(crate) async fn stale_pending_authz(&self, page: StalePage) -> Result<Vec<PendingAuthz>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.stale_pending_authz(page).await,
+        };
         Ok(sqlx::query_as(
             "SELECT a.id, a.url, a.identifier, a.expires_at,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
@@ -255,7 +284,7 @@ impl Ledger {
         })
         .bind(page.after_id)
         .bind(page.limit)
-        .fetch_all(self.sqlite("stale_pending_authz")?)
+        .fetch_all(pool)
         .await?)
     }
 
@@ -269,6 +298,10 @@ impl Ledger {
         since: i64,
     ) -> Result<i64> {
         let base = identifier.trim_start_matches("*.");
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.failures_since(account_id, base, since).await,
+        };
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM authorizations
              WHERE account_id = ? AND identifier IN (?, '*.' || ?)
@@ -280,7 +313,7 @@ impl Ledger {
         .bind(base)
         .bind(since)
         .bind(since)
-        .fetch_one(self.sqlite("failures_since")?)
+        .fetch_one(pool)
         .await?;
         Ok(n)
     }
@@ -288,6 +321,10 @@ impl Ledger {
     /// Records a failed attempt to ask the CA about an authorization. The
     /// next try waits a minute, doubling per failure up to an hour.
     pub(crate) async fn authz_check_failed(&self, url: &str, now: i64, error: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_check_failed(url, now, error).await,
+        };
         sqlx::query(
             "UPDATE authorizations SET check_after = ? + MIN(3600, 60 << MIN(check_attempts, 6)),
                  check_attempts = check_attempts + 1, check_error = ? WHERE url = ?",
@@ -295,25 +332,33 @@ impl Ledger {
         .bind(now)
         .bind(error)
         .bind(url)
-        .execute(self.sqlite("authz_check_failed")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Clears the reaper's backoff once the CA answered.
     pub(crate) async fn authz_check_ok(&self, url: &str) -> Result<()> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_check_ok(url).await,
+        };
         sqlx::query(
             "UPDATE authorizations SET check_attempts = 0, check_after = NULL, check_error = NULL
              WHERE url = ?",
         )
         .bind(url)
-        .execute(self.sqlite("authz_check_ok")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// The ledger's record of an authorization.
     pub(crate) async fn authz(&self, url: &str) -> Result<Option<AuthzRow>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz(url).await,
+        };
         Ok(sqlx::query_as(
             "SELECT a.url, a.identifier, a.status,
                     (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
@@ -322,17 +367,21 @@ impl Ledger {
              FROM authorizations a WHERE a.url = ?",
         )
         .bind(url)
-        .fetch_optional(self.sqlite("authz")?)
+        .fetch_optional(pool)
         .await?)
     }
 
     /// The authorization a challenge URL belongs to (seed 000).
     pub(crate) async fn authz_of_challenge(&self, challenge_url: &str) -> Result<Option<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.authz_of_challenge(challenge_url).await,
+        };
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT a.url FROM challenges c JOIN authorizations a ON a.id = c.authz_id WHERE c.url = ?",
         )
         .bind(challenge_url)
-        .fetch_optional(self.sqlite("authz_of_challenge")?)
+        .fetch_optional(pool)
         .await?;
         Ok(row.map(|r| r.0))
     }
@@ -347,6 +396,14 @@ impl Ledger {
         status: AuthzStatus,
     ) -> Result<()> {
         let now = self.now();
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => {
+                return pg
+                    .record_foreign_authz(now, account_id, url, identifier, status)
+                    .await;
+            }
+        };
         sqlx::query(
             "INSERT INTO authorizations (url, account_id, identifier, status, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(url) DO NOTHING",
@@ -357,43 +414,103 @@ impl Ledger {
         .bind(status)
         .bind(now)
         .bind(now)
-        .execute(self.sqlite("record_foreign_authz")?)
+        .execute(pool)
         .await?;
         Ok(())
     }
 
     /// Pending authorizations of the account, per the ledger: the guard's count.
     pub(crate) async fn pending_count(&self, account_id: i64) -> Result<i64> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_count(account_id).await,
+        };
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM authorizations WHERE account_id = ? AND status = 'pending'",
         )
         .bind(account_id)
-        .fetch_one(self.sqlite("pending_count")?)
+        .fetch_one(pool)
         .await?;
         Ok(n)
     }
 
     /// Every pending authorization URL of the account (`authz deactivate --all-pending`).
     pub(crate) async fn pending_urls(&self, account_id: i64) -> Result<Vec<String>> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(pg) => return pg.pending_urls(account_id).await,
+        };
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT url FROM authorizations WHERE account_id = ? AND status = 'pending' ORDER BY id",
         )
         .bind(account_id)
-        .fetch_all(self.sqlite("pending_urls")?)
+        .fetch_all(pool)
         .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 }
 
+/// `authz_list`'s query, which takes no parameters and reads the same on
+/// both engines.
+pub(in crate::ledger) fn authz_list_sql(pending_only: bool) -> String {
+    format!(
+        "SELECT a.url, a.identifier, a.status,
+                (SELECT o.url FROM order_authorizations oa JOIN orders o ON o.id = oa.order_id
+                  WHERE oa.authz_id = a.id ORDER BY o.id DESC LIMIT 1) AS order_url,
+                a.challenge_type, a.created_at, a.updated_at
+         FROM authorizations a {} ORDER BY a.id DESC",
+        if pending_only {
+            "WHERE a.status = 'pending'"
+        } else {
+            ""
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::ledger::test_util::ledger;
-    use crate::ledger::{Identifiers, OrderStatus};
+    use std::time::Duration;
 
-    #[tokio::test]
-    async fn stale_pending_authz_pages_through_ten_thousand_rows() {
-        let (_dir, s) = ledger().await;
+    use super::*;
+    use crate::ledger::test_util::{conformance, lease};
+    use crate::ledger::{Identifiers, LedgerError, NewChallenge, OrderStatus};
+
+    /// A pending authorization of `identifier`, with no challenges.
+    fn pending(i: u32, identifier: &str) -> NewAuthz {
+        NewAuthz {
+            url: format!("https://ca/authz/{i}"),
+            identifier: identifier.into(),
+            status: AuthzStatus::Pending,
+            expires_at: None,
+            challenges: Vec::new(),
+        }
+    }
+
+    /// A page of the account's stale authorizations as of `now`: their URLs.
+    async fn stale_urls(
+        s: &Ledger,
+        account_id: i64,
+        now: i64,
+        ignore_backoff: bool,
+    ) -> Vec<String> {
+        s.stale_pending_authz(StalePage {
+            account_id,
+            cutoff: now,
+            now,
+            ignore_backoff,
+            after_id: 0,
+            limit: 100,
+        })
+        .await
+        .expect("page")
+        .into_iter()
+        .map(|a| a.url)
+        .collect()
+    }
+
+    conformance! {
+
+    async fn stale_pending_authz_pages_through_ten_thousand_rows(s: Ledger) {
         let acct = s
             .upsert_account("https://ca/dir", "https://ca/acct/1")
             .await
@@ -468,9 +585,7 @@ mod tests {
         assert_eq!(first[0].url, "https://ca/authz/0");
     }
 
-    #[tokio::test]
-    async fn failure_budget_counts_invalid_and_pending_deactivations_only() {
-        let (_dir, s) = ledger().await;
+    async fn failure_budget_counts_invalid_and_pending_deactivations_only(s: Ledger) {
         let acct = s
             .upsert_account("https://ca/dir", "https://ca/acct/1")
             .await
@@ -524,5 +639,309 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    /// The backoff of failed checks: a minute, doubling per failure, at
+    /// most an hour; a check that worked clears it.
+    async fn a_failed_check_backs_off_doubling_up_to_an_hour(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        s.record_order(
+            acct,
+            "x",
+            "https://ca/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(1, "a.example"), pending(2, "b.example")],
+        )
+        .await
+        .expect("order");
+        let now = s.clock().now().secs();
+        let mut wait = 0;
+        for expected in [60, 120, 240, 480, 960, 1920, 3600, 3600] {
+            s.authz_check_failed("https://ca/authz/1", now, "CA down")
+                .await
+                .expect("failed");
+            wait = expected;
+            assert_eq!(
+                stale_urls(&s, acct, now + wait - 1, false).await,
+                ["https://ca/authz/2"],
+                "{wait}"
+            );
+            assert_eq!(
+                stale_urls(&s, acct, now + wait, false).await,
+                ["https://ca/authz/1", "https://ca/authz/2"],
+                "{wait}"
+            );
+        }
+        assert_eq!(wait, 3600);
+        assert_eq!(stale_urls(&s, acct, now, true).await.len(), 2);
+        s.authz_check_ok("https://ca/authz/1").await.expect("ok");
+        assert_eq!(stale_urls(&s, acct, now, false).await.len(), 2);
+        // After a clear, the next failure starts again at a minute.
+        s.authz_check_failed("https://ca/authz/1", now, "CA down")
+            .await
+            .expect("failed");
+        assert_eq!(stale_urls(&s, acct, now + 60, false).await.len(), 2);
+        assert_eq!(stale_urls(&s, acct, now + 59, false).await.len(), 1);
+        // Only pending rows created by the cutoff are stale.
+        s.clock().advance(Duration::from_secs(100));
+        s.record_order(
+            acct,
+            "x",
+            "https://ca/order/2",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(3, "c.example")],
+        )
+        .await
+        .expect("order");
+        s.set_authz_status("https://ca/authz/2", AuthzStatus::Valid, None)
+            .await
+            .expect("status");
+        assert_eq!(stale_urls(&s, acct, now + 60, false).await, ["https://ca/authz/1"]);
+    }
+
+    /// What the ledger shows of an authorization as certd works it: the
+    /// challenge chosen, the CA's verdict (which the challenge follows),
+    /// and the history challenge fallback reads, newest first.
+    async fn an_authorization_records_its_challenge_and_outcome(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        let with_challenges = |i: u32| NewAuthz {
+            challenges: ["http-01", "dns-01"]
+                .iter()
+                .map(|kind| NewChallenge {
+                    url: format!("https://ca/chal/{i}/{kind}"),
+                    kind: (*kind).into(),
+                    status: ChallengeStatus::Pending,
+                })
+                .collect(),
+            ..pending(i, "a.example")
+        };
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &Identifiers::new(["a.example"]),
+            OrderStatus::Pending,
+            &[with_challenges(1), with_challenges(2), with_challenges(3)],
+        )
+        .await
+        .expect("order");
+        let start = s.clock().now().secs();
+        for (i, kind, status) in [
+            (1, "http-01", AuthzStatus::Invalid),
+            (2, "dns-01", AuthzStatus::Valid),
+        ] {
+            s.clock().advance(Duration::from_secs(10));
+            let authz_url = format!("https://ca/authz/{i}");
+            s.set_authz_challenge(&authz_url, kind, &format!("https://ca/chal/{i}/{kind}"))
+                .await
+                .expect("challenge");
+            s.set_authz_status(&authz_url, status, (status == AuthzStatus::Invalid).then_some("refused"))
+                .await
+                .expect("status");
+        }
+        // Chosen, not yet answered: not history.
+        s.set_authz_challenge("https://ca/authz/3", "http-01", "https://ca/chal/3/http-01")
+            .await
+            .expect("challenge");
+        assert_eq!(
+            s.challenge_history("a.example").await.expect("history"),
+            [
+                ("dns-01".to_owned(), AuthzStatus::Valid),
+                ("http-01".to_owned(), AuthzStatus::Invalid),
+            ]
+        );
+        assert!(s.challenge_history("b.example").await.expect("history").is_empty());
+        let row = s.authz("https://ca/authz/2").await.expect("authz").expect("row");
+        assert_eq!(row.status, AuthzStatus::Valid);
+        assert_eq!(row.challenge_type.as_deref(), Some("dns-01"));
+        assert_eq!(row.order_url.as_deref(), Some("https://ca/order/1"));
+        assert_eq!((row.created_at, row.updated_at), (Some(start), Some(start + 20)));
+        assert!(s.authz("https://ca/authz/9").await.expect("authz").is_none());
+        assert_eq!(
+            s.authz_of_order("https://ca/order/1", AuthzStatus::Valid)
+                .await
+                .expect("of order"),
+            [("https://ca/authz/2".to_owned(), "a.example".to_owned())]
+        );
+        assert_eq!(
+            s.pending_authz_of_order("https://ca/order/1")
+                .await
+                .expect("of order"),
+            [("https://ca/authz/3".to_owned(), "a.example".to_owned())]
+        );
+        assert_eq!(
+            s.authz_of_challenge("https://ca/chal/2/dns-01").await.expect("of challenge"),
+            Some("https://ca/authz/2".to_owned())
+        );
+        assert_eq!(s.authz_of_challenge("https://ca/chal/9").await.expect("none"), None);
+    }
+
+    /// The pending authorizations as the guard, `status` and `authz
+    /// deactivate --all-pending` see them, including one learned outside
+    /// an order, and a deactivation's record.
+    async fn pending_authorizations_per_account_and_certificate(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        let other = s
+            .upsert_account("https://other/dir", "https://other/acct/1")
+            .await
+            .expect("account");
+        let start = s.clock().now().secs();
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(2, "b.example"), pending(1, "a.example")],
+        )
+        .await
+        .expect("order");
+        s.clock().advance(Duration::from_secs(5));
+        s.record_order(
+            acct,
+            "api",
+            "https://ca/order/2",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(3, "c.example"), pending(1, "a.example")],
+        )
+        .await
+        .expect("order");
+        s.record_order(
+            other,
+            "www",
+            "https://other/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[NewAuthz {
+                url: "https://other/authz/1".into(),
+                ..pending(0, "z.example")
+            }],
+        )
+        .await
+        .expect("order");
+        // Learned outside an order; recording it again changes nothing.
+        s.record_foreign_authz(acct, "https://ca/authz/9", "d.example", AuthzStatus::Pending)
+            .await
+            .expect("foreign");
+        s.record_foreign_authz(acct, "https://ca/authz/9", "e.example", AuthzStatus::Valid)
+            .await
+            .expect("foreign again");
+        let foreign = s.authz("https://ca/authz/9").await.expect("authz").expect("row");
+        assert_eq!((foreign.identifier.as_str(), foreign.status), ("d.example", AuthzStatus::Pending));
+        assert_eq!(foreign.order_url, None);
+        assert_eq!(s.pending_count(acct).await.expect("count"), 4);
+        assert_eq!(s.pending_count(other).await.expect("count"), 1);
+        assert_eq!(
+            s.pending_urls(acct).await.expect("urls"),
+            ["https://ca/authz/2", "https://ca/authz/1", "https://ca/authz/3", "https://ca/authz/9"]
+        );
+        assert_eq!(
+            s.pending_authz_by_cert().await.expect("by cert"),
+            [("api".to_owned(), 2), ("www".to_owned(), 3)]
+        );
+        assert_eq!(
+            s.pending_authz_of("www").await.expect("of www"),
+            [
+                ("b.example".to_owned(), "https://ca/authz/2".to_owned(), start),
+                ("a.example".to_owned(), "https://ca/authz/1".to_owned(), start),
+                ("z.example".to_owned(), "https://other/authz/1".to_owned(), start + 5),
+            ]
+        );
+        assert_eq!(
+            s.pending_authz_of("api").await.expect("of api"),
+            [
+                ("a.example".to_owned(), "https://ca/authz/1".to_owned(), start),
+                ("c.example".to_owned(), "https://ca/authz/3".to_owned(), start + 5),
+            ]
+        );
+        // A deactivation by the reaper leaves the pending lists.
+        s.authz_check_failed("https://ca/authz/1", start, "CA down")
+            .await
+            .expect("failed");
+        s.set_authz_deactivated("https://ca/authz/1", Actor::Reaper, AuthzStatus::Pending)
+            .await
+            .expect("deactivate");
+        let row = s.authz("https://ca/authz/1").await.expect("authz").expect("row");
+        assert_eq!(row.status, AuthzStatus::Deactivated);
+        assert_eq!(row.updated_at, Some(start + 5));
+        assert_eq!(s.pending_count(acct).await.expect("count"), 3);
+        assert_eq!(
+            s.pending_authz_by_cert().await.expect("by cert"),
+            [("api".to_owned(), 1), ("www".to_owned(), 2)]
+        );
+        assert_eq!(
+            s.authz_of_order("https://ca/order/2", AuthzStatus::Deactivated)
+                .await
+                .expect("of order"),
+            [("https://ca/authz/1".to_owned(), "a.example".to_owned())]
+        );
+        // It counts against the failure budget, as of its deactivation.
+        assert_eq!(s.failures_since(acct, "a.example", start + 5).await.expect("budget"), 1);
+        assert_eq!(s.failures_since(acct, "a.example", start + 6).await.expect("budget"), 0);
+        assert_eq!(s.failures_since(other, "a.example", 0).await.expect("budget"), 0);
+    }
+
+    /// A handle fenced by a lease another host now holds changes no
+    /// authorization on PostgreSQL; SQLite has one writer and no fences.
+    async fn a_lost_lease_changes_no_authorization(s: Ledger) {
+        let acct = s
+            .upsert_account("https://ca/dir", "https://ca/acct/1")
+            .await
+            .expect("account");
+        s.record_order(
+            acct,
+            "www",
+            "https://ca/order/1",
+            &Identifiers::default(),
+            OrderStatus::Pending,
+            &[pending(1, "a.example")],
+        )
+        .await
+        .expect("order");
+        let stale = s.fenced(lease::lost(&s, &format!("reaper:{acct}")).await);
+        let results = [
+            stale
+                .set_authz_deactivated("https://ca/authz/1", Actor::Reaper, AuthzStatus::Pending)
+                .await,
+            stale
+                .record_foreign_authz(acct, "https://ca/authz/2", "b.example", AuthzStatus::Pending)
+                .await,
+        ];
+        let row = s.authz("https://ca/authz/1").await.expect("authz").expect("row");
+        let foreign = s.authz("https://ca/authz/2").await.expect("authz");
+        if s.is_shared() {
+            for result in results {
+                assert!(matches!(result, Err(LedgerError::Fenced { .. })), "{result:?}");
+            }
+            assert_eq!(row.status, AuthzStatus::Pending);
+            assert!(foreign.is_none());
+            assert_eq!(s.failures_since(acct, "a.example", 0).await.expect("budget"), 0);
+        } else {
+            for result in results {
+                result.expect("SQLite ignores fences");
+            }
+            assert_eq!(row.status, AuthzStatus::Deactivated);
+            assert!(foreign.is_some());
+        }
+        // The holder's own fence writes.
+        let held = s.fenced(lease::held(&s, &format!("reaper:{acct}")).await);
+        held.set_authz_status("https://ca/authz/1", AuthzStatus::Valid, None)
+            .await
+            .expect("a held lease writes");
+        let row = s.authz("https://ca/authz/1").await.expect("authz").expect("row");
+        assert_eq!(row.status, AuthzStatus::Valid);
+    }
     }
 }

@@ -63,9 +63,6 @@ pub enum LedgerError {
         "the lease {lease} is no longer this host's at epoch {epoch} (another host took it over,          or it expired); nothing was written"
     )]
     Fenced { lease: String, epoch: i64 },
-    /// A ledger operation the shared (PostgreSQL) ledger does not offer.
-    #[error("the shared ledger does not support {0}")]
-    Unsupported(&'static str),
     /// The ledger's file was deleted or replaced under the running process.
     #[error(
         "ledger {path} was deleted or replaced while certd was running; stopping rather than \
@@ -80,10 +77,7 @@ impl LedgerError {
     /// (exit 2), as against one query failing (an order that fails and is
     /// retried).
     pub fn is_fatal(&self) -> bool {
-        !matches!(
-            self,
-            LedgerError::Query(_) | LedgerError::Fenced { .. } | LedgerError::Unsupported(_)
-        )
+        !matches!(self, LedgerError::Query(_) | LedgerError::Fenced { .. })
     }
 }
 

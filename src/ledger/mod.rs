@@ -321,16 +321,6 @@ impl Ledger {
             Db::Postgres(_) => {}
         }
     }
-
-    /// The SQLite pool, for methods not yet written for PostgreSQL: on the
-    /// shared ledger they fail with [`LedgerError::Unsupported`] rather
-    /// than write somewhere else.
-    fn sqlite(&self, what: &'static str) -> Result<&SqlitePool> {
-        match &self.db {
-            Db::Sqlite(pool) => Ok(pool),
-            Db::Postgres(_) => Err(LedgerError::Unsupported(what)),
-        }
-    }
 }
 
 #[cfg(test)]

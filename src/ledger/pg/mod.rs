@@ -10,11 +10,14 @@
 //!
 //! One file per table family, beside the SQLite file of the same name.
 
+mod accounts;
 mod ari;
+mod authorizations;
 mod ca_state;
 mod certificates;
 mod events;
 mod issued;
+mod orders;
 mod pauses;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Test ledgers on both backends, and the conformance suite's macro.
 
 pub(crate) mod fence;
+pub(crate) mod lease;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
