@@ -17,6 +17,13 @@ fn margin(ttl: Duration) -> Duration {
     (ttl / 9).min(Duration::from_secs(2))
 }
 
+/// Fleet mode cannot start: its key file, host id, lease ttl or database
+/// is unusable. Like a configuration error, nothing works until it is
+/// fixed, so the command line exits with 2.
+#[derive(Debug, thiserror::Error)]
+#[error("fleet mode cannot start")]
+pub(crate) struct FleetUnusable(#[source] Box<dyn std::error::Error + Send + Sync + 'static>);
+
 /// What fleet mode adds to [`Services`](super::Services).
 #[derive(Debug)]
 pub(crate) struct Fleet {
@@ -32,7 +39,13 @@ impl Fleet {
     /// Loads the fleet key and connects to the database (which refuses a
     /// PostgreSQL older than 15 and applies `migrations/postgres/`). Each
     /// failure names what is wrong and where; none names the password.
-    pub(crate) async fn open(cfg: &Config) -> anyhow::Result<Option<Arc<Self>>> {
+    pub(crate) async fn open(cfg: &Config) -> Result<Option<Arc<Self>>, FleetUnusable> {
+        Self::open_inner(cfg)
+            .await
+            .map_err(|e| FleetUnusable(e.into()))
+    }
+
+    async fn open_inner(cfg: &Config) -> anyhow::Result<Option<Arc<Self>>> {
         let Some(fleet) = &cfg.fleet else {
             return Ok(None);
         };
