@@ -42,6 +42,9 @@ pub(crate) struct Fleet {
     /// This host's name in the fleet: the holder of the leases it takes.
     pub(crate) holder: HolderId,
     pub(crate) timing: LeaseTiming,
+    // Read by the daemon's fleet wiring (`advertise`, the heartbeat), which
+    // lands beside this.
+    #[allow(dead_code)]
     pub(crate) cfg: FleetConfig,
 }
 
