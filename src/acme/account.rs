@@ -111,71 +111,61 @@ impl AcmeAccount {
     ) -> Result<Self, SetupError> {
         let directory_url = cfg.directory.to_string();
         let path = credentials_path(state_dir, &directory_url);
-        let builder = || Account::builder_with_http(Box::new(http.clone()));
-        let next = path.with_extension("json.next");
-        if next.exists() {
-            tracing::warn!(
-                pending = %next.display(),
-                "a key rollover was interrupted; if the CA now rejects the account key, the new key is in this file (move it over the credentials file)"
-            );
-        }
-        let (account, key) = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let creds: AccountCredentials =
-                    serde_json::from_slice(&bytes).map_err(|e| SetupError::Credentials {
-                        path: path.clone(),
-                        detail: format!("not valid account credentials: {e}"),
-                    })?;
+        warn_interrupted_rollover(&path);
+        let (account, key) = match read_credentials(&path)? {
+            Some(json) => {
+                let creds = parse_credentials(&path, &json)?;
                 let key = creds.private_key().secret_pkcs8_der().to_vec();
                 let account = http
-                    .nonce_scope(builder().from_credentials(creds))
+                    .nonce_scope(builder(&http).from_credentials(creds))
                     .await
                     .map_err(AcmeError::from)?;
                 (account, key)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
-                let eab = cfg
-                    .eab
-                    .as_ref()
-                    .map(|e| ExternalAccountKey::new(e.kid.clone(), e.hmac_key.expose()));
-                let new_account = NewAccount {
-                    contact: &contact,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                };
-                let (account, creds) = with_nonce_retry(|| {
-                    http.nonce_scope(builder().create(
-                        &new_account,
-                        directory_url.clone(),
-                        eab.as_ref(),
-                    ))
-                })
-                .await
-                .map_err(AcmeError::from)?;
-                let json = serde_json::to_vec(&creds).map_err(|e| SetupError::Credentials {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-                crate::safefs::write_secret_file(&path, &json).map_err(|e| {
-                    SetupError::Credentials {
-                        path: path.clone(),
-                        detail: format!("cannot write: {e}"),
-                    }
-                })?;
-                tracing::info!(account = account.id(), "created ACME account");
-                (account, creds.private_key().secret_pkcs8_der().to_vec())
-            }
-            Err(e) => {
-                return Err(SetupError::Credentials {
-                    path,
-                    detail: format!("cannot read: {e}"),
-                });
+            None => {
+                let (account, json) = register(cfg, &http, &path).await?;
+                write_credentials(&path, &json)?;
+                let key = parse_credentials(&path, &json)?
+                    .private_key()
+                    .secret_pkcs8_der()
+                    .to_vec();
+                (account, key)
             }
         };
+        Self::with_key(account, &key, &path, store, http, directory_url).await
+    }
+
+    /// The account whose credentials (as [`register`] returns them) came
+    /// from elsewhere: in fleet mode, the fleet's database. `path` is
+    /// where this host keeps its copy, for messages.
+    pub(crate) async fn from_credentials(
+        cfg: &AcmeConfig,
+        path: &Path,
+        json: &[u8],
+        store: &Ledger,
+        http: AcmeHttp,
+    ) -> Result<Self, SetupError> {
+        let creds = parse_credentials(path, json)?;
+        let key = creds.private_key().secret_pkcs8_der().to_vec();
+        let account = http
+            .nonce_scope(builder(&http).from_credentials(creds))
+            .await
+            .map_err(AcmeError::from)?;
+        Self::with_key(account, &key, path, store, http, cfg.directory.to_string()).await
+    }
+
+    /// The account with its key (PKCS#8), recorded in the ledger.
+    async fn with_key(
+        account: Account,
+        key: &[u8],
+        path: &Path,
+        store: &Ledger,
+        http: AcmeHttp,
+        directory_url: String,
+    ) -> Result<Self, SetupError> {
         let signer =
-            raw::RawSigner::new(&key, account.id()).map_err(|detail| SetupError::Credentials {
-                path: path.clone(),
+            raw::RawSigner::new(key, account.id()).map_err(|detail| SetupError::Credentials {
+                path: path.to_owned(),
                 detail,
             })?;
         let ledger_id = store.upsert_account(&directory_url, account.id()).await?;
@@ -186,6 +176,85 @@ impl AcmeAccount {
             directory_url,
         })
     }
+}
+
+fn builder(http: &AcmeHttp) -> instant_acme::AccountBuilder {
+    Account::builder_with_http(Box::new(http.clone()))
+}
+
+/// Says so when a key rollover was interrupted: the new key may be the one
+/// the CA knows.
+fn warn_interrupted_rollover(path: &Path) {
+    let next = path.with_extension("json.next");
+    if next.exists() {
+        tracing::warn!(
+            pending = %next.display(),
+            "a key rollover was interrupted; if the CA now rejects the account key, the new key is in this file (move it over the credentials file)"
+        );
+    }
+}
+
+/// The credentials file's bytes, or `None` when there is none yet.
+pub(crate) fn read_credentials(path: &Path) -> Result<Option<Vec<u8>>, SetupError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SetupError::Credentials {
+            path: path.to_owned(),
+            detail: format!("cannot read: {e}"),
+        }),
+    }
+}
+
+/// Writes the credentials file (0600).
+pub(crate) fn write_credentials(path: &Path, json: &[u8]) -> Result<(), SetupError> {
+    crate::safefs::write_secret_file(path, json).map_err(|e| SetupError::Credentials {
+        path: path.to_owned(),
+        detail: format!("cannot write: {e}"),
+    })
+}
+
+/// Credentials as certd stores them (instant-acme's JSON).
+pub(crate) fn parse_credentials(
+    path: &Path,
+    json: &[u8],
+) -> Result<AccountCredentials, SetupError> {
+    serde_json::from_slice(json).map_err(|e| SetupError::Credentials {
+        path: path.to_owned(),
+        detail: format!("not valid account credentials: {e}"),
+    })
+}
+
+/// Creates an account at the CA (`newAccount`, with the configured
+/// contact and EAB); returns it and its credentials, serialized as the
+/// credentials file at `path` holds them (the caller writes it).
+pub(crate) async fn register(
+    cfg: &AcmeConfig,
+    http: &AcmeHttp,
+    path: &Path,
+) -> Result<(Account, Vec<u8>), SetupError> {
+    let directory_url = cfg.directory.to_string();
+    let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
+    let eab = cfg
+        .eab
+        .as_ref()
+        .map(|e| ExternalAccountKey::new(e.kid.clone(), e.hmac_key.expose()));
+    let new_account = NewAccount {
+        contact: &contact,
+        terms_of_service_agreed: true,
+        only_return_existing: false,
+    };
+    let (account, creds) = with_nonce_retry(|| {
+        http.nonce_scope(builder(http).create(&new_account, directory_url.clone(), eab.as_ref()))
+    })
+    .await
+    .map_err(AcmeError::from)?;
+    let json = serde_json::to_vec(&creds).map_err(|e| SetupError::Credentials {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    tracing::info!(account = account.id(), "created ACME account");
+    Ok((account, json))
 }
 
 /// Rolls the account key over (RFC 8555 §7.3.5) and returns the new key's

@@ -27,6 +27,10 @@ pub enum SetupError {
     Client(#[from] reqwest::Error),
     #[error("account credentials {path}: {detail}")]
     Credentials { path: PathBuf, detail: String },
+    /// Fleet mode's one account per CA: its sealed key in the fleet's
+    /// database, or the lease under which one host creates it.
+    #[error("the fleet's ACME account at {directory}: {detail}")]
+    Fleet { directory: String, detail: String },
     /// The CA's words alone: "ACME account: …" put a wrapper before the
     /// cause.
     #[error("{0}")]

@@ -44,7 +44,10 @@ pub mod raw;
 mod trust;
 
 pub use account::credentials_path;
-pub(crate) use account::{AcmeAccount, roll_over_account};
+pub(crate) use account::{
+    AcmeAccount, parse_credentials, read_credentials, register, roll_over_account,
+    write_credentials,
+};
 pub use error::{AcmeError, Disposition, LimitScope, ProblemRecord, RateLimit};
 pub(crate) use error::{SetupError, bounded, error_chain};
 pub use http::AcmeHttp;

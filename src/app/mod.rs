@@ -122,14 +122,21 @@ impl Services {
     }
 
     /// Loads the ACME account at `ca`, with its own HTTP client (its CA
-    /// bundle), creating it at the CA on first use: one attempt.
+    /// bundle), creating it at the CA on first use: one attempt. In fleet
+    /// mode, the fleet's one account there.
     pub(crate) async fn account_at(
         &self,
         cfg: &Config,
         ca: &CaConfig,
     ) -> Result<AcmeAccount, SetupError> {
         let http = AcmeHttp::new(ca.acme.ca_bundle.as_deref(), self.clock.clone())?;
-        AcmeAccount::load_or_create(&ca.acme, &cfg.storage.state_dir, &self.store, http).await
+        let state_dir = &cfg.storage.state_dir;
+        match &self.fleet {
+            // One account for the whole fleet, its key sealed in the
+            // shared database.
+            Some(fleet) => fleet.account(&ca.acme, state_dir, &self.store, http).await,
+            None => AcmeAccount::load_or_create(&ca.acme, state_dir, &self.store, http).await,
+        }
     }
 
     /// The reaper of `account` at `ca`, with that CA's limits, and its

@@ -448,6 +448,7 @@ mod tests {
                 "[daemon]",
                 "[metrics]",
                 "[notify]",
+                "[fleet]",
                 "[[certificate]]",
             ]
         );

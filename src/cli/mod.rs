@@ -5,7 +5,8 @@
 //! Exit codes: 0 success, 1 a certificate (or authorization) operation
 //! failed, 2 the configuration, the command line or `RUST_LOG` is wrong, or
 //! the ledger cannot be used (corrupt, unwritable, locked by another certd,
-//! deleted under the daemon). `status --check` is a Nagios plugin instead:
+//! deleted under the daemon), or fleet mode cannot start (its key file or
+//! database). `status --check` is a Nagios plugin instead:
 //! 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (it could not judge), and always
 //! one line on stdout.
 //!
@@ -56,6 +57,7 @@ mod account;
 mod assets;
 mod authz;
 mod check;
+mod fleet;
 mod hint;
 mod lock;
 mod man;
@@ -70,6 +72,7 @@ mod status;
 
 use crate::acme::error_chain;
 use crate::app::dirs::{UnsafeDir, WrongUser};
+use crate::app::fleet::FleetUnusable;
 use crate::app::ops::RevokeReason;
 use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
@@ -183,6 +186,11 @@ pub(crate) enum Command {
         /// Output directory; `man/` and `completions/` are created in it.
         dir: PathBuf,
     },
+    /// Fleet mode (several hosts, one PostgreSQL ledger).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Run one reaper pass now: settle stale pending authorizations.
     Reap {
         /// Treat pending authorizations older than this as stale
@@ -215,6 +223,13 @@ pub(crate) enum AccountCommand {
         #[arg(long, value_name = "NAME")]
         ca: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FleetCommand {
+    /// Copy this host's SQLite ledger (state_dir/certd.db) into the
+    /// fleet's database, once: refused if the fleet's ledger holds rows.
+    Import,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,6 +309,7 @@ pub fn main() -> ExitCode {
                 || e.downcast_ref::<UnsafeDir>().is_some()
                 || e.downcast_ref::<WrongUser>().is_some()
                 || e.downcast_ref::<ForeignFile>().is_some()
+                || e.downcast_ref::<FleetUnusable>().is_some()
             {
                 ExitCode::from(2)
             } else {
@@ -316,6 +332,11 @@ impl Command {
             }
             | Command::Account {
                 command: AccountCommand::Rollover { .. },
+            }
+            // Held so that no certd writes the SQLite file while it is
+            // copied.
+            | Command::Fleet {
+                command: FleetCommand::Import,
             } => true,
             Command::Reap { dry_run, .. } => !dry_run,
             Command::GenerateAssets { .. }
@@ -509,6 +530,9 @@ async fn run_command(
         Command::DnsPersist {
             command: DnsPersistCommand::Show { name },
         } => persist::show(&cfg, &name).await,
+        Command::Fleet {
+            command: FleetCommand::Import,
+        } => fleet::import(&cfg, clock).await,
         Command::Revoke {
             name,
             reason,

@@ -63,8 +63,10 @@ pub struct ServerVersion(u32);
 pub enum DbError {
     #[error("fleet database_url is not a valid PostgreSQL URL: {cause}")]
     Url { cause: String },
-    #[error("cannot connect to the fleet database at {target}: {source}")]
+    #[error("cannot connect to the fleet database at {user}@{target}: {source}")]
     Connect {
+        /// The role it logs in as: a refused password is that role's.
+        user: String,
         target: Target,
         #[source]
         source: sqlx::Error,
@@ -145,6 +147,7 @@ impl FleetDb {
                 after: opts.connect_timeout,
             })?
             .map_err(|source| DbError::Connect {
+                user: connect.get_username().to_owned(),
                 target: target.clone(),
                 source,
             })?;

@@ -33,6 +33,7 @@ mod ca_state;
 mod certificates;
 mod error;
 mod events;
+pub mod import;
 mod issued;
 mod lock;
 mod model;
