@@ -47,6 +47,6 @@ pub use account::credentials_path;
 pub(crate) use account::{AcmeAccount, roll_over_account};
 pub use error::{AcmeError, Disposition, LimitScope, ProblemRecord, RateLimit};
 pub(crate) use error::{SetupError, bounded, error_chain};
-pub use http::AcmeHttp;
+pub use http::{AcmeHttp, GateClosed, RequestGate, gated};
 pub(crate) use http::{MAX_JSON_BODY, parse_retry_after};
 pub(crate) use nonce::{NONCE_ATTEMPTS, is_bad_nonce, with_nonce_retry};
