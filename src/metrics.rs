@@ -110,7 +110,7 @@ impl LeaseCounters {
         self.0.takeovers.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String) {
+    pub(crate) fn render(&self, out: &mut String) {
         let c = &*self.0;
         if !c.fleet.load(Ordering::Relaxed) {
             return;

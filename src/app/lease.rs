@@ -230,3 +230,179 @@ pub(crate) async fn reaper_pass(
         }
     }
 }
+
+/// A throwaway PostgreSQL cluster for the tests, as the integration
+/// tests start one. (A `#[path]` inside `mod tests` would be looked up
+/// below a `lease/` directory that does not exist.)
+#[cfg(test)]
+#[allow(dead_code, clippy::all, clippy::pedantic)]
+#[path = "../../tests/util/postgres.rs"]
+mod cluster;
+
+/// What the cluster's module takes from its parent in the test harness.
+#[cfg(test)]
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use instant_acme::{BodyWrapper, HttpClient as _};
+
+    use super::cluster;
+    use super::*;
+    use crate::acme::{AcmeError, AcmeHttp};
+    use crate::clock::Clock;
+    use crate::config::FleetConfig;
+    use crate::fleet::{DbOptions, FleetDb, FleetKey, HolderId, LeaseTiming};
+
+    fn host(db: FleetDb, id: &str, url: &str) -> Fleet {
+        Fleet {
+            db,
+            key: FleetKey::from_bytes(&[7; 32]),
+            holder: HolderId::new(id).expect("host id"),
+            // The shortest ttl, so the lost lease is lost quickly.
+            timing: LeaseTiming::new(Duration::from_millis(900), Duration::from_millis(100))
+                .expect("timing"),
+            cfg: FleetConfig {
+                database_url: url.to_owned(),
+                key_file: "/dev/null".into(),
+                lease_ttl: Duration::from_millis(900),
+                host_id: Some(id.to_owned()),
+                advertise: None,
+            },
+        }
+    }
+
+    /// A request through the ACME client to a port where nothing
+    /// listens: a transport error if it was sent, `Gated` if not.
+    async fn send(http: &AcmeHttp) -> AcmeError {
+        let req = http::Request::post("https://127.0.0.1:1/acme/new-order")
+            .body(BodyWrapper::<Bytes>::from(Vec::new()))
+            .expect("request");
+        AcmeError::from(http.request(req).await.map(|_| ()).expect_err("refused"))
+    }
+
+    /// The holder runs; a peer is refused without running; the fence lets
+    /// the holder's writes through. Cut off from the database, the holder
+    /// stops at its deadline: its order is cancelled, its requests are
+    /// not sent, and once a peer has taken over its writes are refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_order_runs_only_under_its_lease_and_stops_when_it_is_lost() {
+        let pg = cluster::Postgres::launch();
+        let url = pg.url();
+        let open = || async {
+            FleetDb::open(&url, &DbOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("open: {e}\n{}", pg.log()))
+        };
+        let shared = open().await;
+        let a = host(open().await, "host-a", &url);
+        let b = host(shared.clone(), "host-b", &url);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Ledger::postgres(
+            shared.pool().clone(),
+            dir.path().to_owned(),
+            Clock::system(),
+        );
+        let (leases_a, leases_b) = (Leases::default(), Leases::default());
+        let cancel = CancellationToken::new();
+        let http = AcmeHttp::new(None, Clock::system()).expect("client");
+
+        // References, which the `async move` blocks copy.
+        let (a, b, store, cancel, http) = (&a, &b, &store, &cancel, &http);
+        let (leases_a, leases_b) = (&leases_a, &leases_b);
+        let ran = under_lease(a, leases_a, store, "www", cancel, |fenced, _| async move {
+            let peer: Result<(), _> =
+                under_lease(b, leases_b, store, "www", cancel, |_, _| async {
+                    panic!("the peer ran while the lease was held")
+                })
+                .await;
+            assert!(
+                matches!(&peer, Err(DriveError::LeasedElsewhere { lease }) if lease == "cert:www"),
+                "{peer:?}"
+            );
+            fenced.clear_pause("www").await?;
+            assert!(matches!(send(http).await, AcmeError::Transport(_)));
+            Ok("done")
+        })
+        .await;
+        assert_eq!(ran.expect("ran under the lease"), "done");
+
+        // Released: the peer claims it at once.
+        let peer = under_lease(b, leases_b, store, "www", cancel, |_, _| async { Ok(()) }).await;
+        assert!(peer.is_ok(), "{peer:?}");
+
+        let lost = under_lease(
+            a,
+            leases_a,
+            store,
+            "www",
+            cancel,
+            |fenced, token| async move {
+                a.db.pool().close().await;
+                // The renewals fail; the deadline stops the order.
+                token.cancelled().await;
+                assert!(
+                    matches!(send(http).await, AcmeError::Gated(_)),
+                    "nothing is sent past the deadline"
+                );
+                let start = std::time::Instant::now();
+                loop {
+                    match under_lease(b, leases_b, store, "www", cancel, |_, _| async { Ok(()) })
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(DriveError::LeasedElsewhere { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                    assert!(start.elapsed() < Duration::from_secs(30), "no takeover");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let refused = fenced.clear_pause("www").await;
+                assert!(
+                    matches!(refused, Err(LedgerError::Fenced { .. })),
+                    "{refused:?}"
+                );
+                Err::<(), _>(DriveError::Cancelled)
+            },
+        )
+        .await;
+        assert!(
+            matches!(
+                lost,
+                Err(DriveError::Lease(LeaseError::PastDeadline { .. }))
+            ),
+            "{lost:?}"
+        );
+        let page = |leases: &Leases| {
+            let mut page = String::new();
+            leases.counters.render(&mut page);
+            page
+        };
+        let (page_a, page_b) = (page(leases_a), page(leases_b));
+        for line in [
+            "certd_fleet_leases_held 0\n",
+            "certd_fleet_lease_losses_total{reason=\"deadline\"} 1\n",
+            // Epoch 3, after host-b held epoch 2.
+            "certd_fleet_takeovers_total 1\n",
+        ] {
+            assert!(page_a.contains(line), "{line} in {page_a}");
+        }
+        for line in [
+            "certd_fleet_leases_held 0\n",
+            "certd_fleet_lease_losses_total{reason=\"deadline\"} 0\n",
+            // Epoch 2 after host-a's 1, and the one after host-a's 3.
+            "certd_fleet_takeovers_total 2\n",
+        ] {
+            assert!(page_b.contains(line), "{line} in {page_b}");
+        }
+        shared.pool().close().await;
+    }
+}
