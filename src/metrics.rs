@@ -2,12 +2,13 @@
 //!
 //! Everything is read at scrape time from the ledger and the HTTP layer's
 //! counters, so the numbers are those `certd status` shows; besides them,
-//! the daemon's own count of ledger writes that failed.
+//! the daemon's own count of ledger writes that failed, and in fleet mode
+//! its leases ([`LeaseCounters`]).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +25,7 @@ pub(crate) struct Sources {
     pub(crate) http: AcmeHttp,
     pub(crate) clock: Clock,
     pub(crate) ledger_errors: LedgerWriteErrors,
+    pub(crate) leases: LeaseCounters,
 }
 
 /// Ledger writes that failed (a full disk, an I/O error): each is logged
@@ -50,6 +52,121 @@ impl LedgerWriteErrors {
 
     pub(crate) fn count(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Fleet mode's leases as this host saw them: held now, lost (by
+/// reason), writes the fence refused, and takeovers (claims of a lease
+/// another holder had before). Cheap to clone; clones count together.
+/// Without `[fleet]` they stay zero and are not shown.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LeaseCounters(Arc<LeaseCounts>);
+
+#[derive(Debug, Default)]
+struct LeaseCounts {
+    held: AtomicI64,
+    lost_fenced: AtomicU64,
+    lost_deadline: AtomicU64,
+    fenced_writes: AtomicU64,
+    takeovers: AtomicU64,
+    /// Whether this host is in a fleet: the page then shows them.
+    fleet: std::sync::atomic::AtomicBool,
+}
+
+/// Why a held lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseLoss {
+    /// The database refused a renewal: the lease expired or was taken.
+    Fenced,
+    /// The local deadline passed before a renewal got through.
+    Deadline,
+}
+
+/// One lease counted as held until dropped.
+#[derive(Debug)]
+pub(crate) struct HeldLease(LeaseCounters);
+
+impl LeaseCounters {
+    /// Counts a lease as held until the guard is dropped.
+    pub(crate) fn held(&self) -> HeldLease {
+        self.0.fleet.store(true, Ordering::Relaxed);
+        self.0.held.fetch_add(1, Ordering::Relaxed);
+        HeldLease(self.clone())
+    }
+
+    pub(crate) fn lost(&self, why: LeaseLoss) {
+        let counter = match why {
+            LeaseLoss::Fenced => &self.0.lost_fenced,
+            LeaseLoss::Deadline => &self.0.lost_deadline,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fenced_write(&self) {
+        self.0.fenced_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn takeover(&self) {
+        self.0.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, out: &mut String) {
+        let c = &*self.0;
+        if !c.fleet.load(Ordering::Relaxed) {
+            return;
+        }
+        header(
+            out,
+            "certd_fleet_leases_held",
+            "gauge",
+            "Leases this host holds now.",
+        );
+        let _ = writeln!(
+            out,
+            "certd_fleet_leases_held {}",
+            c.held.load(Ordering::Relaxed)
+        );
+        header(
+            out,
+            "certd_fleet_lease_losses_total",
+            "counter",
+            "Leases lost while held, by reason: fenced (the database refused a renewal), deadline (the local deadline passed first).",
+        );
+        for (reason, n) in [("fenced", &c.lost_fenced), ("deadline", &c.lost_deadline)] {
+            let _ = writeln!(
+                out,
+                "certd_fleet_lease_losses_total{{reason=\"{reason}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        header(
+            out,
+            "certd_fleet_fenced_writes_total",
+            "counter",
+            "Ledger writes the fence refused: the lease was no longer this host's.",
+        );
+        let _ = writeln!(
+            out,
+            "certd_fleet_fenced_writes_total {}",
+            c.fenced_writes.load(Ordering::Relaxed)
+        );
+        header(
+            out,
+            "certd_fleet_takeovers_total",
+            "counter",
+            "Leases this host claimed after another holder had them.",
+        );
+        let _ = writeln!(
+            out,
+            "certd_fleet_takeovers_total {}",
+            c.takeovers.load(Ordering::Relaxed)
+        );
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        self.0.0.held.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -99,6 +216,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         http,
         clock,
         ledger_errors,
+        leases,
     } = sources;
     let mut out = String::new();
     let certs = store.certificates().await?;
@@ -198,6 +316,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         "certd_ledger_write_errors_total {}",
         ledger_errors.count()
     );
+    leases.render(&mut out);
     Ok(out)
 }
 
@@ -227,12 +346,44 @@ mod tests {
             http: AcmeHttp::new(None, crate::clock::Clock::system()).expect("HTTP client"),
             clock: Clock::fixed(UnixTime::from_secs(1_000_000)),
             ledger_errors,
+            leases: LeaseCounters::default(),
         };
         let page = render(&sources).await.expect("render");
         assert!(
             page.contains("# TYPE certd_ledger_write_errors_total counter\ncertd_ledger_write_errors_total 2\n"),
             "{page}"
         );
+        assert!(
+            !page.contains("certd_fleet_"),
+            "no fleet, no lease metrics: {page}"
+        );
         store.close().await;
+    }
+
+    #[test]
+    fn lease_counters_count_what_is_held_and_lost() {
+        let leases = LeaseCounters::default();
+        let held = leases.held();
+        let other = leases.clone().held();
+        drop(other);
+        leases.lost(LeaseLoss::Deadline);
+        leases.fenced_write();
+        leases.takeover();
+        leases.takeover();
+        let mut page = String::new();
+        leases.render(&mut page);
+        for line in [
+            "certd_fleet_leases_held 1\n",
+            "certd_fleet_lease_losses_total{reason=\"fenced\"} 0\n",
+            "certd_fleet_lease_losses_total{reason=\"deadline\"} 1\n",
+            "certd_fleet_fenced_writes_total 1\n",
+            "certd_fleet_takeovers_total 2\n",
+        ] {
+            assert!(page.contains(line), "{line} in {page}");
+        }
+        drop(held);
+        page.clear();
+        leases.render(&mut page);
+        assert!(page.contains("certd_fleet_leases_held 0\n"), "{page}");
     }
 }

@@ -16,6 +16,7 @@ mod dns01;
 mod dns_persist;
 mod faults;
 mod fleet;
+mod fleet_daemon;
 mod fleet_setup;
 mod harness;
 mod hostile_ca;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::http::https_url;
+use super::http::{GateClosed, https_url};
 use super::nonce::last_retry_after;
 use super::trust;
 
@@ -319,13 +319,17 @@ pub enum AcmeError {
     Protocol(String),
     #[error("timed out waiting for the CA: {0}")]
     Timeout(String),
+    /// The run's [`RequestGate`](super::http::RequestGate) refused the
+    /// request: nothing was sent.
+    #[error("not sent: {0}")]
+    Gated(GateClosed),
 }
 
 impl AcmeError {
     pub fn disposition(&self) -> Disposition {
         match self {
             Self::Problem { disposition, .. } => *disposition,
-            Self::Transport(_) | Self::Timeout(_) => Disposition::Retryable,
+            Self::Transport(_) | Self::Timeout(_) | Self::Gated(_) => Disposition::Retryable,
             // A CA that answers garbage may be mid-deploy; try again later.
             Self::Protocol(_) => Disposition::Retryable,
         }
@@ -385,7 +389,10 @@ impl From<instant_acme::Error> for AcmeError {
                 // end to put a floor under.
                 None => Self::from_problem(&p, None, SystemTime::UNIX_EPOCH),
             },
-            instant_acme::Error::Other(inner) => Self::Transport(transport_message(inner.as_ref())),
+            instant_acme::Error::Other(inner) => match inner.downcast::<GateClosed>() {
+                Ok(closed) => Self::Gated(*closed),
+                Err(inner) => Self::Transport(transport_message(inner.as_ref())),
+            },
             instant_acme::Error::Timeout(_) => Self::Timeout(e.to_string()),
             instant_acme::Error::Json(j) => Self::Protocol(format!("malformed JSON: {j}")),
             other => Self::Protocol(other.to_string()),

@@ -3,6 +3,13 @@
 //! and redirects are not followed; bodies are read up to a cap while they
 //! stream; the headers certd and instant-acme read are bounded, and
 //! `Retry-After` is clamped before anyone sees it.
+//!
+//! A caller may also put a [`RequestGate`] around a run of requests
+//! ([`gated`]): it is asked before each request and can refuse it, so that
+//! nothing is sent once the caller may no longer speak to the CA (a fleet
+//! host past its lease's deadline). The gate is a scoped value of the task,
+//! like the nonce scope, so every request the run makes (instant-acme's and
+//! certd's own) passes it without being handed it.
 
 use std::future::Future;
 use std::path::Path;
@@ -58,6 +65,34 @@ pub(super) struct HttpInner {
     pub(super) clock: Clock,
     pub(super) nonces: NoncePool,
     pub(super) observer: Observer,
+}
+
+/// Asked before each request inside a [`gated`] run: `Err` and the request
+/// is not sent. The layer that knows why requests must stop implements it
+/// (fleet mode: the lease's local deadline).
+pub trait RequestGate: Send + Sync {
+    fn check(&self) -> Result<(), GateClosed>;
+}
+
+/// A request the gate refused: nothing was sent. The text says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct GateClosed(pub String);
+
+tokio::task_local! {
+    /// The gate of the current run, if it has one.
+    static GATE: Arc<dyn RequestGate>;
+}
+
+/// Runs `fut` with every request it sends through [`AcmeHttp`] first
+/// asked of `gate`.
+pub async fn gated<F: Future>(gate: Arc<dyn RequestGate>, fut: F) -> F::Output {
+    GATE.scope(gate, fut).await
+}
+
+/// The current run's gate's answer; open outside a [`gated`] run.
+fn gate_check() -> Result<(), GateClosed> {
+    GATE.try_with(|gate| gate.check()).unwrap_or(Ok(()))
 }
 
 /// The certificates of `[acme] ca_bundle`, as trust anchors.
@@ -152,6 +187,9 @@ impl HttpInner {
         &self,
         req: Request<BodyWrapper<Bytes>>,
     ) -> Result<BytesResponse, instant_acme::Error> {
+        // First of all: past the gate nothing is sent, not even a nonce
+        // from the pool is spent.
+        gate_check().map_err(|closed| instant_acme::Error::Other(Box::new(closed)))?;
         let (parts, body) = req.into_parts();
         // The body type's error is `Infallible`.
         let body = match body.collect().await {
@@ -455,6 +493,68 @@ mod tests {
     use crate::acme::error::{AcmeError, Disposition};
     use crate::acme::observe::link_with_rel;
     use crate::acme::raw;
+
+    /// A gate that counts its checks and answers as told.
+    struct Gate {
+        open: bool,
+        checks: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RequestGate for Gate {
+        fn check(&self) -> Result<(), GateClosed> {
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.open {
+                Ok(())
+            } else {
+                Err(GateClosed("lease lost".into()))
+            }
+        }
+    }
+
+    /// A closed gate stops the request before anything is sent (no
+    /// connection, not even a pooled nonce spent) with a typed error; an
+    /// open one lets it go (to a port where nothing listens, so it fails
+    /// as a transport error, counted).
+    #[tokio::test]
+    async fn a_closed_gate_sends_nothing() {
+        let http = AcmeHttp::new(None, Clock::system()).expect("client");
+        let request = || {
+            Request::post("https://127.0.0.1:1/acme/new-order")
+                .body(BodyWrapper::from(Vec::new()))
+                .expect("request")
+        };
+        let closed = Arc::new(Gate {
+            open: false,
+            checks: 0.into(),
+        });
+        let e = gated(closed.clone(), http.request(request()))
+            .await
+            .map(|_| ())
+            .expect_err("refused");
+        let e = AcmeError::from(e);
+        assert!(
+            matches!(&e, AcmeError::Gated(c) if c.0 == "lease lost"),
+            "{e:?}"
+        );
+        assert_eq!(e.disposition(), Disposition::Retryable);
+        assert_eq!(closed.checks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(http.request_counts().is_empty(), "nothing sent");
+        let open = Arc::new(Gate {
+            open: true,
+            checks: 0.into(),
+        });
+        let e = gated(open.clone(), http.request(request()))
+            .await
+            .map(|_| ())
+            .expect_err("nothing listens there");
+        assert!(matches!(AcmeError::from(e), AcmeError::Transport(_)));
+        assert_eq!(open.checks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(!http.request_counts().is_empty(), "sent");
+        // Outside a gated run there is no gate.
+        let e = http.request(request()).await.map(|_| ()).expect_err("sent");
+        assert!(matches!(AcmeError::from(e), AcmeError::Transport(_)));
+    }
 
     #[test]
     fn error_pages_become_problem_documents() {

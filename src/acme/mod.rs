@@ -50,6 +50,6 @@ pub(crate) use account::{
 };
 pub use error::{AcmeError, Disposition, LimitScope, ProblemRecord, RateLimit};
 pub(crate) use error::{SetupError, bounded, error_chain};
-pub use http::AcmeHttp;
+pub use http::{AcmeHttp, GateClosed, RequestGate, gated};
 pub(crate) use http::{MAX_JSON_BODY, parse_retry_after};
 pub(crate) use nonce::{NONCE_ATTEMPTS, is_bad_nonce, with_nonce_retry};

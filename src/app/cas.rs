@@ -22,13 +22,13 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use crate::acme::{AcmeError, Disposition, SetupError, error_chain};
-use crate::app::Services;
 use crate::app::ca_choice::{self, CaFacts, Wants};
+use crate::app::{Services, lease, wants_same_names};
 use crate::clock::UnixTime;
 use crate::config::{CaName, CertificateConfig, Config};
 use crate::hygiene::{GuardError, Reaper};
 use crate::install;
-use crate::ledger::LedgerError;
+use crate::ledger::{Ledger, LedgerError};
 use crate::order::{self, Context, DriveError, Issued};
 use crate::solver::Unready;
 
@@ -102,6 +102,12 @@ impl Cas {
         }
     }
 
+    /// Fleet mode's lease length: how soon a certificate another host
+    /// holds is looked at again.
+    pub(crate) fn lease_ttl(&self) -> Option<std::time::Duration> {
+        self.inner.services.fleet.as_ref().map(|f| f.timing.ttl())
+    }
+
     /// The context of `ca` if it was created already.
     pub(crate) fn ready(&self, ca: &CaName) -> Option<Context> {
         lock(&self.inner.contexts)
@@ -145,14 +151,39 @@ impl Cas {
     }
 
     /// Obtains and installs `cert` at the first CA of its list that can
-    /// issue it, falling back to the next while the reason allows.
+    /// issue it, falling back to the next while the reason allows. In
+    /// fleet mode, only under the certificate's lease (`lease`).
     pub(crate) async fn obtain(
         &self,
         cert: &CertificateConfig,
         cancel: &CancellationToken,
     ) -> Result<Issued, DriveError> {
+        let services = &self.inner.services;
+        let Some(fleet) = &services.fleet else {
+            return self.obtain_with(cert, None, cancel).await;
+        };
         let name = cert.name.as_str();
-        let store = &self.inner.services.store;
+        lease::under_lease(
+            fleet,
+            &services.leases,
+            &services.store,
+            name,
+            cancel,
+            |fenced, token| async move { self.obtain_with(cert, Some(&fenced), &token).await },
+        )
+        .await
+    }
+
+    /// [`Cas::obtain`], its ledger writes made through `fenced` when
+    /// given (fleet mode: the lease is held).
+    async fn obtain_with(
+        &self,
+        cert: &CertificateConfig,
+        fenced: Option<&Ledger>,
+        cancel: &CancellationToken,
+    ) -> Result<Issued, DriveError> {
+        let name = cert.name.as_str();
+        let store = fenced.unwrap_or(&self.inner.services.store);
         let now = self.inner.services.clock.now();
         let issuer = store
             .issuer_ca(name)
@@ -178,7 +209,9 @@ impl Cas {
                 tracing::warn!(cert = name, ca = %skipped, "falling back to CA {ca}: {why}");
             }
             tried.extend(choice.skipped.iter().map(|(c, _)| *c));
-            let result = self.attempt(ca, issuer.as_ref(), cert, cancel).await;
+            let result = self
+                .attempt(ca, issuer.as_ref(), cert, fenced, cancel)
+                .await;
             let e = match result {
                 Ok(issued) => {
                     store.ca_answered(ca.as_str()).await?;
@@ -187,10 +220,14 @@ impl Cas {
                     }
                     return Ok(issued);
                 }
+                // The lease, not the CA: no other CA may be asked either.
+                Err(e) if e.is_elsewhere() || fenced.is_some() && e.is_self_fenced() => {
+                    return Err(e);
+                }
                 Err(e) => e,
             };
             tried.push(ca);
-            let Some(reason) = self.fallback_reason(ca, name, &e, &wants).await? else {
+            let Some(reason) = self.fallback_reason(ca, name, &e, &wants, store).await? else {
                 // Said where the operator looks (`status`): the other CAs
                 // were left alone on purpose.
                 if matches!(e, DriveError::Validation { .. } | DriveError::Preflight(_))
@@ -212,12 +249,15 @@ impl Cas {
         }
     }
 
-    /// One attempt at `ca`: `replaces` only towards the issuer.
+    /// One attempt at `ca`: `replaces` only towards the issuer. Under a
+    /// lease (`fenced`), the orders earlier holders left for `cert` at
+    /// this CA are recovered first, so the order resumes theirs.
     async fn attempt(
         &self,
         ca: &CaName,
         issuer: Option<&CaName>,
         cert: &CertificateConfig,
+        fenced: Option<&Ledger>,
         cancel: &CancellationToken,
     ) -> Result<Issued, DriveError> {
         let mut ctx = match self.context(ca).await {
@@ -226,9 +266,8 @@ impl Cas {
                 if let DriveError::Acme(a) = &e
                     && is_unreachable(a)
                 {
-                    self.inner
-                        .services
-                        .store
+                    fenced
+                        .unwrap_or(&self.inner.services.store)
                         .ca_failed(ca.as_str(), &a.to_string())
                         .await?;
                 }
@@ -239,6 +278,22 @@ impl Cas {
         // the only CA there was: `[acme]`, the primary.
         let primary = &self.inner.cfg.primary_ca().name;
         ctx.replaces_installed = issuer.unwrap_or(primary) == ca;
+        if let Some(fenced) = fenced {
+            ctx.store = fenced.clone();
+            let name = cert.name.as_str();
+            let cfg = &self.inner.cfg;
+            let (resumable, abandoned) =
+                order::recover_certificate(&ctx.reaper, fenced, name, |o| wants_same_names(cfg, o))
+                    .await?;
+            if resumable + abandoned > 0 {
+                tracing::info!(
+                    cert = name,
+                    resumable,
+                    abandoned,
+                    "recovered the orders earlier holders of the lease left"
+                );
+            }
+        }
         order::obtain(&ctx, cert, cancel).await
     }
 
@@ -267,8 +322,8 @@ impl Cas {
         name: &str,
         e: &DriveError,
         wants: &Wants<'_>,
+        store: &Ledger,
     ) -> Result<Option<String>, LedgerError> {
-        let store = &self.inner.services.store;
         let now = self.inner.services.clock.now();
         let reason = match e {
             DriveError::Profile(why) => Some(why.clone()),
@@ -379,7 +434,8 @@ fn required_profiles(cert: &CertificateConfig) -> Vec<String> {
 
 /// Whether `e` says the CA could not be reached or failed on its side.
 fn is_unreachable(e: &AcmeError) -> bool {
-    matches!(e.disposition(), Disposition::Retryable)
+    !matches!(e, AcmeError::Gated(_))
+        && matches!(e.disposition(), Disposition::Retryable)
         && e.problem()
             .is_none_or(|p| p.status.is_none_or(|s| s >= 500))
 }

@@ -11,6 +11,7 @@ pub(crate) mod ca_choice;
 pub(crate) mod cas;
 pub(crate) mod dirs;
 pub(crate) mod fleet;
+pub(crate) mod lease;
 pub(crate) mod ops;
 pub(crate) mod outcome;
 pub(crate) mod sink;
@@ -27,6 +28,7 @@ use crate::order::{Context, RunMode};
 use crate::solver::Solvers;
 
 use self::fleet::Fleet;
+use self::lease::Leases;
 use self::outcome::Outcomes;
 
 /// What every run of certd starts from.
@@ -41,6 +43,8 @@ pub struct Services {
     /// Fleet mode (`[fleet]`): the shared database, the fleet key and
     /// this host's identity; `store` is then the shared ledger.
     pub(crate) fleet: Option<Arc<Fleet>>,
+    /// Fleet mode's leases, for the metrics page.
+    pub(crate) leases: Leases,
 }
 
 /// What recovery found of the orders an earlier run left unfinished.
@@ -77,6 +81,7 @@ impl Services {
             store,
             ledger_errors: LedgerWriteErrors::default(),
             fleet: None,
+            leases: Leases::default(),
         }
     }
 
@@ -140,7 +145,8 @@ impl Services {
     }
 
     /// The reaper of `account` at `ca`, with that CA's limits, and its
-    /// unfinished orders recovered.
+    /// unfinished orders recovered (not in fleet mode: there recovery is
+    /// per certificate, under its lease).
     pub(crate) async fn reaper_at(
         &self,
         cfg: &Config,
@@ -148,6 +154,18 @@ impl Services {
         account: AcmeAccount,
     ) -> Result<(Reaper, Recovered), LedgerError> {
         let reaper = Reaper::new(self.store.clone(), account, ca.reaper_config(&cfg.reaper));
+        // A fleet's peers drive their orders now: recovering all of them
+        // would abandon live ones. Each certificate's are recovered by
+        // the host that claims its lease (`cas`, `order::recover_certificate`).
+        if self.fleet.is_some() {
+            return Ok((
+                reaper,
+                Recovered {
+                    resumable: 0,
+                    abandoned: 0,
+                },
+            ));
+        }
         let (resumable, abandoned) =
             crate::order::recover(&reaper, |o| wants_same_names(cfg, o)).await?;
         Ok((

@@ -347,6 +347,8 @@ async fn renew_due(
                     failed += 1;
                 }
             }
+            // Fleet mode: another host renews it; not this run's failure.
+            Err(e) if e.is_elsewhere() => outln!("{}: {e}; skipped", c.name),
             Err(e) => {
                 failed += 1;
                 record_failed(services, &c, reason, &Failure::of(&e), &failures_before).await?;
@@ -363,10 +365,8 @@ async fn renew_due(
         .collect();
     tracing::debug!(requests = %requests.join(" "), "ACME requests of this run");
     // A one-shot run from cron is the only hygiene some hosts get.
-    let counts = ctx
-        .reaper
-        .pass(cfg.reaper.pending_max_age, false, false, |_, _| {})
-        .await?;
+    let counts =
+        crate::app::lease::reaper_pass(services, &ctx.reaper, cfg.reaper.pending_max_age).await?;
     if counts.deactivated + counts.held_back > 0 {
         outln!(
             "reaper: deactivated {} stale pending authorization(s), held back {}",

@@ -169,10 +169,15 @@ pub async fn run(
     }
     // A CA first used later gets its passes on the same schedule.
     let (spawner, times, stop) = (tasks.clone(), reaper_rx.clone(), shutdown.clone());
+    let for_new = services.clone();
     cas.on_new_reaper(move |reaper| {
-        spawner.spawn("reaper", reaper_loop(reaper, times.clone(), stop.clone()));
+        let looped = reaper_loop(reaper, for_new.clone(), times.clone(), stop.clone());
+        spawner.spawn("reaper", looped);
     });
-    tasks.spawn("reaper", reaper_loop(reaper, reaper_rx, shutdown.clone()));
+    tasks.spawn(
+        "reaper",
+        reaper_loop(reaper, services.clone(), reaper_rx, shutdown.clone()),
+    );
     // The other CAs this state directory has accounts at: their reapers
     // recover what an earlier run left unfinished there and settle stale
     // authorizations, rather than wait for the next order to go there.

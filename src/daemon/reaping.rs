@@ -1,11 +1,15 @@
 //! The reaper's loop in the daemon: a pass every `reaper.interval`, with
-//! the settings a reload may change.
+//! the settings a reload may change. In fleet mode a pass runs only under
+//! the account's reaper lease (`reaper:<account>`), so one host of the
+//! fleet reaps an account at a time.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Services;
+use crate::app::lease::reaper_pass;
 use crate::config::Config;
 use crate::hygiene::Reaper;
 
@@ -29,6 +33,7 @@ impl ReaperTimes {
 /// changes the interval restarts the wait.
 pub(crate) async fn reaper_loop(
     reaper: Reaper,
+    services: Services,
     mut times: watch::Receiver<ReaperTimes>,
     shutdown: CancellationToken,
 ) {
@@ -44,7 +49,7 @@ pub(crate) async fn reaper_loop(
             }
             () = shutdown.cancelled() => return,
         }
-        match reaper.pass(max_age, false, false, |_, _| {}).await {
+        match reaper_pass(&services, &reaper, max_age).await {
             Ok(c) if c.examined > 0 => {
                 tracing::info!(
                     examined = c.examined,

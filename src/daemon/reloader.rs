@@ -196,6 +196,7 @@ impl MetricsListener {
             http: ctx.account.http.clone(),
             clock: services.clock.clone(),
             ledger_errors: services.ledger_errors.clone(),
+            leases: services.leases.counters.clone(),
         };
         let addr = crate::metrics::start(listener, sources, &tasks.tracker, &stop)?;
         Ok(Self { addr, stop })

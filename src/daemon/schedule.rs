@@ -630,6 +630,16 @@ impl Scheduler {
                 self.set_next_renewal(&name, entry.next).await;
             }
             Err(DriveError::Cancelled) if self.cancel.is_cancelled() => {}
+            // Fleet mode: another host holds the lease (or took it over).
+            // Not this certificate's failure: look again in a lease's
+            // time, by when the holder has installed it fleet-wide or its
+            // lease has lapsed and this host may take over.
+            Err(e) if e.is_elsewhere() => {
+                let retry = self.cas.lease_ttl().unwrap_or(self.cfg.daemon.backoff_min);
+                entry.next = self.now().plus(retry);
+                entry.why = "another host of the fleet holds its lease".into();
+                tracing::debug!(cert = %name, error = %e, next = %entry.next.rfc3339(), "not renewing here now");
+            }
             Err(e) => {
                 entry.failures += 1;
                 let failure = Failure::of(&e);

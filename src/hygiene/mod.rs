@@ -9,5 +9,5 @@ mod settle;
 
 pub(crate) use guard::Admission;
 pub use guard::GuardError;
-pub(crate) use reaper::Reaper;
+pub(crate) use reaper::{PassCounts, Reaper};
 pub(crate) use settle::{Policy, Settled};

@@ -58,6 +58,7 @@ use crate::acme::{
 use crate::clock::Clock;
 use crate::config::{CaName, TrustedRoots};
 use crate::config::{CertificateConfig, ChallengeKind};
+use crate::fleet::LeaseError;
 use crate::hygiene::{Admission, GuardError, Policy, Reaper};
 use crate::install::{self, CertInfo, InstallError, ReloadOutcome};
 use crate::ledger::{self, Actor, EventKind, Identifiers, Ledger, LedgerError, OrderStep};
@@ -90,7 +91,7 @@ use plan::new_order;
 use resume::{Resumed, resume};
 use validate::{plan_challenges, record_authorizations, validate};
 
-pub(crate) use recovery::recover;
+pub(crate) use recovery::{recover, recover_certificate};
 
 /// What the driver needs; shared by concurrent orders.
 #[derive(Clone)]
@@ -204,6 +205,14 @@ pub enum DriveError {
     OrderState(ledger::OrderStatus),
     #[error("shutting down")]
     Cancelled,
+    /// Fleet mode: another live host holds the certificate's lease, so
+    /// this host does not order it now.
+    #[error("{lease} is held by another host of the fleet; not ordering it here")]
+    LeasedElsewhere { lease: String },
+    /// Fleet mode: the certificate's lease could not be claimed, or was
+    /// lost while the order ran (this host then stopped sending).
+    #[error("fleet lease: {0}")]
+    Lease(#[from] LeaseError),
 }
 
 impl DriveError {
@@ -234,7 +243,27 @@ impl DriveError {
             // attempt goes ahead.
             Self::Guard(_) | Self::Preflight(_) | Self::NotReady(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
+            Self::LeasedElsewhere { .. } | Self::Lease(_) => Disposition::Retryable,
         }
+    }
+
+    /// Whether this host stopped because the certificate is another
+    /// host's to renew (fleet mode): its lease is held elsewhere or was
+    /// lost. Not a failure of the certificate; the host looks again soon.
+    pub(crate) fn is_elsewhere(&self) -> bool {
+        matches!(self, Self::LeasedElsewhere { .. } | Self::Lease(_))
+    }
+
+    /// Whether the order stopped because this host may no longer act for
+    /// it: a request refused by the lease's deadline, or a write refused
+    /// by its fence. Nothing more may be sent or written for it.
+    pub(crate) fn is_self_fenced(&self) -> bool {
+        matches!(
+            self,
+            Self::Acme(AcmeError::Gated(_))
+                | Self::Ledger(LedgerError::Fenced { .. })
+                | Self::Lease(_)
+        )
     }
 
     /// The CA's problem document, if the failure carries one.
@@ -365,6 +394,23 @@ async fn obtain_inner(
     };
     match result {
         Ok(issued) => Ok(issued),
+        // Fleet mode: past the lease, nothing more is sent or written; the
+        // next holder's recovery takes the order up.
+        Err(e) if e.is_self_fenced() => Err(e),
+        // Fleet mode, shutting down: the order is handed over, not given
+        // up. Its authorizations stay pending and the lease is released,
+        // so a peer claims it and resumes this order.
+        Err(DriveError::Cancelled) if ctx.store.is_shared() => {
+            ctx.store
+                .set_order_state(
+                    &order_url,
+                    order_status(order.state().status),
+                    OrderStep::Resumable,
+                    Some("handed over at shutdown"),
+                )
+                .await?;
+            Err(DriveError::Cancelled)
+        }
         Err(e) => {
             let detail = e
                 .problem()

@@ -5,6 +5,11 @@
 //! An order left unfinished is either taken up again by the next order for
 //! the same names (marked `Resumable`) or abandoned, its pending
 //! authorizations settled within the CA's failure budget by the reaper.
+//!
+//! One process recovers all of an account's orders at start
+//! ([`recover`]). A fleet cannot: a peer's orders are in flight and
+//! driven. There, recovery is per certificate, by the host that claimed
+//! its lease, for the orders earlier epochs left ([`recover_certificate`]).
 
 use std::collections::HashSet;
 
@@ -12,8 +17,8 @@ use crate::acme::AcmeError;
 use crate::acme::raw::{account_orders, fetch_authz, fetch_order};
 use crate::hygiene::{Policy, Reaper};
 use crate::ledger::{
-    Actor, EventKind, Identifiers, LedgerError, NewAuthz, NewChallenge, OrderRow, OrderStatus,
-    OrderStep,
+    Actor, EventKind, Identifiers, Ledger, LedgerError, NewAuthz, NewChallenge, OrderRow,
+    OrderStatus, OrderStep,
 };
 
 use super::keys::{order_key_dir, order_key_path, remove_order_key};
@@ -46,9 +51,44 @@ pub(crate) async fn recover(
 ) -> Result<(usize, usize), LedgerError> {
     let s = reaper.store();
     adopt_unknown(reaper).await?;
+    let orders = s.in_flight_orders(reaper.account().ledger_id).await?;
+    settle_in_flight(reaper, s, orders, keep).await
+}
+
+/// Fleet mode's recovery of one certificate, by the host that just
+/// claimed its lease: the orders for `cert_name` that earlier holders
+/// left in flight are marked resumable (the newest for names `keep`
+/// accepts, so the order that follows takes it up instead of placing
+/// another) or abandoned. `store` is the handle fenced by the lease, so
+/// a host that lost the lease meanwhile changes nothing. Orders the CA
+/// created that the ledger never learnt of are not adopted here: listing
+/// them is account-wide, and clearing the account's intents would drop a
+/// peer's intent for an order it is placing now.
+pub(crate) async fn recover_certificate(
+    reaper: &Reaper,
+    store: &Ledger,
+    cert_name: &str,
+    keep: impl Fn(&OrderRow) -> bool,
+) -> Result<(usize, usize), LedgerError> {
+    let orders = store
+        .in_flight_orders(reaper.account().ledger_id)
+        .await?
+        .into_iter()
+        .filter(|o| o.cert_name == cert_name)
+        .collect();
+    settle_in_flight(reaper, store, orders, keep).await
+}
+
+/// Marks resumable, or abandons, `orders` (oldest first), writing
+/// through `s`.
+async fn settle_in_flight(
+    reaper: &Reaper,
+    s: &Ledger,
+    mut orders: Vec<OrderRow>,
+    keep: impl Fn(&OrderRow) -> bool,
+) -> Result<(usize, usize), LedgerError> {
     let key_dir = order_key_dir(s).await?;
     let (mut resumable, mut abandoned) = (0, 0);
-    let mut orders = s.in_flight_orders(reaper.account().ledger_id).await?;
     // Newest first: of several unfinished orders for the same names the
     // driver resumes the newest, so the older ones are abandoned now.
     orders.reverse();
@@ -73,7 +113,7 @@ pub(crate) async fn recover(
             resumable += 1;
             continue;
         }
-        abandon_order(reaper, &order.url, &order.cert_name, "recovery").await?;
+        abandon_order(reaper, s, &order.url, &order.cert_name, "recovery").await?;
         abandoned += 1;
     }
     Ok((resumable, abandoned))
@@ -210,14 +250,15 @@ async fn adopt(reaper: &Reaper, url: &str) -> Result<bool, AdoptError> {
 }
 
 /// Gives up on an order: settles its pending authorizations and marks it
-/// abandoned.
+/// abandoned, writing the order's state through `s` (in fleet mode, the
+/// handle fenced by the certificate's lease).
 pub(crate) async fn abandon_order(
     reaper: &Reaper,
+    s: &Ledger,
     order_url: &str,
     cert_name: &str,
     why: &str,
 ) -> Result<(), LedgerError> {
-    let s = reaper.store();
     for (url, identifier) in s.pending_authz_of_order(order_url).await? {
         reaper
             .settle(&url, &identifier, Policy::by(Actor::Driver))

@@ -83,6 +83,6 @@ pub(super) async fn resume(
         },
         Err(e) => format!("not resumable: {}", AcmeError::from(e)),
     };
-    recovery::abandon_order(&ctx.reaper, &row.url, name, &why).await?;
+    recovery::abandon_order(&ctx.reaper, &ctx.store, &row.url, name, &why).await?;
     Ok(None)
 }

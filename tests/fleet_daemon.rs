@@ -1,0 +1,293 @@
+//! Fleet mode end to end, the order path: two `certd run` processes
+//! ("hosts") sharing one PostgreSQL and one Pebble, each with its own
+//! state and certificate directories, the same fleet key and distinct
+//! `host_id`s. What is asserted is what the CA and the shared database
+//! saw: one `newOrder` per certificate per renewal, fleet-wide; a holder
+//! killed mid-order is replaced by its peer under the next epoch, which
+//! finishes the same order; a holder stopped by SIGTERM hands its order
+//! over instead of deactivating it.
+//!
+//! Challenges are dns-01 through the environment's hook (challtestsrv is
+//! shared, so whichever host holds the lease can answer); each host's
+//! http-01 listener is on a port of its own, as two hosts' would be.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::postgres::Postgres;
+use crate::util::{Daemon, TestCommand, TestEnv, flag, free_port, install_hook_wrapper};
+
+/// How long a condition may take on a loaded machine: an issuance, or a
+/// lease (6 s, the shortest allowed) running out and being claimed.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+/// The fleet's shared parts (one CA, one database, one fleet key) and the
+/// directory each host lives in.
+struct Fleet {
+    env: TestEnv,
+    pg: Postgres,
+    key_file: PathBuf,
+}
+
+/// One host: its config file, state and certificate directories.
+struct Host {
+    id: &'static str,
+    config: PathBuf,
+    cert_dir: PathBuf,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let env = TestEnv::new();
+        let pg = Postgres::launch();
+        let key_file = env.dir().join("fleet.key");
+        let key: Vec<u8> = (0..32u8)
+            .map(|i| i.wrapping_mul(37).wrapping_add(11))
+            .collect();
+        fs::write(&key_file, key).expect("write the fleet key");
+        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).expect("chmod 0600");
+        Fleet { env, pg, key_file }
+    }
+
+    /// Makes the dns-01 hook controllable (`flag(.., "block", ..)`), after
+    /// every host's config is written: writing one rewrites the hook.
+    fn controllable_hook(&self) {
+        install_hook_wrapper(&self.env);
+    }
+
+    /// Writes host `id`'s config: the environment's (its CA, dns-01 hook)
+    /// with its own directories and http-01 port, and `[fleet]`.
+    fn host(&self, id: &'static str, certificates: &str) -> Host {
+        self.env
+            .write_config(&format!("{}{certificates}", crate::util::DAEMON_RETRY_2S));
+        let base = fs::read_to_string(self.env.config_path()).expect("read config");
+        let dir = self.env.dir().join(id);
+        let (state_dir, cert_dir) = (dir.join("state"), dir.join("certs"));
+        fs::create_dir_all(&dir).expect("host dir");
+        let text = base
+            .replace(&toml_str(&self.env.state_dir()), &toml_str(&state_dir))
+            .replace(&toml_str(&self.env.cert_dir()), &toml_str(&cert_dir))
+            .replace(
+                &format!("127.0.0.1:{}", self.env.pebble.http01_port()),
+                &format!("127.0.0.1:{}", free_port()),
+            );
+        let config = dir.join("certd.toml");
+        // `[fleet]` goes before the first `[[certificate]]`, after the
+        // tables it must not be read into.
+        let (head, certs) = text
+            .split_once("[[certificate]]")
+            .expect("the config has certificates");
+        let fleet = format!(
+            "\n[fleet]\ndatabase_url = \"{url}\"\nkey_file = {key}\nlease_ttl = \"6s\"\nhost_id = \"{id}\"\n\n",
+            url = self.pg.url(),
+            key = toml_str(&self.key_file),
+        );
+        fs::write(&config, format!("{head}{fleet}[[certificate]]{certs}")).expect("write config");
+        Host {
+            id,
+            config,
+            cert_dir,
+        }
+    }
+
+    /// `newOrder` requests Pebble answered, for any account.
+    fn new_orders(&self) -> usize {
+        self.env.pebble.pebble_log().matches("/order-plz").count()
+    }
+
+    /// Runs a query on the shared database.
+    fn query<T>(&self, sql: &'static str, bind: &str) -> Vec<T>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        let url = self.pg.url();
+        let bind = bind.to_owned();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+                let rows = sqlx::query_as::<_, T>(sql)
+                    .bind(bind)
+                    .fetch_all(&pool)
+                    .await
+                    .expect("query");
+                pool.close().await;
+                rows
+            })
+    }
+
+    /// The lease row of certificate `name`: holder and epoch.
+    fn lease(&self, name: &str) -> Option<(Option<String>, i64)> {
+        self.query(
+            "SELECT holder, epoch FROM leases WHERE name = $1",
+            &format!("cert:{name}"),
+        )
+        .into_iter()
+        .next()
+    }
+
+    /// Authorization URLs and statuses the shared ledger holds for the
+    /// orders of certificate `name`.
+    fn authz_of(&self, name: &str) -> Vec<(String, String)> {
+        self.query(
+            "SELECT a.url, a.status FROM authorizations a
+               JOIN order_authorizations oa ON oa.authz_id = a.id
+               JOIN orders o ON o.id = oa.order_id
+              WHERE o.cert_name = $1",
+            name,
+        )
+    }
+}
+
+impl Host {
+    fn spawn(&self) -> Daemon {
+        TestCommand::new(&self.config).arg("run").spawn()
+    }
+
+    fn installed(&self, name: &str) -> PathBuf {
+        self.cert_dir.join(name).join("cert.pem")
+    }
+}
+
+fn toml_str(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+fn dns_cert(name: &str) -> String {
+    format!(
+        "\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{name}.fleet.test\"]\nchallenges = [\"dns-01\"]\n"
+    )
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool, hosts: &[&Daemon]) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > PATIENCE {
+            let logs: Vec<String> = hosts.iter().map(|d| d.stderr()).collect();
+            panic!(
+                "{what}: not within {PATIENCE:?}\n{}",
+                logs.join("\n-----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two hosts, three certificates: each is ordered once, fleet-wide, and
+/// ends up installed on both hosts.
+#[test]
+fn order_one_new_order_per_certificate_across_two_hosts() {
+    let fleet = Fleet::new();
+    let names = ["one", "two", "three"];
+    let certs: String = names.iter().map(|n| dns_cert(n)).collect();
+    let (a, b) = (fleet.host("host-a", &certs), fleet.host("host-b", &certs));
+    let (da, db) = (a.spawn(), b.spawn());
+    for name in names {
+        wait_until(
+            &format!("{name} installed on both hosts"),
+            || a.installed(name).exists() && b.installed(name).exists(),
+            &[&da, &db],
+        );
+    }
+    assert_eq!(
+        fleet.new_orders(),
+        names.len(),
+        "one newOrder per certificate"
+    );
+    for name in names {
+        let (holder, epoch) = fleet.lease(name).expect("the certificate's lease");
+        assert!(epoch >= 1);
+        // Released once its renewal ended.
+        assert_eq!(holder, None, "{name}");
+    }
+    let (oa, ob) = (da.terminate(), db.terminate());
+    assert_eq!((oa.code(), ob.code()), (Some(0), Some(0)), "{oa}\n{ob}");
+    // Nothing ordered meanwhile, at shutdown or after.
+    assert_eq!(fleet.new_orders(), names.len());
+}
+
+/// The holder is killed after `newOrder`, while it presents the
+/// challenge: the peer claims the lease under the next epoch once it
+/// lapses, and finishes the same order.
+#[test]
+fn order_a_killed_holder_is_taken_over_and_its_order_finished() {
+    let fleet = Fleet::new();
+    let certs = dns_cert("k");
+    let (a, b) = (fleet.host("host-a", &certs), fleet.host("host-b", &certs));
+    fleet.controllable_hook();
+    flag(&fleet.env, "block", true);
+    let mut da = a.spawn();
+    da.wait_for_file(&fleet.env.dir().join("presenting"), PATIENCE);
+    assert_eq!(fleet.new_orders(), 1);
+    let (holder, epoch) = fleet.lease("k").expect("the lease");
+    assert_eq!((holder.as_deref(), epoch), (Some(a.id), 1));
+    // The peer runs meanwhile and keeps away from the held lease.
+    let db = b.spawn();
+    da.signal("KILL");
+    let _ = da.wait();
+    flag(&fleet.env, "block", false);
+
+    wait_until(
+        "k installed by host-b",
+        || b.installed("k").exists(),
+        &[&db],
+    );
+    assert_eq!(
+        fleet.new_orders(),
+        1,
+        "host-b finished host-a's order, no second newOrder"
+    );
+    let (_, epoch) = fleet.lease("k").expect("the lease");
+    assert!(epoch >= 2, "taken over under a new epoch: {epoch}");
+    let authz = fleet.authz_of("k");
+    assert!(!authz.is_empty());
+    assert!(
+        authz.iter().all(|(_, status)| status == "valid"),
+        "{authz:?}"
+    );
+    let out = db.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+}
+
+/// SIGTERM while holding: the holder releases the lease and keeps the
+/// order (its authorization stays pending, not deactivated); the peer
+/// resumes that order.
+#[test]
+fn order_sigterm_hands_the_order_over() {
+    let fleet = Fleet::new();
+    let certs = dns_cert("h");
+    let (a, b) = (fleet.host("host-a", &certs), fleet.host("host-b", &certs));
+    fleet.controllable_hook();
+    flag(&fleet.env, "block", true);
+    let mut da = a.spawn();
+    da.wait_for_file(&fleet.env.dir().join("presenting"), PATIENCE);
+    let out = da.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+    let (holder, epoch) = fleet.lease("h").expect("the lease");
+    assert_eq!((holder, epoch), (None, 1), "released at shutdown");
+    let authz = fleet.authz_of("h");
+    assert!(!authz.is_empty());
+    assert!(
+        authz.iter().all(|(_, status)| status == "pending"),
+        "kept for the peer, not deactivated: {authz:?}"
+    );
+    let steps: Vec<(String,)> = fleet.query("SELECT step FROM orders WHERE cert_name = $1", "h");
+    assert_eq!(steps, [("resumable".to_owned(),)]);
+
+    flag(&fleet.env, "block", false);
+    let db = b.spawn();
+    wait_until(
+        "h installed by host-b",
+        || b.installed("h").exists(),
+        &[&db],
+    );
+    assert_eq!(fleet.new_orders(), 1, "host-b resumed host-a's order");
+    let (_, epoch) = fleet.lease("h").expect("the lease");
+    assert_eq!(epoch, 2);
+    let out = db.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+}
