@@ -32,7 +32,8 @@ mod tls_alpn;
 
 pub(crate) use dns_hook::Dns01Hook;
 pub(crate) use dns_persist::DnsPersistSolver;
-pub(crate) use http01::{Http01Responder, Http01Solver};
+pub use http01::{Http01Fallback, Http01Responder};
+pub(crate) use http01::Http01Solver;
 pub(crate) use rfc2136::Rfc2136Solver;
 pub(crate) use tls_alpn::TlsAlpnSolver;
 
@@ -249,6 +250,9 @@ pub struct Solvers {
     listeners: Arc<Mutex<Listeners>>,
     /// Handed to the dns-01 solvers (TSIG times, `persistUntil`).
     clock: Clock,
+    /// Where the http-01 responder looks for tokens it does not hold
+    /// (fleet mode: another host's orders).
+    http01_fallback: Option<Arc<dyn Http01Fallback>>,
 }
 
 /// The sections of a configuration the solvers are built from.
@@ -295,8 +299,23 @@ impl Solvers {
         cancel: &CancellationToken,
         clock: Clock,
     ) -> Result<Self, SolverError> {
+        Self::with_fallback(cfg, needed, tracker, cancel, clock, None).await
+    }
+
+    /// As [`Solvers::from_config`], the http-01 responder (this one and
+    /// those a reload starts) answering tokens it does not hold from
+    /// `http01_fallback`.
+    pub(crate) async fn with_fallback(
+        cfg: &Config,
+        needed: &[ChallengeKind],
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        clock: Clock,
+        http01_fallback: Option<Arc<dyn Http01Fallback>>,
+    ) -> Result<Self, SolverError> {
         let solvers = Self {
             clock,
+            http01_fallback,
             ..Self::default()
         };
         let failed = solvers
@@ -435,7 +454,8 @@ impl Solvers {
             (Some(addr), Some(l)) if l.addr == addr => Some(l),
             (Some(addr), _) => {
                 let stop = cancel.child_token();
-                let handle = Http01Responder::start(addr, tracker, &stop).await?;
+                let fallback = self.http01_fallback.clone();
+                let handle = Http01Responder::start(addr, fallback, tracker, &stop).await?;
                 Some(Listener {
                     addr,
                     handle,
