@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acme::AcmeHttp;
 use crate::clock::Clock;
+use crate::fleet::{FleetAnswers, FleetDb};
 use crate::ledger::{Ledger, LedgerError};
 use crate::tinyhttp::{self, Response};
 
@@ -24,7 +25,23 @@ pub(crate) struct Sources {
     pub(crate) http: AcmeHttp,
     pub(crate) clock: Clock,
     pub(crate) ledger_errors: LedgerWriteErrors,
+    /// Fleet mode: the shared database and this host's part in it.
+    pub(crate) fleet: Option<FleetSources>,
 }
+
+/// What the fleet's metrics are read from.
+#[derive(Clone)]
+pub(crate) struct FleetSources {
+    pub(crate) db: FleetDb,
+    pub(crate) answers: Arc<FleetAnswers>,
+    /// This host's id in the fleet.
+    pub(crate) host_id: String,
+    /// The certificates this host installs.
+    pub(crate) certs: Vec<String>,
+}
+
+/// How long the fleet's database may take to answer a scrape's queries.
+const FLEET_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Ledger writes that failed (a full disk, an I/O error): each is logged
 /// where it happens, and counted here, since a daemon that goes on
@@ -92,18 +109,102 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// The metrics page.
+/// The metrics page. In fleet mode, with the fleet's database down, the
+/// page still says so (the ledger lives there too, so its part is left
+/// out rather than the whole page failing).
 pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
+    let mut out = String::new();
+    let db_up = match &sources.fleet {
+        Some(fleet) => render_fleet(&mut out, fleet).await,
+        None => true,
+    };
+    match render_ledger(&mut out, sources).await {
+        Ok(()) => Ok(out),
+        Err(e) if !db_up => {
+            tracing::debug!(error = %e, "metrics: the ledger is unreadable with the fleet's database down");
+            Ok(out)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The fleet's part: whether its database answers, how far this host's
+/// installs trail the newest issuances, and where this host's http-01
+/// answers came from. Returns whether the database answered.
+async fn render_fleet(out: &mut String, fleet: &FleetSources) -> bool {
+    let up = matches!(
+        tokio::time::timeout(FLEET_DB_TIMEOUT, fleet.db.ping()).await,
+        Ok(Ok(()))
+    );
+    header(
+        out,
+        "certd_fleet_database_up",
+        "gauge",
+        "1 if the fleet's PostgreSQL answered this scrape.",
+    );
+    let _ = writeln!(out, "certd_fleet_database_up {}", u8::from(up));
+    header(
+        out,
+        "certd_fleet_install_lag_seconds",
+        "gauge",
+        "Seconds from the newest issuance's publication to this host's install of it; growing while not installed.",
+    );
+    if up {
+        let lag = fleet.db.install_lag(&fleet.host_id, &fleet.certs);
+        match tokio::time::timeout(FLEET_DB_TIMEOUT, lag).await {
+            Ok(Ok(rows)) => {
+                for r in rows {
+                    let _ = writeln!(
+                        out,
+                        "certd_fleet_install_lag_seconds{{name=\"{}\",serial=\"{}\",installed=\"{}\"}} {:.3}",
+                        label(&r.cert_name),
+                        label(&r.serial),
+                        r.installed,
+                        r.seconds
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: cannot read the fleet's install lag")
+            }
+            Err(_) => {
+                tracing::warn!("metrics: the fleet's database did not answer for the install lag")
+            }
+        }
+    }
+    header(
+        out,
+        "certd_fleet_http01_answers_total",
+        "counter",
+        "http-01 requests for tokens this host did not present, by where the answer was found (unknown: nowhere; error: the database failed).",
+    );
+    let counts = fleet.answers.counts();
+    for (source, n) in [
+        ("memory", counts.memory),
+        ("database", counts.database),
+        ("unknown", counts.unknown),
+        ("error", counts.db_errors),
+    ] {
+        let _ = writeln!(
+            out,
+            "certd_fleet_http01_answers_total{{source=\"{source}\"}} {n}"
+        );
+    }
+    up
+}
+
+/// The ledger's part of the page.
+async fn render_ledger(out: &mut String, sources: &Sources) -> Result<(), LedgerError> {
     let Sources {
         store,
         http,
         clock,
         ledger_errors,
+        fleet: _,
     } = sources;
-    let mut out = String::new();
     let certs = store.certificates().await?;
     header(
-        &mut out,
+        out,
         "certd_certificate_expiry_timestamp_seconds",
         "gauge",
         "notAfter of the installed certificate.",
@@ -117,7 +218,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_certificate_last_success_timestamp_seconds",
         "gauge",
         "When the installed certificate was installed.",
@@ -131,7 +232,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_certificate_consecutive_failures",
         "gauge",
         "Failed renewal attempts since the last success.",
@@ -145,7 +246,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_pending_authorizations",
         "gauge",
         "Authorizations the ledger holds as pending, per account.",
@@ -168,14 +269,14 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_reaper_deactivations_total",
         "counter",
         "Authorizations the reaper deactivated.",
     );
     out.push_str(&reaped);
     header(
-        &mut out,
+        out,
         "certd_acme_requests_total",
         "counter",
         "ACME requests by endpoint and outcome (HTTP status) since start.",
@@ -188,7 +289,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_ledger_write_errors_total",
         "counter",
         "Ledger writes that failed since start (each is logged).",
@@ -198,7 +299,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         "certd_ledger_write_errors_total {}",
         ledger_errors.count()
     );
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -227,6 +328,7 @@ mod tests {
             http: AcmeHttp::new(None, crate::clock::Clock::system()).expect("HTTP client"),
             clock: Clock::fixed(UnixTime::from_secs(1_000_000)),
             ledger_errors,
+            fleet: None,
         };
         let page = render(&sources).await.expect("render");
         assert!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::config::{Config, FleetConfig};
-use crate::fleet::{DbOptions, FleetDb, FleetKey, HolderId, LeaseTiming};
+use crate::fleet::{DbOptions, FleetAnswers, FleetDb, FleetKey, HolderId, LeaseTiming};
 
 /// How long before its lease could end a holder stops sending: a third
 /// of the renewal interval, at most 2 s, so that a host that has not
@@ -26,6 +26,9 @@ pub(crate) struct Fleet {
     pub(crate) holder: HolderId,
     pub(crate) timing: LeaseTiming,
     pub(crate) cfg: FleetConfig,
+    /// The fleet's http-01 answers as this host serves them (its responder
+    /// asks them for tokens another host presented; metrics count them).
+    pub(crate) answers: Arc<FleetAnswers>,
 }
 
 impl Fleet {
@@ -49,6 +52,7 @@ impl Fleet {
             .await
             .context("fleet.database_url")?;
         Ok(Some(Arc::new(Self {
+            answers: FleetAnswers::new(db.clone()),
             db,
             key,
             holder,

@@ -11,6 +11,8 @@ pub(crate) mod ca_choice;
 pub(crate) mod cas;
 pub(crate) mod dirs;
 pub(crate) mod fleet;
+pub mod fleet_answers;
+pub mod fleet_hosts;
 pub(crate) mod ops;
 pub(crate) mod outcome;
 pub(crate) mod sink;

@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::credentials_path;
 use crate::app::Services;
 use crate::app::cas::Cas;
+use crate::app::fleet_answers::http01_fallback;
+use crate::app::fleet_hosts::HostTasks;
 use crate::config::{CaName, ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
@@ -86,12 +88,16 @@ pub async fn run(
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
     let grace = cfg.daemon.shutdown_grace;
-    let solvers = Solvers::from_config(
+    // Fleet mode: this host beats its heartbeat, loads the fleet's http-01
+    // answers and installs what any host publishes, leaseholder or not.
+    let fleet_tasks = HostTasks::start(&services, &cfg, &shutdown)?;
+    let solvers = Solvers::with_fallback(
         &cfg,
         &ALL_KINDS,
         &tasks.tracker,
         &shutdown,
         services.clock.clone(),
+        http01_fallback(&services),
     )
     .await
     .context("cannot start the challenge solvers")?;
@@ -210,6 +216,9 @@ pub async fn run(
     // reloads may have changed it.
     let grace = *lock(&tasks.grace);
     tasks.stop(grace.unwrap_or(cfg.daemon.shutdown_grace)).await;
+    if let Some(fleet_tasks) = fleet_tasks {
+        fleet_tasks.stop().await;
+    }
     store.close().await;
     Ok(())
 }

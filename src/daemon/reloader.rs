@@ -14,7 +14,7 @@ use crate::app::Services;
 use crate::app::cas::Cas;
 use crate::config::{Config, diff};
 use crate::ledger::EventKind;
-use crate::metrics::Sources;
+use crate::metrics::{FleetSources, Sources};
 use crate::order::Context;
 use crate::solver::ChallengeSettings;
 
@@ -196,8 +196,25 @@ impl MetricsListener {
             http: ctx.account.http.clone(),
             clock: services.clock.clone(),
             ledger_errors: services.ledger_errors.clone(),
+            fleet: services.fleet.as_ref().map(|f| FleetSources {
+                db: f.db.clone(),
+                answers: f.answers.clone(),
+                host_id: f.holder.as_str().to_owned(),
+                certs: started_certs(services),
+            }),
         };
         let addr = crate::metrics::start(listener, sources, &tasks.tracker, &stop)?;
         Ok(Self { addr, stop })
     }
+}
+
+/// The certificates whose install lag the metrics show: those this host
+/// started with (distribution installs those until a restart).
+fn started_certs(services: &Services) -> Vec<String> {
+    services
+        .cfg
+        .certificates
+        .iter()
+        .map(|c| c.name.as_str().to_owned())
+        .collect()
 }

@@ -517,8 +517,8 @@ mod tests {
             &tracker,
             &cancel,
         )
-            .await
-            .expect("bind");
+        .await
+        .expect("bind");
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,
@@ -588,7 +588,11 @@ mod tests {
         assert!(rsp.ends_with(&format!("{peer}.fleet")), "{rsp}");
         let own = spec("tok3_aaaaaaaaaaaaaaaaaaaa");
         r.add(own.token().expect("token"), &own.key_authorization);
-        let rsp = get(r.local_addr(), &format!("{WELL_KNOWN}tok3_aaaaaaaaaaaaaaaaaaaa")).await;
+        let rsp = get(
+            r.local_addr(),
+            &format!("{WELL_KNOWN}tok3_aaaaaaaaaaaaaaaaaaaa"),
+        )
+        .await;
         assert!(rsp.ends_with("tok3_aaaaaaaaaaaaaaaaaaaa.thumb"), "{rsp}");
         for path in [
             format!("{WELL_KNOWN}unknown_aaaaaaaaaaaaaaaaaaa"),
@@ -616,8 +620,8 @@ mod tests {
             &tracker,
             &cancel,
         )
-            .await
-            .expect("bind");
+        .await
+        .expect("bind");
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,

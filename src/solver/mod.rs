@@ -32,8 +32,8 @@ mod tls_alpn;
 
 pub(crate) use dns_hook::Dns01Hook;
 pub(crate) use dns_persist::DnsPersistSolver;
-pub use http01::{Http01Fallback, Http01Responder};
 pub(crate) use http01::Http01Solver;
+pub use http01::{Http01Fallback, Http01Responder};
 pub(crate) use rfc2136::Rfc2136Solver;
 pub(crate) use tls_alpn::TlsAlpnSolver;
 
