@@ -40,10 +40,7 @@ impl Fleet {
             return Ok(None);
         };
         let key = FleetKey::load(&fleet.key_file).context("fleet.key_file")?;
-        let host_id = match &fleet.host_id {
-            Some(id) => id.clone(),
-            None => host_name().context("fleet.host_id is not set")?,
-        };
+        let host_id = host_id(fleet)?;
         let holder = HolderId::new(&host_id)
             .with_context(|| format!("fleet.host_id {host_id:?} is not a usable host id"))?;
         let timing = LeaseTiming::new(fleet.lease_ttl, margin(fleet.lease_ttl))
@@ -59,6 +56,14 @@ impl Fleet {
             timing,
             cfg: fleet.clone(),
         })))
+    }
+}
+
+/// This host's id in the fleet: `fleet.host_id`, else the host name.
+pub(crate) fn host_id(fleet: &FleetConfig) -> anyhow::Result<String> {
+    match &fleet.host_id {
+        Some(id) => Ok(id.clone()),
+        None => host_name().context("fleet.host_id is not set"),
     }
 }
 

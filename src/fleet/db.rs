@@ -591,6 +591,22 @@ impl FleetDb {
             .collect())
     }
 
+    /// Each host's latest record (by attempt) for each of `cert_names`, by
+    /// certificate, then host.
+    pub async fn latest_installs(&self, cert_names: &[String]) -> Result<Vec<InstallRow>, DbError> {
+        sqlx::query_as(
+            "SELECT DISTINCT ON (cert_name, host_id)
+                    host_id, cert_name, serial, installed_at IS NOT NULL AS installed,
+                    reload_result, error
+               FROM installs WHERE cert_name = ANY($1)
+              ORDER BY cert_name, host_id, attempted_at DESC",
+        )
+        .bind(cert_names)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
     /// Whether the database answers a query now.
     pub async fn ping(&self) -> Result<(), DbError> {
         sqlx::query("SELECT 1")
