@@ -16,6 +16,7 @@ mod dns01;
 mod dns_persist;
 mod faults;
 mod fleet;
+mod fleet_hosts;
 mod harness;
 mod hostile_ca;
 mod hostile_local;

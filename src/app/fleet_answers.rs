@@ -140,7 +140,7 @@ impl Http01Fallback for FleetAnswers {
 }
 
 /// The fallback for this host's http-01 responder, in fleet mode.
-pub(crate) fn http01_fallback(services: &Services) -> Option<Arc<dyn Http01Fallback>> {
+pub fn http01_fallback(services: &Services) -> Option<Arc<dyn Http01Fallback>> {
     let fleet = services.fleet.as_ref()?;
     Some(Arc::clone(&fleet.answers) as Arc<dyn Http01Fallback>)
 }

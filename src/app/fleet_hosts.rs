@@ -35,9 +35,9 @@ use super::Services;
 use super::fleet::Fleet;
 use crate::config::Config;
 use crate::fleet::{
-    CertTarget, DistributeOptions, DistributeStatus, FleetHost, FleetKey, FleetTask,
-    HeartbeatStatus, InstallRecord, Lease, LeaseError, ListenOptions, ListenStatus, Member,
-    PublishError, keep_heartbeat,
+    AnswerCounts, CertTarget, DistributeOptions, DistributeStatus, FleetAnswers, FleetHost,
+    FleetKey, FleetTask, HeartbeatStatus, InstallRecord, Lease, LeaseError, ListenOptions,
+    ListenStatus, Member, PublishError, keep_heartbeat,
 };
 use crate::install::{Issuance, ReloadOutcome};
 
@@ -57,6 +57,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// (or dropping) this stops them.
 #[derive(Debug)]
 pub struct HostTasks {
+    /// The answers this host's responder falls back to, for their counts.
+    fleet_answers: Arc<FleetAnswers>,
     heartbeat: FleetTask<HeartbeatStatus>,
     answers: FleetTask<ListenStatus>,
     distribute: FleetTask<DistributeStatus>,
@@ -110,6 +112,7 @@ impl HostTasks {
             cancel,
         );
         Ok(Some(Self {
+            fleet_answers: Arc::clone(&fleet.answers),
             heartbeat,
             answers,
             distribute,
@@ -128,12 +131,18 @@ impl HostTasks {
         self.distribute.status()
     }
 
+    /// How this host's responder found the answers to other hosts' tokens.
+    pub fn answer_counts(&self) -> AnswerCounts {
+        self.fleet_answers.counts()
+    }
+
     /// Stops the three tasks and waits for them.
     pub async fn stop(self) {
         let Self {
             heartbeat,
             answers,
             distribute,
+            ..
         } = self;
         tokio::join!(heartbeat.stop(), answers.stop(), distribute.stop());
     }
