@@ -165,10 +165,10 @@ async fn render_fleet(out: &mut String, fleet: &FleetSources) -> bool {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "metrics: cannot read the fleet's install lag")
+                tracing::warn!(error = %e, "metrics: cannot read the fleet's install lag");
             }
             Err(_) => {
-                tracing::warn!("metrics: the fleet's database did not answer for the install lag")
+                tracing::warn!("metrics: the fleet's database did not answer for the install lag");
             }
         }
     }

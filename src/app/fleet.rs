@@ -24,6 +24,8 @@ pub(crate) struct Fleet {
     pub(crate) key: FleetKey,
     /// This host's name in the fleet: the holder of the leases it takes.
     pub(crate) holder: HolderId,
+    // Read by the order path's leases (fleet mode), wired in separately.
+    #[allow(dead_code)]
     pub(crate) timing: LeaseTiming,
     pub(crate) cfg: FleetConfig,
     /// The fleet's http-01 answers as this host serves them (its responder
