@@ -302,10 +302,32 @@ async fn render_ledger(out: &mut String, sources: &Sources) -> Result<(), Ledger
     Ok(())
 }
 
+/// The integration tests' throwaway PostgreSQL, for the tests of the
+/// fleet's part of the page. (A `#[path]` inside `mod tests` would be
+/// looked up below a `src/metrics/` directory that does not exist.)
+#[cfg(test)]
+#[allow(dead_code, clippy::all, clippy::pedantic)]
+#[path = "../tests/util/postgres.rs"]
+mod test_cluster;
+
+/// What the cluster's module takes from its parent in the harness.
+#[cfg(test)]
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_cluster as cluster;
     use super::*;
     use crate::clock::UnixTime;
+    use crate::fleet::{
+        ChallengeAnswer, ChallengeKind, DbOptions, FleetKey, HolderId, InstallRecord, Lease,
+        LeaseName, LeaseTiming,
+    };
 
     #[tokio::test]
     async fn the_page_counts_failed_ledger_writes() {
@@ -335,6 +357,124 @@ mod tests {
             page.contains("# TYPE certd_ledger_write_errors_total counter\ncertd_ledger_write_errors_total 2\n"),
             "{page}"
         );
+        store.close().await;
+    }
+
+    /// In fleet mode the page says whether the fleet's database answers
+    /// (and still renders when it does not), how long this host has been
+    /// installing the newest issuance, and where http-01 answers came from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_page_shows_the_fleet_database_install_lag_and_answers_by_source() {
+        let mut pg = cluster::Postgres::launch();
+        let opts = DbOptions {
+            connect_timeout: std::time::Duration::from_secs(5),
+            ..DbOptions::default()
+        };
+        let db = FleetDb::open(&pg.url(), &opts)
+            .await
+            .expect("fleet database");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Ledger::open(&dir.path().join("certd.db"), Clock::system())
+            .await
+            .expect("ledger");
+        let answers = FleetAnswers::new(db.clone());
+        let sources = Sources {
+            store: store.clone(),
+            http: AcmeHttp::new(None, Clock::system()).expect("HTTP client"),
+            clock: Clock::system(),
+            ledger_errors: LedgerWriteErrors::default(),
+            fleet: Some(FleetSources {
+                db: db.clone(),
+                answers: answers.clone(),
+                host_id: "host-a".into(),
+                certs: vec!["www".into()],
+            }),
+        };
+
+        // Another host publishes an issuance and an answer.
+        let key_file = dir.path().join("fleet.key");
+        std::fs::write(&key_file, [7u8; 32]).expect("key file");
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let key = FleetKey::load(&key_file).expect("fleet key");
+        let timing = LeaseTiming::new(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(2),
+        )
+        .expect("timing");
+        let lease = Lease::claim(
+            &db,
+            LeaseName::Cert("www".into()),
+            HolderId::new("host-b").expect("holder"),
+            timing,
+        )
+        .await
+        .expect("claim")
+        .expect("free");
+        let cert_key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_owned()])
+            .expect("params")
+            .self_signed(&cert_key)
+            .expect("certificate");
+        let token = "tok_aaaaaaaaaaaaaaaaaaaaaa";
+        let mut tx = lease.begin_fenced(&db).await.expect("fenced");
+        let serial = tx
+            .publish_issuance(
+                &key,
+                &ring::rand::SystemRandom::new(),
+                &cert.pem(),
+                &cert_key.serialize_pem(),
+            )
+            .await
+            .expect("publish");
+        tx.put_challenge(&ChallengeAnswer {
+            token: token.into(),
+            kind: ChallengeKind::Http01,
+            identifier: "www.example.test".into(),
+            key_authorization: format!("{token}.thumb"),
+            authz_url: "https://ca.example/authz/1".into(),
+            valid_for: std::time::Duration::from_secs(600),
+        })
+        .await
+        .expect("answer");
+        tx.commit().await.expect("commit");
+        assert!(answers.answer(token).await.is_some());
+        assert!(answers.answer("nobody_aaaaaaaaaaaaaaaaaa").await.is_none());
+
+        let page = render(&sources).await.expect("render");
+        assert!(page.contains("\ncertd_fleet_database_up 1\n"), "{page}");
+        let waiting = format!(
+            "certd_fleet_install_lag_seconds{{name=\"www\",serial=\"{serial}\",installed=\"false\"}} "
+        );
+        assert!(page.contains(&waiting), "{page}");
+        for (source, n) in [("memory", 0), ("database", 1), ("unknown", 1), ("error", 0)] {
+            let line = format!("certd_fleet_http01_answers_total{{source=\"{source}\"}} {n}\n");
+            assert!(page.contains(&line), "{line}: {page}");
+        }
+
+        db.record_install(&InstallRecord {
+            host_id: "host-a".into(),
+            cert_name: "www".into(),
+            serial: serial.clone(),
+            result: Ok("no reload commands".into()),
+        })
+        .await
+        .expect("record the install");
+        let page = render(&sources).await.expect("render");
+        assert!(
+            page.contains(&waiting.replace("\"false\"", "\"true\"")),
+            "{page}"
+        );
+
+        pg.stop_immediate();
+        let page = render(&sources)
+            .await
+            .expect("the page renders without the database");
+        assert!(page.contains("\ncertd_fleet_database_up 0\n"), "{page}");
+        assert!(!page.contains("certd_fleet_install_lag_seconds{"), "{page}");
         store.close().await;
     }
 }
