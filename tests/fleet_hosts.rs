@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use certd::acme::AcmeHttp;
@@ -71,46 +72,7 @@ impl Host {
         http01_port: u16,
         stop: (&TaskTracker, &CancellationToken),
     ) -> Host {
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).expect("host dir");
-        let key_file = dir.join("fleet.key");
-        std::fs::write(&key_file, key).expect("write fleet key");
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod fleet key");
-        let reloads = dir.join("reloads");
-        let config = dir.join("certd.toml");
-        let text = format!(
-            r#"[acme]
-directory = {directory}
-contact = ["mailto:test@example.com"]
-ca_bundle = {ca_bundle}
-
-[storage]
-state_dir = {state}
-cert_dir = {certs}
-
-[http01]
-listen = "127.0.0.1:{http01_port}"
-
-[fleet]
-database_url = {url}
-key_file = {key_file}
-host_id = "{id}"
-
-[[certificate]]
-name = "{CERT}"
-domains = ["{DOMAIN}"]
-reload = [{reload}]
-"#,
-            directory = toml(&pebble.directory_url()),
-            ca_bundle = toml(&pebble.ca_bundle().display().to_string()),
-            state = toml(&dir.join("state").display().to_string()),
-            certs = toml(&dir.join("certs").display().to_string()),
-            url = toml(&pg.url()),
-            key_file = toml(&key_file.display().to_string()),
-            reload = toml(&format!("echo {id} >> '{}'", reloads.display())),
-        );
-        std::fs::write(&config, text).expect("write config");
+        let (dir, config) = write_config(root, id, pebble, pg, key, http01_port);
         let cfg = Config::load(&config).expect("configuration");
         let services = Services::open(cfg.clone(), Clock::system())
             .await
@@ -155,6 +117,62 @@ reload = [{reload}]
             .unwrap_or_else(|_| panic!("{}: no heartbeat within {PATIENCE:?}", self.id))
             .expect("heartbeat task");
     }
+}
+
+/// Writes host `id`'s directory below `root`: its fleet key file (0600)
+/// and its configuration (its own state and certificate directories, its
+/// http-01 responder on `http01_port`, the one certificate with a reload
+/// command that appends the host's id to `<dir>/reloads`). Returns the
+/// directory and the configuration's path.
+fn write_config(
+    root: &Path,
+    id: &str,
+    pebble: &Pebble,
+    pg: &Postgres,
+    key: &[u8; 32],
+    http01_port: u16,
+) -> (PathBuf, PathBuf) {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).expect("host dir");
+    let key_file = dir.join("fleet.key");
+    std::fs::write(&key_file, key).expect("write fleet key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod fleet key");
+    let reloads = dir.join("reloads");
+    let config = dir.join("certd.toml");
+    let text = format!(
+        r#"[acme]
+directory = {directory}
+contact = ["mailto:test@example.com"]
+ca_bundle = {ca_bundle}
+
+[storage]
+state_dir = {state}
+cert_dir = {certs}
+
+[http01]
+listen = "127.0.0.1:{http01_port}"
+
+[fleet]
+database_url = {url}
+key_file = {key_file}
+host_id = "{id}"
+
+[[certificate]]
+name = "{CERT}"
+domains = ["{DOMAIN}"]
+reload = [{reload}]
+"#,
+        directory = toml(&pebble.directory_url()),
+        ca_bundle = toml(&pebble.ca_bundle().display().to_string()),
+        state = toml(&dir.join("state").display().to_string()),
+        certs = toml(&dir.join("certs").display().to_string()),
+        url = toml(&pg.url()),
+        key_file = toml(&key_file.display().to_string()),
+        reload = toml(&format!("echo {id} >> '{}'", reloads.display())),
+    );
+    std::fs::write(&config, text).expect("write config");
+    (dir, config)
 }
 
 /// A TOML basic string.
@@ -545,4 +563,149 @@ fn pem_der(chain: &str) -> Vec<u8> {
         .expect("a certificate")
         .expect("PEM")
         .to_vec()
+}
+
+/// The daemon in fleet mode wires the same parts: a host running
+/// `certd::daemon::run` that did not order beats its heartbeat, answers
+/// the CA for the leaseholder's token from its own responder, installs
+/// what the leaseholder publishes, and its metrics say so.
+///
+/// Needs the ledger on PostgreSQL (the daemon's first write is an event),
+/// and the scheduler's fleet leases so that B, seeing the certificate's
+/// lease held by A, does not order it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_in_fleet_mode_answers_for_the_leaseholder_and_installs_its_issuance() {
+    let pg = Postgres::launch();
+    let pebble = Pebble::start();
+    let root = tempfile::tempdir().expect("temp dir");
+    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+    let key = random_key();
+    let a = Host::start(
+        root.path(),
+        "host-a",
+        &pebble,
+        &pg,
+        &key,
+        free_port(),
+        (&tracker, &cancel),
+    )
+    .await;
+    a.wait_heartbeat().await;
+    let db = open_db(&pg).await;
+    // A holds the lease before B starts: B must not order.
+    let (lease, renewer) = claim(&db, &a, &cancel).await;
+
+    let (b_dir, b_config) = write_config(
+        root.path(),
+        "host-b",
+        &pebble,
+        &pg,
+        &key,
+        pebble.http01_port(),
+    );
+    let cfg = Config::load(&b_config).expect("configuration");
+    let services = Services::open(cfg, Clock::system())
+        .await
+        .expect("host-b's services");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let metrics_addr = metrics.local_addr().expect("metrics address");
+    let (_reload_tx, reload) = tokio::sync::mpsc::channel(1);
+    let shutdown = CancellationToken::new();
+    let listeners = certd::daemon::Listeners {
+        metrics: Some(metrics),
+        reload,
+    };
+    // Its error, should it stop early, for the waits below to report.
+    let stopped: Arc<Mutex<Option<String>>> = Arc::default();
+    let daemon = tokio::spawn({
+        let (stopped, shutdown) = (stopped.clone(), shutdown.clone());
+        async move {
+            let end = certd::daemon::run(services, listeners, shutdown).await;
+            *stopped.lock().expect("lock") = Some(match &end {
+                Ok(()) => "stopped without an error".to_owned(),
+                Err(e) => format!("{e:#}"),
+            });
+            end
+        }
+    });
+    let running = || {
+        if let Some(end) = stopped.lock().expect("lock").clone() {
+            panic!("host-b's daemon stopped early: {end}");
+        }
+    };
+    eventually("host-b's daemon beats its heartbeat", || async {
+        running();
+        let members = db
+            .live_members(Duration::from_secs(180))
+            .await
+            .expect("members");
+        members.iter().any(|m| m.host_id == "host-b").then_some(())
+    })
+    .await;
+
+    // The CA validates at B's port: B's daemon answers A's token.
+    let (chain, key_pem) = order_as_leaseholder(&pebble, &a, &lease).await;
+    let serial = publish_pem(&a.services, &lease, &chain, &key_pem)
+        .await
+        .expect("publish the issuance");
+    let cert_pem = b_dir.join("certs").join(CERT).join("cert.pem");
+    eventually("host-b's daemon installs the issuance", || async {
+        running();
+        (cert_pem.exists() && parse_leaf(&read_pem_certs(&cert_pem)[0]).1 == serial).then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(b_dir.join("reloads"))
+            .expect("reload ran")
+            .trim(),
+        "host-b"
+    );
+    let page = tokio::task::spawn_blocking(move || scrape(metrics_addr))
+        .await
+        .expect("scrape");
+    assert!(page.contains("\ncertd_fleet_database_up 1\n"), "{page}");
+    assert!(
+        page.contains(&format!(
+            "certd_fleet_install_lag_seconds{{name=\"{CERT}\",serial=\"{serial}\",installed=\"true\"}}"
+        )),
+        "{page}"
+    );
+    let answered: u64 = page
+        .lines()
+        .filter(|l| {
+            l.starts_with("certd_fleet_http01_answers_total{source=\"memory\"}")
+                || l.starts_with("certd_fleet_http01_answers_total{source=\"database\"}")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(answered >= 2, "the pre-flight and the CA: {page}");
+
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, daemon)
+        .await
+        .expect("the daemon stops on its token")
+        .expect("daemon task")
+        .expect("a clean shutdown");
+    renewer.stop().await;
+    a.tasks.stop().await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// `GET /metrics` from a daemon's listener.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    text
 }
