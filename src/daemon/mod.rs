@@ -90,7 +90,10 @@ pub async fn run(
     let grace = cfg.daemon.shutdown_grace;
     // Fleet mode: this host beats its heartbeat, loads the fleet's http-01
     // answers and installs what any host publishes, leaseholder or not.
-    let fleet_tasks = HostTasks::start(&services, &cfg, &shutdown)?;
+    // Shared with the reloader, which restarts them for new certificates.
+    let fleet_tasks = Arc::new(tokio::sync::Mutex::new(HostTasks::start(
+        &services, &cfg, &shutdown,
+    )?));
     let solvers = Solvers::with_fallback(
         &cfg,
         &ALL_KINDS,
@@ -157,6 +160,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
+        fleet_tasks: fleet_tasks.clone(),
     };
     let scheduler = Scheduler::new(
         cas.clone(),
@@ -216,7 +220,7 @@ pub async fn run(
     // reloads may have changed it.
     let grace = *lock(&tasks.grace);
     tasks.stop(grace.unwrap_or(cfg.daemon.shutdown_grace)).await;
-    if let Some(fleet_tasks) = fleet_tasks {
+    if let Some(fleet_tasks) = fleet_tasks.lock().await.take() {
         fleet_tasks.stop().await;
     }
     store.close().await;
