@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use certd::acme::AcmeHttp;
 use certd::app::Services;
-use certd::app::fleet_answers::{commit_answer, http01_fallback, preflight_members};
+use certd::app::fleet_answers::{
+    commit_answer, http01_fallback, preflight_members, tls_alpn_fallback,
+};
 use certd::app::fleet_hosts::{HostTasks, publish_pem};
 use certd::clock::Clock;
 use certd::config::Config;
@@ -33,7 +35,7 @@ use certd::fleet::{
     ChallengeAnswer, ChallengeKind, DbOptions, FleetDb, FleetKey, HolderId, InstallRow, Lease,
     LeaseName, LeaseTiming, Renewer,
 };
-use certd::solver::Http01Responder;
+use certd::solver::{Http01Responder, TlsAlpnSolver};
 use instant_acme::{
     Account, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
@@ -237,6 +239,17 @@ async fn claim(db: &FleetDb, host: &Host, cancel: &CancellationToken) -> (Lease,
 /// every live member before the CA is asked to validate. Returns the
 /// chain and the private key, PEM.
 async fn order_as_leaseholder(pebble: &Pebble, holder: &Host, lease: &Lease) -> (String, String) {
+    order_with(pebble, holder, lease, ChallengeType::Http01).await
+}
+
+/// [`order_as_leaseholder`] with the challenge type `kind`; tls-alpn-01
+/// answers are committed the same way, and not pre-flighted.
+async fn order_with(
+    pebble: &Pebble,
+    holder: &Host,
+    lease: &Lease,
+    kind: ChallengeType,
+) -> (String, String) {
     let http = AcmeHttp::new(Some(&pebble.ca_bundle()), Clock::system()).expect("HTTP client");
     let (account, _) = Account::builder_with_http(Box::new(http))
         .create(
@@ -260,11 +273,16 @@ async fn order_as_leaseholder(pebble: &Pebble, holder: &Host, lease: &Lease) -> 
         let mut authz = authz.expect("authorization");
         let authz_url = authz.url().to_owned();
         let mut challenge = authz
-            .challenge(ChallengeType::Http01)
-            .expect("an http-01 challenge");
+            .challenge(kind.clone())
+            .unwrap_or_else(|| panic!("a {kind:?} challenge"));
+        let http01 = kind == ChallengeType::Http01;
         let answer = ChallengeAnswer {
             token: challenge.token.clone(),
-            kind: ChallengeKind::Http01,
+            kind: if http01 {
+                ChallengeKind::Http01
+            } else {
+                ChallengeKind::TlsAlpn01
+            },
             identifier: DOMAIN.to_owned(),
             key_authorization: challenge.key_authorization().as_str().to_owned(),
             authz_url,
@@ -273,9 +291,11 @@ async fn order_as_leaseholder(pebble: &Pebble, holder: &Host, lease: &Lease) -> 
         commit_answer(&holder.services, lease, &answer)
             .await
             .expect("commit the answer through the fence");
-        preflight_members(&holder.services, &answer)
-            .await
-            .expect("every live member serves the answer");
+        if http01 {
+            preflight_members(&holder.services, &answer)
+                .await
+                .expect("every live member serves the answer");
+        }
         challenge.set_ready().await.expect("answer the challenge");
     }
     let retries = RetryPolicy::default().timeout(PATIENCE);
@@ -563,6 +583,58 @@ fn pem_der(chain: &str) -> Vec<u8> {
         .expect("a certificate")
         .expect("PEM")
         .to_vec()
+}
+
+/// tls-alpn-01 too: Pebble validates at host B's tls-alpn-01 responder,
+/// which holds no challenge and answers from the fleet's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_did_not_order_answers_tls_alpn01_from_the_database() {
+    let pg = Postgres::launch();
+    let pebble = Pebble::start();
+    let root = tempfile::tempdir().expect("temp dir");
+    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+    let key = random_key();
+    let a = Host::start(
+        root.path(),
+        "host-a",
+        &pebble,
+        &pg,
+        &key,
+        free_port(),
+        (&tracker, &cancel),
+    )
+    .await;
+    let b = Host::start(
+        root.path(),
+        "host-b",
+        &pebble,
+        &pg,
+        &key,
+        free_port(),
+        (&tracker, &cancel),
+    )
+    .await;
+    let _b_tls = TlsAlpnSolver::start(
+        format!("127.0.0.1:{}", pebble.tls_port())
+            .parse()
+            .expect("address"),
+        tls_alpn_fallback(&b.services),
+        &tracker,
+        &cancel,
+    )
+    .await
+    .expect("host-b's tls-alpn-01 responder");
+    let db = open_db(&pg).await;
+    let (lease, renewer) = claim(&db, &a, &cancel).await;
+    let (chain, _) = order_with(&pebble, &a, &lease, ChallengeType::TlsAlpn01).await;
+    assert_eq!(parse_leaf(&pem_der(&chain)).0, [DOMAIN]);
+
+    renewer.stop().await;
+    a.tasks.stop().await;
+    b.tasks.stop().await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// The daemon in fleet mode wires the same parts: a host running

@@ -17,8 +17,11 @@
 //! lost, so a host that lost it cannot plant answers for the new holder's
 //! order) and announces the token; `preflight_members` asks every live
 //! member's responder for the token, as the CA may reach any of them.
-//! tls-alpn-01 answers are not shared yet: a tls-alpn-01 challenge is
-//! answered by the ordering host only.
+//! A tls-alpn-01 answer is committed the same way (kind `TlsAlpn01`, the
+//! identifier as the CA's SNI names it); it is not pre-flighted at the
+//! members. Every host's tls-alpn-01 responder answers a DNS name it holds
+//! no challenge for from the database (IP identifiers: the ordering host
+//! only).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +32,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::Services;
-use crate::fleet::{ChallengeAnswer, DbError, FleetAnswers, Lease, LeaseError, Member};
-use crate::solver::Http01Fallback;
+use crate::fleet::{ChallengeAnswer, DbError, FleetAnswers, FleetDb, Lease, LeaseError, Member};
+use crate::solver::{Http01Fallback, TlsAlpnFallback};
 
 /// How long a member may be silent and still count as live: three missed
 /// heartbeats (see `fleet_hosts::HEARTBEAT_EVERY`).
@@ -137,6 +140,27 @@ impl Http01Fallback for FleetAnswers {
     async fn key_authorization(&self, token: &str) -> Option<String> {
         self.answer(token).await.map(|(body, _)| body)
     }
+}
+
+/// Every host's tls-alpn-01 responder asks the database for names it holds
+/// no challenge for (rare: one lookup per validation handshake).
+#[async_trait]
+impl TlsAlpnFallback for FleetDb {
+    async fn key_authorization(&self, name: &str) -> Option<String> {
+        match self.tls_alpn_key_authorization(name).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet: cannot look up a tls-alpn-01 answer");
+                None
+            }
+        }
+    }
+}
+
+/// The fallback for this host's tls-alpn-01 responder, in fleet mode.
+pub fn tls_alpn_fallback(services: &Services) -> Option<Arc<dyn TlsAlpnFallback>> {
+    let fleet = services.fleet.as_ref()?;
+    Some(Arc::new(fleet.db.clone()) as Arc<dyn TlsAlpnFallback>)
 }
 
 /// The fallback for this host's http-01 responder, in fleet mode.

@@ -41,12 +41,12 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::credentials_path;
 use crate::app::Services;
 use crate::app::cas::Cas;
-use crate::app::fleet_answers::http01_fallback;
+use crate::app::fleet_answers::{http01_fallback, tls_alpn_fallback};
 use crate::app::fleet_hosts::HostTasks;
 use crate::config::{CaName, ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
-use crate::solver::{ChallengeSettings, Solvers};
+use crate::solver::{ChallengeSettings, Fallbacks, Solvers};
 
 use self::reaping::{ReaperTimes, reaper_loop};
 use self::reloader::{MetricsListener, Reloader};
@@ -94,13 +94,16 @@ pub async fn run(
     let fleet_tasks = Arc::new(tokio::sync::Mutex::new(HostTasks::start(
         &services, &cfg, &shutdown,
     )?));
-    let solvers = Solvers::with_fallback(
+    let solvers = Solvers::with_fallbacks(
         &cfg,
         &ALL_KINDS,
         &tasks.tracker,
         &shutdown,
         services.clock.clone(),
-        http01_fallback(&services),
+        Fallbacks {
+            http01: http01_fallback(&services),
+            tls_alpn01: tls_alpn_fallback(&services),
+        },
     )
     .await
     .context("cannot start the challenge solvers")?;

@@ -607,6 +607,23 @@ impl FleetDb {
         .map_err(|e| self.error(e))
     }
 
+    /// The key authorization of the newest unexpired tls-alpn-01 answer
+    /// for `identifier`, if a host stored one.
+    pub async fn tls_alpn_key_authorization(
+        &self,
+        identifier: &str,
+    ) -> Result<Option<String>, DbError> {
+        sqlx::query_scalar(
+            "SELECT key_authorization FROM challenge_responses
+              WHERE kind = 'tls-alpn-01' AND identifier = $1 AND expires_at > now()
+              ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(identifier)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
     /// Whether the database answers a query now.
     pub async fn ping(&self) -> Result<(), DbError> {
         sqlx::query("SELECT 1")
