@@ -456,6 +456,22 @@ async fn a_host_that_did_not_order_answers_the_ca_and_every_host_installs() {
         );
     }
 
+    // `certd status NAME` (one block per certificate) ends with the same.
+    let config = b.config.clone();
+    let detail = tokio::task::spawn_blocking(move || {
+        TestCommand::new(&config).args(["status", CERT]).output()
+    })
+    .await
+    .expect("status");
+    detail.assert_success();
+    assert!(
+        detail
+            .stdout
+            .contains(&format!("    host-b: serial {serial} installed")),
+        "{}",
+        detail.stdout
+    );
+
     renewer.stop().await;
     a.tasks.stop().await;
     b.tasks.stop().await;

@@ -120,7 +120,7 @@ pub(super) async fn run(
     };
     // Fleet mode: who holds each lease, what each host installed.
     let fleet = match (&cfg.fleet, mode) {
-        (Some(f), Mode::Table | Mode::Json) => {
+        (Some(f), Mode::Table | Mode::Json | Mode::Detail) => {
             let names: Vec<String> = selected.iter().map(|c| c.name.to_string()).collect();
             Some(FleetView::read(&cfg, f, &names).await)
         }
@@ -166,6 +166,10 @@ pub(super) async fn run(
                     text.push('\n');
                 }
                 push_detail_block(&mut text, &cfg, c, r, events, now);
+            }
+            if let Some(fleet) = &fleet {
+                let names: Vec<&str> = selected.iter().map(|c| c.name.as_str()).collect();
+                fleet.push_table(&mut text, &names);
             }
             text
         }
