@@ -33,7 +33,7 @@ use certd::clock::Clock;
 use certd::config::Config;
 use certd::fleet::{
     ChallengeAnswer, ChallengeKind, DbOptions, FleetDb, FleetKey, HolderId, InstallRow, Lease,
-    LeaseName, LeaseTiming, Renewer,
+    LeaseName, LeaseTiming, Member, Renewer,
 };
 use certd::solver::{Http01Responder, TlsAlpnSolver};
 use instant_acme::{
@@ -553,6 +553,16 @@ async fn a_host_with_another_fleet_key_installs_nothing_and_names_the_key() {
         "{status:?}"
     );
 
+    // A member whose certificate definitions differ is named.
+    db.heartbeat(&Member {
+        host_id: "host-x".into(),
+        version: "0".into(),
+        http01_addr: None,
+        config_hash: "a hash of other certificates".into(),
+    })
+    .await
+    .expect("host-x's heartbeat");
+
     let config = c.config.clone();
     let table =
         tokio::task::spawn_blocking(move || TestCommand::new(&config).arg("status").output())
@@ -567,6 +577,33 @@ async fn a_host_with_another_fleet_key_installs_nothing_and_names_the_key() {
     assert!(
         line.contains("NOT installed") && line.contains(&ours) && line.contains(&theirs),
         "{line}"
+    );
+    assert!(
+        table.stdout.contains(
+            "  host host-x lists certificates differently: its [[certificate]] sections differ from this host's"
+        ),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        !table.stdout.contains("host host-a lists"),
+        "{}",
+        table.stdout
+    );
+    let config = c.config.clone();
+    let json = tokio::task::spawn_blocking(move || {
+        TestCommand::new(&config)
+            .args(["status", "--json"])
+            .output()
+    })
+    .await
+    .expect("status");
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).expect("status JSON");
+    assert_eq!(
+        parsed[0]["fleet"]["hosts_listing_differently"],
+        serde_json::json!(["host-x"]),
+        "{}",
+        json.stdout
     );
 
     renewer.stop().await;
