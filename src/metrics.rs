@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acme::AcmeHttp;
 use crate::clock::Clock;
+use crate::fleet::{FleetAnswers, FleetDb};
 use crate::ledger::{Ledger, LedgerError};
 use crate::tinyhttp::{self, Response};
 
@@ -26,7 +27,23 @@ pub(crate) struct Sources {
     pub(crate) clock: Clock,
     pub(crate) ledger_errors: LedgerWriteErrors,
     pub(crate) leases: LeaseCounters,
+    /// Fleet mode: the shared database and this host's part in it.
+    pub(crate) fleet: Option<FleetSources>,
 }
+
+/// What the fleet's metrics are read from.
+#[derive(Clone)]
+pub(crate) struct FleetSources {
+    pub(crate) db: FleetDb,
+    pub(crate) answers: Arc<FleetAnswers>,
+    /// This host's id in the fleet.
+    pub(crate) host_id: String,
+    /// The certificates this host installs.
+    pub(crate) certs: Vec<String>,
+}
+
+/// How long the fleet's database may take to answer a scrape's queries.
+const FLEET_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Ledger writes that failed (a full disk, an I/O error): each is logged
 /// where it happens, and counted here, since a daemon that goes on
@@ -209,19 +226,103 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// The metrics page.
+/// The metrics page. In fleet mode, with the fleet's database down, the
+/// page still says so (the ledger lives there too, so its part is left
+/// out rather than the whole page failing).
 pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
+    let mut out = String::new();
+    let db_up = match &sources.fleet {
+        Some(fleet) => render_fleet(&mut out, fleet).await,
+        None => true,
+    };
+    match render_ledger(&mut out, sources).await {
+        Ok(()) => Ok(out),
+        Err(e) if !db_up => {
+            tracing::debug!(error = %e, "metrics: the ledger is unreadable with the fleet's database down");
+            Ok(out)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The fleet's part: whether its database answers, how far this host's
+/// installs trail the newest issuances, and where this host's http-01
+/// answers came from. Returns whether the database answered.
+async fn render_fleet(out: &mut String, fleet: &FleetSources) -> bool {
+    let up = matches!(
+        tokio::time::timeout(FLEET_DB_TIMEOUT, fleet.db.ping()).await,
+        Ok(Ok(()))
+    );
+    header(
+        out,
+        "certd_fleet_database_up",
+        "gauge",
+        "1 if the fleet's PostgreSQL answered this scrape.",
+    );
+    let _ = writeln!(out, "certd_fleet_database_up {}", u8::from(up));
+    header(
+        out,
+        "certd_fleet_install_lag_seconds",
+        "gauge",
+        "Seconds from the newest issuance's publication to this host's install of it; growing while not installed.",
+    );
+    if up {
+        let lag = fleet.db.install_lag(&fleet.host_id, &fleet.certs);
+        match tokio::time::timeout(FLEET_DB_TIMEOUT, lag).await {
+            Ok(Ok(rows)) => {
+                for r in rows {
+                    let _ = writeln!(
+                        out,
+                        "certd_fleet_install_lag_seconds{{name=\"{}\",serial=\"{}\",installed=\"{}\"}} {:.3}",
+                        label(&r.cert_name),
+                        label(&r.serial),
+                        r.installed,
+                        r.seconds
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: cannot read the fleet's install lag");
+            }
+            Err(_) => {
+                tracing::warn!("metrics: the fleet's database did not answer for the install lag");
+            }
+        }
+    }
+    header(
+        out,
+        "certd_fleet_http01_answers_total",
+        "counter",
+        "http-01 requests for tokens this host did not present, by where the answer was found (unknown: nowhere; error: the database failed).",
+    );
+    let counts = fleet.answers.counts();
+    for (source, n) in [
+        ("memory", counts.memory),
+        ("database", counts.database),
+        ("unknown", counts.unknown),
+        ("error", counts.db_errors),
+    ] {
+        let _ = writeln!(
+            out,
+            "certd_fleet_http01_answers_total{{source=\"{source}\"}} {n}"
+        );
+    }
+    up
+}
+
+/// The ledger's part of the page.
+async fn render_ledger(out: &mut String, sources: &Sources) -> Result<(), LedgerError> {
     let Sources {
         store,
         http,
         clock,
         ledger_errors,
         leases,
+        fleet: _,
     } = sources;
-    let mut out = String::new();
     let certs = store.certificates().await?;
     header(
-        &mut out,
+        out,
         "certd_certificate_expiry_timestamp_seconds",
         "gauge",
         "notAfter of the installed certificate.",
@@ -235,7 +336,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_certificate_last_success_timestamp_seconds",
         "gauge",
         "When the installed certificate was installed.",
@@ -249,7 +350,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_certificate_consecutive_failures",
         "gauge",
         "Failed renewal attempts since the last success.",
@@ -263,7 +364,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_pending_authorizations",
         "gauge",
         "Authorizations the ledger holds as pending, per account.",
@@ -286,14 +387,14 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_reaper_deactivations_total",
         "counter",
         "Authorizations the reaper deactivated.",
     );
     out.push_str(&reaped);
     header(
-        &mut out,
+        out,
         "certd_acme_requests_total",
         "counter",
         "ACME requests by endpoint and outcome (HTTP status) since start.",
@@ -306,7 +407,7 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         );
     }
     header(
-        &mut out,
+        out,
         "certd_ledger_write_errors_total",
         "counter",
         "Ledger writes that failed since start (each is logged).",
@@ -316,14 +417,36 @@ pub(crate) async fn render(sources: &Sources) -> Result<String, LedgerError> {
         "certd_ledger_write_errors_total {}",
         ledger_errors.count()
     );
-    leases.render(&mut out);
-    Ok(out)
+    leases.render(out);
+    Ok(())
+}
+
+/// The integration tests' throwaway PostgreSQL, for the tests of the
+/// fleet's part of the page. (A `#[path]` inside `mod tests` would be
+/// looked up below a `src/metrics/` directory that does not exist.)
+#[cfg(test)]
+#[allow(dead_code, clippy::all, clippy::pedantic)]
+#[path = "../tests/util/postgres.rs"]
+mod test_cluster;
+
+/// What the cluster's module takes from its parent in the harness.
+#[cfg(test)]
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 #[cfg(test)]
 mod tests {
+    use super::test_cluster as cluster;
     use super::*;
     use crate::clock::UnixTime;
+    use crate::fleet::{
+        ChallengeAnswer, ChallengeKind, DbOptions, FleetKey, HolderId, InstallRecord, Lease,
+        LeaseName, LeaseTiming,
+    };
 
     #[tokio::test]
     async fn the_page_counts_failed_ledger_writes() {
@@ -347,6 +470,7 @@ mod tests {
             clock: Clock::fixed(UnixTime::from_secs(1_000_000)),
             ledger_errors,
             leases: LeaseCounters::default(),
+            fleet: None,
         };
         let page = render(&sources).await.expect("render");
         assert!(
@@ -385,5 +509,124 @@ mod tests {
         page.clear();
         leases.render(&mut page);
         assert!(page.contains("certd_fleet_leases_held 0\n"), "{page}");
+    }
+
+    /// In fleet mode the page says whether the fleet's database answers
+    /// (and still renders when it does not), how long this host has been
+    /// installing the newest issuance, and where http-01 answers came from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_page_shows_the_fleet_database_install_lag_and_answers_by_source() {
+        let mut pg = cluster::Postgres::launch();
+        let opts = DbOptions {
+            connect_timeout: std::time::Duration::from_secs(5),
+            ..DbOptions::default()
+        };
+        let db = FleetDb::open(&pg.url(), &opts)
+            .await
+            .expect("fleet database");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Ledger::open(&dir.path().join("certd.db"), Clock::system())
+            .await
+            .expect("ledger");
+        let answers = FleetAnswers::new(db.clone());
+        let sources = Sources {
+            store: store.clone(),
+            http: AcmeHttp::new(None, Clock::system()).expect("HTTP client"),
+            clock: Clock::system(),
+            ledger_errors: LedgerWriteErrors::default(),
+            leases: LeaseCounters::default(),
+            fleet: Some(FleetSources {
+                db: db.clone(),
+                answers: answers.clone(),
+                host_id: "host-a".into(),
+                certs: vec!["www".into()],
+            }),
+        };
+
+        // Another host publishes an issuance and an answer.
+        let key_file = dir.path().join("fleet.key");
+        std::fs::write(&key_file, [7u8; 32]).expect("key file");
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let key = FleetKey::load(&key_file).expect("fleet key");
+        let timing = LeaseTiming::new(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(2),
+        )
+        .expect("timing");
+        let lease = Lease::claim(
+            &db,
+            LeaseName::Cert("www".into()),
+            HolderId::new("host-b").expect("holder"),
+            timing,
+        )
+        .await
+        .expect("claim")
+        .expect("free");
+        let cert_key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_owned()])
+            .expect("params")
+            .self_signed(&cert_key)
+            .expect("certificate");
+        let token = "tok_aaaaaaaaaaaaaaaaaaaaaa";
+        let mut tx = lease.begin_fenced(&db).await.expect("fenced");
+        let serial = tx
+            .publish_issuance(
+                &key,
+                &ring::rand::SystemRandom::new(),
+                &cert.pem(),
+                &cert_key.serialize_pem(),
+            )
+            .await
+            .expect("publish");
+        tx.put_challenge(&ChallengeAnswer {
+            token: token.into(),
+            kind: ChallengeKind::Http01,
+            identifier: "www.example.test".into(),
+            key_authorization: format!("{token}.thumb"),
+            authz_url: "https://ca.example/authz/1".into(),
+            valid_for: std::time::Duration::from_secs(600),
+        })
+        .await
+        .expect("answer");
+        tx.commit().await.expect("commit");
+        assert!(answers.answer(token).await.is_some());
+        assert!(answers.answer("nobody_aaaaaaaaaaaaaaaaaa").await.is_none());
+
+        let page = render(&sources).await.expect("render");
+        assert!(page.contains("\ncertd_fleet_database_up 1\n"), "{page}");
+        let waiting = format!(
+            "certd_fleet_install_lag_seconds{{name=\"www\",serial=\"{serial}\",installed=\"false\"}} "
+        );
+        assert!(page.contains(&waiting), "{page}");
+        for (source, n) in [("memory", 0), ("database", 1), ("unknown", 1), ("error", 0)] {
+            let line = format!("certd_fleet_http01_answers_total{{source=\"{source}\"}} {n}\n");
+            assert!(page.contains(&line), "{line}: {page}");
+        }
+
+        db.record_install(&InstallRecord {
+            host_id: "host-a".into(),
+            cert_name: "www".into(),
+            serial: serial.clone(),
+            result: Ok("no reload commands".into()),
+        })
+        .await
+        .expect("record the install");
+        let page = render(&sources).await.expect("render");
+        assert!(
+            page.contains(&waiting.replace("\"false\"", "\"true\"")),
+            "{page}"
+        );
+
+        pg.stop_immediate();
+        let page = render(&sources)
+            .await
+            .expect("the page renders without the database");
+        assert!(page.contains("\ncertd_fleet_database_up 0\n"), "{page}");
+        assert!(!page.contains("certd_fleet_install_lag_seconds{"), "{page}");
+        store.close().await;
     }
 }

@@ -18,6 +18,7 @@ mod faults;
 mod fleet;
 mod fleet_daemon;
 mod fleet_setup;
+mod fleet_hosts;
 mod harness;
 mod hostile_ca;
 mod hostile_local;

@@ -16,7 +16,8 @@ use crate::acme::{
 };
 use crate::config::{AcmeConfig, Config, FleetConfig};
 use crate::fleet::{
-    DbOptions, FleetDb, FleetKey, HolderId, Lease, LeaseName, LeaseTiming, account_key_context,
+    DbOptions, FleetAnswers, FleetDb, FleetKey, HolderId, Lease, LeaseName, LeaseTiming,
+    account_key_context,
 };
 use crate::ledger::Ledger;
 
@@ -42,10 +43,10 @@ pub(crate) struct Fleet {
     /// This host's name in the fleet: the holder of the leases it takes.
     pub(crate) holder: HolderId,
     pub(crate) timing: LeaseTiming,
-    // Read by the daemon's fleet wiring (`advertise`, the heartbeat), which
-    // lands beside this.
-    #[allow(dead_code)]
     pub(crate) cfg: FleetConfig,
+    /// The fleet's http-01 answers as this host serves them (its responder
+    /// asks them for tokens another host presented; metrics count them).
+    pub(crate) answers: Arc<FleetAnswers>,
 }
 
 impl Fleet {
@@ -63,10 +64,7 @@ impl Fleet {
             return Ok(None);
         };
         let key = FleetKey::load(&fleet.key_file).context("fleet.key_file")?;
-        let host_id = match &fleet.host_id {
-            Some(id) => id.clone(),
-            None => host_name().context("fleet.host_id is not set")?,
-        };
+        let host_id = host_id(fleet)?;
         let holder = HolderId::new(&host_id)
             .with_context(|| format!("fleet.host_id {host_id:?} is not a usable host id"))?;
         let timing = LeaseTiming::new(fleet.lease_ttl, margin(fleet.lease_ttl))
@@ -75,6 +73,7 @@ impl Fleet {
             .await
             .context("fleet.database_url")?;
         Ok(Some(Arc::new(Self {
+            answers: FleetAnswers::new(db.clone()),
             db,
             key,
             holder,
@@ -254,6 +253,14 @@ impl Fleet {
             None => {}
         }
         write_credentials(path, json)
+    }
+}
+
+/// This host's id in the fleet: `fleet.host_id`, else the host name.
+pub(crate) fn host_id(fleet: &FleetConfig) -> anyhow::Result<String> {
+    match &fleet.host_id {
+        Some(id) => Ok(id.clone()),
+        None => host_name().context("fleet.host_id is not set"),
     }
 }
 

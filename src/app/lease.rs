@@ -260,10 +260,11 @@ mod tests {
     use crate::acme::{AcmeError, AcmeHttp};
     use crate::clock::Clock;
     use crate::config::FleetConfig;
-    use crate::fleet::{DbOptions, FleetDb, FleetKey, HolderId, LeaseTiming};
+    use crate::fleet::{DbOptions, FleetAnswers, FleetDb, FleetKey, HolderId, LeaseTiming};
 
     fn host(db: FleetDb, id: &str, url: &str) -> Fleet {
         Fleet {
+            answers: FleetAnswers::new(db.clone()),
             db,
             key: FleetKey::from_bytes(&[7; 32]),
             holder: HolderId::new(id).expect("host id"),

@@ -12,6 +12,8 @@ pub(crate) mod cas;
 pub(crate) mod dirs;
 pub(crate) mod fleet;
 pub(crate) mod lease;
+pub mod fleet_answers;
+pub mod fleet_hosts;
 pub(crate) mod ops;
 pub(crate) mod outcome;
 pub(crate) mod sink;

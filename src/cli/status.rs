@@ -16,6 +16,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
+mod fleet;
+
+use self::fleet::{FleetCertStatus, FleetView};
 use super::output::shorten;
 use crate::app::cas::next_ca;
 use crate::app::sink::write_stdout_all;
@@ -115,9 +118,20 @@ pub(super) async fn run(
         }
         selected
     };
+    // Fleet mode: who holds each lease, what each host installed.
+    let fleet = match (&cfg.fleet, mode) {
+        (Some(f), Mode::Table | Mode::Json | Mode::Detail) => {
+            let names: Vec<String> = selected.iter().map(|c| c.name.to_string()).collect();
+            Some(FleetView::read(&cfg, f, &names).await)
+        }
+        _ => None,
+    };
     let rows: Vec<StatusRow> = selected
         .iter()
-        .map(|c| status_row(c, &ledger, now))
+        .map(|c| StatusRow {
+            fleet: fleet.as_ref().map(|f| f.cert(c.name.as_str())),
+            ..status_row(c, &ledger, now)
+        })
         .collect();
     let text = match mode {
         Mode::Json => {
@@ -137,6 +151,10 @@ pub(super) async fn run(
             push_ari(&mut text, &rows);
             push_accounts(&mut text, &ledger.accounts, width);
             push_restart_needed(&mut text, ledger.restart_needed.as_deref());
+            if let Some(fleet) = &fleet {
+                let names: Vec<&str> = selected.iter().map(|c| c.name.as_str()).collect();
+                fleet.push_table(&mut text, &names);
+            }
             text
         }
         Mode::Detail => {
@@ -149,6 +167,10 @@ pub(super) async fn run(
                 }
                 push_detail_block(&mut text, &cfg, c, r, events, now);
             }
+            if let Some(fleet) = &fleet {
+                let names: Vec<&str> = selected.iter().map(|c| c.name.as_str()).collect();
+                fleet.push_table(&mut text, &names);
+            }
             text
         }
         Mode::Check => return Ok(check(&cfg, &selected, &ledger, now)),
@@ -158,7 +180,7 @@ pub(super) async fn run(
     // small allocations back to the allocator one by one took a quarter of
     // the command's time; the kernel takes the memory back at once.
     std::mem::forget(rows);
-    std::mem::forget((cfg, ledger, text));
+    std::mem::forget((cfg, ledger, text, fleet));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -338,6 +360,9 @@ struct StatusRow<'a> {
     issuer_ca: Option<&'a str>,
     /// The CA the next renewal will try first.
     next_ca: Option<String>,
+    /// Fleet mode: the lease and every host's install.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<FleetCertStatus<'a>>,
 }
 
 /// A CA rate limit in `status --json`.
@@ -420,6 +445,7 @@ fn status_row<'a>(
             now,
         )
         .map(|n| n.to_string()),
+        fleet: None,
     }
 }
 

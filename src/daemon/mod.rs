@@ -41,10 +41,12 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::credentials_path;
 use crate::app::Services;
 use crate::app::cas::Cas;
+use crate::app::fleet_answers::{http01_fallback, tls_alpn_fallback};
+use crate::app::fleet_hosts::HostTasks;
 use crate::config::{CaName, ChallengeKind, Config};
 use crate::ledger::EventKind;
 use crate::order::RunMode;
-use crate::solver::{ChallengeSettings, Solvers};
+use crate::solver::{ChallengeSettings, Fallbacks, Solvers};
 
 use self::reaping::{ReaperTimes, reaper_loop};
 use self::reloader::{MetricsListener, Reloader};
@@ -86,12 +88,22 @@ pub async fn run(
     let tasks = Tasks::default();
     let notifier = Notifier::start(&tasks.tracker, &shutdown);
     let grace = cfg.daemon.shutdown_grace;
-    let solvers = Solvers::from_config(
+    // Fleet mode: this host beats its heartbeat, loads the fleet's http-01
+    // answers and installs what any host publishes, leaseholder or not.
+    // Shared with the reloader, which restarts them for new certificates.
+    let fleet_tasks = Arc::new(tokio::sync::Mutex::new(HostTasks::start(
+        &services, &cfg, &shutdown,
+    )?));
+    let solvers = Solvers::with_fallbacks(
         &cfg,
         &ALL_KINDS,
         &tasks.tracker,
         &shutdown,
         services.clock.clone(),
+        Fallbacks {
+            http01: http01_fallback(&services),
+            tls_alpn01: tls_alpn_fallback(&services),
+        },
     )
     .await
     .context("cannot start the challenge solvers")?;
@@ -151,6 +163,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         notifier: notifier.clone(),
         restart_keys: Vec::new(),
+        fleet_tasks: fleet_tasks.clone(),
     };
     let scheduler = Scheduler::new(
         cas.clone(),
@@ -215,6 +228,9 @@ pub async fn run(
     // reloads may have changed it.
     let grace = *lock(&tasks.grace);
     tasks.stop(grace.unwrap_or(cfg.daemon.shutdown_grace)).await;
+    if let Some(fleet_tasks) = fleet_tasks.lock().await.take() {
+        fleet_tasks.stop().await;
+    }
     store.close().await;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Applying a reloaded configuration to the running daemon: what a reload
 //! changes (challenge listeners, the metrics listener, the reaper's
-//! settings, the certificates the scheduler plans) and what waits for a
+//! settings, the certificates the scheduler plans, in fleet mode the
+//! certificates this host installs and announces) and what waits for a
 //! restart, which `config::diff`'s typed comparison says.
 
 use std::net::SocketAddr;
@@ -12,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
 use crate::app::cas::Cas;
+use crate::app::fleet_hosts::HostTasks;
 use crate::config::{Config, diff};
 use crate::ledger::EventKind;
-use crate::metrics::Sources;
+use crate::metrics::{FleetSources, Sources};
 use crate::order::Context;
 use crate::solver::ChallengeSettings;
 
@@ -44,6 +46,9 @@ pub(crate) struct Reloader {
     pub(crate) notifier: Notifier,
     /// The keys last reported as waiting for a restart.
     pub(crate) restart_keys: Vec<String>,
+    /// Fleet mode: this host's heartbeat, answers and distribution, built
+    /// for the certificates of `current`.
+    pub(crate) fleet_tasks: Arc<tokio::sync::Mutex<Option<HostTasks>>>,
 }
 
 impl Reloader {
@@ -90,8 +95,30 @@ impl Reloader {
             certificates = new.certificates.len(),
             "configuration reloaded"
         );
+        if self.current.certificates != new.certificates || self.current.http01 != new.http01 {
+            self.restart_fleet_tasks(&new).await;
+        }
         self.current = new.clone();
         self.scheduler.send(new).await.is_ok()
+    }
+
+    /// Fleet mode: restarts this host's fleet tasks for `new`'s
+    /// certificates (what distribution installs and reloads, the heartbeat's
+    /// config hash and advertised responder). The old ones stop first, so
+    /// no two install the same certificate at once.
+    async fn restart_fleet_tasks(&mut self, new: &Config) {
+        let mut slot = self.fleet_tasks.lock().await;
+        let Some(old) = slot.take() else {
+            return;
+        };
+        old.stop().await;
+        match HostTasks::start(&self.services, new, &self.shutdown) {
+            Ok(tasks) => *slot = tasks,
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "fleet: cannot restart this host's fleet tasks; it neither installs published issuances nor beats its heartbeat until a restart"
+            ),
+        }
     }
 
     /// Swaps in changed challenge settings. A section that cannot start
@@ -197,8 +224,25 @@ impl MetricsListener {
             clock: services.clock.clone(),
             ledger_errors: services.ledger_errors.clone(),
             leases: services.leases.counters.clone(),
+            fleet: services.fleet.as_ref().map(|f| FleetSources {
+                db: f.db.clone(),
+                answers: f.answers.clone(),
+                host_id: f.holder.as_str().to_owned(),
+                certs: started_certs(services),
+            }),
         };
         let addr = crate::metrics::start(listener, sources, &tasks.tracker, &stop)?;
         Ok(Self { addr, stop })
     }
+}
+
+/// The certificates whose install lag the metrics show: those this host
+/// started with (distribution installs those until a restart).
+fn started_certs(services: &Services) -> Vec<String> {
+    services
+        .cfg
+        .certificates
+        .iter()
+        .map(|c| c.name.as_str().to_owned())
+        .collect()
 }

@@ -551,6 +551,128 @@ impl FleetDb {
     }
 }
 
+/// A lease as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// The row's name: `cert:www`.
+    pub name: String,
+    /// `None` once released (or never claimed).
+    pub holder: Option<String>,
+    pub epoch: i64,
+    /// Unexpired by the database's clock.
+    pub live: bool,
+}
+
+/// How far one host is behind the newest issuance of a certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstallLag {
+    pub cert_name: String,
+    pub serial: String,
+    /// Seconds from publication to this host's install; while it has not
+    /// installed it, from publication to now (growing).
+    pub seconds: f64,
+    pub installed: bool,
+}
+
+impl FleetDb {
+    /// Every lease row, by name.
+    pub async fn leases(&self) -> Result<Vec<LeaseRow>, DbError> {
+        let rows: Vec<(String, Option<String>, i64, bool)> = sqlx::query_as(
+            "SELECT name, holder, epoch, expires_at > now() FROM leases ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, holder, epoch, live)| LeaseRow {
+                name,
+                holder,
+                epoch,
+                live,
+            })
+            .collect())
+    }
+
+    /// Each host's latest record (by attempt) for each of `cert_names`, by
+    /// certificate, then host.
+    pub async fn latest_installs(&self, cert_names: &[String]) -> Result<Vec<InstallRow>, DbError> {
+        sqlx::query_as(
+            "SELECT DISTINCT ON (cert_name, host_id)
+                    host_id, cert_name, serial, installed_at IS NOT NULL AS installed,
+                    reload_result, error
+               FROM installs WHERE cert_name = ANY($1)
+              ORDER BY cert_name, host_id, attempted_at DESC",
+        )
+        .bind(cert_names)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    /// The key authorization of the newest unexpired tls-alpn-01 answer
+    /// for `identifier`, if a host stored one.
+    pub async fn tls_alpn_key_authorization(
+        &self,
+        identifier: &str,
+    ) -> Result<Option<String>, DbError> {
+        sqlx::query_scalar(
+            "SELECT key_authorization FROM challenge_responses
+              WHERE kind = 'tls-alpn-01' AND identifier = $1 AND expires_at > now()
+              ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(identifier)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    /// Whether the database answers a query now.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// For each of `cert_names` that has an issuance: how long `host_id`
+    /// took (or has been taking) to install the newest one, by the
+    /// database's clock.
+    pub async fn install_lag(
+        &self,
+        host_id: &str,
+        cert_names: &[String],
+    ) -> Result<Vec<InstallLag>, DbError> {
+        let rows: Vec<(String, String, f64, bool)> = sqlx::query_as(
+            "SELECT n.cert_name, n.serial,
+                    extract(epoch FROM coalesce(i.installed_at, now()) - n.created_at)::float8,
+                    i.installed_at IS NOT NULL
+               FROM (SELECT DISTINCT ON (cert_name) cert_name, serial, created_at
+                       FROM issued WHERE cert_name = ANY($2)
+                      ORDER BY cert_name, id DESC) n
+               LEFT JOIN installs i
+                 ON i.host_id = $1 AND i.cert_name = n.cert_name AND i.serial = n.serial
+              ORDER BY n.cert_name",
+        )
+        .bind(host_id)
+        .bind(cert_names)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(cert_name, serial, seconds, installed)| InstallLag {
+                cert_name,
+                serial,
+                // A clock step on the server cannot make it negative here.
+                seconds: seconds.max(0.0),
+                installed,
+            })
+            .collect())
+    }
+}
+
 impl Target {
     fn of(opts: &PgConnectOptions) -> Self {
         match opts.get_socket() {

@@ -35,8 +35,8 @@ pub mod task;
 pub use self::answers::{AnswerCounts, AnswerSource, FleetAnswers, ListenOptions, ListenStatus};
 pub use self::db::{
     CHALLENGE_CHANNEL, ChallengeAnswer, ChallengeKind, DbError, DbOptions, FleetDb, ISSUED_CHANNEL,
-    InstallRecord, InstallRow, Issued, LiveAnswer, MIN_SERVER_VERSION, Member, ServerVersion,
-    Target, account_key_context,
+    InstallLag, InstallRecord, InstallRow, Issued, LeaseRow, LiveAnswer, MIN_SERVER_VERSION,
+    Member, ServerVersion, Target, account_key_context,
 };
 pub use self::distribute::{
     CertTarget, DistributeOptions, DistributeStatus, FleetHost, PublishError, PullError, Pulled,

@@ -115,6 +115,16 @@ impl Issuance {
         })
     }
 
+    /// The leaf then its chain, as installed in `fullchain.pem`.
+    pub(crate) fn fullchain_pem(&self) -> &str {
+        &self.fullchain_pem
+    }
+
+    /// The private key, PEM.
+    pub(crate) fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
     /// The durable record of this issuance, kept until it is installed:
     /// the private key, then the full chain, as PEM.
     pub(crate) fn record(&self) -> String {

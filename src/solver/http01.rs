@@ -1,4 +1,8 @@
 //! http-01: the standalone responder, a webroot, or both.
+//!
+//! In fleet mode the CA may ask any host for a token only the ordering host
+//! presented: the responder then asks its [`Http01Fallback`] (the fleet's
+//! shared answers, wired in above this layer) for tokens it does not hold.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -362,10 +366,21 @@ mod webroot {
     }
 }
 
+/// Where the responder looks for a token it was not given itself: another
+/// host's order (fleet mode). Defined here, implemented where the fleet is
+/// known, so this layer does not depend on it.
+#[async_trait]
+pub trait Http01Fallback: Send + Sync {
+    /// The key authorization for `token` (already checked to be a
+    /// base64url token), or `None` for a 404.
+    async fn key_authorization(&self, token: &str) -> Option<String>;
+}
+
 /// One small HTTP server shared by all orders, answering
-/// `GET /.well-known/acme-challenge/<token>` from an in-memory map.
+/// `GET /.well-known/acme-challenge/<token>` from an in-memory map, then
+/// from its fallback.
 #[derive(Clone)]
-pub(crate) struct Http01Responder {
+pub struct Http01Responder {
     tokens: Arc<Mutex<HashMap<Token, TokenEntry>>>,
     addr: SocketAddr,
 }
@@ -379,9 +394,11 @@ struct TokenEntry {
 
 impl Http01Responder {
     /// Binds `addr` and serves until `cancel` fires; the task and every
-    /// connection task belong to `tracker`.
-    pub(crate) async fn start(
+    /// connection task belong to `tracker`. Tokens not presented here are
+    /// asked of `fallback`.
+    pub async fn start(
         addr: SocketAddr,
+        fallback: Option<Arc<dyn Http01Fallback>>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<Self, SolverError> {
@@ -395,13 +412,25 @@ impl Http01Responder {
         let tokens = responder.tokens.clone();
         tinyhttp::serve(listener, tracker, cancel, move |req| {
             let reply = answer(&tokens, &req.target);
-            async move { reply }
+            let fallback = fallback.clone();
+            async move {
+                match (reply, fallback) {
+                    (Answer::Local(reply), _) => reply,
+                    (Answer::Unknown(token), Some(fallback)) => {
+                        match fallback.key_authorization(token.as_str()).await {
+                            Some(body) => Response::text(200, body),
+                            None => Response::text(404, ""),
+                        }
+                    }
+                    (Answer::Unknown(_) | Answer::NotAToken, _) => Response::text(404, ""),
+                }
+            }
         });
         tracing::debug!(%addr, "http-01 responder listening");
         Ok(responder)
     }
 
-    pub(crate) fn local_addr(&self) -> SocketAddr {
+    pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
@@ -430,21 +459,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The answer to a request for `target`: the key authorization of a
-/// token in flight, else 404.
-fn answer(tokens: &Mutex<HashMap<Token, TokenEntry>>, target: &str) -> Response {
-    let entry = target
-        .strip_prefix(WELL_KNOWN)
-        .and_then(|token| lock(tokens).get(token).cloned());
+/// What this host's own map says about a request.
+enum Answer {
+    /// A token presented here: its key authorization.
+    Local(Response),
+    /// A well-formed token this host did not present.
+    Unknown(Token),
+    /// Not a challenge path, or not a token.
+    NotAToken,
+}
+
+/// The answer to a request for `target` from the tokens in flight here.
+fn answer(tokens: &Mutex<HashMap<Token, TokenEntry>>, target: &str) -> Answer {
+    let Some(token) = target.strip_prefix(WELL_KNOWN) else {
+        return Answer::NotAToken;
+    };
+    let entry = lock(tokens).get(token).cloned();
     match entry {
         Some(e) => {
             e.seen.notify_waiters();
             // notify_waiters only wakes current waiters; also leave a
             // permit for a waiter that arrives just after.
             e.seen.notify_one();
-            Response::text(200, e.key_authorization)
+            Answer::Local(Response::text(200, e.key_authorization))
         }
-        None => Response::text(404, ""),
+        // Tokens are base64url (RFC 8555 section 8.1); anything else is
+        // not worth asking the fallback (a database) about.
+        None => match Token::parse(token) {
+            Ok(token) => Answer::Unknown(token),
+            Err(_) => Answer::NotAToken,
+        },
     }
 }
 
@@ -467,9 +511,14 @@ mod tests {
     async fn responder_serves_present_tokens_only() {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let r = Http01Responder::start("127.0.0.1:0".parse().expect("addr"), &tracker, &cancel)
-            .await
-            .expect("bind");
+        let r = Http01Responder::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            None,
+            &tracker,
+            &cancel,
+        )
+        .await
+        .expect("bind");
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,
@@ -504,6 +553,60 @@ mod tests {
         tracker.wait().await;
     }
 
+    /// The fleet's answers as a map: the responder's side of the contract
+    /// (the fleet's own is tested against PostgreSQL in tests/fleet_hosts.rs).
+    struct MapFallback(HashMap<String, String>);
+
+    #[async_trait]
+    impl Http01Fallback for MapFallback {
+        async fn key_authorization(&self, token: &str) -> Option<String> {
+            self.0.get(token).cloned()
+        }
+    }
+
+    /// A token this host did not present is answered from the fallback;
+    /// its own tokens first; paths that are not tokens never reach it.
+    #[tokio::test]
+    async fn responder_asks_its_fallback_for_tokens_it_does_not_hold() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let peer = "peer_aaaaaaaaaaaaaaaaaaaaaa";
+        let fallback = MapFallback(HashMap::from([
+            (peer.to_owned(), format!("{peer}.fleet")),
+            ("tok3_aaaaaaaaaaaaaaaaaaaa".to_owned(), "stale".to_owned()),
+        ]));
+        let r = Http01Responder::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            Some(Arc::new(fallback)),
+            &tracker,
+            &cancel,
+        )
+        .await
+        .expect("bind");
+        let rsp = get(r.local_addr(), &format!("{WELL_KNOWN}{peer}")).await;
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        assert!(rsp.ends_with(&format!("{peer}.fleet")), "{rsp}");
+        let own = spec("tok3_aaaaaaaaaaaaaaaaaaaa");
+        r.add(own.token().expect("token"), &own.key_authorization);
+        let rsp = get(
+            r.local_addr(),
+            &format!("{WELL_KNOWN}tok3_aaaaaaaaaaaaaaaaaaaa"),
+        )
+        .await;
+        assert!(rsp.ends_with("tok3_aaaaaaaaaaaaaaaaaaaa.thumb"), "{rsp}");
+        for path in [
+            format!("{WELL_KNOWN}unknown_aaaaaaaaaaaaaaaaaaa"),
+            format!("{WELL_KNOWN}../{peer}"),
+            format!("/{peer}"),
+        ] {
+            let rsp = get(r.local_addr(), &path).await;
+            assert!(rsp.starts_with("HTTP/1.1 404"), "{path}: {rsp}");
+        }
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
     /// For an address of this host the pre-flight connects through the
     /// address, as the CA will: a listener on 127.0.0.1 does not answer
     /// for ::1.
@@ -511,9 +614,14 @@ mod tests {
     async fn preflight_for_an_address_connects_to_it() {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let r = Http01Responder::start("127.0.0.1:0".parse().expect("addr"), &tracker, &cancel)
-            .await
-            .expect("bind");
+        let r = Http01Responder::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            None,
+            &tracker,
+            &cancel,
+        )
+        .await
+        .expect("bind");
         let solver = Http01Solver {
             responder: Some(r.clone()),
             webroot: None,

@@ -32,9 +32,10 @@ mod tls_alpn;
 
 pub(crate) use dns_hook::Dns01Hook;
 pub(crate) use dns_persist::DnsPersistSolver;
-pub(crate) use http01::{Http01Responder, Http01Solver};
+pub(crate) use http01::Http01Solver;
+pub use http01::{Http01Fallback, Http01Responder};
 pub(crate) use rfc2136::Rfc2136Solver;
-pub(crate) use tls_alpn::TlsAlpnSolver;
+pub use tls_alpn::{TlsAlpnFallback, TlsAlpnSolver};
 
 /// A challenge token from the CA, checked once where it enters certd.
 ///
@@ -249,6 +250,17 @@ pub struct Solvers {
     listeners: Arc<Mutex<Listeners>>,
     /// Handed to the dns-01 solvers (TSIG times, `persistUntil`).
     clock: Clock,
+    /// Where the responders look for challenges they do not hold (fleet
+    /// mode: another host's orders).
+    fallbacks: Fallbacks,
+}
+
+/// Where each responder looks for a challenge it does not hold; none by
+/// default.
+#[derive(Clone, Default)]
+pub(crate) struct Fallbacks {
+    pub(crate) http01: Option<Arc<dyn Http01Fallback>>,
+    pub(crate) tls_alpn01: Option<Arc<dyn TlsAlpnFallback>>,
 }
 
 /// The sections of a configuration the solvers are built from.
@@ -295,8 +307,23 @@ impl Solvers {
         cancel: &CancellationToken,
         clock: Clock,
     ) -> Result<Self, SolverError> {
+        Self::with_fallbacks(cfg, needed, tracker, cancel, clock, Fallbacks::default()).await
+    }
+
+    /// As [`Solvers::from_config`], the responders (these and those a
+    /// reload starts) answering challenges they do not hold from
+    /// `fallbacks`.
+    pub(crate) async fn with_fallbacks(
+        cfg: &Config,
+        needed: &[ChallengeKind],
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        clock: Clock,
+        fallbacks: Fallbacks,
+    ) -> Result<Self, SolverError> {
         let solvers = Self {
             clock,
+            fallbacks,
             ..Self::default()
         };
         let failed = solvers
@@ -435,7 +462,8 @@ impl Solvers {
             (Some(addr), Some(l)) if l.addr == addr => Some(l),
             (Some(addr), _) => {
                 let stop = cancel.child_token();
-                let handle = Http01Responder::start(addr, tracker, &stop).await?;
+                let fallback = self.fallbacks.http01.clone();
+                let handle = Http01Responder::start(addr, fallback, tracker, &stop).await?;
                 Some(Listener {
                     addr,
                     handle,
@@ -462,7 +490,8 @@ impl Solvers {
             return Ok(None);
         };
         let stop = cancel.child_token();
-        let handle = Arc::new(TlsAlpnSolver::start(addr, tracker, &stop).await?);
+        let fallback = self.fallbacks.tls_alpn01.clone();
+        let handle = Arc::new(TlsAlpnSolver::start(addr, fallback, tracker, &stop).await?);
         let listener = Listener {
             addr,
             handle,

@@ -7,6 +7,13 @@
 //! extension (the SHA-256 of the key authorization); any other handshake
 //! (a browser, a name without a challenge) fails at once with a TLS alert
 //! rather than hanging.
+//!
+//! In fleet mode the CA may ask any host for a name only the ordering host
+//! presented: for a DNS name it does not hold, the responder asks its
+//! [`TlsAlpnFallback`] (the fleet's shared answers) for the key
+//! authorization and answers with a certificate made for it. IP
+//! identifiers (whose SNI is a reverse name) are answered by the ordering
+//! host only.
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -15,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::AsyncWriteExt;
@@ -64,14 +71,27 @@ impl ResolvesServerCert for Certs {
     }
 }
 
-pub(crate) struct TlsAlpnSolver {
+/// Where the responder looks for a name it holds no challenge for: another
+/// host's order (fleet mode). Defined here, implemented where the fleet is
+/// known, so this layer does not depend on it.
+#[async_trait]
+pub trait TlsAlpnFallback: Send + Sync {
+    /// The key authorization of a tls-alpn-01 challenge in flight for
+    /// `name` (a DNS name, lower case, no trailing dot), or `None`.
+    async fn key_authorization(&self, name: &str) -> Option<String>;
+}
+
+/// The tls-alpn-01 responder and the solver presenting through it.
+pub struct TlsAlpnSolver {
     certs: Arc<Certs>,
 }
 
 impl TlsAlpnSolver {
-    /// Binds `addr` and serves until `cancel` fires.
-    pub(crate) async fn start(
+    /// Binds `addr` and serves until `cancel` fires. Names not presented
+    /// here are asked of `fallback`.
+    pub async fn start(
         addr: SocketAddr,
+        fallback: Option<Arc<dyn TlsAlpnFallback>>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<Self, SolverError> {
@@ -87,20 +107,39 @@ impl TlsAlpnSolver {
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let config = Arc::new(config);
         // Connection limits, idle eviction and accept back-off as for the
         // HTTP listeners. The ticket is held until the handshake is over.
+        let own = certs.clone();
         tinyhttp::accept_loop(
             listener,
             "tls-alpn-01",
             tracker,
             cancel,
             move |stream, ticket| {
-                let acceptor = acceptor.clone();
+                let (config, certs, fallback) = (config.clone(), own.clone(), fallback.clone());
                 async move {
+                    let handshake = async {
+                        let start =
+                            tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream)
+                                .await
+                                .ok()?;
+                        let config = match wanted_elsewhere(&start.client_hello(), &certs) {
+                            Some(name) => match &fallback {
+                                Some(fallback) => {
+                                    fallback_config(&config, fallback.as_ref(), &name)
+                                        .await
+                                        .unwrap_or(config)
+                                }
+                                None => config,
+                            },
+                            None => config,
+                        };
+                        start.into_stream(config).await.ok()
+                    };
                     // The CA only needs the handshake; close right after.
-                    if let Ok(Ok(mut tls)) =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    if let Ok(Some(mut tls)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await
                     {
                         ticket.busy();
                         let _ = tls.shutdown().await;
@@ -112,12 +151,16 @@ impl TlsAlpnSolver {
         Ok(Self { certs })
     }
 
-    /// The validation certificate for `name`: self-signed, the name as its
-    /// only SAN, and the critical acmeIdentifier extension.
-    fn validation_cert(c: &ChallengeSpec) -> Result<Arc<CertifiedKey>, SolverError> {
-        let err = |e: String| SolverError::TlsAlpn(format!("{}: {e}", c.identifier));
-        let digest = ring::digest::digest(&ring::digest::SHA256, c.key_authorization.as_bytes());
-        let mut params = rcgen::CertificateParams::new(vec![c.identifier.clone()])
+    /// The validation certificate for `identifier`: self-signed, the
+    /// identifier as its only SAN, and the critical acmeIdentifier
+    /// extension (the SHA-256 of `key_authorization`).
+    fn validation_cert(
+        identifier: &str,
+        key_authorization: &str,
+    ) -> Result<Arc<CertifiedKey>, SolverError> {
+        let err = |e: String| SolverError::TlsAlpn(format!("{identifier}: {e}"));
+        let digest = ring::digest::digest(&ring::digest::SHA256, key_authorization.as_bytes());
+        let mut params = rcgen::CertificateParams::new(vec![identifier.to_owned()])
             .map_err(|e| err(e.to_string()))?;
         params.custom_extensions =
             vec![rcgen::CustomExtension::new_acme_identifier(digest.as_ref())];
@@ -136,7 +179,7 @@ impl TlsAlpnSolver {
 #[async_trait]
 impl Solver for TlsAlpnSolver {
     async fn present(&self, c: &ChallengeSpec) -> Result<(), SolverError> {
-        let cert = Self::validation_cert(c)?;
+        let cert = Self::validation_cert(&c.identifier, &c.key_authorization)?;
         self.certs.lock().insert(sni_name(&c.identifier), cert);
         Ok(())
     }
@@ -145,6 +188,44 @@ impl Solver for TlsAlpnSolver {
         self.certs.lock().remove(&sni_name(&c.identifier));
         Ok(())
     }
+}
+
+/// The DNS name a validation handshake (ALPN `acme-tls/1`) asks for when
+/// this host holds no challenge for it; `None` for any other handshake.
+fn wanted_elsewhere(hello: &ClientHello<'_>, certs: &Certs) -> Option<String> {
+    let acme = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+    let name = hello
+        .server_name()?
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let reverse = name.ends_with(".in-addr.arpa") || name.ends_with(".ip6.arpa");
+    (acme && !reverse && !certs.lock().contains_key(&name)).then_some(name)
+}
+
+/// `base` answering `name` with a validation certificate for the key
+/// authorization `fallback` holds; `None` if it holds none.
+async fn fallback_config(
+    base: &Arc<rustls::ServerConfig>,
+    fallback: &dyn TlsAlpnFallback,
+    name: &str,
+) -> Option<Arc<rustls::ServerConfig>> {
+    let key_authorization = fallback.key_authorization(name).await?;
+    let cert = match TlsAlpnSolver::validation_cert(name, &key_authorization) {
+        Ok(cert) => cert,
+        Err(e) => {
+            tracing::warn!(error = %e, "tls-alpn-01: cannot make the validation certificate for another host's challenge");
+            return None;
+        }
+    };
+    // A resolver of its own for this one connection: the shared map holds
+    // only this host's challenges, which its cleanup removes.
+    let one = Certs::default();
+    one.lock().insert(name.to_owned(), cert);
+    let mut config = (**base).clone();
+    config.cert_resolver = Arc::new(one);
+    Some(Arc::new(config))
 }
 
 /// The SNI name the CA's validation connection carries for `identifier`:
@@ -193,7 +274,7 @@ mod tests {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
         let addr = probe.local_addr().expect("addr");
         drop(probe);
-        let solver = TlsAlpnSolver::start(addr, &tracker, &cancel)
+        let solver = TlsAlpnSolver::start(addr, None, &tracker, &cancel)
             .await
             .expect("start");
         let spec = ChallengeSpec {
