@@ -2,6 +2,15 @@
 //! per line, lowest layer first, and a module may name (`crate::x`) only
 //! modules listed above it. That keeps the import graph free of cycles, and
 //! makes `lib.rs` the map a newcomer reads first.
+//!
+//! And SQL only in the ledger: outside `src/ledger/`, the code names the
+//! `sqlx` crate only as `sqlx::PgPool`, the handle a fleet host opens and
+//! passes to the ledger. Every way to run a statement (`query`, `query_as`,
+//! `query_scalar`, `raw_sql`, the `Executor` trait, connections,
+//! transactions, listeners, migrations) is a path through `sqlx`, so this
+//! one rule catches them all, however they are imported. `tests/` is not
+//! checked: its fleet tests read rows directly to assert what the code
+//! wrote.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -107,4 +116,75 @@ fn modules_import_only_the_layers_below_them() {
         "imports against the layer order of src/lib.rs (lower layers first):\n{}",
         upward.join("\n")
     );
+}
+
+/// The `sqlx` paths `text` names outside comments other than
+/// `sqlx::PgPool`, one per offending line (`file:line: text`).
+fn sql_outside_ledger(name: &str, text: &str) -> Vec<String> {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let code = line.split_once("//").map_or(line, |(code, _comment)| code);
+        let mut rest = code;
+        while let Some(at) = rest.find("sqlx") {
+            let before = rest[..at].chars().next_back();
+            let after = &rest[at + "sqlx".len()..];
+            rest = after;
+            if before.is_some_and(ident) || after.chars().next().is_some_and(ident) {
+                continue;
+            }
+            let pool = after
+                .strip_prefix("::PgPool")
+                .is_some_and(|tail| !tail.chars().next().is_some_and(ident));
+            if !pool {
+                found.push(format!("{name}:{}: {}", n + 1, line.trim()));
+                break;
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn only_the_ledger_speaks_sql() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("src");
+    let ledger = src.join("ledger");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    files.sort();
+    let mut outside = Vec::new();
+    for file in files.iter().filter(|f| !f.starts_with(&ledger)) {
+        let text = fs::read_to_string(file).expect("read source");
+        let name = file.strip_prefix(root).expect("under root").display();
+        outside.extend(sql_outside_ledger(&name.to_string(), &text));
+    }
+    assert!(
+        outside.is_empty(),
+        "SQL belongs in src/ledger/ (outside it, only `sqlx::PgPool` may be named):\n{}",
+        outside.join("\n")
+    );
+}
+
+#[test]
+fn the_sql_rule_sees_every_way_in() {
+    for bad in [
+        "let n: i64 = sqlx::query_scalar(\"SELECT 1\")",
+        "use sqlx::{PgPool, Executor};",
+        "use sqlx::postgres::PgConnection;",
+        "let tx: sqlx::Transaction<'_, Postgres> = todo!();",
+        "x.map_err(|e: sqlx::Error| e)",
+        "use ::sqlx as db;",
+        "let p = sqlx::PgPoolOptions::new();",
+    ] {
+        assert_eq!(sql_outside_ledger("f.rs", bad).len(), 1, "{bad}");
+    }
+    for fine in [
+        "use sqlx::PgPool;",
+        "pub fn pool(&self) -> &sqlx::PgPool {",
+        "// sqlx's pool retries until its timeout",
+        "let my_sqlx_thing = 1; let sqlxish = 2;",
+    ] {
+        assert!(sql_outside_ledger("f.rs", fine).is_empty(), "{fine}");
+    }
 }

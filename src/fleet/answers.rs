@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::db::{CHALLENGE_CHANNEL, DbError, FleetDb, LiveAnswer};
-use super::distribute::listen;
 use super::task::{FleetTask, cancelled_within};
+use crate::ledger::fleet::FleetListener;
 
 /// Where an http-01 request's path starts, before the token.
 const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -198,13 +198,13 @@ impl FleetAnswers {
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     _ = purge.tick() => self.purge(),
-                    n = listener.try_recv() => match n {
-                        Ok(Some(n)) => match self.load(Some(n.payload())).await {
+                    n = listener.next() => match n {
+                        Some(token) => match self.load(Some(&token)).await {
                             Ok(loaded) => status.send_modify(|s| s.loaded += loaded),
                             // The database answers the request instead.
                             Err(e) => tracing::warn!(error = %e, "fleet: cannot load an announced answer"),
                         },
-                        Ok(None) | Err(_) => break,
+                        None => break,
                     },
                 }
             }
@@ -217,8 +217,8 @@ impl FleetAnswers {
 
     /// Listens, then loads every unexpired answer: one stored before the
     /// LISTEN took effect would otherwise stay out of memory.
-    async fn connect(&self) -> Result<(sqlx::postgres::PgListener, u64), DbError> {
-        let listener = listen(&self.db, CHALLENGE_CHANNEL).await?;
+    async fn connect(&self) -> Result<(FleetListener, u64), DbError> {
+        let listener = self.db.listen(CHALLENGE_CHANNEL).await?;
         let loaded = self.load(None).await?;
         Ok((listener, loaded))
     }

@@ -24,7 +24,6 @@ use std::time::Duration;
 use ring::rand::SystemRandom;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -310,7 +309,7 @@ impl FleetHost {
         loop {
             let connect = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = listen(db, ISSUED_CHANNEL) => r,
+                r = db.listen(ISSUED_CHANNEL) => r,
             };
             let mut listener = match connect {
                 Ok(listener) => listener,
@@ -350,14 +349,14 @@ impl FleetHost {
                         };
                         next = tokio::time::Instant::now() + wait;
                     }
-                    n = listener.try_recv() => match n {
-                        Ok(Some(n)) => {
-                            let pull = self.pull_announced(db, n.payload(), status);
+                    n = listener.next() => match n {
+                        Some(cert) => {
+                            let pull = self.pull_announced(db, &cert, status);
                             if until_cancelled(cancel, pull).await.is_none() {
                                 return;
                             }
                         }
-                        Ok(None) | Err(_) => break,
+                        None => break,
                     },
                 }
             }
@@ -552,20 +551,6 @@ async fn until_cancelled<T>(
         () = cancel.cancelled() => None,
         done = work => Some(done),
     }
-}
-
-/// Opens a LISTEN connection on `channel` from `db`'s pool.
-pub(super) async fn listen(db: &FleetDb, channel: &str) -> Result<PgListener, DbError> {
-    let mut listener = PgListener::connect_with(db.pool())
-        .await
-        .map_err(|e| db.error(e))?;
-    // A lost connection must surface at once (`try_recv` gives `None`) so
-    // the caller knows notifications were lost and catches up after its
-    // own reconnect; reconnecting inside `try_recv` would hide the loss
-    // and hold the caller for a whole connect timeout.
-    listener.eager_reconnect(false);
-    listener.listen(channel).await.map_err(|e| db.error(e))?;
-    Ok(listener)
 }
 
 /// Counts one pull's outcome; `installed` picks the counter by trigger.

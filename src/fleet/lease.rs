@@ -29,19 +29,22 @@
 //! Release (on handover, e.g. SIGTERM) clears the holder and keeps the
 //! epoch. No session advisory locks: they never expire, carry no token,
 //! and break behind connection poolers.
+//!
+//! The statements (claim, renew, release, the fence's check) are the
+//! ledger's (`crate::ledger::fleet`); this module keeps what they mean.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::Transaction;
-use sqlx::postgres::{PgConnection, Postgres};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{DbError, FleetDb, micros};
+use super::db::{DbError, FleetDb};
+use crate::ledger::Fence;
+use crate::ledger::fleet::FencedWrite;
 
 /// What a lease is for; its row's name is `cert:<name>`,
 /// `reaper:<account>` or `account:<directory>`.
@@ -80,9 +83,8 @@ pub struct Lease {
 /// A transaction whose first statement found the lease still held; see
 /// [`Lease::begin_fenced`]. Dropping it rolls back.
 pub struct FencedTx {
-    tx: Transaction<'static, Postgres>,
+    write: FencedWrite,
     lease: Lease,
-    db: FleetDb,
 }
 
 /// Keeps a lease renewed until stopped, dropped, or the lease is lost.
@@ -198,21 +200,10 @@ impl Lease {
         timing: LeaseTiming,
     ) -> Result<Option<Lease>, LeaseError> {
         let sent = BootInstant::now();
-        let epoch: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO leases AS l (name, holder, epoch, expires_at, acquired_at)
-             VALUES ($1, $2, 1, now() + $3 * interval '1 microsecond', now())
-             ON CONFLICT (name) DO UPDATE
-                SET holder = excluded.holder, epoch = l.epoch + 1,
-                    expires_at = excluded.expires_at, acquired_at = now()
-              WHERE l.holder IS NULL OR l.expires_at <= now()
-             RETURNING l.epoch",
-        )
-        .bind(name.key())
-        .bind(&holder.0)
-        .bind(micros(timing.ttl))
-        .fetch_optional(db.pool())
-        .await
-        .map_err(|e| db.error(e))?;
+        let epoch = db
+            .store()
+            .claim_lease(&name.key(), holder.as_str(), timing.ttl)
+            .await?;
         Ok(epoch.map(|epoch| Lease {
             inner: Arc::new(Inner {
                 name,
@@ -266,19 +257,10 @@ impl Lease {
     pub async fn renew(&self, db: &FleetDb) -> Result<(), LeaseError> {
         self.check_deadline()?;
         let sent = BootInstant::now();
-        let renewed = sqlx::query(
-            "UPDATE leases SET expires_at = now() + $4 * interval '1 microsecond'
-              WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()",
-        )
-        .bind(self.inner.name.key())
-        .bind(&self.inner.holder.0)
-        .bind(self.inner.epoch.0)
-        .bind(micros(self.inner.timing.ttl))
-        .execute(db.pool())
-        .await
-        .map_err(|e| db.error(e))?
-        .rows_affected()
-            == 1;
+        let renewed = db
+            .store()
+            .renew_lease(&self.fence(), self.inner.timing.ttl)
+            .await?;
         if !renewed {
             return Err(self.kill(Death::Fenced));
         }
@@ -298,29 +280,7 @@ impl Lease {
     /// still ours to release.
     pub async fn release(&self, db: &FleetDb) -> Result<bool, LeaseError> {
         let _ = self.kill(Death::Released);
-        let mut tx = db.pool().begin().await.map_err(|e| db.error(e))?;
-        let released = sqlx::query(
-            "UPDATE leases SET holder = NULL, expires_at = now()
-              WHERE name = $1 AND holder = $2 AND epoch = $3",
-        )
-        .bind(self.inner.name.key())
-        .bind(&self.inner.holder.0)
-        .bind(self.inner.epoch.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db.error(e))?
-        .rows_affected()
-            == 1;
-        if released {
-            // Delivered when the release commits, and only then.
-            sqlx::query("SELECT pg_notify('certd_lease', $1)")
-                .bind(self.inner.name.key())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db.error(e))?;
-        }
-        tx.commit().await.map_err(|e| db.error(e))?;
-        Ok(released)
+        Ok(db.store().release_lease(&self.fence()).await?)
     }
 
     /// Opens a transaction whose first statement locks this lease's row
@@ -331,29 +291,23 @@ impl Lease {
         if let State::Dead(death) = *self.state() {
             return Err(self.dead(death));
         }
-        let mut tx = db.pool().begin().await.map_err(|e| db.error(e))?;
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM leases
-              WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()
-                FOR SHARE",
-        )
-        .bind(self.inner.name.key())
-        .bind(&self.inner.holder.0)
-        .bind(self.inner.epoch.0)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| db.error(e))?;
-        if held.is_none() {
-            // Dropping would roll back too, but only when the connection
-            // is next used; say so now.
-            let _ = tx.rollback().await;
-            return Err(self.kill(Death::Fenced));
+        match db.store().begin_fenced(self.fence()).await? {
+            Some(write) => Ok(FencedTx {
+                write,
+                lease: self.clone(),
+            }),
+            None => Err(self.kill(Death::Fenced)),
         }
-        Ok(FencedTx {
-            tx,
-            lease: self.clone(),
-            db: db.clone(),
-        })
+    }
+
+    /// The lease as the ledger checks it on a fenced write: name, holder
+    /// and epoch.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            lease: self.inner.name.key(),
+            holder: self.inner.holder.0.clone(),
+            epoch: self.inner.epoch.0,
+        }
     }
 
     /// Renews this lease every ttl/3 from a task of its own, until
@@ -481,9 +435,9 @@ impl Drop for Renewer {
 }
 
 impl FencedTx {
-    /// The transaction's connection, for the writes it fences.
-    pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.tx
+    /// The ledger's transaction, for the writes it fences.
+    pub(super) fn write(&mut self) -> &mut FencedWrite {
+        &mut self.write
     }
 
     pub fn lease(&self) -> &Lease {
@@ -516,19 +470,10 @@ impl FencedTx {
         }
     }
 
-    /// Wraps a write's error with where the database is.
-    pub(super) fn error(&self, source: sqlx::Error) -> LeaseError {
-        LeaseError::Db(self.db.error(source))
-    }
-
     /// Commits the writes. The lease row stayed locked since the check, so
     /// no takeover came in between.
     pub async fn commit(self) -> Result<(), LeaseError> {
-        let db = self.db;
-        self.tx
-            .commit()
-            .await
-            .map_err(|e| LeaseError::Db(db.error(e)))
+        Ok(self.write.commit().await?)
     }
 }
 

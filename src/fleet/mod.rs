@@ -1,9 +1,11 @@
 //! Fleet mode's foundations: several hosts sharing one ledger in
 //! PostgreSQL (15 or newer), with no consensus of certd's own.
 //!
-//! - [`db`]: connecting (errors name `host:port`, never the password),
-//!   refusing servers older than 15, the migrations in
-//!   `migrations/postgres/`, and the shared tables' reads and writes.
+//! - [`db`]: the fleet's handle on its database: connecting (errors name
+//!   `host:port`, never the password), refusing servers older than 15,
+//!   the migrations in `migrations/postgres/`, and the shared tables'
+//!   reads and fenced writes in the fleet's types. The statements
+//!   themselves are the ledger's (`ledger::fleet`): SQL only there.
 //! - [`lease`]: a lease per certificate (`cert:<name>`), per account's
 //!   reaper and for account creation, with an epoch as the fencing token,
 //!   expiry judged by the database's clock only, renewal from a task of

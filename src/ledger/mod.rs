@@ -65,6 +65,7 @@ pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
 pub use pg::Fence;
+pub use pg::fleet;
 
 use pg::PgLedger;
 
