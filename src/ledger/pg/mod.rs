@@ -77,24 +77,14 @@ impl PgLedger {
     /// already checked the lease. Dropping it uncommitted rolls back.
     pub(super) async fn write(&self) -> Result<Transaction<'static, Postgres>> {
         let mut tx = self.pool.begin().await?;
-        if let Some(fence) = &self.fence {
-            let held: Option<(i64,)> = sqlx::query_as(
-                "SELECT epoch FROM leases
-                 WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()
-                 FOR SHARE",
-            )
-            .bind(&fence.lease)
-            .bind(&fence.holder)
-            .bind(fence.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if held.is_none() {
-                // Dropping the transaction rolls it back.
-                return Err(LedgerError::Fenced {
-                    lease: fence.lease.clone(),
-                    epoch: fence.epoch,
-                });
-            }
+        if let Some(fence) = &self.fence
+            && !holds(&mut tx, fence).await?
+        {
+            // Dropping the transaction rolls it back.
+            return Err(LedgerError::Fenced {
+                lease: fence.lease.clone(),
+                epoch: fence.epoch,
+            });
         }
         Ok(tx)
     }
@@ -105,6 +95,28 @@ impl PgLedger {
         let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&self.pool).await?;
         Ok(if one == 1 { "ok" } else { "unexpected answer" }.to_owned())
     }
+}
+
+/// The fence check every fenced write starts with: `fence`'s lease row is
+/// still the holder's at that epoch and unexpired by the database's clock.
+/// `FOR SHARE` conflicts with a claimer's `UPDATE`, so a takeover waits for
+/// the write in flight, and a write that waited on a takeover re-reads the
+/// row and is refused.
+pub(super) async fn holds(
+    tx: &mut Transaction<'static, Postgres>,
+    fence: &Fence,
+) -> sqlx::Result<bool> {
+    let held: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM leases
+         WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()
+         FOR SHARE",
+    )
+    .bind(&fence.lease)
+    .bind(&fence.holder)
+    .bind(fence.epoch)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(held.is_some())
 }
 
 #[cfg(test)]

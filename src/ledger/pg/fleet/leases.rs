@@ -119,18 +119,10 @@ impl FleetStore {
     /// unexpired by the database's clock; `None` (rolled back) if not.
     pub async fn begin_fenced(&self, fence: Fence) -> Result<Option<FencedWrite>, DbError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM leases
-              WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()
-                FOR SHARE",
-        )
-        .bind(&fence.lease)
-        .bind(&fence.holder)
-        .bind(fence.epoch)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| self.error(e))?;
-        if held.is_none() {
+        let held = crate::ledger::pg::holds(&mut tx, &fence)
+            .await
+            .map_err(|e| self.error(e))?;
+        if !held {
             // Dropping would roll back too, but only when the connection
             // is next used; say so now.
             let _ = tx.rollback().await;
