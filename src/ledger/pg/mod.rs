@@ -16,6 +16,7 @@ mod authorizations;
 mod ca_state;
 mod certificates;
 mod events;
+mod intents;
 mod issued;
 mod orders;
 mod pauses;
