@@ -280,6 +280,9 @@ impl Cas {
         ctx.replaces_installed = issuer.unwrap_or(primary) == ca;
         if let Some(fenced) = fenced {
             ctx.store = fenced.clone();
+            // The reaper's writes for this order (guard events, settled
+            // authorizations) go through the lease's fence too.
+            ctx.reaper = ctx.reaper.writing_to(fenced.clone());
             let name = cert.name.as_str();
             let cfg = &self.inner.cfg;
             let (resumable, abandoned) =

@@ -336,11 +336,16 @@ async fn obtain_inner(
                 .await?;
             // Write-ahead: should the process die before the order's URL
             // is recorded, recovery finds the order in the CA's list and
-            // knows which certificate it is for.
-            let intent = ctx
-                .store
-                .record_intent(ctx.account.ledger_id, name, &sorted)
-                .await?;
+            // knows which certificate it is for. In fleet mode the
+            // admission wrote it already, as the reservation.
+            let intent = match admission.intent() {
+                Some(intent) => intent,
+                None => {
+                    ctx.store
+                        .record_intent(ctx.account.ledger_id, name, &sorted)
+                        .await?
+                }
+            };
             let order = match new_order(ctx, cert, &sorted).await {
                 Ok(order) => order,
                 Err(e) => {
