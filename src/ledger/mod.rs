@@ -38,6 +38,7 @@ pub mod import;
 mod issued;
 mod lock;
 mod model;
+mod order_keys;
 mod orders;
 mod pauses;
 mod pg;
@@ -76,6 +77,9 @@ pub struct Ledger {
     db: Db,
     /// The wall clock every row's timestamps come from.
     clock: Clock,
+    /// Fleet mode: the fleet key, for the callers that seal what this
+    /// ledger keeps sealed ([`Ledger::with_fleet_key`]).
+    fleet_key: Option<std::sync::Arc<crate::fleet::FleetKey>>,
 }
 
 /// The engine behind a [`Ledger`]. Each method of the ledger matches on
@@ -140,6 +144,7 @@ impl Ledger {
         Ok(Self {
             db: Db::Sqlite(pool),
             clock,
+            fleet_key: None,
         })
     }
 
@@ -153,6 +158,7 @@ impl Ledger {
         Self {
             db: Db::Postgres(PgLedger::new(pool, state_dir)),
             clock,
+            fleet_key: None,
         }
     }
 
@@ -167,7 +173,7 @@ impl Ledger {
             Db::Sqlite(_) => self.clone(),
             Db::Postgres(pg) => Self {
                 db: Db::Postgres(pg.with_fence(fence)),
-                clock: self.clock.clone(),
+                ..self.clone()
             },
         }
     }
@@ -202,6 +208,7 @@ impl Ledger {
         Ok(Self {
             db: Db::Sqlite(pool),
             clock,
+            fleet_key: None,
         })
     }
 

@@ -18,6 +18,7 @@ mod certificates;
 mod events;
 mod intents;
 mod issued;
+mod order_keys;
 mod orders;
 mod pauses;
 
