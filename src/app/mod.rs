@@ -63,11 +63,14 @@ impl Services {
         dirs::ensure_dirs(&cfg)?;
         let fleet = Fleet::open(&cfg).await?;
         let store = match &fleet {
+            // The fleet key once more for the ledger's callers that seal
+            // (finalized orders' keys); the file was just read and checked.
             Some(f) => Ledger::postgres(
                 f.db.pool().clone(),
                 cfg.storage.state_dir.clone(),
                 clock.clone(),
-            ),
+            )
+            .with_fleet_key(crate::fleet::FleetKey::load(&f.cfg.key_file)?),
             None => Ledger::open(&cfg.db_path(), clock.clone()).await?,
         };
         let mut services = Self::with_ledger(Arc::new(cfg), clock, store);

@@ -21,7 +21,7 @@ use crate::ledger::{
     OrderStatus, OrderStep,
 };
 
-use super::keys::{order_key_dir, order_key_path, remove_order_key};
+use super::keys::{forget_order_key, has_order_key, order_key_dir};
 
 /// The certificate name an adopted order gets when the ledger cannot tell
 /// whose it is; no configured certificate can have it (names are plain).
@@ -126,7 +126,7 @@ async fn settle_in_flight(
             continue;
         }
         let finalized_without_key =
-            order.step == OrderStep::Finalizing && !order_key_path(&key_dir, &order.url).exists();
+            order.step == OrderStep::Finalizing && !has_order_key(s, &key_dir, &order.url).await?;
         if !finalized_without_key && keep(&order) && kept.insert(order.identifiers.clone()) {
             s.set_order_state(&order.url, order.status, OrderStep::Resumable, None)
                 .await?;
@@ -320,7 +320,7 @@ pub(crate) async fn abandon_order(
     }
     // A finalized order's stored key would only ever sign for it.
     let key_dir = order_key_dir(s).await?;
-    remove_order_key(&key_dir, order_url).await;
+    forget_order_key(s, &key_dir, order_url).await;
     s.set_order_state(
         order_url,
         OrderStatus::Abandoned,
