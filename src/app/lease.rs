@@ -244,6 +244,26 @@ pub(crate) async fn reaper_pass(
     }
 }
 
+/// A one-shot command's `work` (`certd reap`, `revoke`, `authz
+/// deactivate`) in fleet mode, under the lease `name` as a daemon would
+/// hold it: its requests gated by the lease's deadline, its writes made
+/// through the shared ledger fenced by it. `None`: another host holds
+/// the lease, and `work` did not run.
+pub(crate) async fn one_shot_under<T, Fut>(
+    services: &Services,
+    fleet: &Fleet,
+    name: LeaseName,
+    work: impl FnOnce(Ledger) -> Fut,
+) -> Result<Option<T>, LeaseError>
+where
+    Fut: Future<Output = T>,
+{
+    services
+        .leases
+        .with_lease(fleet, name, |fence| work(services.store.fenced(fence)))
+        .await
+}
+
 /// A throwaway PostgreSQL cluster for the tests, as the integration
 /// tests start one. (A `#[path]` inside `mod tests` would be looked up
 /// below a `lease/` directory that does not exist.)
