@@ -334,3 +334,45 @@ fn durable_one_shot_revoke_and_reap_take_the_lease_and_wait_for_a_holder() {
     let (holder, _) = fleet.lease(&reaper).expect("the lease");
     assert_eq!(holder, None, "released");
 }
+
+/// The holder is killed once the CA created its order but before it
+/// heard of it (the front holds the `newOrder` answer): the ledger has
+/// only the intent. The peer that takes the lease adopts that order
+/// for the certificate, from the CA's list, and finishes it: one
+/// newOrder, and the intent is gone.
+#[test]
+fn durable_an_order_the_dead_holder_never_recorded_is_adopted_by_its_peer() {
+    let fleet = Fleet::new();
+    let front = FaultyFront::start(&fleet.env.pebble);
+    let certs = dns_cert("n");
+    let a = fleet.host("host-a", &certs, Some(&front));
+    let b = fleet.host("host-b", &certs, Some(&front));
+    front.hold("/order-plz", None);
+    let da = a.spawn();
+    wait_until("newOrder held", || front.held() > 0, &[&da]);
+    da.signal("KILL");
+    let _ = da.wait();
+    let orders: Vec<(i64,)> = fleet.query("SELECT COUNT(*) FROM orders WHERE cert_name = $1", "n");
+    assert_eq!(orders[0].0, 0, "the ledger never saw the order");
+    let intents: Vec<(i64,)> = fleet.query(
+        "SELECT COUNT(*) FROM order_intents WHERE cert_name = $1",
+        "n",
+    );
+    assert_eq!(intents[0].0, 1, "the admission's intent is left");
+
+    let db = b.spawn();
+    wait_until(
+        "n installed by host-b",
+        || b.installed("n").exists(),
+        &[&db],
+    );
+    assert_eq!(fleet.new_orders(), 1, "the adopted order was used");
+    assert_eq!(fleet.events("order-adopted"), 1);
+    let intents: Vec<(i64,)> = fleet.query(
+        "SELECT COUNT(*) FROM order_intents WHERE cert_name = $1",
+        "n",
+    );
+    assert_eq!(intents[0].0, 0, "recovery cleared the certificate's intent");
+    let out = db.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+}
