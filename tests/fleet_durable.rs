@@ -1,8 +1,10 @@
 //! Fleet mode under crashes and concurrency: a holder killed right after
 //! `finalize` is replaced by a peer that downloads the same certificate
 //! with the order's key, sealed in the shared database, instead of
-//! ordering again; one-shot commands (`revoke`, `reap`) take the lease a
-//! daemon would, and do nothing while another host holds it.
+//! ordering again; an order the dead holder never recorded is adopted by
+//! its peer; one-shot commands (`revoke`, `reap`) take the lease a daemon
+//! would, and do nothing while another host holds it; a rolled-over
+//! account key reaches every host.
 //!
 //! Each host is a `certd` process with its own state and certificate
 //! directories, sharing one PostgreSQL, one Pebble (behind a
@@ -284,9 +286,10 @@ fn durable_a_holder_killed_after_finalize_is_finished_by_its_peer_with_the_seale
 /// `certd revoke` and `certd reap` in fleet mode: while another host
 /// holds the lease they would need, they say so and do nothing; once it
 /// is free they take it (a new epoch), write the shared ledger through
-/// its fence, and release it.
+/// its fence, and release it. `certd account rollover` stores the new
+/// key for the fleet.
 #[test]
-fn durable_one_shot_revoke_and_reap_take_the_lease_and_wait_for_a_holder() {
+fn durable_one_shot_revoke_reap_and_rollover_take_part_in_the_fleet() {
     let fleet = Fleet::new();
     let a = fleet.host("host-a", &dns_cert("r"), None);
     let da = a.spawn();
@@ -333,6 +336,30 @@ fn durable_one_shot_revoke_and_reap_take_the_lease_and_wait_for_a_holder() {
     assert_eq!(fleet.events("reaper-pass"), passes + 1);
     let (holder, _) = fleet.lease(&reaper).expect("the lease");
     assert_eq!(holder, None, "released");
+
+    // The key rolled over under the account lease is stored, sealed, for
+    // the fleet: a host that never had the old key's file uses the new
+    // one (the CA refuses the old).
+    let sealed = || -> Vec<u8> {
+        let rows: Vec<(Vec<u8>,)> = fleet.query(
+            "SELECT sealed FROM fleet_secrets WHERE name LIKE $1",
+            "account:%",
+        );
+        assert_eq!(rows.len(), 1, "one account key");
+        rows[0].0.clone()
+    };
+    let before = sealed();
+    a.command(&["account", "rollover"]).assert_success();
+    assert_ne!(sealed(), before, "the new key is stored");
+    let b = fleet.host("host-b", &dns_cert("r"), None);
+    b.command(&["reap", "--older-than", "0s"]).assert_success();
+    assert_eq!(fleet.events("reaper-pass"), passes + 2);
+    let credentials = |host: &Host| {
+        let directory = fleet.env.pebble.directory_url();
+        fs::read(certd::acme::credentials_path(&host.state_dir, &directory))
+            .expect("the account's credentials")
+    };
+    assert_eq!(credentials(&b), credentials(&a), "host-b uses the new key");
 }
 
 /// The holder is killed once the CA created its order but before it
