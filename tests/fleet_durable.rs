@@ -403,3 +403,33 @@ fn durable_an_order_the_dead_holder_never_recorded_is_adopted_by_its_peer() {
     let out = db.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
 }
+
+/// With a daemon running, `certd reap` goes to it over the control
+/// socket; in fleet mode the daemon too takes the reaper lease for it,
+/// and does nothing while another host holds it.
+#[test]
+fn durable_reap_through_a_running_daemon_takes_the_reaper_lease() {
+    let fleet = Fleet::new();
+    let a = fleet.host("host-a", &dns_cert("d"), None);
+    let da = a.spawn();
+    wait_until("d installed", || a.installed("d").exists(), &[&da]);
+    let accounts: Vec<(i64,)> = fleet.query("SELECT id FROM accounts WHERE $1 = $1", "");
+    let reaper = format!("reaper:{}", accounts[0].0);
+    fleet.set_lease(&reaper, Some("host-elsewhere"));
+    let passes = fleet.events("reaper-pass");
+    let out = a.command(&["reap", "--older-than", "0s"]);
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains(&reaper), "names the lease: {out}");
+    assert_eq!(fleet.events("reaper-pass"), passes, "no pass recorded");
+
+    fleet.set_lease(&reaper, None);
+    // The daemon's own periodic pass may hold the lease a moment.
+    let start = Instant::now();
+    while !a.command(&["reap", "--older-than", "0s"]).success() {
+        assert!(start.elapsed() < PATIENCE, "reap never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fleet.events("reaper-pass") > passes);
+    let out = da.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+}

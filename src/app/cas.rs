@@ -108,6 +108,11 @@ impl Cas {
         self.inner.services.fleet.as_ref().map(|f| f.timing.ttl())
     }
 
+    /// The services the contexts were made from (the ledger, the fleet).
+    pub(crate) fn services(&self) -> &Services {
+        &self.inner.services
+    }
+
     /// The context of `ca` if it was created already.
     pub(crate) fn ready(&self, ca: &CaName) -> Option<Context> {
         lock(&self.inner.contexts)
