@@ -65,6 +65,7 @@ pub(crate) use intents::{AdmitLimits, Admitted};
 pub(crate) use lock::{FileIdentity, StateLock};
 pub(crate) use model::{Actor, AriRecord, AriWindow, ChallengeStatus, Identifiers, OrderStep};
 pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
+pub use order_keys::OrderKeySeal;
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
 pub use pg::Fence;
@@ -77,9 +78,9 @@ pub struct Ledger {
     db: Db,
     /// The wall clock every row's timestamps come from.
     clock: Clock,
-    /// Fleet mode: the fleet key, for the callers that seal what this
-    /// ledger keeps sealed ([`Ledger::with_fleet_key`]).
-    fleet_key: Option<std::sync::Arc<crate::fleet::FleetKey>>,
+    /// Fleet mode: the seal of finalized orders' keys, for the callers
+    /// that keep them here ([`Ledger::with_order_key_seal`]).
+    order_key_seal: Option<std::sync::Arc<dyn OrderKeySeal>>,
 }
 
 /// The engine behind a [`Ledger`]. Each method of the ledger matches on
@@ -144,7 +145,7 @@ impl Ledger {
         Ok(Self {
             db: Db::Sqlite(pool),
             clock,
-            fleet_key: None,
+            order_key_seal: None,
         })
     }
 
@@ -158,7 +159,7 @@ impl Ledger {
         Self {
             db: Db::Postgres(PgLedger::new(pool, state_dir)),
             clock,
-            fleet_key: None,
+            order_key_seal: None,
         }
     }
 
@@ -208,7 +209,7 @@ impl Ledger {
         Ok(Self {
             db: Db::Sqlite(pool),
             clock,
-            fleet_key: None,
+            order_key_seal: None,
         })
     }
 

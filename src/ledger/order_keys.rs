@@ -1,33 +1,41 @@
 //! The sealed keys of finalized orders, fleet mode only: what lets a peer
 //! take a finalized order over from a host that died. The ledger keeps the
-//! blob sealed by the fleet key, opaque: it seals and unseals nothing.
-//! SQLite has one host, whose key file beside the ledger is the record
-//! (`order/keys.rs`), so there these keep nothing.
+//! blob as it is given, sealed by the layer that holds the fleet key
+//! ([`OrderKeySeal`]): it stores blobs and opens none. SQLite has one
+//! host, whose key file beside the ledger is the record (`order/keys.rs`),
+//! so there these keep nothing.
 
+use std::fmt;
 use std::sync::Arc;
-
-use crate::fleet::{FleetKey, Sealed};
 
 use super::{Db, Ledger, Result};
 
+/// Seals and opens a finalized order's private key for the shared
+/// ledger, bound to the order's URL: the fleet key, given by the layer
+/// that has it ([`Ledger::with_order_key_seal`]).
+pub trait OrderKeySeal: Send + Sync + fmt::Debug {
+    fn seal(&self, order_url: &str, key_pem: &[u8]) -> std::result::Result<Vec<u8>, String>;
+    fn open(&self, order_url: &str, sealed: &[u8]) -> std::result::Result<Vec<u8>, String>;
+}
+
 impl Ledger {
-    /// This handle with `key`, the fleet key, to seal what the shared
-    /// ledger keeps sealed (finalized orders' keys). Carried, not used,
-    /// by the ledger.
+    /// This handle with `seal`, for the callers that keep finalized
+    /// orders' keys in the shared ledger. Carried, not used, by the ledger.
     #[must_use]
-    pub fn with_fleet_key(&self, key: FleetKey) -> Self {
+    pub fn with_order_key_seal(&self, seal: Arc<dyn OrderKeySeal>) -> Self {
         let mut this = self.clone();
-        this.fleet_key = Some(Arc::new(key));
+        this.order_key_seal = Some(seal);
         this
     }
 
-    /// The fleet key, when this is a fleet's ledger that seals.
-    pub(crate) fn fleet_key(&self) -> Option<&FleetKey> {
-        self.fleet_key.as_deref()
+    /// The seal for finalized orders' keys, when this is a fleet's ledger
+    /// that keeps them.
+    pub(crate) fn order_key_seal(&self) -> Option<&dyn OrderKeySeal> {
+        self.order_key_seal.as_deref()
     }
 
     /// Stores the sealed key of `order_url` (replacing one stored before).
-    pub(crate) async fn put_order_key(&self, order_url: &str, sealed: &Sealed) -> Result<()> {
+    pub(crate) async fn put_order_key(&self, order_url: &str, sealed: &[u8]) -> Result<()> {
         let now = self.now();
         match &self.db {
             Db::Sqlite(_) => Ok(()),
@@ -36,7 +44,7 @@ impl Ledger {
     }
 
     /// The sealed key of `order_url`, if one is stored.
-    pub(crate) async fn order_key(&self, order_url: &str) -> Result<Option<Sealed>> {
+    pub(crate) async fn order_key(&self, order_url: &str) -> Result<Option<Vec<u8>>> {
         match &self.db {
             Db::Sqlite(_) => Ok(None),
             Db::Postgres(pg) => pg.order_key(order_url).await,
@@ -55,37 +63,27 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
-    use ring::rand::SystemRandom;
-
-    use super::*;
-    use crate::fleet::SealContext;
     use crate::ledger::test_util::{fence, pg_ledger};
     use crate::ledger::{Fence, LedgerError};
 
-    /// Stored sealed, read back as stored, replaced, forgotten; only the
+    /// Kept as given until forgotten, replaced by a later one; only the
     /// holder of the certificate's lease writes it.
     #[tokio::test]
-    async fn a_sealed_order_key_is_kept_until_forgotten_and_written_under_the_fence() {
+    async fn an_order_key_blob_is_kept_until_forgotten_and_written_under_the_fence() {
         let (_dir, s) = pg_ledger().await;
-        let key = FleetKey::from_bytes(&[3; 32]);
         let url = "https://ca/order/1";
-        let context = SealContext::OrderKey {
-            order_url: url.to_owned(),
-        };
-        let seal = |text: &[u8]| {
-            key.seal(&SystemRandom::new(), &context, text)
-                .expect("seal")
-        };
         assert_eq!(s.order_key(url).await.expect("read"), None);
-        let first = seal(b"first key");
-        s.put_order_key(url, &first).await.expect("put");
-        let stored = s.order_key(url).await.expect("read").expect("stored");
-        assert_eq!(stored, first);
-        assert!(!stored.as_bytes().windows(9).any(|w| w == b"first key"));
-        assert_eq!(key.unseal(&context, &stored).expect("unseal"), b"first key");
-        let second = seal(b"second key");
-        s.put_order_key(url, &second).await.expect("put");
-        assert_eq!(s.order_key(url).await.expect("read"), Some(second));
+        s.put_order_key(url, b"first blob").await.expect("put");
+        assert_eq!(
+            s.order_key(url).await.expect("read").as_deref(),
+            Some(&b"first blob"[..])
+        );
+        s.put_order_key(url, b"second blob").await.expect("put");
+        assert_eq!(
+            s.order_key(url).await.expect("read").as_deref(),
+            Some(&b"second blob"[..])
+        );
+        assert_eq!(s.order_key("https://ca/order/2").await.expect("read"), None);
 
         fence::set_lease(
             &s,
@@ -103,13 +101,17 @@ mod tests {
             epoch: 1,
         });
         assert!(matches!(
-            stale.put_order_key(url, &first).await,
+            stale.put_order_key(url, b"stale").await,
             Err(LedgerError::Fenced { .. })
         ));
         assert!(matches!(
             stale.delete_order_key(url).await,
             Err(LedgerError::Fenced { .. })
         ));
+        assert_eq!(
+            s.order_key(url).await.expect("read").as_deref(),
+            Some(&b"second blob"[..])
+        );
         let held = s.fenced(Fence {
             lease: "cert:www".into(),
             holder: "a".into(),

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use rcgen::KeyPair;
 use ring::rand::SystemRandom;
 
-use crate::fleet::SealContext;
-use crate::ledger::{Ledger, LedgerError};
+use crate::fleet::{FleetKey, SealContext, Sealed};
+use crate::ledger::{Ledger, LedgerError, OrderKeySeal};
 
 use super::DriveError;
 
@@ -65,6 +65,30 @@ pub(super) async fn store_order_key(
     .map_err(|source| DriveError::KeyFile { path, source })
 }
 
+/// The fleet key as the shared ledger's [`OrderKeySeal`]: AES-256-GCM,
+/// the order's URL as associated data, so a key stored for one order
+/// never opens as another's.
+#[derive(Debug)]
+pub(crate) struct FleetOrderKeys(pub(crate) FleetKey);
+
+impl OrderKeySeal for FleetOrderKeys {
+    fn seal(&self, order_url: &str, key_pem: &[u8]) -> Result<Vec<u8>, String> {
+        self.0
+            .seal(&SystemRandom::new(), &order_key_context(order_url), key_pem)
+            .map(Sealed::into_bytes)
+            .map_err(|e| e.to_string())
+    }
+
+    fn open(&self, order_url: &str, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        self.0
+            .unseal(
+                &order_key_context(order_url),
+                &Sealed::from_bytes(sealed.to_vec()),
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Keeps the key of `order_url` before `finalize` is sent: the file
 /// beside the ledger ([`store_order_key`]) and, in fleet mode, sealed in
 /// the shared ledger (through the lease's fence) for a peer to resume
@@ -75,16 +99,10 @@ pub(super) async fn keep_order_key(
     order_url: &str,
     pem: &str,
 ) -> Result<(), DriveError> {
-    if let Some(key) = store.fleet_key() {
-        let sealed = key
-            .seal(
-                &SystemRandom::new(),
-                &order_key_context(order_url),
-                pem.as_bytes(),
-            )
-            .map_err(|e| {
-                DriveError::Key(format!("cannot seal the key of order {order_url}: {e}"))
-            })?;
+    if let Some(seal) = store.order_key_seal() {
+        let sealed = seal.seal(order_url, pem.as_bytes()).map_err(|e| {
+            DriveError::Key(format!("cannot seal the key of order {order_url}: {e}"))
+        })?;
         store.put_order_key(order_url, &sealed).await?;
     }
     store_order_key(dir, order_url, pem).await
@@ -102,15 +120,14 @@ pub(super) async fn find_order_key(
     if let Some(found) = load_order_key(dir, order_url).await {
         return Ok(Some(found));
     }
-    let Some(key) = store.fleet_key() else {
+    let Some(seal) = store.order_key_seal() else {
         return Ok(None);
     };
     let Some(sealed) = store.order_key(order_url).await? else {
         return Ok(None);
     };
-    let opened = key
-        .unseal(&order_key_context(order_url), &sealed)
-        .map_err(|e| e.to_string())
+    let opened = seal
+        .open(order_url, &sealed)
         .and_then(|plain| String::from_utf8(plain).map_err(|_| "not UTF-8".to_owned()))
         .and_then(|pem| match KeyPair::from_pem(&pem) {
             Ok(key) => Ok((key, pem)),
@@ -135,7 +152,7 @@ pub(crate) async fn has_order_key(
     if order_key_path(dir, order_url).exists() {
         return Ok(true);
     }
-    if store.fleet_key().is_none() {
+    if store.order_key_seal().is_none() {
         return Ok(false);
     }
     Ok(store.order_key(order_url).await?.is_some())
@@ -145,15 +162,14 @@ pub(crate) async fn has_order_key(
 /// its certificate is installed, or the order is given up.
 pub(crate) async fn forget_order_key(store: &Ledger, dir: &Path, order_url: &str) {
     remove_order_key(dir, order_url).await;
-    if store.fleet_key().is_some()
+    if store.order_key_seal().is_some()
         && let Err(e) = store.delete_order_key(order_url).await
     {
         tracing::warn!(order = order_url, error = %e, "cannot remove the sealed order key from the fleet's database");
     }
 }
 
-/// What an order's key is sealed for: its order's URL, so a key stored
-/// for one order never opens as another's.
+/// What an order's key is sealed for: its order's URL.
 fn order_key_context(order_url: &str) -> SealContext {
     SealContext::OrderKey {
         order_url: order_url.to_owned(),
@@ -191,6 +207,23 @@ mod tests {
     use super::*;
     use crate::config::KeyType;
     use crate::order::finalize::generate_key;
+
+    /// Sealed, the key is not in the blob; it opens for its own order
+    /// only, and not under another fleet key.
+    #[test]
+    fn an_order_key_opens_for_its_order_under_its_fleet_key_only() {
+        let seal = FleetOrderKeys(FleetKey::from_bytes(&[5; 32]));
+        let pem = b"-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n";
+        let sealed = seal.seal("https://ca/order/1", pem).expect("seal");
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+        assert_eq!(seal.open("https://ca/order/1", &sealed).expect("open"), pem);
+        assert!(seal.open("https://ca/order/2", &sealed).is_err());
+        let other = FleetOrderKeys(FleetKey::from_bytes(&[6; 32]));
+        let e = other
+            .open("https://ca/order/1", &sealed)
+            .expect_err("another key");
+        assert!(e.contains(&seal.0.id().to_string()), "names the key: {e}");
+    }
 
     #[tokio::test]
     async fn order_keys_are_created_0600_once_and_never_through_a_link() {

@@ -91,6 +91,7 @@ use plan::new_order;
 use resume::{Resumed, resume};
 use validate::{plan_challenges, record_authorizations, validate};
 
+pub(crate) use keys::FleetOrderKeys;
 pub(crate) use recovery::{recover, recover_certificate};
 
 /// What the driver needs; shared by concurrent orders.

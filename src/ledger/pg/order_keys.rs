@@ -1,6 +1,5 @@
 //! `order_keys` on PostgreSQL: see `ledger/order_keys.rs`.
 
-use crate::fleet::Sealed;
 use crate::ledger::Result;
 
 use super::PgLedger;
@@ -10,7 +9,7 @@ impl PgLedger {
         &self,
         now: i64,
         order_url: &str,
-        sealed: &Sealed,
+        sealed: &[u8],
     ) -> Result<()> {
         let mut tx = self.write().await?;
         sqlx::query(
@@ -19,7 +18,7 @@ impl PgLedger {
                 SET sealed = excluded.sealed, created_at = excluded.created_at",
         )
         .bind(order_url)
-        .bind(sealed.as_bytes())
+        .bind(sealed)
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -27,13 +26,13 @@ impl PgLedger {
         Ok(())
     }
 
-    pub(in crate::ledger) async fn order_key(&self, order_url: &str) -> Result<Option<Sealed>> {
+    pub(in crate::ledger) async fn order_key(&self, order_url: &str) -> Result<Option<Vec<u8>>> {
         let row: Option<(Vec<u8>,)> =
             sqlx::query_as("SELECT sealed FROM order_keys WHERE order_url = $1")
                 .bind(order_url)
                 .fetch_optional(self.pool())
                 .await?;
-        Ok(row.map(|(bytes,)| Sealed::from_bytes(bytes)))
+        Ok(row.map(|(bytes,)| bytes))
     }
 
     pub(in crate::ledger) async fn delete_order_key(&self, order_url: &str) -> Result<()> {
