@@ -1,6 +1,11 @@
 //! The guard in front of every `newOrder`: the CA's limits the ledger can
 //! count (new orders, duplicate certificates), and the account's pending
 //! authorizations kept under `max_pending`.
+//!
+//! One host reserves its admitted orders in memory until their
+//! authorizations are in the ledger. A fleet shares the account, so there
+//! the count is the shared ledger's and the reservation is the order's
+//! intent, written in the transaction that counts (`Ledger::admit_intent`).
 
 use std::time::Duration;
 
