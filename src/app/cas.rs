@@ -108,6 +108,11 @@ impl Cas {
         self.inner.services.fleet.as_ref().map(|f| f.timing.ttl())
     }
 
+    /// The services the contexts were made from (the ledger, the fleet).
+    pub(crate) fn services(&self) -> &Services {
+        &self.inner.services
+    }
+
     /// The context of `ca` if it was created already.
     pub(crate) fn ready(&self, ca: &CaName) -> Option<Context> {
         lock(&self.inner.contexts)
@@ -280,6 +285,9 @@ impl Cas {
         ctx.replaces_installed = issuer.unwrap_or(primary) == ca;
         if let Some(fenced) = fenced {
             ctx.store = fenced.clone();
+            // The reaper's writes for this order (guard events, settled
+            // authorizations) go through the lease's fence too.
+            ctx.reaper = ctx.reaper.writing_to(fenced.clone());
             let name = cert.name.as_str();
             let cfg = &self.inner.cfg;
             let (resumable, abandoned) =

@@ -46,15 +46,18 @@ pub(crate) struct Leases {
 impl Leases {
     /// Claims `name` and runs `work` under it, its requests to the CA
     /// gated by the lease's deadline, then releases it: what needs one
-    /// host of the fleet at a time without certificate writes (a reaper
-    /// pass over an account's authorizations). `None`: another host
-    /// holds it, and `work` did not run.
-    pub(crate) async fn with_lease<T>(
+    /// host of the fleet at a time (a reaper pass over an account's
+    /// authorizations). `work` gets the lease's [`Fence`], for its ledger
+    /// writes. `None`: another host holds it, and `work` did not run.
+    pub(crate) async fn with_lease<T, Fut>(
         &self,
         fleet: &Fleet,
         name: LeaseName,
-        work: impl Future<Output = T>,
-    ) -> Result<Option<T>, LeaseError> {
+        work: impl FnOnce(Fence) -> Fut,
+    ) -> Result<Option<T>, LeaseError>
+    where
+        Fut: Future<Output = T>,
+    {
         let Some(lease) =
             Lease::claim(&fleet.db, name.clone(), fleet.holder.clone(), fleet.timing).await?
         else {
@@ -63,7 +66,12 @@ impl Leases {
         };
         let _held = self.counters.held();
         let renewer = lease.keep_renewed(fleet.db.clone(), &CancellationToken::new());
-        let out = gated(Arc::new(LeaseGate(lease.clone())), work).await;
+        let fence = Fence {
+            lease: name.key(),
+            holder: fleet.holder.as_str().to_owned(),
+            epoch: lease.epoch().get(),
+        };
+        let out = gated(Arc::new(LeaseGate(lease.clone())), work(fence)).await;
         self.end(fleet, &lease, renewer).await;
         Ok(Some(out))
     }
@@ -219,7 +227,12 @@ pub(crate) async fn reaper_pass(
     let name = LeaseName::Reaper(reaper.account().ledger_id.to_string());
     let held = services
         .leases
-        .with_lease(fleet, name, reaper.pass(max_age, false, false, |_, _| {}))
+        .with_lease(fleet, name, |fence| {
+            // Its settle and deactivate writes under the reaper lease's
+            // fence: a host that lost the lease mid-pass writes nothing.
+            let reaper = reaper.writing_to(reaper.store().fenced(fence));
+            async move { reaper.pass(max_age, false, false, |_, _| {}).await }
+        })
         .await;
     match held {
         Ok(Some(counts)) => counts,
@@ -229,6 +242,26 @@ pub(crate) async fn reaper_pass(
             Ok(PassCounts::default())
         }
     }
+}
+
+/// A one-shot command's `work` (`certd reap`, `revoke`, `authz
+/// deactivate`) in fleet mode, under the lease `name` as a daemon would
+/// hold it: its requests gated by the lease's deadline, its writes made
+/// through the shared ledger fenced by it. `None`: another host holds
+/// the lease, and `work` did not run.
+pub(crate) async fn one_shot_under<T, Fut>(
+    services: &Services,
+    fleet: &Fleet,
+    name: LeaseName,
+    work: impl FnOnce(Ledger) -> Fut,
+) -> Result<Option<T>, LeaseError>
+where
+    Fut: Future<Output = T>,
+{
+    services
+        .leases
+        .with_lease(fleet, name, |fence| work(services.store.fenced(fence)))
+        .await
 }
 
 /// A throwaway PostgreSQL cluster for the tests, as the integration

@@ -63,11 +63,16 @@ impl Services {
         dirs::ensure_dirs(&cfg)?;
         let fleet = Fleet::open(&cfg).await?;
         let store = match &fleet {
+            // The fleet key once more, to seal finalized orders' keys
+            // (`order::keys`); the file was just read and checked.
             Some(f) => Ledger::postgres(
                 f.db.pool().clone(),
                 cfg.storage.state_dir.clone(),
                 clock.clone(),
-            ),
+            )
+            .with_order_key_seal(Arc::new(crate::order::FleetOrderKeys(
+                crate::fleet::FleetKey::load(&f.cfg.key_file)?,
+            ))),
             None => Ledger::open(&cfg.db_path(), clock.clone()).await?,
         };
         let mut services = Self::with_ledger(Arc::new(cfg), clock, store);

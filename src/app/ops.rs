@@ -7,12 +7,16 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ring::rand::SystemRandom;
 use rustls_pki_types::pem::PemObject;
+use tokio_util::sync::CancellationToken;
 
 use crate::acme::raw::{Fetched, fetch_authz, fetch_unknown};
-use crate::acme::{AcmeAccount, AcmeError, error_chain};
+use crate::acme::{AcmeAccount, AcmeError, credentials_path, error_chain};
+use crate::app::fleet::Fleet;
 use crate::app::sink::Sink;
 use crate::config::Config;
+use crate::fleet::{Lease, LeaseName, account_key_context};
 use crate::hygiene::{Policy, Reaper, Settled};
 use crate::install;
 use crate::ledger::{EventKind, Ledger};
@@ -56,6 +60,100 @@ pub(crate) async fn rollover(account: &AcmeAccount, cfg: &Config, sink: &Sink) -
             sink.err(&format!(
                 "certd: key rollover failed, the old key stays in use: {}",
                 error_chain(&e)
+            ));
+            1
+        }
+    }
+}
+
+/// Fleet mode's rollover: under the `account:<directory>` lease (the one
+/// the fleet's account was created under), the key is rolled over at the
+/// CA, then the new key stored sealed in the shared database through the
+/// lease's fence, so every host loads the new key. The exit code.
+pub(crate) async fn rollover_in_fleet(
+    fleet: &Fleet,
+    account: &AcmeAccount,
+    cfg: &Config,
+    sink: &Sink,
+) -> u8 {
+    let directory = account.directory_url.clone();
+    let name = LeaseName::Account(directory.clone());
+    let lease = match Lease::claim(&fleet.db, name.clone(), fleet.holder.clone(), fleet.timing)
+        .await
+    {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            sink.err(&format!(
+                "certd: key rollover not started: another host of the fleet holds lease {name}; try again once it is released"
+            ));
+            return 1;
+        }
+        Err(e) => {
+            sink.err(&format!(
+                "certd: key rollover not started: lease {name}: {e}"
+            ));
+            return 1;
+        }
+    };
+    let renewer = lease.keep_renewed(fleet.db.clone(), &CancellationToken::new());
+    let code = match lease.check_deadline() {
+        Ok(_) => rollover_and_store(fleet, &lease, account, cfg, sink).await,
+        Err(e) => {
+            sink.err(&format!("certd: key rollover not started: {e}"));
+            1
+        }
+    };
+    renewer.stop().await;
+    if let Err(e) = lease.release(&fleet.db).await {
+        tracing::warn!(lease = %name, error = %e, "cannot release the lease; it expires on its own");
+    }
+    code
+}
+
+/// The rollover under the held account lease, then the new key sealed
+/// and stored.
+async fn rollover_and_store(
+    fleet: &Fleet,
+    lease: &Lease,
+    account: &AcmeAccount,
+    cfg: &Config,
+    sink: &Sink,
+) -> u8 {
+    let code = rollover(account, cfg, sink).await;
+    if code != 0 {
+        return code;
+    }
+    let directory = &account.directory_url;
+    let path = credentials_path(&cfg.storage.state_dir, directory);
+    let stored = async {
+        let json =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let sealed = fleet
+            .key
+            .seal(&SystemRandom::new(), &account_key_context(directory), &json)
+            .map_err(|e| format!("cannot seal it: {e}"))?;
+        let mut tx = lease
+            .begin_fenced(&fleet.db)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.put_account_key(&sealed)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())
+    };
+    match stored.await {
+        Ok(()) => {
+            sink.out(&format!(
+                "the new key is stored, sealed, in the fleet's database (key id {}): every host loads it",
+                fleet.key.id()
+            ));
+            0
+        }
+        Err(e) => {
+            // The CA knows only the new key now: say where it is.
+            sink.err(&format!(
+                "certd: the CA rolled the key over, but the fleet's database still holds the old one: {e}. The new key is in {}; the other hosts cannot use the account until it is stored (run `certd account rollover` again here)",
+                path.display()
             ));
             1
         }

@@ -3,11 +3,14 @@
 
 use std::fmt;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use crate::acme::{AcmeAccount, AcmeHttp, credentials_path};
+use crate::app::Services;
 use crate::app::dirs::ensure_dirs;
+use crate::app::fleet::Fleet;
 use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::config::{CaConfig, CaName, Config};
@@ -64,6 +67,58 @@ async fn account_session_at(
             Ok(None)
         }
     }
+}
+
+/// A one-shot command in fleet mode: the services over the shared ledger
+/// (`Services::open`, as a daemon opens them) and the fleet's account at
+/// `ca` with its reaper. `None` (and said why) while the fleet has no
+/// account there: a one-shot command that acts on an account does not
+/// create one.
+pub(super) async fn fleet_session(
+    cfg: &Config,
+    ca: &CaConfig,
+) -> anyhow::Result<Option<(Services, Arc<Fleet>, Reaper)>> {
+    let (services, fleet) = fleet_services(cfg).await?;
+    match fleet_reaper(&services, &fleet, cfg, ca).await? {
+        Some(reaper) => Ok(Some((services, fleet, reaper))),
+        None => {
+            services.close().await;
+            Ok(None)
+        }
+    }
+}
+
+/// The services of a one-shot command in fleet mode, over the shared
+/// ledger.
+pub(super) async fn fleet_services(cfg: &Config) -> anyhow::Result<(Services, Arc<Fleet>)> {
+    let services = Services::open(cfg.clone(), crate::clock::Clock::system()).await?;
+    let Some(fleet) = services.fleet.clone() else {
+        anyhow::bail!("[fleet] is configured, yet the fleet's database was not opened");
+    };
+    Ok((services, fleet))
+}
+
+/// The fleet's existing account at `ca` and its reaper; `None` (said why)
+/// while there is none.
+pub(super) async fn fleet_reaper(
+    services: &Services,
+    fleet: &Fleet,
+    cfg: &Config,
+    ca: &CaConfig,
+) -> anyhow::Result<Option<Reaper>> {
+    let directory = ca.acme.directory.to_string();
+    if fleet.db.account_key(&directory).await?.is_none() {
+        errln!(
+            "certd: the fleet has no ACME account for {directory} yet (a host's `certd run` or `certd renew` creates it)"
+        );
+        return Ok(None);
+    }
+    let account = services.account_at(cfg, ca).await?;
+    Ok(Some(Reaper::new(
+        services.store.clone(),
+        account,
+        ca.reaper_config(&cfg.reaper),
+    )))
 }
 
 /// Loads the account and its reaper for commands that act on the ledger's
@@ -207,6 +262,16 @@ pub(super) async fn account_rollover(cfg: &Config, ca: Option<&str>) -> anyhow::
     for ca in cas {
         if several {
             outln!("ca {}:", ca.name);
+        }
+        if cfg.fleet.is_some() {
+            let Some((services, fleet, reaper)) = fleet_session(cfg, ca).await? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let rolled =
+                ops::rollover_in_fleet(&fleet, reaper.account(), cfg, &Sink::Terminal).await;
+            code = code.max(rolled);
+            services.close().await;
+            continue;
         }
         let Some((store, account)) = account_session_at(cfg, ca).await? else {
             return Ok(ExitCode::FAILURE);

@@ -4,14 +4,16 @@
 use std::process::ExitCode;
 
 use crate::app::dirs::ensure_dirs;
+use crate::app::lease::one_shot_under;
 use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::clock::rfc3339;
 use crate::config::Config;
+use crate::fleet::LeaseName;
 use crate::hygiene::Policy;
 use crate::ledger::Ledger;
 
-use super::account::existing_account;
+use super::account::{existing_account, fleet_session};
 use super::output::print_table;
 
 pub(super) async fn authz_list(
@@ -77,6 +79,14 @@ pub(super) async fn authz_deactivate(
         errln!("certd: name authorization or challenge URLs, or use --all-pending");
         return Ok(ExitCode::from(2));
     }
+    let policy = Policy {
+        include_valid,
+        ignore_budget,
+        ..Policy::by(crate::ledger::Actor::Cli)
+    };
+    if cfg.fleet.is_some() {
+        return deactivate_in_fleet(cfg, urls, all_pending, policy).await;
+    }
     ensure_dirs(cfg)?;
     let store = Ledger::open(&cfg.db_path(), crate::clock::Clock::system()).await?;
     let Some(reaper) = existing_account(cfg, &store).await? else {
@@ -87,12 +97,43 @@ pub(super) async fn authz_deactivate(
         );
         return Ok(ExitCode::FAILURE);
     };
-    let policy = Policy {
-        include_valid,
-        ignore_budget,
-        ..Policy::by(crate::ledger::Actor::Cli)
-    };
     let code = ops::deactivate(&store, &reaper, urls, all_pending, policy, &Sink::Terminal).await;
     store.close().await;
     Ok(ExitCode::from(code?))
+}
+
+/// `certd authz deactivate` in fleet mode: under the account's reaper
+/// lease, as the reaper's own deactivations, its writes through the
+/// lease's fence.
+async fn deactivate_in_fleet(
+    cfg: &Config,
+    urls: Vec<String>,
+    all_pending: bool,
+    policy: Policy,
+) -> anyhow::Result<ExitCode> {
+    let Some((services, fleet, reaper)) = fleet_session(cfg, cfg.primary_ca()).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let name = LeaseName::Reaper(reaper.account().ledger_id.to_string());
+    let held = one_shot_under(&services, &fleet, name.clone(), |fenced| {
+        let reaper = reaper.writing_to(fenced.clone());
+        async move {
+            ops::deactivate(&fenced, &reaper, urls, all_pending, policy, &Sink::Terminal).await
+        }
+    })
+    .await;
+    services.close().await;
+    match held {
+        Ok(Some(code)) => Ok(ExitCode::from(code?)),
+        Ok(None) => {
+            errln!(
+                "certd: another host of the fleet holds lease {name} and is reaping this account now; try again shortly"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            errln!("certd: cannot claim lease {name}: {e}; nothing done");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

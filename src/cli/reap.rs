@@ -5,19 +5,24 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::acme::error_chain;
+use crate::app::lease::one_shot_under;
 use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::app::wants_same_names;
 use crate::config::Config;
+use crate::fleet::LeaseName;
 use crate::ledger::{EventKind, Ledger};
 
-use super::account::existing_account;
+use super::account::{existing_account, fleet_session};
 
 pub(super) async fn reap(
     cfg: &Config,
     older_than: Option<Duration>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
+    if cfg.fleet.is_some() {
+        return reap_in_fleet(cfg, older_than, dry_run).await;
+    }
     let Some(store) = open_existing(cfg).await? else {
         outln!("no ledger yet: nothing to reap");
         return Ok(ExitCode::SUCCESS);
@@ -62,6 +67,41 @@ pub(super) async fn reap(
     let code = ops::reap_pass(&reaper, older_than, dry_run, &Sink::Terminal).await;
     store.close().await;
     Ok(ExitCode::from(code?))
+}
+
+/// `certd reap` in fleet mode: one pass under the account's reaper lease,
+/// as a daemon's, its writes through the lease's fence. No account-wide
+/// recovery: the peers' orders are live, and each certificate's are
+/// recovered by the host that claims its lease.
+async fn reap_in_fleet(
+    cfg: &Config,
+    older_than: Option<Duration>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some((services, fleet, reaper)) = fleet_session(cfg, cfg.primary_ca()).await? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let older_than = older_than.unwrap_or(cfg.reaper.pending_max_age);
+    let name = LeaseName::Reaper(reaper.account().ledger_id.to_string());
+    let held = one_shot_under(&services, &fleet, name.clone(), |fenced| {
+        let reaper = reaper.writing_to(fenced);
+        async move { ops::reap_pass(&reaper, older_than, dry_run, &Sink::Terminal).await }
+    })
+    .await;
+    services.close().await;
+    match held {
+        Ok(Some(code)) => Ok(ExitCode::from(code?)),
+        Ok(None) => {
+            errln!(
+                "certd: another host of the fleet holds lease {name} and is reaping this account now; nothing done"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            errln!("certd: cannot claim lease {name}: {e}; nothing done");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// Opens the ledger for reading commands; `None` if certd never ran.

@@ -2,20 +2,26 @@
 //! (`certd renew`, `revoke`, `reap`, `authz deactivate`,
 //! `account rollover` while it runs), with its own parts: renewals go to
 //! its scheduler, the rest to the operations one-shot commands run too
-//! (`crate::app::ops`).
+//! (`crate::app::ops`). In fleet mode those take the lease a one-shot
+//! command would (the reaper's, the certificate's, the account's) and
+//! write through its fence.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::acme::error_chain;
+use crate::acme::{AcmeAccount, error_chain};
+use crate::app::lease::one_shot_under;
 use crate::app::ops::{self, RevokeReason};
 use crate::app::sink::Sink;
 use crate::clock::rfc3339;
 use crate::config::{CaConfig, CaName, Config};
 use crate::daemon::control::{self, Request};
 use crate::daemon::schedule;
+use crate::fleet::LeaseName;
 use crate::hygiene::Policy;
+use crate::ledger::Ledger;
 
 /// Runs a command a client handed to the daemon over its control socket,
 /// with the daemon's own parts; returns the exit code.
@@ -38,7 +44,12 @@ pub(crate) async fn run_for_client(
         Request::Reap { older_than_secs } => {
             let older_than =
                 older_than_secs.map_or(cfg.reaper.pending_max_age, Duration::from_secs);
-            ops::reap_pass(reaper, older_than, false, sink).await
+            let lease = LeaseName::Reaper(reaper.account().ledger_id.to_string());
+            under_fleet_lease(handles, lease, sink, |store| {
+                let reaper = reaper.writing_to(store);
+                async move { ops::reap_pass(&reaper, older_than, false, sink).await }
+            })
+            .await
         }
         Request::Deactivate {
             urls,
@@ -46,22 +57,22 @@ pub(crate) async fn run_for_client(
             include_valid,
             ignore_budget,
         } => {
-            ops::deactivate(
-                &handles.ctx.store,
-                reaper,
-                urls,
-                all_pending,
-                Policy {
-                    include_valid,
-                    ignore_budget,
-                    ..Policy::by(crate::ledger::Actor::Cli)
-                },
-                sink,
-            )
+            let policy = Policy {
+                include_valid,
+                ignore_budget,
+                ..Policy::by(crate::ledger::Actor::Cli)
+            };
+            let lease = LeaseName::Reaper(reaper.account().ledger_id.to_string());
+            under_fleet_lease(handles, lease, sink, |store| {
+                let reaper = reaper.writing_to(store.clone());
+                async move {
+                    ops::deactivate(&store, &reaper, urls, all_pending, policy, sink).await
+                }
+            })
             .await
         }
         Request::Rollover if cfg.cas.len() == 1 => {
-            Ok(ops::rollover(&handles.ctx.account, &cfg, sink).await)
+            Ok(rollover_with(handles, &handles.ctx.account, &cfg, sink).await)
         }
         Request::Rollover => {
             let mut code = 0;
@@ -192,7 +203,7 @@ fn has_account(cfg: &Config, ca: &CaConfig) -> bool {
 /// order at that CA shares.
 async fn rollover_at(handles: &control::Handles, cfg: &Config, ca: &CaName, sink: &Sink) -> u8 {
     match handles.cas.context(ca).await {
-        Ok(ctx) => ops::rollover(&ctx.account, cfg, sink).await,
+        Ok(ctx) => rollover_with(handles, &ctx.account, cfg, sink).await,
         Err(e) => {
             sink.err(&format!(
                 "certd: the account at CA {ca}: {}",
@@ -229,8 +240,15 @@ async fn revoke_in_daemon(
         },
         _ => handles.ctx.clone(),
     };
-    if !ops::revoke_installed(&ctx.cert_dir, name, reason, &ctx.store, &ctx.account, sink).await? {
-        return Ok(1);
+    let lease = LeaseName::Cert(name.to_owned());
+    let revoked = under_fleet_lease(handles, lease, sink, |store| async move {
+        let revoked =
+            ops::revoke_installed(&ctx.cert_dir, name, reason, &store, &ctx.account, sink).await?;
+        Ok(u8::from(!revoked))
+    })
+    .await?;
+    if revoked != 0 {
+        return Ok(revoked);
     }
     if no_renew {
         return Ok(0);
@@ -248,4 +266,51 @@ async fn revoke_in_daemon(
         return Ok(1);
     }
     Ok(u8::from(!report_outcome(name, outcome.await.ok(), sink)))
+}
+
+/// Runs `work` with the ledger it writes: in fleet mode under the lease
+/// `name` (as a one-shot command would take it) and fenced by it, else
+/// the daemon's own. Another host holding the lease: said, and exit 1.
+async fn under_fleet_lease<Fut>(
+    handles: &control::Handles,
+    name: LeaseName,
+    sink: &Sink,
+    work: impl FnOnce(Ledger) -> Fut,
+) -> anyhow::Result<u8>
+where
+    Fut: Future<Output = anyhow::Result<u8>>,
+{
+    let services = handles.cas.services();
+    let Some(fleet) = &services.fleet else {
+        return work(handles.ctx.store.clone()).await;
+    };
+    match one_shot_under(services, fleet, name.clone(), work).await {
+        Ok(Some(code)) => code,
+        Ok(None) => {
+            sink.err(&format!(
+                "certd: another host of the fleet holds lease {name}; nothing done, try again shortly"
+            ));
+            Ok(1)
+        }
+        Err(e) => {
+            sink.err(&format!(
+                "certd: cannot claim lease {name}: {e}; nothing done"
+            ));
+            Ok(1)
+        }
+    }
+}
+
+/// Rolls the key of `account` over; in fleet mode under the account's
+/// lease, the new key stored for every host.
+async fn rollover_with(
+    handles: &control::Handles,
+    account: &AcmeAccount,
+    cfg: &Config,
+    sink: &Sink,
+) -> u8 {
+    match &handles.cas.services().fleet {
+        Some(fleet) => ops::rollover_in_fleet(fleet, account, cfg, sink).await,
+        None => ops::rollover(account, cfg, sink).await,
+    }
 }

@@ -68,6 +68,8 @@ pub enum SealContext {
     CertificateKey { cert_name: String, serial: String },
     /// A fleet-wide secret (an ACME account key), by name.
     Secret { name: String },
+    /// The private key of a finalized order, by the order's URL.
+    OrderKey { order_url: String },
 }
 
 /// A sealed blob, as stored in the database.
@@ -271,6 +273,7 @@ impl SealContext {
                 [b"certificate-key", cert_name.as_bytes(), serial.as_bytes()]
             }
             Self::Secret { name } => [b"secret", name.as_bytes(), b""],
+            Self::OrderKey { order_url } => [b"order-key", order_url.as_bytes(), b""],
         };
         let mut aad = AAD_DOMAIN.to_vec();
         for field in fields {
@@ -291,6 +294,7 @@ impl fmt::Display for SealContext {
                 write!(f, "the key of certificate {cert_name} (serial {serial})")
             }
             Self::Secret { name } => write!(f, "fleet secret {name}"),
+            Self::OrderKey { order_url } => write!(f, "the key of order {order_url}"),
         }
     }
 }

@@ -1,6 +1,11 @@
 //! The guard in front of every `newOrder`: the CA's limits the ledger can
 //! count (new orders, duplicate certificates), and the account's pending
 //! authorizations kept under `max_pending`.
+//!
+//! One host reserves its admitted orders in memory until their
+//! authorizations are in the ledger. A fleet shares the account, so there
+//! the count is the shared ledger's and the reservation is the order's
+//! intent, written in the transaction that counts (`Ledger::admit_intent`).
 
 use std::time::Duration;
 
@@ -8,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acme::AcmeError;
 use crate::clock::UnixTime;
-use crate::ledger::{EventKind, Identifiers, LedgerError};
+use crate::ledger::{AdmitLimits, Admitted, EventKind, Identifiers, LedgerError};
 
 use super::Reaper;
 
@@ -39,10 +44,25 @@ pub enum GuardError {
     Ledger(#[from] LedgerError),
 }
 
+/// How often a guard waiting on the shared ledger (fleet mode) counts
+/// again: peers' orders that finish release nothing this host hears of.
+const SHARED_RECOUNT: Duration = Duration::from_secs(2);
+
 /// An admitted order's reservation; released when dropped.
 pub(crate) struct Admission {
     reaper: Reaper,
     count: i64,
+    /// Fleet mode: the intent written as the reservation, which the
+    /// order's driver clears once the order is recorded.
+    intent: Option<i64>,
+}
+
+impl Admission {
+    /// The intent the admission wrote (fleet mode), for the driver to use
+    /// as the order's intent rather than write another.
+    pub(crate) fn intent(&self) -> Option<i64> {
+        self.intent
+    }
 }
 
 impl Drop for Admission {
@@ -76,8 +96,8 @@ impl Reaper {
         cert_name: &str,
         identifiers: &Identifiers,
         replaces: Option<&str>,
-    ) -> Result<(), GuardError> {
-        let s = &self.inner.store;
+    ) -> Result<bool, GuardError> {
+        let s = self.store();
         let cfg = self.config();
         let account = self.inner.account.ledger_id;
         let now = self.now();
@@ -132,19 +152,29 @@ impl Reaper {
                     until: UnixTime::from_secs(oldest.unwrap_or(now) + window),
                     account_wide,
                 };
-                s.event(
-                    EventKind::CaLimitGuard,
-                    Some(cert_name),
-                    None,
-                    None,
-                    Some(&e.to_string()),
-                )
-                .await?;
-                tracing::warn!(cert = cert_name, error = %e, "order deferred: it would exceed a CA limit");
-                return Err(e);
+                return Err(self.refuse(cert_name, e).await);
             }
         }
-        Ok(())
+        Ok(exempt == Some(true))
+    }
+
+    /// Records that a CA limit defers the order, and returns the error.
+    async fn refuse(&self, cert_name: &str, e: GuardError) -> GuardError {
+        let recorded = self
+            .store()
+            .event(
+                EventKind::CaLimitGuard,
+                Some(cert_name),
+                None,
+                None,
+                Some(&e.to_string()),
+            )
+            .await;
+        tracing::warn!(cert = cert_name, error = %e, "order deferred: it would exceed a CA limit");
+        match recorded {
+            Ok(()) => e,
+            Err(l) => GuardError::Ledger(l),
+        }
     }
 
     /// Whether the CA's renewal information for the certificate `ari_id`
@@ -186,7 +216,12 @@ impl Reaper {
         replaces: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Admission, GuardError> {
-        self.within_limits(cert_name, identifiers, replaces).await?;
+        let exempt = self.within_limits(cert_name, identifiers, replaces).await?;
+        if self.store().is_shared() {
+            return self
+                .admit_shared(cert_name, identifiers, replaces, exempt, cancel)
+                .await;
+        }
         let identifiers = identifiers.len();
         let max = self.config().max_pending;
         let deadline = tokio::time::Instant::now() + GUARD_WAIT;
@@ -212,6 +247,7 @@ impl Reaper {
                     return Ok(Admission {
                         reaper: self.clone(),
                         count,
+                        intent: None,
                     });
                 }
                 pending
@@ -224,24 +260,7 @@ impl Reaper {
             }
             if !recorded {
                 recorded = true;
-                let detail =
-                    format!("{pending} pending authorizations, max_pending {max}: order deferred");
-                self.inner
-                    .store
-                    .event(
-                        EventKind::PendingAuthzGuard,
-                        Some(cert_name),
-                        None,
-                        None,
-                        Some(&detail),
-                    )
-                    .await?;
-                tracing::warn!(
-                    cert = cert_name,
-                    pending,
-                    max,
-                    "pending-authorization guard: order deferred"
-                );
+                self.deferred(cert_name, pending, max).await?;
             }
             tokio::select! {
                 () = &mut released => {}
@@ -251,5 +270,104 @@ impl Reaper {
                 () = cancel.cancelled() => return Err(GuardError::Cancelled),
             }
         }
+    }
+
+    /// Fleet mode's admission: the hosts share the account, so what is
+    /// counted is the shared ledger, and the reservation is the intent,
+    /// written in the same locked transaction as the count
+    /// ([`Ledger::admit_intent`](crate::ledger::Ledger)). The CA's
+    /// new-order limit is counted there again with the intents of
+    /// peers' orders about to be sent.
+    async fn admit_shared(
+        &self,
+        cert_name: &str,
+        identifiers: &Identifiers,
+        replaces: Option<&str>,
+        mut exempt: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Admission, GuardError> {
+        const WINDOW: i64 = 3 * 3600;
+        let deadline = tokio::time::Instant::now() + GUARD_WAIT;
+        let mut reaped = false;
+        let mut recorded = false;
+        loop {
+            let cfg = self.config();
+            let limits = AdmitLimits {
+                max_pending: cfg.max_pending,
+                new_orders: (!exempt).then(|| (self.now() - WINDOW, cfg.new_orders_per_3h)),
+            };
+            let released = self.inner.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let admitted = self
+                .store()
+                .admit_intent(self.inner.account.ledger_id, cert_name, identifiers, limits)
+                .await?;
+            let pending = match admitted {
+                Admitted::Intent(id) => {
+                    return Ok(Admission {
+                        reaper: self.clone(),
+                        count: 0,
+                        intent: Some(id),
+                    });
+                }
+                Admitted::NewOrders { count, oldest } => {
+                    if let Some(ari_id) = replaces
+                        && self.in_ari_window(ari_id).await
+                    {
+                        exempt = true;
+                        continue;
+                    }
+                    let e = GuardError::Limit {
+                        what: "new orders in three hours",
+                        count,
+                        limit: cfg.new_orders_per_3h,
+                        until: UnixTime::from_secs(oldest.unwrap_or_else(|| self.now()) + WINDOW),
+                        account_wide: true,
+                    };
+                    return Err(self.refuse(cert_name, e).await);
+                }
+                Admitted::Full { pending } => pending,
+            };
+            if !reaped {
+                reaped = true;
+                self.pass(cfg.pending_max_age, false, false, |_, _| {})
+                    .await?;
+                continue;
+            }
+            if !recorded {
+                recorded = true;
+                self.deferred(cert_name, pending, cfg.max_pending).await?;
+            }
+            tokio::select! {
+                () = &mut released => {}
+                () = tokio::time::sleep(SHARED_RECOUNT) => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(GuardError::Full { pending, max: cfg.max_pending });
+                }
+                () = cancel.cancelled() => return Err(GuardError::Cancelled),
+            }
+        }
+    }
+
+    /// Records that `max_pending` defers the order.
+    async fn deferred(&self, cert_name: &str, pending: i64, max: u32) -> Result<(), GuardError> {
+        let detail = format!("{pending} pending authorizations, max_pending {max}: order deferred");
+        self.store()
+            .event(
+                EventKind::PendingAuthzGuard,
+                Some(cert_name),
+                None,
+                None,
+                Some(&detail),
+            )
+            .await?;
+        tracing::warn!(
+            cert = cert_name,
+            pending,
+            max,
+            "pending-authorization guard: order deferred"
+        );
+        Ok(())
     }
 }

@@ -24,6 +24,9 @@ const PAGE: i64 = 100;
 #[derive(Clone)]
 pub(crate) struct Reaper {
     pub(super) inner: Arc<Inner>,
+    /// The ledger this handle writes: the account's, or in fleet mode the
+    /// same ledger fenced by the lease the caller holds ([`Reaper::fenced`]).
+    writes: Ledger,
 }
 
 pub(super) struct Inner {
@@ -43,6 +46,7 @@ pub(super) struct Inner {
 impl Reaper {
     pub(crate) fn new(store: Ledger, account: AcmeAccount, cfg: ReaperConfig) -> Self {
         Self {
+            writes: store.clone(),
             inner: Arc::new(Inner {
                 store,
                 account,
@@ -56,7 +60,18 @@ impl Reaper {
 
     /// The ledger the reaper writes, for recovery.
     pub(crate) fn store(&self) -> &Ledger {
-        &self.inner.store
+        &self.writes
+    }
+
+    /// The same reaper (its guard, its active orders, its settings) with
+    /// its writes made through `store`: in fleet mode, the ledger fenced
+    /// by the lease the caller holds, so a host that lost it writes
+    /// nothing more.
+    pub(crate) fn writing_to(&self, store: Ledger) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            writes: store,
+        }
     }
 
     /// The time now, Unix seconds, from the ledger's clock.
@@ -120,7 +135,7 @@ impl Reaper {
         explicit: bool,
         mut report: impl FnMut(&PendingAuthz, &Settled),
     ) -> Result<PassCounts, LedgerError> {
-        let s = &self.inner.store;
+        let s = &self.writes;
         let now = self.now();
         let cutoff = now - i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX / 2);
         let policy = Policy {

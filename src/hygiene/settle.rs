@@ -97,7 +97,7 @@ impl Reaper {
         identifier: &str,
         policy: Policy,
     ) -> Result<Settled, LedgerError> {
-        let s = &self.inner.store;
+        let s = self.store();
         let account = &self.inner.account;
         let now = self.now();
         let authz = match fetch_authz(&account.http, &account.signer(), url).await {
@@ -164,7 +164,7 @@ impl Reaper {
         from: AuthzStatus,
         policy: Policy,
     ) -> Result<Settled, LedgerError> {
-        let s = &self.inner.store;
+        let s = self.store();
         s.set_authz_deactivated(url, policy.by, from).await?;
         let detail = format!("{identifier} was {from}; deactivated by {}", policy.by);
         s.event(EventKind::Deactivated, None, None, Some(url), Some(&detail))
@@ -185,7 +185,7 @@ impl Reaper {
         from: AuthzStatus,
         status: AuthzStatus,
     ) -> Result<Settled, LedgerError> {
-        let s = &self.inner.store;
+        let s = self.store();
         let detail = format!(
             "{identifier} was {from}; the CA answered the deactivation with status {status}"
         );
@@ -213,7 +213,7 @@ impl Reaper {
         e: AcmeError,
         policy: Policy,
     ) -> Result<Settled, LedgerError> {
-        let s = &self.inner.store;
+        let s = self.store();
         if e.problem().is_some_and(|p| p.status == Some(404)) {
             if !policy.dry_run {
                 s.set_authz_status(url, AuthzStatus::Gone, None).await?;

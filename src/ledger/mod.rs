@@ -33,10 +33,12 @@ mod ca_state;
 mod certificates;
 mod error;
 mod events;
+mod intents;
 pub mod import;
 mod issued;
 mod lock;
 mod model;
+mod order_keys;
 mod orders;
 mod pauses;
 mod pg;
@@ -59,9 +61,11 @@ pub(crate) use certificates::Installed;
 pub(crate) use error::explain;
 pub use error::{LedgerError, Result};
 pub(crate) use events::ReaperSummary;
+pub(crate) use intents::{AdmitLimits, Admitted};
 pub(crate) use lock::{FileIdentity, StateLock};
 pub(crate) use model::{Actor, AriRecord, AriWindow, ChallengeStatus, Identifiers, OrderStep};
 pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
+pub use order_keys::OrderKeySeal;
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
 pub use pg::Fence;
@@ -75,6 +79,9 @@ pub struct Ledger {
     db: Db,
     /// The wall clock every row's timestamps come from.
     clock: Clock,
+    /// Fleet mode: the seal of finalized orders' keys, for the callers
+    /// that keep them here ([`Ledger::with_order_key_seal`]).
+    order_key_seal: Option<std::sync::Arc<dyn OrderKeySeal>>,
 }
 
 /// The engine behind a [`Ledger`]. Each method of the ledger matches on
@@ -139,6 +146,7 @@ impl Ledger {
         Ok(Self {
             db: Db::Sqlite(pool),
             clock,
+            order_key_seal: None,
         })
     }
 
@@ -152,6 +160,7 @@ impl Ledger {
         Self {
             db: Db::Postgres(PgLedger::new(pool, state_dir)),
             clock,
+            order_key_seal: None,
         }
     }
 
@@ -166,7 +175,7 @@ impl Ledger {
             Db::Sqlite(_) => self.clone(),
             Db::Postgres(pg) => Self {
                 db: Db::Postgres(pg.with_fence(fence)),
-                clock: self.clock.clone(),
+                ..self.clone()
             },
         }
     }
@@ -201,6 +210,7 @@ impl Ledger {
         Ok(Self {
             db: Db::Sqlite(pool),
             clock,
+            order_key_seal: None,
         })
     }
 

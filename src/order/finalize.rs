@@ -14,7 +14,9 @@ use crate::hygiene::Policy;
 use crate::install::{self, Issuance, ReloadOutcome};
 use crate::ledger::{self, Actor, EventKind, Identifiers, Ledger, LedgerError, OrderStep};
 
-use super::keys::{order_key_path, remove_order_key, store_order_key};
+use super::keys::{
+    forget_order_key, order_key_dir, order_key_path, remove_order_key, store_order_key,
+};
 use super::{
     Context, DriveError, Issued, Poll, RunMode, acme_error, order_status, sleep_or_cancel,
 };
@@ -62,7 +64,7 @@ pub(super) async fn complete(
                 None,
             )
             .await?;
-        remove_order_key(key_dir, &order_url).await;
+        forget_order_key(&ctx.store, key_dir, &order_url).await;
         let info = issuance.info;
         ctx.store
             .event(
@@ -215,8 +217,11 @@ pub(super) async fn finish(
     ctx.store
         .set_order_state(order_url, ledger::OrderStatus::Valid, OrderStep::Done, None)
         .await?;
-    // Installed: privkey.pem holds the key now.
+    // Installed: privkey.pem holds the key now. The sealed copy (fleet
+    // mode) stayed until here, so a peer taking over between the record
+    // and the install could still download with it.
     remove_order_key(&issued_dir(&ctx.store).await?, order_url).await;
+    forget_order_key(&ctx.store, &order_key_dir(&ctx.store).await?, order_url).await;
     ctx.store
         .event(
             EventKind::Installed,

@@ -86,11 +86,12 @@ mod resume;
 mod validate;
 
 use finalize::{certificate_key, complete, install_from_disk};
-use keys::{load_order_key, order_key_dir, order_key_path, remove_order_key, store_order_key};
+use keys::{find_order_key, forget_order_key, has_order_key, keep_order_key, order_key_dir};
 use plan::new_order;
 use resume::{Resumed, resume};
 use validate::{plan_challenges, record_authorizations, validate};
 
+pub(crate) use keys::FleetOrderKeys;
 pub(crate) use recovery::{recover, recover_certificate};
 
 /// What the driver needs; shared by concurrent orders.
@@ -336,11 +337,16 @@ async fn obtain_inner(
                 .await?;
             // Write-ahead: should the process die before the order's URL
             // is recorded, recovery finds the order in the CA's list and
-            // knows which certificate it is for.
-            let intent = ctx
-                .store
-                .record_intent(ctx.account.ledger_id, name, &sorted)
-                .await?;
+            // knows which certificate it is for. In fleet mode the
+            // admission wrote it already, as the reservation.
+            let intent = match admission.intent() {
+                Some(intent) => intent,
+                None => {
+                    ctx.store
+                        .record_intent(ctx.account.ledger_id, name, &sorted)
+                        .await?
+                }
+            };
             let order = match new_order(ctx, cert, &sorted).await {
                 Ok(order) => order,
                 Err(e) => {
@@ -435,7 +441,7 @@ async fn obtain_inner(
                 order.state().status,
                 OrderStatus::Processing | OrderStatus::Valid
             ) && !matches!(e.disposition(), Disposition::Final)
-                && order_key_path(&key_dir, &order_url).exists();
+                && has_order_key(&ctx.store, &key_dir, &order_url).await?;
             if matches!(e, DriveError::Preflight(_)) || finalized {
                 // After a failed self-check nothing was answered: keep the
                 // pending authorizations for the next attempt; the reaper
@@ -448,7 +454,7 @@ async fn obtain_inner(
             ctx.store
                 .set_order_state(&order_url, status, OrderStep::Failed, Some(&detail))
                 .await?;
-            remove_order_key(&key_dir, &order_url).await;
+            forget_order_key(&ctx.store, &key_dir, &order_url).await;
             for (url, identifier) in ctx.store.pending_authz_of_order(&order_url).await? {
                 ctx.reaper
                     .settle(&url, &identifier, Policy::by(Actor::Driver))
@@ -498,17 +504,17 @@ async fn run_order(
 
     // A resumed order finalized with the key stored last time (the CA may
     // have seen that CSR already).
-    let (key, key_pem) = match load_order_key(key_dir, &order_url).await {
+    let (key, key_pem) = match find_order_key(&ctx.store, key_dir, &order_url).await? {
         Some(stored) => stored,
         None => {
             let (key, pem) = certificate_key(ctx, cert).await?;
             // An unreadable leftover never signed a CSR the CA accepted
             // (the key is fsynced before `finalize`): replace it.
-            remove_order_key(key_dir, &order_url).await;
+            forget_order_key(&ctx.store, key_dir, &order_url).await;
             // Before `finalize`: should the process die once the CA has the
-            // CSR, the next run downloads the certificate for this key
-            // instead of ordering a second one.
-            store_order_key(key_dir, &order_url, &pem).await?;
+            // CSR, the next run (in fleet mode, a peer's) downloads the
+            // certificate for this key instead of ordering a second one.
+            keep_order_key(&ctx.store, key_dir, &order_url, &pem).await?;
             (key, pem)
         }
     };

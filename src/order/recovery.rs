@@ -21,7 +21,7 @@ use crate::ledger::{
     OrderStatus, OrderStep,
 };
 
-use super::keys::{order_key_dir, order_key_path, remove_order_key};
+use super::keys::{forget_order_key, has_order_key, order_key_dir};
 
 /// The certificate name an adopted order gets when the ledger cannot tell
 /// whose it is; no configured certificate can have it (names are plain).
@@ -56,27 +56,55 @@ pub(crate) async fn recover(
 }
 
 /// Fleet mode's recovery of one certificate, by the host that just
-/// claimed its lease: the orders for `cert_name` that earlier holders
-/// left in flight are marked resumable (the newest for names `keep`
-/// accepts, so the order that follows takes it up instead of placing
-/// another) or abandoned. `store` is the handle fenced by the lease, so
-/// a host that lost the lease meanwhile changes nothing. Orders the CA
-/// created that the ledger never learnt of are not adopted here: listing
-/// them is account-wide, and clearing the account's intents would drop a
-/// peer's intent for an order it is placing now.
+/// claimed its lease: orders the CA created for `cert_name` that the
+/// ledger never learnt of (an earlier holder died between `newOrder` and
+/// recording it: its intent is left) are adopted ([`adopt_intents_of`]),
+/// then the orders for `cert_name` that earlier holders left in flight
+/// are marked resumable (the newest for names `keep` accepts, so the
+/// order that follows takes it up instead of placing another) or
+/// abandoned. `store` is the handle fenced by the lease, so a host that
+/// lost the lease meanwhile changes nothing. Only this certificate's
+/// intents are read and cleared: a peer's, for an order it is placing
+/// now, stay.
 pub(crate) async fn recover_certificate(
     reaper: &Reaper,
     store: &Ledger,
     cert_name: &str,
     keep: impl Fn(&OrderRow) -> bool,
 ) -> Result<(usize, usize), LedgerError> {
+    let reaper = reaper.writing_to(store.clone());
+    adopt_intents_of(&reaper, cert_name).await?;
     let orders = store
         .in_flight_orders(reaper.account().ledger_id)
         .await?
         .into_iter()
         .filter(|o| o.cert_name == cert_name)
         .collect();
-    settle_in_flight(reaper, store, orders, keep).await
+    settle_in_flight(&reaper, store, orders, keep).await
+}
+
+/// Adopts the orders the CA lists for the account that the ledger does
+/// not know and that are for the names of one of `cert_name`'s intents,
+/// under `cert_name`; then clears those intents. Orders for other names
+/// are left to their own certificates' recovery. Returns how many were
+/// adopted.
+pub(crate) async fn adopt_intents_of(
+    reaper: &Reaper,
+    cert_name: &str,
+) -> Result<usize, LedgerError> {
+    let s = reaper.store();
+    let account = reaper.account();
+    let intents = s.intents_of(account.ledger_id, cert_name).await?;
+    let Some(newest) = intents.iter().map(|i| i.id).max() else {
+        return Ok(0);
+    };
+    let names: Vec<Identifiers> = intents.into_iter().map(|i| i.identifiers).collect();
+    let adopted = adopt_listed(reaper, Some((cert_name, &names))).await?;
+    if adopted.is_some() {
+        s.clear_intents_of(account.ledger_id, cert_name, newest)
+            .await?;
+    }
+    Ok(adopted.unwrap_or(0))
 }
 
 /// Marks resumable, or abandons, `orders` (oldest first), writing
@@ -98,7 +126,7 @@ async fn settle_in_flight(
             continue;
         }
         let finalized_without_key =
-            order.step == OrderStep::Finalizing && !order_key_path(&key_dir, &order.url).exists();
+            order.step == OrderStep::Finalizing && !has_order_key(s, &key_dir, &order.url).await?;
         if !finalized_without_key && keep(&order) && kept.insert(order.identifiers.clone()) {
             s.set_order_state(&order.url, order.status, OrderStep::Resumable, None)
                 .await?;
@@ -137,18 +165,33 @@ pub(crate) async fn adopt_unknown(reaper: &Reaper) -> Result<usize, LedgerError>
     if !s.has_intents(account.ledger_id).await? {
         return Ok(0);
     }
+    let adopted = adopt_listed(reaper, None).await?;
+    if adopted.is_some() {
+        s.clear_intents(account.ledger_id).await?;
+    }
+    Ok(adopted.unwrap_or(0))
+}
+
+/// Walks the CA's list of the account's orders and adopts those the
+/// ledger does not know: all of them, or with `only`, those for one of
+/// the names given, under the certificate given. `None`: the list could
+/// not be read (recorded as a reaper error), so the intents stay for a
+/// later try; the CA offering no list is `Some(0)`.
+async fn adopt_listed(
+    reaper: &Reaper,
+    only: Option<(&str, &[Identifiers])>,
+) -> Result<Option<usize>, LedgerError> {
+    let s = reaper.store();
+    let account = reaper.account();
     let orders = match account_orders(&account.http, &account.signer()).await {
         Ok(Some(orders)) => orders,
-        Ok(None) => {
-            s.clear_intents(account.ledger_id).await?;
-            return Ok(0);
-        }
+        Ok(None) => return Ok(Some(0)),
         Err(e) => {
             let msg = format!("cannot list the account's orders: {e}");
             s.event(EventKind::ReaperError, None, None, None, Some(&msg))
                 .await?;
             tracing::warn!(error = %e, "cannot list the account's orders at the CA; orders unknown to the ledger are not adopted");
-            return Ok(0);
+            return Ok(None);
         }
     };
     let mut adopted = 0;
@@ -156,7 +199,7 @@ pub(crate) async fn adopt_unknown(reaper: &Reaper) -> Result<usize, LedgerError>
         if s.order_known(&url).await? {
             continue;
         }
-        match adopt(reaper, &url).await {
+        match adopt(reaper, &url, only).await {
             Ok(true) => adopted += 1,
             Ok(false) => {}
             Err(AdoptError::Ledger(e)) => return Err(e),
@@ -168,13 +211,16 @@ pub(crate) async fn adopt_unknown(reaper: &Reaper) -> Result<usize, LedgerError>
             }
         }
     }
-    s.clear_intents(account.ledger_id).await?;
-    Ok(adopted)
+    Ok(Some(adopted))
 }
 
 /// Records one order the ledger did not know, if it may still have
-/// pending authorizations.
-async fn adopt(reaper: &Reaper, url: &str) -> Result<bool, AdoptError> {
+/// pending authorizations (and, with `only`, is for one of its names).
+async fn adopt(
+    reaper: &Reaper,
+    url: &str,
+    only: Option<(&str, &[Identifiers])>,
+) -> Result<bool, AdoptError> {
     let s = reaper.store();
     let account = reaper.account();
     let order = fetch_order(&account.http, &account.signer(), url).await?;
@@ -190,6 +236,11 @@ async fn adopt(reaper: &Reaper, url: &str) -> Result<bool, AdoptError> {
         | OrderStatus::Abandoned => return Ok(false),
     }
     let names = Identifiers::new(order.sorted_identifiers());
+    if let Some((_, wanted)) = only
+        && !wanted.contains(&names)
+    {
+        return Ok(false);
+    }
     let mut authzs = Vec::with_capacity(order.authorizations.len());
     for authz_url in &order.authorizations {
         let a = fetch_authz(&account.http, &account.signer(), authz_url).await?;
@@ -220,10 +271,13 @@ async fn adopt(reaper: &Reaper, url: &str) -> Result<bool, AdoptError> {
     // Without an intent or an earlier order for these names, the order
     // is nobody's: recorded under a name no certificate has, so
     // recovery abandons it.
-    let cert_name = s
-        .cert_name_for(account.ledger_id, &names)
-        .await?
-        .unwrap_or_else(|| UNKNOWN_CERT.to_owned());
+    let cert_name = match only {
+        Some((cert_name, _)) => cert_name.to_owned(),
+        None => s
+            .cert_name_for(account.ledger_id, &names)
+            .await?
+            .unwrap_or_else(|| UNKNOWN_CERT.to_owned()),
+    };
     s.record_order(account.ledger_id, &cert_name, url, &names, status, &authzs)
         .await?;
     if let Some(expires) = order
@@ -266,7 +320,7 @@ pub(crate) async fn abandon_order(
     }
     // A finalized order's stored key would only ever sign for it.
     let key_dir = order_key_dir(s).await?;
-    remove_order_key(&key_dir, order_url).await;
+    forget_order_key(s, &key_dir, order_url).await;
     s.set_order_state(
         order_url,
         OrderStatus::Abandoned,

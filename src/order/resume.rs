@@ -10,7 +10,7 @@ use rcgen::KeyPair;
 use crate::acme::{AcmeError, NONCE_ATTEMPTS, is_bad_nonce};
 use crate::ledger::{EventKind, Identifiers};
 
-use super::keys::load_order_key;
+use super::keys::find_order_key;
 use super::{Context, DriveError, order_status, recovery};
 
 /// An unfinished order taken up again.
@@ -58,7 +58,7 @@ pub(super) async fn resume(
                 return Ok(Some(Resumed::Open(order)));
             }
             status @ (OrderStatus::Processing | OrderStatus::Valid) => {
-                match load_order_key(key_dir, &row.url).await {
+                match find_order_key(&ctx.store, key_dir, &row.url).await? {
                     Some((key, pem)) => {
                         tracing::info!(cert = name, order = %row.url, "resuming a finalized order with its stored key");
                         let detail = format!(

@@ -17,7 +17,9 @@ mod ca_state;
 mod certificates;
 mod events;
 pub mod fleet;
+mod intents;
 mod issued;
+mod order_keys;
 mod orders;
 mod pauses;
 
