@@ -274,10 +274,15 @@ fn durable_a_holder_killed_after_finalize_is_finished_by_its_peer_with_the_seale
     assert_eq!(fleet.events("order-resumed"), 1);
     let (_, epoch) = fleet.lease("cert:z").expect("the lease");
     assert!(epoch >= 2, "taken over under a new epoch: {epoch}");
-    let left: Vec<(String,)> = fleet.query("SELECT order_url FROM order_keys WHERE $1 = $1", "");
-    assert!(
-        left.is_empty(),
-        "the sealed key is gone once installed: {left:?}"
+    // The sealed key is deleted just after the files are in place.
+    wait_until(
+        "the sealed key gone once installed",
+        || {
+            fleet
+                .query::<(String,)>("SELECT order_url FROM order_keys WHERE $1 = $1", "")
+                .is_empty()
+        },
+        &[&db],
     );
     let out = db.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
