@@ -79,6 +79,7 @@ macro_rules! nonce_retry {
 }
 
 mod finalize;
+mod hooks;
 mod keys;
 mod plan;
 mod recovery;
@@ -91,6 +92,7 @@ use plan::new_order;
 use resume::{Resumed, resume};
 use validate::{plan_challenges, record_authorizations, validate};
 
+pub(crate) use hooks::{FleetHooks, SharedAnswer};
 pub(crate) use recovery::{recover, recover_certificate};
 
 /// What the driver needs; shared by concurrent orders.
@@ -111,6 +113,9 @@ pub struct Context {
     /// `[acme] trusted_roots`: issued chains must lead to one of them.
     pub(crate) trusted_roots: Option<TrustedRoots>,
     pub(crate) mode: RunMode,
+    /// Fleet mode, under the certificate's lease: the answers shared and
+    /// the issuance handed to every host. `None` otherwise.
+    pub(crate) fleet: Option<Arc<dyn FleetHooks>>,
 }
 
 /// The kind of run an order belongs to.
@@ -131,6 +136,18 @@ pub(crate) enum RunMode {
 pub(crate) struct Issued {
     pub(crate) info: CertInfo,
     pub(crate) reloads: Vec<ReloadOutcome>,
+    /// Where the certificate came from.
+    pub(crate) source: Source,
+}
+
+/// Where an installed certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// This host's order.
+    Ordered,
+    /// Fleet mode: another host's issuance, still current, installed from
+    /// the fleet instead of ordering again.
+    Fleet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +230,10 @@ pub enum DriveError {
     /// lost while the order ran (this host then stopped sending).
     #[error("fleet lease: {0}")]
     Lease(#[from] LeaseError),
+    /// Fleet mode: the fleet's database could not take or give what the
+    /// order shares with the other hosts (an answer, the issuance).
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 impl DriveError {
@@ -243,7 +264,9 @@ impl DriveError {
             // attempt goes ahead.
             Self::Guard(_) | Self::Preflight(_) | Self::NotReady(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
-            Self::LeasedElsewhere { .. } | Self::Lease(_) => Disposition::Retryable,
+            Self::LeasedElsewhere { .. } | Self::Lease(_) | Self::Fleet(_) => {
+                Disposition::Retryable
+            }
         }
     }
 

@@ -1,0 +1,239 @@
+//! Fleet mode's order path, under a certificate's lease: the hooks the
+//! order calls to share its challenges' answers and its issuance
+//! ([`LeaseHooks`]), and the look at the fleet's state that comes before
+//! any order ([`install_current`]).
+//!
+//! A host's scheduler decides a certificate is due from what it knows:
+//! its own disk and its last look. Another host may have renewed it
+//! since (this host waited while that one held the lease). So, once the
+//! lease is claimed, the fleet's newest issuance of the certificate is
+//! checked against the renewal rules: if it is not due, this host
+//! installs it from the fleet and orders nothing. That is what makes one
+//! `newOrder` per certificate per renewal hold fleet-wide.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::Services;
+use super::fleet_answers::{self, AnswerError, PreflightError};
+use super::fleet_hosts::{self, FleetPublishError};
+use crate::clock::UnixTime;
+use crate::config::{self, CertificateConfig};
+use crate::fleet::{
+    ChallengeAnswer, ChallengeKind, FleetHost, Lease, LeaseError, PublishError, Pulled,
+};
+use crate::install::{self, CertInfo, ReloadOutcome};
+use crate::ledger::Ledger;
+use crate::order::{DriveError, FleetHooks, Issued, SharedAnswer, Source};
+use crate::solver::SolverError;
+
+/// The fleet's side of an order held under `lease`.
+pub(crate) struct LeaseHooks {
+    services: Services,
+    lease: Lease,
+}
+
+impl LeaseHooks {
+    pub(crate) fn new(services: &Services, lease: Lease) -> Arc<dyn FleetHooks> {
+        Arc::new(Self {
+            services: services.clone(),
+            lease,
+        })
+    }
+}
+
+#[async_trait]
+impl FleetHooks for LeaseHooks {
+    async fn commit_answer(&self, answer: &SharedAnswer) -> Result<(), DriveError> {
+        let Some(answer) = fleet_answer(answer) else {
+            return Ok(());
+        };
+        fleet_answers::commit_answer(&self.services, &self.lease, &answer)
+            .await
+            .map_err(|e| match e {
+                AnswerError::Lease(e) => lease_error(e),
+                other @ AnswerError::NotFleet => DriveError::Fleet(other.to_string()),
+            })
+    }
+
+    async fn preflight(&self, answer: &SharedAnswer) -> Result<(), DriveError> {
+        let Some(answer) = fleet_answer(answer) else {
+            return Ok(());
+        };
+        fleet_answers::preflight_members(&self.services, &answer)
+            .await
+            .map_err(|e| {
+                // Like the local pre-flight's failure: nothing was asked of
+                // the CA, and the authorization stays for the next attempt.
+                let detail = match &e {
+                    PreflightError::Unserved { failed, .. } => failed
+                        .iter()
+                        .map(|(host, why)| format!("host {host}: {why}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    other => other.to_string(),
+                };
+                DriveError::Preflight(SolverError::Preflight {
+                    identifier: answer.identifier.clone(),
+                    target: "the fleet's hosts".into(),
+                    detail,
+                })
+            })
+    }
+
+    async fn publish(
+        &self,
+        _cert: &str,
+        fullchain_pem: &str,
+        key_pem: &str,
+    ) -> Result<String, DriveError> {
+        // The certificate is the lease's; `publish_pem` writes under it.
+        fleet_hosts::publish_pem(&self.services, &self.lease, fullchain_pem, key_pem)
+            .await
+            .map_err(|e| match e {
+                FleetPublishError::Publish(PublishError::Lease(e)) => lease_error(e),
+                other => DriveError::Fleet(other.to_string()),
+            })
+    }
+
+    async fn installed(
+        &self,
+        cert: &str,
+        serial: &str,
+        reloads: &[ReloadOutcome],
+    ) -> Result<(), DriveError> {
+        // The certificate is installed and published; a record that does
+        // not reach the database is written by this host's distribution
+        // at its next reconcile ("installed earlier").
+        if let Err(e) = fleet_hosts::record_own_install(&self.services, cert, serial, reloads).await
+        {
+            tracing::warn!(cert, serial, error = %e, "fleet: cannot record this host's install");
+        }
+        Ok(())
+    }
+}
+
+/// Under the lease of `cert`: if the fleet's newest issuance of it is not
+/// due under the renewal rules, installs it here (unless it is already)
+/// and returns it; `None` when this host is to order. A `forced` renewal
+/// always orders.
+pub(crate) async fn install_current(
+    services: &Services,
+    host: &FleetHost,
+    cert: &CertificateConfig,
+    store: &Ledger,
+    forced: bool,
+) -> Result<Option<Issued>, DriveError> {
+    let Some(fleet) = &services.fleet else {
+        return Ok(None);
+    };
+    if forced {
+        return Ok(None);
+    }
+    let name = cert.name.as_str();
+    let newest = fleet
+        .db
+        .newest_issued(&[name.to_owned()])
+        .await
+        .map_err(|e| DriveError::Fleet(e.to_string()))?
+        .pop();
+    let Some(newest) = newest else {
+        return Ok(None);
+    };
+    let info = match leaf_info(&newest.fullchain_pem) {
+        Some(info) if names_of(&info) == sorted(cert.domain_strings()) => info,
+        // For other names than the certificate's now: a new order.
+        _ => return Ok(None),
+    };
+    let row = store.certificate(name).await?;
+    let due_at = due_at(row.as_ref(), &info, services.cfg.daemon.renew_remaining);
+    let now = services.clock.now();
+    if due_at <= now {
+        return Ok(None);
+    }
+    let reloads = match host.pull(&fleet.db, name).await {
+        Ok(Pulled::Installed { reloads, .. }) => reloads,
+        Ok(Pulled::UpToDate { .. }) => Vec::new(),
+        Ok(Pulled::NothingPublished) => return Ok(None),
+        Err(e) => return Err(DriveError::Fleet(e.to_string())),
+    };
+    tracing::info!(cert = name, serial = %info.serial, renew_at = %due_at.rfc3339(), "installed from the fleet: another host renewed it; not ordering");
+    Ok(Some(Issued {
+        info,
+        reloads,
+        source: Source::Fleet,
+    }))
+}
+
+/// When the fleet's newest issuance `info` is due: the shared ledger's
+/// renewal time when its row is about that certificate (the scheduler of
+/// the host that renewed it wrote it, ARI included), at once when that
+/// certificate was revoked or its renewal is failing, else the
+/// configured fraction of its lifetime before it ends.
+fn due_at(
+    row: Option<&crate::ledger::CertificateRow>,
+    info: &CertInfo,
+    remaining: f64,
+) -> UnixTime {
+    let by_lifetime = install::renewal_time(info.not_before, info.not_after, remaining);
+    let Some(row) = row.filter(|r| r.serial.as_deref() == Some(info.serial.as_str())) else {
+        return by_lifetime;
+    };
+    if row.revoked_serial.as_deref() == Some(info.serial.as_str()) || row.consecutive_failures > 0 {
+        return UnixTime::from_secs(0);
+    }
+    row.next_renewal_at.map_or(by_lifetime, UnixTime::from_secs)
+}
+
+/// The leaf of a chain, parsed.
+fn leaf_info(fullchain_pem: &str) -> Option<CertInfo> {
+    let leaf = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
+        .next()?
+        .ok()?;
+    CertInfo::parse(&leaf).ok()
+}
+
+/// The names a certificate carries, as the configuration spells them.
+fn names_of(info: &CertInfo) -> Vec<String> {
+    sorted(
+        info.dns_names
+            .iter()
+            .chain(&info.ip_addresses)
+            .cloned()
+            .collect(),
+    )
+}
+
+fn sorted(mut names: Vec<String>) -> Vec<String> {
+    for n in &mut names {
+        n.make_ascii_lowercase();
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The fleet's form of an answer; `None` for a type the fleet does not
+/// share (the order shares only those its hosts' responders serve).
+fn fleet_answer(answer: &SharedAnswer) -> Option<ChallengeAnswer> {
+    let kind = match answer.kind {
+        config::ChallengeKind::Http01 => ChallengeKind::Http01,
+        config::ChallengeKind::TlsAlpn01 => ChallengeKind::TlsAlpn01,
+        config::ChallengeKind::Dns01 | config::ChallengeKind::DnsPersist01 => return None,
+    };
+    Some(ChallengeAnswer {
+        token: answer.token.clone(),
+        kind,
+        identifier: answer.identifier.clone(),
+        key_authorization: answer.key_authorization.clone(),
+        authz_url: answer.authz_url.clone(),
+        valid_for: answer.valid_for,
+    })
+}
+
+fn lease_error(e: LeaseError) -> DriveError {
+    DriveError::Lease(e)
+}
