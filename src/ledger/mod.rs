@@ -64,7 +64,7 @@ pub(crate) use model::{Actor, AriRecord, AriWindow, ChallengeStatus, Identifiers
 pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
-pub use pg::Fence;
+pub use pg::{Definition, Fence, FleetDefinition, HostDefinition};
 
 use pg::PgLedger;
 
