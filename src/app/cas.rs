@@ -158,9 +158,10 @@ impl Cas {
 
     /// Obtains and installs `cert` at the first CA of its list that can
     /// issue it, falling back to the next while the reason allows. In
-    /// fleet mode, only under the certificate's lease (`lease`), and only
-    /// if the fleet's newest issuance of it is due too (or `forced`):
-    /// else that one is installed here (`Source::Fleet`).
+    /// fleet mode, only under the certificate's lease (`lease`), claimed
+    /// only if this host defines it the fleet's way, and only if the
+    /// fleet's newest issuance of it is due too (or `forced`): else that
+    /// one is installed here (`Source::Fleet`).
     pub(crate) async fn obtain(
         &self,
         cert: &CertificateConfig,
@@ -172,6 +173,8 @@ impl Cas {
             return self.obtain_with(cert, None, None, cancel).await;
         };
         let name = cert.name.as_str();
+        let ours = fleet_order::definition(cert);
+        fleet_order::may_claim(services, name, &ours).await?;
         lease::under_lease(
             fleet,
             &services.leases,
@@ -179,6 +182,7 @@ impl Cas {
             name,
             cancel,
             |fenced, held, token| async move {
+                fleet_order::hold_definition(services, &fenced, name, &ours).await?;
                 let host = self.fleet_host().await?;
                 let current =
                     fleet_order::install_current(services, &host, cert, &fenced, forced).await?;

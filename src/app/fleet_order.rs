@@ -10,7 +10,21 @@
 //! checked against the renewal rules: if it is not due, this host
 //! installs it from the fleet and orders nothing. That is what makes one
 //! `newOrder` per certificate per renewal hold fleet-wide.
+//!
+//! Hosts whose definitions of a certificate differ (names, key type,
+//! profile, challenges, CAs: what is ordered) would order different
+//! things under one lease, so only a host whose definition is the
+//! fleet's claims it ([`may_claim`]). Each host records its own
+//! definition of each certificate before it would claim; the first
+//! holder records the fleet's. The rule that keeps a rolling update from
+//! wedging: a host whose definition differs claims nonetheless once no
+//! live host (heartbeat within `LIVE_WINDOW`) other than itself still
+//! defines it the fleet's way (each has restarted with the new
+//! configuration, or is gone), and its definition becomes the fleet's.
+//! Until then the hosts with the fleet's definition keep renewing it.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -26,7 +40,7 @@ use crate::fleet::{
     ChallengeAnswer, ChallengeKind, FleetHost, Lease, LeaseError, PublishError, Pulled,
 };
 use crate::install::{self, CertInfo, ReloadOutcome};
-use crate::ledger::Ledger;
+use crate::ledger::{Definition, Ledger};
 use crate::order::{DriveError, FleetHooks, Issued, SharedAnswer, Source};
 use crate::solver::SolverError;
 
@@ -168,6 +182,101 @@ pub(crate) async fn install_current(
     }))
 }
 
+/// What `cert` is, as hosts compare it: a hash per field of what is
+/// ordered, and of the whole. Not the reload commands (each host's own).
+pub(crate) fn definition(cert: &CertificateConfig) -> Definition {
+    // Debug renders each typed value completely and the same way on
+    // every host of one version.
+    let fields: BTreeMap<String, String> = [
+        ("domains", format!("{:?}", sorted(cert.domain_strings()))),
+        ("key_type", format!("{:?}", cert.key_type)),
+        ("profile", format!("{:?}", cert.profile)),
+        ("challenges", format!("{:?}", cert.challenges)),
+        ("ca", format!("{:?}", cert.ca)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), sha256_hex(v.as_bytes())))
+    .collect();
+    let whole: String = fields.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    Definition {
+        hash: sha256_hex(whole.as_bytes()),
+        fields,
+    }
+}
+
+/// Whether this host may claim `cert`'s lease, its definition being
+/// `ours` (see the module's doc): records it as this host's, then
+/// compares it with the fleet's. Refused: a warning naming the
+/// certificate and the fields that differ, and
+/// [`DriveError::DefinitionDiffers`].
+pub(crate) async fn may_claim(
+    services: &Services,
+    cert: &str,
+    ours: &Definition,
+) -> Result<(), DriveError> {
+    let Some(fleet) = &services.fleet else {
+        return Ok(());
+    };
+    let me = fleet.holder.as_str();
+    let store = &services.store;
+    store.declare_definition(cert, me, ours).await?;
+    let Some(current) = store.fleet_definition(cert).await? else {
+        return Ok(());
+    };
+    if current.definition.hash == ours.hash {
+        return Ok(());
+    }
+    let live: BTreeSet<String> = fleet
+        .db
+        .live_members(fleet_answers::LIVE_WINDOW)
+        .await
+        .map_err(|e| DriveError::Fleet(e.to_string()))?
+        .into_iter()
+        .map(|m| m.host_id)
+        .collect();
+    let holders: Vec<String> = store
+        .host_definitions(cert)
+        .await?
+        .into_iter()
+        .filter(|h| h.host_id != me && h.definition.hash == current.definition.hash)
+        .filter(|h| live.contains(&h.host_id))
+        .map(|h| h.host_id)
+        .collect();
+    let fields = ours.differing(&current.definition).join(", ");
+    if holders.is_empty() {
+        tracing::info!(cert, fields = %fields, "fleet: no live host defines this certificate the fleet's way any more; this host's definition replaces it");
+        return Ok(());
+    }
+    let hosts = holders.join(", ");
+    tracing::warn!(cert, fields = %fields, hosts = %hosts, "fleet: this host defines the certificate differently from the fleet; not taking its lease");
+    Err(DriveError::DefinitionDiffers {
+        cert: cert.to_owned(),
+        fields,
+        hosts,
+    })
+}
+
+/// Under `cert`'s lease: makes `ours` the fleet's definition unless it
+/// is already (the first holder records it; a holder admitted by the
+/// rolling-update rule replaces it).
+pub(crate) async fn hold_definition(
+    services: &Services,
+    fenced: &Ledger,
+    cert: &str,
+    ours: &Definition,
+) -> Result<(), DriveError> {
+    let Some(fleet) = &services.fleet else {
+        return Ok(());
+    };
+    let current = fenced.fleet_definition(cert).await?;
+    if current.is_none_or(|c| c.definition.hash != ours.hash) {
+        fenced
+            .set_fleet_definition(cert, fleet.holder.as_str(), ours)
+            .await?;
+    }
+    Ok(())
+}
+
 /// When the fleet's newest issuance `info` is due: the shared ledger's
 /// renewal time when its row is about that certificate (the scheduler of
 /// the host that renewed it wrote it, ARI included), at once when that
@@ -232,6 +341,15 @@ fn fleet_answer(answer: &SharedAnswer) -> Option<ChallengeAnswer> {
         authz_url: answer.authz_url.clone(),
         valid_for: answer.valid_for,
     })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 fn lease_error(e: LeaseError) -> DriveError {

@@ -234,6 +234,19 @@ pub enum DriveError {
     /// order shares with the other hosts (an answer, the issuance).
     #[error("fleet: {0}")]
     Fleet(String),
+    /// Fleet mode: this host defines the certificate differently from the
+    /// fleet's hosts that hold its definition, so it does not claim the
+    /// lease: it would order something else.
+    #[error(
+        "certificate {cert}: this host's definition differs from the fleet's in {fields} (held by {hosts}); not taking its lease"
+    )]
+    DefinitionDiffers {
+        cert: String,
+        /// The differing fields, comma-separated.
+        fields: String,
+        /// The live hosts holding the fleet's definition.
+        hosts: String,
+    },
 }
 
 impl DriveError {
@@ -264,17 +277,22 @@ impl DriveError {
             // attempt goes ahead.
             Self::Guard(_) | Self::Preflight(_) | Self::NotReady(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
-            Self::LeasedElsewhere { .. } | Self::Lease(_) | Self::Fleet(_) => {
-                Disposition::Retryable
-            }
+            Self::LeasedElsewhere { .. }
+            | Self::Lease(_)
+            | Self::Fleet(_)
+            | Self::DefinitionDiffers { .. } => Disposition::Retryable,
         }
     }
 
     /// Whether this host stopped because the certificate is another
     /// host's to renew (fleet mode): its lease is held elsewhere or was
-    /// lost. Not a failure of the certificate; the host looks again soon.
+    /// lost, or the fleet's hosts define it differently. Not a failure of
+    /// the certificate; the host looks again soon.
     pub(crate) fn is_elsewhere(&self) -> bool {
-        matches!(self, Self::LeasedElsewhere { .. } | Self::Lease(_))
+        matches!(
+            self,
+            Self::LeasedElsewhere { .. } | Self::Lease(_) | Self::DefinitionDiffers { .. }
+        )
     }
 
     /// Whether the order stopped because this host may no longer act for
