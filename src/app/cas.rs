@@ -189,7 +189,7 @@ impl Cas {
                 if let Some(issued) = current {
                     return Ok(issued);
                 }
-                let hooks = LeaseHooks::new(services, held);
+                let hooks = LeaseHooks::shared(services, held);
                 self.obtain_with(cert, Some(&fenced), Some(hooks), &token)
                     .await
             },

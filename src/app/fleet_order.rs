@@ -15,8 +15,8 @@
 //! profile, challenges, CAs: what is ordered) would order different
 //! things under one lease, so only a host whose definition is the
 //! fleet's claims it ([`may_claim`]). Each host records its own
-//! definition of each certificate before it would claim; the first
-//! holder records the fleet's. The rule that keeps a rolling update from
+//! definition of each certificate at start, after a reload, and before
+//! it would claim; the first holder records the fleet's. The rule that keeps a rolling update from
 //! wedging: a host whose definition differs claims nonetheless once no
 //! live host (heartbeat within `LIVE_WINDOW`) other than itself still
 //! defines it the fleet's way (each has restarted with the new
@@ -35,7 +35,7 @@ use super::Services;
 use super::fleet_answers::{self, AnswerError, PreflightError};
 use super::fleet_hosts::{self, FleetPublishError};
 use crate::clock::UnixTime;
-use crate::config::{self, CertificateConfig};
+use crate::config::{self, CertificateConfig, Config};
 use crate::fleet::{
     ChallengeAnswer, ChallengeKind, FleetHost, Lease, LeaseError, PublishError, Pulled,
 };
@@ -51,7 +51,7 @@ pub(crate) struct LeaseHooks {
 }
 
 impl LeaseHooks {
-    pub(crate) fn new(services: &Services, lease: Lease) -> Arc<dyn FleetHooks> {
+    pub(crate) fn shared(services: &Services, lease: Lease) -> Arc<dyn FleetHooks> {
         Arc::new(Self {
             services: services.clone(),
             lease,
@@ -201,6 +201,25 @@ pub(crate) fn definition(cert: &CertificateConfig) -> Definition {
     Definition {
         hash: sha256_hex(whole.as_bytes()),
         fields,
+    }
+}
+
+/// Records this host's definition of every certificate of `cfg` (at
+/// start and after a reload): a host that restarted with a new
+/// definition stops counting as holding the old one at once, not only
+/// when it next renews. A failure is logged; the next claim records it.
+pub(crate) async fn declare_definitions(services: &Services, cfg: &Config) {
+    let Some(fleet) = &services.fleet else {
+        return;
+    };
+    for cert in &cfg.certificates {
+        let declared = services
+            .store
+            .declare_definition(cert.name.as_str(), fleet.holder.as_str(), &definition(cert))
+            .await;
+        if let Err(e) = declared {
+            tracing::warn!(cert = %cert.name, error = %e, "fleet: cannot record this host's definition of the certificate");
+        }
     }
 }
 
