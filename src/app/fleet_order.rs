@@ -40,7 +40,7 @@ use crate::fleet::{
     ChallengeAnswer, ChallengeKind, FleetHost, Lease, LeaseError, PublishError, Pulled,
 };
 use crate::install::{self, CertInfo, ReloadOutcome};
-use crate::ledger::{Definition, Ledger};
+use crate::ledger::{CertificateRow, Definition, Ledger};
 use crate::order::{DriveError, FleetHooks, Issued, SharedAnswer, Source};
 use crate::solver::SolverError;
 
@@ -296,24 +296,25 @@ pub(crate) async fn hold_definition(
     Ok(())
 }
 
-/// When the fleet's newest issuance `info` is due: the shared ledger's
-/// renewal time when its row is about that certificate (the scheduler of
-/// the host that renewed it wrote it, ARI included), at once when that
-/// certificate was revoked or its renewal is failing, else the
-/// configured fraction of its lifetime before it ends.
-fn due_at(
-    row: Option<&crate::ledger::CertificateRow>,
-    info: &CertInfo,
-    remaining: f64,
-) -> UnixTime {
+/// When the fleet's newest issuance `info` is due: at once if it was
+/// revoked; else at the start of the CA's ARI window for it, when the
+/// shared ledger holds one for that serial; else the configured fraction
+/// of its lifetime before it ends. Only what holds for every host counts:
+/// the row's `next_renewal_at` is each host's scheduler's own plan (a
+/// host that has not installed the certificate plans it for now).
+fn due_at(row: Option<&CertificateRow>, info: &CertInfo, remaining: f64) -> UnixTime {
     let by_lifetime = install::renewal_time(info.not_before, info.not_after, remaining);
-    let Some(row) = row.filter(|r| r.serial.as_deref() == Some(info.serial.as_str())) else {
+    let Some(row) = row else {
         return by_lifetime;
     };
-    if row.revoked_serial.as_deref() == Some(info.serial.as_str()) || row.consecutive_failures > 0 {
+    let this = |serial: &Option<String>| serial.as_deref() == Some(info.serial.as_str());
+    if this(&row.revoked_serial) {
         return UnixTime::from_secs(0);
     }
-    row.next_renewal_at.map_or(by_lifetime, UnixTime::from_secs)
+    match row.ari_window_start {
+        Some(start) if this(&row.ari_serial) => UnixTime::from_secs(start),
+        _ => by_lifetime,
+    }
 }
 
 /// The leaf of a chain, parsed.
@@ -373,4 +374,76 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 fn lease_error(e: LeaseError) -> DriveError {
     DriveError::Lease(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    fn info(serial: &str) -> CertInfo {
+        CertInfo {
+            dns_names: vec!["www.example".into()],
+            ip_addresses: Vec::new(),
+            serial: serial.into(),
+            not_before: 0,
+            not_after: 90 * DAY,
+            spki: Vec::new(),
+            ari_id: None,
+        }
+    }
+
+    /// What every host sees decides: not the row's `next_renewal_at`,
+    /// which a host that has not installed the certificate sets to now.
+    #[test]
+    fn due_at_follows_the_issuance_not_a_hosts_plan() {
+        let fresh = info("aa");
+        let by_lifetime = UnixTime::from_secs(60 * DAY);
+        assert_eq!(due_at(None, &fresh, 1.0 / 3.0), by_lifetime);
+        let planned_now = CertificateRow {
+            serial: Some("aa".into()),
+            next_renewal_at: Some(0),
+            ..CertificateRow::default()
+        };
+        assert_eq!(due_at(Some(&planned_now), &fresh, 1.0 / 3.0), by_lifetime);
+        let ari = |serial: &str| CertificateRow {
+            ari_serial: Some(serial.into()),
+            ari_window_start: Some(50 * DAY),
+            ari_window_end: Some(52 * DAY),
+            ..CertificateRow::default()
+        };
+        assert_eq!(
+            due_at(Some(&ari("aa")), &fresh, 1.0 / 3.0),
+            UnixTime::from_secs(50 * DAY)
+        );
+        // A window for another serial says nothing of this one.
+        assert_eq!(due_at(Some(&ari("bb")), &fresh, 1.0 / 3.0), by_lifetime);
+        let revoked = CertificateRow {
+            revoked_serial: Some("aa".into()),
+            ..CertificateRow::default()
+        };
+        assert_eq!(
+            due_at(Some(&revoked), &fresh, 1.0 / 3.0),
+            UnixTime::from_secs(0)
+        );
+    }
+
+    /// The definition follows what is ordered, not the reload commands.
+    #[test]
+    fn definitions_differ_in_the_ordered_fields_only() {
+        let parse = |extra: &str| {
+            let text = format!(
+                "[acme]\ndirectory = \"https://ca.example/dir\"\n[storage]\nstate_dir = \"/tmp/s\"\ncert_dir = \"/tmp/c\"\n[http01]\nlisten = \"127.0.0.1:5002\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\n{extra}"
+            );
+            let cfg = Config::parse(std::path::Path::new("/etc/certd/certd.toml"), &text)
+                .expect("config");
+            definition(&cfg.certificates[0])
+        };
+        let base = parse("");
+        assert_eq!(base, parse("reload = [\"systemctl reload nginx\"]\n"));
+        let p384 = parse("key_type = \"ecdsa-p384\"\n");
+        assert_eq!(p384.differing(&base), ["key_type"]);
+        assert_ne!(p384.hash, base.hash);
+    }
 }
