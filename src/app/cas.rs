@@ -23,13 +23,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acme::{AcmeError, Disposition, SetupError, error_chain};
 use crate::app::ca_choice::{self, CaFacts, Wants};
-use crate::app::{Services, lease, wants_same_names};
+use crate::app::fleet_order::{self, LeaseHooks};
+use crate::app::{Services, fleet_hosts, lease, wants_same_names};
 use crate::clock::UnixTime;
 use crate::config::{CaName, CertificateConfig, Config};
+use crate::fleet::{FleetHost, FleetKey};
 use crate::hygiene::{GuardError, Reaper};
 use crate::install;
 use crate::ledger::{Ledger, LedgerError};
-use crate::order::{self, Context, DriveError, Issued};
+use crate::order::{self, Context, DriveError, FleetHooks, Issued};
 use crate::solver::Unready;
 
 /// The order contexts of every CA, created on first use.
@@ -51,6 +53,9 @@ struct Inner {
     /// Called with the reaper of each CA created after the start (the
     /// daemon gives it its periodic passes).
     on_new_reaper: Mutex<Option<NewReaper>>,
+    /// Fleet mode: this host's side of distribution, for installing a
+    /// certificate another host renewed instead of ordering it again.
+    fleet_host: OnceCell<Arc<FleetHost>>,
 }
 
 /// What the daemon does with a CA's reaper created on first use.
@@ -75,6 +80,7 @@ impl Cas {
                 contexts: Mutex::new(contexts),
                 limited: Mutex::new(HashMap::new()),
                 on_new_reaper: Mutex::new(None),
+                fleet_host: OnceCell::new(),
             }),
         }
     }
@@ -157,34 +163,69 @@ impl Cas {
 
     /// Obtains and installs `cert` at the first CA of its list that can
     /// issue it, falling back to the next while the reason allows. In
-    /// fleet mode, only under the certificate's lease (`lease`).
+    /// fleet mode, only under the certificate's lease (`lease`), claimed
+    /// only if this host defines it the fleet's way, and only if the
+    /// fleet's newest issuance of it is due too (or `forced`): else that
+    /// one is installed here (`Source::Fleet`).
     pub(crate) async fn obtain(
         &self,
         cert: &CertificateConfig,
+        forced: bool,
         cancel: &CancellationToken,
     ) -> Result<Issued, DriveError> {
         let services = &self.inner.services;
         let Some(fleet) = &services.fleet else {
-            return self.obtain_with(cert, None, cancel).await;
+            return self.obtain_with(cert, None, None, cancel).await;
         };
         let name = cert.name.as_str();
+        let ours = fleet_order::definition(cert);
+        fleet_order::may_claim(services, name, &ours).await?;
         lease::under_lease(
             fleet,
             &services.leases,
             &services.store,
             name,
             cancel,
-            |fenced, token| async move { self.obtain_with(cert, Some(&fenced), &token).await },
+            |fenced, held, token| async move {
+                fleet_order::hold_definition(services, &fenced, name, &ours).await?;
+                let host = self.fleet_host().await?;
+                let current =
+                    fleet_order::install_current(services, &host, cert, &fenced, forced).await?;
+                if let Some(issued) = current {
+                    return Ok(issued);
+                }
+                let hooks = LeaseHooks::shared(services, held);
+                self.obtain_with(cert, Some(&fenced), Some(hooks), &token)
+                    .await
+            },
         )
         .await
     }
 
-    /// [`Cas::obtain`], its ledger writes made through `fenced` when
-    /// given (fleet mode: the lease is held).
+    /// This host's side of distribution (fleet mode), made on first use.
+    async fn fleet_host(&self) -> Result<Arc<FleetHost>, DriveError> {
+        let Inner { services, cfg, .. } = &*self.inner;
+        let make = || async {
+            let fleet = services
+                .fleet
+                .as_ref()
+                .ok_or_else(|| DriveError::Fleet("not in fleet mode".into()))?;
+            // Its own copy: the key is not cloned in memory.
+            let key = FleetKey::load(&fleet.cfg.key_file)
+                .map_err(|e| DriveError::Fleet(format!("fleet.key_file: {e}")))?;
+            Ok(Arc::new(fleet_hosts::fleet_host(services, fleet, cfg, key)))
+        };
+        self.inner.fleet_host.get_or_try_init(make).await.cloned()
+    }
+
+    /// [`Cas::obtain`], its ledger writes made through `fenced` and the
+    /// fleet's part done by `hooks` when given (fleet mode: the lease is
+    /// held).
     async fn obtain_with(
         &self,
         cert: &CertificateConfig,
         fenced: Option<&Ledger>,
+        hooks: Option<Arc<dyn FleetHooks>>,
         cancel: &CancellationToken,
     ) -> Result<Issued, DriveError> {
         let name = cert.name.as_str();
@@ -215,7 +256,7 @@ impl Cas {
             }
             tried.extend(choice.skipped.iter().map(|(c, _)| *c));
             let result = self
-                .attempt(ca, issuer.as_ref(), cert, fenced, cancel)
+                .attempt(ca, issuer.as_ref(), cert, fenced, hooks.clone(), cancel)
                 .await;
             let e = match result {
                 Ok(issued) => {
@@ -263,6 +304,7 @@ impl Cas {
         issuer: Option<&CaName>,
         cert: &CertificateConfig,
         fenced: Option<&Ledger>,
+        hooks: Option<Arc<dyn FleetHooks>>,
         cancel: &CancellationToken,
     ) -> Result<Issued, DriveError> {
         let mut ctx = match self.context(ca).await {
@@ -283,6 +325,7 @@ impl Cas {
         // the only CA there was: `[acme]`, the primary.
         let primary = &self.inner.cfg.primary_ca().name;
         ctx.replaces_installed = issuer.unwrap_or(primary) == ca;
+        ctx.fleet = hooks;
         if let Some(fenced) = fenced {
             ctx.store = fenced.clone();
             // The reaper's writes for this order (guard events, settled

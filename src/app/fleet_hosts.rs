@@ -263,7 +263,12 @@ pub fn config_hash(cfg: &Config) -> String {
 
 /// Distribution's view of this host: every configured certificate with its
 /// names and reload commands, into `[storage] cert_dir`.
-fn fleet_host(services: &Services, fleet: &Fleet, cfg: &Config, key: FleetKey) -> FleetHost {
+pub(crate) fn fleet_host(
+    services: &Services,
+    fleet: &Fleet,
+    cfg: &Config,
+    key: FleetKey,
+) -> FleetHost {
     let mut host = FleetHost::new(fleet.holder.clone(), cfg.storage.cert_dir.clone(), key)
         .with_clock(services.clock.clone());
     // One timeout for all: the longest configured, so none is cut short.

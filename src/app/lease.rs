@@ -113,7 +113,8 @@ impl RequestGate for LeaseGate {
 }
 
 /// Runs `work` for the certificate `name` under its lease: with the
-/// ledger fenced by it and a token cancelled when `cancel` fires or the
+/// ledger fenced by it, the lease itself (for the fleet's own fenced
+/// writes) and a token cancelled when `cancel` fires or the
 /// lease is lost. Another holder: [`DriveError::LeasedElsewhere`], and
 /// `work` does not run.
 pub(crate) async fn under_lease<T, F, Fut>(
@@ -125,7 +126,7 @@ pub(crate) async fn under_lease<T, F, Fut>(
     work: F,
 ) -> Result<T, DriveError>
 where
-    F: FnOnce(Ledger, CancellationToken) -> Fut,
+    F: FnOnce(Ledger, Lease, CancellationToken) -> Fut,
     Fut: Future<Output = Result<T, DriveError>>,
 {
     let lease_name = LeaseName::Cert(name.to_owned());
@@ -160,7 +161,7 @@ where
     let token = cancel.child_token();
     let order = gated(
         Arc::new(LeaseGate(lease.clone())),
-        work(fenced, token.clone()),
+        work(fenced, lease.clone(), token.clone()),
     );
     let result = run_until_lost(order, renewer.status(), &token).await;
     if matches!(result, Err(DriveError::Ledger(LedgerError::Fenced { .. }))) {
@@ -352,9 +353,9 @@ mod tests {
         // References, which the `async move` blocks copy.
         let (a, b, store, cancel, http) = (&a, &b, &store, &cancel, &http);
         let (leases_a, leases_b) = (&leases_a, &leases_b);
-        let ran = under_lease(a, leases_a, store, "www", cancel, |fenced, _| async move {
+        let ran = under_lease(a, leases_a, store, "www", cancel, |fenced, _, _| async move {
             let peer: Result<(), _> =
-                under_lease(b, leases_b, store, "www", cancel, |_, _| async {
+                under_lease(b, leases_b, store, "www", cancel, |_, _, _| async {
                     panic!("the peer ran while the lease was held")
                 })
                 .await;
@@ -370,7 +371,10 @@ mod tests {
         assert_eq!(ran.expect("ran under the lease"), "done");
 
         // Released: the peer claims it at once.
-        let peer = under_lease(b, leases_b, store, "www", cancel, |_, _| async { Ok(()) }).await;
+        let peer = under_lease(b, leases_b, store, "www", cancel, |_, _, _| async {
+            Ok(())
+        })
+        .await;
         assert!(peer.is_ok(), "{peer:?}");
 
         let lost = under_lease(
@@ -379,7 +383,7 @@ mod tests {
             store,
             "www",
             cancel,
-            |fenced, token| async move {
+            |fenced, _, token| async move {
                 a.db.pool().close().await;
                 // The renewals fail; the deadline stops the order.
                 token.cancelled().await;
@@ -389,8 +393,10 @@ mod tests {
                 );
                 let start = std::time::Instant::now();
                 loop {
-                    match under_lease(b, leases_b, store, "www", cancel, |_, _| async { Ok(()) })
-                        .await
+                    match under_lease(b, leases_b, store, "www", cancel, |_, _, _| async {
+                        Ok(())
+                    })
+                    .await
                     {
                         Ok(()) => break,
                         Err(DriveError::LeasedElsewhere { .. }) => {}

@@ -14,6 +14,7 @@ pub(crate) mod fleet;
 pub(crate) mod lease;
 pub mod fleet_answers;
 pub mod fleet_hosts;
+pub(crate) mod fleet_order;
 pub(crate) mod ops;
 pub(crate) mod outcome;
 pub(crate) mod sink;
@@ -204,6 +205,7 @@ impl Services {
             renew_remaining: cfg.daemon.renew_remaining,
             trusted_roots: ca.acme.trusted_roots.clone(),
             mode,
+            fleet: None,
         }
     }
 

@@ -23,7 +23,7 @@ use crate::config::{CertificateConfig, ChallengeKind, Config};
 use crate::daemon::schedule::{self, Due, Reason};
 use crate::install;
 use crate::ledger::Ledger;
-use crate::order;
+use crate::order::{self, Source};
 use crate::solver::Solvers;
 use crate::text::escape_control;
 
@@ -291,7 +291,7 @@ async fn renew_due(
             // The semaphore is never closed, so acquire cannot fail.
             let _permit = limit.acquire_owned().await;
             tracing::info!(cert = %c.name, reason = %reason, "renewing");
-            let result = cas.obtain(&c, &cancel).await;
+            let result = cas.obtain(&c, reason == Reason::Forced, &cancel).await;
             (c, reason, result)
         });
     }
@@ -320,6 +320,12 @@ async fn renew_due(
                 failed += 1;
                 outln!("{}: dry run failed: {}", c.name, error_chain(&e));
             }
+            Ok(issued) if issued.source == Source::Fleet => outln!(
+                "{}: installed from the fleet: serial {} valid until {} (another host renewed it)",
+                c.name,
+                issued.info.serial,
+                rfc3339(issued.info.not_after)
+            ),
             Ok(issued) => {
                 let previous = failures_before.get(c.name.as_str()).copied().unwrap_or(0);
                 outcomes

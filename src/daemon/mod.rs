@@ -94,6 +94,7 @@ pub async fn run(
     let fleet_tasks = Arc::new(tokio::sync::Mutex::new(HostTasks::start(
         &services, &cfg, &shutdown,
     )?));
+    crate::app::fleet_order::declare_definitions(&services, &cfg).await;
     let solvers = Solvers::with_fallbacks(
         &cfg,
         &ALL_KINDS,

@@ -112,6 +112,7 @@ impl Reloader {
             return;
         };
         old.stop().await;
+        crate::app::fleet_order::declare_definitions(&self.services, new).await;
         match HostTasks::start(&self.services, new, &self.shutdown) {
             Ok(tasks) => *slot = tasks,
             Err(e) => tracing::error!(

@@ -42,7 +42,7 @@ use crate::clock::UnixTime;
 use crate::config::{CertificateConfig, Config};
 use crate::install::{self, CertInfo, renewal_time};
 use crate::ledger::{ACCOUNT_SCOPE, AriRecord, PauseRow};
-use crate::order::{self, Context, DriveError, Issued};
+use crate::order::{self, Context, DriveError, Issued, Source};
 
 use super::timetable::{AriPlan, Entry, Finished, Timetable};
 
@@ -537,10 +537,11 @@ impl Scheduler {
             let cas = self.cas.clone();
             let cert = entry.cert.clone();
             let generation = entry.generation;
+            let forced = entry.why == Reason::Forced.to_string();
             tracing::info!(cert = %name, why = %entry.why, "renewing");
             self.table.insert(name.clone(), entry);
             self.jobs.spawn(async move {
-                let result = cas.obtain(&cert, &token).await;
+                let result = cas.obtain(&cert, forced, &token).await;
                 (name, generation, result)
             });
         }
@@ -611,6 +612,12 @@ impl Scheduler {
             Finished::Current(entry) => entry,
         };
         match result {
+            // Fleet mode: another host had renewed it; installed here.
+            Ok(issued) if issued.source == Source::Fleet => {
+                entry.failures = 0;
+                tracing::info!(cert = %name, serial = %issued.info.serial, "installed from the fleet");
+                self.plan_installed(&mut entry, &issued.info).await;
+            }
             Ok(issued) => {
                 let previous_failures = std::mem::take(&mut entry.failures);
                 tracing::info!(cert = %name, serial = %issued.info.serial, "renewed");

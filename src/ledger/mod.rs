@@ -68,8 +68,8 @@ pub use model::{AuthzStatus, EventKind, LastResult, OrderStatus, UnknownValue};
 pub use order_keys::OrderKeySeal;
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
-pub use pg::Fence;
 pub use pg::fleet;
+pub use pg::{Definition, Fence, FleetDefinition, HostDefinition};
 
 use pg::PgLedger;
 

@@ -18,7 +18,7 @@ use super::keys::{
     forget_order_key, order_key_dir, order_key_path, remove_order_key, store_order_key,
 };
 use super::{
-    Context, DriveError, Issued, Poll, RunMode, acme_error, order_status, sleep_or_cancel,
+    Context, DriveError, Issued, Poll, RunMode, Source, acme_error, order_status, sleep_or_cancel,
 };
 
 /// How long certd waits for a `processing` order to become `valid`.
@@ -82,6 +82,7 @@ pub(super) async fn complete(
         return Ok(Issued {
             info,
             reloads: Vec::new(),
+            source: Source::Ordered,
         });
     }
     // Durable before the install: should the install fail, the next
@@ -192,6 +193,13 @@ pub(super) async fn finish(
 ) -> Result<Issued, DriveError> {
     let name = cert.name.as_str();
     let info = issuance.info.clone();
+    // Kept for the fleet: the installer takes the issuance.
+    let shared = ctx.fleet.as_ref().map(|_| {
+        (
+            issuance.fullchain_pem().to_owned(),
+            issuance.key_pem().to_owned(),
+        )
+    });
     let cert_dir = ctx.cert_dir.clone();
     let name_owned = name.to_owned();
     let clock = ctx.store.clock().clone();
@@ -200,6 +208,12 @@ pub(super) async fn finish(
     })
     .await
     .map_err(|e| DriveError::Key(format!("install task failed: {e}")))??;
+    // Fleet mode: every host installs it from now on. Before the reloads,
+    // which the daemon may retry for minutes; under the lease, so a
+    // holder that lost it publishes nothing.
+    if let (Some(fleet), Some((fullchain, key))) = (&ctx.fleet, &shared) {
+        fleet.publish(name, fullchain, key).await?;
+    }
     let installed = crate::ledger::Installed {
         domains: domains.to_vec(),
         serial: info.serial.clone(),
@@ -248,7 +262,14 @@ pub(super) async fn finish(
         }
     }
     let reloads = reload(ctx, cert, order_url, cancel).await?;
-    Ok(Issued { info, reloads })
+    if let Some(fleet) = &ctx.fleet {
+        fleet.installed(name, &info.serial, &reloads).await?;
+    }
+    Ok(Issued {
+        info,
+        reloads,
+        source: Source::Ordered,
+    })
 }
 
 /// Runs the reload commands once the certificate is installed. The daemon

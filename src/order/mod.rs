@@ -79,6 +79,7 @@ macro_rules! nonce_retry {
 }
 
 mod finalize;
+mod hooks;
 mod keys;
 mod plan;
 mod recovery;
@@ -91,6 +92,7 @@ use plan::new_order;
 use resume::{Resumed, resume};
 use validate::{plan_challenges, record_authorizations, validate};
 
+pub(crate) use hooks::{FleetHooks, SharedAnswer};
 pub(crate) use keys::FleetOrderKeys;
 pub(crate) use recovery::{recover, recover_certificate};
 
@@ -112,6 +114,9 @@ pub struct Context {
     /// `[acme] trusted_roots`: issued chains must lead to one of them.
     pub(crate) trusted_roots: Option<TrustedRoots>,
     pub(crate) mode: RunMode,
+    /// Fleet mode, under the certificate's lease: the answers shared and
+    /// the issuance handed to every host. `None` otherwise.
+    pub(crate) fleet: Option<Arc<dyn FleetHooks>>,
 }
 
 /// The kind of run an order belongs to.
@@ -132,6 +137,18 @@ pub(crate) enum RunMode {
 pub(crate) struct Issued {
     pub(crate) info: CertInfo,
     pub(crate) reloads: Vec<ReloadOutcome>,
+    /// Where the certificate came from.
+    pub(crate) source: Source,
+}
+
+/// Where an installed certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// This host's order.
+    Ordered,
+    /// Fleet mode: another host's issuance, still current, installed from
+    /// the fleet instead of ordering again.
+    Fleet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +231,23 @@ pub enum DriveError {
     /// lost while the order ran (this host then stopped sending).
     #[error("fleet lease: {0}")]
     Lease(#[from] LeaseError),
+    /// Fleet mode: the fleet's database could not take or give what the
+    /// order shares with the other hosts (an answer, the issuance).
+    #[error("fleet: {0}")]
+    Fleet(String),
+    /// Fleet mode: this host defines the certificate differently from the
+    /// fleet's hosts that hold its definition, so it does not claim the
+    /// lease: it would order something else.
+    #[error(
+        "certificate {cert}: this host's definition differs from the fleet's in {fields} (held by {hosts}); not taking its lease"
+    )]
+    DefinitionDiffers {
+        cert: String,
+        /// The differing fields, comma-separated.
+        fields: String,
+        /// The live hosts holding the fleet's definition.
+        hosts: String,
+    },
 }
 
 impl DriveError {
@@ -244,15 +278,22 @@ impl DriveError {
             // attempt goes ahead.
             Self::Guard(_) | Self::Preflight(_) | Self::NotReady(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
-            Self::LeasedElsewhere { .. } | Self::Lease(_) => Disposition::Retryable,
+            Self::LeasedElsewhere { .. }
+            | Self::Lease(_)
+            | Self::Fleet(_)
+            | Self::DefinitionDiffers { .. } => Disposition::Retryable,
         }
     }
 
     /// Whether this host stopped because the certificate is another
     /// host's to renew (fleet mode): its lease is held elsewhere or was
-    /// lost. Not a failure of the certificate; the host looks again soon.
+    /// lost, or the fleet's hosts define it differently. Not a failure of
+    /// the certificate; the host looks again soon.
     pub(crate) fn is_elsewhere(&self) -> bool {
-        matches!(self, Self::LeasedElsewhere { .. } | Self::Lease(_))
+        matches!(
+            self,
+            Self::LeasedElsewhere { .. } | Self::Lease(_) | Self::DefinitionDiffers { .. }
+        )
     }
 
     /// Whether the order stopped because this host may no longer act for

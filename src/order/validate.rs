@@ -17,6 +17,7 @@ use crate::dns::persist::PersistExpect;
 use crate::ledger::{self, Identifiers, NewAuthz, NewChallenge};
 use crate::solver::{ChallengeSpec, Solver};
 
+use super::hooks::{self, SharedAnswer};
 use super::{Context, DriveError, Poll, later, order_status, sleep_or_cancel};
 
 /// How long certd waits for the CA to validate all challenges of an order.
@@ -25,6 +26,11 @@ pub(super) const VALIDATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long to wait for the CA's validation request to reach the
 /// standalone responder before polling anyway.
 pub(super) const FETCH_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a shared answer is kept when the CA gave its authorization
+/// no expiry, and at most.
+const ANSWER_KEPT: Duration = Duration::from_secs(3600);
+const ANSWER_KEPT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// One challenge certd decided to answer.
 pub(super) struct Planned {
@@ -283,12 +289,38 @@ pub(super) async fn validate<'p>(
             () = cancel.cancelled() => return Err(DriveError::Cancelled),
         }
     }
+    // Fleet mode: the CA may reach any host, so every host must have the
+    // answer before the pre-flight, and the CA is asked only after both.
+    let shared: Vec<(&Planned, SharedAnswer)> = match &ctx.fleet {
+        Some(_) => plan
+            .iter()
+            .filter(|p| hooks::shared(p.kind))
+            .map(|p| (p, shared_answer(ctx, p)))
+            .collect(),
+        None => Vec::new(),
+    };
+    if let Some(fleet) = &ctx.fleet {
+        for (_, answer) in &shared {
+            fleet.commit_answer(answer).await?;
+        }
+    }
     for p in plan {
         // A dns-01 propagation check may poll for minutes; shutdown must
         // not wait for it.
         tokio::select! {
             result = p.solver.preflight(&p.spec) => result.map_err(DriveError::Preflight)?,
             () = cancel.cancelled() => return Err(DriveError::Cancelled),
+        }
+    }
+    if let Some(fleet) = &ctx.fleet {
+        for (_, answer) in shared
+            .iter()
+            .filter(|(p, _)| p.kind == ChallengeKind::Http01)
+        {
+            tokio::select! {
+                result = fleet.preflight(answer) => result?,
+                () = cancel.cancelled() => return Err(DriveError::Cancelled),
+            }
         }
     }
     for p in plan {
@@ -399,6 +431,32 @@ pub(super) async fn validate<'p>(
         }
     }
     Ok(())
+}
+
+/// The answer to `p` as the fleet shares it, kept as long as its
+/// authorization lives (an hour when the CA did not say).
+fn shared_answer(ctx: &Context, p: &Planned) -> SharedAnswer {
+    let now = ctx.store.clock().now().secs();
+    let valid_for = ctx
+        .account
+        .http
+        .observed(&p.authz_url)
+        .and_then(|o| o.expires)
+        .and_then(|at| u64::try_from(at - now).ok())
+        .map_or(ANSWER_KEPT, Duration::from_secs)
+        .clamp(VALIDATION_TIMEOUT, ANSWER_KEPT_MAX);
+    SharedAnswer {
+        kind: p.kind,
+        identifier: p.spec.identifier.clone(),
+        token: p
+            .spec
+            .token
+            .as_ref()
+            .map_or_else(String::new, |t| t.as_str().to_owned()),
+        key_authorization: p.spec.key_authorization.clone(),
+        authz_url: p.authz_url.clone(),
+        valid_for,
+    }
 }
 
 /// Challenge fallback (seed 002): the configured types in order, except

@@ -15,8 +15,10 @@ use serde::Serialize;
 use crate::app::fleet::host_id;
 use crate::app::fleet_answers::LIVE_WINDOW;
 use crate::app::fleet_hosts::config_hash;
+use crate::clock::Clock;
 use crate::config::{Config, FleetConfig};
-use crate::fleet::{DbError, DbOptions, FleetDb, InstallRow, LeaseName, LeaseRow, Member};
+use crate::fleet::{DbOptions, FleetDb, InstallRow, LeaseName, LeaseRow, Member};
+use crate::ledger::{Ledger, LedgerError};
 use crate::text::escape_control;
 
 /// How long status waits for the fleet's database.
@@ -36,6 +38,17 @@ struct FleetRead {
     differing: Vec<String>,
     leases: HashMap<String, LeaseRow>,
     installs: HashMap<String, Vec<InstallRow>>,
+    /// Per certificate, the hosts whose definition of it differs from
+    /// the fleet's (which its leaseholders order), with the fields.
+    definitions: HashMap<String, Vec<DefinedDifferently>>,
+}
+
+/// A host whose definition of a certificate differs from the fleet's: it
+/// does not take the certificate's lease.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct DefinedDifferently {
+    host: String,
+    fields: Vec<String>,
 }
 
 /// One certificate's fleet state in `status --json`; the keys are a public
@@ -53,6 +66,9 @@ pub(super) struct FleetCertStatus<'a> {
     live_hosts: Vec<&'a str>,
     /// Live members whose certificate definitions differ from this host's.
     hosts_listing_differently: Vec<&'a str>,
+    /// Hosts whose definition of this certificate differs from the
+    /// fleet's, and in which fields; they do not take its lease.
+    hosts_defining_differently: &'a [DefinedDifferently],
     /// Why the fleet's database could not be read (the rest is empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
@@ -114,6 +130,7 @@ impl FleetView {
                     hosts: Vec::new(),
                     live_hosts: Vec::new(),
                     hosts_listing_differently: Vec::new(),
+                    hosts_defining_differently: &[],
                     error: Some(e),
                 };
             }
@@ -137,6 +154,7 @@ impl FleetView {
                 .collect(),
             live_hosts: read.members.iter().map(|m| m.host_id.as_str()).collect(),
             hosts_listing_differently: read.differing.iter().map(String::as_str).collect(),
+            hosts_defining_differently: read.definitions.get(name).map_or(&[], Vec::as_slice),
             error: None,
         }
     }
@@ -198,6 +216,14 @@ impl FleetView {
                 (None, epoch) => format!("no leaseholder, epoch {epoch}"),
             };
             let _ = writeln!(out, "  {name}: {holder}");
+            for d in c.hosts_defining_differently {
+                let _ = writeln!(
+                    out,
+                    "    host {} defines it differently ({}): it does not take the lease",
+                    escape_control(&d.host),
+                    d.fields.join(", ")
+                );
+            }
             if c.hosts.is_empty() {
                 let _ = writeln!(out, "    no host has installed a published issuance");
             }
@@ -221,7 +247,10 @@ impl FleetView {
     }
 }
 
-async fn read(db: &FleetDb, cfg: &Config, names: &[String]) -> Result<FleetRead, DbError> {
+/// The database's or the ledger's error, for status's one line.
+type ReadError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn read(db: &FleetDb, cfg: &Config, names: &[String]) -> Result<FleetRead, ReadError> {
     let (members, leases, installs) = tokio::try_join!(
         db.live_members(LIVE_WINDOW),
         db.leases(),
@@ -244,12 +273,51 @@ async fn read(db: &FleetDb, cfg: &Config, names: &[String]) -> Result<FleetRead,
     for row in installs {
         by_cert.entry(row.cert_name.clone()).or_default().push(row);
     }
+    let definitions = defined_differently(db, cfg, names).await?;
     Ok(FleetRead {
         members,
         differing,
         leases,
         installs: by_cert,
+        definitions,
     })
+}
+
+/// Per certificate of `names`, the hosts whose recorded definition
+/// differs from the fleet's.
+async fn defined_differently(
+    db: &FleetDb,
+    cfg: &Config,
+    names: &[String],
+) -> Result<HashMap<String, Vec<DefinedDifferently>>, LedgerError> {
+    let store = Ledger::postgres(
+        db.pool().clone(),
+        cfg.storage.state_dir.clone(),
+        Clock::system(),
+    );
+    let mut by_cert = HashMap::new();
+    for name in names {
+        let Some(fleet) = store.fleet_definition(name).await? else {
+            continue;
+        };
+        let differing: Vec<DefinedDifferently> = store
+            .host_definitions(name)
+            .await?
+            .into_iter()
+            .filter(|h| h.definition.hash != fleet.definition.hash)
+            .map(|h| DefinedDifferently {
+                fields: h
+                    .definition
+                    .differing(&fleet.definition)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                host: h.host_id,
+            })
+            .collect();
+        by_cert.insert(name.clone(), differing);
+    }
+    Ok(by_cert)
 }
 
 /// Reload outcomes span lines; the table keeps one per host.

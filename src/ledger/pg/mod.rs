@@ -15,6 +15,7 @@ mod ari;
 mod authorizations;
 mod ca_state;
 mod certificates;
+mod definitions;
 mod events;
 pub mod fleet;
 mod intents;
@@ -29,6 +30,8 @@ use std::sync::Arc;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::{LedgerError, Result};
+
+pub use definitions::{Definition, FleetDefinition, HostDefinition};
 
 /// The lease a handle's writes are made under: its name (`cert:<name>`,
 /// `reaper:<account>`), this host's holder id, and the epoch it claimed,
