@@ -421,32 +421,15 @@ async fn render_ledger(out: &mut String, sources: &Sources) -> Result<(), Ledger
     Ok(())
 }
 
-/// The integration tests' throwaway PostgreSQL, for the tests of the
-/// fleet's part of the page. (A `#[path]` inside `mod tests` would be
-/// looked up below a `src/metrics/` directory that does not exist.)
-#[cfg(test)]
-#[allow(dead_code, clippy::all, clippy::pedantic)]
-#[path = "../tests/util/postgres.rs"]
-mod test_cluster;
-
-/// What the cluster's module takes from its parent in the harness.
-#[cfg(test)]
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_cluster as cluster;
     use super::*;
     use crate::clock::UnixTime;
     use crate::fleet::{
         ChallengeAnswer, ChallengeKind, DbOptions, FleetKey, HolderId, InstallRecord, Lease,
         LeaseName, LeaseTiming,
     };
+    use crate::ledger::test_util::cluster;
 
     #[tokio::test]
     async fn the_page_counts_failed_ledger_writes() {

@@ -201,7 +201,7 @@ pub async fn record_own_install(
             host_id: fleet.holder.as_str().to_owned(),
             cert_name: cert.to_owned(),
             serial: serial.to_owned(),
-            result: Ok(reload_summary(reloads)),
+            result: Ok(crate::fleet::distribute::reload_summary(reloads)),
         })
         .await?;
     Ok(())
@@ -292,22 +292,6 @@ pub(crate) fn fleet_host(
         );
     }
     host
-}
-
-/// The reload commands' outcomes as `installs.reload_result` keeps them
-/// (as distribution writes them for the other hosts).
-fn reload_summary(outcomes: &[ReloadOutcome]) -> String {
-    if outcomes.is_empty() {
-        return "no reload commands".into();
-    }
-    outcomes
-        .iter()
-        .map(|o| {
-            let verdict = if o.ok { "ok" } else { "failed" };
-            format!("{}: {verdict}: {}", o.command, o.detail)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 impl From<LeaseError> for FleetPublishError {

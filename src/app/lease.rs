@@ -265,23 +265,6 @@ where
         .await
 }
 
-/// A throwaway PostgreSQL cluster for the tests, as the integration
-/// tests start one. (A `#[path]` inside `mod tests` would be looked up
-/// below a `lease/` directory that does not exist.)
-#[cfg(test)]
-#[allow(dead_code, clippy::all, clippy::pedantic)]
-#[path = "../../tests/util/postgres.rs"]
-mod cluster;
-
-/// What the cluster's module takes from its parent in the test harness.
-#[cfg(test)]
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -289,12 +272,12 @@ mod tests {
     use bytes::Bytes;
     use instant_acme::{BodyWrapper, HttpClient as _};
 
-    use super::cluster;
     use super::*;
     use crate::acme::{AcmeError, AcmeHttp};
     use crate::clock::Clock;
     use crate::config::FleetConfig;
     use crate::fleet::{DbOptions, FleetAnswers, FleetDb, FleetKey, HolderId, LeaseTiming};
+    use crate::ledger::test_util::cluster;
 
     fn host(db: FleetDb, id: &str, url: &str) -> Fleet {
         Fleet {

@@ -569,8 +569,9 @@ fn count(
     }
 }
 
-/// The reload commands' outcomes as `installs.reload_result` keeps them.
-fn reload_summary(outcomes: &[ReloadOutcome]) -> String {
+/// The reload commands' outcomes as `installs.reload_result` keeps them,
+/// for every host's install (the leaseholder's own included).
+pub(crate) fn reload_summary(outcomes: &[ReloadOutcome]) -> String {
     if outcomes.is_empty() {
         return "no reload commands".into();
     }

@@ -10,11 +10,13 @@ use sqlx::postgres::PgPoolOptions;
 
 use super::{Clock, Ledger};
 
-/// The throwaway cluster of the integration tests, shared here by every
-/// unit test of the PostgreSQL ledger (one database each).
+/// The throwaway cluster of the integration tests, for the unit tests
+/// that need a real PostgreSQL: shared here by every unit test of the
+/// PostgreSQL ledger (one database each); the fleet's unit tests start
+/// their own.
 #[allow(dead_code, clippy::all, clippy::pedantic)]
 #[path = "../../../tests/util/postgres.rs"]
-mod cluster;
+pub(crate) mod cluster;
 
 /// What the cluster's module takes from its parent in the test harness.
 fn free_port() -> u16 {
