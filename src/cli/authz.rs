@@ -123,17 +123,5 @@ async fn deactivate_in_fleet(
     })
     .await;
     services.close().await;
-    match held {
-        Ok(Some(code)) => Ok(ExitCode::from(code?)),
-        Ok(None) => {
-            errln!(
-                "certd: another host of the fleet holds lease {name} and is reaping this account now; try again shortly"
-            );
-            Ok(ExitCode::FAILURE)
-        }
-        Err(e) => {
-            errln!("certd: cannot claim lease {name}: {e}; nothing done");
-            Ok(ExitCode::FAILURE)
-        }
-    }
+    super::reap::reaper_lease_exit(held, &name)
 }

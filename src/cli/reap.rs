@@ -10,7 +10,7 @@ use crate::app::ops;
 use crate::app::sink::Sink;
 use crate::app::wants_same_names;
 use crate::config::Config;
-use crate::fleet::LeaseName;
+use crate::fleet::{LeaseError, LeaseName};
 use crate::ledger::{EventKind, Ledger};
 
 use super::account::{existing_account, fleet_session};
@@ -89,11 +89,21 @@ async fn reap_in_fleet(
     })
     .await;
     services.close().await;
+    reaper_lease_exit(held, &name)
+}
+
+/// The exit of a one-shot command run under the reaper lease `name`: the
+/// command's own code, or a failure naming the lease when another host
+/// holds it (it is reaping the account now) or it cannot be claimed.
+pub(super) fn reaper_lease_exit(
+    held: Result<Option<anyhow::Result<u8>>, LeaseError>,
+    name: &LeaseName,
+) -> anyhow::Result<ExitCode> {
     match held {
         Ok(Some(code)) => Ok(ExitCode::from(code?)),
         Ok(None) => {
             errln!(
-                "certd: another host of the fleet holds lease {name} and is reaping this account now; nothing done"
+                "certd: another host of the fleet holds lease {name} and is reaping this account now; nothing done, try again shortly"
             );
             Ok(ExitCode::FAILURE)
         }
