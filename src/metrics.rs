@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,6 +87,10 @@ struct LeaseCounts {
     lost_deadline: AtomicU64,
     fenced_writes: AtomicU64,
     takeovers: AtomicU64,
+    /// Failovers (claims of a lease whose holder had let it run out):
+    /// their count and the sum of their seconds, in milliseconds.
+    failovers: AtomicU64,
+    failover_ms: AtomicU64,
     /// Whether this host is in a fleet: the page then shows them.
     fleet: std::sync::atomic::AtomicBool,
 }
@@ -125,6 +130,14 @@ impl LeaseCounters {
 
     pub(crate) fn takeover(&self) {
         self.0.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A failover this host made: `after` from the previous holder's last
+    /// renewal to this host's claim.
+    pub(crate) fn failover(&self, after: Duration) {
+        self.0.failovers.fetch_add(1, Ordering::Relaxed);
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.0.failover_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
     pub(crate) fn render(&self, out: &mut String) {
@@ -177,6 +190,20 @@ impl LeaseCounters {
             out,
             "certd_fleet_takeovers_total {}",
             c.takeovers.load(Ordering::Relaxed)
+        );
+        header(
+            out,
+            "certd_fleet_failover_seconds",
+            "summary",
+            "Leases this host took from a holder that had let them run out (died, hung, lost the database): seconds from that holder's last renewal to the claim.",
+        );
+        #[allow(clippy::cast_precision_loss)] // milliseconds: exact below 2^53
+        let secs = c.failover_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "certd_fleet_failover_seconds_sum {secs:.3}");
+        let _ = writeln!(
+            out,
+            "certd_fleet_failover_seconds_count {}",
+            c.failovers.load(Ordering::Relaxed)
         );
     }
 }

@@ -150,6 +150,15 @@ where
         leases.counters.takeover();
         tracing::info!(cert = name, lease = %lease_name, epoch, "took the lease over");
     }
+    if let Some(previous) = lease.took_over_from()
+        && previous.holder != fleet.holder.as_str()
+    {
+        // Its last renewal was a ttl before its lease ran out (hosts of a
+        // fleet share `lease_ttl`).
+        let after = previous.expired_for + fleet.timing.ttl();
+        leases.counters.failover(after);
+        tracing::info!(cert = name, lease = %lease_name, from = %previous.holder, seconds = after.as_secs_f64(), "failover");
+    }
     let fenced = store.fenced(Fence {
         lease: lease_name.key(),
         holder: fleet.holder.as_str().to_owned(),
@@ -415,6 +424,8 @@ mod tests {
             "certd_fleet_lease_losses_total{reason=\"deadline\"} 1\n",
             // Epoch 3, after host-b held epoch 2.
             "certd_fleet_takeovers_total 1\n",
+            // host-b had released it: a handover, not a failover.
+            "certd_fleet_failover_seconds_count 0\n",
         ] {
             assert!(page_a.contains(line), "{line} in {page_a}");
         }
@@ -423,9 +434,19 @@ mod tests {
             "certd_fleet_lease_losses_total{reason=\"deadline\"} 0\n",
             // Epoch 2 after host-a's 1, and the one after host-a's 3.
             "certd_fleet_takeovers_total 2\n",
+            // Only the second: host-a's lease had run out, not been released.
+            "certd_fleet_failover_seconds_count 1\n",
         ] {
             assert!(page_b.contains(line), "{line} in {page_b}");
         }
+        // From host-a's last renewal: at least the ttl, at most the test's
+        // 30 s patience on top of it.
+        let sum: f64 = page_b
+            .lines()
+            .find_map(|l| l.strip_prefix("certd_fleet_failover_seconds_sum "))
+            .and_then(|v| v.parse().ok())
+            .expect("the failover sum");
+        assert!((0.9..31.0).contains(&sum), "{sum} in {page_b}");
         shared.pool().close().await;
     }
 }

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::db::{DbError, FleetDb};
 use crate::ledger::Fence;
-use crate::ledger::fleet::FencedWrite;
+use crate::ledger::fleet::{Expired, FencedWrite};
 
 /// What a lease is for; its row's name is `cert:<name>`,
 /// `reaper:<account>` or `account:<directory>`.
@@ -165,6 +165,8 @@ struct Inner {
     name: LeaseName,
     holder: HolderId,
     epoch: Epoch,
+    /// The holder whose expired lease this claim took, if any.
+    previous: Option<Expired>,
     timing: LeaseTiming,
     state: Mutex<State>,
 }
@@ -200,15 +202,16 @@ impl Lease {
         timing: LeaseTiming,
     ) -> Result<Option<Lease>, LeaseError> {
         let sent = BootInstant::now();
-        let epoch = db
+        let claimed = db
             .store()
             .claim_lease(&name.key(), holder.as_str(), timing.ttl)
             .await?;
-        Ok(epoch.map(|epoch| Lease {
+        Ok(claimed.map(|claimed| Lease {
             inner: Arc::new(Inner {
                 name,
                 holder,
-                epoch: Epoch(epoch),
+                epoch: Epoch(claimed.epoch),
+                previous: claimed.previous,
                 timing,
                 state: Mutex::new(State::Held {
                     deadline: timing.deadline_after(sent),
@@ -227,6 +230,13 @@ impl Lease {
 
     pub fn epoch(&self) -> Epoch {
         self.inner.epoch
+    }
+
+    /// The holder whose lease had run out when this claim took it (it
+    /// died, hung or lost the database), and for how long it had been
+    /// expired; `None` after a release or for a first claim.
+    pub fn took_over_from(&self) -> Option<&Expired> {
+        self.inner.previous.as_ref()
     }
 
     pub fn timing(&self) -> LeaseTiming {

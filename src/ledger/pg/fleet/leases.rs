@@ -22,6 +22,23 @@ use crate::ledger::Fence;
 /// The channel a released lease's name is announced on.
 pub const LEASE_CHANNEL: &str = "certd_lease";
 
+/// A successful claim: the new epoch, and the holder whose lease had run
+/// out, if the claim took it from one (not after a release, which clears
+/// the holder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub epoch: i64,
+    pub previous: Option<Expired>,
+}
+
+/// The holder a claim replaced, and how long its lease had been expired
+/// by the database's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expired {
+    pub holder: String,
+    pub expired_for: Duration,
+}
+
 /// A lease as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRow {
@@ -45,29 +62,44 @@ pub struct FencedWrite {
 
 impl FleetStore {
     /// Claims lease `name` for `holder` for `ttl` if it is free or expired
-    /// by the database's clock; the new epoch, or `None` if another holder
-    /// has it.
+    /// by the database's clock; the new epoch and who held it before, or
+    /// `None` if another holder has it.
     pub async fn claim_lease(
         &self,
         name: &str,
         holder: &str,
         ttl: Duration,
-    ) -> Result<Option<i64>, DbError> {
-        sqlx::query_scalar(
+    ) -> Result<Option<Claimed>, DbError> {
+        // The subqueries in RETURNING read the row as the statement's
+        // snapshot saw it (a command does not see its own changes): what
+        // the claim replaced, for the failover figure.
+        let row: Option<(i64, Option<String>, Option<f64>)> = sqlx::query_as(
             "INSERT INTO leases AS l (name, holder, epoch, expires_at, acquired_at)
              VALUES ($1, $2, 1, now() + $3 * interval '1 microsecond', now())
              ON CONFLICT (name) DO UPDATE
                 SET holder = excluded.holder, epoch = l.epoch + 1,
                     expires_at = excluded.expires_at, acquired_at = now()
               WHERE l.holder IS NULL OR l.expires_at <= now()
-             RETURNING l.epoch",
+             RETURNING l.epoch,
+                 (SELECT holder FROM leases WHERE name = $1),
+                 (SELECT EXTRACT(EPOCH FROM now() - expires_at)::float8
+                    FROM leases WHERE name = $1)",
         )
         .bind(name)
         .bind(holder)
         .bind(micros(ttl))
         .fetch_optional(&self.pool)
         .await
-        .map_err(|e| self.error(e))
+        .map_err(|e| self.error(e))?;
+        Ok(row.map(|(epoch, previous, expired_secs)| Claimed {
+            epoch,
+            previous: previous.map(|holder| Expired {
+                holder,
+                // Negative only if the clock read differs within the
+                // statement, which `now()` does not.
+                expired_for: Duration::from_secs_f64(expired_secs.unwrap_or(0.0).max(0.0)),
+            }),
+        }))
     }
 
     /// Extends `fence`'s lease to `ttl` from the database's now, if it is

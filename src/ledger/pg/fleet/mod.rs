@@ -31,7 +31,7 @@ pub use connection::{
 };
 pub use installs::{InstallLag, InstallRecord, InstallRow};
 pub use issued::{ISSUED_CHANNEL, IssuedRow};
-pub use leases::{FencedWrite, LEASE_CHANNEL, LeaseRow};
+pub use leases::{Claimed, Expired, FencedWrite, LEASE_CHANNEL, LeaseRow};
 pub use members::Member;
 
 /// A connection pool to the fleet's database, and where it points (for
