@@ -17,6 +17,7 @@ mod dns_persist;
 mod faults;
 mod fleet;
 mod fleet_daemon;
+mod fleet_faults;
 mod fleet_setup;
 mod fleet_hosts;
 mod harness;

@@ -143,8 +143,18 @@ impl FleetEnv {
     }
 
     /// Runs a query on the shared database (directly, not through any
-    /// host's proxy).
+    /// host's proxy); panics on an error.
     pub fn query<T>(&self, sql: &'static str, bind: &str) -> Vec<T>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        self.try_query(sql, bind)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// As `query`, returning the error: before a host has created the
+    /// fleet's tables, say.
+    pub fn try_query<T>(&self, sql: &'static str, bind: &str) -> Result<Vec<T>, sqlx::Error>
     where
         T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
@@ -155,12 +165,11 @@ impl FleetEnv {
             .build()
             .expect("runtime")
             .block_on(async move {
-                let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+                let pool = sqlx::PgPool::connect(&url).await?;
                 let rows = sqlx::query_as::<_, T>(sql)
                     .bind(bind)
                     .fetch_all(&pool)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                    .await;
                 pool.close().await;
                 rows
             })
