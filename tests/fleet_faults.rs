@@ -38,6 +38,29 @@ impl Running {
         let _ = daemon.wait();
     }
 
+    /// What the hosts logged about orders and leases, for a failure's
+    /// message.
+    fn story(&self, env: &FleetEnv) -> String {
+        let orders: Vec<(String, i64)> = env.query(
+            "SELECT cert_name, COUNT(*) FROM orders WHERE $1 = $1 GROUP BY cert_name ORDER BY 1",
+            "",
+        );
+        let mut text = format!("orders in the ledger per certificate: {orders:?}\n");
+        for (id, daemon) in HOST_IDS.iter().zip(&self.0) {
+            let Some(daemon) = daemon else { continue };
+            text.push_str(&format!("--- {id} ---\n"));
+            for line in daemon.stderr().lines().filter(|l| {
+                ["order", "lease", "failed", "install", "ERROR"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            }) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
     /// SIGTERM to every host still running; each exits cleanly.
     fn stop(self) {
         for daemon in self.0.into_iter().flatten() {
