@@ -114,27 +114,24 @@ fn balanced_validations_reach_every_host_and_each_certificate_is_ordered_once() 
         serials.insert(name, wait_installed_everywhere(&env, name, &HOST_IDS, &run));
     }
     let relayed = env.balancer.relayed();
-    let from_db: f64 = env
-        .hosts
-        .iter()
-        .filter_map(|h| h.metric("certd_fleet_http01_answers_total{source=\"database\"}"))
-        .sum();
     eprintln!(
-        "fleet: 3 certificates on 3 hosts in {:?}; validations per host {relayed:?}; \
-         http-01 answers from the database {from_db}; newOrders {}",
+        "fleet: 3 certificates on 3 hosts in {:?}; validation connections per host \
+         {relayed:?}; newOrders {}",
         start.elapsed(),
         env.new_orders()
     );
     assert_eq!(
         env.new_orders(),
         names.len(),
-        "one newOrder per certificate"
+        "one newOrder per certificate\n{}",
+        run.story(&env)
     );
+    // Each certificate was ordered by one host; the CA's validations
+    // reached all three, and every one of them succeeded.
     assert!(
-        relayed.iter().filter(|n| **n > 0).count() >= 2,
-        "validations spread over the hosts: {relayed:?}"
+        relayed.iter().all(|n| *n > 0),
+        "validations reached every host: {relayed:?}"
     );
-    assert!(from_db >= 1.0, "a host answered from the database");
     let distinct: std::collections::BTreeSet<&String> = serials.values().collect();
     assert_eq!(distinct.len(), names.len(), "{serials:?}");
     env.assert_nothing_pending_at_ca();
@@ -217,7 +214,8 @@ fn killed_holder_is_replaced(stage: Stage) {
     assert_eq!(
         env.new_orders(),
         1,
-        "{stage:?}: the peer finished the order"
+        "{stage:?}: the peer finished the order\n{}",
+        run.story(&env)
     );
     assert!(!serial.is_empty());
     env.assert_nothing_pending_at_ca();
