@@ -46,10 +46,19 @@ impl Running {
             "",
         );
         let mut text = format!("orders in the ledger per certificate: {orders:?}\n");
+        for line in env
+            .pebble
+            .pebble_log()
+            .lines()
+            .filter(|l| l.contains("/order-plz"))
+        {
+            text.push_str(&format!("pebble: {line}\n"));
+        }
         for (id, daemon) in HOST_IDS.iter().zip(&self.0) {
             let Some(daemon) = daemon else { continue };
             text.push_str(&format!("--- {id} ---\n"));
-            for line in daemon.stderr().lines().filter(|l| {
+            let (stdout, stderr) = (daemon.stdout(), daemon.stderr());
+            for line in stdout.lines().chain(stderr.lines()).filter(|l| {
                 ["order", "lease", "failed", "install", "ERROR"]
                     .iter()
                     .any(|w| l.contains(w))
