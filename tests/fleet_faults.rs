@@ -50,7 +50,7 @@ impl Running {
             .pebble
             .pebble_log()
             .lines()
-            .filter(|l| l.contains("/order-plz"))
+            .filter(|l| l.contains("/order-plz") || l.contains("Added order "))
         {
             text.push_str(&format!("pebble: {line}\n"));
         }

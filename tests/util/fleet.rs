@@ -137,9 +137,11 @@ impl FleetEnv {
             .unwrap_or_else(|| panic!("no host {id}"))
     }
 
-    /// `newOrder` requests Pebble answered, for any account.
+    /// Orders Pebble created, for any account: `newOrder` requests it
+    /// acted on (one it refused for its nonce, 5 % of requests, created
+    /// nothing and is sent again).
     pub fn new_orders(&self) -> usize {
-        self.pebble.pebble_log().matches("/order-plz").count()
+        self.pebble.pebble_log().matches("Added order ").count()
     }
 
     /// Runs a query on the shared database (directly, not through any
