@@ -270,8 +270,8 @@ fn a_holder_stopped_for_two_ttls_sends_and_writes_nothing_when_it_wakes() {
     let env = FleetEnv::new(&http_cert("s"));
     let run = Running::start(&env);
     wait_until(
-        "the newOrder reached the CA",
-        || env.front.forwarded("/order-plz") > 0,
+        "the CA created the order",
+        || env.new_orders() > 0,
         &run.live(),
     );
     let (holder, epoch) = env.lease("s").expect("the lease");
@@ -361,8 +361,8 @@ fn a_holder_cut_off_from_the_database_stops_at_its_deadline() {
     let env = FleetEnv::new(&http_cert("d"));
     let run = Running::start(&env);
     wait_until(
-        "the newOrder reached the CA",
-        || env.front.forwarded("/order-plz") > 0,
+        "the CA created the order",
+        || env.new_orders() > 0,
         &run.live(),
     );
     let (holder, epoch) = env.lease("d").expect("the lease");
