@@ -15,6 +15,9 @@ pub struct Balancer {
     port: u16,
     /// Connections relayed so far, per backend (in the order given).
     relayed: Arc<Mutex<Vec<usize>>>,
+    /// Backends out of the rotation, as a health check takes out a host
+    /// that stopped answering.
+    down: Arc<Mutex<Vec<bool>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -27,15 +30,22 @@ impl Balancer {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind balancer");
         listener.set_nonblocking(true).expect("nonblocking");
         let relayed = Arc::new(Mutex::new(vec![0; backends.len()]));
+        let down = Arc::new(Mutex::new(vec![false; backends.len()]));
         let stop = Arc::new(AtomicBool::new(false));
-        let (counts, halt) = (relayed.clone(), stop.clone());
+        let (counts, out, halt) = (relayed.clone(), down.clone(), stop.clone());
         let thread = thread::spawn(move || {
             let mut next = 0;
             while !halt.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
-                        let i = next % backends.len();
-                        next += 1;
+                        let out = out.lock().expect("down").clone();
+                        let Some(i) = (0..backends.len())
+                            .map(|k| (next + k) % backends.len())
+                            .find(|i| !out[*i])
+                        else {
+                            continue;
+                        };
+                        next = i + 1;
                         counts.lock().expect("counts")[i] += 1;
                         relay(client, backends[i]);
                     }
@@ -49,6 +59,7 @@ impl Balancer {
         Balancer {
             port,
             relayed,
+            down,
             stop,
             thread: Some(thread),
         }
@@ -56,6 +67,11 @@ impl Balancer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Takes backend `i` out of the rotation, or puts it back.
+    pub fn set_down(&self, i: usize, down: bool) {
+        self.down.lock().expect("down")[i] = down;
     }
 
     /// Connections relayed to each backend so far.
