@@ -148,23 +148,23 @@ fn balanced_validations_reach_every_host_and_each_certificate_is_ordered_once() 
     assert_eq!(env.new_orders(), names.len(), "nothing ordered at shutdown");
 }
 
-/// Where the leaseholder is killed: the front holds (Pebble acted, the
+/// Where the leaseholder is killed, right after each: the front holds (Pebble acted, the
 /// answer never comes) or stalls (Pebble never sees it) the request that
 /// follows the stage.
 #[derive(Debug, Clone, Copy)]
 enum Stage {
     /// The CA created the order; the holder never heard.
-    AfterNewOrder,
+    NewOrder,
     /// The authorization is in the ledger, its answer committed; the
     /// challenge was never posted.
-    AfterAuthzWrite,
+    AuthzWrite,
     /// The CA was asked to validate; the holder never heard.
-    AfterChallengePost,
+    ChallengePost,
     /// The order key is sealed in the database; finalize never reached
     /// the CA.
-    AfterKeySeal,
+    KeySeal,
     /// The CA finalized (issued); the holder never heard.
-    AfterFinalize,
+    Finalize,
 }
 
 /// Kills the leaseholder at `stage`; a peer takes the lease over under
@@ -174,11 +174,11 @@ enum Stage {
 fn killed_holder_is_replaced(stage: Stage) {
     let env = FleetEnv::new(&http_cert("k"));
     match stage {
-        Stage::AfterNewOrder => env.front.hold("/order-plz", None),
-        Stage::AfterAuthzWrite => env.front.stall("/chalZ/"),
-        Stage::AfterChallengePost => env.front.hold("/chalZ/", None),
-        Stage::AfterKeySeal => env.front.stall("/finalize-order/"),
-        Stage::AfterFinalize => env.front.hold("/finalize-order/", None),
+        Stage::NewOrder => env.front.hold("/order-plz", None),
+        Stage::AuthzWrite => env.front.stall("/chalZ/"),
+        Stage::ChallengePost => env.front.hold("/chalZ/", None),
+        Stage::KeySeal => env.front.stall("/finalize-order/"),
+        Stage::Finalize => env.front.hold("/finalize-order/", None),
     }
     let mut run = Running::start(&env);
     wait_until(
@@ -233,27 +233,27 @@ fn killed_holder_is_replaced(stage: Stage) {
 
 #[test]
 fn kill_9_of_the_holder_after_new_order() {
-    killed_holder_is_replaced(Stage::AfterNewOrder);
+    killed_holder_is_replaced(Stage::NewOrder);
 }
 
 #[test]
 fn kill_9_of_the_holder_after_the_authz_write() {
-    killed_holder_is_replaced(Stage::AfterAuthzWrite);
+    killed_holder_is_replaced(Stage::AuthzWrite);
 }
 
 #[test]
 fn kill_9_of_the_holder_after_the_challenge_post() {
-    killed_holder_is_replaced(Stage::AfterChallengePost);
+    killed_holder_is_replaced(Stage::ChallengePost);
 }
 
 #[test]
 fn kill_9_of_the_holder_after_the_key_seal() {
-    killed_holder_is_replaced(Stage::AfterKeySeal);
+    killed_holder_is_replaced(Stage::KeySeal);
 }
 
 #[test]
 fn kill_9_of_the_holder_after_finalize() {
-    killed_holder_is_replaced(Stage::AfterFinalize);
+    killed_holder_is_replaced(Stage::Finalize);
 }
 
 /// Sends `signal` to `daemon`'s process.
@@ -441,6 +441,11 @@ fn postgres_stopped_mid_run_then_started() {
         || env.new_orders() >= 2,
         &run.live(),
     );
+    // The hosts' ways to it refuse while it is down, as a dead server's
+    // port does (the proxies would otherwise accept and hold).
+    for host in &env.hosts {
+        host.db.set_up(false);
+    }
     env.pg.stop_immediate();
     let down = Instant::now();
     // Down for twice the ttl: every lease runs out meanwhile.
@@ -450,6 +455,9 @@ fn postgres_stopped_mid_run_then_started() {
     }
     assert_eq!(installed(), before);
     env.pg.start();
+    for host in &env.hosts {
+        host.db.set_up(true);
+    }
     let back = Instant::now();
     wait_installed_everywhere(&env, "p2", &HOST_IDS, &run);
     eprintln!(

@@ -53,7 +53,7 @@ impl Egress {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let s = s.clone();
-                        thread::spawn(move || tunnel(client, &s));
+                        thread::spawn(move || tunnel(&client, &s));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(5));
@@ -110,7 +110,7 @@ impl Drop for Egress {
 }
 
 /// Reads a `CONNECT host:port` request and relays the tunnel.
-fn tunnel(client: TcpStream, shared: &Shared) {
+fn tunnel(client: &TcpStream, shared: &Shared) {
     let _ = client.set_nonblocking(false);
     let Ok(read_half) = client.try_clone() else {
         return;
@@ -136,12 +136,12 @@ fn tunnel(client: TcpStream, shared: &Shared) {
         return;
     }
     let Ok(server) = TcpStream::connect(&target) else {
-        let _ = (&client).write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+        let _ = (&*client).write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
         return;
     };
     shared.tunnels.fetch_add(1, Ordering::SeqCst);
     *shared.last_tunnel.lock().expect("last tunnel") = Some(Instant::now());
-    if (&client)
+    if (&*client)
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .is_err()
     {
