@@ -18,6 +18,7 @@ mod faults;
 mod fleet;
 mod fleet_daemon;
 mod fleet_durable;
+mod fleet_faults;
 mod fleet_setup;
 mod fleet_hosts;
 mod harness;

@@ -64,6 +64,17 @@ impl CaAccount {
         }
     }
 
+    /// The account whose credentials file is `credentials`, at the CA
+    /// whose directory is `directory` (a fleet host's copy of the fleet's
+    /// one account).
+    pub fn new(directory: String, ca_bundle: PathBuf, credentials: PathBuf) -> CaAccount {
+        CaAccount {
+            directory,
+            ca_bundle,
+            credentials,
+        }
+    }
+
     /// Whether certd has created this account (written its credentials).
     pub fn exists(&self) -> bool {
         self.credentials.exists()
@@ -283,6 +294,13 @@ pub fn assert_nothing_pending_at(env: &TestEnv, ca: &CaAccount) {
             ca.directory
         );
     }
+}
+
+/// As `assert_nothing_pending_at_ca`, for the account `ca` and the
+/// authorizations `recorded` in a ledger the test read itself (a
+/// fleet's, in PostgreSQL).
+pub fn assert_nothing_pending_among(ca: &CaAccount, recorded: Vec<String>) {
+    assert_nothing_pending(ca, recorded);
 }
 
 /// Panics if any authorization of an order the CA lists, or of

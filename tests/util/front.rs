@@ -155,6 +155,8 @@ struct Shared {
     /// (part of the request path, fault, times left)
     faults: Mutex<Vec<(String, Fault, usize)>>,
     holds: Mutex<Vec<Hold>>,
+    /// (part of the request path, times left): requests never passed on.
+    stalls: Mutex<Vec<(String, usize)>>,
     /// Paths of the requests passed on to Pebble so far.
     forwarded: Mutex<Vec<String>>,
     /// Requests held so far.
@@ -304,6 +306,17 @@ impl FaultyFront {
         });
     }
 
+    /// Never passes the next request whose path contains `path` on to
+    /// Pebble, nor answers it: the CA never sees it, and the client waits
+    /// (counted by `held` too).
+    pub fn stall(&self, path: &str) {
+        self.shared
+            .stalls
+            .lock()
+            .expect("stalls")
+            .push((path.to_owned(), 1));
+    }
+
     /// How many requests are held (Pebble has acted on them) so far.
     pub fn held(&self) -> usize {
         self.shared.held.load(Ordering::SeqCst)
@@ -380,6 +393,21 @@ fn serve(
     }
     let mut body = vec![0u8; length];
     if tls.read_exact(&mut body).is_err() {
+        return;
+    }
+    let stalled = shared
+        .stalls
+        .lock()
+        .expect("stalls")
+        .iter_mut()
+        .find(|(p, left)| *left > 0 && path.contains(p.as_str()))
+        .map(|(_, left)| *left -= 1)
+        .is_some();
+    if stalled {
+        shared.held.fetch_add(1, Ordering::SeqCst);
+        while !shared.stop.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(20));
+        }
         return;
     }
     let fault = {

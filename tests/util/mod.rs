@@ -10,12 +10,15 @@
 #![allow(dead_code)]
 
 mod ari;
+mod balancer;
 mod bind;
 mod ca;
 mod cert;
 mod cmd;
 mod disk;
+mod egress;
 mod env;
+pub mod fleet;
 mod front;
 mod hooks;
 mod installed;
@@ -29,16 +32,18 @@ mod proxy;
 #[allow(unused_imports)]
 pub use self::{
     ari::{AriServer, Window},
+    balancer::Balancer,
     bind::Bind,
     ca::{
-        CaAccount, CaOrder, assert_ca_status, assert_nothing_pending_at,
-        assert_nothing_pending_at_ca, ca_authz_objects, ca_authz_statuses, ca_certificate,
-        ca_orders, ca_orders_at, fetch_authz_as, forget_valid_authz, ledger_authz,
-        ledger_authz_urls, ledger_events, validate_outside_certd,
+        CaAccount, CaOrder, assert_ca_status, assert_nothing_pending_among,
+        assert_nothing_pending_at, assert_nothing_pending_at_ca, ca_authz_objects,
+        ca_authz_statuses, ca_certificate, ca_orders, ca_orders_at, fetch_authz_as,
+        forget_valid_authz, ledger_authz, ledger_authz_urls, ledger_events, validate_outside_certd,
     },
     cert::{parse_leaf, private_key_spki, read_pem_certs},
     cmd::{CmdOutput, Daemon, TestCommand},
     disk::{TinyDisk, checkpoint, integrity, snapshot},
+    egress::Egress,
     env::{CaTable, DAEMON_RETRY_2S, DAEMON_RETRY_4S, TestEnv, cert_table},
     front::{Fault, FaultyFront, ForgedCert, Forgery},
     hooks::{flag, install_hook_wrapper, wait_for},
