@@ -35,9 +35,13 @@ use super::Services;
 use crate::fleet::{ChallengeAnswer, DbError, FleetAnswers, FleetDb, Lease, LeaseError, Member};
 use crate::solver::{Http01Fallback, TlsAlpnFallback};
 
-/// How long a member may be silent and still count as live: three missed
-/// heartbeats (see `fleet_hosts::HEARTBEAT_EVERY`).
-pub(crate) const LIVE_WINDOW: Duration = Duration::from_secs(180);
+/// How long a member may be silent and still count as live: one lease
+/// length, three heartbeats (`fleet_hosts::heartbeat_every`). A host
+/// silent that long has lost its leases too; counting it longer would
+/// hold pre-flights and definition changes up for a host that is gone.
+pub(crate) fn live_window(lease_ttl: Duration) -> Duration {
+    lease_ttl
+}
 
 /// How long one member's responder may take to answer the pre-flight.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +100,10 @@ pub async fn preflight_members(
     answer: &ChallengeAnswer,
 ) -> Result<(), PreflightError> {
     let fleet = services.fleet.as_ref().ok_or(PreflightError::NotFleet)?;
-    let members = fleet.db.live_members(LIVE_WINDOW).await?;
+    let members = fleet
+        .db
+        .live_members(live_window(fleet.timing.ttl()))
+        .await?;
     // All at once: each may take its whole timeout. The set is dropped
     // (its tasks aborted) if the caller gives up.
     let mut asks = JoinSet::new();
@@ -116,7 +123,21 @@ pub async fn preflight_members(
     let mut failed = Vec::new();
     while let Some(done) = asks.join_next().await {
         match done {
-            Ok((host, addr, Err(detail))) => failed.push((host, format!("{addr}: {detail}"))),
+            Ok((host, addr, Err(Unserved::Wrong(detail)))) => {
+                failed.push((host, format!("{addr}: {detail}")));
+            }
+            // A host that answers nothing at all is down or hung: a load
+            // balancer's health check takes it out of rotation, so the CA
+            // does not reach it either. Holding every issuance of the
+            // fleet for it would turn one dead host into a fleet outage.
+            Ok((host, addr, Err(Unserved::Unreachable(detail)))) => {
+                tracing::warn!(
+                    host = %host,
+                    addr = %addr,
+                    identifier = %answer.identifier,
+                    "http-01 pre-flight: host does not answer ({detail}); going on without it"
+                );
+            }
             Ok((_, _, Ok(()))) => {}
             // Only a panic ends a fetch early; it must not pass as served.
             Err(e) => failed.push(("?".into(), format!("the pre-flight failed: {e}"))),
@@ -171,7 +192,15 @@ pub fn http01_fallback(services: &Services) -> Option<Arc<dyn Http01Fallback>> {
 
 /// `GET /.well-known/acme-challenge/<token>` from the responder at `addr`,
 /// `Ok` if it answers 200 with the key authorization.
-async fn fetch_answer(addr: &str, answer: &ChallengeAnswer) -> Result<(), String> {
+/// Why a member's responder did not serve an answer.
+enum Unserved {
+    /// Nothing came back: no connection, or no response in time.
+    Unreachable(String),
+    /// Something else came back: a responder that would fail the CA.
+    Wrong(String),
+}
+
+async fn fetch_answer(addr: &str, answer: &ChallengeAnswer) -> Result<(), Unserved> {
     let fetch = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -198,17 +227,18 @@ async fn fetch_answer(addr: &str, answer: &ChallengeAnswer) -> Result<(), String
     };
     let response = tokio::time::timeout(PREFLIGHT_TIMEOUT, fetch)
         .await
-        .map_err(|_| format!("no answer within {PREFLIGHT_TIMEOUT:?}"))??;
+        .map_err(|_| Unserved::Unreachable(format!("no answer within {PREFLIGHT_TIMEOUT:?}")))?
+        .map_err(Unserved::Unreachable)?;
     let ok = response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200");
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     if ok && body.trim() == answer.key_authorization {
         Ok(())
     } else {
         let first = response.lines().next().unwrap_or("no response");
-        Err(format!(
+        Err(Unserved::Wrong(format!(
             "expected the key authorization, got {:?}",
             crate::text::escape_control(first)
-        ))
+        )))
     }
 }
 

@@ -41,9 +41,12 @@ use crate::fleet::{
 };
 use crate::install::{Issuance, ReloadOutcome};
 
-/// How often a host says it is alive (a member silent for three of these
-/// is not asked by pre-flights: `fleet_answers::LIVE_WINDOW`).
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
+/// How often a host says it is alive: three times a lease length, as a
+/// leaseholder renews (a member silent for three of these is no longer
+/// live: `fleet_answers::live_window`).
+pub fn heartbeat_every(lease_ttl: Duration) -> Duration {
+    lease_ttl / 3
+}
 /// How often a host compares its installs with the newest issuances,
 /// besides at start, on announcements and after a lost LISTEN.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
@@ -95,7 +98,12 @@ impl HostTasks {
                 "fleet: this host advertises no http-01 responder (no http01.listen, no fleet.advertise); pre-flights skip it"
             );
         }
-        let heartbeat = keep_heartbeat(fleet.db.clone(), member, HEARTBEAT_EVERY, cancel);
+        let heartbeat = keep_heartbeat(
+            fleet.db.clone(),
+            member,
+            heartbeat_every(fleet.timing.ttl()),
+            cancel,
+        );
         let answers = fleet.answers.listen(
             ListenOptions {
                 retry_after: RETRY_AFTER,

@@ -18,7 +18,7 @@
 //! definition of each certificate at start, after a reload, and before
 //! it would claim; the first holder records the fleet's. The rule that keeps a rolling update from
 //! wedging: a host whose definition differs claims nonetheless once no
-//! live host (heartbeat within `LIVE_WINDOW`) other than itself still
+//! live host (heartbeat within `live_window`) other than itself still
 //! defines it the fleet's way (each has restarted with the new
 //! configuration, or is gone), and its definition becomes the fleet's.
 //! Until then the hosts with the fleet's definition keep renewing it.
@@ -247,7 +247,7 @@ pub(crate) async fn may_claim(
     }
     let live: BTreeSet<String> = fleet
         .db
-        .live_members(fleet_answers::LIVE_WINDOW)
+        .live_members(fleet_answers::live_window(fleet.timing.ttl()))
         .await
         .map_err(|e| DriveError::Fleet(e.to_string()))?
         .into_iter()

@@ -130,17 +130,16 @@ where
     Fut: Future<Output = Result<T, DriveError>>,
 {
     let lease_name = LeaseName::Cert(name.to_owned());
-    let Some(lease) = Lease::claim(
-        &fleet.db,
-        lease_name.clone(),
-        fleet.holder.clone(),
-        fleet.timing,
-    )
-    .await?
-    else {
+    let Some(lease) = claim_promptly(fleet, &lease_name, cancel).await? else {
         tracing::debug!(cert = name, lease = %lease_name, "held by another host; not ordering it now");
+        // A failed read only costs the prompt retry.
+        let retry_after = Lease::remaining(&fleet.db, &lease_name)
+            .await
+            .ok()
+            .flatten();
         return Err(DriveError::LeasedElsewhere {
             lease: lease_name.key(),
+            retry_after,
         });
     };
     let _held = leases.counters.held();
@@ -191,6 +190,34 @@ where
             }),
         })),
         (result, _) => result,
+    }
+}
+
+/// Another holder's lease this close to running out is waited for, to
+/// the millisecond, rather than left to the scheduler's whole seconds: a
+/// failover then comes right after the expiry the database judges.
+const PROMPT_CLAIM: Duration = Duration::from_secs(2);
+
+/// Claims `name`; if another holder has it but its lease runs out within
+/// [`PROMPT_CLAIM`] (it died, or is about to renew), waits until just
+/// after that and claims once more.
+async fn claim_promptly(
+    fleet: &Fleet,
+    name: &LeaseName,
+    cancel: &CancellationToken,
+) -> Result<Option<Lease>, LeaseError> {
+    let claim = || Lease::claim(&fleet.db, name.clone(), fleet.holder.clone(), fleet.timing);
+    if let Some(lease) = claim().await? {
+        return Ok(Some(lease));
+    }
+    match Lease::remaining(&fleet.db, name).await? {
+        Some(left) if left <= PROMPT_CLAIM => {
+            tokio::select! {
+                () = tokio::time::sleep(left + Duration::from_millis(50)) => claim().await,
+                () = cancel.cancelled() => Ok(None),
+            }
+        }
+        _ => Ok(None),
     }
 }
 
@@ -352,7 +379,7 @@ mod tests {
                 })
                 .await;
             assert!(
-                matches!(&peer, Err(DriveError::LeasedElsewhere { lease }) if lease == "cert:www"),
+                matches!(&peer, Err(DriveError::LeasedElsewhere { lease, retry_after: Some(_) }) if lease == "cert:www"),
                 "{peer:?}"
             );
             fenced.clear_pause("www").await?;

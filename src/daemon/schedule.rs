@@ -638,11 +638,21 @@ impl Scheduler {
             }
             Err(DriveError::Cancelled) if self.cancel.is_cancelled() => {}
             // Fleet mode: another host holds the lease (or took it over).
-            // Not this certificate's failure: look again in a lease's
-            // time, by when the holder has installed it fleet-wide or its
-            // lease has lapsed and this host may take over.
+            // Not this certificate's failure: look again just after the
+            // holder's lease would run out (it renews it while alive, so
+            // then it has installed fleet-wide or this host may take
+            // over), and within a lease's time at the latest.
             Err(e) if e.is_elsewhere() => {
-                let retry = self.cas.lease_ttl().unwrap_or(self.cfg.daemon.backoff_min);
+                let ttl = self.cas.lease_ttl().unwrap_or(self.cfg.daemon.backoff_min);
+                let retry = match &e {
+                    // Back a second before the expiry (the schedule counts
+                    // whole seconds); the claim waits out the rest.
+                    DriveError::LeasedElsewhere {
+                        retry_after: Some(left),
+                        ..
+                    } => Duration::from_secs(left.as_secs().saturating_sub(1).max(1)).min(ttl),
+                    _ => ttl,
+                };
                 entry.next = self.now().plus(retry);
                 entry.why = "another host of the fleet holds its lease".into();
                 tracing::debug!(cert = %name, error = %e, next = %entry.next.rfc3339(), "not renewing here now");

@@ -220,6 +220,13 @@ impl Lease {
         }))
     }
 
+    /// How long until another holder's lease `name` runs out by the
+    /// database's clock, when this host may claim it; `None` if it is
+    /// free.
+    pub async fn remaining(db: &FleetDb, name: &LeaseName) -> Result<Option<Duration>, LeaseError> {
+        Ok(db.store().lease_remaining(&name.key()).await?)
+    }
+
     pub fn name(&self) -> &LeaseName {
         &self.inner.name
     }

@@ -26,10 +26,12 @@
 //! What is installed is an [`Issuance`]: the CA's chain, checked
 //! (`x509::verify_chain`) against the order before anything is written.
 
+use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -191,8 +193,43 @@ pub(crate) fn install(
         stamp.second(),
         &issuance.info.serial[..issuance.info.serial.len().min(16)]
     );
+    // One install at a time per certificate in this process: in fleet
+    // mode the distribution task and the order path can both install the
+    // same issuance at once, and two installers sharing a version's
+    // temporary directory would each undo the other's files.
+    let lock = install_lock(&cert_dir.join(name));
+    let _one_at_a_time = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(current) = already_current(cert_dir, name, issuance) {
+        return Ok(current);
+    }
     install_version(cert_dir, name, &version, issuance)?;
     Ok(version)
+}
+
+/// The lock of one certificate's directory (one process writes a
+/// certificate directory: the state directory's lock sees to that).
+fn install_lock(base: &Path) -> Arc<Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(locks.entry(base.to_owned()).or_default())
+}
+
+/// The current version's name if it already holds exactly `issuance`
+/// (the same chain and key): installing it again would only add a
+/// version.
+fn already_current(cert_dir: &Path, name: &str, issuance: &Issuance) -> Option<String> {
+    let base = cert_dir.join(name);
+    let link = fs::read_link(base.join("current")).ok()?;
+    let version = link.file_name()?.to_str()?.to_owned();
+    let dir = base.join(&link);
+    let same = |file: &str, contents: &str| {
+        fs::read_to_string(dir.join(file)).is_ok_and(|c| c == contents)
+    };
+    (same("fullchain.pem", &issuance.fullchain_pem) && same("privkey.pem", &issuance.key_pem))
+        .then_some(version)
 }
 
 fn install_version(
@@ -208,6 +245,9 @@ fn install_version(
     }
     let final_dir = versions.join(version);
     let tmp_dir = versions.join(format!(".{version}.tmp"));
+    // Left by a process killed while writing it (installs of one
+    // certificate are one at a time): garbage.
+    let _ = fs::remove_dir_all(&tmp_dir);
     let result = write_version(&tmp_dir, issuance)
         .and_then(|()| fs::rename(&tmp_dir, &final_dir).map_err(io_err(&final_dir)))
         .and_then(|()| sync_dir(&versions));
@@ -446,6 +486,30 @@ mod tests {
             .expect("versions")
             .count();
         assert_eq!(versions, KEEP_VERSIONS);
+    }
+
+    /// Two installs of one issuance at once (fleet mode: distribution and
+    /// the order path) both succeed and leave it installed whole; before
+    /// they were one at a time, each could remove the other's files.
+    #[test]
+    fn concurrent_installs_of_one_issuance_leave_it_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Clock::system();
+        for _ in 0..20 {
+            let i = issuance(&["a.example"]);
+            std::thread::scope(|s| {
+                let installs: Vec<_> = (0..2)
+                    .map(|_| s.spawn(|| install(dir.path(), "www", &i, &clock)))
+                    .collect();
+                for handle in installs {
+                    handle.join().expect("no panic").expect("install");
+                }
+            });
+            let now = installed(dir.path(), "www").expect("installed whole");
+            assert_eq!(now.serial, i.info.serial);
+            let key = fs::read_to_string(dir.path().join("www/privkey.pem")).expect("key");
+            assert_eq!(key, i.key_pem);
+        }
     }
 
     #[test]

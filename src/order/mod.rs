@@ -226,7 +226,12 @@ pub enum DriveError {
     /// Fleet mode: another live host holds the certificate's lease, so
     /// this host does not order it now.
     #[error("{lease} is held by another host of the fleet; not ordering it here")]
-    LeasedElsewhere { lease: String },
+    LeasedElsewhere {
+        lease: String,
+        /// When the holder's lease runs out unless renewed (the database
+        /// said), so the host looks again as soon as it could claim it.
+        retry_after: Option<std::time::Duration>,
+    },
     /// Fleet mode: the certificate's lease could not be claimed, or was
     /// lost while the order ran (this host then stopped sending).
     #[error("fleet lease: {0}")]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::app::fleet::host_id;
-use crate::app::fleet_answers::LIVE_WINDOW;
+use crate::app::fleet_answers::live_window;
 use crate::app::fleet_hosts::config_hash;
 use crate::clock::Clock;
 use crate::config::{Config, FleetConfig};
@@ -252,7 +252,12 @@ type ReadError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn read(db: &FleetDb, cfg: &Config, names: &[String]) -> Result<FleetRead, ReadError> {
     let (members, leases, installs) = tokio::try_join!(
-        db.live_members(LIVE_WINDOW),
+        db.live_members(live_window(
+            cfg.fleet
+                .as_ref()
+                .map_or(crate::config::FleetConfig::DEFAULT_LEASE_TTL, |f| f
+                    .lease_ttl)
+        )),
         db.leases(),
         db.latest_installs(names)
     )?;

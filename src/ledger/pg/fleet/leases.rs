@@ -102,6 +102,20 @@ impl FleetStore {
         }))
     }
 
+    /// How long until the held lease `name` runs out by the database's
+    /// clock (zero if it has); `None` if nobody holds it.
+    pub async fn lease_remaining(&self, name: &str) -> Result<Option<Duration>, DbError> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT GREATEST(EXTRACT(EPOCH FROM expires_at - now()), 0)::float8
+               FROM leases WHERE name = $1 AND holder IS NOT NULL",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(secs.map(Duration::from_secs_f64))
+    }
+
     /// Extends `fence`'s lease to `ttl` from the database's now, if it is
     /// still that holder's at that epoch and unexpired; whether it was.
     pub async fn renew_lease(&self, fence: &Fence, ttl: Duration) -> Result<bool, DbError> {
