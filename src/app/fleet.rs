@@ -69,7 +69,14 @@ impl Fleet {
             .with_context(|| format!("fleet.host_id {host_id:?} is not a usable host id"))?;
         let timing = LeaseTiming::new(fleet.lease_ttl, margin(fleet.lease_ttl))
             .context("fleet.lease_ttl")?;
-        let db = FleetDb::open(&fleet.database_url, &DbOptions::default())
+        let opts = DbOptions {
+            // A third of a lease (at least 2 s): a transaction of certd's
+            // takes milliseconds, and a host stalled inside one must not
+            // hold a peer's takeover past the stalled lease's end.
+            idle_in_transaction: (fleet.lease_ttl / 3).max(Duration::from_secs(2)),
+            ..DbOptions::default()
+        };
+        let db = FleetDb::open(&fleet.database_url, &opts)
             .await
             .context("fleet.database_url")?;
         Ok(Some(Arc::new(Self {

@@ -297,7 +297,12 @@ impl DriveError {
     pub(crate) fn is_elsewhere(&self) -> bool {
         matches!(
             self,
-            Self::LeasedElsewhere { .. } | Self::Lease(_) | Self::DefinitionDiffers { .. }
+            Self::LeasedElsewhere { .. }
+                | Self::Lease(_)
+                | Self::DefinitionDiffers { .. }
+                // A write the fence refused: the lease went to another
+                // host (this one was stopped or cut off past its end).
+                | Self::Ledger(LedgerError::Fenced { .. })
         )
     }
 

@@ -92,6 +92,7 @@ impl FleetView {
         let opts = DbOptions {
             connect_timeout: DB_TIMEOUT,
             max_connections: 2,
+            ..DbOptions::default()
         };
         let db = match FleetDb::open(&fleet.database_url, &opts).await {
             Ok(db) => db,

@@ -37,6 +37,13 @@ pub struct DbOptions {
     pub connect_timeout: Duration,
     /// Connections this host keeps at most.
     pub max_connections: u32,
+    /// How long the server lets one of this host's transactions sit idle
+    /// before it ends the session (`idle_in_transaction_session_timeout`).
+    /// A host stopped or cut off mid-transaction would otherwise hold its
+    /// locks (the lease row it checked `FOR SHARE`, an admission lock) for
+    /// as long as its connection lives, and every peer's claim would wait
+    /// on them: the fleet would stall behind one stopped process.
+    pub idle_in_transaction: Duration,
 }
 
 /// Where the database is, as errors name it: `host:port`, or the socket
@@ -93,9 +100,14 @@ impl FleetStore {
     /// Connects, refuses a server older than PostgreSQL 15, applies the
     /// migrations, and returns a pool.
     pub async fn open(url: &str, opts: &DbOptions) -> Result<Self, DbError> {
-        let connect = PgConnectOptions::from_str(url).map_err(|e| DbError::Url {
-            cause: url_cause(e),
-        })?;
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| DbError::Url {
+                cause: url_cause(e),
+            })?
+            .options([(
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", opts.idle_in_transaction.as_millis().max(1)),
+            )]);
         let target = Target::of(&connect);
         let mut conn = tokio::time::timeout(opts.connect_timeout, connect.connect())
             .await
@@ -243,6 +255,7 @@ impl Default for DbOptions {
         Self {
             connect_timeout: Duration::from_secs(10),
             max_connections: 4,
+            idle_in_transaction: Duration::from_secs(10),
         }
     }
 }
