@@ -120,6 +120,16 @@ impl FleetAnswers {
             Ok(mut found) => match found.pop() {
                 Some(answer) => {
                     self.counts.database.fetch_add(1, Ordering::Relaxed);
+                    // Kept for the CA's own request: a pre-flight read it
+                    // from the database, and the validation that follows
+                    // must not depend on the database still answering.
+                    self.memory().insert(
+                        answer.token,
+                        Cached {
+                            key_authorization: answer.key_authorization.clone(),
+                            until: Instant::now() + answer.valid_for,
+                        },
+                    );
                     Some((answer.key_authorization, AnswerSource::Database))
                 }
                 None => {
