@@ -117,22 +117,7 @@ impl Fleet {
     where
         T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
-        let url = self.pg.url();
-        let bind = bind.to_owned();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let pool = sqlx::PgPool::connect(&url).await.expect("connect");
-                let rows = sqlx::query_as::<_, T>(sql)
-                    .bind(bind)
-                    .fetch_all(&pool)
-                    .await
-                    .expect("query");
-                pool.close().await;
-                rows
-            })
+        self.pg.query(sql, bind)
     }
 
     /// The lease row of certificate `name`: holder and epoch.

@@ -164,6 +164,39 @@ impl Postgres {
         std::mem::forget(self);
     }
 
+    /// Runs `sql` with `bind` as `$1` on the cluster's database, from a
+    /// test's own (blocking) thread: what a test reads to check what
+    /// certd wrote.
+    pub fn try_query<T>(&self, sql: &'static str, bind: &str) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        let url = self.url();
+        let bind = bind.to_owned();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let pool = sqlx::PgPool::connect(&url).await?;
+                let rows = sqlx::query_as::<_, T>(sql)
+                    .bind(bind)
+                    .fetch_all(&pool)
+                    .await;
+                pool.close().await;
+                rows
+            })
+    }
+
+    /// As `try_query`; panics on an error.
+    pub fn query<T>(&self, sql: &'static str, bind: &str) -> Vec<T>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        self.try_query(sql, bind)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         let mut text = String::new();
