@@ -1,6 +1,7 @@
 //! Fleet mode under faults: three `certd run` hosts on one PostgreSQL and
-//! one Pebble (`util::fleet`), one of them killed, cut off from the
-//! database, or with its wall clock off. What is asserted is what the CA and the shared database saw:
+//! one Pebble (`util::fleet`), one of them killed, stopped, cut off from
+//! the database or with its wall clock off, or the database itself
+//! stopped. What is asserted is what the CA and the shared database saw:
 //! one `newOrder` per certificate per round, fleet-wide; a peer takes the
 //! lease over under the next epoch and finishes the same order; every
 //! host installs the same serial with a matching key; nothing is left
@@ -8,10 +9,11 @@
 //! run's log holds them.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::util::Daemon;
 use crate::util::fleet::{FleetEnv, HOST_IDS, LEASE_TTL, http_cert, wait_until};
+use crate::util::{Daemon, snapshot};
 
 /// The hosts, running; `None` once killed.
 struct Running(Vec<Option<Daemon>>);
@@ -23,6 +25,10 @@ impl Running {
 
     fn live(&self) -> Vec<&Daemon> {
         self.0.iter().flatten().collect()
+    }
+
+    fn get(&self, id: &str) -> &Daemon {
+        self.0[index(id)].as_ref().expect("a running host")
     }
 
     /// kill -9 of host `id`.
@@ -253,6 +259,108 @@ fn kill_9_of_the_holder_after_finalize() {
     killed_holder_is_replaced(Stage::Finalize);
 }
 
+/// Sends `signal` to `daemon`'s process.
+fn signal(daemon: &Daemon, signal: &str) {
+    daemon.signal(signal);
+}
+
+/// The holder is stopped (SIGSTOP) mid-order for twice the lease's ttl; a
+/// peer takes over and finishes. Woken (SIGCONT), the old holder sends
+/// the CA nothing (not a byte through its egress) and writes nothing to
+/// the ledger.
+#[test]
+fn a_holder_stopped_for_two_ttls_sends_and_writes_nothing_when_it_wakes() {
+    let env = FleetEnv::new(&http_cert("s"));
+    let run = Running::start(&env);
+    wait_until(
+        "the CA created the order",
+        || env.new_orders() > 0,
+        &run.live(),
+    );
+    let (holder, epoch) = env.lease("s").expect("the lease");
+    let holder = HOST_IDS[index(&holder.expect("a holder"))];
+    signal(run.get(holder), "STOP");
+    let stopped = Instant::now();
+    // A health-checking balancer takes the host that stopped answering
+    // out of the rotation; the CA's validations go to the others.
+    env.balancer.set_down(index(holder), true);
+    assert_eq!(
+        env.lease("s").and_then(|(h, _)| h).as_deref(),
+        Some(holder),
+        "stopped while it held the lease, mid-order"
+    );
+    let survivors: Vec<&str> = HOST_IDS.iter().copied().filter(|h| *h != holder).collect();
+    let to_epoch = wait_until(
+        "a peer takes the lease over",
+        || env.lease("s").is_some_and(|(_, e)| e > epoch),
+        &run.live(),
+    );
+    eprintln!(
+        "fleet: SIGSTOP {holder}: epoch {} after {to_epoch:?}",
+        epoch + 1
+    );
+    wait_installed_everywhere(&env, "s", &survivors, &run);
+    // The fault's length, not a wait for an outcome.
+    if let Some(rest) = (LEASE_TTL * 2).checked_sub(stopped.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let ledger = env.ledger_snapshot();
+    let egress = env.host(holder);
+    let (tunnels, sent) = (egress.egress.tunnels(), egress.egress.sent());
+    let orders = env.new_orders();
+    signal(run.get(holder), "CONT");
+    let woke = Instant::now();
+    env.balancer.set_down(index(holder), false);
+
+    let woken = run.get(holder);
+    wait_until(
+        "the woken host sees its lease lost",
+        || {
+            woken
+                .stderr()
+                .contains("lease lost; this host stops acting under it")
+        },
+        &[woken],
+    );
+    wait_until(
+        "the woken host counts the loss",
+        || {
+            let page = env.host(holder).metrics();
+            page.lines()
+                .filter(|l| l.starts_with("certd_fleet_lease_losses_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+                >= 1.0
+        },
+        &[woken],
+    );
+    let (tunnels_after, sent_after) = (egress.egress.tunnels(), egress.egress.sent());
+    eprintln!(
+        "fleet: SIGSTOP {holder} for {:?}; epoch {} after {to_epoch:?}; after SIGCONT \
+         ({:?} ago) it opened {} connections to the CA and sent {} bytes",
+        woke.duration_since(stopped),
+        epoch + 1,
+        woke.elapsed(),
+        tunnels_after - tunnels,
+        sent_after - sent
+    );
+    assert_eq!(
+        (tunnels_after - tunnels, sent_after - sent),
+        (0, 0),
+        "no CA request after waking; the woken host's log:\n{}",
+        woken.stderr()
+    );
+    assert_eq!(
+        env.ledger_snapshot(),
+        ledger,
+        "no ledger write after waking"
+    );
+    assert_eq!(env.new_orders(), orders);
+    assert_eq!(orders, 1);
+    env.assert_nothing_pending_at_ca();
+    run.stop();
+}
+
 /// The holder loses PostgreSQL (its connection cut) while it still
 /// reaches the CA: it sends nothing after its local deadline, which comes
 /// before the lease expires; a peer takes over and finishes.
@@ -317,6 +425,84 @@ fn a_holder_cut_off_from_the_database_stops_at_its_deadline() {
     assert_eq!(env.new_orders(), 1);
     env.assert_nothing_pending_at_ca();
     env.host(holder).db.set_up(true);
+    run.stop();
+}
+
+/// PostgreSQL stops (`pg_ctl stop -m immediate`) while a certificate is
+/// being ordered: the installed files never change while it is down, and
+/// the fleet finishes the order once it is back, without a second
+/// newOrder.
+#[test]
+fn postgres_stopped_mid_run_then_started() {
+    let mut env = FleetEnv::new(&http_cert("p1"));
+    let run = Running::start(&env);
+    wait_installed_everywhere(&env, "p1", &HOST_IDS, &run);
+    let installed = || -> Vec<BTreeMap<PathBuf, Vec<u8>>> {
+        env.hosts
+            .iter()
+            .map(|h| snapshot(&h.dir.join("certs")))
+            .collect()
+    };
+    let before = installed();
+
+    // A second certificate, ordered after a reload.
+    for host in &env.hosts {
+        let config = std::fs::read_to_string(&host.config).expect("config");
+        std::fs::write(&host.config, format!("{config}{}", http_cert("p2"))).expect("config");
+    }
+    for daemon in run.live() {
+        daemon.signal("HUP");
+    }
+    wait_until(
+        "p2's newOrder reached the CA",
+        || env.new_orders() >= 2,
+        &run.live(),
+    );
+    // The hosts' ways to it refuse while it is down, as a dead server's
+    // port does (the proxies would otherwise accept and hold).
+    for host in &env.hosts {
+        host.db.set_up(false);
+    }
+    env.pg.stop_immediate();
+    let down = Instant::now();
+    // Down for twice the ttl: every lease runs out meanwhile.
+    while down.elapsed() < LEASE_TTL * 2 {
+        assert_eq!(installed(), before, "installed files changed while down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(installed(), before);
+    env.pg.start();
+    for host in &env.hosts {
+        host.db.set_up(true);
+    }
+    let back = Instant::now();
+    wait_installed_everywhere(&env, "p2", &HOST_IDS, &run);
+    eprintln!(
+        "fleet: PostgreSQL down for {:?}; p2 installed everywhere {:?} after it was back",
+        back.duration_since(down),
+        back.elapsed()
+    );
+    for (host, files) in env.hosts.iter().zip(&before) {
+        let p1 = host.cert_dir("p1");
+        let now = snapshot(&p1);
+        let then: BTreeMap<&PathBuf, &Vec<u8>> =
+            files.iter().filter(|(k, _)| k.starts_with(&p1)).collect();
+        let changed: Vec<&PathBuf> = now
+            .keys()
+            .chain(then.keys().copied())
+            .filter(|k| now.get(*k) != then.get(k).copied())
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "{}: p1 untouched, but {changed:?} changed (serial now {:?}); newOrders {}\n{}",
+            host.id,
+            host.installed_serial("p1"),
+            env.new_orders(),
+            run.story(&env)
+        );
+    }
+    assert_eq!(env.new_orders(), 2, "p2 ordered once\n{}", run.story(&env));
+    env.assert_nothing_pending_at_ca();
     run.stop();
 }
 
