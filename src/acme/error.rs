@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{GateClosed, https_url};
+use super::http::{GateClosed, RequestFailed, https_url};
 use super::nonce::last_retry_after;
 use super::trust;
 
@@ -413,6 +413,9 @@ pub fn transport_message(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(c) = cur {
         if let Some(r) = c.downcast_ref::<reqwest::Error>() {
             url = url.or_else(|| r.url().map(|u| u.as_str().to_owned()));
+        }
+        if let Some(r) = c.downcast_ref::<RequestFailed>() {
+            url = url.or_else(|| Some(r.url.clone()));
         }
         if let Some(tls) = rustls_error(c) {
             let at = url.map(|u| format!(" ({u})")).unwrap_or_default();

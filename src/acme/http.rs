@@ -1,14 +1,16 @@
-//! The one HTTP client: reqwest on rustls with the ring provider, through
-//! which instant-acme drives the protocol. Requests go to https URLs only
-//! and redirects are not followed; bodies are read up to a cap while they
+//! The one HTTP client through which instant-acme drives the protocol:
+//! HTTP/1.1 on rustls with the ring provider, over the connections of
+//! [`transport`](super::transport). Requests go to https URLs only and
+//! redirects are not followed; bodies are read up to a cap while they
 //! stream; the headers certd and instant-acme read are bounded, and
 //! `Retry-After` is clamped before anyone sees it.
 //!
 //! A caller may also put a [`RequestGate`] around a run of requests
-//! ([`gated`]): it is asked before each request and can refuse it, so that
-//! nothing is sent once the caller may no longer speak to the CA (a fleet
-//! host past its lease's deadline). The gate is a scoped value of the task,
-//! like the nonce scope, so every request the run makes (instant-acme's and
+//! ([`gated`]), so that nothing is sent once the caller may no longer
+//! speak to the CA (a fleet host past its lease's deadline). It is asked
+//! before each request, and again by the run's sockets before every write
+//! (see `transport`). The gate is a scoped value of the task, like the
+//! nonce scope, so every request the run makes (instant-acme's and
 //! certd's own) passes it without being handed it.
 
 use std::future::Future;
@@ -18,9 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -28,6 +32,7 @@ use rustls_pki_types::pem::PemObject;
 use super::error::{ProblemRecord, SetupError, bounded};
 use super::nonce::{LAST_NONCE, LAST_RETRY_AFTER, NoncePool, synthetic_nonce_response};
 use super::observe::Observer;
+use super::transport::{GateScope, Transport, gate_refusal};
 use super::trust;
 use crate::clock::Clock;
 
@@ -52,6 +57,9 @@ const MAX_URL_LEN: usize = 2048;
 /// Other headers certd or instant-acme read (Content-Type, Link lists,
 /// Replay-Nonce) longer than this are dropped.
 const MAX_HEADER_LEN: usize = 4096;
+/// How long one request may take, from opening a connection to the last
+/// byte of the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The one HTTP client; cheap to clone.
 #[derive(Clone)]
@@ -60,7 +68,10 @@ pub struct AcmeHttp {
 }
 
 pub(super) struct HttpInner {
-    pub(super) client: reqwest::Client,
+    /// ACME requests' connections.
+    transport: Transport,
+    /// Requests that are not ACME's protocol (see [`AcmeHttp::plain`]).
+    plain: reqwest::Client,
     /// The wall clock `Retry-After` is read against.
     pub(super) clock: Clock,
     pub(super) nonces: NoncePool,
@@ -80,19 +91,21 @@ pub trait RequestGate: Send + Sync {
 pub struct GateClosed(pub String);
 
 tokio::task_local! {
-    /// The gate of the current run, if it has one.
-    static GATE: Arc<dyn RequestGate>;
+    /// The gate of the current run, if it has one, and the run's
+    /// connections.
+    static GATE: Arc<GateScope>;
 }
 
 /// Runs `fut` with every request it sends through [`AcmeHttp`] first
-/// asked of `gate`.
+/// asked of `gate`, on connections of its own whose every write asks it
+/// too; they close when `fut` ends.
 pub async fn gated<F: Future>(gate: Arc<dyn RequestGate>, fut: F) -> F::Output {
-    GATE.scope(gate, fut).await
+    GATE.scope(Arc::new(GateScope::new(gate)), fut).await
 }
 
-/// The current run's gate's answer; open outside a [`gated`] run.
-fn gate_check() -> Result<(), GateClosed> {
-    GATE.try_with(|gate| gate.check()).unwrap_or(Ok(()))
+/// The current run's gate scope; `None` outside a [`gated`] run.
+fn gate_scope() -> Option<Arc<GateScope>> {
+    GATE.try_with(Arc::clone).ok()
 }
 
 /// The certificates of `[acme] ca_bundle`, as trust anchors.
@@ -139,8 +152,8 @@ impl AcmeHttp {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(roots))
             .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
+        let plain = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls.clone())
             .user_agent(USER_AGENT)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
@@ -152,7 +165,8 @@ impl AcmeHttp {
             .build()?;
         Ok(Self {
             inner: Arc::new(HttpInner {
-                client,
+                transport: Transport::new(tls),
+                plain,
                 clock,
                 nonces: NoncePool::default(),
                 observer: Observer::default(),
@@ -166,9 +180,11 @@ impl AcmeHttp {
         &self.inner.clock
     }
 
-    /// The plain reqwest client, for non-ACME requests (pre-flight checks).
+    /// A plain client with the same trust, for requests that are not
+    /// ACME's protocol: pre-flight checks of this host's own responders,
+    /// unsigned ARI queries, dns-persist-01 lookups.
     pub fn plain(&self) -> &reqwest::Client {
-        &self.inner.client
+        &self.inner.plain
     }
 }
 
@@ -189,7 +205,10 @@ impl HttpInner {
     ) -> Result<BytesResponse, instant_acme::Error> {
         // First of all: past the gate nothing is sent, not even a nonce
         // from the pool is spent.
-        gate_check().map_err(|closed| instant_acme::Error::Other(Box::new(closed)))?;
+        let scope = gate_scope();
+        if let Some(scope) = &scope {
+            scope.gate.check().map_err(gated_error)?;
+        }
         let (parts, body) = req.into_parts();
         // The body type's error is `Infallible`.
         let body = match body.collect().await {
@@ -214,25 +233,34 @@ impl HttpInner {
             self.observer.count("newNonce", "pooled");
             return Ok(synthetic_nonce_response(&nonce));
         }
-        let result = self
-            .client
-            .request(parts.method.clone(), &url)
-            .headers(parts.headers)
-            .body(body)
-            .send()
-            .await;
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut request = Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri)
+            .body(Full::new(body))
+            .map_err(instant_acme::Error::Http)?;
+        *request.headers_mut() = parts.headers;
+        request
+            .headers_mut()
+            .entry(http::header::USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT));
+        let pool = self.transport.pool(scope.as_deref());
+        let result = tokio::time::timeout_at(deadline, pool.request(request)).await;
         let endpoint = self.observer.endpoint(&parts.method, &url);
-        let rsp = match result {
-            Ok(rsp) => rsp,
-            Err(e) => {
-                self.observer.count(endpoint, "transport-error");
-                return Err(instant_acme::Error::Other(Box::new(e)));
-            }
+        let failed = |e: Box<dyn std::error::Error + Send + Sync>| {
+            self.observer.count(endpoint, "transport-error");
+            transport_error(scope.as_deref(), &url, e)
         };
-        let status = rsp.status();
+        let rsp = match result {
+            Ok(Ok(rsp)) => rsp,
+            Ok(Err(e)) => return Err(failed(Box::new(e))),
+            Err(_) => return Err(failed(timed_out())),
+        };
+        let (head, body) = rsp.into_parts();
+        let status = head.status;
         let now = self.clock.system_time();
-        let version = rsp.version();
-        let mut headers = rsp.headers().clone();
+        let version = head.version;
+        let mut headers = head.headers;
         let checked = if status.is_redirection() {
             let to = headers
                 .get(http::header::LOCATION)
@@ -253,9 +281,11 @@ impl HttpInner {
             self.observer.count(endpoint, status.as_str());
             return Err(instant_acme::Error::Other(e.into()));
         }
-        let bytes = match read_capped(rsp, body_limit(&headers)).await {
-            Ok(b) => b,
-            Err(e) => {
+        let read = tokio::time::timeout_at(deadline, read_capped(body, body_limit(&headers)));
+        let bytes = match read.await {
+            Ok(Ok(b)) => b,
+            Ok(Err(BodyError::Transport(e))) => return Err(failed(Box::new(e))),
+            Ok(Err(e)) => {
                 self.observer.count(endpoint, "transport-error");
                 return Err(instant_acme::Error::Other(
                     format!(
@@ -265,6 +295,7 @@ impl HttpInner {
                     .into(),
                 ));
             }
+            Err(_) => return Err(failed(timed_out())),
         };
         self.observer.count(endpoint, status.as_str());
         if endpoint == "newOrder" && status == StatusCode::CREATED {
@@ -320,6 +351,49 @@ impl HttpInner {
     }
 }
 
+/// The gate's refusal, as instant-acme carries it to certd.
+fn gated_error(closed: GateClosed) -> instant_acme::Error {
+    instant_acme::Error::Other(Box::new(closed))
+}
+
+/// A request that failed on its way: inside a gated run whose gate has
+/// closed meanwhile, the gate's refusal (its fence cut the request off,
+/// or the connection failed while the host was past its lease: either
+/// way the caller must stop); otherwise the failure, with the URL.
+fn transport_error(
+    scope: Option<&GateScope>,
+    url: &str,
+    e: Box<dyn std::error::Error + Send + Sync>,
+) -> instant_acme::Error {
+    if let Some(closed) = gate_refusal(e.as_ref()) {
+        return gated_error(closed.clone());
+    }
+    if let Some(Err(closed)) = scope.map(|s| s.gate.check()) {
+        return gated_error(closed);
+    }
+    instant_acme::Error::Other(Box::new(RequestFailed {
+        url: bounded(url, MAX_URL_LEN).into_owned(),
+        source: e,
+    }))
+}
+
+fn timed_out() -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+    ))
+}
+
+/// A request to `url` that got no answer: the connection failed, or
+/// broke, or the answer did not come in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request to {url} failed")]
+pub struct RequestFailed {
+    pub url: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 /// Poisoning only means another thread panicked mid-update of a cache; the
 /// data is still usable, so recover it rather than cascade the panic.
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -366,7 +440,7 @@ enum BodyError {
     #[error("the body is larger than {limit} bytes, the most certd reads from a CA")]
     TooLarge { limit: usize },
     #[error(transparent)]
-    Transport(#[from] reqwest::Error),
+    Transport(#[from] hyper::Error),
 }
 
 /// How much of a body certd reads: a certificate chain may be larger
@@ -386,13 +460,17 @@ fn body_limit(headers: &HeaderMap) -> usize {
 /// Reads a body as it streams, stopping as soon as it passes `limit`
 /// (a Content-Length above it is refused before any byte is read), so a
 /// CA cannot make certd hold more than `limit` bytes of one answer.
-async fn read_capped(mut rsp: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+async fn read_capped(mut rsp: Incoming, limit: usize) -> Result<Bytes, BodyError> {
     let too_large = BodyError::TooLarge { limit };
-    if rsp.content_length().is_some_and(|n| n > limit as u64) {
+    if rsp.size_hint().lower() > limit as u64 {
         return Err(too_large);
     }
     let mut body = Vec::new();
-    while let Some(chunk) = rsp.chunk().await? {
+    while let Some(frame) = rsp.frame().await {
+        // Trailers carry nothing certd reads.
+        let Ok(chunk) = frame?.into_data() else {
+            continue;
+        };
         if body.len() + chunk.len() > limit {
             return Err(too_large);
         }
@@ -494,22 +572,43 @@ mod tests {
     use crate::acme::observe::link_with_rel;
     use crate::acme::raw;
 
-    /// A gate that counts its checks and answers as told.
+    /// A gate that counts its checks and is open for the first
+    /// `open_for` of them.
     struct Gate {
-        open: bool,
+        open_for: usize,
         checks: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Gate {
+        fn new(open_for: usize) -> Arc<Self> {
+            Arc::new(Self {
+                open_for,
+                checks: 0.into(),
+            })
+        }
+
+        fn checks(&self) -> usize {
+            self.checks.load(std::sync::atomic::Ordering::Relaxed)
+        }
     }
 
     impl RequestGate for Gate {
         fn check(&self) -> Result<(), GateClosed> {
-            self.checks
+            let before = self
+                .checks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if self.open {
+            if before < self.open_for {
                 Ok(())
             } else {
                 Err(GateClosed("lease lost".into()))
             }
         }
+    }
+
+    fn new_order_at(port: u16) -> Request<BodyWrapper<Bytes>> {
+        Request::post(format!("https://127.0.0.1:{port}/acme/new-order"))
+            .body(BodyWrapper::from(Vec::new()))
+            .expect("request")
     }
 
     /// A closed gate stops the request before anything is sent (no
@@ -519,15 +618,8 @@ mod tests {
     #[tokio::test]
     async fn a_closed_gate_sends_nothing() {
         let http = AcmeHttp::new(None, Clock::system()).expect("client");
-        let request = || {
-            Request::post("https://127.0.0.1:1/acme/new-order")
-                .body(BodyWrapper::from(Vec::new()))
-                .expect("request")
-        };
-        let closed = Arc::new(Gate {
-            open: false,
-            checks: 0.into(),
-        });
+        let request = || new_order_at(1);
+        let closed = Gate::new(0);
         let e = gated(closed.clone(), http.request(request()))
             .await
             .map(|_| ())
@@ -538,22 +630,61 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(e.disposition(), Disposition::Retryable);
-        assert_eq!(closed.checks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(closed.checks(), 1);
         assert!(http.request_counts().is_empty(), "nothing sent");
-        let open = Arc::new(Gate {
-            open: true,
-            checks: 0.into(),
-        });
+        let open = Gate::new(usize::MAX);
         let e = gated(open.clone(), http.request(request()))
             .await
             .map(|_| ())
             .expect_err("nothing listens there");
         assert!(matches!(AcmeError::from(e), AcmeError::Transport(_)));
-        assert_eq!(open.checks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Before the request, and again before its connection.
+        assert!(open.checks() >= 2, "{}", open.checks());
         assert!(!http.request_counts().is_empty(), "sent");
         // Outside a gated run there is no gate.
         let e = http.request(request()).await.map(|_| ()).expect_err("sent");
         assert!(matches!(AcmeError::from(e), AcmeError::Transport(_)));
+    }
+
+    /// The fence is on the socket, not only before the request: a gate
+    /// that closes once the connection is open (a host stopped between
+    /// the request's check and its first write wakes past its deadline)
+    /// lets not one byte out, not even TLS's hello, and the request fails
+    /// as the gate's refusal.
+    #[tokio::test]
+    async fn a_gate_closing_mid_request_lets_no_byte_out() {
+        use tokio::io::AsyncReadExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let received = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut bytes = Vec::new();
+            // Until the client closes: a reset is an end too.
+            let _ = socket.read_to_end(&mut bytes).await;
+            bytes.len()
+        });
+        let http = AcmeHttp::new(None, Clock::system()).expect("client");
+        // Open for the request's check and the connection's; closed by
+        // the first write.
+        let gate = Gate::new(2);
+        let e = gated(gate.clone(), http.request(new_order_at(port)))
+            .await
+            .map(|_| ())
+            .expect_err("cut off");
+        let e = AcmeError::from(e);
+        assert!(
+            matches!(&e, AcmeError::Gated(c) if c.0 == "lease lost"),
+            "{e:?}"
+        );
+        assert!(gate.checks() >= 3, "{}", gate.checks());
+        let received = tokio::time::timeout(Duration::from_secs(10), received)
+            .await
+            .expect("the connection closed")
+            .expect("listener");
+        assert_eq!(received, 0, "not a byte after the gate closed");
     }
 
     #[test]

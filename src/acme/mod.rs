@@ -41,6 +41,7 @@ mod http;
 mod nonce;
 mod observe;
 pub mod raw;
+mod transport;
 mod trust;
 
 pub use account::credentials_path;

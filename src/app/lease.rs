@@ -82,7 +82,19 @@ impl Leases {
         let lost = match renewer.stop().await.ended {
             Some(RenewEnd::Lost) => Some(LeaseLoss::Fenced),
             Some(RenewEnd::PastDeadline) => Some(LeaseLoss::Deadline),
-            Some(RenewEnd::Stopped) | None => None,
+            // The work saw the lease end (a request its gate refused, a
+            // write its fence did) before the renewal task's next tick:
+            // lost all the same, and said so the same way.
+            Some(RenewEnd::Stopped) | None => match lease.check_deadline() {
+                Ok(_) | Err(LeaseError::Released { .. }) => None,
+                Err(e) => {
+                    tracing::warn!(lease = %lease.name(), epoch = %lease.epoch(), reason = %e, "lease lost; this host stops acting under it");
+                    Some(match e {
+                        LeaseError::Fenced(_) => LeaseLoss::Fenced,
+                        _ => LeaseLoss::Deadline,
+                    })
+                }
+            },
         };
         if let Some(why) = lost {
             self.counters.lost(why);

@@ -300,9 +300,12 @@ impl DriveError {
             Self::LeasedElsewhere { .. }
                 | Self::Lease(_)
                 | Self::DefinitionDiffers { .. }
-                // A write the fence refused: the lease went to another
-                // host (this one was stopped or cut off past its end).
+                // A write the fence refused, or a request the lease's
+                // deadline did: the lease went, or may have gone, to
+                // another host (this one was stopped or cut off past its
+                // end).
                 | Self::Ledger(LedgerError::Fenced { .. })
+                | Self::Acme(AcmeError::Gated(_))
         )
     }
 
