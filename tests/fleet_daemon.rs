@@ -105,11 +105,9 @@ impl Fleet {
         }
     }
 
-    /// Orders Pebble created, for any account: not `newOrder` requests,
-    /// since Pebble refuses some nonces (`badNonce`) and certd sends such a
-    /// request again, which creates no second order.
+    /// Orders Pebble created, for any account.
     fn new_orders(&self) -> usize {
-        self.env.pebble.pebble_log().matches("Added order ").count()
+        self.env.pebble.orders_created()
     }
 
     /// Runs a query on the shared database.

@@ -95,9 +95,9 @@ impl Fleet {
         }
     }
 
-    /// `newOrder` requests Pebble answered, for any account.
+    /// Orders Pebble created, for any account.
     fn new_orders(&self) -> usize {
-        self.env.pebble.pebble_log().matches("/order-plz").count()
+        self.env.pebble.orders_created()
     }
 
     /// Certificates Pebble issued (one per finalize it acted on).

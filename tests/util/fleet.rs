@@ -137,11 +137,9 @@ impl FleetEnv {
             .unwrap_or_else(|| panic!("no host {id}"))
     }
 
-    /// Orders Pebble created, for any account: `newOrder` requests it
-    /// acted on (one it refused for its nonce, 5 % of requests, created
-    /// nothing and is sent again).
+    /// Orders Pebble created, for any account.
     pub fn new_orders(&self) -> usize {
-        self.pebble.pebble_log().matches("Added order ").count()
+        self.pebble.orders_created()
     }
 
     /// Runs a query on the shared database (directly, not through any

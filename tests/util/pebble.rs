@@ -233,6 +233,14 @@ impl Pebble {
         read_log(&self.pebble_log_path())
     }
 
+    /// Orders Pebble created, for any account, from its log: `newOrder`
+    /// requests it acted on. One it refused for its nonce (5 % of
+    /// requests, unless the test turned that off) created nothing and is
+    /// sent again, so counting requests would count it twice.
+    pub fn orders_created(&self) -> usize {
+        self.pebble_log().matches("Added order ").count()
+    }
+
     /// Everything challtestsrv has logged so far.
     pub fn challtestsrv_log(&self) -> String {
         read_log(&self.dir.path().join("challtestsrv.log"))
