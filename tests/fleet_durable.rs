@@ -2,9 +2,11 @@
 //! `finalize` is replaced by a peer that downloads the same certificate
 //! with the order's key, sealed in the shared database, instead of
 //! ordering again; an order the dead holder never recorded is adopted by
-//! its peer; one-shot commands (`revoke`, `reap`) take the lease a daemon
-//! would, and do nothing while another host holds it; a rolled-over
-//! account key reaches every host.
+//! its peer, also by one that got the certificate from a reload; a
+//! failed write to the shared ledger leaves the order to be resumed, not
+//! given up and placed again; one-shot commands (`revoke`, `reap`) take
+//! the lease a daemon would, and do nothing while another host holds it;
+//! a rolled-over account key reaches every host.
 //!
 //! Each host is a `certd` process with its own state and certificate
 //! directories, sharing one PostgreSQL, one Pebble (behind a
@@ -420,6 +422,96 @@ fn durable_reap_through_a_running_daemon_takes_the_reaper_lease() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(fleet.events("reaper-pass") > passes);
+    let out = da.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+}
+
+/// The holder of a certificate is killed once the CA created its order
+/// (the front holds the `newOrder` answer). The peer that takes the
+/// lease over started without that certificate and got it by a reload:
+/// it adopts and resumes the dead holder's order all the same (whether
+/// the order is still wanted goes by the certificate as configured now,
+/// not as at start), and places no second one.
+#[test]
+fn durable_a_certificate_added_by_reload_resumes_the_order_its_dead_holder_placed() {
+    let fleet = Fleet::new();
+    let front = FaultyFront::start(&fleet.env.pebble);
+    let a = fleet.host("host-a", &dns_cert("n"), Some(&front));
+    let b = fleet.host("host-b", &dns_cert("s"), Some(&front));
+    front.hold("/order-plz", None);
+    let da = a.spawn();
+    wait_until("n's newOrder held", || front.held() > 0, &[&da]);
+    da.signal("KILL");
+    let _ = da.wait();
+
+    let db = b.spawn();
+    wait_until(
+        "s installed by host-b",
+        || b.installed("s").exists(),
+        &[&db],
+    );
+    assert_eq!(fleet.new_orders(), 2, "n's (held) and s's");
+    let config = fs::read_to_string(&b.config).expect("host-b's config");
+    fs::write(&b.config, format!("{config}{}", dns_cert("n"))).expect("host-b's config");
+    db.signal("HUP");
+    wait_until(
+        "n installed by host-b",
+        || b.installed("n").exists(),
+        &[&db],
+    );
+    assert_eq!(
+        fleet.new_orders(),
+        2,
+        "host-b resumed the dead holder's order of n\n{}",
+        db.stderr()
+    );
+    assert_eq!(fleet.events("order-adopted"), 1);
+    assert_eq!(fleet.events("order-abandoned"), 0, "{}", db.stderr());
+    let out = db.terminate();
+    assert_eq!(out.code(), Some(0), "{out}");
+}
+
+/// A write to the shared ledger fails mid-order (a trigger refuses the
+/// first record of a chosen challenge, as a database that went away for
+/// a moment would): the holder gives nothing up, neither deactivates the
+/// pending authorizations at the CA nor marks the order failed, and its
+/// next attempt under the lease resumes the same order: one newOrder.
+#[test]
+fn durable_a_failed_ledger_write_leaves_the_order_to_be_resumed() {
+    let fleet = Fleet::new();
+    let a = fleet.host("host-a", &dns_cert("w"), None);
+    // The fleet's tables, before the daemon orders.
+    a.command(&["reap", "--older-than", "0s"]).assert_success();
+    fleet.pg.execute(
+        "CREATE SEQUENCE refused_writes;
+         CREATE FUNCTION refuse_first_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF nextval('refused_writes') = 1 THEN
+                 RAISE EXCEPTION 'the test refuses this write once';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_first_challenge BEFORE UPDATE OF challenge_type ON authorizations
+             FOR EACH ROW WHEN (NEW.challenge_type IS NOT NULL)
+             EXECUTE FUNCTION refuse_first_write();",
+    );
+    let da = a.spawn();
+    wait_until("w installed", || a.installed("w").exists(), &[&da]);
+    let refused: Vec<(i64,)> =
+        fleet.query("SELECT last_value FROM refused_writes WHERE $1 = $1", "");
+    assert!(
+        refused[0].0 >= 2,
+        "the write was refused once, then let through"
+    );
+    let log = da.stderr();
+    assert!(
+        log.contains("the test refuses this write once"),
+        "the order failed on the refused write:\n{log}"
+    );
+    assert_eq!(fleet.new_orders(), 1, "the order was resumed\n{log}");
+    assert_eq!(fleet.events("order-abandoned"), 0, "{log}");
+    assert_eq!(fleet.events("deactivated"), 0, "nothing deactivated\n{log}");
+    assert_eq!(fleet.events("order-resumed"), 1, "{log}");
     let out = da.terminate();
     assert_eq!(out.code(), Some(0), "{out}");
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::{AcmeError, Disposition, SetupError, error_chain};
 use crate::app::ca_choice::{self, CaFacts, Wants};
 use crate::app::fleet_order::{self, LeaseHooks};
-use crate::app::{Services, fleet_hosts, lease, wants_same_names};
+use crate::app::{Services, cert_wants, fleet_hosts, lease};
 use crate::clock::UnixTime;
 use crate::config::{CaName, CertificateConfig, Config};
 use crate::fleet::{FleetHost, FleetKey};
@@ -332,9 +332,13 @@ impl Cas {
             // authorizations) go through the lease's fence too.
             ctx.reaper = ctx.reaper.writing_to(fenced.clone());
             let name = cert.name.as_str();
-            let cfg = &self.inner.cfg;
+            // Whether an earlier holder's order is still wanted is judged
+            // by `cert` as configured now, not by the contexts'
+            // configuration (the one certd started with): a certificate a
+            // reload added or changed since is missing or different there,
+            // and its order would be abandoned and placed a second time.
             let (resumable, abandoned) =
-                order::recover_certificate(&ctx.reaper, fenced, name, |o| wants_same_names(cfg, o))
+                order::recover_certificate(&ctx.reaper, fenced, name, |o| cert_wants(cert, o))
                     .await?;
             if resumable + abandoned > 0 {
                 tracing::info!(

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::acme::{AcmeAccount, AcmeHttp, SetupError};
 use crate::clock::Clock;
-use crate::config::{CaConfig, CaName, Config};
+use crate::config::{CaConfig, CaName, CertificateConfig, Config};
 use crate::hygiene::Reaper;
 use crate::ledger::{Ledger, LedgerError, OrderRow};
 use crate::metrics::LedgerWriteErrors;
@@ -219,5 +219,12 @@ impl Services {
 /// configured with exactly the order's names.
 pub(crate) fn wants_same_names(cfg: &Config, order: &OrderRow) -> bool {
     cfg.certificate(&order.cert_name)
-        .is_some_and(|c| crate::ledger::Identifiers::new(c.domain_strings()) == order.identifiers)
+        .is_some_and(|c| cert_wants(c, order))
+}
+
+/// Whether the unfinished `order` is one `cert` (as configured now) would
+/// place: for it, with exactly its names.
+pub(crate) fn cert_wants(cert: &CertificateConfig, order: &OrderRow) -> bool {
+    order.cert_name == cert.name.as_str()
+        && crate::ledger::Identifiers::new(cert.domain_strings()) == order.identifiers
 }

@@ -457,6 +457,14 @@ async fn obtain_inner(
         // Fleet mode: past the lease, nothing more is sent or written; the
         // next holder's recovery takes the order up.
         Err(e) if e.is_self_fenced() => Err(e),
+        // Fleet mode, a read or write of the shared ledger failed (the
+        // database gone, a connection cut): whether this host still holds
+        // the lease is unknown, and a ledger out of reach is no reason to
+        // give the order up. It stays as recorded, its authorizations
+        // pending and nothing more sent for it, for the lease's next
+        // holder (a peer, or this host again) to resume rather than order
+        // a second time.
+        Err(e @ DriveError::Ledger(_)) if ctx.store.is_shared() => Err(e),
         // Fleet mode, shutting down: the order is handed over, not given
         // up. Its authorizations stay pending and the lease is released,
         // so a peer claims it and resumes this order.

@@ -188,6 +188,24 @@ impl Postgres {
             })
     }
 
+    /// Runs the statements `sql` (no parameters) on the cluster's
+    /// database: what a test sets up there before certd runs (a trigger
+    /// that makes one of certd's writes fail, say). Panics on an error.
+    pub fn execute(&self, sql: &'static str) {
+        let url = self.url();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let pool = sqlx::PgPool::connect(&url).await?;
+                let done = sqlx::raw_sql(sql).execute(&pool).await;
+                pool.close().await;
+                done.map(|_| ())
+            })
+            .unwrap_or_else(|e: sqlx::Error| panic!("{sql}: {e}"));
+    }
+
     /// As `try_query`; panics on an error.
     pub fn query<T>(&self, sql: &'static str, bind: &str) -> Vec<T>
     where
