@@ -32,7 +32,7 @@ use rustls_pki_types::pem::PemObject;
 use super::error::{ProblemRecord, SetupError, bounded};
 use super::nonce::{LAST_NONCE, LAST_RETRY_AFTER, NoncePool, synthetic_nonce_response};
 use super::observe::Observer;
-use super::transport::{GateScope, Transport, gate_refusal};
+use super::transport::{Transport, gate_refusal};
 use super::trust;
 use crate::clock::Clock;
 
@@ -91,20 +91,19 @@ pub trait RequestGate: Send + Sync {
 pub struct GateClosed(pub String);
 
 tokio::task_local! {
-    /// The gate of the current run, if it has one, and the run's
-    /// connections.
-    static GATE: Arc<GateScope>;
+    /// The gate of the current run, if it has one.
+    static GATE: Arc<dyn RequestGate>;
 }
 
 /// Runs `fut` with every request it sends through [`AcmeHttp`] first
-/// asked of `gate`, on connections of its own whose every write asks it
-/// too; they close when `fut` ends.
+/// asked of `gate`, and every write to the connection the request uses
+/// asked again (see [`transport`](super::transport)).
 pub async fn gated<F: Future>(gate: Arc<dyn RequestGate>, fut: F) -> F::Output {
-    GATE.scope(Arc::new(GateScope::new(gate)), fut).await
+    GATE.scope(gate, fut).await
 }
 
-/// The current run's gate scope; `None` outside a [`gated`] run.
-fn gate_scope() -> Option<Arc<GateScope>> {
+/// The current run's gate; `None` outside a [`gated`] run.
+fn current_gate() -> Option<Arc<dyn RequestGate>> {
     GATE.try_with(Arc::clone).ok()
 }
 
@@ -205,9 +204,9 @@ impl HttpInner {
     ) -> Result<BytesResponse, instant_acme::Error> {
         // First of all: past the gate nothing is sent, not even a nonce
         // from the pool is spent.
-        let scope = gate_scope();
-        if let Some(scope) = &scope {
-            scope.gate.check().map_err(gated_error)?;
+        let gate = current_gate();
+        if let Some(gate) = &gate {
+            gate.check().map_err(gated_error)?;
         }
         let (parts, body) = req.into_parts();
         // The body type's error is `Infallible`.
@@ -244,16 +243,16 @@ impl HttpInner {
             .headers_mut()
             .entry(http::header::USER_AGENT)
             .or_insert(HeaderValue::from_static(USER_AGENT));
-        let pool = self.transport.pool(scope.as_deref());
-        let result = tokio::time::timeout_at(deadline, pool.request(request)).await;
+        let sent = self.transport.send(request, gate.clone());
+        let result = tokio::time::timeout_at(deadline, sent).await;
         let endpoint = self.observer.endpoint(&parts.method, &url);
         let failed = |e: Box<dyn std::error::Error + Send + Sync>| {
             self.observer.count(endpoint, "transport-error");
-            transport_error(scope.as_deref(), &url, e)
+            transport_error(gate.as_deref(), &url, e)
         };
-        let rsp = match result {
-            Ok(Ok(rsp)) => rsp,
-            Ok(Err(e)) => return Err(failed(Box::new(e))),
+        let (rsp, conn) = match result {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(e)) => return Err(failed(e)),
             Err(_) => return Err(failed(timed_out())),
         };
         let (head, body) = rsp.into_parts();
@@ -283,7 +282,11 @@ impl HttpInner {
         }
         let read = tokio::time::timeout_at(deadline, read_capped(body, body_limit(&headers)));
         let bytes = match read.await {
-            Ok(Ok(b)) => b,
+            Ok(Ok(b)) => {
+                // Read to its end: the connection can carry the next one.
+                self.transport.check_in(conn);
+                b
+            }
             Ok(Err(BodyError::Transport(e))) => return Err(failed(Box::new(e))),
             Ok(Err(e)) => {
                 self.observer.count(endpoint, "transport-error");
@@ -361,14 +364,14 @@ fn gated_error(closed: GateClosed) -> instant_acme::Error {
 /// or the connection failed while the host was past its lease: either
 /// way the caller must stop); otherwise the failure, with the URL.
 fn transport_error(
-    scope: Option<&GateScope>,
+    gate: Option<&dyn RequestGate>,
     url: &str,
     e: Box<dyn std::error::Error + Send + Sync>,
 ) -> instant_acme::Error {
     if let Some(closed) = gate_refusal(e.as_ref()) {
         return gated_error(closed.clone());
     }
-    if let Some(Err(closed)) = scope.map(|s| s.gate.check()) {
+    if let Some(Err(closed)) = gate.map(RequestGate::check) {
         return gated_error(closed);
     }
     instant_acme::Error::Other(Box::new(RequestFailed {
@@ -644,6 +647,154 @@ mod tests {
         // Outside a gated run there is no gate.
         let e = http.request(request()).await.map(|_| ()).expect_err("sent");
         assert!(matches!(AcmeError::from(e), AcmeError::Transport(_)));
+    }
+
+    /// What a TLS test server saw from a client after answering it.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Heard {
+        /// A request, answered with 200 and `{}`.
+        Request,
+        /// TLS's `close_notify`: the client closed the connection with a
+        /// write.
+        CloseNotify,
+        /// The connection ended without a byte more (no `close_notify`).
+        Silence,
+    }
+
+    /// A TLS server on loopback for `localhost`, answering HTTP/1.1
+    /// requests on one connection; reports what it hears. Returns its
+    /// port, the CA bundle that trusts it, and the reports.
+    async fn tls_server(
+        dir: &Path,
+    ) -> (
+        u16,
+        std::path::PathBuf,
+        tokio::sync::mpsc::UnboundedReceiver<Heard>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let bundle = dir.join("ca.pem");
+        std::fs::write(&bundle, cert.pem()).expect("bundle");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut tls = acceptor.accept(socket).await.expect("handshake");
+            let mut pending = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let heard = match tls.read(&mut buf).await {
+                    Ok(0) => Heard::CloseNotify,
+                    Ok(n) => {
+                        pending.extend_from_slice(&buf[..n]);
+                        if !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                            continue;
+                        }
+                        pending.clear();
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        tls.write_all(answer.as_bytes()).await.expect("answer");
+                        Heard::Request
+                    }
+                    // tokio-rustls: the peer closed TCP without a
+                    // close_notify, or reset it.
+                    Err(_) => Heard::Silence,
+                };
+                let end = heard != Heard::Request;
+                let _ = tx.send(heard);
+                if end {
+                    return;
+                }
+            }
+        });
+        (port, bundle, rx)
+    }
+
+    /// A gate switched by the test.
+    struct Switch(std::sync::atomic::AtomicBool);
+
+    impl RequestGate for Switch {
+        fn check(&self) -> Result<(), GateClosed> {
+            if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err(GateClosed("lease lost".into()))
+            }
+        }
+    }
+
+    /// A pooled connection keeps the gate of the request it served last:
+    /// once that gate closes, the connection closes without a byte (no
+    /// `close_notify`) when the pool lets it go; a request that takes it
+    /// over puts its own gate on it. With the gate open, the same close
+    /// does send `close_notify`, which is what the fence withholds.
+    #[tokio::test]
+    async fn an_idle_connection_keeps_its_last_gate() {
+        let post = |port: u16| {
+            Request::post(format!("https://localhost:{port}/acme/new-order"))
+                .body(BodyWrapper::from(Vec::new()))
+                .expect("request")
+        };
+        for closed in [true, false] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (port, bundle, mut heard) = tls_server(dir.path()).await;
+            let http = AcmeHttp::new(Some(&bundle), Clock::system()).expect("client");
+            let gate = Arc::new(Switch(true.into()));
+            let rsp = gated(gate.clone(), http.request(post(port)))
+                .await
+                .expect("answered under the open gate");
+            assert_eq!(rsp.parts.status, StatusCode::OK);
+            assert_eq!(heard.recv().await, Some(Heard::Request));
+            if closed {
+                gate.0.store(false, std::sync::atomic::Ordering::Relaxed);
+                // Past the gate: refused before the pool is even asked.
+                let e = gated(gate.clone(), http.request(post(port)))
+                    .await
+                    .map(|_| ())
+                    .expect_err("refused");
+                assert!(matches!(AcmeError::from(e), AcmeError::Gated(_)));
+                // Outside the run, the same idle connection serves.
+                http.request(post(port)).await.expect("ungated");
+                assert_eq!(heard.recv().await, Some(Heard::Request));
+                // Under the closed gate again, then let go.
+                let _ = gated(gate.clone(), http.request(post(port))).await;
+                gate.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                gated(gate.clone(), http.request(post(port)))
+                    .await
+                    .expect("the gate open again");
+                assert_eq!(heard.recv().await, Some(Heard::Request));
+                gate.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            drop(http);
+            let end = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+                .await
+                .expect("the connection ended");
+            let expected = if closed {
+                Heard::Silence
+            } else {
+                Heard::CloseNotify
+            };
+            assert_eq!(end, Some(expected), "gate closed: {closed}");
+        }
     }
 
     /// The fence is on the socket, not only before the request: a gate
