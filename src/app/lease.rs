@@ -189,18 +189,25 @@ where
     }
     let lost = leases.end(fleet, &lease, renewer).await;
     match (result, lost) {
-        // An order stopped by the lost lease says so, not "shutting down".
-        (Err(DriveError::Cancelled), Some(why)) => Err(DriveError::Lease(match why {
-            LeaseLoss::Deadline => LeaseError::PastDeadline {
-                name: lease_name,
-                epoch: lease.epoch(),
-            },
-            LeaseLoss::Fenced => LeaseError::Fenced(Fenced {
-                name: lease_name,
-                holder: fleet.holder.clone(),
-                epoch: lease.epoch(),
-            }),
-        })),
+        // An order stopped while the lease was lost says so, whatever
+        // stopped it: cancelled by the loss, a request its gate refused,
+        // or a ledger write that failed meanwhile (a host stopped in the
+        // middle of one wakes to find the database ended its
+        // transaction). It is another host's turn, not a failure to retry.
+        (Err(e), Some(why)) if !matches!(e, DriveError::Lease(_)) => {
+            tracing::debug!(cert = name, error = %e, "the order stopped once its lease was lost");
+            Err(DriveError::Lease(match why {
+                LeaseLoss::Deadline => LeaseError::PastDeadline {
+                    name: lease_name,
+                    epoch: lease.epoch(),
+                },
+                LeaseLoss::Fenced => LeaseError::Fenced(Fenced {
+                    name: lease_name,
+                    holder: fleet.holder.clone(),
+                    epoch: lease.epoch(),
+                }),
+            }))
+        }
         (result, _) => result,
     }
 }
@@ -487,5 +494,61 @@ mod tests {
             .expect("the failover sum");
         assert!((0.9..31.0).contains(&sum), "{sum} in {page_b}");
         shared.pool().close().await;
+    }
+
+    /// Whatever stops an order once its lease is lost is the loss, not a
+    /// failure to retry: here a ledger write that fails for a reason of
+    /// its own (the host's connections are gone, as a host stopped in the
+    /// middle of a write finds when it wakes), after the deadline passed.
+    /// The scheduler then leaves the certificate to the lease's next
+    /// holder instead of retrying at once under a new lease. The loss is
+    /// counted even when the work saw it before the renewal task did.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whatever_stops_an_order_after_its_lease_is_lost_is_the_loss() {
+        let pg = cluster::Postgres::launch();
+        let url = pg.url();
+        let db = FleetDb::open(&url, &DbOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("open: {e}\n{}", pg.log()));
+        let a = host(db.clone(), "host-a", &url);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Ledger::postgres(db.pool().clone(), dir.path().to_owned(), Clock::system());
+        let leases = Leases::default();
+        let cancel = CancellationToken::new();
+        let a = &a;
+        let lost = under_lease(
+            a,
+            &leases,
+            &store,
+            "www",
+            &cancel,
+            |fenced, lease, _| async move {
+                a.db.pool().close().await;
+                while lease.check_deadline().is_ok() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let failed = fenced
+                    .clear_pause("www")
+                    .await
+                    .expect_err("the pool is closed");
+                assert!(!matches!(failed, LedgerError::Fenced { .. }), "{failed:?}");
+                Err::<(), _>(DriveError::Ledger(failed))
+            },
+        )
+        .await;
+        assert!(
+            matches!(
+                &lost,
+                Err(DriveError::Lease(LeaseError::PastDeadline { .. }))
+            ),
+            "{lost:?}"
+        );
+        assert!(lost.expect_err("lost").is_elsewhere());
+        let mut page = String::new();
+        leases.counters.render(&mut page);
+        assert!(
+            page.contains("certd_fleet_lease_losses_total{reason=\"deadline\"} 1\n"),
+            "{page}"
+        );
     }
 }
