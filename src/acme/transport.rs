@@ -170,6 +170,7 @@ impl Transport {
             }
         }
         let fence = FenceSlot::new(gate);
+        tracing::debug!(origin = %origin, "opening a connection to the CA");
         let io = self.connect(uri, fence.clone()).await?;
         let (sender, connection) = http1::handshake(io).await?;
         // The connection's own task: it ends when the connection does,
