@@ -171,27 +171,29 @@ impl Postgres {
     where
         T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
-        let url = self.url();
         let bind = bind.to_owned();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let pool = sqlx::PgPool::connect(&url).await?;
-                let rows = sqlx::query_as::<_, T>(sql)
-                    .bind(bind)
-                    .fetch_all(&pool)
-                    .await;
-                pool.close().await;
-                rows
-            })
+        self.on_pool(|pool| async move {
+            sqlx::query_as::<_, T>(sql)
+                .bind(bind)
+                .fetch_all(&pool)
+                .await
+        })
     }
 
     /// Runs the statements `sql` (no parameters) on the cluster's
     /// database: what a test sets up there before certd runs (a trigger
     /// that makes one of certd's writes fail, say). Panics on an error.
     pub fn execute(&self, sql: &'static str) {
+        self.on_pool(|pool| async move { sqlx::raw_sql(sql).execute(&pool).await.map(|_| ()) })
+            .unwrap_or_else(|e: sqlx::Error| panic!("{sql}: {e}"));
+    }
+
+    /// Runs `work` with a pool of connections to the cluster's database,
+    /// from a test's own (blocking) thread, and closes the pool.
+    fn on_pool<T, Fut>(&self, work: impl FnOnce(sqlx::PgPool) -> Fut) -> Result<T, sqlx::Error>
+    where
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
         let url = self.url();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -199,11 +201,10 @@ impl Postgres {
             .expect("runtime")
             .block_on(async move {
                 let pool = sqlx::PgPool::connect(&url).await?;
-                let done = sqlx::raw_sql(sql).execute(&pool).await;
+                let out = work(pool.clone()).await;
                 pool.close().await;
-                done.map(|_| ())
+                out
             })
-            .unwrap_or_else(|e: sqlx::Error| panic!("{sql}: {e}"));
     }
 
     /// As `try_query`; panics on an error.
