@@ -608,8 +608,9 @@ mod tests {
         }
     }
 
-    fn new_order_at(port: u16) -> Request<BodyWrapper<Bytes>> {
-        Request::post(format!("https://127.0.0.1:{port}/acme/new-order"))
+    /// A newOrder POST to `host:port`.
+    fn new_order_at(host: &str, port: u16) -> Request<BodyWrapper<Bytes>> {
+        Request::post(format!("https://{host}:{port}/acme/new-order"))
             .body(BodyWrapper::from(Vec::new()))
             .expect("request")
     }
@@ -621,7 +622,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_gate_sends_nothing() {
         let http = AcmeHttp::new(None, Clock::system()).expect("client");
-        let request = || new_order_at(1);
+        let request = || new_order_at("127.0.0.1", 1);
         let closed = Gate::new(0);
         let e = gated(closed.clone(), http.request(request()))
             .await
@@ -749,11 +750,7 @@ mod tests {
     /// does send `close_notify`, which is what the fence withholds.
     #[tokio::test]
     async fn an_idle_connection_keeps_its_last_gate() {
-        let post = |port: u16| {
-            Request::post(format!("https://localhost:{port}/acme/new-order"))
-                .body(BodyWrapper::from(Vec::new()))
-                .expect("request")
-        };
+        let post = |port: u16| new_order_at("localhost", port);
         for closed in [true, false] {
             let dir = tempfile::tempdir().expect("temp dir");
             let (port, bundle, mut heard) = tls_server(dir.path()).await;
@@ -821,7 +818,7 @@ mod tests {
         // Open for the request's check and the connection's; closed by
         // the first write.
         let gate = Gate::new(2);
-        let e = gated(gate.clone(), http.request(new_order_at(port)))
+        let e = gated(gate.clone(), http.request(new_order_at("127.0.0.1", port)))
             .await
             .map(|_| ())
             .expect_err("cut off");
