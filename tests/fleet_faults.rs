@@ -1,6 +1,7 @@
 //! Fleet mode under faults: three `certd run` hosts on one PostgreSQL and
-//! one Pebble (`util::fleet`), one of them killed, cut off from the
-//! database or with its wall clock off, or the database itself stopped. What is asserted is what the CA and the shared database saw:
+//! one Pebble (`util::fleet`), one of them killed, stopped, cut off from
+//! the database or with its wall clock off, or the database itself
+//! stopped. What is asserted is what the CA and the shared database saw:
 //! one `newOrder` per certificate per round, fleet-wide; a peer takes the
 //! lease over under the next epoch and finishes the same order; every
 //! host installs the same serial with a matching key; nothing is left
@@ -24,6 +25,10 @@ impl Running {
 
     fn live(&self) -> Vec<&Daemon> {
         self.0.iter().flatten().collect()
+    }
+
+    fn get(&self, id: &str) -> &Daemon {
+        self.0[index(id)].as_ref().expect("a running host")
     }
 
     /// kill -9 of host `id`.
@@ -155,6 +160,11 @@ enum Stage {
     AuthzWrite,
     /// The CA was asked to validate; the holder never heard.
     ChallengePost,
+    /// The CA was asked to validate and is still at it when the lease
+    /// passes on (its requests reach the hosts late): the next holder
+    /// waits for that validation rather than answer the challenge again,
+    /// which the CA refuses and which would cost the order.
+    Validating,
     /// The order key is sealed in the database; finalize never reached
     /// the CA.
     KeySeal,
@@ -172,6 +182,12 @@ fn killed_holder_is_replaced(stage: Stage) {
         Stage::NewOrder => env.front.hold("/order-plz", None),
         Stage::AuthzWrite => env.front.stall("/chalZ/"),
         Stage::ChallengePost => env.front.hold("/chalZ/", None),
+        Stage::Validating => {
+            env.front.hold("/chalZ/", None);
+            // Past the takeover (at most ttl + 1 s after the kill), within
+            // Pebble's 15 s validation timeout.
+            env.balancer.set_delay(LEASE_TTL + Duration::from_secs(3));
+        }
         Stage::KeySeal => env.front.stall("/finalize-order/"),
         Stage::Finalize => env.front.hold("/finalize-order/", None),
     }
@@ -245,6 +261,11 @@ fn kill_9_of_the_holder_after_the_challenge_post() {
 }
 
 #[test]
+fn kill_9_of_the_holder_while_the_ca_validates() {
+    killed_holder_is_replaced(Stage::Validating);
+}
+
+#[test]
 fn kill_9_of_the_holder_after_the_key_seal() {
     killed_holder_is_replaced(Stage::KeySeal);
 }
@@ -252,6 +273,119 @@ fn kill_9_of_the_holder_after_the_key_seal() {
 #[test]
 fn kill_9_of_the_holder_after_finalize() {
     killed_holder_is_replaced(Stage::Finalize);
+}
+
+/// Sends `signal` to `daemon`'s process.
+fn signal(daemon: &Daemon, signal: &str) {
+    daemon.signal(signal);
+}
+
+/// The holder is stopped (SIGSTOP) mid-order for twice the lease's ttl; a
+/// peer takes over and finishes the same order. Woken (SIGCONT), the old
+/// holder sends the CA nothing (not a byte through its egress) and writes
+/// nothing to the ledger.
+///
+/// The holder is stopped as soon as the CA has created its order: wherever
+/// it is then, up to its challenge POST, which the front stalls so the CA
+/// never validates towards the stopped host. (A validation the CA had
+/// started there would hang on the stopped host and fail, and the order
+/// with it: a second order is then a retry, not a duplicate.)
+#[test]
+fn a_holder_stopped_for_two_ttls_sends_and_writes_nothing_when_it_wakes() {
+    let env = FleetEnv::new(&http_cert("s"));
+    env.front.stall("/chalZ/");
+    let run = Running::start(&env);
+    wait_until(
+        "the CA created the order",
+        || env.new_orders() > 0,
+        &run.live(),
+    );
+    let (holder, epoch) = env.lease("s").expect("the lease");
+    let holder = HOST_IDS[index(&holder.expect("a holder"))];
+    signal(run.get(holder), "STOP");
+    let stopped = Instant::now();
+    // A health-checking balancer takes the host that stopped answering
+    // out of the rotation; the CA's validations go to the others.
+    env.balancer.set_down(index(holder), true);
+    // A challenge POST the holder wrote before it stopped has reached the
+    // front by now; if none did, the peer's passes.
+    std::thread::sleep(Duration::from_secs(1));
+    env.front.disarm_stalls();
+    assert_eq!(
+        env.lease("s").and_then(|(h, _)| h).as_deref(),
+        Some(holder),
+        "stopped while it held the lease, mid-order"
+    );
+    let survivors: Vec<&str> = HOST_IDS.iter().copied().filter(|h| *h != holder).collect();
+    let to_epoch = wait_until(
+        "a peer takes the lease over",
+        || env.lease("s").is_some_and(|(_, e)| e > epoch),
+        &run.live(),
+    );
+    eprintln!(
+        "fleet: SIGSTOP {holder}: epoch {} after {to_epoch:?}",
+        epoch + 1
+    );
+    wait_installed_everywhere(&env, "s", &survivors, &run);
+    // The fault's length, not a wait for an outcome.
+    if let Some(rest) = (LEASE_TTL * 2).checked_sub(stopped.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let ledger = env.ledger_snapshot();
+    let egress = env.host(holder);
+    let (tunnels, sent) = (egress.egress.tunnels(), egress.egress.sent());
+    let orders = env.new_orders();
+    signal(run.get(holder), "CONT");
+    let woke = Instant::now();
+    env.balancer.set_down(index(holder), false);
+
+    let woken = run.get(holder);
+    wait_until(
+        "the woken host sees its lease lost",
+        || {
+            woken
+                .stderr()
+                .contains("lease lost; this host stops acting under it")
+        },
+        &[woken],
+    );
+    wait_until(
+        "the woken host counts the loss",
+        || {
+            let page = env.host(holder).metrics();
+            page.lines()
+                .filter(|l| l.starts_with("certd_fleet_lease_losses_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+                >= 1.0
+        },
+        &[woken],
+    );
+    let (tunnels_after, sent_after) = (egress.egress.tunnels(), egress.egress.sent());
+    eprintln!(
+        "fleet: SIGSTOP {holder} for {:?}; epoch {} after {to_epoch:?}; after SIGCONT \
+         ({:?} ago) it opened {} connections to the CA and sent {} bytes",
+        woke.duration_since(stopped),
+        epoch + 1,
+        woke.elapsed(),
+        tunnels_after - tunnels,
+        sent_after - sent
+    );
+    assert_eq!(
+        (tunnels_after - tunnels, sent_after - sent),
+        (0, 0),
+        "no CA request after waking; the woken host's log:\n{}",
+        woken.stderr()
+    );
+    assert_eq!(
+        env.ledger_snapshot(),
+        ledger,
+        "no ledger write after waking"
+    );
+    assert_eq!(env.new_orders(), orders);
+    assert_eq!(orders, 1, "one newOrder for s\n{}", run.story(&env));
+    env.assert_nothing_pending_at_ca();
+    run.stop();
 }
 
 /// The holder loses PostgreSQL (its connection cut) while it still

@@ -83,6 +83,14 @@ pub(super) struct HttpInner {
 /// (fleet mode: the lease's local deadline).
 pub trait RequestGate: Send + Sync {
     fn check(&self) -> Result<(), GateClosed>;
+
+    /// Resolves, with why, once the gate has closed for good: a request
+    /// under way then is dropped rather than waited on (it can send
+    /// nothing more, and its answer would be acted on by nobody). The
+    /// default never resolves: such a gate only refuses new writes.
+    fn closed(&self) -> Pin<Box<dyn Future<Output = GateClosed> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// A request the gate refused: nothing was sent. The text says why.
@@ -202,12 +210,27 @@ impl HttpInner {
         &self,
         req: Request<BodyWrapper<Bytes>>,
     ) -> Result<BytesResponse, instant_acme::Error> {
+        let Some(gate) = current_gate() else {
+            return self.exchange(req, None).await;
+        };
         // First of all: past the gate nothing is sent, not even a nonce
         // from the pool is spent.
-        let gate = current_gate();
-        if let Some(gate) = &gate {
-            gate.check().map_err(gated_error)?;
+        gate.check().map_err(gated_error)?;
+        // A request waiting on its answer when the gate closes (a stalled
+        // CA, a host that was stopped) ends then, not at its timeout: the
+        // order under a lost lease stops at once.
+        tokio::select! {
+            out = self.exchange(req, Some(gate.clone())) => out,
+            why = gate.closed() => Err(gated_error(why)),
         }
+    }
+
+    /// Sends `req` and reads its answer, on a connection fenced by `gate`.
+    async fn exchange(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+        gate: Option<Arc<dyn RequestGate>>,
+    ) -> Result<BytesResponse, instant_acme::Error> {
         let (parts, body) = req.into_parts();
         // The body type's error is `Infallible`.
         let body = match body.collect().await {
@@ -663,10 +686,12 @@ mod tests {
     }
 
     /// A TLS server on loopback for `localhost`, answering HTTP/1.1
-    /// requests on one connection; reports what it hears. Returns its
-    /// port, the CA bundle that trusts it, and the reports.
+    /// requests on one connection (or, not `answering`, reading them and
+    /// never answering); reports what it hears. Returns its port, the CA
+    /// bundle that trusts it, and the reports.
     async fn tls_server(
         dir: &Path,
+        answering: bool,
     ) -> (
         u16,
         std::path::PathBuf,
@@ -713,7 +738,9 @@ mod tests {
                         }
                         pending.clear();
                         let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-                        tls.write_all(answer.as_bytes()).await.expect("answer");
+                        if answering {
+                            tls.write_all(answer.as_bytes()).await.expect("answer");
+                        }
                         Heard::Request
                     }
                     // tokio-rustls: the peer closed TCP without a
@@ -741,6 +768,42 @@ mod tests {
                 Err(GateClosed("lease lost".into()))
             }
         }
+
+        fn closed(&self) -> Pin<Box<dyn Future<Output = GateClosed> + Send + '_>> {
+            Box::pin(async move {
+                while self.check().is_ok() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                GateClosed("lease lost".into())
+            })
+        }
+    }
+
+    /// A request waiting for its answer when its gate closes (a stalled
+    /// CA, a host stopped mid-request) ends then, as the gate's refusal,
+    /// not at its own timeout a minute later: the order under a lost
+    /// lease stops at once, and its connection closes without a byte.
+    #[tokio::test]
+    async fn a_request_waiting_on_its_answer_ends_when_its_gate_closes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (port, bundle, mut heard) = tls_server(dir.path(), false).await;
+        let http = AcmeHttp::new(Some(&bundle), Clock::system()).expect("client");
+        let gate = Arc::new(Switch(true.into()));
+        let request = tokio::spawn(gated(
+            gate.clone(),
+            http.request(new_order_at("localhost", port)),
+        ));
+        assert_eq!(heard.recv().await, Some(Heard::Request));
+        gate.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        let e = tokio::time::timeout(REQUEST_TIMEOUT / 2, request)
+            .await
+            .expect("ended long before the request's own timeout")
+            .expect("the request's task")
+            .map(|_| ())
+            .expect_err("cut off");
+        assert!(matches!(AcmeError::from(e), AcmeError::Gated(_)));
+        drop(http);
+        assert_eq!(heard.recv().await, Some(Heard::Silence));
     }
 
     /// A pooled connection keeps the gate of the request it served last:
@@ -753,7 +816,7 @@ mod tests {
         let post = |port: u16| new_order_at("localhost", port);
         for closed in [true, false] {
             let dir = tempfile::tempdir().expect("temp dir");
-            let (port, bundle, mut heard) = tls_server(dir.path()).await;
+            let (port, bundle, mut heard) = tls_server(dir.path(), true).await;
             let http = AcmeHttp::new(Some(&bundle), Clock::system()).expect("client");
             let gate = Arc::new(Switch(true.into()));
             let rsp = gated(gate.clone(), http.request(post(port)))

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -120,8 +121,28 @@ impl RequestGate for LeaseGate {
         self.0
             .check_deadline()
             .map(|_| ())
-            .map_err(|e| GateClosed(format!("lease lost: self-fenced, nothing sent ({e})")))
+            .map_err(|e| gate_closed(&e))
     }
+
+    /// The local deadline passing, or the renewal task finding the lease
+    /// gone (looked at every [`GATE_LOOK`]).
+    fn closed(&self) -> Pin<Box<dyn Future<Output = GateClosed> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                match self.0.check_deadline() {
+                    Ok(left) => tokio::time::sleep(left.min(GATE_LOOK)).await,
+                    Err(e) => return gate_closed(&e),
+                }
+            }
+        })
+    }
+}
+
+/// How often a request under way looks whether its lease is still held.
+const GATE_LOOK: Duration = Duration::from_millis(250);
+
+fn gate_closed(e: &LeaseError) -> GateClosed {
+    GateClosed(format!("lease lost: self-fenced, nothing sent ({e})"))
 }
 
 /// Runs `work` for the certificate `name` under its lease: with the

@@ -39,6 +39,9 @@ pub(super) struct Planned {
     pub(super) kind: ChallengeKind,
     pub(super) solver: Arc<dyn Solver>,
     pub(super) spec: ChallengeSpec,
+    /// The CA is validating it already (an earlier run, or the lease's
+    /// earlier holder, answered it): presented again, not answered again.
+    pub(super) answered: bool,
 }
 
 /// Fetches every authorization of the order and records them with their
@@ -184,21 +187,21 @@ pub(super) async fn plan_challenges(
                 });
             }
         }
-        let offered: Vec<ChallengeType> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
+        let offered: Vec<(ChallengeType, ChallengeStatus)> = a
+            .challenges
+            .iter()
+            .map(|c| (c.r#type.clone(), c.status))
+            .collect();
         let history = ctx.store.challenge_history(&identifier).await?;
-        // RFC 8738 section 7: never dns-01 for an address, whatever the CA
-        // offers (there is no `_acme-challenge` name to publish under).
         let is_ip = matches!(a.identifier().identifier, Identifier::Ip(_));
-        let Some(kind) = preference(&cert.challenges, &history)
-            .into_iter()
-            .filter(|k| !(is_ip && *k == ChallengeKind::Dns01))
-            .find(|k| offered.contains(&acme_type(*k)))
+        let Some((kind, answered)) =
+            pick_challenge(&preference(&cert.challenges, &history), &offered, is_ip)
         else {
             return Err(DriveError::NoChallenge {
                 identifier,
                 offered: offered
                     .iter()
-                    .map(challenge_type)
+                    .map(|(t, _)| challenge_type(t))
                     .collect::<Vec<_>>()
                     .join(", "),
                 wanted: cert
@@ -243,9 +246,43 @@ pub(super) async fn plan_challenges(
                 dns_alias: cert.dns_alias.clone(),
                 persist,
             },
+            answered,
         });
     }
     Ok(plan)
+}
+
+/// The challenge to take for an authorization offering `offered` (type
+/// and status), from `preferred` (the configured types, best first):
+/// one the CA is validating already, if it is of a type certd would
+/// take, else the first preferred type offered. The flag says the CA is
+/// validating it: a second answer would be refused (Pebble: "Cannot
+/// update challenge with status processing") and count as a failure,
+/// and the order would be given up and placed again. RFC 8738 section 7:
+/// never dns-01 for an address (`is_ip`), whatever the CA offers (there
+/// is no `_acme-challenge` name to publish under).
+fn pick_challenge(
+    preferred: &[ChallengeKind],
+    offered: &[(ChallengeType, ChallengeStatus)],
+    is_ip: bool,
+) -> Option<(ChallengeKind, bool)> {
+    let usable = || {
+        preferred
+            .iter()
+            .copied()
+            .filter(move |k| !(is_ip && *k == ChallengeKind::Dns01))
+    };
+    let validating = usable().find(|k| {
+        offered
+            .iter()
+            .any(|(t, status)| *t == acme_type(*k) && *status == ChallengeStatus::Processing)
+    });
+    if let Some(kind) = validating {
+        return Some((kind, true));
+    }
+    usable()
+        .find(|k| offered.iter().any(|(t, _)| *t == acme_type(*k)))
+        .map(|kind| (kind, false))
 }
 
 /// What the dns-persist-01 record for `identifier` must say: the issuer
@@ -304,7 +341,9 @@ pub(super) async fn validate<'p>(
             fleet.commit_answer(answer).await?;
         }
     }
-    for p in plan {
+    // A challenge the CA is validating already needs no pre-flight: there
+    // is nothing left to decide before asking the CA.
+    for p in plan.iter().filter(|p| !p.answered) {
         // A dns-01 propagation check may poll for minutes; shutdown must
         // not wait for it.
         tokio::select! {
@@ -315,7 +354,7 @@ pub(super) async fn validate<'p>(
     if let Some(fleet) = &ctx.fleet {
         for (_, answer) in shared
             .iter()
-            .filter(|(p, _)| p.kind == ChallengeKind::Http01)
+            .filter(|(p, _)| p.kind == ChallengeKind::Http01 && !p.answered)
         {
             tokio::select! {
                 result = fleet.preflight(answer) => result?,
@@ -335,6 +374,10 @@ pub(super) async fn validate<'p>(
         let Some(p) = plan.iter().find(|p| p.authz_url == a.url()) else {
             continue;
         };
+        if p.answered {
+            tracing::info!(authz = %p.authz_url, kind = %p.kind, "the CA is validating this challenge already; waiting for its outcome");
+            continue;
+        }
         let Some(mut challenge) = a.challenge(acme_type(p.kind)) else {
             continue;
         };
@@ -343,7 +386,7 @@ pub(super) async fn validate<'p>(
     }
 
     // Seed 004: do not poll before the CA has looked, when we can tell.
-    for p in plan {
+    for p in plan.iter().filter(|p| !p.answered) {
         p.solver.wait_fetched(&p.spec, FETCH_WAIT).await;
     }
 
@@ -549,6 +592,50 @@ mod tests {
             ("http-01", Invalid),
         ]);
         assert_eq!(preference(&[Http01, Dns01], &recovered), [Http01, Dns01]);
+    }
+
+    /// A challenge the CA is validating already is taken (and not answered
+    /// again) if certd would take its type at all, even behind a preferred
+    /// one; otherwise the preference decides.
+    #[test]
+    fn a_challenge_being_validated_is_waited_on_not_answered_again() {
+        use ChallengeKind::{Dns01, Http01, TlsAlpn01};
+        use ChallengeStatus::{Invalid, Pending, Processing};
+        let offer =
+            |v: &[(ChallengeKind, ChallengeStatus)]| -> Vec<(ChallengeType, ChallengeStatus)> {
+                v.iter().map(|(k, s)| (acme_type(*k), *s)).collect()
+            };
+        let fresh = offer(&[(Http01, Pending), (Dns01, Pending)]);
+        assert_eq!(
+            pick_challenge(&[Dns01, Http01], &fresh, false),
+            Some((Dns01, false))
+        );
+        let validating = offer(&[(Http01, Processing), (Dns01, Pending)]);
+        assert_eq!(
+            pick_challenge(&[Dns01, Http01], &validating, false),
+            Some((Http01, true))
+        );
+        // Not a type certd takes for this certificate: the preference.
+        assert_eq!(
+            pick_challenge(&[Dns01], &validating, false),
+            Some((Dns01, false))
+        );
+        // Never dns-01 for an address, even one the CA is validating.
+        let for_ip = offer(&[(Dns01, Processing), (Http01, Pending)]);
+        assert_eq!(
+            pick_challenge(&[Dns01, Http01], &for_ip, true),
+            Some((Http01, false))
+        );
+        // Only `processing` is waited on.
+        let failed = offer(&[(Http01, Invalid), (TlsAlpn01, Pending)]);
+        assert_eq!(
+            pick_challenge(&[Http01, TlsAlpn01], &failed, false),
+            Some((Http01, false))
+        );
+        assert_eq!(
+            pick_challenge(&[Dns01], &offer(&[(Http01, Pending)]), false),
+            None
+        );
     }
 
     /// Only the names the order asked for pass, as certd spells them; a

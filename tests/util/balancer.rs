@@ -13,13 +13,44 @@ use super::free_port;
 
 pub struct Balancer {
     port: u16,
-    /// Connections relayed so far, per backend (in the order given).
-    relayed: Arc<Mutex<Vec<usize>>>,
-    /// Backends out of the rotation, as a health check takes out a host
-    /// that stopped answering.
-    down: Arc<Mutex<Vec<bool>>>,
+    rotation: Arc<Rotation>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The backends and what the balancer does with the next connection.
+struct Rotation {
+    backends: Vec<SocketAddr>,
+    state: Mutex<RotationState>,
+}
+
+#[derive(Default)]
+struct RotationState {
+    /// The backend to try first for the next connection.
+    next: usize,
+    /// Connections relayed so far, per backend (in the order given).
+    relayed: Vec<usize>,
+    /// Backends out of the rotation, as a health check takes out a host
+    /// that stopped answering.
+    down: Vec<bool>,
+    /// How long a new connection waits before a backend is chosen for
+    /// it: a slow path to the web servers, so the CA's validation is
+    /// still under way when something else happens.
+    delay: Duration,
+}
+
+impl Rotation {
+    /// The next backend in the rotation that is up; counts the connection.
+    fn pick(&self) -> Option<SocketAddr> {
+        let mut state = self.state.lock().expect("rotation");
+        let n = self.backends.len();
+        let i = (0..n)
+            .map(|k| (state.next + k) % n)
+            .find(|i| !state.down[*i])?;
+        state.next = i + 1;
+        state.relayed[i] += 1;
+        Some(self.backends[i])
+    }
 }
 
 impl Balancer {
@@ -29,25 +60,36 @@ impl Balancer {
         let port = free_port();
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind balancer");
         listener.set_nonblocking(true).expect("nonblocking");
-        let relayed = Arc::new(Mutex::new(vec![0; backends.len()]));
-        let down = Arc::new(Mutex::new(vec![false; backends.len()]));
+        let rotation = Arc::new(Rotation {
+            state: Mutex::new(RotationState {
+                relayed: vec![0; backends.len()],
+                down: vec![false; backends.len()],
+                ..RotationState::default()
+            }),
+            backends,
+        });
         let stop = Arc::new(AtomicBool::new(false));
-        let (counts, out, halt) = (relayed.clone(), down.clone(), stop.clone());
+        let (r, halt) = (rotation.clone(), stop.clone());
         let thread = thread::spawn(move || {
-            let mut next = 0;
             while !halt.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
-                        let out = out.lock().expect("down").clone();
-                        let Some(i) = (0..backends.len())
-                            .map(|k| (next + k) % backends.len())
-                            .find(|i| !out[*i])
-                        else {
-                            continue;
-                        };
-                        next = i + 1;
-                        counts.lock().expect("counts")[i] += 1;
-                        relay(client, backends[i]);
+                        let delay = r.state.lock().expect("rotation").delay;
+                        if delay.is_zero() {
+                            if let Some(backend) = r.pick() {
+                                relay(client, backend);
+                            }
+                        } else {
+                            // The backend is chosen once the delay is
+                            // over, by the rotation as it is then.
+                            let r = r.clone();
+                            thread::spawn(move || {
+                                thread::sleep(delay);
+                                if let Some(backend) = r.pick() {
+                                    relay(client, backend);
+                                }
+                            });
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(5));
@@ -58,8 +100,7 @@ impl Balancer {
         });
         Balancer {
             port,
-            relayed,
-            down,
+            rotation,
             stop,
             thread: Some(thread),
         }
@@ -71,12 +112,23 @@ impl Balancer {
 
     /// Takes backend `i` out of the rotation, or puts it back.
     pub fn set_down(&self, i: usize, down: bool) {
-        self.down.lock().expect("down")[i] = down;
+        self.rotation.state.lock().expect("rotation").down[i] = down;
+    }
+
+    /// Holds each connection accepted from now on for `delay` before it
+    /// is relayed (zero: at once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.rotation.state.lock().expect("rotation").delay = delay;
     }
 
     /// Connections relayed to each backend so far.
     pub fn relayed(&self) -> Vec<usize> {
-        self.relayed.lock().expect("counts").clone()
+        self.rotation
+            .state
+            .lock()
+            .expect("rotation")
+            .relayed
+            .clone()
     }
 }
 

@@ -317,6 +317,16 @@ impl FaultyFront {
             .push((path.to_owned(), 1));
     }
 
+    /// Drops the stalls no request has met yet: such requests pass again.
+    /// Those stalled already stay stalled.
+    pub fn disarm_stalls(&self) {
+        self.shared
+            .stalls
+            .lock()
+            .expect("stalls")
+            .retain(|(_, left)| *left == 0);
+    }
+
     /// How many requests are held (Pebble has acted on them) so far.
     pub fn held(&self) -> usize {
         self.shared.held.load(Ordering::SeqCst)
