@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::util::fleet::{FleetEnv, HOST_IDS, LEASE_TTL, http_cert, wait_until};
-use crate::util::{Daemon, snapshot};
+use crate::util::{Daemon, TestCommand, snapshot};
 
 /// The hosts, running; `None` once killed.
 struct Running(Vec<Option<Daemon>>);
@@ -586,6 +586,99 @@ fn a_host_with_its_clock_five_minutes_off_still_leases_by_the_database() {
         "the lease expires by the database's clock: {remaining} s left"
     );
     assert_eq!(env.new_orders(), 1, "one newOrder\n{}", run.story(&env));
+    env.assert_nothing_pending_at_ca();
+    run.stop();
+}
+
+/// Retries a minute or two apart: the backoff outlasts the test's look.
+const DAEMON_BACKOFF_1M: &str = r#"
+[daemon]
+backoff_min = "60s"
+backoff_max = "120s"
+shutdown_grace = "10s"
+"#;
+
+/// A failure backs the whole fleet off, not only the host that failed:
+/// the CA's validations fail (no host is in the balancer's rotation), so
+/// the holder's order fails; before it releases the lease it records in
+/// the shared ledger when the fleet may try again, and every peer that
+/// claims the lease meanwhile holds back instead of ordering again.
+#[test]
+fn a_failed_order_backs_every_host_of_the_fleet_off() {
+    let env = FleetEnv::with_daemon(&http_cert("f"), DAEMON_BACKOFF_1M);
+    for i in 0..HOST_IDS.len() {
+        env.balancer.set_down(i, true);
+    }
+    let run = Running::start(&env);
+    // Before the first host made the tables: nothing held yet.
+    let hold = || {
+        env.try_query::<(String, i64, String)>(
+            "SELECT host_id, until, error FROM fleet_holds WHERE cert_name = $1",
+            "f",
+        )
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+    };
+    wait_until(
+        "the order failed and held the fleet back",
+        || hold().is_some(),
+        &run.live(),
+    );
+    let (failing, until, error) = hold().expect("held");
+    let all_held = || {
+        HOST_IDS
+            .iter()
+            .zip(run.live())
+            .filter(|(id, _)| **id != failing)
+            .all(|(_, d)| d.stderr().contains("the fleet's last attempt failed"))
+    };
+    wait_until(
+        "every other host claimed the lease and held back, or ordered again",
+        || all_held() || env.new_orders() > 1,
+        &run.live(),
+    );
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs(),
+    )
+    .expect("seconds");
+    let failures: Vec<(i64,)> = env.query(
+        "SELECT consecutive_failures FROM certificates WHERE name = $1",
+        "f",
+    );
+    eprintln!(
+        "fleet: {failing} failed ({failures:?} in a row); the peers held back: {}, for {} s \
+         more; newOrders {}",
+        all_held(),
+        until - now,
+        env.new_orders()
+    );
+    assert!(error.contains("validation failed"), "{error}");
+    assert_eq!(failures, [(1,)]);
+    assert!(until > now, "the hold still runs: {until} <= {now}");
+    assert_eq!(
+        env.new_orders(),
+        1,
+        "one failed order, no retry yet\n{}",
+        run.story(&env)
+    );
+    assert!(all_held());
+    // The operator sees the hold, on any host: until when, and why.
+    let status = TestCommand::new(&env.host("host-a").config)
+        .args(["status", "--json"])
+        .output();
+    let parsed: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    let held = &parsed[0]["fleet"]["held_back"];
+    assert_eq!(held["host"], failing.as_str(), "{}", status.stdout);
+    assert!(
+        held["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("validation failed")),
+        "{held}"
+    );
     env.assert_nothing_pending_at_ca();
     run.stop();
 }

@@ -194,9 +194,23 @@ impl Cas {
                 if let Some(issued) = current {
                     return Ok(issued);
                 }
+                // The backoff is the daemon's; `certd renew` tries now.
+                let daemon = self.inner.first.mode == order::RunMode::Daemon;
+                if daemon && !forced {
+                    fleet_order::check_held_back(services, &fenced, cert).await?;
+                }
                 let hooks = LeaseHooks::shared(services, held);
-                self.obtain_with(cert, Some(&fenced), Some(hooks), &token)
-                    .await
+                let result = self
+                    .obtain_with(cert, Some(&fenced), Some(hooks), &token)
+                    .await;
+                if let Err(e) = &result
+                    && daemon
+                    && !e.is_elsewhere()
+                    && !matches!(e, DriveError::Cancelled)
+                {
+                    fleet_order::hold_after_failure(services, &fenced, cert, e).await;
+                }
+                result
             },
         )
         .await

@@ -32,15 +32,17 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::Services;
+use super::backoff::capped_backoff;
 use super::fleet_answers::{self, AnswerError, PreflightError};
 use super::fleet_hosts::{self, FleetPublishError};
+use crate::acme::error_chain;
 use crate::clock::UnixTime;
 use crate::config::{self, CertificateConfig, Config};
 use crate::fleet::{
     ChallengeAnswer, ChallengeKind, FleetHost, Lease, LeaseError, PublishError, Pulled,
 };
 use crate::install::{self, CertInfo, ReloadOutcome};
-use crate::ledger::{CertificateRow, Definition, Ledger};
+use crate::ledger::{CertificateRow, Definition, Hold, Ledger};
 use crate::order::{DriveError, FleetHooks, Issued, SharedAnswer, Source};
 use crate::solver::SolverError;
 
@@ -180,6 +182,82 @@ pub(crate) async fn install_current(
         reloads,
         source: Source::Fleet,
     }))
+}
+
+/// The fleet's failure backoff, before a daemon orders `cert` under its
+/// lease: while the hold the fleet's last failed attempt at it recorded
+/// (on any host) runs, no host orders it. A host's own backoff alone
+/// would let a peer claim the lease and try again the moment the failing
+/// host released it: with three hosts, three times the failed
+/// validations the CA counts against the names. A certificate that names
+/// other domains since is not held back.
+pub(crate) async fn check_held_back(
+    services: &Services,
+    store: &Ledger,
+    cert: &CertificateConfig,
+) -> Result<(), DriveError> {
+    let hold = store.renewal_hold(cert.name.as_str()).await?;
+    match hold.filter(|h| holds(h, cert, services.clock.now())) {
+        Some(h) => Err(DriveError::HeldBack {
+            until: UnixTime::from_secs(h.until),
+            host: h.host_id,
+            error: h.error,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether `hold` holds `cert` back at `now`.
+fn holds(hold: &Hold, cert: &CertificateConfig, now: UnixTime) -> bool {
+    hold.until > now.secs() && sorted(hold.domains.clone()) == sorted(cert.domain_strings())
+}
+
+/// After an attempt at `cert` failed with `e`, still under its lease:
+/// records in the shared ledger when the fleet may try again (the
+/// daemon's backoff for the fleet's failures in a row, this one
+/// included), before the lease is released and a peer can claim it. A
+/// write that fails is logged: peers then only lack the hold.
+pub(crate) async fn hold_after_failure(
+    services: &Services,
+    fenced: &Ledger,
+    cert: &CertificateConfig,
+    e: &DriveError,
+) {
+    let Some(fleet) = &services.fleet else {
+        return;
+    };
+    let name = cert.name.as_str();
+    let d = &services.cfg.daemon;
+    // The failures in a row so far, by every host (each records its own
+    // in the shared row once it has decided its backoff).
+    let before = match fenced.certificate(name).await {
+        Ok(row) => row.map_or(0, |r| r.consecutive_failures),
+        Err(_) => 0,
+    };
+    let failures = u32::try_from(before.saturating_add(1)).unwrap_or(u32::MAX);
+    let now = services.clock.now();
+    let info = install::installed(&services.cfg.storage.cert_dir, name);
+    let until = now.plus(capped_backoff(
+        failures,
+        d.backoff_min,
+        d.backoff_max,
+        info.as_ref(),
+        now,
+    ));
+    let hold = Hold {
+        domains: cert.domain_strings(),
+        until: until.secs(),
+        error: error_chain(e),
+        host_id: fleet.holder.as_str().to_owned(),
+    };
+    match fenced.hold_renewal(name, &hold).await {
+        Ok(()) => {
+            tracing::info!(cert = name, until = %until.rfc3339(), failures, "fleet: held back after a failure; no host orders it before then");
+        }
+        Err(w) => {
+            tracing::warn!(cert = name, error = %w, "fleet: cannot record the failure backoff for the fleet");
+        }
+    }
 }
 
 /// What `cert` is, as hosts compare it: a hash per field of what is
@@ -429,17 +507,42 @@ mod tests {
         );
     }
 
+    /// Certificate `a` for `a.example`, with `extra` in its table.
+    fn cert_with(extra: &str) -> CertificateConfig {
+        let text = format!(
+            "[acme]\ndirectory = \"https://ca.example/dir\"\n[storage]\nstate_dir = \"/tmp/s\"\ncert_dir = \"/tmp/c\"\n[http01]\nlisten = \"127.0.0.1:5002\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\n{extra}"
+        );
+        let mut cfg =
+            Config::parse(std::path::Path::new("/etc/certd/certd.toml"), &text).expect("config");
+        cfg.certificates.swap_remove(0)
+    }
+
+    /// The fleet's last failure holds a certificate back until the time
+    /// it recorded; not once that has passed, and not once the
+    /// certificate names other domains.
+    #[test]
+    fn a_failure_holds_the_certificate_back_until_its_time() {
+        let cert = cert_with("");
+        let hold = Hold {
+            domains: vec!["a.example".into()],
+            until: 500,
+            error: "boom".into(),
+            host_id: "host-a".into(),
+        };
+        let at = UnixTime::from_secs;
+        assert!(holds(&hold, &cert, at(400)));
+        assert!(!holds(&hold, &cert, at(500)));
+        let other_names = Hold {
+            domains: vec!["b.example".into()],
+            ..hold.clone()
+        };
+        assert!(!holds(&other_names, &cert, at(400)));
+    }
+
     /// The definition follows what is ordered, not the reload commands.
     #[test]
     fn definitions_differ_in_the_ordered_fields_only() {
-        let parse = |extra: &str| {
-            let text = format!(
-                "[acme]\ndirectory = \"https://ca.example/dir\"\n[storage]\nstate_dir = \"/tmp/s\"\ncert_dir = \"/tmp/c\"\n[http01]\nlisten = \"127.0.0.1:5002\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example\"]\n{extra}"
-            );
-            let cfg = Config::parse(std::path::Path::new("/etc/certd/certd.toml"), &text)
-                .expect("config");
-            definition(&cfg.certificates[0])
-        };
+        let parse = |extra: &str| definition(&cert_with(extra));
         let base = parse("");
         assert_eq!(base, parse("reload = [\"systemctl reload nginx\"]\n"));
         let p384 = parse("key_type = \"ecdsa-p384\"\n");

@@ -644,20 +644,39 @@ impl Scheduler {
             // over), and within a lease's time at the latest.
             Err(e) if e.is_elsewhere() => {
                 let ttl = self.cas.lease_ttl().unwrap_or(self.cfg.daemon.backoff_min);
-                let retry = match &e {
+                let now = self.now();
+                let (retry, why) = match &e {
                     // Back a second before the expiry (the schedule counts
                     // whole seconds); the claim waits out the rest.
                     DriveError::LeasedElsewhere {
                         retry_after: Some(left),
                         ..
-                    } => Duration::from_secs(left.as_secs().saturating_sub(1).max(1)).min(ttl),
-                    _ => ttl,
+                    } => (
+                        Duration::from_secs(left.as_secs().saturating_sub(1).max(1)).min(ttl),
+                        "another host of the fleet holds its lease",
+                    ),
+                    DriveError::HeldBack { until, .. } => (
+                        Duration::from_secs(u64::try_from(until.secs() - now.secs()).unwrap_or(0))
+                            .max(Duration::from_secs(1)),
+                        "the fleet's last attempt failed: its backoff",
+                    ),
+                    _ => (ttl, "another host of the fleet holds its lease"),
                 };
-                entry.next = self.now().plus(retry);
-                entry.why = "another host of the fleet holds its lease".into();
+                entry.next = now.plus(retry);
+                entry.why = why.into();
                 tracing::debug!(cert = %name, error = %e, next = %entry.next.rfc3339(), "not renewing here now");
             }
             Err(e) => {
+                // Fleet mode: the failures in a row are the fleet's (the
+                // shared row counts every host's), so a host that fails
+                // after its peers did backs off as long as they would
+                // have, and as long as the hold it wrote says.
+                if self.cas.lease_ttl().is_some()
+                    && let Ok(Some(row)) = self.cas.services().store.certificate(&name).await
+                {
+                    let fleet = u32::try_from(row.consecutive_failures).unwrap_or(u32::MAX);
+                    entry.failures = entry.failures.max(fleet);
+                }
                 entry.failures += 1;
                 let failure = Failure::of(&e);
                 let d = &self.cfg.daemon;

@@ -69,7 +69,7 @@ pub use order_keys::OrderKeySeal;
 pub(crate) use orders::OrderRow;
 pub(crate) use pauses::{ACCOUNT_SCOPE, NewPause, PauseRow};
 pub use pg::fleet;
-pub use pg::{Definition, Fence, FleetDefinition, HostDefinition};
+pub use pg::{Definition, Fence, FleetDefinition, Hold, HostDefinition};
 
 use pg::PgLedger;
 

@@ -232,6 +232,19 @@ pub enum DriveError {
         /// said), so the host looks again as soon as it could claim it.
         retry_after: Option<std::time::Duration>,
     },
+    /// Fleet mode: the fleet's last attempt at the certificate failed (on
+    /// any host), and its backoff runs until `until`: no host orders it
+    /// before then.
+    #[error(
+        "the fleet's last attempt failed (on {host}: {error}); no host of the fleet orders it again before {}",
+        until.rfc3339()
+    )]
+    HeldBack {
+        until: crate::clock::UnixTime,
+        /// The host whose attempt failed.
+        host: String,
+        error: String,
+    },
     /// Fleet mode: the certificate's lease could not be claimed, or was
     /// lost while the order ran (this host then stopped sending).
     #[error("fleet lease: {0}")]
@@ -284,6 +297,7 @@ impl DriveError {
             Self::Guard(_) | Self::Preflight(_) | Self::NotReady(_) => Disposition::Retryable,
             Self::OrderState(_) | Self::Cancelled => Disposition::Retryable,
             Self::LeasedElsewhere { .. }
+            | Self::HeldBack { .. }
             | Self::Lease(_)
             | Self::Fleet(_)
             | Self::DefinitionDiffers { .. } => Disposition::Retryable,
@@ -292,12 +306,14 @@ impl DriveError {
 
     /// Whether this host stopped because the certificate is another
     /// host's to renew (fleet mode): its lease is held elsewhere or was
-    /// lost, or the fleet's hosts define it differently. Not a failure of
-    /// the certificate; the host looks again soon.
+    /// lost, the fleet's hosts define it differently, or the fleet's
+    /// backoff after another host's failure holds it back. Not a failure
+    /// of the certificate here; the host looks again later.
     pub(crate) fn is_elsewhere(&self) -> bool {
         matches!(
             self,
             Self::LeasedElsewhere { .. }
+                | Self::HeldBack { .. }
                 | Self::Lease(_)
                 | Self::DefinitionDiffers { .. }
                 // A write the fence refused, or a request the lease's

@@ -72,8 +72,13 @@ pub fn http_cert(name: &str) -> String {
 impl FleetEnv {
     /// Starts PostgreSQL, the balancer, Pebble and the front, and writes
     /// each host's configuration with `certificates` (`[[certificate]]`
-    /// tables). No host runs yet.
+    /// tables) and retries 1 to 2 s apart. No host runs yet.
     pub fn new(certificates: &str) -> FleetEnv {
+        Self::with_daemon(certificates, super::DAEMON_RETRY_2S)
+    }
+
+    /// As [`FleetEnv::new`], with `daemon` as each host's `[daemon]` table.
+    pub fn with_daemon(certificates: &str, daemon: &str) -> FleetEnv {
         let dir = tempfile::Builder::new()
             .prefix("certd-fleet-")
             .tempdir()
@@ -111,7 +116,7 @@ impl FleetEnv {
                     http01_port,
                     metrics_port: free_port(),
                 };
-                host.write_config(&pebble, &pg, &front, &key_file, certificates);
+                host.write_config(&pebble, &pg, &front, &key_file, daemon, certificates);
                 host
             })
             .collect();
@@ -180,7 +185,8 @@ impl FleetEnv {
              UNION ALL SELECT 'events', COUNT(*), COALESCE(MAX(id), 0) FROM events
              UNION ALL SELECT 'order_intents', COUNT(*), COALESCE(MAX(id), 0) FROM order_intents
              UNION ALL SELECT 'challenge_responses', COUNT(*), COALESCE(MAX(epoch), 0) FROM challenge_responses
-             UNION ALL SELECT 'issued', COUNT(*), COALESCE(MAX(id), 0) FROM issued",
+             UNION ALL SELECT 'issued', COUNT(*), COALESCE(MAX(id), 0) FROM issued
+             UNION ALL SELECT 'fleet_holds', COUNT(*), COALESCE(MAX(recorded_at), 0) FROM fleet_holds",
             "",
         )
     }
@@ -280,6 +286,7 @@ impl FleetHost {
         pg: &Postgres,
         front: &FaultyFront,
         key_file: &Path,
+        daemon: &str,
         certificates: &str,
     ) {
         fs::create_dir_all(&self.dir).expect("host dir");
@@ -315,7 +322,6 @@ host_id = "{id}"
             certs = toml_path(&self.dir.join("certs")),
             http01 = self.http01_port,
             metrics = self.metrics_port,
-            daemon = super::DAEMON_RETRY_2S,
             url = toml(&database_url),
             key = toml_path(key_file),
             ttl = LEASE_TTL.as_secs(),

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::app::fleet::host_id;
 use crate::app::fleet_answers::live_window;
 use crate::app::fleet_hosts::config_hash;
-use crate::clock::Clock;
+use crate::clock::{Clock, UnixTime};
 use crate::config::{Config, FleetConfig};
 use crate::fleet::{DbOptions, FleetDb, InstallRow, LeaseName, LeaseRow, Member};
 use crate::ledger::{Ledger, LedgerError};
@@ -41,6 +41,19 @@ struct FleetRead {
     /// Per certificate, the hosts whose definition of it differs from
     /// the fleet's (which its leaseholders order), with the fields.
     definitions: HashMap<String, Vec<DefinedDifferently>>,
+    /// Per certificate, the fleet's failure backoff still running.
+    holds: HashMap<String, HeldBack>,
+}
+
+/// The fleet's failure backoff on a certificate: no host orders it before
+/// `until`.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct HeldBack {
+    /// RFC 3339.
+    until: String,
+    /// The host whose attempt failed.
+    host: String,
+    error: String,
 }
 
 /// A host whose definition of a certificate differs from the fleet's: it
@@ -69,6 +82,9 @@ pub(super) struct FleetCertStatus<'a> {
     /// Hosts whose definition of this certificate differs from the
     /// fleet's, and in which fields; they do not take its lease.
     hosts_defining_differently: &'a [DefinedDifferently],
+    /// The fleet's last attempt failed and its backoff still runs: no
+    /// host orders the certificate before `until`; null otherwise.
+    held_back: Option<&'a HeldBack>,
     /// Why the fleet's database could not be read (the rest is empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
@@ -132,6 +148,7 @@ impl FleetView {
                     live_hosts: Vec::new(),
                     hosts_listing_differently: Vec::new(),
                     hosts_defining_differently: &[],
+                    held_back: None,
                     error: Some(e),
                 };
             }
@@ -156,6 +173,7 @@ impl FleetView {
             live_hosts: read.members.iter().map(|m| m.host_id.as_str()).collect(),
             hosts_listing_differently: read.differing.iter().map(String::as_str).collect(),
             hosts_defining_differently: read.definitions.get(name).map_or(&[], Vec::as_slice),
+            held_back: read.holds.get(name),
             error: None,
         }
     }
@@ -225,6 +243,15 @@ impl FleetView {
                     d.fields.join(", ")
                 );
             }
+            if let Some(h) = c.held_back {
+                let _ = writeln!(
+                    out,
+                    "    held back until {}: the fleet's last attempt failed on {}: {}",
+                    h.until,
+                    escape_control(&h.host),
+                    one_line(&h.error)
+                );
+            }
             if c.hosts.is_empty() {
                 let _ = writeln!(out, "    no host has installed a published issuance");
             }
@@ -279,28 +306,50 @@ async fn read(db: &FleetDb, cfg: &Config, names: &[String]) -> Result<FleetRead,
     for row in installs {
         by_cert.entry(row.cert_name.clone()).or_default().push(row);
     }
-    let definitions = defined_differently(db, cfg, names).await?;
+    let store = Ledger::postgres(
+        db.pool().clone(),
+        cfg.storage.state_dir.clone(),
+        Clock::system(),
+    );
+    let definitions = defined_differently(&store, names).await?;
+    let holds = running_holds(&store, names).await?;
     Ok(FleetRead {
         members,
         differing,
         leases,
         installs: by_cert,
         definitions,
+        holds,
     })
+}
+
+/// Per certificate of `names`, the fleet's failure backoff if it still
+/// runs.
+async fn running_holds(
+    store: &Ledger,
+    names: &[String],
+) -> Result<HashMap<String, HeldBack>, LedgerError> {
+    let now = store.clock().now().secs();
+    let mut by_cert = HashMap::new();
+    for name in names {
+        if let Some(hold) = store.renewal_hold(name).await?.filter(|h| h.until > now) {
+            let held = HeldBack {
+                until: UnixTime::from_secs(hold.until).rfc3339(),
+                host: hold.host_id,
+                error: hold.error,
+            };
+            by_cert.insert(name.clone(), held);
+        }
+    }
+    Ok(by_cert)
 }
 
 /// Per certificate of `names`, the hosts whose recorded definition
 /// differs from the fleet's.
 async fn defined_differently(
-    db: &FleetDb,
-    cfg: &Config,
+    store: &Ledger,
     names: &[String],
 ) -> Result<HashMap<String, Vec<DefinedDifferently>>, LedgerError> {
-    let store = Ledger::postgres(
-        db.pool().clone(),
-        cfg.storage.state_dir.clone(),
-        Clock::system(),
-    );
     let mut by_cert = HashMap::new();
     for name in names {
         let Some(fleet) = store.fleet_definition(name).await? else {

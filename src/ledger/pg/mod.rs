@@ -18,6 +18,7 @@ mod certificates;
 mod definitions;
 mod events;
 pub mod fleet;
+mod holds;
 mod intents;
 mod issued;
 mod order_keys;
@@ -32,6 +33,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::{LedgerError, Result};
 
 pub use definitions::{Definition, FleetDefinition, HostDefinition};
+pub use holds::Hold;
 
 /// The lease a handle's writes are made under: its name (`cert:<name>`,
 /// `reaper:<account>`), this host's holder id, and the epoch it claimed,
