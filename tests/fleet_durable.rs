@@ -6,7 +6,7 @@
 //! failed write to the shared ledger leaves the order to be resumed, not
 //! given up and placed again; one-shot commands (`revoke`, `reap`) take
 //! the lease a daemon would, and do nothing while another host holds it;
-//! a rolled-over account key reaches every host.
+//! a rolled-over account key reaches every host, running daemons too.
 //!
 //! Each host is a `certd` process with its own state and certificate
 //! directories, sharing one PostgreSQL, one Pebble (behind a
@@ -149,6 +149,15 @@ impl Fleet {
     fn events(&self, kind: &str) -> i64 {
         let rows: Vec<(i64,)> = self.query("SELECT COUNT(*) FROM events WHERE kind = $1", kind);
         rows[0].0
+    }
+}
+
+impl Fleet {
+    /// The account's credentials file on `host`.
+    fn credentials(&self, host: &Host) -> Vec<u8> {
+        let directory = self.env.pebble.directory_url();
+        fs::read(certd::acme::credentials_path(&host.state_dir, &directory))
+            .expect("the account's credentials")
     }
 }
 
@@ -346,12 +355,73 @@ fn durable_one_shot_revoke_reap_and_rollover_take_part_in_the_fleet() {
     let b = fleet.host("host-b", &dns_cert("r"), None);
     b.command(&["reap", "--older-than", "0s"]).assert_success();
     assert_eq!(fleet.events("reaper-pass"), passes + 2);
-    let credentials = |host: &Host| {
-        let directory = fleet.env.pebble.directory_url();
-        fs::read(certd::acme::credentials_path(&host.state_dir, &directory))
-            .expect("the account's credentials")
-    };
-    assert_eq!(credentials(&b), credentials(&a), "host-b uses the new key");
+    assert_eq!(
+        fleet.credentials(&b),
+        fleet.credentials(&a),
+        "host-b uses the new key"
+    );
+}
+
+/// A key rolled over on one host reaches the other hosts' running
+/// daemons: host-b's daemon, which loaded the old key at start, takes up
+/// the new one from the fleet's database before its next order (the CA
+/// refuses the old key now), and that order succeeds.
+#[test]
+fn durable_a_key_rolled_over_on_one_host_reaches_the_others_running_daemons() {
+    let fleet = Fleet::new();
+    let certs = dns_cert("k");
+    let (a, b) = (
+        fleet.host("host-a", &certs, None),
+        fleet.host("host-b", &certs, None),
+    );
+    let (da, db) = (a.spawn(), b.spawn());
+    // Both daemons up (their control sockets too), k installed on both.
+    wait_until(
+        "k installed on both running hosts",
+        || {
+            [&da, &db]
+                .iter()
+                .all(|d| d.stderr().contains("certd running"))
+                && a.installed("k").exists()
+                && b.installed("k").exists()
+        },
+        &[&da, &db],
+    );
+    let (before, _) = b.installed_leaf("k");
+    // Through host-a's daemon (its control socket), under the account's
+    // lease.
+    let out = a.command(&["account", "rollover"]);
+    assert!(out.success(), "{out}\n{}", da.stderr());
+    let orders = fleet.new_orders();
+    // Through host-b's daemon: ordered there, with whatever key it signs
+    // with.
+    let out = b.command(&["renew", "k", "--force"]);
+    assert!(
+        out.success(),
+        "host-b's order after the rollover: {out}\n{}",
+        db.stderr()
+    );
+    wait_until(
+        "host-b installed the new certificate",
+        || b.installed_leaf("k").0 != before,
+        &[&da, &db],
+    );
+    assert_eq!(fleet.new_orders(), orders + 1);
+    assert!(
+        db.stderr()
+            .contains("took up the account key another host of the fleet rolled over"),
+        "{}",
+        db.stderr()
+    );
+    assert_eq!(
+        fleet.credentials(&b),
+        fleet.credentials(&a),
+        "host-b keeps the new key"
+    );
+    for d in [da, db] {
+        let out = d.terminate();
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
 }
 
 /// The holder is killed once the CA created its order but before it

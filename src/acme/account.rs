@@ -154,6 +154,48 @@ impl AcmeAccount {
         Self::with_key(account, &key, path, store, http, cfg.directory.to_string()).await
     }
 
+    /// Takes up the key in `json` (credentials, as [`register`] returns
+    /// them) if it is not the key in use: in fleet mode, another host
+    /// rolled the account's key over, and the CA refuses the old one
+    /// now. Every clone switches at once, as after this host's own
+    /// rollover. `Ok(false)`: the key is the one in use. Credentials for
+    /// another account are refused, not taken up. `path` is where this
+    /// host keeps its copy, for messages.
+    pub(crate) async fn adopt_key(&self, path: &Path, json: &[u8]) -> Result<bool, SetupError> {
+        let _one_at_a_time = self.key.rolling.lock().await;
+        let cred_err = |detail: String| SetupError::Credentials {
+            path: path.to_owned(),
+            detail,
+        };
+        let current = self.key.get();
+        let id = current.account.id().to_owned();
+        let named = serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned));
+        if named.as_deref() != Some(id.as_str()) {
+            return Err(cred_err(format!(
+                "the stored key is for account {}, not {id}",
+                named.as_deref().unwrap_or("(none)")
+            )));
+        }
+        let creds = parse_credentials(path, json)?;
+        let pkcs8 = creds.private_key().secret_pkcs8_der().to_vec();
+        let signer = raw::RawSigner::new(&pkcs8, &id).map_err(cred_err)?;
+        if signer.thumbprint() == current.signer.thumbprint() {
+            return Ok(false);
+        }
+        let account = self
+            .http
+            .nonce_scope(builder(&self.http).from_credentials(creds))
+            .await
+            .map_err(AcmeError::from)?;
+        self.key.set(KeyPair {
+            account,
+            signer: Arc::new(signer),
+        });
+        Ok(true)
+    }
+
     /// The account with its key (PKCS#8), recorded in the ledger.
     async fn with_key(
         account: Account,

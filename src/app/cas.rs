@@ -341,6 +341,12 @@ impl Cas {
         ctx.replaces_installed = issuer.unwrap_or(primary) == ca;
         ctx.fleet = hooks;
         if let Some(fenced) = fenced {
+            if let Some(fleet) = &self.inner.services.fleet {
+                fleet
+                    .refresh_account_key(&ctx.account, &self.inner.cfg.storage.state_dir)
+                    .await
+                    .map_err(|e| DriveError::Fleet(e.to_string()))?;
+            }
             ctx.store = fenced.clone();
             // The reaper's writes for this order (guard events, settled
             // authorizations) go through the lease's fence too.

@@ -118,6 +118,29 @@ impl Fleet {
         AcmeAccount::from_credentials(cfg, &path, &json, store, http).await
     }
 
+    /// Makes `account` sign with the key the fleet's database holds for
+    /// it, if another host rolled it over since this host loaded it
+    /// (`certd account rollover` there), and keeps this host's copy of
+    /// it. Asked before each order and reaper pass under a lease: one
+    /// read, and the CA is never sent a request signed with a key it
+    /// no longer knows.
+    pub(crate) async fn refresh_account_key(
+        &self,
+        account: &AcmeAccount,
+        state_dir: &Path,
+    ) -> Result<(), SetupError> {
+        let directory = &account.directory_url;
+        let Some(json) = self.stored_account_key(directory).await? else {
+            return Ok(());
+        };
+        let path = credentials_path(state_dir, directory);
+        if account.adopt_key(&path, &json).await? {
+            write_credentials(&path, &json)?;
+            tracing::info!(account = %account.account().id(), "took up the account key another host of the fleet rolled over");
+        }
+        Ok(())
+    }
+
     /// The account key the fleet's database holds for `directory`,
     /// unsealed (credentials JSON), if any.
     async fn stored_account_key(&self, directory: &str) -> Result<Option<Vec<u8>>, SetupError> {

@@ -308,7 +308,15 @@ pub(crate) async fn reaper_pass(
             // Its settle and deactivate writes under the reaper lease's
             // fence: a host that lost the lease mid-pass writes nothing.
             let reaper = reaper.writing_to(reaper.store().fenced(fence));
-            async move { reaper.pass(max_age, false, false, |_, _| {}).await }
+            async move {
+                // Another host may have rolled the account's key over.
+                let state_dir = &services.cfg.storage.state_dir;
+                if let Err(e) = fleet.refresh_account_key(reaper.account(), state_dir).await {
+                    tracing::warn!(error = %e, "fleet: cannot check the account key; no reaper pass now");
+                    return Ok(PassCounts::default());
+                }
+                reaper.pass(max_age, false, false, |_, _| {}).await
+            }
         })
         .await;
     match held {
