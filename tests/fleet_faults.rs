@@ -1,7 +1,8 @@
 //! Fleet mode under faults: three `certd run` hosts on one PostgreSQL and
 //! one Pebble (`util::fleet`), one of them killed, stopped, cut off from
-//! the database or with its wall clock off, or the database itself
-//! stopped. What is asserted is what the CA and the shared database saw:
+//! the database or with its wall clock off, the database itself stopped,
+//! or the CA's validations failing. What is asserted is what the CA and
+//! the shared database saw:
 //! one `newOrder` per certificate per round, fleet-wide; a peer takes the
 //! lease over under the next epoch and finishes the same order; every
 //! host installs the same serial with a matching key; nothing is left
