@@ -230,10 +230,12 @@ pub(crate) async fn hold_after_failure(
     let d = &services.cfg.daemon;
     // The failures in a row so far, by every host (each records its own
     // in the shared row once it has decided its backoff).
-    let before = match fenced.certificate(name).await {
-        Ok(row) => row.map_or(0, |r| r.consecutive_failures),
-        Err(_) => 0,
-    };
+    let before = fenced
+        .certificate(name)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |r| r.consecutive_failures);
     let failures = u32::try_from(before.saturating_add(1)).unwrap_or(u32::MAX);
     let now = services.clock.now();
     let info = install::installed(&services.cfg.storage.cert_dir, name);

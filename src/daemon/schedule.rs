@@ -656,7 +656,9 @@ impl Scheduler {
                         "another host of the fleet holds its lease",
                     ),
                     DriveError::HeldBack { until, .. } => (
-                        Duration::from_secs(u64::try_from(until.secs() - now.secs()).unwrap_or(0))
+                        self.outcomes
+                            .clock
+                            .until(*until)
                             .max(Duration::from_secs(1)),
                         "the fleet's last attempt failed: its backoff",
                     ),
@@ -671,8 +673,9 @@ impl Scheduler {
                 // shared row counts every host's), so a host that fails
                 // after its peers did backs off as long as they would
                 // have, and as long as the hold it wrote says.
-                if self.cas.lease_ttl().is_some()
-                    && let Ok(Some(row)) = self.cas.services().store.certificate(&name).await
+                let services = self.cas.services();
+                if services.fleet.is_some()
+                    && let Ok(Some(row)) = services.store.certificate(&name).await
                 {
                     let fleet = u32::try_from(row.consecutive_failures).unwrap_or(u32::MAX);
                     entry.failures = entry.failures.max(fleet);
